@@ -1,0 +1,246 @@
+//! The one wire codec. Nothing else in unifleet names the serialization library.
+//!
+//! Every encoded message is `MAGIC (4) | FORMAT_VERSION (1) | kind (1) | body`, where the
+//! body is bincode 2 (standard configuration: little-endian, variable-length integers).
+//! Decoding checks the frame and a per-kind byte limit *before* the body is looked at,
+//! and the body decoder itself runs with an allocation limit, so a hostile length prefix
+//! cannot make a decoder allocate more than the message could hold.
+//!
+//! bincode is pinned at `=2.0.1`: upstream 3.x is a deliberate compile error and 2.0.1 is
+//! unmaintained. Keeping it behind [`encode`] and [`decode`] keeps it swappable; the golden
+//! vectors in `proto/tests/golden/` pin the bytes so a swap cannot silently change them.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// First four bytes of every unifleet message.
+pub const MAGIC: [u8; 4] = *b"UFLT";
+/// The only format version this build reads and writes.
+pub const FORMAT_VERSION: u8 = 1;
+/// Magic, version and kind.
+pub const HEADER_LEN: usize = 6;
+
+/// Upper bound for the bincode decoder's allocations, whatever the message kind.
+const DECODER_ALLOCATION_LIMIT: usize = 8 * 1024 * 1024;
+
+/// What a message is. The byte value is part of the wire format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Kind {
+    /// A signed envelope around one of the other kinds.
+    Envelope = 1,
+    Root = 2,
+    Manifest = 3,
+    Announcement = 4,
+    StatusReport = 5,
+    StagingReport = 6,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Envelope,
+        Kind::Root,
+        Kind::Manifest,
+        Kind::Announcement,
+        Kind::StatusReport,
+        Kind::StagingReport,
+    ];
+
+    pub fn from_byte(b: u8) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| *k as u8 == b)
+    }
+
+    /// The largest encoded message of this kind any decoder accepts, header included.
+    ///
+    /// Manifests carry one entry (~40 bytes) per chunk; 4 MiB holds ~100k chunks, a
+    /// multi-GiB image at the 64 KiB average chunk size. An envelope is its payload plus
+    /// at most [`crate::envelope::MAX_SIGNATURES`] signatures.
+    pub const fn max_len(self) -> usize {
+        match self {
+            Kind::Envelope => 4 * 1024 * 1024 + 16 * 1024,
+            Kind::Root => 64 * 1024,
+            Kind::Manifest => 4 * 1024 * 1024,
+            Kind::Announcement => 1024,
+            Kind::StatusReport => 4 * 1024,
+            Kind::StagingReport => 64 * 1024,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Envelope => "signed envelope",
+            Kind::Root => "trust root",
+            Kind::Manifest => "release manifest",
+            Kind::Announcement => "announcement",
+            Kind::StatusReport => "status report",
+            Kind::StagingReport => "staging report",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why bytes could not be read as the expected message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    #[error("not a unifleet message (bad magic)")]
+    BadMagic,
+    #[error("message too short for a header ({len} bytes)")]
+    Truncated { len: usize },
+    #[error("unsupported format version {found} (this build reads version {FORMAT_VERSION})")]
+    UnsupportedVersion { found: u8 },
+    #[error("unknown message kind {found}")]
+    UnknownKind { found: u8 },
+    #[error("expected a {expected}, found a {found}")]
+    WrongKind { expected: Kind, found: Kind },
+    #[error("{kind} of {len} bytes exceeds the {limit}-byte limit")]
+    Oversized {
+        kind: Kind,
+        len: usize,
+        limit: usize,
+    },
+    #[error("malformed {kind}: {reason}")]
+    Malformed { kind: Kind, reason: String },
+    #[error("{kind} has {extra} trailing bytes")]
+    TrailingBytes { kind: Kind, extra: usize },
+    #[error("cannot encode {kind}: {reason}")]
+    Encode { kind: Kind, reason: String },
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<DECODER_ALLOCATION_LIMIT>()
+}
+
+/// Encodes `value` as a message of `kind`.
+///
+/// Fails only if the value's own serialization fails or the result would exceed the
+/// kind's limit (so nothing is ever written that a peer would refuse to read).
+pub fn encode<T: Serialize>(kind: Kind, value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(&MAGIC);
+    out.push(FORMAT_VERSION);
+    out.push(kind as u8);
+    let body = bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError::Encode {
+        kind,
+        reason: e.to_string(),
+    })?;
+    out.extend_from_slice(&body);
+    if out.len() > kind.max_len() {
+        return Err(CodecError::Oversized {
+            kind,
+            len: out.len(),
+            limit: kind.max_len(),
+        });
+    }
+    Ok(out)
+}
+
+/// Reads the header of `bytes`: checks magic and version, returns the kind.
+/// Looks at six bytes only, so it is safe on untrusted input of any length.
+pub fn peek_kind(bytes: &[u8]) -> Result<Kind, CodecError> {
+    if bytes.len() < HEADER_LEN {
+        if bytes.len() >= 4 && bytes[..4] != MAGIC {
+            return Err(CodecError::BadMagic);
+        }
+        return Err(CodecError::Truncated { len: bytes.len() });
+    }
+    if bytes[..4] != MAGIC {
+        return Err(CodecError::BadMagic);
+    }
+    if bytes[4] != FORMAT_VERSION {
+        return Err(CodecError::UnsupportedVersion { found: bytes[4] });
+    }
+    Kind::from_byte(bytes[5]).ok_or(CodecError::UnknownKind { found: bytes[5] })
+}
+
+/// Decodes a message that must be of `kind`: checks the size limit first, then the
+/// header, then decodes the body and refuses trailing bytes.
+pub fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, CodecError> {
+    if bytes.len() > kind.max_len() {
+        return Err(CodecError::Oversized {
+            kind,
+            len: bytes.len(),
+            limit: kind.max_len(),
+        });
+    }
+    let found = peek_kind(bytes)?;
+    if found != kind {
+        return Err(CodecError::WrongKind {
+            expected: kind,
+            found,
+        });
+    }
+    let body = &bytes[HEADER_LEN..];
+    let (value, used): (T, usize) =
+        bincode::serde::decode_from_slice(body, config()).map_err(|e| CodecError::Malformed {
+            kind,
+            reason: e.to_string(),
+        })?;
+    if used != body.len() {
+        return Err(CodecError::TrailingBytes {
+            kind,
+            extra: body.len() - used,
+        });
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_errors_are_typed() {
+        assert_eq!(peek_kind(b"UF"), Err(CodecError::Truncated { len: 2 }));
+        assert_eq!(peek_kind(b"NOPE\x01\x01"), Err(CodecError::BadMagic));
+        assert_eq!(
+            peek_kind(b"UFLT\x02\x01"),
+            Err(CodecError::UnsupportedVersion { found: 2 })
+        );
+        assert_eq!(
+            peek_kind(b"UFLT\x01\x63"),
+            Err(CodecError::UnknownKind { found: 0x63 })
+        );
+    }
+
+    #[test]
+    fn decode_checks_limit_before_header() {
+        let big = vec![0u8; Kind::Announcement.max_len() + 1];
+        assert!(matches!(
+            decode::<u8>(Kind::Announcement, &big),
+            Err(CodecError::Oversized { .. })
+        ));
+    }
+
+    #[test]
+    fn huge_length_prefix_does_not_allocate() {
+        // A Vec<u8> claiming u64::MAX elements: the decoder must refuse, not allocate.
+        let mut bytes = vec![];
+        bytes.extend_from_slice(&MAGIC);
+        bytes.push(FORMAT_VERSION);
+        bytes.push(Kind::StatusReport as u8);
+        bytes.push(0xFF); // varint: u64 follows
+        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            decode::<Vec<u8>>(Kind::StatusReport, &bytes),
+            Err(CodecError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn trailing_bytes_refused() {
+        let mut bytes = encode(Kind::StatusReport, &7u32).unwrap();
+        bytes.push(0);
+        assert_eq!(
+            decode::<u32>(Kind::StatusReport, &bytes),
+            Err(CodecError::TrailingBytes {
+                kind: Kind::StatusReport,
+                extra: 1
+            })
+        );
+    }
+}

@@ -1,0 +1,408 @@
+//! Release manifests and verification of the bytes they describe.
+
+use crate::codec::{CodecError, Kind};
+use crate::digest::{Digest, Hasher};
+use crate::envelope::Envelope;
+use crate::error::VerifyError;
+use crate::names;
+use crate::root::{check_expiry, TrustedRoot};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Largest image a manifest may describe (4 GiB): bounds arithmetic on untrusted sizes.
+pub const MAX_IMAGE_SIZE: u64 = 4 << 30;
+/// Most chunks one manifest may list.
+pub const MAX_CHUNKS: usize = 100_000;
+/// Longest kernel command line or banner accepted.
+pub const MAX_TEXT_LEN: usize = 1024;
+
+/// How an image boots. The wire encoding is the variant's position (names are for JSON
+/// only): only ever append variants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Platform {
+    /// 32-bit ARM zImage booted as a Xen PV guest (`xenpv`), e.g. a Cubieboard2.
+    #[serde(rename = "xen-arm32")]
+    XenArm32,
+    /// x86_64 ELF with a Xen PVH entry note.
+    #[serde(rename = "xen-x86_64-pvh")]
+    XenX86_64Pvh,
+    /// x86 multiboot ELF booted by QEMU/KVM direct kernel boot.
+    #[serde(rename = "qemu-x86_64")]
+    QemuX86_64,
+}
+
+impl Platform {
+    pub const ALL: [Platform; 3] = [
+        Platform::XenArm32,
+        Platform::XenX86_64Pvh,
+        Platform::QemuX86_64,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Platform::XenArm32 => "xen-arm32",
+            Platform::XenX86_64Pvh => "xen-x86_64-pvh",
+            Platform::QemuX86_64 => "qemu-x86_64",
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Platform {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Platform, String> {
+        Platform::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                let known: Vec<_> = Platform::ALL.iter().map(|p| p.name()).collect();
+                format!("unknown platform {s:?} (known: {})", known.join(", "))
+            })
+    }
+}
+
+/// How a device decides a freshly booted instance is healthy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HealthProbe {
+    /// This exact line appears on the first serial console.
+    ConsoleBanner { line: String },
+    /// A TCP connection to this port of the instance succeeds.
+    TcpConnect { port: u16 },
+}
+
+/// What the device needs to boot the image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootSpec {
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub cmdline: String,
+    pub probe: HealthProbe,
+    pub probe_timeout_ms: u64,
+}
+
+/// One content-defined chunk of the image, in image order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// Whether the image passed the staging gate before it was signed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Staging {
+    /// Digest of the staging device's signed report that the image booted healthy.
+    Passed { report: Digest },
+    /// The operator published with an explicit `--no-staging`.
+    Skipped,
+}
+
+/// A release: the payload of a [`Kind::Manifest`] message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub fleet: String,
+    pub app: String,
+    pub version: semver::Version,
+    /// Grows by at least one per (app, channel); devices refuse anything not above what
+    /// they have installed.
+    pub release: u64,
+    pub channel: String,
+    pub platform: Platform,
+    pub image_digest: Digest,
+    pub image_size: u64,
+    pub chunks: Vec<ChunkRef>,
+    pub boot: BootSpec,
+    pub staging: Staging,
+    pub created_at: u64,
+    pub expires_at: u64,
+    /// Digest of the previous release's signed manifest on this (app, channel), if any.
+    pub previous: Option<Digest>,
+}
+
+impl Manifest {
+    /// Structural checks that need no context: names, sizes, chunk list consistency.
+    pub fn validate(&self) -> Result<(), VerifyError> {
+        let invalid = |reason: String| VerifyError::Invalid {
+            kind: Kind::Manifest,
+            reason,
+        };
+        names::check("fleet", &self.fleet).map_err(invalid)?;
+        names::check("app", &self.app).map_err(invalid)?;
+        names::check("channel", &self.channel).map_err(invalid)?;
+        if self.release == 0 {
+            return Err(invalid("release numbers start at 1".into()));
+        }
+        if self.image_size == 0 || self.image_size > MAX_IMAGE_SIZE {
+            return Err(invalid(format!(
+                "image size {} is outside 1..={MAX_IMAGE_SIZE}",
+                self.image_size
+            )));
+        }
+        if self.chunks.is_empty() || self.chunks.len() > MAX_CHUNKS {
+            return Err(invalid(format!(
+                "{} chunks listed (1 to {MAX_CHUNKS} allowed)",
+                self.chunks.len()
+            )));
+        }
+        let mut total: u64 = 0;
+        for (i, c) in self.chunks.iter().enumerate() {
+            if c.size == 0 || c.size > u64::from(crate::chunking::MAX_CHUNK) {
+                return Err(invalid(format!("chunk {i} has size {}", c.size)));
+            }
+            total += c.size; // bounded: MAX_CHUNKS * MAX_CHUNK fits easily in u64
+        }
+        if total != self.image_size {
+            return Err(invalid(format!(
+                "chunk sizes add up to {total}, image size is {}",
+                self.image_size
+            )));
+        }
+        if self.boot.cmdline.len() > MAX_TEXT_LEN {
+            return Err(invalid("kernel command line too long".into()));
+        }
+        if let HealthProbe::ConsoleBanner { line } = &self.boot.probe {
+            if line.is_empty() || line.len() > MAX_TEXT_LEN {
+                return Err(invalid("console banner empty or too long".into()));
+            }
+        }
+        if self.boot.memory_mib == 0 || self.boot.vcpus == 0 {
+            return Err(invalid(
+                "boot spec needs memory and at least one vcpu".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// An unsigned envelope holding this manifest, ready for release keys to sign.
+    pub fn seal(&self) -> Result<Envelope, CodecError> {
+        Envelope::seal(Kind::Manifest, self)
+    }
+
+    /// The banner a test image prints when ready: `READY <app> <version>`.
+    pub fn ready_banner(app: &str, version: &semver::Version) -> String {
+        format!("READY {app} {version}")
+    }
+}
+
+/// What the verifying device expects of a release.
+#[derive(Clone, Debug)]
+pub struct Expectations<'a> {
+    /// `None`: any app is acceptable (e.g. a device relaying for the whole channel).
+    pub app: Option<&'a str>,
+    pub channel: &'a str,
+    pub platform: Platform,
+    /// Release currently installed for this (app, channel); offers must be above it.
+    pub installed_release: Option<u64>,
+    /// Seconds since the Unix epoch.
+    pub now: u64,
+}
+
+/// What a signed release message claims about itself; checked against [`Expectations`].
+#[derive(Debug)]
+pub(crate) struct Claims<'a> {
+    pub kind: Kind,
+    pub fleet: &'a str,
+    pub app: &'a str,
+    pub channel: &'a str,
+    pub platform: Platform,
+    pub release: u64,
+    pub expires_at: u64,
+}
+
+impl Expectations<'_> {
+    pub(crate) fn check(&self, root: &TrustedRoot, claims: Claims<'_>) -> Result<(), VerifyError> {
+        let Claims {
+            kind,
+            fleet,
+            app,
+            channel,
+            platform,
+            release,
+            expires_at,
+        } = claims;
+        if fleet != root.fleet() {
+            return Err(VerifyError::WrongFleet {
+                kind,
+                expected: root.fleet().into(),
+                found: fleet.into(),
+            });
+        }
+        if let Some(expected) = self.app {
+            if expected != app {
+                return Err(VerifyError::WrongApp {
+                    kind,
+                    expected: expected.into(),
+                    found: app.into(),
+                });
+            }
+        }
+        if channel != self.channel {
+            return Err(VerifyError::WrongChannel {
+                kind,
+                expected: self.channel.into(),
+                found: channel.into(),
+            });
+        }
+        if platform != self.platform {
+            return Err(VerifyError::WrongPlatform {
+                kind,
+                expected: self.platform.to_string(),
+                found: platform.to_string(),
+            });
+        }
+        check_expiry(kind, expires_at, self.now)?;
+        if let Some(installed) = self.installed_release {
+            if release <= installed {
+                return Err(VerifyError::Rollback {
+                    app: app.into(),
+                    channel: channel.into(),
+                    offered: release,
+                    installed,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A manifest whose signatures, structure and context all checked out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedManifest {
+    manifest: Manifest,
+    digest: Digest,
+}
+
+impl VerifiedManifest {
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    /// Digest of the signed envelope bytes: what announcements point at.
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+    pub fn into_manifest(self) -> Manifest {
+        self.manifest
+    }
+}
+
+/// The one entry point for manifests: signed envelope bytes in, verified manifest out.
+///
+/// Order: size limit and framing; root freshness; every signer a release key with a valid
+/// signature; release threshold; only then decode; structure; fleet, app, channel,
+/// platform; expiry; release number above the installed one.
+pub fn verify_manifest(
+    bytes: &[u8],
+    root: &TrustedRoot,
+    expect: &Expectations<'_>,
+) -> Result<VerifiedManifest, VerifyError> {
+    let env = Envelope::decode(bytes, Kind::Manifest)?;
+    root.check_fresh(expect.now)?;
+    let manifest: Manifest = env.open("release", &root.root().release)?;
+    manifest.validate()?;
+    expect.check(
+        root,
+        Claims {
+            kind: Kind::Manifest,
+            fleet: &manifest.fleet,
+            app: &manifest.app,
+            channel: &manifest.channel,
+            platform: manifest.platform,
+            release: manifest.release,
+            expires_at: manifest.expires_at,
+        },
+    )?;
+    Ok(VerifiedManifest {
+        manifest,
+        digest: Digest::of(bytes),
+    })
+}
+
+/// Checks one chunk against its manifest entry. Usable in any order, as chunks arrive
+/// from peers. Length is checked before hashing, so endless data costs nothing.
+pub fn verify_chunk(index: usize, expected: &ChunkRef, bytes: &[u8]) -> Result<(), VerifyError> {
+    let got = bytes.len() as u64;
+    if got > expected.size {
+        return Err(VerifyError::TooManyBytes {
+            what: format!("chunk {index}"),
+            declared: expected.size,
+            received: got,
+        });
+    }
+    if got < expected.size {
+        return Err(VerifyError::TooFewBytes {
+            what: format!("chunk {index}"),
+            declared: expected.size,
+            received: got,
+        });
+    }
+    let actual = Digest::of(bytes);
+    if actual != expected.digest {
+        return Err(VerifyError::ChunkDigestMismatch {
+            index,
+            expected: expected.digest,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Streams a whole image through verification, chunk by chunk in order, without holding
+/// it: each chunk is checked against its entry, and the image digest and size at the end.
+#[derive(Debug)]
+pub struct ImageVerifier<'m> {
+    manifest: &'m Manifest,
+    next: usize,
+    received: u64,
+    hasher: Hasher,
+}
+
+impl<'m> ImageVerifier<'m> {
+    pub fn new(manifest: &'m Manifest) -> ImageVerifier<'m> {
+        ImageVerifier {
+            manifest,
+            next: 0,
+            received: 0,
+            hasher: Hasher::new(),
+        }
+    }
+
+    /// Verifies the next chunk in image order.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), VerifyError> {
+        let Some(expected) = self.manifest.chunks.get(self.next) else {
+            return Err(VerifyError::TooManyBytes {
+                what: "image".into(),
+                declared: self.manifest.image_size,
+                received: self.received + bytes.len() as u64,
+            });
+        };
+        verify_chunk(self.next, expected, bytes)?;
+        self.hasher.update(bytes);
+        self.received += bytes.len() as u64;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Checks that every chunk arrived and the image digest matches.
+    pub fn finish(self) -> Result<(), VerifyError> {
+        if self.next != self.manifest.chunks.len() {
+            return Err(VerifyError::TooFewBytes {
+                what: "image".into(),
+                declared: self.manifest.image_size,
+                received: self.received,
+            });
+        }
+        let actual = self.hasher.finalize();
+        if actual != self.manifest.image_digest {
+            return Err(VerifyError::ImageDigestMismatch {
+                expected: self.manifest.image_digest,
+                actual,
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,209 @@
+//! The trust root: which keys may sign what, and how the root itself is rotated.
+//!
+//! TUF-style and kept small. A root names two roles, `root` (offline keys that sign the
+//! root itself) and `release` (keys that sign manifests and announcements), each with a
+//! k-of-n threshold, plus a version and an expiry. A device starts from one root given to
+//! it out of band ([`TrustedRoot::bootstrap`]) and moves forward only one version at a
+//! time ([`TrustedRoot::update`]): root N+1 must be signed by a threshold of root N's root
+//! keys *and* by a threshold of its own.
+
+use crate::codec::{CodecError, Kind};
+use crate::digest::Digest;
+use crate::envelope::Envelope;
+use crate::error::VerifyError;
+use crate::keys::{KeyId, PublicKey};
+use crate::names;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// Most keys in one role.
+pub const MAX_ROLE_KEYS: usize = 16;
+
+/// A set of keys and how many of them must sign.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Role {
+    pub keys: Vec<PublicKey>,
+    pub threshold: u32,
+}
+
+impl Role {
+    pub fn key(&self, id: &KeyId) -> Option<&PublicKey> {
+        self.keys.iter().find(|k| k.id() == *id)
+    }
+
+    fn validate(&self, name: &str) -> Result<(), String> {
+        if self.keys.is_empty() || self.keys.len() > MAX_ROLE_KEYS {
+            return Err(format!(
+                "{name} role has {} keys (1 to {MAX_ROLE_KEYS} allowed)",
+                self.keys.len()
+            ));
+        }
+        if self.threshold == 0 || self.threshold as usize > self.keys.len() {
+            return Err(format!(
+                "{name} threshold {} is not between 1 and its {} keys",
+                self.threshold,
+                self.keys.len()
+            ));
+        }
+        let distinct: BTreeSet<_> = self.keys.iter().collect();
+        if distinct.len() != self.keys.len() {
+            return Err(format!("{name} role lists a key twice"));
+        }
+        Ok(())
+    }
+}
+
+/// Root metadata, the payload of a [`Kind::Root`] message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Root {
+    /// The fleet this root governs; devices refuse roots of other fleets.
+    pub fleet: String,
+    /// Starts at 1 and grows by exactly one per rotation.
+    pub version: u64,
+    /// Seconds since the Unix epoch after which nothing verifies against this root.
+    pub expires_at: u64,
+    pub root: Role,
+    pub release: Role,
+}
+
+impl Root {
+    /// Structural checks that need no signature: names, thresholds, version.
+    pub fn validate(&self) -> Result<(), VerifyError> {
+        let invalid = |reason: String| VerifyError::Invalid {
+            kind: Kind::Root,
+            reason,
+        };
+        names::check("fleet", &self.fleet).map_err(invalid)?;
+        if self.version == 0 {
+            return Err(invalid("version must start at 1".into()));
+        }
+        self.root.validate("root").map_err(invalid)?;
+        self.release.validate("release").map_err(invalid)?;
+        Ok(())
+    }
+
+    /// An unsigned envelope holding this root, ready for root key holders to sign.
+    pub fn seal(&self) -> Result<Envelope, CodecError> {
+        Envelope::seal(Kind::Root, self)
+    }
+}
+
+/// A root that has been verified and may be used to verify everything else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustedRoot {
+    root: Root,
+    /// The signed envelope bytes it was verified from, for persisting and relaying.
+    bytes: Vec<u8>,
+}
+
+impl TrustedRoot {
+    /// Trust-on-first-use of a root delivered out of band (shipped with the device or
+    /// copied by the operator): it must be valid, unexpired and signed by a threshold of
+    /// its own root keys.
+    pub fn bootstrap(bytes: &[u8], now: u64) -> Result<TrustedRoot, VerifyError> {
+        let env = Envelope::decode(bytes, Kind::Root)?;
+        let root: Root = env.open("root", &root_role_of_unverified(&env)?)?;
+        root.validate()?;
+        check_expiry(Kind::Root, root.expires_at, now)?;
+        Ok(TrustedRoot {
+            root,
+            bytes: bytes.to_vec(),
+        })
+    }
+
+    /// Moves to the next root. `next` must be version + 1, signed by a threshold of this
+    /// root's root keys and a threshold of its own, by no other keys, and unexpired.
+    pub fn update(&self, next: &[u8], now: u64) -> Result<TrustedRoot, VerifyError> {
+        let updated = self.step(next)?;
+        check_expiry(Kind::Root, updated.root.expires_at, now)?;
+        Ok(updated)
+    }
+
+    /// Applies a chain of roots in order. Intermediate roots may have expired while the
+    /// device was offline (as in TUF); the last one must not have.
+    pub fn update_chain<'a>(
+        &self,
+        chain: impl IntoIterator<Item = &'a [u8]>,
+        now: u64,
+    ) -> Result<TrustedRoot, VerifyError> {
+        let mut current = self.clone();
+        for next in chain {
+            current = current.step(next)?;
+        }
+        check_expiry(Kind::Root, current.root.expires_at, now)?;
+        Ok(current)
+    }
+
+    fn step(&self, next: &[u8]) -> Result<TrustedRoot, VerifyError> {
+        let env = Envelope::decode(next, Kind::Root)?;
+        // Authenticate with the keys we already trust before decoding anything.
+        env.require_threshold("root", &self.root.root)?;
+        let root: Root = crate::codec::decode(Kind::Root, &env.payload)?;
+        root.validate()?;
+        if root.fleet != self.root.fleet {
+            return Err(VerifyError::WrongFleet {
+                kind: Kind::Root,
+                expected: self.root.fleet.clone(),
+                found: root.fleet,
+            });
+        }
+        if root.version <= self.root.version {
+            return Err(VerifyError::RootDowngrade {
+                trusted: self.root.version,
+                offered: root.version,
+            });
+        }
+        if root.version != self.root.version + 1 {
+            return Err(VerifyError::RootVersionGap {
+                trusted: self.root.version,
+                offered: root.version,
+            });
+        }
+        env.require_threshold("root", &root.root)?;
+        env.require_known_signers(&[&self.root.root, &root.root])?;
+        Ok(TrustedRoot {
+            root,
+            bytes: next.to_vec(),
+        })
+    }
+
+    pub fn root(&self) -> &Root {
+        &self.root
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn digest(&self) -> Digest {
+        Digest::of(&self.bytes)
+    }
+
+    pub fn fleet(&self) -> &str {
+        &self.root.fleet
+    }
+
+    /// Fails when this root itself has expired: a frozen device must not keep accepting
+    /// releases signed under keys that may since have been revoked.
+    pub fn check_fresh(&self, now: u64) -> Result<(), VerifyError> {
+        check_expiry(Kind::Root, self.root.expires_at, now)
+    }
+}
+
+/// For bootstrap only: the root role claimed by a not-yet-verified root. Used solely to
+/// check that the root is self-signed; nothing else is read before that check passes.
+fn root_role_of_unverified(env: &Envelope) -> Result<Role, VerifyError> {
+    let root: Root = crate::codec::decode(Kind::Root, &env.payload)?;
+    Ok(root.root)
+}
+
+pub(crate) fn check_expiry(kind: Kind, expires_at: u64, now: u64) -> Result<(), VerifyError> {
+    if now >= expires_at {
+        return Err(VerifyError::Expired {
+            kind,
+            expires_at,
+            now,
+        });
+    }
+    Ok(())
+}

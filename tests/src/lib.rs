@@ -1,0 +1,1 @@
+//! Shared utilities for unifleet end-to-end tests.
