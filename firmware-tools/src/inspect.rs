@@ -68,7 +68,7 @@ fn describe_envelope(bytes: &[u8], env: &Envelope, kind: Kind) -> Result<Value> 
         Kind::Announcement => serde_json::to_value(codec::decode::<
             proto::announcement::Announcement,
         >(kind, &env.payload)?)?,
-        other => bail!("inspecting a signed {other} is not supported"),
+        Kind::Envelope => bail!("an envelope cannot wrap another envelope"),
     };
     Ok(json!({
         "type": kind.name(),

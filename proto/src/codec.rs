@@ -32,18 +32,15 @@ pub enum Kind {
     Root = 2,
     Manifest = 3,
     Announcement = 4,
-    StatusReport = 5,
-    StagingReport = 6,
+    // 5 and 6 are reserved for device status reports and staging reports.
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 4] = [
         Kind::Envelope,
         Kind::Root,
         Kind::Manifest,
         Kind::Announcement,
-        Kind::StatusReport,
-        Kind::StagingReport,
     ];
 
     pub fn from_byte(b: u8) -> Option<Kind> {
@@ -61,8 +58,6 @@ impl Kind {
             Kind::Root => 64 * 1024,
             Kind::Manifest => 4 * 1024 * 1024,
             Kind::Announcement => 1024,
-            Kind::StatusReport => 4 * 1024,
-            Kind::StagingReport => 64 * 1024,
         }
     }
 
@@ -72,8 +67,6 @@ impl Kind {
             Kind::Root => "trust root",
             Kind::Manifest => "release manifest",
             Kind::Announcement => "announcement",
-            Kind::StatusReport => "status report",
-            Kind::StagingReport => "staging report",
         }
     }
 }
@@ -222,23 +215,23 @@ mod tests {
         let mut bytes = vec![];
         bytes.extend_from_slice(&MAGIC);
         bytes.push(FORMAT_VERSION);
-        bytes.push(Kind::StatusReport as u8);
+        bytes.push(Kind::Root as u8);
         bytes.push(0xFF); // varint: u64 follows
         bytes.extend_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(
-            decode::<Vec<u8>>(Kind::StatusReport, &bytes),
+            decode::<Vec<u8>>(Kind::Root, &bytes),
             Err(CodecError::Malformed { .. })
         ));
     }
 
     #[test]
     fn trailing_bytes_refused() {
-        let mut bytes = encode(Kind::StatusReport, &7u32).unwrap();
+        let mut bytes = encode(Kind::Root, &7u32).unwrap();
         bytes.push(0);
         assert_eq!(
-            decode::<u32>(Kind::StatusReport, &bytes),
+            decode::<u32>(Kind::Root, &bytes),
             Err(CodecError::TrailingBytes {
-                kind: Kind::StatusReport,
+                kind: Kind::Root,
                 extra: 1
             })
         );

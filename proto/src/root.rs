@@ -194,6 +194,7 @@ impl TrustedRoot {
 /// check that the root is self-signed; nothing else is read before that check passes.
 fn root_role_of_unverified(env: &Envelope) -> Result<Role, VerifyError> {
     let root: Root = crate::codec::decode(Kind::Root, &env.payload)?;
+    root.validate()?;
     Ok(root.root)
 }
 

@@ -1,0 +1,404 @@
+//! One test per refusal: every attack a verifier must stop, each with its own typed error.
+
+mod common;
+
+use common::*;
+use proto::announcement::verify_announcement;
+use proto::codec::{CodecError, Kind};
+use proto::envelope::Envelope;
+use proto::manifest::{verify_chunk, verify_manifest, ImageVerifier, Platform};
+use proto::{Digest, VerifyError};
+
+fn signed_manifest(release: u64) -> (Vec<u8>, Vec<u8>) {
+    let data = image(300_000, 1);
+    let m = manifest_for(&data, release);
+    (data, signed(m.seal().unwrap(), &[&key(10)]))
+}
+
+#[test]
+fn valid_manifest_and_image_verify() {
+    let root = trusted_v1();
+    let (data, bytes) = signed_manifest(3);
+    let v = verify_manifest(&bytes, &root, &expect(Some(2))).unwrap();
+    assert_eq!(v.digest(), Digest::of(&bytes));
+    let mut iv = ImageVerifier::new(v.manifest());
+    let mut off = 0;
+    for c in &v.manifest().chunks {
+        iv.push(&data[off..off + c.size as usize]).unwrap();
+        off += c.size as usize;
+    }
+    iv.finish().unwrap();
+}
+
+#[test]
+fn bad_signature() {
+    let (_, mut bytes) = signed_manifest(3);
+    let last = bytes.len() - 1; // the last byte belongs to the signature
+    bytes[last] ^= 0x01;
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        Err(VerifyError::BadSignature {
+            kind: Kind::Manifest,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn tampered_payload_is_a_bad_signature() {
+    let data = image(300_000, 1);
+    let m = manifest_for(&data, 3);
+    let mut env = m.seal().unwrap();
+    env.sign(&key(10)).unwrap();
+    // Change the release number inside the signed bytes (varint 3 -> 9).
+    let pos = env.payload.iter().rposition(|b| *b == 3).unwrap();
+    env.payload[pos] = 9;
+    let bytes = env.encode().unwrap();
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        Err(VerifyError::BadSignature { .. })
+    ));
+}
+
+#[test]
+fn unknown_key() {
+    let data = image(100_000, 1);
+    let bytes = signed(manifest_for(&data, 1).seal().unwrap(), &[&key(99)]);
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        Err(VerifyError::UnknownKey { kind: Kind::Manifest, key_id }) if key_id == key(99).id()
+    ));
+}
+
+#[test]
+fn unknown_key_beside_valid_ones_is_refused() {
+    let data = image(100_000, 1);
+    let bytes = signed(
+        manifest_for(&data, 1).seal().unwrap(),
+        &[&key(10), &key(99)],
+    );
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        Err(VerifyError::UnknownKey { .. })
+    ));
+}
+
+#[test]
+fn root_key_cannot_sign_releases() {
+    let data = image(100_000, 1);
+    let bytes = signed(manifest_for(&data, 1).seal().unwrap(), &[&key(1)]);
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        Err(VerifyError::UnknownKey { .. })
+    ));
+}
+
+#[test]
+fn missing_signature() {
+    let data = image(100_000, 1);
+    let bytes = signed(manifest_for(&data, 1).seal().unwrap(), &[]);
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        Err(VerifyError::MissingSignature {
+            kind: Kind::Manifest
+        })
+    ));
+}
+
+#[test]
+fn below_threshold() {
+    let mut r = root_v1();
+    r.release.threshold = 2;
+    let root =
+        proto::root::TrustedRoot::bootstrap(&signed(r.seal().unwrap(), &[&key(1), &key(2)]), NOW)
+            .unwrap();
+    let data = image(100_000, 1);
+    let bytes = signed(manifest_for(&data, 1).seal().unwrap(), &[&key(10)]);
+    assert!(matches!(
+        verify_manifest(&bytes, &root, &expect(None)),
+        Err(VerifyError::BelowThreshold {
+            role: "release",
+            have: 1,
+            need: 2,
+            ..
+        })
+    ));
+    let both = signed(
+        manifest_for(&data, 1).seal().unwrap(),
+        &[&key(10), &key(11)],
+    );
+    verify_manifest(&both, &root, &expect(None)).unwrap();
+}
+
+#[test]
+fn duplicate_signatures_count_once() {
+    let mut r = root_v1();
+    r.release.threshold = 2;
+    let root =
+        proto::root::TrustedRoot::bootstrap(&signed(r.seal().unwrap(), &[&key(1), &key(2)]), NOW)
+            .unwrap();
+    let data = image(100_000, 1);
+    let mut env = manifest_for(&data, 1).seal().unwrap();
+    env.sign(&key(10)).unwrap();
+    let dup = env.signatures[0].clone();
+    env.signatures.push(dup);
+    assert!(matches!(
+        verify_manifest(&env.encode().unwrap(), &root, &expect(None)),
+        Err(VerifyError::BelowThreshold { have: 1, .. })
+    ));
+}
+
+#[test]
+fn expired_manifest_is_a_freeze_attack() {
+    let (_, bytes) = signed_manifest(3);
+    let mut e = expect(None);
+    e.now = NOW + 31 * DAY;
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &e),
+        Err(VerifyError::Expired {
+            kind: Kind::Manifest,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn expired_root_refuses_everything() {
+    let (_, bytes) = signed_manifest(3);
+    let mut e = expect(None);
+    e.now = NOW + 400 * DAY;
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &e),
+        Err(VerifyError::Expired {
+            kind: Kind::Root,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn rollback_and_replay() {
+    let (_, bytes) = signed_manifest(3);
+    for installed in [3, 4] {
+        assert!(matches!(
+            verify_manifest(&bytes, &trusted_v1(), &expect(Some(installed))),
+            Err(VerifyError::Rollback { offered: 3, .. })
+        ));
+    }
+}
+
+#[test]
+fn wrong_channel() {
+    let (_, bytes) = signed_manifest(3);
+    let mut e = expect(None);
+    e.channel = "beta";
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &e),
+        Err(VerifyError::WrongChannel { .. })
+    ));
+}
+
+#[test]
+fn wrong_platform() {
+    let (_, bytes) = signed_manifest(3);
+    let mut e = expect(None);
+    e.platform = Platform::XenArm32;
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &e),
+        Err(VerifyError::WrongPlatform { .. })
+    ));
+}
+
+#[test]
+fn wrong_app() {
+    let (_, bytes) = signed_manifest(3);
+    let mut e = expect(None);
+    e.app = Some("other");
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &e),
+        Err(VerifyError::WrongApp { .. })
+    ));
+}
+
+#[test]
+fn wrong_fleet() {
+    let data = image(100_000, 1);
+    let mut m = manifest_for(&data, 1);
+    m.fleet = "neighbours".into();
+    let bytes = signed(m.seal().unwrap(), &[&key(10)]);
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        Err(VerifyError::WrongFleet { .. })
+    ));
+}
+
+#[test]
+fn chunk_digest_mismatch() {
+    let data = image(300_000, 1);
+    let m = manifest_for(&data, 1);
+    let c = m.chunks[0];
+    let mut bad = data[..c.size as usize].to_vec();
+    bad[10] ^= 0xFF;
+    assert!(matches!(
+        verify_chunk(0, &c, &bad),
+        Err(VerifyError::ChunkDigestMismatch { index: 0, .. })
+    ));
+}
+
+#[test]
+fn image_digest_mismatch() {
+    let data = image(300_000, 1);
+    let mut m = manifest_for(&data, 1);
+    m.image_digest = Digest::of(b"something else");
+    let mut iv = ImageVerifier::new(&m);
+    let mut off = 0;
+    for c in &m.chunks {
+        iv.push(&data[off..off + c.size as usize]).unwrap();
+        off += c.size as usize;
+    }
+    assert!(matches!(
+        iv.finish(),
+        Err(VerifyError::ImageDigestMismatch { .. })
+    ));
+}
+
+#[test]
+fn endless_data_chunk() {
+    let data = image(300_000, 1);
+    let m = manifest_for(&data, 1);
+    let c = m.chunks[0];
+    let mut long = data[..c.size as usize].to_vec();
+    long.push(0);
+    assert!(matches!(
+        verify_chunk(0, &c, &long),
+        Err(VerifyError::TooManyBytes { declared, received, .. }) if declared == c.size && received == c.size + 1
+    ));
+}
+
+#[test]
+fn endless_data_image() {
+    let data = image(300_000, 1);
+    let m = manifest_for(&data, 1);
+    let mut iv = ImageVerifier::new(&m);
+    let mut off = 0;
+    for c in &m.chunks {
+        iv.push(&data[off..off + c.size as usize]).unwrap();
+        off += c.size as usize;
+    }
+    assert!(matches!(
+        iv.push(b"more"),
+        Err(VerifyError::TooManyBytes { .. })
+    ));
+}
+
+#[test]
+fn truncated_image() {
+    let data = image(300_000, 1);
+    let m = manifest_for(&data, 1);
+    let mut iv = ImageVerifier::new(&m);
+    iv.push(&data[..m.chunks[0].size as usize]).unwrap();
+    assert!(matches!(iv.finish(), Err(VerifyError::TooFewBytes { .. })));
+}
+
+#[test]
+fn oversized_manifest_envelope() {
+    let bytes = vec![0u8; proto::envelope::envelope_limit(Kind::Manifest) + 1];
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        Err(VerifyError::Codec(CodecError::Oversized { .. }))
+    ));
+}
+
+#[test]
+fn oversized_announcement() {
+    let mut a = announcement(1, Digest::of(b"m"));
+    a.version = semver::Version::parse(&format!("1.0.0-{}", "x".repeat(1100))).unwrap();
+    // Encoding refuses to produce it ...
+    assert!(matches!(a.seal(), Err(CodecError::Oversized { .. })));
+    // ... and a hand-built one is refused before decoding.
+    let bytes = vec![0u8; proto::envelope::envelope_limit(Kind::Announcement) + 1];
+    assert!(matches!(
+        verify_announcement(&bytes, &trusted_v1(), &expect(None)),
+        Err(VerifyError::Codec(CodecError::Oversized { .. }))
+    ));
+}
+
+#[test]
+fn announcement_is_small_and_verifies() {
+    let a = announcement(7, Digest::of(b"m"));
+    let bytes = signed(a.seal().unwrap(), &[&key(10)]);
+    assert!(bytes.len() < 1024, "announcement is {} bytes", bytes.len());
+    assert_eq!(
+        verify_announcement(&bytes, &trusted_v1(), &expect(Some(6))).unwrap(),
+        a
+    );
+    assert!(matches!(
+        verify_announcement(&bytes, &trusted_v1(), &expect(Some(7))),
+        Err(VerifyError::Rollback { .. })
+    ));
+    let mut late = expect(None);
+    late.now = a.expires_at;
+    assert!(matches!(
+        verify_announcement(&bytes, &trusted_v1(), &late),
+        Err(VerifyError::Expired {
+            kind: Kind::Announcement,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn announcement_is_not_a_manifest() {
+    let bytes = signed(
+        announcement(1, Digest::of(b"m")).seal().unwrap(),
+        &[&key(10)],
+    );
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        Err(VerifyError::Codec(CodecError::WrongKind {
+            expected: Kind::Manifest,
+            found: Kind::Announcement
+        }))
+    ));
+}
+
+#[test]
+fn unknown_format_version_is_typed() {
+    let (_, mut bytes) = signed_manifest(1);
+    bytes[4] = 9;
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        Err(VerifyError::Codec(CodecError::UnsupportedVersion {
+            found: 9
+        }))
+    ));
+}
+
+#[test]
+fn inconsistent_manifest_is_invalid() {
+    let data = image(300_000, 1);
+    let mut m = manifest_for(&data, 1);
+    m.image_size += 1;
+    let bytes = signed(m.seal().unwrap(), &[&key(10)]);
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        Err(VerifyError::Invalid {
+            kind: Kind::Manifest,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn too_many_signatures() {
+    let data = image(100_000, 1);
+    let mut env: Envelope = manifest_for(&data, 1).seal().unwrap();
+    env.sign(&key(10)).unwrap();
+    let s = env.signatures[0].clone();
+    env.signatures = vec![s; proto::envelope::MAX_SIGNATURES + 1];
+    let bytes = proto::codec::encode(Kind::Envelope, &env).unwrap();
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        Err(VerifyError::TooManySignatures { .. })
+    ));
+}

@@ -1,0 +1,94 @@
+//! Golden byte vectors: the exact bytes of every message type are checked in. A failing
+//! test here means the wire format changed; if that is intended, bump
+//! `codec::FORMAT_VERSION` or document the change, then re-bless with
+//! `UNIFLEET_BLESS=1 cargo test -p unifleet-proto --test golden`.
+
+mod common;
+
+use common::*;
+use proto::codec::Kind;
+use proto::envelope::Envelope;
+use std::path::PathBuf;
+
+fn check(name: &str, bytes: &[u8]) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("UNIFLEET_BLESS").is_some() {
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let golden = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; bless with UNIFLEET_BLESS=1", path.display()));
+    assert!(
+        golden == bytes,
+        "{name}: encoding differs from the golden vector ({} vs {} bytes)",
+        bytes.len(),
+        golden.len()
+    );
+}
+
+fn read(name: &str) -> Vec<u8> {
+    std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name),
+    )
+    .unwrap()
+}
+
+fn root_bytes() -> Vec<u8> {
+    signed(root_v1().seal().unwrap(), &[&key(1), &key(2)])
+}
+
+fn manifest_bytes() -> Vec<u8> {
+    signed(
+        manifest_for(&image(300_000, 1), 3).seal().unwrap(),
+        &[&key(10)],
+    )
+}
+
+fn announcement_bytes() -> Vec<u8> {
+    let m = manifest_bytes();
+    signed(
+        announcement(3, proto::Digest::of(&m)).seal().unwrap(),
+        &[&key(10)],
+    )
+}
+
+#[test]
+fn root_golden() {
+    check("root.bin", &root_bytes());
+    let env = Envelope::decode(&read("root.bin"), Kind::Root).unwrap();
+    let r: proto::root::Root = proto::codec::decode(Kind::Root, &env.payload).unwrap();
+    assert_eq!(r, root_v1());
+}
+
+#[test]
+fn manifest_golden() {
+    check("manifest.bin", &manifest_bytes());
+    let v = proto::manifest::verify_manifest(&read("manifest.bin"), &trusted_v1(), &expect(None))
+        .unwrap();
+    assert_eq!(v.manifest(), &manifest_for(&image(300_000, 1), 3));
+}
+
+#[test]
+fn announcement_golden() {
+    check("announcement.bin", &announcement_bytes());
+    let a = proto::announcement::verify_announcement(
+        &read("announcement.bin"),
+        &trusted_v1(),
+        &expect(None),
+    )
+    .unwrap();
+    assert_eq!(a.release, 3);
+}
+
+#[test]
+fn envelope_header_golden() {
+    // The frame itself: magic, version, kind, then the body.
+    let bytes = announcement_bytes();
+    assert_eq!(&bytes[..6], b"UFLT\x01\x01");
+    let env = Envelope::decode(&bytes, Kind::Announcement).unwrap();
+    assert_eq!(&env.payload[..6], b"UFLT\x01\x04");
+    assert_eq!(env.signatures[0].key_id, key(10).id());
+}
