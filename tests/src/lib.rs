@@ -1,1 +1,90 @@
-//! Shared utilities for unifleet end-to-end tests.
+//! Shared utilities for unifleet's end-to-end tests: locating the real binaries, free
+//! loopback ports, and waiting for a line of output with a deadline (never sleep-to-sync).
+
+use anyhow::{bail, Context, Result};
+use std::io::{ErrorKind, Read};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary (`fwtool`, `hub`, `device`) built beside the test binary.
+/// The README's test command builds them first (`cargo build --workspace --bins`).
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the test binary")?;
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .context("test binary has no target directory")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found; build it first with `cargo build --workspace --bins`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A loopback TCP port that was free a moment ago. Whoever binds it next may race
+/// another process; callers that hand it to a child retry on "address in use".
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Reads from `reader` until the accumulated output contains `needle` or `timeout`
+/// passes. The reader must have a read timeout set (sockets) or be non-blocking-safe
+/// (pipes read on a thread); returns everything read so far.
+pub fn read_until(reader: &mut impl Read, needle: &str, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        if String::from_utf8_lossy(&seen).contains(needle) {
+            return Ok(String::from_utf8_lossy(&seen).into_owned());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "timed out after {timeout:?} waiting for {needle:?}; got {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+        }
+        match reader.read(&mut buf) {
+            Ok(0) => bail!(
+                "stream closed while waiting for {needle:?}; got {:?}",
+                String::from_utf8_lossy(&seen)
+            ),
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e).context("reading"),
+        }
+    }
+}
+
+/// Polls a file (e.g. a console log written by QEMU) until it contains `needle`.
+/// Polling a file is the only way to learn that another process wrote to it; the
+/// interval is short and the deadline bounds the wait.
+pub fn wait_for_file_line(
+    path: &std::path::Path,
+    needle: &str,
+    timeout: Duration,
+) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(text);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "timed out after {timeout:?} waiting for {needle:?} in {}; got {text:?}",
+                path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

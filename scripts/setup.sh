@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Installs and starts what unifleet's demo and tests need on a Debian/Ubuntu machine:
+# a C toolchain and binutils, libvirt (library, daemon, QEMU driver, client), QEMU for
+# x86, mosquitto, and cargo-nextest if missing. Idempotent: re-running only starts what
+# is not running. Needs root (or sudo).
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+PACKAGES=(build-essential pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu
+          libvirt-clients qemu-system-x86 mosquitto python3 iproute2 procps)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found; install Rust (rustup) first" >&2
+  exit 1
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-nextest"
+  cargo install --locked cargo-nextest >/dev/null
+fi
+
+# libvirtd in a container: no systemd, so run the daemons directly, and let QEMU run as
+# root (there is no libvirt-qemu user with access to our temp dirs). Loopback only.
+$SUDO mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/qemu /var/cache/libvirt/qemu
+QEMU_CONF=/etc/libvirt/qemu.conf
+config_changed=0
+if ! grep -qs '^user = "root"' "$QEMU_CONF"; then
+  # Debian ships qemu.conf with libvirt-daemon-system, which we do not install (it wants
+  # systemd); without it, libvirt would probe QEMU as an unprivileged user and re-probe
+  # its capabilities on every domain start (~40 s each).
+  $SUDO mkdir -p /etc/libvirt
+  printf '\n# unifleet: run QEMU as root inside this container\nuser = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\nsecurity_driver = "none"\n' | $SUDO tee -a "$QEMU_CONF" >/dev/null
+  config_changed=1
+fi
+getent group libvirt-qemu >/dev/null || $SUDO groupadd -r libvirt-qemu 2>/dev/null || true
+getent passwd libvirt-qemu >/dev/null || $SUDO useradd -r -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu 2>/dev/null || true
+
+if ! pgrep -x virtlogd >/dev/null; then
+  $SUDO virtlogd -d
+fi
+if [ "$config_changed" = 1 ] && pgrep -x libvirtd >/dev/null; then
+  echo "setup: restarting libvirtd to apply $QEMU_CONF"
+  $SUDO pkill -x libvirtd || true
+  for _ in $(seq 1 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
+fi
+if ! pgrep -x libvirtd >/dev/null; then
+  $SUDO libvirtd -d
+fi
+# Wait for the daemon's socket (bounded).
+for _ in $(seq 1 50); do
+  if virsh -c qemu:///system version >/dev/null 2>&1; then break; fi
+  sleep 0.2
+done
+if virsh -c qemu:///system version >/dev/null 2>&1; then
+  echo "setup: libvirtd ready ($(virsh -c qemu:///system version 2>/dev/null | grep -i 'running hypervisor' | sed 's/.*: //'))"
+else
+  echo "setup: libvirtd did not come up on qemu:///system" >&2
+  exit 1
+fi
