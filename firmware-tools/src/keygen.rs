@@ -1,7 +1,7 @@
 //! `fwtool keygen`: a fresh ed25519 key pair.
 
 use crate::files::write_atomic;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use proto::SecretKey;
 use std::path::Path;
 
@@ -13,6 +13,9 @@ pub fn keygen(out: &Path, force: bool) -> Result<SecretKey> {
         if p.exists() && !force {
             bail!("{} already exists; pass --force to replace it", p.display());
         }
+    }
+    if let Some(dir) = key_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("reading OS randomness: {e}"))?;
