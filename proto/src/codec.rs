@@ -32,7 +32,10 @@ pub enum Kind {
     Root = 2,
     Manifest = 3,
     Announcement = 4,
-    // 5 and 6 are reserved for device status reports and staging reports.
+    StatusReport = 5,
+    // 6 is reserved for staging reports.
+    BlobRequest = 7,
+    BlobResponse = 8,
 }
 
 impl Kind {
@@ -58,6 +61,10 @@ impl Kind {
             Kind::Root => 64 * 1024,
             Kind::Manifest => 4 * 1024 * 1024,
             Kind::Announcement => 1024,
+            Kind::StatusReport => 8 * 1024,
+            Kind::BlobRequest => 64,
+            // The largest blob is a signed manifest envelope.
+            Kind::BlobResponse => 4 * 1024 * 1024 + 32 * 1024,
         }
     }
 
@@ -67,6 +74,9 @@ impl Kind {
             Kind::Root => "trust root",
             Kind::Manifest => "release manifest",
             Kind::Announcement => "announcement",
+            Kind::StatusReport => "status report",
+            Kind::BlobRequest => "blob request",
+            Kind::BlobResponse => "blob response",
         }
     }
 }

@@ -23,6 +23,10 @@ pub fn context(kind: Kind) -> &'static [u8] {
         Kind::Root => b"unifleet/root/v1\0",
         Kind::Manifest => b"unifleet/manifest/v1\0",
         Kind::Announcement => b"unifleet/announcement/v1\0",
+        Kind::StatusReport => b"unifleet/status/v1\0",
+        // Blob messages are never signed: blobs are verified by digest.
+        Kind::BlobRequest => b"unifleet/blob-request/never-signed\0",
+        Kind::BlobResponse => b"unifleet/blob-response/never-signed\0",
         // Envelopes are never signed themselves; a distinct context keeps that harmless.
         Kind::Envelope => b"unifleet/envelope/never-signed\0",
     }

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod announcement;
+pub mod blob;
 pub mod chunking;
 pub mod codec;
 pub mod digest;
@@ -28,6 +29,7 @@ pub mod keys;
 pub mod manifest;
 pub mod names;
 pub mod root;
+pub mod status;
 
 pub use digest::Digest;
 pub use error::VerifyError;

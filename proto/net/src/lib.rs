@@ -1,0 +1,540 @@
+//! unifleet's libp2p node, shared by the hub and the device agent (both are "a peer";
+//! the hub is the peer that has everything). Lives beside `proto` rather than in either
+//! binary crate so that `hub` and `device` never depend on each other.
+//!
+//! One task owns the [`Swarm`] ([`spawn`]); callers hold a cloneable [`NetClient`] that
+//! sends commands over a bounded channel (with a oneshot reply where there is an answer),
+//! and receive [`NetEvent`]s on a bounded channel. Transport: TCP + noise + yamux.
+//! Behaviours: identify, Kademlia (peer discovery), optional mDNS, gossipsub with
+//! application-level validation (a message is forwarded only after the application
+//! accepted it), and the `/unifleet/blob/1` request-response protocol with a response size
+//! cap, a request timeout and a bound on concurrent inbound requests per peer.
+
+mod codec;
+
+pub use codec::PROTOCOL as BLOB_PROTOCOL;
+pub use libp2p::gossipsub::{MessageAcceptance, MessageId};
+pub use libp2p::{identity::Keypair, Multiaddr, PeerId};
+
+use futures::StreamExt;
+use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
+use libp2p::{gossipsub, identify, kad, mdns, noise, request_response, tcp, yamux, Swarm};
+use proto::blob::{BlobRequest, BlobResponse};
+use proto::Digest;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Capacity of the command and event channels.
+const CHANNEL_CAPACITY: usize = 256;
+/// Largest gossipsub message: announcements are < 1 KiB, status reports < 8 KiB.
+const MAX_GOSSIP_BYTES: usize = 16 * 1024;
+
+/// How to run a node.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub keypair: Keypair,
+    pub fleet: String,
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start (and to fall back on): `/ip4/…/tcp/…/p2p/<peer id>`.
+    pub bootstrap: Vec<Multiaddr>,
+    pub mdns: bool,
+    /// Concurrent inbound blob requests served per peer; more get `Busy`.
+    pub max_inbound_per_peer: usize,
+    pub request_timeout: Duration,
+}
+
+impl NetConfig {
+    pub fn new(keypair: Keypair, fleet: &str) -> NetConfig {
+        NetConfig {
+            keypair,
+            fleet: fleet.into(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr")],
+            bootstrap: vec![],
+            mdns: false,
+            max_inbound_per_peer: 8,
+            request_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// A libp2p key from a 32-byte ed25519 seed (the same seed format as `proto::SecretKey`).
+pub fn keypair_from_seed(seed: [u8; 32]) -> Keypair {
+    let mut seed = seed;
+    Keypair::ed25519_from_bytes(&mut seed).expect("32 bytes is a valid ed25519 seed")
+}
+
+/// The gossipsub topics a fleet uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    /// `unifleet/<fleet>/announce`: signed release announcements.
+    Announce,
+    /// `unifleet/<fleet>/status`: signed device status reports.
+    Status,
+}
+
+impl Topic {
+    fn name(self, fleet: &str) -> String {
+        match self {
+            Topic::Announce => format!("unifleet/{fleet}/announce"),
+            Topic::Status => format!("unifleet/{fleet}/status"),
+        }
+    }
+}
+
+/// What the node tells the application.
+#[derive(Debug)]
+pub enum NetEvent {
+    Listening(Multiaddr),
+    /// A gossip message awaiting validation: answer with [`NetClient::validate`].
+    Gossip {
+        topic: Topic,
+        data: Vec<u8>,
+        source: PeerId,
+        id: MessageId,
+    },
+    /// A peer asks for a blob: answer with [`NetClient::respond`].
+    BlobWanted { peer: PeerId, digest: Digest, reply: ReplyId },
+    PeerConnected(PeerId),
+    PeerDisconnected(PeerId),
+}
+
+/// Identifies a pending inbound blob request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReplyId(u64);
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("peer {0} does not have the blob")]
+    NotFound(PeerId),
+    #[error("peer {0} is busy")]
+    Busy(PeerId),
+    #[error("request to {peer} failed: {reason}")]
+    Failed { peer: PeerId, reason: String },
+    #[error("the network task has stopped")]
+    Stopped,
+}
+
+#[derive(Debug)]
+enum Command {
+    Publish {
+        topic: Topic,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Validate {
+        id: MessageId,
+        source: PeerId,
+        acceptance: MessageAcceptance,
+    },
+    Fetch {
+        peer: PeerId,
+        digest: Digest,
+        reply: oneshot::Sender<Result<Vec<u8>, FetchError>>,
+    },
+    Respond {
+        reply: ReplyId,
+        response: BlobResponse,
+    },
+    Dial(Multiaddr),
+    Peers(oneshot::Sender<Vec<PeerId>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+}
+
+/// Cloneable handle to the node. Every method is cancel-safe: dropping the future at
+/// worst leaves a command the node executes with nobody listening for its reply.
+#[derive(Debug, Clone)]
+pub struct NetClient {
+    tx: mpsc::Sender<Command>,
+    peer_id: PeerId,
+}
+
+impl NetClient {
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    pub async fn publish(&self, topic: Topic, data: Vec<u8>) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Publish { topic, data, reply })
+            .await
+            .map_err(|_| "network task stopped".to_string())?;
+        rx.await.map_err(|_| "network task stopped".to_string())?
+    }
+
+    /// Tells gossipsub whether to forward (Accept), drop (Ignore) or drop and penalise the
+    /// sender (Reject).
+    pub async fn validate(&self, id: MessageId, source: PeerId, acceptance: MessageAcceptance) {
+        let _ = self.tx.send(Command::Validate { id, source, acceptance }).await;
+    }
+
+    /// Asks `peer` for the blob `digest`. The bytes are NOT checked here; the caller
+    /// verifies them against the digest (and the manifest) before use.
+    pub async fn fetch(&self, peer: PeerId, digest: Digest) -> Result<Vec<u8>, FetchError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Fetch { peer, digest, reply })
+            .await
+            .map_err(|_| FetchError::Stopped)?;
+        rx.await.map_err(|_| FetchError::Stopped)?
+    }
+
+    pub async fn respond(&self, reply: ReplyId, response: BlobResponse) {
+        let _ = self.tx.send(Command::Respond { reply, response }).await;
+    }
+
+    pub async fn dial(&self, addr: Multiaddr) {
+        let _ = self.tx.send(Command::Dial(addr)).await;
+    }
+
+    pub async fn peers(&self) -> Vec<PeerId> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Peers(tx)).await.is_err() {
+            return vec![];
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::ListenAddrs(tx)).await.is_err() {
+            return vec![];
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    gossipsub: gossipsub::Behaviour,
+    blob: request_response::Behaviour<codec::BlobCodec>,
+}
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("setting up transport: {0}")]
+    Transport(String),
+    #[error("setting up behaviours: {0}")]
+    Behaviour(String),
+    #[error("listening on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+}
+
+/// Starts the node on the current tokio runtime. It runs until `shutdown` resolves or
+/// every [`NetClient`] is dropped.
+pub fn spawn(
+    cfg: NetConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(NetClient, mpsc::Receiver<NetEvent>, tokio::task::JoinHandle<()>), StartError> {
+    let peer_id = cfg.keypair.public().to_peer_id();
+    let mut swarm = build_swarm(&cfg)?;
+    for addr in &cfg.listen {
+        swarm.listen_on(addr.clone()).map_err(|e| StartError::Listen {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    for topic in [Topic::Announce, Topic::Status] {
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&gossipsub::IdentTopic::new(topic.name(&cfg.fleet)))
+            .map_err(|e| StartError::Behaviour(e.to_string()))?;
+    }
+    for addr in &cfg.bootstrap {
+        if let Some(peer) = peer_of(addr) {
+            swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+        }
+        if let Err(e) = swarm.dial(addr.clone()) {
+            tracing::warn!(%addr, "dialing bootstrap peer: {e}");
+        }
+    }
+    let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let node = Node {
+        swarm,
+        fleet: cfg.fleet.clone(),
+        events: ev_tx,
+        pending_fetch: HashMap::new(),
+        pending_reply: HashMap::new(),
+        inbound_per_peer: HashMap::new(),
+        next_reply: 0,
+        max_inbound_per_peer: cfg.max_inbound_per_peer,
+        bootstrap: cfg.bootstrap.clone(),
+    };
+    let handle = tokio::spawn(node.run(cmd_rx, shutdown));
+    Ok((NetClient { tx: cmd_tx, peer_id }, ev_rx, handle))
+}
+
+fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
+    let fleet = cfg.fleet.clone();
+    let mdns_on = cfg.mdns;
+    let timeout = cfg.request_timeout;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| StartError::Transport(e.to_string()))?
+        .with_behaviour(|key| {
+            let peer_id = key.public().to_peer_id();
+            let gossip_cfg = gossipsub::ConfigBuilder::default()
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .validate_messages()
+                .max_transmit_size(MAX_GOSSIP_BYTES)
+                .heartbeat_interval(Duration::from_millis(500))
+                // Identical bytes relayed by different peers are one message.
+                .message_id_fn(|m: &gossipsub::Message| MessageId::from(Digest::of(&m.data).0.to_vec()))
+                .build()
+                .map_err(|e| e.to_string())?;
+            let gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_cfg)?;
+            let mut kad_cfg = kad::Config::new(libp2p::StreamProtocol::try_from_owned(format!("/unifleet/{fleet}/kad/1"))?);
+            kad_cfg.set_query_timeout(Duration::from_secs(30));
+            let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
+            kad.set_mode(Some(kad::Mode::Server));
+            let mdns = if mdns_on {
+                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+            } else {
+                None
+            };
+            let blob = request_response::Behaviour::new(
+                [(codec::PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(timeout)
+                    .with_max_concurrent_streams(64),
+            );
+            Ok(Behaviour {
+                identify: identify::Behaviour::new(identify::Config::new(format!("/unifleet/{fleet}/1"), key.public())),
+                kad,
+                mdns: mdns.into(),
+                gossipsub,
+                blob,
+            })
+        })
+        .map_err(|e| StartError::Behaviour(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    Ok(swarm)
+}
+
+struct Node {
+    swarm: Swarm<Behaviour>,
+    fleet: String,
+    events: mpsc::Sender<NetEvent>,
+    pending_fetch: HashMap<request_response::OutboundRequestId, (PeerId, oneshot::Sender<Result<Vec<u8>, FetchError>>)>,
+    pending_reply: HashMap<ReplyId, (PeerId, request_response::ResponseChannel<BlobResponse>)>,
+    inbound_per_peer: HashMap<PeerId, usize>,
+    next_reply: u64,
+    max_inbound_per_peer: usize,
+    bootstrap: Vec<Multiaddr>,
+}
+
+impl Node {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        tokio::pin!(shutdown);
+        let mut rediscover = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
+                ev = self.swarm.select_next_some() => self.swarm_event(ev).await,
+                _ = rediscover.tick() => self.rediscover(),
+            }
+        }
+        tracing::debug!("network task stopped");
+    }
+
+    /// Keeps the peer set alive: redial bootstrap peers we lost, and walk the DHT to
+    /// find devices we have not met (so peers still find each other with the hub gone).
+    fn rediscover(&mut self) {
+        let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for addr in &self.bootstrap {
+            if let Some(peer) = peer_of(addr) {
+                if !connected.contains(&peer) {
+                    let _ = self.swarm.dial(addr.clone());
+                }
+            }
+        }
+        if !connected.is_empty() {
+            let _ = self.swarm.behaviour_mut().kad.bootstrap();
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Publish { topic, data, reply } => {
+                let t = gossipsub::IdentTopic::new(topic.name(&self.fleet));
+                let res = match self.swarm.behaviour_mut().gossipsub.publish(t, data) {
+                    Ok(_) => Ok(()),
+                    // Nobody to tell yet is not an error: the next announcement round or
+                    // the broker will reach them.
+                    Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => Ok(()),
+                    Err(gossipsub::PublishError::Duplicate) => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(res);
+            }
+            Command::Validate { id, source, acceptance } => {
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&id, &source, acceptance);
+            }
+            Command::Fetch { peer, digest, reply } => {
+                let id = self.swarm.behaviour_mut().blob.send_request(&peer, BlobRequest { digest });
+                self.pending_fetch.insert(id, (peer, reply));
+            }
+            Command::Respond { reply, response } => {
+                if let Some((peer, channel)) = self.pending_reply.remove(&reply) {
+                    self.release_inbound(&peer);
+                    let _ = self.swarm.behaviour_mut().blob.send_response(channel, response);
+                }
+            }
+            Command::Dial(addr) => {
+                if let Some(peer) = peer_of(&addr) {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                }
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    tracing::debug!(%addr, "dial: {e}");
+                }
+            }
+            Command::Peers(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+        }
+    }
+
+    fn release_inbound(&mut self, peer: &PeerId) {
+        if let Some(n) = self.inbound_per_peer.get_mut(peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.inbound_per_peer.remove(peer);
+            }
+        }
+    }
+
+    async fn emit(&mut self, ev: NetEvent) {
+        // Bounded: if the application is slow, the network task waits rather than
+        // buffering without limit.
+        let _ = self.events.send(ev).await;
+    }
+
+    async fn swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => self.emit(NetEvent::Listening(address)).await,
+            SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } if num_established.get() == 1 => {
+                self.emit(NetEvent::PeerConnected(peer_id)).await
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                self.emit(NetEvent::PeerDisconnected(peer_id)).await
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                // Learn where a peer listens so the DHT can introduce it to others.
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. })) => {
+                if !self.swarm.is_connected(&peer) {
+                    let _ = self.swarm.dial(peer);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+                for (peer, addr) in list {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) => {
+                let topic = if message.topic == gossipsub::IdentTopic::new(Topic::Announce.name(&self.fleet)).hash() {
+                    Topic::Announce
+                } else if message.topic == gossipsub::IdentTopic::new(Topic::Status.name(&self.fleet)).hash() {
+                    Topic::Status
+                } else {
+                    self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                        &message_id,
+                        &propagation_source,
+                        MessageAcceptance::Reject,
+                    );
+                    return;
+                };
+                self.emit(NetEvent::Gossip {
+                    topic,
+                    data: message.data,
+                    source: propagation_source,
+                    id: message_id,
+                })
+                .await
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Blob(ev)) => self.blob_event(ev).await,
+            _ => {}
+        }
+    }
+
+    async fn blob_event(&mut self, ev: request_response::Event<BlobRequest, BlobResponse>) {
+        use request_response::{Event, Message};
+        match ev {
+            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
+                let n = self.inbound_per_peer.entry(peer).or_default();
+                if *n >= self.max_inbound_per_peer {
+                    tracing::debug!(%peer, "too many requests in flight; answering Busy");
+                    let _ = self.swarm.behaviour_mut().blob.send_response(channel, BlobResponse::Busy);
+                    return;
+                }
+                *n += 1;
+                self.next_reply += 1;
+                let reply = ReplyId(self.next_reply);
+                self.pending_reply.insert(reply, (peer, channel));
+                self.emit(NetEvent::BlobWanted { peer, digest: request.digest, reply }).await;
+            }
+            Event::Message { peer, message: Message::Response { request_id, response }, .. } => {
+                if let Some((_, reply)) = self.pending_fetch.remove(&request_id) {
+                    let res = match response {
+                        BlobResponse::Found(bytes) => Ok(bytes),
+                        BlobResponse::NotFound => Err(FetchError::NotFound(peer)),
+                        BlobResponse::Busy => Err(FetchError::Busy(peer)),
+                    };
+                    let _ = reply.send(res);
+                }
+            }
+            Event::OutboundFailure { peer, request_id, error, .. } => {
+                if let Some((_, reply)) = self.pending_fetch.remove(&request_id) {
+                    let _ = reply.send(Err(FetchError::Failed { peer, reason: error.to_string() }));
+                }
+            }
+            Event::InboundFailure { peer, .. } => {
+                // The response channel is gone with the failed stream; drop our entry.
+                self.pending_reply.retain(|_, (p, ch)| !(p == &peer && !ch.is_open()));
+                self.release_inbound(&peer);
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+}

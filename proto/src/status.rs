@@ -1,0 +1,99 @@
+//! Device status reports, signed by the device's own key.
+
+use crate::codec::{CodecError, Kind};
+use crate::envelope::Envelope;
+use crate::error::VerifyError;
+use crate::keys::{KeyId, PublicKey};
+use crate::names;
+use serde::{Deserialize, Serialize};
+
+/// Where a device is with one app.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    Idle,
+    Downloading { percent: u8 },
+    Installing,
+    Active,
+    /// The named release failed its health probe; the previous one is back in service.
+    RolledBack { failed_release: u64, reason: String },
+    Failed { reason: String },
+}
+
+impl DeviceState {
+    pub fn label(&self) -> &'static str {
+        match self {
+            DeviceState::Idle => "idle",
+            DeviceState::Downloading { .. } => "downloading",
+            DeviceState::Installing => "installing",
+            DeviceState::Active => "active",
+            DeviceState::RolledBack { .. } => "rolled-back",
+            DeviceState::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// One status report. `seq` grows with every report a device sends, so a replayed old
+/// report is recognisable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub fleet: String,
+    pub device: String,
+    pub seq: u64,
+    pub at: u64,
+    pub app: String,
+    pub channel: String,
+    /// Release running (or being installed); `None` before the first install.
+    pub release: Option<u64>,
+    pub version: Option<String>,
+    pub manifest: Option<crate::Digest>,
+    pub state: DeviceState,
+    pub bytes_from_peers: u64,
+    pub bytes_from_hub: u64,
+    /// Last lines of the instance console, for failures.
+    pub console_tail: String,
+}
+
+/// Most bytes of console kept in a report.
+pub const MAX_CONSOLE_TAIL: usize = 2048;
+
+impl StatusReport {
+    pub fn seal(&self) -> Result<Envelope, CodecError> {
+        Envelope::seal(Kind::StatusReport, self)
+    }
+}
+
+/// The one entry point for status reports: the signer must be the enrolled key `lookup`
+/// returns for the signature's key id, and the report must name a valid device and app.
+pub fn verify_status(
+    bytes: &[u8],
+    lookup: impl Fn(&KeyId) -> Option<PublicKey>,
+) -> Result<(PublicKey, StatusReport), VerifyError> {
+    let env = Envelope::decode(bytes, Kind::StatusReport)?;
+    let Some(first) = env.signatures.first() else {
+        return Err(VerifyError::MissingSignature {
+            kind: Kind::StatusReport,
+        });
+    };
+    let Some(key) = lookup(&first.key_id) else {
+        return Err(VerifyError::UnknownKey {
+            kind: Kind::StatusReport,
+            key_id: first.key_id,
+        });
+    };
+    let role = crate::root::Role {
+        keys: vec![key],
+        threshold: 1,
+    };
+    let report: StatusReport = env.open("device", &role)?;
+    let invalid = |reason: String| VerifyError::Invalid {
+        kind: Kind::StatusReport,
+        reason,
+    };
+    names::check("device", &report.device).map_err(invalid)?;
+    names::check("app", &report.app).map_err(invalid)?;
+    names::check("channel", &report.channel).map_err(invalid)?;
+    if report.console_tail.len() > MAX_CONSOLE_TAIL {
+        return Err(invalid("console tail too long".into()));
+    }
+    Ok((key, report))
+}
