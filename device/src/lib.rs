@@ -1,4 +1,16 @@
-//! The unifleet device agent: announcements, fetcher, installer, libvirt activator.
+//! The unifleet device agent: learns of releases from the broker or from peers, fetches
+//! only missing chunks (peers first, hub as fallback), verifies every byte, installs
+//! crash-safely into a new slot, activates through libvirt with a health probe and
+//! automatic rollback, reports signed status, and seeds what it holds to peers.
 //!
-//! Not built yet; tracked as its own issue. The crate exists so the workspace shape and
-//! its dependency rules (device never depends on hub) hold from the first commit.
+//! Modules: [`config`] (TOML), [`store`] (state directory), [`fetch`], [`activator`]
+//! (libvirt), [`report`], [`mqtt`], [`ratelimit`], and [`agent`] which ties them together.
+
+pub mod activator;
+pub mod agent;
+pub mod config;
+pub mod fetch;
+pub mod mqtt;
+pub mod ratelimit;
+pub mod report;
+pub mod store;

@@ -272,7 +272,8 @@ pub fn spawn(
     Ok((NetClient { tx: cmd_tx, peer_id }, ev_rx, handle))
 }
 
-fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+/// The peer id at the end of a `/…/p2p/<id>` address.
+pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     addr.iter().find_map(|p| match p {
         libp2p::multiaddr::Protocol::P2p(id) => Some(id),
         _ => None,

@@ -1,0 +1,307 @@
+//! Activation through libvirt: one backend, many hypervisors, chosen by URI.
+//!
+//! libvirt is a synchronous C library: every method here blocks and is called from
+//! `spawn_blocking`. Domains are transient (`create_domain_xml`), named
+//! `uf-<device>-<app>-r<release>`, so a restarted agent can find and replace them.
+
+use proto::manifest::{BootSpec, HealthProbe, Platform};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Everything needed to boot one instance.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub name: String,
+    pub platform: Platform,
+    pub image: PathBuf,
+    pub boot: BootSpec,
+    /// QEMU and Xen copy the first serial console here.
+    pub console_log: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("connecting to libvirt at {uri}: {reason}")]
+    Connect { uri: String, reason: String },
+    #[error("starting domain {name}: {reason}")]
+    Start { name: String, reason: String },
+    #[error("health probe of {name} failed: {reason}")]
+    Probe {
+        name: String,
+        reason: String,
+        console_tail: String,
+    },
+    #[error("stopping domain {name}: {reason}")]
+    Stop { name: String, reason: String },
+}
+
+/// Which family of libvirt driver a URI selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    Test,
+    Qemu,
+    Xen,
+}
+
+impl Driver {
+    pub fn of(uri: &str) -> Driver {
+        if uri.starts_with("test:") {
+            Driver::Test
+        } else if uri.starts_with("xen") {
+            Driver::Xen
+        } else {
+            Driver::Qemu
+        }
+    }
+}
+
+/// Owns one libvirt connection (opened on first use, reopened after an error). Transient
+/// domains live as long as the daemon — or, with the test driver, the connection — does.
+#[derive(Debug)]
+pub struct Activator {
+    uri: String,
+    domain_type: String,
+    conn: std::sync::Mutex<Option<virt::connect::Connect>>,
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+/// The domain XML for `l` on `driver`. `serial_port` is the loopback TCP port of the
+/// console for QEMU (where the proxy and probes can reach it).
+pub fn render_xml(l: &Launch, driver: Driver, domain_type: &str, serial_port: u16) -> String {
+    let name = xml_escape(&l.name);
+    let kernel = xml_escape(&l.image.display().to_string());
+    let cmdline = xml_escape(&l.boot.cmdline);
+    let log = xml_escape(&l.console_log.display().to_string());
+    let mem = l.boot.memory_mib;
+    let vcpus = l.boot.vcpus;
+    let lifecycle = "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>";
+    match driver {
+        Driver::Test => format!(
+            "<domain type='test'><name>{name}</name><memory unit='MiB'>{mem}</memory><vcpu>{vcpus}</vcpu>\
+             <os><type>hvm</type><kernel>{kernel}</kernel></os>{lifecycle}</domain>"
+        ),
+        Driver::Qemu => format!(
+            "<domain type='{domain_type}'><name>{name}</name><memory unit='MiB'>{mem}</memory><vcpu>{vcpus}</vcpu>\
+             <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{kernel}</kernel><cmdline>{cmdline}</cmdline></os>\
+             {lifecycle}<devices>\
+             <serial type='tcp'><source mode='bind' host='127.0.0.1' service='{serial_port}' tls='no'/>\
+             <protocol type='raw'/><log file='{log}' append='off'/><target port='0'/></serial>\
+             <memballoon model='none'/></devices></domain>"
+        ),
+        Driver::Xen => {
+            let os_type = match l.platform {
+                Platform::XenArm32 => "<type arch='armv7l' machine='xenpv'>linux</type>",
+                Platform::XenX86_64Pvh => "<type arch='x86_64' machine='xenpvh'>xenpvh</type>",
+                Platform::QemuX86_64 => "<type arch='x86_64' machine='xenfv'>hvm</type>",
+            };
+            format!(
+                "<domain type='xen'><name>{name}</name><memory unit='MiB'>{mem}</memory><vcpu>{vcpus}</vcpu>\
+                 <os>{os_type}<kernel>{kernel}</kernel><cmdline>{cmdline}</cmdline></os>{lifecycle}\
+                 <devices><console type='pty'><log file='{log}' append='off'/><target type='xen' port='0'/></console></devices></domain>"
+            )
+        }
+    }
+}
+
+/// Last `max` bytes of the console log, for reports.
+pub fn console_tail(path: &Path, max: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = text.len().saturating_sub(max);
+    String::from_utf8_lossy(&text[start..]).into_owned()
+}
+
+impl Activator {
+    pub fn new(uri: &str, domain_type: &str) -> Activator {
+        Activator {
+            uri: uri.into(),
+            domain_type: domain_type.into(),
+            conn: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    pub fn driver(&self) -> Driver {
+        Driver::of(&self.uri)
+    }
+
+    /// Runs `f` with the connection, opening it if needed; a failed call drops the
+    /// connection so the next one reconnects (libvirtd may have restarted).
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&virt::connect::Connect) -> Result<T, ActivateError>,
+    ) -> Result<T, ActivateError> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(virt::connect::Connect::open(Some(&self.uri)).map_err(|e| ActivateError::Connect {
+                uri: self.uri.clone(),
+                reason: e.to_string(),
+            })?);
+        }
+        let conn = guard.as_ref().expect("just opened");
+        let res = f(conn);
+        if res.is_err() && !conn.is_alive().unwrap_or(false) {
+            *guard = None;
+        }
+        res
+    }
+
+    /// Starts a transient domain; returns the console's TCP port (QEMU) or 0. Replaces a
+    /// leftover domain of the same name (e.g. from before a crash).
+    pub fn start(&self, l: &Launch) -> Result<u16, ActivateError> {
+        self.with_conn(|conn| self.start_on(conn, l))
+    }
+
+    fn start_on(&self, conn: &virt::connect::Connect, l: &Launch) -> Result<u16, ActivateError> {
+        if let Ok(old) = conn.lookup_domain_by_name(&l.name) {
+            let _ = old.destroy();
+            let _ = old.undefine();
+        }
+        let _ = std::fs::remove_file(&l.console_log);
+        let mut last = String::new();
+        for _ in 0..3 {
+            let port = if self.driver() == Driver::Qemu { free_port() } else { 0 };
+            let xml = render_xml(l, self.driver(), &self.domain_type, port);
+            match conn.create_domain_xml(&xml, 0) {
+                Ok(_) => return Ok(port),
+                // A port taken between choosing and binding: choose again.
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(ActivateError::Start {
+            name: l.name.clone(),
+            reason: last,
+        })
+    }
+
+    pub fn is_running(&self, name: &str) -> bool {
+        self.with_conn(|conn| Ok(conn.lookup_domain_by_name(name).and_then(|d| d.is_active()).unwrap_or(false)))
+            .unwrap_or(false)
+    }
+
+    pub fn stop(&self, name: &str) -> Result<(), ActivateError> {
+        self.with_conn(|conn| match conn.lookup_domain_by_name(name) {
+            Ok(d) => {
+                if d.is_active().unwrap_or(false) {
+                    d.destroy().map_err(|e| ActivateError::Stop {
+                        name: name.into(),
+                        reason: e.to_string(),
+                    })?;
+                }
+                let _ = d.undefine();
+                Ok(())
+            }
+            Err(_) => Ok(()),
+        })
+    }
+
+    /// Waits until the instance is healthy or the boot spec's timeout passes.
+    ///
+    /// With libvirt's test driver nothing really boots: the probe is that the domain is
+    /// running. With QEMU and Xen it is the console banner or a TCP connect.
+    pub fn probe(&self, l: &Launch, console_port: u16) -> Result<(), ActivateError> {
+        let timeout = Duration::from_millis(l.boot.probe_timeout_ms);
+        let deadline = Instant::now() + timeout;
+        let fail = |reason: String| ActivateError::Probe {
+            name: l.name.clone(),
+            reason,
+            console_tail: console_tail(&l.console_log, proto::status::MAX_CONSOLE_TAIL),
+        };
+        if self.driver() == Driver::Test {
+            return if self.is_running(&l.name) {
+                Ok(())
+            } else {
+                Err(fail("domain is not running".into()))
+            };
+        }
+        loop {
+            let ok = match &l.boot.probe {
+                HealthProbe::ConsoleBanner { line } => std::fs::read_to_string(&l.console_log)
+                    .map(|t| t.lines().any(|l| l.trim_end() == line))
+                    .unwrap_or(false),
+                HealthProbe::TcpConnect { port } => {
+                    let port = if *port == 0 { console_port } else { *port };
+                    std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
+                        .is_ok()
+                }
+            };
+            if ok {
+                return Ok(());
+            }
+            if !self.is_running(&l.name) {
+                return Err(fail("domain stopped before becoming healthy".into()));
+            }
+            if Instant::now() >= deadline {
+                return Err(fail(format!("not healthy within {timeout:?}")));
+            }
+            // The console log is written by another process: polling it is the only way
+            // to see it; the interval is short and the deadline bounds the wait.
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(platform: Platform) -> Launch {
+        Launch {
+            name: "uf-d1-hello-r3".into(),
+            platform,
+            image: "/var/lib/unifleet/slots/hello-3.img".into(),
+            boot: BootSpec {
+                memory_mib: 32,
+                vcpus: 1,
+                cmdline: "console=hvc0 <x>".into(),
+                probe: HealthProbe::ConsoleBanner { line: "READY".into() },
+                probe_timeout_ms: 1000,
+            },
+            console_log: "/tmp/c.log".into(),
+        }
+    }
+
+    #[test]
+    fn xml_per_platform() {
+        let arm = render_xml(&launch(Platform::XenArm32), Driver::Xen, "qemu", 0);
+        assert!(arm.contains("<type arch='armv7l' machine='xenpv'>linux</type>"), "{arm}");
+        assert!(arm.contains("<kernel>/var/lib/unifleet/slots/hello-3.img</kernel>"));
+        assert!(arm.contains("console=hvc0 &lt;x&gt;"), "cmdline escaped: {arm}");
+        let pvh = render_xml(&launch(Platform::XenX86_64Pvh), Driver::Xen, "qemu", 0);
+        assert!(pvh.contains("machine='xenpvh'>xenpvh</type>"), "{pvh}");
+        let q = render_xml(&launch(Platform::QemuX86_64), Driver::Qemu, "kvm", 4555);
+        assert!(q.starts_with("<domain type='kvm'>"));
+        assert!(q.contains("<type arch='x86_64' machine='pc'>hvm</type><kernel>"));
+        assert!(q.contains("service='4555'") && q.contains("host='127.0.0.1'"), "{q}");
+        let t = render_xml(&launch(Platform::QemuX86_64), Driver::Test, "qemu", 0);
+        assert!(t.starts_with("<domain type='test'>"));
+    }
+
+    #[test]
+    fn test_driver_lifecycle() {
+        let a = Activator::new("test:///default", "qemu");
+        let mut l = launch(Platform::QemuX86_64);
+        l.name = format!("uf-unit-{}", std::process::id());
+        a.start(&l).unwrap();
+        assert!(a.is_running(&l.name));
+        a.probe(&l, 0).unwrap();
+        a.stop(&l.name).unwrap();
+        assert!(!a.is_running(&l.name));
+    }
+}

@@ -1,0 +1,474 @@
+//! `device run`: the agent.
+//!
+//! Tasks and what each owns:
+//! - the libp2p node (in `net`) owns the Swarm;
+//! - the MQTT task owns the broker connection;
+//! - the **router** owns the event streams: it verifies every announcement before it is
+//!   relayed (gossipsub Accept/Reject), keeps re-gossiping the newest verified one per app
+//!   so peers that only see peers still learn of it, serves blobs to peers with bounded
+//!   concurrency and the upload limit, and hands announcements for our apps to the updater;
+//! - the **updater** owns the device state: fetch, verify, assemble, install, activate,
+//!   roll back, report. One release at a time.
+
+use crate::activator::{ActivateError, Activator, Launch};
+use crate::config::Config;
+use crate::fetch::Fetcher;
+use crate::mqtt;
+use crate::ratelimit::RateLimiter;
+use crate::report::Reporter;
+use crate::store::{AppState, Installed, Store};
+use anyhow::{Context, Result};
+use net::{MessageAcceptance, NetClient, NetEvent, PeerId, Topic};
+use proto::announcement::{verify_announcement, Announcement};
+use proto::blob::BlobResponse;
+use proto::manifest::{verify_manifest, Expectations, Platform, VerifiedManifest};
+use proto::root::TrustedRoot;
+use proto::status::DeviceState;
+use proto::{SecretKey, VerifyError};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+
+/// Concurrent blob requests this device serves to all peers together.
+const MAX_SEEDING: usize = 16;
+/// How often the newest verified announcements are re-gossiped.
+const REGOSSIP: Duration = Duration::from_secs(3);
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Loads the device key (refusing one readable by others).
+pub fn load_key(path: &std::path::Path) -> Result<SecretKey> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("reading device key {}", path.display()))?;
+    anyhow::ensure!(
+        meta.permissions().mode() & 0o077 == 0,
+        "device key {} is readable by others; chmod 600 it",
+        path.display()
+    );
+    let text = std::fs::read_to_string(path)?;
+    SecretKey::from_text(&text).with_context(|| format!("reading device key {}", path.display()))
+}
+
+/// The trust root: the newest one the device accepted (state dir), else the configured one.
+fn load_root(cfg: &Config, store: &Store) -> Result<TrustedRoot> {
+    let saved = store.dir().join("root.bin");
+    let path = if saved.exists() { saved } else { cfg.root.clone() };
+    let bytes = std::fs::read(&path).with_context(|| format!("reading trust root {}", path.display()))?;
+    // A stored root may have expired while the device was off; it is still the anchor,
+    // and verification against it refuses releases until a fresh root arrives.
+    let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Root)?;
+    let claimed: proto::root::Root = proto::codec::decode(proto::codec::Kind::Root, &env.payload)?;
+    let root = TrustedRoot::bootstrap(&bytes, now().min(claimed.expires_at.saturating_sub(1)))
+        .with_context(|| format!("trust root {}", path.display()))?;
+    anyhow::ensure!(
+        root.fleet() == cfg.fleet,
+        "trust root is for fleet {:?}, config says {:?}",
+        root.fleet(),
+        cfg.fleet
+    );
+    Ok(root)
+}
+
+pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+    let key = load_key(&cfg.key)?;
+    let store = Arc::new(Store::open(&cfg.state_dir)?);
+    let root = Arc::new(load_root(&cfg, &store)?);
+    let platform = cfg.platform().map_err(anyhow::Error::msg)?;
+
+    let mut net_cfg = net::NetConfig::new(net::keypair_from_seed(seed_of(&key)), &cfg.fleet);
+    net_cfg.listen = vec![cfg.listen.parse().context("parsing listen address")?];
+    let mut hub_peers = Vec::new();
+    for (p, is_hub) in cfg.hub.iter().map(|h| (h, true)).chain(cfg.peers.iter().map(|p| (p, false))) {
+        let addr: net::Multiaddr = p.parse().with_context(|| format!("parsing peer address {p}"))?;
+        if is_hub {
+            hub_peers.push(net::peer_of(&addr).with_context(|| format!("hub address {p} lacks /p2p/<peer id>"))?);
+        }
+        net_cfg.bootstrap.push(addr);
+    }
+    net_cfg.mdns = cfg.mdns;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let mut net_stop = shutdown_rx.clone();
+    let (net, events, net_task) = net::spawn(net_cfg, async move {
+        let _ = net_stop.wait_for(|s| *s).await;
+    })?;
+    tracing::info!(peer_id = %net.peer_id(), device = %cfg.name, "device agent starting");
+
+    let (mqtt_tx, mqtt_rx) = mpsc::channel(64);
+    let mqtt_client = match &cfg.broker {
+        Some(url) => {
+            let topics = cfg
+                .apps
+                .iter()
+                .map(|a| mqtt::release_topic(&cfg.fleet, &cfg.channel, a))
+                .collect();
+            Some(mqtt::start(&format!("unifleet-device-{}", cfg.name), url, topics, mqtt_tx)?)
+        }
+        None => None,
+    };
+
+    let reporter = Arc::new(Reporter::new(&cfg, key, net.clone(), mqtt_client));
+    let (updates_tx, updates_rx) = mpsc::channel(16);
+    let router = Router {
+        cfg: cfg.clone(),
+        platform,
+        root: root.clone(),
+        store: store.clone(),
+        net: net.clone(),
+        updates: updates_tx,
+        latest: HashMap::new(),
+        seeding: Arc::new(Semaphore::new(MAX_SEEDING)),
+        upload: Arc::new(RateLimiter::new(cfg.upload_rate)),
+    };
+    let router_task = tokio::spawn(router.run(events, mqtt_rx));
+    let updater = Updater {
+        fetcher: Fetcher::new(net.clone(), store.clone(), hub_peers, &cfg, &reporter),
+        activator: Arc::new(Activator::new(&cfg.libvirt_uri, &cfg.domain_type)),
+        cfg,
+        platform,
+        root,
+        store,
+        reporter,
+    };
+    let updater_task = tokio::spawn(updater.run(updates_rx));
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    router_task.abort();
+    updater_task.abort();
+    let _ = net_task.await;
+    Ok(())
+}
+
+/// The libp2p identity is derived from the device key, so a device keeps its peer id.
+fn seed_of(key: &SecretKey) -> [u8; 32] {
+    let text = key.to_text();
+    let hexpart = text.split_whitespace().nth(1).unwrap_or_default();
+    let mut seed = [0u8; 32];
+    let _ = hex::decode_to_slice(hexpart, &mut seed);
+    seed
+}
+
+struct Router {
+    cfg: Config,
+    platform: Platform,
+    root: Arc<TrustedRoot>,
+    store: Arc<Store>,
+    net: NetClient,
+    updates: mpsc::Sender<(Announcement, Vec<u8>)>,
+    /// Newest verified announcement bytes per (app, channel).
+    latest: HashMap<(String, String), (u64, Vec<u8>)>,
+    seeding: Arc<Semaphore>,
+    upload: Arc<RateLimiter>,
+}
+
+impl Router {
+    async fn run(mut self, mut events: mpsc::Receiver<NetEvent>, mut mqtt: mpsc::Receiver<(String, Vec<u8>)>) {
+        let mut regossip = tokio::time::interval(REGOSSIP);
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => self.net_event(ev).await,
+                    None => break,
+                },
+                Some((topic, bytes)) = mqtt.recv() => {
+                    tracing::debug!(%topic, "announcement from broker");
+                    let _ = self.announcement(bytes, None).await;
+                }
+                _ = regossip.tick() => {
+                    for (_, bytes) in self.latest.values() {
+                        let _ = self.net.publish(Topic::Announce, bytes.clone()).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn net_event(&mut self, ev: NetEvent) {
+        match ev {
+            NetEvent::Gossip { topic: Topic::Announce, data, source, id } => {
+                let acceptance = self.announcement(data, Some(source)).await;
+                self.net.validate(id, source, acceptance).await;
+            }
+            NetEvent::Gossip { topic: Topic::Status, data, source, id } => {
+                // Other devices' reports are relayed toward the hub; only the hub holds the
+                // enrolled keys to verify them. Relay what is well-formed.
+                let ok = proto::envelope::Envelope::decode(&data, proto::codec::Kind::StatusReport).is_ok();
+                let acceptance = if ok { MessageAcceptance::Accept } else { MessageAcceptance::Reject };
+                self.net.validate(id, source, acceptance).await;
+            }
+            NetEvent::BlobWanted { peer, digest, reply } => self.serve_blob(peer, digest, reply),
+            NetEvent::Listening(addr) => tracing::info!(%addr, "listening"),
+            NetEvent::PeerConnected(p) => tracing::debug!(peer = %p, "peer connected"),
+            NetEvent::PeerDisconnected(p) => tracing::debug!(peer = %p, "peer disconnected"),
+        }
+    }
+
+    /// Verifies an announcement; relays it if it is validly signed (whatever app or
+    /// channel it is for) and passes it on if it is for one of our apps.
+    async fn announcement(&mut self, bytes: Vec<u8>, from: Option<PeerId>) -> MessageAcceptance {
+        let expect = Expectations {
+            app: None,
+            channel: &self.cfg.channel,
+            platform: self.platform,
+            installed_release: None,
+            now: now(),
+        };
+        match verify_announcement(&bytes, &self.root, &expect) {
+            Ok(ann) => {
+                let key = (ann.app.clone(), ann.channel.clone());
+                let newer = self.latest.get(&key).is_none_or(|(r, _)| ann.release > *r);
+                if newer {
+                    self.latest.insert(key, (ann.release, bytes.clone()));
+                    if from.is_none() {
+                        // From the broker: pass it on to peers that cannot reach it.
+                        let _ = self.net.publish(Topic::Announce, bytes.clone()).await;
+                    }
+                    if self.cfg.apps.contains(&ann.app) {
+                        let _ = self.updates.try_send((ann, bytes));
+                    }
+                }
+                MessageAcceptance::Accept
+            }
+            // Signed correctly, just not for us: still worth relaying.
+            Err(VerifyError::WrongChannel { .. } | VerifyError::WrongPlatform { .. }) => MessageAcceptance::Accept,
+            Err(e) => {
+                tracing::warn!(from = ?from, "refusing announcement: {e}");
+                MessageAcceptance::Reject
+            }
+        }
+    }
+
+    fn serve_blob(&self, peer: PeerId, digest: proto::Digest, reply: net::ReplyId) {
+        let store = self.store.clone();
+        let net = self.net.clone();
+        let upload = self.upload.clone();
+        let Ok(permit) = self.seeding.clone().try_acquire_owned() else {
+            tokio::spawn(async move { net.respond(reply, BlobResponse::Busy).await });
+            return;
+        };
+        tokio::spawn(async move {
+            let blob = tokio::task::spawn_blocking(move || store.get_blob(&digest)).await.ok().flatten();
+            let response = match blob {
+                Some(bytes) => {
+                    upload.acquire(bytes.len() as u64).await;
+                    tracing::debug!(%peer, digest = %digest.short(), len = bytes.len(), "serving blob");
+                    BlobResponse::Found(bytes)
+                }
+                None => BlobResponse::NotFound,
+            };
+            net.respond(reply, response).await;
+            drop(permit);
+        });
+    }
+}
+
+struct Updater {
+    cfg: Config,
+    platform: Platform,
+    root: Arc<TrustedRoot>,
+    store: Arc<Store>,
+    fetcher: Fetcher,
+    activator: Arc<Activator>,
+    reporter: Arc<Reporter>,
+}
+
+impl Updater {
+    async fn run(self, mut updates: mpsc::Receiver<(Announcement, Vec<u8>)>) {
+        if let Err(e) = self.resume().await {
+            tracing::error!("resuming after start: {e:#}");
+        }
+        while let Some((ann, _bytes)) = updates.recv().await {
+            if let Err(e) = self.update(&ann).await {
+                tracing::error!(app = %ann.app, release = ann.release, "update failed: {e:#}");
+                self.reporter
+                    .report(&ann.app, Some(&ann), DeviceState::Failed { reason: format!("{e:#}") }, String::new())
+                    .await;
+            }
+        }
+    }
+
+    fn domain_name(&self, app: &str, release: u64) -> String {
+        format!("uf-{}-{app}-r{release}", self.cfg.name)
+    }
+
+    fn launch(&self, m: &proto::manifest::Manifest, slot: &std::path::Path) -> Launch {
+        let name = self.domain_name(&m.app, m.release);
+        Launch {
+            console_log: self.store.dir().join(format!("{name}.console.log")),
+            name,
+            platform: m.platform,
+            image: slot.to_path_buf(),
+            boot: m.boot.clone(),
+        }
+    }
+
+    /// After a start: bring up what the state says should run; finish an interrupted install.
+    async fn resume(&self) -> Result<()> {
+        let state = self.store.load_state()?;
+        self.store.prune_slots(&state);
+        for (app, st) in &state.apps {
+            if let Some(pending) = &st.pending {
+                tracing::info!(%app, release = pending.release, "resuming interrupted install");
+                let m = self.stored_manifest(&pending.manifest)?;
+                self.activate(&m, pending.clone()).await?;
+            } else if let Some(cur) = &st.current {
+                let m = self.stored_manifest(&cur.manifest)?;
+                let launch = self.launch(&m, &cur.slot);
+                let act = self.activator.clone();
+                let running = {
+                    let name = launch.name.clone();
+                    tokio::task::spawn_blocking(move || act.is_running(&name)).await?
+                };
+                if !running {
+                    tracing::info!(%app, release = cur.release, "starting installed release");
+                    let act = self.activator.clone();
+                    tokio::task::spawn_blocking(move || act.start(&launch).and_then(|port| act.probe(&launch, port)))
+                        .await??;
+                }
+                self.reporter.report_installed(app, cur, DeviceState::Active).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn stored_manifest(&self, digest: &proto::Digest) -> Result<proto::manifest::Manifest> {
+        let bytes = self.store.get_blob(digest).context("stored manifest missing")?;
+        let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)?;
+        env.open("release", &self.root.root().release).context("stored manifest no longer verifies")
+    }
+
+    async fn update(&self, ann: &Announcement) -> Result<()> {
+        let state = self.store.load_state()?;
+        let app_state = state.apps.get(&ann.app).cloned().unwrap_or_default();
+        if app_state.failed.contains(&ann.release) {
+            tracing::info!(app = %ann.app, release = ann.release, "release failed here before; not retrying");
+            return Ok(());
+        }
+        let installed = app_state.highest_seen.max(app_state.current.as_ref().map_or(0, |c| c.release));
+        if ann.release <= installed {
+            return Ok(());
+        }
+        let expect = Expectations {
+            app: Some(&ann.app),
+            channel: &self.cfg.channel,
+            platform: self.platform,
+            installed_release: Some(installed),
+            now: now(),
+        };
+        tracing::info!(app = %ann.app, release = ann.release, version = %ann.version, "new release announced");
+        // The manifest: fetched by digest, then verified like the announcement.
+        let manifest_bytes = self.fetcher.manifest(&ann.manifest).await?;
+        let verified: VerifiedManifest = verify_manifest(&manifest_bytes, &self.root, &expect)?;
+        anyhow::ensure!(
+            verified.digest() == ann.manifest && verified.manifest().release == ann.release,
+            "manifest does not match its announcement"
+        );
+        self.store.put_manifest(&verified.digest(), &manifest_bytes)?;
+        let m = verified.manifest();
+        self.fetcher
+            .chunks(m, &self.reporter, ann)
+            .await
+            .context("fetching chunks")?;
+        self.reporter.report(&ann.app, Some(ann), DeviceState::Installing, String::new()).await;
+        let store = self.store.clone();
+        let mc = m.clone();
+        let slot = tokio::task::spawn_blocking(move || store.assemble(&mc)).await??;
+        crash_point(&self.cfg, "assembled");
+        let new = Installed {
+            release: m.release,
+            version: m.version.to_string(),
+            manifest: verified.digest(),
+            slot,
+        };
+        let mut state = self.store.load_state()?;
+        let st = state.apps.entry(m.app.clone()).or_default();
+        st.pending = Some(new.clone());
+        st.highest_seen = st.highest_seen.max(m.release);
+        self.store.save_state(&state)?;
+        crash_point(&self.cfg, "installed");
+        self.activate(m, new).await
+    }
+
+    /// Boots `new`, probes it, and either retires the old release or restores it.
+    async fn activate(&self, m: &proto::manifest::Manifest, new: Installed) -> Result<()> {
+        let launch = self.launch(m, &new.slot);
+        let act = self.activator.clone();
+        let l = launch.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let port = act.start(&l)?;
+            act.probe(&l, port)
+        })
+        .await?;
+        let mut state = self.store.load_state()?;
+        let st: &mut AppState = state.apps.entry(m.app.clone()).or_default();
+        let old = st.current.clone();
+        match outcome {
+            Ok(()) => {
+                if let Some(old) = old.as_ref().filter(|o| o.release != new.release) {
+                    let act = self.activator.clone();
+                    let name = self.domain_name(&m.app, old.release);
+                    if let Err(e) = tokio::task::spawn_blocking(move || act.stop(&name)).await? {
+                        tracing::warn!("retiring old domain: {e}");
+                    }
+                }
+                st.previous = old.filter(|o| o.release != new.release);
+                st.current = Some(new.clone());
+                st.pending = None;
+                self.store.save_state(&state)?;
+                self.store.prune_slots(&state);
+                tracing::info!(app = %m.app, release = m.release, version = %m.version, "active and healthy");
+                self.reporter.report_installed(&m.app, &new, DeviceState::Active).await;
+                Ok(())
+            }
+            Err(e) => {
+                let tail = match &e {
+                    ActivateError::Probe { console_tail, .. } => console_tail.clone(),
+                    _ => String::new(),
+                };
+                tracing::error!(app = %m.app, release = m.release, "activation failed, rolling back: {e}");
+                let act = self.activator.clone();
+                let name = launch.name.clone();
+                let _ = tokio::task::spawn_blocking(move || act.stop(&name)).await?;
+                st.failed.insert(new.release);
+                st.pending = None;
+                self.store.save_state(&state)?;
+                if let Some(old) = &old {
+                    let om = self.stored_manifest(&old.manifest)?;
+                    let ol = self.launch(&om, &old.slot);
+                    let act = self.activator.clone();
+                    let running = {
+                        let n = ol.name.clone();
+                        let a = act.clone();
+                        tokio::task::spawn_blocking(move || a.is_running(&n)).await?
+                    };
+                    if !running {
+                        tokio::task::spawn_blocking(move || act.start(&ol).and_then(|p| act.probe(&ol, p))).await??;
+                    }
+                }
+                let reported = DeviceState::RolledBack {
+                    failed_release: new.release,
+                    reason: e.to_string(),
+                };
+                match &old {
+                    Some(old) => self.reporter.report_installed_with_tail(&m.app, old, reported, tail).await,
+                    None => self.reporter.report(&m.app, None, reported, tail).await,
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Testing aid (`crash_at` in the config): die abruptly, as a kill -9 would.
+pub fn crash_point(cfg: &Config, point: &str) {
+    if cfg.crash_at.as_deref() == Some(point) {
+        tracing::warn!(point, "crash_at: aborting");
+        std::process::abort();
+    }
+}

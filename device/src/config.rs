@@ -1,0 +1,107 @@
+//! The device's TOML configuration (written by `device enroll`, read by `device run`).
+
+use anyhow::{Context, Result};
+use proto::manifest::Platform;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This device's name: unique in the fleet; used in MQTT topics and domain names.
+    pub name: String,
+    pub fleet: String,
+    /// The release channel this device follows (`stable`, `staging`, …).
+    pub channel: String,
+    /// Apps this device runs. Announcements for other apps are still verified and
+    /// relayed to peers, but not installed.
+    pub apps: Vec<String>,
+    #[serde(default = "default_platform")]
+    pub platform: String,
+    /// Trust root file (relative paths are relative to the config file).
+    pub root: PathBuf,
+    /// The device's secret key (mode 0600).
+    pub key: PathBuf,
+    pub state_dir: PathBuf,
+    /// MQTT broker, `mqtt://host:port`; absent: peers only.
+    #[serde(default)]
+    pub broker: Option<String>,
+    /// The hub's libp2p address, `/ip4/…/tcp/…/p2p/<peer id>`: the fallback source of
+    /// every blob.
+    #[serde(default)]
+    pub hub: Option<String>,
+    /// Other known peers (more are found through the hub's DHT and mDNS).
+    #[serde(default)]
+    pub peers: Vec<String>,
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub mdns: bool,
+    /// libvirt URI: `xen:///system`, `qemu:///system`, `test:///default`, …
+    #[serde(default = "default_libvirt")]
+    pub libvirt_uri: String,
+    /// Domain type for QEMU URIs: `qemu` (TCG) or `kvm`.
+    #[serde(default = "default_domain_type")]
+    pub domain_type: String,
+    /// Download and upload limits in bytes per second (0 = unlimited).
+    #[serde(default)]
+    pub download_rate: u64,
+    #[serde(default)]
+    pub upload_rate: u64,
+    /// Chunks fetched in parallel.
+    #[serde(default = "default_parallel")]
+    pub parallel_fetches: usize,
+    /// Prometheus metrics on this loopback address (`127.0.0.1:9101`); absent: off.
+    #[serde(default)]
+    pub metrics: Option<String>,
+    /// Testing aid: stop the process (as if killed) at a named point of the install.
+    #[serde(default)]
+    pub crash_at: Option<String>,
+}
+
+fn default_platform() -> String {
+    Platform::QemuX86_64.name().into()
+}
+fn default_listen() -> String {
+    "/ip4/127.0.0.1/tcp/0".into()
+}
+fn default_libvirt() -> String {
+    "test:///default".into()
+}
+fn default_domain_type() -> String {
+    "qemu".into()
+}
+fn default_parallel() -> usize {
+    4
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let mut cfg: Config = toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.root, &mut cfg.key, &mut cfg.state_dir] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        proto::names::check("device", &self.name).map_err(anyhow::Error::msg)?;
+        proto::names::check("fleet", &self.fleet).map_err(anyhow::Error::msg)?;
+        proto::names::check("channel", &self.channel).map_err(anyhow::Error::msg)?;
+        for app in &self.apps {
+            proto::names::check("app", app).map_err(anyhow::Error::msg)?;
+        }
+        self.platform().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(self.parallel_fetches > 0, "parallel_fetches must be at least 1");
+        Ok(())
+    }
+
+    pub fn platform(&self) -> Result<Platform, String> {
+        self.platform.parse()
+    }
+}

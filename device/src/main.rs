@@ -1,0 +1,219 @@
+//! `device`: enroll a device, run the agent, show its status.
+#![allow(clippy::print_stdout)]
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use device::config::Config;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "device", version, about = "unifleet device agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create this device's key and configuration in DIR, and print the public key to
+    /// register with `hub enroll`.
+    Enroll {
+        /// Directory for device.key, device.pub, device.toml, root.bin and state/.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Device name, unique in the fleet.
+        #[arg(long)]
+        name: String,
+        /// The fleet's trust root (copied into DIR).
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long, default_value = "stable")]
+        channel: String,
+        /// App to run (repeat).
+        #[arg(long = "app")]
+        apps: Vec<String>,
+        /// The hub's libp2p address, `/ip4/…/tcp/…/p2p/<peer id>` (printed by `hub serve`).
+        #[arg(long)]
+        hub: Option<String>,
+        /// Other peers to dial at start (repeat).
+        #[arg(long = "peer")]
+        peers: Vec<String>,
+        /// MQTT broker, `mqtt://host:port`.
+        #[arg(long)]
+        broker: Option<String>,
+        #[arg(long, default_value = "test:///default")]
+        libvirt: String,
+        #[arg(long, default_value = "qemu-x86_64")]
+        platform: String,
+        #[arg(long, default_value = "/ip4/127.0.0.1/tcp/0")]
+        listen: String,
+        /// Replace an existing configuration and key.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the agent until interrupted.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// What is installed and running, from the state directory.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn enroll(cmd: Command) -> Result<()> {
+    let Command::Enroll {
+        dir,
+        name,
+        root,
+        channel,
+        apps,
+        hub,
+        peers,
+        broker,
+        libvirt,
+        platform,
+        listen,
+        force,
+    } = cmd
+    else {
+        unreachable!("called with Enroll")
+    };
+    let cfg_path = dir.join("device.toml");
+    anyhow::ensure!(
+        force || !cfg_path.exists(),
+        "{} already exists; pass --force to replace it",
+        cfg_path.display()
+    );
+    std::fs::create_dir_all(dir.join("state")).with_context(|| format!("creating {}", dir.display()))?;
+    let root_bytes = std::fs::read(&root).with_context(|| format!("reading trust root {}", root.display()))?;
+    let env = proto::envelope::Envelope::decode(&root_bytes, proto::codec::Kind::Root)
+        .with_context(|| format!("{} is not a trust root", root.display()))?;
+    let claimed: proto::root::Root = proto::codec::decode(proto::codec::Kind::Root, &env.payload)?;
+    proto::root::TrustedRoot::bootstrap(&root_bytes, device::agent::now())
+        .with_context(|| format!("trust root {}", root.display()))?;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("reading OS randomness: {e}"))?;
+    let key = proto::SecretKey::from_seed(seed);
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(dir.join("device.key"))?;
+        f.write_all(key.to_text().as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::write(dir.join("device.pub"), key.public().to_text())?;
+    std::fs::write(dir.join("root.bin"), &root_bytes)?;
+    let cfg = Config {
+        name,
+        fleet: claimed.fleet,
+        channel,
+        apps,
+        platform,
+        root: "root.bin".into(),
+        key: "device.key".into(),
+        state_dir: "state".into(),
+        broker,
+        hub,
+        peers,
+        listen,
+        mdns: false,
+        libvirt_uri: libvirt,
+        domain_type: "qemu".into(),
+        download_rate: 0,
+        upload_rate: 0,
+        parallel_fetches: 4,
+        metrics: None,
+        crash_at: None,
+    };
+    cfg.validate()?;
+    std::fs::write(&cfg_path, toml::to_string_pretty(&cfg)?)?;
+    println!(
+        "enrolled {} in {}\npublic key: {}register it on the hub with: hub enroll {} --name {}",
+        cfg.name,
+        dir.display(),
+        key.public().to_text(),
+        dir.join("device.pub").display(),
+        cfg.name
+    );
+    Ok(())
+}
+
+fn status(config: PathBuf, json: bool) -> Result<()> {
+    let cfg = Config::load(&config)?;
+    let store = device::store::Store::open(&cfg.state_dir)?;
+    let state = store.load_state()?;
+    let reports: serde_json::Value = std::fs::read(cfg.state_dir.join("status.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "device": cfg.name, "state": state, "reports": reports }))?
+        );
+        return Ok(());
+    }
+    println!("device {} (fleet {}, channel {})", cfg.name, cfg.fleet, cfg.channel);
+    for app in &cfg.apps {
+        let st = state.apps.get(app).cloned().unwrap_or_default();
+        let cur = st
+            .current
+            .as_ref()
+            .map_or("none".to_string(), |c| format!("release {} ({})", c.release, c.version));
+        let last = reports
+            .get(app)
+            .and_then(|r| r.get("state"))
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!("  {app}: running {cur}; last report {last}; failed releases {:?}", st.failed);
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        cmd @ Command::Enroll { .. } => enroll(cmd),
+        Command::Run { config } => run(config),
+        Command::Status { config, json } => status(config, json),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("device: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run(config: PathBuf) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,libp2p=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = Config::load(&config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(device::agent::run(cfg, async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }))
+}

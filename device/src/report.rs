@@ -1,0 +1,142 @@
+//! Signed status reports: to the broker (retained, so the hub sees the latest after a
+//! restart), to peers over gossipsub (so they reach the hub through any peer), and to
+//! `status.json` in the state directory for `device status`.
+
+use crate::config::Config;
+use crate::store::{write_atomic, Installed};
+use net::{NetClient, Topic};
+use proto::announcement::Announcement;
+use proto::status::{DeviceState, StatusReport, MAX_CONSOLE_TAIL};
+use proto::SecretKey;
+use rumqttc::{AsyncClient, QoS};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+#[derive(Debug)]
+pub struct Reporter {
+    fleet: String,
+    device: String,
+    channel: String,
+    key: SecretKey,
+    net: NetClient,
+    mqtt: Option<AsyncClient>,
+    seq: AtomicU64,
+    last_progress: Mutex<Option<Instant>>,
+    pub from_peers: Arc<AtomicU64>,
+    pub from_hub: Arc<AtomicU64>,
+    status_file: PathBuf,
+    latest: Mutex<BTreeMap<String, StatusReport>>,
+}
+
+impl Reporter {
+    pub fn new(cfg: &Config, key: SecretKey, net: NetClient, mqtt: Option<AsyncClient>) -> Reporter {
+        let start_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Reporter {
+            fleet: cfg.fleet.clone(),
+            device: cfg.name.clone(),
+            channel: cfg.channel.clone(),
+            key,
+            net,
+            mqtt,
+            // Milliseconds at start, then +1 per report: grows across restarts too.
+            seq: AtomicU64::new(start_ms),
+            last_progress: Mutex::new(None),
+            from_peers: Arc::new(AtomicU64::new(0)),
+            from_hub: Arc::new(AtomicU64::new(0)),
+            status_file: cfg.state_dir.join("status.json"),
+            latest: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    async fn send(&self, r: StatusReport) {
+        tracing::info!(app = %r.app, release = ?r.release, state = r.state.label(), "status");
+        let bytes = match r.seal().map(|mut env| env.sign(&self.key).and_then(|_| env.encode())) {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) | Err(e) => {
+                tracing::error!("encoding status report: {e}");
+                return;
+            }
+        };
+        if let Some(m) = &self.mqtt {
+            let topic = crate::mqtt::status_topic(&self.fleet, &self.device);
+            // try_publish: with the broker down the report goes out over gossip only.
+            if let Err(e) = m.try_publish(topic, QoS::AtLeastOnce, true, bytes.clone()) {
+                tracing::debug!("status not queued for MQTT: {e}");
+            }
+        }
+        let _ = self.net.publish(Topic::Status, bytes).await;
+        let mut latest = self.latest.lock().await;
+        latest.insert(r.app.clone(), r);
+        if let Ok(json) = serde_json::to_vec_pretty(&*latest) {
+            let _ = write_atomic(&self.status_file, &json);
+        }
+    }
+
+    fn base(&self, app: &str, state: DeviceState, console_tail: String) -> StatusReport {
+        let mut tail = console_tail;
+        if tail.len() > MAX_CONSOLE_TAIL {
+            let mut cut = tail.len() - MAX_CONSOLE_TAIL;
+            while !tail.is_char_boundary(cut) {
+                cut += 1;
+            }
+            tail = tail[cut..].to_string();
+        }
+        StatusReport {
+            fleet: self.fleet.clone(),
+            device: self.device.clone(),
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            at: crate::agent::now(),
+            app: app.into(),
+            channel: self.channel.clone(),
+            release: None,
+            version: None,
+            manifest: None,
+            state,
+            bytes_from_peers: self.from_peers.load(Ordering::Relaxed),
+            bytes_from_hub: self.from_hub.load(Ordering::Relaxed),
+            console_tail: tail,
+        }
+    }
+
+    pub async fn report(&self, app: &str, ann: Option<&Announcement>, state: DeviceState, tail: String) {
+        let mut r = self.base(app, state, tail);
+        if let Some(a) = ann {
+            r.release = Some(a.release);
+            r.version = Some(a.version.to_string());
+            r.manifest = Some(a.manifest);
+        }
+        self.send(r).await;
+    }
+
+    pub async fn report_installed(&self, app: &str, i: &Installed, state: DeviceState) {
+        self.report_installed_with_tail(app, i, state, String::new()).await;
+    }
+
+    pub async fn report_installed_with_tail(&self, app: &str, i: &Installed, state: DeviceState, tail: String) {
+        let mut r = self.base(app, state, tail);
+        r.release = Some(i.release);
+        r.version = Some(i.version.clone());
+        r.manifest = Some(i.manifest);
+        self.send(r).await;
+    }
+
+    /// Download progress, at most once a second (and always at 100%).
+    pub async fn downloading(&self, app: &str, ann: &Announcement, percent: u8) {
+        {
+            let mut last = self.last_progress.lock().await;
+            if percent < 100 && last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        self.report(app, Some(ann), DeviceState::Downloading { percent }, String::new())
+            .await;
+    }
+}

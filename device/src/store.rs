@@ -1,0 +1,186 @@
+//! The device's state directory: one owner (the agent), crash-safe by construction.
+//!
+//! ```text
+//! chunks/<hex>        verified chunks, content addressed (written temp + rename)
+//! manifests/<hex>     signed manifest envelopes, by digest
+//! slots/<app>-<n>.img assembled images (written, fsynced, renamed into place)
+//! state.json          per app: current and pending release, the previous one, releases
+//!                     that failed and are never retried (written temp+fsync+rename+fsync dir)
+//! root.bin            the newest trust root accepted
+//! ```
+//!
+//! A kill -9 at any instant leaves `state.json` old or new, never torn; a slot is named in
+//! `state.json` only after it is complete and fsynced; chunks are re-verified when read.
+
+use anyhow::{Context, Result};
+use proto::manifest::{ImageVerifier, Manifest};
+use proto::Digest;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// One installed release of an app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Installed {
+    pub release: u64,
+    pub version: String,
+    pub manifest: Digest,
+    pub slot: PathBuf,
+}
+
+/// What the device knows about one app.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppState {
+    /// Running and proven healthy.
+    pub current: Option<Installed>,
+    /// Installed (slot complete) but not yet proven healthy; activated on start.
+    pub pending: Option<Installed>,
+    /// The release `current` replaced, kept for rollback.
+    pub previous: Option<Installed>,
+    /// Releases that failed their health probe: never retried.
+    pub failed: BTreeSet<u64>,
+    /// Highest release number ever accepted (rollback protection survives rollbacks).
+    pub highest_seen: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub apps: BTreeMap<String, AppState>,
+    /// Monotonic counter for status reports.
+    pub report_seq: u64,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+/// Writes `bytes` to `path` via a temporary file, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().context("path has no parent")?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().context("path has no file name")?.to_string_lossy()
+    ));
+    let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    drop(f);
+    fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Store> {
+        for sub in ["chunks", "manifests", "slots"] {
+            fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}/{sub}", dir.display()))?;
+        }
+        Ok(Store { dir: dir.to_path_buf() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn chunk_path(&self, d: &Digest) -> PathBuf {
+        self.dir.join("chunks").join(d.to_hex())
+    }
+
+    fn manifest_path(&self, d: &Digest) -> PathBuf {
+        self.dir.join("manifests").join(d.to_hex())
+    }
+
+    pub fn has_chunk(&self, d: &Digest) -> bool {
+        self.chunk_path(d).exists()
+    }
+
+    /// Stores a chunk the caller has verified. Temp + rename: never a partial chunk.
+    pub fn put_chunk(&self, d: &Digest, bytes: &[u8]) -> Result<()> {
+        let path = self.chunk_path(d);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        fs::rename(&tmp, &path).with_context(|| format!("renaming {}", path.display()))?;
+        Ok(())
+    }
+
+    /// A blob (chunk or manifest) by digest, re-verified: a damaged file is deleted and
+    /// reported missing, so it is fetched again.
+    pub fn get_blob(&self, d: &Digest) -> Option<Vec<u8>> {
+        for path in [self.chunk_path(d), self.manifest_path(d)] {
+            if let Ok(bytes) = fs::read(&path) {
+                if Digest::of(&bytes) == *d {
+                    return Some(bytes);
+                }
+                tracing::warn!(path = %path.display(), "stored blob is damaged; removing it");
+                let _ = fs::remove_file(&path);
+            }
+        }
+        None
+    }
+
+    pub fn put_manifest(&self, d: &Digest, bytes: &[u8]) -> Result<()> {
+        write_atomic(&self.manifest_path(d), bytes)
+    }
+
+    /// Assembles the image from stored chunks into its slot, verifying every chunk and the
+    /// whole image on the way, fsyncs, and renames it into place.
+    pub fn assemble(&self, m: &Manifest) -> Result<PathBuf> {
+        let slot = self.dir.join("slots").join(format!("{}-{}.img", m.app, m.release));
+        let tmp = slot.with_extension("img.partial");
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        let mut verifier = ImageVerifier::new(m);
+        for c in &m.chunks {
+            let mut data = Vec::with_capacity(c.size as usize);
+            File::open(self.chunk_path(&c.digest))
+                .and_then(|f| f.take(c.size + 1).read_to_end(&mut data))
+                .with_context(|| format!("reading chunk {}", c.digest.short()))?;
+            verifier.push(&data).context("verifying chunk during assembly")?;
+            out.write_all(&data)?;
+        }
+        verifier.finish().context("verifying assembled image")?;
+        out.sync_all()?;
+        drop(out);
+        fs::rename(&tmp, &slot)?;
+        File::open(self.dir.join("slots"))?.sync_all()?;
+        Ok(slot)
+    }
+
+    pub fn load_state(&self) -> Result<State> {
+        let path = self.dir.join("state.json");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    pub fn save_state(&self, state: &State) -> Result<()> {
+        write_atomic(&self.dir.join("state.json"), &serde_json::to_vec_pretty(state)?)
+    }
+
+    /// Removes slots no longer named by the state (old releases, partial files).
+    pub fn prune_slots(&self, state: &State) {
+        let keep: BTreeSet<PathBuf> = state
+            .apps
+            .values()
+            .flat_map(|a| [a.current.as_ref(), a.pending.as_ref(), a.previous.as_ref()])
+            .flatten()
+            .map(|i| i.slot.clone())
+            .collect();
+        if let Ok(entries) = fs::read_dir(self.dir.join("slots")) {
+            for e in entries.flatten() {
+                if !keep.contains(&e.path()) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
