@@ -142,9 +142,11 @@ impl Activator {
     ) -> Result<T, ActivateError> {
         let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
-            *guard = Some(virt::connect::Connect::open(Some(&self.uri)).map_err(|e| ActivateError::Connect {
-                uri: self.uri.clone(),
-                reason: e.to_string(),
+            *guard = Some(virt::connect::Connect::open(Some(&self.uri)).map_err(|e| {
+                ActivateError::Connect {
+                    uri: self.uri.clone(),
+                    reason: e.to_string(),
+                }
             })?);
         }
         let conn = guard.as_ref().expect("just opened");
@@ -169,7 +171,11 @@ impl Activator {
         let _ = std::fs::remove_file(&l.console_log);
         let mut last = String::new();
         for _ in 0..3 {
-            let port = if self.driver() == Driver::Qemu { free_port() } else { 0 };
+            let port = if self.driver() == Driver::Qemu {
+                free_port()
+            } else {
+                0
+            };
             let xml = render_xml(l, self.driver(), &self.domain_type, port);
             match conn.create_domain_xml(&xml, 0) {
                 Ok(_) => return Ok(port),
@@ -184,8 +190,13 @@ impl Activator {
     }
 
     pub fn is_running(&self, name: &str) -> bool {
-        self.with_conn(|conn| Ok(conn.lookup_domain_by_name(name).and_then(|d| d.is_active()).unwrap_or(false)))
-            .unwrap_or(false)
+        self.with_conn(|conn| {
+            Ok(conn
+                .lookup_domain_by_name(name)
+                .and_then(|d| d.is_active())
+                .unwrap_or(false))
+        })
+        .unwrap_or(false)
     }
 
     pub fn stop(&self, name: &str) -> Result<(), ActivateError> {
@@ -230,8 +241,11 @@ impl Activator {
                     .unwrap_or(false),
                 HealthProbe::TcpConnect { port } => {
                     let port = if *port == 0 { console_port } else { *port };
-                    std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
-                        .is_ok()
+                    std::net::TcpStream::connect_timeout(
+                        &([127, 0, 0, 1], port).into(),
+                        Duration::from_millis(200),
+                    )
+                    .is_ok()
                 }
             };
             if ok {
@@ -270,7 +284,9 @@ mod tests {
                 memory_mib: 32,
                 vcpus: 1,
                 cmdline: "console=hvc0 <x>".into(),
-                probe: HealthProbe::ConsoleBanner { line: "READY".into() },
+                probe: HealthProbe::ConsoleBanner {
+                    line: "READY".into(),
+                },
                 probe_timeout_ms: 1000,
             },
             console_log: "/tmp/c.log".into(),
@@ -280,15 +296,24 @@ mod tests {
     #[test]
     fn xml_per_platform() {
         let arm = render_xml(&launch(Platform::XenArm32), Driver::Xen, "qemu", 0);
-        assert!(arm.contains("<type arch='armv7l' machine='xenpv'>linux</type>"), "{arm}");
+        assert!(
+            arm.contains("<type arch='armv7l' machine='xenpv'>linux</type>"),
+            "{arm}"
+        );
         assert!(arm.contains("<kernel>/var/lib/unifleet/slots/hello-3.img</kernel>"));
-        assert!(arm.contains("console=hvc0 &lt;x&gt;"), "cmdline escaped: {arm}");
+        assert!(
+            arm.contains("console=hvc0 &lt;x&gt;"),
+            "cmdline escaped: {arm}"
+        );
         let pvh = render_xml(&launch(Platform::XenX86_64Pvh), Driver::Xen, "qemu", 0);
         assert!(pvh.contains("machine='xenpvh'>xenpvh</type>"), "{pvh}");
         let q = render_xml(&launch(Platform::QemuX86_64), Driver::Qemu, "kvm", 4555);
         assert!(q.starts_with("<domain type='kvm'>"));
         assert!(q.contains("<type arch='x86_64' machine='pc'>hvm</type><kernel>"));
-        assert!(q.contains("service='4555'") && q.contains("host='127.0.0.1'"), "{q}");
+        assert!(
+            q.contains("service='4555'") && q.contains("host='127.0.0.1'"),
+            "{q}"
+        );
         let t = render_xml(&launch(Platform::QemuX86_64), Driver::Test, "qemu", 0);
         assert!(t.starts_with("<domain type='test'>"));
     }

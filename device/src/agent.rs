@@ -45,7 +45,8 @@ pub fn now() -> u64 {
 /// Loads the device key (refusing one readable by others).
 pub fn load_key(path: &std::path::Path) -> Result<SecretKey> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).with_context(|| format!("reading device key {}", path.display()))?;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("reading device key {}", path.display()))?;
     anyhow::ensure!(
         meta.permissions().mode() & 0o077 == 0,
         "device key {} is readable by others; chmod 600 it",
@@ -58,8 +59,13 @@ pub fn load_key(path: &std::path::Path) -> Result<SecretKey> {
 /// The trust root: the newest one the device accepted (state dir), else the configured one.
 fn load_root(cfg: &Config, store: &Store) -> Result<TrustedRoot> {
     let saved = store.dir().join("root.bin");
-    let path = if saved.exists() { saved } else { cfg.root.clone() };
-    let bytes = std::fs::read(&path).with_context(|| format!("reading trust root {}", path.display()))?;
+    let path = if saved.exists() {
+        saved
+    } else {
+        cfg.root.clone()
+    };
+    let bytes =
+        std::fs::read(&path).with_context(|| format!("reading trust root {}", path.display()))?;
     // A stored root may have expired while the device was off; it is still the anchor,
     // and verification against it refuses releases until a fresh root arrives.
     let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Root)?;
@@ -75,7 +81,10 @@ fn load_root(cfg: &Config, store: &Store) -> Result<TrustedRoot> {
     Ok(root)
 }
 
-pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let key = load_key(&cfg.key)?;
     let store = Arc::new(Store::open(&cfg.state_dir)?);
     let root = Arc::new(load_root(&cfg, &store)?);
@@ -84,10 +93,20 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + 
     let mut net_cfg = net::NetConfig::new(net::keypair_from_seed(seed_of(&key)), &cfg.fleet);
     net_cfg.listen = vec![cfg.listen.parse().context("parsing listen address")?];
     let mut hub_peers = Vec::new();
-    for (p, is_hub) in cfg.hub.iter().map(|h| (h, true)).chain(cfg.peers.iter().map(|p| (p, false))) {
-        let addr: net::Multiaddr = p.parse().with_context(|| format!("parsing peer address {p}"))?;
+    for (p, is_hub) in cfg
+        .hub
+        .iter()
+        .map(|h| (h, true))
+        .chain(cfg.peers.iter().map(|p| (p, false)))
+    {
+        let addr: net::Multiaddr = p
+            .parse()
+            .with_context(|| format!("parsing peer address {p}"))?;
         if is_hub {
-            hub_peers.push(net::peer_of(&addr).with_context(|| format!("hub address {p} lacks /p2p/<peer id>"))?);
+            hub_peers.push(
+                net::peer_of(&addr)
+                    .with_context(|| format!("hub address {p} lacks /p2p/<peer id>"))?,
+            );
         }
         net_cfg.bootstrap.push(addr);
     }
@@ -107,7 +126,12 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + 
                 .iter()
                 .map(|a| mqtt::release_topic(&cfg.fleet, &cfg.channel, a))
                 .collect();
-            Some(mqtt::start(&format!("unifleet-device-{}", cfg.name), url, topics, mqtt_tx)?)
+            Some(mqtt::start(
+                &format!("unifleet-device-{}", cfg.name),
+                url,
+                topics,
+                mqtt_tx,
+            )?)
         }
         None => None,
     };
@@ -168,7 +192,11 @@ struct Router {
 }
 
 impl Router {
-    async fn run(mut self, mut events: mpsc::Receiver<NetEvent>, mut mqtt: mpsc::Receiver<(String, Vec<u8>)>) {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<NetEvent>,
+        mut mqtt: mpsc::Receiver<(String, Vec<u8>)>,
+    ) {
         let mut regossip = tokio::time::interval(REGOSSIP);
         loop {
             tokio::select! {
@@ -191,18 +219,37 @@ impl Router {
 
     async fn net_event(&mut self, ev: NetEvent) {
         match ev {
-            NetEvent::Gossip { topic: Topic::Announce, data, source, id } => {
+            NetEvent::Gossip {
+                topic: Topic::Announce,
+                data,
+                source,
+                id,
+            } => {
                 let acceptance = self.announcement(data, Some(source)).await;
                 self.net.validate(id, source, acceptance).await;
             }
-            NetEvent::Gossip { topic: Topic::Status, data, source, id } => {
+            NetEvent::Gossip {
+                topic: Topic::Status,
+                data,
+                source,
+                id,
+            } => {
                 // Other devices' reports are relayed toward the hub; only the hub holds the
                 // enrolled keys to verify them. Relay what is well-formed.
-                let ok = proto::envelope::Envelope::decode(&data, proto::codec::Kind::StatusReport).is_ok();
-                let acceptance = if ok { MessageAcceptance::Accept } else { MessageAcceptance::Reject };
+                let ok = proto::envelope::Envelope::decode(&data, proto::codec::Kind::StatusReport)
+                    .is_ok();
+                let acceptance = if ok {
+                    MessageAcceptance::Accept
+                } else {
+                    MessageAcceptance::Reject
+                };
                 self.net.validate(id, source, acceptance).await;
             }
-            NetEvent::BlobWanted { peer, digest, reply } => self.serve_blob(peer, digest, reply),
+            NetEvent::BlobWanted {
+                peer,
+                digest,
+                reply,
+            } => self.serve_blob(peer, digest, reply),
             NetEvent::Listening(addr) => tracing::info!(%addr, "listening"),
             NetEvent::PeerConnected(p) => tracing::debug!(peer = %p, "peer connected"),
             NetEvent::PeerDisconnected(p) => tracing::debug!(peer = %p, "peer disconnected"),
@@ -236,7 +283,9 @@ impl Router {
                 MessageAcceptance::Accept
             }
             // Signed correctly, just not for us: still worth relaying.
-            Err(VerifyError::WrongChannel { .. } | VerifyError::WrongPlatform { .. }) => MessageAcceptance::Accept,
+            Err(VerifyError::WrongChannel { .. } | VerifyError::WrongPlatform { .. }) => {
+                MessageAcceptance::Accept
+            }
             Err(e) => {
                 tracing::warn!(from = ?from, "refusing announcement: {e}");
                 MessageAcceptance::Reject
@@ -253,7 +302,10 @@ impl Router {
             return;
         };
         tokio::spawn(async move {
-            let blob = tokio::task::spawn_blocking(move || store.get_blob(&digest)).await.ok().flatten();
+            let blob = tokio::task::spawn_blocking(move || store.get_blob(&digest))
+                .await
+                .ok()
+                .flatten();
             let response = match blob {
                 Some(bytes) => {
                     upload.acquire(bytes.len() as u64).await;
@@ -287,7 +339,14 @@ impl Updater {
             if let Err(e) = self.update(&ann).await {
                 tracing::error!(app = %ann.app, release = ann.release, "update failed: {e:#}");
                 self.reporter
-                    .report(&ann.app, Some(&ann), DeviceState::Failed { reason: format!("{e:#}") }, String::new())
+                    .report(
+                        &ann.app,
+                        Some(&ann),
+                        DeviceState::Failed {
+                            reason: format!("{e:#}"),
+                        },
+                        String::new(),
+                    )
                     .await;
             }
         }
@@ -328,19 +387,27 @@ impl Updater {
                 if !running {
                     tracing::info!(%app, release = cur.release, "starting installed release");
                     let act = self.activator.clone();
-                    tokio::task::spawn_blocking(move || act.start(&launch).and_then(|port| act.probe(&launch, port)))
-                        .await??;
+                    tokio::task::spawn_blocking(move || {
+                        act.start(&launch).and_then(|port| act.probe(&launch, port))
+                    })
+                    .await??;
                 }
-                self.reporter.report_installed(app, cur, DeviceState::Active).await;
+                self.reporter
+                    .report_installed(app, cur, DeviceState::Active)
+                    .await;
             }
         }
         Ok(())
     }
 
     fn stored_manifest(&self, digest: &proto::Digest) -> Result<proto::manifest::Manifest> {
-        let bytes = self.store.get_blob(digest).context("stored manifest missing")?;
+        let bytes = self
+            .store
+            .get_blob(digest)
+            .context("stored manifest missing")?;
         let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)?;
-        env.open("release", &self.root.root().release).context("stored manifest no longer verifies")
+        env.open("release", &self.root.root().release)
+            .context("stored manifest no longer verifies")
     }
 
     async fn update(&self, ann: &Announcement) -> Result<()> {
@@ -350,7 +417,9 @@ impl Updater {
             tracing::info!(app = %ann.app, release = ann.release, "release failed here before; not retrying");
             return Ok(());
         }
-        let installed = app_state.highest_seen.max(app_state.current.as_ref().map_or(0, |c| c.release));
+        let installed = app_state
+            .highest_seen
+            .max(app_state.current.as_ref().map_or(0, |c| c.release));
         if ann.release <= installed {
             return Ok(());
         }
@@ -369,13 +438,16 @@ impl Updater {
             verified.digest() == ann.manifest && verified.manifest().release == ann.release,
             "manifest does not match its announcement"
         );
-        self.store.put_manifest(&verified.digest(), &manifest_bytes)?;
+        self.store
+            .put_manifest(&verified.digest(), &manifest_bytes)?;
         let m = verified.manifest();
         self.fetcher
             .chunks(m, &self.reporter, ann)
             .await
             .context("fetching chunks")?;
-        self.reporter.report(&ann.app, Some(ann), DeviceState::Installing, String::new()).await;
+        self.reporter
+            .report(&ann.app, Some(ann), DeviceState::Installing, String::new())
+            .await;
         let store = self.store.clone();
         let mc = m.clone();
         let slot = tokio::task::spawn_blocking(move || store.assemble(&mc)).await??;
@@ -423,7 +495,9 @@ impl Updater {
                 self.store.save_state(&state)?;
                 self.store.prune_slots(&state);
                 tracing::info!(app = %m.app, release = m.release, version = %m.version, "active and healthy");
-                self.reporter.report_installed(&m.app, &new, DeviceState::Active).await;
+                self.reporter
+                    .report_installed(&m.app, &new, DeviceState::Active)
+                    .await;
                 Ok(())
             }
             Err(e) => {
@@ -448,7 +522,10 @@ impl Updater {
                         tokio::task::spawn_blocking(move || a.is_running(&n)).await?
                     };
                     if !running {
-                        tokio::task::spawn_blocking(move || act.start(&ol).and_then(|p| act.probe(&ol, p))).await??;
+                        tokio::task::spawn_blocking(move || {
+                            act.start(&ol).and_then(|p| act.probe(&ol, p))
+                        })
+                        .await??;
                     }
                 }
                 let reported = DeviceState::RolledBack {
@@ -456,7 +533,11 @@ impl Updater {
                     reason: e.to_string(),
                 };
                 match &old {
-                    Some(old) => self.reporter.report_installed_with_tail(&m.app, old, reported, tail).await,
+                    Some(old) => {
+                        self.reporter
+                            .report_installed_with_tail(&m.app, old, reported, tail)
+                            .await
+                    }
                     None => self.reporter.report(&m.app, None, reported, tail).await,
                 }
                 Ok(())

@@ -77,8 +77,10 @@ fn default_parallel() -> usize {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        let mut cfg: Config = toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let mut cfg: Config =
+            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.root, &mut cfg.key, &mut cfg.state_dir] {
             if p.is_relative() {
@@ -97,7 +99,10 @@ impl Config {
             proto::names::check("app", app).map_err(anyhow::Error::msg)?;
         }
         self.platform().map_err(anyhow::Error::msg)?;
-        anyhow::ensure!(self.parallel_fetches > 0, "parallel_fetches must be at least 1");
+        anyhow::ensure!(
+            self.parallel_fetches > 0,
+            "parallel_fetches must be at least 1"
+        );
         Ok(())
     }
 

@@ -32,7 +32,13 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    pub fn new(net: NetClient, store: Arc<Store>, hub: Vec<PeerId>, cfg: &Config, reporter: &Reporter) -> Fetcher {
+    pub fn new(
+        net: NetClient,
+        store: Arc<Store>,
+        hub: Vec<PeerId>,
+        cfg: &Config,
+        reporter: &Reporter,
+    ) -> Fetcher {
         Fetcher {
             net,
             store,
@@ -95,7 +101,10 @@ impl Fetcher {
                 }
             }
             if start.elapsed() > STALL_LIMIT {
-                bail!("no peer or hub delivered blob {} within {STALL_LIMIT:?}", digest.short());
+                bail!(
+                    "no peer or hub delivered blob {} within {STALL_LIMIT:?}",
+                    digest.short()
+                );
             }
             // Nobody had it right now: peers may still be downloading, the hub may be
             // restarting. Back off (bounded) and ask again.
@@ -129,13 +138,22 @@ impl Fetcher {
     }
 
     fn account(&self, n: usize, from_hub: bool) {
-        let c = if from_hub { &self.from_hub } else { &self.from_peers };
+        let c = if from_hub {
+            &self.from_hub
+        } else {
+            &self.from_peers
+        };
         c.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Every chunk of `m` not already stored, `parallel` at a time. Chunks already held
     /// (from an earlier release or an interrupted download) are not fetched again.
-    pub async fn chunks(&self, m: &Manifest, reporter: &Reporter, ann: &Announcement) -> Result<()> {
+    pub async fn chunks(
+        &self,
+        m: &Manifest,
+        reporter: &Reporter,
+        ann: &Announcement,
+    ) -> Result<()> {
         let mut seen = HashSet::new();
         let missing: Vec<(usize, proto::manifest::ChunkRef)> = m
             .chunks
@@ -154,13 +172,17 @@ impl Fetcher {
             let have = &have;
             let stored_now = &stored_now;
             async move {
-                let (bytes, from_hub) = self.blob(&c.digest, i, banned, |b| verify_chunk(i, &c, b)).await?;
+                let (bytes, from_hub) = self
+                    .blob(&c.digest, i, banned, |b| verify_chunk(i, &c, b))
+                    .await?;
                 let store = self.store.clone();
                 let len = bytes.len();
                 tokio::task::spawn_blocking(move || store.put_chunk(&c.digest, &bytes)).await??;
                 self.account(len, from_hub);
                 let n = have.fetch_add(1, Ordering::Relaxed) + 1;
-                reporter.downloading(&m.app, ann, (n * 100 / total) as u8).await;
+                reporter
+                    .downloading(&m.app, ann, (n * 100 / total) as u8)
+                    .await;
                 let k = stored_now.fetch_add(1, Ordering::Relaxed) + 1;
                 if self.crash_after_chunks == Some(k) {
                     tracing::warn!("crash_at download:{k}: aborting");

@@ -89,8 +89,10 @@ fn enroll(cmd: Command) -> Result<()> {
         "{} already exists; pass --force to replace it",
         cfg_path.display()
     );
-    std::fs::create_dir_all(dir.join("state")).with_context(|| format!("creating {}", dir.display()))?;
-    let root_bytes = std::fs::read(&root).with_context(|| format!("reading trust root {}", root.display()))?;
+    std::fs::create_dir_all(dir.join("state"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let root_bytes =
+        std::fs::read(&root).with_context(|| format!("reading trust root {}", root.display()))?;
     let env = proto::envelope::Envelope::decode(&root_bytes, proto::codec::Kind::Root)
         .with_context(|| format!("{} is not a trust root", root.display()))?;
     let claimed: proto::root::Root = proto::codec::decode(proto::codec::Kind::Root, &env.payload)?;
@@ -159,23 +161,30 @@ fn status(config: PathBuf, json: bool) -> Result<()> {
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "device": cfg.name, "state": state, "reports": reports }))?
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "device": cfg.name, "state": state, "reports": reports })
+            )?
         );
         return Ok(());
     }
-    println!("device {} (fleet {}, channel {})", cfg.name, cfg.fleet, cfg.channel);
+    println!(
+        "device {} (fleet {}, channel {})",
+        cfg.name, cfg.fleet, cfg.channel
+    );
     for app in &cfg.apps {
         let st = state.apps.get(app).cloned().unwrap_or_default();
-        let cur = st
-            .current
-            .as_ref()
-            .map_or("none".to_string(), |c| format!("release {} ({})", c.release, c.version));
+        let cur = st.current.as_ref().map_or("none".to_string(), |c| {
+            format!("release {} ({})", c.release, c.version)
+        });
         let last = reports
             .get(app)
             .and_then(|r| r.get("state"))
             .map(|s| s.to_string())
             .unwrap_or_else(|| "-".into());
-        println!("  {app}: running {cur}; last report {last}; failed releases {:?}", st.failed);
+        println!(
+            "  {app}: running {cur}; last report {last}; failed releases {:?}",
+            st.failed
+        );
     }
     Ok(())
 }
@@ -210,7 +219,8 @@ fn run(config: PathBuf) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(device::agent::run(cfg, async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

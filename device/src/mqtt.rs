@@ -23,7 +23,11 @@ pub fn parse_url(url: &str) -> anyhow::Result<(String, u16)> {
         .strip_prefix("mqtt://")
         .ok_or_else(|| anyhow::anyhow!("broker URL {url:?} must start with mqtt://"))?;
     let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse().map_err(|_| anyhow::anyhow!("bad port in broker URL {url:?}"))?),
+        Some((h, p)) => (
+            h,
+            p.parse()
+                .map_err(|_| anyhow::anyhow!("bad port in broker URL {url:?}"))?,
+        ),
         None => (rest, 1883),
     };
     Ok((host.to_string(), port))

@@ -30,7 +30,8 @@ impl RateLimiter {
             let mut g = self.inner.lock().await;
             let now = Instant::now();
             let (tokens, last) = &mut *g;
-            *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate as f64).min(self.rate as f64);
+            *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate as f64)
+                .min(self.rate as f64);
             *last = now;
             *tokens -= bytes as f64;
             if *tokens >= 0.0 {
@@ -58,7 +59,10 @@ mod tests {
         }
         // 1000 bytes of burst, then 4000 bytes at 1000 B/s.
         let took = start.elapsed();
-        assert!(took >= Duration::from_millis(3900) && took <= Duration::from_millis(4100), "{took:?}");
+        assert!(
+            took >= Duration::from_millis(3900) && took <= Duration::from_millis(4100),
+            "{took:?}"
+        );
     }
 
     #[tokio::test]

@@ -33,7 +33,12 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub fn new(cfg: &Config, key: SecretKey, net: NetClient, mqtt: Option<AsyncClient>) -> Reporter {
+    pub fn new(
+        cfg: &Config,
+        key: SecretKey,
+        net: NetClient,
+        mqtt: Option<AsyncClient>,
+    ) -> Reporter {
         let start_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -57,7 +62,10 @@ impl Reporter {
 
     async fn send(&self, r: StatusReport) {
         tracing::info!(app = %r.app, release = ?r.release, state = r.state.label(), "status");
-        let bytes = match r.seal().map(|mut env| env.sign(&self.key).and_then(|_| env.encode())) {
+        let bytes = match r
+            .seal()
+            .map(|mut env| env.sign(&self.key).and_then(|_| env.encode()))
+        {
             Ok(Ok(b)) => b,
             Ok(Err(e)) | Err(e) => {
                 tracing::error!("encoding status report: {e}");
@@ -105,7 +113,13 @@ impl Reporter {
         }
     }
 
-    pub async fn report(&self, app: &str, ann: Option<&Announcement>, state: DeviceState, tail: String) {
+    pub async fn report(
+        &self,
+        app: &str,
+        ann: Option<&Announcement>,
+        state: DeviceState,
+        tail: String,
+    ) {
         let mut r = self.base(app, state, tail);
         if let Some(a) = ann {
             r.release = Some(a.release);
@@ -116,10 +130,17 @@ impl Reporter {
     }
 
     pub async fn report_installed(&self, app: &str, i: &Installed, state: DeviceState) {
-        self.report_installed_with_tail(app, i, state, String::new()).await;
+        self.report_installed_with_tail(app, i, state, String::new())
+            .await;
     }
 
-    pub async fn report_installed_with_tail(&self, app: &str, i: &Installed, state: DeviceState, tail: String) {
+    pub async fn report_installed_with_tail(
+        &self,
+        app: &str,
+        i: &Installed,
+        state: DeviceState,
+        tail: String,
+    ) {
         let mut r = self.base(app, state, tail);
         r.release = Some(i.release);
         r.version = Some(i.version.clone());
@@ -136,7 +157,12 @@ impl Reporter {
             }
             *last = Some(Instant::now());
         }
-        self.report(app, Some(ann), DeviceState::Downloading { percent }, String::new())
-            .await;
+        self.report(
+            app,
+            Some(ann),
+            DeviceState::Downloading { percent },
+            String::new(),
+        )
+        .await;
     }
 }

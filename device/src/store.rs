@@ -62,11 +62,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().context("path has no parent")?;
     let tmp = dir.join(format!(
         ".{}.tmp",
-        path.file_name().context("path has no file name")?.to_string_lossy()
+        path.file_name()
+            .context("path has no file name")?
+            .to_string_lossy()
     ));
     let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(bytes)?;
-    f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", tmp.display()))?;
     drop(f);
     fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
     File::open(dir)?.sync_all()?;
@@ -76,9 +79,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
         for sub in ["chunks", "manifests", "slots"] {
-            fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}/{sub}", dir.display()))?;
+            fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("creating {}/{sub}", dir.display()))?;
         }
-        Ok(Store { dir: dir.to_path_buf() })
+        Ok(Store {
+            dir: dir.to_path_buf(),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -128,7 +134,10 @@ impl Store {
     /// Assembles the image from stored chunks into its slot, verifying every chunk and the
     /// whole image on the way, fsyncs, and renames it into place.
     pub fn assemble(&self, m: &Manifest) -> Result<PathBuf> {
-        let slot = self.dir.join("slots").join(format!("{}-{}.img", m.app, m.release));
+        let slot = self
+            .dir
+            .join("slots")
+            .join(format!("{}-{}.img", m.app, m.release));
         let tmp = slot.with_extension("img.partial");
         let mut out = OpenOptions::new()
             .write(true)
@@ -142,7 +151,9 @@ impl Store {
             File::open(self.chunk_path(&c.digest))
                 .and_then(|f| f.take(c.size + 1).read_to_end(&mut data))
                 .with_context(|| format!("reading chunk {}", c.digest.short()))?;
-            verifier.push(&data).context("verifying chunk during assembly")?;
+            verifier
+                .push(&data)
+                .context("verifying chunk during assembly")?;
             out.write_all(&data)?;
         }
         verifier.finish().context("verifying assembled image")?;
@@ -156,14 +167,18 @@ impl Store {
     pub fn load_state(&self) -> Result<State> {
         let path = self.dir.join("state.json");
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display())),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing {}", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
 
     pub fn save_state(&self, state: &State) -> Result<()> {
-        write_atomic(&self.dir.join("state.json"), &serde_json::to_vec_pretty(state)?)
+        write_atomic(
+            &self.dir.join("state.json"),
+            &serde_json::to_vec_pretty(state)?,
+        )
     }
 
     /// Removes slots no longer named by the state (old releases, partial files).

@@ -68,7 +68,13 @@ fn describe_envelope(bytes: &[u8], env: &Envelope, kind: Kind) -> Result<Value> 
         Kind::Announcement => serde_json::to_value(codec::decode::<
             proto::announcement::Announcement,
         >(kind, &env.payload)?)?,
-        Kind::Envelope => bail!("an envelope cannot wrap another envelope"),
+        Kind::StatusReport => serde_json::to_value(codec::decode::<proto::status::StatusReport>(
+            kind,
+            &env.payload,
+        )?)?,
+        Kind::Envelope | Kind::BlobRequest | Kind::BlobResponse => {
+            bail!("a {kind} is never signed; nothing to inspect")
+        }
     };
     Ok(json!({
         "type": kind.name(),

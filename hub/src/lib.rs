@@ -1,4 +1,17 @@
-//! The unifleet hub: publish pipeline, git release store, signer and announcer.
+//! The unifleet hub: turns an operator's image into a signed release, keeps every release
+//! and event in a git repository, announces releases over MQTT and libp2p, serves blobs
+//! to peers, and keeps an inventory of enrolled devices from their signed reports.
 //!
-//! Not built yet; tracked as its own issue. The crate exists so the workspace shape and
-//! its dependency rules (hub never depends on device) hold from the first commit.
+//! Modules: [`home`] (hub directory and config), [`init`], [`store`] (git), [`publish`]
+//! (the pipeline), [`deploy`] (git push), [`serve`] (the daemon), [`broker`] (embedded
+//! MQTT), [`control`] (local socket), [`metrics`].
+
+pub mod broker;
+pub mod control;
+pub mod deploy;
+pub mod home;
+pub mod init;
+pub mod metrics;
+pub mod publish;
+pub mod serve;
+pub mod store;

@@ -53,3 +53,22 @@ pub fn check(expected: &Digest, bytes: &[u8]) -> Result<(), crate::VerifyError> 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_is_small_and_digests_are_raw_bytes() {
+        let bytes = BlobRequest {
+            digest: Digest([7; 32]),
+        }
+        .encode()
+        .unwrap();
+        // Header (6) + 32 raw digest bytes: digests are not hex on the wire.
+        assert_eq!(bytes.len(), 6 + 32, "{bytes:?}");
+        assert_eq!(BlobRequest::decode(&bytes).unwrap().digest, Digest([7; 32]));
+        let resp = BlobResponse::Found(vec![1, 2, 3]);
+        assert_eq!(BlobResponse::decode(&resp.encode().unwrap()).unwrap(), resp);
+    }
+}

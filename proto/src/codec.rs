@@ -39,15 +39,27 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Envelope,
         Kind::Root,
         Kind::Manifest,
         Kind::Announcement,
+        Kind::StatusReport,
+        Kind::BlobRequest,
+        Kind::BlobResponse,
     ];
 
     pub fn from_byte(b: u8) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| *k as u8 == b)
+        Some(match b {
+            1 => Kind::Envelope,
+            2 => Kind::Root,
+            3 => Kind::Manifest,
+            4 => Kind::Announcement,
+            5 => Kind::StatusReport,
+            7 => Kind::BlobRequest,
+            8 => Kind::BlobResponse,
+            _ => return None,
+        })
     }
 
     /// The largest encoded message of this kind any decoder accepts, header included.
@@ -195,6 +207,17 @@ pub fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, CodecE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kind_reads_back_from_its_byte() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::from_byte(k as u8), Some(k), "{k}");
+        }
+        let known = (0..=255u8)
+            .filter(|b| Kind::from_byte(*b).is_some())
+            .count();
+        assert_eq!(known, Kind::ALL.len());
+    }
 
     #[test]
     fn header_errors_are_typed() {

@@ -11,12 +11,19 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceState {
     Idle,
-    Downloading { percent: u8 },
+    Downloading {
+        percent: u8,
+    },
     Installing,
     Active,
     /// The named release failed its health probe; the previous one is back in service.
-    RolledBack { failed_release: u64, reason: String },
-    Failed { reason: String },
+    RolledBack {
+        failed_release: u64,
+        reason: String,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 impl DeviceState {

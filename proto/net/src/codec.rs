@@ -20,7 +20,10 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, kind: Kind) -> io::
     if len > kind.max_len() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{kind} of {len} bytes exceeds the {}-byte limit", kind.max_len()),
+            format!(
+                "{kind} of {len} bytes exceeds the {}-byte limit",
+                kind.max_len()
+            ),
         ));
     }
     let mut buf = vec![0u8; len];
@@ -29,7 +32,8 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, kind: Kind) -> io::
 }
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(bytes.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+    let len = u32::try_from(bytes.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
     io.write_all(&len.to_be_bytes()).await?;
     io.write_all(bytes).await?;
     io.close().await
@@ -45,11 +49,19 @@ impl libp2p::request_response::Codec for BlobCodec {
     type Request = BlobRequest;
     type Response = BlobResponse;
 
-    async fn read_request<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<BlobRequest> {
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<BlobRequest> {
         BlobRequest::decode(&read_frame(io, Kind::BlobRequest).await?).map_err(invalid)
     }
 
-    async fn read_response<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<BlobResponse> {
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<BlobResponse> {
         BlobResponse::decode(&read_frame(io, Kind::BlobResponse).await?).map_err(invalid)
     }
 

@@ -94,7 +94,11 @@ pub enum NetEvent {
         id: MessageId,
     },
     /// A peer asks for a blob: answer with [`NetClient::respond`].
-    BlobWanted { peer: PeerId, digest: Digest, reply: ReplyId },
+    BlobWanted {
+        peer: PeerId,
+        digest: Digest,
+        reply: ReplyId,
+    },
     PeerConnected(PeerId),
     PeerDisconnected(PeerId),
 }
@@ -167,7 +171,14 @@ impl NetClient {
     /// Tells gossipsub whether to forward (Accept), drop (Ignore) or drop and penalise the
     /// sender (Reject).
     pub async fn validate(&self, id: MessageId, source: PeerId, acceptance: MessageAcceptance) {
-        let _ = self.tx.send(Command::Validate { id, source, acceptance }).await;
+        let _ = self
+            .tx
+            .send(Command::Validate {
+                id,
+                source,
+                acceptance,
+            })
+            .await;
     }
 
     /// Asks `peer` for the blob `digest`. The bytes are NOT checked here; the caller
@@ -175,7 +186,11 @@ impl NetClient {
     pub async fn fetch(&self, peer: PeerId, digest: Digest) -> Result<Vec<u8>, FetchError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Fetch { peer, digest, reply })
+            .send(Command::Fetch {
+                peer,
+                digest,
+                reply,
+            })
             .await
             .map_err(|_| FetchError::Stopped)?;
         rx.await.map_err(|_| FetchError::Stopped)?
@@ -231,14 +246,23 @@ pub enum StartError {
 pub fn spawn(
     cfg: NetConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(NetClient, mpsc::Receiver<NetEvent>, tokio::task::JoinHandle<()>), StartError> {
+) -> Result<
+    (
+        NetClient,
+        mpsc::Receiver<NetEvent>,
+        tokio::task::JoinHandle<()>,
+    ),
+    StartError,
+> {
     let peer_id = cfg.keypair.public().to_peer_id();
     let mut swarm = build_swarm(&cfg)?;
     for addr in &cfg.listen {
-        swarm.listen_on(addr.clone()).map_err(|e| StartError::Listen {
-            addr: addr.clone(),
-            reason: e.to_string(),
-        })?;
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| StartError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
     }
     for topic in [Topic::Announce, Topic::Status] {
         swarm
@@ -269,7 +293,14 @@ pub fn spawn(
         bootstrap: cfg.bootstrap.clone(),
     };
     let handle = tokio::spawn(node.run(cmd_rx, shutdown));
-    Ok((NetClient { tx: cmd_tx, peer_id }, ev_rx, handle))
+    Ok((
+        NetClient {
+            tx: cmd_tx,
+            peer_id,
+        },
+        ev_rx,
+        handle,
+    ))
 }
 
 /// The peer id at the end of a `/…/p2p/<id>` address.
@@ -286,7 +317,11 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
     let timeout = cfg.request_timeout;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .map_err(|e| StartError::Transport(e.to_string()))?
         .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();
@@ -296,16 +331,30 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
                 .max_transmit_size(MAX_GOSSIP_BYTES)
                 .heartbeat_interval(Duration::from_millis(500))
                 // Identical bytes relayed by different peers are one message.
-                .message_id_fn(|m: &gossipsub::Message| MessageId::from(Digest::of(&m.data).0.to_vec()))
+                .message_id_fn(|m: &gossipsub::Message| {
+                    MessageId::from(Digest::of(&m.data).0.to_vec())
+                })
                 .build()
                 .map_err(|e| e.to_string())?;
-            let gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_cfg)?;
-            let mut kad_cfg = kad::Config::new(libp2p::StreamProtocol::try_from_owned(format!("/unifleet/{fleet}/kad/1"))?);
+            let gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossip_cfg,
+            )?;
+            let mut kad_cfg = kad::Config::new(libp2p::StreamProtocol::try_from_owned(format!(
+                "/unifleet/{fleet}/kad/1"
+            ))?);
             kad_cfg.set_query_timeout(Duration::from_secs(30));
-            let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
+            let mut kad = kad::Behaviour::with_config(
+                peer_id,
+                kad::store::MemoryStore::new(peer_id),
+                kad_cfg,
+            );
             kad.set_mode(Some(kad::Mode::Server));
             let mdns = if mdns_on {
-                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config::default(),
+                    peer_id,
+                )?)
             } else {
                 None
             };
@@ -316,7 +365,10 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
                     .with_max_concurrent_streams(64),
             );
             Ok(Behaviour {
-                identify: identify::Behaviour::new(identify::Config::new(format!("/unifleet/{fleet}/1"), key.public())),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    format!("/unifleet/{fleet}/1"),
+                    key.public(),
+                )),
                 kad,
                 mdns: mdns.into(),
                 gossipsub,
@@ -333,7 +385,10 @@ struct Node {
     swarm: Swarm<Behaviour>,
     fleet: String,
     events: mpsc::Sender<NetEvent>,
-    pending_fetch: HashMap<request_response::OutboundRequestId, (PeerId, oneshot::Sender<Result<Vec<u8>, FetchError>>)>,
+    pending_fetch: HashMap<
+        request_response::OutboundRequestId,
+        (PeerId, oneshot::Sender<Result<Vec<u8>, FetchError>>),
+    >,
     pending_reply: HashMap<ReplyId, (PeerId, request_response::ResponseChannel<BlobResponse>)>,
     inbound_per_peer: HashMap<PeerId, usize>,
     next_reply: u64,
@@ -393,25 +448,44 @@ impl Node {
                 };
                 let _ = reply.send(res);
             }
-            Command::Validate { id, source, acceptance } => {
+            Command::Validate {
+                id,
+                source,
+                acceptance,
+            } => {
                 self.swarm
                     .behaviour_mut()
                     .gossipsub
                     .report_message_validation_result(&id, &source, acceptance);
             }
-            Command::Fetch { peer, digest, reply } => {
-                let id = self.swarm.behaviour_mut().blob.send_request(&peer, BlobRequest { digest });
+            Command::Fetch {
+                peer,
+                digest,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .blob
+                    .send_request(&peer, BlobRequest { digest });
                 self.pending_fetch.insert(id, (peer, reply));
             }
             Command::Respond { reply, response } => {
                 if let Some((peer, channel)) = self.pending_reply.remove(&reply) {
                     self.release_inbound(&peer);
-                    let _ = self.swarm.behaviour_mut().blob.send_response(channel, response);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .blob
+                        .send_response(channel, response);
                 }
             }
             Command::Dial(addr) => {
                 if let Some(peer) = peer_of(&addr) {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                 }
                 if let Err(e) = self.swarm.dial(addr.clone()) {
                     tracing::debug!(%addr, "dial: {e}");
@@ -443,27 +517,42 @@ impl Node {
 
     async fn swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
-            SwarmEvent::NewListenAddr { address, .. } => self.emit(NetEvent::Listening(address)).await,
-            SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } if num_established.get() == 1 => {
-                self.emit(NetEvent::PeerConnected(peer_id)).await
+            SwarmEvent::NewListenAddr { address, .. } => {
+                self.emit(NetEvent::Listening(address)).await
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                self.emit(NetEvent::PeerDisconnected(peer_id)).await
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                ..
+            } if num_established.get() == 1 => self.emit(NetEvent::PeerConnected(peer_id)).await,
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => self.emit(NetEvent::PeerDisconnected(peer_id)).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
                 // Learn where a peer listens so the DHT can introduce it to others.
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer, ..
+            })) => {
                 if !self.swarm.is_connected(&peer) {
                     let _ = self.swarm.dial(peer);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 for (peer, addr) in list {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                     if !self.swarm.is_connected(&peer) {
                         let _ = self.swarm.dial(addr);
                     }
@@ -474,16 +563,23 @@ impl Node {
                 message_id,
                 message,
             })) => {
-                let topic = if message.topic == gossipsub::IdentTopic::new(Topic::Announce.name(&self.fleet)).hash() {
+                let topic = if message.topic
+                    == gossipsub::IdentTopic::new(Topic::Announce.name(&self.fleet)).hash()
+                {
                     Topic::Announce
-                } else if message.topic == gossipsub::IdentTopic::new(Topic::Status.name(&self.fleet)).hash() {
+                } else if message.topic
+                    == gossipsub::IdentTopic::new(Topic::Status.name(&self.fleet)).hash()
+                {
                     Topic::Status
                 } else {
-                    self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
-                        &message_id,
-                        &propagation_source,
-                        MessageAcceptance::Reject,
-                    );
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            MessageAcceptance::Reject,
+                        );
                     return;
                 };
                 self.emit(NetEvent::Gossip {
@@ -502,20 +598,44 @@ impl Node {
     async fn blob_event(&mut self, ev: request_response::Event<BlobRequest, BlobResponse>) {
         use request_response::{Event, Message};
         match ev {
-            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
                 let n = self.inbound_per_peer.entry(peer).or_default();
                 if *n >= self.max_inbound_per_peer {
                     tracing::debug!(%peer, "too many requests in flight; answering Busy");
-                    let _ = self.swarm.behaviour_mut().blob.send_response(channel, BlobResponse::Busy);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .blob
+                        .send_response(channel, BlobResponse::Busy);
                     return;
                 }
                 *n += 1;
                 self.next_reply += 1;
                 let reply = ReplyId(self.next_reply);
                 self.pending_reply.insert(reply, (peer, channel));
-                self.emit(NetEvent::BlobWanted { peer, digest: request.digest, reply }).await;
+                self.emit(NetEvent::BlobWanted {
+                    peer,
+                    digest: request.digest,
+                    reply,
+                })
+                .await;
             }
-            Event::Message { peer, message: Message::Response { request_id, response }, .. } => {
+            Event::Message {
+                peer,
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
                 if let Some((_, reply)) = self.pending_fetch.remove(&request_id) {
                     let res = match response {
                         BlobResponse::Found(bytes) => Ok(bytes),
@@ -525,14 +645,23 @@ impl Node {
                     let _ = reply.send(res);
                 }
             }
-            Event::OutboundFailure { peer, request_id, error, .. } => {
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
                 if let Some((_, reply)) = self.pending_fetch.remove(&request_id) {
-                    let _ = reply.send(Err(FetchError::Failed { peer, reason: error.to_string() }));
+                    let _ = reply.send(Err(FetchError::Failed {
+                        peer,
+                        reason: error.to_string(),
+                    }));
                 }
             }
             Event::InboundFailure { peer, .. } => {
                 // The response channel is gone with the failed stream; drop our entry.
-                self.pending_reply.retain(|_, (p, ch)| !(p == &peer && !ch.is_open()));
+                self.pending_reply
+                    .retain(|_, (p, ch)| !(p == &peer && !ch.is_open()));
                 self.release_inbound(&peer);
             }
             Event::ResponseSent { .. } => {}

@@ -1,0 +1,132 @@
+//! `git push` deploys: the hub's bare deploy repository runs the publish pipeline from a
+//! post-receive hook, so `git push unifleet main` publishes (Heroku style).
+//!
+//! The pushed commit must contain `unifleet.toml`:
+//! ```toml
+//! app = "hello"
+//! version = "1.2.0"
+//! image = "build/hello.elf"   # path inside the repository
+//! channel = "stable"          # optional
+//! memory_mib = 32             # optional boot spec fields
+//! vcpus = 1
+//! cmdline = ""
+//! probe = "banner"
+//! probe_timeout_secs = 10
+//! no_staging = false
+//! ```
+
+use crate::home::Home;
+use crate::publish::{publish, PublishArgs};
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use std::io::BufRead;
+use std::path::Path;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployFile {
+    app: String,
+    version: semver::Version,
+    image: String,
+    #[serde(default = "stable")]
+    channel: String,
+    #[serde(default = "mem")]
+    memory_mib: u32,
+    #[serde(default = "one")]
+    vcpus: u32,
+    #[serde(default)]
+    cmdline: String,
+    #[serde(default = "banner")]
+    probe: String,
+    #[serde(default = "ten")]
+    probe_timeout_secs: u64,
+    #[serde(default)]
+    no_staging: bool,
+}
+
+fn stable() -> String {
+    "stable".into()
+}
+fn mem() -> u32 {
+    32
+}
+fn one() -> u32 {
+    1
+}
+fn banner() -> String {
+    "banner".into()
+}
+fn ten() -> u64 {
+    10
+}
+
+/// Creates `DIR/deploy.git` with a post-receive hook that calls this hub binary.
+pub fn create(dir: &Path) -> Result<()> {
+    let path = dir.join("deploy.git");
+    git2::Repository::init_bare(&path).with_context(|| format!("creating {}", path.display()))?;
+    let exe = std::env::current_exe().context("locating the hub binary")?;
+    let home = std::fs::canonicalize(dir)?;
+    let hook = format!(
+        "#!/bin/sh\n# unifleet: publish what was pushed\nexec '{}' deploy-hook --dir '{}'\n",
+        exe.display(),
+        home.display()
+    );
+    let hook_path = path.join("hooks/post-receive");
+    std::fs::write(&hook_path, hook)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook_path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// The post-receive hook: reads `old new ref` lines from stdin, publishes each pushed
+/// commit. Output goes back to the pusher as `remote:` lines.
+pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) -> Result<()> {
+    let repo = git2::Repository::open_bare(home.dir.join("deploy.git"))?;
+    for line in input.lines() {
+        let line = line?;
+        let mut parts = line.split_whitespace();
+        let (Some(_old), Some(new), Some(refname)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if new.chars().all(|c| c == '0') {
+            continue; // branch deleted
+        }
+        progress(&format!(
+            "unifleet: deploying {refname} at {}",
+            &new[..new.len().min(12)]
+        ));
+        let commit = repo.find_commit(git2::Oid::from_str(new)?)?;
+        let tree = commit.tree()?;
+        let read = |p: &str| -> Result<Vec<u8>> {
+            let e = tree
+                .get_path(Path::new(p))
+                .with_context(|| format!("{p} is not in the pushed commit"))?;
+            Ok(repo.find_blob(e.id())?.content().to_vec())
+        };
+        let spec: DeployFile = toml::from_str(&String::from_utf8_lossy(&read("unifleet.toml")?))
+            .context("parsing unifleet.toml")?;
+        let tmp = std::env::temp_dir().join(format!("unifleet-deploy-{}", std::process::id()));
+        std::fs::write(&tmp, read(&spec.image)?)?;
+        let args = PublishArgs {
+            app: spec.app,
+            version: spec.version,
+            channel: spec.channel,
+            memory_mib: spec.memory_mib,
+            vcpus: spec.vcpus,
+            cmdline: spec.cmdline,
+            probe: spec.probe,
+            probe_timeout_secs: spec.probe_timeout_secs,
+            no_staging: spec.no_staging,
+        };
+        let result = publish(home, &tmp, &args, progress);
+        let _ = std::fs::remove_file(&tmp);
+        let info = result?;
+        crate::control::notify(home, progress);
+        progress(&format!(
+            "unifleet: released {} release {} on {}",
+            info.app, info.release, info.channel
+        ));
+    }
+    Ok(())
+}

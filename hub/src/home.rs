@@ -1,0 +1,139 @@
+//! The hub's home directory: `hub.toml`, keys, trust root, the git store and the deploy
+//! repository.
+
+use crate::store::Store;
+use anyhow::{Context, Result};
+use proto::root::TrustedRoot;
+use proto::SecretKey;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    pub fleet: String,
+    /// Embedded MQTT broker listen address (used unless `broker` is set).
+    #[serde(default = "default_mqtt")]
+    pub mqtt_listen: String,
+    /// External broker `mqtt://host:port` instead of the embedded one.
+    #[serde(default)]
+    pub broker: Option<String>,
+    #[serde(default = "default_p2p")]
+    pub p2p_listen: String,
+    /// Prometheus metrics address; absent: off.
+    #[serde(default)]
+    pub metrics: Option<String>,
+    #[serde(default = "default_expiry")]
+    pub release_expiry_days: u64,
+}
+
+fn default_mqtt() -> String {
+    "127.0.0.1:1883".into()
+}
+fn default_p2p() -> String {
+    "/ip4/127.0.0.1/tcp/4001".into()
+}
+fn default_expiry() -> u64 {
+    90
+}
+
+#[derive(Debug, Clone)]
+pub struct Home {
+    pub dir: PathBuf,
+    pub config: HubConfig,
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn write_secret(path: &Path, key: &SecretKey) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(key.to_text().as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+pub fn new_key() -> Result<SecretKey> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("reading OS randomness: {e}"))?;
+    Ok(SecretKey::from_seed(seed))
+}
+
+impl Home {
+    pub fn open(dir: &Path) -> Result<Home> {
+        let path = dir.join("hub.toml");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (create a hub with `hub init {}`)",
+                path.display(),
+                dir.display()
+            )
+        })?;
+        let config: HubConfig =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(Home {
+            dir: dir.to_path_buf(),
+            config,
+        })
+    }
+
+    pub fn store(&self) -> Result<Store> {
+        Store::open(&self.dir.join("store.git"))
+    }
+
+    pub fn release_key(&self) -> Result<SecretKey> {
+        read_secret(&self.dir.join("keys/release.key"))
+    }
+
+    pub fn p2p_seed(&self) -> Result<[u8; 32]> {
+        let key = read_secret(&self.dir.join("keys/p2p.key"))?;
+        let text = key.to_text();
+        let mut seed = [0u8; 32];
+        hex::decode_to_slice(
+            text.split_whitespace().nth(1).unwrap_or_default(),
+            &mut seed,
+        )?;
+        Ok(seed)
+    }
+
+    pub fn root_bytes(&self) -> Result<Vec<u8>> {
+        let p = self.dir.join("root.bin");
+        std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
+    }
+
+    pub fn trusted_root(&self) -> Result<TrustedRoot> {
+        TrustedRoot::bootstrap(&self.root_bytes()?, now()).context("the hub's trust root")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("hub.sock")
+    }
+
+    pub fn inventory_path(&self) -> PathBuf {
+        self.dir.join("inventory.json")
+    }
+}
+
+pub fn read_secret(path: &Path) -> Result<SecretKey> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("reading key {}", path.display()))?;
+    anyhow::ensure!(
+        meta.permissions().mode() & 0o077 == 0,
+        "key {} is readable by others; chmod 600 it",
+        path.display()
+    );
+    SecretKey::from_text(&std::fs::read_to_string(path)?)
+        .with_context(|| format!("reading key {}", path.display()))
+}

@@ -1,0 +1,98 @@
+//! `hub init DIR`: a new hub home.
+
+use crate::home::{new_key, now, write_secret, HubConfig};
+use crate::store::{Change, Event, Store};
+use anyhow::{bail, Context, Result};
+use proto::root::{Role, Root, TrustedRoot};
+use std::path::Path;
+
+#[derive(Debug)]
+pub struct InitArgs<'a> {
+    pub fleet: &'a str,
+    /// A root made offline with `fwtool root init`; absent: quick-start 1-of-1 root.
+    pub root: Option<&'a Path>,
+    /// The release key matching `root`'s release role.
+    pub release_key: Option<&'a Path>,
+    pub mqtt_listen: &'a str,
+    pub p2p_listen: &'a str,
+}
+
+/// Creates the hub home; returns a warning to show when the quick-start root was made.
+pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
+    if dir.join("hub.toml").exists() {
+        bail!("{} is already a hub home", dir.display());
+    }
+    proto::names::check("fleet", args.fleet).map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(dir.join("keys"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let mut warning = None;
+    let (root_bytes, fleet) = match (args.root, args.release_key) {
+        (Some(root), Some(key)) => {
+            let bytes =
+                std::fs::read(root).with_context(|| format!("reading {}", root.display()))?;
+            let trusted = TrustedRoot::bootstrap(&bytes, now())
+                .with_context(|| format!("trust root {}", root.display()))?;
+            let release = crate::home::read_secret(key)?;
+            if trusted.root().release.key(&release.id()).is_none() {
+                bail!("{} is not one of the root's release keys", key.display());
+            }
+            std::fs::copy(key, dir.join("keys/release.key"))?;
+            (bytes, trusted.fleet().to_string())
+        }
+        (None, None) => {
+            let root_key = new_key()?;
+            let release = new_key()?;
+            write_secret(&dir.join("keys/root.key"), &root_key)?;
+            write_secret(&dir.join("keys/release.key"), &release)?;
+            let root = Root {
+                fleet: args.fleet.into(),
+                version: 1,
+                expires_at: now() + 365 * 24 * 3600,
+                root: Role {
+                    keys: vec![root_key.public()],
+                    threshold: 1,
+                },
+                release: Role {
+                    keys: vec![release.public()],
+                    threshold: 1,
+                },
+            };
+            let mut env = root.seal()?;
+            env.sign(&root_key)?;
+            warning = Some(format!(
+                "quick start: generated a 1-of-1 trust root whose root key is stored on the hub \
+                 ({}). For production, create the root offline with `fwtool root init` (k-of-n \
+                 root keys kept off this machine) and pass --root and --release-key.",
+                dir.join("keys/root.key").display()
+            ));
+            (env.encode()?, args.fleet.to_string())
+        }
+        _ => bail!("--root and --release-key go together"),
+    };
+    write_secret(&dir.join("keys/p2p.key"), &new_key()?)?;
+    std::fs::write(dir.join("root.bin"), &root_bytes)?;
+    let config = HubConfig {
+        fleet: fleet.clone(),
+        mqtt_listen: args.mqtt_listen.into(),
+        broker: None,
+        p2p_listen: args.p2p_listen.into(),
+        metrics: None,
+        release_expiry_days: 90,
+    };
+    let store = Store::init(&dir.join("store.git"))?;
+    let mut change = Change::default();
+    change.put("root.bin", root_bytes);
+    change.event(Event {
+        at: now(),
+        kind: "init".into(),
+        app: None,
+        channel: None,
+        release: None,
+        device: None,
+        detail: format!("hub for fleet {fleet} created"),
+    });
+    store.commit("hub init", &change, None)?;
+    crate::deploy::create(dir)?;
+    std::fs::write(dir.join("hub.toml"), toml::to_string_pretty(&config)?)?;
+    Ok(warning)
+}

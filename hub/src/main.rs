@@ -1,0 +1,301 @@
+//! `hub`: the unifleet hub's command line.
+#![allow(clippy::print_stdout)]
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use hub::home::{now, Home};
+use hub::store::{Change, Event};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hub",
+    version,
+    about = "unifleet hub: publish, sign, store and announce unikernel releases"
+)]
+struct Cli {
+    /// The hub's home directory.
+    #[arg(long, global = true, default_value = ".", env = "UNIFLEET_HUB")]
+    dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a hub home in --dir: hub.toml, keys, trust root, git store, deploy repository.
+    Init {
+        #[arg(long, default_value = "home")]
+        fleet: String,
+        /// A trust root made offline with `fwtool root init` (production).
+        #[arg(long, requires = "release_key")]
+        root: Option<PathBuf>,
+        /// The release key for --root.
+        #[arg(long, requires = "root")]
+        release_key: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        mqtt_listen: String,
+        #[arg(long, default_value = "/ip4/127.0.0.1/tcp/4001")]
+        p2p_listen: String,
+    },
+    /// Run the hub: embedded MQTT broker (or --broker), libp2p, announcements, inventory.
+    Serve {
+        /// Use this external broker (`mqtt://host:port`) instead of the embedded one.
+        #[arg(long)]
+        broker: Option<String>,
+        /// Serve Prometheus metrics on this address.
+        #[arg(long)]
+        metrics: Option<String>,
+    },
+    /// Publish an image: inspect, stage, chunk, sign, store in git, announce.
+    Publish {
+        image: PathBuf,
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        version: semver::Version,
+        #[arg(long, default_value = "stable")]
+        channel: String,
+        #[arg(long, default_value_t = 32)]
+        memory_mib: u32,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// `banner` (`READY <app> <version>` on the console), `banner:TEXT` or `tcp:PORT`.
+        #[arg(long, default_value = "banner")]
+        probe: String,
+        #[arg(long, default_value_t = 10)]
+        probe_timeout_secs: u64,
+        /// Publish without the staging gate (recorded in the release and the event log).
+        #[arg(long)]
+        no_staging: bool,
+    },
+    /// Register a device's public key (from `device enroll`).
+    Enroll {
+        pubkey: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// List releases of an app (or all).
+    Releases {
+        app: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List devices as last reported.
+    Devices {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the event log.
+    Log {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Internal: the deploy repository's post-receive hook.
+    #[command(hide = true)]
+    DeployHook,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hub: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,libp2p=warn,rumqttd=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let dir = cli.dir;
+    match cli.command {
+        Command::Init {
+            fleet,
+            root,
+            release_key,
+            mqtt_listen,
+            p2p_listen,
+        } => {
+            let warning = hub::init::init(
+                &dir,
+                &hub::init::InitArgs {
+                    fleet: &fleet,
+                    root: root.as_deref(),
+                    release_key: release_key.as_deref(),
+                    mqtt_listen: &mqtt_listen,
+                    p2p_listen: &p2p_listen,
+                },
+            )?;
+            if let Some(w) = warning {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "hub home created in {}; give devices {}",
+                dir.display(),
+                dir.join("root.bin").display()
+            );
+        }
+        Command::Serve { broker, metrics } => {
+            init_tracing();
+            let mut home = Home::open(&dir)?;
+            if broker.is_some() {
+                home.config.broker = broker;
+            }
+            if metrics.is_some() {
+                home.config.metrics = metrics;
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(hub::serve::serve(home, async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("signal handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }))?;
+        }
+        Command::Publish {
+            image,
+            app,
+            version,
+            channel,
+            memory_mib,
+            vcpus,
+            cmdline,
+            probe,
+            probe_timeout_secs,
+            no_staging,
+        } => {
+            let home = Home::open(&dir)?;
+            let args = hub::publish::PublishArgs {
+                app,
+                version,
+                channel,
+                memory_mib,
+                vcpus,
+                cmdline,
+                probe,
+                probe_timeout_secs,
+                no_staging,
+            };
+            let mut progress = |line: &str| eprintln!("{line}");
+            let info = hub::publish::publish(&home, &image, &args, &mut progress)?;
+            hub::control::notify(&home, &mut progress);
+            println!(
+                "released {} release {} on {} (manifest {})",
+                info.app, info.release, info.channel, info.manifest
+            );
+        }
+        Command::Enroll { pubkey, name } => {
+            let home = Home::open(&dir)?;
+            proto::names::check("device", &name).map_err(anyhow::Error::msg)?;
+            let text = std::fs::read_to_string(&pubkey)
+                .with_context(|| format!("reading {}", pubkey.display()))?;
+            let key = proto::PublicKey::from_text(&text)
+                .with_context(|| format!("reading {}", pubkey.display()))?;
+            let store = home.store()?;
+            let mut change = Change::default();
+            change.put(format!("devices/{name}.pub"), key.to_text().into_bytes());
+            change.event(Event {
+                at: now(),
+                kind: "enroll".into(),
+                app: None,
+                channel: None,
+                release: None,
+                device: Some(name.clone()),
+                detail: format!("key {}", key.id().short()),
+            });
+            store.commit(&format!("enroll {name}"), &change, None)?;
+            hub::control::reload_devices(&home);
+            println!("enrolled {name} (key {})", key.id().short());
+        }
+        Command::Releases { app, json } => {
+            let home = Home::open(&dir)?;
+            let list: Vec<_> = home
+                .store()?
+                .releases()?
+                .into_iter()
+                .filter(|r| app.as_ref().is_none_or(|a| a == &r.app))
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for r in list {
+                    println!(
+                        "{} {} release {} manifest {}",
+                        r.app, r.channel, r.release, r.manifest
+                    );
+                }
+            }
+        }
+        Command::Devices { json } => {
+            let home = Home::open(&dir)?;
+            let inv = hub::serve::load_inventory(&home);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&inv)?);
+            } else {
+                for e in inv.values() {
+                    println!(
+                        "{} {} release {} {} {} (peers {} B, hub {} B, seen {})",
+                        e.device,
+                        e.app,
+                        e.release.map_or("-".into(), |r| r.to_string()),
+                        e.state,
+                        e.detail,
+                        e.bytes_from_peers,
+                        e.bytes_from_hub,
+                        e.last_seen
+                    );
+                }
+            }
+        }
+        Command::Log { json } => {
+            let home = Home::open(&dir)?;
+            for e in home.store()?.events()? {
+                if json {
+                    println!("{}", serde_json::to_string(&e)?);
+                } else {
+                    println!(
+                        "{} {} {} {}",
+                        e.at,
+                        e.kind,
+                        [
+                            e.app.clone(),
+                            e.channel.clone(),
+                            e.release.map(|r| format!("r{r}")),
+                            e.device.clone()
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                        e.detail
+                    );
+                }
+            }
+        }
+        Command::DeployHook => {
+            let home = Home::open(&dir)?;
+            let stdin = std::io::stdin();
+            hub::deploy::hook(&home, stdin.lock(), &mut |line| println!("{line}"))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,503 @@
+//! `hub serve`: the long-running hub.
+//!
+//! One task owns each resource: the libp2p node (in `net`), the MQTT event loop, the git
+//! store (behind a mutex, used only on blocking threads), the inventory. The main loop
+//! routes events; announcing runs on start, on request from the control socket, and
+//! every few seconds so a broker that was down learns the releases when it returns.
+
+use crate::control;
+use crate::home::{now, Home};
+use crate::store::{release_path, Change, Event, Store};
+use anyhow::{Context, Result};
+use net::{MessageAcceptance, NetClient, NetEvent, Topic};
+use proto::blob::BlobResponse;
+use proto::keys::{KeyId, PublicKey};
+use proto::manifest::{Expectations, Platform};
+use proto::status::{verify_status, StatusReport};
+use proto::VerifyError;
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+const REANNOUNCE: Duration = Duration::from_secs(5);
+const EVENT_FLUSH: Duration = Duration::from_secs(2);
+
+/// One device as the hub last saw it. Survives restarts (`inventory.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceEntry {
+    pub device: String,
+    pub app: String,
+    pub channel: String,
+    pub release: Option<u64>,
+    pub version: Option<String>,
+    pub state: String,
+    pub detail: String,
+    pub last_seen: u64,
+    pub seq: u64,
+    pub bytes_from_peers: u64,
+    pub bytes_from_hub: u64,
+}
+
+pub type Inventory = BTreeMap<String, DeviceEntry>;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub announcements: AtomicU64,
+    pub blob_bytes_served: AtomicU64,
+    pub blobs_served: AtomicU64,
+    pub status_accepted: AtomicU64,
+    pub status_dropped: AtomicU64,
+    pub gossip_rejected: AtomicU64,
+}
+
+pub fn load_inventory(home: &Home) -> Inventory {
+    std::fs::read(home.inventory_path())
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn save_inventory(home: &Home, inv: &Inventory) -> Result<()> {
+    let path = home.inventory_path();
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec_pretty(inv)?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+/// Enrolled device keys: key id -> (device name, key).
+fn load_devices(store: &Store) -> Result<HashMap<KeyId, (String, PublicKey)>> {
+    let mut out = HashMap::new();
+    for file in store.list("devices")? {
+        let Some(name) = file.strip_suffix(".pub") else {
+            continue;
+        };
+        let bytes = store.read(&format!("devices/{file}"))?.unwrap_or_default();
+        match PublicKey::from_text(&String::from_utf8_lossy(&bytes)) {
+            Ok(k) => {
+                out.insert(k.id(), (name.to_string(), k));
+            }
+            Err(e) => tracing::warn!(device = name, "enrolled key unreadable: {e}"),
+        }
+    }
+    Ok(out)
+}
+
+struct Hub {
+    home: Home,
+    store: Arc<Mutex<Store>>,
+    net: NetClient,
+    mqtt: AsyncClient,
+    devices: HashMap<KeyId, (String, PublicKey)>,
+    inventory: Inventory,
+    pending_events: Change,
+    metrics: Arc<Metrics>,
+    root: proto::root::TrustedRoot,
+}
+
+/// Runs the hub until `shutdown` resolves. Prints its libp2p address on stdout.
+pub async fn serve(
+    home: Home,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let store = Arc::new(Mutex::new(home.store()?));
+    let root = home.trusted_root()?;
+    let broker_url = match &home.config.broker {
+        Some(url) => url.clone(),
+        None => {
+            crate::broker::start(&home.config.mqtt_listen)?;
+            format!("mqtt://{}", home.config.mqtt_listen)
+        }
+    };
+    let (host, port) = parse_mqtt(&broker_url)?;
+    let mut opts = MqttOptions::new(format!("unifleet-hub-{}", home.config.fleet), host, port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    opts.set_max_packet_size(16 * 1024, 16 * 1024);
+    let (mqtt, mut eventloop) = AsyncClient::new(opts, 1024);
+    let (mqtt_tx, mut mqtt_rx) = mpsc::channel::<(String, Vec<u8>)>(256);
+    let status_filter = format!("unifleet/{}/status/+", home.config.fleet);
+    let sub = mqtt.clone();
+    let mqtt_task = tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match eventloop.poll().await {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_millis(200);
+                    tracing::info!("connected to MQTT broker");
+                    let _ = sub.try_subscribe(status_filter.clone(), QoS::AtLeastOnce);
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    let _ = mqtt_tx.try_send((p.topic.clone(), p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("MQTT broker unreachable ({e}); retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    });
+
+    let mut net_cfg =
+        net::NetConfig::new(net::keypair_from_seed(home.p2p_seed()?), &home.config.fleet);
+    net_cfg.listen = vec![home
+        .config
+        .p2p_listen
+        .parse()
+        .context("parsing p2p_listen")?];
+    net_cfg.max_inbound_per_peer = 16;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut net_stop = stop_rx.clone();
+    let (net, mut events, net_task) = net::spawn(net_cfg, async move {
+        let _ = net_stop.wait_for(|s| *s).await;
+    })?;
+
+    let devices = {
+        let s = store.lock().expect("store lock");
+        load_devices(&s)?
+    };
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = &home.config.metrics {
+        crate::metrics::start(addr, metrics.clone(), home.clone()).await?;
+    }
+    let mut hub = Hub {
+        inventory: load_inventory(&home),
+        home: home.clone(),
+        store,
+        net,
+        mqtt,
+        devices,
+        pending_events: Change::default(),
+        metrics,
+        root,
+    };
+
+    let _ = std::fs::remove_file(home.socket());
+    let control = tokio::net::UnixListener::bind(home.socket())
+        .with_context(|| format!("binding {}", home.socket().display()))?;
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<(String, tokio::sync::oneshot::Sender<String>)>(16);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = control.accept().await {
+            let tx = ctl_tx.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut line = String::new();
+                let mut reader = tokio::io::BufReader::new(r);
+                if tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+                if tx.send((line.trim().to_string(), reply_tx)).await.is_ok() {
+                    if let Ok(reply) = reply_rx.await {
+                        let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+                    }
+                }
+            });
+        }
+    });
+
+    let mut reannounce = tokio::time::interval(REANNOUNCE);
+    let mut flush = tokio::time::interval(EVENT_FLUSH);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = reannounce.tick() => { hub.announce_all().await; }
+            _ = flush.tick() => hub.flush_events().await,
+            Some((cmd, reply)) = ctl_rx.recv() => {
+                let answer = match cmd.as_str() {
+                    control::ANNOUNCE => { let n = hub.announce_all().await; format!("announced {n} release(s)") }
+                    control::RELOAD_DEVICES => { hub.reload_devices().await; format!("{} device(s) enrolled", hub.devices.len()) }
+                    other => format!("unknown command {other:?}"),
+                };
+                let _ = reply.send(answer);
+            }
+            Some((topic, bytes)) = mqtt_rx.recv() => {
+                tracing::debug!(%topic, "status over MQTT");
+                hub.status(&bytes).await;
+            }
+            ev = events.recv() => match ev {
+                Some(ev) => hub.net_event(ev).await,
+                None => break,
+            },
+        }
+    }
+    hub.flush_events().await;
+    let _ = stop_tx.send(true);
+    let _ = net_task.await;
+    mqtt_task.abort();
+    let _ = std::fs::remove_file(home.socket());
+    Ok(())
+}
+
+fn parse_mqtt(url: &str) -> Result<(String, u16)> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .ok_or_else(|| anyhow::anyhow!("broker URL {url:?} must start with mqtt://"))?;
+    let (h, p) = rest.rsplit_once(':').unwrap_or((rest, "1883"));
+    Ok((h.to_string(), p.parse().context("broker port")?))
+}
+
+impl Hub {
+    /// Announces the newest release of every (app, channel) on MQTT (retained) and gossip.
+    async fn announce_all(&mut self) -> usize {
+        let store = self.store.clone();
+        let latest =
+            tokio::task::spawn_blocking(move || -> Result<Vec<(String, String, u64, Vec<u8>)>> {
+                let s = store.lock().expect("store lock");
+                let mut newest: BTreeMap<(String, String), u64> = BTreeMap::new();
+                for r in s.releases()? {
+                    let e = newest.entry((r.app, r.channel)).or_default();
+                    *e = (*e).max(r.release);
+                }
+                let mut out = vec![];
+                for ((app, channel), release) in newest {
+                    if let Some(bytes) =
+                        s.read(&release_path(&app, &channel, release, "announcement"))?
+                    {
+                        out.push((app, channel, release, bytes));
+                    }
+                }
+                Ok(out)
+            })
+            .await;
+        let latest = match latest {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                tracing::error!("reading releases: {e:#}");
+                return 0;
+            }
+            Err(e) => {
+                tracing::error!("reading releases: {e}");
+                return 0;
+            }
+        };
+        for (app, channel, release, bytes) in &latest {
+            let topic = format!(
+                "unifleet/{}/release/{channel}/{app}",
+                self.home.config.fleet
+            );
+            if let Err(e) = self
+                .mqtt
+                .try_publish(topic, QoS::AtLeastOnce, true, bytes.clone())
+            {
+                tracing::debug!(%app, release, "MQTT announcement not queued ({e}); will retry");
+            }
+            let _ = self.net.publish(Topic::Announce, bytes.clone()).await;
+            self.metrics.announcements.fetch_add(1, Ordering::Relaxed);
+        }
+        latest.len()
+    }
+
+    async fn flush_events(&mut self) {
+        if self.pending_events.is_empty() {
+            return;
+        }
+        let change = std::mem::take(&mut self.pending_events);
+        let store = self.store.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            store
+                .lock()
+                .expect("store lock")
+                .commit("device events", &change, None)
+        })
+        .await;
+        if let Ok(Err(e)) | Err(e) = res.map_err(anyhow::Error::from) {
+            tracing::error!("committing events: {e:#}");
+        }
+    }
+
+    async fn reload_devices(&mut self) {
+        let store = self.store.clone();
+        if let Ok(Ok(d)) =
+            tokio::task::spawn_blocking(move || load_devices(&store.lock().expect("store lock")))
+                .await
+        {
+            self.devices = d;
+        }
+    }
+
+    /// A status report from MQTT or gossip: accepted only from an enrolled key, for the
+    /// device that key is enrolled as, and newer than the last one seen.
+    async fn status(&mut self, bytes: &[u8]) -> bool {
+        let devices = &self.devices;
+        let verified = verify_status(bytes, |id| devices.get(id).map(|(_, k)| *k));
+        let (key, report) = match verified {
+            Ok(v) => v,
+            Err(e) => {
+                self.metrics.status_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("dropping status report: {e}");
+                return false;
+            }
+        };
+        let Some((name, _)) = self.devices.get(&key.id()) else {
+            return false;
+        };
+        if name != &report.device {
+            self.metrics.status_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(enrolled = %name, claimed = %report.device, "dropping status report signed by another device's key");
+            return false;
+        }
+        let id = format!("{}/{}", report.device, report.app);
+        if self.inventory.get(&id).is_some_and(|e| e.seq >= report.seq) {
+            return true; // duplicate or replay of an older report
+        }
+        self.metrics.status_accepted.fetch_add(1, Ordering::Relaxed);
+        self.record(id, report);
+        true
+    }
+
+    fn record(&mut self, id: String, r: StatusReport) {
+        let detail = match &r.state {
+            proto::status::DeviceState::Downloading { percent } => format!("{percent}%"),
+            proto::status::DeviceState::RolledBack {
+                failed_release,
+                reason,
+            } => {
+                format!(
+                    "release {failed_release} failed: {reason}; console: {}",
+                    r.console_tail.trim()
+                )
+            }
+            proto::status::DeviceState::Failed { reason } => reason.clone(),
+            _ => String::new(),
+        };
+        let entry = DeviceEntry {
+            device: r.device.clone(),
+            app: r.app.clone(),
+            channel: r.channel.clone(),
+            release: r.release,
+            version: r.version.clone(),
+            state: r.state.label().into(),
+            detail: detail.clone(),
+            last_seen: now(),
+            seq: r.seq,
+            bytes_from_peers: r.bytes_from_peers,
+            bytes_from_hub: r.bytes_from_hub,
+        };
+        let changed = self
+            .inventory
+            .get(&id)
+            .is_none_or(|old| old.state != entry.state || old.release != entry.release);
+        if changed && !matches!(r.state, proto::status::DeviceState::Downloading { .. }) {
+            self.pending_events.event(Event {
+                at: now(),
+                kind: format!("device-{}", entry.state),
+                app: Some(r.app.clone()),
+                channel: Some(r.channel.clone()),
+                release: r.release,
+                device: Some(r.device.clone()),
+                detail,
+            });
+        }
+        self.inventory.insert(id, entry);
+        if let Err(e) = save_inventory(&self.home, &self.inventory) {
+            tracing::error!("saving inventory: {e:#}");
+        }
+    }
+
+    async fn net_event(&mut self, ev: NetEvent) {
+        match ev {
+            NetEvent::Listening(addr) => {
+                let full = format!("{addr}/p2p/{}", self.net.peer_id());
+                tracing::info!("listening on {full}");
+                let _ = std::fs::write(self.home.dir.join("hub.addr"), &full);
+                #[allow(clippy::print_stdout)]
+                {
+                    println!("hub peer: {full}");
+                }
+            }
+            NetEvent::Gossip {
+                topic: Topic::Announce,
+                data,
+                source,
+                id,
+            } => {
+                let expect = Expectations {
+                    app: None,
+                    channel: "stable",
+                    platform: Platform::QemuX86_64,
+                    installed_release: None,
+                    now: now(),
+                };
+                let acceptance =
+                    match proto::announcement::verify_announcement(&data, &self.root, &expect) {
+                        Ok(_)
+                        | Err(
+                            VerifyError::WrongChannel { .. } | VerifyError::WrongPlatform { .. },
+                        ) => MessageAcceptance::Accept,
+                        Err(e) => {
+                            self.metrics.gossip_rejected.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(peer = %source, "rejecting gossiped announcement: {e}");
+                            MessageAcceptance::Reject
+                        }
+                    };
+                self.net.validate(id, source, acceptance).await;
+            }
+            NetEvent::Gossip {
+                topic: Topic::Status,
+                data,
+                source,
+                id,
+            } => {
+                let ok = self.status(&data).await;
+                let acceptance = if ok {
+                    MessageAcceptance::Accept
+                } else {
+                    MessageAcceptance::Reject
+                };
+                if !ok {
+                    self.metrics.gossip_rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                self.net.validate(id, source, acceptance).await;
+            }
+            NetEvent::BlobWanted {
+                peer,
+                digest,
+                reply,
+            } => {
+                let store = self.store.clone();
+                let net = self.net.clone();
+                let metrics = self.metrics.clone();
+                tokio::spawn(async move {
+                    let blob = tokio::task::spawn_blocking(move || {
+                        store.lock().expect("store lock").blob(&digest)
+                    })
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten();
+                    let response = match blob {
+                        Some(b) => {
+                            metrics.blobs_served.fetch_add(1, Ordering::Relaxed);
+                            metrics
+                                .blob_bytes_served
+                                .fetch_add(b.len() as u64, Ordering::Relaxed);
+                            tracing::debug!(%peer, blob = %digest.short(), "serving blob");
+                            BlobResponse::Found(b)
+                        }
+                        None => BlobResponse::NotFound,
+                    };
+                    net.respond(reply, response).await;
+                });
+            }
+            NetEvent::PeerConnected(p) => tracing::debug!(peer = %p, "peer connected"),
+            NetEvent::PeerDisconnected(p) => tracing::debug!(peer = %p, "peer disconnected"),
+        }
+    }
+}
