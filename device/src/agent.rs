@@ -269,8 +269,15 @@ impl Router {
         match verify_announcement(&bytes, &self.root, &expect) {
             Ok(ann) => {
                 let key = (ann.app.clone(), ann.channel.clone());
-                let newer = self.latest.get(&key).is_none_or(|(r, _)| ann.release > *r);
-                if newer {
+                let known = self.latest.get(&key).map(|(r, _)| *r);
+                if let Some(known) = known.filter(|k| ann.release < *k) {
+                    tracing::warn!(
+                        app = %ann.app,
+                        "ignoring announcement of release {}: release {known} is already known (replay or stale)",
+                        ann.release
+                    );
+                }
+                if known.is_none_or(|k| ann.release > k) {
                     self.latest.insert(key, (ann.release, bytes.clone()));
                     if from.is_none() {
                         // From the broker: pass it on to peers that cannot reach it.
@@ -282,8 +289,9 @@ impl Router {
                 }
                 MessageAcceptance::Accept
             }
-            // Signed correctly, just not for us: still worth relaying.
-            Err(VerifyError::WrongChannel { .. } | VerifyError::WrongPlatform { .. }) => {
+            // Signed correctly, just not for us: still worth relaying, never installed.
+            Err(e @ (VerifyError::WrongChannel { .. } | VerifyError::WrongPlatform { .. })) => {
+                tracing::info!(from = ?from, "not installing announcement: {e}");
                 MessageAcceptance::Accept
             }
             Err(e) => {
@@ -335,8 +343,8 @@ impl Updater {
         if let Err(e) = self.resume().await {
             tracing::error!("resuming after start: {e:#}");
         }
-        while let Some((ann, _bytes)) = updates.recv().await {
-            if let Err(e) = self.update(&ann).await {
+        while let Some((ann, bytes)) = updates.recv().await {
+            if let Err(e) = self.update(&ann, &bytes).await {
                 tracing::error!(app = %ann.app, release = ann.release, "update failed: {e:#}");
                 self.reporter
                     .report(
@@ -410,7 +418,7 @@ impl Updater {
             .context("stored manifest no longer verifies")
     }
 
-    async fn update(&self, ann: &Announcement) -> Result<()> {
+    async fn update(&self, ann: &Announcement, bytes: &[u8]) -> Result<()> {
         let state = self.store.load_state()?;
         let app_state = state.apps.get(&ann.app).cloned().unwrap_or_default();
         if app_state.failed.contains(&ann.release) {
@@ -420,9 +428,6 @@ impl Updater {
         let installed = app_state
             .highest_seen
             .max(app_state.current.as_ref().map_or(0, |c| c.release));
-        if ann.release <= installed {
-            return Ok(());
-        }
         let expect = Expectations {
             app: Some(&ann.app),
             channel: &self.cfg.channel,
@@ -430,6 +435,16 @@ impl Updater {
             installed_release: Some(installed),
             now: now(),
         };
+        if let Err(e) = verify_announcement(bytes, &self.root, &expect) {
+            // Most often the release we already run, announced again; at worst a replay.
+            if matches!(e, VerifyError::Rollback { offered, installed, .. } if offered == installed)
+            {
+                tracing::debug!("already installed: {e}");
+            } else {
+                tracing::warn!(app = %ann.app, "refusing announcement: {e}");
+            }
+            return Ok(());
+        }
         tracing::info!(app = %ann.app, release = ann.release, version = %ann.version, "new release announced");
         // The manifest: fetched by digest, then verified like the announcement.
         let manifest_bytes = self.fetcher.manifest(&ann.manifest).await?;

@@ -209,7 +209,7 @@ fn run(config: PathBuf) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,libp2p=warn".into()),
+                .unwrap_or_else(|_| "info,libp2p=warn,libp2p_gossipsub=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();

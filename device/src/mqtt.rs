@@ -59,11 +59,12 @@ pub fn start(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
+                    tracing::debug!(topic = %p.topic, len = p.payload.len(), retain = p.retain, "MQTT message");
                     if out.try_send((p.topic.clone(), p.payload.to_vec())).is_err() {
                         tracing::warn!(topic = %p.topic, "dropping MQTT message: agent busy");
                     }
                 }
-                Ok(_) => {}
+                Ok(other) => tracing::trace!(?other, "MQTT event"),
                 Err(e) => {
                     tracing::debug!("MQTT: {e}; retrying in {backoff:?}");
                     tokio::time::sleep(backoff).await;

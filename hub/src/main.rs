@@ -113,7 +113,7 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,libp2p=warn,rumqttd=warn".into()),
+                .unwrap_or_else(|_| "info,libp2p=warn,libp2p_gossipsub=error,rumqttd=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

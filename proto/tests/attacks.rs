@@ -402,3 +402,21 @@ fn too_many_signatures() {
         Err(VerifyError::TooManySignatures { .. })
     ));
 }
+
+#[test]
+fn announcement_for_another_channel_or_platform() {
+    let mut a = announcement(7, Digest::of(b"m"));
+    a.channel = "beta".into();
+    let bytes = signed(a.seal().unwrap(), &[&key(10)]);
+    assert!(matches!(
+        verify_announcement(&bytes, &trusted_v1(), &expect(None)),
+        Err(VerifyError::WrongChannel { .. })
+    ));
+    let mut a = announcement(7, Digest::of(b"m"));
+    a.platform = Platform::XenArm32;
+    let bytes = signed(a.seal().unwrap(), &[&key(10)]);
+    assert!(matches!(
+        verify_announcement(&bytes, &trusted_v1(), &expect(None)),
+        Err(VerifyError::WrongPlatform { .. })
+    ));
+}

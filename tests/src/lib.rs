@@ -88,3 +88,39 @@ pub fn wait_for_file_line(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+pub mod fleet;
+
+/// Publishes one MQTT message and waits for the broker's acknowledgement.
+pub fn mqtt_publish(url: &str, topic: &str, payload: Vec<u8>, retain: bool) -> Result<()> {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    let rest = url.strip_prefix("mqtt://").context("mqtt:// URL")?;
+    let (host, port) = rest.rsplit_once(':').context("host:port")?;
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let id = format!(
+        "unifleet-test-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let mut opts = MqttOptions::new(id, host, port.parse()?);
+    opts.set_max_packet_size(64 * 1024, 64 * 1024);
+    let (client, mut conn) = Client::new(opts, 10);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Publish only once the broker acknowledged the connection.
+    let mut published = false;
+    while Instant::now() < deadline {
+        match conn.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) if !published => {
+                client.publish(topic, QoS::AtLeastOnce, retain, payload.clone())?;
+                published = true;
+            }
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
+                let _ = client.disconnect();
+                return Ok(());
+            }
+            Ok(Err(e)) => bail!("MQTT publish to {url}: {e}"),
+            _ => {}
+        }
+    }
+    bail!("no PUBACK from {url} within 10 s")
+}

@@ -1,0 +1,48 @@
+//! A malicious peer for tests: joins the fleet's libp2p network and answers every blob
+//! request with corrupted bytes (the right length plus garbage, then garbage of other
+//! lengths), as a compromised or broken device might.
+//!
+//! Usage: `evil_peer FLEET PORT` — prints `evil peer: <multiaddr>` once listening.
+#![allow(clippy::print_stdout)]
+
+use net::{MessageAcceptance, NetConfig, NetEvent};
+use proto::blob::BlobResponse;
+use std::io::Write;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let fleet = args.next().unwrap_or_else(|| "home".into());
+    let port: u16 = args.next().unwrap_or_else(|| "0".into()).parse()?;
+    let mut seed = [0u8; 32];
+    seed[..2].copy_from_slice(&port.to_le_bytes());
+    seed[31] = 0xEE;
+    let mut cfg = NetConfig::new(net::keypair_from_seed(seed), &fleet);
+    cfg.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse()?];
+    let (client, mut events, _task) = net::spawn(cfg, std::future::pending())?;
+    let mut served = 0u64;
+    while let Some(ev) = events.recv().await {
+        match ev {
+            NetEvent::Listening(addr) => {
+                println!("evil peer: {addr}/p2p/{}", client.peer_id());
+                std::io::stdout().flush()?;
+            }
+            NetEvent::BlobWanted { digest, reply, .. } => {
+                served += 1;
+                // Alternate between a plausible-size lie and an oversized flood.
+                let len = if served % 2 == 1 {
+                    64 * 1024
+                } else {
+                    300 * 1024
+                };
+                let garbage: Vec<u8> = (0..len).map(|i| (i as u8) ^ digest.0[i % 32]).collect();
+                client.respond(reply, BlobResponse::Found(garbage)).await;
+            }
+            NetEvent::Gossip { id, source, .. } => {
+                client.validate(id, source, MessageAcceptance::Ignore).await
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

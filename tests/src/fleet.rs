@@ -1,0 +1,393 @@
+//! A fleet on loopback for end-to-end tests: one `hub serve` (embedded broker unless told
+//! otherwise) and any number of `device run` processes, each in its own directory under
+//! one temp dir, all real processes on free ports. Dropping the [`Fleet`] kills them all.
+
+use crate::{bin, free_port};
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running child process, killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs a command to completion, failing with its output if it fails.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes. The processes under test
+/// report through files (status.json, inventory.json); polling those with a deadline is
+/// how a test observes another process.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[derive(Debug)]
+pub struct Device {
+    pub name: String,
+    pub dir: PathBuf,
+    pub proc: Option<Proc>,
+    /// The fixed libp2p listen address (so other devices can be pointed at it).
+    pub addr: String,
+}
+
+impl Device {
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("device.toml")
+    }
+
+    /// The last status report for `app` written by the agent (`status.json`).
+    pub fn report(&self, app: &str) -> Option<Value> {
+        let bytes = std::fs::read(self.dir.join("state/status.json")).ok()?;
+        let v: Value = serde_json::from_slice(&bytes).ok()?;
+        v.get(app).cloned()
+    }
+
+    /// (release, state label) from the last report.
+    pub fn release_state(&self, app: &str) -> Option<(u64, String)> {
+        let r = self.report(app)?;
+        let release = r.get("release")?.as_u64()?;
+        let state = match r.get("state")? {
+            Value::String(s) => s.clone(),
+            Value::Object(m) => m.keys().next()?.clone(),
+            _ => return None,
+        };
+        Some((release, state))
+    }
+
+    pub fn state_json(&self) -> Value {
+        std::fs::read(self.dir.join("state/state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    pub fn log_text(&self) -> String {
+        self.proc.as_ref().map(|p| p.log_text()).unwrap_or_default()
+    }
+
+    /// Edits device.toml (e.g. to set `crash_at`).
+    pub fn set_config(&self, key: &str, value: toml_value::V) -> Result<()> {
+        let path = self.config();
+        let text = std::fs::read_to_string(&path)?;
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{key} =")))
+            .map(String::from)
+            .collect();
+        if let Some(v) = value.render() {
+            // Top-level keys must come before any table; device.toml has none.
+            lines.insert(0, format!("{key} = {v}"));
+        }
+        std::fs::write(&path, lines.join("\n") + "\n")?;
+        Ok(())
+    }
+}
+
+/// Tiny helper for TOML values in [`Device::set_config`].
+pub mod toml_value {
+    #[derive(Debug)]
+    pub enum V {
+        Str(String),
+        Int(u64),
+        StrList(Vec<String>),
+        Remove,
+    }
+    impl V {
+        pub fn render(&self) -> Option<String> {
+            match self {
+                V::Str(s) => Some(format!("{s:?}")),
+                V::Int(n) => Some(n.to_string()),
+                V::StrList(l) => Some(format!(
+                    "[{}]",
+                    l.iter()
+                        .map(|s| format!("{s:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                V::Remove => None,
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub hub_dir: PathBuf,
+    pub hub: Option<Proc>,
+    pub hub_addr: String,
+    pub mqtt: String,
+    pub devices: Vec<Device>,
+    pub libvirt: String,
+}
+
+impl Fleet {
+    /// `hub init` in a temp dir with free ports; not started yet.
+    pub fn new(libvirt: &str) -> Result<Fleet> {
+        let dir = tempfile::tempdir()?;
+        let hub_dir = dir.path().join("hub");
+        let mqtt_port = free_port()?;
+        let p2p_port = free_port()?;
+        run(Command::new(bin("hub")?)
+            .args(["--dir"])
+            .arg(&hub_dir)
+            .args(["init", "--mqtt-listen", &format!("127.0.0.1:{mqtt_port}")])
+            .args(["--p2p-listen", &format!("/ip4/127.0.0.1/tcp/{p2p_port}")]))?;
+        Ok(Fleet {
+            dir,
+            hub_dir,
+            hub: None,
+            hub_addr: String::new(),
+            mqtt: format!("mqtt://127.0.0.1:{mqtt_port}"),
+            devices: vec![],
+            libvirt: libvirt.into(),
+        })
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn hub_cmd(&self) -> Result<Command> {
+        let mut c = Command::new(bin("hub")?);
+        c.arg("--dir").arg(&self.hub_dir);
+        Ok(c)
+    }
+
+    /// Starts `hub serve` and waits until it printed its peer address.
+    pub fn start_hub(&mut self, extra: &[&str]) -> Result<()> {
+        let log = self.path("hub.log");
+        let _ = std::fs::remove_file(self.hub_dir.join("hub.addr"));
+        let child = self
+            .hub_cmd()?
+            .arg("serve")
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                "info,libp2p=warn,libp2p_gossipsub=error,rumqttd=warn",
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let mut proc = Proc { child, log };
+        let addr_file = self.hub_dir.join("hub.addr");
+        self.hub_addr = wait_for("hub serve to listen", Duration::from_secs(20), || {
+            if !proc.is_running() {
+                return Some(Err(anyhow::anyhow!(
+                    "hub serve exited: {}",
+                    proc.log_text()
+                )));
+            }
+            std::fs::read_to_string(&addr_file).ok().map(Ok)
+        })??;
+        self.hub = Some(proc);
+        Ok(())
+    }
+
+    pub fn kill_hub(&mut self) {
+        if let Some(mut h) = self.hub.take() {
+            h.kill9();
+        }
+    }
+
+    /// `device enroll` + `hub enroll` for a new device named `name`; not started yet.
+    pub fn add_device(&mut self, name: &str, app: &str, extra: &[&str]) -> Result<usize> {
+        let dir = self.path(name);
+        let port = free_port()?;
+        let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+        let mut cmd = Command::new(bin("device")?);
+        cmd.args([
+            "enroll",
+            "--name",
+            name,
+            "--app",
+            app,
+            "--libvirt",
+            &self.libvirt,
+            "--listen",
+            &listen,
+        ])
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--root")
+        .arg(self.hub_dir.join("root.bin"))
+        .args(["--broker", &self.mqtt]);
+        if !self.hub_addr.is_empty() {
+            cmd.args(["--hub", &self.hub_addr]);
+        } else {
+            let addr = std::fs::read_to_string(self.hub_dir.join("hub.addr")).unwrap_or_default();
+            if !addr.is_empty() {
+                cmd.args(["--hub", &addr]);
+            }
+        }
+        cmd.args(extra);
+        run(&mut cmd)?;
+        run(self
+            .hub_cmd()?
+            .arg("enroll")
+            .arg(dir.join("device.pub"))
+            .args(["--name", name]))?;
+        self.devices.push(Device {
+            name: name.into(),
+            dir,
+            proc: None,
+            addr: listen,
+        });
+        Ok(self.devices.len() - 1)
+    }
+
+    pub fn start_device(&mut self, i: usize) -> Result<()> {
+        let d = &mut self.devices[i];
+        let log = d.dir.join("agent.log");
+        let child = Command::new(bin("device")?)
+            .arg("run")
+            .arg("--config")
+            .arg(d.config())
+            .env(
+                "RUST_LOG",
+                std::env::var("UNIFLEET_TEST_DEVICE_LOG")
+                    .unwrap_or_else(|_| "info,libp2p=warn,libp2p_gossipsub=error".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)?,
+            )
+            .spawn()?;
+        d.proc = Some(Proc { child, log });
+        Ok(())
+    }
+
+    /// The device's peer address with its peer id, once its agent logged it.
+    pub fn device_peer_addr(&self, i: usize) -> Result<String> {
+        let d = &self.devices[i];
+        wait_for("device peer id in its log", Duration::from_secs(10), || {
+            let log = d.log_text();
+            let id = log
+                .split("peer_id=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(format!("{}/p2p/{id}", d.addr))
+        })
+    }
+
+    pub fn testimage(&self, app: &str, version: &str, extra: &[&str]) -> Result<PathBuf> {
+        let out = self.path(&format!("{app}-{version}.elf"));
+        run(Command::new(bin("fwtool")?)
+            .args(["testimage", "--app", app, "--version", version, "--out"])
+            .arg(&out)
+            .args(extra))?;
+        Ok(out)
+    }
+
+    /// `hub publish IMAGE --app … --version … --no-staging` plus `extra`; returns stdout.
+    pub fn publish(
+        &self,
+        image: &Path,
+        app: &str,
+        version: &str,
+        extra: &[&str],
+    ) -> Result<String> {
+        run(self
+            .hub_cmd()?
+            .arg("publish")
+            .arg(image)
+            .args(["--app", app, "--version", version])
+            .args(extra))
+    }
+
+    /// Waits until every listed device reports `state` for `release` of `app`.
+    pub fn wait_all(
+        &self,
+        devices: &[usize],
+        app: &str,
+        release: u64,
+        state: &str,
+        timeout: Duration,
+    ) -> Result<()> {
+        wait_for(
+            &format!("devices {devices:?} {state} on release {release}"),
+            timeout,
+            || {
+                devices
+                    .iter()
+                    .all(|&i| {
+                        self.devices[i]
+                            .release_state(app)
+                            .is_some_and(|(r, s)| r == release && s == state)
+                    })
+                    .then_some(())
+            },
+        )
+        .map_err(|e| {
+            let states: Vec<_> = devices
+                .iter()
+                .map(|&i| {
+                    (
+                        self.devices[i].name.clone(),
+                        self.devices[i].release_state(app),
+                    )
+                })
+                .collect();
+            e.context(format!("device states: {states:?}"))
+        })
+    }
+
+    /// The hub's inventory (`hub devices --json`).
+    pub fn inventory(&self) -> Result<Value> {
+        Ok(serde_json::from_str(&run(self
+            .hub_cmd()?
+            .args(["devices", "--json"]))?)?)
+    }
+}

@@ -1,0 +1,118 @@
+//! Issue: device agent, tests d–f. Announcements that must be refused arrive over the
+//! real broker; the device logs why and keeps running what it has.
+
+use anyhow::Result;
+use proto::announcement::Announcement;
+use proto::manifest::Platform;
+use proto::SecretKey;
+use std::process::Command;
+use std::time::Duration;
+use unifleet_tests::fleet::{wait_for, Fleet};
+use unifleet_tests::mqtt_publish;
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn sign(ann: &Announcement, key: &SecretKey) -> Vec<u8> {
+    let mut env = ann.seal().unwrap();
+    env.sign(key).unwrap();
+    env.encode().unwrap()
+}
+
+#[test]
+fn replayed_expired_forged_and_mismatched_announcements_are_refused() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let d = fleet.add_device("refuse0", "hello", &[])?;
+    fleet.start_device(d)?;
+    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(30))?;
+    let v2 = fleet.testimage("hello", "1.0.1", &[])?;
+    fleet.publish(&v2, "hello", "1.0.1", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 2, "Active", Duration::from_secs(30))?;
+
+    let topic = "unifleet/home/release/stable/hello";
+    let release_key = SecretKey::from_text(&std::fs::read_to_string(
+        fleet.hub_dir.join("keys/release.key"),
+    )?)?;
+    let genuine_v2 = {
+        let out = Command::new("git")
+            .arg("--git-dir")
+            .arg(fleet.hub_dir.join("store.git"))
+            .args(["show", "HEAD:apps/hello/stable/0000000002.announcement"])
+            .output()?;
+        out.stdout
+    };
+    let base: Announcement = {
+        let env = proto::envelope::Envelope::decode(&genuine_v2, proto::codec::Kind::Announcement)?;
+        proto::codec::decode(proto::codec::Kind::Announcement, &env.payload)?
+    };
+    // Publishes `bytes` on the app's release topic and waits for the device to log why it
+    // refused them.
+    let refuses = |bytes: Vec<u8>, needle: &str| -> Result<()> {
+        mqtt_publish(&fleet.mqtt, topic, bytes, false)?;
+        wait_for(
+            &format!("device log to say {needle:?}"),
+            Duration::from_secs(15),
+            || fleet.devices[d].log_text().contains(needle).then_some(()),
+        )
+        .map_err(|e| {
+            let log = fleet.devices[d].log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            e.context(format!(
+                "device log:\n{}",
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            ))
+        })
+    };
+
+    // (f) mix-and-match: the right keys, the wrong channel, then the wrong platform.
+    let mut beta = base.clone();
+    beta.release = 4;
+    beta.channel = "beta".into();
+    refuses(sign(&beta, &release_key), "this device follows \"stable\"")?;
+    let mut arm = base.clone();
+    arm.release = 5;
+    arm.platform = Platform::XenArm32;
+    refuses(sign(&arm, &release_key), "this device runs qemu-x86_64")?;
+
+    // (d) the genuine, correctly signed announcement of release 1, replayed.
+    let old = Command::new("git")
+        .arg("--git-dir")
+        .arg(fleet.hub_dir.join("store.git"))
+        .args(["show", "HEAD:apps/hello/stable/0000000001.announcement"])
+        .output()?
+        .stdout;
+    refuses(old, "ignoring announcement of release 1")?;
+
+    // (e) a validly signed announcement that has expired (a freeze attack).
+    let mut expired = base.clone();
+    expired.release = 3;
+    expired.expires_at = now() - 10;
+    refuses(sign(&expired, &release_key), "announcement expired")?;
+
+    // A forgery: signed by a key the root does not know.
+    let mut forged = base.clone();
+    forged.release = 6;
+    refuses(
+        sign(&forged, &SecretKey::from_seed([9; 32])),
+        "signed by unknown key",
+    )?;
+
+    // Garbage on the topic.
+    refuses(b"not an announcement".to_vec(), "not a unifleet message")?;
+
+    // Through all of it the device kept release 2 running.
+    assert_eq!(
+        fleet.devices[d].release_state("hello"),
+        Some((2, "Active".into()))
+    );
+    let st = fleet.devices[d].state_json();
+    assert_eq!(st["apps"]["hello"]["current"]["release"], 2, "{st}");
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! Issue: device agent end to end. One hub and several devices as real processes on
+//! loopback, with the hub's embedded broker, libp2p, and libvirt's test driver.
+
+use anyhow::Result;
+use std::time::Duration;
+use unifleet_tests::fleet::Fleet;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+#[test]
+fn five_devices_converge_on_v1_then_v2_and_v2_costs_only_the_delta() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let all: Vec<usize> = (0..5)
+        .map(|i| fleet.add_device(&format!("d{i}"), "hello", &[]))
+        .collect::<Result<_>>()?;
+    for &i in &all {
+        fleet.start_device(i)?;
+    }
+    let v1 = fleet.testimage("hello", "1.0.0", &["--pad-mib", "16"])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&all, "hello", 1, "Active", CONVERGE)?;
+    let before: Vec<u64> = all.iter().map(|&i| total_bytes(&fleet, i)).collect();
+
+    let v2 = fleet.testimage("hello", "1.0.1", &["--pad-mib", "16"])?;
+    fleet.publish(&v2, "hello", "1.0.1", &["--no-staging"])?;
+    fleet.wait_all(&all, "hello", 2, "Active", CONVERGE)?;
+
+    // (i) v2 shares all but ~1 chunk with v1: each device fetched at most 3% of it.
+    let image = std::fs::metadata(&v2)?.len();
+    for (k, &i) in all.iter().enumerate() {
+        let fetched = total_bytes(&fleet, i) - before[k];
+        assert!(
+            fetched * 100 <= image * 3,
+            "{} fetched {fetched} bytes for a {image}-byte image",
+            fleet.devices[i].name
+        );
+    }
+    // The hub's inventory agrees, from the devices' signed reports.
+    let inv = fleet.inventory()?;
+    for &i in &all {
+        let e = &inv[format!("{}/hello", fleet.devices[i].name)];
+        assert_eq!(e["release"], 2, "{inv}");
+        assert_eq!(e["state"], "active", "{inv}");
+    }
+    Ok(())
+}
+
+fn total_bytes(fleet: &Fleet, i: usize) -> u64 {
+    let r = fleet.devices[i].report("hello").unwrap_or_default();
+    r["bytes_from_peers"].as_u64().unwrap_or(0) + r["bytes_from_hub"].as_u64().unwrap_or(0)
+}
