@@ -209,8 +209,10 @@ impl Router {
                     let _ = self.announcement(bytes, None).await;
                 }
                 _ = regossip.tick() => {
-                    for (_, bytes) in self.latest.values() {
-                        let _ = self.net.publish(Topic::Announce, bytes.clone()).await;
+                    for (release, bytes) in self.latest.values() {
+                        if let Err(e) = self.net.publish(Topic::Announce, bytes.clone()).await {
+                            tracing::debug!(release, "re-gossiping announcement: {e}");
+                        }
                     }
                 }
             }
@@ -225,6 +227,7 @@ impl Router {
                 source,
                 id,
             } => {
+                tracing::debug!(peer = %source, "announcement from a peer");
                 let acceptance = self.announcement(data, Some(source)).await;
                 self.net.validate(id, source, acceptance).await;
             }
@@ -447,7 +450,8 @@ impl Updater {
         }
         tracing::info!(app = %ann.app, release = ann.release, version = %ann.version, "new release announced");
         // The manifest: fetched by digest, then verified like the announcement.
-        let manifest_bytes = self.fetcher.manifest(&ann.manifest).await?;
+        let banned = crate::fetch::Banned::default();
+        let manifest_bytes = self.fetcher.manifest(&ann.manifest, &banned).await?;
         let verified: VerifiedManifest = verify_manifest(&manifest_bytes, &self.root, &expect)?;
         anyhow::ensure!(
             verified.digest() == ann.manifest && verified.manifest().release == ann.release,
@@ -457,7 +461,7 @@ impl Updater {
             .put_manifest(&verified.digest(), &manifest_bytes)?;
         let m = verified.manifest();
         self.fetcher
-            .chunks(m, &self.reporter, ann)
+            .chunks(m, &self.reporter, ann, &banned)
             .await
             .context("fetching chunks")?;
         self.reporter

@@ -16,6 +16,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Peers that sent a bad blob during one release's download: not asked again for it.
+pub type Banned = Mutex<HashSet<PeerId>>;
+
 /// Give up on a blob after this long without any source delivering it.
 const STALL_LIMIT: Duration = Duration::from_secs(120);
 
@@ -115,14 +118,13 @@ impl Fetcher {
 
     /// The signed manifest with this digest (bytes checked against the digest only; the
     /// caller verifies signatures and contents).
-    pub async fn manifest(&self, digest: &Digest) -> Result<Vec<u8>> {
+    pub async fn manifest(&self, digest: &Digest, banned: &Banned) -> Result<Vec<u8>> {
         if let Some(bytes) = self.store.get_blob(digest) {
             return Ok(bytes);
         }
-        let banned = Mutex::new(HashSet::new());
         let limit = proto::envelope::envelope_limit(proto::codec::Kind::Manifest);
         let (bytes, from_hub) = self
-            .blob(digest, 0, &banned, |b| {
+            .blob(digest, 0, banned, |b| {
                 if b.len() > limit {
                     return Err(proto::VerifyError::TooManyBytes {
                         what: "manifest".into(),
@@ -153,6 +155,7 @@ impl Fetcher {
         m: &Manifest,
         reporter: &Reporter,
         ann: &Announcement,
+        banned: &Banned,
     ) -> Result<()> {
         let mut seen = HashSet::new();
         let missing: Vec<(usize, proto::manifest::ChunkRef)> = m
@@ -165,10 +168,8 @@ impl Fetcher {
         let total = m.chunks.len().max(1);
         let have = AtomicUsize::new(total - missing.len());
         let stored_now = AtomicUsize::new(0);
-        let banned = Mutex::new(HashSet::new());
         tracing::info!(app = %m.app, release = m.release, missing = missing.len(), total, "fetching chunks");
         let mut results = futures::stream::iter(missing.into_iter().map(|(i, c)| {
-            let banned = &banned;
             let have = &have;
             let stored_now = &stored_now;
             async move {

@@ -211,6 +211,7 @@ fn run(config: PathBuf) -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,libp2p=warn,libp2p_gossipsub=error".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let cfg = Config::load(&config)?;

@@ -29,6 +29,16 @@ impl Proc {
     }
 }
 
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if std::env::var_os("UNIFLEET_KEEP_TEST_DIRS").is_some() {
+            let path =
+                std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep();
+            eprintln!("kept test directory {}", path.display());
+        }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
@@ -371,16 +381,25 @@ impl Fleet {
             },
         )
         .map_err(|e| {
-            let states: Vec<_> = devices
-                .iter()
-                .map(|&i| {
-                    (
-                        self.devices[i].name.clone(),
-                        self.devices[i].release_state(app),
-                    )
-                })
-                .collect();
-            e.context(format!("device states: {states:?}"))
+            let mut report = String::new();
+            for &i in devices {
+                let d = &self.devices[i];
+                let st = d.release_state(app);
+                if st
+                    .as_ref()
+                    .is_some_and(|(r, s)| *r == release && s == state)
+                {
+                    continue;
+                }
+                let log = d.log_text();
+                let lines: Vec<&str> = log.lines().filter(|l| !l.contains("retrying in")).collect();
+                report.push_str(&format!(
+                    "\n{} is at {st:?}; its log ends:\n{}",
+                    d.name,
+                    lines[lines.len().saturating_sub(25)..].join("\n")
+                ));
+            }
+            e.context(report)
         })
     }
 

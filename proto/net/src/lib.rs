@@ -330,14 +330,9 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
                 .validate_messages()
                 .max_transmit_size(MAX_GOSSIP_BYTES)
                 .heartbeat_interval(Duration::from_millis(500))
-                // Announcements are re-published every few seconds so peers that joined
-                // late (or lost the hub) still learn them; a short duplicate window lets
-                // those repeats through while still suppressing relay loops.
-                .duplicate_cache_time(Duration::from_secs(2))
-                // Identical bytes relayed by different peers are one message.
-                .message_id_fn(|m: &gossipsub::Message| {
-                    MessageId::from(Digest::of(&m.data).0.to_vec())
-                })
+                // Message ids are gossipsub's default (author + sequence number): the
+                // periodic re-announcement of the same signed bytes is a new message each
+                // time, so peers that joined late (or lost the hub) still receive it.
                 .build()
                 .map_err(|e| e.to_string())?;
             let gossipsub = gossipsub::Behaviour::new(

@@ -29,6 +29,8 @@ async fn main() -> anyhow::Result<()> {
             }
             NetEvent::BlobWanted { digest, reply, .. } => {
                 served += 1;
+                println!("served {served}");
+                std::io::stdout().flush()?;
                 // Alternate between a plausible-size lie and an oversized flood.
                 let len = if served % 2 == 1 {
                     64 * 1024

@@ -1,0 +1,140 @@
+//! Issue: device agent, tests b and c: devices spread releases among themselves when the
+//! hub is gone, and a malicious peer cannot get a bad image installed.
+
+use anyhow::Result;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use unifleet_tests::fleet::{toml_value::V, wait_for, Fleet, Proc};
+use unifleet_tests::{bin, free_port};
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn bytes(fleet: &Fleet, i: usize, field: &str) -> u64 {
+    fleet.devices[i]
+        .report("hello")
+        .and_then(|r| r[field].as_u64())
+        .unwrap_or(0)
+}
+
+/// The installed slot is byte-for-byte the published image.
+fn assert_installed_image(fleet: &Fleet, i: usize, image: &std::path::Path) {
+    let st = fleet.devices[i].state_json();
+    let slot = st["apps"]["hello"]["current"]["slot"]
+        .as_str()
+        .expect("current slot");
+    assert_eq!(
+        proto::Digest::of(&std::fs::read(slot).unwrap()),
+        proto::Digest::of(&std::fs::read(image).unwrap()),
+        "{} runs a different image",
+        fleet.devices[i].name
+    );
+}
+
+#[test]
+fn devices_converge_from_peers_after_the_hub_and_broker_die() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let all: Vec<usize> = (0..5)
+        .map(|i| fleet.add_device(&format!("p{i}"), "hello", &[]))
+        .collect::<Result<_>>()?;
+    for &i in &all {
+        fleet.start_device(i)?;
+    }
+    let v1 = fleet.testimage("hello", "1.0.0", &["--pad-mib", "4"])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&all, "hello", 1, "Active", CONVERGE)?;
+
+    // Four devices go offline; the first one alone sees release 2 arrive.
+    let seed = all[0];
+    let others = &all[1..];
+    for &i in others {
+        if let Some(mut p) = fleet.devices[i].proc.take() {
+            p.kill9();
+        }
+    }
+    let v2 = fleet.testimage("hello", "2.0.0", &["--pad-mib", "4"])?;
+    fleet.publish(&v2, "hello", "2.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[seed], "hello", 2, "Active", CONVERGE)?;
+    // ... and as soon as it holds it, the hub and its embedded broker die.
+    fleet.kill_hub();
+
+    // The others come back knowing only the seed device's address.
+    let seed_addr = fleet.device_peer_addr(seed)?;
+    for &i in others {
+        fleet.devices[i].set_config("peers", V::StrList(vec![seed_addr.clone()]))?;
+        fleet.start_device(i)?;
+    }
+    fleet.wait_all(others, "hello", 2, "Active", CONVERGE)?;
+    for &i in others {
+        assert_eq!(
+            bytes(&fleet, i, "bytes_from_hub"),
+            0,
+            "{} used the dead hub",
+            fleet.devices[i].name
+        );
+        assert!(bytes(&fleet, i, "bytes_from_peers") > 0);
+        assert_installed_image(&fleet, i, &v2);
+    }
+    // The seed device kept serving its instance throughout.
+    assert_eq!(
+        fleet.devices[seed].release_state("hello"),
+        Some((2, "Active".into()))
+    );
+    Ok(())
+}
+
+#[test]
+fn malicious_peer_is_detected_dropped_and_the_right_image_installed() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let port = free_port()?;
+    let mut child = Command::new(bin("evil_peer")?)
+        .args(["home", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let evil_addr = line
+        .trim()
+        .strip_prefix("evil peer: ")
+        .expect("evil peer address")
+        .to_string();
+    let _evil = Proc {
+        child,
+        log: fleet.path("evil.log"),
+    };
+    // Peers are asked before the hub, so the evil peer is asked first for everything.
+    let d = fleet.add_device("victim", "hello", &["--peer", &evil_addr])?;
+    fleet.start_device(d)?;
+    let v1 = fleet.testimage("hello", "1.0.0", &["--pad-mib", "1"])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+    assert_installed_image(&fleet, d, &v1);
+    let log = fleet.devices[d].log_text();
+    let evil_id = evil_addr.rsplit('/').next().unwrap();
+    let complaints = log
+        .lines()
+        .filter(|l| l.contains("peer sent a bad blob") && l.contains(evil_id))
+        .count();
+    assert!(complaints >= 1, "the bad blobs were noticed:\n{log}");
+    // Dropped after its first bad blob: only requests already in flight then (at most
+    // `parallel_fetches`, 4) reach it, though the image has many more chunks.
+    drop(_evil);
+    let served = out
+        .lines()
+        .map_while(Result::ok)
+        .filter(|l| l.starts_with("served"))
+        .count();
+    let chunks = fleet.devices[d].state_json()["apps"]["hello"]["current"]["release"]
+        .as_u64()
+        .map(|_| ());
+    assert!(chunks.is_some());
+    assert!(served <= 4, "the evil peer was asked {served} times");
+    wait_for("nothing from peers counted", Duration::from_secs(1), || {
+        (bytes(&fleet, d, "bytes_from_peers") == 0).then_some(())
+    })?;
+    Ok(())
+}
