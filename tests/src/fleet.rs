@@ -31,6 +31,20 @@ impl Proc {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
+        // Stop the agents first, then any domains they left on a shared libvirtd.
+        for d in &mut self.devices {
+            if let Some(mut p) = d.proc.take() {
+                p.kill9();
+            }
+        }
+        if !self.libvirt.starts_with("test:") {
+            let names: Vec<String> = self
+                .devices
+                .iter()
+                .map(|d| format!("uf-{}-", d.name))
+                .collect();
+            destroy_domains(&self.libvirt, &names);
+        }
         if std::env::var_os("UNIFLEET_KEEP_TEST_DIRS").is_some() {
             let path =
                 std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep();
@@ -409,4 +423,29 @@ impl Fleet {
             .hub_cmd()?
             .args(["devices", "--json"]))?)?)
     }
+}
+
+/// Destroys running domains whose names start with any of `prefixes`.
+pub fn destroy_domains(uri: &str, prefixes: &[String]) {
+    let Ok(conn) = virt::connect::Connect::open(Some(uri)) else {
+        return;
+    };
+    if let Ok(domains) = conn.list_all_domains(0) {
+        for d in domains {
+            if d.name()
+                .is_ok_and(|n| prefixes.iter().any(|p| n.starts_with(p.as_str())))
+            {
+                let _ = d.destroy();
+                let _ = d.undefine();
+            }
+        }
+    }
+}
+
+/// Whether a domain of this name is running on `uri`.
+pub fn domain_running(uri: &str, name: &str) -> bool {
+    virt::connect::Connect::open(Some(uri))
+        .and_then(|c| c.lookup_domain_by_name(name))
+        .and_then(|d| d.is_active())
+        .unwrap_or(false)
 }
