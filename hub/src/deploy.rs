@@ -42,6 +42,12 @@ struct DeployFile {
     probe_timeout_secs: u64,
     #[serde(default)]
     no_staging: bool,
+    #[serde(default = "staging_timeout")]
+    staging_timeout_secs: u64,
+}
+
+fn staging_timeout() -> u64 {
+    120
 }
 
 fn stable() -> String {
@@ -118,6 +124,7 @@ pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) ->
             probe: spec.probe,
             probe_timeout_secs: spec.probe_timeout_secs,
             no_staging: spec.no_staging,
+            staging_timeout_secs: spec.staging_timeout_secs,
         };
         let result = publish(home, &tmp, &args, progress);
         let _ = std::fs::remove_file(&tmp);

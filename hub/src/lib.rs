@@ -14,4 +14,5 @@ pub mod init;
 pub mod metrics;
 pub mod publish;
 pub mod serve;
+pub mod staging;
 pub mod store;

@@ -70,6 +70,26 @@ enum Command {
         /// Publish without the staging gate (recorded in the release and the event log).
         #[arg(long)]
         no_staging: bool,
+        /// How long to wait for the staging device's verdict.
+        #[arg(long, default_value_t = 120)]
+        staging_timeout_secs: u64,
+    },
+    /// Re-sign the newest release of APP on --from as the next release on --to.
+    Promote {
+        app: String,
+        #[arg(long, default_value = "staging")]
+        from: String,
+        #[arg(long, default_value = "stable")]
+        to: String,
+    },
+    /// Re-sign an earlier image as a new, higher release (default: the previous image).
+    Rollback {
+        app: String,
+        #[arg(long, default_value = "stable")]
+        channel: String,
+        /// The version to go back to.
+        #[arg(long)]
+        to: Option<semver::Version>,
     },
     /// Register a device's public key (from `device enroll`).
     Enroll {
@@ -183,6 +203,7 @@ fn run(cli: Cli) -> Result<()> {
             probe,
             probe_timeout_secs,
             no_staging,
+            staging_timeout_secs,
         } => {
             let home = Home::open(&dir)?;
             let args = hub::publish::PublishArgs {
@@ -195,6 +216,7 @@ fn run(cli: Cli) -> Result<()> {
                 probe,
                 probe_timeout_secs,
                 no_staging,
+                staging_timeout_secs,
             };
             let mut progress = |line: &str| eprintln!("{line}");
             let info = hub::publish::publish(&home, &image, &args, &mut progress)?;
@@ -203,6 +225,21 @@ fn run(cli: Cli) -> Result<()> {
                 "released {} release {} on {} (manifest {})",
                 info.app, info.release, info.channel, info.manifest
             );
+        }
+        Command::Promote { app, from, to } => {
+            let home = Home::open(&dir)?;
+            let info = hub::publish::promote(&home, &app, &from, &to)?;
+            hub::control::notify(&home, &mut |l| eprintln!("{l}"));
+            println!(
+                "promoted {app} to {} release {}",
+                info.channel, info.release
+            );
+        }
+        Command::Rollback { app, channel, to } => {
+            let home = Home::open(&dir)?;
+            let info = hub::publish::rollback(&home, &app, &channel, to.as_ref())?;
+            hub::control::notify(&home, &mut |l| eprintln!("{l}"));
+            println!("rolled {app} back on {channel}: release {}", info.release);
         }
         Command::Enroll { pubkey, name } => {
             let home = Home::open(&dir)?;

@@ -1,7 +1,14 @@
-//! The publish pipeline: inspect, stage, chunk, sign, commit, announce.
+//! The publish pipeline: inspect, stage, chunk, sign, commit, announce — and the two
+//! operations that re-sign an existing image as a new release: promote and rollback.
+//!
+//! Every path ends in [`sign_and_store`]: one commit holding the signed manifest, its
+//! announcement, any new chunks, the staging evidence and the event. Release numbers only
+//! grow per (app, channel), so a rollback is a *new* release of an old image and devices'
+//! rollback protection still holds.
 
 use crate::home::{now, Home};
-use crate::store::{release_path, Change, Event, ReleaseInfo};
+use crate::staging;
+use crate::store::{release_path, Change, Event, ReleaseInfo, Store};
 use anyhow::{bail, Context, Result};
 use proto::announcement::Announcement;
 use proto::manifest::{
@@ -10,6 +17,9 @@ use proto::manifest::{
 use proto::Digest;
 use std::io::{BufReader, Read};
 use std::path::Path;
+
+/// The channel every release passes through before its target channel.
+pub const STAGING_CHANNEL: &str = "staging";
 
 #[derive(Debug, Clone)]
 pub struct PublishArgs {
@@ -23,6 +33,7 @@ pub struct PublishArgs {
     pub probe: String,
     pub probe_timeout_secs: u64,
     pub no_staging: bool,
+    pub staging_timeout_secs: u64,
 }
 
 fn parse_probe(text: &str, app: &str, version: &semver::Version) -> Result<HealthProbe> {
@@ -43,17 +54,110 @@ fn parse_probe(text: &str, app: &str, version: &semver::Version) -> Result<Healt
 /// Progress lines for a terminal or a git push.
 pub type Progress<'a> = &'a mut dyn FnMut(&str);
 
-/// Runs the pipeline. Nothing is written to the store unless every step before the
-/// commit succeeded; the commit is atomic.
-pub fn publish(
+/// The signed manifest of a stored release, verified against the hub's own root.
+pub fn stored_manifest(
     home: &Home,
+    store: &Store,
+    app: &str,
+    channel: &str,
+    release: u64,
+) -> Result<Manifest> {
+    let bytes = store
+        .read(&release_path(app, channel, release, "manifest"))?
+        .with_context(|| format!("no release {release} of {app} on {channel}"))?;
+    let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)?;
+    Ok(env.open("release", &home.trusted_root()?.root().release)?)
+}
+
+/// Signs `template` as the next release of its app on `channel` and stores it in one
+/// commit with `change` (new chunks, evidence) and an event.
+pub fn sign_and_store(
+    home: &Home,
+    store: &Store,
+    template: &Manifest,
+    channel: &str,
+    staging: Staging,
+    mut change: Change,
+    event_kind: &str,
+    detail: String,
+) -> Result<ReleaseInfo> {
+    let root = home.trusted_root()?;
+    let key = home.release_key()?;
+    let latest = store.latest(&template.app, channel)?;
+    let release = latest.as_ref().map_or(1, |l| l.release + 1);
+    let created_at = now();
+    let manifest = Manifest {
+        release,
+        channel: channel.into(),
+        staging,
+        created_at,
+        expires_at: created_at + home.config.release_expiry_days * 24 * 3600,
+        previous: latest.as_ref().map(|l| l.manifest),
+        ..template.clone()
+    };
+    let mut env = manifest.seal()?;
+    env.sign(&key)?;
+    let bytes = env.encode()?;
+    // Check our own work with the same entry point devices use.
+    let verified = verify_manifest(
+        &bytes,
+        &root,
+        &Expectations {
+            app: Some(&manifest.app),
+            channel,
+            platform: manifest.platform,
+            installed_release: latest.as_ref().map(|l| l.release),
+            now: now(),
+        },
+    )
+    .context("the signed manifest does not verify against the hub's trust root")?;
+    let mut ann = Announcement::for_manifest(&verified).seal()?;
+    ann.sign(&key)?;
+    let digest = Digest::of(&bytes);
+    change.put(format!("blobs/{}", digest.to_hex()), bytes.clone());
+    change.put(
+        release_path(&manifest.app, channel, release, "manifest"),
+        bytes,
+    );
+    change.put(
+        release_path(&manifest.app, channel, release, "announcement"),
+        ann.encode()?,
+    );
+    change.event(Event {
+        at: now(),
+        kind: event_kind.into(),
+        app: Some(manifest.app.clone()),
+        channel: Some(channel.into()),
+        release: Some(release),
+        device: None,
+        detail,
+    });
+    let tag =
+        (channel != STAGING_CHANNEL).then(|| format!("{}/v{}", manifest.app, manifest.version));
+    store.commit(
+        &format!(
+            "{event_kind} {} {} as release {release} on {channel}",
+            manifest.app, manifest.version
+        ),
+        &change,
+        tag.as_deref(),
+    )?;
+    Ok(ReleaseInfo {
+        app: manifest.app.clone(),
+        channel: channel.into(),
+        release,
+        manifest: digest,
+    })
+}
+
+/// Inspects and chunks the image: the unsigned manifest template and its new chunks.
+fn prepare(
+    home: &Home,
+    store: &Store,
     image: &Path,
     args: &PublishArgs,
     progress: Progress<'_>,
-) -> Result<ReleaseInfo> {
-    proto::names::check("app", &args.app).map_err(anyhow::Error::msg)?;
-    proto::names::check("channel", &args.channel).map_err(anyhow::Error::msg)?;
-    // 1. inspect
+) -> Result<(Manifest, Change)> {
     let mut prefix = Vec::new();
     std::fs::File::open(image)
         .with_context(|| format!("opening image {}", image.display()))?
@@ -67,50 +171,11 @@ pub fn publish(
         image.display(),
         header.format
     ));
-
-    let store = home.store()?;
-    let root = home.trusted_root()?;
-    let key = home.release_key()?;
-    let latest = store.latest(&args.app, &args.channel)?;
-    let release = latest.as_ref().map_or(1, |l| l.release + 1);
-    if let Some(l) = &latest {
-        let prev = store
-            .read(&release_path(
-                &args.app,
-                &args.channel,
-                l.release,
-                "manifest",
-            ))?
-            .context("latest manifest")?;
-        let env = proto::envelope::Envelope::decode(&prev, proto::codec::Kind::Manifest)?;
-        let prev: Manifest = env.open("release", &root.root().release)?;
-        if args.version <= prev.version {
-            bail!(
-                "version {} is not above {} (release {}) on {}/{}",
-                args.version,
-                prev.version,
-                l.release,
-                args.app,
-                args.channel
-            );
-        }
-    }
-
-    // 2. staging gate
-    let staging = if args.no_staging {
-        progress("staging skipped (--no-staging); recorded in the release and the event log");
-        Staging::Skipped
-    } else {
-        bail!("the staging gate needs a staging device, which this hub does not run yet; pass --no-staging to publish without it")
-    };
-
-    // 3. chunk and sign
     let file = std::fs::File::open(image)?;
     let mut change = Change::default();
     let mut chunks = vec![];
     let mut hasher = proto::digest::Hasher::new();
-    let mut size = 0u64;
-    let mut new_bytes = 0u64;
+    let (mut size, mut new_bytes) = (0u64, 0u64);
     for c in proto::chunking::chunks(BufReader::with_capacity(1 << 20, file)) {
         let c = c.with_context(|| format!("reading {}", image.display()))?;
         hasher.update(&c.data);
@@ -128,13 +193,12 @@ pub fn publish(
         "chunked {size} bytes into {} chunks ({new_bytes} bytes new)",
         chunks.len()
     ));
-    let created_at = now();
-    let manifest = Manifest {
+    let template = Manifest {
         fleet: home.config.fleet.clone(),
         app: args.app.clone(),
         version: args.version.clone(),
-        release,
-        channel: args.channel.clone(),
+        release: 0,
+        channel: String::new(),
         platform,
         image_digest: hasher.finalize(),
         image_size: size,
@@ -146,79 +210,218 @@ pub fn publish(
             probe: parse_probe(&args.probe, &args.app, &args.version)?,
             probe_timeout_ms: args.probe_timeout_secs * 1000,
         },
-        staging: staging.clone(),
-        created_at,
-        expires_at: created_at + home.config.release_expiry_days * 24 * 3600,
-        previous: latest.as_ref().map(|l| l.manifest),
+        staging: Staging::Skipped,
+        created_at: 0,
+        expires_at: 0,
+        previous: None,
     };
-    let mut env = manifest.seal()?;
-    env.sign(&key)?;
-    let manifest_bytes = env.encode()?;
-    // Check our own work with the same entry point devices use.
-    let verified = verify_manifest(
-        &manifest_bytes,
-        &root,
-        &Expectations {
-            app: Some(&args.app),
-            channel: &args.channel,
-            platform,
-            installed_release: latest.as_ref().map(|l| l.release),
-            now: now(),
-        },
-    )
-    .context("the signed manifest does not verify against the hub's trust root")?;
-    let mut ann = Announcement::for_manifest(&verified).seal()?;
-    ann.sign(&key)?;
-    let digest = Digest::of(&manifest_bytes);
-    progress(&format!(
-        "signed release {release} (manifest {})",
-        digest.short()
-    ));
+    Ok((template, change))
+}
 
-    // 4. commit (one commit: manifest, signatures, chunks, announcement, event)
-    change.put(format!("blobs/{}", digest.to_hex()), manifest_bytes.clone());
-    change.put(
-        release_path(&args.app, &args.channel, release, "manifest"),
-        manifest_bytes,
+/// Runs the pipeline. Nothing is signed for the target channel unless staging passed
+/// (or `--no-staging` was given); each commit is atomic.
+pub fn publish(
+    home: &Home,
+    image: &Path,
+    args: &PublishArgs,
+    progress: Progress<'_>,
+) -> Result<ReleaseInfo> {
+    proto::names::check("app", &args.app).map_err(anyhow::Error::msg)?;
+    proto::names::check("channel", &args.channel).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        args.channel != STAGING_CHANNEL,
+        "publish to a target channel; staging happens on the way"
     );
-    change.put(
-        release_path(&args.app, &args.channel, release, "announcement"),
-        ann.encode()?,
-    );
-    change.event(Event {
-        at: now(),
-        kind: "publish".into(),
-        app: Some(args.app.clone()),
-        channel: Some(args.channel.clone()),
-        release: Some(release),
-        device: None,
-        detail: format!(
-            "{} {} ({platform}, {size} bytes){}",
-            args.app,
-            args.version,
-            if matches!(staging, Staging::Skipped) {
-                ", staging skipped (--no-staging)"
-            } else {
-                ""
-            }
-        ),
-    });
-    store.commit(
-        &format!(
-            "publish {} {} as release {release} on {}",
-            args.app, args.version, args.channel
-        ),
-        &change,
-        Some(&format!("{}/v{}", args.app, args.version)),
-    )?;
+    let store = home.store()?;
+    if let Some(l) = store.latest(&args.app, &args.channel)? {
+        let prev = stored_manifest(home, &store, &args.app, &args.channel, l.release)?;
+        if args.version <= prev.version {
+            bail!(
+                "version {} is not above {} (release {}) on {}/{}",
+                args.version,
+                prev.version,
+                l.release,
+                args.app,
+                args.channel
+            );
+        }
+    }
+    let (template, change) = prepare(home, &store, image, args, progress)?;
+
+    let (staging, evidence, change) = if args.no_staging {
+        progress("staging skipped (--no-staging); recorded in the release and the event log");
+        (Staging::Skipped, None, change)
+    } else {
+        // The candidate goes to the staging channel first (with its chunks), and a
+        // staging device must report it healthy before anything else is signed.
+        let candidate = sign_and_store(
+            home,
+            &store,
+            &template,
+            STAGING_CHANNEL,
+            Staging::Skipped,
+            change,
+            "stage",
+            format!("{} {} sent to staging", args.app, args.version),
+        )?;
+        progress(&format!(
+            "staging: release {} on {STAGING_CHANNEL}; waiting for a staging device",
+            candidate.release
+        ));
+        crate::control::notify(home, progress);
+        let report = staging::await_verdict(
+            home,
+            &store,
+            &candidate,
+            args.staging_timeout_secs,
+            progress,
+        )?;
+        let digest = Digest::of(&report);
+        let mut evidence = Change::default();
+        evidence.put(
+            release_path(&args.app, STAGING_CHANNEL, candidate.release, "staging"),
+            report.clone(),
+        );
+        (Staging::Passed { report: digest }, Some(report), evidence)
+    };
+    let mut change = change;
+    let skipped = matches!(staging, Staging::Skipped);
+    let info = {
+        let latest = store.latest(&args.app, &args.channel)?;
+        let next = latest.map_or(1, |l| l.release + 1);
+        if let Some(report) = evidence {
+            change.put(
+                release_path(&args.app, &args.channel, next, "staging"),
+                report,
+            );
+        }
+        sign_and_store(
+            home,
+            &store,
+            &template,
+            &args.channel,
+            staging,
+            change,
+            "publish",
+            format!(
+                "{} {} ({}, {} bytes){}",
+                args.app,
+                args.version,
+                template.platform,
+                template.image_size,
+                if skipped {
+                    ", staging skipped (--no-staging)"
+                } else {
+                    ", passed staging"
+                }
+            ),
+        )?
+    };
     progress(&format!(
-        "stored release {release} in the git store, tagged {}/v{}",
-        args.app, args.version
+        "signed and stored release {} of {} on {}, tagged {}/v{}",
+        info.release, args.app, args.channel, args.app, args.version
     ));
-    Ok(ReleaseInfo {
-        app: args.app.clone(),
-        channel: args.channel.clone(),
-        release,
-        manifest: digest,
-    })
+    Ok(info)
+}
+
+/// `hub promote`: the newest release on `from` becomes the next release on `to`.
+/// From the staging channel, only a release that passed staging may be promoted.
+pub fn promote(home: &Home, app: &str, from: &str, to: &str) -> Result<ReleaseInfo> {
+    let store = home.store()?;
+    let src = store
+        .latest(app, from)?
+        .with_context(|| format!("{app} has no release on {from}"))?;
+    let m = stored_manifest(home, &store, app, from, src.release)?;
+    let evidence = store.read(&release_path(app, from, src.release, "staging"))?;
+    let staging = match (&evidence, from == STAGING_CHANNEL) {
+        (Some(report), _) => Staging::Passed {
+            report: Digest::of(report),
+        },
+        (None, true) => bail!(
+            "release {} of {app} on {from} never passed staging",
+            src.release
+        ),
+        (None, false) => m.staging.clone(),
+    };
+    if let Some(l) = store.latest(app, to)? {
+        let cur = stored_manifest(home, &store, app, to, l.release)?;
+        anyhow::ensure!(
+            m.version > cur.version,
+            "{to} already has {} (≥ {})",
+            cur.version,
+            m.version
+        );
+    }
+    let mut change = Change::default();
+    if let Some(report) = evidence {
+        let next = store.latest(app, to)?.map_or(1, |l| l.release + 1);
+        change.put(release_path(app, to, next, "staging"), report);
+    }
+    sign_and_store(
+        home,
+        &store,
+        &m,
+        to,
+        staging,
+        change,
+        "promote",
+        format!("{app} {} from {from} release {}", m.version, src.release),
+    )
+}
+
+/// `hub rollback`: re-signs an earlier image of `channel` as a new, higher release.
+pub fn rollback(
+    home: &Home,
+    app: &str,
+    channel: &str,
+    to: Option<&semver::Version>,
+) -> Result<ReleaseInfo> {
+    let store = home.store()?;
+    let releases: Vec<_> = store
+        .releases()?
+        .into_iter()
+        .filter(|r| r.app == app && r.channel == channel)
+        .collect();
+    let current = releases
+        .last()
+        .with_context(|| format!("{app} has no release on {channel}"))?;
+    let cur = stored_manifest(home, &store, app, channel, current.release)?;
+    let mut target = None;
+    for r in releases.iter().rev().skip(1) {
+        let m = stored_manifest(home, &store, app, channel, r.release)?;
+        let wanted = match to {
+            Some(v) => &m.version == v,
+            None => m.image_digest != cur.image_digest,
+        };
+        if wanted {
+            target = Some((r.release, m));
+            break;
+        }
+    }
+    let (old_release, m) = target.with_context(|| match to {
+        Some(v) => format!("{app} {v} was never released on {channel}"),
+        None => format!("{app} has no earlier image on {channel} to roll back to"),
+    })?;
+    let mut change = Change::default();
+    let evidence = store.read(&release_path(app, channel, old_release, "staging"))?;
+    if let Some(report) = evidence {
+        change.put(
+            release_path(app, channel, current.release + 1, "staging"),
+            report,
+        );
+    }
+    let staging = m.staging.clone();
+    sign_and_store(
+        home,
+        &store,
+        &m,
+        channel,
+        staging,
+        change,
+        "rollback",
+        format!(
+            "{app} back to {} (image of release {old_release}) from {}",
+            m.version, cur.version
+        ),
+    )
 }

@@ -35,6 +35,8 @@ pub struct DeviceEntry {
     pub channel: String,
     pub release: Option<u64>,
     pub version: Option<String>,
+    #[serde(default)]
+    pub manifest: Option<proto::Digest>,
     pub state: String,
     pub detail: String,
     pub last_seen: u64,
@@ -63,21 +65,25 @@ pub fn load_inventory(home: &Home) -> Inventory {
 }
 
 fn save_inventory(home: &Home, inv: &Inventory) -> Result<()> {
-    let path = home.inventory_path();
-    let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec_pretty(inv)?;
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
+    write_atomic(&home.inventory_path(), &serde_json::to_vec_pretty(inv)?)
+}
+
+/// Temp file, fsync, rename: readers see the old or the new file, never a torn one.
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
     }
-    std::fs::rename(&tmp, &path)?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
     Ok(())
 }
 
 /// Enrolled device keys: key id -> (device name, key).
-fn load_devices(store: &Store) -> Result<HashMap<KeyId, (String, PublicKey)>> {
+pub fn load_devices(store: &Store) -> Result<HashMap<KeyId, (String, PublicKey)>> {
     let mut out = HashMap::new();
     for file in store.list("devices")? {
         let Some(name) = file.strip_suffix(".pub") else {
@@ -358,6 +364,11 @@ impl Hub {
             return true; // duplicate or replay of an older report
         }
         self.metrics.status_accepted.fetch_add(1, Ordering::Relaxed);
+        // The signed bytes themselves are the staging gate's evidence.
+        let path = crate::staging::report_path(&self.home, &report.device, &report.app);
+        if let Err(e) = write_atomic(&path, bytes) {
+            tracing::error!("keeping report {}: {e:#}", path.display());
+        }
         self.record(id, report);
         true
     }
@@ -383,6 +394,7 @@ impl Hub {
             channel: r.channel.clone(),
             release: r.release,
             version: r.version.clone(),
+            manifest: r.manifest,
             state: r.state.label().into(),
             detail: detail.clone(),
             last_seen: now(),

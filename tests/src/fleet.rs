@@ -263,6 +263,19 @@ impl Fleet {
 
     /// `device enroll` + `hub enroll` for a new device named `name`; not started yet.
     pub fn add_device(&mut self, name: &str, app: &str, extra: &[&str]) -> Result<usize> {
+        let libvirt = self.libvirt.clone();
+        self.add_device_on(name, app, "stable", &libvirt, extra)
+    }
+
+    /// [`Fleet::add_device`] on a given channel and libvirt URI.
+    pub fn add_device_on(
+        &mut self,
+        name: &str,
+        app: &str,
+        channel: &str,
+        libvirt: &str,
+        extra: &[&str],
+    ) -> Result<usize> {
         let dir = self.path(name);
         let port = free_port()?;
         let listen = format!("/ip4/127.0.0.1/tcp/{port}");
@@ -274,9 +287,11 @@ impl Fleet {
             "--app",
             app,
             "--libvirt",
-            &self.libvirt,
+            libvirt,
             "--listen",
             &listen,
+            "--channel",
+            channel,
         ])
         .arg("--dir")
         .arg(&dir)

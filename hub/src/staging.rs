@@ -1,0 +1,128 @@
+//! The staging gate: wait for an enrolled staging device's signed report on a candidate.
+//!
+//! `hub serve` keeps each device's latest accepted report (raw signed bytes) under
+//! `HUB/reports/`; the gate reads those, so the verdict rests on the device's signature,
+//! not on anything the hub computed.
+
+use crate::home::{now, Home};
+use crate::publish::{Progress, STAGING_CHANNEL};
+use crate::store::{Change, Event, ReleaseInfo, Store};
+use anyhow::{bail, Context, Result};
+use proto::status::{verify_status, DeviceState, StatusReport};
+use std::time::{Duration, Instant};
+
+/// Where serve keeps a device's latest report for an app.
+pub fn report_path(home: &Home, device: &str, app: &str) -> std::path::PathBuf {
+    home.dir
+        .join("reports")
+        .join(format!("{device}--{app}.bin"))
+}
+
+fn staging_reports(home: &Home, store: &Store, app: &str) -> Result<Vec<(Vec<u8>, StatusReport)>> {
+    let devices = crate::serve::load_devices(store)?;
+    let mut out = vec![];
+    let Ok(entries) = std::fs::read_dir(home.dir.join("reports")) else {
+        return Ok(out);
+    };
+    for e in entries.flatten() {
+        let Ok(bytes) = std::fs::read(e.path()) else {
+            continue;
+        };
+        let Ok((_, r)) = verify_status(&bytes, |id| devices.get(id).map(|(_, k)| *k)) else {
+            continue;
+        };
+        if r.app == app && r.channel == STAGING_CHANNEL {
+            out.push((bytes, r));
+        }
+    }
+    Ok(out)
+}
+
+/// Waits for a staging device to report `candidate` healthy (returns the signed report)
+/// or failed / not at all within the timeout (an error naming why, with the console tail).
+pub fn await_verdict(
+    home: &Home,
+    store: &Store,
+    candidate: &ReleaseInfo,
+    timeout_secs: u64,
+    progress: Progress<'_>,
+) -> Result<Vec<u8>> {
+    let deadline = Instant::now() + Duration::from_secs(timeout_secs);
+    let mut last_note = String::new();
+    let (device, detail) = 'wait: loop {
+        for (bytes, r) in staging_reports(home, store, &candidate.app)? {
+            let ours = r.manifest == Some(candidate.manifest);
+            match &r.state {
+                DeviceState::Active if ours => {
+                    progress(&format!(
+                        "staging passed on {}: {} is healthy",
+                        r.device, candidate.app
+                    ));
+                    record_verdict(store, candidate, "staging-passed", &r.device, String::new())?;
+                    return Ok(bytes);
+                }
+                DeviceState::RolledBack {
+                    failed_release,
+                    reason,
+                } if *failed_release == candidate.release => {
+                    break 'wait (
+                        r.device.clone(),
+                        format!("{reason}; console: {}", r.console_tail.trim()),
+                    );
+                }
+                DeviceState::Failed { reason } if ours => {
+                    break 'wait (r.device.clone(), reason.clone())
+                }
+                DeviceState::Downloading { percent } if ours => {
+                    let note = format!("staging device {}: downloading {percent}%", r.device);
+                    if note != last_note {
+                        progress(&note);
+                        last_note = note;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if Instant::now() >= deadline {
+            break (
+                String::new(),
+                format!(
+                    "no staging device reported within {timeout_secs} s (is `hub serve` running, with a device enrolled on the staging channel?)"
+                ),
+            );
+        }
+        // Reports arrive through `hub serve` as files; poll them with a deadline.
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    record_verdict(store, candidate, "staging-failed", &device, detail.clone())?;
+    tracing::error!(app = %candidate.app, "staging failed: {detail}");
+    let on = if device.is_empty() {
+        String::new()
+    } else {
+        format!(" on {device}")
+    };
+    bail!("staging failed{on}: {detail}")
+}
+
+fn record_verdict(
+    store: &Store,
+    c: &ReleaseInfo,
+    kind: &str,
+    device: &str,
+    detail: String,
+) -> Result<()> {
+    let mut change = Change::default();
+    change.event(Event {
+        at: now(),
+        kind: kind.into(),
+        app: Some(c.app.clone()),
+        channel: Some(STAGING_CHANNEL.into()),
+        release: Some(c.release),
+        device: (!device.is_empty()).then(|| device.to_string()),
+        detail,
+    });
+    store
+        .commit(kind, &change, None)
+        .context("recording the staging verdict")?;
+    Ok(())
+}
