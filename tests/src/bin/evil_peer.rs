@@ -2,7 +2,9 @@
 //! request with corrupted bytes (the right length plus garbage, then garbage of other
 //! lengths), as a compromised or broken device might.
 //!
-//! Usage: `evil_peer FLEET PORT` — prints `evil peer: <multiaddr>` once listening.
+//! Usage: `evil_peer FLEET PORT [DIAL]` — prints `evil peer: <multiaddr>` once listening;
+//! with DIAL (a peer address) it also connects there and floods both gossip topics with
+//! garbage and forged messages every 200 ms.
 #![allow(clippy::print_stdout)]
 
 use net::{MessageAcceptance, NetConfig, NetEvent};
@@ -19,7 +21,30 @@ async fn main() -> anyhow::Result<()> {
     seed[31] = 0xEE;
     let mut cfg = NetConfig::new(net::keypair_from_seed(seed), &fleet);
     cfg.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse()?];
+    let dial = args.next();
+    if let Some(addr) = &dial {
+        cfg.bootstrap = vec![addr.parse()?];
+    }
     let (client, mut events, _task) = net::spawn(cfg, std::future::pending())?;
+    if dial.is_some() {
+        let c = client.clone();
+        tokio::spawn(async move {
+            let forged = {
+                let mut env = proto::envelope::Envelope::new(b"UFLT\x01\x04garbage".to_vec())
+                    .expect("framed");
+                env.sign(&proto::SecretKey::from_seed([0x66; 32]))
+                    .expect("sign");
+                env.encode().expect("encode")
+            };
+            for i in 0u64.. {
+                let _ = c
+                    .publish(net::Topic::Announce, format!("garbage {i}").into_bytes())
+                    .await;
+                let _ = c.publish(net::Topic::Status, forged.clone()).await;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        });
+    }
     let mut served = 0u64;
     while let Some(ev) = events.recv().await {
         match ev {

@@ -1,0 +1,446 @@
+//! Issue: hub. Real processes: `hub serve` with the embedded broker or a real mosquitto,
+//! a second libp2p process fetching by digest, `git push` deploys, kill -9 of `hub
+//! publish`, and bad input refused with clear errors.
+
+use anyhow::{Context, Result};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use unifleet_tests::fleet::{run, wait_for, Fleet, Proc};
+use unifleet_tests::{bin, free_port};
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn releases(fleet: &Fleet) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(&run(fleet
+        .hub_cmd()?
+        .args(["releases", "--json"]))?)?)
+}
+
+fn metric(addr: &str, name: &str) -> Result<u64> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    let line = body
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .with_context(|| format!("no {name} in {body}"))?;
+    Ok(line.split_whitespace().nth(1).unwrap().parse()?)
+}
+
+#[test]
+fn external_mosquitto_broker_carries_retained_announcements() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    let port = free_port()?;
+    let conf = fleet.path("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    )?;
+    let _mosquitto = Proc {
+        child: Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting mosquitto (scripts/setup.sh installs it)")?,
+        log: fleet.path("mosquitto.log"),
+    };
+    wait_for("mosquitto to listen", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    })?;
+    fleet.mqtt = format!("mqtt://127.0.0.1:{port}");
+    let broker = fleet.mqtt.clone();
+    fleet.start_hub(&["--broker", &broker])?;
+    let img = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&img, "hello", "1.0.0", &["--no-staging"])?;
+    // A device that joins later still learns the release: it is retained by mosquitto.
+    let d = fleet.add_device("mq0", "hello", &[])?;
+    fleet.start_device(d)?;
+    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+    let inv = fleet.inventory()?;
+    assert_eq!(
+        inv["mq0/hello"]["state"], "active",
+        "status reports reach the hub through mosquitto: {inv}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_second_process_fetches_and_verifies_a_release_over_libp2p() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let img = fleet.testimage("hello", "1.0.0", &["--pad-mib", "2"])?;
+    fleet.publish(&img, "hello", "1.0.0", &["--no-staging"])?;
+    let rel = releases(&fleet)?;
+    let digest = rel[0]["manifest"].as_str().unwrap().to_string();
+    let out = fleet.path("fetched.img");
+    let said = run(Command::new(bin("fetch_release")?)
+        .arg(&fleet.hub_addr)
+        .arg(fleet.hub_dir.join("root.bin"))
+        .arg(&digest)
+        .arg("stable")
+        .arg(&out))?;
+    assert!(said.starts_with("verified hello 1.0.0 release 1"), "{said}");
+    assert_eq!(std::fs::read(&out)?, std::fs::read(&img)?);
+    Ok(())
+}
+
+#[test]
+fn git_push_deploys_through_the_same_pipeline() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let d = fleet.add_device("gp0", "hello", &[])?;
+    fleet.start_device(d)?;
+    let app = fleet.path("app");
+    std::fs::create_dir_all(app.join("build"))?;
+    let img = fleet.testimage("hello", "1.2.0", &[])?;
+    std::fs::copy(&img, app.join("build/hello.elf"))?;
+    std::fs::write(
+        app.join("unifleet.toml"),
+        "app = \"hello\"\nversion = \"1.2.0\"\nimage = \"build/hello.elf\"\nno_staging = true\n",
+    )?;
+    let git = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(Command::new("git")
+            .args([
+                "-c",
+                "user.name=op",
+                "-c",
+                "user.email=op@example.invalid",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(&app)
+            .output()?)
+    };
+    git(&["init", "-q"])?;
+    git(&["add", "."])?;
+    git(&["commit", "-qm", "hello 1.2.0"])?;
+    git(&[
+        "remote",
+        "add",
+        "unifleet",
+        fleet.hub_dir.join("deploy.git").to_str().unwrap(),
+    ])?;
+    let push = git(&["push", "unifleet", "main"])?;
+    let said = String::from_utf8_lossy(&push.stderr);
+    assert!(push.status.success(), "{said}");
+    assert!(
+        said.contains("remote: chunked"),
+        "the push shows the pipeline's progress: {said}"
+    );
+    assert!(
+        said.contains("remote: unifleet: released hello release 1 on stable"),
+        "{said}"
+    );
+    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+
+    // A push of something broken ends with the reason, and publishes nothing.
+    std::fs::write(app.join("build/hello.elf"), b"not an image")?;
+    std::fs::write(
+        app.join("unifleet.toml"),
+        "app = \"hello\"\nversion = \"1.3.0\"\nimage = \"build/hello.elf\"\nno_staging = true\n",
+    )?;
+    git(&["commit", "-qam", "broken"])?;
+    let push = git(&["push", "unifleet", "main"])?;
+    let said = String::from_utf8_lossy(&push.stderr);
+    assert!(said.contains("unrecognised image"), "{said}");
+    assert_eq!(releases(&fleet)?.as_array().unwrap().len(), 1);
+    Ok(())
+}
+
+#[test]
+fn kill9_of_hub_publish_never_leaves_a_broken_store() -> Result<()> {
+    let fleet = Fleet::new("test:///default")?;
+    let store = fleet.hub_dir.join("store.git");
+    let root = proto::root::TrustedRoot::bootstrap(
+        &std::fs::read(fleet.hub_dir.join("root.bin"))?,
+        now(),
+    )?;
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id());
+    let mut published = 0;
+    for k in 0..20u64 {
+        let img = fleet.testimage("hello", &format!("1.0.{k}"), &["--pad-mib", "2"])?;
+        let mut child = fleet
+            .hub_cmd()?
+            .arg("publish")
+            .arg(&img)
+            .args([
+                "--app",
+                "hello",
+                "--version",
+                &format!("1.0.{k}"),
+                "--no-staging",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // The kill lands at a pseudo-random point of the pipeline (0–120 ms in).
+        std::thread::sleep(Duration::from_millis(x % 120));
+        let _ = child.kill();
+        let status = child.wait()?;
+        if status.success() {
+            published += 1;
+        }
+        // The store is a valid git repository ...
+        let fsck = Command::new("git")
+            .arg("--git-dir")
+            .arg(&store)
+            .args(["fsck", "--no-dangling"])
+            .output()?;
+        assert!(
+            fsck.status.success(),
+            "run {k}: {}",
+            String::from_utf8_lossy(&fsck.stderr)
+        );
+        // ... and every release in it is complete and signed.
+        for r in releases(&fleet)?.as_array().unwrap() {
+            let path = format!(
+                "HEAD:apps/hello/stable/{:010}.manifest",
+                r["release"].as_u64().unwrap()
+            );
+            let bytes = Command::new("git")
+                .arg("--git-dir")
+                .arg(&store)
+                .args(["show", &path])
+                .output()?
+                .stdout;
+            let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)?;
+            let m: proto::manifest::Manifest = env.open("release", &root.root().release)?;
+            for c in &m.chunks {
+                let blob = format!("HEAD:blobs/{}", c.digest.to_hex());
+                let st = Command::new("git")
+                    .arg("--git-dir")
+                    .arg(&store)
+                    .args(["cat-file", "-e", &blob])
+                    .status()?;
+                assert!(
+                    st.success(),
+                    "run {k}: release {} lacks chunk {}",
+                    m.release,
+                    c.digest
+                );
+            }
+            let ann = format!("HEAD:apps/hello/stable/{:010}.announcement", m.release);
+            let st = Command::new("git")
+                .arg("--git-dir")
+                .arg(&store)
+                .args(["cat-file", "-e", &ann])
+                .status()?;
+            assert!(
+                st.success(),
+                "run {k}: release {} lacks its announcement",
+                m.release
+            );
+        }
+    }
+    // Some runs finished, some were cut short; either way the numbering stayed dense.
+    let rel = releases(&fleet)?;
+    let numbers: Vec<u64> = rel
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["release"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>());
+    assert!(
+        numbers.len() >= published,
+        "{numbers:?} vs {published} completed publishes"
+    );
+    Ok(())
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn bad_input_is_refused_and_nothing_is_half_written() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    let fails = |fleet: &Fleet, args: &[&str]| -> Result<String> {
+        let out = fleet.hub_cmd()?.args(args).output()?;
+        assert!(!out.status.success(), "hub {args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            err.lines().any(|l| l.starts_with("hub: ")),
+            "one clear error line: {err}"
+        );
+        Ok(err)
+    };
+    // Corrupt and unknown images.
+    let junk = fleet.path("junk.img");
+    std::fs::write(&junk, vec![0x42u8; 50_000])?;
+    let err = fails(
+        &fleet,
+        &[
+            "publish",
+            junk.to_str().unwrap(),
+            "--app",
+            "hello",
+            "--version",
+            "1.0.0",
+            "--no-staging",
+        ],
+    )?;
+    assert!(err.contains("unrecognised image"), "{err}");
+    let corrupt = fleet.path("corrupt.elf");
+    std::fs::write(&corrupt, b"\x7fELF\x01\x01\x01\x00truncated")?;
+    let err = fails(
+        &fleet,
+        &[
+            "publish",
+            corrupt.to_str().unwrap(),
+            "--app",
+            "hello",
+            "--version",
+            "1.0.0",
+            "--no-staging",
+        ],
+    )?;
+    assert!(err.contains("ELF"), "{err}");
+
+    // Broker unreachable at publish (no hub serve): stored, signed, announced later.
+    let img = fleet.testimage("hello", "1.0.0", &[])?;
+    let out = fleet
+        .hub_cmd()?
+        .arg("publish")
+        .arg(&img)
+        .args(["--app", "hello", "--version", "1.0.0", "--no-staging"])
+        .output()?;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("will be announced when it starts"));
+
+    // Version not above the current one.
+    let err = fails(
+        &fleet,
+        &[
+            "publish",
+            img.to_str().unwrap(),
+            "--app",
+            "hello",
+            "--version",
+            "1.0.0",
+            "--no-staging",
+        ],
+    )?;
+    assert!(err.contains("is not above"), "{err}");
+    // Missing release key, then a key the root does not know.
+    let key = fleet.hub_dir.join("keys/release.key");
+    let saved = std::fs::read(&key)?;
+    std::fs::remove_file(&key)?;
+    let v2 = fleet.testimage("hello", "2.0.0", &[])?;
+    let err = fails(
+        &fleet,
+        &[
+            "publish",
+            v2.to_str().unwrap(),
+            "--app",
+            "hello",
+            "--version",
+            "2.0.0",
+            "--no-staging",
+        ],
+    )?;
+    assert!(err.contains("release.key"), "{err}");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&key)?;
+        f.write_all(proto::SecretKey::from_seed([0x55; 32]).to_text().as_bytes())?;
+    }
+    let err = fails(
+        &fleet,
+        &[
+            "publish",
+            v2.to_str().unwrap(),
+            "--app",
+            "hello",
+            "--version",
+            "2.0.0",
+            "--no-staging",
+        ],
+    )?;
+    assert!(err.contains("unknown key"), "{err}");
+    std::fs::write(&key, saved)?;
+    assert_eq!(
+        releases(&fleet)?.as_array().unwrap().len(),
+        1,
+        "nothing half-written by the refusals"
+    );
+
+    // Now the hub starts: it announces what was stored while it was down.
+    let metrics = format!("127.0.0.1:{}", free_port()?);
+    fleet.start_hub(&["--metrics", &metrics])?;
+    let d = fleet.add_device("bad0", "hello", &[])?;
+    fleet.start_device(d)?;
+    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+
+    // Garbage and forgeries on MQTT and libp2p are dropped and counted; the hub serves on.
+    unifleet_tests::mqtt_publish(
+        &fleet.mqtt,
+        "unifleet/home/status/bad0",
+        b"garbage".to_vec(),
+        false,
+    )?;
+    let mut evil = Command::new(bin("evil_peer")?)
+        .args(["home", &free_port()?.to_string(), &fleet.hub_addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(evil.stdout.take().unwrap()).read_line(&mut line)?;
+    let _evil = Proc {
+        child: evil,
+        log: fleet.path("evil.log"),
+    };
+    wait_for("garbage to be counted", Duration::from_secs(20), || {
+        let dropped = metric(&metrics, "unifleet_hub_status_dropped_total").ok()?;
+        let rejected = metric(&metrics, "unifleet_hub_gossip_rejected_total").ok()?;
+        (dropped >= 2 && rejected >= 2).then_some(())
+    })?;
+    let v2 = fleet.testimage("hello", "2.0.0", &[])?;
+    fleet.publish(&v2, "hello", "2.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 2, "Active", CONVERGE)?;
+    Ok(())
+}
+
+#[test]
+fn rollback_resigns_the_old_image_as_a_newer_release() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let d = fleet.add_device("rb0", "hello", &[])?;
+    fleet.start_device(d)?;
+    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+    let v2 = fleet.testimage("hello", "1.1.0", &[])?;
+    fleet.publish(&v2, "hello", "1.1.0", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 2, "Active", CONVERGE)?;
+    let said = run(fleet.hub_cmd()?.args(["rollback", "hello"]))?;
+    assert!(said.contains("release 3"), "{said}");
+    fleet.wait_all(&[d], "hello", 3, "Active", CONVERGE)?;
+    let st = fleet.devices[d].state_json();
+    let slot = st["apps"]["hello"]["current"]["slot"].as_str().unwrap();
+    assert_eq!(
+        std::fs::read(slot)?,
+        std::fs::read(&v1)?,
+        "release 3 is the 1.0.0 image"
+    );
+    assert_eq!(st["apps"]["hello"]["current"]["version"], "1.0.0");
+    let log = run(fleet.hub_cmd()?.arg("log"))?;
+    assert!(log.contains("rollback"), "{log}");
+    Ok(())
+}
