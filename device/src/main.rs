@@ -17,40 +17,7 @@ struct Cli {
 enum Command {
     /// Create this device's key and configuration in DIR, and print the public key to
     /// register with `hub enroll`.
-    Enroll {
-        /// Directory for device.key, device.pub, device.toml, root.bin and state/.
-        #[arg(long)]
-        dir: PathBuf,
-        /// Device name, unique in the fleet.
-        #[arg(long)]
-        name: String,
-        /// The fleet's trust root (copied into DIR).
-        #[arg(long)]
-        root: PathBuf,
-        #[arg(long, default_value = "stable")]
-        channel: String,
-        /// App to run (repeat).
-        #[arg(long = "app")]
-        apps: Vec<String>,
-        /// The hub's libp2p address, `/ip4/…/tcp/…/p2p/<peer id>` (printed by `hub serve`).
-        #[arg(long)]
-        hub: Option<String>,
-        /// Other peers to dial at start (repeat).
-        #[arg(long = "peer")]
-        peers: Vec<String>,
-        /// MQTT broker, `mqtt://host:port`.
-        #[arg(long)]
-        broker: Option<String>,
-        #[arg(long, default_value = "test:///default")]
-        libvirt: String,
-        #[arg(long, default_value = "qemu-x86_64")]
-        platform: String,
-        #[arg(long, default_value = "/ip4/127.0.0.1/tcp/0")]
-        listen: String,
-        /// Replace an existing configuration and key.
-        #[arg(long)]
-        force: bool,
-    },
+    Enroll(Box<EnrollArgs>),
     /// Run the agent until interrupted.
     Run {
         #[arg(long)]
@@ -65,8 +32,44 @@ enum Command {
     },
 }
 
-fn enroll(cmd: Command) -> Result<()> {
-    let Command::Enroll {
+#[derive(clap::Args, Debug)]
+struct EnrollArgs {
+    /// Directory for device.key, device.pub, device.toml, root.bin and state/.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Device name, unique in the fleet.
+    #[arg(long)]
+    name: String,
+    /// The fleet's trust root (copied into DIR).
+    #[arg(long)]
+    root: PathBuf,
+    #[arg(long, default_value = "stable")]
+    channel: String,
+    /// App to run (repeat).
+    #[arg(long = "app")]
+    apps: Vec<String>,
+    /// The hub's libp2p address, `/ip4/…/tcp/…/p2p/<peer id>` (printed by `hub serve`).
+    #[arg(long)]
+    hub: Option<String>,
+    /// Other peers to dial at start (repeat).
+    #[arg(long = "peer")]
+    peers: Vec<String>,
+    /// MQTT broker, `mqtt://host:port`.
+    #[arg(long)]
+    broker: Option<String>,
+    #[arg(long, default_value = "test:///default")]
+    libvirt: String,
+    #[arg(long, default_value = "qemu-x86_64")]
+    platform: String,
+    #[arg(long, default_value = "/ip4/127.0.0.1/tcp/0")]
+    listen: String,
+    /// Replace an existing configuration and key.
+    #[arg(long)]
+    force: bool,
+}
+
+fn enroll(args: EnrollArgs) -> Result<()> {
+    let EnrollArgs {
         dir,
         name,
         root,
@@ -79,10 +82,7 @@ fn enroll(cmd: Command) -> Result<()> {
         platform,
         listen,
         force,
-    } = cmd
-    else {
-        unreachable!("called with Enroll")
-    };
+    } = args;
     let cfg_path = dir.join("device.toml");
     anyhow::ensure!(
         force || !cfg_path.exists(),
@@ -192,7 +192,7 @@ fn status(config: PathBuf, json: bool) -> Result<()> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        cmd @ Command::Enroll { .. } => enroll(cmd),
+        Command::Enroll(args) => enroll(*args),
         Command::Run { config } => run(config),
         Command::Status { config, json } => status(config, json),
     };

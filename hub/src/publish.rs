@@ -69,18 +69,33 @@ pub fn stored_manifest(
     Ok(env.open("release", &home.trusted_root()?.root().release)?)
 }
 
-/// Signs `template` as the next release of its app on `channel` and stores it in one
-/// commit with `change` (new chunks, evidence) and an event.
+/// Where and why a release is being signed.
+#[derive(Debug)]
+pub struct NewRelease<'a> {
+    pub channel: &'a str,
+    pub staging: Staging,
+    /// New chunks and evidence to commit with it.
+    pub change: Change,
+    /// Event kind (`publish`, `stage`, `promote`, `rollback`) and its detail line.
+    pub event: &'a str,
+    pub detail: String,
+}
+
+/// Signs `template` as the next release of its app on `new.channel` and stores it in one
+/// commit with `new.change` (new chunks, evidence) and an event.
 pub fn sign_and_store(
     home: &Home,
     store: &Store,
     template: &Manifest,
-    channel: &str,
-    staging: Staging,
-    mut change: Change,
-    event_kind: &str,
-    detail: String,
+    new: NewRelease<'_>,
 ) -> Result<ReleaseInfo> {
+    let NewRelease {
+        channel,
+        staging,
+        mut change,
+        event: event_kind,
+        detail,
+    } = new;
     let root = home.trusted_root()?;
     let key = home.release_key()?;
     let latest = store.latest(&template.app, channel)?;
@@ -258,11 +273,13 @@ pub fn publish(
             home,
             &store,
             &template,
-            STAGING_CHANNEL,
-            Staging::Skipped,
-            change,
-            "stage",
-            format!("{} {} sent to staging", args.app, args.version),
+            NewRelease {
+                channel: STAGING_CHANNEL,
+                staging: Staging::Skipped,
+                change,
+                event: "stage",
+                detail: format!("{} {} sent to staging", args.app, args.version),
+            },
         )?;
         progress(&format!(
             "staging: release {} on {STAGING_CHANNEL}; waiting for a staging device",
@@ -299,22 +316,24 @@ pub fn publish(
             home,
             &store,
             &template,
-            &args.channel,
-            staging,
-            change,
-            "publish",
-            format!(
-                "{} {} ({}, {} bytes){}",
-                args.app,
-                args.version,
-                template.platform,
-                template.image_size,
-                if skipped {
-                    ", staging skipped (--no-staging)"
-                } else {
-                    ", passed staging"
-                }
-            ),
+            NewRelease {
+                channel: &args.channel,
+                staging,
+                change,
+                event: "publish",
+                detail: format!(
+                    "{} {} ({}, {} bytes){}",
+                    args.app,
+                    args.version,
+                    template.platform,
+                    template.image_size,
+                    if skipped {
+                        ", staging skipped (--no-staging)"
+                    } else {
+                        ", passed staging"
+                    }
+                ),
+            },
         )?
     };
     progress(&format!(
@@ -361,11 +380,13 @@ pub fn promote(home: &Home, app: &str, from: &str, to: &str) -> Result<ReleaseIn
         home,
         &store,
         &m,
-        to,
-        staging,
-        change,
-        "promote",
-        format!("{app} {} from {from} release {}", m.version, src.release),
+        NewRelease {
+            channel: to,
+            staging,
+            change,
+            event: "promote",
+            detail: format!("{app} {} from {from} release {}", m.version, src.release),
+        },
     )
 }
 
@@ -415,13 +436,15 @@ pub fn rollback(
         home,
         &store,
         &m,
-        channel,
-        staging,
-        change,
-        "rollback",
-        format!(
-            "{app} back to {} (image of release {old_release}) from {}",
-            m.version, cur.version
-        ),
+        NewRelease {
+            channel,
+            staging,
+            change,
+            event: "rollback",
+            detail: format!(
+                "{app} back to {} (image of release {old_release}) from {}",
+                m.version, cur.version
+            ),
+        },
     )
 }

@@ -24,6 +24,9 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+/// (app, channel, release, signed announcement bytes).
+type Announced = (String, String, u64, Vec<u8>);
+
 const REANNOUNCE: Duration = Duration::from_secs(5);
 const EVENT_FLUSH: Duration = Duration::from_secs(2);
 
@@ -263,25 +266,24 @@ impl Hub {
     /// Announces the newest release of every (app, channel) on MQTT (retained) and gossip.
     async fn announce_all(&mut self) -> usize {
         let store = self.store.clone();
-        let latest =
-            tokio::task::spawn_blocking(move || -> Result<Vec<(String, String, u64, Vec<u8>)>> {
-                let s = store.lock().expect("store lock");
-                let mut newest: BTreeMap<(String, String), u64> = BTreeMap::new();
-                for r in s.releases()? {
-                    let e = newest.entry((r.app, r.channel)).or_default();
-                    *e = (*e).max(r.release);
+        let latest = tokio::task::spawn_blocking(move || -> Result<Vec<Announced>> {
+            let s = store.lock().expect("store lock");
+            let mut newest: BTreeMap<(String, String), u64> = BTreeMap::new();
+            for r in s.releases()? {
+                let e = newest.entry((r.app, r.channel)).or_default();
+                *e = (*e).max(r.release);
+            }
+            let mut out = vec![];
+            for ((app, channel), release) in newest {
+                if let Some(bytes) =
+                    s.read(&release_path(&app, &channel, release, "announcement"))?
+                {
+                    out.push((app, channel, release, bytes));
                 }
-                let mut out = vec![];
-                for ((app, channel), release) in newest {
-                    if let Some(bytes) =
-                        s.read(&release_path(&app, &channel, release, "announcement"))?
-                    {
-                        out.push((app, channel, release, bytes));
-                    }
-                }
-                Ok(out)
-            })
-            .await;
+            }
+            Ok(out)
+        })
+        .await;
         let latest = match latest {
             Ok(Ok(l)) => l,
             Ok(Err(e)) => {

@@ -380,14 +380,13 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
     Ok(swarm)
 }
 
+type FetchReply = oneshot::Sender<Result<Vec<u8>, FetchError>>;
+
 struct Node {
     swarm: Swarm<Behaviour>,
     fleet: String,
     events: mpsc::Sender<NetEvent>,
-    pending_fetch: HashMap<
-        request_response::OutboundRequestId,
-        (PeerId, oneshot::Sender<Result<Vec<u8>, FetchError>>),
-    >,
+    pending_fetch: HashMap<request_response::OutboundRequestId, (PeerId, FetchReply)>,
     pending_reply: HashMap<ReplyId, (PeerId, request_response::ResponseChannel<BlobResponse>)>,
     inbound_per_peer: HashMap<PeerId, usize>,
     next_reply: u64,
@@ -541,10 +540,8 @@ impl Node {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 peer, ..
-            })) => {
-                if !self.swarm.is_connected(&peer) {
-                    let _ = self.swarm.dial(peer);
-                }
+            })) if !self.swarm.is_connected(&peer) => {
+                let _ = self.swarm.dial(peer);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 for (peer, addr) in list {
@@ -660,7 +657,7 @@ impl Node {
             Event::InboundFailure { peer, .. } => {
                 // The response channel is gone with the failed stream; drop our entry.
                 self.pending_reply
-                    .retain(|_, (p, ch)| !(p == &peer && !ch.is_open()));
+                    .retain(|_, (p, ch)| p != &peer || ch.is_open());
                 self.release_inbound(&peer);
             }
             Event::ResponseSent { .. } => {}
