@@ -1,93 +1,92 @@
 #!/usr/bin/env bash
-# The main job on an embedded default, end to end on this machine:
-# keys and a trust root, two versions of a test unikernel, pack, sign, verify,
-# the delta between them, a tampered chunk refused, and v1 booted under QEMU through
-# libvirt (qemu:///system) — or under plain QEMU if libvirtd is unavailable.
+# The main job on an embedded default, on this machine:
+#   1. fwtool: keys-free quick look at two versions of a test unikernel and their delta;
+#   2. a hub (embedded MQTT broker, libp2p, git store) and four devices: one staging
+#      device and three field devices, booting through libvirt's QEMU driver
+#      (qemu:///system) — or libvirt's test driver when libvirtd is unavailable, saying so;
+#   3. publish v1 through the staging gate, then v2: every device's state, its bytes from
+#      peers and hub, and its console READY line; the hub's event log (git).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --workspace --bins --quiet
-FW="$PWD/target/debug/fwtool"
+BIN="$PWD/target/debug"
 OUT="$PWD/demo-out"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  if [ "${URI:-}" = "qemu:///system" ]; then
+    for d in $(virsh -c qemu:///system list --name 2>/dev/null | grep '^uf-demo' || true); do
+      virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
+    done
+  fi
+}
+trap cleanup EXIT
 rm -rf "$OUT" && mkdir -p "$OUT" && cd "$OUT"
-
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-step "keys: one offline root key, one release key"
-"$FW" keygen --out keys/root
-"$FW" keygen --out keys/release
+step "two versions of a test unikernel (16 MiB each) and what a device pays for the update"
+"$BIN/fwtool" testimage --app hello --version 1.0.0 --pad-mib 16 --out hello-1.0.0.elf
+"$BIN/fwtool" testimage --app hello --version 1.0.1 --pad-mib 16 --out hello-1.0.1.elf
+"$BIN/fwtool" diff hello-1.0.0.elf hello-1.0.1.elf
 
-step "trust root v1 (1-of-1 root, 1-of-1 release), signed by the root key"
-"$FW" root init --fleet home --root-key keys/root.pub --release-key keys/release.pub \
-  --sign-with keys/root.key --out root.bin
-"$FW" root verify root.bin
-
-step "two versions of a test unikernel (16 MiB each, same app)"
-"$FW" testimage --app hello --version 1.0.0 --pad-mib 16 --out hello-1.0.0.elf
-"$FW" testimage --app hello --version 1.0.1 --pad-mib 16 --out hello-1.0.1.elf
-"$FW" inspect hello-1.0.0.elf
-
-step "pack and sign both as releases 1 and 2 of hello on stable"
-"$FW" pack hello-1.0.0.elf --app hello --version 1.0.0 --channel stable --release 1 --no-staging --out rel-1
-"$FW" sign rel-1 --key keys/release.key
-"$FW" pack hello-1.0.1.elf --app hello --version 1.0.1 --channel stable --release 2 --no-staging \
-  --previous "$("$FW" inspect rel-1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["digest"])')" \
-  --out rel-2
-"$FW" sign rel-2 --key keys/release.key
-
-step "verify both against the root"
-"$FW" verify rel-1 --root root.bin
-"$FW" verify rel-2 --root root.bin --installed-release 1
-
-step "what a device on 1.0.0 fetches for 1.0.1"
-"$FW" diff rel-1 rel-2
-
-step "attacks are refused"
-cp -r rel-2 tampered
-chunks=(tampered/chunks/*)
-printf '\xff' | dd of="${chunks[0]}" bs=1 seek=100 conv=notrunc status=none
-refused() { if "$@"; then echo "expected a refusal" >&2; exit 1; fi; }
-echo "-- one flipped byte in a chunk:"
-refused "$FW" verify tampered --root root.bin
-echo "-- replaying release 1 to a device that has release 2:"
-refused "$FW" verify rel-1 --root root.bin --installed-release 2
-echo "-- a stable release offered to a beta device:"
-refused "$FW" verify rel-2 --root root.bin --channel beta
-
-step "boot hello 1.0.0"
-LOG="$OUT/console.log"
 if virsh -c qemu:///system version >/dev/null 2>&1; then
-  NAME="unifleet-demo-$$"
-  cat > domain.xml <<XML
-<domain type='qemu'>
-  <name>$NAME</name>
-  <memory unit='MiB'>32</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><kernel>$OUT/hello-1.0.0.elf</kernel></os>
-  <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
-  <devices>
-    <serial type='file'><source path='$LOG'/><target port='0'/></serial>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-XML
-  virsh -c qemu:///system create domain.xml >/dev/null
-  trap 'virsh -c qemu:///system destroy "$NAME" >/dev/null 2>&1 || true' EXIT
-  how="libvirt (qemu:///system)"
+  URI="qemu:///system"; echo "devices boot real images under QEMU through libvirt ($URI)"
 else
-  qemu-system-x86_64 -display none -monitor none -no-reboot -m 32 -serial "file:$LOG" \
-    -kernel hello-1.0.0.elf &
-  QPID=$!
-  trap 'kill $QPID 2>/dev/null || true' EXIT
-  how="plain QEMU (libvirtd unavailable)"
+  URI="test:///default"; echo "libvirtd unavailable: devices use libvirt's test driver ($URI); nothing really boots"
 fi
-for _ in $(seq 1 100); do
-  grep -q READY "$LOG" 2>/dev/null && break
-  sleep 0.1
-done
-if grep -q "READY hello 1.0.0" "$LOG"; then
-  echo "booted through $how; console says: $(tr -d '\r' < "$LOG")"
-else
-  echo "no READY line within 10 s through $how" >&2
-  exit 1
-fi
+
+step "hub: init (quick-start trust root) and serve with its embedded MQTT broker"
+MQTT=$(free_port); P2P=$(free_port)
+"$BIN/hub" --dir hub init --mqtt-listen "127.0.0.1:$MQTT" --p2p-listen "/ip4/127.0.0.1/tcp/$P2P"
+"$BIN/hub" --dir hub serve > hub.out 2> hub.log &
+PIDS+=($!)
+for _ in $(seq 100); do [ -s hub/hub.addr ] && break; sleep 0.1; done
+HUB=$(cat hub/hub.addr); echo "hub peer: $HUB"
+
+step "devices: enroll one staging device and three field devices, start their agents"
+enroll() { # name channel
+  "$BIN/device" enroll --dir "$1" --name "demo-$1" --root hub/root.bin --channel "$2" --app hello \
+    --hub "$HUB" --broker "mqtt://127.0.0.1:$MQTT" --libvirt "$URI" | tail -1
+  "$BIN/hub" --dir hub enroll "$1/device.pub" --name "demo-$1"
+  RUST_LOG=info,libp2p=warn,libp2p_gossipsub=error "$BIN/device" run --config "$1/device.toml" 2> "$1.log" &
+  PIDS+=($!)
+}
+enroll stage staging
+for d in d1 d2 d3; do enroll "$d" stable; done
+
+wait_release() { # release
+  for _ in $(seq 600); do
+    if python3 - "$1" <<'PY'
+import json, subprocess, sys
+inv = json.loads(subprocess.run(["../target/debug/hub", "--dir", "hub", "devices", "--json"], capture_output=True, text=True).stdout or "{}")
+want = int(sys.argv[1])
+ok = all(inv.get(f"demo-{d}/hello", {}).get("release") == want and inv[f"demo-{d}/hello"]["state"] == "active" for d in ("d1", "d2", "d3"))
+sys.exit(0 if ok else 1)
+PY
+    then return 0; fi
+    sleep 0.2
+  done
+  echo "devices did not converge on release $1" >&2; "$BIN/hub" --dir hub devices; exit 1
+}
+show() { # release version
+  "$BIN/hub" --dir hub devices
+  for d in d1 d2 d3; do
+    log="$d/state/uf-demo-$d-hello-r$1.console.log"
+    if [ -f "$log" ]; then echo "  $d console: $(tr -d '\r' < "$log" | head -1)"; fi
+  done
+}
+
+step "publish hello 1.0.0: staging device boots it first, then it is signed for stable"
+"$BIN/hub" --dir hub publish hello-1.0.0.elf --app hello --version 1.0.0 --staging-timeout-secs 60
+wait_release 1; show 1 1.0.0
+
+step "publish hello 1.0.1: devices fetch only the changed chunk, from peers or the hub"
+"$BIN/hub" --dir hub publish hello-1.0.1.elf --app hello --version 1.0.1 --staging-timeout-secs 60
+wait_release 2; show 2 1.0.1
+
+step "the hub's history: events and releases in git"
+"$BIN/hub" --dir hub log | tail -12
+git --git-dir hub/store.git log --oneline | head -8
+git --git-dir hub/store.git tag

@@ -81,7 +81,15 @@ impl Config {
             .with_context(|| format!("reading config {}", path.display()))?;
         let mut cfg: Config =
             toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Absolute paths: libvirtd (another process, another working directory) opens
+        // the image and the console log by these names.
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base = parent
+            .canonicalize()
+            .with_context(|| format!("resolving {}", parent.display()))?;
         for p in [&mut cfg.root, &mut cfg.key, &mut cfg.state_dir] {
             if p.is_relative() {
                 *p = base.join(&*p);
