@@ -10,19 +10,18 @@ use std::time::{Duration, Instant};
 /// The README's test command builds them first (`cargo build --workspace --bins`).
 pub fn bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the test binary")?;
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("test binary has no target directory")?;
-    let path = dir.join(name);
-    if !path.exists() {
-        bail!(
-            "{} not found; build it first with `cargo build --workspace --bins`",
-            path.display()
-        );
+    // Test binaries live in target/<profile>/deps/, programs in target/<profile>/.
+    let dirs = [exe.parent(), exe.parent().and_then(|d| d.parent())];
+    for dir in dirs.into_iter().flatten() {
+        let path = dir.join(name);
+        if path.is_file() {
+            return Ok(path);
+        }
     }
-    Ok(path)
+    bail!(
+        "{name} not found beside {}; build it first with `cargo build --workspace --bins`",
+        exe.display()
+    )
 }
 
 /// A loopback TCP port that was free a moment ago. Whoever binds it next may race

@@ -1,0 +1,200 @@
+//! System benchmarks for the hub and the device agent, with real processes on loopback.
+//! Each figure is a median (or a peak, where stated) with a baseline measured in the same
+//! run. Build in release mode first:
+//!
+//!     cargo build --release --workspace --bins
+//!     cargo run --release -p unifleet-tests --bin bench_system
+//!
+//! Measures: `hub publish` of a 16 MiB image (no staging) against `fwtool pack` of the
+//! same image; hub RSS per MQTT-connected device with 1,000 simulated devices; device
+//! agent RSS idle and peak during a 16 MiB transfer; chunk transfer throughput from a
+//! device (over libp2p, verified) against a plain TCP copy of the same bytes.
+#![allow(clippy::print_stdout)]
+
+use anyhow::{Context, Result};
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use unifleet_tests::fleet::{run, wait_for, Fleet};
+
+const RUNS: usize = 5;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn bench_publish() -> Result<()> {
+    let (mut publish, mut pack) = (vec![], vec![]);
+    for _ in 0..RUNS {
+        let fleet = Fleet::new("test:///default")?;
+        let img = fleet.testimage("bench", "1.0.0", &["--pad-mib", "16"])?;
+        let t = Instant::now();
+        fleet.publish(&img, "bench", "1.0.0", &["--no-staging"])?;
+        publish.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        run(Command::new(unifleet_tests::bin("fwtool")?)
+            .arg("pack")
+            .arg(&img)
+            .args([
+                "--app",
+                "bench",
+                "--version",
+                "1.0.0",
+                "--release",
+                "1",
+                "--no-staging",
+                "--out",
+            ])
+            .arg(fleet.path("packed")))?;
+        pack.push(t.elapsed().as_secs_f64());
+    }
+    let (p, b) = (median(publish), median(pack));
+    println!("| hub publish, 16 MiB, no staging (chunk, sign, git commit) | {:.0} ms | fwtool pack of the same image: {:.0} ms | {:.2}× | ≤ 1 s |", p * 1e3, b * 1e3, p / b);
+    Ok(())
+}
+
+fn bench_mqtt_rss(clients: usize) -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let pid = fleet.hub.as_ref().unwrap().child.id();
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = rss_kib(pid);
+    let url = fleet.mqtt.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut handles = vec![];
+    let (host, port) = url.trim_start_matches("mqtt://").rsplit_once(':').unwrap();
+    let port: u16 = port.parse()?;
+    for i in 0..clients {
+        let host = host.to_string();
+        let connected = connected.clone();
+        handles.push(rt.spawn(async move {
+            let mut opts = rumqttc::MqttOptions::new(format!("bench-device-{i}"), host, port);
+            opts.set_keep_alive(Duration::from_secs(60));
+            let (client, mut el) = rumqttc::AsyncClient::new(opts, 10);
+            let _ = client
+                .subscribe(
+                    format!("unifleet/home/release/stable/app{}", i % 10),
+                    rumqttc::QoS::AtLeastOnce,
+                )
+                .await;
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }));
+    }
+    wait_for(
+        "all simulated devices connected",
+        Duration::from_secs(60),
+        || (connected.load(std::sync::atomic::Ordering::Relaxed) >= clients).then_some(()),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let loaded = rss_kib(pid);
+    let per = (loaded.saturating_sub(idle)) as f64 / clients as f64;
+    println!("| hub RSS with {clients} MQTT-connected devices | {loaded} KiB ({per:.1} KiB per device) | idle hub: {idle} KiB | | ≤ 16 KiB per device |");
+    rt.shutdown_background();
+    Ok(())
+}
+
+fn bench_agent_and_transfer() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let d = fleet.add_device("bench0", "bench", &[])?;
+    fleet.start_device(d)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = fleet.devices[d].proc.as_ref().unwrap().child.id();
+    let idle = rss_kib(pid);
+    let img = fleet.testimage("bench", "1.0.0", &["--pad-mib", "16"])?;
+    fleet.publish(&img, "bench", "1.0.0", &["--no-staging"])?;
+    let mut peak = idle;
+    wait_for("device active", Duration::from_secs(120), || {
+        peak = peak.max(rss_kib(pid));
+        fleet.devices[d]
+            .release_state("bench")
+            .filter(|(r, s)| *r == 1 && s == "Active")
+    })?;
+    println!("| device agent RSS | idle {idle} KiB, peak {peak} KiB during a 16 MiB download | | | ≤ 16 MiB peak |");
+
+    // Transfer from the device (libp2p, verified, 4 in flight) vs. a plain TCP copy.
+    let addr = fleet.device_peer_addr(d)?;
+    let rel: serde_json::Value =
+        serde_json::from_str(&run(fleet.hub_cmd()?.args(["releases", "--json"]))?)?;
+    let digest = rel[0]["manifest"].as_str().unwrap().to_string();
+    let size = std::fs::metadata(&img)?.len() as f64;
+    let data = std::fs::read(&img)?;
+    let (mut p2p, mut tcp) = (vec![], vec![]);
+    for _ in 0..RUNS {
+        let said = run(Command::new(unifleet_tests::bin("fetch_release")?)
+            .arg(&addr)
+            .arg(fleet.hub_dir.join("root.bin"))
+            .arg(&digest)
+            .arg("stable")
+            .arg(fleet.path("fetched.img"))
+            .stderr(Stdio::null()))?;
+        // From the first request to the last verified byte (connection already up).
+        let us: f64 = said.rsplit("transfer_us=").next().unwrap().trim().parse()?;
+        p2p.push(size / (us / 1e6));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let payload = data.clone();
+        let t = Instant::now();
+        let server = std::thread::spawn(move || -> Result<()> {
+            let (mut s, _) = listener.accept()?;
+            s.write_all(&payload)?;
+            Ok(())
+        });
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        let mut got = Vec::with_capacity(data.len());
+        c.read_to_end(&mut got)?;
+        server.join().unwrap()?;
+        tcp.push(size / t.elapsed().as_secs_f64());
+        anyhow::ensure!(got.len() == data.len());
+    }
+    let (p, t) = (median(p2p), median(tcp));
+    println!(
+        "| chunk transfer device → peer (libp2p noise+yamux, 8 in flight, every chunk verified) | {:.0} MB/s | plain TCP copy: {:.0} MB/s | {:.1}% | ≥ 60% |",
+        p / 1e6,
+        t / 1e6,
+        p / t * 100.0
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let which: Vec<String> = std::env::args().skip(1).collect();
+    let all = which.is_empty();
+    println!("| measurement | result | baseline (same run) | ratio | target |");
+    println!("|---|---|---|---|---|");
+    if all || which.iter().any(|w| w == "publish") {
+        bench_publish().context("publish benchmark")?;
+    }
+    if all || which.iter().any(|w| w == "mqtt") {
+        bench_mqtt_rss(1000).context("MQTT RSS benchmark")?;
+    }
+    if all || which.iter().any(|w| w == "agent") {
+        bench_agent_and_transfer().context("agent benchmark")?;
+    }
+    Ok(())
+}
