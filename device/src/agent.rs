@@ -12,7 +12,8 @@
 
 use crate::activator::{ActivateError, Activator, Launch};
 use crate::config::Config;
-use crate::fetch::Fetcher;
+use crate::fetch::{Fetcher, Holders};
+use crate::metrics::DeviceMetrics;
 use crate::mqtt;
 use crate::ratelimit::RateLimiter;
 use crate::report::Reporter;
@@ -34,6 +35,9 @@ use tokio::sync::{mpsc, Semaphore};
 const MAX_SEEDING: usize = 16;
 /// How often the newest verified announcements are re-gossiped.
 const REGOSSIP: Duration = Duration::from_secs(3);
+/// How often the latest status reports are sent again (heartbeat, and catch-up for a hub
+/// that was down).
+const REPORT_AGAIN: Duration = Duration::from_secs(10);
 
 pub fn now() -> u64 {
     std::time::SystemTime::now()
@@ -137,7 +141,19 @@ pub async fn run(
     };
 
     let reporter = Arc::new(Reporter::new(&cfg, key, net.clone(), mqtt_client));
+    let metrics = Arc::new(DeviceMetrics {
+        bytes_from_peers: reporter.from_peers.clone(),
+        bytes_from_hub: reporter.from_hub.clone(),
+        ..DeviceMetrics::default()
+    });
+    if let Some(addr) = &cfg.metrics {
+        let m = metrics.clone();
+        net::metrics::serve(addr, Arc::new(move || m.render()))
+            .await
+            .with_context(|| format!("metrics cannot listen on {addr}"))?;
+    }
     let (updates_tx, updates_rx) = mpsc::channel(16);
+    let holders = Arc::new(Holders::default());
     let router = Router {
         cfg: cfg.clone(),
         platform,
@@ -148,16 +164,27 @@ pub async fn run(
         latest: HashMap::new(),
         seeding: Arc::new(Semaphore::new(MAX_SEEDING)),
         upload: Arc::new(RateLimiter::new(cfg.upload_rate)),
+        metrics: metrics.clone(),
+        reporter: reporter.clone(),
+        holders: holders.clone(),
     };
     let router_task = tokio::spawn(router.run(events, mqtt_rx));
     let updater = Updater {
-        fetcher: Fetcher::new(net.clone(), store.clone(), hub_peers, &cfg, &reporter),
+        fetcher: Fetcher::new(
+            net.clone(),
+            store.clone(),
+            hub_peers,
+            &cfg,
+            &reporter,
+            holders,
+        ),
         activator: Arc::new(Activator::new(&cfg.libvirt_uri, &cfg.domain_type)),
         cfg,
         platform,
         root,
         store,
         reporter,
+        metrics,
     };
     let updater_task = tokio::spawn(updater.run(updates_rx));
     shutdown.await;
@@ -189,6 +216,9 @@ struct Router {
     latest: HashMap<(String, String), (u64, Vec<u8>)>,
     seeding: Arc<Semaphore>,
     upload: Arc<RateLimiter>,
+    metrics: Arc<DeviceMetrics>,
+    reporter: Arc<Reporter>,
+    holders: Arc<Holders>,
 }
 
 impl Router {
@@ -198,8 +228,10 @@ impl Router {
         mut mqtt: mpsc::Receiver<(String, Vec<u8>)>,
     ) {
         let mut regossip = tokio::time::interval(REGOSSIP);
+        let mut report_again = tokio::time::interval(REPORT_AGAIN);
         loop {
             tokio::select! {
+                _ = report_again.tick() => self.reporter.resend_latest().await,
                 ev = events.recv() => match ev {
                     Some(ev) => self.net_event(ev).await,
                     None => break,
@@ -226,6 +258,7 @@ impl Router {
                 data,
                 source,
                 id,
+                ..
             } => {
                 tracing::debug!(peer = %source, "announcement from a peer");
                 let acceptance = self.announcement(data, Some(source)).await;
@@ -236,11 +269,27 @@ impl Router {
                 data,
                 source,
                 id,
+                author,
             } => {
                 // Other devices' reports are relayed toward the hub; only the hub holds the
-                // enrolled keys to verify them. Relay what is well-formed.
-                let ok = proto::envelope::Envelope::decode(&data, proto::codec::Kind::StatusReport)
-                    .is_ok();
+                // enrolled keys to verify them. Relay what is well-formed, and remember who
+                // says it holds which release: a hint for where to fetch first (every blob
+                // is verified whoever sends it).
+                let env =
+                    proto::envelope::Envelope::decode(&data, proto::codec::Kind::StatusReport);
+                let ok = env.is_ok();
+                if let (Ok(env), Some(author)) = (env, author) {
+                    if let Ok(r) = proto::codec::decode::<proto::status::StatusReport>(
+                        proto::codec::Kind::StatusReport,
+                        &env.payload,
+                    ) {
+                        if let (Some(m), proto::status::DeviceState::Active) =
+                            (r.manifest, &r.state)
+                        {
+                            self.holders.note(m, author);
+                        }
+                    }
+                }
                 let acceptance = if ok {
                     MessageAcceptance::Accept
                 } else {
@@ -298,6 +347,9 @@ impl Router {
                 MessageAcceptance::Accept
             }
             Err(e) => {
+                self.metrics
+                    .announcements_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(from = ?from, "refusing announcement: {e}");
                 MessageAcceptance::Reject
             }
@@ -308,6 +360,7 @@ impl Router {
         let store = self.store.clone();
         let net = self.net.clone();
         let upload = self.upload.clone();
+        let metrics = self.metrics.clone();
         let Ok(permit) = self.seeding.clone().try_acquire_owned() else {
             tokio::spawn(async move { net.respond(reply, BlobResponse::Busy).await });
             return;
@@ -320,6 +373,12 @@ impl Router {
             let response = match blob {
                 Some(bytes) => {
                     upload.acquire(bytes.len() as u64).await;
+                    metrics
+                        .blobs_served
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    metrics
+                        .blob_bytes_served
+                        .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     tracing::debug!(%peer, digest = %digest.short(), len = bytes.len(), "serving blob");
                     BlobResponse::Found(bytes)
                 }
@@ -339,6 +398,7 @@ struct Updater {
     fetcher: Fetcher,
     activator: Arc<Activator>,
     reporter: Arc<Reporter>,
+    metrics: Arc<DeviceMetrics>,
 }
 
 impl Updater {
@@ -513,6 +573,9 @@ impl Updater {
                 st.pending = None;
                 self.store.save_state(&state)?;
                 self.store.prune_slots(&state);
+                self.metrics
+                    .activations
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(app = %m.app, release = m.release, version = %m.version, "active and healthy");
                 self.reporter
                     .report_installed(&m.app, &new, DeviceState::Active)
@@ -524,6 +587,9 @@ impl Updater {
                     ActivateError::Probe { console_tail, .. } => console_tail.clone(),
                     _ => String::new(),
                 };
+                self.metrics
+                    .rollbacks
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(app = %m.app, release = m.release, "activation failed, rolling back: {e}");
                 let act = self.activator.clone();
                 let name = launch.name.clone();

@@ -19,6 +19,32 @@ use std::time::{Duration, Instant};
 /// Peers that sent a bad blob during one release's download: not asked again for it.
 pub type Banned = Mutex<HashSet<PeerId>>;
 
+/// Which peers said (in their gossiped status reports) they run which release: fetched
+/// from first. A bounded hint: at most this many releases are remembered.
+#[derive(Debug, Default)]
+pub struct Holders(Mutex<std::collections::HashMap<Digest, HashSet<PeerId>>>);
+
+const MAX_HINTED_RELEASES: usize = 64;
+
+impl Holders {
+    pub fn note(&self, manifest: Digest, peer: PeerId) {
+        let mut map = self.0.lock().expect("not poisoned");
+        if map.len() >= MAX_HINTED_RELEASES && !map.contains_key(&manifest) {
+            map.clear();
+        }
+        map.entry(manifest).or_default().insert(peer);
+    }
+
+    fn of(&self, manifest: &Digest) -> HashSet<PeerId> {
+        self.0
+            .lock()
+            .expect("not poisoned")
+            .get(manifest)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
 /// Give up on a blob after this long without any source delivering it.
 const STALL_LIMIT: Duration = Duration::from_secs(120);
 
@@ -32,6 +58,7 @@ pub struct Fetcher {
     pub from_peers: Arc<AtomicU64>,
     pub from_hub: Arc<AtomicU64>,
     crash_after_chunks: Option<usize>,
+    holders: Arc<Holders>,
 }
 
 impl Fetcher {
@@ -41,6 +68,7 @@ impl Fetcher {
         hub: Vec<PeerId>,
         cfg: &Config,
         reporter: &Reporter,
+        holders: Arc<Holders>,
     ) -> Fetcher {
         Fetcher {
             net,
@@ -55,30 +83,42 @@ impl Fetcher {
                 .as_deref()
                 .and_then(|c| c.strip_prefix("download:"))
                 .and_then(|n| n.parse().ok()),
+            holders,
         }
     }
 
-    /// Connected peers to ask, devices before the hub; `spread` rotates the order so
-    /// parallel requests go to different peers.
-    async fn candidates(&self, spread: usize, banned: &HashSet<PeerId>) -> Vec<PeerId> {
-        let mut peers: Vec<PeerId> = self
+    /// Connected peers to ask: those that said they run `release` first, then other
+    /// devices, the hub last. `spread` rotates each group so parallel requests go to
+    /// different peers.
+    async fn candidates(
+        &self,
+        release: &Digest,
+        spread: usize,
+        banned: &HashSet<PeerId>,
+    ) -> Vec<PeerId> {
+        let holders = self.holders.of(release);
+        let (mut first, mut rest): (Vec<PeerId>, Vec<PeerId>) = self
             .net
             .peers()
             .await
             .into_iter()
             .filter(|p| !self.hub.contains(p) && !banned.contains(p))
-            .collect();
-        if !peers.is_empty() {
-            let k = spread % peers.len();
-            peers.rotate_left(k);
+            .partition(|p| holders.contains(p));
+        for group in [&mut first, &mut rest] {
+            if !group.is_empty() {
+                let k = spread % group.len();
+                group.rotate_left(k);
+            }
         }
-        peers.extend(self.hub.iter().filter(|h| !banned.contains(h)));
-        peers
+        first.extend(rest);
+        first.extend(self.hub.iter().filter(|h| !banned.contains(h)));
+        first
     }
 
     /// One blob, checked by `check`; returns its bytes and whether the hub sent it.
     async fn blob(
         &self,
+        release: &Digest,
         digest: &Digest,
         spread: usize,
         banned: &Mutex<HashSet<PeerId>>,
@@ -88,7 +128,7 @@ impl Fetcher {
         let mut wait = Duration::from_millis(100);
         loop {
             let snapshot = banned.lock().expect("not poisoned").clone();
-            for peer in self.candidates(spread, &snapshot).await {
+            for peer in self.candidates(release, spread, &snapshot).await {
                 match self.net.fetch(peer, *digest).await {
                     Ok(bytes) => match check(&bytes) {
                         Ok(()) => {
@@ -124,7 +164,7 @@ impl Fetcher {
         }
         let limit = proto::envelope::envelope_limit(proto::codec::Kind::Manifest);
         let (bytes, from_hub) = self
-            .blob(digest, 0, banned, |b| {
+            .blob(digest, digest, 0, banned, |b| {
                 if b.len() > limit {
                     return Err(proto::VerifyError::TooManyBytes {
                         what: "manifest".into(),
@@ -174,7 +214,9 @@ impl Fetcher {
             let stored_now = &stored_now;
             async move {
                 let (bytes, from_hub) = self
-                    .blob(&c.digest, i, banned, |b| verify_chunk(i, &c, b))
+                    .blob(&ann.manifest, &c.digest, i, banned, |b| {
+                        verify_chunk(i, &c, b)
+                    })
                     .await?;
                 let store = self.store.clone();
                 let len = bytes.len();

@@ -10,6 +10,7 @@ pub mod activator;
 pub mod agent;
 pub mod config;
 pub mod fetch;
+pub mod metrics;
 pub mod mqtt;
 pub mod ratelimit;
 pub mod report;

@@ -60,8 +60,12 @@ impl Reporter {
         }
     }
 
-    async fn send(&self, r: StatusReport) {
-        tracing::info!(app = %r.app, release = ?r.release, state = r.state.label(), "status");
+    async fn send(&self, r: StatusReport, again: bool) {
+        if again {
+            tracing::debug!(app = %r.app, release = ?r.release, state = r.state.label(), "status (again)");
+        } else {
+            tracing::info!(app = %r.app, release = ?r.release, state = r.state.label(), "status");
+        }
         let bytes = match r
             .seal()
             .map(|mut env| env.sign(&self.key).and_then(|_| env.encode()))
@@ -84,6 +88,20 @@ impl Reporter {
         latest.insert(r.app.clone(), r);
         if let Ok(json) = serde_json::to_vec_pretty(&*latest) {
             let _ = write_atomic(&self.status_file, &json);
+        }
+    }
+
+    /// Sends the latest report of every app again (fresh sequence number and counters), so
+    /// a hub that was down — with its embedded broker and its retained messages — catches
+    /// up without waiting for the next state change.
+    pub async fn resend_latest(&self) {
+        let latest: Vec<StatusReport> = self.latest.lock().await.values().cloned().collect();
+        for mut r in latest {
+            r.seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            r.at = crate::agent::now();
+            r.bytes_from_peers = self.from_peers.load(Ordering::Relaxed);
+            r.bytes_from_hub = self.from_hub.load(Ordering::Relaxed);
+            self.send(r, true).await;
         }
     }
 
@@ -126,7 +144,7 @@ impl Reporter {
             r.version = Some(a.version.to_string());
             r.manifest = Some(a.manifest);
         }
-        self.send(r).await;
+        self.send(r, false).await;
     }
 
     pub async fn report_installed(&self, app: &str, i: &Installed, state: DeviceState) {
@@ -145,7 +163,7 @@ impl Reporter {
         r.release = Some(i.release);
         r.version = Some(i.version.clone());
         r.manifest = Some(i.manifest);
-        self.send(r).await;
+        self.send(r, false).await;
     }
 
     /// Download progress, at most once a second (and always at 100%).

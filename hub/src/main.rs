@@ -112,6 +112,9 @@ enum Command {
     Log {
         #[arg(long)]
         json: bool,
+        /// Keep printing new events as they are committed.
+        #[arg(long)]
+        follow: bool,
     },
     /// Internal: the deploy repository's post-receive hook.
     #[command(hide = true)]
@@ -138,6 +141,26 @@ fn init_tracing() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn print_event(e: &Event, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(e)?);
+    } else {
+        let what: Vec<String> = [
+            e.app.clone(),
+            e.channel.clone(),
+            e.release.map(|r| format!("r{r}")),
+            e.device.clone(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        println!("{} {} {} {}", e.at, e.kind, what.join(" "), e.detail);
+    }
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -304,29 +327,20 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Log { json } => {
+        Command::Log { json, follow } => {
             let home = Home::open(&dir)?;
-            for e in home.store()?.events()? {
-                if json {
-                    println!("{}", serde_json::to_string(&e)?);
-                } else {
-                    println!(
-                        "{} {} {} {}",
-                        e.at,
-                        e.kind,
-                        [
-                            e.app.clone(),
-                            e.channel.clone(),
-                            e.release.map(|r| format!("r{r}")),
-                            e.device.clone()
-                        ]
-                        .into_iter()
-                        .flatten()
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                        e.detail
-                    );
+            let mut shown = 0;
+            loop {
+                let events = home.store()?.events()?;
+                for e in events.iter().skip(shown) {
+                    print_event(e, json)?;
                 }
+                shown = events.len();
+                if !follow {
+                    break;
+                }
+                // The log lives in git; a new commit is the only signal. Poll it.
+                std::thread::sleep(std::time::Duration::from_millis(500));
             }
         }
         Command::DeployHook => {

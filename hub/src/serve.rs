@@ -441,6 +441,7 @@ impl Hub {
                 data,
                 source,
                 id,
+                ..
             } => {
                 let expect = Expectations {
                     app: None,
@@ -468,6 +469,7 @@ impl Hub {
                 data,
                 source,
                 id,
+                ..
             } => {
                 let ok = self.status(&data).await;
                 let acceptance = if ok {

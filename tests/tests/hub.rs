@@ -444,3 +444,34 @@ fn rollback_resigns_the_old_image_as_a_newer_release() -> Result<()> {
     assert!(log.contains("rollback"), "{log}");
     Ok(())
 }
+
+#[test]
+fn hub_log_follow_prints_new_events_as_they_are_committed() -> Result<()> {
+    let fleet = Fleet::new("test:///default")?;
+    let mut follow = fleet
+        .hub_cmd()?
+        .args(["log", "--follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = follow.stdout.take().unwrap();
+    let _follow = Proc {
+        child: follow,
+        log: fleet.path("follow.log"),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(10))?;
+    assert!(first.contains(" init "), "{first}");
+    let img = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&img, "hello", "1.0.0", &["--no-staging"])?;
+    let next = rx.recv_timeout(Duration::from_secs(10))?;
+    assert!(next.contains(" publish hello stable r1"), "{next}");
+    Ok(())
+}

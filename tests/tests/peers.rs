@@ -81,6 +81,18 @@ fn devices_converge_from_peers_after_the_hub_and_broker_die() -> Result<()> {
         fleet.devices[seed].release_state("hello"),
         Some((2, "Active".into()))
     );
+
+    // The hub returns: reports flow again and its inventory catches up.
+    fleet.start_hub(&[])?;
+    wait_for("the inventory to catch up", CONVERGE, || {
+        let inv = fleet.inventory().ok()?;
+        all.iter()
+            .all(|&i| {
+                let e = &inv[format!("{}/hello", fleet.devices[i].name)];
+                e["release"] == 2 && e["state"] == "active"
+            })
+            .then_some(())
+    })?;
     Ok(())
 }
 
@@ -108,6 +120,8 @@ fn malicious_peer_is_detected_dropped_and_the_right_image_installed() -> Result<
     };
     // Peers are asked before the hub, so the evil peer is asked first for everything.
     let d = fleet.add_device("victim", "hello", &["--peer", &evil_addr])?;
+    let metrics = format!("127.0.0.1:{}", free_port()?);
+    fleet.devices[d].set_config("metrics", V::Str(metrics.clone()))?;
     fleet.start_device(d)?;
     let v1 = fleet.testimage("hello", "1.0.0", &["--pad-mib", "1"])?;
     fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
@@ -133,8 +147,23 @@ fn malicious_peer_is_detected_dropped_and_the_right_image_installed() -> Result<
         .map(|_| ());
     assert!(chunks.is_some());
     assert!(served <= 4, "the evil peer was asked {served} times");
-    wait_for("nothing from peers counted", Duration::from_secs(1), || {
-        (bytes(&fleet, d, "bytes_from_peers") == 0).then_some(())
-    })?;
+    assert_eq!(
+        bytes(&fleet, d, "bytes_from_peers"),
+        0,
+        "nothing from the evil peer was kept"
+    );
+    // The agent's Prometheus metrics agree.
+    let mut s = std::net::TcpStream::connect(&metrics)?;
+    std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut s, &mut body)?;
+    assert!(
+        body.contains("unifleet_device_activations_total 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("unifleet_device_bytes_from_peers_total 0"),
+        "{body}"
+    );
     Ok(())
 }

@@ -11,6 +11,7 @@
 //! cap, a request timeout and a bound on concurrent inbound requests per peer.
 
 mod codec;
+pub mod metrics;
 
 pub use codec::PROTOCOL as BLOB_PROTOCOL;
 pub use libp2p::gossipsub::{MessageAcceptance, MessageId};
@@ -90,7 +91,10 @@ pub enum NetEvent {
     Gossip {
         topic: Topic,
         data: Vec<u8>,
+        /// The peer that forwarded it (who to credit or blame for relaying).
         source: PeerId,
+        /// The peer that published it (gossipsub-signed), when known.
+        author: Option<PeerId>,
         id: MessageId,
     },
     /// A peer asks for a blob: answer with [`NetClient::respond`].
@@ -580,6 +584,7 @@ impl Node {
                 };
                 self.emit(NetEvent::Gossip {
                     topic,
+                    author: message.source,
                     data: message.data,
                     source: propagation_source,
                     id: message_id,

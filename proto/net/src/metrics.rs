@@ -1,0 +1,39 @@
+//! A minimal Prometheus endpoint: every request on the address gets the text that
+//! `render` produces at that moment. Shared by the hub and the device agent.
+
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Binds `addr` and serves until the runtime shuts down. Each connection is answered
+/// once (`Connection: close`) with a bounded wait for the request.
+pub async fn serve(
+    addr: &str,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let render = render.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf))
+                        .await;
+                let body = render();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Appends one metric in Prometheus text format.
+pub fn push(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    out.push_str(&format!(
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+    ));
+}
