@@ -39,13 +39,18 @@ fn external_mosquitto_broker_carries_retained_announcements() -> Result<()> {
         format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
     )?;
     let _mosquitto = Proc {
-        child: Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting mosquitto (scripts/setup.sh installs it)")?,
+        // Debian puts mosquitto in /usr/sbin, which is not on every PATH.
+        child: Command::new(if std::path::Path::new("/usr/sbin/mosquitto").exists() {
+            "/usr/sbin/mosquitto"
+        } else {
+            "mosquitto"
+        })
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting mosquitto (scripts/setup.sh installs it)")?,
         log: fleet.path("mosquitto.log"),
     };
     wait_for("mosquitto to listen", Duration::from_secs(10), || {
