@@ -17,22 +17,6 @@ pub fn status_topic(fleet: &str, device: &str) -> String {
     format!("unifleet/{fleet}/status/{device}")
 }
 
-/// Parses `mqtt://host:port` (port defaults to 1883).
-pub fn parse_url(url: &str) -> anyhow::Result<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .ok_or_else(|| anyhow::anyhow!("broker URL {url:?} must start with mqtt://"))?;
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse()
-                .map_err(|_| anyhow::anyhow!("bad port in broker URL {url:?}"))?,
-        ),
-        None => (rest, 1883),
-    };
-    Ok((host.to_string(), port))
-}
-
 /// Connects (lazily; the event loop retries forever) and returns a client for publishing.
 /// Every message arriving on `subscribe` goes to `out` (dropped if `out` is full).
 pub fn start(
@@ -41,7 +25,7 @@ pub fn start(
     subscribe: Vec<String>,
     out: mpsc::Sender<(String, Vec<u8>)>,
 ) -> anyhow::Result<AsyncClient> {
-    let (host, port) = parse_url(url)?;
+    let (host, port) = net::parse_mqtt_url(url).map_err(anyhow::Error::msg)?;
     let mut opts = MqttOptions::new(client_id, host, port);
     opts.set_keep_alive(Duration::from_secs(10));
     opts.set_max_packet_size(MAX_PACKET, MAX_PACKET);

@@ -10,7 +10,7 @@ mod release;
 mod root_cmd;
 mod testimage;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use proto::manifest::{BootSpec, HealthProbe, Platform, Staging};
 use proto::Digest;
@@ -245,21 +245,6 @@ struct VerifyCmd {
     at: Option<u64>,
 }
 
-fn parse_probe(text: &str, app: &str, version: &semver::Version) -> Result<HealthProbe> {
-    Ok(match text.split_once(':') {
-        None if text == "banner" => HealthProbe::ConsoleBanner {
-            line: proto::manifest::Manifest::ready_banner(app, version),
-        },
-        Some(("banner", line)) => HealthProbe::ConsoleBanner { line: line.into() },
-        Some(("tcp", port)) => HealthProbe::TcpConnect {
-            port: port
-                .parse()
-                .with_context(|| format!("bad probe port {port:?}"))?,
-        },
-        _ => bail!("unknown probe {text:?}: use banner, banner:TEXT or tcp:PORT"),
-    })
-}
-
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Keygen { out, force } => {
@@ -299,7 +284,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Command::Pack(cmd) => {
-            let probe = parse_probe(&cmd.probe, &cmd.app, &cmd.version)?;
+            let probe = HealthProbe::parse(&cmd.probe, &cmd.app, &cmd.version)
+                .map_err(anyhow::Error::msg)?;
             let staging = match cmd.staging_report {
                 Some(report) => Staging::Passed { report },
                 None => Staging::Skipped,

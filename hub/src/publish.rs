@@ -36,21 +36,6 @@ pub struct PublishArgs {
     pub staging_timeout_secs: u64,
 }
 
-fn parse_probe(text: &str, app: &str, version: &semver::Version) -> Result<HealthProbe> {
-    Ok(match text.split_once(':') {
-        None if text == "banner" => HealthProbe::ConsoleBanner {
-            line: Manifest::ready_banner(app, version),
-        },
-        Some(("banner", line)) => HealthProbe::ConsoleBanner { line: line.into() },
-        Some(("tcp", port)) => HealthProbe::TcpConnect {
-            port: port
-                .parse()
-                .with_context(|| format!("bad probe port {port:?}"))?,
-        },
-        _ => bail!("unknown probe {text:?}: use banner, banner:TEXT or tcp:PORT"),
-    })
-}
-
 /// Progress lines for a terminal or a git push.
 pub type Progress<'a> = &'a mut dyn FnMut(&str);
 
@@ -222,7 +207,8 @@ fn prepare(
             memory_mib: args.memory_mib,
             vcpus: args.vcpus,
             cmdline: args.cmdline.clone(),
-            probe: parse_probe(&args.probe, &args.app, &args.version)?,
+            probe: HealthProbe::parse(&args.probe, &args.app, &args.version)
+                .map_err(anyhow::Error::msg)?,
             probe_timeout_ms: args.probe_timeout_secs * 1000,
         },
         staging: Staging::Skipped,

@@ -129,7 +129,7 @@ pub async fn serve(
             format!("mqtt://{}", home.config.mqtt_listen)
         }
     };
-    let (host, port) = parse_mqtt(&broker_url)?;
+    let (host, port) = net::parse_mqtt_url(&broker_url).map_err(anyhow::Error::msg)?;
     let mut opts = MqttOptions::new(format!("unifleet-hub-{}", home.config.fleet), host, port);
     opts.set_keep_alive(Duration::from_secs(10));
     opts.set_max_packet_size(16 * 1024, 16 * 1024);
@@ -252,14 +252,6 @@ pub async fn serve(
     mqtt_task.abort();
     let _ = std::fs::remove_file(home.socket());
     Ok(())
-}
-
-fn parse_mqtt(url: &str) -> Result<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .ok_or_else(|| anyhow::anyhow!("broker URL {url:?} must start with mqtt://"))?;
-    let (h, p) = rest.rsplit_once(':').unwrap_or((rest, "1883"));
-    Ok((h.to_string(), p.parse().context("broker port")?))
 }
 
 impl Hub {

@@ -76,6 +76,31 @@ pub enum HealthProbe {
     TcpConnect { port: u16 },
 }
 
+impl HealthProbe {
+    /// Parses the operator's spelling: `banner` (the line `READY <app> <version>`),
+    /// `banner:TEXT`, or `tcp:PORT`.
+    pub fn parse(text: &str, app: &str, version: &semver::Version) -> Result<HealthProbe, String> {
+        Ok(match text.split_once(':') {
+            None if text == "banner" => HealthProbe::ConsoleBanner {
+                line: Manifest::ready_banner(app, version),
+            },
+            Some(("banner", line)) if !line.is_empty() => {
+                HealthProbe::ConsoleBanner { line: line.into() }
+            }
+            Some(("tcp", port)) => HealthProbe::TcpConnect {
+                port: port
+                    .parse()
+                    .map_err(|_| format!("bad probe port {port:?}"))?,
+            },
+            _ => {
+                return Err(format!(
+                    "unknown probe {text:?}: use banner, banner:TEXT or tcp:PORT"
+                ))
+            }
+        })
+    }
+}
+
 /// What the device needs to boot the image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootSpec {

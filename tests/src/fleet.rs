@@ -432,6 +432,36 @@ impl Fleet {
         })
     }
 
+    /// A file of the hub's git store at HEAD (`git show HEAD:PATH`).
+    pub fn store_file(&self, path: &str) -> Result<Vec<u8>> {
+        let out = Command::new("git")
+            .arg("--git-dir")
+            .arg(self.hub_dir.join("store.git"))
+            .args(["show", &format!("HEAD:{path}")])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "git show HEAD:{path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(out.stdout)
+    }
+
+    /// Asserts that device `i` runs exactly `image`: its current slot has the same bytes.
+    pub fn assert_runs_image(&self, i: usize, image: &Path) {
+        let st = self.devices[i].state_json();
+        let slot = st["apps"]["hello"]["current"]["slot"]
+            .as_str()
+            .expect("a current slot");
+        assert_eq!(
+            proto::Digest::of(&std::fs::read(slot).expect("slot readable")),
+            proto::Digest::of(&std::fs::read(image).expect("image readable")),
+            "{} runs something other than {}",
+            self.devices[i].name,
+            image.display()
+        );
+    }
+
     /// The hub's inventory (`hub devices --json`).
     pub fn inventory(&self) -> Result<Value> {
         Ok(serde_json::from_str(&run(self

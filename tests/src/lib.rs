@@ -123,3 +123,23 @@ pub fn mqtt_publish(url: &str, topic: &str, payload: Vec<u8>, retain: bool) -> R
     }
     bail!("no PUBACK from {url} within 10 s")
 }
+
+/// Reads one Prometheus metric from an HTTP endpoint (`addr` is `host:port`).
+pub fn metric(addr: &str, name: &str) -> Result<u64> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr)
+        .with_context(|| format!("connecting to metrics at {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    let line = body
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .with_context(|| format!("no {name} in {body}"))?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("metric value")?
+        .parse()?)
+}

@@ -3,7 +3,6 @@
 //! chunks and never running a partial image.
 
 use anyhow::Result;
-use std::io::{Read, Write};
 use std::time::Duration;
 use unifleet_tests::fleet::{toml_value::V, wait_for, Fleet};
 
@@ -23,19 +22,6 @@ fn stored_chunk_bytes(fleet: &Fleet, i: usize) -> u64 {
 fn fetched(fleet: &Fleet, i: usize) -> u64 {
     let r = fleet.devices[i].report("hello").unwrap_or_default();
     r["bytes_from_peers"].as_u64().unwrap_or(0) + r["bytes_from_hub"].as_u64().unwrap_or(0)
-}
-
-fn assert_runs_exact_image(fleet: &Fleet, i: usize, image: &std::path::Path) {
-    let st = fleet.devices[i].state_json();
-    let slot = st["apps"]["hello"]["current"]["slot"]
-        .as_str()
-        .expect("a current slot");
-    assert_eq!(
-        proto::Digest::of(&std::fs::read(slot).unwrap()),
-        proto::Digest::of(&std::fs::read(image).unwrap()),
-        "{} runs something other than the published image",
-        fleet.devices[i].name
-    );
 }
 
 #[test]
@@ -80,7 +66,7 @@ fn kill_at_each_install_step_then_restart_converges_without_refetching() -> Resu
         fleet.devices[i].set_config("crash_at", V::Remove)?;
         fleet.start_device(i)?;
         fleet.wait_all(&[i], "hello", 1, "Active", CONVERGE)?;
-        assert_runs_exact_image(&fleet, i, &image);
+        fleet.assert_runs_image(i, &image);
         // After the restart only what was missing was fetched (plus nothing else: the
         // manifest was stored before the first chunk).
         let refetched = fetched(&fleet, i);
@@ -90,18 +76,6 @@ fn kill_at_each_install_step_then_restart_converges_without_refetching() -> Resu
         );
     }
     Ok(())
-}
-
-fn hub_blob_bytes(metrics: &str) -> Result<u64> {
-    let mut s = std::net::TcpStream::connect(metrics)?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    let line = body
-        .lines()
-        .find(|l| l.starts_with("unifleet_hub_blob_bytes_served_total "))
-        .ok_or_else(|| anyhow::anyhow!("no blob bytes metric in {body}"))?;
-    Ok(line.split_whitespace().nth(1).unwrap().parse()?)
 }
 
 #[test]
@@ -128,16 +102,16 @@ fn random_kill9_during_download_never_refetches_or_runs_a_partial_image() -> Res
         fleet.devices[d].proc.as_mut().unwrap().kill9();
         let st = fleet.devices[d].state_json();
         if !st["apps"]["hello"]["current"].is_null() {
-            assert_runs_exact_image(&fleet, d, &image);
+            fleet.assert_runs_image(d, &image);
         }
     }
     fleet.start_device(d)?;
     fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
-    assert_runs_exact_image(&fleet, d, &image);
+    fleet.assert_runs_image(d, &image);
     // Every byte the hub served, over all runs: the image once, plus at most the chunks
     // that were in flight at each kill (4 parallel fetches of at most 256 KiB) and the
     // manifest each time.
-    let served = hub_blob_bytes(&metrics)?;
+    let served = unifleet_tests::metric(&metrics, "unifleet_hub_blob_bytes_served_total")?;
     let slack = (kills + 1) * (4 * 256 * 1024 + 64 * 1024);
     assert!(
         served <= size + slack,

@@ -5,7 +5,6 @@ use anyhow::Result;
 use proto::announcement::Announcement;
 use proto::manifest::Platform;
 use proto::SecretKey;
-use std::process::Command;
 use std::time::Duration;
 use unifleet_tests::fleet::{wait_for, Fleet};
 use unifleet_tests::mqtt_publish;
@@ -40,14 +39,7 @@ fn replayed_expired_forged_and_mismatched_announcements_are_refused() -> Result<
     let release_key = SecretKey::from_text(&std::fs::read_to_string(
         fleet.hub_dir.join("keys/release.key"),
     )?)?;
-    let genuine_v2 = {
-        let out = Command::new("git")
-            .arg("--git-dir")
-            .arg(fleet.hub_dir.join("store.git"))
-            .args(["show", "HEAD:apps/hello/stable/0000000002.announcement"])
-            .output()?;
-        out.stdout
-    };
+    let genuine_v2 = fleet.store_file("apps/hello/stable/0000000002.announcement")?;
     let base: Announcement = {
         let env = proto::envelope::Envelope::decode(&genuine_v2, proto::codec::Kind::Announcement)?;
         proto::codec::decode(proto::codec::Kind::Announcement, &env.payload)?
@@ -82,12 +74,7 @@ fn replayed_expired_forged_and_mismatched_announcements_are_refused() -> Result<
     refuses(sign(&arm, &release_key), "this device runs qemu-x86_64")?;
 
     // (d) the genuine, correctly signed announcement of release 1, replayed.
-    let old = Command::new("git")
-        .arg("--git-dir")
-        .arg(fleet.hub_dir.join("store.git"))
-        .args(["show", "HEAD:apps/hello/stable/0000000001.announcement"])
-        .output()?
-        .stdout;
+    let old = fleet.store_file("apps/hello/stable/0000000001.announcement")?;
     refuses(old, "ignoring announcement of release 1")?;
 
     // (e) a validly signed announcement that has expired (a freeze attack).

@@ -3,7 +3,7 @@
 //! publish`, and bad input refused with clear errors.
 
 use anyhow::{Context, Result};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use unifleet_tests::fleet::{run, wait_for, Fleet, Proc};
@@ -15,18 +15,6 @@ fn releases(fleet: &Fleet) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&run(fleet
         .hub_cmd()?
         .args(["releases", "--json"]))?)?)
-}
-
-fn metric(addr: &str, name: &str) -> Result<u64> {
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    let line = body
-        .lines()
-        .find(|l| l.starts_with(&format!("{name} ")))
-        .with_context(|| format!("no {name} in {body}"))?;
-    Ok(line.split_whitespace().nth(1).unwrap().parse()?)
 }
 
 #[test]
@@ -207,15 +195,10 @@ fn kill9_of_hub_publish_never_leaves_a_broken_store() -> Result<()> {
         // ... and every release in it is complete and signed.
         for r in releases(&fleet)?.as_array().unwrap() {
             let path = format!(
-                "HEAD:apps/hello/stable/{:010}.manifest",
+                "apps/hello/stable/{:010}.manifest",
                 r["release"].as_u64().unwrap()
             );
-            let bytes = Command::new("git")
-                .arg("--git-dir")
-                .arg(&store)
-                .args(["show", &path])
-                .output()?
-                .stdout;
+            let bytes = fleet.store_file(&path)?;
             let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)?;
             let m: proto::manifest::Manifest = env.open("release", &root.root().release)?;
             for c in &m.chunks {
@@ -412,8 +395,9 @@ fn bad_input_is_refused_and_nothing_is_half_written() -> Result<()> {
         log: fleet.path("evil.log"),
     };
     wait_for("garbage to be counted", Duration::from_secs(20), || {
-        let dropped = metric(&metrics, "unifleet_hub_status_dropped_total").ok()?;
-        let rejected = metric(&metrics, "unifleet_hub_gossip_rejected_total").ok()?;
+        let dropped = unifleet_tests::metric(&metrics, "unifleet_hub_status_dropped_total").ok()?;
+        let rejected =
+            unifleet_tests::metric(&metrics, "unifleet_hub_gossip_rejected_total").ok()?;
         (dropped >= 2 && rejected >= 2).then_some(())
     })?;
     let v2 = fleet.testimage("hello", "2.0.0", &[])?;

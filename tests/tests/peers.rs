@@ -17,20 +17,6 @@ fn bytes(fleet: &Fleet, i: usize, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The installed slot is byte-for-byte the published image.
-fn assert_installed_image(fleet: &Fleet, i: usize, image: &std::path::Path) {
-    let st = fleet.devices[i].state_json();
-    let slot = st["apps"]["hello"]["current"]["slot"]
-        .as_str()
-        .expect("current slot");
-    assert_eq!(
-        proto::Digest::of(&std::fs::read(slot).unwrap()),
-        proto::Digest::of(&std::fs::read(image).unwrap()),
-        "{} runs a different image",
-        fleet.devices[i].name
-    );
-}
-
 #[test]
 fn devices_converge_from_peers_after_the_hub_and_broker_die() -> Result<()> {
     let mut fleet = Fleet::new("test:///default")?;
@@ -74,7 +60,7 @@ fn devices_converge_from_peers_after_the_hub_and_broker_die() -> Result<()> {
             fleet.devices[i].name
         );
         assert!(bytes(&fleet, i, "bytes_from_peers") > 0);
-        assert_installed_image(&fleet, i, &v2);
+        fleet.assert_runs_image(i, &v2);
     }
     // The seed device kept serving its instance throughout.
     assert_eq!(
@@ -126,7 +112,7 @@ fn malicious_peer_is_detected_dropped_and_the_right_image_installed() -> Result<
     let v1 = fleet.testimage("hello", "1.0.0", &["--pad-mib", "1"])?;
     fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
     fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
-    assert_installed_image(&fleet, d, &v1);
+    fleet.assert_runs_image(d, &v1);
     let log = fleet.devices[d].log_text();
     let evil_id = evil_addr.rsplit('/').next().unwrap();
     let complaints = log
@@ -153,17 +139,13 @@ fn malicious_peer_is_detected_dropped_and_the_right_image_installed() -> Result<
         "nothing from the evil peer was kept"
     );
     // The agent's Prometheus metrics agree.
-    let mut s = std::net::TcpStream::connect(&metrics)?;
-    std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.0\r\n\r\n")?;
-    let mut body = String::new();
-    std::io::Read::read_to_string(&mut s, &mut body)?;
-    assert!(
-        body.contains("unifleet_device_activations_total 1"),
-        "{body}"
+    assert_eq!(
+        unifleet_tests::metric(&metrics, "unifleet_device_activations_total")?,
+        1
     );
-    assert!(
-        body.contains("unifleet_device_bytes_from_peers_total 0"),
-        "{body}"
+    assert_eq!(
+        unifleet_tests::metric(&metrics, "unifleet_device_bytes_from_peers_total")?,
+        0
     );
     Ok(())
 }

@@ -43,12 +43,7 @@ fn staging_pass_signs_for_stable_and_staging_fail_signs_nothing() -> Result<()> 
         .collect();
     assert_eq!(stable.len(), 1, "{releases}");
     let manifest = fleet.dir.path().join("stable.manifest");
-    let bytes = std::process::Command::new("git")
-        .arg("--git-dir")
-        .arg(fleet.hub_dir.join("store.git"))
-        .args(["show", "HEAD:apps/hello/stable/0000000001.manifest"])
-        .output()?
-        .stdout;
+    let bytes = fleet.store_file("apps/hello/stable/0000000001.manifest")?;
     std::fs::write(&manifest, &bytes)?;
     let inspected = run(std::process::Command::new(unifleet_tests::bin("fwtool")?)
         .arg("inspect")

@@ -307,6 +307,21 @@ pub fn spawn(
     ))
 }
 
+/// Splits a broker URL `mqtt://host:port` (port defaults to 1883).
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .ok_or_else(|| format!("broker URL {url:?} must start with mqtt://"))?;
+    match rest.rsplit_once(':') {
+        Some((h, p)) => Ok((
+            h.to_string(),
+            p.parse()
+                .map_err(|_| format!("bad port in broker URL {url:?}"))?,
+        )),
+        None => Ok((rest.to_string(), 1883)),
+    }
+}
+
 /// The peer id at the end of a `/…/p2p/<id>` address.
 pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     addr.iter().find_map(|p| match p {
