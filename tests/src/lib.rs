@@ -143,3 +143,30 @@ pub fn metric(addr: &str, name: &str) -> Result<u64> {
         .context("metric value")?
         .parse()?)
 }
+
+/// Subscribes to `topic` and returns the first message (a retained one arrives at once),
+/// or fails after `timeout`.
+pub fn mqtt_first_message(url: &str, topic: &str, timeout: Duration) -> Result<Vec<u8>> {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    let (host, port) = net::parse_mqtt_url(url).map_err(anyhow::Error::msg)?;
+    let mut opts = MqttOptions::new(
+        format!("unifleet-test-sub-{}", std::process::id()),
+        host,
+        port,
+    );
+    opts.set_max_packet_size(64 * 1024, 64 * 1024);
+    let (client, mut conn) = Client::new(opts, 10);
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match conn.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                client.subscribe(topic, QoS::AtLeastOnce)?
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => return Ok(p.payload.to_vec()),
+            // Broker not there (yet): keep trying until the deadline.
+            Ok(Err(_)) => std::thread::sleep(Duration::from_millis(100)),
+            _ => {}
+        }
+    }
+    bail!("no message on {topic} at {url} within {timeout:?}")
+}

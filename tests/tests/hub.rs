@@ -58,6 +58,29 @@ fn external_mosquitto_broker_carries_retained_announcements() -> Result<()> {
         inv["mq0/hello"]["state"], "active",
         "status reports reach the hub through mosquitto: {inv}"
     );
+
+    // The broker dies and comes back empty (no persistence): the running hub announces
+    // again and the retained announcement is there once more.
+    let topic = "unifleet/home/release/stable/hello";
+    drop(_mosquitto);
+    let _mosquitto = Proc {
+        child: Command::new(if std::path::Path::new("/usr/sbin/mosquitto").exists() {
+            "/usr/sbin/mosquitto"
+        } else {
+            "mosquitto"
+        })
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?,
+        log: fleet.path("mosquitto2.log"),
+    };
+    let retained = unifleet_tests::mqtt_first_message(&fleet.mqtt, topic, Duration::from_secs(30))?;
+    let env = proto::envelope::Envelope::decode(&retained, proto::codec::Kind::Announcement)?;
+    let ann: proto::announcement::Announcement =
+        proto::codec::decode(proto::codec::Kind::Announcement, &env.payload)?;
+    assert_eq!(ann.release, 1);
     Ok(())
 }
 
