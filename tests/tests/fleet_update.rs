@@ -36,13 +36,21 @@ fn five_devices_converge_on_v1_then_v2_and_v2_costs_only_the_delta() -> Result<(
             fleet.devices[i].name
         );
     }
-    // The hub's inventory agrees, from the devices' signed reports.
-    let inv = fleet.inventory()?;
-    for &i in &all {
-        let e = &inv[format!("{}/hello", fleet.devices[i].name)];
-        assert_eq!(e["release"], 2, "{inv}");
-        assert_eq!(e["state"], "active", "{inv}");
-    }
+    // The hub's inventory agrees, from the devices' signed reports (which reach it a
+    // moment after the devices wrote them locally).
+    unifleet_tests::fleet::wait_for(
+        "the hub's inventory to show release 2 everywhere",
+        CONVERGE,
+        || {
+            let inv = fleet.inventory().ok()?;
+            all.iter()
+                .all(|&i| {
+                    let e = &inv[format!("{}/hello", fleet.devices[i].name)];
+                    e["release"] == 2 && e["state"] == "active"
+                })
+                .then_some(())
+        },
+    )?;
     Ok(())
 }
 
