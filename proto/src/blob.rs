@@ -17,7 +17,8 @@ pub struct BlobRequest {
 /// The answer to a [`BlobRequest`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BlobResponse {
-    Found(Vec<u8>),
+    /// Encoded as bytes (not a sequence of u8s): the same wire bytes, decoded in one copy.
+    Found(#[serde(with = "serde_bytes")] Vec<u8>),
     NotFound,
     /// Too many requests in flight from this peer; try another peer or later.
     Busy,

@@ -44,6 +44,7 @@ pub struct KeySignature {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
     /// A complete framed message (magic, version, kind, body): exactly the signed bytes.
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
     pub signatures: Vec<KeySignature>,
 }
