@@ -8,6 +8,7 @@
 
 pub mod activator;
 pub mod agent;
+pub mod autoscale;
 pub mod config;
 pub mod fetch;
 pub mod metrics;

@@ -1,0 +1,540 @@
+//! The autoscaler for on-demand instances: a state machine with events in and actions out,
+//! no I/O and no clock of its own (every event carries `now`), so it is tested with
+//! synthetic time. The front proxy and the libvirt activator (issue 5) drive it.
+//!
+//! Model (after Knative's KPA): the desired instance count is the average concurrency over
+//! a window divided by the target concurrency per instance. Two windows:
+//! - **stable window** (default 30 s): the average that decides normal scaling, both ways;
+//! - **panic window** (default 3 s): if the short average needs at least `panic_factor` ×
+//!   the current capacity, the scaler panics: it scales up at once on the short average and
+//!   does not scale down until a whole stable window has passed without a panic.
+//!
+//! Defaults against Knative's 60 s / 6 s: a unikernel here boots in ~0.1–0.3 s (a container
+//! in seconds), so half the windows keep the same ratio (10:1) while following load twice
+//! as fast; boards are small, so holding idle capacity for a whole minute is costlier than
+//! on a cluster. Scale to zero after `idle` (default 30 s) without connections, if `min` is 0.
+//!
+//! Placement: local instances first, up to `max_local`; then remote (the hosted Xen URI) up
+//! to `max_remote`, while the remote host is reachable. Scaling down removes remote
+//! instances first, then local ones, never below `min`. Neither maximum is ever exceeded.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// How far (in instances) below a smaller size the load must be before scaling down.
+const DOWN_MARGIN: f64 = 0.5;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleConfig {
+    pub min: u32,
+    pub max_local: u32,
+    pub max_remote: u32,
+    /// Concurrent connections one instance should carry.
+    pub target: f64,
+    pub stable_window: Duration,
+    pub panic_window: Duration,
+    pub panic_factor: f64,
+    pub idle: Duration,
+    /// After the remote host failed, how long to wait before trying it again.
+    pub remote_retry: Duration,
+}
+
+impl Default for ScaleConfig {
+    fn default() -> ScaleConfig {
+        ScaleConfig {
+            min: 0,
+            max_local: 2,
+            max_remote: 2,
+            target: 1.0,
+            stable_window: Duration::from_secs(30),
+            panic_window: Duration::from_secs(3),
+            panic_factor: 2.0,
+            idle: Duration::from_secs(30),
+            remote_retry: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Location {
+    Local,
+    Remote,
+}
+
+/// Identifies an instance; issued by the scaler in [`Action::Start`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InstanceId(pub u64);
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Concurrent connections right now (the proxy samples this, e.g. every 100 ms, and on
+    /// every new connection).
+    Load {
+        now: Instant,
+        connections: u32,
+    },
+    Ready {
+        now: Instant,
+        id: InstanceId,
+    },
+    /// The instance failed its probe or died: it is gone.
+    Failed {
+        now: Instant,
+        id: InstanceId,
+    },
+    /// Starting on the remote host failed (unreachable, refused).
+    RemoteUnavailable {
+        now: Instant,
+        id: InstanceId,
+        reason: String,
+    },
+    Tick {
+        now: Instant,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Start {
+        id: InstanceId,
+        at: Location,
+    },
+    Stop {
+        id: InstanceId,
+    },
+    /// Something an operator should see (remote host unreachable, …).
+    Report(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Starting,
+    Ready,
+}
+
+#[derive(Debug, Clone)]
+struct Instance {
+    id: InstanceId,
+    at: Location,
+    phase: Phase,
+}
+
+#[derive(Debug)]
+pub struct Autoscaler {
+    cfg: ScaleConfig,
+    instances: Vec<Instance>,
+    samples: VecDeque<(Instant, u32)>,
+    next_id: u64,
+    last_busy: Option<Instant>,
+    panic_until: Option<Instant>,
+    remote_down_until: Option<Instant>,
+}
+
+impl Autoscaler {
+    pub fn new(cfg: ScaleConfig) -> Autoscaler {
+        Autoscaler {
+            cfg,
+            instances: vec![],
+            samples: VecDeque::new(),
+            next_id: 0,
+            last_busy: None,
+            panic_until: None,
+            remote_down_until: None,
+        }
+    }
+
+    /// (local, remote) instances, starting or ready.
+    pub fn counts(&self) -> (u32, u32) {
+        let n = |l| self.instances.iter().filter(|i| i.at == l).count() as u32;
+        (n(Location::Local), n(Location::Remote))
+    }
+
+    /// Instances ready to take connections, local first.
+    pub fn ready(&self) -> Vec<(InstanceId, Location)> {
+        let mut v: Vec<_> = self
+            .instances
+            .iter()
+            .filter(|i| i.phase == Phase::Ready)
+            .map(|i| (i.id, i.at))
+            .collect();
+        v.sort_by_key(|(id, at)| (*at == Location::Remote, *id));
+        v
+    }
+
+    pub fn in_panic(&self, now: Instant) -> bool {
+        self.panic_until.is_some_and(|t| now < t)
+    }
+
+    pub fn handle(&mut self, event: Event) -> Vec<Action> {
+        match event {
+            Event::Load { now, connections } => {
+                self.samples.push_back((now, connections));
+                if connections > 0 {
+                    self.last_busy = Some(now);
+                }
+                self.trim(now);
+                // A connection with nothing running must not wait for the next tick.
+                if connections > 0 && self.instances.is_empty() {
+                    return self.scale(now);
+                }
+                vec![]
+            }
+            Event::Ready { id, .. } => {
+                if let Some(i) = self.instances.iter_mut().find(|i| i.id == id) {
+                    i.phase = Phase::Ready;
+                }
+                vec![]
+            }
+            Event::Failed { now, id } => {
+                self.instances.retain(|i| i.id != id);
+                // Replace it if it is still needed.
+                self.scale(now)
+            }
+            Event::RemoteUnavailable { now, id, reason } => {
+                self.instances.retain(|i| i.id != id);
+                self.remote_down_until = Some(now + self.cfg.remote_retry);
+                let mut out = vec![Action::Report(format!(
+                    "hosted Xen host unavailable ({reason}); serving locally only for {:?}",
+                    self.cfg.remote_retry
+                ))];
+                out.extend(self.scale(now));
+                out
+            }
+            Event::Tick { now } => {
+                self.trim(now);
+                self.scale(now)
+            }
+        }
+    }
+
+    fn trim(&mut self, now: Instant) {
+        let keep = self.cfg.stable_window.max(self.cfg.panic_window);
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > keep)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    fn average(&self, now: Instant, window: Duration) -> f64 {
+        let in_window: Vec<u32> = self
+            .samples
+            .iter()
+            .filter(|(t, _)| now.duration_since(*t) <= window)
+            .map(|(_, c)| *c)
+            .collect();
+        if in_window.is_empty() {
+            return 0.0;
+        }
+        in_window.iter().map(|c| f64::from(*c)).sum::<f64>() / in_window.len() as f64
+    }
+
+    fn remote_usable(&self, now: Instant) -> bool {
+        self.remote_down_until.is_none_or(|t| now >= t)
+    }
+
+    /// The instance count the load asks for, before limits.
+    fn desired(&mut self, now: Instant) -> u32 {
+        let current = self.instances.len() as u32;
+        let stable = self.average(now, self.cfg.stable_window);
+        let panic = self.average(now, self.cfg.panic_window);
+        let need = |avg: f64| (avg / self.cfg.target).ceil() as u32;
+        let capacity = f64::from(current) * self.cfg.target;
+        if panic > 0.0
+            && panic >= self.cfg.panic_factor * capacity.max(self.cfg.target)
+            && need(panic) > current
+        {
+            self.panic_until = Some(now + self.cfg.stable_window);
+        }
+        let mut want = need(stable);
+        if want < current && stable > 0.0 {
+            // Hysteresis: scaling down needs the load to sit half an instance below the
+            // smaller size, so a load hovering at a boundary does not flap.
+            want = need(stable + DOWN_MARGIN * self.cfg.target).min(current);
+        }
+        if self.in_panic(now) {
+            // Up on the short window; never down while panicking.
+            want = want.max(need(panic)).max(current);
+        }
+        let idle = self
+            .last_busy
+            .is_none_or(|t| now.duration_since(t) >= self.cfg.idle);
+        if want == 0 && !idle {
+            // Load stopped only recently: keep one until the idle time has passed.
+            want = 1;
+        }
+        want.max(self.cfg.min)
+    }
+
+    fn scale(&mut self, now: Instant) -> Vec<Action> {
+        let want = self.desired(now);
+        let remote_ok = self.remote_usable(now);
+        let want_local = want.min(self.cfg.max_local);
+        let want_remote = if remote_ok {
+            (want - want_local).min(self.cfg.max_remote)
+        } else {
+            0
+        };
+        let (local, remote) = self.counts();
+        let mut out = vec![];
+        for _ in local..want_local {
+            out.push(self.start(Location::Local));
+        }
+        for _ in remote..want_remote {
+            out.push(self.start(Location::Remote));
+        }
+        // Down: remote first (newest first), then local.
+        for (at, have, keep) in [
+            (Location::Remote, remote, want_remote),
+            (Location::Local, local, want_local),
+        ] {
+            for _ in keep..have {
+                if let Some(pos) = self.instances.iter().rposition(|i| i.at == at) {
+                    let gone = self.instances.remove(pos);
+                    out.push(Action::Stop { id: gone.id });
+                }
+            }
+        }
+        out
+    }
+
+    fn start(&mut self, at: Location) -> Action {
+        self.next_id += 1;
+        let id = InstanceId(self.next_id);
+        self.instances.push(Instance {
+            id,
+            at,
+            phase: Phase::Starting,
+        });
+        Action::Start { id, at }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn starts(actions: &[Action], at: Location) -> usize {
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::Start { at: l, .. } if *l == at))
+            .count()
+    }
+
+    fn stops(actions: &[Action]) -> usize {
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::Stop { .. }))
+            .count()
+    }
+
+    /// Feeds `connections` every 100 ms for `dur`, ticking each time; returns all actions.
+    fn drive(a: &mut Autoscaler, t: &mut Instant, dur: Duration, connections: u32) -> Vec<Action> {
+        let mut out = vec![];
+        let end = *t + dur;
+        while *t < end {
+            *t += Duration::from_millis(100);
+            out.extend(a.handle(Event::Load {
+                now: *t,
+                connections,
+            }));
+            out.extend(a.handle(Event::Tick { now: *t }));
+            // Everything started becomes ready at once in these tests.
+            for act in out.clone() {
+                if let Action::Start { id, .. } = act {
+                    a.handle(Event::Ready { now: *t, id });
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn first_connection_starts_one_immediately() {
+        let mut a = Autoscaler::new(ScaleConfig::default());
+        let t = Instant::now();
+        let out = a.handle(Event::Load {
+            now: t,
+            connections: 1,
+        });
+        assert_eq!(
+            out,
+            vec![Action::Start {
+                id: InstanceId(1),
+                at: Location::Local
+            }]
+        );
+        assert_eq!(a.counts(), (1, 0));
+    }
+
+    #[test]
+    fn grows_local_then_remote_and_never_exceeds_maxima() {
+        let mut a = Autoscaler::new(ScaleConfig::default());
+        let mut t = Instant::now();
+        let out = drive(&mut a, &mut t, Duration::from_secs(5), 10);
+        assert_eq!(a.counts(), (2, 2), "capped at max_local and max_remote");
+        assert_eq!(starts(&out, Location::Local), 2);
+        assert_eq!(starts(&out, Location::Remote), 2);
+        drive(&mut a, &mut t, Duration::from_secs(60), 50);
+        assert_eq!(a.counts(), (2, 2));
+    }
+
+    #[test]
+    fn panic_window_reacts_before_the_stable_window_would() {
+        let mut a = Autoscaler::new(ScaleConfig {
+            max_local: 8,
+            ..ScaleConfig::default()
+        });
+        let mut t = Instant::now();
+        drive(&mut a, &mut t, Duration::from_secs(30), 1);
+        assert_eq!(a.counts(), (1, 0));
+        let before = a.counts().0;
+        // A burst: the 30 s average barely moves in 1 s, the 3 s one does.
+        drive(&mut a, &mut t, Duration::from_secs(1), 12);
+        assert!(a.in_panic(t));
+        assert!(a.counts().0 >= 2 * before, "{before} -> {:?}", a.counts());
+    }
+
+    #[test]
+    fn no_scale_down_while_panicking() {
+        let mut a = Autoscaler::new(ScaleConfig {
+            max_local: 8,
+            ..ScaleConfig::default()
+        });
+        let mut t = Instant::now();
+        drive(&mut a, &mut t, Duration::from_secs(2), 6);
+        let peak = a.counts().0;
+        let out = drive(&mut a, &mut t, Duration::from_secs(10), 1);
+        assert_eq!(stops(&out), 0, "flapping down during panic");
+        assert_eq!(a.counts().0, peak);
+    }
+
+    #[test]
+    fn scales_down_remote_first_then_local_to_zero_after_idle() {
+        let cfg = ScaleConfig::default();
+        let mut a = Autoscaler::new(cfg.clone());
+        let mut t = Instant::now();
+        drive(&mut a, &mut t, Duration::from_secs(5), 10);
+        assert_eq!(a.counts(), (2, 2));
+        let at: std::collections::HashMap<InstanceId, Location> =
+            a.instances.iter().map(|i| (i.id, i.at)).collect();
+        let mut order = vec![];
+        let mut zero_at = None;
+        let start = t;
+        for _ in 0..1000 {
+            t += Duration::from_millis(100);
+            a.handle(Event::Load {
+                now: t,
+                connections: 0,
+            });
+            for act in a.handle(Event::Tick { now: t }) {
+                if let Action::Stop { id } = act {
+                    order.push(at[&id]);
+                }
+            }
+            if a.counts() == (0, 0) {
+                zero_at = Some(t);
+                break;
+            }
+        }
+        // Remote instances went first.
+        assert_eq!(
+            order,
+            vec![
+                Location::Remote,
+                Location::Remote,
+                Location::Local,
+                Location::Local
+            ]
+        );
+        let took = zero_at.expect("reached zero").duration_since(start);
+        // Zero once the stable window has no load and the idle time passed (both 30 s).
+        assert!(
+            took >= cfg.idle && took <= cfg.idle + cfg.stable_window + Duration::from_secs(1),
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn min_instances_are_kept() {
+        let mut a = Autoscaler::new(ScaleConfig {
+            min: 1,
+            ..ScaleConfig::default()
+        });
+        let mut t = Instant::now();
+        drive(&mut a, &mut t, Duration::from_secs(120), 0);
+        assert_eq!(a.counts(), (1, 0));
+    }
+
+    #[test]
+    fn failed_instance_is_replaced() {
+        let mut a = Autoscaler::new(ScaleConfig::default());
+        let mut t = Instant::now();
+        drive(&mut a, &mut t, Duration::from_secs(2), 1);
+        let (id, _) = a.ready()[0];
+        let out = a.handle(Event::Failed { now: t, id });
+        assert_eq!(starts(&out, Location::Local), 1, "{out:?}");
+        assert_eq!(a.counts(), (1, 0));
+    }
+
+    #[test]
+    fn unreachable_remote_keeps_local_serving_and_is_reported() {
+        let mut a = Autoscaler::new(ScaleConfig::default());
+        let mut t = Instant::now();
+        let out = drive(&mut a, &mut t, Duration::from_secs(3), 4);
+        let remote: Vec<InstanceId> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start {
+                    id,
+                    at: Location::Remote,
+                } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(remote.len(), 2);
+        let out = a.handle(Event::RemoteUnavailable {
+            now: t,
+            id: remote[0],
+            reason: "connection refused".into(),
+        });
+        assert!(
+            matches!(&out[0], Action::Report(r) if r.contains("connection refused")),
+            "{out:?}"
+        );
+        // No new remote instance while the host is down; local ones keep serving.
+        let out = drive(&mut a, &mut t, Duration::from_secs(5), 4);
+        assert_eq!(starts(&out, Location::Remote), 0);
+        assert_eq!(a.counts().0, 2);
+        assert!(a.ready().iter().any(|(_, l)| *l == Location::Local));
+    }
+
+    #[test]
+    fn oscillating_load_does_not_flap() {
+        let mut a = Autoscaler::new(ScaleConfig {
+            max_local: 8,
+            ..ScaleConfig::default()
+        });
+        let mut t = Instant::now();
+        drive(&mut a, &mut t, Duration::from_secs(30), 2);
+        let mut changes = 0;
+        for k in 0..600 {
+            let out = drive(
+                &mut a,
+                &mut t,
+                Duration::from_millis(100),
+                if k % 2 == 0 { 1 } else { 3 },
+            );
+            changes += out
+                .iter()
+                .filter(|a| matches!(a, Action::Start { .. } | Action::Stop { .. }))
+                .count();
+        }
+        assert!(
+            changes <= 1,
+            "{changes} start/stop actions for a load that averages 2"
+        );
+    }
+}
