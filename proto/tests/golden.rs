@@ -92,3 +92,66 @@ fn envelope_header_golden() {
     assert_eq!(&env.payload[..6], b"UFLT\x01\x04");
     assert_eq!(env.signatures[0].key_id, key(10).id());
 }
+
+fn status_bytes() -> Vec<u8> {
+    let r = proto::status::StatusReport {
+        fleet: "home".into(),
+        device: "d1".into(),
+        seq: 42,
+        at: NOW,
+        app: "hello".into(),
+        channel: "stable".into(),
+        release: Some(3),
+        version: Some("1.0.3".into()),
+        manifest: Some(proto::Digest::of(b"m")),
+        state: proto::status::DeviceState::RolledBack {
+            failed_release: 4,
+            reason: "probe".into(),
+        },
+        bytes_from_peers: 1000,
+        bytes_from_hub: 10,
+        console_tail: "BOOT".into(),
+    };
+    signed(r.seal().unwrap(), &[&key(20)])
+}
+
+#[test]
+fn status_report_golden() {
+    check("status.bin", &status_bytes());
+    let device = key(20).public();
+    let (k, r) = proto::status::verify_status(&read("status.bin"), |id| {
+        (*id == device.id()).then_some(device)
+    })
+    .unwrap();
+    assert_eq!(k, device);
+    assert_eq!(r.seq, 42);
+    // Any other key is unknown.
+    assert!(matches!(
+        proto::status::verify_status(&read("status.bin"), |_| None),
+        Err(proto::VerifyError::UnknownKey { .. })
+    ));
+}
+
+#[test]
+fn blob_messages_golden() {
+    let req = proto::blob::BlobRequest {
+        digest: proto::Digest::of(b"chunk"),
+    }
+    .encode()
+    .unwrap();
+    check("blob-request.bin", &req);
+    let resp = proto::blob::BlobResponse::Found(b"chunk".to_vec())
+        .encode()
+        .unwrap();
+    check("blob-response.bin", &resp);
+    assert_eq!(
+        proto::blob::BlobRequest::decode(&read("blob-request.bin"))
+            .unwrap()
+            .digest,
+        proto::Digest::of(b"chunk")
+    );
+    assert_eq!(
+        proto::blob::BlobResponse::decode(&read("blob-response.bin")).unwrap(),
+        proto::blob::BlobResponse::Found(b"chunk".to_vec())
+    );
+}
