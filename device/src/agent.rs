@@ -185,6 +185,7 @@ pub async fn run(
         store,
         reporter,
         metrics,
+        ondemand: Default::default(),
     };
     let updater_task = tokio::spawn(updater.run(updates_rx));
     shutdown.await;
@@ -399,6 +400,8 @@ struct Updater {
     activator: Arc<Activator>,
     reporter: Arc<Reporter>,
     metrics: Arc<DeviceMetrics>,
+    /// Apps whose on-demand pool is running.
+    ondemand: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Updater {
@@ -421,6 +424,44 @@ impl Updater {
                     .await;
             }
         }
+    }
+
+    /// Starts the on-demand proxy and pool for `app` if it is configured and not running.
+    /// (Rolling a running pool over to a new release is not done yet: it keeps serving the
+    /// release it started with.)
+    fn start_ondemand(&self, m: &proto::manifest::Manifest, slot: &std::path::Path) {
+        let Some(od) = self.cfg.ondemand.iter().find(|o| o.app == m.app).cloned() else {
+            return;
+        };
+        if !self
+            .ondemand
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(m.app.clone())
+        {
+            return;
+        }
+        let image = crate::ondemand::Image {
+            manifest: m.clone(),
+            slot: slot.to_path_buf(),
+        };
+        let remote = od
+            .remote_uri
+            .as_deref()
+            .map(|uri| Arc::new(Activator::new(uri, &self.cfg.domain_type)));
+        let fut = crate::ondemand::run(
+            self.cfg.name.clone(),
+            self.cfg.state_dir.clone(),
+            od,
+            image,
+            self.activator.clone(),
+            remote,
+        );
+        tokio::spawn(async move {
+            if let Err(e) = fut.await {
+                tracing::error!("on-demand: {e:#}");
+            }
+        });
     }
 
     fn domain_name(&self, app: &str, release: u64) -> String {
@@ -466,6 +507,7 @@ impl Updater {
                 self.reporter
                     .report_installed(app, cur, DeviceState::Active)
                     .await;
+                self.start_ondemand(&m, &cur.slot);
             }
         }
         Ok(())
@@ -580,6 +622,7 @@ impl Updater {
                 self.reporter
                     .report_installed(&m.app, &new, DeviceState::Active)
                     .await;
+                self.start_ondemand(m, &new.slot);
                 Ok(())
             }
             Err(e) => {

@@ -57,6 +57,9 @@ pub struct Config {
     /// Testing aid: stop the process (as if killed) at a named point of the install.
     #[serde(default)]
     pub crash_at: Option<String>,
+    /// Apps served on demand through a front proxy (scale from zero, autoscale, burst).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ondemand: Vec<crate::ondemand::OnDemandConfig>,
 }
 
 fn default_platform() -> String {

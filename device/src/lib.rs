@@ -13,6 +13,7 @@ pub mod config;
 pub mod fetch;
 pub mod metrics;
 pub mod mqtt;
+pub mod ondemand;
 pub mod ratelimit;
 pub mod report;
 pub mod store;

@@ -136,6 +136,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         parallel_fetches: 4,
         metrics: None,
         crash_at: None,
+        ondemand: vec![],
     };
     cfg.validate()?;
     std::fs::write(&cfg_path, toml::to_string_pretty(&cfg)?)?;

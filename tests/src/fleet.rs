@@ -494,3 +494,19 @@ pub fn domain_running(uri: &str, name: &str) -> bool {
         .and_then(|d| d.is_active())
         .unwrap_or(false)
 }
+
+/// Names of running domains on `uri` that start with `prefix`.
+pub fn running_domains(uri: &str, prefix: &str) -> Vec<String> {
+    let Ok(conn) = virt::connect::Connect::open(Some(uri)) else {
+        return vec![];
+    };
+    conn.list_all_domains(0)
+        .map(|ds| {
+            ds.into_iter()
+                .filter(|d| d.is_active().unwrap_or(false))
+                .filter_map(|d| d.name().ok())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,285 @@
+//! On-demand instances: a front proxy on the app's public address, and a pool that boots
+//! instances of the installed release when connections arrive (scale from zero), grows to
+//! the configured maxima (local, then the hosted URI) and shrinks back, as decided by
+//! [`crate::autoscale`].
+//!
+//! One task (the pool) owns the autoscaler and the instance table; proxy connections ask
+//! it for an instance over a bounded channel and are held — not refused — until one is
+//! healthy. Instances are reached on their console's loopback TCP port (QEMU), which is
+//! where the test unikernel answers; one connection per instance at a time there, so the
+//! target concurrency is 1 by default.
+
+use crate::activator::{Activator, Launch};
+use crate::autoscale::{Action, Autoscaler, Event, InstanceId, Location, ScaleConfig};
+use proto::manifest::Manifest;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// `[[ondemand]]` in device.toml.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OnDemandConfig {
+    pub app: String,
+    /// Public address the proxy listens on, e.g. `127.0.0.1:8080`.
+    pub listen: String,
+    #[serde(default)]
+    pub min: u32,
+    #[serde(default = "two")]
+    pub max_local: u32,
+    #[serde(default)]
+    pub max_remote: u32,
+    /// Concurrent connections per instance.
+    #[serde(default = "one")]
+    pub target: f64,
+    #[serde(default = "thirty")]
+    pub stable_window_secs: u64,
+    #[serde(default = "three")]
+    pub panic_window_secs: u64,
+    #[serde(default = "thirty")]
+    pub idle_secs: u64,
+    /// The hosted Xen (or any libvirt) URI for overflow, e.g. `xen+ssh://host/system`.
+    #[serde(default)]
+    pub remote_uri: Option<String>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn two() -> u32 {
+    2
+}
+fn three() -> u64 {
+    3
+}
+fn thirty() -> u64 {
+    30
+}
+
+impl OnDemandConfig {
+    pub fn scale(&self) -> ScaleConfig {
+        ScaleConfig {
+            min: self.min,
+            max_local: self.max_local,
+            max_remote: if self.remote_uri.is_some() {
+                self.max_remote
+            } else {
+                0
+            },
+            target: self.target,
+            stable_window: Duration::from_secs(self.stable_window_secs),
+            panic_window: Duration::from_secs(self.panic_window_secs),
+            idle: Duration::from_secs(self.idle_secs),
+            ..ScaleConfig::default()
+        }
+    }
+}
+
+/// What the pool serves instances of.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub manifest: Manifest,
+    pub slot: PathBuf,
+}
+
+enum Msg {
+    Acquire(oneshot::Sender<(InstanceId, u16)>),
+    Release(InstanceId),
+    Started(InstanceId, Result<u16, String>),
+}
+
+struct Inst {
+    at: Location,
+    name: String,
+    port: Option<u16>,
+    conns: usize,
+}
+
+/// Runs the proxy and the pool until the process ends.
+pub async fn run(
+    device: String,
+    state_dir: PathBuf,
+    cfg: OnDemandConfig,
+    image: Image,
+    local: Arc<Activator>,
+    remote: Option<Arc<Activator>>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "on-demand proxy for {} cannot listen on {}: {e}",
+                cfg.app,
+                cfg.listen
+            )
+        })?;
+    tracing::info!(app = %cfg.app, listen = %cfg.listen, "on-demand proxy listening");
+    let (tx, rx) = mpsc::channel::<Msg>(256);
+    let pool_tx = tx.clone();
+    tokio::spawn(pool(
+        device,
+        state_dir,
+        cfg.clone(),
+        image,
+        local,
+        remote,
+        rx,
+        pool_tx,
+    ));
+    loop {
+        let (client, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                continue;
+            }
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (reply, got) = oneshot::channel();
+            if tx.send(Msg::Acquire(reply)).await.is_err() {
+                return;
+            }
+            let Ok((id, port)) = got.await else { return };
+            let result = async {
+                let mut upstream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                let mut client = client;
+                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::debug!(%peer, "proxied connection ended: {e}");
+            }
+            let _ = tx.send(Msg::Release(id)).await;
+        });
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pool(
+    device: String,
+    state_dir: PathBuf,
+    cfg: OnDemandConfig,
+    image: Image,
+    local: Arc<Activator>,
+    remote: Option<Arc<Activator>>,
+    mut rx: mpsc::Receiver<Msg>,
+    tx: mpsc::Sender<Msg>,
+) {
+    let mut scaler = Autoscaler::new(cfg.scale());
+    let mut insts: HashMap<InstanceId, Inst> = HashMap::new();
+    let mut waiting: VecDeque<oneshot::Sender<(InstanceId, u16)>> = VecDeque::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let target = cfg.target.max(1.0) as usize;
+    loop {
+        let event = tokio::select! {
+            _ = tick.tick() => None,
+            msg = rx.recv() => match msg { Some(m) => Some(m), None => break },
+        };
+        let now = Instant::now();
+        let mut actions = vec![];
+        match event {
+            None => {}
+            Some(Msg::Acquire(reply)) => waiting.push_back(reply),
+            Some(Msg::Release(id)) => {
+                if let Some(i) = insts.get_mut(&id) {
+                    i.conns = i.conns.saturating_sub(1);
+                }
+            }
+            Some(Msg::Started(id, Ok(port))) => {
+                if let Some(i) = insts.get_mut(&id) {
+                    i.port = Some(port);
+                    tracing::info!(app = %cfg.app, instance = %i.name, at = ?i.at, "on-demand instance ready");
+                    actions.extend(scaler.handle(Event::Ready { now, id }));
+                }
+            }
+            Some(Msg::Started(id, Err(reason))) => {
+                let at = insts.remove(&id).map(|i| i.at);
+                tracing::warn!(app = %cfg.app, ?at, "on-demand instance failed to start: {reason}");
+                actions.extend(scaler.handle(match at {
+                    Some(Location::Remote) => Event::RemoteUnavailable { now, id, reason },
+                    _ => Event::Failed { now, id },
+                }));
+            }
+        }
+        // Hand waiting connections to ready instances with room, least loaded first.
+        waiting.retain(|w| !w.is_closed());
+        while let Some(w) = waiting.front() {
+            let free = scaler
+                .ready()
+                .into_iter()
+                .filter_map(|(id, _)| insts.get(&id).map(|i| (id, i)))
+                .filter(|(_, i)| i.conns < target && i.port.is_some())
+                .min_by_key(|(_, i)| i.conns)
+                .map(|(id, i)| (id, i.port.expect("filtered")));
+            let Some((id, port)) = free else { break };
+            let _ = w;
+            let w = waiting.pop_front().expect("front exists");
+            if w.send((id, port)).is_ok() {
+                if let Some(i) = insts.get_mut(&id) {
+                    i.conns += 1;
+                }
+            }
+        }
+        let load = insts.values().map(|i| i.conns).sum::<usize>() + waiting.len();
+        actions.extend(scaler.handle(Event::Load {
+            now,
+            connections: load as u32,
+        }));
+        actions.extend(scaler.handle(Event::Tick { now }));
+        for action in actions {
+            match action {
+                Action::Start { id, at } => {
+                    let activator = match (at, &remote) {
+                        (Location::Remote, Some(r)) => r.clone(),
+                        _ => local.clone(),
+                    };
+                    let name = format!("uf-{device}-{}-od{}", cfg.app, id.0);
+                    tracing::info!(app = %cfg.app, instance = %name, ?at, "starting on-demand instance");
+                    let launch = Launch {
+                        console_log: state_dir.join(format!("{name}.console.log")),
+                        name: name.clone(),
+                        platform: image.manifest.platform,
+                        image: image.slot.clone(),
+                        boot: image.manifest.boot.clone(),
+                    };
+                    insts.insert(
+                        id,
+                        Inst {
+                            at,
+                            name,
+                            port: None,
+                            conns: 0,
+                        },
+                    );
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let res = tokio::task::spawn_blocking(move || {
+                            activator
+                                .start(&launch)
+                                .and_then(|port| activator.probe(&launch, port).map(|_| port))
+                        })
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                        let _ = tx.send(Msg::Started(id, res)).await;
+                    });
+                }
+                Action::Stop { id } => {
+                    if let Some(i) = insts.remove(&id) {
+                        tracing::info!(app = %cfg.app, instance = %i.name, "stopping on-demand instance");
+                        let activator = match (i.at, &remote) {
+                            (Location::Remote, Some(r)) => r.clone(),
+                            _ => local.clone(),
+                        };
+                        tokio::task::spawn_blocking(move || activator.stop(&i.name));
+                    }
+                }
+                Action::Report(text) => tracing::warn!(app = %cfg.app, "{text}"),
+            }
+        }
+    }
+}
