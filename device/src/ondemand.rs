@@ -270,7 +270,7 @@ async fn pool(
                 }
                 Action::Stop { id } => {
                     if let Some(i) = insts.remove(&id) {
-                        tracing::info!(app = %cfg.app, instance = %i.name, "stopping on-demand instance");
+                        tracing::info!(app = %cfg.app, instance = %i.name, at = ?i.at, "stopping on-demand instance");
                         let activator = match (i.at, &remote) {
                             (Location::Remote, Some(r)) => r.clone(),
                             _ => local.clone(),

@@ -20,7 +20,7 @@ fn sequential_cold_starts_are_all_answered() -> Result<()> {
     let cfg = fleet.devices[d].config();
     let mut text = std::fs::read_to_string(&cfg)?;
     text.push_str(&format!(
-        "\n[[ondemand]]\napp = \"hello\"\nlisten = \"127.0.0.1:{port}\"\nmin = 0\nmax_local = 2\nidle_secs = 1\nstable_window_secs = 1\npanic_window_secs = 1\n"
+        "\n[[ondemand]]\napp = \"hello\"\nlisten = \"127.0.0.1:{port}\"\nmin = 0\nmax_local = 2\nidle_secs = 0\nstable_window_secs = 1\npanic_window_secs = 1\n"
     ));
     std::fs::write(&cfg, text)?;
     fleet.start_device(d)?;
@@ -29,7 +29,7 @@ fn sequential_cold_starts_are_all_answered() -> Result<()> {
     fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(60))?;
 
     let prefix = format!("uf-{name}-hello-od");
-    let cold_starts = 10;
+    let cold_starts = 100;
     for k in 0..cold_starts {
         wait_for("zero on-demand instances", Duration::from_secs(30), || {
             running_domains(URI, &prefix).is_empty().then_some(())
@@ -41,5 +41,106 @@ fn sequential_cold_starts_are_all_answered() -> Result<()> {
             .map_err(|e| e.context(format!("cold start {k}")))?;
         assert!(answer.contains("HELLO hello 1.0.0"));
     }
+    // Every one of them was a cold start: one instance booted per connection.
+    let log = fleet.devices[d].log_text();
+    let boots = log
+        .lines()
+        .filter(|l| l.contains("starting on-demand instance"))
+        .count();
+    assert_eq!(boots, cold_starts, "100 of 100 sequential cold starts");
+    Ok(())
+}
+
+/// A fleet with one device serving `hello` on demand; returns (fleet, device, proxy port).
+fn on_demand_device(tag: &str, extra: &str) -> Result<(Fleet, usize, u16)> {
+    let mut fleet = Fleet::new(URI)?;
+    fleet.start_hub(&[])?;
+    let name = format!("{tag}-{}", std::process::id());
+    let d = fleet.add_device(&name, "hello", &[])?;
+    let port = free_port()?;
+    let cfg = fleet.devices[d].config();
+    let mut text = std::fs::read_to_string(&cfg)?;
+    text.push_str(&format!(
+        "\n[[ondemand]]\napp = \"hello\"\nlisten = \"127.0.0.1:{port}\"\nmin = 0\nmax_local = 2\nidle_secs = 2\nstable_window_secs = 2\npanic_window_secs = 1\n{extra}"
+    ));
+    std::fs::write(&cfg, text)?;
+    fleet.start_device(d)?;
+    let img = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&img, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(60))?;
+    Ok((fleet, d, port))
+}
+
+/// `n` clients at once, each holding its connection for `hold` after its answer.
+fn concurrent_clients(port: u16, n: usize, hold: Duration) -> Vec<Result<String>> {
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            std::thread::spawn(move || -> Result<String> {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+                s.set_read_timeout(Some(Duration::from_millis(200)))?;
+                s.write_all(b"hi\n")?;
+                let answer = read_until(&mut s, "HELLO hello 1.0.0", Duration::from_secs(60))?;
+                std::thread::sleep(hold);
+                Ok(answer)
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("client thread"))
+        .collect()
+}
+
+#[test]
+fn burst_grows_local_then_remote_and_shrinks_remote_first() -> Result<()> {
+    // The "hosted" host is a second libvirt connection to the same daemon.
+    let (fleet, d, port) =
+        on_demand_device("odb", "max_remote = 2\nremote_uri = \"qemu:///system\"\n")?;
+    for r in concurrent_clients(port, 4, Duration::from_secs(3)) {
+        assert!(r?.contains("HELLO hello 1.0.0"));
+    }
+    let prefix = format!("uf-{}-hello-od", fleet.devices[d].name);
+    wait_for("zero on-demand instances", Duration::from_secs(60), || {
+        running_domains(URI, &prefix).is_empty().then_some(())
+    })?;
+    let log = fleet.devices[d].log_text();
+    let started_remote = log
+        .lines()
+        .filter(|l| l.contains("starting on-demand instance") && l.contains("at=Remote"))
+        .count();
+    let started_local = log
+        .lines()
+        .filter(|l| l.contains("starting on-demand instance") && l.contains("at=Local"))
+        .count();
+    assert_eq!((started_local, started_remote), (2, 2), "{log}");
+    let stops: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("stopping on-demand instance"))
+        .map(|l| {
+            if l.contains("at=Remote") {
+                "remote"
+            } else {
+                "local"
+            }
+        })
+        .collect();
+    assert_eq!(stops, ["remote", "remote", "local", "local"], "{log}");
+    Ok(())
+}
+
+#[test]
+fn unreachable_hosted_host_leaves_local_serving_and_says_why() -> Result<()> {
+    let (fleet, d, port) = on_demand_device(
+        "odu",
+        "max_remote = 2\nremote_uri = \"qemu+tcp://127.0.0.1:1/system\"\n",
+    )?;
+    for r in concurrent_clients(port, 3, Duration::from_secs(1)) {
+        assert!(
+            r?.contains("HELLO hello 1.0.0"),
+            "every client is answered, locally"
+        );
+    }
+    let log = fleet.devices[d].log_text();
+    assert!(log.contains("hosted Xen host unavailable"), "{log}");
     Ok(())
 }
