@@ -400,8 +400,8 @@ struct Updater {
     activator: Arc<Activator>,
     reporter: Arc<Reporter>,
     metrics: Arc<DeviceMetrics>,
-    /// Apps whose on-demand pool is running.
-    ondemand: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Running on-demand pools, by app.
+    ondemand: tokio::sync::Mutex<HashMap<String, crate::ondemand::PoolHandle>>,
 }
 
 impl Updater {
@@ -426,42 +426,41 @@ impl Updater {
         }
     }
 
-    /// Starts the on-demand proxy and pool for `app` if it is configured and not running.
-    /// (Rolling a running pool over to a new release is not done yet: it keeps serving the
-    /// release it started with.)
-    fn start_ondemand(&self, m: &proto::manifest::Manifest, slot: &std::path::Path) {
+    /// Starts the on-demand proxy and pool for this release's app if it is configured, or
+    /// rolls a running pool over to this release.
+    async fn start_ondemand(&self, m: &proto::manifest::Manifest, slot: &std::path::Path) {
         let Some(od) = self.cfg.ondemand.iter().find(|o| o.app == m.app).cloned() else {
             return;
         };
-        if !self
-            .ondemand
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(m.app.clone())
-        {
-            return;
-        }
         let image = crate::ondemand::Image {
             manifest: m.clone(),
             slot: slot.to_path_buf(),
         };
+        let mut pools = self.ondemand.lock().await;
+        if let Some(pool) = pools.get(&m.app) {
+            pool.roll_over(image).await;
+            return;
+        }
         let remote = od
             .remote_uri
             .as_deref()
             .map(|uri| Arc::new(Activator::new(uri, &self.cfg.domain_type)));
-        let fut = crate::ondemand::run(
+        let app = od.app.clone();
+        match crate::ondemand::start(
             self.cfg.name.clone(),
             self.cfg.state_dir.clone(),
             od,
             image,
             self.activator.clone(),
             remote,
-        );
-        tokio::spawn(async move {
-            if let Err(e) = fut.await {
-                tracing::error!("on-demand: {e:#}");
+        )
+        .await
+        {
+            Ok(handle) => {
+                pools.insert(app, handle);
             }
-        });
+            Err(e) => tracing::error!("on-demand: {e:#}"),
+        }
     }
 
     fn domain_name(&self, app: &str, release: u64) -> String {
@@ -507,7 +506,7 @@ impl Updater {
                 self.reporter
                     .report_installed(app, cur, DeviceState::Active)
                     .await;
-                self.start_ondemand(&m, &cur.slot);
+                self.start_ondemand(&m, &cur.slot).await;
             }
         }
         Ok(())
@@ -622,7 +621,7 @@ impl Updater {
                 self.reporter
                     .report_installed(&m.app, &new, DeviceState::Active)
                     .await;
-                self.start_ondemand(m, &new.slot);
+                self.start_ondemand(m, &new.slot).await;
                 Ok(())
             }
             Err(e) => {

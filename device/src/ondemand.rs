@@ -89,6 +89,7 @@ enum Msg {
     Acquire(oneshot::Sender<(InstanceId, u16)>),
     Release(InstanceId),
     Started(InstanceId, Result<u16, String>),
+    RollOver(Box<Image>),
 }
 
 struct Inst {
@@ -96,17 +97,44 @@ struct Inst {
     name: String,
     port: Option<u16>,
     conns: usize,
+    /// Of an older release: takes no new connections, stops when its last one closes.
+    draining: bool,
 }
 
-/// Runs the proxy and the pool until the process ends.
-pub async fn run(
+/// A running proxy and pool.
+#[derive(Debug, Clone)]
+pub struct PoolHandle {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Msg::Acquire(_) => "Acquire",
+            Msg::Release(_) => "Release",
+            Msg::Started(..) => "Started",
+            Msg::RollOver(_) => "RollOver",
+        })
+    }
+}
+
+impl PoolHandle {
+    /// A new release was activated: new connections go to instances of it; instances of
+    /// the old one drain and stop.
+    pub async fn roll_over(&self, image: Image) {
+        let _ = self.tx.send(Msg::RollOver(Box::new(image))).await;
+    }
+}
+
+/// Starts the proxy and the pool (they run until the process ends).
+pub async fn start(
     device: String,
     state_dir: PathBuf,
     cfg: OnDemandConfig,
     image: Image,
     local: Arc<Activator>,
     remote: Option<Arc<Activator>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<PoolHandle> {
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .map_err(|e| {
@@ -129,6 +157,13 @@ pub async fn run(
         rx,
         pool_tx,
     ));
+    tokio::spawn(accept(listener, tx.clone()));
+    Ok(PoolHandle { tx })
+}
+
+/// The front proxy: each connection waits for an instance from the pool, then bytes flow
+/// both ways (half-close included) until either side closes.
+async fn accept(listener: tokio::net::TcpListener, tx: mpsc::Sender<Msg>) -> ! {
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -163,7 +198,7 @@ async fn pool(
     device: String,
     state_dir: PathBuf,
     cfg: OnDemandConfig,
-    image: Image,
+    mut image: Image,
     local: Arc<Activator>,
     remote: Option<Arc<Activator>>,
     mut rx: mpsc::Receiver<Msg>,
@@ -187,6 +222,23 @@ async fn pool(
             Some(Msg::Release(id)) => {
                 if let Some(i) = insts.get_mut(&id) {
                     i.conns = i.conns.saturating_sub(1);
+                    if i.draining && i.conns == 0 {
+                        actions.push(Action::Stop { id });
+                        actions.extend(scaler.handle(Event::Failed { now, id }));
+                    }
+                }
+            }
+            Some(Msg::RollOver(new)) => {
+                tracing::info!(app = %cfg.app, release = new.manifest.release, "on-demand pool rolls over");
+                image = *new;
+                let old: Vec<InstanceId> = insts.keys().copied().collect();
+                for id in old {
+                    let i = insts.get_mut(&id).expect("listed");
+                    i.draining = true;
+                    if i.conns == 0 {
+                        actions.push(Action::Stop { id });
+                        actions.extend(scaler.handle(Event::Failed { now, id }));
+                    }
                 }
             }
             Some(Msg::Started(id, Ok(port))) => {
@@ -212,7 +264,7 @@ async fn pool(
                 .ready()
                 .into_iter()
                 .filter_map(|(id, _)| insts.get(&id).map(|i| (id, i)))
-                .filter(|(_, i)| i.conns < target && i.port.is_some())
+                .filter(|(_, i)| !i.draining && i.conns < target && i.port.is_some())
                 .min_by_key(|(_, i)| i.conns)
                 .map(|(id, i)| (id, i.port.expect("filtered")));
             let Some((id, port)) = free else { break };
@@ -253,6 +305,7 @@ async fn pool(
                             name,
                             port: None,
                             conns: 0,
+                            draining: false,
                         },
                     );
                     let tx = tx.clone();

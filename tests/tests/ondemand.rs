@@ -144,3 +144,34 @@ fn unreachable_hosted_host_leaves_local_serving_and_says_why() -> Result<()> {
     assert!(log.contains("hosted Xen host unavailable"), "{log}");
     Ok(())
 }
+
+#[test]
+fn a_new_release_rolls_on_demand_instances_over() -> Result<()> {
+    let (fleet, d, port) = on_demand_device("odr", "")?;
+    // A client holds a connection to a 1.0.0 instance.
+    let mut old = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    old.set_read_timeout(Some(Duration::from_millis(200)))?;
+    old.write_all(b"one\n")?;
+    read_until(&mut old, "HELLO hello 1.0.0", Duration::from_secs(30))?;
+    // Release 2 arrives and is activated by the updater.
+    let v2 = fleet.testimage("hello", "1.0.1", &[])?;
+    fleet.publish(&v2, "hello", "1.0.1", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 2, "Active", Duration::from_secs(60))?;
+    // New connections go to the new release ...
+    let mut new = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    new.set_read_timeout(Some(Duration::from_millis(200)))?;
+    new.write_all(b"two\n")?;
+    read_until(&mut new, "HELLO hello 1.0.1", Duration::from_secs(30))?;
+    // ... while the old one drains: its connection still works, on 1.0.0.
+    old.write_all(b"still there?\n")?;
+    let said = read_until(&mut old, "HELLO hello 1.0.0", Duration::from_secs(10))?;
+    assert!(!said.contains("1.0.1"), "{said}");
+    drop(old);
+    let first = format!("uf-{}-hello-od1", fleet.devices[d].name);
+    wait_for(
+        "the drained 1.0.0 instance to stop",
+        Duration::from_secs(20),
+        || (!unifleet_tests::fleet::domain_running(URI, &first)).then_some(()),
+    )?;
+    Ok(())
+}
