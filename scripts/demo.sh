@@ -88,5 +88,5 @@ wait_release 2; show 2 1.0.1
 
 step "the hub's history: events and releases in git"
 "$BIN/hub" --dir hub log | tail -12
-git --git-dir hub/store.git log --oneline | head -8
+git --git-dir hub/store.git log --oneline -8
 git --git-dir hub/store.git tag
