@@ -453,6 +453,7 @@ impl Updater {
             image,
             self.activator.clone(),
             remote,
+            self.metrics.clone(),
         )
         .await
         {

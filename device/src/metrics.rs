@@ -13,6 +13,14 @@ pub struct DeviceMetrics {
     pub announcements_refused: AtomicU64,
     pub activations: AtomicU64,
     pub rollbacks: AtomicU64,
+    /// On-demand instances running now, by location.
+    pub ondemand_local: AtomicU64,
+    pub ondemand_remote: AtomicU64,
+    /// On-demand boots, and the milliseconds they took in all (start to healthy).
+    pub ondemand_boots: AtomicU64,
+    pub ondemand_boot_ms: AtomicU64,
+    /// Autoscaler decisions (starts and stops).
+    pub ondemand_decisions: AtomicU64,
 }
 
 impl DeviceMetrics {
@@ -67,6 +75,41 @@ impl DeviceMetrics {
             "counter",
             "Releases that failed their probe and were rolled back",
             c(&self.rollbacks),
+        );
+        push(
+            &mut out,
+            "unifleet_device_ondemand_local_instances",
+            "gauge",
+            "On-demand instances on this device",
+            c(&self.ondemand_local),
+        );
+        push(
+            &mut out,
+            "unifleet_device_ondemand_remote_instances",
+            "gauge",
+            "On-demand instances on the hosted URI",
+            c(&self.ondemand_remote),
+        );
+        push(
+            &mut out,
+            "unifleet_device_ondemand_boots_total",
+            "counter",
+            "On-demand instances booted to healthy",
+            c(&self.ondemand_boots),
+        );
+        push(
+            &mut out,
+            "unifleet_device_ondemand_boot_milliseconds_total",
+            "counter",
+            "Time from start to healthy, summed",
+            c(&self.ondemand_boot_ms),
+        );
+        push(
+            &mut out,
+            "unifleet_device_ondemand_scale_decisions_total",
+            "counter",
+            "Autoscaler starts and stops",
+            c(&self.ondemand_decisions),
         );
         out
     }

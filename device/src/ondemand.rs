@@ -88,7 +88,8 @@ pub struct Image {
 enum Msg {
     Acquire(oneshot::Sender<(InstanceId, u16)>),
     Release(InstanceId),
-    Started(InstanceId, Result<u16, String>),
+    /// The boot finished: the console port, or why not; and how long it took.
+    Started(InstanceId, Result<u16, String>, Duration),
     RollOver(Box<Image>),
 }
 
@@ -134,6 +135,7 @@ pub async fn start(
     image: Image,
     local: Arc<Activator>,
     remote: Option<Arc<Activator>>,
+    metrics: Arc<crate::metrics::DeviceMetrics>,
 ) -> anyhow::Result<PoolHandle> {
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -156,6 +158,7 @@ pub async fn start(
         remote,
         rx,
         pool_tx,
+        metrics,
     ));
     tokio::spawn(accept(listener, tx.clone()));
     Ok(PoolHandle { tx })
@@ -203,7 +206,9 @@ async fn pool(
     remote: Option<Arc<Activator>>,
     mut rx: mpsc::Receiver<Msg>,
     tx: mpsc::Sender<Msg>,
+    metrics: Arc<crate::metrics::DeviceMetrics>,
 ) {
+    use std::sync::atomic::Ordering::Relaxed;
     let mut scaler = Autoscaler::new(cfg.scale());
     let mut insts: HashMap<InstanceId, Inst> = HashMap::new();
     let mut waiting: VecDeque<oneshot::Sender<(InstanceId, u16)>> = VecDeque::new();
@@ -241,14 +246,18 @@ async fn pool(
                     }
                 }
             }
-            Some(Msg::Started(id, Ok(port))) => {
+            Some(Msg::Started(id, Ok(port), took)) => {
                 if let Some(i) = insts.get_mut(&id) {
                     i.port = Some(port);
-                    tracing::info!(app = %cfg.app, instance = %i.name, at = ?i.at, "on-demand instance ready");
+                    metrics.ondemand_boots.fetch_add(1, Relaxed);
+                    metrics
+                        .ondemand_boot_ms
+                        .fetch_add(took.as_millis() as u64, Relaxed);
+                    tracing::info!(app = %cfg.app, instance = %i.name, at = ?i.at, boot_ms = took.as_millis() as u64, "on-demand instance ready");
                     actions.extend(scaler.handle(Event::Ready { now, id }));
                 }
             }
-            Some(Msg::Started(id, Err(reason))) => {
+            Some(Msg::Started(id, Err(reason), _)) => {
                 let at = insts.remove(&id).map(|i| i.at);
                 tracing::warn!(app = %cfg.app, ?at, "on-demand instance failed to start: {reason}");
                 actions.extend(scaler.handle(match at {
@@ -285,6 +294,7 @@ async fn pool(
         for action in actions {
             match action {
                 Action::Start { id, at } => {
+                    metrics.ondemand_decisions.fetch_add(1, Relaxed);
                     let activator = match (at, &remote) {
                         (Location::Remote, Some(r)) => r.clone(),
                         _ => local.clone(),
@@ -310,6 +320,7 @@ async fn pool(
                     );
                     let tx = tx.clone();
                     tokio::spawn(async move {
+                        let began = Instant::now();
                         let res = tokio::task::spawn_blocking(move || {
                             activator
                                 .start(&launch)
@@ -318,10 +329,11 @@ async fn pool(
                         .await
                         .map_err(|e| e.to_string())
                         .and_then(|r| r.map_err(|e| e.to_string()));
-                        let _ = tx.send(Msg::Started(id, res)).await;
+                        let _ = tx.send(Msg::Started(id, res, began.elapsed())).await;
                     });
                 }
                 Action::Stop { id } => {
+                    metrics.ondemand_decisions.fetch_add(1, Relaxed);
                     if let Some(i) = insts.remove(&id) {
                         tracing::info!(app = %cfg.app, instance = %i.name, at = ?i.at, "stopping on-demand instance");
                         let activator = match (i.at, &remote) {
@@ -334,5 +346,8 @@ async fn pool(
                 Action::Report(text) => tracing::warn!(app = %cfg.app, "{text}"),
             }
         }
+        let (l, r) = scaler.counts();
+        metrics.ondemand_local.store(u64::from(l), Relaxed);
+        metrics.ondemand_remote.store(u64::from(r), Relaxed);
     }
 }

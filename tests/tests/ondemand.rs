@@ -57,6 +57,11 @@ fn on_demand_device(tag: &str, extra: &str) -> Result<(Fleet, usize, u16)> {
     fleet.start_hub(&[])?;
     let name = format!("{tag}-{}", std::process::id());
     let d = fleet.add_device(&name, "hello", &[])?;
+    let metrics = format!("127.0.0.1:{}", free_port()?);
+    fleet.devices[d].set_config(
+        "metrics",
+        unifleet_tests::fleet::toml_value::V::Str(metrics),
+    )?;
     let port = free_port()?;
     let cfg = fleet.devices[d].config();
     let mut text = std::fs::read_to_string(&cfg)?;
@@ -125,6 +130,22 @@ fn burst_grows_local_then_remote_and_shrinks_remote_first() -> Result<()> {
         })
         .collect();
     assert_eq!(stops, ["remote", "remote", "local", "local"], "{log}");
+    // Counts, boots and decisions are in the agent's metrics too.
+    let cfg = std::fs::read_to_string(fleet.devices[d].config())?;
+    let addr = cfg
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics = "))
+        .map(|v| v.trim_matches('"').to_string())
+        .expect("metrics address");
+    let m = |name: &str| unifleet_tests::metric(&addr, name);
+    assert_eq!(m("unifleet_device_ondemand_boots_total")?, 4);
+    assert_eq!(m("unifleet_device_ondemand_scale_decisions_total")?, 8);
+    assert_eq!(
+        m("unifleet_device_ondemand_local_instances")?
+            + m("unifleet_device_ondemand_remote_instances")?,
+        0
+    );
+    assert!(m("unifleet_device_ondemand_boot_milliseconds_total")? > 0);
     Ok(())
 }
 
