@@ -94,7 +94,8 @@ pub async fn run(
     let root = Arc::new(load_root(&cfg, &store)?);
     let platform = cfg.platform().map_err(anyhow::Error::msg)?;
 
-    let mut net_cfg = net::NetConfig::new(net::keypair_from_seed(seed_of(&key)), &cfg.fleet);
+    // The libp2p identity derives from the device key, so a device keeps its peer id.
+    let mut net_cfg = net::NetConfig::new(net::keypair_from_seed(key.seed()), &cfg.fleet);
     net_cfg.listen = vec![cfg.listen.parse().context("parsing listen address")?];
     let mut hub_peers = Vec::new();
     for (p, is_hub) in cfg
@@ -195,15 +196,6 @@ pub async fn run(
     updater_task.abort();
     let _ = net_task.await;
     Ok(())
-}
-
-/// The libp2p identity is derived from the device key, so a device keeps its peer id.
-fn seed_of(key: &SecretKey) -> [u8; 32] {
-    let text = key.to_text();
-    let hexpart = text.split_whitespace().nth(1).unwrap_or_default();
-    let mut seed = [0u8; 32];
-    let _ = hex::decode_to_slice(hexpart, &mut seed);
-    seed
 }
 
 struct Router {

@@ -96,15 +96,9 @@ impl Home {
         read_secret(&self.dir.join("keys/release.key"))
     }
 
+    /// The hub's libp2p identity seed (a key of its own, so its peer id is stable).
     pub fn p2p_seed(&self) -> Result<[u8; 32]> {
-        let key = read_secret(&self.dir.join("keys/p2p.key"))?;
-        let text = key.to_text();
-        let mut seed = [0u8; 32];
-        hex::decode_to_slice(
-            text.split_whitespace().nth(1).unwrap_or_default(),
-            &mut seed,
-        )?;
-        Ok(seed)
+        Ok(read_secret(&self.dir.join("keys/p2p.key"))?.seed())
     }
 
     pub fn root_bytes(&self) -> Result<Vec<u8>> {

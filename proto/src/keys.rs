@@ -92,6 +92,12 @@ impl SecretKey {
         self.0.sign(&signed).to_bytes()
     }
 
+    /// The 32-byte seed, for deriving another identity from the same secret (the libp2p
+    /// key of a device or hub). Never log or send it.
+    pub fn seed(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
     /// The secret key file's text. Only for writing the key file.
     pub fn to_text(&self) -> String {
         format!("{SECRET_PREFIX} {}\n", hex::encode(self.0.to_bytes()))
