@@ -462,6 +462,18 @@ impl Fleet {
         );
     }
 
+    /// The hub's releases (`hub releases --json`), optionally only those on `channel`.
+    pub fn releases(&self, channel: Option<&str>) -> Result<Vec<Value>> {
+        let all: Value = serde_json::from_str(&run(self.hub_cmd()?.args(["releases", "--json"]))?)?;
+        Ok(all
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| channel.is_none_or(|c| r["channel"] == c))
+            .collect())
+    }
+
     /// The hub's inventory (`hub devices --json`).
     pub fn inventory(&self) -> Result<Value> {
         Ok(serde_json::from_str(&run(self

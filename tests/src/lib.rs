@@ -72,20 +72,22 @@ pub fn wait_for_file_line(
     needle: &str,
     timeout: Duration,
 ) -> Result<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.contains(needle) {
-            return Ok(text);
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "timed out after {timeout:?} waiting for {needle:?} in {}; got {text:?}",
-                path.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    fleet::wait_for(
+        &format!("{needle:?} in {}", path.display()),
+        timeout,
+        || {
+            std::fs::read_to_string(path)
+                .ok()
+                .filter(|t| t.contains(needle))
+        },
+    )
+    .map_err(|e| {
+        e.context(format!(
+            "{} holds {:?}",
+            path.display(),
+            std::fs::read_to_string(path).unwrap_or_default()
+        ))
+    })
 }
 
 pub mod fleet;

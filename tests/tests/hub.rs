@@ -11,12 +11,6 @@ use unifleet_tests::{bin, free_port};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-fn releases(fleet: &Fleet) -> Result<serde_json::Value> {
-    Ok(serde_json::from_str(&run(fleet
-        .hub_cmd()?
-        .args(["releases", "--json"]))?)?)
-}
-
 #[test]
 fn external_mosquitto_broker_carries_retained_announcements() -> Result<()> {
     let mut fleet = Fleet::new("test:///default")?;
@@ -89,7 +83,7 @@ fn a_second_process_fetches_and_verifies_a_release_over_libp2p() -> Result<()> {
     fleet.start_hub(&[])?;
     let img = fleet.testimage("hello", "1.0.0", &["--pad-mib", "2"])?;
     fleet.publish(&img, "hello", "1.0.0", &["--no-staging"])?;
-    let rel = releases(&fleet)?;
+    let rel = fleet.releases(None)?;
     let digest = rel[0]["manifest"].as_str().unwrap().to_string();
     let out = fleet.path("fetched.img");
     let said = run(Command::new(bin("fetch_release")?)
@@ -163,7 +157,7 @@ fn git_push_deploys_through_the_same_pipeline() -> Result<()> {
     let push = git(&["push", "unifleet", "main"])?;
     let said = String::from_utf8_lossy(&push.stderr);
     assert!(said.contains("unrecognised image"), "{said}");
-    assert_eq!(releases(&fleet)?.as_array().unwrap().len(), 1);
+    assert_eq!(fleet.releases(None)?.len(), 1);
     Ok(())
 }
 
@@ -215,7 +209,7 @@ fn kill9_of_hub_publish_never_leaves_a_broken_store() -> Result<()> {
             String::from_utf8_lossy(&fsck.stderr)
         );
         // ... and every release in it is complete and signed.
-        for r in releases(&fleet)?.as_array().unwrap() {
+        for r in fleet.releases(None)? {
             let path = format!(
                 "apps/hello/stable/{:010}.manifest",
                 r["release"].as_u64().unwrap()
@@ -251,13 +245,8 @@ fn kill9_of_hub_publish_never_leaves_a_broken_store() -> Result<()> {
         }
     }
     // Some runs finished, some were cut short; either way the numbering stayed dense.
-    let rel = releases(&fleet)?;
-    let numbers: Vec<u64> = rel
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["release"].as_u64().unwrap())
-        .collect();
+    let rel = fleet.releases(None)?;
+    let numbers: Vec<u64> = rel.iter().map(|r| r["release"].as_u64().unwrap()).collect();
     assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>());
     assert!(
         numbers.len() >= published,
@@ -386,7 +375,7 @@ fn bad_input_is_refused_and_nothing_is_half_written() -> Result<()> {
     assert!(err.contains("unknown key"), "{err}");
     std::fs::write(&key, saved)?;
     assert_eq!(
-        releases(&fleet)?.as_array().unwrap().len(),
+        fleet.releases(None)?.len(),
         1,
         "nothing half-written by the refusals"
     );

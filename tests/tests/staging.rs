@@ -32,16 +32,8 @@ fn staging_pass_signs_for_stable_and_staging_fail_signs_nothing() -> Result<()> 
     let good = fleet.testimage("hello", "1.0.0", &[])?;
     fleet.publish(&good, "hello", "1.0.0", &["--staging-timeout-secs", "60"])?;
     fleet.wait_all(&[field], "hello", 1, "Active", Duration::from_secs(30))?;
-    let releases: serde_json::Value = serde_json::from_str(&run(fleet
-        .hub_cmd()?
-        .args(["releases", "hello", "--json"]))?)?;
-    let stable: Vec<_> = releases
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["channel"] == "stable")
-        .collect();
-    assert_eq!(stable.len(), 1, "{releases}");
+    let stable = fleet.releases(Some("stable"))?;
+    assert_eq!(stable.len(), 1, "{stable:?}");
     let manifest = fleet.dir.path().join("stable.manifest");
     let bytes = fleet.store_file("apps/hello/stable/0000000001.manifest")?;
     std::fs::write(&manifest, &bytes)?;
@@ -78,19 +70,11 @@ fn staging_pass_signs_for_stable_and_staging_fail_signs_nothing() -> Result<()> 
         err.contains("never becomes ready"),
         "console tail in the failure: {err}"
     );
-    let releases: serde_json::Value = serde_json::from_str(&run(fleet
-        .hub_cmd()?
-        .args(["releases", "hello", "--json"]))?)?;
-    let stable: Vec<_> = releases
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["channel"] == "stable")
-        .collect();
+    let stable = fleet.releases(Some("stable"))?;
     assert_eq!(
         stable.len(),
         1,
-        "no stable release for the failed image: {releases}"
+        "no stable release for the failed image: {stable:?}"
     );
     let log = run(fleet.hub_cmd()?.arg("log"))?;
     assert!(
