@@ -5,7 +5,10 @@
 #      device and three field devices, booting through libvirt's QEMU driver
 #      (qemu:///system) — or libvirt's test driver when libvirtd is unavailable, saying so;
 #   3. publish v1 through the staging gate, then v2: every device's state, its bytes from
-#      peers and hub, and its console READY line; the hub's event log (git).
+#      peers and hub, and its console READY line; the hub's event log (git);
+#   4. on demand (QEMU only): a fourth device serves hello on demand — a cold start from
+#      zero instances, then a burst of 4 clients that grows 2 local + 2 "hosted" instances
+#      (a second libvirt connection stands in for the hosted Xen host), then back to zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -55,6 +58,27 @@ enroll() { # name channel
 }
 enroll stage staging
 for d in d1 d2 d3; do enroll "$d" stable; done
+ONDEMAND=""
+if [ "$URI" = "qemu:///system" ]; then
+  ONDEMAND=$(free_port)
+  "$BIN/device" enroll --dir od --name demo-od --root hub/root.bin --channel stable --app hello \
+    --hub "$HUB" --broker "mqtt://127.0.0.1:$MQTT" --libvirt "$URI" | tail -1
+  cat >> od/device.toml <<TOML
+
+[[ondemand]]
+app = "hello"
+listen = "127.0.0.1:$ONDEMAND"
+max_local = 2
+max_remote = 2
+remote_uri = "$URI"
+idle_secs = 3
+stable_window_secs = 3
+TOML
+  "$BIN/hub" --dir hub enroll od/device.pub --name demo-od
+  RUST_LOG=info,libp2p=warn,libp2p_gossipsub=error "$BIN/device" run --config od/device.toml 2> od.log &
+  PIDS+=($!)
+  echo "demo-od serves hello on demand at 127.0.0.1:$ONDEMAND"
+fi
 
 wait_release() { # release
   for _ in $(seq 600); do
@@ -85,6 +109,49 @@ wait_release 1; show 1 1.0.0
 step "publish hello 1.0.1: devices fetch only the changed chunk, from peers or the hub"
 "$BIN/hub" --dir hub publish hello-1.0.1.elf --app hello --version 1.0.1 --staging-timeout-secs 60
 wait_release 2; show 2 1.0.1
+
+if [ -n "$ONDEMAND" ]; then
+  clients() { # n hold_secs: n clients at once, each says hi and holds its connection
+    python3 - "$ONDEMAND" "$1" "$2" <<'PY'
+import socket, sys, threading, time
+port, n, hold = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+def client(i):
+    t = time.monotonic()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"hi\n")
+    buf = b""
+    while b"HELLO" not in buf or not buf.split(b"HELLO", 1)[1].count(b"\n"):
+        chunk = s.recv(512)
+        if not chunk:
+            break
+        buf += chunk
+    line = [l for l in buf.decode(errors="replace").splitlines() if "HELLO" in l]
+    print(f"  client {i}: {line[0].strip() if line else buf!r} after {1000 * (time.monotonic() - t):.0f} ms")
+    time.sleep(hold)
+    s.close()
+threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+for t in threads: t.start()
+for t in threads: t.join()
+PY
+  }
+  instances() { virsh -c "$URI" list --name | grep -c '^uf-demo-od-hello-od' || true; }
+  step "on demand: a cold start (no instance runs; the connection is held while one boots)"
+  for _ in $(seq 100); do [ "$(instances)" = 0 ] && break; sleep 0.1; done
+  echo "instances before: $(instances)"
+  clients 1 0
+  step "on demand: a burst of 4 clients: 2 local instances, then 2 on the hosted host"
+  clients 4 4 &
+  BURST=$!
+  sleep 3
+  echo "instances during the burst: $(instances)"
+  wait "$BURST"
+  grep -E "starting on-demand instance" od.log | sed -E 's/.*instance=([^ ]+) at=([A-Za-z]+).*/  started \1 (\2)/'
+  step "on demand: load stopped: remote instances stop first, then local, down to zero"
+  for _ in $(seq 200); do [ "$(instances)" = 0 ] && break; sleep 0.1; done
+  grep -E "stopping on-demand instance" od.log | sed -E 's/.*instance=([^ ]+) at=([A-Za-z]+).*/  stopped \1 (\2)/'
+  echo "instances after: $(instances)"
+  "$BIN/hub" --dir hub devices | grep demo-od || true
+fi
 
 step "the hub's history: events and releases in git"
 "$BIN/hub" --dir hub log | tail -12

@@ -438,22 +438,26 @@ impl Updater {
             .as_deref()
             .map(|uri| Arc::new(Activator::new(uri, &self.cfg.domain_type)));
         let app = od.app.clone();
-        match crate::ondemand::start(
-            self.cfg.name.clone(),
-            self.cfg.state_dir.clone(),
-            od,
-            image,
-            self.activator.clone(),
+        let ctx = crate::ondemand::PoolContext {
+            device: self.cfg.name.clone(),
+            state_dir: self.cfg.state_dir.clone(),
+            local: self.activator.clone(),
             remote,
-            self.metrics.clone(),
-        )
-        .await
-        {
+            metrics: self.metrics.clone(),
+            reporter: self.reporter.clone(),
+        };
+        match crate::ondemand::start(ctx, od, image).await {
             Ok(handle) => {
                 pools.insert(app, handle);
             }
             Err(e) => tracing::error!("on-demand: {e:#}"),
         }
+    }
+
+    /// Served on demand: the pool owns its instances; the updater only boots a new release
+    /// once, to prove it healthy before the pool serves it.
+    fn is_ondemand(&self, app: &str) -> bool {
+        self.cfg.ondemand.iter().any(|o| o.app == app)
     }
 
     fn domain_name(&self, app: &str, release: u64) -> String {
@@ -488,9 +492,14 @@ impl Updater {
                     let name = launch.name.clone();
                     tokio::task::spawn_blocking(move || act.is_running(&name)).await?
                 };
-                if !running {
+                let act = self.activator.clone();
+                if self.is_ondemand(app) {
+                    // The pool starts instances when connections arrive.
+                    if running {
+                        tokio::task::spawn_blocking(move || act.stop(&launch.name)).await??;
+                    }
+                } else if !running {
                     tracing::info!(%app, release = cur.release, "starting installed release");
-                    let act = self.activator.clone();
                     tokio::task::spawn_blocking(move || {
                         act.start(&launch).and_then(|port| act.probe(&launch, port))
                     })
@@ -606,6 +615,14 @@ impl Updater {
                 st.current = Some(new.clone());
                 st.pending = None;
                 self.store.save_state(&state)?;
+                if self.is_ondemand(&m.app) {
+                    tracing::info!(app = %m.app, release = m.release, "healthy; the on-demand pool serves it from now on");
+                    let act = self.activator.clone();
+                    let name = launch.name.clone();
+                    if let Err(e) = tokio::task::spawn_blocking(move || act.stop(&name)).await? {
+                        tracing::warn!("stopping the health-check instance: {e}");
+                    }
+                }
                 self.store.prune_slots(&state);
                 self.metrics
                     .activations

@@ -9,6 +9,11 @@
 //!   the current capacity, the scaler panics: it scales up at once on the short average and
 //!   does not scale down until a whole stable window has passed without a panic.
 //!
+//! - **held connections**: a connection the proxy holds because no instance has room is
+//!   demand now, not a sample to average: enough instances for all held connections start
+//!   at once (beyond those already booting), and that counts as a panic. (Knative's
+//!   activator buffers requests the same way but still waits for the panic average.)
+//!
 //! Defaults against Knative's 60 s / 6 s: a unikernel here boots in ~0.1–0.3 s (a container
 //! in seconds), so half the windows keep the same ratio (10:1) while following load twice
 //! as fast; boards are small, so holding idle capacity for a whole minute is costlier than
@@ -72,6 +77,8 @@ pub enum Event {
     Load {
         now: Instant,
         connections: u32,
+        /// Of those, connections held without an instance (waiting for one to boot).
+        waiting: u32,
     },
     Ready {
         now: Instant,
@@ -128,6 +135,8 @@ pub struct Autoscaler {
     last_busy: Option<Instant>,
     panic_until: Option<Instant>,
     remote_down_until: Option<Instant>,
+    /// Held connections at the last load sample.
+    waiting: u32,
 }
 
 impl Autoscaler {
@@ -140,6 +149,7 @@ impl Autoscaler {
             last_busy: None,
             panic_until: None,
             remote_down_until: None,
+            waiting: 0,
         }
     }
 
@@ -167,14 +177,19 @@ impl Autoscaler {
 
     pub fn handle(&mut self, event: Event) -> Vec<Action> {
         match event {
-            Event::Load { now, connections } => {
+            Event::Load {
+                now,
+                connections,
+                waiting,
+            } => {
                 self.samples.push_back((now, connections));
+                self.waiting = waiting;
                 if connections > 0 {
                     self.last_busy = Some(now);
                 }
                 self.trim(now);
-                // A connection with nothing running must not wait for the next tick.
-                if connections > 0 && self.instances.is_empty() {
+                // A held connection must not wait for the next tick, nor for the averages.
+                if waiting > 0 {
                     return self.scale(now);
                 }
                 vec![]
@@ -253,6 +268,19 @@ impl Autoscaler {
             // Hysteresis: scaling down needs the load to sit half an instance below the
             // smaller size, so a load hovering at a boundary does not flap.
             want = need(stable + DOWN_MARGIN * self.cfg.target).min(current);
+        }
+        // Held connections are demand now, not an average: enough instances for them start
+        // at once (beyond those already booting), and that counts as a panic, so nothing is
+        // scaled down for a stable window.
+        let starting = self
+            .instances
+            .iter()
+            .filter(|i| i.phase == Phase::Starting)
+            .count() as u32;
+        let for_held = need(f64::from(self.waiting));
+        if for_held > starting {
+            want = want.max(current - starting + for_held);
+            self.panic_until = Some(now + self.cfg.stable_window);
         }
         if self.in_panic(now) {
             // Up on the short window; never down while panicking.
@@ -339,6 +367,7 @@ mod tests {
             out.extend(a.handle(Event::Load {
                 now: *t,
                 connections,
+                waiting: 0,
             }));
             out.extend(a.handle(Event::Tick { now: *t }));
             // Everything started becomes ready at once in these tests.
@@ -352,12 +381,57 @@ mod tests {
     }
 
     #[test]
+    fn held_connections_start_instances_at_once_and_only_once() {
+        let cfg = ScaleConfig {
+            max_local: 2,
+            max_remote: 2,
+            ..ScaleConfig::default()
+        };
+        let mut a = Autoscaler::new(cfg);
+        let t = Instant::now();
+        let first = a.handle(Event::Load {
+            now: t,
+            connections: 1,
+            waiting: 1,
+        });
+        let Some(Action::Start { id, .. }) = first.first().cloned() else {
+            panic!("{first:?}")
+        };
+        a.handle(Event::Ready { now: t, id });
+        // A burst: one busy instance, three more connections held. The averages still
+        // say ~1; the held connections start three instances now, not one per window.
+        let t = t + Duration::from_millis(100);
+        let burst = a.handle(Event::Load {
+            now: t,
+            connections: 4,
+            waiting: 3,
+        });
+        let starts = |v: &[Action]| {
+            v.iter()
+                .filter(|x| matches!(x, Action::Start { .. }))
+                .count()
+        };
+        assert_eq!(starts(&burst), 3, "{burst:?}");
+        assert_eq!(a.counts(), (2, 2));
+        // While they boot, the same held connections start nothing more, and nothing stops.
+        let t = t + Duration::from_millis(100);
+        let again = a.handle(Event::Load {
+            now: t,
+            connections: 4,
+            waiting: 3,
+        });
+        assert!(again.is_empty(), "{again:?}");
+        assert!(a.handle(Event::Tick { now: t }).is_empty());
+    }
+
+    #[test]
     fn first_connection_starts_one_immediately() {
         let mut a = Autoscaler::new(ScaleConfig::default());
         let t = Instant::now();
         let out = a.handle(Event::Load {
             now: t,
             connections: 1,
+            waiting: 1,
         });
         assert_eq!(
             out,
@@ -428,6 +502,7 @@ mod tests {
             a.handle(Event::Load {
                 now: t,
                 connections: 0,
+                waiting: 0,
             });
             for act in a.handle(Event::Tick { now: t }) {
                 if let Action::Stop { id } = act {

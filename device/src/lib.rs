@@ -16,4 +16,5 @@ pub mod mqtt;
 pub mod ondemand;
 pub mod ratelimit;
 pub mod report;
+pub mod splice;
 pub mod store;

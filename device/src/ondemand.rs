@@ -12,6 +12,7 @@
 use crate::activator::{Activator, Launch};
 use crate::autoscale::{Action, Autoscaler, Event, InstanceId, Location, ScaleConfig};
 use proto::manifest::Manifest;
+use proto::status::OnDemandCounts;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -127,15 +128,26 @@ impl PoolHandle {
     }
 }
 
+/// What a pool works with, besides its configuration and image.
+#[derive(Debug)]
+pub struct PoolContext {
+    /// The device's name (instance domains are named after it).
+    pub device: String,
+    /// Where instance console logs go.
+    pub state_dir: PathBuf,
+    pub local: Arc<Activator>,
+    /// The hosted overflow host, if configured.
+    pub remote: Option<Arc<Activator>>,
+    pub metrics: Arc<crate::metrics::DeviceMetrics>,
+    /// Counts go into the app's status reports.
+    pub reporter: Arc<crate::report::Reporter>,
+}
+
 /// Starts the proxy and the pool (they run until the process ends).
 pub async fn start(
-    device: String,
-    state_dir: PathBuf,
+    ctx: PoolContext,
     cfg: OnDemandConfig,
     image: Image,
-    local: Arc<Activator>,
-    remote: Option<Arc<Activator>>,
-    metrics: Arc<crate::metrics::DeviceMetrics>,
 ) -> anyhow::Result<PoolHandle> {
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -149,17 +161,7 @@ pub async fn start(
     tracing::info!(app = %cfg.app, listen = %cfg.listen, "on-demand proxy listening");
     let (tx, rx) = mpsc::channel::<Msg>(256);
     let pool_tx = tx.clone();
-    tokio::spawn(pool(
-        device,
-        state_dir,
-        cfg.clone(),
-        image,
-        local,
-        remote,
-        rx,
-        pool_tx,
-        metrics,
-    ));
+    tokio::spawn(pool(ctx, cfg.clone(), image, rx, pool_tx));
     tokio::spawn(accept(listener, tx.clone()));
     Ok(PoolHandle { tx })
 }
@@ -182,13 +184,7 @@ async fn accept(listener: tokio::net::TcpListener, tx: mpsc::Sender<Msg>) -> ! {
                 return;
             }
             let Ok((id, port)) = got.await else { return };
-            let result = async {
-                let mut upstream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-                let mut client = client;
-                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-            }
-            .await;
-            if let Err(e) = result {
+            if let Err(e) = forward(client, port).await {
                 tracing::debug!(%peer, "proxied connection ended: {e}");
             }
             let _ = tx.send(Msg::Release(id)).await;
@@ -196,19 +192,35 @@ async fn accept(listener: tokio::net::TcpListener, tx: mpsc::Sender<Msg>) -> ! {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Connects to the instance's endpoint on loopback `port` and copies bytes both ways
+/// (zero-copy, [`crate::splice`]) until both directions are closed; a half-close is passed
+/// on. Returns the bytes copied (client to instance, instance to client).
+pub async fn forward(client: tokio::net::TcpStream, port: u16) -> std::io::Result<(u64, u64)> {
+    let upstream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    // Small request/answer exchanges: no Nagle delay on either leg.
+    client.set_nodelay(true)?;
+    upstream.set_nodelay(true)?;
+    crate::splice::bidirectional(&client, &upstream).await
+}
+
 async fn pool(
-    device: String,
-    state_dir: PathBuf,
+    ctx: PoolContext,
     cfg: OnDemandConfig,
     mut image: Image,
-    local: Arc<Activator>,
-    remote: Option<Arc<Activator>>,
     mut rx: mpsc::Receiver<Msg>,
     tx: mpsc::Sender<Msg>,
-    metrics: Arc<crate::metrics::DeviceMetrics>,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
+    let PoolContext {
+        device,
+        state_dir,
+        local,
+        remote,
+        metrics,
+        reporter,
+    } = ctx;
+    let mut counts = OnDemandCounts::default();
+    let mut reported = counts;
     let mut scaler = Autoscaler::new(cfg.scale());
     let mut insts: HashMap<InstanceId, Inst> = HashMap::new();
     let mut waiting: VecDeque<oneshot::Sender<(InstanceId, u16)>> = VecDeque::new();
@@ -249,10 +261,11 @@ async fn pool(
             Some(Msg::Started(id, Ok(port), took)) => {
                 if let Some(i) = insts.get_mut(&id) {
                     i.port = Some(port);
+                    let ms = took.as_millis() as u64;
                     metrics.ondemand_boots.fetch_add(1, Relaxed);
-                    metrics
-                        .ondemand_boot_ms
-                        .fetch_add(took.as_millis() as u64, Relaxed);
+                    metrics.ondemand_boot_ms.fetch_add(ms, Relaxed);
+                    counts.boots += 1;
+                    counts.boot_ms_total += ms;
                     tracing::info!(app = %cfg.app, instance = %i.name, at = ?i.at, boot_ms = took.as_millis() as u64, "on-demand instance ready");
                     actions.extend(scaler.handle(Event::Ready { now, id }));
                 }
@@ -289,12 +302,14 @@ async fn pool(
         actions.extend(scaler.handle(Event::Load {
             now,
             connections: load as u32,
+            waiting: waiting.len() as u32,
         }));
         actions.extend(scaler.handle(Event::Tick { now }));
         for action in actions {
             match action {
                 Action::Start { id, at } => {
                     metrics.ondemand_decisions.fetch_add(1, Relaxed);
+                    counts.decisions += 1;
                     let activator = match (at, &remote) {
                         (Location::Remote, Some(r)) => r.clone(),
                         _ => local.clone(),
@@ -334,13 +349,25 @@ async fn pool(
                 }
                 Action::Stop { id } => {
                     metrics.ondemand_decisions.fetch_add(1, Relaxed);
+                    counts.decisions += 1;
                     if let Some(i) = insts.remove(&id) {
                         tracing::info!(app = %cfg.app, instance = %i.name, at = ?i.at, "stopping on-demand instance");
                         let activator = match (i.at, &remote) {
                             (Location::Remote, Some(r)) => r.clone(),
                             _ => local.clone(),
                         };
-                        tokio::task::spawn_blocking(move || activator.stop(&i.name));
+                        let app = cfg.app.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let t = Instant::now();
+                            match activator.stop(&i.name) {
+                                Ok(()) => {
+                                    tracing::info!(%app, instance = %i.name, stop_ms = t.elapsed().as_millis() as u64, "on-demand instance stopped")
+                                }
+                                Err(e) => {
+                                    tracing::warn!(%app, instance = %i.name, "stopping on-demand instance: {e}")
+                                }
+                            }
+                        });
                     }
                 }
                 Action::Report(text) => tracing::warn!(app = %cfg.app, "{text}"),
@@ -349,5 +376,10 @@ async fn pool(
         let (l, r) = scaler.counts();
         metrics.ondemand_local.store(u64::from(l), Relaxed);
         metrics.ondemand_remote.store(u64::from(r), Relaxed);
+        (counts.local, counts.remote) = (l, r);
+        if counts != reported {
+            reporter.ondemand_changed(&cfg.app, counts).await;
+            reported = counts;
+        }
     }
 }

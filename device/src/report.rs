@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::store::{write_atomic, Installed};
 use net::{NetClient, Topic};
 use proto::announcement::Announcement;
-use proto::status::{DeviceState, StatusReport, MAX_CONSOLE_TAIL};
+use proto::status::{DeviceState, OnDemandCounts, StatusReport, MAX_CONSOLE_TAIL};
 use proto::SecretKey;
 use rumqttc::{AsyncClient, QoS};
 use std::collections::BTreeMap;
@@ -30,6 +30,8 @@ pub struct Reporter {
     pub from_hub: Arc<AtomicU64>,
     status_file: PathBuf,
     latest: Mutex<BTreeMap<String, StatusReport>>,
+    /// On-demand pools' counts, by app; part of every report of that app.
+    ondemand: std::sync::Mutex<BTreeMap<String, OnDemandCounts>>,
 }
 
 impl Reporter {
@@ -57,6 +59,7 @@ impl Reporter {
             from_hub: Arc::new(AtomicU64::new(0)),
             status_file: cfg.state_dir.join("status.json"),
             latest: Mutex::new(BTreeMap::new()),
+            ondemand: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -97,12 +100,18 @@ impl Reporter {
     pub async fn resend_latest(&self) {
         let latest: Vec<StatusReport> = self.latest.lock().await.values().cloned().collect();
         for mut r in latest {
-            r.seq = self.seq.fetch_add(1, Ordering::Relaxed);
-            r.at = crate::agent::now();
-            r.bytes_from_peers = self.from_peers.load(Ordering::Relaxed);
-            r.bytes_from_hub = self.from_hub.load(Ordering::Relaxed);
+            self.refresh(&mut r);
             self.send(r, true).await;
         }
+    }
+
+    /// A report sent again: fresh sequence number, time and counters; same state.
+    fn refresh(&self, r: &mut StatusReport) {
+        r.seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        r.at = crate::agent::now();
+        r.bytes_from_peers = self.from_peers.load(Ordering::Relaxed);
+        r.bytes_from_hub = self.from_hub.load(Ordering::Relaxed);
+        r.ondemand = self.ondemand_of(&r.app);
     }
 
     fn base(&self, app: &str, state: DeviceState, console_tail: String) -> StatusReport {
@@ -128,6 +137,7 @@ impl Reporter {
             bytes_from_peers: self.from_peers.load(Ordering::Relaxed),
             bytes_from_hub: self.from_hub.load(Ordering::Relaxed),
             console_tail: tail,
+            ondemand: self.ondemand_of(app),
         }
     }
 
@@ -164,6 +174,25 @@ impl Reporter {
         r.version = Some(i.version.clone());
         r.manifest = Some(i.manifest);
         self.send(r, false).await;
+    }
+
+    fn ondemand_of(&self, app: &str) -> Option<OnDemandCounts> {
+        let counts = self.ondemand.lock().unwrap_or_else(|p| p.into_inner());
+        counts.get(app).copied()
+    }
+
+    /// The on-demand pool of `app` scaled or booted: the latest report goes out again with
+    /// the new counts (a fresh sequence number, state unchanged).
+    pub async fn ondemand_changed(&self, app: &str, counts: OnDemandCounts) {
+        {
+            let mut all = self.ondemand.lock().unwrap_or_else(|p| p.into_inner());
+            all.insert(app.to_string(), counts);
+        }
+        let latest = self.latest.lock().await.get(app).cloned();
+        if let Some(mut r) = latest {
+            self.refresh(&mut r);
+            self.send(r, true).await;
+        }
     }
 
     /// Download progress, at most once a second (and always at 100%).

@@ -313,8 +313,14 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&inv)?);
             } else {
                 for e in inv.values() {
+                    let ondemand = e.ondemand.map_or(String::new(), |c| {
+                        format!(
+                            " on demand: {} local, {} remote, {} boots",
+                            c.local, c.remote, c.boots
+                        )
+                    });
                     println!(
-                        "{} {} release {} {} {} (peers {} B, hub {} B, seen {})",
+                        "{} {} release {} {} {} (peers {} B, hub {} B, seen {}){ondemand}",
                         e.device,
                         e.app,
                         e.release.map_or("-".into(), |r| r.to_string()),

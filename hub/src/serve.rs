@@ -46,6 +46,9 @@ pub struct DeviceEntry {
     pub seq: u64,
     pub bytes_from_peers: u64,
     pub bytes_from_hub: u64,
+    /// For an app served on demand: instances by location, boots, scale decisions.
+    #[serde(default)]
+    pub ondemand: Option<proto::status::OnDemandCounts>,
 }
 
 pub type Inventory = BTreeMap<String, DeviceEntry>;
@@ -395,6 +398,7 @@ impl Hub {
             seq: r.seq,
             bytes_from_peers: r.bytes_from_peers,
             bytes_from_hub: r.bytes_from_hub,
+            ondemand: r.ondemand,
         };
         let changed = self
             .inventory

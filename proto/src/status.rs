@@ -58,6 +58,23 @@ pub struct StatusReport {
     pub bytes_from_hub: u64,
     /// Last lines of the instance console, for failures.
     pub console_tail: String,
+    /// For an app served on demand: its instances and scaling so far.
+    pub ondemand: Option<OnDemandCounts>,
+}
+
+/// What the on-demand pool of one app is doing, as of the report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnDemandCounts {
+    /// Instances running (or booting) on the device itself.
+    pub local: u32,
+    /// Instances running (or booting) on the hosted overflow host.
+    pub remote: u32,
+    /// Instances booted to healthy since the agent started.
+    pub boots: u64,
+    /// Sum of their boot-to-healthy times, in milliseconds (mean = this / boots).
+    pub boot_ms_total: u64,
+    /// Start and stop decisions made by the autoscaler.
+    pub decisions: u64,
 }
 
 /// Most bytes of console kept in a report.

@@ -111,6 +111,13 @@ fn status_bytes() -> Vec<u8> {
         bytes_from_peers: 1000,
         bytes_from_hub: 10,
         console_tail: "BOOT".into(),
+        ondemand: Some(proto::status::OnDemandCounts {
+            local: 2,
+            remote: 1,
+            boots: 7,
+            boot_ms_total: 840,
+            decisions: 11,
+        }),
     };
     signed(r.seal().unwrap(), &[&key(20)])
 }

@@ -136,6 +136,29 @@ impl Device {
         self.proc.as_ref().map(|p| p.log_text()).unwrap_or_default()
     }
 
+    /// Serves `app` on demand on a fresh loopback port (appends an `[[ondemand]]` table
+    /// with `settings`, one `key = value` per line); returns the port.
+    pub fn serve_on_demand(&self, app: &str, settings: &str) -> Result<u16> {
+        let port = free_port()?;
+        let mut text = std::fs::read_to_string(self.config())?;
+        text.push_str(&format!(
+            "\n[[ondemand]]\napp = \"{app}\"\nlisten = \"127.0.0.1:{port}\"\n{settings}\n"
+        ));
+        std::fs::write(self.config(), text)?;
+        Ok(port)
+    }
+
+    /// The metrics address from device.toml (set with [`Device::set_config`]).
+    pub fn metrics_addr(&self) -> Option<String> {
+        std::fs::read_to_string(self.config())
+            .ok()?
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("metrics = ")
+                    .map(|v| v.trim_matches('"').to_string())
+            })
+    }
+
     /// Edits device.toml (e.g. to set `crash_at`).
     pub fn set_config(&self, key: &str, value: toml_value::V) -> Result<()> {
         let path = self.config();

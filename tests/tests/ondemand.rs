@@ -1,4 +1,4 @@
-//! Issue: on-demand unikernels (in progress). Cold starts through the front proxy: with no
+//! On-demand unikernels. Cold starts through the front proxy: with no
 //! instance running, a connection boots one (QEMU through libvirt) and is held until it is
 //! healthy, then answered by it; after the idle time the instance goes away again.
 
@@ -16,13 +16,10 @@ fn sequential_cold_starts_are_all_answered() -> Result<()> {
     fleet.start_hub(&[])?;
     let name = format!("od-{}", std::process::id());
     let d = fleet.add_device(&name, "hello", &[])?;
-    let port = free_port()?;
-    let cfg = fleet.devices[d].config();
-    let mut text = std::fs::read_to_string(&cfg)?;
-    text.push_str(&format!(
-        "\n[[ondemand]]\napp = \"hello\"\nlisten = \"127.0.0.1:{port}\"\nmin = 0\nmax_local = 2\nidle_secs = 0\nstable_window_secs = 1\npanic_window_secs = 1\n"
-    ));
-    std::fs::write(&cfg, text)?;
+    let port = fleet.devices[d].serve_on_demand(
+        "hello",
+        "min = 0\nmax_local = 2\nidle_secs = 0\nstable_window_secs = 1\npanic_window_secs = 1",
+    )?;
     fleet.start_device(d)?;
     let img = fleet.testimage("hello", "1.0.0", &[])?;
     fleet.publish(&img, "hello", "1.0.0", &["--no-staging"])?;
@@ -62,13 +59,10 @@ fn on_demand_device(tag: &str, extra: &str) -> Result<(Fleet, usize, u16)> {
         "metrics",
         unifleet_tests::fleet::toml_value::V::Str(metrics),
     )?;
-    let port = free_port()?;
-    let cfg = fleet.devices[d].config();
-    let mut text = std::fs::read_to_string(&cfg)?;
-    text.push_str(&format!(
-        "\n[[ondemand]]\napp = \"hello\"\nlisten = \"127.0.0.1:{port}\"\nmin = 0\nmax_local = 2\nidle_secs = 2\nstable_window_secs = 2\npanic_window_secs = 1\n{extra}"
-    ));
-    std::fs::write(&cfg, text)?;
+    let port = fleet.devices[d].serve_on_demand(
+        "hello",
+        &format!("min = 0\nmax_local = 2\nidle_secs = 2\nstable_window_secs = 2\npanic_window_secs = 1\n{extra}"),
+    )?;
     fleet.start_device(d)?;
     let img = fleet.testimage("hello", "1.0.0", &[])?;
     fleet.publish(&img, "hello", "1.0.0", &["--no-staging"])?;
@@ -131,12 +125,7 @@ fn burst_grows_local_then_remote_and_shrinks_remote_first() -> Result<()> {
         .collect();
     assert_eq!(stops, ["remote", "remote", "local", "local"], "{log}");
     // Counts, boots and decisions are in the agent's metrics too.
-    let cfg = std::fs::read_to_string(fleet.devices[d].config())?;
-    let addr = cfg
-        .lines()
-        .find_map(|l| l.strip_prefix("metrics = "))
-        .map(|v| v.trim_matches('"').to_string())
-        .expect("metrics address");
+    let addr = fleet.devices[d].metrics_addr().expect("metrics address");
     let m = |name: &str| unifleet_tests::metric(&addr, name);
     assert_eq!(m("unifleet_device_ondemand_boots_total")?, 4);
     assert_eq!(m("unifleet_device_ondemand_scale_decisions_total")?, 8);
@@ -146,6 +135,26 @@ fn burst_grows_local_then_remote_and_shrinks_remote_first() -> Result<()> {
         0
     );
     assert!(m("unifleet_device_ondemand_boot_milliseconds_total")? > 0);
+    // ... and in the device's signed status reports, as the hub's inventory shows them.
+    let name = fleet.devices[d].name.clone();
+    let counts = wait_for(
+        "on-demand counts at the hub",
+        Duration::from_secs(30),
+        || {
+            let inv = fleet.inventory().ok()?;
+            let c = inv
+                .as_object()?
+                .values()
+                .find(|e| e["device"] == name.as_str())?["ondemand"]
+                .clone();
+            (c["boots"] == 4 && c["decisions"] == 8 && c["local"] == 0 && c["remote"] == 0)
+                .then_some(c)
+        },
+    )?;
+    assert!(
+        counts["boot_ms_total"].as_u64().unwrap_or(0) > 0,
+        "{counts}"
+    );
     Ok(())
 }
 
