@@ -61,3 +61,72 @@ fn ignore_not_connected(e: nix::Error) -> io::Result<()> {
         Err(e.into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A proxy on a fresh port that forwards every connection to `upstream` by splicing.
+    async fn proxy_to(upstream: u16) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((c, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let u = TcpStream::connect(("127.0.0.1", upstream)).await?;
+                    bidirectional(&c, &u).await
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn bytes_flow_both_ways_and_a_half_close_is_passed_on() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = server.local_addr().unwrap().port();
+        // The server reads to end of stream (the client's half-close), then answers with
+        // what it got, reversed, and closes.
+        tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            let mut got = vec![];
+            s.read_to_end(&mut got).await.unwrap();
+            got.reverse();
+            s.write_all(&got).await.unwrap();
+        });
+        let port = proxy_to(upstream).await;
+        let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let sent: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        c.write_all(&sent).await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut back = vec![];
+        c.read_to_end(&mut back).await.unwrap();
+        let mut want = sent;
+        want.reverse();
+        assert!(
+            back == want,
+            "{} bytes back, {} expected",
+            back.len(),
+            want.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_instance_that_goes_away_ends_the_client_connection() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = server.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (s, _) = server.accept().await.unwrap();
+            drop(s);
+        });
+        let port = proxy_to(upstream).await;
+        let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .expect("the client is told, not left hanging");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+}
