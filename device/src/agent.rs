@@ -15,10 +15,10 @@ use crate::config::Config;
 use crate::fetch::{Fetcher, Holders};
 use crate::metrics::DeviceMetrics;
 use crate::mqtt;
-use crate::ratelimit::RateLimiter;
 use crate::report::Reporter;
 use crate::store::{AppState, Installed, Store};
 use anyhow::{Context, Result};
+use net::ratelimit::RateLimiter;
 use net::{MessageAcceptance, NetClient, NetEvent, PeerId, Topic};
 use proto::announcement::{verify_announcement, Announcement};
 use proto::blob::BlobResponse;
@@ -89,6 +89,16 @@ pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    run_with_metrics(cfg, Arc::new(DeviceMetrics::default()), shutdown).await
+}
+
+/// [`run`], keeping its metrics in `metrics` (the fleet benchmark runs many agents in one
+/// process and reads them directly).
+pub async fn run_with_metrics(
+    cfg: Config,
+    metrics: Arc<DeviceMetrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let key = load_key(&cfg.key)?;
     let store = Arc::new(Store::open(&cfg.state_dir)?);
     let root = Arc::new(load_root(&cfg, &store)?);
@@ -141,12 +151,7 @@ pub async fn run(
         None => None,
     };
 
-    let reporter = Arc::new(Reporter::new(&cfg, key, net.clone(), mqtt_client));
-    let metrics = Arc::new(DeviceMetrics {
-        bytes_from_peers: reporter.from_peers.clone(),
-        bytes_from_hub: reporter.from_hub.clone(),
-        ..DeviceMetrics::default()
-    });
+    let reporter = Arc::new(Reporter::new(&cfg, key, net.clone(), mqtt_client, &metrics));
     if let Some(addr) = &cfg.metrics {
         let m = metrics.clone();
         net::metrics::serve(addr, Arc::new(move || m.render()))
@@ -176,7 +181,7 @@ pub async fn run(
             store.clone(),
             hub_peers,
             &cfg,
-            &reporter,
+            metrics.clone(),
             holders,
         ),
         activator: Arc::new(Activator::new(&cfg.libvirt_uri, &cfg.domain_type)),
@@ -294,6 +299,7 @@ impl Router {
                 peer,
                 digest,
                 reply,
+                ..
             } => self.serve_blob(peer, digest, reply),
             NetEvent::Listening(addr) => tracing::info!(%addr, "listening"),
             NetEvent::PeerConnected(p) => tracing::debug!(peer = %p, "peer connected"),
@@ -552,6 +558,10 @@ impl Updater {
             return Ok(());
         }
         tracing::info!(app = %ann.app, release = ann.release, version = %ann.version, "new release announced");
+        self.metrics.last_announcement_ms.store(
+            crate::metrics::unix_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         // The manifest: fetched by digest, then verified like the announcement.
         let banned = crate::fetch::Banned::default();
         let manifest_bytes = self.fetcher.manifest(&ann.manifest, &banned).await?;
@@ -567,6 +577,10 @@ impl Updater {
             .chunks(m, &self.reporter, ann, &banned)
             .await
             .context("fetching chunks")?;
+        self.metrics.last_fetched_ms.store(
+            crate::metrics::unix_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.reporter
             .report(&ann.app, Some(ann), DeviceState::Installing, String::new())
             .await;
@@ -627,6 +641,10 @@ impl Updater {
                 self.metrics
                     .activations
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.metrics.last_active_ms.store(
+                    crate::metrics::unix_ms(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 tracing::info!(app = %m.app, release = m.release, version = %m.version, "active and healthy");
                 self.reporter
                     .report_installed(&m.app, &new, DeviceState::Active)

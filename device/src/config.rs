@@ -51,6 +51,10 @@ pub struct Config {
     /// Chunks fetched in parallel.
     #[serde(default = "default_parallel")]
     pub parallel_fetches: usize,
+    /// Fetch chunks from peers (the hub sends each chunk to about one device and points
+    /// the others at it). Off: everything comes from the hub, as in hub-and-spoke systems.
+    #[serde(default = "default_true")]
+    pub peer_exchange: bool,
     /// Prometheus metrics on this loopback address (`127.0.0.1:9101`); absent: off.
     #[serde(default)]
     pub metrics: Option<String>,
@@ -73,6 +77,9 @@ fn default_libvirt() -> String {
 }
 fn default_domain_type() -> String {
     "qemu".into()
+}
+fn default_true() -> bool {
+    true
 }
 fn default_parallel() -> usize {
     4

@@ -1,18 +1,27 @@
-//! Fetching blobs: from peers first (several in parallel), the hub as fallback. Every
-//! blob is verified on arrival; a peer that sends a bad one is dropped for the release.
+//! Fetching blobs, several in parallel; every blob is verified on arrival and a peer that
+//! sends a bad one is dropped for the release.
+//!
+//! Where chunks come from:
+//! - **peer exchange** (the default): ask the hub first, saying we can use peers; the hub
+//!   sends each chunk to about one device and answers everyone else with peers that have
+//!   it (`hub/src/tracker.rs`). Those peers are asked in turn; if none has it yet, ask the
+//!   hub again shortly, and after [`PEER_PATIENCE`] ask the hub to send it regardless.
+//! - **hub down**: connected peers (those known to run the release first), then the hub;
+//! - **peer exchange off**: the hub only, as a hub-and-spoke system would.
 
 use crate::config::Config;
-use crate::ratelimit::RateLimiter;
+use crate::metrics::DeviceMetrics;
 use crate::report::Reporter;
 use crate::store::Store;
 use anyhow::{bail, Result};
 use futures::StreamExt;
-use net::{NetClient, PeerId};
+use net::ratelimit::RateLimiter;
+use net::{FetchError, Multiaddr, NetClient, PeerId};
 use proto::announcement::Announcement;
 use proto::manifest::{verify_chunk, Manifest};
 use proto::Digest;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +56,9 @@ impl Holders {
 
 /// Give up on a blob after this long without any source delivering it.
 const STALL_LIMIT: Duration = Duration::from_secs(120);
+/// With peer exchange: after this long without a peer delivering a chunk, ask the hub to
+/// send it itself.
+pub const PEER_PATIENCE: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct Fetcher {
@@ -55,10 +67,19 @@ pub struct Fetcher {
     hub: Vec<PeerId>,
     parallel: usize,
     download: Arc<RateLimiter>,
-    pub from_peers: Arc<AtomicU64>,
-    pub from_hub: Arc<AtomicU64>,
+    metrics: Arc<DeviceMetrics>,
+    peer_exchange: bool,
     crash_after_chunks: Option<usize>,
     holders: Arc<Holders>,
+}
+
+/// What one attempt at a blob came to.
+enum Attempt {
+    Got(Vec<u8>, bool),
+    /// Peers to ask (from the hub), possibly none.
+    Redirected(Vec<(PeerId, Multiaddr)>),
+    /// The hub did not answer usefully (down, busy, refused).
+    NoHub,
 }
 
 impl Fetcher {
@@ -67,7 +88,7 @@ impl Fetcher {
         store: Arc<Store>,
         hub: Vec<PeerId>,
         cfg: &Config,
-        reporter: &Reporter,
+        metrics: Arc<DeviceMetrics>,
         holders: Arc<Holders>,
     ) -> Fetcher {
         Fetcher {
@@ -76,8 +97,8 @@ impl Fetcher {
             hub,
             parallel: cfg.parallel_fetches,
             download: Arc::new(RateLimiter::new(cfg.download_rate)),
-            from_peers: reporter.from_peers.clone(),
-            from_hub: reporter.from_hub.clone(),
+            metrics,
+            peer_exchange: cfg.peer_exchange,
             crash_after_chunks: cfg
                 .crash_at
                 .as_deref()
@@ -97,10 +118,12 @@ impl Fetcher {
         banned: &HashSet<PeerId>,
     ) -> Vec<PeerId> {
         let holders = self.holders.of(release);
-        let (mut first, mut rest): (Vec<PeerId>, Vec<PeerId>) = self
-            .net
-            .peers()
-            .await
+        let peers = if self.peer_exchange {
+            self.net.peers().await
+        } else {
+            vec![]
+        };
+        let (mut first, mut rest): (Vec<PeerId>, Vec<PeerId>) = peers
             .into_iter()
             .filter(|p| !self.hub.contains(p) && !banned.contains(p))
             .partition(|p| holders.contains(p));
@@ -116,31 +139,48 @@ impl Fetcher {
     }
 
     /// One blob, checked by `check`; returns its bytes and whether the hub sent it.
+    /// `swarm`: a chunk, which the hub may answer with peers to ask instead.
     async fn blob(
         &self,
         release: &Digest,
         digest: &Digest,
         spread: usize,
         banned: &Mutex<HashSet<PeerId>>,
+        swarm: bool,
         check: impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
     ) -> Result<(Vec<u8>, bool)> {
         let start = Instant::now();
         let mut wait = Duration::from_millis(100);
+        let swarm = swarm && self.peer_exchange;
         loop {
-            let snapshot = banned.lock().expect("not poisoned").clone();
-            for peer in self.candidates(release, spread, &snapshot).await {
-                match self.net.fetch(peer, *digest).await {
-                    Ok(bytes) => match check(&bytes) {
-                        Ok(()) => {
-                            self.download.acquire(bytes.len() as u64).await;
+            let patient = start.elapsed() < PEER_PATIENCE;
+            let attempt = if swarm {
+                self.via_hub(digest, banned, patient, &check).await
+            } else {
+                Attempt::NoHub
+            };
+            match attempt {
+                Attempt::Got(bytes, from_hub) => return Ok((bytes, from_hub)),
+                Attempt::Redirected(peers) => {
+                    for (peer, addr) in peers {
+                        if let Some(bytes) = self
+                            .try_peer(peer, Some(addr), digest, banned, &check)
+                            .await
+                        {
+                            return Ok((bytes, false));
+                        }
+                    }
+                    // They are still fetching it: ask the hub again soon.
+                    wait = wait.min(Duration::from_millis(200));
+                }
+                Attempt::NoHub => {
+                    let snapshot = banned.lock().expect("not poisoned").clone();
+                    for peer in self.candidates(release, spread, &snapshot).await {
+                        if let Some(bytes) = self.try_peer(peer, None, digest, banned, &check).await
+                        {
                             return Ok((bytes, self.hub.contains(&peer)));
                         }
-                        Err(e) => {
-                            tracing::warn!(%peer, blob = %digest.short(), "peer sent a bad blob, dropping it for this release: {e}");
-                            banned.lock().expect("not poisoned").insert(peer);
-                        }
-                    },
-                    Err(e) => tracing::debug!(blob = %digest.short(), "{e}"),
+                    }
                 }
             }
             if start.elapsed() > STALL_LIMIT {
@@ -156,6 +196,82 @@ impl Fetcher {
         }
     }
 
+    /// Asks the hub, saying we can use peers (unless our patience with them ran out).
+    async fn via_hub(
+        &self,
+        digest: &Digest,
+        banned: &Mutex<HashSet<PeerId>>,
+        redirect_ok: bool,
+        check: &impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
+    ) -> Attempt {
+        for hub in &self.hub {
+            if banned.lock().expect("not poisoned").contains(hub) {
+                continue;
+            }
+            match self.net.fetch_with(*hub, None, *digest, redirect_ok).await {
+                Ok(bytes) => {
+                    if let Some(bytes) = self.accept(*hub, digest, bytes, banned, check).await {
+                        return Attempt::Got(bytes, true);
+                    }
+                }
+                Err(FetchError::Elsewhere(_, peers)) => {
+                    let banned = banned.lock().expect("not poisoned");
+                    return Attempt::Redirected(
+                        peers
+                            .into_iter()
+                            .filter(|(p, _)| !banned.contains(p) && *p != self.net.peer_id())
+                            .collect(),
+                    );
+                }
+                Err(e) => tracing::debug!(blob = %digest.short(), "{e}"),
+            }
+        }
+        Attempt::NoHub
+    }
+
+    /// Asks one peer; the bytes if they pass `check`.
+    async fn try_peer(
+        &self,
+        peer: PeerId,
+        addr: Option<Multiaddr>,
+        digest: &Digest,
+        banned: &Mutex<HashSet<PeerId>>,
+        check: &impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
+    ) -> Option<Vec<u8>> {
+        match self.net.fetch_with(peer, addr, *digest, false).await {
+            Ok(bytes) => self.accept(peer, digest, bytes, banned, check).await,
+            Err(e) => {
+                tracing::debug!(blob = %digest.short(), "{e}");
+                None
+            }
+        }
+    }
+
+    /// Counts what arrived, checks it, and bans a peer that sent bad bytes.
+    async fn accept(
+        &self,
+        peer: PeerId,
+        digest: &Digest,
+        bytes: Vec<u8>,
+        banned: &Mutex<HashSet<PeerId>>,
+        check: &impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
+    ) -> Option<Vec<u8>> {
+        self.metrics
+            .blob_bytes_received
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        match check(&bytes) {
+            Ok(()) => {
+                self.download.acquire(bytes.len() as u64).await;
+                Some(bytes)
+            }
+            Err(e) => {
+                tracing::warn!(%peer, blob = %digest.short(), "peer sent a bad blob, dropping it for this release: {e}");
+                banned.lock().expect("not poisoned").insert(peer);
+                None
+            }
+        }
+    }
+
     /// The signed manifest with this digest (bytes checked against the digest only; the
     /// caller verifies signatures and contents).
     pub async fn manifest(&self, digest: &Digest, banned: &Banned) -> Result<Vec<u8>> {
@@ -164,7 +280,7 @@ impl Fetcher {
         }
         let limit = proto::envelope::envelope_limit(proto::codec::Kind::Manifest);
         let (bytes, from_hub) = self
-            .blob(digest, digest, 0, banned, |b| {
+            .blob(digest, digest, 0, banned, false, |b| {
                 if b.len() > limit {
                     return Err(proto::VerifyError::TooManyBytes {
                         what: "manifest".into(),
@@ -181,9 +297,9 @@ impl Fetcher {
 
     fn account(&self, n: usize, from_hub: bool) {
         let c = if from_hub {
-            &self.from_hub
+            &self.metrics.bytes_from_hub
         } else {
-            &self.from_peers
+            &self.metrics.bytes_from_peers
         };
         c.fetch_add(n as u64, Ordering::Relaxed);
     }
@@ -198,13 +314,16 @@ impl Fetcher {
         banned: &Banned,
     ) -> Result<()> {
         let mut seen = HashSet::new();
-        let missing: Vec<(usize, proto::manifest::ChunkRef)> = m
+        let mut missing: Vec<(usize, proto::manifest::ChunkRef)> = m
             .chunks
             .iter()
             .copied()
             .enumerate()
             .filter(|(_, c)| seen.insert(c.digest) && !self.store.has_chunk(&c.digest))
             .collect();
+        // Each device in its own order, so the hub's first copies of the chunks go to
+        // different devices and peers have something to trade from the start.
+        shuffle(&mut missing, &self.net.peer_id().to_bytes());
         let total = m.chunks.len().max(1);
         let have = AtomicUsize::new(total - missing.len());
         let stored_now = AtomicUsize::new(0);
@@ -214,7 +333,7 @@ impl Fetcher {
             let stored_now = &stored_now;
             async move {
                 let (bytes, from_hub) = self
-                    .blob(&ann.manifest, &c.digest, i, banned, |b| {
+                    .blob(&ann.manifest, &c.digest, i, banned, true, |b| {
                         verify_chunk(i, &c, b)
                     })
                     .await?;
@@ -239,5 +358,43 @@ impl Fetcher {
             r?;
         }
         Ok(())
+    }
+}
+
+/// Fisher–Yates with a splitmix64 stream seeded from `seed`: a fixed order per device.
+fn shuffle<T>(items: &mut [T], seed: &[u8]) {
+    let mut state = seed.iter().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01B3)
+    });
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    for i in (1..items.len()).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shuffle_is_a_permutation_fixed_per_seed_and_differs_between_seeds() {
+        let base: Vec<u32> = (0..200).collect();
+        let order = |seed: &[u8]| {
+            let mut v = base.clone();
+            super::shuffle(&mut v, seed);
+            v
+        };
+        let a = order(b"device-a");
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, base);
+        assert_eq!(a, order(b"device-a"));
+        assert_ne!(a, order(b"device-b"));
+        assert_ne!(a, base);
     }
 }

@@ -4,7 +4,7 @@
 //! automatic rollback, reports signed status, and seeds what it holds to peers.
 //!
 //! Modules: [`config`] (TOML), [`store`] (state directory), [`fetch`], [`activator`]
-//! (libvirt), [`report`], [`mqtt`], [`ratelimit`], and [`agent`] which ties them together.
+//! (libvirt), [`report`], [`mqtt`], and [`agent`] which ties them together.
 
 pub mod activator;
 pub mod agent;
@@ -14,7 +14,6 @@ pub mod fetch;
 pub mod metrics;
 pub mod mqtt;
 pub mod ondemand;
-pub mod ratelimit;
 pub mod report;
 pub mod splice;
 pub mod store;

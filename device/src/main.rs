@@ -134,6 +134,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         download_rate: 0,
         upload_rate: 0,
         parallel_fetches: 4,
+        peer_exchange: true,
         metrics: None,
         crash_at: None,
         ondemand: vec![],

@@ -21,12 +21,53 @@ pub struct DeviceMetrics {
     pub ondemand_boot_ms: AtomicU64,
     /// Autoscaler decisions (starts and stops).
     pub ondemand_decisions: AtomicU64,
+    /// Every blob byte received, accepted or not (minus the accepted ones: duplicates
+    /// and refused bytes).
+    pub blob_bytes_received: AtomicU64,
+    /// When (Unix ms) the newest release for one of our apps was first verified, when
+    /// all its chunks were stored, and when it became active.
+    pub last_announcement_ms: AtomicU64,
+    pub last_fetched_ms: AtomicU64,
+    pub last_active_ms: AtomicU64,
+}
+
+/// Now, in Unix milliseconds (for the timestamp gauges).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl DeviceMetrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        push(
+            &mut out,
+            "unifleet_device_blob_bytes_received_total",
+            "counter",
+            "Blob bytes received, accepted or not",
+            c(&self.blob_bytes_received),
+        );
+        for (name, help, v) in [
+            (
+                "unifleet_device_last_announcement_timestamp_ms",
+                "When the newest release was first verified (Unix ms)",
+                &self.last_announcement_ms,
+            ),
+            (
+                "unifleet_device_last_fetched_timestamp_ms",
+                "When the newest release's chunks were all stored (Unix ms)",
+                &self.last_fetched_ms,
+            ),
+            (
+                "unifleet_device_last_active_timestamp_ms",
+                "When the newest release became active (Unix ms)",
+                &self.last_active_ms,
+            ),
+        ] {
+            push(&mut out, name, "gauge", help, c(v));
+        }
         push(
             &mut out,
             "unifleet_device_bytes_from_peers_total",

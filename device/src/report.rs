@@ -35,11 +35,13 @@ pub struct Reporter {
 }
 
 impl Reporter {
+    /// Byte counters are shared with `metrics`.
     pub fn new(
         cfg: &Config,
         key: SecretKey,
         net: NetClient,
         mqtt: Option<AsyncClient>,
+        metrics: &crate::metrics::DeviceMetrics,
     ) -> Reporter {
         let start_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -55,8 +57,8 @@ impl Reporter {
             // Milliseconds at start, then +1 per report: grows across restarts too.
             seq: AtomicU64::new(start_ms),
             last_progress: Mutex::new(None),
-            from_peers: Arc::new(AtomicU64::new(0)),
-            from_hub: Arc::new(AtomicU64::new(0)),
+            from_peers: metrics.bytes_from_peers.clone(),
+            from_hub: metrics.bytes_from_hub.clone(),
             status_file: cfg.state_dir.join("status.json"),
             latest: Mutex::new(BTreeMap::new()),
             ondemand: std::sync::Mutex::new(BTreeMap::new()),

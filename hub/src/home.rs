@@ -25,6 +25,17 @@ pub struct HubConfig {
     pub metrics: Option<String>,
     #[serde(default = "default_expiry")]
     pub release_expiry_days: u64,
+    /// Upload limit for blobs served to devices, bytes per second (0 = unlimited).
+    #[serde(default)]
+    pub upload_rate: u64,
+    /// Send each chunk to about one device and point the others at peers that have it
+    /// (devices that cannot use peers are always served). Off: serve every request.
+    #[serde(default = "default_true")]
+    pub redirect: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_mqtt() -> String {

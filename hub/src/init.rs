@@ -78,6 +78,8 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
         p2p_listen: args.p2p_listen.into(),
         metrics: None,
         release_expiry_days: 90,
+        upload_rate: 0,
+        redirect: true,
     };
     let store = Store::init(&dir.join("store.git"))?;
     let mut change = Change::default();

@@ -9,6 +9,7 @@
 pub mod broker;
 pub mod control;
 pub mod deploy;
+pub mod enroll;
 pub mod home;
 pub mod init;
 pub mod metrics;
@@ -16,3 +17,4 @@ pub mod publish;
 pub mod serve;
 pub mod staging;
 pub mod store;
+pub mod tracker;

@@ -3,8 +3,8 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use hub::home::{now, Home};
-use hub::store::{Change, Event};
+use hub::home::Home;
+use hub::store::Event;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -46,6 +46,14 @@ enum Command {
         /// Serve Prometheus metrics on this address.
         #[arg(long)]
         metrics: Option<String>,
+        /// Limit blob uploads to devices to this many bytes per second (default: hub.toml's
+        /// `upload_rate`, 0 = unlimited).
+        #[arg(long)]
+        upload_rate: Option<u64>,
+        /// Serve every blob request itself instead of pointing devices at peers that have
+        /// the chunk (the hub-only baseline of the fleet benchmark).
+        #[arg(long)]
+        no_redirect: bool,
     },
     /// Publish an image: inspect, stage, chunk, sign, store in git, announce.
     Publish {
@@ -192,9 +200,20 @@ fn run(cli: Cli) -> Result<()> {
                 dir.join("root.bin").display()
             );
         }
-        Command::Serve { broker, metrics } => {
+        Command::Serve {
+            broker,
+            metrics,
+            upload_rate,
+            no_redirect,
+        } => {
             init_tracing();
             let mut home = Home::open(&dir)?;
+            if let Some(rate) = upload_rate {
+                home.config.upload_rate = rate;
+            }
+            if no_redirect {
+                home.config.redirect = false;
+            }
             if broker.is_some() {
                 home.config.broker = broker;
             }
@@ -266,25 +285,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Enroll { pubkey, name } => {
             let home = Home::open(&dir)?;
-            proto::names::check("device", &name).map_err(anyhow::Error::msg)?;
             let text = std::fs::read_to_string(&pubkey)
                 .with_context(|| format!("reading {}", pubkey.display()))?;
             let key = proto::PublicKey::from_text(&text)
                 .with_context(|| format!("reading {}", pubkey.display()))?;
-            let store = home.store()?;
-            let mut change = Change::default();
-            change.put(format!("devices/{name}.pub"), key.to_text().into_bytes());
-            change.event(Event {
-                at: now(),
-                kind: "enroll".into(),
-                app: None,
-                channel: None,
-                release: None,
-                device: Some(name.clone()),
-                detail: format!("key {}", key.id().short()),
-            });
-            store.commit(&format!("enroll {name}"), &change, None)?;
-            hub::control::reload_devices(&home);
+            hub::enroll::enroll(&home, &[(name.clone(), key)])?;
             println!("enrolled {name} (key {})", key.id().short());
         }
         Command::Releases { app, json } => {

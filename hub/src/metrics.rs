@@ -32,6 +32,20 @@ fn render(m: &Metrics, home: &Home) -> String {
     );
     push(
         &mut out,
+        "unifleet_hub_redirects_total",
+        "counter",
+        "Blob requests answered with peers that have the blob",
+        c(&m.redirects),
+    );
+    push(
+        &mut out,
+        "unifleet_hub_last_new_announcement_timestamp_ms",
+        "gauge",
+        "When the newest release was first announced (Unix ms)",
+        c(&m.last_new_announcement_ms),
+    );
+    push(
+        &mut out,
         "unifleet_hub_blobs_served_total",
         "counter",
         "Blobs served to peers",

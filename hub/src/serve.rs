@@ -8,8 +8,10 @@
 use crate::control;
 use crate::home::{now, Home};
 use crate::store::{release_path, Change, Event, Store};
+use crate::tracker::{Decision, Tracker};
 use anyhow::{Context, Result};
-use net::{MessageAcceptance, NetClient, NetEvent, Topic};
+use net::ratelimit::RateLimiter;
+use net::{MessageAcceptance, NetClient, NetEvent, PeerId, Topic};
 use proto::blob::BlobResponse;
 use proto::keys::{KeyId, PublicKey};
 use proto::manifest::{Expectations, Platform};
@@ -29,6 +31,11 @@ type Announced = (String, String, u64, Vec<u8>);
 
 const REANNOUNCE: Duration = Duration::from_secs(5);
 const EVENT_FLUSH: Duration = Duration::from_secs(2);
+/// How long after the hub served or redirected a device for a chunk it counts as having
+/// it: a chunk's transfer time under WAN-like rates, with margin.
+const TRACKER_SETTLE: Duration = Duration::from_secs(1);
+/// Chunks the tracker remembers (~16 MB of state at most).
+const TRACKER_BLOBS: usize = 100_000;
 
 /// One device as the hub last saw it. Survives restarts (`inventory.json`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -61,6 +68,10 @@ pub struct Metrics {
     pub status_accepted: AtomicU64,
     pub status_dropped: AtomicU64,
     pub gossip_rejected: AtomicU64,
+    /// Blob requests answered with peers to ask instead.
+    pub redirects: AtomicU64,
+    /// When a release newer than any announced before was first announced (Unix ms).
+    pub last_new_announcement_ms: AtomicU64,
 }
 
 pub fn load_inventory(home: &Home) -> Inventory {
@@ -116,6 +127,10 @@ struct Hub {
     pending_events: Change,
     metrics: Arc<Metrics>,
     root: proto::root::TrustedRoot,
+    tracker: Arc<Mutex<Tracker<(PeerId, net::Multiaddr)>>>,
+    upload: Arc<RateLimiter>,
+    /// Newest release announced so far, per (app, channel).
+    announced: BTreeMap<(String, String), u64>,
 }
 
 /// Runs the hub until `shutdown` resolves. Prints its libp2p address on stdout.
@@ -194,6 +209,9 @@ pub async fn serve(
         pending_events: Change::default(),
         metrics,
         root,
+        tracker: Arc::new(Mutex::new(Tracker::new(TRACKER_SETTLE, TRACKER_BLOBS))),
+        upload: Arc::new(RateLimiter::new(home.config.upload_rate)),
+        announced: BTreeMap::new(),
     };
 
     let _ = std::fs::remove_file(home.socket());
@@ -303,6 +321,19 @@ impl Hub {
             }
             let _ = self.net.publish(Topic::Announce, bytes.clone()).await;
             self.metrics.announcements.fetch_add(1, Ordering::Relaxed);
+            let newest = self
+                .announced
+                .entry((app.clone(), channel.clone()))
+                .or_default();
+            if *release > *newest {
+                *newest = *release;
+                let ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                self.metrics
+                    .last_new_announcement_ms
+                    .store(ms, Ordering::Relaxed);
+            }
         }
         latest.len()
     }
@@ -481,11 +512,27 @@ impl Hub {
             NetEvent::BlobWanted {
                 peer,
                 digest,
+                redirect_ok,
+                addr,
                 reply,
             } => {
+                if redirect_ok && self.home.config.redirect {
+                    let decision = self.tracker.lock().expect("tracker lock").decide(
+                        digest,
+                        addr.map(|a| (peer, a)),
+                        std::time::Instant::now(),
+                    );
+                    if let Decision::Elsewhere(peers) = decision {
+                        self.metrics.redirects.fetch_add(1, Ordering::Relaxed);
+                        let refs = peers.iter().map(|(p, a)| net::peer_ref(p, a)).collect();
+                        self.net.respond(reply, BlobResponse::Elsewhere(refs)).await;
+                        return;
+                    }
+                }
                 let store = self.store.clone();
                 let net = self.net.clone();
                 let metrics = self.metrics.clone();
+                let upload = self.upload.clone();
                 tokio::spawn(async move {
                     let blob = tokio::task::spawn_blocking(move || {
                         store.lock().expect("store lock").blob(&digest)
@@ -496,6 +543,7 @@ impl Hub {
                     .flatten();
                     let response = match blob {
                         Some(b) => {
+                            upload.acquire(b.len() as u64).await;
                             metrics.blobs_served.fetch_add(1, Ordering::Relaxed);
                             metrics
                                 .blob_bytes_served

@@ -143,6 +143,7 @@ fn status_report_golden() {
 fn blob_messages_golden() {
     let req = proto::blob::BlobRequest {
         digest: proto::Digest::of(b"chunk"),
+        redirect_ok: true,
     }
     .encode()
     .unwrap();
@@ -160,5 +161,14 @@ fn blob_messages_golden() {
     assert_eq!(
         proto::blob::BlobResponse::decode(&read("blob-response.bin")).unwrap(),
         proto::blob::BlobResponse::Found(b"chunk".to_vec())
+    );
+    let elsewhere = proto::blob::BlobResponse::Elsewhere(vec![proto::blob::PeerRef {
+        peer: vec![0, 36, 8, 1],
+        addr: "/ip4/127.0.0.1/tcp/4001".into(),
+    }]);
+    check("blob-elsewhere.bin", &elsewhere.encode().unwrap());
+    assert_eq!(
+        proto::blob::BlobResponse::decode(&read("blob-elsewhere.bin")).unwrap(),
+        elsewhere
     );
 }

@@ -12,6 +12,7 @@
 
 mod codec;
 pub mod metrics;
+pub mod ratelimit;
 
 pub use codec::PROTOCOL as BLOB_PROTOCOL;
 pub use libp2p::gossipsub::{MessageAcceptance, MessageId};
@@ -101,6 +102,10 @@ pub enum NetEvent {
     BlobWanted {
         peer: PeerId,
         digest: Digest,
+        /// The asker can fetch from peers: [`BlobResponse::Elsewhere`] is a fine answer.
+        redirect_ok: bool,
+        /// Where the asker listens (from identify), so others can be sent to it.
+        addr: Option<Multiaddr>,
         reply: ReplyId,
     },
     PeerConnected(PeerId),
@@ -118,6 +123,8 @@ pub enum FetchError {
     NotFound(PeerId),
     #[error("peer {0} is busy")]
     Busy(PeerId),
+    #[error("peer {0} says to ask {n} other peers", n = .1.len())]
+    Elsewhere(PeerId, Vec<(PeerId, Multiaddr)>),
     #[error("request to {peer} failed: {reason}")]
     Failed { peer: PeerId, reason: String },
     #[error("the network task has stopped")]
@@ -138,7 +145,9 @@ enum Command {
     },
     Fetch {
         peer: PeerId,
-        digest: Digest,
+        /// Where to dial the peer if not connected (learned from a redirect).
+        addr: Option<Multiaddr>,
+        request: BlobRequest,
         reply: oneshot::Sender<Result<Vec<u8>, FetchError>>,
     },
     Respond {
@@ -188,11 +197,27 @@ impl NetClient {
     /// Asks `peer` for the blob `digest`. The bytes are NOT checked here; the caller
     /// verifies them against the digest (and the manifest) before use.
     pub async fn fetch(&self, peer: PeerId, digest: Digest) -> Result<Vec<u8>, FetchError> {
+        self.fetch_with(peer, None, digest, false).await
+    }
+
+    /// [`NetClient::fetch`], dialling `addr` if the peer is not connected, and allowing
+    /// (`redirect_ok`) an answer of [`FetchError::Elsewhere`].
+    pub async fn fetch_with(
+        &self,
+        peer: PeerId,
+        addr: Option<Multiaddr>,
+        digest: Digest,
+        redirect_ok: bool,
+    ) -> Result<Vec<u8>, FetchError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Fetch {
                 peer,
-                digest,
+                addr,
+                request: BlobRequest {
+                    digest,
+                    redirect_ok,
+                },
                 reply,
             })
             .await
@@ -295,6 +320,7 @@ pub fn spawn(
         next_reply: 0,
         max_inbound_per_peer: cfg.max_inbound_per_peer,
         bootstrap: cfg.bootstrap.clone(),
+        listen_of: HashMap::new(),
     };
     let handle = tokio::spawn(node.run(cmd_rx, shutdown));
     Ok((
@@ -323,6 +349,19 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
 }
 
 /// The peer id at the end of a `/…/p2p/<id>` address.
+/// A redirect entry for `peer` listening on `addr`.
+pub fn peer_ref(peer: &PeerId, addr: &Multiaddr) -> proto::blob::PeerRef {
+    proto::blob::PeerRef {
+        peer: peer.to_bytes(),
+        addr: addr.to_string(),
+    }
+}
+
+/// The peer and address of a redirect entry, if both parse.
+pub fn parse_peer_ref(r: &proto::blob::PeerRef) -> Option<(PeerId, Multiaddr)> {
+    Some((PeerId::from_bytes(&r.peer).ok()?, r.addr.parse().ok()?))
+}
+
 pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     addr.iter().find_map(|p| match p {
         libp2p::multiaddr::Protocol::P2p(id) => Some(id),
@@ -411,6 +450,8 @@ struct Node {
     next_reply: u64,
     max_inbound_per_peer: usize,
     bootstrap: Vec<Multiaddr>,
+    /// Where each connected peer listens (identify), for redirects to it.
+    listen_of: HashMap<PeerId, Multiaddr>,
 }
 
 impl Node {
@@ -477,14 +518,14 @@ impl Node {
             }
             Command::Fetch {
                 peer,
-                digest,
+                addr,
+                request,
                 reply,
             } => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .blob
-                    .send_request(&peer, BlobRequest { digest });
+                if let Some(addr) = addr {
+                    self.swarm.add_peer_address(peer, addr);
+                }
+                let id = self.swarm.behaviour_mut().blob.send_request(&peer, request);
                 self.pending_fetch.insert(id, (peer, reply));
             }
             Command::Respond { reply, response } => {
@@ -546,13 +587,19 @@ impl Node {
                 peer_id,
                 num_established: 0,
                 ..
-            } => self.emit(NetEvent::PeerDisconnected(peer_id)).await,
+            } => {
+                self.listen_of.remove(&peer_id);
+                self.emit(NetEvent::PeerDisconnected(peer_id)).await
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
                 ..
             })) => {
                 // Learn where a peer listens so the DHT can introduce it to others.
+                if let Some(first) = info.listen_addrs.first() {
+                    self.listen_of.insert(peer_id, first.clone());
+                }
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
@@ -636,9 +683,12 @@ impl Node {
                 self.next_reply += 1;
                 let reply = ReplyId(self.next_reply);
                 self.pending_reply.insert(reply, (peer, channel));
+                let addr = self.listen_of.get(&peer).cloned();
                 self.emit(NetEvent::BlobWanted {
                     peer,
                     digest: request.digest,
+                    redirect_ok: request.redirect_ok,
+                    addr,
                     reply,
                 })
                 .await;
@@ -657,6 +707,10 @@ impl Node {
                         BlobResponse::Found(bytes) => Ok(bytes),
                         BlobResponse::NotFound => Err(FetchError::NotFound(peer)),
                         BlobResponse::Busy => Err(FetchError::Busy(peer)),
+                        BlobResponse::Elsewhere(refs) => Err(FetchError::Elsewhere(
+                            peer,
+                            refs.iter().filter_map(parse_peer_ref).collect(),
+                        )),
                     };
                     let _ = reply.send(res);
                 }
