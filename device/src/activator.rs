@@ -119,6 +119,9 @@ pub fn console_tail(path: &Path, max: usize) -> String {
 
 impl Activator {
     pub fn new(uri: &str, domain_type: &str) -> Activator {
+        // Every libvirt error comes back as a Result and is reported with its context;
+        // libvirt's default handler would also print it (a domain not found is normal).
+        virt::error::clear_error_callback();
         Activator {
             uri: uri.into(),
             domain_type: domain_type.into(),

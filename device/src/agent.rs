@@ -302,8 +302,18 @@ impl Router {
                 ..
             } => self.serve_blob(peer, digest, reply),
             NetEvent::Listening(addr) => tracing::info!(%addr, "listening"),
-            NetEvent::PeerConnected(p) => tracing::debug!(peer = %p, "peer connected"),
-            NetEvent::PeerDisconnected(p) => tracing::debug!(peer = %p, "peer disconnected"),
+            NetEvent::PeerConnected(p) => {
+                self.metrics
+                    .peers
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(peer = %p, "peer connected");
+            }
+            NetEvent::PeerDisconnected(p) => {
+                self.metrics
+                    .peers
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(peer = %p, "peer disconnected");
+            }
         }
     }
 

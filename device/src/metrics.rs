@@ -29,6 +29,8 @@ pub struct DeviceMetrics {
     pub last_announcement_ms: AtomicU64,
     pub last_fetched_ms: AtomicU64,
     pub last_active_ms: AtomicU64,
+    /// libp2p peers connected now (the hub included).
+    pub peers: AtomicU64,
 }
 
 /// Now, in Unix milliseconds (for the timestamp gauges).
@@ -48,6 +50,13 @@ impl DeviceMetrics {
             "counter",
             "Blob bytes received, accepted or not",
             c(&self.blob_bytes_received),
+        );
+        push(
+            &mut out,
+            "unifleet_device_peers",
+            "gauge",
+            "libp2p peers connected (the hub included)",
+            c(&self.peers),
         );
         for (name, help, v) in [
             (

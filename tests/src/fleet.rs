@@ -505,9 +505,16 @@ impl Fleet {
     }
 }
 
+/// A libvirt connection without libvirt's default error printing (a domain that vanished
+/// between listing and lookup is normal here).
+fn connect(uri: &str) -> Result<virt::connect::Connect, virt::error::Error> {
+    virt::error::clear_error_callback();
+    virt::connect::Connect::open(Some(uri))
+}
+
 /// Destroys running domains whose names start with any of `prefixes`.
 pub fn destroy_domains(uri: &str, prefixes: &[String]) {
-    let Ok(conn) = virt::connect::Connect::open(Some(uri)) else {
+    let Ok(conn) = connect(uri) else {
         return;
     };
     if let Ok(domains) = conn.list_all_domains(0) {
@@ -524,7 +531,7 @@ pub fn destroy_domains(uri: &str, prefixes: &[String]) {
 
 /// Whether a domain of this name is running on `uri`.
 pub fn domain_running(uri: &str, name: &str) -> bool {
-    virt::connect::Connect::open(Some(uri))
+    connect(uri)
         .and_then(|c| c.lookup_domain_by_name(name))
         .and_then(|d| d.is_active())
         .unwrap_or(false)
@@ -532,7 +539,7 @@ pub fn domain_running(uri: &str, name: &str) -> bool {
 
 /// Names of running domains on `uri` that start with `prefix`.
 pub fn running_domains(uri: &str, prefix: &str) -> Vec<String> {
-    let Ok(conn) = virt::connect::Connect::open(Some(uri)) else {
+    let Ok(conn) = connect(uri) else {
         return vec![];
     };
     conn.list_all_domains(0)

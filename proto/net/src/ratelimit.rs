@@ -4,19 +4,27 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-/// Limits the average rate to `rate` bytes per second with a one-second burst.
-/// A rate of 0 means unlimited.
+/// Limits the average rate to `rate` bytes per second with a burst of a tenth of a second
+/// (at least [`MIN_BURST`]): a cap that behaves like a link, not like a quota refilled
+/// once a second. A rate of 0 means unlimited.
 #[derive(Debug)]
 pub struct RateLimiter {
     rate: u64,
+    burst: f64,
     inner: Mutex<(f64, Instant)>,
 }
 
+/// Smallest burst: one largest chunk (FastCDC's maximum), so a chunk never waits for
+/// tokens that cannot accumulate.
+pub const MIN_BURST: u64 = 256 * 1024;
+
 impl RateLimiter {
     pub fn new(rate: u64) -> RateLimiter {
+        let burst = (rate / 10).max(MIN_BURST) as f64;
         RateLimiter {
             rate,
-            inner: Mutex::new((rate as f64, Instant::now())),
+            burst,
+            inner: Mutex::new((burst, Instant::now())),
         }
     }
 
@@ -31,7 +39,7 @@ impl RateLimiter {
             let now = Instant::now();
             let (tokens, last) = &mut *g;
             *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate as f64)
-                .min(self.rate as f64);
+                .min(self.burst);
             *last = now;
             *tokens -= bytes as f64;
             if *tokens >= 0.0 {
@@ -52,15 +60,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn limits_average_rate() {
-        let r = RateLimiter::new(1000);
+        let rate = 10 * MIN_BURST;
+        let r = RateLimiter::new(rate);
         let start = tokio::time::Instant::now();
-        for _ in 0..5 {
-            r.acquire(1000).await;
+        for _ in 0..21 {
+            r.acquire(MIN_BURST).await;
         }
-        // 1000 bytes of burst, then 4000 bytes at 1000 B/s.
+        // One burst (a tenth of a second's worth), then 20 more at the rate: 2 s.
         let took = start.elapsed();
         assert!(
-            took >= Duration::from_millis(3900) && took <= Duration::from_millis(4100),
+            took >= Duration::from_millis(1950) && took <= Duration::from_millis(2050),
             "{took:?}"
         );
     }
