@@ -168,6 +168,7 @@ pub async fn run_with_metrics(
         net: net.clone(),
         updates: updates_tx,
         latest: HashMap::new(),
+        heard: HashMap::new(),
         seeding: Arc::new(Semaphore::new(MAX_SEEDING)),
         upload: Arc::new(RateLimiter::new(cfg.upload_rate)),
         metrics: metrics.clone(),
@@ -212,6 +213,10 @@ struct Router {
     updates: mpsc::Sender<(Announcement, Vec<u8>)>,
     /// Newest verified announcement bytes per (app, channel).
     latest: HashMap<(String, String), (u64, Vec<u8>)>,
+    /// When a peer last gossiped the newest announcement per (app, channel): while others
+    /// keep it going round, this device stays quiet (gossip reaches the whole fleet, so
+    /// one re-announcement per interval is enough, not one per device).
+    heard: HashMap<(String, String), std::time::Instant>,
     seeding: Arc<Semaphore>,
     upload: Arc<RateLimiter>,
     metrics: Arc<DeviceMetrics>,
@@ -225,7 +230,19 @@ impl Router {
         mut events: mpsc::Receiver<NetEvent>,
         mut mqtt: mpsc::Receiver<(String, Vec<u8>)>,
     ) {
-        let mut regossip = tokio::time::interval(REGOSSIP);
+        // Each device re-gossips at its own phase of the interval, so the first to speak
+        // silences the rest.
+        let phase = self
+            .net
+            .peer_id()
+            .to_bytes()
+            .iter()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(*b)))
+            % REGOSSIP.as_millis() as u64;
+        let mut regossip = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_millis(phase),
+            REGOSSIP,
+        );
         let mut report_again = tokio::time::interval(REPORT_AGAIN);
         loop {
             tokio::select! {
@@ -239,7 +256,10 @@ impl Router {
                     let _ = self.announcement(bytes, None).await;
                 }
                 _ = regossip.tick() => {
-                    for (release, bytes) in self.latest.values() {
+                    for (key, (release, bytes)) in &self.latest {
+                        if self.heard.get(key).is_some_and(|t| t.elapsed() < REGOSSIP) {
+                            continue;
+                        }
                         if let Err(e) = self.net.publish(Topic::Announce, bytes.clone()).await {
                             tracing::debug!(release, "re-gossiping announcement: {e}");
                         }
@@ -331,6 +351,9 @@ impl Router {
             Ok(ann) => {
                 let key = (ann.app.clone(), ann.channel.clone());
                 let known = self.latest.get(&key).map(|(r, _)| *r);
+                if from.is_some() && known.is_none_or(|k| ann.release >= k) {
+                    self.heard.insert(key.clone(), std::time::Instant::now());
+                }
                 if let Some(known) = known.filter(|k| ann.release < *k) {
                     tracing::warn!(
                         app = %ann.app,
@@ -339,11 +362,9 @@ impl Router {
                     );
                 }
                 if known.is_none_or(|k| ann.release > k) {
+                    // From the broker, it reaches peers that cannot reach the broker at the
+                    // next re-gossip tick, unless a peer gossips it first.
                     self.latest.insert(key, (ann.release, bytes.clone()));
-                    if from.is_none() {
-                        // From the broker: pass it on to peers that cannot reach it.
-                        let _ = self.net.publish(Topic::Announce, bytes.clone()).await;
-                    }
                     if self.cfg.apps.contains(&ann.app) {
                         let _ = self.updates.try_send((ann, bytes));
                     }

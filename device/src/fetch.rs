@@ -5,7 +5,8 @@
 //! - **peer exchange** (the default): ask the hub first, saying we can use peers; the hub
 //!   sends each chunk to about one device and answers everyone else with peers that have
 //!   it (`hub/src/tracker.rs`). Those peers are asked in turn; if none has it yet, ask the
-//!   hub again shortly, and after [`PEER_PATIENCE`] ask the hub to send it regardless.
+//!   hub again shortly; after [`PEER_PATIENCE`] for one chunk, or [`FAILED_ROUNDS`] rounds
+//!   in a row in which no named peer delivered, ask the hub to send it regardless.
 //! - **hub down**: connected peers (those known to run the release first), then the hub;
 //! - **peer exchange off**: the hub only, as a hub-and-spoke system would.
 
@@ -59,6 +60,8 @@ const STALL_LIMIT: Duration = Duration::from_secs(120);
 /// With peer exchange: after this long without a peer delivering a chunk, ask the hub to
 /// send it itself.
 pub const PEER_PATIENCE: Duration = Duration::from_secs(10);
+/// Redirect rounds in a row without a peer delivering before the hub is asked directly.
+const FAILED_ROUNDS: usize = 16;
 
 #[derive(Debug)]
 pub struct Fetcher {
@@ -69,6 +72,10 @@ pub struct Fetcher {
     download: Arc<RateLimiter>,
     metrics: Arc<DeviceMetrics>,
     peer_exchange: bool,
+    /// Redirect rounds in a row in which no named peer delivered: past
+    /// [`FAILED_ROUNDS`], chunks come straight from the hub until a peer delivers again
+    /// (peers the hub can reach but this device cannot, behind NAT for instance).
+    failed_rounds: AtomicUsize,
     crash_after_chunks: Option<usize>,
     holders: Arc<Holders>,
 }
@@ -99,6 +106,7 @@ impl Fetcher {
             download: Arc::new(RateLimiter::new(cfg.download_rate)),
             metrics,
             peer_exchange: cfg.peer_exchange,
+            failed_rounds: AtomicUsize::new(0),
             crash_after_chunks: cfg
                 .crash_at
                 .as_deref()
@@ -153,7 +161,8 @@ impl Fetcher {
         let mut wait = Duration::from_millis(100);
         let swarm = swarm && self.peer_exchange;
         loop {
-            let patient = start.elapsed() < PEER_PATIENCE;
+            let patient = start.elapsed() < PEER_PATIENCE
+                && self.failed_rounds.load(Ordering::Relaxed) < FAILED_ROUNDS;
             let attempt = if swarm {
                 self.via_hub(digest, banned, patient, &check).await
             } else {
@@ -167,9 +176,11 @@ impl Fetcher {
                             .try_peer(peer, Some(addr), digest, banned, &check)
                             .await
                         {
+                            self.failed_rounds.store(0, Ordering::Relaxed);
                             return Ok((bytes, false));
                         }
                     }
+                    self.failed_rounds.fetch_add(1, Ordering::Relaxed);
                     // They are still fetching it: ask the hub again soon.
                     wait = wait.min(Duration::from_millis(200));
                 }

@@ -1,6 +1,10 @@
 //! Signed status reports: to the broker (retained, so the hub sees the latest after a
-//! restart), to peers over gossipsub (so they reach the hub through any peer), and to
-//! `status.json` in the state directory for `device status`.
+//! restart) while it is reachable, otherwise to peers over gossipsub (so they reach the
+//! hub through any peer), and always to `status.json` for `device status`.
+//!
+//! Not both: every gossiped report reaches every device of the fleet (and costs each a
+//! signature check), so a fleet of N reporting over gossip does N² work; over the broker
+//! it is N.
 
 use crate::config::Config;
 use crate::store::{write_atomic, Installed};
@@ -8,7 +12,7 @@ use net::{NetClient, Topic};
 use proto::announcement::Announcement;
 use proto::status::{DeviceState, OnDemandCounts, StatusReport, MAX_CONSOLE_TAIL};
 use proto::SecretKey;
-use rumqttc::{AsyncClient, QoS};
+use rumqttc::QoS;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +27,7 @@ pub struct Reporter {
     channel: String,
     key: SecretKey,
     net: NetClient,
-    mqtt: Option<AsyncClient>,
+    mqtt: Option<crate::mqtt::Mqtt>,
     seq: AtomicU64,
     last_progress: Mutex<Option<Instant>>,
     pub from_peers: Arc<AtomicU64>,
@@ -40,7 +44,7 @@ impl Reporter {
         cfg: &Config,
         key: SecretKey,
         net: NetClient,
-        mqtt: Option<AsyncClient>,
+        mqtt: Option<crate::mqtt::Mqtt>,
         metrics: &crate::metrics::DeviceMetrics,
     ) -> Reporter {
         let start_ms = std::time::SystemTime::now()
@@ -81,14 +85,20 @@ impl Reporter {
                 return;
             }
         };
-        if let Some(m) = &self.mqtt {
+        let mut sent = false;
+        if let Some(m) = self.mqtt.as_ref().filter(|m| m.is_connected()) {
             let topic = crate::mqtt::status_topic(&self.fleet, &self.device);
-            // try_publish: with the broker down the report goes out over gossip only.
-            if let Err(e) = m.try_publish(topic, QoS::AtLeastOnce, true, bytes.clone()) {
-                tracing::debug!("status not queued for MQTT: {e}");
+            match m
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, true, bytes.clone())
+            {
+                Ok(()) => sent = true,
+                Err(e) => tracing::debug!("status not queued for MQTT: {e}"),
             }
         }
-        let _ = self.net.publish(Topic::Status, bytes).await;
+        if !sent {
+            let _ = self.net.publish(Topic::Status, bytes).await;
+        }
         let mut latest = self.latest.lock().await;
         latest.insert(r.app.clone(), r);
         if let Ok(json) = serde_json::to_vec_pretty(&*latest) {

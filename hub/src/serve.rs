@@ -557,7 +557,13 @@ impl Hub {
                 });
             }
             NetEvent::PeerConnected(p) => tracing::debug!(peer = %p, "peer connected"),
-            NetEvent::PeerDisconnected(p) => tracing::debug!(peer = %p, "peer disconnected"),
+            NetEvent::PeerDisconnected(p) => {
+                tracing::debug!(peer = %p, "peer disconnected");
+                self.tracker
+                    .lock()
+                    .expect("tracker lock")
+                    .forget(|(peer, _)| *peer == p);
+            }
         }
     }
 }

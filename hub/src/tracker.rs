@@ -107,6 +107,13 @@ impl<P: Clone + Eq> Tracker<P> {
         decision
     }
 
+    /// The peer went away (disconnected from the hub): it is no source any more.
+    pub fn forget(&mut self, peer: impl Fn(&P) -> bool) {
+        for sources in self.blobs.values_mut() {
+            sources.retain(|s| !peer(&s.peer));
+        }
+    }
+
     /// Blobs remembered.
     pub fn len(&self) -> usize {
         self.blobs.len()
@@ -183,6 +190,21 @@ mod tests {
             Decision::Elsewhere(p) => assert_eq!(p, vec!["b"]),
             Decision::Serve => panic!("b is a source by now"),
         }
+    }
+
+    #[test]
+    fn a_peer_that_went_away_is_no_source() {
+        let mut t = Tracker::new(SETTLE, 100);
+        let now = Instant::now();
+        t.decide(d(1), Some("a"), now);
+        t.decide(d(1), Some("b"), now);
+        t.forget(|p| *p == "a");
+        assert_eq!(
+            t.decide(d(1), Some("c"), now),
+            Decision::Elsewhere(vec!["b"])
+        );
+        t.forget(|p| *p == "b" || *p == "c");
+        assert_eq!(t.decide(d(1), Some("d"), now), Decision::Serve);
     }
 
     #[test]

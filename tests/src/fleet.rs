@@ -183,6 +183,7 @@ pub mod toml_value {
     pub enum V {
         Str(String),
         Int(u64),
+        Bool(bool),
         StrList(Vec<String>),
         Remove,
     }
@@ -191,6 +192,7 @@ pub mod toml_value {
             match self {
                 V::Str(s) => Some(format!("{s:?}")),
                 V::Int(n) => Some(n.to_string()),
+                V::Bool(b) => Some(b.to_string()),
                 V::StrList(l) => Some(format!(
                     "[{}]",
                     l.iter()

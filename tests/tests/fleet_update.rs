@@ -1,4 +1,4 @@
-//! Issue: device agent end to end. One hub and several devices as real processes on
+//! The device agent end to end. One hub and several devices as real processes on
 //! loopback, with the hub's embedded broker, libp2p, and libvirt's test driver.
 
 use anyhow::Result;
@@ -20,6 +20,13 @@ fn five_devices_converge_on_v1_then_v2_and_v2_costs_only_the_delta() -> Result<(
     let v1 = fleet.testimage("hello", "1.0.0", &["--pad-mib", "16"])?;
     fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
     fleet.wait_all(&all, "hello", 1, "Active", CONVERGE)?;
+    // Peer exchange: the hub sent about one copy of the image; the rest came from peers.
+    let size = std::fs::metadata(&v1)?.len();
+    let from_hub: u64 = all.iter().map(|&i| hub_bytes(&fleet, i)).sum();
+    assert!(
+        from_hub <= size + size / 10,
+        "the hub sent {from_hub} bytes of a {size}-byte image to 5 devices"
+    );
     let before: Vec<u64> = all.iter().map(|&i| total_bytes(&fleet, i)).collect();
 
     let v2 = fleet.testimage("hello", "1.0.1", &["--pad-mib", "16"])?;
@@ -51,6 +58,37 @@ fn five_devices_converge_on_v1_then_v2_and_v2_costs_only_the_delta() -> Result<(
                 .then_some(())
         },
     )?;
+    Ok(())
+}
+
+fn hub_bytes(fleet: &Fleet, i: usize) -> u64 {
+    let r = fleet.devices[i].report("hello").unwrap_or_default();
+    r["bytes_from_hub"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn with_peer_exchange_off_every_device_downloads_from_the_hub() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let all: Vec<usize> = (0..3)
+        .map(|i| fleet.add_device(&format!("h{i}"), "hello", &[]))
+        .collect::<Result<_>>()?;
+    for &i in &all {
+        fleet.devices[i].set_config(
+            "peer_exchange",
+            unifleet_tests::fleet::toml_value::V::Bool(false),
+        )?;
+        fleet.start_device(i)?;
+    }
+    let v1 = fleet.testimage("hello", "1.0.0", &["--pad-mib", "4"])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&all, "hello", 1, "Active", CONVERGE)?;
+    let size = std::fs::metadata(&v1)?.len();
+    for &i in &all {
+        let r = fleet.devices[i].report("hello").unwrap_or_default();
+        assert_eq!(r["bytes_from_peers"], 0, "{r}");
+        assert!(hub_bytes(&fleet, i) >= size, "{r}");
+    }
     Ok(())
 }
 

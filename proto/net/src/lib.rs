@@ -31,6 +31,13 @@ use tokio::sync::{mpsc, oneshot};
 const CHANNEL_CAPACITY: usize = 256;
 /// Largest gossipsub message: announcements are < 1 KiB, status reports < 8 KiB.
 const MAX_GOSSIP_BYTES: usize = 16 * 1024;
+/// Peers a node dials on its own (from the DHT) before it stops looking for more. Enough
+/// for gossip (mesh degree 6) and alternatives; more connections cost every node of a
+/// large fleet memory and heartbeat work for nothing. Redirected fetches dial beyond it,
+/// and idle connections close after [`IDLE_TIMEOUT`].
+const TARGET_PEERS: usize = 8;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const GOSSIP_QUEUE: usize = 128;
 
 /// How to run a node.
 #[derive(Debug, Clone)]
@@ -388,6 +395,10 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
                 .validate_messages()
                 .max_transmit_size(MAX_GOSSIP_BYTES)
                 .heartbeat_interval(Duration::from_millis(500))
+                // The per-connection send queue is preallocated (5,000 slots, ~1 MB, by
+                // default) for every connection, blob fetches included; our gossip is a
+                // few small messages a minute.
+                .connection_handler_queue_len(GOSSIP_QUEUE)
                 // Message ids are gossipsub's default (author + sequence number): the
                 // periodic re-announcement of the same signed bytes is a new message each
                 // time, so peers that joined late (or lost the hub) still receive it.
@@ -433,7 +444,7 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
             })
         })
         .map_err(|e| StartError::Behaviour(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
         .build();
     Ok(swarm)
 }
@@ -487,7 +498,7 @@ impl Node {
                 }
             }
         }
-        if !connected.is_empty() {
+        if !connected.is_empty() && connected.len() < TARGET_PEERS {
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
     }
@@ -606,7 +617,9 @@ impl Node {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 peer, ..
-            })) if !self.swarm.is_connected(&peer) => {
+            })) if !self.swarm.is_connected(&peer)
+                && self.swarm.connected_peers().count() < TARGET_PEERS =>
+            {
                 let _ = self.swarm.dial(peer);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {

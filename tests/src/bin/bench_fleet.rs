@@ -67,7 +67,8 @@ impl Mode {
     }
 }
 
-const HELP: &str = "bench_fleet: convergence time, hub egress, delta bytes and announce latency of a fleet
+const HELP: &str =
+    "bench_fleet: convergence time, hub egress, delta bytes and announce latency of a fleet
 
 Options (rates in bytes per second; K, M suffixes are KiB, MiB):
   --devices N        devices (default 100)
@@ -122,9 +123,7 @@ fn params() -> Result<Params> {
             "--device-down" => p.device_down = rate(&v)?,
             "--hub-up" => p.hub_up = rate(&v)?,
             "--parallel" => p.parallel = v.parse()?,
-            "--modes" => {
-                p.modes = v.split(',').map(Mode::parse).collect::<Result<_>>()?
-            }
+            "--modes" => p.modes = v.split(',').map(Mode::parse).collect::<Result<_>>()?,
             "--out" => p.out = PathBuf::from(v),
             "--one" => {
                 let (size, mode) = v.split_once(':').context("--one SIZE:MODE")?;
@@ -133,7 +132,10 @@ fn params() -> Result<Params> {
             other => bail!("unknown option {other}\n\n{HELP}"),
         }
     }
-    anyhow::ensure!(p.devices > 0 && p.hub_up > 0, "--devices and --hub-up must be positive");
+    anyhow::ensure!(
+        p.devices > 0 && p.hub_up > 0,
+        "--devices and --hub-up must be positive"
+    );
     if p.device_up == 0 {
         p.device_up = 48 * MIB / p.devices as u64;
     }
@@ -219,16 +221,13 @@ impl Drop for Hub {
 fn start_hub(dir: &Path, p: &Params) -> Result<Hub> {
     let hub_dir = dir.join("hub");
     let (mqtt, p2p, metrics) = (free_port()?, free_port()?, free_port()?);
-    run(Command::new(bin("hub")?)
-        .arg("--dir")
-        .arg(&hub_dir)
-        .args([
-            "init",
-            "--mqtt-listen",
-            &format!("127.0.0.1:{mqtt}"),
-            "--p2p-listen",
-            &format!("/ip4/127.0.0.1/tcp/{p2p}"),
-        ]))?;
+    run(Command::new(bin("hub")?).arg("--dir").arg(&hub_dir).args([
+        "init",
+        "--mqtt-listen",
+        &format!("127.0.0.1:{mqtt}"),
+        "--p2p-listen",
+        &format!("/ip4/127.0.0.1/tcp/{p2p}"),
+    ]))?;
     let metrics = format!("127.0.0.1:{metrics}");
     let log = std::fs::File::create(dir.join("hub.log"))?;
     let child = Command::new(bin("hub")?)
@@ -288,7 +287,15 @@ fn start_agents(
         let name = format!("bf{i}");
         let ddir = dir.join(&name);
         run(Command::new(bin("device")?)
-            .args(["enroll", "--name", &name, "--app", "bench", "--hub", addr.trim()])
+            .args([
+                "enroll",
+                "--name",
+                &name,
+                "--app",
+                "bench",
+                "--hub",
+                addr.trim(),
+            ])
             .args(["--broker", &mqtt])
             .arg("--dir")
             .arg(&ddir)
@@ -345,8 +352,15 @@ fn publish(hub: &Hub, image: &Path, version: &str) -> Result<()> {
 }
 
 /// Publishes `image` as the next release and waits for every device to run it.
-fn round(hub: &Hub, agents: &Agents, image: &Path, version: &str, limit: Duration) -> Result<Round> {
-    let accepted = |m: &DeviceMetrics| m.bytes_from_peers.load(Relaxed) + m.bytes_from_hub.load(Relaxed);
+fn round(
+    hub: &Hub,
+    agents: &Agents,
+    image: &Path,
+    version: &str,
+    limit: Duration,
+) -> Result<Round> {
+    let accepted =
+        |m: &DeviceMetrics| m.bytes_from_peers.load(Relaxed) + m.bytes_from_hub.load(Relaxed);
     let before: Vec<(u64, u64)> = agents
         .metrics
         .iter()
@@ -354,11 +368,18 @@ fn round(hub: &Hub, agents: &Agents, image: &Path, version: &str, limit: Duratio
         .collect();
     let egress = metric(&hub.metrics, "unifleet_hub_blob_bytes_served_total")?;
     let redirects = metric(&hub.metrics, "unifleet_hub_redirects_total")?;
-    let announced_before = metric(&hub.metrics, "unifleet_hub_last_new_announcement_timestamp_ms")?;
+    let announced_before = metric(
+        &hub.metrics,
+        "unifleet_hub_last_new_announcement_timestamp_ms",
+    )?;
     publish(hub, image, version)?;
     let mut t0 = 0;
     wait("the hub to announce", Duration::from_secs(30), || {
-        t0 = metric(&hub.metrics, "unifleet_hub_last_new_announcement_timestamp_ms").unwrap_or(0);
+        t0 = metric(
+            &hub.metrics,
+            "unifleet_hub_last_new_announcement_timestamp_ms",
+        )
+        .unwrap_or(0);
         t0 > announced_before
     })?;
     let started = Instant::now();
@@ -369,12 +390,18 @@ fn round(hub: &Hub, agents: &Agents, image: &Path, version: &str, limit: Duratio
             .iter()
             .filter(|m| m.last_active_ms.load(Relaxed) >= t0)
             .count();
-        if last_report.elapsed() > Duration::from_secs(10) {
+        if last_report.elapsed() > Duration::from_secs(5) {
             last_report = Instant::now();
+            let got: u64 = agents.metrics.iter().map(|m| accepted(m)).sum();
             eprintln!(
-                "  {:>5.0} s: {done} of {} devices done",
+                "  {:>5.0} s: {done} of {} devices done, {} received in all, hub sent {}",
                 started.elapsed().as_secs_f64(),
-                agents.metrics.len()
+                agents.metrics.len(),
+                mib(got),
+                mib(
+                    metric(&hub.metrics, "unifleet_hub_blob_bytes_served_total").unwrap_or(0)
+                        - egress
+                ),
             );
         }
         done == agents.metrics.len()
@@ -398,7 +425,14 @@ fn round(hub: &Hub, agents: &Agents, image: &Path, version: &str, limit: Duratio
 fn testimage(dir: &Path, size: u64, version: &str) -> Result<PathBuf> {
     let out = dir.join(format!("bench-{size}-{version}.elf"));
     run(Command::new(bin("fwtool")?)
-        .args(["testimage", "--app", "bench", "--version", version, "--pad-mib"])
+        .args([
+            "testimage",
+            "--app",
+            "bench",
+            "--version",
+            version,
+            "--pad-mib",
+        ])
         .arg(size.to_string())
         .arg("--out")
         .arg(&out))?;
@@ -413,8 +447,18 @@ fn run_fleet(rt: &tokio::runtime::Runtime, p: &Params, size: u64, mode: Mode) ->
     let f = std::fs::metadata(&v1)?.len();
     let rss_before = status_kib(std::process::id(), "VmRSS");
     let hub = start_hub(dir, p)?;
-    eprintln!("{} devices, {size} MiB, {}: starting", p.devices, mode.name());
+    eprintln!(
+        "{} devices, {size} MiB, {}: starting",
+        p.devices,
+        mode.name()
+    );
     let agents = start_agents(rt, dir, &hub, p, mode)?;
+    eprintln!(
+        "  agents up: {:.1} MiB per device",
+        status_kib(std::process::id(), "VmRSS").saturating_sub(rss_before) as f64
+            / 1024.0
+            / p.devices as f64
+    );
     let bound = match mode {
         Mode::Mesh => t_min(p, f),
         Mode::HubOnly => t_hub_only(p, f),
@@ -461,7 +505,10 @@ fn report(p: &Params, outcomes: &[Outcome]) -> String {
         p.parallel
     );
     let _ = writeln!(md, "| image | mode | hub egress (× image) | completion p50 / p99 / max | bound | max ÷ bound | p99 ÷ p50 | duplicate bytes | delta release per device (max, % of image) | hub egress, delta | hub redirects | announce p50 / p99 | hub RSS peak | RSS per device |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for o in outcomes {
         let c = &o.full.completion;
         let bound = match o.mode {
