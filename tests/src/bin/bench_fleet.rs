@@ -40,8 +40,34 @@ struct Params {
     parallel: usize,
     modes: Vec<Mode>,
     out: PathBuf,
-    /// Internal: run one (size, mode) fleet in this process and print its outcome as JSON.
+    /// Internal: run one (size, mode) fleet and print its outcome as JSON.
     one: Option<(u64, Mode)>,
+    /// Internal: the mode a worker runs its devices in.
+    mode: Option<Mode>,
+    /// Internal: run some of the devices (`DIR:INDEX:COUNT`).
+    worker: Option<(PathBuf, usize, usize)>,
+}
+
+impl Params {
+    /// What a worker needs to know: the caps and the mode.
+    fn forward_args(&self) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "--devices".into(),
+            self.devices.to_string(),
+            "--device-up".into(),
+            self.device_up.to_string(),
+            "--device-down".into(),
+            self.device_down.to_string(),
+            "--hub-up".into(),
+            self.hub_up.to_string(),
+            "--parallel".into(),
+            self.parallel.to_string(),
+        ];
+        if let Some((_, mode)) = self.one {
+            v.extend(["--modes".into(), mode.name().into()]);
+        }
+        v
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -103,6 +129,8 @@ fn params() -> Result<Params> {
         modes: vec![Mode::Mesh, Mode::HubOnly],
         out: PathBuf::from("bench-results"),
         one: None,
+        mode: None,
+        worker: None,
     };
     while let Some(a) = args.next() {
         if a == "--help" || a == "-h" {
@@ -125,6 +153,13 @@ fn params() -> Result<Params> {
             "--parallel" => p.parallel = v.parse()?,
             "--modes" => p.modes = v.split(',').map(Mode::parse).collect::<Result<_>>()?,
             "--out" => p.out = PathBuf::from(v),
+            "--worker" => {
+                let mut parts = v.rsplitn(3, ':');
+                let count = parts.next().context("--worker DIR:INDEX:COUNT")?.parse()?;
+                let index = parts.next().context("--worker DIR:INDEX:COUNT")?.parse()?;
+                let dir = PathBuf::from(parts.next().context("--worker DIR:INDEX:COUNT")?);
+                p.worker = Some((dir, index, count));
+            }
             "--one" => {
                 let (size, mode) = v.split_once(':').context("--one SIZE:MODE")?;
                 p.one = Some((size.parse()?, Mode::parse(mode)?));
@@ -136,6 +171,7 @@ fn params() -> Result<Params> {
         p.devices > 0 && p.hub_up > 0,
         "--devices and --hub-up must be positive"
     );
+    p.mode = p.one.map(|(_, m)| m).or(p.modes.first().copied());
     if p.device_up == 0 {
         p.device_up = 48 * MIB / p.devices as u64;
     }
@@ -152,6 +188,16 @@ fn t_min(p: &Params, f: u64) -> f64 {
     (f / p.hub_up as f64)
         .max(f / p.device_down as f64)
         .max(n * f / (p.hub_up as f64 + n * p.device_up as f64))
+}
+
+/// The bound when the hub sends one copy and the devices the rest:
+/// max(F/u_s, F/d_min, (N−1)·F/Σu_i) — what keeping hub egress at one copy costs.
+fn t_one_copy(p: &Params, f: u64) -> f64 {
+    let f = f as f64;
+    let n = p.devices as f64;
+    (f / p.hub_up as f64)
+        .max(f / p.device_down as f64)
+        .max((n - 1.0) * f / (n * p.device_up as f64))
 }
 
 /// The same bound when only the hub uploads.
@@ -263,39 +309,41 @@ fn wait(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<(
     Ok(())
 }
 
-struct Agents {
-    metrics: Vec<Arc<DeviceMetrics>>,
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+/// Devices per worker process: each in-process device-to-device connection costs two
+/// file descriptors, and the descriptor limit is per process.
+const DEVICES_PER_WORKER: usize = 250;
+
+/// One device's counters as a worker reports them (absolute values).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+struct DeviceSample {
+    announced_ms: u64,
+    fetched_ms: u64,
+    active_ms: u64,
+    accepted: u64,
+    received: u64,
 }
 
-fn start_agents(
-    rt: &tokio::runtime::Runtime,
-    dir: &Path,
-    hub: &Hub,
-    p: &Params,
-    mode: Mode,
-) -> Result<Agents> {
+fn sample(m: &DeviceMetrics) -> DeviceSample {
+    DeviceSample {
+        announced_ms: m.last_announcement_ms.load(Relaxed),
+        fetched_ms: m.last_fetched_ms.load(Relaxed),
+        active_ms: m.last_active_ms.load(Relaxed),
+        accepted: m.bytes_from_peers.load(Relaxed) + m.bytes_from_hub.load(Relaxed),
+        received: m.blob_bytes_received.load(Relaxed),
+    }
+}
+
+/// Enrolls every device (the real `device enroll`, then one batch at the hub).
+fn enroll_devices(dir: &Path, hub: &Hub, p: &Params) -> Result<()> {
     let addr = std::fs::read_to_string(hub.dir.join("hub.addr"))?;
-    let mqtt = {
-        let home = hub::home::Home::open(&hub.dir)?;
-        format!("mqtt://{}", home.config.mqtt_listen)
-    };
+    let home = hub::home::Home::open(&hub.dir)?;
+    let mqtt = format!("mqtt://{}", home.config.mqtt_listen);
     let mut keys = vec![];
-    let mut configs = vec![];
     for i in 0..p.devices {
         let name = format!("bf{i}");
         let ddir = dir.join(&name);
         run(Command::new(bin("device")?)
-            .args([
-                "enroll",
-                "--name",
-                &name,
-                "--app",
-                "bench",
-                "--hub",
-                addr.trim(),
-            ])
+            .args(["enroll", "--name", &name, "--app", "bench", "--hub", addr.trim()])
             .args(["--broker", &mqtt])
             .arg("--dir")
             .arg(&ddir)
@@ -303,42 +351,114 @@ fn start_agents(
             .arg(hub.dir.join("root.bin")))?;
         let text = std::fs::read_to_string(ddir.join("device.pub"))?;
         keys.push((name, proto::PublicKey::from_text(&text)?));
-        let mut cfg = device::config::Config::load(&ddir.join("device.toml"))?;
+    }
+    hub::enroll::enroll(&home, &keys)
+}
+
+/// A worker process running some of the devices; spoken to over its stdin and stdout.
+struct Worker {
+    child: Child,
+    input: std::process::ChildStdin,
+    output: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Worker {
+    fn start(p: &Params, dir: &Path, index: usize, count: usize) -> Result<Worker> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(p.forward_args())
+            .arg("--worker")
+            .arg(format!("{}:{index}:{count}", dir.display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting a worker")?;
+        let input = child.stdin.take().context("worker stdin")?;
+        let output = std::io::BufRead::lines(std::io::BufReader::new(
+            child.stdout.take().context("worker stdout")?,
+        ));
+        Ok(Worker {
+            child,
+            input,
+            output,
+        })
+    }
+
+    fn say(&mut self, line: &str) -> Result<()> {
+        use std::io::Write;
+        writeln!(self.input, "{line}").context("telling a worker")
+    }
+
+    fn hear(&mut self) -> Result<String> {
+        self.output
+            .next()
+            .context("a worker stopped early (its error is above)")?
+            .context("reading a worker")
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `--worker DIR:INDEX:COUNT`: runs devices INDEX, INDEX+COUNT, … in this process. Says
+/// `ready` once each has reached the hub; then for every `round T0` line, waits until each
+/// runs a release announced at or after T0 and answers with their samples as JSON; `stop`
+/// answers with this process's peak RSS in KiB and exits.
+fn worker(p: &Params, dir: &Path, index: usize, count: usize) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let mut metrics = vec![];
+    for i in (index..p.devices).step_by(count) {
+        let mut cfg = device::config::Config::load(&dir.join(format!("bf{i}/device.toml")))?;
         cfg.upload_rate = p.device_up;
         cfg.download_rate = p.device_down;
         cfg.parallel_fetches = p.parallel;
-        cfg.peer_exchange = mode == Mode::Mesh;
-        configs.push(cfg);
-    }
-    hub::enroll::enroll(&hub::home::Home::open(&hub.dir)?, &keys)?;
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let mut agents = Agents {
-        metrics: vec![],
-        stop,
-        tasks: vec![],
-    };
-    for cfg in configs {
+        cfg.peer_exchange = p.mode == Some(Mode::Mesh);
         let m = Arc::new(DeviceMetrics::default());
         let mut rx = stop_rx.clone();
-        let name = cfg.name.clone();
         let mm = m.clone();
-        agents.tasks.push(rt.spawn(async move {
+        rt.spawn(async move {
+            let name = cfg.name.clone();
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
             if let Err(e) = device::agent::run_with_metrics(cfg, mm, stop).await {
                 eprintln!("agent {name}: {e:#}");
             }
-        }));
-        agents.metrics.push(m);
+        });
+        metrics.push(m);
     }
-    let n = p.devices;
     wait(
         "every device to reach the hub",
-        Duration::from_secs(60 + n as u64 / 10),
-        || agents.metrics.iter().all(|m| m.peers.load(Relaxed) > 0),
+        Duration::from_secs(60 + metrics.len() as u64 / 5),
+        || metrics.iter().all(|m| m.peers.load(Relaxed) > 0),
     )?;
-    Ok(agents)
+    println!("ready");
+    for line in std::io::stdin().lines() {
+        let line = line?;
+        if let Some(t0) = line.strip_prefix("round ") {
+            let t0: u64 = t0.parse()?;
+            // The coordinator gives up first (it knows the bound); no limit here.
+            wait("every device to run the release", Duration::from_secs(86_400), || {
+                metrics.iter().all(|m| m.last_active_ms.load(Relaxed) >= t0)
+            })?;
+            let samples: Vec<DeviceSample> = metrics.iter().map(|m| sample(m)).collect();
+            println!("{}", serde_json::to_string(&samples)?);
+        } else if line == "stop" {
+            println!("{}", status_kib(std::process::id(), "VmHWM"));
+            break;
+        }
+    }
+    let _ = stop.send(true);
+    rt.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
 }
 
 fn publish(hub: &Hub, image: &Path, version: &str) -> Result<()> {
@@ -354,72 +474,70 @@ fn publish(hub: &Hub, image: &Path, version: &str) -> Result<()> {
 /// Publishes `image` as the next release and waits for every device to run it.
 fn round(
     hub: &Hub,
-    agents: &Agents,
+    workers: &mut [Worker],
+    before: &[DeviceSample],
     image: &Path,
     version: &str,
     limit: Duration,
-) -> Result<Round> {
-    let accepted =
-        |m: &DeviceMetrics| m.bytes_from_peers.load(Relaxed) + m.bytes_from_hub.load(Relaxed);
-    let before: Vec<(u64, u64)> = agents
-        .metrics
-        .iter()
-        .map(|m| (accepted(m), m.blob_bytes_received.load(Relaxed)))
-        .collect();
+) -> Result<(Round, Vec<DeviceSample>)> {
     let egress = metric(&hub.metrics, "unifleet_hub_blob_bytes_served_total")?;
     let redirects = metric(&hub.metrics, "unifleet_hub_redirects_total")?;
-    let announced_before = metric(
-        &hub.metrics,
-        "unifleet_hub_last_new_announcement_timestamp_ms",
-    )?;
+    let announced_before = metric(&hub.metrics, "unifleet_hub_last_new_announcement_timestamp_ms")?;
     publish(hub, image, version)?;
     let mut t0 = 0;
     wait("the hub to announce", Duration::from_secs(30), || {
-        t0 = metric(
-            &hub.metrics,
-            "unifleet_hub_last_new_announcement_timestamp_ms",
-        )
-        .unwrap_or(0);
+        t0 = metric(&hub.metrics, "unifleet_hub_last_new_announcement_timestamp_ms").unwrap_or(0);
         t0 > announced_before
     })?;
-    let started = Instant::now();
-    let mut last_report = Instant::now();
-    wait("every device to run the release", limit, || {
-        let done = agents
-            .metrics
-            .iter()
-            .filter(|m| m.last_active_ms.load(Relaxed) >= t0)
-            .count();
-        if last_report.elapsed() > Duration::from_secs(5) {
-            last_report = Instant::now();
-            let got: u64 = agents.metrics.iter().map(|m| accepted(m)).sum();
-            eprintln!(
-                "  {:>5.0} s: {done} of {} devices done, {} received in all, hub sent {}",
-                started.elapsed().as_secs_f64(),
-                agents.metrics.len(),
-                mib(got),
-                mib(
-                    metric(&hub.metrics, "unifleet_hub_blob_bytes_served_total").unwrap_or(0)
-                        - egress
-                ),
-            );
-        }
-        done == agents.metrics.len()
-    })?;
-    let secs = |ms: u64| ms.saturating_sub(t0) as f64 / 1e3;
-    let mut r = Round {
-        hub_egress: metric(&hub.metrics, "unifleet_hub_blob_bytes_served_total")? - egress,
-        redirects: metric(&hub.metrics, "unifleet_hub_redirects_total")? - redirects,
-        ..Round::default()
-    };
-    for (m, (acc0, recv0)) in agents.metrics.iter().zip(before) {
-        r.completion.push(secs(m.last_fetched_ms.load(Relaxed)));
-        r.announce.push(secs(m.last_announcement_ms.load(Relaxed)));
-        let acc = accepted(m) - acc0;
-        r.bytes_per_device.push(acc);
-        r.duplicate_bytes += (m.blob_bytes_received.load(Relaxed) - recv0).saturating_sub(acc);
+    for w in workers.iter_mut() {
+        w.say(&format!("round {t0}"))?;
     }
-    Ok(r)
+    // Workers answer when all their devices are done; a deadline on the whole round.
+    let n_workers = workers.len();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| -> Result<(Round, Vec<DeviceSample>)> {
+        for (k, w) in workers.iter_mut().enumerate() {
+            let tx = tx.clone();
+            scope.spawn(move || {
+                let _ = tx.send((k, w.hear()));
+            });
+        }
+        drop(tx);
+        let deadline = Instant::now() + limit;
+        let mut answers: Vec<Option<Vec<DeviceSample>>> = vec![None; n_workers];
+        let mut got = 0;
+        while got < answers.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (k, line) = rx.recv_timeout(left).map_err(|_| {
+                anyhow::anyhow!("not every device ran release {version} within {limit:?}")
+            })?;
+            answers[k] = Some(serde_json::from_str(&line?).context("reading a worker's samples")?);
+            got += 1;
+        }
+        // Worker k ran devices k, k+K, …: put them back in device order.
+        let k = answers.len();
+        let mut samples = vec![None; before.len()];
+        for (w, list) in answers.into_iter().enumerate() {
+            for (j, s) in list.unwrap_or_default().into_iter().enumerate() {
+                samples[w + j * k] = Some(s);
+            }
+        }
+        let samples: Vec<DeviceSample> = samples.into_iter().collect::<Option<_>>().context("a worker reported too few devices")?;
+        let secs = |ms: u64| ms.saturating_sub(t0) as f64 / 1e3;
+        let mut r = Round {
+            hub_egress: metric(&hub.metrics, "unifleet_hub_blob_bytes_served_total")? - egress,
+            redirects: metric(&hub.metrics, "unifleet_hub_redirects_total")? - redirects,
+            ..Round::default()
+        };
+        for (s, b) in samples.iter().zip(before) {
+            r.completion.push(secs(s.fetched_ms));
+            r.announce.push(secs(s.announced_ms));
+            let acc = s.accepted - b.accepted;
+            r.bytes_per_device.push(acc);
+            r.duplicate_bytes += (s.received - b.received).saturating_sub(acc);
+        }
+        Ok((r, samples))
+    })
 }
 
 fn testimage(dir: &Path, size: u64, version: &str) -> Result<PathBuf> {
@@ -439,54 +557,52 @@ fn testimage(dir: &Path, size: u64, version: &str) -> Result<PathBuf> {
     Ok(out)
 }
 
-fn run_fleet(rt: &tokio::runtime::Runtime, p: &Params, size: u64, mode: Mode) -> Result<Outcome> {
+fn run_fleet(p: &Params, size: u64, mode: Mode) -> Result<Outcome> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     let v1 = testimage(dir, size, "1.0.0")?;
     let v2 = testimage(dir, size, "1.0.1")?;
     let f = std::fs::metadata(&v1)?.len();
-    let rss_before = status_kib(std::process::id(), "VmRSS");
     let hub = start_hub(dir, p)?;
-    eprintln!(
-        "{} devices, {size} MiB, {}: starting",
-        p.devices,
-        mode.name()
-    );
-    let agents = start_agents(rt, dir, &hub, p, mode)?;
-    eprintln!(
-        "  agents up: {:.1} MiB per device",
-        status_kib(std::process::id(), "VmRSS").saturating_sub(rss_before) as f64
-            / 1024.0
-            / p.devices as f64
-    );
+    eprintln!("{} devices, {size} MiB, {}: enrolling", p.devices, mode.name());
+    enroll_devices(dir, &hub, p)?;
+    let count = p.devices.div_ceil(DEVICES_PER_WORKER);
+    let mut workers = (0..count)
+        .map(|k| Worker::start(p, dir, k, count))
+        .collect::<Result<Vec<_>>>()?;
+    for w in &mut workers {
+        let said = w.hear()?;
+        anyhow::ensure!(said == "ready", "a worker said {said:?}");
+    }
     let bound = match mode {
         Mode::Mesh => t_min(p, f),
         Mode::HubOnly => t_hub_only(p, f),
     };
     let limit = Duration::from_secs_f64(bound * 5.0 + 120.0);
     eprintln!("  release 1 (bound {bound:.1} s)");
-    let full = round(&hub, &agents, &v1, "1.0.0", limit)?;
+    let zero = DeviceSample {
+        announced_ms: 0,
+        fetched_ms: 0,
+        active_ms: 0,
+        accepted: 0,
+        received: 0,
+    };
+    let (full, after) = round(&hub, &mut workers, &vec![zero; p.devices], &v1, "1.0.0", limit)?;
     eprintln!("  release 2 (a small change)");
-    let delta = round(&hub, &agents, &v2, "1.0.1", limit)?;
-    // This process holds nothing but the agents (one fleet per process): its peak above
-    // what it held before starting them, per device.
-    let peak = status_kib(std::process::id(), "VmHWM");
-    let outcome = Outcome {
+    let (delta, _) = round(&hub, &mut workers, &after, &v2, "1.0.1", limit)?;
+    let mut device_rss_kib = 0;
+    for w in &mut workers {
+        w.say("stop")?;
+        device_rss_kib += w.hear()?.parse::<u64>().context("a worker's RSS")?;
+    }
+    Ok(Outcome {
         mode,
         size: f,
         full,
         delta,
         hub_rss_kib: status_kib(hub.child.id(), "VmHWM"),
-        device_rss_kib: peak.saturating_sub(rss_before) as f64 / p.devices as f64,
-    };
-    let _ = agents.stop.send(true);
-    rt.block_on(async {
-        for t in agents.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-        }
-    });
-    drop(hub);
-    Ok(outcome)
+        device_rss_kib: device_rss_kib as f64 / p.devices as f64,
+    })
 }
 
 fn mib(b: u64) -> String {
@@ -504,10 +620,10 @@ fn report(p: &Params, outcomes: &[Outcome]) -> String {
         mib(p.hub_up),
         p.parallel
     );
-    let _ = writeln!(md, "| image | mode | hub egress (× image) | completion p50 / p99 / max | bound | max ÷ bound | p99 ÷ p50 | duplicate bytes | delta release per device (max, % of image) | hub egress, delta | hub redirects | announce p50 / p99 | hub RSS peak | RSS per device |");
+    let _ = writeln!(md, "| image | mode | hub egress (× image) | completion p50 / p99 / max | bound | max ÷ bound | max ÷ one-copy bound | p99 ÷ p50 | duplicate bytes | delta release per device (max, % of image) | hub egress, delta | hub redirects | announce p50 / p99 | hub RSS peak | RSS per device |");
     let _ = writeln!(
         md,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for o in outcomes {
         let c = &o.full.completion;
@@ -518,7 +634,7 @@ fn report(p: &Params, outcomes: &[Outcome]) -> String {
         let delta_max = o.delta.bytes_per_device.iter().max().copied().unwrap_or(0);
         let _ = writeln!(
             md,
-            "| {} | {} | {} ({:.2}×) | {:.1} / {:.1} / {:.1} s | {} {:.1} s | {:.2} | {:.2} | {} | {} ({:.2}%) | {} | {} | {:.0} / {:.0} ms | {:.1} MiB | {:.2} MiB |",
+            "| {} | {} | {} ({:.2}×) | {:.1} / {:.1} / {:.1} s | {} {:.1} s | {:.2} | {} | {:.2} | {} | {} ({:.2}%) | {} | {} | {:.0} / {:.0} ms | {:.1} MiB | {:.2} MiB |",
             mib(o.size),
             o.mode.name(),
             mib(o.full.hub_egress),
@@ -529,6 +645,14 @@ fn report(p: &Params, outcomes: &[Outcome]) -> String {
             if o.mode == Mode::Mesh { "T_min" } else { "N·F/u_s" },
             bound,
             percentile(c, 1.0) / bound,
+            match o.mode {
+                Mode::Mesh => format!(
+                    "{:.2} (of {:.1} s)",
+                    percentile(c, 1.0) / t_one_copy(p, o.size),
+                    t_one_copy(p, o.size)
+                ),
+                Mode::HubOnly => "—".into(),
+            },
             percentile(c, 0.99) / percentile(c, 0.5),
             o.full.duplicate_bytes,
             mib(delta_max),
@@ -546,9 +670,6 @@ fn report(p: &Params, outcomes: &[Outcome]) -> String {
 
 fn main() -> Result<()> {
     let p = params()?;
-    if p.one.is_none() {
-        return parent(&p);
-    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -556,15 +677,14 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let (size, mode) = p.one.expect("checked");
-    let outcome = run_fleet(&rt, &p, size, mode)?;
+    if let Some((dir, index, count)) = &p.worker {
+        return worker(&p, dir, *index, *count);
+    }
+    let Some((size, mode)) = p.one else {
+        return parent(&p);
+    };
+    let outcome = run_fleet(&p, size, mode)?;
     println!("{}", serde_json::to_string(&outcome)?);
-    // Agents that did not stop in time must not hold the process.
-    rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }
 
