@@ -38,6 +38,9 @@ const REGOSSIP: Duration = Duration::from_secs(3);
 /// How often the latest status reports are sent again (heartbeat, and catch-up for a hub
 /// that was down).
 const REPORT_AGAIN: Duration = Duration::from_secs(10);
+/// First pause before a failed update is tried again; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(300);
 
 pub fn now() -> u64 {
     std::time::SystemTime::now()
@@ -438,9 +441,30 @@ impl Updater {
         if let Err(e) = self.resume().await {
             tracing::error!("resuming after start: {e:#}");
         }
-        while let Some((ann, bytes)) = updates.recv().await {
+        // A release whose update failed (network, disk) is tried again with growing
+        // pauses, until it succeeds or a newer announcement takes its place. (A release
+        // that fails its health probe is rolled back and never retried: that is not an
+        // error here.)
+        let mut retry: Option<(tokio::time::Instant, Announcement, Vec<u8>, Duration)> = None;
+        loop {
+            let (ann, bytes, backoff) = tokio::select! {
+                msg = updates.recv() => match msg {
+                    Some((ann, bytes)) => (ann, bytes, RETRY_FIRST),
+                    None => break,
+                },
+                _ = async {
+                    match &retry {
+                        Some((at, ..)) => tokio::time::sleep_until(*at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let (_, ann, bytes, backoff) = retry.take().expect("pending retry");
+                    tracing::info!(app = %ann.app, release = ann.release, "trying the update again");
+                    (ann, bytes, backoff)
+                }
+            };
             if let Err(e) = self.update(&ann, &bytes).await {
-                tracing::error!(app = %ann.app, release = ann.release, "update failed: {e:#}");
+                tracing::error!(app = %ann.app, release = ann.release, "update failed (trying again in {backoff:?}): {e:#}");
                 self.reporter
                     .report(
                         &ann.app,
@@ -451,6 +475,12 @@ impl Updater {
                         String::new(),
                     )
                     .await;
+                retry = Some((
+                    tokio::time::Instant::now() + backoff,
+                    ann,
+                    bytes,
+                    (backoff * 2).min(RETRY_MAX),
+                ));
             }
         }
     }

@@ -1,4 +1,4 @@
-//! Issue: device agent, test h: kill -9 of the agent during download and during install
+//! kill -9 of the agent during download and during install
 //! (several points) → after a restart the device converges, without refetching verified
 //! chunks and never running a partial image.
 
@@ -117,5 +117,34 @@ fn random_kill9_during_download_never_refetches_or_runs_a_partial_image() -> Res
         served <= size + slack,
         "hub served {served} bytes for a {size}-byte image over {kills} kills"
     );
+    Ok(())
+}
+
+/// A failed update (here: the chunk store unwritable, as with a full or broken disk) is
+/// reported, and tried again until it succeeds once the trouble is gone.
+#[test]
+fn a_failed_update_is_tried_again_until_it_succeeds() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let d = fleet.add_device("retry", "hello", &[])?;
+    fleet.start_device(d)?;
+    let chunks = fleet.devices[d].dir.join("state/chunks");
+    wait_for("the agent's store", CONVERGE, || {
+        chunks.is_dir().then_some(())
+    })?;
+    std::fs::remove_dir_all(&chunks)?;
+    std::fs::write(&chunks, b"not a directory")?;
+    let image = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&image, "hello", "1.0.0", &["--no-staging"])?;
+    wait_for("the failure to be reported", CONVERGE, || {
+        (fleet.devices[d].release_state("hello")?.1 == "Failed").then_some(())
+    })?;
+    std::fs::remove_file(&chunks)?;
+    std::fs::create_dir(&chunks)?;
+    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+    assert!(fleet.devices[d]
+        .log_text()
+        .contains("trying the update again"));
+    fleet.assert_runs_image(d, &image);
     Ok(())
 }

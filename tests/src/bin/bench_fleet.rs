@@ -343,7 +343,15 @@ fn enroll_devices(dir: &Path, hub: &Hub, p: &Params) -> Result<()> {
         let name = format!("bf{i}");
         let ddir = dir.join(&name);
         run(Command::new(bin("device")?)
-            .args(["enroll", "--name", &name, "--app", "bench", "--hub", addr.trim()])
+            .args([
+                "enroll",
+                "--name",
+                &name,
+                "--app",
+                "bench",
+                "--hub",
+                addr.trim(),
+            ])
             .args(["--broker", &mqtt])
             .arg("--dir")
             .arg(&ddir)
@@ -446,9 +454,11 @@ fn worker(p: &Params, dir: &Path, index: usize, count: usize) -> Result<()> {
         if let Some(t0) = line.strip_prefix("round ") {
             let t0: u64 = t0.parse()?;
             // The coordinator gives up first (it knows the bound); no limit here.
-            wait("every device to run the release", Duration::from_secs(86_400), || {
-                metrics.iter().all(|m| m.last_active_ms.load(Relaxed) >= t0)
-            })?;
+            wait(
+                "every device to run the release",
+                Duration::from_secs(86_400),
+                || metrics.iter().all(|m| m.last_active_ms.load(Relaxed) >= t0),
+            )?;
             let samples: Vec<DeviceSample> = metrics.iter().map(|m| sample(m)).collect();
             println!("{}", serde_json::to_string(&samples)?);
         } else if line == "stop" {
@@ -482,11 +492,18 @@ fn round(
 ) -> Result<(Round, Vec<DeviceSample>)> {
     let egress = metric(&hub.metrics, "unifleet_hub_blob_bytes_served_total")?;
     let redirects = metric(&hub.metrics, "unifleet_hub_redirects_total")?;
-    let announced_before = metric(&hub.metrics, "unifleet_hub_last_new_announcement_timestamp_ms")?;
+    let announced_before = metric(
+        &hub.metrics,
+        "unifleet_hub_last_new_announcement_timestamp_ms",
+    )?;
     publish(hub, image, version)?;
     let mut t0 = 0;
     wait("the hub to announce", Duration::from_secs(30), || {
-        t0 = metric(&hub.metrics, "unifleet_hub_last_new_announcement_timestamp_ms").unwrap_or(0);
+        t0 = metric(
+            &hub.metrics,
+            "unifleet_hub_last_new_announcement_timestamp_ms",
+        )
+        .unwrap_or(0);
         t0 > announced_before
     })?;
     for w in workers.iter_mut() {
@@ -522,7 +539,10 @@ fn round(
                 samples[w + j * k] = Some(s);
             }
         }
-        let samples: Vec<DeviceSample> = samples.into_iter().collect::<Option<_>>().context("a worker reported too few devices")?;
+        let samples: Vec<DeviceSample> = samples
+            .into_iter()
+            .collect::<Option<_>>()
+            .context("a worker reported too few devices")?;
         let secs = |ms: u64| ms.saturating_sub(t0) as f64 / 1e3;
         let mut r = Round {
             hub_egress: metric(&hub.metrics, "unifleet_hub_blob_bytes_served_total")? - egress,
@@ -564,7 +584,11 @@ fn run_fleet(p: &Params, size: u64, mode: Mode) -> Result<Outcome> {
     let v2 = testimage(dir, size, "1.0.1")?;
     let f = std::fs::metadata(&v1)?.len();
     let hub = start_hub(dir, p)?;
-    eprintln!("{} devices, {size} MiB, {}: enrolling", p.devices, mode.name());
+    eprintln!(
+        "{} devices, {size} MiB, {}: enrolling",
+        p.devices,
+        mode.name()
+    );
     enroll_devices(dir, &hub, p)?;
     let count = p.devices.div_ceil(DEVICES_PER_WORKER);
     let mut workers = (0..count)
@@ -587,7 +611,14 @@ fn run_fleet(p: &Params, size: u64, mode: Mode) -> Result<Outcome> {
         accepted: 0,
         received: 0,
     };
-    let (full, after) = round(&hub, &mut workers, &vec![zero; p.devices], &v1, "1.0.0", limit)?;
+    let (full, after) = round(
+        &hub,
+        &mut workers,
+        &vec![zero; p.devices],
+        &v1,
+        "1.0.0",
+        limit,
+    )?;
     eprintln!("  release 2 (a small change)");
     let (delta, _) = round(&hub, &mut workers, &after, &v2, "1.0.1", limit)?;
     let mut device_rss_kib = 0;
