@@ -17,6 +17,7 @@ use crate::metrics::DeviceMetrics;
 use crate::mqtt;
 use crate::report::Reporter;
 use crate::store::{AppState, Installed, Store};
+use crate::trickle::Trickle;
 use anyhow::{Context, Result};
 use net::ratelimit::RateLimiter;
 use net::{MessageAcceptance, NetClient, NetEvent, PeerId, Topic};
@@ -33,8 +34,10 @@ use tokio::sync::{mpsc, Semaphore};
 
 /// Concurrent blob requests this device serves to all peers together.
 const MAX_SEEDING: usize = 16;
-/// How often the newest verified announcements are re-gossiped.
-const REGOSSIP: Duration = Duration::from_secs(3);
+/// Re-gossip intervals (Trickle, see `trickle.rs`): the shortest is longer than the hub's
+/// re-announcement period (5 s), so while the hub is up devices stay quiet.
+const REGOSSIP_MIN: Duration = Duration::from_secs(6);
+const REGOSSIP_MAX: Duration = Duration::from_secs(120);
 /// How often the latest status reports are sent again (heartbeat, and catch-up for a hub
 /// that was down).
 const REPORT_AGAIN: Duration = Duration::from_secs(10);
@@ -171,7 +174,14 @@ pub async fn run_with_metrics(
         net: net.clone(),
         updates: updates_tx,
         latest: HashMap::new(),
-        heard: HashMap::new(),
+        trickles: HashMap::new(),
+        phase: {
+            let id = net.peer_id().to_bytes();
+            let h = id.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+            });
+            h as f64 / u64::MAX as f64
+        },
         seeding: Arc::new(Semaphore::new(MAX_SEEDING)),
         upload: Arc::new(RateLimiter::new(cfg.upload_rate)),
         metrics: metrics.clone(),
@@ -216,10 +226,11 @@ struct Router {
     updates: mpsc::Sender<(Announcement, Vec<u8>)>,
     /// Newest verified announcement bytes per (app, channel).
     latest: HashMap<(String, String), (u64, Vec<u8>)>,
-    /// When a peer last gossiped the newest announcement per (app, channel): while others
-    /// keep it going round, this device stays quiet (gossip reaches the whole fleet, so
-    /// one re-announcement per interval is enough, not one per device).
-    heard: HashMap<(String, String), std::time::Instant>,
+    /// When to re-gossip the newest announcement per (app, channel), and whether others
+    /// already did in this interval.
+    trickles: HashMap<(String, String), Trickle>,
+    /// Where in each re-gossip interval this device speaks (from its peer id).
+    phase: f64,
     seeding: Arc<Semaphore>,
     upload: Arc<RateLimiter>,
     metrics: Arc<DeviceMetrics>,
@@ -233,19 +244,6 @@ impl Router {
         mut events: mpsc::Receiver<NetEvent>,
         mut mqtt: mpsc::Receiver<(String, Vec<u8>)>,
     ) {
-        // Each device re-gossips at its own phase of the interval, so the first to speak
-        // silences the rest.
-        let phase = self
-            .net
-            .peer_id()
-            .to_bytes()
-            .iter()
-            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(*b)))
-            % REGOSSIP.as_millis() as u64;
-        let mut regossip = tokio::time::interval_at(
-            tokio::time::Instant::now() + Duration::from_millis(phase),
-            REGOSSIP,
-        );
         let mut report_again = tokio::time::interval(REPORT_AGAIN);
         loop {
             tokio::select! {
@@ -258,15 +256,26 @@ impl Router {
                     tracing::debug!(%topic, "announcement from broker");
                     let _ = self.announcement(bytes, None).await;
                 }
-                _ = regossip.tick() => {
-                    for (key, (release, bytes)) in &self.latest {
-                        if self.heard.get(key).is_some_and(|t| t.elapsed() < REGOSSIP) {
-                            continue;
-                        }
-                        if let Err(e) = self.net.publish(Topic::Announce, bytes.clone()).await {
-                            tracing::debug!(release, "re-gossiping announcement: {e}");
-                        }
-                    }
+                _ = sleep_until(self.trickles.values().map(Trickle::fire_at).min()) => {
+                    self.regossip().await;
+                }
+            }
+        }
+    }
+
+    /// Re-gossips each announcement whose interval is up, unless a peer did already.
+    async fn regossip(&mut self) {
+        let now = std::time::Instant::now();
+        for (key, trickle) in &mut self.trickles {
+            if trickle.fire_at() > now {
+                continue;
+            }
+            if !trickle.fire(now) {
+                continue;
+            }
+            if let Some((release, bytes)) = self.latest.get(key) {
+                if let Err(e) = self.net.publish(Topic::Announce, bytes.clone()).await {
+                    tracing::debug!(release, "re-gossiping announcement: {e}");
                 }
             }
         }
@@ -326,6 +335,12 @@ impl Router {
             } => self.serve_blob(peer, digest, reply),
             NetEvent::Listening(addr) => tracing::info!(%addr, "listening"),
             NetEvent::PeerConnected(p) => {
+                // A newcomer may not know the newest releases: re-gossip soon (unless
+                // someone else does).
+                let now = std::time::Instant::now();
+                for t in self.trickles.values_mut() {
+                    t.reset(now);
+                }
                 self.metrics
                     .peers
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -355,7 +370,9 @@ impl Router {
                 let key = (ann.app.clone(), ann.channel.clone());
                 let known = self.latest.get(&key).map(|(r, _)| *r);
                 if from.is_some() && known.is_none_or(|k| ann.release >= k) {
-                    self.heard.insert(key.clone(), std::time::Instant::now());
+                    if let Some(t) = self.trickles.get_mut(&key) {
+                        t.heard();
+                    }
                 }
                 if let Some(known) = known.filter(|k| ann.release < *k) {
                     tracing::warn!(
@@ -366,7 +383,14 @@ impl Router {
                 }
                 if known.is_none_or(|k| ann.release > k) {
                     // From the broker, it reaches peers that cannot reach the broker at the
-                    // next re-gossip tick, unless a peer gossips it first.
+                    // next re-gossip, unless a peer gossips it first.
+                    let now = std::time::Instant::now();
+                    self.trickles
+                        .entry(key.clone())
+                        .or_insert_with(|| {
+                            Trickle::new(REGOSSIP_MIN, REGOSSIP_MAX, self.phase, now)
+                        })
+                        .reset(now);
                     self.latest.insert(key, (ann.release, bytes.clone()));
                     if self.cfg.apps.contains(&ann.app) {
                         let _ = self.updates.try_send((ann, bytes));
@@ -767,5 +791,13 @@ pub fn crash_point(cfg: &Config, point: &str) {
     if cfg.crash_at.as_deref() == Some(point) {
         tracing::warn!(point, "crash_at: aborting");
         std::process::abort();
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }

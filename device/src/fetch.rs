@@ -170,7 +170,10 @@ impl Fetcher {
             };
             match attempt {
                 Attempt::Got(bytes, from_hub) => return Ok((bytes, from_hub)),
-                Attempt::Redirected(peers) => {
+                Attempt::Redirected(mut peers) => {
+                    // Peers already connected first: no handshake to pay.
+                    let connected: HashSet<PeerId> = self.net.peers().await.into_iter().collect();
+                    peers.sort_by_key(|(p, _)| !connected.contains(p));
                     for (peer, addr) in peers {
                         if let Some(bytes) = self
                             .try_peer(peer, Some(addr), digest, banned, &check)

@@ -17,3 +17,4 @@ pub mod ondemand;
 pub mod report;
 pub mod splice;
 pub mod store;
+pub mod trickle;

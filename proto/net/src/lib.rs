@@ -38,6 +38,8 @@ const MAX_GOSSIP_BYTES: usize = 16 * 1024;
 const TARGET_PEERS: usize = 8;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const GOSSIP_QUEUE: usize = 128;
+/// Least time between two DHT walks of one node (see `rediscover`).
+const WALK_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How to run a node.
 #[derive(Debug, Clone)]
@@ -328,6 +330,7 @@ pub fn spawn(
         max_inbound_per_peer: cfg.max_inbound_per_peer,
         bootstrap: cfg.bootstrap.clone(),
         listen_of: HashMap::new(),
+        last_walk: None,
     };
     let handle = tokio::spawn(node.run(cmd_rx, shutdown));
     Ok((
@@ -412,6 +415,8 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
                 "/unifleet/{fleet}/kad/1"
             ))?);
             kad_cfg.set_query_timeout(Duration::from_secs(30));
+            // Walks happen in `rediscover`, only when short of peers.
+            kad_cfg.set_periodic_bootstrap_interval(None);
             let mut kad = kad::Behaviour::with_config(
                 peer_id,
                 kad::store::MemoryStore::new(peer_id),
@@ -463,6 +468,8 @@ struct Node {
     bootstrap: Vec<Multiaddr>,
     /// Where each connected peer listens (identify), for redirects to it.
     listen_of: HashMap<PeerId, Multiaddr>,
+    /// When this node last walked the DHT for more peers.
+    last_walk: Option<std::time::Instant>,
 }
 
 impl Node {
@@ -498,7 +505,11 @@ impl Node {
                 }
             }
         }
-        if !connected.is_empty() && connected.len() < TARGET_PEERS {
+        // A DHT walk dials the peers it asks: in a large fleet, every node walking every
+        // few seconds is a storm of handshakes. Walk only when short of peers, and rarely.
+        let due = self.last_walk.is_none_or(|t| t.elapsed() >= WALK_INTERVAL);
+        if !connected.is_empty() && connected.len() < TARGET_PEERS && due {
+            self.last_walk = Some(std::time::Instant::now());
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
     }
