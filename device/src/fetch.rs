@@ -170,6 +170,10 @@ impl Fetcher {
             };
             match attempt {
                 Attempt::Got(bytes, from_hub) => return Ok((bytes, from_hub)),
+                Attempt::Redirected(peers) if peers.is_empty() => {
+                    // Nobody has had it long enough yet: ask again shortly.
+                    wait = wait.min(Duration::from_secs(1));
+                }
                 Attempt::Redirected(mut peers) => {
                     // Peers already connected first: no handshake to pay.
                     let connected: HashSet<PeerId> = self.net.peers().await.into_iter().collect();
@@ -184,8 +188,8 @@ impl Fetcher {
                         }
                     }
                     self.failed_rounds.fetch_add(1, Ordering::Relaxed);
-                    // They are still fetching it: ask the hub again soon.
-                    wait = wait.min(Duration::from_millis(200));
+                    // They did not have it after all, or were busy: ask the hub again soon.
+                    wait = wait.min(Duration::from_secs(1));
                 }
                 Attempt::NoHub => {
                     let snapshot = banned.lock().expect("not poisoned").clone();

@@ -4,9 +4,9 @@
 //! no clock of its own (callers pass `now`).
 //!
 //! A device asking with `redirect_ok` is either served (nobody else has or is getting
-//! the blob) or told to ask up to [`MAX_ELSEWHERE`] peers; either way it becomes a
-//! source of that blob for later askers once `settle` has passed (the time it takes to
-//! fetch it). Among settled sources, those handed out least often are handed out next,
+//! the blob) or told to ask up to half of [`MAX_ELSEWHERE`] peers that have had it for
+//! `settle` (the time it takes to fetch it) — or, if none has yet, none: ask again
+//! shortly. Either way it becomes a source of that blob for later askers. Among settled sources, those handed out least often are handed out next,
 //! so uploads spread over the fleet. A device whose peers all failed asks again and is
 //! told again (it moves to the back); one that gives up on peers asks without
 //! `redirect_ok` and is served.
@@ -74,12 +74,14 @@ impl<P: Clone + Eq> Tracker<P> {
         let decision = if sources.is_empty() {
             Decision::Serve
         } else {
-            let mut order: Vec<usize> = (0..sources.len()).collect();
-            // Settled first, least handed out first, then oldest (most likely complete).
-            order.sort_by_key(|&i| {
-                let s = &sources[i];
-                (now.duration_since(s.since) < settle, s.handed_out, s.since)
-            });
+            // Only settled sources: sending a fleet to peers still fetching the chunk is a
+            // storm of dials answered "not found". None settled yet: an empty list, "ask
+            // again shortly".
+            let mut order: Vec<usize> = (0..sources.len())
+                .filter(|&i| now.duration_since(sources[i].since) >= settle)
+                .collect();
+            // Least handed out first, then oldest (most likely complete).
+            order.sort_by_key(|&i| (sources[i].handed_out, sources[i].since));
             order.truncate(MAX_ELSEWHERE / 2);
             Decision::Elsewhere(
                 order
@@ -91,7 +93,9 @@ impl<P: Clone + Eq> Tracker<P> {
                     .collect(),
             )
         };
-        if let Some(peer) = asker {
+        // Told to wait, it will not have the blob any sooner than before.
+        let waiting = matches!(&decision, Decision::Elsewhere(p) if p.is_empty());
+        if let Some(peer) = asker.filter(|_| !waiting) {
             if sources.len() >= MAX_SOURCES {
                 // Forget the most handed-out source: it is the busiest.
                 if let Some(pos) = (0..sources.len()).max_by_key(|&i| sources[i].handed_out) {
@@ -139,8 +143,10 @@ mod tests {
         let mut t = Tracker::new(SETTLE, 100);
         let now = Instant::now();
         assert_eq!(t.decide(d(1), Some("a"), now), Decision::Serve);
+        // a is still fetching it: b is to ask again shortly, not to ask a.
+        assert_eq!(t.decide(d(1), Some("b"), now), Decision::Elsewhere(vec![]));
         assert_eq!(
-            t.decide(d(1), Some("b"), now),
+            t.decide(d(1), Some("c"), now + SETTLE),
             Decision::Elsewhere(vec!["a"])
         );
         // Another blob has its own first asker.
@@ -158,7 +164,7 @@ mod tests {
             match t.decide(d(1), Some(i), now) {
                 Decision::Serve => served += 1,
                 Decision::Elsewhere(peers) => {
-                    assert!(!peers.is_empty() && peers.len() <= MAX_ELSEWHERE);
+                    assert!(peers.len() <= MAX_ELSEWHERE);
                     assert!(!peers.contains(&i), "never sent to itself");
                     for p in peers {
                         *handed.entry(p).or_default() += 1;
@@ -180,6 +186,7 @@ mod tests {
         t.decide(d(1), Some("a"), now);
         t.decide(d(1), Some("b"), now);
         // b's peers failed it; it asks again and is not offered itself.
+        let now = now + SETTLE;
         assert_eq!(
             t.decide(d(1), Some("b"), now),
             Decision::Elsewhere(vec!["a"])
@@ -197,8 +204,13 @@ mod tests {
         let mut t = Tracker::new(SETTLE, 100);
         let now = Instant::now();
         t.decide(d(1), Some("a"), now);
-        t.decide(d(1), Some("b"), now);
+        let now = now + SETTLE;
+        assert_eq!(
+            t.decide(d(1), Some("b"), now),
+            Decision::Elsewhere(vec!["a"])
+        );
         t.forget(|p| *p == "a");
+        let now = now + SETTLE;
         assert_eq!(
             t.decide(d(1), Some("c"), now),
             Decision::Elsewhere(vec!["b"])

@@ -38,6 +38,9 @@ const MAX_GOSSIP_BYTES: usize = 16 * 1024;
 const TARGET_PEERS: usize = 8;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const GOSSIP_QUEUE: usize = 128;
+/// A node walks the DHT only with fewer connections than this (the hub alone, say);
+/// a walk dials every peer it asks, and those connections stay up while gossip uses them.
+const WALK_BELOW: usize = 3;
 /// Least time between two DHT walks of one node (see `rediscover`).
 const WALK_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -397,7 +400,7 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
                 .validation_mode(gossipsub::ValidationMode::Strict)
                 .validate_messages()
                 .max_transmit_size(MAX_GOSSIP_BYTES)
-                .heartbeat_interval(Duration::from_millis(500))
+                .heartbeat_interval(Duration::from_secs(1))
                 // The per-connection send queue is preallocated (5,000 slots, ~1 MB, by
                 // default) for every connection, blob fetches included; our gossip is a
                 // few small messages a minute.
@@ -415,8 +418,11 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
                 "/unifleet/{fleet}/kad/1"
             ))?);
             kad_cfg.set_query_timeout(Duration::from_secs(30));
-            // Walks happen in `rediscover`, only when short of peers.
+            // Walks happen in `rediscover`, only when short of peers, and ask few.
             kad_cfg.set_periodic_bootstrap_interval(None);
+            kad_cfg.set_replication_factor(
+                std::num::NonZeroUsize::new(TARGET_PEERS).expect("non-zero"),
+            );
             let mut kad = kad::Behaviour::with_config(
                 peer_id,
                 kad::store::MemoryStore::new(peer_id),
@@ -508,7 +514,7 @@ impl Node {
         // A DHT walk dials the peers it asks: in a large fleet, every node walking every
         // few seconds is a storm of handshakes. Walk only when short of peers, and rarely.
         let due = self.last_walk.is_none_or(|t| t.elapsed() >= WALK_INTERVAL);
-        if !connected.is_empty() && connected.len() < TARGET_PEERS && due {
+        if !connected.is_empty() && connected.len() < WALK_BELOW && due {
             self.last_walk = Some(std::time::Instant::now());
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
