@@ -420,6 +420,9 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
             kad_cfg.set_query_timeout(Duration::from_secs(30));
             // Walks happen in `rediscover`, only when short of peers, and ask few.
             kad_cfg.set_periodic_bootstrap_interval(None);
+            // Only addresses we add (above) enter the routing table, not every peer that
+            // happens to connect.
+            kad_cfg.set_kbucket_inserts(kad::BucketInserts::Manual);
             kad_cfg.set_replication_factor(
                 std::num::NonZeroUsize::new(TARGET_PEERS).expect("non-zero"),
             );
@@ -586,6 +589,18 @@ impl Node {
         }
     }
 
+    /// Fewer than [`TARGET_PEERS`] connected or being dialled. (Counting only connected
+    /// peers, a node learning of many peers at once dials them all before the first
+    /// connection is up: at 1,000 devices, ~50 connections each.)
+    fn short_of_peers(&self) -> bool {
+        let pending = self
+            .swarm
+            .network_info()
+            .connection_counters()
+            .num_pending_outgoing() as usize;
+        self.swarm.connected_peers().count() + pending < TARGET_PEERS
+    }
+
     fn release_inbound(&mut self, peer: &PeerId) {
         if let Some(n) = self.inbound_per_peer.get_mut(peer) {
             *n = n.saturating_sub(1);
@@ -624,9 +639,16 @@ impl Node {
                 info,
                 ..
             })) => {
-                // Learn where a peer listens so the DHT can introduce it to others.
+                // Learn where a peer listens so the DHT can introduce it to others — while
+                // this node is looking for peers: every routing-table entry makes kad walk
+                // the DHT (libp2p's automatic bootstrap cannot be turned off), and every walk
+                // dials the peers it asks. At 1,000 devices, ~25 connections each.
                 if let Some(first) = info.listen_addrs.first() {
                     self.listen_of.insert(peer_id, first.clone());
+                }
+                let is_bootstrap = self.bootstrap.iter().any(|a| peer_of(a) == Some(peer_id));
+                if !is_bootstrap && !self.short_of_peers() {
+                    return;
                 }
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
@@ -634,9 +656,7 @@ impl Node {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 peer, ..
-            })) if !self.swarm.is_connected(&peer)
-                && self.swarm.connected_peers().count() < TARGET_PEERS =>
-            {
+            })) if !self.swarm.is_connected(&peer) && self.short_of_peers() => {
                 let _ = self.swarm.dial(peer);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
