@@ -507,6 +507,23 @@ impl Fleet {
     }
 }
 
+/// A hub and one device `name` serving `hello` on demand under `uri` (`settings`: lines of
+/// its `[[ondemand]]` table), with metrics on and release 1 of the test image active.
+/// Returns (fleet, device, proxy port).
+pub fn on_demand_fleet(uri: &str, name: &str, settings: &str) -> Result<(Fleet, usize, u16)> {
+    let mut fleet = Fleet::new(uri)?;
+    fleet.start_hub(&[])?;
+    let d = fleet.add_device(name, "hello", &[])?;
+    let metrics = format!("127.0.0.1:{}", free_port()?);
+    fleet.devices[d].set_config("metrics", toml_value::V::Str(metrics))?;
+    let port = fleet.devices[d].serve_on_demand("hello", settings)?;
+    fleet.start_device(d)?;
+    let img = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&img, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(60))?;
+    Ok((fleet, d, port))
+}
+
 /// A libvirt connection without libvirt's default error printing (a domain that vanished
 /// between listing and lookup is normal here).
 fn connect(uri: &str) -> Result<virt::connect::Connect, virt::error::Error> {

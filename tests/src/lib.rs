@@ -172,3 +172,30 @@ pub fn mqtt_first_message(url: &str, topic: &str, timeout: Duration) -> Result<V
     }
     bail!("no message on {topic} at {url} within {timeout:?}")
 }
+
+/// Small helpers shared by the benchmark programs.
+pub mod bench {
+    /// The `q` quantile (0..=1, nearest rank) of `v`; NaN for none.
+    pub fn percentile(v: &[f64], q: f64) -> f64 {
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * q).round() as usize]
+    }
+
+    /// A `/proc/PID/status` field in KiB (`VmRSS`, `VmHWM`, `RssAnon`, `RssFile`); 0 if
+    /// unreadable.
+    pub fn status_kib(pid: u32, field: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with(&format!("{field}:")))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|n| n.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}

@@ -6,7 +6,7 @@ use anyhow::Result;
 use std::io::Write;
 use std::time::Duration;
 use unifleet_tests::fleet::{running_domains, wait_for, Fleet};
-use unifleet_tests::{free_port, read_until};
+use unifleet_tests::read_until;
 
 const URI: &str = "qemu:///system";
 
@@ -50,24 +50,11 @@ fn sequential_cold_starts_are_all_answered() -> Result<()> {
 
 /// A fleet with one device serving `hello` on demand; returns (fleet, device, proxy port).
 fn on_demand_device(tag: &str, extra: &str) -> Result<(Fleet, usize, u16)> {
-    let mut fleet = Fleet::new(URI)?;
-    fleet.start_hub(&[])?;
-    let name = format!("{tag}-{}", std::process::id());
-    let d = fleet.add_device(&name, "hello", &[])?;
-    let metrics = format!("127.0.0.1:{}", free_port()?);
-    fleet.devices[d].set_config(
-        "metrics",
-        unifleet_tests::fleet::toml_value::V::Str(metrics),
-    )?;
-    let port = fleet.devices[d].serve_on_demand(
-        "hello",
+    unifleet_tests::fleet::on_demand_fleet(
+        URI,
+        &format!("{tag}-{}", std::process::id()),
         &format!("min = 0\nmax_local = 2\nidle_secs = 2\nstable_window_secs = 2\npanic_window_secs = 1\n{extra}"),
-    )?;
-    fleet.start_device(d)?;
-    let img = fleet.testimage("hello", "1.0.0", &[])?;
-    fleet.publish(&img, "hello", "1.0.0", &["--no-staging"])?;
-    fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(60))?;
-    Ok((fleet, d, port))
+    )
 }
 
 /// `n` clients at once, each holding its connection for `hold` after its answer.

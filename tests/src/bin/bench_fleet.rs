@@ -24,6 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use unifleet_tests::bench::{percentile, status_kib};
 use unifleet_tests::fleet::run;
 use unifleet_tests::{bin, free_port, metric};
 
@@ -204,27 +205,6 @@ fn t_one_copy(p: &Params, f: u64) -> f64 {
 fn t_hub_only(p: &Params, f: u64) -> f64 {
     let f = f as f64;
     (p.devices as f64 * f / p.hub_up as f64).max(f / p.device_down as f64)
-}
-
-fn percentile(v: &[f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * q).round() as usize]
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(&format!("{field}:")))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// One release's measurements over the fleet.

@@ -15,17 +15,12 @@
 use anyhow::{Context, Result};
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
-use unifleet_tests::fleet::{running_domains, wait_for, Fleet};
-use unifleet_tests::{free_port, metric};
+use unifleet_tests::bench::percentile;
+use unifleet_tests::fleet::{on_demand_fleet, running_domains, wait_for};
+use unifleet_tests::metric;
 
 const URI: &str = "qemu:///system";
 const IDLE_SECS: u64 = 1;
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
 
 fn main() -> Result<()> {
     let cold_starts: usize = std::env::args()
@@ -34,23 +29,13 @@ fn main() -> Result<()> {
         .transpose()
         .context("COLD_STARTS must be a number")?
         .unwrap_or(30);
-    let mut fleet = Fleet::new(URI)?;
-    fleet.start_hub(&[])?;
     let name = format!("bod-{}", std::process::id());
-    let d = fleet.add_device(&name, "hello", &[])?;
-    let metrics = format!("127.0.0.1:{}", free_port()?);
-    fleet.devices[d].set_config(
-        "metrics",
-        unifleet_tests::fleet::toml_value::V::Str(metrics.clone()),
-    )?;
-    let port = fleet.devices[d].serve_on_demand(
-        "hello",
+    let (fleet, d, port) = on_demand_fleet(
+        URI,
+        &name,
         &format!("min = 0\nmax_local = 1\nidle_secs = {IDLE_SECS}\nstable_window_secs = 1\npanic_window_secs = 1"),
     )?;
-    fleet.start_device(d)?;
-    let img = fleet.testimage("hello", "1.0.0", &[])?;
-    fleet.publish(&img, "hello", "1.0.0", &["--no-staging"])?;
-    fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(60))?;
+    let metrics = fleet.devices[d].metrics_addr().context("metrics address")?;
 
     let prefix = format!("uf-{name}-hello-od");
     let zero = || running_domains(URI, &prefix).is_empty().then_some(());

@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use unifleet_tests::bench::status_kib;
 use unifleet_tests::fleet::{run, wait_for, Fleet};
 
 const RUNS: usize = 5;
@@ -22,19 +23,6 @@ const RUNS: usize = 5;
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
-}
-
-/// A `/proc/PID/status` field in KiB (`VmRSS`, `RssAnon`, `RssFile`).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(&format!("{field}:")))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn rss_kib(pid: u32) -> u64 {
