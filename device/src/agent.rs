@@ -175,13 +175,7 @@ pub async fn run_with_metrics(
         updates: updates_tx,
         latest: HashMap::new(),
         trickles: HashMap::new(),
-        phase: {
-            let id = net.peer_id().to_bytes();
-            let h = id.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-            });
-            h as f64 / u64::MAX as f64
-        },
+        phase: crate::fetch::stable_hash(&net.peer_id().to_bytes()) as f64 / u64::MAX as f64,
         seeding: Arc::new(Semaphore::new(MAX_SEEDING)),
         upload: Arc::new(RateLimiter::new(cfg.upload_rate)),
         metrics: metrics.clone(),

@@ -170,25 +170,25 @@ impl Fetcher {
             };
             match attempt {
                 Attempt::Got(bytes, from_hub) => return Ok((bytes, from_hub)),
-                Attempt::Redirected(peers) if peers.is_empty() => {
-                    // Nobody has had it long enough yet: ask again shortly.
-                    wait = wait.min(Duration::from_secs(1));
-                }
                 Attempt::Redirected(mut peers) => {
-                    // Peers already connected first: no handshake to pay.
-                    let connected: HashSet<PeerId> = self.net.peers().await.into_iter().collect();
-                    peers.sort_by_key(|(p, _)| !connected.contains(p));
-                    for (peer, addr) in peers {
-                        if let Some(bytes) = self
-                            .try_peer(peer, Some(addr), digest, banned, &check)
-                            .await
-                        {
-                            self.failed_rounds.store(0, Ordering::Relaxed);
-                            return Ok((bytes, false));
+                    if !peers.is_empty() {
+                        // Peers already connected first: no handshake to pay.
+                        let connected: HashSet<PeerId> =
+                            self.net.peers().await.into_iter().collect();
+                        peers.sort_by_key(|(p, _)| !connected.contains(p));
+                        for (peer, addr) in peers {
+                            if let Some(bytes) = self
+                                .try_peer(peer, Some(addr), digest, banned, &check)
+                                .await
+                            {
+                                self.failed_rounds.store(0, Ordering::Relaxed);
+                                return Ok((bytes, false));
+                            }
                         }
+                        self.failed_rounds.fetch_add(1, Ordering::Relaxed);
                     }
-                    self.failed_rounds.fetch_add(1, Ordering::Relaxed);
-                    // They did not have it after all, or were busy: ask the hub again soon.
+                    // Nobody has had it long enough yet, or the peers named did not have it
+                    // after all or were busy: ask the hub again within a second.
                     wait = wait.min(Duration::from_secs(1));
                 }
                 Attempt::NoHub => {
@@ -379,11 +379,17 @@ impl Fetcher {
     }
 }
 
+/// FNV-1a: the same number for the same bytes on every device and every run (a device's
+/// fetch order and re-gossip phase derive from its peer id).
+pub(crate) fn stable_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 /// Fisher–Yates with a splitmix64 stream seeded from `seed`: a fixed order per device.
 fn shuffle<T>(items: &mut [T], seed: &[u8]) {
-    let mut state = seed.iter().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01B3)
-    });
+    let mut state = stable_hash(seed);
     let mut next = || {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = state;

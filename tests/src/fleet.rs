@@ -113,6 +113,13 @@ impl Device {
         v.get(app).cloned()
     }
 
+    /// Blob bytes (from peers, from the hub) the device's last report of `app` counts.
+    pub fn fetched(&self, app: &str) -> (u64, u64) {
+        let r = self.report(app).unwrap_or_default();
+        let n = |field: &str| r[field].as_u64().unwrap_or(0);
+        (n("bytes_from_peers"), n("bytes_from_hub"))
+    }
+
     /// (release, state label) from the last report.
     pub fn release_state(&self, app: &str) -> Option<(u64, String)> {
         let r = self.report(app)?;

@@ -19,11 +19,6 @@ fn stored_chunk_bytes(fleet: &Fleet, i: usize) -> u64 {
         .unwrap_or(0)
 }
 
-fn fetched(fleet: &Fleet, i: usize) -> u64 {
-    let r = fleet.devices[i].report("hello").unwrap_or_default();
-    r["bytes_from_peers"].as_u64().unwrap_or(0) + r["bytes_from_hub"].as_u64().unwrap_or(0)
-}
-
 #[test]
 fn kill_at_each_install_step_then_restart_converges_without_refetching() -> Result<()> {
     let mut fleet = Fleet::new("test:///default")?;
@@ -69,7 +64,8 @@ fn kill_at_each_install_step_then_restart_converges_without_refetching() -> Resu
         fleet.assert_runs_image(i, &image);
         // After the restart only what was missing was fetched (plus nothing else: the
         // manifest was stored before the first chunk).
-        let refetched = fetched(&fleet, i);
+        let (peers, hub) = fleet.devices[i].fetched("hello");
+        let refetched = peers + hub;
         assert!(
             refetched <= size - kept,
             "{point}: fetched {refetched} bytes after restart with {kept} of {size} already verified"

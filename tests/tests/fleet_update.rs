@@ -62,8 +62,7 @@ fn five_devices_converge_on_v1_then_v2_and_v2_costs_only_the_delta() -> Result<(
 }
 
 fn hub_bytes(fleet: &Fleet, i: usize) -> u64 {
-    let r = fleet.devices[i].report("hello").unwrap_or_default();
-    r["bytes_from_hub"].as_u64().unwrap_or(0)
+    fleet.devices[i].fetched("hello").1
 }
 
 #[test]
@@ -93,6 +92,6 @@ fn with_peer_exchange_off_every_device_downloads_from_the_hub() -> Result<()> {
 }
 
 fn total_bytes(fleet: &Fleet, i: usize) -> u64 {
-    let r = fleet.devices[i].report("hello").unwrap_or_default();
-    r["bytes_from_peers"].as_u64().unwrap_or(0) + r["bytes_from_hub"].as_u64().unwrap_or(0)
+    let (peers, hub) = fleet.devices[i].fetched("hello");
+    peers + hub
 }

@@ -275,36 +275,29 @@ fn bad_input_is_refused_and_nothing_is_half_written() -> Result<()> {
         );
         Ok(err)
     };
+    let publish_fails = |fleet: &Fleet, image: &std::path::Path, version: &str| {
+        let image = image.to_str().expect("temp paths are UTF-8");
+        fails(
+            fleet,
+            &[
+                "publish",
+                image,
+                "--app",
+                "hello",
+                "--version",
+                version,
+                "--no-staging",
+            ],
+        )
+    };
     // Corrupt and unknown images.
     let junk = fleet.path("junk.img");
     std::fs::write(&junk, vec![0x42u8; 50_000])?;
-    let err = fails(
-        &fleet,
-        &[
-            "publish",
-            junk.to_str().unwrap(),
-            "--app",
-            "hello",
-            "--version",
-            "1.0.0",
-            "--no-staging",
-        ],
-    )?;
+    let err = publish_fails(&fleet, &junk, "1.0.0")?;
     assert!(err.contains("unrecognised image"), "{err}");
     let corrupt = fleet.path("corrupt.elf");
     std::fs::write(&corrupt, b"\x7fELF\x01\x01\x01\x00truncated")?;
-    let err = fails(
-        &fleet,
-        &[
-            "publish",
-            corrupt.to_str().unwrap(),
-            "--app",
-            "hello",
-            "--version",
-            "1.0.0",
-            "--no-staging",
-        ],
-    )?;
+    let err = publish_fails(&fleet, &corrupt, "1.0.0")?;
     assert!(err.contains("ELF"), "{err}");
 
     // Broker unreachable at publish (no hub serve): stored, signed, announced later.
@@ -319,36 +312,14 @@ fn bad_input_is_refused_and_nothing_is_half_written() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("will be announced when it starts"));
 
     // Version not above the current one.
-    let err = fails(
-        &fleet,
-        &[
-            "publish",
-            img.to_str().unwrap(),
-            "--app",
-            "hello",
-            "--version",
-            "1.0.0",
-            "--no-staging",
-        ],
-    )?;
+    let err = publish_fails(&fleet, &img, "1.0.0")?;
     assert!(err.contains("is not above"), "{err}");
     // Missing release key, then a key the root does not know.
     let key = fleet.hub_dir.join("keys/release.key");
     let saved = std::fs::read(&key)?;
     std::fs::remove_file(&key)?;
     let v2 = fleet.testimage("hello", "2.0.0", &[])?;
-    let err = fails(
-        &fleet,
-        &[
-            "publish",
-            v2.to_str().unwrap(),
-            "--app",
-            "hello",
-            "--version",
-            "2.0.0",
-            "--no-staging",
-        ],
-    )?;
+    let err = publish_fails(&fleet, &v2, "2.0.0")?;
     assert!(err.contains("release.key"), "{err}");
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -360,18 +331,7 @@ fn bad_input_is_refused_and_nothing_is_half_written() -> Result<()> {
             .open(&key)?;
         f.write_all(proto::SecretKey::from_seed([0x55; 32]).to_text().as_bytes())?;
     }
-    let err = fails(
-        &fleet,
-        &[
-            "publish",
-            v2.to_str().unwrap(),
-            "--app",
-            "hello",
-            "--version",
-            "2.0.0",
-            "--no-staging",
-        ],
-    )?;
+    let err = publish_fails(&fleet, &v2, "2.0.0")?;
     assert!(err.contains("unknown key"), "{err}");
     std::fs::write(&key, saved)?;
     assert_eq!(

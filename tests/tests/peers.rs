@@ -10,13 +10,6 @@ use unifleet_tests::{bin, free_port};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-fn bytes(fleet: &Fleet, i: usize, field: &str) -> u64 {
-    fleet.devices[i]
-        .report("hello")
-        .and_then(|r| r[field].as_u64())
-        .unwrap_or(0)
-}
-
 #[test]
 fn devices_converge_from_peers_after_the_hub_and_broker_die() -> Result<()> {
     let mut fleet = Fleet::new("test:///default")?;
@@ -54,12 +47,12 @@ fn devices_converge_from_peers_after_the_hub_and_broker_die() -> Result<()> {
     fleet.wait_all(others, "hello", 2, "Active", CONVERGE)?;
     for &i in others {
         assert_eq!(
-            bytes(&fleet, i, "bytes_from_hub"),
+            fleet.devices[i].fetched("hello").1,
             0,
             "{} used the dead hub",
             fleet.devices[i].name
         );
-        assert!(bytes(&fleet, i, "bytes_from_peers") > 0);
+        assert!(fleet.devices[i].fetched("hello").0 > 0);
         fleet.assert_runs_image(i, &v2);
     }
     // The seed device kept serving its instance throughout.
@@ -134,7 +127,7 @@ fn malicious_peer_is_detected_dropped_and_the_right_image_installed() -> Result<
     assert!(chunks.is_some());
     assert!(served <= 4, "the evil peer was asked {served} times");
     assert_eq!(
-        bytes(&fleet, d, "bytes_from_peers"),
+        fleet.devices[d].fetched("hello").0,
         0,
         "nothing from the evil peer was kept"
     );

@@ -43,8 +43,6 @@ struct Params {
     out: PathBuf,
     /// Internal: run one (size, mode) fleet and print its outcome as JSON.
     one: Option<(u64, Mode)>,
-    /// Internal: the mode a worker runs its devices in.
-    mode: Option<Mode>,
     /// Internal: run some of the devices (`DIR:INDEX:COUNT`).
     worker: Option<(PathBuf, usize, usize)>,
 }
@@ -130,7 +128,6 @@ fn params() -> Result<Params> {
         modes: vec![Mode::Mesh, Mode::HubOnly],
         out: PathBuf::from("bench-results"),
         one: None,
-        mode: None,
         worker: None,
     };
     while let Some(a) = args.next() {
@@ -172,7 +169,6 @@ fn params() -> Result<Params> {
         p.devices > 0 && p.hub_up > 0,
         "--devices and --hub-up must be positive"
     );
-    p.mode = p.one.map(|(_, m)| m).or(p.modes.first().copied());
     if p.device_up == 0 {
         p.device_up = 48 * MIB / p.devices as u64;
     }
@@ -408,7 +404,8 @@ fn worker(p: &Params, dir: &Path, index: usize, count: usize) -> Result<()> {
         cfg.upload_rate = p.device_up;
         cfg.download_rate = p.device_down;
         cfg.parallel_fetches = p.parallel;
-        cfg.peer_exchange = p.mode == Some(Mode::Mesh);
+        // A worker is started with its fleet's one mode (`forward_args`).
+        cfg.peer_exchange = p.modes.first() == Some(&Mode::Mesh);
         let m = Arc::new(DeviceMetrics::default());
         let mut rx = stop_rx.clone();
         let mm = m.clone();
