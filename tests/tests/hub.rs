@@ -11,6 +11,24 @@ use unifleet_tests::{bin, free_port};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
+/// A mosquitto broker with this configuration, stopped when dropped.
+fn mosquitto(conf: &std::path::Path, log: std::path::PathBuf) -> Result<Proc> {
+    // Debian puts mosquitto in /usr/sbin, which is not on every PATH.
+    let program = if std::path::Path::new("/usr/sbin/mosquitto").exists() {
+        "/usr/sbin/mosquitto"
+    } else {
+        "mosquitto"
+    };
+    let child = Command::new(program)
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting mosquitto (scripts/setup.sh installs it)")?;
+    Ok(Proc { child, log })
+}
+
 #[test]
 fn external_mosquitto_broker_carries_retained_announcements() -> Result<()> {
     let mut fleet = Fleet::new("test:///default")?;
@@ -20,21 +38,7 @@ fn external_mosquitto_broker_carries_retained_announcements() -> Result<()> {
         &conf,
         format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
     )?;
-    let _mosquitto = Proc {
-        // Debian puts mosquitto in /usr/sbin, which is not on every PATH.
-        child: Command::new(if std::path::Path::new("/usr/sbin/mosquitto").exists() {
-            "/usr/sbin/mosquitto"
-        } else {
-            "mosquitto"
-        })
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting mosquitto (scripts/setup.sh installs it)")?,
-        log: fleet.path("mosquitto.log"),
-    };
+    let _mosquitto = mosquitto(&conf, fleet.path("mosquitto.log"))?;
     wait_for("mosquitto to listen", Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).ok()
     })?;
@@ -56,19 +60,7 @@ fn external_mosquitto_broker_carries_retained_announcements() -> Result<()> {
     // again and the retained announcement is there once more.
     let topic = "unifleet/home/release/stable/hello";
     drop(_mosquitto);
-    let _mosquitto = Proc {
-        child: Command::new(if std::path::Path::new("/usr/sbin/mosquitto").exists() {
-            "/usr/sbin/mosquitto"
-        } else {
-            "mosquitto"
-        })
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?,
-        log: fleet.path("mosquitto2.log"),
-    };
+    let _mosquitto = mosquitto(&conf, fleet.path("mosquitto2.log"))?;
     let retained = unifleet_tests::mqtt_first_message(&fleet.mqtt, topic, Duration::from_secs(30))?;
     let env = proto::envelope::Envelope::decode(&retained, proto::codec::Kind::Announcement)?;
     let ann: proto::announcement::Announcement =
