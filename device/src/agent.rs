@@ -590,10 +590,11 @@ impl Updater {
                     })
                     .await??;
                 }
+                // Serving (an on-demand proxy listening) before reporting Active.
+                self.start_ondemand(&m, &cur.slot).await;
                 self.reporter
                     .report_installed(app, cur, DeviceState::Active)
                     .await;
-                self.start_ondemand(&m, &cur.slot).await;
             }
         }
         Ok(())
@@ -725,10 +726,10 @@ impl Updater {
                     std::sync::atomic::Ordering::Relaxed,
                 );
                 tracing::info!(app = %m.app, release = m.release, version = %m.version, "active and healthy");
+                self.start_ondemand(m, &new.slot).await;
                 self.reporter
                     .report_installed(&m.app, &new, DeviceState::Active)
                     .await;
-                self.start_ondemand(m, &new.slot).await;
                 Ok(())
             }
             Err(e) => {
