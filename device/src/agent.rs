@@ -12,7 +12,7 @@
 
 use crate::activator::{ActivateError, Activator, Launch};
 use crate::config::Config;
-use crate::fetch::{Fetcher, Holders};
+use crate::fetch::Fetcher;
 use crate::metrics::DeviceMetrics;
 use crate::mqtt;
 use crate::report::Reporter;
@@ -20,7 +20,7 @@ use crate::store::{AppState, Installed, Store};
 use crate::trickle::Trickle;
 use anyhow::{Context, Result};
 use net::ratelimit::RateLimiter;
-use net::{MessageAcceptance, NetClient, NetEvent, PeerId, Topic};
+use net::{MessageAcceptance, NetClient, NetEvent, PeerId, Topic, Want};
 use proto::announcement::{verify_announcement, Announcement};
 use proto::blob::BlobResponse;
 use proto::manifest::{verify_manifest, Expectations, Platform, VerifiedManifest};
@@ -38,6 +38,8 @@ const MAX_SEEDING: usize = 16;
 /// re-announcement period (5 s), so while the hub is up devices stay quiet.
 const REGOSSIP_MIN: Duration = Duration::from_secs(6);
 const REGOSSIP_MAX: Duration = Duration::from_secs(120);
+/// New connections reset the re-gossip intervals at most this often.
+const CONNECT_RESET_EVERY: Duration = Duration::from_secs(60);
 /// How often the latest status reports are sent again (heartbeat, and catch-up for a hub
 /// that was down).
 const REPORT_AGAIN: Duration = Duration::from_secs(10);
@@ -165,7 +167,6 @@ pub async fn run_with_metrics(
             .with_context(|| format!("metrics cannot listen on {addr}"))?;
     }
     let (updates_tx, updates_rx) = mpsc::channel(16);
-    let holders = Arc::new(Holders::default());
     let router = Router {
         cfg: cfg.clone(),
         platform,
@@ -175,23 +176,16 @@ pub async fn run_with_metrics(
         updates: updates_tx,
         latest: HashMap::new(),
         trickles: HashMap::new(),
+        last_connect_reset: None,
         phase: crate::fetch::stable_hash(&net.peer_id().to_bytes()) as f64 / u64::MAX as f64,
         seeding: Arc::new(Semaphore::new(MAX_SEEDING)),
         upload: Arc::new(RateLimiter::new(cfg.upload_rate)),
         metrics: metrics.clone(),
         reporter: reporter.clone(),
-        holders: holders.clone(),
     };
     let router_task = tokio::spawn(router.run(events, mqtt_rx));
     let updater = Updater {
-        fetcher: Fetcher::new(
-            net.clone(),
-            store.clone(),
-            hub_peers,
-            &cfg,
-            metrics.clone(),
-            holders,
-        ),
+        fetcher: Fetcher::new(net.clone(), store.clone(), hub_peers, &cfg, metrics.clone()),
         activator: Arc::new(Activator::new(&cfg.libvirt_uri, &cfg.domain_type)),
         cfg,
         platform,
@@ -219,23 +213,25 @@ struct Router {
     net: NetClient,
     updates: mpsc::Sender<(Announcement, Vec<u8>)>,
     /// Newest verified announcement bytes per (app, channel).
-    latest: HashMap<(String, String), (u64, Vec<u8>)>,
+    /// Newest verified announcement per (app, channel): release, bytes, expiry (Unix s).
+    latest: HashMap<(String, String), (u64, Vec<u8>, u64)>,
     /// When to re-gossip the newest announcement per (app, channel), and whether others
     /// already did in this interval.
     trickles: HashMap<(String, String), Trickle>,
+    /// When a new connection last reset the re-gossip intervals.
+    last_connect_reset: Option<std::time::Instant>,
     /// Where in each re-gossip interval this device speaks (from its peer id).
     phase: f64,
     seeding: Arc<Semaphore>,
     upload: Arc<RateLimiter>,
     metrics: Arc<DeviceMetrics>,
     reporter: Arc<Reporter>,
-    holders: Arc<Holders>,
 }
 
 impl Router {
     async fn run(
         mut self,
-        mut events: mpsc::Receiver<NetEvent>,
+        mut events: mpsc::UnboundedReceiver<NetEvent>,
         mut mqtt: mpsc::Receiver<(String, Vec<u8>)>,
     ) {
         let mut report_again = tokio::time::interval(REPORT_AGAIN);
@@ -267,7 +263,7 @@ impl Router {
             if !trickle.fire(now) {
                 continue;
             }
-            if let Some((release, bytes)) = self.latest.get(key) {
+            if let Some((release, bytes, _)) = self.latest.get(key) {
                 if let Err(e) = self.net.publish(Topic::Announce, bytes.clone()).await {
                     tracing::debug!(release, "re-gossiping announcement: {e}");
                 }
@@ -293,27 +289,11 @@ impl Router {
                 data,
                 source,
                 id,
-                author,
             } => {
                 // Other devices' reports are relayed toward the hub; only the hub holds the
-                // enrolled keys to verify them. Relay what is well-formed, and remember who
-                // says it holds which release: a hint for where to fetch first (every blob
-                // is verified whoever sends it).
-                let env =
-                    proto::envelope::Envelope::decode(&data, proto::codec::Kind::StatusReport);
-                let ok = env.is_ok();
-                if let (Ok(env), Some(author)) = (env, author) {
-                    if let Ok(r) = proto::codec::decode::<proto::status::StatusReport>(
-                        proto::codec::Kind::StatusReport,
-                        &env.payload,
-                    ) {
-                        if let (Some(m), proto::status::DeviceState::Active) =
-                            (r.manifest, &r.state)
-                        {
-                            self.holders.note(m, author);
-                        }
-                    }
-                }
+                // enrolled keys to verify them. Relay what is well-formed.
+                let ok = proto::envelope::Envelope::decode(&data, proto::codec::Kind::StatusReport)
+                    .is_ok();
                 let acceptance = if ok {
                     MessageAcceptance::Accept
                 } else {
@@ -324,16 +304,25 @@ impl Router {
             NetEvent::BlobWanted {
                 peer,
                 digest,
+                want,
                 reply,
                 ..
-            } => self.serve_blob(peer, digest, reply),
+            } => self.serve_blob(peer, digest, want, reply),
             NetEvent::Listening(addr) => tracing::info!(%addr, "listening"),
             NetEvent::PeerConnected(p) => {
                 // A newcomer may not know the newest releases: re-gossip soon (unless
-                // someone else does).
+                // someone else does) — once for a burst of connections: during a
+                // download a device connects to peer after peer, and a reset for each
+                // kept the whole fleet re-gossiping every few seconds.
                 let now = std::time::Instant::now();
-                for t in self.trickles.values_mut() {
-                    t.reset(now);
+                if self
+                    .last_connect_reset
+                    .is_none_or(|t| now.duration_since(t) >= CONNECT_RESET_EVERY)
+                {
+                    self.last_connect_reset = Some(now);
+                    for t in self.trickles.values_mut() {
+                        t.reset(now);
+                    }
                 }
                 self.metrics
                     .peers
@@ -352,6 +341,23 @@ impl Router {
     /// Verifies an announcement; relays it if it is validly signed (whatever app or
     /// channel it is for) and passes it on if it is for one of our apps.
     async fn announcement(&mut self, bytes: Vec<u8>, from: Option<PeerId>) -> MessageAcceptance {
+        // The newest announcement again (re-gossip, the hub's re-announcement): these
+        // very bytes were verified already; only the clock can have changed since.
+        if let Some((key, expires_at)) = self
+            .latest
+            .iter()
+            .find(|(_, (_, b, _))| *b == bytes)
+            .map(|(k, (_, _, e))| (k.clone(), *e))
+        {
+            if now() < expires_at {
+                if from.is_some() {
+                    if let Some(t) = self.trickles.get_mut(&key) {
+                        t.heard();
+                    }
+                }
+                return MessageAcceptance::Accept;
+            }
+        }
         let expect = Expectations {
             app: None,
             channel: &self.cfg.channel,
@@ -362,7 +368,7 @@ impl Router {
         match verify_announcement(&bytes, &self.root, &expect) {
             Ok(ann) => {
                 let key = (ann.app.clone(), ann.channel.clone());
-                let known = self.latest.get(&key).map(|(r, _)| *r);
+                let known = self.latest.get(&key).map(|(r, _, _)| *r);
                 if from.is_some() && known.is_none_or(|k| ann.release >= k) {
                     if let Some(t) = self.trickles.get_mut(&key) {
                         t.heard();
@@ -385,7 +391,8 @@ impl Router {
                             Trickle::new(REGOSSIP_MIN, REGOSSIP_MAX, self.phase, now)
                         })
                         .reset(now);
-                    self.latest.insert(key, (ann.release, bytes.clone()));
+                    self.latest
+                        .insert(key, (ann.release, bytes.clone(), ann.expires_at));
                     if self.cfg.apps.contains(&ann.app) {
                         let _ = self.updates.try_send((ann, bytes));
                     }
@@ -407,14 +414,22 @@ impl Router {
         }
     }
 
-    fn serve_blob(&self, peer: PeerId, digest: proto::Digest, reply: net::ReplyId) {
+    fn serve_blob(&self, peer: PeerId, digest: proto::Digest, want: Want, reply: net::ReplyId) {
         let store = self.store.clone();
         let net = self.net.clone();
         let upload = self.upload.clone();
         let metrics = self.metrics.clone();
-        let Ok(permit) = self.seeding.clone().try_acquire_owned() else {
-            tokio::spawn(async move { net.respond(reply, BlobResponse::Busy).await });
+        if want == Want::Stored {
+            // A report for a hub; a device keeps no track of who holds what.
+            tokio::spawn(async move { net.respond(reply, BlobResponse::NotFound).await });
             return;
+        }
+        let permit = match self.seeding.clone().try_acquire_owned() {
+            Ok(permit) if !upload.saturated() => permit,
+            _ => {
+                tokio::spawn(async move { net.respond(reply, BlobResponse::Busy).await });
+                return;
+            }
         };
         tokio::spawn(async move {
             let blob = tokio::task::spawn_blocking(move || store.get_blob(&digest))

@@ -4,9 +4,10 @@
 //! Where chunks come from:
 //! - **peer exchange** (the default): ask the hub first, saying we can use peers; the hub
 //!   sends each chunk to about one device and answers everyone else with peers that have
-//!   it (`hub/src/tracker.rs`). Those peers are asked in turn; if none has it yet, ask the
-//!   hub again shortly; after [`PEER_PATIENCE`] for one chunk, or [`FAILED_ROUNDS`] rounds
-//!   in a row in which no named peer delivered, ask the hub to send it regardless.
+//!   it (`hub/src/tracker.rs`). Those peers are asked in turn; if none is free yet, ask
+//!   the hub again shortly. A chunk stored is reported to the hub, which may then name
+//!   this device to others. After [`FAILED_ROUNDS`] rounds in a row in which no named
+//!   peer could be reached, ask the hub to send chunks regardless.
 //! - **hub down**: connected peers (those known to run the release first), then the hub;
 //! - **peer exchange off**: the hub only, as a hub-and-spoke system would.
 
@@ -17,7 +18,7 @@ use crate::store::Store;
 use anyhow::{bail, Result};
 use futures::StreamExt;
 use net::ratelimit::RateLimiter;
-use net::{FetchError, Multiaddr, NetClient, PeerId};
+use net::{FetchError, Multiaddr, NetClient, PeerId, Want};
 use proto::announcement::Announcement;
 use proto::manifest::{verify_chunk, Manifest};
 use proto::Digest;
@@ -29,38 +30,10 @@ use std::time::{Duration, Instant};
 /// Peers that sent a bad blob during one release's download: not asked again for it.
 pub type Banned = Mutex<HashSet<PeerId>>;
 
-/// Which peers said (in their gossiped status reports) they run which release: fetched
-/// from first. A bounded hint: at most this many releases are remembered.
-#[derive(Debug, Default)]
-pub struct Holders(Mutex<std::collections::HashMap<Digest, HashSet<PeerId>>>);
-
-const MAX_HINTED_RELEASES: usize = 64;
-
-impl Holders {
-    pub fn note(&self, manifest: Digest, peer: PeerId) {
-        let mut map = self.0.lock().expect("not poisoned");
-        if map.len() >= MAX_HINTED_RELEASES && !map.contains_key(&manifest) {
-            map.clear();
-        }
-        map.entry(manifest).or_default().insert(peer);
-    }
-
-    fn of(&self, manifest: &Digest) -> HashSet<PeerId> {
-        self.0
-            .lock()
-            .expect("not poisoned")
-            .get(manifest)
-            .cloned()
-            .unwrap_or_default()
-    }
-}
-
 /// Give up on a blob after this long without any source delivering it.
 const STALL_LIMIT: Duration = Duration::from_secs(120);
-/// With peer exchange: after this long without a peer delivering a chunk, ask the hub to
-/// send it itself.
-pub const PEER_PATIENCE: Duration = Duration::from_secs(10);
-/// Redirect rounds in a row without a peer delivering before the hub is asked directly.
+/// Redirect rounds in a row in which no named peer could be reached before the hub is
+/// asked directly.
 const FAILED_ROUNDS: usize = 16;
 
 #[derive(Debug)]
@@ -72,12 +45,20 @@ pub struct Fetcher {
     download: Arc<RateLimiter>,
     metrics: Arc<DeviceMetrics>,
     peer_exchange: bool,
-    /// Redirect rounds in a row in which no named peer delivered: past
+    /// Redirect rounds in a row in which no named peer could be reached: past
     /// [`FAILED_ROUNDS`], chunks come straight from the hub until a peer delivers again
     /// (peers the hub can reach but this device cannot, behind NAT for instance).
     failed_rounds: AtomicUsize,
     crash_after_chunks: Option<usize>,
-    holders: Arc<Holders>,
+}
+
+/// Why a peer asked for a blob did not deliver it.
+#[derive(PartialEq)]
+enum Miss {
+    /// Could not be dialled or did not answer in time.
+    Unreachable,
+    /// Answered: busy, not found, bad bytes.
+    Refused,
 }
 
 /// What one attempt at a blob came to.
@@ -96,7 +77,6 @@ impl Fetcher {
         hub: Vec<PeerId>,
         cfg: &Config,
         metrics: Arc<DeviceMetrics>,
-        holders: Arc<Holders>,
     ) -> Fetcher {
         Fetcher {
             net,
@@ -112,45 +92,33 @@ impl Fetcher {
                 .as_deref()
                 .and_then(|c| c.strip_prefix("download:"))
                 .and_then(|n| n.parse().ok()),
-            holders,
         }
     }
 
-    /// Connected peers to ask: those that said they run `release` first, then other
-    /// devices, the hub last. `spread` rotates each group so parallel requests go to
-    /// different peers.
-    async fn candidates(
-        &self,
-        release: &Digest,
-        spread: usize,
-        banned: &HashSet<PeerId>,
-    ) -> Vec<PeerId> {
-        let holders = self.holders.of(release);
+    /// Connected peers to ask (devices, then the hub). `spread` rotates the devices so
+    /// parallel requests go to different peers.
+    async fn candidates(&self, spread: usize, banned: &HashSet<PeerId>) -> Vec<PeerId> {
         let peers = if self.peer_exchange {
             self.net.peers().await
         } else {
             vec![]
         };
-        let (mut first, mut rest): (Vec<PeerId>, Vec<PeerId>) = peers
+        let mut devices: Vec<PeerId> = peers
             .into_iter()
             .filter(|p| !self.hub.contains(p) && !banned.contains(p))
-            .partition(|p| holders.contains(p));
-        for group in [&mut first, &mut rest] {
-            if !group.is_empty() {
-                let k = spread % group.len();
-                group.rotate_left(k);
-            }
+            .collect();
+        if !devices.is_empty() {
+            let k = spread % devices.len();
+            devices.rotate_left(k);
         }
-        first.extend(rest);
-        first.extend(self.hub.iter().filter(|h| !banned.contains(h)));
-        first
+        devices.extend(self.hub.iter().filter(|h| !banned.contains(h)));
+        devices
     }
 
     /// One blob, checked by `check`; returns its bytes and whether the hub sent it.
     /// `swarm`: a chunk, which the hub may answer with peers to ask instead.
     async fn blob(
         &self,
-        release: &Digest,
         digest: &Digest,
         spread: usize,
         banned: &Mutex<HashSet<PeerId>>,
@@ -161,8 +129,7 @@ impl Fetcher {
         let mut wait = Duration::from_millis(100);
         let swarm = swarm && self.peer_exchange;
         loop {
-            let patient = start.elapsed() < PEER_PATIENCE
-                && self.failed_rounds.load(Ordering::Relaxed) < FAILED_ROUNDS;
+            let patient = self.failed_rounds.load(Ordering::Relaxed) < FAILED_ROUNDS;
             let attempt = if swarm {
                 self.via_hub(digest, banned, patient, &check).await
             } else {
@@ -176,26 +143,31 @@ impl Fetcher {
                         let connected: HashSet<PeerId> =
                             self.net.peers().await.into_iter().collect();
                         peers.sort_by_key(|(p, _)| !connected.contains(p));
+                        let mut unreachable = true;
                         for (peer, addr) in peers {
-                            if let Some(bytes) = self
+                            match self
                                 .try_peer(peer, Some(addr), digest, banned, &check)
                                 .await
                             {
-                                self.failed_rounds.store(0, Ordering::Relaxed);
-                                return Ok((bytes, false));
+                                Ok(bytes) => {
+                                    self.failed_rounds.store(0, Ordering::Relaxed);
+                                    return Ok((bytes, false));
+                                }
+                                Err(miss) => unreachable &= miss == Miss::Unreachable,
                             }
                         }
-                        self.failed_rounds.fetch_add(1, Ordering::Relaxed);
+                        if unreachable {
+                            self.failed_rounds.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
-                    // Nobody has had it long enough yet, or the peers named did not have it
-                    // after all or were busy: ask the hub again within a second.
+                    // No holder free yet, or the peers named did not deliver: ask the hub
+                    // again within a second.
                     wait = wait.min(Duration::from_secs(1));
                 }
                 Attempt::NoHub => {
                     let snapshot = banned.lock().expect("not poisoned").clone();
-                    for peer in self.candidates(release, spread, &snapshot).await {
-                        if let Some(bytes) = self.try_peer(peer, None, digest, banned, &check).await
-                        {
+                    for peer in self.candidates(spread, &snapshot).await {
+                        if let Ok(bytes) = self.try_peer(peer, None, digest, banned, &check).await {
                             return Ok((bytes, self.hub.contains(&peer)));
                         }
                     }
@@ -222,11 +194,16 @@ impl Fetcher {
         redirect_ok: bool,
         check: &impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
     ) -> Attempt {
+        let want = if redirect_ok {
+            Want::BlobOrPeers
+        } else {
+            Want::Blob
+        };
         for hub in &self.hub {
             if banned.lock().expect("not poisoned").contains(hub) {
                 continue;
             }
-            match self.net.fetch_with(*hub, None, *digest, redirect_ok).await {
+            match self.net.fetch_with(*hub, None, *digest, want).await {
                 Ok(bytes) => {
                     if let Some(bytes) = self.accept(*hub, digest, bytes, banned, check).await {
                         return Attempt::Got(bytes, true);
@@ -255,13 +232,35 @@ impl Fetcher {
         digest: &Digest,
         banned: &Mutex<HashSet<PeerId>>,
         check: &impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
-    ) -> Option<Vec<u8>> {
-        match self.net.fetch_with(peer, addr, *digest, false).await {
-            Ok(bytes) => self.accept(peer, digest, bytes, banned, check).await,
+    ) -> Result<Vec<u8>, Miss> {
+        match self.net.fetch_with(peer, addr, *digest, Want::Blob).await {
+            Ok(bytes) => self
+                .accept(peer, digest, bytes, banned, check)
+                .await
+                .ok_or(Miss::Refused),
             Err(e) => {
                 tracing::debug!(blob = %digest.short(), "{e}");
-                None
+                Err(match e {
+                    FetchError::Failed { .. } => Miss::Unreachable,
+                    _ => Miss::Refused,
+                })
             }
+        }
+    }
+
+    /// Tells the hub a chunk fetched with peer exchange is stored here (in the
+    /// background: a hub that is down or slow holds nothing up).
+    fn report_stored(&self, digest: Digest) {
+        if !self.peer_exchange {
+            return;
+        }
+        for hub in self.hub.clone() {
+            let net = self.net.clone();
+            tokio::spawn(async move {
+                if let Err(e) = net.tell_stored(hub, digest).await {
+                    tracing::debug!(blob = %digest.short(), "telling the hub: {e}");
+                }
+            });
         }
     }
 
@@ -298,7 +297,7 @@ impl Fetcher {
         }
         let limit = proto::envelope::envelope_limit(proto::codec::Kind::Manifest);
         let (bytes, from_hub) = self
-            .blob(digest, digest, 0, banned, false, |b| {
+            .blob(digest, 0, banned, false, |b| {
                 if b.len() > limit {
                     return Err(proto::VerifyError::TooManyBytes {
                         what: "manifest".into(),
@@ -351,13 +350,12 @@ impl Fetcher {
             let stored_now = &stored_now;
             async move {
                 let (bytes, from_hub) = self
-                    .blob(&ann.manifest, &c.digest, i, banned, true, |b| {
-                        verify_chunk(i, &c, b)
-                    })
+                    .blob(&c.digest, i, banned, true, |b| verify_chunk(i, &c, b))
                     .await?;
                 let store = self.store.clone();
                 let len = bytes.len();
                 tokio::task::spawn_blocking(move || store.put_chunk(&c.digest, &bytes)).await??;
+                self.report_stored(c.digest);
                 self.account(len, from_hub);
                 let n = have.fetch_add(1, Ordering::Relaxed) + 1;
                 reporter

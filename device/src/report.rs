@@ -88,12 +88,15 @@ impl Reporter {
         let mut sent = false;
         if let Some(m) = self.mqtt.as_ref().filter(|m| m.is_connected()) {
             let topic = crate::mqtt::status_topic(&self.fleet, &self.device);
-            match m
+            // Queue full: this report is dropped, not gossiped — the broker is up, the
+            // next report (or the resend within REPORT_AGAIN) gets through, and a busy
+            // fleet falling back to gossip had every device check every report.
+            sent = true;
+            if let Err(e) = m
                 .client
                 .try_publish(topic, QoS::AtLeastOnce, true, bytes.clone())
             {
-                Ok(()) => sent = true,
-                Err(e) => tracing::debug!("status not queued for MQTT: {e}"),
+                tracing::debug!("status not queued for MQTT (sent again later): {e}");
             }
         }
         if !sent {

@@ -6,6 +6,7 @@
 //! (the pipeline), [`deploy`] (git push), [`serve`] (the daemon), [`broker`] (embedded
 //! MQTT), [`control`] (local socket), [`metrics`].
 
+pub mod blobs;
 pub mod broker;
 pub mod control;
 pub mod deploy;

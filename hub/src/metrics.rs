@@ -39,6 +39,20 @@ fn render(m: &Metrics, home: &Home) -> String {
     );
     push(
         &mut out,
+        "unifleet_hub_busy_total",
+        "counter",
+        "Blob requests answered busy (upload saturated)",
+        c(&m.busy),
+    );
+    push(
+        &mut out,
+        "unifleet_hub_stored_reports_total",
+        "counter",
+        "Devices' reports of a chunk stored (the tracker's holders)",
+        c(&m.stored_reports),
+    );
+    push(
+        &mut out,
         "unifleet_hub_last_new_announcement_timestamp_ms",
         "gauge",
         "When the newest release was first announced (Unix ms)",

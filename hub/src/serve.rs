@@ -8,11 +8,8 @@
 use crate::control;
 use crate::home::{now, Home};
 use crate::store::{release_path, Change, Event, Store};
-use crate::tracker::{Decision, Tracker};
 use anyhow::{Context, Result};
-use net::ratelimit::RateLimiter;
-use net::{MessageAcceptance, NetClient, NetEvent, PeerId, Topic};
-use proto::blob::BlobResponse;
+use net::{MessageAcceptance, NetClient, NetEvent, Topic};
 use proto::keys::{KeyId, PublicKey};
 use proto::manifest::{Expectations, Platform};
 use proto::status::{verify_status, StatusReport};
@@ -31,11 +28,6 @@ type Announced = (String, String, u64, Vec<u8>);
 
 const REANNOUNCE: Duration = Duration::from_secs(5);
 const EVENT_FLUSH: Duration = Duration::from_secs(2);
-/// How long after the hub served or redirected a device for a chunk it counts as having
-/// it: a chunk's transfer time under WAN-like rates, with margin.
-const TRACKER_SETTLE: Duration = Duration::from_secs(1);
-/// Chunks the tracker remembers (~16 MB of state at most).
-const TRACKER_BLOBS: usize = 100_000;
 
 /// One device as the hub last saw it. Survives restarts (`inventory.json`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -70,6 +62,10 @@ pub struct Metrics {
     pub gossip_rejected: AtomicU64,
     /// Blob requests answered with peers to ask instead.
     pub redirects: AtomicU64,
+    /// Blob requests answered busy (upload saturated).
+    pub busy: AtomicU64,
+    /// Devices' reports of a chunk stored.
+    pub stored_reports: AtomicU64,
     /// When a release newer than any announced before was first announced (Unix ms).
     pub last_new_announcement_ms: AtomicU64,
 }
@@ -127,8 +123,7 @@ struct Hub {
     pending_events: Change,
     metrics: Arc<Metrics>,
     root: proto::root::TrustedRoot,
-    tracker: Arc<Mutex<Tracker<(PeerId, net::Multiaddr)>>>,
-    upload: Arc<RateLimiter>,
+    blobs: crate::blobs::Blobs,
     /// Newest release announced so far, per (app, channel).
     announced: BTreeMap<(String, String), u64>,
 }
@@ -199,7 +194,15 @@ pub async fn serve(
     if let Some(addr) = &home.config.metrics {
         crate::metrics::start(addr, metrics.clone(), home.clone()).await?;
     }
+    let blobs = crate::blobs::Blobs::new(
+        net.clone(),
+        store.clone(),
+        metrics.clone(),
+        home.config.upload_rate,
+        home.config.redirect,
+    );
     let mut hub = Hub {
+        blobs,
         inventory: load_inventory(&home),
         home: home.clone(),
         store,
@@ -209,8 +212,6 @@ pub async fn serve(
         pending_events: Change::default(),
         metrics,
         root,
-        tracker: Arc::new(Mutex::new(Tracker::new(TRACKER_SETTLE, TRACKER_BLOBS))),
-        upload: Arc::new(RateLimiter::new(home.config.upload_rate)),
         announced: BTreeMap::new(),
     };
 
@@ -243,12 +244,15 @@ pub async fn serve(
 
     let mut reannounce = tokio::time::interval(REANNOUNCE);
     let mut flush = tokio::time::interval(EVENT_FLUSH);
+    // Parked blob requests are let go within this of their time (tracker::PARK_FOR).
+    let mut parked = tokio::time::interval(Duration::from_millis(250));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             _ = reannounce.tick() => { hub.announce_all().await; }
             _ = flush.tick() => hub.flush_events().await,
+            _ = parked.tick() => hub.blobs.tick().await,
             Some((cmd, reply)) = ctl_rx.recv() => {
                 let answer = match cmd.as_str() {
                     control::ANNOUNCE => { let n = hub.announce_all().await; format!("announced {n} release(s)") }
@@ -512,57 +516,14 @@ impl Hub {
             NetEvent::BlobWanted {
                 peer,
                 digest,
-                redirect_ok,
+                want,
                 addr,
                 reply,
-            } => {
-                if redirect_ok && self.home.config.redirect {
-                    let decision = self.tracker.lock().expect("tracker lock").decide(
-                        digest,
-                        addr.map(|a| (peer, a)),
-                        std::time::Instant::now(),
-                    );
-                    if let Decision::Elsewhere(peers) = decision {
-                        self.metrics.redirects.fetch_add(1, Ordering::Relaxed);
-                        let refs = peers.iter().map(|(p, a)| net::peer_ref(p, a)).collect();
-                        self.net.respond(reply, BlobResponse::Elsewhere(refs)).await;
-                        return;
-                    }
-                }
-                let store = self.store.clone();
-                let net = self.net.clone();
-                let metrics = self.metrics.clone();
-                let upload = self.upload.clone();
-                tokio::spawn(async move {
-                    let blob = tokio::task::spawn_blocking(move || {
-                        store.lock().expect("store lock").blob(&digest)
-                    })
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .flatten();
-                    let response = match blob {
-                        Some(b) => {
-                            upload.acquire(b.len() as u64).await;
-                            metrics.blobs_served.fetch_add(1, Ordering::Relaxed);
-                            metrics
-                                .blob_bytes_served
-                                .fetch_add(b.len() as u64, Ordering::Relaxed);
-                            tracing::debug!(%peer, blob = %digest.short(), "serving blob");
-                            BlobResponse::Found(b)
-                        }
-                        None => BlobResponse::NotFound,
-                    };
-                    net.respond(reply, response).await;
-                });
-            }
+            } => self.blobs.wanted(peer, digest, want, addr, reply).await,
             NetEvent::PeerConnected(p) => tracing::debug!(peer = %p, "peer connected"),
             NetEvent::PeerDisconnected(p) => {
                 tracing::debug!(peer = %p, "peer disconnected");
-                self.tracker
-                    .lock()
-                    .expect("tracker lock")
-                    .forget(|(peer, _)| *peer == p);
+                self.blobs.peer_gone(p);
             }
         }
     }

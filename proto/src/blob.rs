@@ -1,8 +1,10 @@
 //! The `/unifleet/blob/1` request-response messages: fetch a manifest or a chunk by digest.
 //!
-//! A device that can fetch from peers says so (`redirect_ok`); the hub may then answer
-//! [`BlobResponse::Elsewhere`] with peers that already have (or are fetching) the blob,
-//! so it sends each chunk of a release about once however large the fleet.
+//! A device that can fetch from peers says so ([`Want::BlobOrPeers`]); the hub may then
+//! answer [`BlobResponse::Elsewhere`] with peers that have the blob, so it sends each chunk
+//! of a release about once however large the fleet. Having stored such a chunk, the device
+//! tells the hub ([`Want::Stored`], answered [`BlobResponse::Noted`]): from then on it is a
+//! source the hub can name.
 //!
 //! Blobs carry no signature of their own: the requester knows the digest it asked for and
 //! checks the bytes against it (and, for chunks, against the manifest's declared size)
@@ -12,12 +14,25 @@ use crate::codec::{self, CodecError, Kind};
 use crate::digest::Digest;
 use serde::{Deserialize, Serialize};
 
-/// "Send me the blob with this digest."
+/// "Send me the blob with this digest" (or, to the hub, "I have stored it").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlobRequest {
     pub digest: Digest,
-    /// The asker can fetch from peers: an answer of [`BlobResponse::Elsewhere`] is fine.
-    pub redirect_ok: bool,
+    pub want: Want,
+}
+
+/// What a [`BlobRequest`] asks for. On the wire `Blob` and `BlobOrPeers` are the bytes 0
+/// and 1, as the boolean `redirect_ok` they replace was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Want {
+    /// The blob itself.
+    Blob,
+    /// The blob, or peers to ask for it: the asker can fetch from peers, so an answer of
+    /// [`BlobResponse::Elsewhere`] is fine.
+    BlobOrPeers,
+    /// Nothing: the asker has stored this blob (fetched after a [`Want::BlobOrPeers`]) and
+    /// can serve it. Answered [`BlobResponse::Noted`].
+    Stored,
 }
 
 /// Most peers in one [`BlobResponse::Elsewhere`].
@@ -42,8 +57,10 @@ pub enum BlobResponse {
     NotFound,
     /// Too many requests in flight from this peer; try another peer or later.
     Busy,
-    /// Ask these peers instead (only to a request with `redirect_ok`).
+    /// Ask these peers instead (only to [`Want::BlobOrPeers`]); none: ask again shortly.
     Elsewhere(Vec<PeerRef>),
+    /// The answer to [`Want::Stored`].
+    Noted,
 }
 
 impl BlobRequest {
@@ -99,13 +116,20 @@ mod tests {
     fn request_is_small_and_digests_are_raw_bytes() {
         let bytes = BlobRequest {
             digest: Digest([7; 32]),
-            redirect_ok: true,
+            want: Want::BlobOrPeers,
         }
         .encode()
         .unwrap();
-        // Header (6) + 32 raw digest bytes + the flag: digests are not hex on the wire.
+        // Header (6) + 32 raw digest bytes + the want: digests are not hex on the wire.
         assert_eq!(bytes.len(), 6 + 32 + 1, "{bytes:?}");
         assert_eq!(BlobRequest::decode(&bytes).unwrap().digest, Digest([7; 32]));
+        for want in [Want::Blob, Want::BlobOrPeers, Want::Stored] {
+            let req = BlobRequest {
+                digest: Digest([7; 32]),
+                want,
+            };
+            assert_eq!(BlobRequest::decode(&req.encode().unwrap()).unwrap(), req);
+        }
         let resp = BlobResponse::Found(vec![1, 2, 3]);
         assert_eq!(BlobResponse::decode(&resp.encode().unwrap()).unwrap(), resp);
     }

@@ -143,11 +143,23 @@ fn status_report_golden() {
 fn blob_messages_golden() {
     let req = proto::blob::BlobRequest {
         digest: proto::Digest::of(b"chunk"),
-        redirect_ok: true,
+        want: proto::blob::Want::BlobOrPeers,
     }
     .encode()
     .unwrap();
+    // The vector predates `Want`: it was written with the boolean `redirect_ok = true`.
     check("blob-request.bin", &req);
+    let stored = proto::blob::BlobRequest {
+        digest: proto::Digest::of(b"chunk"),
+        want: proto::blob::Want::Stored,
+    }
+    .encode()
+    .unwrap();
+    check("blob-stored.bin", &stored);
+    check(
+        "blob-noted.bin",
+        &proto::blob::BlobResponse::Noted.encode().unwrap(),
+    );
     let resp = proto::blob::BlobResponse::Found(b"chunk".to_vec())
         .encode()
         .unwrap();

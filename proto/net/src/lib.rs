@@ -21,6 +21,7 @@ pub use libp2p::{identity::Keypair, Multiaddr, PeerId};
 use futures::StreamExt;
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
 use libp2p::{gossipsub, identify, kad, mdns, noise, request_response, tcp, yamux, Swarm};
+pub use proto::blob::Want;
 use proto::blob::{BlobRequest, BlobResponse};
 use proto::Digest;
 use std::collections::HashMap;
@@ -37,6 +38,10 @@ const MAX_GOSSIP_BYTES: usize = 16 * 1024;
 /// and idle connections close after [`IDLE_TIMEOUT`].
 const TARGET_PEERS: usize = 8;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A gossip message seen this recently is a duplicate (longer than a message takes to
+/// cross the fleet and than gossipsub's 5-heartbeat message cache; shorter than the
+/// shortest re-gossip interval, so re-gossip reaches newcomers).
+const GOSSIP_DEDUP: Duration = Duration::from_secs(5);
 const GOSSIP_QUEUE: usize = 128;
 /// A node walks the DHT only with fewer connections than this (the hub alone, say);
 /// a walk dials every peer it asks, and those connections stay up while gossip uses them.
@@ -106,16 +111,15 @@ pub enum NetEvent {
         data: Vec<u8>,
         /// The peer that forwarded it (who to credit or blame for relaying).
         source: PeerId,
-        /// The peer that published it (gossipsub-signed), when known.
-        author: Option<PeerId>,
         id: MessageId,
     },
     /// A peer asks for a blob: answer with [`NetClient::respond`].
     BlobWanted {
         peer: PeerId,
         digest: Digest,
-        /// The asker can fetch from peers: [`BlobResponse::Elsewhere`] is a fine answer.
-        redirect_ok: bool,
+        /// What is asked: the blob; the blob or peers to ask ([`BlobResponse::Elsewhere`]);
+        /// or nothing, the asker having stored the blob ([`BlobResponse::Noted`]).
+        want: Want,
         /// Where the asker listens (from identify), so others can be sent to it.
         addr: Option<Multiaddr>,
         reply: ReplyId,
@@ -209,32 +213,36 @@ impl NetClient {
     /// Asks `peer` for the blob `digest`. The bytes are NOT checked here; the caller
     /// verifies them against the digest (and the manifest) before use.
     pub async fn fetch(&self, peer: PeerId, digest: Digest) -> Result<Vec<u8>, FetchError> {
-        self.fetch_with(peer, None, digest, false).await
+        self.fetch_with(peer, None, digest, Want::Blob).await
     }
 
-    /// [`NetClient::fetch`], dialling `addr` if the peer is not connected, and allowing
-    /// (`redirect_ok`) an answer of [`FetchError::Elsewhere`].
+    /// [`NetClient::fetch`], dialling `addr` if the peer is not connected; with
+    /// [`Want::BlobOrPeers`] the answer may be [`FetchError::Elsewhere`].
     pub async fn fetch_with(
         &self,
         peer: PeerId,
         addr: Option<Multiaddr>,
         digest: Digest,
-        redirect_ok: bool,
+        want: Want,
     ) -> Result<Vec<u8>, FetchError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Fetch {
                 peer,
                 addr,
-                request: BlobRequest {
-                    digest,
-                    redirect_ok,
-                },
+                request: BlobRequest { digest, want },
                 reply,
             })
             .await
             .map_err(|_| FetchError::Stopped)?;
         rx.await.map_err(|_| FetchError::Stopped)?
+    }
+
+    /// Tells `hub` that this node has stored `digest` and can serve it ([`Want::Stored`]).
+    pub async fn tell_stored(&self, hub: PeerId, digest: Digest) -> Result<(), FetchError> {
+        self.fetch_with(hub, None, digest, Want::Stored)
+            .await
+            .map(drop)
     }
 
     pub async fn respond(&self, reply: ReplyId, response: BlobResponse) {
@@ -290,7 +298,7 @@ pub fn spawn(
 ) -> Result<
     (
         NetClient,
-        mpsc::Receiver<NetEvent>,
+        mpsc::UnboundedReceiver<NetEvent>,
         tokio::task::JoinHandle<()>,
     ),
     StartError,
@@ -321,7 +329,7 @@ pub fn spawn(
         }
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL_CAPACITY);
-    let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let node = Node {
         swarm,
         fleet: cfg.fleet.clone(),
@@ -397,7 +405,17 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
         .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();
             let gossip_cfg = gossipsub::ConfigBuilder::default()
-                .validation_mode(gossipsub::ValidationMode::Strict)
+                // Every payload is a signed envelope the application checks once (see
+                // `validate`); a libp2p signature on top cost every node one ed25519
+                // check per copy received — the largest CPU cost of a 1,000-node fleet.
+                .validation_mode(gossipsub::ValidationMode::Anonymous)
+                // A message is its bytes: the same announcement re-gossiped by the hub
+                // or by peers within `duplicate_cache_time` is a duplicate everywhere
+                // and goes no further. Later, it floods again for whoever joined since.
+                .message_id_fn(|m: &gossipsub::Message| {
+                    gossipsub::MessageId::from(Digest::of(&m.data).0.to_vec())
+                })
+                .duplicate_cache_time(GOSSIP_DEDUP)
                 .validate_messages()
                 .max_transmit_size(MAX_GOSSIP_BYTES)
                 .heartbeat_interval(Duration::from_secs(1))
@@ -405,15 +423,10 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
                 // default) for every connection, blob fetches included; our gossip is a
                 // few small messages a minute.
                 .connection_handler_queue_len(GOSSIP_QUEUE)
-                // Message ids are gossipsub's default (author + sequence number): the
-                // periodic re-announcement of the same signed bytes is a new message each
-                // time, so peers that joined late (or lost the hub) still receive it.
                 .build()
                 .map_err(|e| e.to_string())?;
-            let gossipsub = gossipsub::Behaviour::new(
-                gossipsub::MessageAuthenticity::Signed(key.clone()),
-                gossip_cfg,
-            )?;
+            let gossipsub =
+                gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_cfg)?;
             let mut kad_cfg = kad::Config::new(libp2p::StreamProtocol::try_from_owned(format!(
                 "/unifleet/{fleet}/kad/1"
             ))?);
@@ -468,7 +481,7 @@ type FetchReply = oneshot::Sender<Result<Vec<u8>, FetchError>>;
 struct Node {
     swarm: Swarm<Behaviour>,
     fleet: String,
-    events: mpsc::Sender<NetEvent>,
+    events: mpsc::UnboundedSender<NetEvent>,
     pending_fetch: HashMap<request_response::OutboundRequestId, (PeerId, FetchReply)>,
     pending_reply: HashMap<ReplyId, (PeerId, request_response::ResponseChannel<BlobResponse>)>,
     inbound_per_peer: HashMap<PeerId, usize>,
@@ -611,9 +624,11 @@ impl Node {
     }
 
     async fn emit(&mut self, ev: NetEvent) {
-        // Bounded: if the application is slow, the network task waits rather than
-        // buffering without limit.
-        let _ = self.events.send(ev).await;
+        // Never waits: the application awaits this task (commands, replies), so a
+        // network task waiting on a busy application deadlocked both (a hub answering
+        // thousands of parked requests at once stopped for good). What can pile up is
+        // bounded where it enters: inbound requests per peer, gossipsub's queues.
+        let _ = self.events.send(ev);
     }
 
     async fn swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
@@ -696,7 +711,6 @@ impl Node {
                 };
                 self.emit(NetEvent::Gossip {
                     topic,
-                    author: message.source,
                     data: message.data,
                     source: propagation_source,
                     id: message_id,
@@ -737,7 +751,7 @@ impl Node {
                 self.emit(NetEvent::BlobWanted {
                     peer,
                     digest: request.digest,
-                    redirect_ok: request.redirect_ok,
+                    want: request.want,
                     addr,
                     reply,
                 })
@@ -755,6 +769,8 @@ impl Node {
                 if let Some((_, reply)) = self.pending_fetch.remove(&request_id) {
                     let res = match response {
                         BlobResponse::Found(bytes) => Ok(bytes),
+                        // The answer to `Want::Stored`: no bytes (see `tell_stored`).
+                        BlobResponse::Noted => Ok(Vec::new()),
                         BlobResponse::NotFound => Err(FetchError::NotFound(peer)),
                         BlobResponse::Busy => Err(FetchError::Busy(peer)),
                         BlobResponse::Elsewhere(refs) => Err(FetchError::Elsewhere(

@@ -1,0 +1,147 @@
+//! The hub's side of `/unifleet/blob/1`: answers each request — send the blob, name
+//! holders ([`crate::tracker`]), park the asker until a holder is free, or "busy" when the
+//! hub's capped upload is saturated — and notes devices' reports of chunks stored.
+
+use crate::serve::Metrics;
+use crate::store::Store;
+use crate::tracker::{Decision, Tracker};
+use net::ratelimit::RateLimiter;
+use net::{Multiaddr, NetClient, PeerId, ReplyId, Want};
+use proto::blob::BlobResponse;
+use proto::Digest;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Chunks the tracker remembers: ~320 MiB of images at FastCDC's average chunk (the
+/// releases being rolled out); at most 256 holders of ~100 bytes each, ~100 MB at worst.
+const TRACKER_BLOBS: usize = 4_096;
+
+pub struct Blobs {
+    net: NetClient,
+    store: Arc<Mutex<Store>>,
+    metrics: Arc<Metrics>,
+    tracker: Tracker<(PeerId, Multiaddr), ReplyId>,
+    upload: Arc<RateLimiter>,
+    /// Peer exchange on: name holders instead of sending every copy.
+    redirect: bool,
+}
+
+impl std::fmt::Debug for Blobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blobs")
+            .field("tracked", &self.tracker.len())
+            .field("redirect", &self.redirect)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Blobs {
+    pub fn new(
+        net: NetClient,
+        store: Arc<Mutex<Store>>,
+        metrics: Arc<Metrics>,
+        upload_rate: u64,
+        redirect: bool,
+    ) -> Blobs {
+        Blobs {
+            net,
+            store,
+            metrics,
+            tracker: Tracker::new(TRACKER_BLOBS),
+            upload: Arc::new(RateLimiter::new(upload_rate)),
+            redirect,
+        }
+    }
+
+    /// A blob request from `peer`, who listens at `addr` (if identify told us).
+    pub async fn wanted(
+        &mut self,
+        peer: PeerId,
+        digest: Digest,
+        want: Want,
+        addr: Option<Multiaddr>,
+        reply: ReplyId,
+    ) {
+        let now = Instant::now();
+        match want {
+            Want::Stored => {
+                self.metrics.stored_reports.fetch_add(1, Ordering::Relaxed);
+                if let Some(addr) = addr {
+                    for (parked, named) in self.tracker.stored(digest, (peer, addr), now) {
+                        self.redirect(parked, named).await;
+                    }
+                }
+                self.net.respond(reply, BlobResponse::Noted).await;
+            }
+            Want::BlobOrPeers if self.redirect => {
+                let asker = addr.map(|a| (peer, a));
+                match self.tracker.decide(digest, asker.clone(), now) {
+                    Decision::Serve => self.send(peer, digest, reply).await,
+                    Decision::Elsewhere(named) => match asker {
+                        Some(asker) if named.is_empty() => {
+                            self.tracker.park(digest, asker, reply, now)
+                        }
+                        _ => self.redirect(reply, named).await,
+                    },
+                }
+            }
+            Want::Blob | Want::BlobOrPeers => self.send(peer, digest, reply).await,
+        }
+    }
+
+    /// Answers parked askers: those a holder came free for, and (to ask again) those
+    /// that waited long enough.
+    pub async fn tick(&mut self) {
+        for (reply, named) in self.tracker.lapsed(Instant::now()) {
+            self.redirect(reply, named).await;
+        }
+    }
+
+    /// `peer` disconnected: it holds nothing and waits for nothing any more.
+    pub fn peer_gone(&mut self, peer: PeerId) {
+        self.tracker.forget(|(p, _)| *p == peer);
+    }
+
+    async fn redirect(&self, reply: ReplyId, named: Vec<(PeerId, Multiaddr)>) {
+        self.metrics.redirects.fetch_add(1, Ordering::Relaxed);
+        let refs = named.iter().map(|(p, a)| net::peer_ref(p, a)).collect();
+        self.net.respond(reply, BlobResponse::Elsewhere(refs)).await;
+    }
+
+    /// Sends the blob under the upload cap, or "busy" if the cap is already owed more
+    /// than askers would wait.
+    async fn send(&self, peer: PeerId, digest: Digest, reply: ReplyId) {
+        if self.upload.saturated() {
+            self.metrics.busy.fetch_add(1, Ordering::Relaxed);
+            self.net.respond(reply, BlobResponse::Busy).await;
+            return;
+        }
+        let store = self.store.clone();
+        let net = self.net.clone();
+        let metrics = self.metrics.clone();
+        let upload = self.upload.clone();
+        tokio::spawn(async move {
+            let blob = tokio::task::spawn_blocking(move || {
+                store.lock().expect("store lock").blob(&digest)
+            })
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+            let response = match blob {
+                Some(b) => {
+                    upload.acquire(b.len() as u64).await;
+                    metrics.blobs_served.fetch_add(1, Ordering::Relaxed);
+                    metrics
+                        .blob_bytes_served
+                        .fetch_add(b.len() as u64, Ordering::Relaxed);
+                    tracing::debug!(%peer, blob = %digest.short(), "serving blob");
+                    BlobResponse::Found(b)
+                }
+                None => BlobResponse::NotFound,
+            };
+            net.respond(reply, response).await;
+        });
+    }
+}
