@@ -38,10 +38,12 @@ const MAX_GOSSIP_BYTES: usize = 16 * 1024;
 /// and idle connections close after [`IDLE_TIMEOUT`].
 const TARGET_PEERS: usize = 8;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// A gossip message seen this recently is a duplicate (longer than a message takes to
-/// cross the fleet and than gossipsub's 5-heartbeat message cache; shorter than the
-/// shortest re-gossip interval, so re-gossip reaches newcomers).
-const GOSSIP_DEDUP: Duration = Duration::from_secs(5);
+/// A gossip message seen this recently is a duplicate: well beyond the time a message
+/// takes to cross a busy fleet and gossipsub's 5-heartbeat message cache (forgotten
+/// sooner, a message came back through IHAVE/IWANT and flooded again). Re-publishing the
+/// same bytes within it does nothing: the hub's 5 s re-announcement reaches gossip every
+/// 15 s, and a device's re-gossip goes out at its first Trickle interval past it.
+const GOSSIP_DEDUP: Duration = Duration::from_secs(15);
 const GOSSIP_QUEUE: usize = 128;
 /// A node walks the DHT only with fewer connections than this (the hub alone, say);
 /// a walk dials every peer it asks, and those connections stay up while gossip uses them.
