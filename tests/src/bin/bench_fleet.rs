@@ -286,8 +286,9 @@ fn wait(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<(
 }
 
 /// Devices per worker process: each in-process device-to-device connection costs two
-/// file descriptors, and the descriptor limit is per process.
-const DEVICES_PER_WORKER: usize = 250;
+/// file descriptors, and the descriptor limit is per process (20,000 here: 250 devices
+/// per process ran out of descriptors in one N = 1,000 run).
+const DEVICES_PER_WORKER: usize = 125;
 
 /// One device's counters as a worker reports them (absolute values).
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
