@@ -129,9 +129,14 @@ impl Fetcher {
         let mut wait = Duration::from_millis(100);
         let swarm = swarm && self.peer_exchange;
         loop {
-            let patient = self.failed_rounds.load(Ordering::Relaxed) < FAILED_ROUNDS;
+            let want = if self.failed_rounds.load(Ordering::Relaxed) < FAILED_ROUNDS {
+                Want::BlobOrPeers
+            } else {
+                // Peers keep failing us: the hub itself, please.
+                Want::Blob
+            };
             let attempt = if swarm {
-                self.via_hub(digest, banned, patient, &check).await
+                self.via_hub(digest, banned, want, &check).await
             } else {
                 Attempt::NoHub
             };
@@ -186,19 +191,14 @@ impl Fetcher {
         }
     }
 
-    /// Asks the hub, saying we can use peers (unless our patience with them ran out).
+    /// Asks the hub for the blob, or (`Want::BlobOrPeers`) for peers to ask.
     async fn via_hub(
         &self,
         digest: &Digest,
         banned: &Mutex<HashSet<PeerId>>,
-        redirect_ok: bool,
+        want: Want,
         check: &impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
     ) -> Attempt {
-        let want = if redirect_ok {
-            Want::BlobOrPeers
-        } else {
-            Want::Blob
-        };
         for hub in &self.hub {
             if banned.lock().expect("not poisoned").contains(hub) {
                 continue;

@@ -85,21 +85,15 @@ impl Reporter {
                 return;
             }
         };
-        let mut sent = false;
         if let Some(m) = self.mqtt.as_ref().filter(|m| m.is_connected()) {
             let topic = crate::mqtt::status_topic(&self.fleet, &self.device);
             // Queue full: this report is dropped, not gossiped — the broker is up, the
             // next report (or the resend within REPORT_AGAIN) gets through, and a busy
             // fleet falling back to gossip had every device check every report.
-            sent = true;
-            if let Err(e) = m
-                .client
-                .try_publish(topic, QoS::AtLeastOnce, true, bytes.clone())
-            {
+            if let Err(e) = m.client.try_publish(topic, QoS::AtLeastOnce, true, bytes) {
                 tracing::debug!("status not queued for MQTT (sent again later): {e}");
             }
-        }
-        if !sent {
+        } else {
             let _ = self.net.publish(Topic::Status, bytes).await;
         }
         let mut latest = self.latest.lock().await;

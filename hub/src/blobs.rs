@@ -24,14 +24,14 @@ pub struct Blobs {
     tracker: Tracker<(PeerId, Multiaddr), ReplyId>,
     upload: Arc<RateLimiter>,
     /// Peer exchange on: name holders instead of sending every copy.
-    redirect: bool,
+    peer_exchange: bool,
 }
 
 impl std::fmt::Debug for Blobs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Blobs")
             .field("tracked", &self.tracker.len())
-            .field("redirect", &self.redirect)
+            .field("peer_exchange", &self.peer_exchange)
             .finish_non_exhaustive()
     }
 }
@@ -42,7 +42,7 @@ impl Blobs {
         store: Arc<Mutex<Store>>,
         metrics: Arc<Metrics>,
         upload_rate: u64,
-        redirect: bool,
+        peer_exchange: bool,
     ) -> Blobs {
         Blobs {
             net,
@@ -50,7 +50,7 @@ impl Blobs {
             metrics,
             tracker: Tracker::new(TRACKER_BLOBS),
             upload: Arc::new(RateLimiter::new(upload_rate)),
-            redirect,
+            peer_exchange,
         }
     }
 
@@ -74,7 +74,7 @@ impl Blobs {
                 }
                 self.net.respond(reply, BlobResponse::Noted).await;
             }
-            Want::BlobOrPeers if self.redirect => {
+            Want::BlobOrPeers if self.peer_exchange => {
                 let asker = addr.map(|a| (peer, a));
                 match self.tracker.decide(digest, asker.clone(), now) {
                     Decision::Serve => self.send(peer, digest, reply).await,

@@ -134,9 +134,7 @@ impl<P: Clone + Eq + Hash, R> Tracker<P, R> {
             if let Some(pos) = blob.holders.iter().position(|h| h.peer == *asker) {
                 // It asks for what it said it held: it holds it no more.
                 blob.holders.remove(pos);
-                if let Some(held) = self.held.get_mut(asker) {
-                    held.remove(&digest);
-                }
+                unhold(&mut self.held, asker, &digest);
             }
         }
         if blob.holders.is_empty() {
@@ -205,9 +203,7 @@ impl<P: Clone + Eq + Hash, R> Tracker<P, R> {
                     (0..blob.holders.len()).max_by_key(|&i| blob.holders[i].handed_out)
                 {
                     let old = blob.holders.remove(pos);
-                    if let Some(held) = self.held.get_mut(&old.peer) {
-                        held.remove(&digest);
-                    }
+                    unhold(&mut self.held, &old.peer, &digest);
                 }
             }
             self.blob(digest).holders.push(Holder {
@@ -283,15 +279,7 @@ impl<P: Clone + Eq + Hash, R> Tracker<P, R> {
         }
         self.held.retain(|p, _| !peer(p));
         self.freed.retain(|p| !peer(p));
-        let gone: Vec<(Digest, P)> = self
-            .reservations
-            .keys()
-            .filter(|(_, asker)| peer(asker))
-            .cloned()
-            .collect();
-        for (digest, asker) in gone {
-            self.release(digest, &asker);
-        }
+        self.release_where(|(_, asker), _| peer(asker));
         self.load.retain(|p, _| !peer(p));
         for r in self.reservations.values_mut() {
             r.named.retain(|p| !peer(p));
@@ -322,20 +310,10 @@ impl<P: Clone + Eq + Hash, R> Tracker<P, R> {
             if self.order.len() >= self.capacity {
                 if let Some(old) = self.order.pop_front() {
                     for h in self.blobs.remove(&old).into_iter().flat_map(|b| b.holders) {
-                        if let Some(held) = self.held.get_mut(&h.peer) {
-                            held.remove(&old);
-                        }
+                        unhold(&mut self.held, &h.peer, &old);
                     }
                     self.parked.remove(&old);
-                    let stale: Vec<(Digest, P)> = self
-                        .reservations
-                        .keys()
-                        .filter(|(d, _)| *d == old)
-                        .cloned()
-                        .collect();
-                    for (d, asker) in stale {
-                        self.release(d, &asker);
-                    }
+                    self.release_where(|(d, _), _| *d == old);
                 }
             }
             self.order.push_back(digest);
@@ -346,6 +324,19 @@ impl<P: Clone + Eq + Hash, R> Tracker<P, R> {
     fn release(&mut self, digest: Digest, asker: &P) {
         if let Some(r) = self.reservations.remove(&(digest, asker.clone())) {
             self.unload(&r.named);
+        }
+    }
+
+    /// Lets go every reservation matching `pred` (by blob and asker, or by age).
+    fn release_where(&mut self, pred: impl Fn(&(Digest, P), &Reservation<P>) -> bool) {
+        let gone: Vec<(Digest, P)> = self
+            .reservations
+            .iter()
+            .filter(|(key, r)| pred(key, r))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for (digest, asker) in gone {
+            self.release(digest, &asker);
         }
     }
 
@@ -370,15 +361,14 @@ impl<P: Clone + Eq + Hash, R> Tracker<P, R> {
             return;
         }
         self.last_sweep = Some(now);
-        let old: Vec<(Digest, P)> = self
-            .reservations
-            .iter()
-            .filter(|(_, r)| now.duration_since(r.at) >= RESERVATION)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for (digest, asker) in old {
-            self.release(digest, &asker);
-        }
+        self.release_where(|_, r| now.duration_since(r.at) >= RESERVATION);
+    }
+}
+
+/// `peer` no longer holds `digest`.
+fn unhold<P: Eq + Hash>(held: &mut HashMap<P, HashSet<Digest>>, peer: &P, digest: &Digest) {
+    if let Some(blobs) = held.get_mut(peer) {
+        blobs.remove(digest);
     }
 }
 
