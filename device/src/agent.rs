@@ -432,6 +432,7 @@ impl Router {
             }
         };
         tokio::spawn(async move {
+            let t = std::time::Instant::now();
             let blob = tokio::task::spawn_blocking(move || store.get_blob(&digest))
                 .await
                 .ok()
@@ -445,7 +446,7 @@ impl Router {
                     metrics
                         .blob_bytes_served
                         .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    tracing::debug!(%peer, digest = %digest.short(), len = bytes.len(), "serving blob");
+                    tracing::debug!(%peer, blob = %digest.short(), len = bytes.len(), ms = t.elapsed().as_millis() as u64, "serving blob");
                     BlobResponse::Found(bytes)
                 }
                 None => BlobResponse::NotFound,
@@ -667,6 +668,9 @@ impl Updater {
         );
         self.store
             .put_manifest(&verified.digest(), &manifest_bytes)?;
+        // Peers may fetch it from here now (at 1,000 devices, a manifest from the hub for
+        // each was about another copy of a 1 MiB image).
+        self.fetcher.report_stored(verified.digest());
         let m = verified.manifest();
         self.fetcher
             .chunks(m, &self.reporter, ann, &banned)

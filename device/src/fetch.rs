@@ -7,7 +7,8 @@
 //!   it (`hub/src/tracker.rs`). Those peers are asked in turn; if none is free yet, ask
 //!   the hub again shortly. A chunk stored is reported to the hub, which may then name
 //!   this device to others. After [`FAILED_ROUNDS`] rounds in a row in which no named
-//!   peer could be reached, ask the hub to send chunks regardless.
+//!   peer could be reached, ask the hub to send the chunk regardless (and try peers
+//!   again for the next one).
 //! - **hub down**: connected peers (those known to run the release first), then the hub;
 //! - **peer exchange off**: the hub only, as a hub-and-spoke system would.
 
@@ -30,7 +31,9 @@ use std::time::{Duration, Instant};
 /// Peers that sent a bad blob during one release's download: not asked again for it.
 pub type Banned = Mutex<HashSet<PeerId>>;
 
-/// Give up on a blob after this long without any source delivering it.
+/// Give up on a blob after this long without any source delivering it or the hub
+/// answering for it (a hub that names holders or says "wait" is tracking the blob: in a
+/// large fleet, waiting for a free holder can take longer than this).
 const STALL_LIMIT: Duration = Duration::from_secs(120);
 /// Redirect rounds in a row in which no named peer could be reached before the hub is
 /// asked directly.
@@ -95,9 +98,14 @@ impl Fetcher {
         }
     }
 
-    /// Connected peers to ask (devices, then the hub). `spread` rotates the devices so
-    /// parallel requests go to different peers.
-    async fn candidates(&self, spread: usize, banned: &HashSet<PeerId>) -> Vec<PeerId> {
+    /// Connected peers to ask (devices, then the hub if `with_hub`). `spread` rotates the
+    /// devices so parallel requests go to different peers.
+    async fn candidates(
+        &self,
+        spread: usize,
+        banned: &HashSet<PeerId>,
+        with_hub: bool,
+    ) -> Vec<PeerId> {
         let peers = if self.peer_exchange {
             self.net.peers().await
         } else {
@@ -111,12 +119,14 @@ impl Fetcher {
             let k = spread % devices.len();
             devices.rotate_left(k);
         }
-        devices.extend(self.hub.iter().filter(|h| !banned.contains(h)));
+        if with_hub {
+            devices.extend(self.hub.iter().filter(|h| !banned.contains(h)));
+        }
         devices
     }
 
     /// One blob, checked by `check`; returns its bytes and whether the hub sent it.
-    /// `swarm`: a chunk, which the hub may answer with peers to ask instead.
+    /// `swarm`: the hub may answer with peers to ask instead.
     async fn blob(
         &self,
         digest: &Digest,
@@ -125,7 +135,7 @@ impl Fetcher {
         swarm: bool,
         check: impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
     ) -> Result<(Vec<u8>, bool)> {
-        let start = Instant::now();
+        let mut start = Instant::now();
         let mut wait = Duration::from_millis(100);
         let swarm = swarm && self.peer_exchange;
         loop {
@@ -135,14 +145,31 @@ impl Fetcher {
                 // Peers keep failing us: the hub itself, please.
                 Want::Blob
             };
+            let asked = Instant::now();
             let attempt = if swarm {
                 self.via_hub(digest, banned, want, &check).await
             } else {
                 Attempt::NoHub
             };
+            let hub_ms = asked.elapsed().as_millis() as u64;
             match attempt {
-                Attempt::Got(bytes, from_hub) => return Ok((bytes, from_hub)),
+                Attempt::Got(bytes, from_hub) => {
+                    tracing::debug!(blob = %digest.short(), hub_ms, "fetch from the hub");
+                    if want == Want::Blob {
+                        // Given up on peers: try them again for the next chunk, and come
+                        // back here if they fail again (a device that could not reach
+                        // peers for a while, on a busy network, is not behind NAT for
+                        // ever).
+                        let _ = self.failed_rounds.fetch_update(
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                            |n| Some(n.saturating_sub(1)),
+                        );
+                    }
+                    return Ok((bytes, from_hub));
+                }
                 Attempt::Redirected(mut peers) => {
+                    start = Instant::now();
                     if !peers.is_empty() {
                         // Peers already connected first: no handshake to pay.
                         let connected: HashSet<PeerId> =
@@ -150,10 +177,18 @@ impl Fetcher {
                         peers.sort_by_key(|(p, _)| !connected.contains(p));
                         let mut unreachable = true;
                         for (peer, addr) in peers {
-                            match self
+                            let t = Instant::now();
+                            let fetched = self
                                 .try_peer(peer, Some(addr), digest, banned, &check)
-                                .await
-                            {
+                                .await;
+                            tracing::debug!(
+                                blob = %digest.short(),
+                                hub_ms,
+                                peer_ms = t.elapsed().as_millis() as u64,
+                                ok = fetched.is_ok(),
+                                "fetch from a named peer"
+                            );
+                            match fetched {
                                 Ok(bytes) => {
                                     self.failed_rounds.store(0, Ordering::Relaxed);
                                     return Ok((bytes, false));
@@ -170,8 +205,13 @@ impl Fetcher {
                     wait = wait.min(Duration::from_secs(1));
                 }
                 Attempt::NoHub => {
+                    // The hub did not answer (down, or too busy to answer in time): peers
+                    // that run the release may have the blob. The hub itself only when it
+                    // was not just asked: a hub slow to answer "ask a peer" would
+                    // otherwise be asked for the whole blob by every device it kept
+                    // waiting (at 1,000 devices: 12 copies of the image).
                     let snapshot = banned.lock().expect("not poisoned").clone();
-                    for peer in self.candidates(spread, &snapshot).await {
+                    for peer in self.candidates(spread, &snapshot, !swarm).await {
                         if let Ok(bytes) = self.try_peer(peer, None, digest, banned, &check).await {
                             return Ok((bytes, self.hub.contains(&peer)));
                         }
@@ -248,17 +288,23 @@ impl Fetcher {
         }
     }
 
-    /// Tells the hub a chunk fetched with peer exchange is stored here (in the
-    /// background: a hub that is down or slow holds nothing up).
-    fn report_stored(&self, digest: Digest) {
+    /// Tells the hub a blob (chunk or manifest) fetched with peer exchange is stored here
+    /// (in the background: a hub that is down or slow holds nothing up).
+    pub fn report_stored(&self, digest: Digest) {
         if !self.peer_exchange {
             return;
         }
         for hub in self.hub.clone() {
             let net = self.net.clone();
             tokio::spawn(async move {
-                if let Err(e) = net.tell_stored(hub, digest).await {
-                    tracing::debug!(blob = %digest.short(), "telling the hub: {e}");
+                let t = Instant::now();
+                match net.tell_stored(hub, digest).await {
+                    Ok(()) => tracing::debug!(
+                        blob = %digest.short(),
+                        ms = t.elapsed().as_millis() as u64,
+                        "hub told of a stored blob"
+                    ),
+                    Err(e) => tracing::debug!(blob = %digest.short(), "telling the hub: {e}"),
                 }
             });
         }
@@ -297,7 +343,7 @@ impl Fetcher {
         }
         let limit = proto::envelope::envelope_limit(proto::codec::Kind::Manifest);
         let (bytes, from_hub) = self
-            .blob(digest, 0, banned, false, |b| {
+            .blob(digest, 0, banned, true, |b| {
                 if b.len() > limit {
                     return Err(proto::VerifyError::TooManyBytes {
                         what: "manifest".into(),
@@ -354,7 +400,9 @@ impl Fetcher {
                     .await?;
                 let store = self.store.clone();
                 let len = bytes.len();
+                let t = Instant::now();
                 tokio::task::spawn_blocking(move || store.put_chunk(&c.digest, &bytes)).await??;
+                tracing::debug!(blob = %c.digest.short(), ms = t.elapsed().as_millis() as u64, "chunk stored");
                 self.report_stored(c.digest);
                 self.account(len, from_hub);
                 let n = have.fetch_add(1, Ordering::Relaxed) + 1;

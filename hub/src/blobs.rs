@@ -96,6 +96,10 @@ impl Blobs {
         for (reply, named) in self.tracker.lapsed(Instant::now()) {
             self.redirect(reply, named).await;
         }
+        let m = &self.metrics;
+        m.slots_taken
+            .store(self.tracker.slots_taken(), Ordering::Relaxed);
+        m.parked.store(self.tracker.parked(), Ordering::Relaxed);
     }
 
     /// `peer` disconnected: it holds nothing and waits for nothing any more.
@@ -104,7 +108,12 @@ impl Blobs {
     }
 
     async fn redirect(&self, reply: ReplyId, named: Vec<(PeerId, Multiaddr)>) {
-        self.metrics.redirects.fetch_add(1, Ordering::Relaxed);
+        let counter = if named.is_empty() {
+            &self.metrics.waits
+        } else {
+            &self.metrics.redirects
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         let refs = named.iter().map(|(p, a)| net::peer_ref(p, a)).collect();
         self.net.respond(reply, BlobResponse::Elsewhere(refs)).await;
     }

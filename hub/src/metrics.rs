@@ -39,6 +39,27 @@ fn render(m: &Metrics, home: &Home) -> String {
     );
     push(
         &mut out,
+        "unifleet_hub_waits_total",
+        "counter",
+        "Blob requests answered: no device with the blob is free yet, ask again",
+        c(&m.waits),
+    );
+    push(
+        &mut out,
+        "unifleet_hub_tracker_slots_taken",
+        "gauge",
+        "Devices' upload slots the tracker has handed out and not had back",
+        c(&m.slots_taken),
+    );
+    push(
+        &mut out,
+        "unifleet_hub_tracker_parked",
+        "gauge",
+        "Blob requests parked until a device with the blob is free",
+        c(&m.parked),
+    );
+    push(
+        &mut out,
         "unifleet_hub_busy_total",
         "counter",
         "Blob requests answered busy (upload saturated)",

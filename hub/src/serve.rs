@@ -27,7 +27,8 @@ use tokio::sync::mpsc;
 type Announced = (String, String, u64, Vec<u8>);
 
 const REANNOUNCE: Duration = Duration::from_secs(5);
-const EVENT_FLUSH: Duration = Duration::from_secs(2);
+/// How often what the loop accepted (inventory, reports, events) is written out.
+const FLUSH: Duration = Duration::from_secs(1);
 
 /// One device as the hub last saw it. Survives restarts (`inventory.json`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -62,6 +63,12 @@ pub struct Metrics {
     pub gossip_rejected: AtomicU64,
     /// Blob requests answered with peers to ask instead.
     pub redirects: AtomicU64,
+    /// Blob requests answered "no holder free yet, ask again".
+    pub waits: AtomicU64,
+    /// Upload slots of devices the tracker has handed out and not had back (gauge).
+    pub slots_taken: AtomicU64,
+    /// Askers parked until a holder is free (gauge).
+    pub parked: AtomicU64,
     /// Blob requests answered busy (upload saturated).
     pub busy: AtomicU64,
     /// Devices' reports of a chunk stored.
@@ -113,6 +120,62 @@ pub fn load_devices(store: &Store) -> Result<HashMap<KeyId, (String, PublicKey)>
     Ok(out)
 }
 
+/// What the hub accepted and has not written yet.
+#[derive(Debug, Default)]
+struct Pending {
+    inventory: bool,
+    /// Latest signed report per file (an older one for the same file is superseded).
+    reports: HashMap<std::path::PathBuf, Vec<u8>>,
+    events: Change,
+}
+
+impl Pending {
+    /// The batch to write, if anything is pending.
+    fn take(&mut self, inventory: &Inventory) -> Option<Batch> {
+        if !self.inventory && self.reports.is_empty() && self.events.is_empty() {
+            return None;
+        }
+        let batch = Batch {
+            inventory: std::mem::take(&mut self.inventory).then(|| inventory.clone()),
+            reports: std::mem::take(&mut self.reports),
+            events: std::mem::take(&mut self.events),
+        };
+        Some(batch)
+    }
+}
+
+/// One batch of writes, done on a blocking thread.
+struct Batch {
+    inventory: Option<Inventory>,
+    reports: HashMap<std::path::PathBuf, Vec<u8>>,
+    events: Change,
+}
+
+impl Batch {
+    fn write(self, home: &Home, store: &Mutex<Store>) {
+        for (path, bytes) in &self.reports {
+            if let Err(e) = write_atomic(path, bytes) {
+                tracing::error!("keeping report {}: {e:#}", path.display());
+            }
+        }
+        if let Some(inv) = &self.inventory {
+            if let Err(e) = save_inventory(home, inv) {
+                tracing::error!("saving inventory: {e:#}");
+            }
+        }
+        if !self.events.is_empty() {
+            let committed =
+                store
+                    .lock()
+                    .expect("store lock")
+                    .commit("device events", &self.events, None);
+            if let Err(e) = committed {
+                tracing::error!("committing events: {e:#}");
+            }
+        }
+    }
+}
+
 struct Hub {
     home: Home,
     store: Arc<Mutex<Store>>,
@@ -120,7 +183,10 @@ struct Hub {
     mqtt: AsyncClient,
     devices: HashMap<KeyId, (String, PublicKey)>,
     inventory: Inventory,
-    pending_events: Change,
+    /// Accepted, not yet written (see [`Hub::flush`]).
+    pending: Pending,
+    /// The batch being written, if any: one at a time, in order.
+    flushing: Option<tokio::task::JoinHandle<()>>,
     metrics: Arc<Metrics>,
     root: proto::root::TrustedRoot,
     blobs: crate::blobs::Blobs,
@@ -209,7 +275,8 @@ pub async fn serve(
         net,
         mqtt,
         devices,
-        pending_events: Change::default(),
+        pending: Pending::default(),
+        flushing: None,
         metrics,
         root,
         announced: BTreeMap::new(),
@@ -243,7 +310,7 @@ pub async fn serve(
     });
 
     let mut reannounce = tokio::time::interval(REANNOUNCE);
-    let mut flush = tokio::time::interval(EVENT_FLUSH);
+    let mut flush = tokio::time::interval(FLUSH);
     // Parked blob requests are let go within this of their time (tracker::PARK_FOR).
     let mut parked = tokio::time::interval(Duration::from_millis(250));
     tokio::pin!(shutdown);
@@ -251,7 +318,7 @@ pub async fn serve(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = reannounce.tick() => { hub.announce_all().await; }
-            _ = flush.tick() => hub.flush_events().await,
+            _ = flush.tick() => hub.flush(),
             _ = parked.tick() => hub.blobs.tick().await,
             Some((cmd, reply)) = ctl_rx.recv() => {
                 let answer = match cmd.as_str() {
@@ -271,7 +338,7 @@ pub async fn serve(
             },
         }
     }
-    hub.flush_events().await;
+    hub.flush_all().await;
     let _ = stop_tx.send(true);
     let _ = net_task.await;
     mqtt_task.abort();
@@ -342,21 +409,33 @@ impl Hub {
         latest.len()
     }
 
-    async fn flush_events(&mut self) {
-        if self.pending_events.is_empty() {
+    /// Writes what was accepted since the last batch — each device's latest report (the
+    /// staging gate's evidence), the inventory, events as one git commit — on a blocking
+    /// thread, unless the previous batch is still being written (then the next tick takes
+    /// both). The loop never waits on the disk: at 1,000 devices, writing and syncing the
+    /// inventory for every report held the loop, and with it every blob request, for
+    /// seconds at a time.
+    fn flush(&mut self) {
+        if self.flushing.as_ref().is_some_and(|h| !h.is_finished()) {
             return;
         }
-        let change = std::mem::take(&mut self.pending_events);
-        let store = self.store.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            store
-                .lock()
-                .expect("store lock")
-                .commit("device events", &change, None)
-        })
-        .await;
-        if let Ok(Err(e)) | Err(e) = res.map_err(anyhow::Error::from) {
-            tracing::error!("committing events: {e:#}");
+        if let Some(batch) = self.pending.take(&self.inventory) {
+            let home = self.home.clone();
+            let store = self.store.clone();
+            self.flushing = Some(tokio::task::spawn_blocking(move || {
+                batch.write(&home, &store)
+            }));
+        }
+    }
+
+    /// Waits for the batch in flight, then writes the rest (at shutdown).
+    async fn flush_all(&mut self) {
+        if let Some(h) = self.flushing.take() {
+            let _ = h.await;
+        }
+        self.flush();
+        if let Some(h) = self.flushing.take() {
+            let _ = h.await;
         }
     }
 
@@ -398,9 +477,7 @@ impl Hub {
         self.metrics.status_accepted.fetch_add(1, Ordering::Relaxed);
         // The signed bytes themselves are the staging gate's evidence.
         let path = crate::staging::report_path(&self.home, &report.device, &report.app);
-        if let Err(e) = write_atomic(&path, bytes) {
-            tracing::error!("keeping report {}: {e:#}", path.display());
-        }
+        self.pending.reports.insert(path, bytes.to_vec());
         self.record(id, report);
         true
     }
@@ -440,7 +517,7 @@ impl Hub {
             .get(&id)
             .is_none_or(|old| old.state != entry.state || old.release != entry.release);
         if changed && !matches!(r.state, proto::status::DeviceState::Downloading { .. }) {
-            self.pending_events.event(Event {
+            self.pending.events.event(Event {
                 at: now(),
                 kind: format!("device-{}", entry.state),
                 app: Some(r.app.clone()),
@@ -451,9 +528,7 @@ impl Hub {
             });
         }
         self.inventory.insert(id, entry);
-        if let Err(e) = save_inventory(&self.home, &self.inventory) {
-            tracing::error!("saving inventory: {e:#}");
-        }
+        self.pending.inventory = true;
     }
 
     async fn net_event(&mut self, ev: NetEvent) {

@@ -34,10 +34,17 @@ pub const SLOTS: u32 = 2;
 pub const RESERVATION: Duration = Duration::from_secs(20);
 /// Serve a blob again if nobody reported it stored this long after the hub last sent it.
 pub const STALE: Duration = Duration::from_secs(10);
-/// An asker waits parked at most this long (well within its request timeout).
-pub const PARK_FOR: Duration = Duration::from_secs(3);
+/// An asker waits parked at most this long. It is answered the moment a holder is free;
+/// the limit only lets it ask afresh now and then. Well within its 20 s request timeout:
+/// on a loaded machine the answer itself can take seconds, and a request that times out
+/// sends the asker to every peer it knows and then the hub (seen at 1,000 devices with
+/// 10 s: the hub sent 8 copies). At 3 s, a fleet of 1,000 waiting for its first holders
+/// asked the hub ~560 times a second for nothing.
+pub const PARK_FOR: Duration = Duration::from_secs(5);
 /// Holders remembered per blob (the least handed out are kept).
 const MAX_HOLDERS: usize = 256;
+/// Peers remembered per device as recently paired with it (see `Tracker::met`).
+const MET: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision<P> {
@@ -99,6 +106,11 @@ pub struct Tracker<P, R = ()> {
     held: HashMap<P, HashSet<Digest>>,
     /// Holders whose slots came free since parked askers were last looked at.
     freed: Vec<P>,
+    /// The peers each device was last paired with, as asker or holder (newest last):
+    /// those connections are likely still open, so a free holder among them is named
+    /// first. Under load few holders are free and the nearest on the ring is mostly
+    /// taken; without this, a device fetched each chunk from a new peer.
+    met: HashMap<P, VecDeque<P>>,
     last_sweep: Option<Instant>,
 }
 
@@ -114,6 +126,7 @@ impl<P: Clone + Eq + Hash, R> Tracker<P, R> {
             parked: HashMap::new(),
             held: HashMap::new(),
             freed: Vec::new(),
+            met: HashMap::new(),
             last_sweep: None,
         }
     }
@@ -151,10 +164,20 @@ impl<P: Clone + Eq + Hash, R> Tracker<P, R> {
         let mut free: Vec<usize> = (0..blob.holders.len())
             .filter(|&i| slots(&blob.holders[i].peer) < SLOTS)
             .collect();
-        // Among free holders, each asker prefers the same few (a fixed pseudo-random
-        // order per pair): it fetches over connections it already has instead of
-        // opening one to most of the fleet (a handshake each, the bulk of the CPU).
-        free.sort_by_key(|&i| affinity(asker.as_ref(), &blob.holders[i].peer));
+        // The least loaded free holder (the asker gets its whole upload); among those,
+        // one the asker was paired with lately, then its nearest on the ring (see
+        // `affinity`): it fetches over connections it already has instead of opening
+        // one to most of the fleet (a handshake each, and every open connection costs
+        // both ends timers and pings).
+        let met = asker.as_ref().and_then(|a| self.met.get(a));
+        free.sort_by_key(|&i| {
+            let h = &blob.holders[i].peer;
+            (
+                slots(h),
+                !met.is_some_and(|m| m.contains(h)),
+                affinity(asker.as_ref(), h),
+            )
+        });
         free.truncate(NAMED);
         let named: Vec<P> = free
             .into_iter()
@@ -167,6 +190,10 @@ impl<P: Clone + Eq + Hash, R> Tracker<P, R> {
             *self.load.entry(p.clone()).or_default() += 1;
         }
         if let Some(asker) = asker.filter(|_| !named.is_empty()) {
+            for h in &named {
+                self.meet(&asker, h);
+                self.meet(h, &asker);
+            }
             self.reservations.insert(
                 (digest, asker),
                 Reservation {
@@ -279,6 +306,7 @@ impl<P: Clone + Eq + Hash, R> Tracker<P, R> {
         }
         self.held.retain(|p, _| !peer(p));
         self.freed.retain(|p| !peer(p));
+        self.met.retain(|p, _| !peer(p));
         self.release_where(|(_, asker), _| peer(asker));
         self.load.retain(|p, _| !peer(p));
         for r in self.reservations.values_mut() {
@@ -298,6 +326,26 @@ impl<P: Clone + Eq + Hash, R> Tracker<P, R> {
 
     pub fn is_empty(&self) -> bool {
         self.blobs.is_empty()
+    }
+
+    /// `a` was paired with `b` (most recent last; at most [`MET`] remembered).
+    fn meet(&mut self, a: &P, b: &P) {
+        let list = self.met.entry(a.clone()).or_default();
+        list.retain(|p| p != b);
+        if list.len() >= MET {
+            list.pop_front();
+        }
+        list.push_back(b.clone());
+    }
+
+    /// Upload slots handed out and not yet back, over all holders.
+    pub fn slots_taken(&self) -> u64 {
+        self.load.values().map(|&n| u64::from(n)).sum()
+    }
+
+    /// Askers parked now.
+    pub fn parked(&self) -> u64 {
+        self.parked.values().map(|q| q.len() as u64).sum()
     }
 
     /// Slots of `peer` taken now.
@@ -372,12 +420,27 @@ fn unhold<P: Eq + Hash>(held: &mut HashMap<P, HashSet<Digest>>, peer: &P, digest
     }
 }
 
-/// A pseudo-random number fixed for the pair (the same in every run of the process).
+/// How far `holder` is from `asker` on a ring of peers placed by hash (fixed for the
+/// process): each asker is sent to the nearest free holder, so the holders one device is
+/// named, chunk after chunk, are mostly the same few neighbours and it fetches over
+/// connections it already has. (A random order per pair spread a device's fetches over
+/// most of the fleet: at 1,000 devices, ~66 connections each and a noise handshake for
+/// every one — the largest CPU cost of the fleet.)
 fn affinity<P: Hash>(asker: Option<&P>, holder: &P) -> u64 {
+    let h = ring_position(holder);
+    match asker {
+        Some(a) => {
+            let a = ring_position(a);
+            a.wrapping_sub(h).min(h.wrapping_sub(a))
+        }
+        None => h,
+    }
+}
+
+fn ring_position<P: Hash>(p: &P) -> u64 {
     use std::hash::Hasher;
     let mut h = std::hash::DefaultHasher::new();
-    asker.hash(&mut h);
-    holder.hash(&mut h);
+    p.hash(&mut h);
     h.finish()
 }
 
@@ -603,6 +666,48 @@ mod tests {
         assert_eq!(served, 1, "the hub sends the blob once");
         let took = Duration::from_millis(step * 100);
         assert!(took <= Duration::from_secs(12), "{took:?}");
+    }
+
+    #[test]
+    fn a_free_holder_the_asker_was_paired_with_is_named_before_the_nearest() {
+        let mut t = tracker();
+        let now = Instant::now();
+        // Two holders of blob 1; "x" prefers one of them by ring distance.
+        t.decide(d(1), Some("h1"), now);
+        t.stored(d(1), "h1", now);
+        assert_eq!(
+            t.decide(d(1), Some("h2"), now),
+            Decision::Elsewhere(vec!["h1"])
+        );
+        t.stored(d(1), "h2", now);
+        let (near, far) = if affinity(Some(&"x"), &"h1") < affinity(Some(&"x"), &"h2") {
+            ("h1", "h2")
+        } else {
+            ("h2", "h1")
+        };
+        // x meets the far one over blob 2, which only it holds.
+        t.decide(d(2), Some(far), now);
+        t.stored(d(2), far, now);
+        assert_eq!(
+            t.decide(d(2), Some("x"), now),
+            Decision::Elsewhere(vec![far])
+        );
+        t.stored(d(2), "x", now);
+        // For blob 1, x is sent to the peer it already has a connection to.
+        assert_eq!(
+            t.decide(d(1), Some("x"), now),
+            Decision::Elsewhere(vec![far])
+        );
+        // A newcomer, paired with nobody, gets the nearest.
+        let newcomer = if affinity(Some(&"y"), &near) < affinity(Some(&"y"), &far) {
+            ("y", near)
+        } else {
+            ("y", far)
+        };
+        assert_eq!(
+            t.decide(d(1), Some(newcomer.0), now),
+            Decision::Elsewhere(vec![newcomer.1])
+        );
     }
 
     #[test]
