@@ -42,6 +42,8 @@ struct Params {
     /// Seconds the fleet runs idle after every device reached the hub, before the first
     /// release (1,000 devices starting at once is a storm of its own, not a release).
     settle: u64,
+    /// Niceness of the worker processes (the hub runs at 0).
+    worker_nice: u32,
     modes: Vec<Mode>,
     out: PathBuf,
     /// Internal: run one (size, mode) fleet and print its outcome as JSON.
@@ -106,6 +108,7 @@ Options (rates in bytes per second; K, M suffixes are KiB, MiB):
   --hub-up R         the hub's upload cap (default 16M)
   --parallel K       chunks a device fetches at once (default 8)
   --settle S         seconds the started fleet idles before the first release (default 20)
+  --worker-nice K    niceness of the device worker processes; the hub runs at 0 (default 10)
   --modes M          mesh,hub-only (default both)
   --out DIR          results directory (default bench-results)
 ";
@@ -130,6 +133,7 @@ fn params() -> Result<Params> {
         hub_up: 16 * MIB,
         parallel: 8,
         settle: 20,
+        worker_nice: 10,
         modes: vec![Mode::Mesh, Mode::HubOnly],
         out: PathBuf::from("bench-results"),
         one: None,
@@ -155,6 +159,7 @@ fn params() -> Result<Params> {
             "--hub-up" => p.hub_up = rate(&v)?,
             "--parallel" => p.parallel = v.parse()?,
             "--settle" => p.settle = v.parse()?,
+            "--worker-nice" => p.worker_nice = v.parse()?,
             "--modes" => p.modes = v.split(',').map(Mode::parse).collect::<Result<_>>()?,
             "--out" => p.out = PathBuf::from(v),
             "--worker" => {
@@ -360,7 +365,7 @@ impl Worker {
         // task serves every device, and answers came later than the devices' 20 s
         // request timeout).
         let mut child = Command::new("nice")
-            .args(["-n", "10"])
+            .args(["-n", &p.worker_nice.to_string()])
             .arg(std::env::current_exe()?)
             .args(p.forward_args())
             .arg("--worker")
