@@ -128,6 +128,11 @@ pub fn mqtt_publish(url: &str, topic: &str, payload: Vec<u8>, retain: bool) -> R
 
 /// Reads one Prometheus metric from an HTTP endpoint (`addr` is `host:port`).
 pub fn metric(addr: &str, name: &str) -> Result<u64> {
+    metric_in(&metrics_page(addr)?, name)
+}
+
+/// The whole metrics page of an HTTP endpoint (one request for several metrics).
+pub fn metrics_page(addr: &str) -> Result<String> {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(addr)
         .with_context(|| format!("connecting to metrics at {addr}"))?;
@@ -135,10 +140,15 @@ pub fn metric(addr: &str, name: &str) -> Result<u64> {
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
     let mut body = String::new();
     s.read_to_string(&mut body)?;
-    let line = body
+    Ok(body)
+}
+
+/// One metric's value on a page read by [`metrics_page`].
+pub fn metric_in(page: &str, name: &str) -> Result<u64> {
+    let line = page
         .lines()
         .find(|l| l.starts_with(&format!("{name} ")))
-        .with_context(|| format!("no {name} in {body}"))?;
+        .with_context(|| format!("no {name} in {page}"))?;
     Ok(line
         .split_whitespace()
         .nth(1)

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use unifleet_tests::bench::{percentile, status_kib};
 use unifleet_tests::fleet::run;
-use unifleet_tests::{bin, free_port, metric};
+use unifleet_tests::{bin, free_port, metric, metric_in, metrics_page};
 
 const MIB: u64 = 1 << 20;
 
@@ -683,9 +683,11 @@ impl Timeline {
                 let now = cpu_times();
                 let (busy, total) = (now.0 - cpu.0, (now.1 - cpu.1).max(1));
                 cpu = now;
+                // One request a sample: every scrape renders the hub's whole page.
+                let page = metrics_page(&metrics).unwrap_or_default();
                 let values: Vec<String> = TIMELINE_METRICS
                     .iter()
-                    .map(|m| metric(&metrics, m).map_or(String::new(), |v| v.to_string()))
+                    .map(|m| metric_in(&page, m).map_or(String::new(), |v| v.to_string()))
                     .collect();
                 let _ = writeln!(
                     csv,
