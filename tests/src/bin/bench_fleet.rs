@@ -46,6 +46,8 @@ struct Params {
     worker_nice: u32,
     modes: Vec<Mode>,
     out: PathBuf,
+    /// Where fleets' directories are made (`--dir`; see [`fleet_parent`]).
+    dir: Option<PathBuf>,
     /// Internal: run one (size, mode) fleet and print its outcome as JSON.
     one: Option<(u64, Mode)>,
     /// Internal: run some of the devices (`DIR:INDEX:COUNT`).
@@ -107,10 +109,14 @@ Options (rates in bytes per second; K, M suffixes are KiB, MiB):
   --device-down R    each device's download cap (default 4 x device-up)
   --hub-up R         the hub's upload cap (default 16M)
   --parallel K       chunks a device fetches at once (default 8)
-  --settle S         seconds the started fleet idles before the first release (default 20)
+  --settle S         seconds the started fleet idles before the first release (default
+                     N / 50, at least 5 and at most 20)
   --worker-nice K    niceness of the device worker processes; the hub runs at 0 (default 10)
   --modes M          mesh,hub-only (default both)
   --out DIR          results directory (default bench-results)
+  --dir DIR          where each fleet's hub and device stores are made (default /dev/shm
+                     when the fleet fits in half the available memory, else the temp dir:
+                     N simulated devices share one disk, a real fleet has N)
 ";
 
 fn rate(s: &str) -> Result<u64> {
@@ -125,6 +131,7 @@ fn rate(s: &str) -> Result<u64> {
 
 fn params() -> Result<Params> {
     let mut args = std::env::args().skip(1);
+    let mut settle = None;
     let mut p = Params {
         devices: 100,
         sizes_mib: vec![16],
@@ -132,10 +139,11 @@ fn params() -> Result<Params> {
         device_down: 0,
         hub_up: 16 * MIB,
         parallel: 8,
-        settle: 20,
+        settle: 0,
         worker_nice: 10,
         modes: vec![Mode::Mesh, Mode::HubOnly],
         out: PathBuf::from("bench-results"),
+        dir: None,
         one: None,
         worker: None,
     };
@@ -158,10 +166,11 @@ fn params() -> Result<Params> {
             "--device-down" => p.device_down = rate(&v)?,
             "--hub-up" => p.hub_up = rate(&v)?,
             "--parallel" => p.parallel = v.parse()?,
-            "--settle" => p.settle = v.parse()?,
+            "--settle" => settle = Some(v.parse()?),
             "--worker-nice" => p.worker_nice = v.parse()?,
             "--modes" => p.modes = v.split(',').map(Mode::parse).collect::<Result<_>>()?,
             "--out" => p.out = PathBuf::from(v),
+            "--dir" => p.dir = Some(PathBuf::from(v)),
             "--worker" => {
                 let mut parts = v.rsplitn(3, ':');
                 let count = parts.next().context("--worker DIR:INDEX:COUNT")?.parse()?;
@@ -176,6 +185,7 @@ fn params() -> Result<Params> {
             other => bail!("unknown option {other}\n\n{HELP}"),
         }
     }
+    p.settle = settle.unwrap_or((p.devices as u64 / 50).clamp(5, 20));
     anyhow::ensure!(
         p.devices > 0 && p.hub_up > 0,
         "--devices and --hub-up must be positive"
@@ -236,6 +246,8 @@ struct Outcome {
     delta: Round,
     hub_rss_kib: u64,
     device_rss_kib: f64,
+    /// Where the hub's and the devices' stores were (see [`fleet_parent`]).
+    stores: String,
 }
 
 struct Hub {
@@ -574,16 +586,19 @@ fn testimage(dir: &Path, size: u64, version: &str) -> Result<PathBuf> {
 }
 
 fn run_fleet(p: &Params, size: u64, mode: Mode) -> Result<Outcome> {
-    let tmp = tempfile::tempdir()?;
+    let parent = fleet_parent(p, size);
+    let tmp = tempfile::tempdir_in(&parent)
+        .with_context(|| format!("creating the fleet's directory in {}", parent.display()))?;
     let dir = tmp.path();
     let v1 = testimage(dir, size, "1.0.0")?;
     let v2 = testimage(dir, size, "1.0.1")?;
     let f = std::fs::metadata(&v1)?.len();
     let hub = start_hub(dir, p)?;
     eprintln!(
-        "{} devices, {size} MiB, {}: enrolling",
+        "{} devices, {size} MiB, {}: enrolling (stores in {})",
         p.devices,
-        mode.name()
+        mode.name(),
+        parent.display()
     );
     enroll_devices(dir, &hub, p)?;
     let count = p.devices.div_ceil(DEVICES_PER_WORKER);
@@ -642,6 +657,7 @@ fn run_fleet(p: &Params, size: u64, mode: Mode) -> Result<Outcome> {
         delta,
         hub_rss_kib: status_kib(hub.child.id(), "VmHWM"),
         device_rss_kib: device_rss_kib as f64 / p.devices as f64,
+        stores: parent.display().to_string(),
     })
 }
 
@@ -670,7 +686,7 @@ impl Timeline {
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             let began = Instant::now();
-            let mut csv = String::from("t_s,unix_s,cpu_busy_pct,");
+            let mut csv = String::from("t_s,unix_s,cpu_busy_pct,tcp_sockets,");
             csv.push_str(
                 &TIMELINE_METRICS
                     .map(|m| &m["unifleet_hub_".len()..])
@@ -691,12 +707,13 @@ impl Timeline {
                     .collect();
                 let _ = writeln!(
                     csv,
-                    "{:.0},{},{:.0},{}",
+                    "{:.0},{},{:.0},{},{}",
                     began.elapsed().as_secs_f64(),
                     std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs()),
                     100.0 * busy as f64 / total as f64,
+                    tcp_sockets(),
                     values.join(",")
                 );
             }
@@ -717,6 +734,47 @@ impl Drop for Timeline {
             let _ = t.join();
         }
     }
+}
+
+/// Where a fleet's directories (the hub's git store, every device's chunk store and image
+/// slots) are made: `--dir` if given; else `/dev/shm` (memory) when the fleet fits in half
+/// the memory available — about five images per device — else the system's temp dir.
+/// N devices simulated on one machine share one disk and one filesystem journal, where a
+/// real fleet has N: on this project's VM, 100 devices storing 22,000 chunk files on ext4
+/// took the mesh round from ~59 s (memory) to 88–143 s, the disk's cost and not the
+/// protocol's (BENCHMARKS.md, "Fleet").
+fn fleet_parent(p: &Params, size_mib: u64) -> PathBuf {
+    if let Some(dir) = &p.dir {
+        return dir.clone();
+    }
+    let shm = Path::new("/dev/shm");
+    let need = p.devices as u64 * size_mib * MIB * 5;
+    if shm.is_dir() && need <= mem_available() / 2 {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// MemAvailable from /proc/meminfo, in bytes (0 if unknown).
+fn mem_available() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// TCP sockets in use on the machine (/proc/net/sockstat): each connection between two
+/// local peers is two.
+fn tcp_sockets() -> u64 {
+    let stat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    stat.lines()
+        .find_map(|l| l.strip_prefix("TCP: inuse "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// (busy, total) jiffies of all CPUs, from /proc/stat.
@@ -750,10 +808,10 @@ fn report(p: &Params, outcomes: &[Outcome]) -> String {
         mib(p.hub_up),
         p.parallel
     );
-    let _ = writeln!(md, "| image | mode | hub egress (× image) | completion p50 / p99 / max | bound | max ÷ bound | max ÷ one-copy bound | p99 ÷ p50 | duplicate bytes | delta release per device (max, % of image) | hub egress, delta | hub redirects | announce p50 / p99 | hub RSS peak | RSS per device |");
+    let _ = writeln!(md, "| image | mode | hub egress (× image) | completion p50 / p99 / max | bound | max ÷ bound | max ÷ one-copy bound | p99 ÷ p50 | duplicate bytes | delta release per device (max, % of image) | hub egress, delta | hub redirects | announce p50 / p99 | hub RSS peak | RSS per device | stores in |");
     let _ = writeln!(
         md,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for o in outcomes {
         let c = &o.full.completion;
@@ -764,7 +822,7 @@ fn report(p: &Params, outcomes: &[Outcome]) -> String {
         let delta_max = o.delta.bytes_per_device.iter().max().copied().unwrap_or(0);
         let _ = writeln!(
             md,
-            "| {} | {} | {} ({:.2}×) | {:.1} / {:.1} / {:.1} s | {} {:.1} s | {:.2} | {} | {:.2} | {} | {} ({:.2}%) | {} | {} | {:.0} / {:.0} ms | {:.1} MiB | {:.2} MiB |",
+            "| {} | {} | {} ({:.2}×) | {:.1} / {:.1} / {:.1} s | {} {:.1} s | {:.2} | {} | {:.2} | {} | {} ({:.2}%) | {} | {} | {:.0} / {:.0} ms | {:.1} MiB | {:.2} MiB | {} |",
             mib(o.size),
             o.mode.name(),
             mib(o.full.hub_egress),
@@ -793,6 +851,7 @@ fn report(p: &Params, outcomes: &[Outcome]) -> String {
             percentile(&o.full.announce, 0.99) * 1e3,
             o.hub_rss_kib as f64 / 1024.0,
             o.device_rss_kib / 1024.0,
+            o.stores,
         );
     }
     md
