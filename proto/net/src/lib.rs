@@ -48,6 +48,8 @@ const GOSSIP_QUEUE: usize = 128;
 /// A node walks the DHT only with fewer connections than this (the hub alone, say);
 /// a walk dials every peer it asks, and those connections stay up while gossip uses them.
 const WALK_BELOW: usize = 3;
+/// Peers remembered to seed the DHT with when the hub is lost (see `Node::met`).
+const MET_KEPT: usize = 32;
 /// Least time between two DHT walks of one node (see `rediscover`).
 const WALK_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -342,6 +344,7 @@ pub fn spawn(
         max_inbound_per_peer: cfg.max_inbound_per_peer,
         bootstrap: cfg.bootstrap.clone(),
         listen_of: HashMap::new(),
+        met: std::collections::VecDeque::new(),
         last_walk: None,
     };
     let handle = tokio::spawn(node.run(cmd_rx, shutdown));
@@ -490,6 +493,11 @@ struct Node {
     bootstrap: Vec<Multiaddr>,
     /// Where each connected peer listens (identify), for redirects to it.
     listen_of: HashMap<PeerId, Multiaddr>,
+    /// Peers identified while a bootstrap peer (the hub) was connected, newest last (at
+    /// most [`MET_KEPT`]): not put in the DHT then (see the `Identify` event), put there
+    /// when the last bootstrap peer is lost, so a device can still find peers through the
+    /// DHT with the hub gone.
+    met: std::collections::VecDeque<(PeerId, Multiaddr)>,
     /// When this node last walked the DHT for more peers.
     last_walk: Option<std::time::Instant>,
 }
@@ -614,6 +622,14 @@ impl Node {
         self.swarm.connected_peers().count() + pending < TARGET_PEERS
     }
 
+    /// Connected to one of the bootstrap peers (the hub).
+    fn bootstrap_connected(&self) -> bool {
+        self.bootstrap
+            .iter()
+            .filter_map(peer_of)
+            .any(|p| self.swarm.is_connected(&p))
+    }
+
     fn release_inbound(&mut self, peer: &PeerId) {
         if let Some(n) = self.inbound_per_peer.get_mut(peer) {
             *n = n.saturating_sub(1);
@@ -647,6 +663,12 @@ impl Node {
                 ..
             } => {
                 self.listen_of.remove(&peer_id);
+                let was_bootstrap = self.bootstrap.iter().any(|a| peer_of(a) == Some(peer_id));
+                if was_bootstrap && !self.bootstrap_connected() {
+                    for (peer, addr) in std::mem::take(&mut self.met) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+                    }
+                }
                 self.emit(NetEvent::PeerDisconnected(peer_id)).await
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
@@ -655,14 +677,28 @@ impl Node {
                 ..
             })) => {
                 // Learn where a peer listens so the DHT can introduce it to others — while
-                // this node is looking for peers: every routing-table entry makes kad walk
-                // the DHT (libp2p's automatic bootstrap cannot be turned off), and every walk
-                // dials the peers it asks. At 1,000 devices, ~25 connections each.
+                // this node is looking for peers and cannot reach a bootstrap peer (the
+                // hub, which names peers itself while it is up): every entry added to a
+                // small routing table makes kad walk the DHT (libp2p's automatic bootstrap
+                // cannot be turned off), and every walk dials the peers it asks. A device
+                // idle between releases keeps few connections, so it is short of peers when
+                // a release starts: adding every peer it met for a chunk made half of a
+                // 1,000-device release's connections.
                 if let Some(first) = info.listen_addrs.first() {
                     self.listen_of.insert(peer_id, first.clone());
                 }
                 let is_bootstrap = self.bootstrap.iter().any(|a| peer_of(a) == Some(peer_id));
                 if !is_bootstrap && !self.short_of_peers() {
+                    return;
+                }
+                if !is_bootstrap && self.bootstrap_connected() {
+                    if let Some(first) = info.listen_addrs.first() {
+                        self.met.retain(|(p, _)| *p != peer_id);
+                        if self.met.len() >= MET_KEPT {
+                            self.met.pop_front();
+                        }
+                        self.met.push_back((peer_id, first.clone()));
+                    }
                     return;
                 }
                 for addr in info.listen_addrs {
