@@ -198,14 +198,19 @@ pub mod bench {
     /// A `/proc/PID/status` field in KiB (`VmRSS`, `VmHWM`, `RssAnon`, `RssFile`); 0 if
     /// unreadable.
     pub fn status_kib(pid: u32, field: &str) -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
+        proc_number(&format!("/proc/{pid}/status"), &format!("{field}:")).unwrap_or(0)
+    }
+
+    /// The number after `label` on the first line of the `/proc` file `path` that starts
+    /// with it ("MemAvailable:   123 kB", "TCP: inuse 42 orphan 0 …").
+    pub fn proc_number(path: &str, label: &str) -> Option<u64> {
+        std::fs::read_to_string(path)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix(label))?
+            .split_whitespace()
+            .next()?
+            .parse()
             .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with(&format!("{field}:")))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|n| n.parse().ok())
-            })
-            .unwrap_or(0)
     }
 }

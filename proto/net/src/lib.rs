@@ -622,7 +622,14 @@ impl Node {
         self.swarm.connected_peers().count() + pending < TARGET_PEERS
     }
 
-    /// Connected to one of the bootstrap peers (the hub).
+    /// One of the bootstrap peers (the hub).
+    fn is_bootstrap(&self, peer: &PeerId) -> bool {
+        self.bootstrap
+            .iter()
+            .any(|a| peer_of(a).as_ref() == Some(peer))
+    }
+
+    /// Connected to one of the bootstrap peers.
     fn bootstrap_connected(&self) -> bool {
         self.bootstrap
             .iter()
@@ -663,8 +670,7 @@ impl Node {
                 ..
             } => {
                 self.listen_of.remove(&peer_id);
-                let was_bootstrap = self.bootstrap.iter().any(|a| peer_of(a) == Some(peer_id));
-                if was_bootstrap && !self.bootstrap_connected() {
+                if self.is_bootstrap(&peer_id) && !self.bootstrap_connected() {
                     for (peer, addr) in std::mem::take(&mut self.met) {
                         self.swarm.behaviour_mut().kad.add_address(&peer, addr);
                     }
@@ -687,7 +693,7 @@ impl Node {
                 if let Some(first) = info.listen_addrs.first() {
                     self.listen_of.insert(peer_id, first.clone());
                 }
-                let is_bootstrap = self.bootstrap.iter().any(|a| peer_of(a) == Some(peer_id));
+                let is_bootstrap = self.is_bootstrap(&peer_id);
                 if !is_bootstrap && !self.short_of_peers() {
                     return;
                 }

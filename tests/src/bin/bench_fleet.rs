@@ -24,7 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use unifleet_tests::bench::{percentile, status_kib};
+use unifleet_tests::bench::{percentile, proc_number, status_kib};
 use unifleet_tests::fleet::run;
 use unifleet_tests::{bin, free_port, metric, metric_in, metrics_page};
 
@@ -758,23 +758,13 @@ fn fleet_parent(p: &Params, size_mib: u64) -> PathBuf {
 
 /// MemAvailable from /proc/meminfo, in bytes (0 if unknown).
 fn mem_available() -> u64 {
-    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    info.lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse::<u64>().ok())
-        .map_or(0, |kib| kib * 1024)
+    proc_number("/proc/meminfo", "MemAvailable:").map_or(0, |kib| kib * 1024)
 }
 
 /// TCP sockets in use on the machine (/proc/net/sockstat): each connection between two
 /// local peers is two.
 fn tcp_sockets() -> u64 {
-    let stat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
-    stat.lines()
-        .find_map(|l| l.strip_prefix("TCP: inuse "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    proc_number("/proc/net/sockstat", "TCP: inuse").unwrap_or(0)
 }
 
 /// (busy, total) jiffies of all CPUs, from /proc/stat.
