@@ -23,6 +23,14 @@ use git2::{Index, IndexEntry, IndexTime, Oid, Repository, Signature};
 use proto::Digest;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::time::Duration;
+
+/// The file in the git directory whose advisory lock serialises the hub's writers.
+pub const WRITER_LOCK: &str = "unifleet-writer.lock";
+/// Age past which a git ref lock file is taken to be left by a killed writer.
+pub const STALE_REF_LOCK: Duration = Duration::from_secs(10);
+/// How often a commit is retried when another git tool holds or moves HEAD (about 4 s).
+const COMMIT_ATTEMPTS: u32 = 15;
 
 /// One line of `events.log`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -208,21 +216,80 @@ impl Store {
             .collect())
     }
 
-    /// Commits `change` on top of HEAD. Retries if another writer moved HEAD meanwhile.
+    /// Commits `change` on top of HEAD.
+    ///
+    /// Writers are serialised by an advisory lock on [`WRITER_LOCK`] in the git directory
+    /// (`hub serve` recording a device's report and `hub publish` in another process may
+    /// commit at the same moment); the kernel drops it when a writer dies, so a crashed hub
+    /// never blocks the next one. A git ref lock (`refs/heads/master.lock`) that a writer
+    /// killed mid-update left behind is removed once it is older than [`STALE_REF_LOCK`].
+    /// Conflicts with other git tools on the repository (HEAD moved, ref locked) are retried
+    /// with backoff.
     pub fn commit(&self, message: &str, change: &Change, tag: Option<&str>) -> Result<Oid> {
-        for _ in 0..10 {
+        let lock_path = self.repo.path().join(WRITER_LOCK);
+        let writer = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening the writer lock {}", lock_path.display()))?;
+        writer
+            .lock()
+            .with_context(|| format!("taking the writer lock {}", lock_path.display()))?;
+        self.remove_stale_ref_locks();
+        let mut backoff = Duration::from_millis(5);
+        for _ in 0..COMMIT_ATTEMPTS {
             match self.try_commit(message, change, tag) {
                 Ok(oid) => return Ok(oid),
                 Err(e)
                     if e.code() == git2::ErrorCode::Modified
+                        || e.code() == git2::ErrorCode::Locked
                         || e.message().contains("current tip") =>
                 {
-                    continue
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
                 Err(e) => return Err(e).context("committing to the git store"),
             }
         }
-        bail!("git store HEAD kept moving; giving up on commit {message:?}")
+        bail!(
+            "committing {message:?} to the git store {}: HEAD stayed locked or kept moving for \
+             {COMMIT_ATTEMPTS} attempts; is another git command writing to it?",
+            self.repo.path().display()
+        )
+    }
+
+    /// Removes ref lock files (`HEAD.lock`, `packed-refs.lock`, `refs/**.lock`) older than
+    /// [`STALE_REF_LOCK`]. Called with the writer lock held, so no hub writer owns them; git
+    /// holds a ref lock for milliseconds, so an old one was left by a killed process.
+    fn remove_stale_ref_locks(&self) {
+        let git = self.repo.path();
+        let mut found = Vec::new();
+        let mut dirs = vec![git.join("refs")];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "lock") {
+                    found.push(path);
+                }
+            }
+        }
+        found.extend([git.join("HEAD.lock"), git.join("packed-refs.lock")]);
+        for path in found {
+            let age = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|a| a >= STALE_REF_LOCK) && std::fs::remove_file(&path).is_ok() {
+                tracing::warn!(
+                    "removed {}: a git ref lock {}s old, left by a writer that was killed",
+                    path.display(),
+                    age.unwrap_or_default().as_secs()
+                );
+            }
+        }
     }
 
     fn try_commit(
@@ -306,5 +373,85 @@ mod tests {
         assert_eq!(store.releases().unwrap().len(), 1);
         assert_eq!(store.events().unwrap().len(), 1);
         assert!(store.repo.find_reference("refs/tags/x/v1.0.0").is_ok());
+    }
+
+    fn event(n: u64) -> Event {
+        Event {
+            at: n,
+            kind: "report".into(),
+            app: None,
+            channel: None,
+            release: None,
+            device: Some(format!("d{n}")),
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn concurrent_writers_each_land_every_commit() {
+        // Two handles on one store, as `hub serve` and `hub publish` are two processes:
+        // the writer lock is per open file, so this is the same contention.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.git");
+        Store::init(&path).unwrap();
+        let writers: Vec<_> = (0..2u64)
+            .map(|w| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let store = Store::open(&path).unwrap();
+                    for k in 0..40 {
+                        let mut c = Change::default();
+                        c.put(format!("blobs/{w}-{k}"), vec![w as u8; 64]);
+                        c.event(event(w * 100 + k));
+                        store.commit(&format!("w{w} {k}"), &c, None).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.events().unwrap().len(),
+            80,
+            "every event is in the log"
+        );
+        assert_eq!(
+            store.list("blobs").unwrap().len(),
+            80,
+            "every file is in HEAD"
+        );
+        let mut walk = store.repo.revwalk().unwrap();
+        walk.push_head().unwrap();
+        assert_eq!(walk.count(), 80, "one commit per change, none lost");
+    }
+
+    #[test]
+    fn a_ref_lock_left_by_a_killed_writer_is_removed_and_a_live_one_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::init(&dir.path().join("s.git")).unwrap();
+        let mut c = Change::default();
+        c.event(event(1));
+        store.commit("first", &c, None).unwrap();
+        let lock = store.repo.path().join("refs/heads/master.lock");
+
+        // Fresh: another git command may be mid-update; the commit waits, then says so.
+        std::fs::write(&lock, b"").unwrap();
+        let err = format!("{:#}", store.commit("second", &c, None).unwrap_err());
+        assert!(err.contains("stayed locked"), "{err}");
+        assert!(lock.exists(), "a fresh lock is never removed");
+
+        // Old: a writer was killed holding it; the next commit removes it and lands.
+        let old = std::time::SystemTime::now() - STALE_REF_LOCK - Duration::from_secs(1);
+        std::fs::File::options()
+            .write(true)
+            .open(&lock)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        store.commit("second", &c, None).unwrap();
+        assert!(!lock.exists());
+        assert_eq!(store.events().unwrap().len(), 2);
     }
 }
