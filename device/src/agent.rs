@@ -159,6 +159,7 @@ pub async fn run_with_metrics(
         None => None,
     };
 
+    let broker_up = mqtt_client.as_ref().map(|m| m.connected.clone());
     let reporter = Arc::new(Reporter::new(&cfg, key, net.clone(), mqtt_client, &metrics));
     if let Some(addr) = &cfg.metrics {
         let m = metrics.clone();
@@ -167,7 +168,9 @@ pub async fn run_with_metrics(
             .with_context(|| format!("metrics cannot listen on {addr}"))?;
     }
     let (updates_tx, updates_rx) = mpsc::channel(16);
+    let (asked_tx, asked_rx) = mpsc::channel(16);
     let router = Router {
+        asked: asked_tx,
         cfg: cfg.clone(),
         platform,
         root: root.clone(),
@@ -177,13 +180,14 @@ pub async fn run_with_metrics(
         latest: HashMap::new(),
         trickles: HashMap::new(),
         last_connect_reset: None,
+        broker_up,
         phase: crate::fetch::stable_hash(&net.peer_id().to_bytes()) as f64 / u64::MAX as f64,
         seeding: Arc::new(Semaphore::new(MAX_SEEDING)),
         upload: Arc::new(RateLimiter::new(cfg.upload_rate)),
         metrics: metrics.clone(),
         reporter: reporter.clone(),
     };
-    let router_task = tokio::spawn(router.run(events, mqtt_rx));
+    let router_task = tokio::spawn(router.run(events, mqtt_rx, asked_rx));
     let updater = Updater {
         fetcher: Fetcher::new(net.clone(), store.clone(), hub_peers, &cfg, metrics.clone()),
         activator: Arc::new(Activator::new(&cfg.libvirt_uri, &cfg.domain_type)),
@@ -220,6 +224,10 @@ struct Router {
     trickles: HashMap<(String, String), Trickle>,
     /// When a new connection last reset the re-gossip intervals.
     last_connect_reset: Option<std::time::Instant>,
+    /// Whether the broker connection is up (none configured: never).
+    broker_up: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Announcements peers answered [`Want::Announcement`] with, and who sent them.
+    asked: mpsc::Sender<(Vec<u8>, PeerId)>,
     /// Where in each re-gossip interval this device speaks (from its peer id).
     phase: f64,
     seeding: Arc<Semaphore>,
@@ -233,6 +241,7 @@ impl Router {
         mut self,
         mut events: mpsc::UnboundedReceiver<NetEvent>,
         mut mqtt: mpsc::Receiver<(String, Vec<u8>)>,
+        mut asked: mpsc::Receiver<(Vec<u8>, PeerId)>,
     ) {
         let mut report_again = tokio::time::interval(REPORT_AGAIN);
         loop {
@@ -246,6 +255,7 @@ impl Router {
                     tracing::debug!(%topic, "announcement from broker");
                     let _ = self.announcement(bytes, None).await;
                 }
+                Some((bytes, peer)) = asked.recv() => self.asked_announcement(bytes, peer).await,
                 _ = sleep_until(self.trickles.values().map(Trickle::fire_at).min()) => {
                     self.regossip().await;
                 }
@@ -302,6 +312,12 @@ impl Router {
                 self.net.validate(id, source, acceptance).await;
             }
             NetEvent::BlobWanted {
+                digest,
+                want: Want::Announcement,
+                reply,
+                ..
+            } => self.serve_announcement(digest, reply),
+            NetEvent::BlobWanted {
                 peer,
                 digest,
                 want,
@@ -328,6 +344,7 @@ impl Router {
                     .peers
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(peer = %p, "peer connected");
+                self.ask_announcements(p);
             }
             NetEvent::PeerDisconnected(p) => {
                 self.metrics
@@ -412,6 +429,61 @@ impl Router {
                 MessageAcceptance::Reject
             }
         }
+    }
+
+    /// Without the broker, a device learns of releases from peers: it asks each peer it
+    /// connects to for its newest announcement of our apps ([`Want::Announcement`]). With
+    /// the broker up (retained announcements, the hub's re-announcements) it does not: at
+    /// a release, devices connect to peer after peer.
+    fn ask_announcements(&self, peer: PeerId) {
+        let broker_up = self
+            .broker_up
+            .as_ref()
+            .is_some_and(|up| up.load(std::sync::atomic::Ordering::Relaxed));
+        if broker_up {
+            return;
+        }
+        for app in &self.cfg.apps {
+            let key = proto::blob::announcement_key(app, &self.cfg.channel);
+            let net = self.net.clone();
+            let asked = self.asked.clone();
+            tokio::spawn(async move {
+                match net.fetch_with(peer, None, key, Want::Announcement).await {
+                    Ok(bytes) => {
+                        let _ = asked.send((bytes, peer)).await;
+                    }
+                    Err(e) => tracing::debug!(%peer, "asking for the newest announcement: {e}"),
+                }
+            });
+        }
+    }
+
+    /// A peer's answer to [`Router::ask_announcements`]: checked like any announcement.
+    async fn asked_announcement(&mut self, bytes: Vec<u8>, peer: PeerId) {
+        let known = |r: &Router| {
+            r.latest
+                .iter()
+                .map(|(key, (release, _, _))| (key.clone(), *release))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let before = known(self);
+        let acceptance = self.announcement(bytes, Some(peer)).await;
+        if matches!(acceptance, MessageAcceptance::Accept) && known(self) != before {
+            tracing::info!(%peer, "learned of a release by asking a peer");
+        }
+    }
+
+    /// Answers a [`Want::Announcement`]: our newest announcement for that app and channel.
+    fn serve_announcement(&self, key: proto::Digest, reply: net::ReplyId) {
+        let response = self
+            .latest
+            .iter()
+            .find(|((app, channel), _)| proto::blob::announcement_key(app, channel) == key)
+            .map_or(BlobResponse::NotFound, |(_, (_, bytes, _))| {
+                BlobResponse::Found(bytes.clone())
+            });
+        let net = self.net.clone();
+        tokio::spawn(async move { net.respond(reply, response).await });
     }
 
     fn serve_blob(&self, peer: PeerId, digest: proto::Digest, want: Want, reply: net::ReplyId) {

@@ -87,6 +87,9 @@ impl Blobs {
                 }
             }
             Want::Blob | Want::BlobOrPeers => self.send(peer, digest, reply).await,
+            // The hub announces through its broker and re-announces by gossip every few
+            // seconds; asking it is for devices asking a peer.
+            Want::Announcement => self.net.respond(reply, BlobResponse::NotFound).await,
         }
     }
 

@@ -6,6 +6,9 @@
 //! tells the hub ([`Want::Stored`], answered [`BlobResponse::Noted`]): from then on it is a
 //! source the hub can name.
 //!
+//! A device that cannot reach the broker also asks each peer it connects to for its newest
+//! announcement of the device's apps ([`Want::Announcement`]).
+//!
 //! Blobs carry no signature of their own: the requester knows the digest it asked for and
 //! checks the bytes against it (and, for chunks, against the manifest's declared size)
 //! before using them.
@@ -33,6 +36,21 @@ pub enum Want {
     /// Nothing: the asker has stored this blob (fetched after a [`Want::BlobOrPeers`]) and
     /// can serve it. Answered [`BlobResponse::Noted`].
     Stored,
+    /// The newest signed announcement the peer holds for the app and channel whose
+    /// [`announcement_key`] is the digest, answered [`BlobResponse::Found`] with its bytes
+    /// or [`BlobResponse::NotFound`]. How a device that cannot reach the broker learns of
+    /// releases from each peer it connects to, instead of waiting for a re-gossip; the
+    /// bytes are checked like any announcement (root, signature, expiry, replay).
+    Announcement,
+}
+
+/// The digest a [`Want::Announcement`] request names: an app and channel, not content.
+pub fn announcement_key(app: &str, channel: &str) -> Digest {
+    let mut name = b"unifleet announcement\0".to_vec();
+    name.extend_from_slice(app.as_bytes());
+    name.push(0);
+    name.extend_from_slice(channel.as_bytes());
+    Digest::of(&name)
 }
 
 /// Most peers in one [`BlobResponse::Elsewhere`].
@@ -111,6 +129,15 @@ pub fn check(expected: &Digest, bytes: &[u8]) -> Result<(), crate::VerifyError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn announcement_keys_name_one_app_and_channel() {
+        let k = announcement_key("hello", "stable");
+        assert_eq!(k, announcement_key("hello", "stable"));
+        assert_ne!(k, announcement_key("hello", "beta"));
+        assert_ne!(k, announcement_key("hellos", "table"));
+        assert_ne!(k, Digest::of(b"hello"));
+    }
 
     #[test]
     fn request_is_small_and_digests_are_raw_bytes() {

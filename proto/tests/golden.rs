@@ -156,6 +156,13 @@ fn blob_messages_golden() {
     .encode()
     .unwrap();
     check("blob-stored.bin", &stored);
+    let latest = proto::blob::BlobRequest {
+        digest: proto::blob::announcement_key("hello", "stable"),
+        want: proto::blob::Want::Announcement,
+    }
+    .encode()
+    .unwrap();
+    check("blob-announcement.bin", &latest);
     check(
         "blob-noted.bin",
         &proto::blob::BlobResponse::Noted.encode().unwrap(),

@@ -1,5 +1,6 @@
 //! Issue: device agent, tests b and c: devices spread releases among themselves when the
-//! hub is gone, and a malicious peer cannot get a bad image installed.
+//! hub is gone (asking each peer they connect to for its newest announcement), and a
+//! malicious peer cannot get a bad image or a forged announcement accepted.
 
 use anyhow::Result;
 use std::io::{BufRead, BufReader};
@@ -46,6 +47,13 @@ fn devices_converge_from_peers_after_the_hub_and_broker_die() -> Result<()> {
     }
     fleet.wait_all(others, "hello", 2, "Active", CONVERGE)?;
     for &i in others {
+        // ... by asking the seed device when they connected, not at its next re-gossip.
+        let log = fleet.devices[i].log_text();
+        assert!(
+            log.contains("learned of a release by asking a peer"),
+            "{} did not ask its peer:\n{log}",
+            fleet.devices[i].name
+        );
         assert_eq!(
             fleet.devices[i].fetched("hello").1,
             0,
@@ -124,6 +132,14 @@ fn malicious_peer_is_detected_dropped_and_the_right_image_installed() -> Result<
         .filter(|l| l.contains("peer sent a bad blob") && l.contains(evil_id))
         .count();
     assert!(complaints >= 1, "the bad blobs were noticed:\n{log}");
+    // Asked for its newest announcement, it answered with a forged far newer release:
+    // refused, and the victim runs release 1.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("refusing announcement") && l.contains(evil_id)),
+        "the forged announcement was refused:\n{log}"
+    );
+    assert!(unifleet_tests::metric(&metrics, "unifleet_device_announcements_refused_total")? >= 1);
     // Dropped after its first bad blob: only requests already in flight then (at most
     // `parallel_fetches`, 4) reach it, though the image has many more chunks.
     drop(_evil);

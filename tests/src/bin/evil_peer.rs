@@ -1,6 +1,7 @@
 //! A malicious peer for tests: joins the fleet's libp2p network and answers every blob
 //! request with corrupted bytes (the right length plus garbage, then garbage of other
-//! lengths), as a compromised or broken device might.
+//! lengths), as a compromised or broken device might; asked for its newest announcement,
+//! it answers with a far newer release of `hello` signed by a key the fleet does not trust.
 //!
 //! Usage: `evil_peer FLEET PORT [DIAL]` — prints `evil peer: <multiaddr>` once listening;
 //! with DIAL (a peer address) it also connects there and floods both gossip topics with
@@ -8,7 +9,7 @@
 #![allow(clippy::print_stdout)]
 
 use net::{MessageAcceptance, NetConfig, NetEvent};
-use proto::blob::BlobResponse;
+use proto::blob::{BlobResponse, Want};
 use std::io::Write;
 
 #[tokio::main(flavor = "current_thread")]
@@ -52,6 +53,17 @@ async fn main() -> anyhow::Result<()> {
                 println!("evil peer: {addr}/p2p/{}", client.peer_id());
                 std::io::stdout().flush()?;
             }
+            NetEvent::BlobWanted {
+                want: Want::Announcement,
+                reply,
+                ..
+            } => {
+                println!("announced");
+                std::io::stdout().flush()?;
+                client
+                    .respond(reply, BlobResponse::Found(forged_announcement(&fleet)?))
+                    .await;
+            }
             NetEvent::BlobWanted { digest, reply, .. } => {
                 served += 1;
                 println!("served {served}");
@@ -72,4 +84,21 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Release 1,000,000 of `hello`, signed by a key that is not the fleet's.
+fn forged_announcement(fleet: &str) -> anyhow::Result<Vec<u8>> {
+    let ann = proto::announcement::Announcement {
+        fleet: fleet.to_string(),
+        app: "hello".into(),
+        channel: "stable".into(),
+        platform: proto::manifest::Platform::QemuX86_64,
+        release: 1_000_000,
+        version: semver::Version::new(1000, 0, 0),
+        manifest: proto::Digest::of(b"evil"),
+        expires_at: u64::MAX / 2,
+    };
+    let mut env = ann.seal()?;
+    env.sign(&proto::SecretKey::from_seed([0x66; 32]))?;
+    Ok(env.encode()?)
 }
