@@ -215,7 +215,7 @@ struct Router {
     root: Arc<TrustedRoot>,
     store: Arc<Store>,
     net: NetClient,
-    updates: mpsc::Sender<(Announcement, Vec<u8>)>,
+    updates: mpsc::Sender<Heard>,
     /// Newest verified announcement bytes per (app, channel).
     /// Newest verified announcement per (app, channel): release, bytes, expiry (Unix s).
     latest: HashMap<(String, String), (u64, Vec<u8>, u64)>,
@@ -384,6 +384,7 @@ impl Router {
         };
         match verify_announcement(&bytes, &self.root, &expect) {
             Ok(ann) => {
+                let verified_ms = crate::metrics::unix_ms();
                 let key = (ann.app.clone(), ann.channel.clone());
                 let known = self.latest.get(&key).map(|(r, _, _)| *r);
                 if from.is_some() && known.is_none_or(|k| ann.release >= k) {
@@ -411,7 +412,11 @@ impl Router {
                     self.latest
                         .insert(key, (ann.release, bytes.clone(), ann.expires_at));
                     if self.cfg.apps.contains(&ann.app) {
-                        let _ = self.updates.try_send((ann, bytes));
+                        let _ = self.updates.try_send(Heard {
+                            ann,
+                            bytes,
+                            verified_ms,
+                        });
                     }
                 }
                 MessageAcceptance::Accept
@@ -529,6 +534,14 @@ impl Router {
     }
 }
 
+/// A new release of one of our apps, as the router verified it.
+struct Heard {
+    ann: Announcement,
+    bytes: Vec<u8>,
+    /// When the router verified it (Unix ms): when the device learned of the release.
+    verified_ms: u64,
+}
+
 struct Updater {
     cfg: Config,
     platform: Platform,
@@ -543,7 +556,7 @@ struct Updater {
 }
 
 impl Updater {
-    async fn run(self, mut updates: mpsc::Receiver<(Announcement, Vec<u8>)>) {
+    async fn run(self, mut updates: mpsc::Receiver<Heard>) {
         if let Err(e) = self.resume().await {
             tracing::error!("resuming after start: {e:#}");
         }
@@ -551,11 +564,11 @@ impl Updater {
         // pauses, until it succeeds or a newer announcement takes its place. (A release
         // that fails its health probe is rolled back and never retried: that is not an
         // error here.)
-        let mut retry: Option<(tokio::time::Instant, Announcement, Vec<u8>, Duration)> = None;
+        let mut retry: Option<(tokio::time::Instant, Heard, Duration)> = None;
         loop {
-            let (ann, bytes, backoff) = tokio::select! {
+            let (heard, backoff) = tokio::select! {
                 msg = updates.recv() => match msg {
-                    Some((ann, bytes)) => (ann, bytes, RETRY_FIRST),
+                    Some(heard) => (heard, RETRY_FIRST),
                     None => break,
                 },
                 _ = async {
@@ -564,17 +577,18 @@ impl Updater {
                         None => std::future::pending().await,
                     }
                 } => {
-                    let (_, ann, bytes, backoff) = retry.take().expect("pending retry");
-                    tracing::info!(app = %ann.app, release = ann.release, "trying the update again");
-                    (ann, bytes, backoff)
+                    let (_, heard, backoff) = retry.take().expect("pending retry");
+                    tracing::info!(app = %heard.ann.app, release = heard.ann.release, "trying the update again");
+                    (heard, backoff)
                 }
             };
-            if let Err(e) = self.update(&ann, &bytes).await {
+            if let Err(e) = self.update(&heard).await {
+                let ann = &heard.ann;
                 tracing::error!(app = %ann.app, release = ann.release, "update failed (trying again in {backoff:?}): {e:#}");
                 self.reporter
                     .report(
                         &ann.app,
-                        Some(&ann),
+                        Some(ann),
                         DeviceState::Failed {
                             reason: format!("{e:#}"),
                         },
@@ -583,8 +597,7 @@ impl Updater {
                     .await;
                 retry = Some((
                     tokio::time::Instant::now() + backoff,
-                    ann,
-                    bytes,
+                    heard,
                     (backoff * 2).min(RETRY_MAX),
                 ));
             }
@@ -698,7 +711,12 @@ impl Updater {
             .context("stored manifest no longer verifies")
     }
 
-    async fn update(&self, ann: &Announcement, bytes: &[u8]) -> Result<()> {
+    async fn update(&self, heard: &Heard) -> Result<()> {
+        let Heard {
+            ann,
+            bytes,
+            verified_ms,
+        } = heard;
         let state = self.store.load_state()?;
         let app_state = state.apps.get(&ann.app).cloned().unwrap_or_default();
         if app_state.failed.contains(&ann.release) {
@@ -726,10 +744,9 @@ impl Updater {
             return Ok(());
         }
         tracing::info!(app = %ann.app, release = ann.release, version = %ann.version, "new release announced");
-        self.metrics.last_announcement_ms.store(
-            crate::metrics::unix_ms(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.metrics
+            .last_announcement_ms
+            .store(*verified_ms, std::sync::atomic::Ordering::Relaxed);
         // The manifest: fetched by digest, then verified like the announcement.
         let banned = crate::fetch::Banned::default();
         let manifest_bytes = self.fetcher.manifest(&ann.manifest, &banned).await?;
