@@ -233,9 +233,18 @@ impl Store {
             .write(true)
             .open(&lock_path)
             .with_context(|| format!("opening the writer lock {}", lock_path.display()))?;
-        writer
-            .lock()
-            .with_context(|| format!("taking the writer lock {}", lock_path.display()))?;
+        let taken = match writer.try_lock() {
+            Ok(()) => Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tracing::info!(
+                    "waiting for another hub process committing to {}",
+                    self.repo.path().display()
+                );
+                writer.lock()
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        };
+        taken.with_context(|| format!("taking the writer lock {}", lock_path.display()))?;
         self.remove_stale_ref_locks();
         let mut backoff = Duration::from_millis(5);
         for _ in 0..COMMIT_ATTEMPTS {
