@@ -38,8 +38,6 @@ const MAX_SEEDING: usize = 16;
 /// re-announcement period (5 s), so while the hub is up devices stay quiet.
 const REGOSSIP_MIN: Duration = Duration::from_secs(6);
 const REGOSSIP_MAX: Duration = Duration::from_secs(120);
-/// New connections reset the re-gossip intervals at most this often.
-const CONNECT_RESET_EVERY: Duration = Duration::from_secs(60);
 /// How often the latest status reports are sent again (heartbeat, and catch-up for a hub
 /// that was down).
 const REPORT_AGAIN: Duration = Duration::from_secs(10);
@@ -159,7 +157,7 @@ pub async fn run_with_metrics(
         None => None,
     };
 
-    let broker_up = mqtt_client.as_ref().map(|m| m.connected.clone());
+    let broker = mqtt_client.clone();
     let reporter = Arc::new(Reporter::new(&cfg, key, net.clone(), mqtt_client, &metrics));
     if let Some(addr) = &cfg.metrics {
         let m = metrics.clone();
@@ -179,8 +177,7 @@ pub async fn run_with_metrics(
         updates: updates_tx,
         latest: HashMap::new(),
         trickles: HashMap::new(),
-        last_connect_reset: None,
-        broker_up,
+        broker,
         phase: crate::fetch::stable_hash(&net.peer_id().to_bytes()) as f64 / u64::MAX as f64,
         seeding: Arc::new(Semaphore::new(MAX_SEEDING)),
         upload: Arc::new(RateLimiter::new(cfg.upload_rate)),
@@ -222,10 +219,8 @@ struct Router {
     /// When to re-gossip the newest announcement per (app, channel), and whether others
     /// already did in this interval.
     trickles: HashMap<(String, String), Trickle>,
-    /// When a new connection last reset the re-gossip intervals.
-    last_connect_reset: Option<std::time::Instant>,
-    /// Whether the broker connection is up (none configured: never).
-    broker_up: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The broker connection, if one is configured (for whether it is up).
+    broker: Option<crate::mqtt::Mqtt>,
     /// Announcements peers answered [`Want::Announcement`] with, and who sent them.
     asked: mpsc::Sender<(Vec<u8>, PeerId)>,
     /// Where in each re-gossip interval this device speaks (from its peer id).
@@ -291,7 +286,7 @@ impl Router {
                 ..
             } => {
                 tracing::debug!(peer = %source, "announcement from a peer");
-                let acceptance = self.announcement(data, Some(source)).await;
+                let acceptance = self.announcement(data, Some(source)).await.acceptance();
                 self.net.validate(id, source, acceptance).await;
             }
             NetEvent::Gossip {
@@ -326,20 +321,6 @@ impl Router {
             } => self.serve_blob(peer, digest, want, reply),
             NetEvent::Listening(addr) => tracing::info!(%addr, "listening"),
             NetEvent::PeerConnected(p) => {
-                // A newcomer may not know the newest releases: re-gossip soon (unless
-                // someone else does) — once for a burst of connections: during a
-                // download a device connects to peer after peer, and a reset for each
-                // kept the whole fleet re-gossiping every few seconds.
-                let now = std::time::Instant::now();
-                if self
-                    .last_connect_reset
-                    .is_none_or(|t| now.duration_since(t) >= CONNECT_RESET_EVERY)
-                {
-                    self.last_connect_reset = Some(now);
-                    for t in self.trickles.values_mut() {
-                        t.reset(now);
-                    }
-                }
                 self.metrics
                     .peers
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -357,7 +338,7 @@ impl Router {
 
     /// Verifies an announcement; relays it if it is validly signed (whatever app or
     /// channel it is for) and passes it on if it is for one of our apps.
-    async fn announcement(&mut self, bytes: Vec<u8>, from: Option<PeerId>) -> MessageAcceptance {
+    async fn announcement(&mut self, bytes: Vec<u8>, from: Option<PeerId>) -> Verdict {
         // The newest announcement again (re-gossip, the hub's re-announcement): these
         // very bytes were verified already; only the clock can have changed since.
         if let Some((key, expires_at)) = self
@@ -372,7 +353,7 @@ impl Router {
                         t.heard();
                     }
                 }
-                return MessageAcceptance::Accept;
+                return Verdict::Known;
             }
         }
         let expect = Expectations {
@@ -399,57 +380,60 @@ impl Router {
                         ann.release
                     );
                 }
-                if known.is_none_or(|k| ann.release > k) {
-                    // From the broker, it reaches peers that cannot reach the broker at the
-                    // next re-gossip, unless a peer gossips it first.
-                    let now = std::time::Instant::now();
-                    self.trickles
-                        .entry(key.clone())
-                        .or_insert_with(|| {
-                            Trickle::new(REGOSSIP_MIN, REGOSSIP_MAX, self.phase, now)
-                        })
-                        .reset(now);
-                    self.latest
-                        .insert(key, (ann.release, bytes.clone(), ann.expires_at));
-                    if self.cfg.apps.contains(&ann.app) {
-                        let _ = self.updates.try_send(Heard {
-                            ann,
-                            bytes,
-                            verified_ms,
-                        });
-                    }
+                if known.is_some_and(|k| ann.release <= k) {
+                    return Verdict::Known;
                 }
-                MessageAcceptance::Accept
+                // From the broker, it reaches peers that cannot reach the broker at the
+                // next re-gossip, unless a peer gossips it first.
+                let now = std::time::Instant::now();
+                self.trickles
+                    .entry(key.clone())
+                    .or_insert_with(|| Trickle::new(REGOSSIP_MIN, REGOSSIP_MAX, self.phase, now))
+                    .reset(now);
+                self.latest
+                    .insert(key, (ann.release, bytes.clone(), ann.expires_at));
+                if self.cfg.apps.contains(&ann.app) {
+                    let _ = self.updates.try_send(Heard {
+                        ann,
+                        bytes,
+                        verified_ms,
+                    });
+                }
+                Verdict::New
             }
             // Signed correctly, just not for us: still worth relaying, never installed.
             Err(e @ (VerifyError::WrongChannel { .. } | VerifyError::WrongPlatform { .. })) => {
                 tracing::info!(from = ?from, "not installing announcement: {e}");
-                MessageAcceptance::Accept
+                Verdict::Known
             }
             Err(e) => {
                 self.metrics
                     .announcements_refused
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(from = ?from, "refusing announcement: {e}");
-                MessageAcceptance::Reject
+                Verdict::Refused
             }
         }
     }
 
-    /// Without the broker, a device learns of releases from peers: it asks each peer it
-    /// connects to for its newest announcement of our apps ([`Want::Announcement`]). With
-    /// the broker up (retained announcements, the hub's re-announcements) it does not: at
-    /// a release, devices connect to peer after peer.
+    /// A newcomer learns of releases by asking: each peer it connects to is asked for its
+    /// newest announcement of each of our apps ([`Want::Announcement`]) that the broker
+    /// cannot tell us — all of them while the broker is down, else those we know no
+    /// release of yet. With the broker up and the release known (the case during a
+    /// release, when devices connect to peer after peer) nothing is asked. (Peers did
+    /// push instead, re-gossiping on new connections; throttled to once a minute, a
+    /// device back while the hub was down waited up to minutes.)
     fn ask_announcements(&self, peer: PeerId) {
         let broker_up = self
-            .broker_up
+            .broker
             .as_ref()
-            .is_some_and(|up| up.load(std::sync::atomic::Ordering::Relaxed));
-        if broker_up {
-            return;
-        }
+            .is_some_and(crate::mqtt::Mqtt::is_connected);
+        let channel = &self.cfg.channel;
         for app in &self.cfg.apps {
-            let key = proto::blob::announcement_key(app, &self.cfg.channel);
+            if broker_up && self.latest.contains_key(&(app.clone(), channel.clone())) {
+                continue;
+            }
+            let key = proto::blob::announcement_key(app, channel);
             let net = self.net.clone();
             let asked = self.asked.clone();
             tokio::spawn(async move {
@@ -465,15 +449,7 @@ impl Router {
 
     /// A peer's answer to [`Router::ask_announcements`]: checked like any announcement.
     async fn asked_announcement(&mut self, bytes: Vec<u8>, peer: PeerId) {
-        let known = |r: &Router| {
-            r.latest
-                .iter()
-                .map(|(key, (release, _, _))| (key.clone(), *release))
-                .collect::<std::collections::BTreeMap<_, _>>()
-        };
-        let before = known(self);
-        let acceptance = self.announcement(bytes, Some(peer)).await;
-        if matches!(acceptance, MessageAcceptance::Accept) && known(self) != before {
+        if self.announcement(bytes, Some(peer)).await == Verdict::New {
             tracing::info!(%peer, "learned of a release by asking a peer");
         }
     }
@@ -531,6 +507,27 @@ impl Router {
             net.respond(reply, response).await;
             drop(permit);
         });
+    }
+}
+
+/// What [`Router::announcement`] made of an announcement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Verified, and newer than any known for its app and channel.
+    New,
+    /// Verified: the newest known again, an older one, or one not for this device.
+    Known,
+    /// Failed verification.
+    Refused,
+}
+
+impl Verdict {
+    /// For gossip: relay what verifies (whatever app it is for), penalise what does not.
+    fn acceptance(self) -> MessageAcceptance {
+        match self {
+            Verdict::New | Verdict::Known => MessageAcceptance::Accept,
+            Verdict::Refused => MessageAcceptance::Reject,
+        }
     }
 }
 

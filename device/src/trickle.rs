@@ -5,7 +5,8 @@
 //! that heard a copy during its interval stays quiet. Each device fires at its own point
 //! of the second half of the interval (`phase`), so the first to speak silences the rest.
 //! Intervals double from `min` to `max` while all is quiet, and fall back to `min` when
-//! something new happens (a newer release, a new peer) so newcomers learn fast.
+//! something new happens (a newer release). Newcomers do not wait for it: they ask the
+//! peers they connect to (`agent::Router::ask_announcements`).
 
 use std::time::{Duration, Instant};
 

@@ -245,8 +245,8 @@ impl Store {
             Err(std::fs::TryLockError::Error(e)) => Err(e),
         };
         taken.with_context(|| format!("taking the writer lock {}", lock_path.display()))?;
-        self.remove_stale_ref_locks();
         let mut backoff = Duration::from_millis(5);
+        let mut swept = false;
         for _ in 0..COMMIT_ATTEMPTS {
             match self.try_commit(message, change, tag) {
                 Ok(oid) => return Ok(oid),
@@ -255,6 +255,10 @@ impl Store {
                         || e.code() == git2::ErrorCode::Locked
                         || e.message().contains("current tip") =>
                 {
+                    if e.code() == git2::ErrorCode::Locked && !swept {
+                        swept = true;
+                        self.remove_stale_ref_locks();
+                    }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
@@ -270,7 +274,8 @@ impl Store {
 
     /// Removes ref lock files (`HEAD.lock`, `packed-refs.lock`, `refs/**.lock`) older than
     /// [`STALE_REF_LOCK`]. Called with the writer lock held, so no hub writer owns them; git
-    /// holds a ref lock for milliseconds, so an old one was left by a killed process.
+    /// holds a ref lock for milliseconds, so an old one was left by a killed process. Only
+    /// when a commit found a ref locked: the walk of `refs/` is not for every commit.
     fn remove_stale_ref_locks(&self) {
         let git = self.repo.path();
         let mut found = Vec::new();

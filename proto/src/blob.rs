@@ -6,8 +6,9 @@
 //! tells the hub ([`Want::Stored`], answered [`BlobResponse::Noted`]): from then on it is a
 //! source the hub can name.
 //!
-//! A device that cannot reach the broker also asks each peer it connects to for its newest
-//! announcement of the device's apps ([`Want::Announcement`]).
+//! A device also asks each peer it connects to for its newest announcement of an app the
+//! broker cannot tell it about, the broker being down or the release unknown yet
+//! ([`Want::Announcement`]).
 //!
 //! Blobs carry no signature of their own: the requester knows the digest it asked for and
 //! checks the bytes against it (and, for chunks, against the manifest's declared size)
@@ -38,8 +39,8 @@ pub enum Want {
     Stored,
     /// The newest signed announcement the peer holds for the app and channel whose
     /// [`announcement_key`] is the digest, answered [`BlobResponse::Found`] with its bytes
-    /// or [`BlobResponse::NotFound`]. How a device that cannot reach the broker learns of
-    /// releases from each peer it connects to, instead of waiting for a re-gossip; the
+    /// or [`BlobResponse::NotFound`]. How a device that cannot learn of releases from the
+    /// broker learns of them from each peer it connects to, instead of waiting for a re-gossip; the
     /// bytes are checked like any announcement (root, signature, expiry, replay).
     Announcement,
 }
