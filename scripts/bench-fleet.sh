@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fleet benchmark in one command (not part of CI: it measures, it does not test).
-#   scripts/bench-fleet.sh                         # N = 100, 16 MiB: mesh and hub-only (~4.5 min)
+#   scripts/bench-fleet.sh                         # N = 100, 16 MiB: mesh and hub-only (~3.5 min once built)
 #   scripts/bench-fleet.sh --devices 1000 --sizes 1
 #   scripts/bench-fleet.sh --help                  # caps, sizes, modes
 # Results: bench-results/fleet-n<N>.{md,csv,png}. Needs what scripts/setup.sh installs,
