@@ -89,8 +89,6 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
-        let mut cfg: Config =
-            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
         // Absolute paths: libvirtd (another process, another working directory) opens
         // the image and the console log by these names.
         let parent = path
@@ -100,6 +98,12 @@ impl Config {
         let base = parent
             .canonicalize()
             .with_context(|| format!("resolving {}", parent.display()))?;
+        Config::parse(&text, &base).with_context(|| format!("config {}", path.display()))
+    }
+
+    /// Parses and validates a config's text; relative paths are taken from `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config> {
+        let mut cfg: Config = toml::from_str(text).context("parsing")?;
         for p in [&mut cfg.root, &mut cfg.key, &mut cfg.state_dir] {
             if p.is_relative() {
                 *p = base.join(&*p);

@@ -52,6 +52,13 @@ pub struct State {
     pub report_seq: u64,
 }
 
+impl State {
+    /// `state.json`'s bytes, as [`Store::load_state`] reads them.
+    pub fn parse(bytes: &[u8]) -> Result<State, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
@@ -167,8 +174,7 @@ impl Store {
     pub fn load_state(&self) -> Result<State> {
         let path = self.dir.join("state.json");
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .with_context(|| format!("parsing {}", path.display())),
+            Ok(bytes) => State::parse(&bytes).with_context(|| format!("parsing {}", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }

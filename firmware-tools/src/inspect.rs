@@ -3,7 +3,7 @@
 
 use crate::files::read_limited;
 use crate::release;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use proto::codec::{self, Kind};
 use proto::envelope::{envelope_limit, Envelope};
 use serde_json::{json, Value};
@@ -17,7 +17,8 @@ pub fn inspect(path: &Path) -> Result<Value> {
     }
     let mut prefix = read_prefix(path)?;
     if prefix.starts_with(&codec::MAGIC) {
-        let kind = codec::peek_kind(&prefix)?;
+        let kind = codec::peek_kind(&prefix)
+            .with_context(|| format!("reading {}", path.display()))?;
         if kind != Kind::Envelope {
             bail!(
                 "{}: a bare {kind} without an envelope is never stored; nothing to inspect",
@@ -26,13 +27,17 @@ pub fn inspect(path: &Path) -> Result<Value> {
         }
         prefix = read_limited(path, Kind::Envelope.max_len(), "message")?;
         // Which payload? Decode the envelope under the largest limit, then re-check.
-        let env: Envelope = codec::decode(Kind::Envelope, &prefix)?;
-        let payload_kind = env.payload_kind()?;
-        let env = Envelope::decode(&prefix, payload_kind)?;
+        let what = || format!("decoding {}", path.display());
+        let env: Envelope = codec::decode(Kind::Envelope, &prefix).with_context(what)?;
+        let payload_kind = env.payload_kind().with_context(what)?;
+        let env = Envelope::decode(&prefix, payload_kind).with_context(what)?;
         return describe_envelope(&prefix, &env, payload_kind);
     }
-    let header = proto::image::inspect(&prefix)?;
-    let size = std::fs::metadata(path)?.len();
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("reading the size of {}", path.display()))?
+        .len();
+    let header = proto::image::inspect(&prefix, size)
+        .with_context(|| format!("inspecting {}", path.display()))?;
     Ok(json!({ "type": "image", "size": size, "header": header }))
 }
 

@@ -43,12 +43,16 @@ pub struct PackArgs {
 /// Reads the first bytes of an image and identifies it.
 pub fn inspect_image(path: &Path) -> Result<proto::image::ImageHeader> {
     let mut prefix = Vec::with_capacity(proto::image::INSPECT_PREFIX);
-    File::open(path)
-        .with_context(|| format!("opening image {}", path.display()))?
-        .take(proto::image::INSPECT_PREFIX as u64)
+    let file = File::open(path).with_context(|| format!("opening image {}", path.display()))?;
+    let size = file
+        .metadata()
+        .with_context(|| format!("reading the size of image {}", path.display()))?
+        .len();
+    file.take(proto::image::INSPECT_PREFIX as u64)
         .read_to_end(&mut prefix)
         .with_context(|| format!("reading image {}", path.display()))?;
-    proto::image::inspect(&prefix).with_context(|| format!("inspecting {}", path.display()))
+    proto::image::inspect(&prefix, size)
+        .with_context(|| format!("inspecting {}", path.display()))
 }
 
 /// Chunks the image into `out/chunks/` and writes an unsigned `out/manifest`.

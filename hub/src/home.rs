@@ -32,6 +32,14 @@ pub struct HubConfig {
     /// (devices that cannot use peers are always served). Off: serve every request.
     #[serde(default = "default_true")]
     pub redirect: bool,
+    /// The largest image `hub publish` accepts, MiB (unikernels are small; a multi-GiB
+    /// file is more likely the wrong file).
+    #[serde(default = "default_max_image_mib")]
+    pub max_image_mib: u64,
+}
+
+pub(crate) fn default_max_image_mib() -> u64 {
+    1024
 }
 
 fn default_true() -> bool {
@@ -86,7 +94,7 @@ impl Home {
         let path = dir.join("hub.toml");
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!(
-                "reading {} (create a hub with `hub init {}`)",
+                "reading {} (create a hub there with `hub --dir {} init`)",
                 path.display(),
                 dir.display()
             )

@@ -1,4 +1,4 @@
-//! `hub init DIR`: a new hub home.
+//! `hub --dir DIR init`: a new hub home.
 
 use crate::home::{new_key, now, write_secret, HubConfig};
 use crate::store::{Change, Event, Store};
@@ -80,6 +80,7 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
         release_expiry_days: 90,
         upload_rate: 0,
         redirect: true,
+        max_image_mib: super::home::default_max_image_mib(),
     };
     let store = Store::init(&dir.join("store.git"))?;
     let mut change = Change::default();

@@ -8,15 +8,20 @@
 
 use crate::home::{now, Home};
 use crate::staging;
-use crate::store::{release_path, Change, Event, ReleaseInfo, Store};
+use crate::store::{release_path, Change, Commit, Event, ReleaseInfo, Store};
 use anyhow::{bail, Context, Result};
 use proto::announcement::Announcement;
 use proto::manifest::{
     verify_manifest, BootSpec, ChunkRef, Expectations, HealthProbe, Manifest, Staging,
 };
 use proto::Digest;
-use std::io::{BufReader, Read};
+use std::collections::HashSet;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
+
+const MIB: u64 = 1024 * 1024;
+/// How often `hub publish` says how far chunking is.
+const PROGRESS_EVERY: u64 = 256 * MIB;
 
 /// The channel every release passes through before its target channel.
 pub const STAGING_CHANNEL: &str = "staging";
@@ -59,8 +64,13 @@ pub fn stored_manifest(
 pub struct NewRelease<'a> {
     pub channel: &'a str,
     pub staging: Staging,
-    /// New chunks and evidence to commit with it.
+    /// New chunks to commit with it.
     pub change: Change,
+    /// A staging report to keep beside the release (`<release>.staging`).
+    pub evidence: Option<Vec<u8>>,
+    /// Refuse unless the version is above the channel's newest (publish, promote; not a
+    /// rollback, whose point is an older image).
+    pub require_newer: bool,
     /// Event kind (`publish`, `stage`, `promote`, `rollback`) and its detail line.
     pub event: &'a str,
     pub detail: String,
@@ -68,6 +78,10 @@ pub struct NewRelease<'a> {
 
 /// Signs `template` as the next release of its app on `new.channel` and stores it in one
 /// commit with `new.change` (new chunks, evidence) and an event.
+///
+/// Reading the newest release, numbering, signing and committing are one store
+/// transaction: two publishes at once (a `git push` and a CLI publish) get two release
+/// numbers, or the second is refused for its version, never one number twice.
 pub fn sign_and_store(
     home: &Home,
     store: &Store,
@@ -77,80 +91,99 @@ pub fn sign_and_store(
     let NewRelease {
         channel,
         staging,
-        mut change,
+        change,
+        evidence,
+        require_newer,
         event: event_kind,
         detail,
     } = new;
     let root = home.trusted_root()?;
     let key = home.release_key()?;
-    let latest = store.latest(&template.app, channel)?;
-    let release = latest.as_ref().map_or(1, |l| l.release + 1);
-    let created_at = now();
-    let manifest = Manifest {
-        release,
-        channel: channel.into(),
-        staging,
-        created_at,
-        expires_at: created_at + home.config.release_expiry_days * 24 * 3600,
-        previous: latest.as_ref().map(|l| l.manifest),
-        ..template.clone()
-    };
-    let mut env = manifest.seal()?;
-    env.sign(&key)?;
-    let bytes = env.encode()?;
-    // Check our own work with the same entry point devices use.
-    let verified = verify_manifest(
-        &bytes,
-        &root,
-        &Expectations {
-            app: Some(&manifest.app),
-            channel,
-            platform: manifest.platform,
-            installed_release: latest.as_ref().map(|l| l.release),
-            now: now(),
-        },
-    )
-    .context("the signed manifest does not verify against the hub's trust root")?;
-    let mut ann = Announcement::for_manifest(&verified).seal()?;
-    ann.sign(&key)?;
-    let digest = Digest::of(&bytes);
-    change.put(format!("blobs/{}", digest.to_hex()), bytes.clone());
-    change.put(
-        release_path(&manifest.app, channel, release, "manifest"),
-        bytes,
-    );
-    change.put(
-        release_path(&manifest.app, channel, release, "announcement"),
-        ann.encode()?,
-    );
-    change.event(Event {
-        at: now(),
-        kind: event_kind.into(),
-        app: Some(manifest.app.clone()),
-        channel: Some(channel.into()),
-        release: Some(release),
-        device: None,
-        detail,
-    });
-    let tag =
-        (channel != STAGING_CHANNEL).then(|| format!("{}/v{}", manifest.app, manifest.version));
-    store.commit(
-        &format!(
-            "{event_kind} {} {} as release {release} on {channel}",
-            manifest.app, manifest.version
-        ),
-        &change,
-        tag.as_deref(),
-    )?;
-    Ok(ReleaseInfo {
-        app: manifest.app.clone(),
-        channel: channel.into(),
-        release,
-        manifest: digest,
+    let app = &template.app;
+    store.transaction(|store| {
+        let latest = store.latest(app, channel)?;
+        if let (true, Some(l)) = (require_newer, &latest) {
+            let prev = stored_manifest(home, store, app, channel, l.release)?;
+            if template.version <= prev.version {
+                bail!(
+                    "version {} is not above {} (release {}) on {app}/{channel}; publish a \
+                     higher version (or `hub rollback` to go back)",
+                    template.version,
+                    prev.version,
+                    l.release
+                );
+            }
+        }
+        let release = latest.as_ref().map_or(1, |l| l.release + 1);
+        let created_at = now();
+        let manifest = Manifest {
+            release,
+            channel: channel.into(),
+            staging: staging.clone(),
+            created_at,
+            expires_at: created_at + home.config.release_expiry_days * 24 * 3600,
+            previous: latest.as_ref().map(|l| l.manifest),
+            ..template.clone()
+        };
+        let mut env = manifest.seal()?;
+        env.sign(&key)?;
+        let bytes = env.encode()?;
+        // Check our own work with the same entry point devices use.
+        let verified = verify_manifest(
+            &bytes,
+            &root,
+            &Expectations {
+                app: Some(app),
+                channel,
+                platform: manifest.platform,
+                installed_release: latest.as_ref().map(|l| l.release),
+                now: now(),
+            },
+        )
+        .context("the signed manifest does not verify against the hub's trust root")?;
+        let mut ann = Announcement::for_manifest(&verified).seal()?;
+        ann.sign(&key)?;
+        let digest = Digest::of(&bytes);
+        let mut change = change.clone();
+        if let Some(report) = &evidence {
+            change.put(release_path(app, channel, release, "staging"), report.clone());
+        }
+        change.put(format!("blobs/{}", digest.to_hex()), bytes.clone());
+        change.put(release_path(app, channel, release, "manifest"), bytes);
+        change.put(
+            release_path(app, channel, release, "announcement"),
+            ann.encode()?,
+        );
+        change.event(Event {
+            at: now(),
+            kind: event_kind.into(),
+            app: Some(app.clone()),
+            channel: Some(channel.into()),
+            release: Some(release),
+            device: None,
+            detail: detail.clone(),
+        });
+        let commit = Commit {
+            message: format!(
+                "{event_kind} {app} {} as release {release} on {channel}",
+                manifest.version
+            ),
+            change,
+            tag: (channel != STAGING_CHANNEL).then(|| format!("{app}/v{}", manifest.version)),
+        };
+        let info = ReleaseInfo {
+            app: app.clone(),
+            channel: channel.into(),
+            release,
+            manifest: digest,
+        };
+        Ok((commit, info))
     })
 }
 
-/// Inspects and chunks the image: the unsigned manifest template and its new chunks.
+/// Inspects and chunks the image, streaming: each new chunk goes to the git object
+/// database as it is read, so memory stays constant whatever the image's size. Returns the
+/// unsigned manifest template and the change naming its chunks.
 fn prepare(
     home: &Home,
     store: &Store,
@@ -158,12 +191,36 @@ fn prepare(
     args: &PublishArgs,
     progress: Progress<'_>,
 ) -> Result<(Manifest, Change)> {
+    let mut file = std::fs::File::open(image)
+        .with_context(|| format!("opening image {}", image.display()))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading the size of image {}", image.display()))?;
+    if meta.is_dir() {
+        bail!(
+            "{} is a directory; give the path of the image file",
+            image.display()
+        );
+    }
+    let limit = home.config.max_image_mib.saturating_mul(MIB);
+    let too_big = |size: u64| {
+        anyhow::anyhow!(
+            "image {} is {size} bytes, above this hub's limit of {} MiB; raise \
+             `max_image_mib` in {} if it is meant to be this large",
+            image.display(),
+            home.config.max_image_mib,
+            home.dir.join("hub.toml").display()
+        )
+    };
+    if meta.len() > limit {
+        return Err(too_big(meta.len()));
+    }
     let mut prefix = Vec::new();
-    std::fs::File::open(image)
-        .with_context(|| format!("opening image {}", image.display()))?
+    (&mut file)
         .take(proto::image::INSPECT_PREFIX as u64)
-        .read_to_end(&mut prefix)?;
-    let header = proto::image::inspect(&prefix)
+        .read_to_end(&mut prefix)
+        .with_context(|| format!("reading image {}", image.display()))?;
+    let header = proto::image::inspect(&prefix, meta.len())
         .with_context(|| format!("inspecting {}", image.display()))?;
     let platform = header.platforms[0];
     progress(&format!(
@@ -171,27 +228,43 @@ fn prepare(
         image.display(),
         header.format
     ));
-    let file = std::fs::File::open(image)?;
+    file.seek(SeekFrom::Start(0))
+        .with_context(|| format!("reading image {}", image.display()))?;
     let mut change = Change::default();
     let mut chunks = vec![];
+    let mut seen = HashSet::new();
     let mut hasher = proto::digest::Hasher::new();
-    let (mut size, mut new_bytes) = (0u64, 0u64);
+    let (mut size, mut new_bytes, mut reported) = (0u64, 0u64, 0u64);
     for c in proto::chunking::chunks(BufReader::with_capacity(1 << 20, file)) {
-        let c = c.with_context(|| format!("reading {}", image.display()))?;
+        let c = c.with_context(|| format!("reading image {}", image.display()))?;
         hasher.update(&c.data);
         size += c.data.len() as u64;
+        if size > limit {
+            return Err(too_big(size));
+        }
         chunks.push(ChunkRef {
             digest: c.digest,
             size: c.data.len() as u64,
         });
-        if !store.has_blob(&c.digest)? {
+        // A chunk repeated inside the image is stored and counted once.
+        if seen.insert(c.digest) && !store.has_blob(&c.digest)? {
             new_bytes += c.data.len() as u64;
-            change.put(format!("blobs/{}", c.digest.to_hex()), c.data);
+            let blob = store.write_blob(&c.data)?;
+            change.put_written(format!("blobs/{}", c.digest.to_hex()), blob);
+        }
+        if size - reported >= PROGRESS_EVERY {
+            reported = size;
+            progress(&format!(
+                "chunking: {} MiB of {} MiB",
+                size / MIB,
+                meta.len() / MIB
+            ));
         }
     }
     progress(&format!(
-        "chunked {size} bytes into {} chunks ({new_bytes} bytes new)",
-        chunks.len()
+        "chunked {size} bytes into {} chunks ({} distinct, {new_bytes} bytes new)",
+        chunks.len(),
+        seen.len()
     ));
     let template = Manifest {
         fleet: home.config.fleet.clone(),
@@ -208,7 +281,8 @@ fn prepare(
             vcpus: args.vcpus,
             cmdline: args.cmdline.clone(),
             probe: HealthProbe::parse(&args.probe, &args.app, &args.version)
-                .map_err(anyhow::Error::msg)?,
+                .map_err(anyhow::Error::msg)
+                .context("--probe")?,
             probe_timeout_ms: args.probe_timeout_secs * 1000,
         },
         staging: Staging::Skipped,
@@ -216,7 +290,29 @@ fn prepare(
         expires_at: 0,
         previous: None,
     };
+    // What a device would refuse, refused here, before anything is signed or staged.
+    Manifest {
+        release: 1,
+        channel: args.channel.clone(),
+        ..template.clone()
+    }
+    .validate()
+    .with_context(|| format!("the release of {} is not valid", image.display()))?;
     Ok((template, change))
+}
+
+/// Boot spec arguments a device could never boot, named by their flags.
+fn check_boot_args(args: &PublishArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.memory_mib > 0,
+        "--memory-mib must be at least 1 (the guest's memory in MiB)"
+    );
+    anyhow::ensure!(args.vcpus > 0, "--vcpus must be at least 1");
+    anyhow::ensure!(
+        args.probe_timeout_secs > 0,
+        "--probe-timeout-secs must be at least 1"
+    );
+    Ok(())
 }
 
 /// Runs the pipeline. Nothing is signed for the target channel unless staging passed
@@ -233,12 +329,15 @@ pub fn publish(
         args.channel != STAGING_CHANNEL,
         "publish to a target channel; staging happens on the way"
     );
+    check_boot_args(args)?;
     let store = home.store()?;
+    // Checked again when the release is numbered (another publish may land meanwhile);
+    // here it saves chunking and staging an image that would be refused.
     if let Some(l) = store.latest(&args.app, &args.channel)? {
         let prev = stored_manifest(home, &store, &args.app, &args.channel, l.release)?;
         if args.version <= prev.version {
             bail!(
-                "version {} is not above {} (release {}) on {}/{}",
+                "version {} is not above {} (release {}) on {}/{}; publish a higher version",
                 args.version,
                 prev.version,
                 l.release,
@@ -263,6 +362,8 @@ pub fn publish(
                 channel: STAGING_CHANNEL,
                 staging: Staging::Skipped,
                 change,
+                evidence: None,
+                require_newer: false,
                 event: "stage",
                 detail: format!("{} {} sent to staging", args.app, args.version),
             },
@@ -287,41 +388,32 @@ pub fn publish(
         );
         (Staging::Passed { report: digest }, Some(report), evidence)
     };
-    let mut change = change;
     let skipped = matches!(staging, Staging::Skipped);
-    let info = {
-        let latest = store.latest(&args.app, &args.channel)?;
-        let next = latest.map_or(1, |l| l.release + 1);
-        if let Some(report) = evidence {
-            change.put(
-                release_path(&args.app, &args.channel, next, "staging"),
-                report,
-            );
-        }
-        sign_and_store(
-            home,
-            &store,
-            &template,
-            NewRelease {
-                channel: &args.channel,
-                staging,
-                change,
-                event: "publish",
-                detail: format!(
-                    "{} {} ({}, {} bytes){}",
-                    args.app,
-                    args.version,
-                    template.platform,
-                    template.image_size,
-                    if skipped {
-                        ", staging skipped (--no-staging)"
-                    } else {
-                        ", passed staging"
-                    }
-                ),
-            },
-        )?
-    };
+    let info = sign_and_store(
+        home,
+        &store,
+        &template,
+        NewRelease {
+            channel: &args.channel,
+            staging,
+            change,
+            evidence,
+            require_newer: true,
+            event: "publish",
+            detail: format!(
+                "{} {} ({}, {} bytes){}",
+                args.app,
+                args.version,
+                template.platform,
+                template.image_size,
+                if skipped {
+                    ", staging skipped (--no-staging)"
+                } else {
+                    ", passed staging"
+                }
+            ),
+        },
+    )?;
     progress(&format!(
         "signed and stored release {} of {} on {}, tagged {}/v{}",
         info.release, args.app, args.channel, args.app, args.version
@@ -348,20 +440,6 @@ pub fn promote(home: &Home, app: &str, from: &str, to: &str) -> Result<ReleaseIn
         ),
         (None, false) => m.staging.clone(),
     };
-    if let Some(l) = store.latest(app, to)? {
-        let cur = stored_manifest(home, &store, app, to, l.release)?;
-        anyhow::ensure!(
-            m.version > cur.version,
-            "{to} already has {} (≥ {})",
-            cur.version,
-            m.version
-        );
-    }
-    let mut change = Change::default();
-    if let Some(report) = evidence {
-        let next = store.latest(app, to)?.map_or(1, |l| l.release + 1);
-        change.put(release_path(app, to, next, "staging"), report);
-    }
     sign_and_store(
         home,
         &store,
@@ -369,7 +447,9 @@ pub fn promote(home: &Home, app: &str, from: &str, to: &str) -> Result<ReleaseIn
         NewRelease {
             channel: to,
             staging,
-            change,
+            change: Change::default(),
+            evidence,
+            require_newer: true,
             event: "promote",
             detail: format!("{app} {} from {from} release {}", m.version, src.release),
         },
@@ -409,14 +489,7 @@ pub fn rollback(
         Some(v) => format!("{app} {v} was never released on {channel}"),
         None => format!("{app} has no earlier image on {channel} to roll back to"),
     })?;
-    let mut change = Change::default();
     let evidence = store.read(&release_path(app, channel, old_release, "staging"))?;
-    if let Some(report) = evidence {
-        change.put(
-            release_path(app, channel, current.release + 1, "staging"),
-            report,
-        );
-    }
     let staging = m.staging.clone();
     sign_and_store(
         home,
@@ -425,7 +498,9 @@ pub fn rollback(
         NewRelease {
             channel,
             staging,
-            change,
+            change: Change::default(),
+            evidence,
+            require_newer: false,
             event: "rollback",
             detail: format!(
                 "{app} back to {} (image of release {old_release}) from {}",

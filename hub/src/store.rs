@@ -61,13 +61,21 @@ pub struct Store {
     repo: Repository,
 }
 
+/// A blob written to the object database and not yet part of any commit (until one names
+/// it, `git gc` may prune it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrittenBlob {
+    id: Oid,
+    len: u64,
+}
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Store({})", self.repo.path().display())
     }
 }
 
-fn entry(path: &str, id: Oid, len: usize) -> IndexEntry {
+fn entry(path: &str, id: Oid, len: u64) -> IndexEntry {
     IndexEntry {
         ctime: IndexTime::new(0, 0),
         mtime: IndexTime::new(0, 0),
@@ -76,6 +84,7 @@ fn entry(path: &str, id: Oid, len: usize) -> IndexEntry {
         mode: 0o100644,
         uid: 0,
         gid: 0,
+        // The index's size field is 32 bits; git itself truncates the same way.
         file_size: len as u32,
         id,
         flags: (path.len().min(0xFFF)) as u16,
@@ -88,16 +97,49 @@ pub fn release_path(app: &str, channel: &str, release: u64, ext: &str) -> String
     format!("apps/{app}/{channel}/{release:010}.{ext}")
 }
 
+/// A file of a [`Change`]: bytes still to write, or a blob already in the object database
+/// ([`Store::write_blob`]: an image's chunks are written as they are read, so a publish
+/// holds none of them in memory).
+#[derive(Debug, Clone)]
+enum Content {
+    Bytes(Vec<u8>),
+    Written { id: Oid, len: u64 },
+}
+
 /// A set of changes to commit together.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Change {
-    files: Vec<(String, Vec<u8>)>,
+    files: Vec<(String, Content)>,
     events: Vec<Event>,
+}
+
+/// What one [`Store::transaction`] commits.
+#[derive(Debug)]
+pub struct Commit {
+    pub message: String,
+    pub change: Change,
+    /// A lightweight tag on the new commit (kept if it already exists).
+    pub tag: Option<String>,
 }
 
 impl Change {
     pub fn put(&mut self, path: impl Into<String>, bytes: Vec<u8>) {
-        self.files.push((path.into(), bytes));
+        self.files.push((path.into(), Content::Bytes(bytes)));
+    }
+    /// A file whose bytes [`Store::write_blob`] wrote already.
+    pub fn put_written(&mut self, path: impl Into<String>, blob: WrittenBlob) {
+        self.files.push((
+            path.into(),
+            Content::Written {
+                id: blob.id,
+                len: blob.len,
+            },
+        ));
+    }
+    /// Adds every file and event of `other`.
+    pub fn extend(&mut self, other: Change) {
+        self.files.extend(other.files);
+        self.events.extend(other.events);
     }
     pub fn event(&mut self, e: Event) {
         self.events.push(e);
@@ -199,13 +241,39 @@ impl Store {
         Ok(out)
     }
 
-    /// The newest release of (app, channel).
+    /// The newest release of (app, channel): one directory listed, one manifest hashed.
     pub fn latest(&self, app: &str, channel: &str) -> Result<Option<ReleaseInfo>> {
-        Ok(self
-            .releases()?
-            .into_iter()
-            .filter(|r| r.app == app && r.channel == channel)
-            .max_by_key(|r| r.release))
+        let dir = format!("apps/{app}/{channel}");
+        let newest = self
+            .list(&dir)?
+            .iter()
+            .filter_map(|f| f.strip_suffix(".manifest")?.parse::<u64>().ok())
+            .max();
+        let Some(release) = newest else {
+            return Ok(None);
+        };
+        let bytes = self
+            .read(&release_path(app, channel, release, "manifest"))?
+            .context("listed manifest vanished")?;
+        Ok(Some(ReleaseInfo {
+            app: app.into(),
+            channel: channel.into(),
+            release,
+            manifest: Digest::of(&bytes),
+        }))
+    }
+
+    /// Writes `bytes` to the object database now; name it in a [`Change`] with
+    /// [`Change::put_written`].
+    pub fn write_blob(&self, bytes: &[u8]) -> Result<WrittenBlob> {
+        let id = self
+            .repo
+            .blob(bytes)
+            .with_context(|| format!("writing a blob to {}", self.repo.path().display()))?;
+        Ok(WrittenBlob {
+            id,
+            len: bytes.len() as u64,
+        })
     }
 
     pub fn events(&self) -> Result<Vec<Event>> {
@@ -216,7 +284,24 @@ impl Store {
             .collect())
     }
 
-    /// Commits `change` on top of HEAD.
+    /// Commits `change` on top of HEAD (see [`Store::transaction`]).
+    pub fn commit(&self, message: &str, change: &Change, tag: Option<&str>) -> Result<()> {
+        self.transaction(|_| {
+            Ok((
+                Commit {
+                    message: message.into(),
+                    change: change.clone(),
+                    tag: tag.map(str::to_string),
+                },
+                (),
+            ))
+        })
+    }
+
+    /// Reads and commits as one transaction: `build` sees the store at HEAD with the
+    /// writer lock held and returns what to commit on top of it, so what it read (the
+    /// newest release number, say) is still true when the commit lands. `build` runs again
+    /// if another git tool moved HEAD meanwhile.
     ///
     /// Writers are serialised by an advisory lock on [`WRITER_LOCK`] in the git directory
     /// (`hub serve` recording a device's report and `hub publish` in another process may
@@ -225,7 +310,47 @@ impl Store {
     /// killed mid-update left behind is removed once it is older than [`STALE_REF_LOCK`].
     /// Conflicts with other git tools on the repository (HEAD moved, ref locked) are retried
     /// with backoff.
-    pub fn commit(&self, message: &str, change: &Change, tag: Option<&str>) -> Result<Oid> {
+    pub fn transaction<T>(
+        &self,
+        mut build: impl FnMut(&Store) -> Result<(Commit, T)>,
+    ) -> Result<T> {
+        let _writer = self.writer_lock()?;
+        let mut backoff = Duration::from_millis(5);
+        let mut swept = false;
+        let mut message = String::new();
+        for _ in 0..COMMIT_ATTEMPTS {
+            let (commit, out) = build(self)?;
+            message = commit.message;
+            match self.try_commit(&message, &commit.change, commit.tag.as_deref()) {
+                Ok(_) => return Ok(out),
+                Err(e)
+                    if e.code() == git2::ErrorCode::Modified
+                        || e.code() == git2::ErrorCode::Locked
+                        || e.message().contains("current tip") =>
+                {
+                    if e.code() == git2::ErrorCode::Locked && !swept {
+                        swept = true;
+                        self.remove_stale_ref_locks();
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("committing to the git store {}", self.repo.path().display())
+                    })
+                }
+            }
+        }
+        bail!(
+            "committing {message:?} to the git store {}: HEAD stayed locked or kept moving for \
+             {COMMIT_ATTEMPTS} attempts; is another git command writing to it?",
+            self.repo.path().display()
+        )
+    }
+
+    /// The writer lock, held until the returned file is dropped.
+    fn writer_lock(&self) -> Result<std::fs::File> {
         let lock_path = self.repo.path().join(WRITER_LOCK);
         let writer = std::fs::OpenOptions::new()
             .create(true)
@@ -245,31 +370,7 @@ impl Store {
             Err(std::fs::TryLockError::Error(e)) => Err(e),
         };
         taken.with_context(|| format!("taking the writer lock {}", lock_path.display()))?;
-        let mut backoff = Duration::from_millis(5);
-        let mut swept = false;
-        for _ in 0..COMMIT_ATTEMPTS {
-            match self.try_commit(message, change, tag) {
-                Ok(oid) => return Ok(oid),
-                Err(e)
-                    if e.code() == git2::ErrorCode::Modified
-                        || e.code() == git2::ErrorCode::Locked
-                        || e.message().contains("current tip") =>
-                {
-                    if e.code() == git2::ErrorCode::Locked && !swept {
-                        swept = true;
-                        self.remove_stale_ref_locks();
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
-                }
-                Err(e) => return Err(e).context("committing to the git store"),
-            }
-        }
-        bail!(
-            "committing {message:?} to the git store {}: HEAD stayed locked or kept moving for \
-             {COMMIT_ATTEMPTS} attempts; is another git command writing to it?",
-            self.repo.path().display()
-        )
+        Ok(writer)
     }
 
     /// Removes ref lock files (`HEAD.lock`, `packed-refs.lock`, `refs/**.lock`) older than
@@ -320,9 +421,12 @@ impl Store {
         if let Some(p) = &parent {
             index.read_tree(&p.tree()?)?;
         }
-        for (path, bytes) in &change.files {
-            let id = self.repo.blob(bytes)?;
-            index.add(&entry(path, id, bytes.len()))?;
+        for (path, content) in &change.files {
+            let (id, len) = match content {
+                Content::Bytes(bytes) => (self.repo.blob(bytes)?, bytes.len() as u64),
+                Content::Written { id, len } => (*id, *len),
+            };
+            index.add(&entry(path, id, len))?;
         }
         if !change.events.is_empty() {
             let mut log = parent
@@ -337,7 +441,7 @@ impl Store {
                 log.push(b'\n');
             }
             let id = self.repo.blob(&log)?;
-            index.add(&entry("events.log", id, log.len()))?;
+            index.add(&entry("events.log", id, log.len() as u64))?;
         }
         let tree_id = index.write_tree_to(&self.repo)?;
         let tree = self.repo.find_tree(tree_id)?;

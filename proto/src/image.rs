@@ -1,8 +1,11 @@
 //! Recognising unikernel images by their headers.
 //!
-//! Only the first [`INSPECT_PREFIX`] bytes are examined; nothing here trusts an offset or
-//! a count from the header without checking it against the bytes actually present, so
-//! any input yields a result or an [`ImageError`], never a panic.
+//! Only the first [`INSPECT_PREFIX`] bytes are examined, with the file's size beside them:
+//! every range a header declares (ELF program and section headers and segments, the
+//! multiboot load range, zImage start/end) must lie inside the file, so a truncated image
+//! is refused here rather than failing to boot on every device. Nothing here trusts an
+//! offset or a count from the header without checking it against the bytes actually
+//! present, so any input yields a result or an [`ImageError`], never a panic.
 
 use crate::manifest::Platform;
 use serde::Serialize;
@@ -41,28 +44,32 @@ pub enum ImageError {
         format: &'static str,
         reason: String,
     },
+    /// A range the header declares ends past the end of the file: a truncated image.
+    #[error(
+        "{format} {what} needs bytes up to {end}, but the file has {file_size}: \
+         the image is truncated or not what its header says"
+    )]
+    Truncated {
+        format: &'static str,
+        what: String,
+        end: u64,
+        file_size: u64,
+    },
 }
 
-/// Identifies an image from its first bytes (pass at least [`INSPECT_PREFIX`] bytes when
-/// the file is that large).
-pub fn inspect(prefix: &[u8]) -> Result<ImageHeader, ImageError> {
-    if prefix.is_empty() {
+/// Identifies an image from its first bytes and the size of the whole file (pass at least
+/// [`INSPECT_PREFIX`] bytes when the file is that large).
+pub fn inspect(prefix: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
+    if prefix.is_empty() || file_size == 0 {
         return Err(ImageError::Empty);
     }
+    // The bytes at hand exist, whatever the caller said.
+    let file_size = file_size.max(prefix.len() as u64);
     if prefix.starts_with(b"\x7fELF") {
-        return inspect_elf(prefix);
+        return inspect_elf(prefix, file_size);
     }
     if read_u32(prefix, ZIMAGE_MAGIC_OFFSET) == Some(ZIMAGE_MAGIC) {
-        return Ok(ImageHeader {
-            format: "ARM zImage".into(),
-            platforms: vec![Platform::XenArm32],
-            entry: None,
-            notes: vec![format!(
-                "zImage start/end 0x{:x}/0x{:x}",
-                read_u32(prefix, 0x28).unwrap_or(0),
-                read_u32(prefix, 0x2c).unwrap_or(0)
-            )],
-        });
+        return inspect_zimage(prefix, file_size);
     }
     if prefix.starts_with(crate::codec::MAGIC.as_slice()) {
         return Err(ImageError::Unknown(
@@ -89,7 +96,56 @@ fn read_u64(b: &[u8], off: usize) -> Option<u64> {
         .map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
 }
 
-fn inspect_elf(b: &[u8]) -> Result<ImageHeader, ImageError> {
+/// Refuses a declared range `start..start+len` that does not lie inside the file.
+fn within(
+    format: &'static str,
+    what: impl FnOnce() -> String,
+    start: u64,
+    len: u64,
+    file_size: u64,
+) -> Result<(), ImageError> {
+    match start.checked_add(len) {
+        Some(end) if end <= file_size => Ok(()),
+        end => Err(ImageError::Truncated {
+            format,
+            what: what(),
+            end: end.unwrap_or(u64::MAX),
+            file_size,
+        }),
+    }
+}
+
+/// ARM zImage: the words at 0x28/0x2c are the image's start and end, so `end - start` is
+/// its length.
+fn inspect_zimage(b: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
+    let (Some(start), Some(end)) = (read_u32(b, 0x28), read_u32(b, 0x2c)) else {
+        return Err(ImageError::Corrupt {
+            format: "ARM zImage",
+            reason: "truncated header".into(),
+        });
+    };
+    if end < start {
+        return Err(ImageError::Corrupt {
+            format: "ARM zImage",
+            reason: format!("end 0x{end:x} is below start 0x{start:x}"),
+        });
+    }
+    within(
+        "ARM zImage",
+        || format!("image (start 0x{start:x}, end 0x{end:x})"),
+        0,
+        u64::from(end - start),
+        file_size,
+    )?;
+    Ok(ImageHeader {
+        format: "ARM zImage".into(),
+        platforms: vec![Platform::XenArm32],
+        entry: None,
+        notes: vec![format!("zImage start/end 0x{start:x}/0x{end:x}")],
+    })
+}
+
+fn inspect_elf(b: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
     let corrupt = |reason: &str| ImageError::Corrupt {
         format: "ELF",
         reason: reason.into(),
@@ -126,10 +182,34 @@ fn inspect_elf(b: &[u8]) -> Result<ImageHeader, ImageError> {
             read_u16(b, 44),
         )
     };
+    let (shoff, shentsize, shnum) = if is64 {
+        (read_u64(b, 40), read_u16(b, 58), read_u16(b, 60))
+    } else {
+        (read_u32(b, 32).map(u64::from), read_u16(b, 46), read_u16(b, 48))
+    };
     let (Some(entry), Some(phoff), Some(phentsize), Some(phnum)) = (entry, phoff, phentsize, phnum)
     else {
         return Err(corrupt("truncated header"));
     };
+    let (Some(shoff), Some(shentsize), Some(shnum)) = (shoff, shentsize, shnum) else {
+        return Err(corrupt("truncated header"));
+    };
+    within(
+        "ELF",
+        || format!("program header table ({phnum} entries at 0x{phoff:x})"),
+        phoff,
+        u64::from(phnum) * u64::from(phentsize),
+        file_size,
+    )?;
+    if shoff != 0 {
+        within(
+            "ELF",
+            || format!("section header table ({shnum} entries at 0x{shoff:x})"),
+            shoff,
+            u64::from(shnum) * u64::from(shentsize),
+            file_size,
+        )?;
+    }
     let arch = match machine {
         3 => "i386",
         0x3E => "x86_64",
@@ -173,6 +253,13 @@ fn inspect_elf(b: &[u8]) -> Result<ImageHeader, ImageError> {
             // Program headers beyond the inspected prefix: nothing more to learn.
             break;
         };
+        within(
+            "ELF",
+            || format!("segment {i} (0x{p_filesz:x} bytes at 0x{p_offset:x})"),
+            p_offset,
+            p_filesz,
+            file_size,
+        )?;
         if p_type == PT_NOTE {
             if let Some(pvh_entry) = find_pvh_note(b, p_offset, p_filesz) {
                 header.notes.push(format!("Xen PVH entry 0x{pvh_entry:x}"));
@@ -192,6 +279,7 @@ fn inspect_elf(b: &[u8]) -> Result<ImageHeader, ImageError> {
             break;
         };
         if magic == MULTIBOOT_MAGIC && magic.wrapping_add(flags).wrapping_add(sum) == 0 {
+            check_multiboot_load(search, off, flags, file_size)?;
             header
                 .notes
                 .push(format!("multiboot header at 0x{off:x}, flags 0x{flags:x}"));
@@ -209,6 +297,57 @@ fn inspect_elf(b: &[u8]) -> Result<ImageHeader, ImageError> {
         )));
     }
     Ok(header)
+}
+
+/// Multiboot's address fields (flags bit 16, the "a.out kludge"): the loader copies the
+/// file from `load_addr`'s offset up to `load_end_addr` (0: to the end of the file), so
+/// that range must be in the file.
+fn check_multiboot_load(
+    b: &[u8],
+    off: usize,
+    flags: u32,
+    file_size: u64,
+) -> Result<(), ImageError> {
+    const ADDRESS_FIELDS: u32 = 1 << 16;
+    if flags & ADDRESS_FIELDS == 0 {
+        return Ok(());
+    }
+    let corrupt = |reason: String| ImageError::Corrupt {
+        format: "multiboot",
+        reason,
+    };
+    let (Some(header_addr), Some(load_addr), Some(load_end)) = (
+        read_u32(b, off + 12),
+        read_u32(b, off + 16),
+        read_u32(b, off + 20),
+    ) else {
+        return Err(corrupt("truncated address fields".into()));
+    };
+    let Some(back) = header_addr.checked_sub(load_addr) else {
+        return Err(corrupt(format!(
+            "load address 0x{load_addr:x} is above the header's 0x{header_addr:x}"
+        )));
+    };
+    let Some(start) = (off as u64).checked_sub(u64::from(back)) else {
+        return Err(corrupt(format!(
+            "load address 0x{load_addr:x} lies before the start of the file"
+        )));
+    };
+    if load_end == 0 {
+        return Ok(());
+    }
+    let Some(len) = load_end.checked_sub(load_addr) else {
+        return Err(corrupt(format!(
+            "load end 0x{load_end:x} is below the load address 0x{load_addr:x}"
+        )));
+    };
+    within(
+        "multiboot",
+        || format!("load range 0x{load_addr:x}..0x{load_end:x}"),
+        start,
+        u64::from(len),
+        file_size,
+    )
 }
 
 fn find_pvh_note(b: &[u8], offset: u64, size: u64) -> Option<u64> {
@@ -235,4 +374,127 @@ fn find_pvh_note(b: &[u8], offset: u64, size: u64) -> Option<u64> {
         pos = next;
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal ELF32 i386 image: header, one LOAD segment over the whole file, a
+    /// multiboot header at 0x54 (`flags`), padded to `len` bytes.
+    fn elf(len: usize, flags: u32, address_fields: [u32; 3]) -> Vec<u8> {
+        let mut b = vec![0u8; len.max(0x80)];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 1; // 32-bit
+        b[5] = 1; // little-endian
+        b[18..20].copy_from_slice(&3u16.to_le_bytes()); // i386
+        b[24..28].copy_from_slice(&0x10_0000u32.to_le_bytes()); // entry
+        b[28..32].copy_from_slice(&0x34u32.to_le_bytes()); // phoff
+        b[42..44].copy_from_slice(&32u16.to_le_bytes()); // phentsize
+        b[44..46].copy_from_slice(&1u16.to_le_bytes()); // phnum
+        let ph = 0x34;
+        b[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        b[ph + 16..ph + 20].copy_from_slice(&(len as u32).to_le_bytes()); // filesz
+        let mb = 0x54;
+        b[mb..mb + 4].copy_from_slice(&MULTIBOOT_MAGIC.to_le_bytes());
+        b[mb + 4..mb + 8].copy_from_slice(&flags.to_le_bytes());
+        let sum = 0u32.wrapping_sub(MULTIBOOT_MAGIC).wrapping_sub(flags);
+        b[mb + 8..mb + 12].copy_from_slice(&sum.to_le_bytes());
+        for (i, v) in address_fields.iter().enumerate() {
+            let at = mb + 12 + 4 * i;
+            b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        b.truncate(len.max(0x80));
+        b
+    }
+
+    #[test]
+    fn a_whole_elf_is_recognised() {
+        let b = elf(4096, 0, [0; 3]);
+        let h = inspect(&b, b.len() as u64).unwrap();
+        assert_eq!(h.platforms, vec![Platform::QemuX86_64]);
+    }
+
+    #[test]
+    fn truncated_elf_whose_segment_is_larger_than_the_file_is_refused() {
+        // `head -c 100` of a real image: the LOAD segment still says 4096 bytes.
+        let whole = elf(4096, 0, [0; 3]);
+        let cut = &whole[..100];
+        let err = inspect(cut, cut.len() as u64).unwrap_err();
+        assert!(
+            matches!(err, ImageError::Truncated { end: 4096, file_size: 100, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn program_headers_past_the_end_of_the_file_are_refused() {
+        let mut b = elf(4096, 0, [0; 3]);
+        b[44..46].copy_from_slice(&1000u16.to_le_bytes()); // 1000 program headers
+        let err = inspect(&b, b.len() as u64).unwrap_err();
+        assert!(matches!(err, ImageError::Truncated { .. }), "{err}");
+    }
+
+    #[test]
+    fn section_headers_past_the_end_of_the_file_are_refused() {
+        let mut b = elf(4096, 0, [0; 3]);
+        b[32..36].copy_from_slice(&4000u32.to_le_bytes()); // shoff
+        b[46..48].copy_from_slice(&40u16.to_le_bytes()); // shentsize
+        b[48..50].copy_from_slice(&10u16.to_le_bytes()); // shnum
+        let err = inspect(&b, b.len() as u64).unwrap_err();
+        assert!(matches!(err, ImageError::Truncated { .. }), "{err}");
+    }
+
+    #[test]
+    fn multiboot_load_range_past_the_end_of_the_file_is_refused() {
+        // header at 0x54 loaded at 0x100054; load from 0x100000 to 0x100000 + 8192.
+        let ok = elf(8192, 1 << 16, [0x10_0054, 0x10_0000, 0x10_2000]);
+        inspect(&ok, ok.len() as u64).unwrap();
+        let short = elf(8192, 1 << 16, [0x10_0054, 0x10_0000, 0x10_4000]);
+        let err = inspect(&short, short.len() as u64).unwrap_err();
+        assert!(
+            matches!(err, ImageError::Truncated { format: "multiboot", .. }),
+            "{err}"
+        );
+        let backwards = elf(8192, 1 << 16, [0x10_0054, 0x20_0000, 0]);
+        assert!(matches!(
+            inspect(&backwards, 8192),
+            Err(ImageError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn zimage_magic_followed_by_random_bytes_is_refused() {
+        let mut b = vec![0x5Au8; 4096];
+        b[ZIMAGE_MAGIC_OFFSET..ZIMAGE_MAGIC_OFFSET + 4].copy_from_slice(&ZIMAGE_MAGIC.to_le_bytes());
+        // start/end far beyond the file
+        b[0x28..0x2c].copy_from_slice(&0u32.to_le_bytes());
+        b[0x2c..0x30].copy_from_slice(&0x7A5A_5A5Au32.to_le_bytes());
+        assert!(matches!(
+            inspect(&b, b.len() as u64),
+            Err(ImageError::Truncated { .. })
+        ));
+        b[0x28..0x2c].copy_from_slice(&0x100u32.to_le_bytes());
+        b[0x2c..0x30].copy_from_slice(&0x10u32.to_le_bytes());
+        assert!(matches!(
+            inspect(&b, b.len() as u64),
+            Err(ImageError::Corrupt { .. })
+        ));
+        // A zImage whose declared length is the file is fine.
+        b[0x28..0x2c].copy_from_slice(&0u32.to_le_bytes());
+        b[0x2c..0x30].copy_from_slice(&4096u32.to_le_bytes());
+        assert_eq!(
+            inspect(&b, 4096).unwrap().platforms,
+            vec![Platform::XenArm32]
+        );
+    }
+
+    #[test]
+    fn a_prefix_of_a_large_file_is_judged_against_the_file_size() {
+        let whole = elf(200_000, 0, [0; 3]);
+        let prefix = &whole[..INSPECT_PREFIX];
+        inspect(prefix, whole.len() as u64).unwrap();
+        assert!(inspect(prefix, 100_000).is_err());
+    }
 }

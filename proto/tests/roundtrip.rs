@@ -79,7 +79,7 @@ proptest! {
         let _ = proto::announcement::verify_announcement(&bytes, &root, &expect(None));
         let _ = root.update(&bytes, NOW);
         let _ = proto::root::TrustedRoot::bootstrap(&bytes, NOW);
-        let _ = proto::image::inspect(&bytes);
+        let _ = proto::image::inspect(&bytes, bytes.len() as u64);
     }
 
     #[test]
@@ -105,6 +105,6 @@ proptest! {
     fn elf_like_garbage_never_panics(body in prop::collection::vec(any::<u8>(), 0..4096)) {
         let mut bytes = b"\x7fELF".to_vec();
         bytes.extend_from_slice(&body);
-        let _ = proto::image::inspect(&bytes);
+        let _ = proto::image::inspect(&bytes, bytes.len() as u64);
     }
 }

@@ -146,7 +146,7 @@ mod tests {
     #[test]
     fn image_is_recognised_as_multiboot() {
         let bytes = loaded_bytes(&spec("1.0.0", false)).unwrap();
-        let header = proto::image::inspect(&bytes).unwrap();
+        let header = proto::image::inspect(&bytes, bytes.len() as u64).unwrap();
         assert_eq!(
             header.platforms,
             vec![proto::manifest::Platform::QemuX86_64]
