@@ -174,7 +174,9 @@ impl Store {
     pub fn load_state(&self) -> Result<State> {
         let path = self.dir.join("state.json");
         match fs::read(&path) {
-            Ok(bytes) => State::parse(&bytes).with_context(|| format!("parsing {}", path.display())),
+            Ok(bytes) => {
+                State::parse(&bytes).with_context(|| format!("parsing {}", path.display()))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }

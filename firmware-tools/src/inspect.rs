@@ -17,8 +17,8 @@ pub fn inspect(path: &Path) -> Result<Value> {
     }
     let mut prefix = read_prefix(path)?;
     if prefix.starts_with(&codec::MAGIC) {
-        let kind = codec::peek_kind(&prefix)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let kind =
+            codec::peek_kind(&prefix).with_context(|| format!("reading {}", path.display()))?;
         if kind != Kind::Envelope {
             bail!(
                 "{}: a bare {kind} without an envelope is never stored; nothing to inspect",

@@ -51,8 +51,7 @@ pub fn inspect_image(path: &Path) -> Result<proto::image::ImageHeader> {
     file.take(proto::image::INSPECT_PREFIX as u64)
         .read_to_end(&mut prefix)
         .with_context(|| format!("reading image {}", path.display()))?;
-    proto::image::inspect(&prefix, size)
-        .with_context(|| format!("inspecting {}", path.display()))
+    proto::image::inspect(&prefix, size).with_context(|| format!("inspecting {}", path.display()))
 }
 
 /// Chunks the image into `out/chunks/` and writes an unsigned `out/manifest`.

@@ -146,7 +146,10 @@ pub fn sign_and_store(
         let digest = Digest::of(&bytes);
         let mut change = change.clone();
         if let Some(report) = &evidence {
-            change.put(release_path(app, channel, release, "staging"), report.clone());
+            change.put(
+                release_path(app, channel, release, "staging"),
+                report.clone(),
+            );
         }
         change.put(format!("blobs/{}", digest.to_hex()), bytes.clone());
         change.put(release_path(app, channel, release, "manifest"), bytes);
@@ -191,8 +194,8 @@ fn prepare(
     args: &PublishArgs,
     progress: Progress<'_>,
 ) -> Result<(Manifest, Change)> {
-    let mut file = std::fs::File::open(image)
-        .with_context(|| format!("opening image {}", image.display()))?;
+    let mut file =
+        std::fs::File::open(image).with_context(|| format!("opening image {}", image.display()))?;
     let meta = file
         .metadata()
         .with_context(|| format!("reading the size of image {}", image.display()))?;

@@ -185,7 +185,11 @@ fn inspect_elf(b: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
     let (shoff, shentsize, shnum) = if is64 {
         (read_u64(b, 40), read_u16(b, 58), read_u16(b, 60))
     } else {
-        (read_u32(b, 32).map(u64::from), read_u16(b, 46), read_u16(b, 48))
+        (
+            read_u32(b, 32).map(u64::from),
+            read_u16(b, 46),
+            read_u16(b, 48),
+        )
     };
     let (Some(entry), Some(phoff), Some(phentsize), Some(phnum)) = (entry, phoff, phentsize, phnum)
     else {
@@ -422,7 +426,14 @@ mod tests {
         let cut = &whole[..100];
         let err = inspect(cut, cut.len() as u64).unwrap_err();
         assert!(
-            matches!(err, ImageError::Truncated { end: 4096, file_size: 100, .. }),
+            matches!(
+                err,
+                ImageError::Truncated {
+                    end: 4096,
+                    file_size: 100,
+                    ..
+                }
+            ),
             "{err}"
         );
         assert!(err.to_string().contains("truncated"), "{err}");
@@ -454,7 +465,13 @@ mod tests {
         let short = elf(8192, 1 << 16, [0x10_0054, 0x10_0000, 0x10_4000]);
         let err = inspect(&short, short.len() as u64).unwrap_err();
         assert!(
-            matches!(err, ImageError::Truncated { format: "multiboot", .. }),
+            matches!(
+                err,
+                ImageError::Truncated {
+                    format: "multiboot",
+                    ..
+                }
+            ),
             "{err}"
         );
         let backwards = elf(8192, 1 << 16, [0x10_0054, 0x20_0000, 0]);
@@ -467,7 +484,8 @@ mod tests {
     #[test]
     fn zimage_magic_followed_by_random_bytes_is_refused() {
         let mut b = vec![0x5Au8; 4096];
-        b[ZIMAGE_MAGIC_OFFSET..ZIMAGE_MAGIC_OFFSET + 4].copy_from_slice(&ZIMAGE_MAGIC.to_le_bytes());
+        b[ZIMAGE_MAGIC_OFFSET..ZIMAGE_MAGIC_OFFSET + 4]
+            .copy_from_slice(&ZIMAGE_MAGIC.to_le_bytes());
         // start/end far beyond the file
         b[0x28..0x2c].copy_from_slice(&0u32.to_le_bytes());
         b[0x2c..0x30].copy_from_slice(&0x7A5A_5A5Au32.to_le_bytes());

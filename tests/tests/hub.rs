@@ -247,6 +247,205 @@ fn kill9_of_hub_publish_never_leaves_a_broken_store() -> Result<()> {
     Ok(())
 }
 
+/// Twenty publishes at once, CLI and `git push` mixed: each that succeeds has a release
+/// number of its own, dense, tagged and verifiable; each refused one says why. (The newest
+/// release was read outside the writer lock: 10 concurrent publishes printed "release 1"
+/// five times and the store kept 2 releases.)
+#[test]
+fn concurrent_publishes_never_share_a_release_number() -> Result<()> {
+    let fleet = Fleet::new("test:///default")?;
+    const N: usize = 20;
+    // 13 CLI publishes and 7 pushes; the pushes carry the highest versions, so the one
+    // with the highest of all always lands and pushes and CLI publishes both succeed.
+    let pushed = |k: usize| k > 13;
+    let deploy = fleet.hub_dir.join("deploy.git");
+    let git = |dir: &std::path::Path, args: &[&str]| -> Result<std::process::Output> {
+        Ok(Command::new("git")
+            .args(["-c", "user.name=op", "-c", "user.email=op@example.invalid"])
+            .args(["-c", "init.defaultBranch=main"])
+            .args(args)
+            .current_dir(dir)
+            .output()?)
+    };
+    let mut cmds = Vec::new();
+    for k in 1..=N {
+        let version = format!("1.0.{k}");
+        let img = fleet.testimage("hello", &version, &[])?;
+        if pushed(k) {
+            let repo = fleet.path(&format!("app{k}"));
+            std::fs::create_dir_all(&repo)?;
+            std::fs::copy(&img, repo.join("hello.elf"))?;
+            std::fs::write(
+                repo.join("unifleet.toml"),
+                format!("app = \"hello\"\nversion = \"{version}\"\nimage = \"hello.elf\"\nno_staging = true\n"),
+            )?;
+            git(&repo, &["init", "-q"])?;
+            git(&repo, &["add", "."])?;
+            git(&repo, &["commit", "-qm", &version])?;
+            let mut c = Command::new("git");
+            c.arg("push")
+                .arg(&deploy)
+                .arg(format!("main:refs/heads/deploy{k}"))
+                .current_dir(&repo);
+            cmds.push((version, c));
+        } else {
+            let mut c = fleet.hub_cmd()?;
+            c.arg("publish").arg(&img).args([
+                "--app",
+                "hello",
+                "--version",
+                &version,
+                "--no-staging",
+            ]);
+            cmds.push((version, c));
+        }
+    }
+    let children: Vec<_> = cmds
+        .into_iter()
+        .map(|(v, mut c)| Ok((v, c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?)))
+        .collect::<Result<_>>()?;
+    let mut released = std::collections::BTreeMap::new();
+    let mut refused = 0;
+    for (version, child) in children {
+        let out = child.wait_with_output()?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let number = said.lines().find_map(|l| {
+            let rest = l
+                .split_once("signed and stored release ")
+                .or_else(|| l.split_once("released hello release "))?
+                .1;
+            rest.split_whitespace().next()?.parse::<u64>().ok()
+        });
+        match number {
+            Some(n) => {
+                assert!(
+                    released.insert(n, version.clone()).is_none(),
+                    "release {n} reported twice (second: {version}): {said}"
+                );
+            }
+            None => {
+                assert!(
+                    said.contains("is not above"),
+                    "{version} neither released nor refused for its version: {said}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(released.len() + refused, N);
+    assert!(
+        released.values().any(|v| v == &format!("1.0.{N}")),
+        "the highest version (a push) lands: {released:?}"
+    );
+    let numbers: Vec<u64> = released.keys().copied().collect();
+    assert_eq!(
+        numbers,
+        (1..=numbers.len() as u64).collect::<Vec<_>>(),
+        "dense release numbers"
+    );
+    let stored = fleet.releases(Some("stable"))?;
+    assert_eq!(
+        stored.len(),
+        released.len(),
+        "every success is stored: {stored:?}"
+    );
+    let root = proto::root::TrustedRoot::bootstrap(
+        &std::fs::read(fleet.hub_dir.join("root.bin"))?,
+        now(),
+    )?;
+    let tags = run(Command::new("git")
+        .arg("--git-dir")
+        .arg(fleet.hub_dir.join("store.git"))
+        .arg("tag"))?;
+    let mut last = None;
+    for (n, version) in &released {
+        let bytes = fleet.store_file(&format!("apps/hello/stable/{n:010}.manifest"))?;
+        let verified = proto::manifest::verify_manifest(
+            &bytes,
+            &root,
+            &proto::manifest::Expectations {
+                app: Some("hello"),
+                channel: "stable",
+                platform: proto::manifest::Platform::QemuX86_64,
+                installed_release: None,
+                now: now(),
+            },
+        )?;
+        let m = verified.manifest();
+        assert_eq!(&m.version.to_string(), version, "release {n}");
+        assert!(
+            last.as_ref().is_none_or(|l| &m.version > l),
+            "versions grow with releases"
+        );
+        last = Some(m.version.clone());
+        assert!(
+            tags.lines().any(|t| t == format!("hello/v{version}")),
+            "tag for {version}: {tags}"
+        );
+    }
+    Ok(())
+}
+
+/// A large image of repeated content is streamed: `hub publish` runs under a 160 MiB
+/// data limit with a 256 MiB image, and counts the repeated chunk's bytes once. (It held
+/// every chunk in memory — 2.1 GB of RSS for a 2 GiB image — and reported every byte new.)
+#[test]
+fn publish_streams_large_images_and_counts_repeated_chunks_once() -> Result<()> {
+    let fleet = Fleet::new("test:///default")?;
+    let img = fleet.testimage("hello", "1.0.0", &[])?;
+    let big = fleet.path("big.elf");
+    std::fs::copy(&img, &big)?;
+    let f = std::fs::OpenOptions::new().append(true).open(&big)?;
+    f.set_len(256 << 20)?; // zeros: one distinct 256 KiB chunk, repeated
+    let out = Command::new("prlimit")
+        .arg(format!("--data={}", 160u64 << 20))
+        .arg("--")
+        .arg(bin("hub")?)
+        .arg("--dir")
+        .arg(&fleet.hub_dir)
+        .arg("publish")
+        .arg(&big)
+        .args(["--app", "hello", "--version", "1.0.0", "--no-staging"])
+        .output()
+        .context("running hub publish under prlimit (util-linux)")?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    let new_bytes: u64 = said
+        .split_once("distinct, ")
+        .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no count of new bytes in {said}"))?;
+    assert!(new_bytes < 2 << 20, "{new_bytes} bytes new: {said}");
+
+    // Above the hub's limit: refused, naming the setting.
+    let hub_toml = fleet.hub_dir.join("hub.toml");
+    let text = std::fs::read_to_string(&hub_toml)?;
+    std::fs::write(
+        &hub_toml,
+        text.replace("max_image_mib = 1024", "max_image_mib = 100"),
+    )?;
+    let out = fleet
+        .hub_cmd()?
+        .arg("publish")
+        .arg(&big)
+        .args(["--app", "hello", "--version", "1.0.1", "--no-staging"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("above this hub's limit of 100 MiB") && err.contains("max_image_mib"),
+        "{err}"
+    );
+    Ok(())
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -291,6 +490,33 @@ fn bad_input_is_refused_and_nothing_is_half_written() -> Result<()> {
     std::fs::write(&corrupt, b"\x7fELF\x01\x01\x01\x00truncated")?;
     let err = publish_fails(&fleet, &corrupt, "1.0.0")?;
     assert!(err.contains("ELF"), "{err}");
+    // `head -c 100` of a real image: its LOAD segment is larger than the file.
+    let whole = fleet.testimage("hello", "0.9.0", &[])?;
+    let cut = fleet.path("cut.elf");
+    std::fs::write(&cut, &std::fs::read(&whole)?[..100])?;
+    let err = publish_fails(&fleet, &cut, "1.0.0")?;
+    assert!(
+        err.contains("truncated") && err.contains("cut.elf"),
+        "a truncated image is refused, naming the file: {err}"
+    );
+    // A directory, and a boot spec no device could boot, each named.
+    let dir = fleet.path("");
+    let err = publish_fails(&fleet, &dir, "1.0.0")?;
+    assert!(err.contains("is a directory"), "{err}");
+    let out = fleet
+        .hub_cmd()?
+        .arg("publish")
+        .arg(&whole)
+        .args(["--app", "hello", "--version", "1.0.0", "--no-staging"])
+        .args(["--memory-mib", "0"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--memory-mib must be at least 1"), "{err}");
+    assert!(
+        !err.contains("staging skipped"),
+        "refused before anything else: {err}"
+    );
 
     // Broker unreachable at publish (no hub serve): stored, signed, announced later.
     let img = fleet.testimage("hello", "1.0.0", &[])?;
