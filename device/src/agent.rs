@@ -16,8 +16,9 @@ use crate::fetch::Fetcher;
 use crate::metrics::DeviceMetrics;
 use crate::mqtt;
 use crate::report::Reporter;
-use crate::store::{AppState, Installed, Store};
+use crate::store::{AppState, AssembleError, Installed, Store};
 use crate::trickle::Trickle;
+use crate::updater::{Action as UpdaterAction, Event as UpdaterEvent, Outcome};
 use anyhow::{Context, Result};
 use net::ratelimit::RateLimiter;
 use net::{MessageAcceptance, NetClient, NetEvent, PeerId, Topic, Want};
@@ -41,9 +42,6 @@ const REGOSSIP_MAX: Duration = Duration::from_secs(120);
 /// How often the latest status reports are sent again (heartbeat, and catch-up for a hub
 /// that was down).
 const REPORT_AGAIN: Duration = Duration::from_secs(10);
-/// First pause before a failed update is tried again; it doubles up to [`RETRY_MAX`].
-const RETRY_FIRST: Duration = Duration::from_secs(5);
-const RETRY_MAX: Duration = Duration::from_secs(300);
 
 pub fn now() -> u64 {
     std::time::SystemTime::now()
@@ -165,7 +163,7 @@ pub async fn run_with_metrics(
             .await
             .with_context(|| format!("metrics cannot listen on {addr}"))?;
     }
-    let (updates_tx, updates_rx) = mpsc::channel(16);
+    let inbox = Arc::new(Inbox::default());
     let (asked_tx, asked_rx) = mpsc::channel(16);
     let router = Router {
         asked: asked_tx,
@@ -174,7 +172,7 @@ pub async fn run_with_metrics(
         root: root.clone(),
         store: store.clone(),
         net: net.clone(),
-        updates: updates_tx,
+        updates: inbox.clone(),
         latest: HashMap::new(),
         trickles: HashMap::new(),
         broker,
@@ -196,7 +194,7 @@ pub async fn run_with_metrics(
         metrics,
         ondemand: Default::default(),
     };
-    let updater_task = tokio::spawn(updater.run(updates_rx));
+    let updater_task = tokio::spawn(updater.run(inbox));
     shutdown.await;
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
@@ -212,8 +210,7 @@ struct Router {
     root: Arc<TrustedRoot>,
     store: Arc<Store>,
     net: NetClient,
-    updates: mpsc::Sender<Heard>,
-    /// Newest verified announcement bytes per (app, channel).
+    updates: Arc<Inbox>,
     /// Newest verified announcement per (app, channel): release, bytes, expiry (Unix s).
     latest: HashMap<(String, String), (u64, Vec<u8>, u64)>,
     /// When to re-gossip the newest announcement per (app, channel), and whether others
@@ -393,7 +390,7 @@ impl Router {
                 self.latest
                     .insert(key, (ann.release, bytes.clone(), ann.expires_at));
                 if self.cfg.apps.contains(&ann.app) {
-                    let _ = self.updates.try_send(Heard {
+                    self.updates.put(Heard {
                         ann,
                         bytes,
                         verified_ms,
@@ -531,6 +528,44 @@ impl Verdict {
     }
 }
 
+/// The router's announcements for the updater: the newest per app, never dropped (a
+/// bounded queue that was full lost a release the router had already recorded as known,
+/// and nothing announced it again). Bounded by the number of apps.
+#[derive(Default)]
+struct Inbox {
+    newest: std::sync::Mutex<HashMap<String, Heard>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Inbox {
+    fn put(&self, heard: Heard) {
+        let mut newest = self.newest.lock().unwrap_or_else(|p| p.into_inner());
+        let app = heard.ann.app.clone();
+        if newest
+            .get(&app)
+            .is_none_or(|h| h.ann.release < heard.ann.release)
+        {
+            newest.insert(app, heard);
+        }
+        drop(newest);
+        self.wake.notify_one();
+    }
+
+    /// Waits until something was put, then takes everything.
+    async fn take(&self) -> Vec<Heard> {
+        loop {
+            let taken: Vec<Heard> = {
+                let mut newest = self.newest.lock().unwrap_or_else(|p| p.into_inner());
+                newest.drain().map(|(_, h)| h).collect()
+            };
+            if !taken.is_empty() {
+                return taken;
+            }
+            self.wake.notified().await;
+        }
+    }
+}
+
 /// A new release of one of our apps, as the router verified it.
 struct Heard {
     ann: Announcement,
@@ -553,51 +588,131 @@ struct Updater {
 }
 
 impl Updater {
-    async fn run(self, mut updates: mpsc::Receiver<Heard>) {
+    /// The I/O shell of [`crate::updater::Updater`]: announcements and outcomes in,
+    /// installs out, one at a time.
+    async fn run(self, inbox: Arc<Inbox>) {
         if let Err(e) = self.resume().await {
             tracing::error!("resuming after start: {e:#}");
         }
-        // A release whose update failed (network, disk) is tried again with growing
-        // pauses, until it succeeds or a newer announcement takes its place. (A release
-        // that fails its health probe is rolled back and never retried: that is not an
-        // error here.)
-        let mut retry: Option<(tokio::time::Instant, Heard, Duration)> = None;
+        let mut machine = crate::updater::Updater::new();
+        // The newest announcement heard per app: what an install action refers to.
+        let mut heard: HashMap<String, Heard> = HashMap::new();
+        let mut todo = std::collections::VecDeque::new();
         loop {
-            let (heard, backoff) = tokio::select! {
-                msg = updates.recv() => match msg {
-                    Some(heard) => (heard, RETRY_FIRST),
-                    None => break,
-                },
-                _ = async {
-                    match &retry {
-                        Some((at, ..)) => tokio::time::sleep_until(*at).await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    let (_, heard, backoff) = retry.take().expect("pending retry");
-                    tracing::info!(app = %heard.ann.app, release = heard.ann.release, "trying the update again");
-                    (heard, backoff)
+            while let Some(UpdaterAction::Install { app, release }) = todo.pop_front() {
+                let outcome = match heard.get(&app).filter(|h| h.ann.release == release) {
+                    Some(h) => self.attempt(h).await,
+                    None => Outcome::Done,
+                };
+                let now = std::time::Instant::now();
+                todo.extend(machine.handle(UpdaterEvent::Finished {
+                    app: app.clone(),
+                    release,
+                    outcome,
+                    now,
+                }));
+                if let Some((release, at)) = machine.retry_of(&app) {
+                    tracing::info!(%app, release, "trying the update again in {}", human_duration(at - now));
                 }
-            };
-            if let Err(e) = self.update(&heard).await {
-                let ann = &heard.ann;
-                tracing::error!(app = %ann.app, release = ann.release, "update failed (trying again in {backoff:?}): {e:#}");
-                self.reporter
-                    .report(
-                        &ann.app,
-                        Some(ann),
-                        DeviceState::Failed {
-                            reason: format!("{e:#}"),
-                        },
-                        String::new(),
-                    )
-                    .await;
-                retry = Some((
-                    tokio::time::Instant::now() + backoff,
-                    heard,
-                    (backoff * 2).min(RETRY_MAX),
-                ));
             }
+            let wake = machine.wake_at();
+            tokio::select! {
+                taken = inbox.take() => {
+                    for h in taken {
+                        let (app, release) = (h.ann.app.clone(), h.ann.release);
+                        if heard.get(&app).is_none_or(|o| o.ann.release < release) {
+                            heard.insert(app.clone(), h);
+                        }
+                        todo.extend(machine.handle(UpdaterEvent::Announced {
+                            app,
+                            release,
+                            now: std::time::Instant::now(),
+                        }));
+                    }
+                }
+                _ = sleep_until(wake) => {
+                    todo.extend(machine.handle(UpdaterEvent::Tick { now: std::time::Instant::now() }));
+                }
+            }
+        }
+    }
+
+    /// One install attempt, its failure cleaned up and reported as it is: the release the
+    /// device still runs, and why the update did not happen.
+    async fn attempt(&self, heard: &Heard) -> Outcome {
+        let ann = &heard.ann;
+        let Err(e) = self.update(heard).await else {
+            return Outcome::Done;
+        };
+        let damaged = e
+            .chain()
+            .any(|c| matches!(c.downcast_ref(), Some(AssembleError::DamagedChunks { .. })));
+        let disk_full = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
+        });
+        if disk_full {
+            // What the failed release brought is the only space there is to free; the
+            // retry fetches it again (or a smaller, newer release takes its place).
+            self.collect_garbage();
+        }
+        tracing::error!(app = %ann.app, release = ann.release, "update failed: {e:#}");
+        let running = self
+            .store
+            .load_state()
+            .ok()
+            .and_then(|s| s.apps.get(&ann.app).and_then(|a| a.current.clone()));
+        let state = DeviceState::Failed {
+            reason: format!(
+                "update to release {} ({}) failed: {e:#}",
+                ann.release, ann.version
+            ),
+        };
+        match &running {
+            Some(cur) => self.reporter.report_installed(&ann.app, cur, state).await,
+            None => {
+                self.reporter
+                    .report(&ann.app, None, state, String::new())
+                    .await
+            }
+        }
+        if damaged {
+            Outcome::Repairable
+        } else {
+            Outcome::Failed
+        }
+    }
+
+    /// Removes chunks and manifests that no kept release (current, pending, previous of
+    /// any app) needs. Only between installs: a download in progress is not yet kept.
+    fn collect_garbage(&self) {
+        let Ok(state) = self.store.load_state() else {
+            return;
+        };
+        let mut keep = std::collections::BTreeSet::new();
+        for st in state.apps.values() {
+            for i in [&st.current, &st.pending, &st.previous]
+                .into_iter()
+                .flatten()
+            {
+                keep.insert(i.manifest);
+                match self.stored_manifest(&i.manifest) {
+                    Ok(m) => keep.extend(m.chunks.iter().map(|c| c.digest)),
+                    // Without its chunk list nothing can be told unneeded.
+                    Err(e) => {
+                        tracing::warn!(release = i.release, "not collecting chunks: {e:#}");
+                        return;
+                    }
+                }
+            }
+        }
+        let (files, bytes) = self.store.remove_unneeded(&keep);
+        if files > 0 {
+            tracing::info!(
+                files,
+                bytes,
+                "removed chunks and manifests no kept release needs"
+            );
         }
     }
 
@@ -823,6 +938,7 @@ impl Updater {
                     }
                 }
                 self.store.prune_slots(&state);
+                self.collect_garbage();
                 self.metrics
                     .activations
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -894,10 +1010,67 @@ pub fn crash_point(cfg: &Config, point: &str) {
     }
 }
 
+/// A pause for people: "5 s", "2 min".
+fn human_duration(d: Duration) -> String {
+    match d.as_secs() {
+        s if s < 120 => format!("{s} s"),
+        s => format!("{} min", s / 60),
+    }
+}
+
 /// Sleeps until `at`, or forever without one.
 async fn sleep_until(at: Option<std::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heard(app: &str, release: u64) -> Heard {
+        let ann = Announcement {
+            fleet: "home".into(),
+            app: app.into(),
+            channel: "stable".into(),
+            platform: Platform::QemuX86_64,
+            release,
+            version: semver::Version::new(1, 0, release),
+            manifest: proto::Digest::of(&release.to_le_bytes()),
+            expires_at: u64::MAX,
+        };
+        Heard {
+            ann,
+            bytes: vec![],
+            verified_ms: 0,
+        }
+    }
+
+    /// The router handed releases to the updater through a queue of 16 with `try_send`:
+    /// a full queue lost a release the router had already recorded as known, and nothing
+    /// announced it to the updater again. The inbox keeps the newest per app, whatever
+    /// arrives while the updater is busy.
+    #[tokio::test]
+    async fn a_busy_updater_never_loses_a_release() {
+        let inbox = Inbox::default();
+        for release in 1..=100 {
+            for app in ["a", "b", "c"] {
+                inbox.put(heard(app, release));
+            }
+        }
+        inbox.put(heard("a", 7)); // older than what is waiting: kept out
+        let mut taken: Vec<(String, u64)> = inbox
+            .take()
+            .await
+            .into_iter()
+            .map(|h| (h.ann.app, h.ann.release))
+            .collect();
+        taken.sort();
+        assert_eq!(
+            taken,
+            [("a".into(), 100), ("b".into(), 100), ("c".into(), 100)]
+        );
     }
 }

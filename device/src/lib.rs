@@ -18,3 +18,4 @@ pub mod report;
 pub mod splice;
 pub mod store;
 pub mod trickle;
+pub mod updater;

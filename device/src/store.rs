@@ -52,6 +52,31 @@ pub struct State {
     pub report_seq: u64,
 }
 
+/// Why [`Store::assemble`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    /// Stored chunks' bytes are not what their digests say (they were removed).
+    #[error(
+        "{count} stored chunk(s) damaged, the first {} (removed; they will be fetched again)",
+        first.short()
+    )]
+    DamagedChunks {
+        first: Digest,
+        count: u64,
+        #[source]
+        source: proto::VerifyError,
+    },
+    #[error("assembled image does not match the manifest")]
+    Image(#[source] proto::VerifyError),
+    #[error("{op} {}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 impl State {
     /// `state.json`'s bytes, as [`Store::load_state`] reads them.
     pub fn parse(bytes: &[u8]) -> Result<State, serde_json::Error> {
@@ -110,13 +135,64 @@ impl Store {
         self.chunk_path(d).exists()
     }
 
-    /// Stores a chunk the caller has verified. Temp + rename: never a partial chunk.
+    /// Stores a chunk the caller has verified. Temp + rename: never a partial chunk, and
+    /// no temporary file left behind when the write fails (a full disk stays full
+    /// otherwise).
     pub fn put_chunk(&self, d: &Digest, bytes: &[u8]) -> Result<()> {
         let path = self.chunk_path(d);
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-        fs::rename(&tmp, &path).with_context(|| format!("renaming {}", path.display()))?;
-        Ok(())
+        let written = fs::write(&tmp, bytes)
+            .with_context(|| format!("writing {}", tmp.display()))
+            .and_then(|()| {
+                fs::rename(&tmp, &path).with_context(|| format!("renaming {}", path.display()))
+            });
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written
+    }
+
+    /// Checks each stored chunk of `chunks` against its digest and size and removes those
+    /// that do not match; returns how many were removed.
+    fn remove_damaged(&self, chunks: &[proto::manifest::ChunkRef]) -> u64 {
+        let mut removed = 0;
+        for c in chunks {
+            let path = self.chunk_path(&c.digest);
+            let Ok(bytes) = fs::read(&path) else { continue };
+            if bytes.len() as u64 != c.size || Digest::of(&bytes) != c.digest {
+                tracing::warn!(path = %path.display(), "stored chunk is damaged; removing it");
+                let _ = fs::remove_file(&path);
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Removes every chunk and manifest not in `keep` (and temporary files a killed
+    /// process left): what no kept release needs. Returns how many files and bytes went.
+    pub fn remove_unneeded(&self, keep: &BTreeSet<Digest>) -> (u64, u64) {
+        let (mut files, mut bytes) = (0, 0);
+        for sub in ["chunks", "manifests"] {
+            let Ok(entries) = fs::read_dir(self.dir.join(sub)) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let needed = name
+                    .to_str()
+                    .and_then(|n| n.parse::<Digest>().ok())
+                    .is_some_and(|d| keep.contains(&d));
+                if needed {
+                    continue;
+                }
+                let len = e.metadata().map_or(0, |m| m.len());
+                if fs::remove_file(e.path()).is_ok() {
+                    files += 1;
+                    bytes += len;
+                }
+            }
+        }
+        (files, bytes)
     }
 
     /// A blob (chunk or manifest) by digest, re-verified: a damaged file is deleted and
@@ -139,36 +215,61 @@ impl Store {
     }
 
     /// Assembles the image from stored chunks into its slot, verifying every chunk and the
-    /// whole image on the way, fsyncs, and renames it into place.
-    pub fn assemble(&self, m: &Manifest) -> Result<PathBuf> {
+    /// whole image on the way, fsyncs, and renames it into place. On any failure the
+    /// partial slot is removed; a stored chunk whose bytes are wrong is removed too
+    /// ([`AssembleError::DamagedChunks`]), so fetching again repairs the release.
+    pub fn assemble(&self, m: &Manifest) -> Result<PathBuf, AssembleError> {
         let slot = self
             .dir
             .join("slots")
             .join(format!("{}-{}.img", m.app, m.release));
         let tmp = slot.with_extension("img.partial");
+        let assembled = self.assemble_into(m, &tmp, &slot);
+        if assembled.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        assembled.map(|()| slot)
+    }
+
+    fn assemble_into(&self, m: &Manifest, tmp: &Path, slot: &Path) -> Result<(), AssembleError> {
+        let io = |op: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| AssembleError::Io { op, path, source }
+        };
         let mut out = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
+            .open(tmp)
+            .map_err(io("creating", tmp))?;
         let mut verifier = ImageVerifier::new(m);
-        for c in &m.chunks {
+        for (i, c) in m.chunks.iter().enumerate() {
+            let path = self.chunk_path(&c.digest);
             let mut data = Vec::with_capacity(c.size as usize);
-            File::open(self.chunk_path(&c.digest))
+            File::open(&path)
                 .and_then(|f| f.take(c.size + 1).read_to_end(&mut data))
-                .with_context(|| format!("reading chunk {}", c.digest.short()))?;
-            verifier
-                .push(&data)
-                .context("verifying chunk during assembly")?;
-            out.write_all(&data)?;
+                .map_err(io("reading chunk", &path))?;
+            if let Err(source) = verifier.push(&data) {
+                // One damaged file rarely comes alone (a bad sector, a torn copy): find
+                // them all now, so one fetch repairs the release.
+                let damaged = self.remove_damaged(&m.chunks[i..]);
+                return Err(AssembleError::DamagedChunks {
+                    first: c.digest,
+                    count: damaged.max(1),
+                    source,
+                });
+            }
+            out.write_all(&data).map_err(io("writing", tmp))?;
         }
-        verifier.finish().context("verifying assembled image")?;
-        out.sync_all()?;
+        verifier.finish().map_err(AssembleError::Image)?;
+        out.sync_all().map_err(io("syncing", tmp))?;
         drop(out);
-        fs::rename(&tmp, &slot)?;
-        File::open(self.dir.join("slots"))?.sync_all()?;
-        Ok(slot)
+        fs::rename(tmp, slot).map_err(io("renaming into place", slot))?;
+        let slots = self.dir.join("slots");
+        File::open(&slots)
+            .and_then(|d| d.sync_all())
+            .map_err(io("syncing", &slots))?;
+        Ok(())
     }
 
     pub fn load_state(&self) -> Result<State> {

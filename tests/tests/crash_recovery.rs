@@ -133,7 +133,13 @@ fn a_failed_update_is_tried_again_until_it_succeeds() -> Result<()> {
     let image = fleet.testimage("hello", "1.0.0", &[])?;
     fleet.publish(&image, "hello", "1.0.0", &["--no-staging"])?;
     wait_for("the failure to be reported", CONVERGE, || {
-        (fleet.devices[d].release_state("hello")?.1 == "Failed").then_some(())
+        let report = fleet.devices[d].report("hello")?;
+        // Nothing runs yet: the report says so (no release), with the reason.
+        (report["state"]["Failed"]["reason"]
+            .as_str()?
+            .contains("update to release 1")
+            && report["release"].is_null())
+        .then_some(())
     })?;
     std::fs::remove_file(&chunks)?;
     std::fs::create_dir(&chunks)?;
@@ -142,5 +148,114 @@ fn a_failed_update_is_tried_again_until_it_succeeds() -> Result<()> {
         .log_text()
         .contains("trying the update again"));
     fleet.assert_runs_image(d, &image);
+    Ok(())
+}
+
+/// Unmounts (lazily: the agent may still hold files) when dropped, even if the test fails.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Result<Tmpfs> {
+        std::fs::create_dir_all(at)?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "mounting a {size} tmpfs at {} (this test needs root, as CI has): {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A release larger than the disk fails with ENOSPC; what it left (the chunk being
+/// written, the chunks that fitted) is removed, the device reports the release it still
+/// runs, and a later, smaller release installs. (It kept everything, so every later
+/// update failed with the disk full until a restart, and `device status` said
+/// "Installing" because not even `status.json` could be written.)
+#[test]
+fn a_full_disk_recovers_by_itself_and_reports_the_release_it_runs() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let d = fleet.add_device("full", "hello", &[])?;
+    let _disk = Tmpfs::mount(&fleet.devices[d].dir.join("state"), "1m")?;
+    fleet.start_device(d)?;
+    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+
+    let big = fleet.testimage("hello", "1.0.1", &["--pad-mib", "2"])?;
+    fleet.publish(&big, "hello", "1.0.1", &["--no-staging"])?;
+    wait_for("the full disk to be reported", CONVERGE, || {
+        let report = fleet.devices[d].report("hello")?;
+        let reason = report["state"]["Failed"]["reason"].as_str()?.to_string();
+        (report["release"] == 1).then_some(reason)
+    })
+    .map(|reason| {
+        assert!(
+            reason.contains("update to release 2") && reason.contains("No space left"),
+            "{reason}"
+        )
+    })?;
+    let log = fleet.devices[d].log_text();
+    assert!(
+        log.contains("removed chunks and manifests no kept release needs"),
+        "{log}"
+    );
+
+    let v3 = fleet.testimage("hello", "1.0.2", &[])?;
+    fleet.publish(&v3, "hello", "1.0.2", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 3, "Active", CONVERGE)?;
+    fleet.assert_runs_image(d, &v3);
+    let st = fleet.devices[d].state_json();
+    assert_eq!(st["apps"]["hello"]["previous"]["release"], 1, "{st}");
+    Ok(())
+}
+
+/// A stored chunk whose bytes went bad is not trusted: assembly finds it, removes it, and
+/// the next attempt fetches it again. (`has_chunk` trusted any file by its name, so the
+/// damaged chunk failed assembly on every retry.)
+#[test]
+fn a_damaged_stored_chunk_is_fetched_again() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let d = fleet.add_device("damaged", "hello", &[])?;
+    fleet.start_device(d)?;
+    // Both versions carry the same 2 MiB payload: release 2 reuses release 1's chunks.
+    let v1 = fleet.testimage("hello", "1.0.0", &["--pad-mib", "2"])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+    let chunks = fleet.devices[d].dir.join("state/chunks");
+    let mut damaged = 0;
+    for e in std::fs::read_dir(&chunks)?.flatten() {
+        let mut bytes = std::fs::read(e.path())?;
+        if bytes.len() > 1000 {
+            bytes[500] ^= 0xFF;
+            std::fs::write(e.path(), bytes)?;
+            damaged += 1;
+        }
+    }
+    assert!(damaged > 0);
+    let v2 = fleet.testimage("hello", "1.0.1", &["--pad-mib", "2"])?;
+    fleet.publish(&v2, "hello", "1.0.1", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 2, "Active", CONVERGE)?;
+    fleet.assert_runs_image(d, &v2);
+    let log = fleet.devices[d].log_text();
+    assert!(
+        log.contains("stored chunk is damaged; removing it"),
+        "{log}"
+    );
     Ok(())
 }
