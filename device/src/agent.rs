@@ -19,6 +19,7 @@ use crate::report::Reporter;
 use crate::store::{AppState, AssembleError, Installed, Store};
 use crate::trickle::Trickle;
 use crate::updater::{Action as UpdaterAction, Event as UpdaterEvent, Outcome};
+use crate::watchdog::{Verdict as Watched, Watchdog};
 use anyhow::{Context, Result};
 use net::ratelimit::RateLimiter;
 use net::{MessageAcceptance, NetClient, NetEvent, PeerId, Topic, Want};
@@ -39,6 +40,8 @@ const MAX_SEEDING: usize = 16;
 /// re-announcement period (5 s), so while the hub is up devices stay quiet.
 const REGOSSIP_MIN: Duration = Duration::from_secs(6);
 const REGOSSIP_MAX: Duration = Duration::from_secs(120);
+/// How often the updater checks that each app's healthy domain still runs.
+const WATCH_EVERY: Duration = Duration::from_secs(2);
 /// How often the latest status reports are sent again (heartbeat, and catch-up for a hub
 /// that was down).
 const REPORT_AGAIN: Duration = Duration::from_secs(10);
@@ -595,6 +598,9 @@ impl Updater {
             tracing::error!("resuming after start: {e:#}");
         }
         let mut machine = crate::updater::Updater::new();
+        let mut dog = Watchdog::new();
+        let mut watch = tokio::time::interval(WATCH_EVERY);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The newest announcement heard per app: what an install action refers to.
         let mut heard: HashMap<String, Heard> = HashMap::new();
         let mut todo = std::collections::VecDeque::new();
@@ -605,6 +611,7 @@ impl Updater {
                     None => Outcome::Done,
                 };
                 let now = std::time::Instant::now();
+                dog.forget(&app);
                 todo.extend(machine.handle(UpdaterEvent::Finished {
                     app: app.clone(),
                     release,
@@ -633,6 +640,7 @@ impl Updater {
                 _ = sleep_until(wake) => {
                     todo.extend(machine.handle(UpdaterEvent::Tick { now: std::time::Instant::now() }));
                 }
+                _ = watch.tick() => self.watch(&mut dog).await,
             }
         }
     }
@@ -773,6 +781,126 @@ impl Updater {
         }
     }
 
+    /// Starts `launch` and probes it, on a blocking thread (libvirt is synchronous).
+    async fn boot(&self, launch: Launch) -> Result<(), ActivateError> {
+        let act = self.activator.clone();
+        tokio::task::spawn_blocking(move || {
+            let port = act.start(&launch)?;
+            act.probe(&launch, port)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(ActivateError::Start {
+                name: String::new(),
+                reason: format!("the boot task failed: {e}"),
+            })
+        })
+    }
+
+    /// Whether the domain `name` runs, on a blocking thread.
+    async fn is_running(&self, name: String) -> bool {
+        let act = self.activator.clone();
+        // A failed check is not a dead domain: nothing is restarted on a guess.
+        tokio::task::spawn_blocking(move || act.is_running(&name))
+            .await
+            .unwrap_or(true)
+    }
+
+    /// Between installs: a domain that was healthy and is found stopped is restarted, and
+    /// after [`crate::watchdog::RESTARTS`] restarts within the watchdog's window the app
+    /// goes back to its previous release.
+    async fn watch(&self, dog: &mut Watchdog) {
+        let Ok(state) = self.store.load_state() else {
+            return;
+        };
+        for (app, st) in &state.apps {
+            let Some(cur) = st.current.as_ref() else {
+                continue;
+            };
+            // On-demand apps: the pool owns instances. A release given up on: left alone.
+            if self.is_ondemand(app) || st.failed.contains(&cur.release) {
+                continue;
+            }
+            if self.is_running(self.domain_name(app, cur.release)).await {
+                continue;
+            }
+            let m = match self.stored_manifest(&cur.manifest) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(%app, release = cur.release, "domain stopped; cannot restart it: {e:#}");
+                    continue;
+                }
+            };
+            match dog.died(app, cur.release, std::time::Instant::now()) {
+                Watched::Restart { n } => {
+                    tracing::warn!(%app, release = cur.release, "domain found stopped; restarting it ({n} of {} within {})", crate::watchdog::RESTARTS, human_duration(crate::watchdog::WINDOW));
+                    let launch = self.launch(&m, &cur.slot);
+                    let name = launch.name.clone();
+                    match self.boot(launch).await {
+                        Ok(()) => {
+                            tracing::info!(%app, release = cur.release, "restarted; healthy again")
+                        }
+                        Err(e) => {
+                            tracing::error!(%app, release = cur.release, "restarting: {e}");
+                            // Stopped, so the next look counts it as dead again.
+                            let act = self.activator.clone();
+                            let _ = tokio::task::spawn_blocking(move || act.stop(&name)).await;
+                        }
+                    }
+                }
+                Watched::GiveUp { deaths } => {
+                    let reason = format!(
+                        "release {} stopped {deaths} times within {} after it was healthy",
+                        cur.release,
+                        human_duration(crate::watchdog::WINDOW)
+                    );
+                    if let Err(e) = self.give_up(app, &reason).await {
+                        tracing::error!(%app, "{reason}; going back: {e:#}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The current release of `app` keeps dying: it is marked failed (never installed
+    /// again) and the previous release, if there is one, is started and reported.
+    async fn give_up(&self, app: &str, reason: &str) -> Result<()> {
+        let mut state = self.store.load_state()?;
+        let st = state.apps.entry(app.to_string()).or_default();
+        let Some(failed) = st.current.clone() else {
+            return Ok(());
+        };
+        st.failed.insert(failed.release);
+        self.metrics
+            .rollbacks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let reported = DeviceState::RolledBack {
+            failed_release: failed.release,
+            reason: reason.to_string(),
+        };
+        let Some(prev) = st.previous.take() else {
+            self.store.save_state(&state)?;
+            tracing::error!(%app, "{reason}; no earlier release to go back to, leaving it stopped");
+            self.reporter
+                .report_installed(
+                    app,
+                    &failed,
+                    DeviceState::Failed {
+                        reason: format!("{reason}; no earlier release to go back to"),
+                    },
+                )
+                .await;
+            return Ok(());
+        };
+        st.current = Some(prev.clone());
+        self.store.save_state(&state)?;
+        tracing::error!(%app, release = prev.release, "{reason}; going back to release {}", prev.release);
+        let m = self.stored_manifest(&prev.manifest)?;
+        self.boot(self.launch(&m, &prev.slot)).await?;
+        self.reporter.report_installed(app, &prev, reported).await;
+        Ok(())
+    }
+
     /// After a start: bring up what the state says should run; finish an interrupted install.
     async fn resume(&self) -> Result<()> {
         let state = self.store.load_state()?;
@@ -798,10 +926,7 @@ impl Updater {
                     }
                 } else if !running {
                     tracing::info!(%app, release = cur.release, "starting installed release");
-                    tokio::task::spawn_blocking(move || {
-                        act.start(&launch).and_then(|port| act.probe(&launch, port))
-                    })
-                    .await??;
+                    self.boot(launch).await?;
                 }
                 // Serving (an on-demand proxy listening) before reporting Active.
                 self.start_ondemand(&m, &cur.slot).await;
@@ -906,13 +1031,7 @@ impl Updater {
     /// Boots `new`, probes it, and either retires the old release or restores it.
     async fn activate(&self, m: &proto::manifest::Manifest, new: Installed) -> Result<()> {
         let launch = self.launch(m, &new.slot);
-        let act = self.activator.clone();
-        let l = launch.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let port = act.start(&l)?;
-            act.probe(&l, port)
-        })
-        .await?;
+        let outcome = self.boot(launch.clone()).await;
         let mut state = self.store.load_state()?;
         let st: &mut AppState = state.apps.entry(m.app.clone()).or_default();
         let old = st.current.clone();
@@ -971,17 +1090,8 @@ impl Updater {
                 if let Some(old) = &old {
                     let om = self.stored_manifest(&old.manifest)?;
                     let ol = self.launch(&om, &old.slot);
-                    let act = self.activator.clone();
-                    let running = {
-                        let n = ol.name.clone();
-                        let a = act.clone();
-                        tokio::task::spawn_blocking(move || a.is_running(&n)).await?
-                    };
-                    if !running {
-                        tokio::task::spawn_blocking(move || {
-                            act.start(&ol).and_then(|p| act.probe(&ol, p))
-                        })
-                        .await??;
+                    if !self.is_running(ol.name.clone()).await {
+                        self.boot(ol).await?;
                     }
                 }
                 let reported = DeviceState::RolledBack {

@@ -19,3 +19,4 @@ pub mod splice;
 pub mod store;
 pub mod trickle;
 pub mod updater;
+pub mod watchdog;

@@ -2,7 +2,7 @@
 //! scripts/setup.sh): READY banners on the consoles, and test g — a failing image is
 //! rolled back, reported with its console tail, and never retried.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::time::Duration;
 use unifleet_tests::fleet::{domain_running, wait_for, Fleet};
 
@@ -135,6 +135,72 @@ fn failing_image_is_rolled_back_reported_and_never_retried() -> Result<()> {
             .matches("activation failed")
             .count(),
         1
+    );
+    Ok(())
+}
+
+/// Destroys a running domain as a crash would (the guest's process gone).
+fn kill_domain(name: &str) -> Result<()> {
+    let out = std::process::Command::new("virsh")
+        .args(["-c", URI, "destroy", name])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "virsh destroy {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A release that was healthy at activation and then dies is noticed and restarted; one
+/// that keeps dying (4 times within 10 minutes) goes back to the previous release, which
+/// is reported. (A domain that died after its first probe stayed dead, reported Active.)
+#[test]
+fn a_domain_that_dies_after_activation_is_restarted_then_rolled_back() -> Result<()> {
+    let mut fleet = Fleet::new(URI)?;
+    fleet.start_hub(&[])?;
+    let name = format!("qw-{}", std::process::id());
+    let d = fleet.add_device(&name, "hello", &[])?;
+    fleet.start_device(d)?;
+    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+    let v2 = fleet.testimage("hello", "1.0.1", &[])?;
+    fleet.publish(&v2, "hello", "1.0.1", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 2, "Active", CONVERGE)?;
+    let r2 = format!("uf-{name}-hello-r2");
+    for n in 1..=3 {
+        kill_domain(&r2).with_context(|| fleet.devices[d].log_text())?;
+        wait_for(&format!("restart {n} of {r2}"), CONVERGE, || {
+            let log = fleet.devices[d].log_text();
+            (log.matches("restarted; healthy again").count() >= n && domain_running(URI, &r2))
+                .then_some(())
+        })?;
+    }
+    kill_domain(&r2)?;
+    fleet.wait_all(&[d], "hello", 1, "RolledBack", CONVERGE)?;
+    let report = fleet.devices[d].report("hello").unwrap();
+    assert_eq!(
+        report["state"]["RolledBack"]["failed_release"], 2,
+        "{report}"
+    );
+    assert!(
+        report["state"]["RolledBack"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("stopped 4 times"),
+        "{report}"
+    );
+    assert!(domain_running(URI, &format!("uf-{name}-hello-r1")));
+    assert!(!domain_running(URI, &r2));
+    let st = fleet.devices[d].state_json();
+    assert_eq!(st["apps"]["hello"]["current"]["release"], 1, "{st}");
+    assert!(
+        st["apps"]["hello"]["failed"]
+            .as_array()
+            .unwrap()
+            .contains(&2.into()),
+        "never installed again: {st}"
     );
     Ok(())
 }
