@@ -34,6 +34,11 @@ pub struct Reporter {
     pub from_hub: Arc<AtomicU64>,
     status_file: PathBuf,
     latest: Mutex<BTreeMap<String, StatusReport>>,
+    /// The generation of `status.json` last written: writes happen on blocking threads
+    /// (an fsync must not hold the agent's tasks), so an older snapshot that arrives late
+    /// is skipped rather than written over a newer one.
+    written: Arc<std::sync::Mutex<u64>>,
+    generation: AtomicU64,
     /// On-demand pools' counts, by app; part of every report of that app.
     ondemand: std::sync::Mutex<BTreeMap<String, OnDemandCounts>>,
 }
@@ -65,6 +70,8 @@ impl Reporter {
             from_hub: metrics.bytes_from_hub.clone(),
             status_file: cfg.state_dir.join("status.json"),
             latest: Mutex::new(BTreeMap::new()),
+            written: Arc::new(std::sync::Mutex::new(0)),
+            generation: AtomicU64::new(0),
             ondemand: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
@@ -96,10 +103,25 @@ impl Reporter {
         } else {
             let _ = self.net.publish(Topic::Status, bytes).await;
         }
-        let mut latest = self.latest.lock().await;
-        latest.insert(r.app.clone(), r);
-        if let Ok(json) = serde_json::to_vec_pretty(&*latest) {
-            let _ = write_atomic(&self.status_file, &json);
+        let (generation, json) = {
+            let mut latest = self.latest.lock().await;
+            latest.insert(r.app.clone(), r);
+            let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+            (generation, serde_json::to_vec_pretty(&*latest))
+        };
+        let Ok(json) = json else { return };
+        let (path, written) = (self.status_file.clone(), self.written.clone());
+        let wrote = tokio::task::spawn_blocking(move || {
+            let mut last = written.lock().unwrap_or_else(|p| p.into_inner());
+            if *last > generation {
+                return Ok(());
+            }
+            *last = generation;
+            write_atomic(&path, &json)
+        })
+        .await;
+        if let Ok(Err(e)) = wrote {
+            tracing::warn!("writing {}: {e:#}", self.status_file.display());
         }
     }
 

@@ -1,19 +1,18 @@
 //! The hub's Prometheus metrics (served by `net::metrics`).
 
-use crate::home::Home;
 use crate::serve::Metrics;
 use anyhow::{Context, Result};
 use net::metrics::push;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-pub async fn start(addr: &str, metrics: Arc<Metrics>, home: Home) -> Result<()> {
-    net::metrics::serve(addr, Arc::new(move || render(&metrics, &home)))
+pub async fn start(addr: &str, metrics: Arc<Metrics>) -> Result<()> {
+    net::metrics::serve(addr, Arc::new(move || render(&metrics)))
         .await
         .with_context(|| format!("metrics cannot listen on {addr}"))
 }
 
-fn render(m: &Metrics, home: &Home) -> String {
+fn render(m: &Metrics) -> String {
     let mut out = String::new();
     let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     push(
@@ -107,23 +106,19 @@ fn render(m: &Metrics, home: &Home) -> String {
         "Gossip messages rejected",
         c(&m.gossip_rejected),
     );
-    let releases = home
-        .store()
-        .and_then(|s| s.releases())
-        .map(|r| r.len())
-        .unwrap_or(0);
+    // From memory: a scrape never opens the store or reads the inventory from disk.
     push(
         &mut out,
         "unifleet_hub_releases",
         "gauge",
         "Releases in the store",
-        releases as u64,
+        c(&m.releases),
     );
-    let inv = crate::serve::load_inventory(home);
-    let mut by_state = std::collections::BTreeMap::<String, u64>::new();
-    for e in inv.values() {
-        *by_state.entry(e.state.clone()).or_default() += 1;
-    }
+    let by_state = m
+        .devices_by_state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     out.push_str(
         "# HELP unifleet_hub_devices Devices by state\n# TYPE unifleet_hub_devices gauge\n",
     );

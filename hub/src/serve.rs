@@ -75,6 +75,10 @@ pub struct Metrics {
     pub stored_reports: AtomicU64,
     /// When a release newer than any announced before was first announced (Unix ms).
     pub last_new_announcement_ms: AtomicU64,
+    /// Releases in the store (gauge, as of the last look at the store's `apps` tree).
+    pub releases: AtomicU64,
+    /// Devices in the inventory by state (as of the last batch written).
+    pub devices_by_state: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 pub fn load_inventory(home: &Home) -> Inventory {
@@ -192,6 +196,10 @@ struct Hub {
     blobs: crate::blobs::Blobs,
     /// Newest release announced so far, per (app, channel).
     announced: BTreeMap<(String, String), u64>,
+    /// The newest announcement of every (app, channel), and the git id of the store's
+    /// `apps` tree they were read at: re-read only when that changes (a publish, a
+    /// promote), not every re-announcement.
+    announcements: (Option<git2::Oid>, Vec<Announced>),
 }
 
 /// Runs the hub until `shutdown` resolves. Prints its libp2p address on stdout.
@@ -258,7 +266,7 @@ pub async fn serve(
     };
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = &home.config.metrics {
-        crate::metrics::start(addr, metrics.clone(), home.clone()).await?;
+        crate::metrics::start(addr, metrics.clone()).await?;
     }
     let blobs = crate::blobs::Blobs::new(
         net.clone(),
@@ -280,7 +288,9 @@ pub async fn serve(
         metrics,
         root,
         announced: BTreeMap::new(),
+        announcements: (None, vec![]),
     };
+    hub.count_states();
 
     let _ = std::fs::remove_file(home.socket());
     let control = tokio::net::UnixListener::bind(home.socket())
@@ -350,35 +360,37 @@ impl Hub {
     /// Announces the newest release of every (app, channel) on MQTT (retained) and gossip.
     async fn announce_all(&mut self) -> usize {
         let store = self.store.clone();
-        let latest = tokio::task::spawn_blocking(move || -> Result<Vec<Announced>> {
-            let s = store.lock().expect("store lock");
-            let mut newest: BTreeMap<(String, String), u64> = BTreeMap::new();
-            for r in s.releases()? {
-                let e = newest.entry((r.app, r.channel)).or_default();
-                *e = (*e).max(r.release);
-            }
-            let mut out = vec![];
-            for ((app, channel), release) in newest {
-                if let Some(bytes) =
-                    s.read(&release_path(&app, &channel, release, "announcement"))?
-                {
-                    out.push((app, channel, release, bytes));
+        let seen = self.announcements.0;
+        let read = tokio::task::spawn_blocking(
+            move || -> Result<Option<(Option<git2::Oid>, Vec<Announced>, u64)>> {
+                let s = store.lock().expect("store lock");
+                let apps = s.tree_id("apps")?;
+                if apps.is_some() && apps == seen {
+                    return Ok(None);
                 }
-            }
-            Ok(out)
-        })
+                let (newest, count) = s.newest_releases()?;
+                let mut out = vec![];
+                for (app, channel, release) in newest {
+                    if let Some(bytes) =
+                        s.read(&release_path(&app, &channel, release, "announcement"))?
+                    {
+                        out.push((app, channel, release, bytes));
+                    }
+                }
+                Ok(Some((apps, out, count)))
+            },
+        )
         .await;
-        let latest = match latest {
-            Ok(Ok(l)) => l,
-            Ok(Err(e)) => {
-                tracing::error!("reading releases: {e:#}");
-                return 0;
+        match read {
+            Ok(Ok(Some((apps, latest, count)))) => {
+                self.metrics.releases.store(count, Ordering::Relaxed);
+                self.announcements = (apps, latest);
             }
-            Err(e) => {
-                tracing::error!("reading releases: {e}");
-                return 0;
-            }
-        };
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::error!("reading releases: {e:#}"),
+            Err(e) => tracing::error!("reading releases: {e}"),
+        }
+        let latest = self.announcements.1.clone();
         for (app, channel, release, bytes) in &latest {
             let topic = format!(
                 "unifleet/{}/release/{channel}/{app}",
@@ -420,12 +432,26 @@ impl Hub {
             return;
         }
         if let Some(batch) = self.pending.take(&self.inventory) {
+            self.count_states();
             let home = self.home.clone();
             let store = self.store.clone();
             self.flushing = Some(tokio::task::spawn_blocking(move || {
                 batch.write(&home, &store)
             }));
         }
+    }
+
+    /// Devices by state, for the metrics page (which never reads the inventory file).
+    fn count_states(&self) {
+        let mut by_state = BTreeMap::<String, u64>::new();
+        for e in self.inventory.values() {
+            *by_state.entry(e.state.clone()).or_default() += 1;
+        }
+        *self
+            .metrics
+            .devices_by_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = by_state;
     }
 
     /// Waits for the batch in flight, then writes the rest (at shutdown).

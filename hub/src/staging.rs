@@ -18,24 +18,69 @@ pub fn report_path(home: &Home, device: &str, app: &str) -> std::path::PathBuf {
         .join(format!("{device}--{app}.bin"))
 }
 
-fn staging_reports(home: &Home, store: &Store, app: &str) -> Result<Vec<(Vec<u8>, StatusReport)>> {
-    let devices = crate::serve::load_devices(store)?;
-    let mut out = vec![];
-    let Ok(entries) = std::fs::read_dir(home.dir.join("reports")) else {
-        return Ok(out);
-    };
-    for e in entries.flatten() {
-        let Ok(bytes) = std::fs::read(e.path()) else {
-            continue;
-        };
-        let Ok((_, r)) = verify_status(&bytes, |id| devices.get(id).map(|(_, k)| *k)) else {
-            continue;
-        };
-        if r.app == app && r.channel == STAGING_CHANNEL {
-            out.push((bytes, r));
-        }
+/// How often the gate reloads the enrolled keys (a staging device enrolled while it waits).
+const RELOAD_KEYS: Duration = Duration::from_secs(5);
+
+/// The staging reports of one app as `hub serve` keeps them, each verified once: a report
+/// file is read and checked again only when it changed (the gate looks every 100 ms).
+struct Reports {
+    devices: std::collections::HashMap<proto::KeyId, (String, proto::PublicKey)>,
+    loaded_at: Instant,
+    /// Per report file: its (size, mtime) when read, and what it held if it verified.
+    seen: std::collections::HashMap<
+        std::path::PathBuf,
+        (
+            (u64, std::time::SystemTime),
+            Option<(Vec<u8>, StatusReport)>,
+        ),
+    >,
+}
+
+impl Reports {
+    fn new(store: &Store) -> Result<Reports> {
+        Ok(Reports {
+            devices: crate::serve::load_devices(store)?,
+            loaded_at: Instant::now(),
+            seen: Default::default(),
+        })
     }
-    Ok(out)
+
+    fn staging(
+        &mut self,
+        home: &Home,
+        store: &Store,
+        app: &str,
+    ) -> Result<Vec<(Vec<u8>, StatusReport)>> {
+        if self.loaded_at.elapsed() >= RELOAD_KEYS {
+            self.devices = crate::serve::load_devices(store)?;
+            self.loaded_at = Instant::now();
+            self.seen.clear();
+        }
+        let mut out = vec![];
+        let Ok(entries) = std::fs::read_dir(home.dir.join("reports")) else {
+            return Ok(out);
+        };
+        for e in entries.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            let stamp = (meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
+            let path = e.path();
+            if self.seen.get(&path).is_none_or(|(s, _)| *s != stamp) {
+                let devices = &self.devices;
+                let read = std::fs::read(&path).ok().and_then(|bytes| {
+                    let (_, r) =
+                        verify_status(&bytes, |id| devices.get(id).map(|(_, k)| *k)).ok()?;
+                    Some((bytes, r))
+                });
+                self.seen.insert(path.clone(), (stamp, read));
+            }
+            if let Some((_, Some((bytes, r)))) = self.seen.get(&path) {
+                if r.app == app && r.channel == STAGING_CHANNEL {
+                    out.push((bytes.clone(), r.clone()));
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Waits for a staging device to report `candidate` healthy (returns the signed report)
@@ -49,8 +94,9 @@ pub fn await_verdict(
 ) -> Result<Vec<u8>> {
     let deadline = Instant::now() + Duration::from_secs(timeout_secs);
     let mut last_note = String::new();
+    let mut reports = Reports::new(store)?;
     let (device, detail) = 'wait: loop {
-        for (bytes, r) in staging_reports(home, store, &candidate.app)? {
+        for (bytes, r) in reports.staging(home, store, &candidate.app)? {
             let ours = r.manifest == Some(candidate.manifest);
             match &r.state {
                 DeviceState::Active if ours => {
