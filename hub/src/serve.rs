@@ -25,6 +25,9 @@ use tokio::sync::mpsc;
 
 /// (app, channel, release, signed announcement bytes).
 type Announced = (String, String, u64, Vec<u8>);
+/// A look at the store's releases: the `apps` tree it saw, the newest announcements, how
+/// many releases.
+type Scan = (Option<git2::Oid>, Vec<Announced>, u64);
 
 const REANNOUNCE: Duration = Duration::from_secs(5);
 /// How often what the loop accepted (inventory, reports, events) is written out.
@@ -361,25 +364,23 @@ impl Hub {
     async fn announce_all(&mut self) -> usize {
         let store = self.store.clone();
         let seen = self.announcements.0;
-        let read = tokio::task::spawn_blocking(
-            move || -> Result<Option<(Option<git2::Oid>, Vec<Announced>, u64)>> {
-                let s = store.lock().expect("store lock");
-                let apps = s.tree_id("apps")?;
-                if apps.is_some() && apps == seen {
-                    return Ok(None);
+        let read = tokio::task::spawn_blocking(move || -> Result<Option<Scan>> {
+            let s = store.lock().expect("store lock");
+            let apps = s.tree_id("apps")?;
+            if apps.is_some() && apps == seen {
+                return Ok(None);
+            }
+            let (newest, count) = s.newest_releases()?;
+            let mut out = vec![];
+            for (app, channel, release) in newest {
+                if let Some(bytes) =
+                    s.read(&release_path(&app, &channel, release, "announcement"))?
+                {
+                    out.push((app, channel, release, bytes));
                 }
-                let (newest, count) = s.newest_releases()?;
-                let mut out = vec![];
-                for (app, channel, release) in newest {
-                    if let Some(bytes) =
-                        s.read(&release_path(&app, &channel, release, "announcement"))?
-                    {
-                        out.push((app, channel, release, bytes));
-                    }
-                }
-                Ok(Some((apps, out, count)))
-            },
-        )
+            }
+            Ok(Some((apps, out, count)))
+        })
         .await;
         match read {
             Ok(Ok(Some((apps, latest, count)))) => {

@@ -21,19 +21,19 @@ pub fn report_path(home: &Home, device: &str, app: &str) -> std::path::PathBuf {
 /// How often the gate reloads the enrolled keys (a staging device enrolled while it waits).
 const RELOAD_KEYS: Duration = Duration::from_secs(5);
 
+/// A report file's (size, mtime) when read, and what it held if it verified.
+type Seen = (
+    (u64, std::time::SystemTime),
+    Option<(Vec<u8>, StatusReport)>,
+);
+
 /// The staging reports of one app as `hub serve` keeps them, each verified once: a report
 /// file is read and checked again only when it changed (the gate looks every 100 ms).
 struct Reports {
     devices: std::collections::HashMap<proto::KeyId, (String, proto::PublicKey)>,
     loaded_at: Instant,
     /// Per report file: its (size, mtime) when read, and what it held if it verified.
-    seen: std::collections::HashMap<
-        std::path::PathBuf,
-        (
-            (u64, std::time::SystemTime),
-            Option<(Vec<u8>, StatusReport)>,
-        ),
-    >,
+    seen: std::collections::HashMap<std::path::PathBuf, Seen>,
 }
 
 impl Reports {

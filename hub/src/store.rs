@@ -53,6 +53,9 @@ pub struct Event {
     pub detail: String,
 }
 
+/// (app, channel, newest release number).
+pub type Newest = (String, String, u64);
+
 /// A release as listed by `hub releases`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ReleaseInfo {
@@ -238,7 +241,7 @@ impl Store {
 
     /// The newest release number of every (app, channel), from file names alone (nothing
     /// is read or hashed), and how many releases there are in all.
-    pub fn newest_releases(&self) -> Result<(Vec<(String, String, u64)>, u64)> {
+    pub fn newest_releases(&self) -> Result<(Vec<Newest>, u64)> {
         let (mut out, mut count) = (vec![], 0);
         for app in self.list("apps")? {
             for channel in self.list(&format!("apps/{app}"))? {

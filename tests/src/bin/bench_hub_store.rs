@@ -7,6 +7,7 @@
 //! every commit). Medians of `--runs` runs, in microseconds.
 //!
 //!     cargo run --release -p unifleet-tests --bin bench_hub_store -- --releases 10000 --events 1000000
+#![allow(clippy::print_stdout)]
 
 use anyhow::{Context, Result};
 use hub::store::{release_path, Change, Event, Store};
