@@ -79,8 +79,16 @@ fn load_root(cfg: &Config, store: &Store) -> Result<TrustedRoot> {
         std::fs::read(&path).with_context(|| format!("reading trust root {}", path.display()))?;
     // A stored root may have expired while the device was off; it is still the anchor,
     // and verification against it refuses releases until a fresh root arrives.
-    let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Root)?;
-    let claimed: proto::root::Root = proto::codec::decode(proto::codec::Kind::Root, &env.payload)?;
+    let not_a_root = || {
+        format!(
+            "{} is not a trust root (replace it with the fleet's root.bin from the hub)",
+            path.display()
+        )
+    };
+    let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Root)
+        .with_context(not_a_root)?;
+    let claimed: proto::root::Root =
+        proto::codec::decode(proto::codec::Kind::Root, &env.payload).with_context(not_a_root)?;
     let root = TrustedRoot::bootstrap(&bytes, now().min(claimed.expires_at.saturating_sub(1)))
         .with_context(|| format!("trust root {}", path.display()))?;
     anyhow::ensure!(

@@ -95,7 +95,9 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         std::fs::read(&root).with_context(|| format!("reading trust root {}", root.display()))?;
     let env = proto::envelope::Envelope::decode(&root_bytes, proto::codec::Kind::Root)
         .with_context(|| format!("{} is not a trust root", root.display()))?;
-    let claimed: proto::root::Root = proto::codec::decode(proto::codec::Kind::Root, &env.payload)?;
+    let claimed: proto::root::Root =
+        proto::codec::decode(proto::codec::Kind::Root, &env.payload)
+            .with_context(|| format!("{} is not a trust root", root.display()))?;
     proto::root::TrustedRoot::bootstrap(&root_bytes, device::agent::now())
         .with_context(|| format!("trust root {}", root.display()))?;
     let mut seed = [0u8; 32];

@@ -113,12 +113,15 @@ pub fn verify(path: &Path, trusted: &[PathBuf], at: Option<u64>) -> Result<Trust
     let limit = envelope_limit(Kind::Root);
     let target = read_limited(path, limit, "root file")?;
     let Some((first, rest)) = trusted.split_first() else {
-        return Ok(TrustedRoot::bootstrap(&target, now)?);
+        return TrustedRoot::bootstrap(&target, now)
+            .with_context(|| format!("verifying root {}", path.display()));
     };
+    let anchor_path = first;
     let first = read_limited(first, limit, "root file")?;
     // The oldest trusted root is the anchor; it may have expired since, as on a device
     // that was offline, so it is anchored at its own lifetime.
-    let anchor_env = Envelope::decode(&first, Kind::Root)?;
+    let anchor_env = Envelope::decode(&first, Kind::Root)
+        .with_context(|| format!("reading root {}", anchor_path.display()))?;
     let anchor_time = unverified_root(&anchor_env)?
         .expires_at
         .saturating_sub(1)

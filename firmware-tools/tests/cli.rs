@@ -340,6 +340,18 @@ fn inspect_names_every_kind_and_refuses_garbage() {
     std::fs::write(run.path("garbage"), b"this is not an image at all").unwrap();
     let err = run.fails(&["inspect", "garbage"]);
     assert!(err.contains("unrecognised image"), "{err}");
+    assert!(err.contains("garbage"), "the error names the file: {err}");
+    // A bad root names the file, not only "bad magic".
+    let err = run.fails(&["root", "verify", "garbage"]);
+    assert!(err.contains("garbage"), "{err}");
+    // `head -c 100` of a real image: refused as truncated, naming the file.
+    let whole = std::fs::read(run.path("hello-1.0.0.elf")).unwrap();
+    std::fs::write(run.path("cut.elf"), &whole[..100]).unwrap();
+    let err = run.fails(&["inspect", "cut.elf"]);
+    assert!(
+        err.contains("truncated") && err.contains("cut.elf"),
+        "{err}"
+    );
     std::fs::write(run.path("bad-elf"), b"\x7fELF\x01\x01\x01\x00garbage").unwrap();
     let err = run.fails(&["inspect", "bad-elf"]);
     assert!(err.starts_with("fwtool: "), "{err}");

@@ -126,7 +126,9 @@ impl Home {
     }
 
     pub fn trusted_root(&self) -> Result<TrustedRoot> {
-        TrustedRoot::bootstrap(&self.root_bytes()?, now()).context("the hub's trust root")
+        let path = self.dir.join("root.bin");
+        TrustedRoot::bootstrap(&self.root_bytes()?, now())
+            .with_context(|| format!("the hub's trust root {}", path.display()))
     }
 
     pub fn socket(&self) -> PathBuf {

@@ -30,6 +30,8 @@ type Announced = (String, String, u64, Vec<u8>);
 type Scan = (Option<git2::Oid>, Vec<Announced>, u64);
 
 const REANNOUNCE: Duration = Duration::from_secs(5);
+/// How often the store is offered to `git gc --auto` (which packs only past its threshold).
+const GC_EVERY: Duration = Duration::from_secs(3600);
 /// How often what the loop accepted (inventory, reports, events) is written out.
 const FLUSH: Duration = Duration::from_secs(1);
 
@@ -322,6 +324,7 @@ pub async fn serve(
         }
     });
 
+    let mut gc = tokio::time::interval_at(tokio::time::Instant::now() + GC_EVERY, GC_EVERY);
     let mut reannounce = tokio::time::interval(REANNOUNCE);
     let mut flush = tokio::time::interval(FLUSH);
     // Parked blob requests are let go within this of their time (tracker::PARK_FOR).
@@ -332,6 +335,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
             _ = reannounce.tick() => { hub.announce_all().await; }
             _ = flush.tick() => hub.flush(),
+            _ = gc.tick() => hub.gc(),
             _ = parked.tick() => hub.blobs.tick().await,
             Some((cmd, reply)) = ctl_rx.recv() => {
                 let answer = match cmd.as_str() {
@@ -440,6 +444,16 @@ impl Hub {
                 batch.write(&home, &store)
             }));
         }
+    }
+
+    /// Packs the store's loose objects if git thinks it is time, on a blocking thread.
+    fn gc(&self) {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.lock().expect("store lock").gc() {
+                tracing::warn!("packing the store: {e:#}");
+            }
+        });
     }
 
     /// Devices by state, for the metrics page (which never reads the inventory file).

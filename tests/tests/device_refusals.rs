@@ -103,3 +103,25 @@ fn replayed_expired_forged_and_mismatched_announcements_are_refused() -> Result<
     assert_eq!(st["apps"]["hello"]["current"]["release"], 2, "{st}");
     Ok(())
 }
+
+/// A damaged stored trust root stops the agent with an error naming the file and what to
+/// do. (It said only "not a unifleet message (bad magic)".)
+#[test]
+fn a_bad_stored_root_is_named_with_the_way_out() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    let d = fleet.add_device("badroot", "hello", &[])?;
+    let root = fleet.devices[d].dir.join("state/root.bin");
+    std::fs::write(&root, b"garbage, not a root")?;
+    let out = std::process::Command::new(unifleet_tests::bin("device")?)
+        .arg("run")
+        .arg("--config")
+        .arg(fleet.devices[d].config())
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&root.display().to_string()) && err.contains("is not a trust root"),
+        "{err}"
+    );
+    Ok(())
+}
