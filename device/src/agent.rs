@@ -40,6 +40,9 @@ const MAX_SEEDING: usize = 16;
 /// re-announcement period (5 s), so while the hub is up devices stay quiet.
 const REGOSSIP_MIN: Duration = Duration::from_secs(6);
 const REGOSSIP_MAX: Duration = Duration::from_secs(120);
+/// How long shutdown waits for the agent's tasks: an activation in progress finishes
+/// (its probe has a timeout of its own).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// How often the updater checks that each app's healthy domain still runs.
 const WATCH_EVERY: Duration = Duration::from_secs(2);
 /// How often the latest status reports are sent again (heartbeat, and catch-up for a hub
@@ -115,6 +118,8 @@ pub async fn run_with_metrics(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let key = load_key(&cfg.key)?;
+    // Every task of the agent is spawned through this tree; shutdown cancels and waits.
+    let tasks = net::tasks::Tasks::new();
     let store = Arc::new(Store::open(&cfg.state_dir)?);
     let root = Arc::new(load_root(&cfg, &store)?);
     let platform = cfg.platform().map_err(anyhow::Error::msg)?;
@@ -161,6 +166,7 @@ pub async fn run_with_metrics(
                 url,
                 topics,
                 mqtt_tx,
+                &tasks,
             )?)
         }
         None => None,
@@ -170,7 +176,7 @@ pub async fn run_with_metrics(
     let reporter = Arc::new(Reporter::new(&cfg, key, net.clone(), mqtt_client, &metrics));
     if let Some(addr) = &cfg.metrics {
         let m = metrics.clone();
-        net::metrics::serve(addr, Arc::new(move || m.render()))
+        net::metrics::serve(addr, Arc::new(move || m.render()), &tasks)
             .await
             .with_context(|| format!("metrics cannot listen on {addr}"))?;
     }
@@ -192,10 +198,18 @@ pub async fn run_with_metrics(
         upload: Arc::new(RateLimiter::new(cfg.upload_rate)),
         metrics: metrics.clone(),
         reporter: reporter.clone(),
+        tasks: tasks.clone(),
     };
-    let router_task = tokio::spawn(router.run(events, mqtt_rx, asked_rx));
+    tasks.spawn(router.run(events, mqtt_rx, asked_rx));
     let updater = Updater {
-        fetcher: Fetcher::new(net.clone(), store.clone(), hub_peers, &cfg, metrics.clone()),
+        fetcher: Fetcher::new(
+            net.clone(),
+            store.clone(),
+            hub_peers,
+            &cfg,
+            metrics.clone(),
+            tasks.clone(),
+        ),
         activator: Arc::new(Activator::new(&cfg.libvirt_uri, &cfg.domain_type)),
         cfg,
         platform,
@@ -204,14 +218,20 @@ pub async fn run_with_metrics(
         reporter,
         metrics,
         ondemand: Default::default(),
+        tasks: tasks.clone(),
     };
-    let updater_task = tokio::spawn(updater.run(inbox));
+    // Graceful: it stops between steps of an install, never in the middle of one.
+    tasks.spawn_graceful(updater.run(inbox));
     shutdown.await;
     tracing::info!("shutting down");
+    let left = tasks.shutdown(SHUTDOWN_GRACE).await;
+    if left > 0 {
+        tracing::warn!("{left} task(s) still running after {SHUTDOWN_GRACE:?}; leaving them");
+    }
+    // The network last: the tasks above were still answering peers and the hub.
     let _ = shutdown_tx.send(true);
-    router_task.abort();
-    updater_task.abort();
     let _ = net_task.await;
+    tracing::info!("stopped");
     Ok(())
 }
 
@@ -237,6 +257,7 @@ struct Router {
     upload: Arc<RateLimiter>,
     metrics: Arc<DeviceMetrics>,
     reporter: Arc<Reporter>,
+    tasks: net::tasks::Tasks,
 }
 
 impl Router {
@@ -444,7 +465,7 @@ impl Router {
             let key = proto::blob::announcement_key(app, channel);
             let net = self.net.clone();
             let asked = self.asked.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 match net.fetch_with(peer, None, key, Want::Announcement).await {
                     Ok(bytes) => {
                         let _ = asked.send((bytes, peer)).await;
@@ -472,7 +493,8 @@ impl Router {
                 BlobResponse::Found(bytes.clone())
             });
         let net = self.net.clone();
-        tokio::spawn(async move { net.respond(reply, response).await });
+        self.tasks
+            .spawn(async move { net.respond(reply, response).await });
     }
 
     fn serve_blob(&self, peer: PeerId, digest: proto::Digest, want: Want, reply: net::ReplyId) {
@@ -482,17 +504,19 @@ impl Router {
         let metrics = self.metrics.clone();
         if want == Want::Stored {
             // A report for a hub; a device keeps no track of who holds what.
-            tokio::spawn(async move { net.respond(reply, BlobResponse::NotFound).await });
+            self.tasks
+                .spawn(async move { net.respond(reply, BlobResponse::NotFound).await });
             return;
         }
         let permit = match self.seeding.clone().try_acquire_owned() {
             Ok(permit) if !upload.saturated() => permit,
             _ => {
-                tokio::spawn(async move { net.respond(reply, BlobResponse::Busy).await });
+                self.tasks
+                    .spawn(async move { net.respond(reply, BlobResponse::Busy).await });
                 return;
             }
         };
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let t = std::time::Instant::now();
             let blob = tokio::task::spawn_blocking(move || store.get_blob(&digest))
                 .await
@@ -577,6 +601,11 @@ impl Inbox {
     }
 }
 
+/// The agent is shutting down: a download step was left unfinished on purpose.
+#[derive(Debug, thiserror::Error)]
+#[error("shutting down")]
+struct ShuttingDown;
+
 /// A new release of one of our apps, as the router verified it.
 struct Heard {
     ann: Announcement,
@@ -596,6 +625,7 @@ struct Updater {
     metrics: Arc<DeviceMetrics>,
     /// Running on-demand pools, by app.
     ondemand: tokio::sync::Mutex<HashMap<String, crate::ondemand::PoolHandle>>,
+    tasks: net::tasks::Tasks,
 }
 
 impl Updater {
@@ -612,8 +642,11 @@ impl Updater {
         // The newest announcement heard per app: what an install action refers to.
         let mut heard: HashMap<String, Heard> = HashMap::new();
         let mut todo = std::collections::VecDeque::new();
-        loop {
+        'run: loop {
             while let Some(UpdaterAction::Install { app, release }) = todo.pop_front() {
+                if self.tasks.is_cancelled() {
+                    break 'run;
+                }
                 let outcome = match heard.get(&app).filter(|h| h.ann.release == release) {
                     Some(h) => self.attempt(h).await,
                     None => Outcome::Done,
@@ -632,6 +665,7 @@ impl Updater {
             }
             let wake = machine.wake_at();
             tokio::select! {
+                _ = self.tasks.cancelled() => break,
                 taken = inbox.take() => {
                     for h in taken {
                         let (app, release) = (h.ann.app.clone(), h.ann.release);
@@ -660,6 +694,10 @@ impl Updater {
         let Err(e) = self.update(heard).await else {
             return Outcome::Done;
         };
+        if e.chain().any(|c| c.is::<ShuttingDown>()) {
+            tracing::info!(app = %ann.app, release = ann.release, "shutting down: the download is left where it is (verified chunks are kept; it goes on at the next start)");
+            return Outcome::Failed;
+        }
         let damaged = e
             .chain()
             .any(|c| matches!(c.downcast_ref(), Some(AssembleError::DamagedChunks { .. })));
@@ -759,6 +797,7 @@ impl Updater {
             remote,
             metrics: self.metrics.clone(),
             reporter: self.reporter.clone(),
+            tasks: self.tasks.clone(),
         };
         match crate::ondemand::start(ctx, od, image).await {
             Ok(handle) => {
@@ -786,6 +825,19 @@ impl Updater {
             platform: m.platform,
             image: slot.to_path_buf(),
             boot: m.boot.clone(),
+        }
+    }
+
+    /// Runs a download step unless the agent shuts down first: a download may be dropped
+    /// at any await (chunks are stored whole or not at all), an activation may not, so
+    /// only these steps are cut short.
+    async fn abandoned_at_shutdown<T>(
+        &self,
+        step: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        tokio::select! {
+            r = step => r,
+            _ = self.tasks.cancelled() => Err(ShuttingDown.into()),
         }
     }
 
@@ -994,7 +1046,9 @@ impl Updater {
             .store(*verified_ms, std::sync::atomic::Ordering::Relaxed);
         // The manifest: fetched by digest, then verified like the announcement.
         let banned = crate::fetch::Banned::default();
-        let manifest_bytes = self.fetcher.manifest(&ann.manifest, &banned).await?;
+        let manifest_bytes = self
+            .abandoned_at_shutdown(self.fetcher.manifest(&ann.manifest, &banned))
+            .await?;
         let verified: VerifiedManifest = verify_manifest(&manifest_bytes, &self.root, &expect)?;
         anyhow::ensure!(
             verified.digest() == ann.manifest && verified.manifest().release == ann.release,
@@ -1006,8 +1060,7 @@ impl Updater {
         // each was about another copy of a 1 MiB image).
         self.fetcher.report_stored(verified.digest());
         let m = verified.manifest();
-        self.fetcher
-            .chunks(m, &self.reporter, ann, &banned)
+        self.abandoned_at_shutdown(self.fetcher.chunks(m, &self.reporter, ann, &banned))
             .await
             .context("fetching chunks")?;
         self.metrics.last_fetched_ms.store(

@@ -53,6 +53,8 @@ pub struct Fetcher {
     /// (peers the hub can reach but this device cannot, behind NAT for instance).
     failed_rounds: AtomicUsize,
     crash_after_chunks: Option<usize>,
+    /// Where the background reports to the hub are spawned.
+    tasks: net::tasks::Tasks,
 }
 
 /// Why a peer asked for a blob did not deliver it.
@@ -80,8 +82,10 @@ impl Fetcher {
         hub: Vec<PeerId>,
         cfg: &Config,
         metrics: Arc<DeviceMetrics>,
+        tasks: net::tasks::Tasks,
     ) -> Fetcher {
         Fetcher {
+            tasks,
             net,
             store,
             hub,
@@ -296,7 +300,7 @@ impl Fetcher {
         }
         for hub in self.hub.clone() {
             let net = self.net.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let t = Instant::now();
                 match net.tell_stored(hub, digest).await {
                     Ok(()) => tracing::debug!(

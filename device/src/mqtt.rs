@@ -39,6 +39,7 @@ pub fn start(
     url: &str,
     subscribe: Vec<String>,
     out: mpsc::Sender<(String, Vec<u8>)>,
+    tasks: &net::tasks::Tasks,
 ) -> anyhow::Result<Mqtt> {
     let (host, port) = net::parse_mqtt_url(url).map_err(anyhow::Error::msg)?;
     let mut opts = MqttOptions::new(client_id, host, port);
@@ -48,7 +49,7 @@ pub fn start(
     let sub_client = client.clone();
     let connected = Arc::new(AtomicBool::new(false));
     let up = connected.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut backoff = Duration::from_millis(200);
         loop {
             match eventloop.poll().await {

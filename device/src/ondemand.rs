@@ -141,9 +141,11 @@ pub struct PoolContext {
     pub metrics: Arc<crate::metrics::DeviceMetrics>,
     /// Counts go into the app's status reports.
     pub reporter: Arc<crate::report::Reporter>,
+    /// The agent's cancellation tree: the proxy, the pool and every connection in it.
+    pub tasks: net::tasks::Tasks,
 }
 
-/// Starts the proxy and the pool (they run until the process ends).
+/// Starts the proxy and the pool (they run until the agent's tasks are cancelled).
 pub async fn start(
     ctx: PoolContext,
     cfg: OnDemandConfig,
@@ -161,35 +163,40 @@ pub async fn start(
     tracing::info!(app = %cfg.app, listen = %cfg.listen, "on-demand proxy listening");
     let (tx, rx) = mpsc::channel::<Msg>(256);
     let pool_tx = tx.clone();
-    tokio::spawn(pool(ctx, cfg.clone(), image, rx, pool_tx));
-    tokio::spawn(accept(listener, tx.clone()));
+    let tasks = ctx.tasks.clone();
+    tasks.spawn(pool(ctx, cfg.clone(), image, rx, pool_tx));
+    tasks.spawn(accept(listener, tx.clone(), tasks.clone()));
     Ok(PoolHandle { tx })
 }
 
 /// The front proxy: each connection waits for an instance from the pool, then bytes flow
 /// both ways (half-close included) until either side closes.
-async fn accept(listener: tokio::net::TcpListener, tx: mpsc::Sender<Msg>) -> ! {
-    loop {
-        let (client, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("accept: {e}");
-                continue;
-            }
-        };
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let (reply, got) = oneshot::channel();
-            if tx.send(Msg::Acquire(reply)).await.is_err() {
-                return;
-            }
-            let Ok((id, port)) = got.await else { return };
-            if let Err(e) = forward(client, port).await {
-                tracing::debug!(%peer, "proxied connection ended: {e}");
-            }
-            let _ = tx.send(Msg::Release(id)).await;
-        });
-    }
+async fn accept(
+    listener: tokio::net::TcpListener,
+    tx: mpsc::Sender<Msg>,
+    tasks: net::tasks::Tasks,
+) {
+    let conns = tasks.clone();
+    net::tasks::accept_loop(
+        "on-demand proxy",
+        &tasks,
+        || listener.accept(),
+        |(client, peer)| {
+            let tx = tx.clone();
+            conns.spawn(async move {
+                let (reply, got) = oneshot::channel();
+                if tx.send(Msg::Acquire(reply)).await.is_err() {
+                    return;
+                }
+                let Ok((id, port)) = got.await else { return };
+                if let Err(e) = forward(client, port).await {
+                    tracing::debug!(%peer, "proxied connection ended: {e}");
+                }
+                let _ = tx.send(Msg::Release(id)).await;
+            });
+        },
+    )
+    .await
 }
 
 /// Connects to the instance's endpoint on loopback `port` and copies bytes both ways
@@ -218,6 +225,7 @@ async fn pool(
         remote,
         metrics,
         reporter,
+        tasks,
     } = ctx;
     let mut counts = OnDemandCounts::default();
     let mut reported = counts;
@@ -334,7 +342,7 @@ async fn pool(
                         },
                     );
                     let tx = tx.clone();
-                    tokio::spawn(async move {
+                    tasks.spawn(async move {
                         let began = Instant::now();
                         let res = tokio::task::spawn_blocking(move || {
                             activator

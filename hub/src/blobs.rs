@@ -25,6 +25,8 @@ pub struct Blobs {
     upload: Arc<RateLimiter>,
     /// Peer exchange on: name holders instead of sending every copy.
     peer_exchange: bool,
+    /// Where the blob-sending tasks are spawned (cancelled at shutdown).
+    tasks: net::tasks::Tasks,
 }
 
 impl std::fmt::Debug for Blobs {
@@ -43,6 +45,7 @@ impl Blobs {
         metrics: Arc<Metrics>,
         upload_rate: u64,
         peer_exchange: bool,
+        tasks: net::tasks::Tasks,
     ) -> Blobs {
         Blobs {
             net,
@@ -51,6 +54,7 @@ impl Blobs {
             tracker: Tracker::new(TRACKER_BLOBS),
             upload: Arc::new(RateLimiter::new(upload_rate)),
             peer_exchange,
+            tasks,
         }
     }
 
@@ -133,7 +137,7 @@ impl Blobs {
         let net = self.net.clone();
         let metrics = self.metrics.clone();
         let upload = self.upload.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let blob = tokio::task::spawn_blocking(move || {
                 store.lock().expect("store lock").blob(&digest)
             })

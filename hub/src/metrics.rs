@@ -6,8 +6,8 @@ use net::metrics::push;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-pub async fn start(addr: &str, metrics: Arc<Metrics>) -> Result<()> {
-    net::metrics::serve(addr, Arc::new(move || render(&metrics)))
+pub async fn start(addr: &str, metrics: Arc<Metrics>, tasks: &net::tasks::Tasks) -> Result<()> {
+    net::metrics::serve(addr, Arc::new(move || render(&metrics)), tasks)
         .await
         .with_context(|| format!("metrics cannot listen on {addr}"))
 }

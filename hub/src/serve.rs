@@ -30,6 +30,8 @@ type Announced = (String, String, u64, Vec<u8>);
 type Scan = (Option<git2::Oid>, Vec<Announced>, u64);
 
 const REANNOUNCE: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the hub's tasks to stop.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often the store is offered to `git gc --auto` (which packs only past its threshold).
 const GC_EVERY: Duration = Duration::from_secs(3600);
 /// How often what the loop accepted (inventory, reports, events) is written out.
@@ -214,6 +216,8 @@ pub async fn serve(
 ) -> Result<()> {
     let store = Arc::new(Mutex::new(home.store()?));
     let root = home.trusted_root()?;
+    // Every task below is spawned through this tree; shutdown cancels and waits for it.
+    let tasks = net::tasks::Tasks::new();
     let broker_url = match &home.config.broker {
         Some(url) => url.clone(),
         None => {
@@ -229,7 +233,7 @@ pub async fn serve(
     let (mqtt_tx, mut mqtt_rx) = mpsc::channel::<(String, Vec<u8>)>(256);
     let status_filter = format!("unifleet/{}/status/+", home.config.fleet);
     let sub = mqtt.clone();
-    let mqtt_task = tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut backoff = Duration::from_millis(200);
         loop {
             match eventloop.poll().await {
@@ -271,7 +275,7 @@ pub async fn serve(
     };
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = &home.config.metrics {
-        crate::metrics::start(addr, metrics.clone()).await?;
+        crate::metrics::start(addr, metrics.clone(), &tasks).await?;
     }
     let blobs = crate::blobs::Blobs::new(
         net.clone(),
@@ -279,6 +283,7 @@ pub async fn serve(
         metrics.clone(),
         home.config.upload_rate,
         home.config.redirect,
+        tasks.clone(),
     );
     let mut hub = Hub {
         blobs,
@@ -301,27 +306,34 @@ pub async fn serve(
     let control = tokio::net::UnixListener::bind(home.socket())
         .with_context(|| format!("binding {}", home.socket().display()))?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<(String, tokio::sync::oneshot::Sender<String>)>(16);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = control.accept().await {
-            let tx = ctl_tx.clone();
-            tokio::spawn(async move {
-                let (r, mut w) = stream.into_split();
-                let mut line = String::new();
-                let mut reader = tokio::io::BufReader::new(r);
-                if tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
-                if tx.send((line.trim().to_string(), reply_tx)).await.is_ok() {
-                    if let Ok(reply) = reply_rx.await {
-                        let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+    let conns = tasks.clone();
+    tasks.spawn(async move {
+        net::tasks::accept_loop(
+            "control socket",
+            &conns,
+            || control.accept(),
+            |(stream, _)| {
+                let tx = ctl_tx.clone();
+                conns.spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    let mut line = String::new();
+                    let mut reader = tokio::io::BufReader::new(r);
+                    if tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+                        .await
+                        .is_err()
+                    {
+                        return;
                     }
-                }
-            });
-        }
+                    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+                    if tx.send((line.trim().to_string(), reply_tx)).await.is_ok() {
+                        if let Ok(reply) = reply_rx.await {
+                            let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+                        }
+                    }
+                });
+            },
+        )
+        .await
     });
 
     let mut gc = tokio::time::interval_at(tokio::time::Instant::now() + GC_EVERY, GC_EVERY);
@@ -355,11 +367,18 @@ pub async fn serve(
             },
         }
     }
+    // In order: the tasks that use the network and the store stop, what was accepted is
+    // written, then the network goes.
+    tracing::info!("shutting down");
+    let left = tasks.shutdown(SHUTDOWN_GRACE).await;
+    if left > 0 {
+        tracing::warn!("{left} task(s) still running after {SHUTDOWN_GRACE:?}; leaving them");
+    }
     hub.flush_all().await;
     let _ = stop_tx.send(true);
     let _ = net_task.await;
-    mqtt_task.abort();
     let _ = std::fs::remove_file(home.socket());
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -21,6 +21,21 @@ impl Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+    /// Sends SIGTERM (as systemd's stop does) and waits up to `within` for the exit;
+    /// returns its status. The process is killed if it outlives the wait.
+    pub fn terminate(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        run(Command::new("kill").args(["-TERM", &pid]))?;
+        let status = wait_for(
+            &format!("process {pid} to exit after SIGTERM"),
+            within,
+            || self.child.try_wait().ok().flatten(),
+        );
+        if status.is_err() {
+            self.kill9();
+        }
+        status
+    }
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

@@ -259,3 +259,55 @@ fn a_damaged_stored_chunk_is_fetched_again() -> Result<()> {
     );
     Ok(())
 }
+
+/// SIGTERM (systemd's stop) to `device run` in the middle of a download and to `hub serve`:
+/// each stops its tasks in order and exits 0; the device keeps what it verified and goes on
+/// from there at its next start. (The agent aborted its tasks wherever they were; the hub
+/// aborted its broker task.)
+#[test]
+fn sigterm_stops_agent_and_hub_in_order_and_exits_0() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let d = fleet.add_device("term", "hello", &[])?;
+    fleet.devices[d].set_config("download_rate", V::Int(512 * 1024))?;
+    fleet.devices[d].set_config("parallel_fetches", V::Int(1))?;
+    fleet.start_device(d)?;
+    let image = fleet.testimage("hello", "1.0.0", &["--pad-mib", "6"])?;
+    fleet.publish(&image, "hello", "1.0.0", &["--no-staging"])?;
+    let size = std::fs::metadata(&image)?.len();
+    wait_for("a part of the download", CONVERGE, || {
+        (stored_chunk_bytes(&fleet, d) > 1 << 20).then_some(())
+    })?;
+    let mut agent = fleet.devices[d].proc.take().expect("running");
+    let status = agent.terminate(Duration::from_secs(10))?;
+    let log = agent.log_text();
+    assert!(status.success(), "{status}: {log}");
+    assert!(
+        log.contains("shutting down: the download is left where it is") && log.contains("stopped"),
+        "{log}"
+    );
+    let kept = stored_chunk_bytes(&fleet, d);
+    assert!(kept > 0 && kept < size, "{kept} of {size} bytes kept");
+    drop(agent);
+
+    fleet.devices[d].set_config("download_rate", V::Int(0))?;
+    fleet.start_device(d)?;
+    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+    fleet.assert_runs_image(d, &image);
+    let (peers, hub) = fleet.devices[d].fetched("hello");
+    assert!(
+        peers + hub <= size - kept,
+        "fetched {} after keeping {kept}",
+        peers + hub
+    );
+
+    let mut hub = fleet.hub.take().expect("hub running");
+    let status = hub.terminate(Duration::from_secs(20))?;
+    let log = hub.log_text();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("stopped"), "{log}");
+    // What the hub accepted before the signal is in git.
+    let events = unifleet_tests::fleet::run(fleet.hub_cmd()?.args(["log", "--json"]))?;
+    assert!(events.contains("device-active"), "{events}");
+    Ok(())
+}

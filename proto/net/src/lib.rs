@@ -13,6 +13,7 @@
 mod codec;
 pub mod metrics;
 pub mod ratelimit;
+pub mod tasks;
 
 pub use codec::PROTOCOL as BLOB_PROTOCOL;
 pub use libp2p::gossipsub::{MessageAcceptance, MessageId};

@@ -4,29 +4,39 @@
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Binds `addr` and serves until the runtime shuts down. Each connection is answered
-/// once (`Connection: close`) with a bounded wait for the request.
+/// Binds `addr` and serves until `tasks` is cancelled. Each connection is answered once
+/// (`Connection: close`) with a bounded wait for the request.
 pub async fn serve(
     addr: &str,
     render: Arc<dyn Fn() -> String + Send + Sync>,
+    tasks: &crate::tasks::Tasks,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            let render = render.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ =
-                    tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf))
-                        .await;
-                let body = render();
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-            });
-        }
+    let conns = tasks.clone();
+    tasks.spawn(async move {
+        crate::tasks::accept_loop(
+            "metrics",
+            &conns,
+            || listener.accept(),
+            |(mut sock, _)| {
+                let render = render.clone();
+                conns.spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(2),
+                        sock.read(&mut buf),
+                    )
+                    .await;
+                    let body = render();
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                });
+            },
+        )
+        .await
     });
     Ok(())
 }
