@@ -21,7 +21,8 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install --locked cargo-fuzz >/dev/null
 fi
 targets=("$@")
-if [ ${#targets[@]} -eq 0 ]; then
+all=${#targets[@]}
+if [ "$all" -eq 0 ]; then
   mapfile -t targets < <(cargo fuzz list)
 fi
 seed() {
@@ -38,7 +39,8 @@ seed() {
     device_config) printf 'name = "d1"\nfleet = "home"\nchannel = "stable"\napps = ["hello"]\nroot = "root.bin"\nkey = "device.key"\nstate_dir = "state"\nbroker = "mqtt://127.0.0.1:1883"\n[[ondemand]]\napp = "hello"\nlisten = "127.0.0.1:8080"\n' > "$dir/device.toml" ;;
   esac
 }
-: > last-run.txt
+# A run of every target starts the record afresh; a run of some adds to it.
+if [ "$all" -eq 0 ]; then : > last-run.txt; fi
 for t in "${targets[@]}"; do
   seed "$t"
   echo "fuzz: $t for ${secs}s"

@@ -21,7 +21,14 @@
 //!
 //! Placement: local instances first, up to `max_local`; then remote (the hosted Xen URI) up
 //! to `max_remote`, while the remote host is reachable. Scaling down removes remote
-//! instances first, then local ones, never below `min`. Neither maximum is ever exceeded.
+//! instances first, then local ones, never below `min`. Neither maximum is ever exceeded
+//! (an instance draining still counts against it).
+//!
+//! Connections: the scaler knows each instance's open connections ([`Event::Connected`],
+//! [`Event::Disconnected`]) and hands out the instance for the next one ([`Autoscaler::pick`]).
+//! Scaling down never cuts a connection: it stops an idle instance if there is one, else
+//! the least loaded one **drains** — it takes no new connections and is stopped when its
+//! last one ends. A roll-over to a new release ([`Event::Drain`]) drains every instance.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -89,6 +96,19 @@ pub enum Event {
         now: Instant,
         id: InstanceId,
     },
+    /// A connection was handed to this instance (after [`Autoscaler::pick`]).
+    Connected {
+        id: InstanceId,
+    },
+    /// A connection to this instance ended.
+    Disconnected {
+        now: Instant,
+        id: InstanceId,
+    },
+    /// Every instance drains (a new release: new connections go to new instances).
+    Drain {
+        now: Instant,
+    },
     /// Starting on the remote host failed (unreachable, refused).
     RemoteUnavailable {
         now: Instant,
@@ -124,6 +144,10 @@ struct Instance {
     id: InstanceId,
     at: Location,
     phase: Phase,
+    /// Connections open to it.
+    conns: u32,
+    /// Takes no new connections; stopped when `conns` reaches 0.
+    draining: bool,
 }
 
 #[derive(Debug)]
@@ -153,22 +177,34 @@ impl Autoscaler {
         }
     }
 
-    /// (local, remote) instances, starting or ready.
+    /// (local, remote) instances, starting, ready or draining: what runs.
     pub fn counts(&self) -> (u32, u32) {
         let n = |l| self.instances.iter().filter(|i| i.at == l).count() as u32;
         (n(Location::Local), n(Location::Remote))
     }
 
-    /// Instances ready to take connections, local first.
-    pub fn ready(&self) -> Vec<(InstanceId, Location)> {
-        let mut v: Vec<_> = self
-            .instances
+    /// Instances that will stay (not draining), by location.
+    fn live(&self, at: Location) -> u32 {
+        self.instances
             .iter()
-            .filter(|i| i.phase == Phase::Ready)
-            .map(|i| (i.id, i.at))
-            .collect();
-        v.sort_by_key(|(id, at)| (*at == Location::Remote, *id));
-        v
+            .filter(|i| i.at == at && !i.draining)
+            .count() as u32
+    }
+
+    /// Connections open to all instances.
+    pub fn connections(&self) -> u32 {
+        self.instances.iter().map(|i| i.conns).sum()
+    }
+
+    /// The instance for the next connection: ready, not draining, below the target
+    /// concurrency, least loaded, local first. `None`: hold the connection.
+    pub fn pick(&self) -> Option<InstanceId> {
+        let room = self.cfg.target.max(1.0).ceil() as u32;
+        self.instances
+            .iter()
+            .filter(|i| i.phase == Phase::Ready && !i.draining && i.conns < room)
+            .min_by_key(|i| (i.conns, i.at == Location::Remote, i.id))
+            .map(|i| i.id)
     }
 
     pub fn in_panic(&self, now: Instant) -> bool {
@@ -204,6 +240,41 @@ impl Autoscaler {
                 self.instances.retain(|i| i.id != id);
                 // Replace it if it is still needed.
                 self.scale(now)
+            }
+            Event::Connected { id } => {
+                if let Some(i) = self.instances.iter_mut().find(|i| i.id == id) {
+                    i.conns += 1;
+                }
+                vec![]
+            }
+            Event::Disconnected { now, id } => {
+                let Some(pos) = self.instances.iter().position(|i| i.id == id) else {
+                    return vec![];
+                };
+                let i = &mut self.instances[pos];
+                i.conns = i.conns.saturating_sub(1);
+                if i.draining && i.conns == 0 {
+                    self.instances.remove(pos);
+                    let mut out = vec![Action::Stop { id }];
+                    out.extend(self.scale(now));
+                    return out;
+                }
+                vec![]
+            }
+            Event::Drain { now } => {
+                let mut out = vec![];
+                for i in &mut self.instances {
+                    i.draining = true;
+                }
+                self.instances.retain(|i| {
+                    let idle = i.conns == 0;
+                    if idle {
+                        out.push(Action::Stop { id: i.id });
+                    }
+                    !idle
+                });
+                out.extend(self.scale(now));
+                out
             }
             Event::RemoteUnavailable { now, id, reason } => {
                 self.instances.retain(|i| i.id != id);
@@ -252,7 +323,7 @@ impl Autoscaler {
 
     /// The instance count the load asks for, before limits.
     fn desired(&mut self, now: Instant) -> u32 {
-        let current = self.instances.len() as u32;
+        let current = self.instances.iter().filter(|i| !i.draining).count() as u32;
         let stable = self.average(now, self.cfg.stable_window);
         let panic = self.average(now, self.cfg.panic_window);
         let need = |avg: f64| (avg / self.cfg.target).ceil() as u32;
@@ -275,7 +346,7 @@ impl Autoscaler {
         let starting = self
             .instances
             .iter()
-            .filter(|i| i.phase == Phase::Starting)
+            .filter(|i| i.phase == Phase::Starting && !i.draining)
             .count() as u32;
         let for_held = need(f64::from(self.waiting));
         if for_held > starting {
@@ -299,29 +370,44 @@ impl Autoscaler {
     fn scale(&mut self, now: Instant) -> Vec<Action> {
         let want = self.desired(now);
         let remote_ok = self.remote_usable(now);
+        // Draining instances still run: they count against the maxima.
+        let (all_local, all_remote) = self.counts();
+        let (local, remote) = (self.live(Location::Local), self.live(Location::Remote));
+        let room_local = self.cfg.max_local - (all_local - local).min(self.cfg.max_local);
+        let room_remote = self.cfg.max_remote - (all_remote - remote).min(self.cfg.max_remote);
         let want_local = want.min(self.cfg.max_local);
         let want_remote = if remote_ok {
             (want - want_local).min(self.cfg.max_remote)
         } else {
             0
         };
-        let (local, remote) = self.counts();
         let mut out = vec![];
-        for _ in local..want_local {
+        for _ in local..want_local.min(room_local) {
             out.push(self.start(Location::Local));
         }
-        for _ in remote..want_remote {
+        for _ in remote..want_remote.min(room_remote) {
             out.push(self.start(Location::Remote));
         }
-        // Down: remote first (newest first), then local.
+        // Down: remote first, then local; an idle instance is stopped, else the least
+        // loaded drains (never a live connection cut).
         for (at, have, keep) in [
             (Location::Remote, remote, want_remote),
             (Location::Local, local, want_local),
         ] {
             for _ in keep..have {
-                if let Some(pos) = self.instances.iter().rposition(|i| i.at == at) {
+                let victim = self
+                    .instances
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, i)| i.at == at && !i.draining)
+                    .min_by_key(|(_, i)| (i.conns, std::cmp::Reverse(i.id)))
+                    .map(|(pos, _)| pos);
+                let Some(pos) = victim else { break };
+                if self.instances[pos].conns == 0 {
                     let gone = self.instances.remove(pos);
                     out.push(Action::Stop { id: gone.id });
+                } else {
+                    self.instances[pos].draining = true;
                 }
             }
         }
@@ -335,6 +421,8 @@ impl Autoscaler {
             id,
             at,
             phase: Phase::Starting,
+            conns: 0,
+            draining: false,
         });
         Action::Start { id, at }
     }
@@ -548,7 +636,7 @@ mod tests {
         let mut a = Autoscaler::new(ScaleConfig::default());
         let mut t = Instant::now();
         drive(&mut a, &mut t, Duration::from_secs(2), 1);
-        let (id, _) = a.ready()[0];
+        let id = a.pick().expect("a ready instance");
         let out = a.handle(Event::Failed { now: t, id });
         assert_eq!(starts(&out, Location::Local), 1, "{out:?}");
         assert_eq!(a.counts(), (1, 0));
@@ -583,7 +671,7 @@ mod tests {
         let out = drive(&mut a, &mut t, Duration::from_secs(5), 4);
         assert_eq!(starts(&out, Location::Remote), 0);
         assert_eq!(a.counts().0, 2);
-        assert!(a.ready().iter().any(|(_, l)| *l == Location::Local));
+        assert!(a.pick().is_some(), "a local instance takes connections");
     }
 
     #[test]
@@ -611,5 +699,102 @@ mod tests {
             changes <= 1,
             "{changes} start/stop actions for a load that averages 2"
         );
+    }
+
+    /// Starts `conns.len()` ready local instances and leaves `conns[i]` (0 or 1)
+    /// connections open on the i-th (oldest first).
+    fn busy(conns: &[u32]) -> (Autoscaler, Instant, Vec<InstanceId>) {
+        let n = conns.len() as u32;
+        let mut a = Autoscaler::new(ScaleConfig {
+            max_local: n,
+            max_remote: 0,
+            ..ScaleConfig::default()
+        });
+        let mut t = Instant::now();
+        drive(&mut a, &mut t, Duration::from_secs(5), n);
+        assert_eq!(a.counts(), (n, 0));
+        let mut ids = vec![];
+        while let Some(id) = a.pick() {
+            a.handle(Event::Connected { id });
+            ids.push(id);
+        }
+        ids.sort();
+        for (id, c) in ids.iter().zip(conns) {
+            if *c == 0 {
+                a.handle(Event::Disconnected { now: t, id: *id });
+            }
+        }
+        (a, t, ids)
+    }
+
+    #[test]
+    fn scale_down_stops_an_idle_instance_not_the_one_with_a_connection() {
+        // The newest instance holds the live connection: the old rule (newest first) cut it.
+        let (mut a, mut t, ids) = busy(&[0, 0, 1]);
+        // Load 1: from 3 down to 2 (hysteresis keeps 2 for now).
+        let out = drive(&mut a, &mut t, Duration::from_secs(40), 1);
+        let stopped: Vec<_> = out
+            .iter()
+            .filter(|x| matches!(x, Action::Stop { .. }))
+            .collect();
+        assert_eq!(stopped, [&Action::Stop { id: ids[1] }], "{out:?}");
+        assert_eq!(a.connections(), 1);
+    }
+
+    #[test]
+    fn a_busy_instance_drains_and_stops_when_its_last_connection_ends() {
+        let (mut a, mut t, ids) = busy(&[1, 1, 1]);
+        let out = drive(&mut a, &mut t, Duration::from_secs(40), 1);
+        assert_eq!(stops(&out), 0, "no connection is cut: {out:?}");
+        assert_eq!(a.counts(), (3, 0), "the draining one still runs");
+        // The newest drains: when its connection ends it stops, and takes nothing new.
+        let out = a.handle(Event::Disconnected { now: t, id: ids[2] });
+        assert_eq!(out, [Action::Stop { id: ids[2] }], "stopped when idle");
+        assert_eq!(a.counts(), (2, 0));
+        a.handle(Event::Disconnected { now: t, id: ids[0] });
+        assert_eq!(
+            a.pick(),
+            Some(ids[0]),
+            "the ones that stay take connections"
+        );
+    }
+
+    #[test]
+    fn roll_over_drains_every_instance_and_busy_ones_stop_when_done() {
+        let (mut a, t, ids) = busy(&[0, 1]);
+        let (idle, busy) = (ids[0], ids[1]);
+        let out = a.handle(Event::Drain { now: t });
+        assert!(out.contains(&Action::Stop { id: idle }), "{out:?}");
+        assert!(!out.contains(&Action::Stop { id: busy }), "{out:?}");
+        // Instances of the new release start within the maxima: the busy, draining one
+        // still counts, so only one starts.
+        assert_eq!(starts(&out, Location::Local), 1, "{out:?}");
+        assert_eq!(a.counts(), (2, 0));
+        assert_ne!(a.pick(), Some(busy), "draining: no new connections");
+        let out = a.handle(Event::Disconnected { now: t, id: busy });
+        assert!(out.contains(&Action::Stop { id: busy }), "{out:?}");
+    }
+
+    #[test]
+    fn pick_prefers_the_least_loaded_local_instance() {
+        let mut a = Autoscaler::new(ScaleConfig {
+            max_local: 2,
+            max_remote: 1,
+            target: 2.0,
+            ..ScaleConfig::default()
+        });
+        let mut t = Instant::now();
+        drive(&mut a, &mut t, Duration::from_secs(3), 6);
+        let first = a.pick().unwrap();
+        a.handle(Event::Connected { id: first });
+        let second = a.pick().unwrap();
+        assert_ne!(first, second, "least loaded first");
+        a.handle(Event::Connected { id: second });
+        for _ in 0..4 {
+            let id = a.pick().unwrap();
+            a.handle(Event::Connected { id });
+        }
+        assert_eq!(a.pick(), None, "every instance at its target");
+        assert_eq!(a.connections(), 6);
     }
 }

@@ -21,6 +21,8 @@ pub struct DeviceMetrics {
     pub ondemand_boot_ms: AtomicU64,
     /// Autoscaler decisions (starts and stops).
     pub ondemand_decisions: AtomicU64,
+    /// Connections refused: too many held, or held past their deadline.
+    pub ondemand_refused: AtomicU64,
     /// Every blob byte received, accepted or not (minus the accepted ones: duplicates
     /// and refused bytes).
     pub blob_bytes_received: AtomicU64,
@@ -160,6 +162,13 @@ impl DeviceMetrics {
             "counter",
             "Autoscaler starts and stops",
             c(&self.ondemand_decisions),
+        );
+        push(
+            &mut out,
+            "unifleet_device_ondemand_refused_total",
+            "counter",
+            "Connections closed unanswered: too many held, or no instance within hold_secs",
+            c(&self.ondemand_refused),
         );
         out
     }

@@ -45,6 +45,16 @@ pub struct OnDemandConfig {
     /// The hosted Xen (or any libvirt) URI for overflow, e.g. `xen+ssh://host/system`.
     #[serde(default)]
     pub remote_uri: Option<String>,
+    /// How long a connection is held waiting for an instance before it is closed.
+    #[serde(default = "thirty")]
+    pub hold_secs: u64,
+    /// Most connections held at once; more are closed at once.
+    #[serde(default = "max_held")]
+    pub max_held: usize,
+}
+
+fn max_held() -> usize {
+    256
 }
 
 fn one() -> f64 {
@@ -86,21 +96,37 @@ pub struct Image {
     pub slot: PathBuf,
 }
 
+/// Why a held connection was closed without an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum Refused {
+    #[error("{0} connections are already held waiting for an instance (max_held)")]
+    Full(usize),
+    #[error("no instance became ready within {0} s (hold_secs)")]
+    Timeout(u64),
+}
+
+type Reply = oneshot::Sender<Result<(InstanceId, u16), Refused>>;
+
+/// A connection held until an instance has room, and until when.
+struct Held {
+    reply: Reply,
+    until: Instant,
+}
+
 enum Msg {
-    Acquire(oneshot::Sender<(InstanceId, u16)>),
+    Acquire(Reply),
     Release(InstanceId),
     /// The boot finished: the console port, or why not; and how long it took.
     Started(InstanceId, Result<u16, String>, Duration),
     RollOver(Box<Image>),
 }
 
+/// What the pool needs to reach and stop an instance; its connections and whether it
+/// drains are the autoscaler's to know.
 struct Inst {
     at: Location,
     name: String,
     port: Option<u16>,
-    conns: usize,
-    /// Of an older release: takes no new connections, stops when its last one closes.
-    draining: bool,
 }
 
 /// A running proxy and pool.
@@ -188,7 +214,14 @@ async fn accept(
                 if tx.send(Msg::Acquire(reply)).await.is_err() {
                     return;
                 }
-                let Ok((id, port)) = got.await else { return };
+                let (id, port) = match got.await {
+                    Ok(Ok(assigned)) => assigned,
+                    Ok(Err(refused)) => {
+                        tracing::warn!(%peer, "on-demand connection closed: {refused}");
+                        return;
+                    }
+                    Err(_) => return,
+                };
                 if let Err(e) = forward(client, port).await {
                     tracing::debug!(%peer, "proxied connection ended: {e}");
                 }
@@ -231,9 +264,9 @@ async fn pool(
     let mut reported = counts;
     let mut scaler = Autoscaler::new(cfg.scale());
     let mut insts: HashMap<InstanceId, Inst> = HashMap::new();
-    let mut waiting: VecDeque<oneshot::Sender<(InstanceId, u16)>> = VecDeque::new();
+    let mut waiting: VecDeque<Held> = VecDeque::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let target = cfg.target.max(1.0) as usize;
+    let hold = Duration::from_secs(cfg.hold_secs);
     loop {
         let event = tokio::select! {
             _ = tick.tick() => None,
@@ -243,28 +276,21 @@ async fn pool(
         let mut actions = vec![];
         match event {
             None => {}
-            Some(Msg::Acquire(reply)) => waiting.push_back(reply),
+            Some(Msg::Acquire(reply)) if waiting.len() >= cfg.max_held => {
+                metrics.ondemand_refused.fetch_add(1, Relaxed);
+                let _ = reply.send(Err(Refused::Full(waiting.len())));
+            }
+            Some(Msg::Acquire(reply)) => waiting.push_back(Held {
+                reply,
+                until: now + hold,
+            }),
             Some(Msg::Release(id)) => {
-                if let Some(i) = insts.get_mut(&id) {
-                    i.conns = i.conns.saturating_sub(1);
-                    if i.draining && i.conns == 0 {
-                        actions.push(Action::Stop { id });
-                        actions.extend(scaler.handle(Event::Failed { now, id }));
-                    }
-                }
+                actions.extend(scaler.handle(Event::Disconnected { now, id }))
             }
             Some(Msg::RollOver(new)) => {
                 tracing::info!(app = %cfg.app, release = new.manifest.release, "on-demand pool rolls over");
                 image = *new;
-                let old: Vec<InstanceId> = insts.keys().copied().collect();
-                for id in old {
-                    let i = insts.get_mut(&id).expect("listed");
-                    i.draining = true;
-                    if i.conns == 0 {
-                        actions.push(Action::Stop { id });
-                        actions.extend(scaler.handle(Event::Failed { now, id }));
-                    }
-                }
+                actions.extend(scaler.handle(Event::Drain { now }));
             }
             Some(Msg::Started(id, Ok(port), took)) => {
                 if let Some(i) = insts.get_mut(&id) {
@@ -287,26 +313,25 @@ async fn pool(
                 }));
             }
         }
-        // Hand waiting connections to ready instances with room, least loaded first.
-        waiting.retain(|w| !w.is_closed());
-        while let Some(w) = waiting.front() {
-            let free = scaler
-                .ready()
-                .into_iter()
-                .filter_map(|(id, _)| insts.get(&id).map(|i| (id, i)))
-                .filter(|(_, i)| !i.draining && i.conns < target && i.port.is_some())
-                .min_by_key(|(_, i)| i.conns)
-                .map(|(id, i)| (id, i.port.expect("filtered")));
-            let Some((id, port)) = free else { break };
-            let _ = w;
+        // Held connections past their deadline are closed; the rest go to the instances
+        // the scaler picks (ready, room, least loaded, not draining).
+        waiting.retain(|w| !w.reply.is_closed());
+        while waiting.front().is_some_and(|w| w.until <= now) {
             let w = waiting.pop_front().expect("front exists");
-            if w.send((id, port)).is_ok() {
-                if let Some(i) = insts.get_mut(&id) {
-                    i.conns += 1;
-                }
+            metrics.ondemand_refused.fetch_add(1, Relaxed);
+            let _ = w.reply.send(Err(Refused::Timeout(cfg.hold_secs)));
+        }
+        while !waiting.is_empty() {
+            let Some(id) = scaler.pick() else { break };
+            let Some(port) = insts.get(&id).and_then(|i| i.port) else {
+                break;
+            };
+            let w = waiting.pop_front().expect("not empty");
+            if w.reply.send(Ok((id, port))).is_ok() {
+                scaler.handle(Event::Connected { id });
             }
         }
-        let load = insts.values().map(|i| i.conns).sum::<usize>() + waiting.len();
+        let load = scaler.connections() as usize + waiting.len();
         actions.extend(scaler.handle(Event::Load {
             now,
             connections: load as u32,
@@ -337,8 +362,6 @@ async fn pool(
                             at,
                             name,
                             port: None,
-                            conns: 0,
-                            draining: false,
                         },
                     );
                     let tx = tx.clone();

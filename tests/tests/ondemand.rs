@@ -192,3 +192,50 @@ fn a_new_release_rolls_on_demand_instances_over() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// Waits for the proxy to close `s` without an answer (read returns end of stream).
+fn closed_unanswered(s: &mut std::net::TcpStream, within: Duration) -> Result<()> {
+    use std::io::Read;
+    s.set_read_timeout(Some(within))?;
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+        other => anyhow::bail!("expected the proxy to close the connection, got {other:?}"),
+    }
+}
+
+/// Connections held for an instance that cannot come (here: no instance may run) are not
+/// held for ever, nor without bound: beyond `max_held` a connection is closed at once,
+/// and each held one is closed after `hold_secs`, both said in the log and counted.
+#[test]
+fn held_connections_have_a_deadline_and_a_bound() -> Result<()> {
+    let (fleet, d, port) = unifleet_tests::fleet::on_demand_fleet(
+        "test:///default",
+        &format!("held-{}", std::process::id()),
+        "max_local = 0\nmax_remote = 0\nhold_secs = 1\nmax_held = 2",
+    )?;
+    let connect = || -> Result<std::net::TcpStream> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.write_all(b"hello?\n")?;
+        Ok(s)
+    };
+    // Whichever of the three the pool hears of last is refused at once; the other two
+    // after the deadline.
+    let (mut first, mut second, mut third) = (connect()?, connect()?, connect()?);
+    closed_unanswered(&mut third, Duration::from_secs(10))?;
+    closed_unanswered(&mut first, Duration::from_secs(10))?;
+    closed_unanswered(&mut second, Duration::from_secs(10))?;
+    let log = fleet.devices[d].log_text();
+    assert!(
+        log.contains("connections are already held waiting for an instance"),
+        "{log}"
+    );
+    assert!(log.contains("no instance became ready within 1 s"), "{log}");
+    let m = fleet.devices[d].metrics_addr().expect("metrics on");
+    assert_eq!(
+        unifleet_tests::metric(&m, "unifleet_device_ondemand_refused_total")?,
+        3
+    );
+    Ok(())
+}
