@@ -18,6 +18,19 @@ fn console(fleet: &Fleet, i: usize, release: u64) -> String {
     .unwrap_or_default()
 }
 
+/// A hub and one device (named `TAG-<pid>`) running release 1 of `hello` under QEMU.
+fn one_device_on_release_1(tag: &str) -> Result<(Fleet, usize, String)> {
+    let mut fleet = Fleet::new(URI)?;
+    fleet.start_hub(&[])?;
+    let name = format!("{tag}-{}", std::process::id());
+    let d = fleet.add_device(&name, "hello", &[])?;
+    fleet.start_device(d)?;
+    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+    Ok((fleet, d, name))
+}
+
 #[test]
 fn real_images_boot_under_qemu_and_print_ready() -> Result<()> {
     let mut fleet = Fleet::new(URI)?;
@@ -59,14 +72,7 @@ fn real_images_boot_under_qemu_and_print_ready() -> Result<()> {
 
 #[test]
 fn failing_image_is_rolled_back_reported_and_never_retried() -> Result<()> {
-    let mut fleet = Fleet::new(URI)?;
-    fleet.start_hub(&[])?;
-    let name = format!("qg-{}", std::process::id());
-    let d = fleet.add_device(&name, "hello", &[])?;
-    fleet.start_device(d)?;
-    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
-    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
-    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+    let (mut fleet, d, name) = one_device_on_release_1("qg")?;
 
     let bad = fleet.testimage("hello", "2.0.0", &["--fail"])?;
     fleet.publish(
@@ -157,14 +163,7 @@ fn kill_domain(name: &str) -> Result<()> {
 /// is reported. (A domain that died after its first probe stayed dead, reported Active.)
 #[test]
 fn a_domain_that_dies_after_activation_is_restarted_then_rolled_back() -> Result<()> {
-    let mut fleet = Fleet::new(URI)?;
-    fleet.start_hub(&[])?;
-    let name = format!("qw-{}", std::process::id());
-    let d = fleet.add_device(&name, "hello", &[])?;
-    fleet.start_device(d)?;
-    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
-    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
-    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+    let (fleet, d, name) = one_device_on_release_1("qw")?;
     let v2 = fleet.testimage("hello", "1.0.1", &[])?;
     fleet.publish(&v2, "hello", "1.0.1", &["--no-staging"])?;
     fleet.wait_all(&[d], "hello", 2, "Active", CONVERGE)?;
