@@ -601,6 +601,18 @@ impl Inbox {
     }
 }
 
+/// A release that does not fit the store budget (refused, not retried).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "release {release} needs {needed_mib} MiB of store with what is kept, above \
+     store_budget_mib = {budget_mib} in device.toml; raise it or free the disk"
+)]
+struct OverBudget {
+    release: u64,
+    needed_mib: u64,
+    budget_mib: u64,
+}
+
 /// The agent is shutting down: a download step was left unfinished on purpose.
 #[derive(Debug, thiserror::Error)]
 #[error("shutting down")]
@@ -694,6 +706,7 @@ impl Updater {
         let Err(e) = self.update(heard).await else {
             return Outcome::Done;
         };
+        let over_budget = e.chain().any(|c| c.is::<OverBudget>());
         if e.chain().any(|c| c.is::<ShuttingDown>()) {
             tracing::info!(app = %ann.app, release = ann.release, "shutting down: the download is left where it is (verified chunks are kept; it goes on at the next start)");
             return Outcome::Failed;
@@ -732,9 +745,36 @@ impl Updater {
         }
         if damaged {
             Outcome::Repairable
+        } else if over_budget {
+            // It will not fit however often it is tried; a newer release is judged afresh.
+            Outcome::Done
         } else {
             Outcome::Failed
         }
+    }
+
+    /// Refuses a release that would take the store past `store_budget_mib`: its missing
+    /// chunks and its slot on top of what is kept, after what no kept release needs went.
+    fn check_budget(&self, m: &proto::manifest::Manifest) -> Result<()> {
+        const MIB: u64 = 1024 * 1024;
+        let budget = self.cfg.store_budget_mib.saturating_mul(MIB);
+        if budget == 0 {
+            return Ok(());
+        }
+        let needed = |s: &Store| s.usage() + s.missing_bytes(m) + m.image_size;
+        if needed(&self.store) > budget {
+            self.collect_garbage();
+        }
+        let needed = needed(&self.store);
+        if needed > budget {
+            return Err(OverBudget {
+                release: m.release,
+                needed_mib: needed.div_ceil(MIB),
+                budget_mib: self.cfg.store_budget_mib,
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// Removes chunks and manifests that no kept release (current, pending, previous of
@@ -1054,6 +1094,7 @@ impl Updater {
             verified.digest() == ann.manifest && verified.manifest().release == ann.release,
             "manifest does not match its announcement"
         );
+        self.check_budget(verified.manifest())?;
         self.store
             .put_manifest(&verified.digest(), &manifest_bytes)?;
         // Peers may fetch it from here now (at 1,000 devices, a manifest from the hub for

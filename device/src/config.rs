@@ -58,6 +58,11 @@ pub struct Config {
     /// Prometheus metrics on this loopback address (`127.0.0.1:9101`); absent: off.
     #[serde(default)]
     pub metrics: Option<String>,
+    /// The most the state directory's chunks, manifests and image slots may take, MiB;
+    /// a release that would take it past this is refused, after what no kept release
+    /// needs was removed. 0: no cap (what no kept release needs is removed all the same).
+    #[serde(default)]
+    pub store_budget_mib: u64,
     /// Testing aid: stop the process (as if killed) at a named point of the install.
     #[serde(default)]
     pub crash_at: Option<String>,

@@ -138,6 +138,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         parallel_fetches: 4,
         peer_exchange: true,
         metrics: None,
+        store_budget_mib: 0,
         crash_at: None,
         ondemand: vec![],
     };

@@ -152,6 +152,27 @@ impl Store {
         written
     }
 
+    /// Bytes the store holds in chunks, manifests and image slots.
+    pub fn usage(&self) -> u64 {
+        ["chunks", "manifests", "slots"]
+            .iter()
+            .filter_map(|sub| fs::read_dir(self.dir.join(sub)).ok())
+            .flat_map(|entries| entries.flatten())
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Bytes of `m`'s distinct chunks not stored here yet.
+    pub fn missing_bytes(&self, m: &Manifest) -> u64 {
+        let mut seen = BTreeSet::new();
+        m.chunks
+            .iter()
+            .filter(|c| seen.insert(c.digest) && !self.has_chunk(&c.digest))
+            .map(|c| c.size)
+            .sum()
+    }
+
     /// Checks each stored chunk of `chunks` against its digest and size and removes those
     /// that do not match; returns how many were removed.
     fn remove_damaged(&self, chunks: &[proto::manifest::ChunkRef]) -> u64 {

@@ -311,3 +311,40 @@ fn sigterm_stops_agent_and_hub_in_order_and_exits_0() -> Result<()> {
     assert!(events.contains("device-active"), "{events}");
     Ok(())
 }
+
+/// A release larger than the store budget is refused before anything is fetched, with the
+/// setting named; the device keeps running what it has, does not try it again, and takes
+/// the next release that fits.
+#[test]
+fn a_release_over_the_store_budget_is_refused_and_the_next_that_fits_installs() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let d = fleet.add_device("budget", "hello", &[])?;
+    fleet.devices[d].set_config("store_budget_mib", V::Int(1))?;
+    fleet.start_device(d)?;
+    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+    let big = fleet.testimage("hello", "1.0.1", &["--pad-mib", "2"])?;
+    fleet.publish(&big, "hello", "1.0.1", &["--no-staging"])?;
+    let reason = wait_for("the refusal to be reported", CONVERGE, || {
+        let report = fleet.devices[d].report("hello")?;
+        let reason = report["state"]["Failed"]["reason"].as_str()?.to_string();
+        (report["release"] == 1).then_some(reason)
+    })?;
+    assert!(reason.contains("store_budget_mib = 1"), "{reason}");
+    assert!(
+        stored_chunk_bytes(&fleet, d) < 1 << 20,
+        "nothing of it was fetched"
+    );
+    let v3 = fleet.testimage("hello", "1.0.2", &[])?;
+    fleet.publish(&v3, "hello", "1.0.2", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 3, "Active", CONVERGE)?;
+    let log = fleet.devices[d].log_text();
+    assert_eq!(
+        log.matches("above store_budget_mib").count(),
+        1,
+        "refused once: {log}"
+    );
+    Ok(())
+}
