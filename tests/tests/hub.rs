@@ -481,6 +481,20 @@ fn bad_input_is_refused_and_nothing_is_half_written() -> Result<()> {
             ],
         )
     };
+    // No hub there: the error says which command makes one (it said `hub init DIR`,
+    // which fails).
+    let missing = fleet.path("no-hub-here");
+    let out = Command::new(bin("hub")?)
+        .arg("--dir")
+        .arg(&missing)
+        .arg("devices")
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("hub --dir {} init", missing.display())),
+        "{err}"
+    );
     // Corrupt and unknown images.
     let junk = fleet.path("junk.img");
     std::fs::write(&junk, vec![0x42u8; 50_000])?;
