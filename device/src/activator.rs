@@ -33,6 +33,8 @@ pub enum ActivateError {
     },
     #[error("stopping domain {name}: {reason}")]
     Stop { name: String, reason: String },
+    #[error("asking libvirt whether {name} runs: {reason}")]
+    Query { name: String, reason: String },
 }
 
 /// Which family of libvirt driver a URI selects.
@@ -192,6 +194,23 @@ impl Activator {
         })
     }
 
+    /// Whether the domain `name` runs: `Ok(false)` only when libvirt says there is no such
+    /// domain or it is not active; an unreachable libvirtd is an error, not a dead domain
+    /// (the watchdog would otherwise "restart" healthy releases through a libvirtd restart).
+    pub fn running(&self, name: &str) -> Result<bool, ActivateError> {
+        self.with_conn(|conn| match conn.lookup_domain_by_name(name) {
+            Ok(d) => d.is_active().map_err(|e| ActivateError::Query {
+                name: name.into(),
+                reason: e.to_string(),
+            }),
+            Err(e) if e.code().is(virt::error::ErrorNumber::NoDomain) => Ok(false),
+            Err(e) => Err(ActivateError::Query {
+                name: name.into(),
+                reason: e.to_string(),
+            }),
+        })
+    }
+
     pub fn is_running(&self, name: &str) -> bool {
         self.with_conn(|conn| {
             Ok(conn
@@ -277,6 +296,20 @@ fn free_port() -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The watchdog restarts what is stopped; a libvirt it cannot reach must not look
+    /// like a stopped domain (through a libvirtd restart every healthy release would be
+    /// restarted four times and rolled back).
+    #[test]
+    fn an_unreachable_libvirt_is_an_error_not_a_stopped_domain() {
+        let unreachable = Activator::new("test:///nonexistent/unifleet-no-such-file.xml", "qemu");
+        assert!(matches!(
+            unreachable.running("uf-d1-hello-r1"),
+            Err(ActivateError::Connect { .. })
+        ));
+        let test = Activator::new("test:///default", "qemu");
+        assert!(!test.running("uf-no-such-domain-anywhere").unwrap());
+    }
 
     fn launch(platform: Platform) -> Launch {
         Launch {

@@ -900,10 +900,23 @@ impl Updater {
     /// Whether the domain `name` runs, on a blocking thread.
     async fn is_running(&self, name: String) -> bool {
         let act = self.activator.clone();
-        // A failed check is not a dead domain: nothing is restarted on a guess.
         tokio::task::spawn_blocking(move || act.is_running(&name))
             .await
-            .unwrap_or(true)
+            .unwrap_or(false)
+    }
+
+    /// Whether the domain `name` is known to be stopped: a failed check (libvirtd
+    /// restarting) is not a dead domain, so nothing is restarted on a guess.
+    async fn is_stopped(&self, name: String) -> bool {
+        let act = self.activator.clone();
+        match tokio::task::spawn_blocking(move || act.running(&name)).await {
+            Ok(Ok(running)) => !running,
+            Ok(Err(e)) => {
+                tracing::debug!("watchdog: {e}");
+                false
+            }
+            Err(_) => false,
+        }
     }
 
     /// Between installs: a domain that was healthy and is found stopped is restarted, and
@@ -921,7 +934,7 @@ impl Updater {
             if self.is_ondemand(app) || st.failed.contains(&cur.release) {
                 continue;
             }
-            if self.is_running(self.domain_name(app, cur.release)).await {
+            if !self.is_stopped(self.domain_name(app, cur.release)).await {
                 continue;
             }
             let m = match self.stored_manifest(&cur.manifest) {
