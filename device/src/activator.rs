@@ -35,6 +35,8 @@ pub enum ActivateError {
     Stop { name: String, reason: String },
     #[error("asking libvirt whether {name} runs: {reason}")]
     Query { name: String, reason: String },
+    #[error("booting {name}: the boot thread panicked")]
+    BootPanicked { name: String },
 }
 
 /// Which family of libvirt driver a URI selects.
@@ -160,6 +162,18 @@ impl Activator {
             *guard = None;
         }
         res
+    }
+
+    /// Starts `launch` and probes it on a blocking thread (libvirt is synchronous); returns
+    /// the console port. The one boot path of the updater and the on-demand pool.
+    pub async fn boot(self: std::sync::Arc<Self>, launch: Launch) -> Result<u16, ActivateError> {
+        let name = launch.name.clone();
+        tokio::task::spawn_blocking(move || {
+            let port = self.start(&launch)?;
+            self.probe(&launch, port).map(|()| port)
+        })
+        .await
+        .unwrap_or(Err(ActivateError::BootPanicked { name }))
     }
 
     /// Starts a transient domain; returns the console's TCP port (QEMU) or 0. Replaces a

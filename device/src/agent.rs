@@ -883,18 +883,7 @@ impl Updater {
 
     /// Starts `launch` and probes it, on a blocking thread (libvirt is synchronous).
     async fn boot(&self, launch: Launch) -> Result<(), ActivateError> {
-        let act = self.activator.clone();
-        tokio::task::spawn_blocking(move || {
-            let port = act.start(&launch)?;
-            act.probe(&launch, port)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(ActivateError::Start {
-                name: String::new(),
-                reason: format!("the boot task failed: {e}"),
-            })
-        })
+        self.activator.clone().boot(launch).await.map(|_| ())
     }
 
     /// Whether the domain `name` runs, on a blocking thread.

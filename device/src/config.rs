@@ -133,7 +133,7 @@ impl Config {
         Ok(())
     }
 
-    pub fn platform(&self) -> Result<Platform, String> {
+    pub fn platform(&self) -> Result<Platform, proto::manifest::UnknownPlatform> {
         self.platform.parse()
     }
 }

@@ -9,7 +9,7 @@
 //! where the test unikernel answers; one connection per instance at a time there, so the
 //! target concurrency is 1 by default.
 
-use crate::activator::{Activator, Launch};
+use crate::activator::{ActivateError, Activator, Launch};
 use crate::autoscale::{Action, Autoscaler, Event, InstanceId, Location, ScaleConfig};
 use proto::manifest::Manifest;
 use proto::status::OnDemandCounts;
@@ -117,7 +117,7 @@ enum Msg {
     Acquire(Reply),
     Release(InstanceId),
     /// The boot finished: the console port, or why not; and how long it took.
-    Started(InstanceId, Result<u16, String>, Duration),
+    Started(InstanceId, Result<u16, ActivateError>, Duration),
     RollOver(Box<Image>),
 }
 
@@ -304,11 +304,15 @@ async fn pool(
                     actions.extend(scaler.handle(Event::Ready { now, id }));
                 }
             }
-            Some(Msg::Started(id, Err(reason), _)) => {
+            Some(Msg::Started(id, Err(e), _)) => {
                 let at = insts.remove(&id).map(|i| i.at);
-                tracing::warn!(app = %cfg.app, ?at, "on-demand instance failed to start: {reason}");
+                tracing::warn!(app = %cfg.app, ?at, "on-demand instance failed to start: {e}");
                 actions.extend(scaler.handle(match at {
-                    Some(Location::Remote) => Event::RemoteUnavailable { now, id, reason },
+                    Some(Location::Remote) => Event::RemoteUnavailable {
+                        now,
+                        id,
+                        reason: e.to_string(),
+                    },
                     _ => Event::Failed { now, id },
                 }));
             }
@@ -367,14 +371,7 @@ async fn pool(
                     let tx = tx.clone();
                     tasks.spawn(async move {
                         let began = Instant::now();
-                        let res = tokio::task::spawn_blocking(move || {
-                            activator
-                                .start(&launch)
-                                .and_then(|port| activator.probe(&launch, port).map(|_| port))
-                        })
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()));
+                        let res = activator.boot(launch).await;
                         let _ = tx.send(Msg::Started(id, res, began.elapsed())).await;
                     });
                 }

@@ -48,9 +48,9 @@ impl Announcement {
             kind: Kind::Announcement,
             reason,
         };
-        names::check("fleet", &self.fleet).map_err(invalid)?;
-        names::check("app", &self.app).map_err(invalid)?;
-        names::check("channel", &self.channel).map_err(invalid)?;
+        names::check("fleet", &self.fleet).map_err(|e| invalid(e.to_string()))?;
+        names::check("app", &self.app).map_err(|e| invalid(e.to_string()))?;
+        names::check("channel", &self.channel).map_err(|e| invalid(e.to_string()))?;
         Ok(())
     }
 }

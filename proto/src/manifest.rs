@@ -54,17 +54,28 @@ impl fmt::Display for Platform {
     }
 }
 
+/// A platform name that is not one of [`Platform::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown platform {0:?} (known: xen-arm32, xen-x86_64-pvh, qemu-x86_64)")]
+pub struct UnknownPlatform(pub String);
+
 impl FromStr for Platform {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Platform, String> {
+    type Err = UnknownPlatform;
+    fn from_str(s: &str) -> Result<Platform, UnknownPlatform> {
         Platform::ALL
             .into_iter()
             .find(|p| p.name() == s)
-            .ok_or_else(|| {
-                let known: Vec<_> = Platform::ALL.iter().map(|p| p.name()).collect();
-                format!("unknown platform {s:?} (known: {})", known.join(", "))
-            })
+            .ok_or_else(|| UnknownPlatform(s.into()))
     }
+}
+
+/// An operator's probe spelling that [`HealthProbe::parse`] does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadProbe {
+    #[error("bad probe port {0:?}")]
+    Port(String),
+    #[error("unknown probe {0:?}: use banner, banner:TEXT or tcp:PORT")]
+    Unknown(String),
 }
 
 /// How a device decides a freshly booted instance is healthy.
@@ -79,7 +90,11 @@ pub enum HealthProbe {
 impl HealthProbe {
     /// Parses the operator's spelling: `banner` (the line `READY <app> <version>`),
     /// `banner:TEXT`, or `tcp:PORT`.
-    pub fn parse(text: &str, app: &str, version: &semver::Version) -> Result<HealthProbe, String> {
+    pub fn parse(
+        text: &str,
+        app: &str,
+        version: &semver::Version,
+    ) -> Result<HealthProbe, BadProbe> {
         Ok(match text.split_once(':') {
             None if text == "banner" => HealthProbe::ConsoleBanner {
                 line: Manifest::ready_banner(app, version),
@@ -88,15 +103,9 @@ impl HealthProbe {
                 HealthProbe::ConsoleBanner { line: line.into() }
             }
             Some(("tcp", port)) => HealthProbe::TcpConnect {
-                port: port
-                    .parse()
-                    .map_err(|_| format!("bad probe port {port:?}"))?,
+                port: port.parse().map_err(|_| BadProbe::Port(port.into()))?,
             },
-            _ => {
-                return Err(format!(
-                    "unknown probe {text:?}: use banner, banner:TEXT or tcp:PORT"
-                ))
-            }
+            _ => return Err(BadProbe::Unknown(text.into())),
         })
     }
 }
@@ -156,9 +165,9 @@ impl Manifest {
             kind: Kind::Manifest,
             reason,
         };
-        names::check("fleet", &self.fleet).map_err(invalid)?;
-        names::check("app", &self.app).map_err(invalid)?;
-        names::check("channel", &self.channel).map_err(invalid)?;
+        names::check("fleet", &self.fleet).map_err(|e| invalid(e.to_string()))?;
+        names::check("app", &self.app).map_err(|e| invalid(e.to_string()))?;
+        names::check("channel", &self.channel).map_err(|e| invalid(e.to_string()))?;
         if self.release == 0 {
             return Err(invalid("release numbers start at 1".into()));
         }

@@ -73,7 +73,7 @@ impl Root {
             kind: Kind::Root,
             reason,
         };
-        names::check("fleet", &self.fleet).map_err(invalid)?;
+        names::check("fleet", &self.fleet).map_err(|e| invalid(e.to_string()))?;
         if self.version == 0 {
             return Err(invalid("version must start at 1".into()));
         }

@@ -113,9 +113,9 @@ pub fn verify_status(
         kind: Kind::StatusReport,
         reason,
     };
-    names::check("device", &report.device).map_err(invalid)?;
-    names::check("app", &report.app).map_err(invalid)?;
-    names::check("channel", &report.channel).map_err(invalid)?;
+    names::check("device", &report.device).map_err(|e| invalid(e.to_string()))?;
+    names::check("app", &report.app).map_err(|e| invalid(e.to_string()))?;
+    names::check("channel", &report.channel).map_err(|e| invalid(e.to_string()))?;
     if report.console_tail.len() > MAX_CONSOLE_TAIL {
         return Err(invalid("console tail too long".into()));
     }

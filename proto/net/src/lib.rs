@@ -152,12 +152,30 @@ pub enum FetchError {
     Stopped,
 }
 
+/// Why a gossip message was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("publishing on gossip: {0}")]
+    Gossip(#[from] gossipsub::PublishError),
+    #[error("the network task has stopped")]
+    Stopped,
+}
+
+/// A broker URL that is not `mqtt://host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerUrlError {
+    #[error("broker URL {0:?} must start with mqtt://")]
+    Scheme(String),
+    #[error("bad port in broker URL {0:?}")]
+    Port(String),
+}
+
 #[derive(Debug)]
 enum Command {
     Publish {
         topic: Topic,
         data: Vec<u8>,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), PublishError>>,
     },
     Validate {
         id: MessageId,
@@ -193,13 +211,13 @@ impl NetClient {
         self.peer_id
     }
 
-    pub async fn publish(&self, topic: Topic, data: Vec<u8>) -> Result<(), String> {
+    pub async fn publish(&self, topic: Topic, data: Vec<u8>) -> Result<(), PublishError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Publish { topic, data, reply })
             .await
-            .map_err(|_| "network task stopped".to_string())?;
-        rx.await.map_err(|_| "network task stopped".to_string())?
+            .map_err(|_| PublishError::Stopped)?;
+        rx.await.map_err(|_| PublishError::Stopped)?
     }
 
     /// Tells gossipsub whether to forward (Accept), drop (Ignore) or drop and penalise the
@@ -360,15 +378,14 @@ pub fn spawn(
 }
 
 /// Splits a broker URL `mqtt://host:port` (port defaults to 1883).
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), BrokerUrlError> {
     let rest = url
         .strip_prefix("mqtt://")
-        .ok_or_else(|| format!("broker URL {url:?} must start with mqtt://"))?;
+        .ok_or_else(|| BrokerUrlError::Scheme(url.into()))?;
     match rest.rsplit_once(':') {
         Some((h, p)) => Ok((
             h.to_string(),
-            p.parse()
-                .map_err(|_| format!("bad port in broker URL {url:?}"))?,
+            p.parse().map_err(|_| BrokerUrlError::Port(url.into()))?,
         )),
         None => Ok((rest.to_string(), 1883)),
     }
@@ -555,7 +572,7 @@ impl Node {
                     // the broker will reach them.
                     Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => Ok(()),
                     Err(gossipsub::PublishError::Duplicate) => Ok(()),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(e.into()),
                 };
                 let _ = reply.send(res);
             }
