@@ -225,14 +225,9 @@ impl Activator {
         })
     }
 
+    /// Whether `name` is known to run (an unreachable libvirt: no).
     pub fn is_running(&self, name: &str) -> bool {
-        self.with_conn(|conn| {
-            Ok(conn
-                .lookup_domain_by_name(name)
-                .and_then(|d| d.is_active())
-                .unwrap_or(false))
-        })
-        .unwrap_or(false)
+        self.running(name).unwrap_or(false)
     }
 
     pub fn stop(&self, name: &str) -> Result<(), ActivateError> {

@@ -102,17 +102,15 @@ pub fn sign_and_store(
     let app = &template.app;
     store.transaction(|store| {
         let latest = store.latest(app, channel)?;
-        if let (true, Some(l)) = (require_newer, &latest) {
-            let prev = stored_manifest(home, store, app, channel, l.release)?;
-            if template.version <= prev.version {
-                bail!(
-                    "version {} is not above {} (release {}) on {app}/{channel}; publish a \
-                     higher version (or `hub rollback` to go back)",
-                    template.version,
-                    prev.version,
-                    l.release
-                );
-            }
+        if require_newer {
+            check_newer(
+                home,
+                store,
+                latest.as_ref(),
+                app,
+                channel,
+                &template.version,
+            )?;
         }
         let release = latest.as_ref().map_or(1, |l| l.release + 1);
         let created_at = now();
@@ -182,6 +180,29 @@ pub fn sign_and_store(
         };
         Ok((commit, info))
     })
+}
+
+/// Refuses `version` unless it is above that of `latest`, the newest release of
+/// (app, channel).
+fn check_newer(
+    home: &Home,
+    store: &Store,
+    latest: Option<&ReleaseInfo>,
+    app: &str,
+    channel: &str,
+    version: &semver::Version,
+) -> Result<()> {
+    let Some(l) = latest else { return Ok(()) };
+    let prev = stored_manifest(home, store, app, channel, l.release)?;
+    if *version <= prev.version {
+        bail!(
+            "version {version} is not above {} (release {}) on {app}/{channel}; publish a \
+             higher version (or `hub rollback` to go back)",
+            prev.version,
+            l.release
+        );
+    }
+    Ok(())
 }
 
 /// Inspects and chunks the image, streaming: each new chunk goes to the git object
@@ -336,19 +357,15 @@ pub fn publish(
     let store = home.store()?;
     // Checked again when the release is numbered (another publish may land meanwhile);
     // here it saves chunking and staging an image that would be refused.
-    if let Some(l) = store.latest(&args.app, &args.channel)? {
-        let prev = stored_manifest(home, &store, &args.app, &args.channel, l.release)?;
-        if args.version <= prev.version {
-            bail!(
-                "version {} is not above {} (release {}) on {}/{}; publish a higher version",
-                args.version,
-                prev.version,
-                l.release,
-                args.app,
-                args.channel
-            );
-        }
-    }
+    let latest = store.latest(&args.app, &args.channel)?;
+    check_newer(
+        home,
+        &store,
+        latest.as_ref(),
+        &args.app,
+        &args.channel,
+        &args.version,
+    )?;
     let (template, change) = prepare(home, &store, image, args, progress)?;
 
     let (staging, evidence, change) = if args.no_staging {

@@ -135,6 +135,14 @@ impl Device {
         (n("bytes_from_peers"), n("bytes_from_hub"))
     }
 
+    /// From a last report of `app` that says an update failed: the release it still runs
+    /// (`None`: nothing yet) and the reason.
+    pub fn failure(&self, app: &str) -> Option<(Option<u64>, String)> {
+        let r = self.report(app)?;
+        let reason = r["state"]["Failed"]["reason"].as_str()?.to_string();
+        Some((r["release"].as_u64(), reason))
+    }
+
     /// (release, state label) from the last report.
     pub fn release_state(&self, app: &str) -> Option<(u64, String)> {
         let r = self.report(app)?;

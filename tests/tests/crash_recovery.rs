@@ -133,13 +133,9 @@ fn a_failed_update_is_tried_again_until_it_succeeds() -> Result<()> {
     let image = fleet.testimage("hello", "1.0.0", &[])?;
     fleet.publish(&image, "hello", "1.0.0", &["--no-staging"])?;
     wait_for("the failure to be reported", CONVERGE, || {
-        let report = fleet.devices[d].report("hello")?;
         // Nothing runs yet: the report says so (no release), with the reason.
-        (report["state"]["Failed"]["reason"]
-            .as_str()?
-            .contains("update to release 1")
-            && report["release"].is_null())
-        .then_some(())
+        let (running, reason) = fleet.devices[d].failure("hello")?;
+        (reason.contains("update to release 1") && running.is_none()).then_some(())
     })?;
     std::fs::remove_file(&chunks)?;
     std::fs::create_dir(&chunks)?;
@@ -199,9 +195,8 @@ fn a_full_disk_recovers_by_itself_and_reports_the_release_it_runs() -> Result<()
     let big = fleet.testimage("hello", "1.0.1", &["--pad-mib", "2"])?;
     fleet.publish(&big, "hello", "1.0.1", &["--no-staging"])?;
     wait_for("the full disk to be reported", CONVERGE, || {
-        let report = fleet.devices[d].report("hello")?;
-        let reason = report["state"]["Failed"]["reason"].as_str()?.to_string();
-        (report["release"] == 1).then_some(reason)
+        let (running, reason) = fleet.devices[d].failure("hello")?;
+        (running == Some(1)).then_some(reason)
     })
     .map(|reason| {
         assert!(
@@ -328,9 +323,8 @@ fn a_release_over_the_store_budget_is_refused_and_the_next_that_fits_installs() 
     let big = fleet.testimage("hello", "1.0.1", &["--pad-mib", "2"])?;
     fleet.publish(&big, "hello", "1.0.1", &["--no-staging"])?;
     let reason = wait_for("the refusal to be reported", CONVERGE, || {
-        let report = fleet.devices[d].report("hello")?;
-        let reason = report["state"]["Failed"]["reason"].as_str()?.to_string();
-        (report["release"] == 1).then_some(reason)
+        let (running, reason) = fleet.devices[d].failure("hello")?;
+        (running == Some(1)).then_some(reason)
     })?;
     assert!(reason.contains("store_budget_mib = 1"), "{reason}");
     assert!(
