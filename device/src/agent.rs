@@ -18,6 +18,7 @@ use crate::mqtt;
 use crate::report::Reporter;
 use crate::store::{AppState, AssembleError, Installed, Store};
 use crate::trickle::Trickle;
+use crate::trust::{Clock, RootNews, Trust};
 use crate::updater::{Action as UpdaterAction, Event as UpdaterEvent, Outcome};
 use crate::watchdog::{Verdict as Watched, Watchdog};
 use anyhow::{Context, Result};
@@ -25,6 +26,8 @@ use net::ratelimit::RateLimiter;
 use net::{MessageAcceptance, NetClient, NetEvent, PeerId, Topic, Want};
 use proto::announcement::{verify_announcement, Announcement};
 use proto::blob::BlobResponse;
+use proto::codec::Kind;
+use proto::envelope::Envelope;
 use proto::manifest::{verify_manifest, Expectations, Platform, VerifiedManifest};
 use proto::root::TrustedRoot;
 use proto::status::DeviceState;
@@ -33,6 +36,28 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
+
+/// What arrives on the announce topic and the broker's trust topics.
+const ANNOUNCE_TOPIC_KINDS: [Kind; 3] = [Kind::Announcement, Kind::Root, Kind::Revocations];
+
+/// The newest verified announcement of one (app, channel).
+struct Latest {
+    release: u64,
+    issued_at: u64,
+    expires_at: u64,
+    bytes: Vec<u8>,
+}
+
+impl Latest {
+    fn of(ann: &Announcement, bytes: Vec<u8>) -> Latest {
+        Latest {
+            release: ann.release,
+            issued_at: ann.issued_at,
+            expires_at: ann.expires_at,
+            bytes,
+        }
+    }
+}
 
 /// Concurrent blob requests this device serves to all peers together.
 const MAX_SEEDING: usize = 16;
@@ -121,7 +146,11 @@ pub async fn run_with_metrics(
     // Every task of the agent is spawned through this tree; shutdown cancels and waits.
     let tasks = net::tasks::Tasks::new();
     let store = Arc::new(Store::open(&cfg.state_dir)?);
-    let root = Arc::new(load_root(&cfg, &store)?);
+    let trust = Arc::new(Trust::new(
+        store.dir(),
+        load_root(&cfg, &store)?,
+        Clock::open(store.dir(), crate::trust::system_now),
+    ));
     let platform = cfg.platform().map_err(anyhow::Error::msg)?;
 
     // The libp2p identity derives from the device key, so a device keeps its peer id.
@@ -160,14 +189,9 @@ pub async fn run_with_metrics(
                 .apps
                 .iter()
                 .map(|a| mqtt::release_topic(&cfg.fleet, &cfg.channel, a))
+                .chain(mqtt::trust_topics(&cfg.fleet))
                 .collect();
-            Some(mqtt::start(
-                &format!("unifleet-device-{}", cfg.name),
-                url,
-                topics,
-                mqtt_tx,
-                &tasks,
-            )?)
+            Some(mqtt::start(&cfg.name, url, topics, mqtt_tx, &tasks)?)
         }
         None => None,
     };
@@ -186,7 +210,8 @@ pub async fn run_with_metrics(
         asked: asked_tx,
         cfg: cfg.clone(),
         platform,
-        root: root.clone(),
+        trust: trust.clone(),
+        hub: hub_peers.clone(),
         store: store.clone(),
         net: net.clone(),
         updates: inbox.clone(),
@@ -208,12 +233,13 @@ pub async fn run_with_metrics(
             hub_peers,
             &cfg,
             metrics.clone(),
+            trust.clone(),
             tasks.clone(),
         ),
         activator: Arc::new(Activator::new(&cfg.libvirt_uri, &cfg.domain_type)),
         cfg,
         platform,
-        root,
+        trust,
         store,
         reporter,
         metrics,
@@ -238,18 +264,23 @@ pub async fn run_with_metrics(
 struct Router {
     cfg: Config,
     platform: Platform,
-    root: Arc<TrustedRoot>,
+    /// Root, revocations, clock; the router is the one that changes them.
+    trust: Arc<Trust>,
+    /// The hub's peer ids (asked for root links a broker told of).
+    hub: Vec<PeerId>,
     store: Arc<Store>,
     net: NetClient,
     updates: Arc<Inbox>,
-    /// Newest verified announcement per (app, channel): release, bytes, expiry (Unix s).
-    latest: HashMap<(String, String), (u64, Vec<u8>, u64)>,
+    /// Newest verified announcement per (app, channel), of every app and channel heard
+    /// (relayed and served to peers that ask, installed only if for this device).
+    latest: HashMap<(String, String), Latest>,
     /// When to re-gossip the newest announcement per (app, channel), and whether others
     /// already did in this interval.
     trickles: HashMap<(String, String), Trickle>,
     /// The broker connection, if one is configured (for whether it is up).
     broker: Option<crate::mqtt::Mqtt>,
-    /// Announcements peers answered [`Want::Announcement`] with, and who sent them.
+    /// Signed records peers answered [`Want::Announcement`], [`Want::Root`] and
+    /// [`Want::Revocations`] with, and who sent them.
     asked: mpsc::Sender<(Vec<u8>, PeerId)>,
     /// Where in each re-gossip interval this device speaks (from its peer id).
     phase: f64,
@@ -276,8 +307,8 @@ impl Router {
                     None => break,
                 },
                 Some((topic, bytes)) = mqtt.recv() => {
-                    tracing::debug!(%topic, "announcement from broker");
-                    let _ = self.announcement(bytes, None).await;
+                    tracing::debug!(%topic, "signed record from the broker");
+                    let _ = self.signed(bytes, None).await;
                 }
                 Some((bytes, peer)) = asked.recv() => self.asked_announcement(bytes, peer).await,
                 _ = sleep_until(self.trickles.values().map(Trickle::fire_at).min()) => {
@@ -297,9 +328,13 @@ impl Router {
             if !trickle.fire(now) {
                 continue;
             }
-            if let Some((release, bytes, _)) = self.latest.get(key) {
-                if let Err(e) = self.net.publish(Topic::Announce, bytes.clone()).await {
-                    tracing::debug!(release, "re-gossiping announcement: {e}");
+            if let Some(l) = self
+                .latest
+                .get(key)
+                .filter(|l| self.trust.clock.now() < l.expires_at)
+            {
+                if let Err(e) = self.net.publish(Topic::Announce, l.bytes.clone()).await {
+                    tracing::debug!(release = l.release, "re-gossiping announcement: {e}");
                 }
             }
         }
@@ -314,8 +349,8 @@ impl Router {
                 id,
                 ..
             } => {
-                tracing::debug!(peer = %source, "announcement from a peer");
-                let acceptance = self.announcement(data, Some(source)).await.acceptance();
+                tracing::debug!(peer = %source, "signed record from a peer");
+                let acceptance = self.signed(data, Some(source)).await.acceptance();
                 self.net.validate(id, source, acceptance).await;
             }
             NetEvent::Gossip {
@@ -336,11 +371,12 @@ impl Router {
                 self.net.validate(id, source, acceptance).await;
             }
             NetEvent::BlobWanted {
+                peer,
                 digest,
                 want: Want::Announcement,
                 reply,
                 ..
-            } => self.serve_announcement(digest, reply),
+            } if !self.trust.is_revoked(&peer) => self.serve_announcement(digest, reply),
             NetEvent::BlobWanted {
                 peer,
                 digest,
@@ -365,18 +401,39 @@ impl Router {
         }
     }
 
-    /// Verifies an announcement; relays it if it is validly signed (whatever app or
-    /// channel it is for) and passes it on if it is for one of our apps.
-    async fn announcement(&mut self, bytes: Vec<u8>, from: Option<PeerId>) -> Verdict {
+    /// A signed record from the broker, gossip or a peer's answer: an announcement, a root
+    /// or a revocation list, each through its own entry point.
+    async fn signed(&mut self, bytes: Vec<u8>, from: Option<PeerId>) -> Verdict {
+        match Envelope::signed_kind(&bytes, &ANNOUNCE_TOPIC_KINDS) {
+            Ok(Kind::Root) => self.root_heard(&bytes, from),
+            Ok(Kind::Revocations) => self.revocations_heard(&bytes, from),
+            Ok(_) => self.announcement(bytes, from),
+            Err(e) => self.refused(from, "signed record", &e),
+        }
+    }
+
+    fn refused(&self, from: Option<PeerId>, what: &str, e: &dyn std::fmt::Display) -> Verdict {
+        self.metrics
+            .announcements_refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(from = ?from, "refusing {what}: {e}");
+        Verdict::Refused
+    }
+
+    /// *Authentic and fresh?* decides relaying; *for me?* decides installing. An
+    /// announcement of the release already known, signed afresh by the hub, replaces the
+    /// older bytes (those are what is re-gossiped and served to peers that ask).
+    fn announcement(&mut self, bytes: Vec<u8>, from: Option<PeerId>) -> Verdict {
+        let now = self.trust.clock.now();
         // The newest announcement again (re-gossip, the hub's re-announcement): these
         // very bytes were verified already; only the clock can have changed since.
         if let Some((key, expires_at)) = self
             .latest
             .iter()
-            .find(|(_, (_, b, _))| *b == bytes)
-            .map(|(k, (_, _, e))| (k.clone(), *e))
+            .find(|(_, l)| l.bytes == bytes)
+            .map(|(k, l)| (k.clone(), l.expires_at))
         {
-            if now() < expires_at {
+            if now < expires_at {
                 if from.is_some() {
                     if let Some(t) = self.trickles.get_mut(&key) {
                         t.heard();
@@ -385,64 +442,174 @@ impl Router {
                 return Verdict::Known;
             }
         }
+        let ann = match verify_announcement(&bytes, &self.trust.root(), now) {
+            Ok(ann) => ann,
+            Err(e @ VerifyError::Expired { .. }) => {
+                tracing::info!(from = ?from, "neither relaying nor installing a stale announcement: {e}");
+                return Verdict::Stale;
+            }
+            Err(e) => return self.refused(from, "announcement", &e),
+        };
+        self.trust.clock.saw(ann.issued_at);
+        let verified_ms = crate::metrics::unix_ms();
+        let key = (ann.app.clone(), ann.channel.clone());
+        let known = self.latest.get(&key).map(|l| (l.release, l.issued_at));
+        if from.is_some() && known.is_none_or(|(k, _)| ann.release >= k) {
+            if let Some(t) = self.trickles.get_mut(&key) {
+                t.heard();
+            }
+        }
+        match known {
+            Some((k, _)) if ann.release < k => {
+                tracing::warn!(
+                    app = %ann.app,
+                    "ignoring announcement of release {}: release {k} is already known (replay or stale)",
+                    ann.release
+                );
+                return Verdict::Known;
+            }
+            Some((k, issued)) if ann.release == k => {
+                if ann.issued_at > issued {
+                    self.latest.insert(key, Latest::of(&ann, bytes));
+                }
+                return Verdict::Known;
+            }
+            _ => {}
+        }
+        // From the broker, it reaches peers that cannot reach the broker at the next
+        // re-gossip, unless a peer gossips it first.
+        let t = std::time::Instant::now();
+        self.trickles
+            .entry(key.clone())
+            .or_insert_with(|| Trickle::new(REGOSSIP_MIN, REGOSSIP_MAX, self.phase, t))
+            .reset(t);
+        self.latest.insert(key, Latest::of(&ann, bytes.clone()));
+        if !self.cfg.apps.contains(&ann.app) {
+            return Verdict::New;
+        }
         let expect = Expectations {
             app: None,
             channel: &self.cfg.channel,
             platform: self.platform,
             installed_release: None,
-            now: now(),
         };
-        match verify_announcement(&bytes, &self.root, &expect) {
-            Ok(ann) => {
-                let verified_ms = crate::metrics::unix_ms();
-                let key = (ann.app.clone(), ann.channel.clone());
-                let known = self.latest.get(&key).map(|(r, _, _)| *r);
-                if from.is_some() && known.is_none_or(|k| ann.release >= k) {
-                    if let Some(t) = self.trickles.get_mut(&key) {
-                        t.heard();
-                    }
-                }
-                if let Some(known) = known.filter(|k| ann.release < *k) {
-                    tracing::warn!(
-                        app = %ann.app,
-                        "ignoring announcement of release {}: release {known} is already known (replay or stale)",
-                        ann.release
-                    );
-                }
-                if known.is_some_and(|k| ann.release <= k) {
-                    return Verdict::Known;
-                }
-                // From the broker, it reaches peers that cannot reach the broker at the
-                // next re-gossip, unless a peer gossips it first.
-                let now = std::time::Instant::now();
-                self.trickles
-                    .entry(key.clone())
-                    .or_insert_with(|| Trickle::new(REGOSSIP_MIN, REGOSSIP_MAX, self.phase, now))
-                    .reset(now);
-                self.latest
-                    .insert(key, (ann.release, bytes.clone(), ann.expires_at));
-                if self.cfg.apps.contains(&ann.app) {
-                    self.updates.put(Heard {
-                        ann,
-                        bytes,
-                        verified_ms,
-                    });
+        match expect.applies(&ann) {
+            Ok(()) => self.updates.put(Heard {
+                ann,
+                bytes,
+                verified_ms,
+            }),
+            Err(e) => tracing::info!(from = ?from, app = %ann.app, "relaying, not installing: {e}"),
+        }
+        Verdict::New
+    }
+
+    /// A root: the next one is adopted; one further ahead sends for the links between,
+    /// from whoever told us (the hub if it was the broker).
+    fn root_heard(&mut self, bytes: &[u8], from: Option<PeerId>) -> Verdict {
+        match self.trust.offer_root(bytes) {
+            Ok(RootNews::Known) => Verdict::Known,
+            Ok(RootNews::Adopted(v)) => {
+                tracing::info!(version = v, "adopted trust root version {v}");
+                if let Some(peer) = from {
+                    self.ask_root(peer);
                 }
                 Verdict::New
             }
-            // Signed correctly, just not for us: still worth relaying, never installed.
-            Err(e @ (VerifyError::WrongChannel { .. } | VerifyError::WrongPlatform { .. })) => {
-                tracing::info!(from = ?from, "not installing announcement: {e}");
-                Verdict::Known
+            Ok(RootNews::NeedLinks { from: first, to }) => {
+                let Some(peer) = from.or_else(|| self.hub.first().copied()) else {
+                    return Verdict::Stale;
+                };
+                tracing::info!(
+                    %peer,
+                    "heard of a trust root {} versions ahead; fetching versions {first}..={to}",
+                    to + 2 - first
+                );
+                self.fetch_links(peer, first, to, bytes.to_vec());
+                // Not relayed until it verifies through the links.
+                Verdict::Stale
             }
-            Err(e) => {
-                self.metrics
-                    .announcements_refused
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(from = ?from, "refusing announcement: {e}");
-                Verdict::Refused
+            // Our disk, not the sender's fault: not a refusal, and asked again later.
+            Err(e @ crate::trust::TrustError::Keep { .. }) => {
+                tracing::error!("{e}");
+                Verdict::Stale
             }
+            Err(e) => self.refused(from, "trust root", &e),
         }
+    }
+
+    /// Fetches root links `first..=last` from `peer`, then adopts them and `newest`.
+    fn fetch_links(&self, peer: PeerId, first: u64, last: u64, newest: Vec<u8>) {
+        let net = self.net.clone();
+        let trust = self.trust.clone();
+        self.tasks.spawn(async move {
+            let mut chain = vec![];
+            for v in first..=last {
+                match net
+                    .fetch_with(peer, None, proto::blob::root_key(v), Want::Root)
+                    .await
+                {
+                    Ok(link) => chain.push(link),
+                    Err(e) => {
+                        tracing::warn!(%peer, "fetching trust root version {v}: {e}");
+                        return;
+                    }
+                }
+            }
+            chain.push(newest);
+            match trust.adopt_chain(&chain) {
+                Ok(v) => tracing::info!(
+                    version = v,
+                    "adopted trust root version {v} through {} link(s)",
+                    chain.len()
+                ),
+                Err(e) => tracing::warn!(%peer, "refusing trust root links: {e}"),
+            }
+        });
+    }
+
+    fn revocations_heard(&mut self, bytes: &[u8], from: Option<PeerId>) -> Verdict {
+        match self.trust.offer_revocations(bytes) {
+            Ok(true) => {
+                let r = self.trust.revoked();
+                tracing::warn!(
+                    version = r.version(),
+                    "revocation list: not trading with {}",
+                    r.list
+                        .iter()
+                        .flat_map(|l| l.devices.iter().map(|d| d.name.as_str()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                Verdict::New
+            }
+            Ok(false) => Verdict::Known,
+            Err(e @ crate::trust::TrustError::Keep { .. }) => {
+                tracing::error!("{e}");
+                Verdict::Stale
+            }
+            Err(e) => self.refused(from, "revocation list", &e),
+        }
+    }
+
+    /// Asks `peer` for the root after ours (answered, it is adopted and the next asked).
+    fn ask_root(&self, peer: PeerId) {
+        let next = self.trust.root().root().version + 1;
+        self.ask(peer, proto::blob::root_key(next), Want::Root);
+    }
+
+    /// One question to a peer; the answer comes back through `asked`.
+    fn ask(&self, peer: PeerId, key: proto::Digest, want: Want) {
+        let net = self.net.clone();
+        let asked = self.asked.clone();
+        self.tasks.spawn(async move {
+            match net.fetch_with(peer, None, key, want).await {
+                Ok(bytes) => {
+                    let _ = asked.send((bytes, peer)).await;
+                }
+                Err(e) => tracing::debug!(%peer, ?want, "asking a peer: {e}"),
+            }
+        });
     }
 
     /// A newcomer learns of releases by asking: each peer it connects to is asked for its
@@ -457,28 +624,29 @@ impl Router {
             .broker
             .as_ref()
             .is_some_and(crate::mqtt::Mqtt::is_connected);
+        if !broker_up {
+            // The broker's retained root and revocation list are out of reach too.
+            self.ask_root(peer);
+            self.ask(peer, proto::Digest([0; 32]), Want::Revocations);
+        }
         let channel = &self.cfg.channel;
         for app in &self.cfg.apps {
             if broker_up && self.latest.contains_key(&(app.clone(), channel.clone())) {
                 continue;
             }
-            let key = proto::blob::announcement_key(app, channel);
-            let net = self.net.clone();
-            let asked = self.asked.clone();
-            self.tasks.spawn(async move {
-                match net.fetch_with(peer, None, key, Want::Announcement).await {
-                    Ok(bytes) => {
-                        let _ = asked.send((bytes, peer)).await;
-                    }
-                    Err(e) => tracing::debug!(%peer, "asking for the newest announcement: {e}"),
-                }
-            });
+            self.ask(
+                peer,
+                proto::blob::announcement_key(app, channel),
+                Want::Announcement,
+            );
         }
     }
 
     /// A peer's answer to [`Router::ask_announcements`]: checked like any announcement.
     async fn asked_announcement(&mut self, bytes: Vec<u8>, peer: PeerId) {
-        if self.announcement(bytes, Some(peer)).await == Verdict::New {
+        let kind = Envelope::signed_kind(&bytes, &ANNOUNCE_TOPIC_KINDS).ok();
+        if self.signed(bytes, Some(peer)).await == Verdict::New && kind == Some(Kind::Announcement)
+        {
             tracing::info!(%peer, "learned of a release by asking a peer");
         }
     }
@@ -489,8 +657,8 @@ impl Router {
             .latest
             .iter()
             .find(|((app, channel), _)| proto::blob::announcement_key(app, channel) == key)
-            .map_or(BlobResponse::NotFound, |(_, (_, bytes, _))| {
-                BlobResponse::Found(bytes.clone())
+            .map_or(BlobResponse::NotFound, |(_, l)| {
+                BlobResponse::Found(l.bytes.clone())
             });
         let net = self.net.clone();
         self.tasks
@@ -502,10 +670,31 @@ impl Router {
         let net = self.net.clone();
         let upload = self.upload.clone();
         let metrics = self.metrics.clone();
-        if want == Want::Stored {
+        let answer = match want {
+            _ if self.trust.is_revoked(&peer) => {
+                tracing::info!(%peer, "refusing a revoked peer");
+                Some(BlobResponse::Refused)
+            }
             // A report for a hub; a device keeps no track of who holds what.
+            Want::Stored => Some(BlobResponse::NotFound),
+            Want::Revocations => Some(
+                self.trust
+                    .revoked()
+                    .bytes
+                    .clone()
+                    .map_or(BlobResponse::NotFound, BlobResponse::Found),
+            ),
+            Want::Root => Some(
+                (1..=self.trust.root().root().version)
+                    .find(|v| proto::blob::root_key(*v) == digest)
+                    .and_then(|v| self.trust.link(v))
+                    .map_or(BlobResponse::NotFound, BlobResponse::Found),
+            ),
+            _ => None,
+        };
+        if let Some(answer) = answer {
             self.tasks
-                .spawn(async move { net.respond(reply, BlobResponse::NotFound).await });
+                .spawn(async move { net.respond(reply, answer).await });
             return;
         }
         let permit = match self.seeding.clone().try_acquire_owned() {
@@ -549,15 +738,19 @@ enum Verdict {
     New,
     /// Verified: the newest known again, an older one, or one not for this device.
     Known,
+    /// Authentic perhaps, but not to be relayed: expired, or a root not verified yet.
+    Stale,
     /// Failed verification.
     Refused,
 }
 
 impl Verdict {
-    /// For gossip: relay what verifies (whatever app it is for), penalise what does not.
+    /// For gossip: relay what is authentic and fresh (whatever it is for), drop what is
+    /// stale, penalise what does not verify.
     fn acceptance(self) -> MessageAcceptance {
         match self {
             Verdict::New | Verdict::Known => MessageAcceptance::Accept,
+            Verdict::Stale => MessageAcceptance::Ignore,
             Verdict::Refused => MessageAcceptance::Reject,
         }
     }
@@ -629,7 +822,7 @@ struct Heard {
 struct Updater {
     cfg: Config,
     platform: Platform,
-    root: Arc<TrustedRoot>,
+    trust: Arc<Trust>,
     store: Arc<Store>,
     fetcher: Fetcher,
     activator: Arc<Activator>,
@@ -1046,7 +1239,8 @@ impl Updater {
             .get_blob(digest)
             .context("stored manifest missing")?;
         let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)?;
-        env.open("release", &self.root.root().release)
+        self.trust
+            .open_stored_manifest(&env)
             .context("stored manifest no longer verifies")
     }
 
@@ -1070,9 +1264,12 @@ impl Updater {
             channel: &self.cfg.channel,
             platform: self.platform,
             installed_release: Some(installed),
-            now: now(),
         };
-        if let Err(e) = verify_announcement(bytes, &self.root, &expect) {
+        // Checked again: time has passed (a retry, a backoff) and the root may have moved.
+        let (root, now) = (self.trust.root(), self.trust.clock.now());
+        let checked =
+            verify_announcement(bytes, &root, now).and_then(|a| expect.applies(&a).map(|()| a));
+        if let Err(e) = checked {
             // Most often the release we already run, announced again; at worst a replay.
             if matches!(e, VerifyError::Rollback { offered, installed, .. } if offered == installed)
             {
@@ -1091,7 +1288,7 @@ impl Updater {
         let manifest_bytes = self
             .abandoned_at_shutdown(self.fetcher.manifest(&ann.manifest, &banned))
             .await?;
-        let verified: VerifiedManifest = verify_manifest(&manifest_bytes, &self.root, &expect)?;
+        let verified: VerifiedManifest = verify_manifest(&manifest_bytes, &root, &expect, now)?;
         anyhow::ensure!(
             verified.digest() == ann.manifest && verified.manifest().release == ann.release,
             "manifest does not match its announcement"
@@ -1253,6 +1450,7 @@ mod tests {
             release,
             version: semver::Version::new(1, 0, release),
             manifest: proto::Digest::of(&release.to_le_bytes()),
+            issued_at: 0,
             expires_at: u64::MAX,
         };
         Heard {

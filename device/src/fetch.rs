@@ -42,6 +42,8 @@ const FAILED_ROUNDS: usize = 16;
 #[derive(Debug)]
 pub struct Fetcher {
     net: NetClient,
+    /// Revoked peers are never asked.
+    trust: Arc<crate::trust::Trust>,
     store: Arc<Store>,
     hub: Vec<PeerId>,
     parallel: usize,
@@ -82,11 +84,13 @@ impl Fetcher {
         hub: Vec<PeerId>,
         cfg: &Config,
         metrics: Arc<DeviceMetrics>,
+        trust: Arc<crate::trust::Trust>,
         tasks: net::tasks::Tasks,
     ) -> Fetcher {
         Fetcher {
             tasks,
             net,
+            trust,
             store,
             hub,
             parallel: cfg.parallel_fetches,
@@ -262,6 +266,9 @@ impl Fetcher {
                             .collect(),
                     );
                 }
+                Err(e @ FetchError::Refused(_)) => {
+                    tracing::warn!(blob = %digest.short(), "{e}: ask the operator (`hub devices`)");
+                }
                 Err(e) => tracing::debug!(blob = %digest.short(), "{e}"),
             }
         }
@@ -277,6 +284,9 @@ impl Fetcher {
         banned: &Mutex<HashSet<PeerId>>,
         check: &impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
     ) -> Result<Vec<u8>, Miss> {
+        if self.trust.is_revoked(&peer) {
+            return Err(Miss::Refused);
+        }
         match self.net.fetch_with(peer, addr, *digest, Want::Blob).await {
             Ok(bytes) => self
                 .accept(peer, digest, bytes, banned, check)

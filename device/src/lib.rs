@@ -18,5 +18,6 @@ pub mod report;
 pub mod splice;
 pub mod store;
 pub mod trickle;
+pub mod trust;
 pub mod updater;
 pub mod watchdog;

@@ -77,6 +77,9 @@ fn describe_envelope(bytes: &[u8], env: &Envelope, kind: Kind) -> Result<Value> 
             kind,
             &env.payload,
         )?)?,
+        Kind::Revocations => serde_json::to_value(
+            codec::decode::<proto::revocation::Revocations>(kind, &env.payload)?,
+        )?,
         Kind::Envelope | Kind::BlobRequest | Kind::BlobResponse => {
             bail!("a {kind} is never signed; nothing to inspect")
         }

@@ -108,6 +108,10 @@ struct RoleFlags {
     /// How many release keys must sign each release [default: 1].
     #[arg(long)]
     release_threshold: Option<u32>,
+    /// Public key of the hub's online timestamp key: it signs announcements (freshness)
+    /// and the revocation list, nothing else (repeat to allow several hubs).
+    #[arg(long = "timestamp-key")]
+    timestamp_keys: Vec<PathBuf>,
 }
 
 impl RoleFlags {
@@ -117,6 +121,7 @@ impl RoleFlags {
             root_threshold: self.root_threshold,
             release_keys: self.release_keys,
             release_threshold: self.release_threshold,
+            timestamp_keys: self.timestamp_keys,
         }
     }
 }
@@ -200,8 +205,6 @@ struct PackCmd {
     probe: String,
     #[arg(long, default_value_t = 10)]
     probe_timeout_secs: u64,
-    #[arg(long, default_value_t = 90)]
-    expires_days: u64,
     /// Digest of the previous release's signed manifest.
     #[arg(long)]
     previous: Option<Digest>,
@@ -240,7 +243,8 @@ struct VerifyCmd {
     /// Refuse releases not above this number (what the device has installed).
     #[arg(long)]
     installed_release: Option<u64>,
-    /// Verify as of this Unix time instead of now.
+    /// Check the root's expiry as of this Unix time instead of now (a manifest itself
+    /// does not expire).
     #[arg(long)]
     at: Option<u64>,
 }
@@ -305,7 +309,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     probe_timeout_ms: cmd.probe_timeout_secs * 1000,
                 },
                 staging,
-                expires_days: cmd.expires_days,
                 previous: cmd.previous,
             };
             let m = release::pack(&cmd.image, args, &cmd.out)?;
@@ -396,14 +399,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn run_root(cmd: RootCommand) -> Result<()> {
     let describe = |r: &proto::root::Root| {
         format!(
-            "root v{} of fleet {}: root {}-of-{}, release {}-of-{}, expires at {}",
+            "root v{} of fleet {}: root {}-of-{}, release {}-of-{}, timestamp {} key(s), expires {}",
             r.version,
             r.fleet,
             r.root.threshold,
             r.root.keys.len(),
             r.release.threshold,
             r.release.keys.len(),
-            r.expires_at
+            r.timestamp.keys.len(),
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.expires_at)
+            )
         )
     };
     match cmd {

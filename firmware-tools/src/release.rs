@@ -3,7 +3,7 @@
 //! Layout: `DIR/manifest` (the signed envelope; zero signatures right after `pack`) and
 //! `DIR/chunks/<blake3 hex>` (one file per distinct chunk).
 
-use crate::files::{now, read_limited, read_secret_key, write_atomic, DAY};
+use crate::files::{now, read_limited, read_secret_key, write_atomic};
 use anyhow::{bail, Context, Result};
 use proto::codec::Kind;
 use proto::envelope::{envelope_limit, Envelope};
@@ -36,7 +36,6 @@ pub struct PackArgs {
     pub platform: Option<Platform>,
     pub boot: BootSpec,
     pub staging: Staging,
-    pub expires_days: u64,
     pub previous: Option<Digest>,
 }
 
@@ -100,7 +99,6 @@ pub fn pack(image: &Path, args: PackArgs, out: &Path) -> Result<Manifest> {
         boot: args.boot,
         staging: args.staging,
         created_at,
-        expires_at: created_at + args.expires_days * DAY,
         previous: args.previous,
     };
     manifest.validate()?;
@@ -170,9 +168,8 @@ pub fn verify(
         channel: &channel,
         platform,
         installed_release: args.installed_release,
-        now: args.at.unwrap_or_else(now),
     };
-    let verified = verify_manifest(&bytes, root, &expect)?;
+    let verified = verify_manifest(&bytes, root, &expect, args.at.unwrap_or_else(now))?;
     let manifest = verified.manifest();
     let mut image = ImageVerifier::new(manifest);
     for chunk in &manifest.chunks {

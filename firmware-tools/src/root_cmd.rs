@@ -14,6 +14,7 @@ pub struct RoleArgs {
     pub root_threshold: Option<u32>,
     pub release_keys: Vec<PathBuf>,
     pub release_threshold: Option<u32>,
+    pub timestamp_keys: Vec<PathBuf>,
 }
 
 fn role(paths: &[PathBuf], threshold: Option<u32>) -> Result<Role> {
@@ -51,8 +52,11 @@ pub fn init(
     sign_with: &[PathBuf],
     out: &Path,
 ) -> Result<Root> {
-    if roles.root_keys.is_empty() || roles.release_keys.is_empty() {
-        bail!("a root needs at least one --root-key and one --release-key");
+    if roles.root_keys.is_empty()
+        || roles.release_keys.is_empty()
+        || roles.timestamp_keys.is_empty()
+    {
+        bail!("a root needs at least one --root-key, one --release-key and one --timestamp-key (the hub's online key)");
     }
     let root = Root {
         fleet: fleet.into(),
@@ -60,6 +64,7 @@ pub fn init(
         expires_at: now() + expires_days * DAY,
         root: role(&roles.root_keys, roles.root_threshold)?,
         release: role(&roles.release_keys, roles.release_threshold)?,
+        timestamp: role(&roles.timestamp_keys, Some(1))?,
     };
     root.validate()?;
     let mut env = root.seal()?;
@@ -89,6 +94,9 @@ pub fn rotate(
         root.release = role(&roles.release_keys, roles.release_threshold)?;
     } else if let Some(t) = roles.release_threshold {
         root.release.threshold = t;
+    }
+    if !roles.timestamp_keys.is_empty() {
+        root.timestamp = role(&roles.timestamp_keys, Some(1))?;
     }
     root.validate()?;
     let mut env = root.seal()?;

@@ -55,6 +55,7 @@ impl Run {
         if !self.path("root.bin").exists() {
             self.ok(&["keygen", "--out", "root"]);
             self.ok(&["keygen", "--out", "release"]);
+            self.ok(&["keygen", "--out", "timestamp"]);
             self.ok(&[
                 "root",
                 "init",
@@ -62,6 +63,8 @@ impl Run {
                 "root.pub",
                 "--release-key",
                 "release.pub",
+                "--timestamp-key",
+                "timestamp.pub",
                 "--sign-with",
                 "root.key",
                 "--out",
@@ -432,7 +435,7 @@ fn pack_refuses_unknown_images_and_wrong_platforms() {
 #[test]
 fn root_k_of_n_signing_and_rotation() {
     let run = Run::new();
-    for k in ["r1", "r2", "r3", "r4", "rel"] {
+    for k in ["r1", "r2", "r3", "r4", "rel", "ts"] {
         run.ok(&["keygen", "--out", k]);
     }
     run.ok(&[
@@ -448,6 +451,8 @@ fn root_k_of_n_signing_and_rotation() {
         "2",
         "--release-key",
         "rel.pub",
+        "--timestamp-key",
+        "ts.pub",
         "--out",
         "root1.bin",
     ]);

@@ -1,6 +1,6 @@
 //! The verifier entry points on arbitrary bytes, against a fixed trust root: a verified
 //! value or a typed error, never a panic. The seed corpus holds real messages signed by
-//! the root's release key (proto's golden vectors), so some inputs verify: what verifies
+//! the root's release and timestamp keys (proto's golden vectors), so some inputs verify: what verifies
 //! is for the root's fleet and within its limits.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
@@ -22,6 +22,7 @@ fn root() -> &'static TrustedRoot {
             expires_at: NOW + 1000,
             root: Role { keys: vec![root_key.public()], threshold: 1 },
             release: Role { keys: vec![release.public()], threshold: 1 },
+            timestamp: Role { keys: vec![SecretKey::from_seed([20; 32]).public()], threshold: 1 },
         };
         let mut env = r.seal().unwrap();
         env.sign(&root_key).unwrap();
@@ -35,16 +36,20 @@ fuzz_target!(|data: &[u8]| {
         channel: "stable",
         platform: Platform::QemuX86_64,
         installed_release: None,
-        now: NOW,
     };
-    if let Ok(m) = proto::manifest::verify_manifest(data, root(), &expect) {
+    if let Ok(m) = proto::manifest::verify_manifest(data, root(), &expect, NOW) {
         let m = m.manifest();
         assert_eq!(m.fleet, "home");
-        assert!(m.expires_at >= NOW && m.validate().is_ok());
+        assert!(m.validate().is_ok());
     }
-    if let Ok(a) = proto::announcement::verify_announcement(data, root(), &expect) {
+    if let Ok(a) = proto::announcement::verify_announcement(data, root(), NOW) {
         assert_eq!(a.fleet, "home");
-        assert!(a.expires_at >= NOW);
+        assert!(a.expires_at > NOW && a.issued_at < a.expires_at);
+        let _ = expect.applies(&a);
+    }
+    if let Ok(l) = proto::revocation::verify_revocations(data, root(), 0) {
+        assert_eq!(l.fleet, "home");
+        assert!(l.version >= 1);
     }
     if let Ok(r) = root().update(data, NOW) {
         assert_eq!(r.fleet(), "home");

@@ -9,6 +9,7 @@ use net::ratelimit::RateLimiter;
 use net::{Multiaddr, NetClient, PeerId, ReplyId, Want};
 use proto::blob::BlobResponse;
 use proto::Digest;
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -17,8 +18,24 @@ use std::time::Instant;
 /// releases being rolled out); at most 256 holders of ~100 bytes each, ~100 MB at worst.
 const TRACKER_BLOBS: usize = 4_096;
 
+/// Whom the hub trades blobs with (see `serve::trade_policy`).
+#[derive(Debug, Default)]
+pub struct Trade {
+    /// Revoked devices: refused everything.
+    pub refused: HashSet<PeerId>,
+    /// `Some`: only these (enrolled) devices are served; `None`: anyone not refused.
+    pub only: Option<HashSet<PeerId>>,
+}
+
+impl Trade {
+    fn allows(&self, peer: &PeerId) -> bool {
+        !self.refused.contains(peer) && self.only.as_ref().is_none_or(|o| o.contains(peer))
+    }
+}
+
 pub struct Blobs {
     net: NetClient,
+    trade: Trade,
     store: Arc<Mutex<Store>>,
     metrics: Arc<Metrics>,
     tracker: Tracker<(PeerId, Multiaddr), ReplyId>,
@@ -49,6 +66,7 @@ impl Blobs {
     ) -> Blobs {
         Blobs {
             net,
+            trade: Trade::default(),
             store,
             metrics,
             tracker: Tracker::new(TRACKER_BLOBS),
@@ -56,6 +74,13 @@ impl Blobs {
             peer_exchange,
             tasks,
         }
+    }
+
+    pub fn set_trade(&mut self, trade: Trade) {
+        for p in &trade.refused {
+            self.tracker.forget(|(holder, _)| holder == p);
+        }
+        self.trade = trade;
     }
 
     /// A blob request from `peer`, who listens at `addr` (if identify told us).
@@ -68,6 +93,11 @@ impl Blobs {
         reply: ReplyId,
     ) {
         let now = Instant::now();
+        if !self.trade.allows(&peer) {
+            tracing::info!(%peer, "refusing a blob request: revoked or not enrolled");
+            self.net.respond(reply, BlobResponse::Refused).await;
+            return;
+        }
         match want {
             Want::Stored => {
                 self.metrics.stored_reports.fetch_add(1, Ordering::Relaxed);
@@ -94,6 +124,7 @@ impl Blobs {
             // The hub announces through its broker and re-announces by gossip every few
             // seconds; asking it is for devices asking a peer.
             Want::Announcement => self.net.respond(reply, BlobResponse::NotFound).await,
+            Want::Root | Want::Revocations => self.send_record(digest, want, reply),
         }
     }
 
@@ -123,6 +154,37 @@ impl Blobs {
         counter.fetch_add(1, Ordering::Relaxed);
         let refs = named.iter().map(|(p, a)| net::peer_ref(p, a)).collect();
         self.net.respond(reply, BlobResponse::Elsewhere(refs)).await;
+    }
+
+    /// A root link (by [`proto::blob::root_key`]) or the revocation list, from the store.
+    fn send_record(&self, digest: Digest, want: Want, reply: ReplyId) {
+        let store = self.store.clone();
+        let net = self.net.clone();
+        self.tasks.spawn(async move {
+            let found = tokio::task::spawn_blocking(move || {
+                let store = store.lock().expect("store lock");
+                if want == Want::Revocations {
+                    return store.read("revocations.bin");
+                }
+                // Root versions are few; find the one whose key was asked for.
+                for version in 1..=10_000u64 {
+                    match crate::trust::root_link(&store, version)? {
+                        Some(bytes) if proto::blob::root_key(version) == digest => {
+                            return Ok(Some(bytes))
+                        }
+                        Some(_) => {}
+                        None => return Ok(None),
+                    }
+                }
+                Ok(None)
+            })
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+            let response = found.map_or(BlobResponse::NotFound, BlobResponse::Found);
+            net.respond(reply, response).await;
+        });
     }
 
     /// Sends the blob under the upload cap, or "busy" if the cap is already owed more

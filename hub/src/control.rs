@@ -9,6 +9,7 @@ use std::time::Duration;
 /// Commands understood by `hub serve`.
 pub const ANNOUNCE: &str = "announce";
 pub const RELOAD_DEVICES: &str = "reload-devices";
+pub const RELOAD_TRUST: &str = "reload-trust";
 
 fn send(home: &Home, command: &str) -> std::io::Result<String> {
     let mut s = UnixStream::connect(home.socket())?;
@@ -31,4 +32,13 @@ pub fn notify(home: &Home, progress: &mut dyn FnMut(&str)) {
 /// Asks a running `hub serve` to re-read enrolled device keys (best effort).
 pub fn reload_devices(home: &Home) {
     let _ = send(home, RELOAD_DEVICES);
+}
+
+/// Asks a running `hub serve` to re-read its root, keys and revocation list and announce
+/// them; says whether one did.
+pub fn reload_trust(home: &Home, progress: &mut dyn FnMut(&str)) {
+    match send(home, RELOAD_TRUST) {
+        Ok(reply) => progress(&format!("hub serve: {reply}")),
+        Err(_) => progress("hub serve is not running: devices hear of it when it starts"),
+    }
 }

@@ -125,6 +125,7 @@ pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) ->
             probe_timeout_secs: spec.probe_timeout_secs,
             no_staging: spec.no_staging,
             staging_timeout_secs: spec.staging_timeout_secs,
+            hold: false,
         };
         let result = publish(home, &tmp, &args, progress);
         let _ = std::fs::remove_file(&tmp);

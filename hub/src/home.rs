@@ -23,8 +23,19 @@ pub struct HubConfig {
     /// Prometheus metrics address; absent: off.
     #[serde(default)]
     pub metrics: Option<String>,
-    #[serde(default = "default_expiry")]
-    pub release_expiry_days: u64,
+    /// How long an announcement stays fresh, seconds (default 7 days). A running hub
+    /// re-signs each one when half of this has passed; a hub down for longer lets them
+    /// lapse and devices refuse new stale pointers until it is back.
+    #[serde(default = "default_freshness")]
+    pub freshness_secs: u64,
+    /// No longer used: manifests do not expire (freshness is the announcement's). Read so
+    /// an older hub.toml still parses.
+    #[serde(default, skip_serializing)]
+    pub release_expiry_days: Option<u64>,
+    /// Serve blobs to devices that are not enrolled (images are then as public as the
+    /// hub's address). Revoked devices are refused either way.
+    #[serde(default = "default_true")]
+    pub serve_unenrolled: bool,
     /// Upload limit for blobs served to devices, bytes per second (0 = unlimited).
     #[serde(default)]
     pub upload_rate: u64,
@@ -52,8 +63,8 @@ fn default_mqtt() -> String {
 fn default_p2p() -> String {
     "/ip4/127.0.0.1/tcp/4001".into()
 }
-fn default_expiry() -> u64 {
-    90
+pub(crate) fn default_freshness() -> u64 {
+    7 * 24 * 3600
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +91,29 @@ pub fn write_secret(path: &Path, key: &SecretKey) -> Result<()> {
         .with_context(|| format!("creating {}", path.display()))?;
     f.write_all(key.to_text().as_bytes())?;
     f.sync_all()?;
+    Ok(())
+}
+
+/// Replaces a key file atomically (mode 0600 from the start).
+pub fn replace_secret(path: &Path, key: &SecretKey) -> Result<()> {
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    write_secret(&tmp, key)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
+/// Writes `bytes` to `path` through a synced temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     Ok(())
 }
 
@@ -115,6 +149,20 @@ impl Home {
         read_secret(&self.dir.join("keys/release.key"))
     }
 
+    /// The hub's online timestamp key: it signs announcements and the revocation list.
+    pub fn timestamp_key(&self) -> Result<SecretKey> {
+        let path = self.dir.join("keys/timestamp.key");
+        if !path.exists() {
+            anyhow::bail!(
+                "{} is missing: this hub home predates the timestamp role. Make a key \
+                 (`fwtool keygen`), rotate the root to list it as the timestamp key \
+                 (`fwtool root rotate --timestamp-key`), and `hub root publish` it",
+                path.display()
+            );
+        }
+        read_secret(&path)
+    }
+
     /// The hub's libp2p identity seed (a key of its own, so its peer id is stable).
     pub fn p2p_seed(&self) -> Result<[u8; 32]> {
         Ok(read_secret(&self.dir.join("keys/p2p.key"))?.seed())
@@ -123,6 +171,20 @@ impl Home {
     pub fn root_bytes(&self) -> Result<Vec<u8>> {
         let p = self.dir.join("root.bin");
         std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
+    }
+
+    /// The hub's root even if it has expired (anchored at its last valid second): the
+    /// root a rotation must follow, however late it comes.
+    pub fn anchor_root(&self) -> Result<TrustedRoot> {
+        let path = self.dir.join("root.bin");
+        let bytes = self.root_bytes()?;
+        let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Root)
+            .with_context(|| format!("the hub's trust root {}", path.display()))?;
+        let claimed: proto::root::Root =
+            proto::codec::decode(proto::codec::Kind::Root, &env.payload)
+                .with_context(|| format!("the hub's trust root {}", path.display()))?;
+        TrustedRoot::bootstrap(&bytes, now().min(claimed.expires_at.saturating_sub(1)))
+            .with_context(|| format!("the hub's trust root {}", path.display()))
     }
 
     pub fn trusted_root(&self) -> Result<TrustedRoot> {

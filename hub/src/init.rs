@@ -6,6 +6,10 @@ use anyhow::{bail, Context, Result};
 use proto::root::{Role, Root, TrustedRoot};
 use std::path::Path;
 
+/// How long a quick-start root lasts. Its root key is on the hub, so `hub root renew`
+/// makes the next one in a command; `hub status` warns from 60 days before.
+pub const QUICK_START_ROOT_DAYS: u64 = 3 * 365;
+
 #[derive(Debug)]
 pub struct InitArgs<'a> {
     pub fleet: &'a str,
@@ -13,6 +17,8 @@ pub struct InitArgs<'a> {
     pub root: Option<&'a Path>,
     /// The release key matching `root`'s release role.
     pub release_key: Option<&'a Path>,
+    /// The timestamp key matching `root`'s timestamp role.
+    pub timestamp_key: Option<&'a Path>,
     pub mqtt_listen: &'a str,
     pub p2p_listen: &'a str,
 }
@@ -26,34 +32,52 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
     std::fs::create_dir_all(dir.join("keys"))
         .with_context(|| format!("creating {}", dir.display()))?;
     let mut warning = None;
-    let (root_bytes, fleet) = match (args.root, args.release_key) {
-        (Some(root), Some(key)) => {
+    let (root_bytes, fleet) = match (args.root, args.timestamp_key) {
+        (Some(root), Some(timestamp)) => {
             let bytes =
                 std::fs::read(root).with_context(|| format!("reading {}", root.display()))?;
             let trusted = TrustedRoot::bootstrap(&bytes, now())
                 .with_context(|| format!("trust root {}", root.display()))?;
-            let release = crate::home::read_secret(key)?;
-            if trusted.root().release.key(&release.id()).is_none() {
-                bail!("{} is not one of the root's release keys", key.display());
+            let key = crate::home::read_secret(timestamp)?;
+            if trusted.root().timestamp.key(&key.id()).is_none() {
+                bail!(
+                    "{} is not the root's timestamp key (the hub signs freshness with it)",
+                    timestamp.display()
+                );
             }
-            std::fs::copy(key, dir.join("keys/release.key"))?;
+            std::fs::copy(timestamp, dir.join("keys/timestamp.key"))?;
+            // A release key is optional: with a release threshold above 1 (or the release
+            // keys all offline) releases are held and co-signed (`hub publish --hold`).
+            if let Some(key) = args.release_key {
+                let release = crate::home::read_secret(key)?;
+                if trusted.root().release.key(&release.id()).is_none() {
+                    bail!("{} is not one of the root's release keys", key.display());
+                }
+                std::fs::copy(key, dir.join("keys/release.key"))?;
+            }
             (bytes, trusted.fleet().to_string())
         }
-        (None, None) => {
+        (None, None) if args.release_key.is_none() => {
             let root_key = new_key()?;
             let release = new_key()?;
+            let timestamp = new_key()?;
             write_secret(&dir.join("keys/root.key"), &root_key)?;
             write_secret(&dir.join("keys/release.key"), &release)?;
+            write_secret(&dir.join("keys/timestamp.key"), &timestamp)?;
             let root = Root {
                 fleet: args.fleet.into(),
                 version: 1,
-                expires_at: now() + 365 * 24 * 3600,
+                expires_at: now() + QUICK_START_ROOT_DAYS * 24 * 3600,
                 root: Role {
                     keys: vec![root_key.public()],
                     threshold: 1,
                 },
                 release: Role {
                     keys: vec![release.public()],
+                    threshold: 1,
+                },
+                timestamp: Role {
+                    keys: vec![timestamp.public()],
                     threshold: 1,
                 },
             };
@@ -67,7 +91,9 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
             ));
             (env.encode()?, args.fleet.to_string())
         }
-        _ => bail!("--root and --release-key go together"),
+        _ => {
+            bail!("--root needs --timestamp-key (and --release-key, unless releases are co-signed)")
+        }
     };
     write_secret(&dir.join("keys/p2p.key"), &new_key()?)?;
     std::fs::write(dir.join("root.bin"), &root_bytes)?;
@@ -77,14 +103,17 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
         broker: None,
         p2p_listen: args.p2p_listen.into(),
         metrics: None,
-        release_expiry_days: 90,
+        freshness_secs: super::home::default_freshness(),
+        release_expiry_days: None,
+        serve_unenrolled: true,
         upload_rate: 0,
         redirect: true,
         max_image_mib: super::home::default_max_image_mib(),
     };
     let store = Store::init(&dir.join("store.git"))?;
     let mut change = Change::default();
-    change.put("root.bin", root_bytes);
+    change.put("root.bin", root_bytes.clone());
+    change.put(crate::trust::root_path(1), root_bytes);
     change.event(Event {
         at: now(),
         kind: "init".into(),

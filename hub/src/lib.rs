@@ -19,3 +19,4 @@ pub mod serve;
 pub mod staging;
 pub mod store;
 pub mod tracker;
+pub mod trust;

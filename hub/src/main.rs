@@ -28,11 +28,16 @@ enum Command {
         #[arg(long, default_value = "home")]
         fleet: String,
         /// A trust root made offline with `fwtool root init` (production).
-        #[arg(long, requires = "release_key")]
+        #[arg(long, requires = "timestamp_key")]
         root: Option<PathBuf>,
-        /// The release key for --root.
+        /// A release key of --root, if the hub is to sign releases itself (leave it out
+        /// when releases are co-signed offline: `hub publish --hold`).
         #[arg(long, requires = "root")]
         release_key: Option<PathBuf>,
+        /// The timestamp key of --root: the hub signs announcements' freshness and the
+        /// revocation list with it.
+        #[arg(long, requires = "root")]
+        timestamp_key: Option<PathBuf>,
         #[arg(long, default_value = "127.0.0.1:1883")]
         mqtt_listen: String,
         #[arg(long, default_value = "/ip4/127.0.0.1/tcp/4001")]
@@ -81,7 +86,31 @@ enum Command {
         /// How long to wait for the staging device's verdict.
         #[arg(long, default_value_t = 120)]
         staging_timeout_secs: u64,
+        /// Store the release unsigned (or signed only with the hub's release key) for
+        /// co-signing: each key holder runs `fwtool sign DIR --key KEY`, then `hub release
+        /// approve DIR` stores and announces it. For roots whose release threshold is
+        /// above 1. Needs --no-staging for now.
+        #[arg(long)]
+        hold: bool,
     },
+    /// Releases held for co-signing.
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+    /// The trust root: publish the next one to the fleet.
+    #[command(subcommand)]
+    Root(RootCommand),
+    /// Revoke a device: its reports are refused, the hub and every peer stop trading with
+    /// it (a signed revocation list that spreads like releases, so it holds with the hub
+    /// down).
+    Revoke {
+        name: String,
+        /// Why, for the event log.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// The hub's trust state and what needs an operator soon: root expiry, freshness,
+    /// held releases, revoked devices.
+    Status,
     /// Re-sign the newest release of APP on --from as the next release on --to.
     Promote {
         app: String,
@@ -99,11 +128,15 @@ enum Command {
         #[arg(long)]
         to: Option<semver::Version>,
     },
-    /// Register a device's public key (from `device enroll`).
+    /// Register a device's public key (from `device enroll`). One key, one name.
     Enroll {
         pubkey: PathBuf,
         #[arg(long)]
         name: String,
+        /// Replace the key NAME is enrolled with (a new board, a lost key): the old key's
+        /// reports are refused from then on. Recorded in the event log.
+        #[arg(long)]
+        replace: bool,
     },
     /// List releases of an app (or all).
     Releases {
@@ -127,6 +160,31 @@ enum Command {
     /// Internal: the deploy repository's post-receive hook.
     #[command(hide = true)]
     DeployHook,
+}
+
+#[derive(Subcommand, Debug)]
+enum ReleaseCommand {
+    /// Store and announce a held release once a threshold of release keys signed it.
+    Approve {
+        /// The held release's directory (printed by `hub publish --hold`).
+        held: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RootCommand {
+    /// Make NEW_ROOT (from `fwtool root rotate`, signed by a threshold of the current and
+    /// of its own root keys) the fleet's root: kept in the store's chain, announced, and
+    /// served link by link to devices that missed rotations.
+    Publish {
+        new_root: PathBuf,
+        /// The hub's new timestamp key, if the new root lists another.
+        #[arg(long)]
+        timestamp_key: Option<PathBuf>,
+        /// The hub's new release key, if the new root lists another.
+        #[arg(long)]
+        release_key: Option<PathBuf>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -178,6 +236,7 @@ fn run(cli: Cli) -> Result<()> {
             fleet,
             root,
             release_key,
+            timestamp_key,
             mqtt_listen,
             p2p_listen,
         } => {
@@ -187,6 +246,7 @@ fn run(cli: Cli) -> Result<()> {
                     fleet: &fleet,
                     root: root.as_deref(),
                     release_key: release_key.as_deref(),
+                    timestamp_key: timestamp_key.as_deref(),
                     mqtt_listen: &mqtt_listen,
                     p2p_listen: &p2p_listen,
                 },
@@ -246,6 +306,7 @@ fn run(cli: Cli) -> Result<()> {
             probe_timeout_secs,
             no_staging,
             staging_timeout_secs,
+            hold,
         } => {
             let home = Home::open(&dir)?;
             let args = hub::publish::PublishArgs {
@@ -259,9 +320,17 @@ fn run(cli: Cli) -> Result<()> {
                 probe_timeout_secs,
                 no_staging,
                 staging_timeout_secs,
+                hold,
             };
             let mut progress = |line: &str| eprintln!("{line}");
             let info = hub::publish::publish(&home, &image, &args, &mut progress)?;
+            if hold {
+                println!(
+                    "held {} release {} on {}",
+                    info.app, info.release, info.channel
+                );
+                return Ok(());
+            }
             hub::control::notify(&home, &mut progress);
             println!(
                 "released {} release {} on {} (manifest {})",
@@ -283,14 +352,62 @@ fn run(cli: Cli) -> Result<()> {
             hub::control::notify(&home, &mut |l| eprintln!("{l}"));
             println!("rolled {app} back on {channel}: release {}", info.release);
         }
-        Command::Enroll { pubkey, name } => {
+        Command::Enroll {
+            pubkey,
+            name,
+            replace,
+        } => {
             let home = Home::open(&dir)?;
             let text = std::fs::read_to_string(&pubkey)
                 .with_context(|| format!("reading {}", pubkey.display()))?;
             let key = proto::PublicKey::from_text(&text)
                 .with_context(|| format!("reading {}", pubkey.display()))?;
-            hub::enroll::enroll(&home, &[(name.clone(), key)])?;
+            hub::enroll::enroll(&home, &[(name.clone(), key)], replace)?;
             println!("enrolled {name} (key {})", key.id().short());
+        }
+        Command::Release(ReleaseCommand::Approve { held }) => {
+            let home = Home::open(&dir)?;
+            let info = hub::publish::approve(&home, &held)?;
+            hub::control::notify(&home, &mut |l| eprintln!("{l}"));
+            println!(
+                "approved {} release {} on {} (manifest {})",
+                info.app, info.release, info.channel, info.manifest
+            );
+        }
+        Command::Root(RootCommand::Publish {
+            new_root,
+            timestamp_key,
+            release_key,
+        }) => {
+            let home = Home::open(&dir)?;
+            let root = hub::trust::publish_root(
+                &home,
+                &new_root,
+                timestamp_key.as_deref(),
+                release_key.as_deref(),
+            )?;
+            hub::control::reload_trust(&home, &mut |l| eprintln!("{l}"));
+            println!(
+                "trust root version {} published (expires {}); devices fetch the links they lack from the hub or their peers",
+                root.root().version,
+                hub::trust::human_time(root.root().expires_at)
+            );
+        }
+        Command::Revoke { name, reason } => {
+            let home = Home::open(&dir)?;
+            let list = hub::trust::revoke(&home, &name, &reason)?;
+            hub::control::reload_trust(&home, &mut |l| eprintln!("{l}"));
+            println!(
+                "revoked {name}; revocation list version {} names {} device(s)",
+                list.version,
+                list.devices.len()
+            );
+        }
+        Command::Status => {
+            let home = Home::open(&dir)?;
+            for line in hub::trust::status(&home)? {
+                println!("{line}");
+            }
         }
         Command::Releases { app, json } => {
             let home = Home::open(&dir)?;
@@ -314,6 +431,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Devices { json } => {
             let home = Home::open(&dir)?;
             let inv = hub::serve::load_inventory(&home);
+            let revoked = hub::trust::revocations(&home.store()?, &home.anchor_root()?)?
+                .map(|(l, _)| l.devices)
+                .unwrap_or_default();
             if json {
                 println!("{}", serde_json::to_string_pretty(&inv)?);
             } else {
@@ -333,7 +453,15 @@ fn run(cli: Cli) -> Result<()> {
                         e.detail,
                         e.bytes_from_peers,
                         e.bytes_from_hub,
-                        e.last_seen
+                        hub::trust::human_time(e.last_seen)
+                    );
+                }
+                for r in &revoked {
+                    println!(
+                        "{} REVOKED since {} (key {})",
+                        r.name,
+                        hub::trust::human_time(r.at),
+                        r.key.id().short()
                     );
                 }
             }

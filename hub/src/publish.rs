@@ -14,7 +14,8 @@ use proto::announcement::Announcement;
 use proto::manifest::{
     verify_manifest, BootSpec, ChunkRef, Expectations, HealthProbe, Manifest, Staging,
 };
-use proto::Digest;
+use proto::root::TrustedRoot;
+use proto::{Digest, SecretKey};
 use std::collections::HashSet;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
@@ -39,6 +40,8 @@ pub struct PublishArgs {
     pub probe_timeout_secs: u64,
     pub no_staging: bool,
     pub staging_timeout_secs: u64,
+    /// Hold the release for co-signing instead of signing it (`hub release approve`).
+    pub hold: bool,
 }
 
 /// Progress lines for a terminal or a git push.
@@ -56,7 +59,22 @@ pub fn stored_manifest(
         .read(&release_path(app, channel, release, "manifest"))?
         .with_context(|| format!("no release {release} of {app} on {channel}"))?;
     let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)?;
-    Ok(env.open("release", &home.trusted_root()?.root().release)?)
+    // Signed under the root of its day: any root link in the store's chain will do (a
+    // release-key rotation must not orphan the history).
+    let current = home.anchor_root()?;
+    let mut opened = env.open("release", &current.root().release);
+    for v in (1..current.root().version).rev() {
+        if opened.is_ok() {
+            break;
+        }
+        if let Some(link) = crate::trust::root_link(store, v)? {
+            let old = proto::envelope::Envelope::decode(&link, proto::codec::Kind::Root)?;
+            let old: proto::root::Root =
+                proto::codec::decode(proto::codec::Kind::Root, &old.payload)?;
+            opened = opened.or_else(|_| env.open("release", &old.release));
+        }
+    }
+    Ok(opened?)
 }
 
 /// Where and why a release is being signed.
@@ -88,98 +106,282 @@ pub fn sign_and_store(
     template: &Manifest,
     new: NewRelease<'_>,
 ) -> Result<ReleaseInfo> {
-    let NewRelease {
-        channel,
-        staging,
-        change,
-        evidence,
-        require_newer,
-        event: event_kind,
-        detail,
-    } = new;
     let root = home.trusted_root()?;
-    let key = home.release_key()?;
-    let app = &template.app;
+    let key = match release_key(home, &root)? {
+        Some(k) if root.root().release.threshold == 1 => k,
+        _ => bail!(
+            "this hub cannot sign releases alone: the trust root's release role needs {} of \
+             its {} keys{}. Publish with --hold, have key holders run `fwtool sign DIR --key \
+             KEY`, then `hub release approve DIR`",
+            root.root().release.threshold,
+            root.root().release.keys.len(),
+            if home.dir.join("keys/release.key").exists() {
+                String::new()
+            } else {
+                format!(
+                    " and the hub holds none of them ({} is missing)",
+                    home.dir.join("keys/release.key").display()
+                )
+            }
+        ),
+    };
+    let timestamp = home.timestamp_key()?;
     store.transaction(|store| {
-        let latest = store.latest(app, channel)?;
-        if require_newer {
-            check_newer(
-                home,
-                store,
-                latest.as_ref(),
-                app,
-                channel,
-                &template.version,
-            )?;
-        }
-        let release = latest.as_ref().map_or(1, |l| l.release + 1);
-        let created_at = now();
-        let manifest = Manifest {
-            release,
-            channel: channel.into(),
-            staging: staging.clone(),
-            created_at,
-            expires_at: created_at + home.config.release_expiry_days * 24 * 3600,
-            previous: latest.as_ref().map(|l| l.manifest),
-            ..template.clone()
-        };
+        let (manifest, latest) = number(home, store, template, &new)?;
         let mut env = manifest.seal()?;
         env.sign(&key)?;
-        let bytes = env.encode()?;
-        // Check our own work with the same entry point devices use.
-        let verified = verify_manifest(
-            &bytes,
+        release_commit(
+            home,
             &root,
-            &Expectations {
-                app: Some(app),
-                channel,
-                platform: manifest.platform,
-                installed_release: latest.as_ref().map(|l| l.release),
-                now: now(),
-            },
+            &timestamp,
+            env.encode()?,
+            latest.as_ref(),
+            &new,
         )
-        .context("the signed manifest does not verify against the hub's trust root")?;
-        let mut ann = Announcement::for_manifest(&verified).seal()?;
-        ann.sign(&key)?;
-        let digest = Digest::of(&bytes);
-        let mut change = change.clone();
-        if let Some(report) = &evidence {
-            change.put(
-                release_path(app, channel, release, "staging"),
-                report.clone(),
-            );
-        }
-        change.put(format!("blobs/{}", digest.to_hex()), bytes.clone());
-        change.put(release_path(app, channel, release, "manifest"), bytes);
+    })
+}
+
+/// The hub's release key, if it has one the root lists.
+fn release_key(home: &Home, root: &TrustedRoot) -> Result<Option<SecretKey>> {
+    if !home.dir.join("keys/release.key").exists() {
+        return Ok(None);
+    }
+    let key = home.release_key()?;
+    if root.root().release.key(&key.id()).is_none() {
+        bail!(
+            "{} holds key {}, which is not one of the trust root's release keys (an unknown \
+             key: devices would refuse what it signs); put back the hub's release key, or \
+             `hub root publish` a root that lists this one",
+            home.dir.join("keys/release.key").display(),
+            key.id().short()
+        );
+    }
+    Ok(Some(key))
+}
+
+/// `template` numbered as the next release of `new.channel` (inside a transaction).
+fn number(
+    home: &Home,
+    store: &Store,
+    template: &Manifest,
+    new: &NewRelease<'_>,
+) -> Result<(Manifest, Option<ReleaseInfo>)> {
+    let app = &template.app;
+    let latest = store.latest(app, new.channel)?;
+    if new.require_newer {
+        check_newer(
+            home,
+            store,
+            latest.as_ref(),
+            app,
+            new.channel,
+            &template.version,
+        )?;
+    }
+    let manifest = Manifest {
+        release: latest.as_ref().map_or(1, |l| l.release + 1),
+        channel: new.channel.into(),
+        staging: new.staging.clone(),
+        created_at: now(),
+        previous: latest.as_ref().map(|l| l.manifest),
+        ..template.clone()
+    };
+    Ok((manifest, latest))
+}
+
+/// The commit storing signed manifest `bytes` as the next release after `latest`: it is
+/// checked with the entry point devices use (so a threshold not met is refused here),
+/// and lands with its announcement (signed by the timestamp key), chunks, evidence and
+/// event.
+fn release_commit(
+    home: &Home,
+    root: &TrustedRoot,
+    timestamp: &SecretKey,
+    bytes: Vec<u8>,
+    latest: Option<&ReleaseInfo>,
+    new: &NewRelease<'_>,
+) -> Result<(Commit, ReleaseInfo)> {
+    let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)?;
+    let claimed: Manifest = proto::codec::decode(proto::codec::Kind::Manifest, &env.payload)?;
+    let (app, channel, release) = (&claimed.app, new.channel, claimed.release);
+    let verified = verify_manifest(
+        &bytes,
+        root,
+        &Expectations {
+            app: Some(app),
+            channel,
+            platform: claimed.platform,
+            installed_release: latest.map(|l| l.release),
+        },
+        now(),
+    )
+    .context("the signed manifest does not verify against the hub's trust root")?;
+    let next = latest.map_or(1, |l| l.release + 1);
+    if release != next {
+        bail!(
+            "release {release} of {app} on {channel} was taken by another release meanwhile \
+             (the next is {next}); publish it again"
+        );
+    }
+    let freshness = crate::trust::Freshness {
+        lifetime: home.config.freshness_secs,
+    };
+    let ann = Announcement::for_manifest(&verified, now(), freshness.lifetime);
+    let ann = freshness.sign(&ann, timestamp, now())?;
+    let digest = Digest::of(&bytes);
+    let mut change = new.change.clone();
+    if let Some(report) = &new.evidence {
         change.put(
-            release_path(app, channel, release, "announcement"),
-            ann.encode()?,
+            release_path(app, channel, release, "staging"),
+            report.clone(),
+        );
+    }
+    change.put(format!("blobs/{}", digest.to_hex()), bytes.clone());
+    change.put(release_path(app, channel, release, "manifest"), bytes);
+    change.put(release_path(app, channel, release, "announcement"), ann);
+    change.event(Event {
+        at: now(),
+        kind: new.event.into(),
+        app: Some(app.clone()),
+        channel: Some(channel.into()),
+        release: Some(release),
+        device: None,
+        detail: new.detail.clone(),
+    });
+    let commit = Commit {
+        message: format!(
+            "{} {app} {} as release {release} on {channel}",
+            new.event,
+            verified.manifest().version
+        ),
+        change,
+        tag: (channel != STAGING_CHANNEL)
+            .then(|| format!("{app}/v{}", verified.manifest().version)),
+    };
+    let info = ReleaseInfo {
+        app: app.clone(),
+        channel: channel.into(),
+        release,
+        manifest: digest,
+    };
+    Ok((commit, info))
+}
+
+/// Where a held release waits for co-signatures: a release directory `fwtool sign`
+/// takes (`DIR/manifest`).
+pub fn held_dir(home: &Home, app: &str, channel: &str, release: u64) -> std::path::PathBuf {
+    home.dir
+        .join("held")
+        .join(format!("{app}-{channel}-{release}"))
+}
+
+/// `hub publish --hold`: numbers the release and stores its chunks, but signs it only
+/// with the hub's release key (if it has one of the role's) and leaves it in
+/// [`held_dir`] for the other key holders. Nothing is announced.
+pub fn hold(
+    home: &Home,
+    store: &Store,
+    template: &Manifest,
+    new: NewRelease<'_>,
+) -> Result<(ReleaseInfo, std::path::PathBuf)> {
+    let root = home.trusted_root()?;
+    let key = release_key(home, &root)?;
+    let (info, bytes) = store.transaction(|store| {
+        let (manifest, _) = number(home, store, template, &new)?;
+        let mut env = manifest.seal()?;
+        if let Some(k) = &key {
+            env.sign(k)?;
+        }
+        let bytes = env.encode()?;
+        let (app, channel, release) = (&manifest.app, new.channel, manifest.release);
+        let mut change = new.change.clone();
+        change.put(
+            format!("held/{app}/{channel}/{release}.manifest"),
+            bytes.clone(),
         );
         change.event(Event {
             at: now(),
-            kind: event_kind.into(),
+            kind: "hold".into(),
             app: Some(app.clone()),
             channel: Some(channel.into()),
             release: Some(release),
             device: None,
-            detail: detail.clone(),
-        });
-        let commit = Commit {
-            message: format!(
-                "{event_kind} {app} {} as release {release} on {channel}",
-                manifest.version
+            detail: format!(
+                "{} held for {} release signature(s)",
+                new.detail,
+                root.root().release.threshold
             ),
-            change,
-            tag: (channel != STAGING_CHANNEL).then(|| format!("{app}/v{}", manifest.version)),
-        };
+        });
         let info = ReleaseInfo {
             app: app.clone(),
             channel: channel.into(),
             release,
-            manifest: digest,
+            manifest: Digest::of(&bytes),
         };
-        Ok((commit, info))
-    })
+        let commit = Commit {
+            message: format!(
+                "hold {app} {} as release {release} on {channel}",
+                manifest.version
+            ),
+            change,
+            tag: None,
+        };
+        Ok((commit, (info.clone(), bytes)))
+    })?;
+    let dir = held_dir(home, &info.app, &info.channel, info.release);
+    crate::home::write_atomic(&dir.join("manifest"), &bytes)?;
+    Ok((info, dir))
+}
+
+/// `hub release approve DIR`: stores a held release once a threshold of release keys
+/// has signed `DIR/manifest`, and announces it.
+pub fn approve(home: &Home, dir: &Path) -> Result<ReleaseInfo> {
+    let path = dir.join("manifest");
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)
+        .with_context(|| format!("{} is not a signed manifest", path.display()))?;
+    let m: Manifest = proto::codec::decode(proto::codec::Kind::Manifest, &env.payload)?;
+    let root = home.trusted_root()?;
+    let timestamp = home.timestamp_key()?;
+    let store = home.store()?;
+    let new = NewRelease {
+        channel: &m.channel,
+        staging: m.staging.clone(),
+        change: Change::default(),
+        evidence: None,
+        require_newer: false,
+        event: "approve",
+        detail: format!(
+            "{} {} ({}, {} bytes), {} release signature(s)",
+            m.app,
+            m.version,
+            m.platform,
+            m.image_size,
+            env.signatures.len()
+        ),
+    };
+    let info = store.transaction(|store| {
+        let latest = store.latest(&m.app, &m.channel)?;
+        release_commit(
+            home,
+            &root,
+            &timestamp,
+            bytes.clone(),
+            latest.as_ref(),
+            &new,
+        )
+        .map_err(|e| match e.downcast_ref::<proto::VerifyError>() {
+            Some(proto::VerifyError::BelowThreshold { have, need, .. }) => anyhow::anyhow!(
+                "{} has {have} of the {need} release signatures it needs: have more key \
+                     holders run `fwtool sign {} --key KEY`",
+                path.display(),
+                dir.display()
+            ),
+            _ => e,
+        })
+    })?;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(info)
 }
 
 /// Refuses `version` unless it is above that of `latest`, the newest release of
@@ -311,7 +513,6 @@ fn prepare(
         },
         staging: Staging::Skipped,
         created_at: 0,
-        expires_at: 0,
         previous: None,
     };
     // What a device would refuse, refused here, before anything is signed or staged.
@@ -354,6 +555,12 @@ pub fn publish(
         "publish to a target channel; staging happens on the way"
     );
     check_boot_args(args)?;
+    if args.hold && !args.no_staging {
+        bail!(
+            "--hold needs --no-staging for now: a staging device verifies its release against \
+             the same root, so it would need a co-signed staging release as well"
+        );
+    }
     let store = home.store()?;
     // Checked again when the release is numbered (another publish may land meanwhile);
     // here it saves chunking and staging an image that would be refused.
@@ -368,6 +575,33 @@ pub fn publish(
     )?;
     let (template, change) = prepare(home, &store, image, args, progress)?;
 
+    if args.hold {
+        let (info, dir) = hold(
+            home,
+            &store,
+            &template,
+            NewRelease {
+                channel: &args.channel,
+                staging: Staging::Skipped,
+                change,
+                evidence: None,
+                require_newer: true,
+                event: "hold",
+                detail: format!("{} {}", args.app, args.version),
+            },
+        )?;
+        progress(&format!(
+            "held release {} of {} on {} for co-signing in {}: each key holder runs `fwtool \
+             sign {} --key KEY`, then `hub release approve {}`",
+            info.release,
+            args.app,
+            args.channel,
+            dir.display(),
+            dir.display(),
+            dir.display()
+        ));
+        return Ok(info);
+    }
     let (staging, evidence, change) = if args.no_staging {
         progress("staging skipped (--no-staging); recorded in the release and the event log");
         (Staging::Skipped, None, change)

@@ -6,13 +6,19 @@
 //! every few seconds so a broker that was down learns the releases when it returns.
 
 use crate::control;
-use crate::home::{now, Home};
+use crate::home::{now, write_atomic, Home};
 use crate::store::{release_path, Change, Event, Store};
+use crate::trust::{expiry_warnings, Freshness};
 use anyhow::{Context, Result};
 use net::{MessageAcceptance, NetClient, NetEvent, Topic};
+use proto::announcement::verify_announcement;
+use proto::codec::Kind;
+use proto::envelope::Envelope;
 use proto::keys::{KeyId, PublicKey};
-use proto::manifest::{Expectations, Platform};
+use proto::revocation::{verify_revocations, Revocations};
+use proto::root::TrustedRoot;
 use proto::status::{verify_status, StatusReport};
+use proto::SecretKey;
 use proto::VerifyError;
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use serde::{Deserialize, Serialize};
@@ -28,6 +34,9 @@ type Announced = (String, String, u64, Vec<u8>);
 /// A look at the store's releases: the `apps` tree it saw, the newest announcements, how
 /// many releases.
 type Scan = (Option<git2::Oid>, Vec<Announced>, u64);
+
+/// What the gossip announce topic carries: releases' freshness, roots, revocations.
+pub const ANNOUNCE_TOPIC_KINDS: [Kind; 3] = [Kind::Announcement, Kind::Root, Kind::Revocations];
 
 const REANNOUNCE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the hub's tasks to stop.
@@ -97,20 +106,6 @@ pub fn load_inventory(home: &Home) -> Inventory {
 
 fn save_inventory(home: &Home, inv: &Inventory) -> Result<()> {
     write_atomic(&home.inventory_path(), &serde_json::to_vec_pretty(inv)?)
-}
-
-/// Temp file, fsync, rename: readers see the old or the new file, never a torn one.
-fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
 }
 
 /// Enrolled device keys: key id -> (device name, key).
@@ -199,7 +194,7 @@ struct Hub {
     /// The batch being written, if any: one at a time, in order.
     flushing: Option<tokio::task::JoinHandle<()>>,
     metrics: Arc<Metrics>,
-    root: proto::root::TrustedRoot,
+    trust: Trust,
     blobs: crate::blobs::Blobs,
     /// Newest release announced so far, per (app, channel).
     announced: BTreeMap<(String, String), u64>,
@@ -209,13 +204,62 @@ struct Hub {
     announcements: (Option<git2::Oid>, Vec<Announced>),
 }
 
+/// What the hub signs and checks with: its root, its timestamp key, how long announcements
+/// stay fresh, the revocation list. Reloaded when `hub root publish` or `hub revoke` ask.
+struct Trust {
+    root: TrustedRoot,
+    timestamp: SecretKey,
+    freshness: Freshness,
+    revocations: Option<(Revocations, Vec<u8>)>,
+}
+
+impl Trust {
+    fn load(home: &Home, store: &Store) -> Result<Trust> {
+        let root = home.trusted_root()?;
+        let revocations = crate::trust::revocations(store, &root)?;
+        for w in expiry_warnings(
+            root.root(),
+            Freshness {
+                lifetime: home.config.freshness_secs,
+            },
+            now(),
+        ) {
+            tracing::warn!("{w}");
+        }
+        Ok(Trust {
+            timestamp: home.timestamp_key()?,
+            freshness: Freshness {
+                lifetime: home.config.freshness_secs,
+            },
+            root,
+            revocations,
+        })
+    }
+
+    fn is_revoked(&self, key: &PublicKey) -> bool {
+        self.revocations
+            .as_ref()
+            .is_some_and(|(l, _)| l.is_revoked(key))
+    }
+
+    /// The signed records besides announcements that the hub spreads: the newest root and
+    /// the revocation list, with their retained MQTT topic names.
+    fn records(&self, fleet: &str) -> Vec<(String, Vec<u8>)> {
+        let mut out = vec![(format!("unifleet/{fleet}/root"), self.root.bytes().to_vec())];
+        if let Some((_, bytes)) = &self.revocations {
+            out.push((format!("unifleet/{fleet}/revocations"), bytes.clone()));
+        }
+        out
+    }
+}
+
 /// Runs the hub until `shutdown` resolves. Prints its libp2p address on stdout.
 pub async fn serve(
     home: Home,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let store = Arc::new(Mutex::new(home.store()?));
-    let root = home.trusted_root()?;
+    let trust = Trust::load(&home, &store.lock().expect("store lock"))?;
     // Every task below is spawned through this tree; shutdown cancels and waits for it.
     let tasks = net::tasks::Tasks::new();
     let broker_url = match &home.config.broker {
@@ -277,7 +321,7 @@ pub async fn serve(
     if let Some(addr) = &home.config.metrics {
         crate::metrics::start(addr, metrics.clone(), &tasks).await?;
     }
-    let blobs = crate::blobs::Blobs::new(
+    let mut blobs = crate::blobs::Blobs::new(
         net.clone(),
         store.clone(),
         metrics.clone(),
@@ -285,6 +329,7 @@ pub async fn serve(
         home.config.redirect,
         tasks.clone(),
     );
+    blobs.set_trade(trade_policy(&home, &devices, &trust));
     let mut hub = Hub {
         blobs,
         inventory: load_inventory(&home),
@@ -296,7 +341,7 @@ pub async fn serve(
         pending: Pending::default(),
         flushing: None,
         metrics,
-        root,
+        trust,
         announced: BTreeMap::new(),
         announcements: (None, vec![]),
     };
@@ -353,6 +398,10 @@ pub async fn serve(
                 let answer = match cmd.as_str() {
                     control::ANNOUNCE => { let n = hub.announce_all().await; format!("announced {n} release(s)") }
                     control::RELOAD_DEVICES => { hub.reload_devices().await; format!("{} device(s) enrolled", hub.devices.len()) }
+                    control::RELOAD_TRUST => match hub.reload_trust().await {
+                        Ok(()) => { hub.announce_all().await; format!("trust root version {}", hub.trust.root.root().version) }
+                        Err(e) => format!("reloading trust: {e:#}"),
+                    },
                     other => format!("unknown command {other:?}"),
                 };
                 let _ = reply.send(answer);
@@ -382,7 +431,44 @@ pub async fn serve(
     Ok(())
 }
 
+/// Whom the hub's blob service trades with: never a revoked key, and only enrolled
+/// devices unless `serve_unenrolled` (hub.toml).
+fn trade_policy(
+    home: &Home,
+    devices: &HashMap<KeyId, (String, PublicKey)>,
+    trust: &Trust,
+) -> crate::blobs::Trade {
+    let peer_of = |k: &PublicKey| net::peer_id_of(k);
+    crate::blobs::Trade {
+        refused: trust
+            .revocations
+            .iter()
+            .flat_map(|(l, _)| l.devices.iter().filter_map(|d| peer_of(&d.key)))
+            .collect(),
+        only: (!home.config.serve_unenrolled).then(|| {
+            devices
+                .values()
+                .filter(|(_, k)| !trust.is_revoked(k))
+                .filter_map(|(_, k)| peer_of(k))
+                .collect()
+        }),
+    }
+}
+
 impl Hub {
+    /// Relaying on the announce topic: what is authentic and fresh, whatever it is for.
+    /// Announcements against the root, the root itself as the hub's own or a valid next
+    /// link, revocation lists signed by the timestamp role.
+    fn judge_gossip(&self, data: &[u8]) -> Result<(), VerifyError> {
+        let root = &self.trust.root;
+        match Envelope::signed_kind(data, &ANNOUNCE_TOPIC_KINDS)? {
+            Kind::Announcement => verify_announcement(data, root, now()).map(|_| ()),
+            Kind::Root if data == root.bytes() => Ok(()),
+            Kind::Root => root.update(data, now()).map(|_| ()),
+            _ => verify_revocations(data, root, 0).map(|_| ()),
+        }
+    }
+
     /// Announces the newest release of every (app, channel) on MQTT (retained) and gossip.
     async fn announce_all(&mut self) -> usize {
         let store = self.store.clone();
@@ -414,6 +500,14 @@ impl Hub {
             Ok(Err(e)) => tracing::error!("reading releases: {e:#}"),
             Err(e) => tracing::error!("reading releases: {e}"),
         }
+        self.refresh_announcements();
+        let fleet = &self.home.config.fleet;
+        for (topic, bytes) in self.trust.records(fleet) {
+            let _ = self
+                .mqtt
+                .try_publish(topic, QoS::AtLeastOnce, true, bytes.clone());
+            let _ = self.net.publish(Topic::Announce, bytes).await;
+        }
         let latest = self.announcements.1.clone();
         for (app, channel, release, bytes) in &latest {
             let topic = format!(
@@ -443,6 +537,47 @@ impl Hub {
             }
         }
         latest.len()
+    }
+
+    /// Signs again, with the timestamp key, each announcement past half its freshness
+    /// (kept in memory: a restarted hub signs the stored ones afresh at once).
+    fn refresh_announcements(&mut self) {
+        let now = now();
+        for (app, _, release, bytes) in &mut self.announcements.1 {
+            match self
+                .trust
+                .freshness
+                .refresh(bytes, &self.trust.timestamp, now)
+            {
+                Ok(Some(fresh)) => {
+                    tracing::debug!(%app, release, "announcement signed afresh");
+                    *bytes = fresh;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(%app, release, "signing the announcement afresh: {e:#}"),
+            }
+        }
+    }
+
+    /// `hub root publish` or `hub revoke` changed what the hub trusts.
+    async fn reload_trust(&mut self) -> Result<()> {
+        let home = self.home.clone();
+        let store = self.store.clone();
+        let trust = tokio::task::spawn_blocking(move || {
+            Trust::load(&home, &store.lock().expect("store lock"))
+        })
+        .await??;
+        tracing::info!(
+            root = trust.root.root().version,
+            revoked = trust
+                .revocations
+                .as_ref()
+                .map_or(0, |(l, _)| l.devices.len()),
+            "trust reloaded"
+        );
+        self.trust = trust;
+        self.reload_devices().await;
+        Ok(())
     }
 
     /// Writes what was accepted since the last batch — each device's latest report (the
@@ -507,6 +642,8 @@ impl Hub {
         {
             self.devices = d;
         }
+        self.blobs
+            .set_trade(trade_policy(&self.home, &self.devices, &self.trust));
     }
 
     /// A status report from MQTT or gossip: accepted only from an enrolled key, for the
@@ -525,6 +662,11 @@ impl Hub {
         let Some((name, _)) = self.devices.get(&key.id()) else {
             return false;
         };
+        if self.trust.is_revoked(&key) {
+            self.metrics.status_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(device = %name, "dropping status report of a revoked device");
+            return false;
+        }
         if name != &report.device {
             self.metrics.status_dropped.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(enrolled = %name, claimed = %report.device, "dropping status report signed by another device's key");
@@ -609,25 +751,18 @@ impl Hub {
                 id,
                 ..
             } => {
-                let expect = Expectations {
-                    app: None,
-                    channel: "stable",
-                    platform: Platform::QemuX86_64,
-                    installed_release: None,
-                    now: now(),
+                let acceptance = match self.judge_gossip(&data) {
+                    Ok(()) => MessageAcceptance::Accept,
+                    Err(e @ VerifyError::Expired { .. }) => {
+                        tracing::debug!(peer = %source, "not relaying stale gossip: {e}");
+                        MessageAcceptance::Ignore
+                    }
+                    Err(e) => {
+                        self.metrics.gossip_rejected.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = %source, "rejecting gossip on the announce topic: {e}");
+                        MessageAcceptance::Reject
+                    }
                 };
-                let acceptance =
-                    match proto::announcement::verify_announcement(&data, &self.root, &expect) {
-                        Ok(_)
-                        | Err(
-                            VerifyError::WrongChannel { .. } | VerifyError::WrongPlatform { .. },
-                        ) => MessageAcceptance::Accept,
-                        Err(e) => {
-                            self.metrics.gossip_rejected.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(peer = %source, "rejecting gossiped announcement: {e}");
-                            MessageAcceptance::Reject
-                        }
-                    };
                 self.net.validate(id, source, acceptance).await;
             }
             NetEvent::Gossip {

@@ -4,7 +4,11 @@
 //!
 //! Tree layout:
 //! ```text
-//! root.bin                                   the trust root devices are given
+//! root.bin                                   the newest trust root
+//! roots/<version>.bin                         every root link, for devices catching up
+//! revocations.bin                             the signed revocation list (timestamp key)
+//! revoked/<name>.pub                          keys of revoked devices
+//! held/<app>-<release>.held                   releases held for co-signing (`publish --hold`)
 //! blobs/<hex>                                 chunks and signed manifests, by BLAKE3 digest
 //! apps/<app>/<channel>/<release>.manifest     signed manifest (release zero-padded to 10 digits)
 //! apps/<app>/<channel>/<release>.announcement signed announcement of that release

@@ -89,6 +89,10 @@ fn main() {
             keys: vec![key.public()],
             threshold: 1,
         },
+        timestamp: Role {
+            keys: vec![SecretKey::from_seed([3; 32]).public()],
+            threshold: 1,
+        },
     };
     let mut env = root.seal().unwrap();
     env.sign(&root_key).unwrap();
@@ -123,7 +127,6 @@ fn main() {
         },
         staging: Staging::Skipped,
         created_at: NOW,
-        expires_at: NOW + 1000,
         previous: None,
     };
     let mut menv = manifest.seal().unwrap();
@@ -134,10 +137,9 @@ fn main() {
         channel: "stable",
         platform: Platform::QemuX86_64,
         installed_release: None,
-        now: NOW,
     };
     let full = time(RUNS, || {
-        let v = verify_manifest(&signed, &trusted, &expect).unwrap();
+        let v = verify_manifest(&signed, &trusted, &expect, NOW).unwrap();
         let mut iv = ImageVerifier::new(v.manifest());
         for c in &chunks {
             iv.push(c).unwrap();
@@ -145,7 +147,7 @@ fn main() {
         iv.finish().unwrap();
     });
     let manifest_only = time(RUNS, || {
-        black_box(verify_manifest(&signed, &trusted, &expect).unwrap());
+        black_box(verify_manifest(&signed, &trusted, &expect, NOW).unwrap());
     });
 
     let n = data.len();

@@ -1,4 +1,15 @@
 //! Announcements: small signed pointers to a release, relayed by anyone.
+//!
+//! An announcement is the *freshness* record of a release (TUF's timestamp role): signed
+//! by the hub's online timestamp key, short-lived, and re-signed by a running hub before
+//! it lapses. The manifest it points at carries the release keys' long-lived content
+//! signature. A hub that is down lets announcements lapse: devices keep what they run,
+//! and refuse only new stale pointers until it is back.
+//!
+//! Two questions, two functions: [`verify_announcement`] answers *is it authentic and
+//! fresh?* (signature, threshold, fleet, expiry), which decides whether a node relays it;
+//! [`Expectations::applies`] answers *is it for me?* (app, channel, platform, release
+//! above installed), which decides whether it installs it.
 
 use crate::codec::{CodecError, Kind};
 use crate::digest::Digest;
@@ -6,11 +17,11 @@ use crate::envelope::Envelope;
 use crate::error::VerifyError;
 use crate::manifest::{Claims, Expectations, Platform, VerifiedManifest};
 use crate::names;
-use crate::root::TrustedRoot;
+use crate::root::{check_expiry, TrustedRoot};
 use serde::{Deserialize, Serialize};
 
-/// "Release N of APP on CHANNEL is the manifest with this digest." Signed by release keys;
-/// whoever relays it (broker, peer, hub) adds no trust.
+/// "Release N of APP on CHANNEL is the manifest with this digest, as of `issued_at`."
+/// Signed by the timestamp role; whoever relays it (broker, peer, hub) adds no trust.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Announcement {
     pub fleet: String,
@@ -20,12 +31,14 @@ pub struct Announcement {
     pub release: u64,
     pub version: semver::Version,
     pub manifest: Digest,
+    /// When the hub signed it (Unix s): a time devices have securely seen (a clock floor).
+    pub issued_at: u64,
     pub expires_at: u64,
 }
 
 impl Announcement {
-    /// The announcement for a verified manifest, expiring with it.
-    pub fn for_manifest(m: &VerifiedManifest) -> Announcement {
+    /// The announcement for a verified manifest, fresh from `issued_at` for `lifetime` s.
+    pub fn for_manifest(m: &VerifiedManifest, issued_at: u64, lifetime: u64) -> Announcement {
         let man = m.manifest();
         Announcement {
             fleet: man.fleet.clone(),
@@ -35,7 +48,17 @@ impl Announcement {
             release: man.release,
             version: man.version.clone(),
             manifest: m.digest(),
-            expires_at: man.expires_at,
+            issued_at,
+            expires_at: issued_at.saturating_add(lifetime),
+        }
+    }
+
+    /// The same pointer, re-issued: what a running hub signs before the old one lapses.
+    pub fn refreshed(&self, issued_at: u64, lifetime: u64) -> Announcement {
+        Announcement {
+            issued_at,
+            expires_at: issued_at.saturating_add(lifetime),
+            ..self.clone()
         }
     }
 
@@ -51,32 +74,42 @@ impl Announcement {
         names::check("fleet", &self.fleet).map_err(|e| invalid(e.to_string()))?;
         names::check("app", &self.app).map_err(|e| invalid(e.to_string()))?;
         names::check("channel", &self.channel).map_err(|e| invalid(e.to_string()))?;
+        if self.release == 0 {
+            return Err(invalid("release numbers start at 1".into()));
+        }
+        if self.expires_at <= self.issued_at {
+            return Err(invalid("expires before it was issued".into()));
+        }
         Ok(())
     }
 }
 
-/// The one entry point for announcements; same checks and order as
-/// [`crate::manifest::verify_manifest`].
+/// *Is it authentic and fresh?* The one entry point that decides relaying: framing and
+/// size, root freshness, every signer a timestamp key and a threshold of them, only then
+/// decoding, structure, fleet, expiry. Says nothing about whether it is for this device.
 pub fn verify_announcement(
     bytes: &[u8],
     root: &TrustedRoot,
-    expect: &Expectations<'_>,
+    now: u64,
 ) -> Result<Announcement, VerifyError> {
     let env = Envelope::decode(bytes, Kind::Announcement)?;
-    root.check_fresh(expect.now)?;
-    let ann: Announcement = env.open("release", &root.root().release)?;
+    root.check_fresh(now)?;
+    let ann: Announcement = env.open("timestamp", &root.root().timestamp)?;
     ann.validate()?;
-    expect.check(
-        root,
-        Claims {
+    root.check_fleet(Kind::Announcement, &ann.fleet)?;
+    check_expiry(Kind::Announcement, ann.expires_at, now)?;
+    Ok(ann)
+}
+
+impl Expectations<'_> {
+    /// *Is it for me?* Decides installing an announcement [`verify_announcement`] passed.
+    pub fn applies(&self, ann: &Announcement) -> Result<(), VerifyError> {
+        self.check(Claims {
             kind: Kind::Announcement,
-            fleet: &ann.fleet,
             app: &ann.app,
             channel: &ann.channel,
             platform: ann.platform,
             release: ann.release,
-            expires_at: ann.expires_at,
-        },
-    )?;
-    Ok(ann)
+        })
+    }
 }

@@ -43,6 +43,20 @@ pub enum Want {
     /// broker learns of them from each peer it connects to, instead of waiting for a re-gossip; the
     /// bytes are checked like any announcement (root, signature, expiry, replay).
     Announcement,
+    /// The trust root of the version whose [`root_key`] is the digest: how a device that
+    /// heard of a newer root fetches the links it lacks from the hub or any peer (each link
+    /// is verified against the one before it, so who serves it does not matter).
+    Root,
+    /// The newest signed revocation list (the digest is ignored), answered like
+    /// [`Want::Announcement`].
+    Revocations,
+}
+
+/// The digest a [`Want::Root`] request names: a root version, not content.
+pub fn root_key(version: u64) -> Digest {
+    let mut name = b"unifleet root\0".to_vec();
+    name.extend_from_slice(&version.to_le_bytes());
+    Digest::of(&name)
 }
 
 /// The digest a [`Want::Announcement`] request names: an app and channel, not content.
@@ -80,6 +94,9 @@ pub enum BlobResponse {
     Elsewhere(Vec<PeerRef>),
     /// The answer to [`Want::Stored`].
     Noted,
+    /// This node does not trade with the asker: its key is revoked (or, at a hub set to
+    /// serve enrolled devices only, not enrolled). Not worth asking again.
+    Refused,
 }
 
 impl BlobRequest {

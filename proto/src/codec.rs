@@ -36,10 +36,11 @@ pub enum Kind {
     // 6 is reserved for staging reports.
     BlobRequest = 7,
     BlobResponse = 8,
+    Revocations = 9,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Envelope,
         Kind::Root,
         Kind::Manifest,
@@ -47,6 +48,7 @@ impl Kind {
         Kind::StatusReport,
         Kind::BlobRequest,
         Kind::BlobResponse,
+        Kind::Revocations,
     ];
 
     pub fn from_byte(b: u8) -> Option<Kind> {
@@ -58,6 +60,7 @@ impl Kind {
             5 => Kind::StatusReport,
             7 => Kind::BlobRequest,
             8 => Kind::BlobResponse,
+            9 => Kind::Revocations,
             _ => return None,
         })
     }
@@ -77,6 +80,8 @@ impl Kind {
             Kind::BlobRequest => 64,
             // The largest blob is a signed manifest envelope.
             Kind::BlobResponse => 4 * 1024 * 1024 + 32 * 1024,
+            // About a thousand revoked devices.
+            Kind::Revocations => 96 * 1024,
         }
     }
 
@@ -89,6 +94,7 @@ impl Kind {
             Kind::StatusReport => "status report",
             Kind::BlobRequest => "blob request",
             Kind::BlobResponse => "blob response",
+            Kind::Revocations => "revocation list",
         }
     }
 }

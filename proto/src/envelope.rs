@@ -24,6 +24,7 @@ pub fn context(kind: Kind) -> &'static [u8] {
         Kind::Manifest => b"unifleet/manifest/v1\0",
         Kind::Announcement => b"unifleet/announcement/v1\0",
         Kind::StatusReport => b"unifleet/status/v1\0",
+        Kind::Revocations => b"unifleet/revocations/v1\0",
         // Blob messages are never signed: blobs are verified by digest.
         Kind::BlobRequest => b"unifleet/blob-request/never-signed\0",
         Kind::BlobResponse => b"unifleet/blob-response/never-signed\0",
@@ -132,6 +133,32 @@ impl Envelope {
             });
         }
         Ok(env)
+    }
+
+    /// The payload kind of a signed message of one of `kinds`, for a channel that carries
+    /// several (the announce topic carries announcements, roots and revocation lists).
+    /// Reads only the frame headers; the caller then verifies it through that kind's entry
+    /// point.
+    pub fn signed_kind(bytes: &[u8], kinds: &[Kind]) -> Result<Kind, VerifyError> {
+        let limit = kinds.iter().map(|k| envelope_limit(*k)).max().unwrap_or(0);
+        if bytes.len() > limit {
+            return Err(CodecError::Oversized {
+                kind: Kind::Envelope,
+                len: bytes.len(),
+                limit,
+            }
+            .into());
+        }
+        let env: Envelope = codec::decode(Kind::Envelope, bytes)?;
+        let found = env.payload_kind()?;
+        if !kinds.contains(&found) {
+            return Err(CodecError::WrongKind {
+                expected: kinds[0],
+                found,
+            }
+            .into());
+        }
+        Ok(found)
     }
 
     /// Checks that a threshold of `role`'s keys signed this envelope. Signatures by keys

@@ -89,6 +89,12 @@ pub enum VerifyError {
     RootVersionGap { trusted: u64, offered: u64 },
     #[error("root version {offered} is not newer than trusted version {trusted} (downgrade)")]
     RootDowngrade { trusted: u64, offered: u64 },
+    #[error("{kind} version {offered} is not above the known version {known} (replay)")]
+    Stale {
+        kind: Kind,
+        offered: u64,
+        known: u64,
+    },
     #[error("invalid {kind}: {reason}")]
     Invalid { kind: Kind, reason: String },
 }

@@ -12,8 +12,10 @@
 //! Each signed type has exactly one verification entry point, which returns a verified
 //! value or a [`VerifyError`] naming the single check that failed:
 //! [`root::TrustedRoot::bootstrap`] / [`root::TrustedRoot::update`],
-//! [`manifest::verify_manifest`], [`announcement::verify_announcement`], and for the
-//! bytes a manifest points at, [`manifest::ImageVerifier`].
+//! [`manifest::verify_manifest`], [`announcement::verify_announcement`] (authentic and
+//! fresh; [`manifest::Expectations::applies`] then says whether it is for this device),
+//! [`revocation::verify_revocations`], and for the bytes a manifest points at,
+//! [`manifest::ImageVerifier`].
 #![forbid(unsafe_code)]
 
 pub mod announcement;
@@ -28,6 +30,7 @@ pub mod image;
 pub mod keys;
 pub mod manifest;
 pub mod names;
+pub mod revocation;
 pub mod root;
 pub mod status;
 

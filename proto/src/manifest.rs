@@ -5,7 +5,7 @@ use crate::digest::{Digest, Hasher};
 use crate::envelope::Envelope;
 use crate::error::VerifyError;
 use crate::names;
-use crate::root::{check_expiry, TrustedRoot};
+use crate::root::TrustedRoot;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -152,8 +152,9 @@ pub struct Manifest {
     pub chunks: Vec<ChunkRef>,
     pub boot: BootSpec,
     pub staging: Staging,
+    /// When it was signed. A manifest does not expire: its content signature stays valid,
+    /// and freshness is the announcement's (see [`crate::announcement`]).
     pub created_at: u64,
-    pub expires_at: u64,
     /// Digest of the previous release's signed manifest on this (app, channel), if any.
     pub previous: Option<Digest>,
 }
@@ -223,49 +224,37 @@ impl Manifest {
     }
 }
 
-/// What the verifying device expects of a release.
+/// What the verifying device expects of a release: *is it for me?* (applicability, never
+/// authenticity).
 #[derive(Clone, Debug)]
 pub struct Expectations<'a> {
-    /// `None`: any app is acceptable (e.g. a device relaying for the whole channel).
+    /// `None`: any app is acceptable.
     pub app: Option<&'a str>,
     pub channel: &'a str,
     pub platform: Platform,
     /// Release currently installed for this (app, channel); offers must be above it.
     pub installed_release: Option<u64>,
-    /// Seconds since the Unix epoch.
-    pub now: u64,
 }
 
 /// What a signed release message claims about itself; checked against [`Expectations`].
 #[derive(Debug)]
 pub(crate) struct Claims<'a> {
     pub kind: Kind,
-    pub fleet: &'a str,
     pub app: &'a str,
     pub channel: &'a str,
     pub platform: Platform,
     pub release: u64,
-    pub expires_at: u64,
 }
 
 impl Expectations<'_> {
-    pub(crate) fn check(&self, root: &TrustedRoot, claims: Claims<'_>) -> Result<(), VerifyError> {
+    pub(crate) fn check(&self, claims: Claims<'_>) -> Result<(), VerifyError> {
         let Claims {
             kind,
-            fleet,
             app,
             channel,
             platform,
             release,
-            expires_at,
         } = claims;
-        if fleet != root.fleet() {
-            return Err(VerifyError::WrongFleet {
-                kind,
-                expected: root.fleet().into(),
-                found: fleet.into(),
-            });
-        }
         if let Some(expected) = self.app {
             if expected != app {
                 return Err(VerifyError::WrongApp {
@@ -289,7 +278,6 @@ impl Expectations<'_> {
                 found: platform.to_string(),
             });
         }
-        check_expiry(kind, expires_at, self.now)?;
         if let Some(installed) = self.installed_release {
             if release <= installed {
                 return Err(VerifyError::Rollback {
@@ -326,30 +314,28 @@ impl VerifiedManifest {
 
 /// The one entry point for manifests: signed envelope bytes in, verified manifest out.
 ///
-/// Order: size limit and framing; root freshness; every signer a release key with a valid
-/// signature; release threshold; only then decode; structure; fleet, app, channel,
-/// platform; expiry; release number above the installed one.
+/// Order: size limit and framing; root freshness at `now`; every signer a release key
+/// with a valid signature; release threshold; only then decode; structure; fleet (all
+/// authenticity); then app, channel, platform and release number above the installed one
+/// (applicability). No expiry of its own: freshness is the announcement's.
 pub fn verify_manifest(
     bytes: &[u8],
     root: &TrustedRoot,
     expect: &Expectations<'_>,
+    now: u64,
 ) -> Result<VerifiedManifest, VerifyError> {
     let env = Envelope::decode(bytes, Kind::Manifest)?;
-    root.check_fresh(expect.now)?;
+    root.check_fresh(now)?;
     let manifest: Manifest = env.open("release", &root.root().release)?;
     manifest.validate()?;
-    expect.check(
-        root,
-        Claims {
-            kind: Kind::Manifest,
-            fleet: &manifest.fleet,
-            app: &manifest.app,
-            channel: &manifest.channel,
-            platform: manifest.platform,
-            release: manifest.release,
-            expires_at: manifest.expires_at,
-        },
-    )?;
+    root.check_fleet(Kind::Manifest, &manifest.fleet)?;
+    expect.check(Claims {
+        kind: Kind::Manifest,
+        app: &manifest.app,
+        channel: &manifest.channel,
+        platform: manifest.platform,
+        release: manifest.release,
+    })?;
     Ok(VerifiedManifest {
         manifest,
         digest: Digest::of(bytes),

@@ -1,8 +1,11 @@
 //! The trust root: which keys may sign what, and how the root itself is rotated.
 //!
-//! TUF-style and kept small. A root names two roles, `root` (offline keys that sign the
-//! root itself) and `release` (keys that sign manifests and announcements), each with a
-//! k-of-n threshold, plus a version and an expiry. A device starts from one root given to
+//! TUF-style and kept small. A root names three roles, each with a k-of-n threshold, plus
+//! a version and an expiry: `root` (offline keys that sign the root itself), `release`
+//! (keys that sign manifests: content, long-lived) and `timestamp` (the running hub's
+//! online key, threshold 1, that signs time-bound records: the short-lived announcements
+//! that say a release is current, and the revocation list). A timestamp key can sign no
+//! release and no root, and no key may sit in two roles. A device starts from one root given to
 //! it out of band ([`TrustedRoot::bootstrap`]) and moves forward only one version at a
 //! time ([`TrustedRoot::update`]): root N+1 must be signed by a threshold of root N's root
 //! keys *and* by a threshold of its own.
@@ -64,6 +67,9 @@ pub struct Root {
     pub expires_at: u64,
     pub root: Role,
     pub release: Role,
+    /// The hub's online key: announcements (freshness) and the revocation list, nothing
+    /// else. Threshold 1, so a running hub re-signs them by itself.
+    pub timestamp: Role,
 }
 
 impl Root {
@@ -79,6 +85,28 @@ impl Root {
         }
         self.root.validate("root").map_err(invalid)?;
         self.release.validate("release").map_err(invalid)?;
+        self.timestamp.validate("timestamp").map_err(invalid)?;
+        if self.timestamp.threshold != 1 {
+            return Err(invalid(format!(
+                "timestamp threshold is {}; it must be 1 (the hub signs freshness alone)",
+                self.timestamp.threshold
+            )));
+        }
+        let roles = [
+            ("root", &self.root),
+            ("release", &self.release),
+            ("timestamp", &self.timestamp),
+        ];
+        for (i, (a, ra)) in roles.iter().enumerate() {
+            for (b, rb) in &roles[i + 1..] {
+                if let Some(k) = ra.keys.iter().find(|k| rb.keys.contains(k)) {
+                    return Err(invalid(format!(
+                        "key {} is in both the {a} and the {b} role; each role needs keys of its own",
+                        k.id().short()
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -181,6 +209,18 @@ impl TrustedRoot {
 
     pub fn fleet(&self) -> &str {
         &self.root.fleet
+    }
+
+    /// Refuses a message of another fleet.
+    pub fn check_fleet(&self, kind: Kind, fleet: &str) -> Result<(), VerifyError> {
+        if fleet != self.root.fleet {
+            return Err(VerifyError::WrongFleet {
+                kind,
+                expected: self.root.fleet.clone(),
+                found: fleet.into(),
+            });
+        }
+        Ok(())
     }
 
     /// Fails when this root itself has expired: a frozen device must not keep accepting

@@ -19,7 +19,7 @@ fn signed_manifest(release: u64) -> (Vec<u8>, Vec<u8>) {
 fn valid_manifest_and_image_verify() {
     let root = trusted_v1();
     let (data, bytes) = signed_manifest(3);
-    let v = verify_manifest(&bytes, &root, &expect(Some(2))).unwrap();
+    let v = verify_manifest(&bytes, &root, &expect(Some(2)), NOW).unwrap();
     assert_eq!(v.digest(), Digest::of(&bytes));
     let mut iv = ImageVerifier::new(v.manifest());
     let mut off = 0;
@@ -36,7 +36,7 @@ fn bad_signature() {
     let last = bytes.len() - 1; // the last byte belongs to the signature
     bytes[last] ^= 0x01;
     assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        verify_manifest(&bytes, &trusted_v1(), &expect(None), NOW),
         Err(VerifyError::BadSignature {
             kind: Kind::Manifest,
             ..
@@ -55,7 +55,7 @@ fn tampered_payload_is_a_bad_signature() {
     env.payload[pos] = 9;
     let bytes = env.encode().unwrap();
     assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        verify_manifest(&bytes, &trusted_v1(), &expect(None), NOW),
         Err(VerifyError::BadSignature { .. })
     ));
 }
@@ -65,7 +65,7 @@ fn unknown_key() {
     let data = image(100_000, 1);
     let bytes = signed(manifest_for(&data, 1).seal().unwrap(), &[&key(99)]);
     assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        verify_manifest(&bytes, &trusted_v1(), &expect(None), NOW),
         Err(VerifyError::UnknownKey { kind: Kind::Manifest, key_id }) if key_id == key(99).id()
     ));
 }
@@ -78,7 +78,7 @@ fn unknown_key_beside_valid_ones_is_refused() {
         &[&key(10), &key(99)],
     );
     assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        verify_manifest(&bytes, &trusted_v1(), &expect(None), NOW),
         Err(VerifyError::UnknownKey { .. })
     ));
 }
@@ -88,7 +88,7 @@ fn root_key_cannot_sign_releases() {
     let data = image(100_000, 1);
     let bytes = signed(manifest_for(&data, 1).seal().unwrap(), &[&key(1)]);
     assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        verify_manifest(&bytes, &trusted_v1(), &expect(None), NOW),
         Err(VerifyError::UnknownKey { .. })
     ));
 }
@@ -98,7 +98,7 @@ fn missing_signature() {
     let data = image(100_000, 1);
     let bytes = signed(manifest_for(&data, 1).seal().unwrap(), &[]);
     assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        verify_manifest(&bytes, &trusted_v1(), &expect(None), NOW),
         Err(VerifyError::MissingSignature {
             kind: Kind::Manifest
         })
@@ -115,7 +115,7 @@ fn below_threshold() {
     let data = image(100_000, 1);
     let bytes = signed(manifest_for(&data, 1).seal().unwrap(), &[&key(10)]);
     assert!(matches!(
-        verify_manifest(&bytes, &root, &expect(None)),
+        verify_manifest(&bytes, &root, &expect(None), NOW),
         Err(VerifyError::BelowThreshold {
             role: "release",
             have: 1,
@@ -127,7 +127,7 @@ fn below_threshold() {
         manifest_for(&data, 1).seal().unwrap(),
         &[&key(10), &key(11)],
     );
-    verify_manifest(&both, &root, &expect(None)).unwrap();
+    verify_manifest(&both, &root, &expect(None), NOW).unwrap();
 }
 
 #[test]
@@ -143,32 +143,22 @@ fn duplicate_signatures_count_once() {
     let dup = env.signatures[0].clone();
     env.signatures.push(dup);
     assert!(matches!(
-        verify_manifest(&env.encode().unwrap(), &root, &expect(None)),
+        verify_manifest(&env.encode().unwrap(), &root, &expect(None), NOW),
         Err(VerifyError::BelowThreshold { have: 1, .. })
     ));
 }
 
 #[test]
-fn expired_manifest_is_a_freeze_attack() {
+fn a_manifest_does_not_expire_its_root_does() {
+    // Content is long-lived: two years on, the release keys' signature still verifies ...
     let (_, bytes) = signed_manifest(3);
-    let mut e = expect(None);
-    e.now = NOW + 31 * DAY;
+    let mut root = root_v1();
+    root.expires_at = NOW + 5 * 365 * DAY;
+    let long = trusted(root);
+    verify_manifest(&bytes, &long, &expect(None), NOW + 2 * 365 * DAY).unwrap();
+    // ... while an expired root refuses everything (a freeze after revoked keys).
     assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &e),
-        Err(VerifyError::Expired {
-            kind: Kind::Manifest,
-            ..
-        })
-    ));
-}
-
-#[test]
-fn expired_root_refuses_everything() {
-    let (_, bytes) = signed_manifest(3);
-    let mut e = expect(None);
-    e.now = NOW + 400 * DAY;
-    assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &e),
+        verify_manifest(&bytes, &trusted_v1(), &expect(None), NOW + 400 * DAY),
         Err(VerifyError::Expired {
             kind: Kind::Root,
             ..
@@ -181,7 +171,7 @@ fn rollback_and_replay() {
     let (_, bytes) = signed_manifest(3);
     for installed in [3, 4] {
         assert!(matches!(
-            verify_manifest(&bytes, &trusted_v1(), &expect(Some(installed))),
+            verify_manifest(&bytes, &trusted_v1(), &expect(Some(installed)), NOW),
             Err(VerifyError::Rollback { offered: 3, .. })
         ));
     }
@@ -193,7 +183,7 @@ fn wrong_channel() {
     let mut e = expect(None);
     e.channel = "beta";
     assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &e),
+        verify_manifest(&bytes, &trusted_v1(), &e, NOW),
         Err(VerifyError::WrongChannel { .. })
     ));
 }
@@ -204,7 +194,7 @@ fn wrong_platform() {
     let mut e = expect(None);
     e.platform = Platform::XenArm32;
     assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &e),
+        verify_manifest(&bytes, &trusted_v1(), &e, NOW),
         Err(VerifyError::WrongPlatform { .. })
     ));
 }
@@ -215,7 +205,7 @@ fn wrong_app() {
     let mut e = expect(None);
     e.app = Some("other");
     assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &e),
+        verify_manifest(&bytes, &trusted_v1(), &e, NOW),
         Err(VerifyError::WrongApp { .. })
     ));
 }
@@ -227,7 +217,7 @@ fn wrong_fleet() {
     m.fleet = "neighbours".into();
     let bytes = signed(m.seal().unwrap(), &[&key(10)]);
     assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        verify_manifest(&bytes, &trusted_v1(), &expect(None), NOW),
         Err(VerifyError::WrongFleet { .. })
     ));
 }
@@ -304,7 +294,7 @@ fn truncated_image() {
 fn oversized_manifest_envelope() {
     let bytes = vec![0u8; proto::envelope::envelope_limit(Kind::Manifest) + 1];
     assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        verify_manifest(&bytes, &trusted_v1(), &expect(None), NOW),
         Err(VerifyError::Codec(CodecError::Oversized { .. }))
     ));
 }
@@ -318,7 +308,7 @@ fn oversized_announcement() {
     // ... and a hand-built one is refused before decoding.
     let bytes = vec![0u8; proto::envelope::envelope_limit(Kind::Announcement) + 1];
     assert!(matches!(
-        verify_announcement(&bytes, &trusted_v1(), &expect(None)),
+        verify_announcement(&bytes, &trusted_v1(), NOW),
         Err(VerifyError::Codec(CodecError::Oversized { .. }))
     ));
 }
@@ -326,25 +316,54 @@ fn oversized_announcement() {
 #[test]
 fn announcement_is_small_and_verifies() {
     let a = announcement(7, Digest::of(b"m"));
-    let bytes = signed(a.seal().unwrap(), &[&key(10)]);
+    let bytes = signed(a.seal().unwrap(), &[&key(20)]);
     assert!(bytes.len() < 1024, "announcement is {} bytes", bytes.len());
-    assert_eq!(
-        verify_announcement(&bytes, &trusted_v1(), &expect(Some(6))).unwrap(),
-        a
-    );
+    let ann = verify_announcement(&bytes, &trusted_v1(), NOW).unwrap();
+    assert_eq!(ann, a);
+    expect(Some(6)).applies(&ann).unwrap();
     assert!(matches!(
-        verify_announcement(&bytes, &trusted_v1(), &expect(Some(7))),
+        expect(Some(7)).applies(&ann),
         Err(VerifyError::Rollback { .. })
     ));
-    let mut late = expect(None);
-    late.now = a.expires_at;
     assert!(matches!(
-        verify_announcement(&bytes, &trusted_v1(), &late),
+        verify_announcement(&bytes, &trusted_v1(), a.expires_at),
         Err(VerifyError::Expired {
             kind: Kind::Announcement,
             ..
         })
     ));
+}
+
+#[test]
+fn only_the_timestamp_role_signs_announcements() {
+    // A release key signs content, not freshness: its announcement is refused.
+    let a = announcement(7, Digest::of(b"m"));
+    let bytes = signed(a.seal().unwrap(), &[&key(10)]);
+    assert!(matches!(
+        verify_announcement(&bytes, &trusted_v1(), NOW),
+        Err(VerifyError::UnknownKey { .. })
+    ));
+    // And the timestamp key signs no release.
+    let m = manifest_for(&image(100_000, 1), 1);
+    let bytes = signed(m.seal().unwrap(), &[&key(20)]);
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &expect(None), NOW),
+        Err(VerifyError::UnknownKey { .. })
+    ));
+}
+
+#[test]
+fn a_root_may_not_share_a_key_between_roles() {
+    let mut r = root_v1();
+    r.timestamp = role(&[&key(10)], 1);
+    assert!(
+        matches!(r.validate(), Err(VerifyError::Invalid { kind: Kind::Root, reason }) if reason.contains("both"))
+    );
+    let mut r = root_v1();
+    r.timestamp = role(&[&key(20), &key(21)], 2);
+    assert!(
+        matches!(r.validate(), Err(VerifyError::Invalid { kind: Kind::Root, reason }) if reason.contains("must be 1"))
+    );
 }
 
 #[test]
@@ -354,7 +373,7 @@ fn announcement_is_not_a_manifest() {
         &[&key(10)],
     );
     assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        verify_manifest(&bytes, &trusted_v1(), &expect(None), NOW),
         Err(VerifyError::Codec(CodecError::WrongKind {
             expected: Kind::Manifest,
             found: Kind::Announcement
@@ -367,7 +386,7 @@ fn unknown_format_version_is_typed() {
     let (_, mut bytes) = signed_manifest(1);
     bytes[4] = 9;
     assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        verify_manifest(&bytes, &trusted_v1(), &expect(None), NOW),
         Err(VerifyError::Codec(CodecError::UnsupportedVersion {
             found: 9
         }))
@@ -381,7 +400,7 @@ fn inconsistent_manifest_is_invalid() {
     m.image_size += 1;
     let bytes = signed(m.seal().unwrap(), &[&key(10)]);
     assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        verify_manifest(&bytes, &trusted_v1(), &expect(None), NOW),
         Err(VerifyError::Invalid {
             kind: Kind::Manifest,
             ..
@@ -398,25 +417,114 @@ fn too_many_signatures() {
     env.signatures = vec![s; proto::envelope::MAX_SIGNATURES + 1];
     let bytes = proto::codec::encode(Kind::Envelope, &env).unwrap();
     assert!(matches!(
-        verify_manifest(&bytes, &trusted_v1(), &expect(None)),
+        verify_manifest(&bytes, &trusted_v1(), &expect(None), NOW),
         Err(VerifyError::TooManySignatures { .. })
     ));
 }
 
 #[test]
-fn announcement_for_another_channel_or_platform() {
+fn announcement_for_another_channel_or_platform_is_authentic_but_not_for_me() {
     let mut a = announcement(7, Digest::of(b"m"));
     a.channel = "beta".into();
-    let bytes = signed(a.seal().unwrap(), &[&key(10)]);
+    let bytes = signed(a.seal().unwrap(), &[&key(20)]);
+    let ann = verify_announcement(&bytes, &trusted_v1(), NOW).unwrap();
     assert!(matches!(
-        verify_announcement(&bytes, &trusted_v1(), &expect(None)),
+        expect(None).applies(&ann),
         Err(VerifyError::WrongChannel { .. })
     ));
     let mut a = announcement(7, Digest::of(b"m"));
     a.platform = Platform::XenArm32;
-    let bytes = signed(a.seal().unwrap(), &[&key(10)]);
+    let bytes = signed(a.seal().unwrap(), &[&key(20)]);
+    let ann = verify_announcement(&bytes, &trusted_v1(), NOW).unwrap();
     assert!(matches!(
-        verify_announcement(&bytes, &trusted_v1(), &expect(None)),
+        expect(None).applies(&ann),
         Err(VerifyError::WrongPlatform { .. })
     ));
+}
+
+/// The old single check judged channel and platform before expiry, so an expired, validly
+/// signed announcement of another channel came out "wrong channel" — which routers relay —
+/// and every node relayed it again after each duplicate window.
+#[test]
+fn an_expired_announcement_of_another_channel_is_stale_not_relayable() {
+    let mut a = announcement(7, Digest::of(b"m"));
+    a.channel = "beta".into();
+    let bytes = signed(a.seal().unwrap(), &[&key(20)]);
+    assert!(matches!(
+        verify_announcement(&bytes, &trusted_v1(), a.expires_at + 1),
+        Err(VerifyError::Expired {
+            kind: Kind::Announcement,
+            ..
+        })
+    ));
+}
+
+fn revocation_list(version: u64) -> proto::revocation::Revocations {
+    proto::revocation::Revocations {
+        fleet: "home".into(),
+        version,
+        issued_at: NOW,
+        devices: vec![proto::revocation::Revoked {
+            name: "lost".into(),
+            key: key(30).public(),
+            at: NOW,
+        }],
+    }
+}
+
+#[test]
+fn an_old_revocation_list_cannot_be_replayed_to_unrevoke() {
+    use proto::revocation::verify_revocations;
+    let bytes = signed(revocation_list(3).seal().unwrap(), &[&key(20)]);
+    verify_revocations(&bytes, &trusted_v1(), 2).unwrap();
+    assert!(matches!(
+        verify_revocations(&bytes, &trusted_v1(), 3),
+        Err(VerifyError::Stale {
+            kind: Kind::Revocations,
+            offered: 3,
+            known: 3
+        })
+    ));
+}
+
+#[test]
+fn only_the_timestamp_role_signs_revocations() {
+    use proto::revocation::verify_revocations;
+    for k in [key(10), key(1), key(99)] {
+        let bytes = signed(revocation_list(1).seal().unwrap(), &[&k]);
+        assert!(matches!(
+            verify_revocations(&bytes, &trusted_v1(), 0),
+            Err(VerifyError::UnknownKey { .. })
+        ));
+    }
+    let mut other = revocation_list(1);
+    other.fleet = "neighbours".into();
+    let bytes = signed(other.seal().unwrap(), &[&key(20)]);
+    assert!(matches!(
+        verify_revocations(&bytes, &trusted_v1(), 0),
+        Err(VerifyError::WrongFleet { .. })
+    ));
+}
+
+#[test]
+fn signed_kind_tells_the_announce_topics_messages_apart() {
+    let ann = signed(
+        announcement(1, Digest::of(b"m")).seal().unwrap(),
+        &[&key(20)],
+    );
+    let rev = signed(revocation_list(1).seal().unwrap(), &[&key(20)]);
+    let root = signed(root_v1().seal().unwrap(), &[&key(1), &key(2)]);
+    let kinds = [Kind::Announcement, Kind::Root, Kind::Revocations];
+    assert_eq!(
+        Envelope::signed_kind(&ann, &kinds).unwrap(),
+        Kind::Announcement
+    );
+    assert_eq!(
+        Envelope::signed_kind(&rev, &kinds).unwrap(),
+        Kind::Revocations
+    );
+    assert_eq!(Envelope::signed_kind(&root, &kinds).unwrap(), Kind::Root);
+    let (_, manifest) = signed_manifest(1);
+    assert!(Envelope::signed_kind(&manifest, &kinds).is_err());
+    assert!(Envelope::signed_kind(b"garbage", &kinds).is_err());
 }

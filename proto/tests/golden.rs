@@ -51,7 +51,7 @@ fn announcement_bytes() -> Vec<u8> {
     let m = manifest_bytes();
     signed(
         announcement(3, proto::Digest::of(&m)).seal().unwrap(),
-        &[&key(10)],
+        &[&key(20)],
     )
 }
 
@@ -66,20 +66,17 @@ fn root_golden() {
 #[test]
 fn manifest_golden() {
     check("manifest.bin", &manifest_bytes());
-    let v = proto::manifest::verify_manifest(&read("manifest.bin"), &trusted_v1(), &expect(None))
-        .unwrap();
+    let v =
+        proto::manifest::verify_manifest(&read("manifest.bin"), &trusted_v1(), &expect(None), NOW)
+            .unwrap();
     assert_eq!(v.manifest(), &manifest_for(&image(300_000, 1), 3));
 }
 
 #[test]
 fn announcement_golden() {
     check("announcement.bin", &announcement_bytes());
-    let a = proto::announcement::verify_announcement(
-        &read("announcement.bin"),
-        &trusted_v1(),
-        &expect(None),
-    )
-    .unwrap();
+    let a = proto::announcement::verify_announcement(&read("announcement.bin"), &trusted_v1(), NOW)
+        .unwrap();
     assert_eq!(a.release, 3);
 }
 
@@ -90,7 +87,7 @@ fn envelope_header_golden() {
     assert_eq!(&bytes[..6], b"UFLT\x01\x01");
     let env = Envelope::decode(&bytes, Kind::Announcement).unwrap();
     assert_eq!(&env.payload[..6], b"UFLT\x01\x04");
-    assert_eq!(env.signatures[0].key_id, key(10).id());
+    assert_eq!(env.signatures[0].key_id, key(20).id());
 }
 
 fn status_bytes() -> Vec<u8> {
@@ -190,4 +187,43 @@ fn blob_messages_golden() {
         proto::blob::BlobResponse::decode(&read("blob-elsewhere.bin")).unwrap(),
         elsewhere
     );
+}
+
+fn revocations() -> proto::revocation::Revocations {
+    proto::revocation::Revocations {
+        fleet: "home".into(),
+        version: 2,
+        issued_at: NOW,
+        devices: vec![proto::revocation::Revoked {
+            name: "lost-board".into(),
+            key: key(30).public(),
+            at: NOW - 60,
+        }],
+    }
+}
+
+#[test]
+fn revocations_golden() {
+    let bytes = signed(revocations().seal().unwrap(), &[&key(20)]);
+    check("revocations.bin", &bytes);
+    let list =
+        proto::revocation::verify_revocations(&read("revocations.bin"), &trusted_v1(), 1).unwrap();
+    assert_eq!(list, revocations());
+    assert!(list.is_revoked(&key(30).public()));
+    for (want, digest, name) in [
+        (
+            proto::blob::Want::Root,
+            proto::blob::root_key(2),
+            "blob-root.bin",
+        ),
+        (
+            proto::blob::Want::Revocations,
+            proto::Digest([0; 32]),
+            "blob-revocations.bin",
+        ),
+    ] {
+        let req = proto::blob::BlobRequest { digest, want };
+        check(name, &req.encode().unwrap());
+        assert_eq!(proto::blob::BlobRequest::decode(&read(name)).unwrap(), req);
+    }
 }

@@ -47,10 +47,10 @@ fn valid_chain() {
     // The rotated release key now signs releases; the old one no longer does.
     let data = image(50_000, 3);
     let new = signed(manifest_for(&data, 1).seal().unwrap(), &[&key(12)]);
-    verify_manifest(&new, &v3, &expect(None)).unwrap();
+    verify_manifest(&new, &v3, &expect(None), NOW).unwrap();
     let old = signed(manifest_for(&data, 1).seal().unwrap(), &[&key(10)]);
     assert!(matches!(
-        verify_manifest(&old, &v3, &expect(None)),
+        verify_manifest(&old, &v3, &expect(None), NOW),
         Err(VerifyError::UnknownKey { .. })
     ));
 }

@@ -28,7 +28,7 @@ prop_compose! {
         sizes in prop::collection::vec(1u64..=262_144, 1..50), digests in prop::collection::vec(digest(), 50),
         major in 0u64..100, minor in 0u64..100, cmdline in ".{0,40}", port in any::<u16>(), banner in any::<bool>(),
         skipped in any::<bool>(), report in digest(), previous in prop::option::of(digest()),
-        created in any::<u64>(), expires in any::<u64>(), mem in 1u32.., vcpus in 1u32..64,
+        created in any::<u64>(), mem in 1u32.., vcpus in 1u32..64,
     ) -> Manifest {
         let mut m = manifest_for(&image(20_000, 1), release);
         m.app = app; m.channel = channel; m.platform = platform;
@@ -38,7 +38,7 @@ prop_compose! {
         m.boot.cmdline = cmdline; m.boot.memory_mib = mem; m.boot.vcpus = vcpus;
         m.boot.probe = if banner { HealthProbe::ConsoleBanner { line: "READY x".into() } } else { HealthProbe::TcpConnect { port } };
         m.staging = if skipped { Staging::Skipped } else { Staging::Passed { report } };
-        m.previous = previous; m.created_at = created; m.expires_at = expires;
+        m.previous = previous; m.created_at = created;
         m
     }
 }
@@ -60,23 +60,24 @@ proptest! {
     }
 
     #[test]
-    fn announcement_round_trips(app in name(), channel in name(), release in any::<u64>(), d in digest(), exp in any::<u64>(), p in platform()) {
+    fn announcement_round_trips(app in name(), channel in name(), release in any::<u64>(), d in digest(), issued in any::<u64>(), exp in any::<u64>(), p in platform()) {
         let a = Announcement {
             fleet: "home".into(), app, channel, platform: p, release,
-            version: semver::Version::new(1, 2, 3), manifest: d, expires_at: exp,
+            version: semver::Version::new(1, 2, 3), manifest: d, issued_at: issued, expires_at: exp,
         };
-        let bytes = signed(a.seal().unwrap(), &[&key(10)]);
+        let bytes = signed(a.seal().unwrap(), &[&key(20)]);
         prop_assert!(bytes.len() < 1024);
         let env = Envelope::decode(&bytes, Kind::Announcement).unwrap();
-        let back: Announcement = env.open("release", &root_v1().release).unwrap();
+        let back: Announcement = env.open("timestamp", &root_v1().timestamp).unwrap();
         prop_assert_eq!(back, a);
     }
 
     #[test]
     fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
         let root = trusted_v1();
-        let _ = proto::manifest::verify_manifest(&bytes, &root, &expect(None));
-        let _ = proto::announcement::verify_announcement(&bytes, &root, &expect(None));
+        let _ = proto::manifest::verify_manifest(&bytes, &root, &expect(None), NOW);
+        let _ = proto::announcement::verify_announcement(&bytes, &root, NOW);
+        let _ = proto::revocation::verify_revocations(&bytes, &root, 0);
         let _ = root.update(&bytes, NOW);
         let _ = proto::root::TrustedRoot::bootstrap(&bytes, NOW);
         let _ = proto::image::inspect(&bytes, bytes.len() as u64);
@@ -98,7 +99,7 @@ proptest! {
         let mut bytes = signed(manifest_for(&image(100_000, 2), 2).seal().unwrap(), &[&key(10)]);
         let i = pos.index(bytes.len());
         bytes[i] ^= 1 << bit;
-        prop_assert!(proto::manifest::verify_manifest(&bytes, &trusted_v1(), &expect(None)).is_err());
+        prop_assert!(proto::manifest::verify_manifest(&bytes, &trusted_v1(), &expect(None), NOW).is_err());
     }
 
     #[test]

@@ -250,15 +250,21 @@ pub struct Fleet {
 impl Fleet {
     /// `hub init` in a temp dir with free ports; not started yet.
     pub fn new(libvirt: &str) -> Result<Fleet> {
-        let dir = tempfile::tempdir()?;
+        Fleet::new_with(libvirt, tempfile::tempdir()?, &[])
+    }
+
+    /// [`Fleet::new`] in `dir` with more `hub init` arguments (paths relative to `dir`).
+    pub fn new_with(libvirt: &str, dir: tempfile::TempDir, init: &[&str]) -> Result<Fleet> {
         let hub_dir = dir.path().join("hub");
         let mqtt_port = free_port()?;
         let p2p_port = free_port()?;
         run(Command::new(bin("hub")?)
+            .current_dir(dir.path())
             .args(["--dir"])
             .arg(&hub_dir)
             .args(["init", "--mqtt-listen", &format!("127.0.0.1:{mqtt_port}")])
-            .args(["--p2p-listen", &format!("/ip4/127.0.0.1/tcp/{p2p_port}")]))?;
+            .args(["--p2p-listen", &format!("/ip4/127.0.0.1/tcp/{p2p_port}")])
+            .args(init))?;
         Ok(Fleet {
             dir,
             hub_dir,

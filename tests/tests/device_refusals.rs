@@ -36,6 +36,10 @@ fn replayed_expired_forged_and_mismatched_announcements_are_refused() -> Result<
     fleet.wait_all(&[d], "hello", 2, "Active", Duration::from_secs(30))?;
 
     let topic = "unifleet/home/release/stable/hello";
+    // Announcements are the timestamp key's to sign (freshness); releases the release key's.
+    let timestamp_key = SecretKey::from_text(&std::fs::read_to_string(
+        fleet.hub_dir.join("keys/timestamp.key"),
+    )?)?;
     let release_key = SecretKey::from_text(&std::fs::read_to_string(
         fleet.hub_dir.join("keys/release.key"),
     )?)?;
@@ -63,15 +67,23 @@ fn replayed_expired_forged_and_mismatched_announcements_are_refused() -> Result<
         })
     };
 
-    // (f) mix-and-match: the right keys, the wrong channel, then the wrong platform.
+    // (f) mix-and-match: the right keys, the wrong channel, then the wrong platform:
+    // authentic, so relayed, but not installed.
     let mut beta = base.clone();
     beta.release = 4;
     beta.channel = "beta".into();
-    refuses(sign(&beta, &release_key), "this device follows \"stable\"")?;
+    refuses(
+        sign(&beta, &timestamp_key),
+        "this device follows \"stable\"",
+    )?;
     let mut arm = base.clone();
     arm.release = 5;
     arm.platform = Platform::XenArm32;
-    refuses(sign(&arm, &release_key), "this device runs qemu-x86_64")?;
+    refuses(sign(&arm, &timestamp_key), "this device runs qemu-x86_64")?;
+    // A release key signs content, not freshness: its announcement is refused.
+    let mut by_release_key = base.clone();
+    by_release_key.release = 7;
+    refuses(sign(&by_release_key, &release_key), "signed by unknown key")?;
 
     // (d) the genuine, correctly signed announcement of release 1, replayed.
     let old = fleet.store_file("apps/hello/stable/0000000001.announcement")?;
@@ -80,8 +92,9 @@ fn replayed_expired_forged_and_mismatched_announcements_are_refused() -> Result<
     // (e) a validly signed announcement that has expired (a freeze attack).
     let mut expired = base.clone();
     expired.release = 3;
+    expired.issued_at = now() - 100;
     expired.expires_at = now() - 10;
-    refuses(sign(&expired, &release_key), "announcement expired")?;
+    refuses(sign(&expired, &timestamp_key), "announcement expired")?;
 
     // A forgery: signed by a key the root does not know.
     let mut forged = base.clone();

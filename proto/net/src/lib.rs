@@ -88,6 +88,15 @@ pub fn keypair_from_seed(seed: [u8; 32]) -> Keypair {
     Keypair::ed25519_from_bytes(&mut seed).expect("32 bytes is a valid ed25519 seed")
 }
 
+/// The libp2p peer id of the node whose identity is `key` (devices derive theirs from
+/// their device key, [`keypair_from_seed`]); `None` for bytes that are not a valid key.
+pub fn peer_id_of(key: &proto::PublicKey) -> Option<PeerId> {
+    let public = libp2p::identity::ed25519::PublicKey::try_from_bytes(&key.0).ok()?;
+    Some(PeerId::from_public_key(&libp2p::identity::PublicKey::from(
+        public,
+    )))
+}
+
 /// The gossipsub topics a fleet uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Topic {
@@ -144,6 +153,8 @@ pub enum FetchError {
     NotFound(PeerId),
     #[error("peer {0} is busy")]
     Busy(PeerId),
+    #[error("peer {0} refuses to trade with this device (its key is revoked, or not enrolled at a hub serving enrolled devices only)")]
+    Refused(PeerId),
     #[error("peer {0} says to ask {n} other peers", n = .1.len())]
     Elsewhere(PeerId, Vec<(PeerId, Multiaddr)>),
     #[error("request to {peer} failed: {reason}")]
@@ -834,6 +845,7 @@ impl Node {
                         BlobResponse::Noted => Ok(Vec::new()),
                         BlobResponse::NotFound => Err(FetchError::NotFound(peer)),
                         BlobResponse::Busy => Err(FetchError::Busy(peer)),
+                        BlobResponse::Refused => Err(FetchError::Refused(peer)),
                         BlobResponse::Elsewhere(refs) => Err(FetchError::Elsewhere(
                             peer,
                             refs.iter().filter_map(parse_peer_ref).collect(),

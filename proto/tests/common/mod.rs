@@ -23,7 +23,7 @@ pub fn role(keys: &[&SecretKey], threshold: u32) -> Role {
     }
 }
 
-/// Root keys 1,2,3 (2-of-3), release keys 10,11 (1-of-2 unless changed).
+/// Root keys 1,2,3 (2-of-3), release keys 10,11 (1-of-2 unless changed), timestamp key 20.
 pub fn root_v1() -> Root {
     Root {
         fleet: "home".into(),
@@ -31,6 +31,7 @@ pub fn root_v1() -> Root {
         expires_at: NOW + 365 * DAY,
         root: role(&[&key(1), &key(2), &key(3)], 2),
         release: role(&[&key(10), &key(11)], 1),
+        timestamp: role(&[&key(20)], 1),
     }
 }
 
@@ -43,7 +44,12 @@ pub fn signed(env: Envelope, keys: &[&SecretKey]) -> Vec<u8> {
 }
 
 pub fn trusted_v1() -> TrustedRoot {
-    TrustedRoot::bootstrap(&signed(root_v1().seal().unwrap(), &[&key(1), &key(2)]), NOW).unwrap()
+    trusted(root_v1())
+}
+
+/// `root` signed by root keys 1 and 2 and bootstrapped at [`NOW`].
+pub fn trusted(root: Root) -> TrustedRoot {
+    TrustedRoot::bootstrap(&signed(root.seal().unwrap(), &[&key(1), &key(2)]), NOW).unwrap()
 }
 
 /// A small deterministic image and its chunk list.
@@ -92,7 +98,6 @@ pub fn manifest_for(data: &[u8], release: u64) -> Manifest {
             report: Digest::of(b"staging report"),
         },
         created_at: NOW,
-        expires_at: NOW + 30 * DAY,
         previous: None,
     }
 }
@@ -106,7 +111,8 @@ pub fn announcement(release: u64, manifest: Digest) -> Announcement {
         release,
         version: semver::Version::new(1, 0, release),
         manifest,
-        expires_at: NOW + 30 * DAY,
+        issued_at: NOW - 3600,
+        expires_at: NOW + 7 * DAY,
     }
 }
 
@@ -116,6 +122,5 @@ pub fn expect(installed: Option<u64>) -> Expectations<'static> {
         channel: "stable",
         platform: Platform::QemuX86_64,
         installed_release: installed,
-        now: NOW,
     }
 }

@@ -96,6 +96,7 @@ fn forged_announcement(fleet: &str) -> anyhow::Result<Vec<u8>> {
         release: 1_000_000,
         version: semver::Version::new(1000, 0, 0),
         manifest: proto::Digest::of(b"evil"),
+        issued_at: 0,
         expires_at: u64::MAX / 2,
     };
     let mut env = ann.seal()?;

@@ -48,9 +48,8 @@ async fn main() -> Result<()> {
         channel,
         platform: Platform::QemuX86_64,
         installed_release: None,
-        now,
     };
-    let verified = verify_manifest(&manifest_bytes, &root, &expect)?;
+    let verified = verify_manifest(&manifest_bytes, &root, &expect, now)?;
     let m = verified.manifest();
     let mut iv = ImageVerifier::new(m);
     let mut file = std::fs::File::create(out)?;

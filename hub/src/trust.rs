@@ -1,0 +1,492 @@
+//! The hub's side of trust over time: the root chain devices catch up through, the
+//! freshness of announcements (re-signed by the running hub with its timestamp key), the
+//! revocation list, and warnings before anything expires.
+//!
+//! The decisions are pure ([`Freshness`], [`expiry_warnings`]); the rest reads and writes
+//! the git store in one commit per change.
+
+use crate::home::{now, Home};
+use crate::store::{Change, Event, Store};
+use anyhow::{bail, Context, Result};
+use proto::announcement::Announcement;
+use proto::codec::Kind;
+use proto::envelope::Envelope;
+use proto::revocation::{Revocations, Revoked};
+use proto::root::{Root, TrustedRoot};
+use proto::{PublicKey, SecretKey};
+use std::path::Path;
+
+/// How far ahead `hub status` and `hub serve` warn of a root's expiry.
+pub const WARN_AHEAD: u64 = 60 * 24 * 3600;
+
+/// Where root `version` is kept in the store.
+pub fn root_path(version: u64) -> String {
+    format!("roots/{version}.bin")
+}
+
+/// The store's root link of `version` (stores from before the chain kept only v1, as
+/// `root.bin`).
+pub fn root_link(store: &Store, version: u64) -> Result<Option<Vec<u8>>> {
+    if let Some(bytes) = store.read(&root_path(version))? {
+        return Ok(Some(bytes));
+    }
+    let first = store.read("root.bin")?;
+    Ok(first.filter(|b| unverified_root(b).is_some_and(|r| r.version == version)))
+}
+
+fn unverified_root(bytes: &[u8]) -> Option<Root> {
+    let env = Envelope::decode(bytes, Kind::Root).ok()?;
+    proto::codec::decode(Kind::Root, &env.payload).ok()
+}
+
+/// When a running hub signs an announcement again: once half of its freshness has gone,
+/// so devices always hold one with half a lifetime left while the hub is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Freshness {
+    /// Seconds an announcement stays fresh (hub.toml `freshness_secs`).
+    pub lifetime: u64,
+}
+
+impl Freshness {
+    /// Whether `ann` should be signed again at `now`: half its life gone, issued in the
+    /// future (the hub's clock went back), or lasting longer than the lifetime now set.
+    pub fn due(&self, ann: &Announcement, now: u64) -> bool {
+        now >= ann.issued_at.saturating_add(self.lifetime / 2)
+            || ann.issued_at > now.saturating_add(60)
+            || ann.expires_at > now.saturating_add(self.lifetime)
+    }
+
+    /// `ann` issued afresh at `now`, signed by the timestamp key.
+    pub fn sign(&self, ann: &Announcement, key: &SecretKey, now: u64) -> Result<Vec<u8>> {
+        let mut env = ann.refreshed(now, self.lifetime).seal()?;
+        env.sign(key)?;
+        Ok(env.encode()?)
+    }
+
+    /// The hub's own stored announcement bytes, signed again if [`Freshness::due`];
+    /// `None` when they are fresh enough as they are.
+    pub fn refresh(&self, bytes: &[u8], key: &SecretKey, now: u64) -> Result<Option<Vec<u8>>> {
+        let env = Envelope::decode(bytes, Kind::Announcement)?;
+        let ann: Announcement = proto::codec::decode(Kind::Announcement, &env.payload)?;
+        if !self.due(&ann, now) {
+            return Ok(None);
+        }
+        self.sign(&ann, key, now).map(Some)
+    }
+}
+
+/// What an operator must hear of before it bites: a root expiring within
+/// [`WARN_AHEAD`] (then every device refuses updates), or a freshness lifetime so short
+/// that a hub restart lets announcements lapse.
+pub fn expiry_warnings(root: &Root, freshness: Freshness, now: u64) -> Vec<String> {
+    let mut out = vec![];
+    let left = root.expires_at.saturating_sub(now);
+    if left < WARN_AHEAD {
+        let when = human_time(root.expires_at);
+        let what = if left == 0 {
+            format!(
+                "the trust root (version {}) expired on {when}: devices refuse every update",
+                root.version
+            )
+        } else {
+            format!(
+                "the trust root (version {}) expires on {when}, in {}: devices then refuse every update",
+                root.version,
+                human_secs(left)
+            )
+        };
+        out.push(format!(
+            "{what}. Make the next one with `fwtool root rotate` (signed by the root keys) and \
+             `hub root publish` it"
+        ));
+    }
+    if freshness.lifetime < 3600 {
+        out.push(format!(
+            "freshness_secs is {} s: announcements lapse if the hub is down longer than that",
+            freshness.lifetime
+        ));
+    }
+    out
+}
+
+/// A Unix time as an RFC 3339 date for people.
+pub fn human_time(at: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(at))
+        .to_string()
+}
+
+/// Seconds as `59 days`, `5h 20m` or `40s`, for people.
+pub fn human_secs(secs: u64) -> String {
+    match secs {
+        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
+        s if s >= 3600 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{}m {}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// `hub root publish NEW_ROOT`: `NEW_ROOT` must verify as the next link after the hub's
+/// root. It is kept in the store's chain and becomes the hub's root; a running hub
+/// announces it and serves every link to devices catching up.
+pub fn publish_root(
+    home: &Home,
+    new_root: &Path,
+    timestamp_key: Option<&Path>,
+    release_key: Option<&Path>,
+) -> Result<TrustedRoot> {
+    let bytes = std::fs::read(new_root)
+        .with_context(|| format!("reading new root {}", new_root.display()))?;
+    let current = home.anchor_root()?;
+    let next = current.update(&bytes, now()).with_context(|| {
+        format!(
+            "{} is not the next root after the hub's version {} (it must be version {}, \
+             signed by a threshold of the current and of its own root keys)",
+            new_root.display(),
+            current.root().version,
+            current.root().version + 1
+        )
+    })?;
+    let timestamp = match timestamp_key {
+        Some(p) => crate::home::read_secret(p)?,
+        None => home.timestamp_key()?,
+    };
+    if next.root().timestamp.key(&timestamp.id()).is_none() {
+        bail!(
+            "the new root's timestamp role does not list the hub's timestamp key {}: pass \
+             --timestamp-key with the key it lists",
+            timestamp.id().short()
+        );
+    }
+    let release = match release_key {
+        Some(p) => Some(crate::home::read_secret(p)?),
+        None => home.release_key().ok(),
+    };
+    if let Some(r) = &release {
+        if next.root().release.key(&r.id()).is_none() {
+            bail!(
+                "the new root's release role does not list the hub's release key {}: pass \
+                 --release-key with one it lists",
+                r.id().short()
+            );
+        }
+    }
+    let version = next.root().version;
+    let mut change = Change::default();
+    change.put(root_path(version), bytes.clone());
+    change.put("root.bin", bytes.clone());
+    change.event(Event {
+        at: now(),
+        kind: "root".into(),
+        app: None,
+        channel: None,
+        release: None,
+        device: None,
+        detail: format!(
+            "trust root version {version}, expires {}",
+            human_time(next.root().expires_at)
+        ),
+    });
+    home.store()?
+        .commit(&format!("trust root version {version}"), &change, None)?;
+    crate::home::write_atomic(&home.dir.join("root.bin"), &bytes)?;
+    if let Some(p) = timestamp_key {
+        crate::home::replace_secret(&home.dir.join("keys/timestamp.key"), &timestamp)
+            .with_context(|| format!("installing {}", p.display()))?;
+    }
+    if let (Some(p), Some(r)) = (release_key, &release) {
+        crate::home::replace_secret(&home.dir.join("keys/release.key"), r)
+            .with_context(|| format!("installing {}", p.display()))?;
+    }
+    Ok(next)
+}
+
+/// The stored revocation list, verified against `root` (`None`: nobody was revoked).
+pub fn revocations(store: &Store, root: &TrustedRoot) -> Result<Option<(Revocations, Vec<u8>)>> {
+    let Some(bytes) = store.read("revocations.bin")? else {
+        return Ok(None);
+    };
+    let list = proto::revocation::verify_revocations(&bytes, root, 0)
+        .context("the stored revocation list does not verify against the hub's root")?;
+    Ok(Some((list, bytes)))
+}
+
+/// `hub revoke DEVICE`: adds its enrolled key to the revocation list (signed with the
+/// timestamp key, one version up) in one commit with an event.
+pub fn revoke(home: &Home, name: &str, reason: &str) -> Result<Revocations> {
+    let root = home.trusted_root()?;
+    let key = home.timestamp_key()?;
+    let store = home.store()?;
+    let enrolled = store
+        .read(&format!("devices/{name}.pub"))?
+        .with_context(|| format!("no device {name:?} is enrolled (see `hub devices`)"))?;
+    let device = PublicKey::from_text(&String::from_utf8_lossy(&enrolled))
+        .with_context(|| format!("reading the enrolled key of {name}"))?;
+    let mut list = revocations(&store, &root)?
+        .map(|(l, _)| l)
+        .unwrap_or_else(|| Revocations {
+            fleet: root.fleet().into(),
+            ..Revocations::default()
+        });
+    if list.is_revoked(&device) {
+        bail!("{name} is already revoked");
+    }
+    list.version += 1;
+    list.issued_at = now();
+    list.devices.push(Revoked {
+        name: name.into(),
+        key: device,
+        at: now(),
+    });
+    let mut env = list.seal()?;
+    env.sign(&key)?;
+    let mut change = Change::default();
+    change.put("revocations.bin", env.encode()?);
+    change.put(format!("revoked/{name}.pub"), enrolled);
+    change.event(Event {
+        at: now(),
+        kind: "revoke".into(),
+        app: None,
+        channel: None,
+        release: None,
+        device: Some(name.into()),
+        detail: format!(
+            "key {} revoked{}; revocation list version {}",
+            device.id().short(),
+            if reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {reason}")
+            },
+            list.version
+        ),
+    });
+    store.commit(&format!("revoke {name}"), &change, None)?;
+    Ok(list)
+}
+
+/// `hub status`: lines for people, warnings first.
+pub fn status(home: &Home) -> Result<Vec<String>> {
+    let root = home.anchor_root()?;
+    let freshness = Freshness {
+        lifetime: home.config.freshness_secs,
+    };
+    let now = now();
+    let mut out: Vec<String> = expiry_warnings(root.root(), freshness, now)
+        .into_iter()
+        .map(|w| format!("warning: {w}"))
+        .collect();
+    let r = root.root();
+    out.push(format!(
+        "fleet {}: trust root version {}, expires {} (in {}); root {}-of-{}, release {}-of-{}",
+        r.fleet,
+        r.version,
+        human_time(r.expires_at),
+        human_secs(r.expires_at.saturating_sub(now)),
+        r.root.threshold,
+        r.root.keys.len(),
+        r.release.threshold,
+        r.release.keys.len(),
+    ));
+    let store = home.store()?;
+    let signs = match home.release_key() {
+        Ok(k) if r.release.key(&k.id()).is_some() && r.release.threshold == 1 => {
+            "signs releases itself".to_string()
+        }
+        Ok(k) if r.release.key(&k.id()).is_some() => format!(
+            "holds 1 of the {} release signatures each release needs (publish --hold)",
+            r.release.threshold
+        ),
+        _ => "holds no release key (publish --hold, co-signed offline)".to_string(),
+    };
+    let ts = match home.timestamp_key() {
+        Ok(k) if r.timestamp.key(&k.id()).is_some() => format!(
+            "re-signs announcements' freshness ({} each) with timestamp key {}",
+            human_secs(freshness.lifetime),
+            k.id().short()
+        ),
+        Ok(k) => format!(
+            "warning: the timestamp key {} is not the root's: announcements will be refused",
+            k.id().short()
+        ),
+        Err(e) => format!("warning: {e:#}"),
+    };
+    out.push(format!("hub: {signs}; {ts}"));
+    let mut held: Vec<String> = std::fs::read_dir(home.dir.join("held"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    held.sort();
+    if !held.is_empty() {
+        out.push(format!(
+            "held for co-signing: {} (see {})",
+            held.join(", "),
+            home.dir.join("held").display()
+        ));
+    }
+    match revocations(&store, &root)? {
+        Some((list, _)) => out.push(format!(
+            "revoked: {} (revocation list version {})",
+            list.devices
+                .iter()
+                .map(|d| format!("{} since {}", d.name, human_time(d.at)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            list.version
+        )),
+        None => out.push("revoked: none".into()),
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use proto::VerifyError;
+
+    const DAY: u64 = 86_400;
+
+    fn ann(issued_at: u64, lifetime: u64) -> Announcement {
+        Announcement {
+            fleet: "home".into(),
+            app: "hello".into(),
+            channel: "stable".into(),
+            platform: proto::manifest::Platform::QemuX86_64,
+            release: 1,
+            version: semver::Version::new(1, 0, 0),
+            manifest: proto::Digest::of(b"m"),
+            issued_at,
+            expires_at: issued_at + lifetime,
+        }
+    }
+
+    /// Releases expired after 90 days and nothing re-signed them. Two simulated years,
+    /// hour by hour, time passed in: a hub that is up keeps every pointer fresh and the
+    /// device takes every release; a 20-day outage lets freshness lapse (the device
+    /// refuses the stale pointer and keeps its release); the hub back restores it.
+    #[test]
+    fn two_simulated_years_keep_updating_and_an_outage_past_freshness_lapses_then_recovers() {
+        use proto::announcement::verify_announcement;
+        use proto::manifest::{Expectations, Platform};
+        let key = |n| SecretKey::from_seed([n; 32]);
+        let role = |n| proto::root::Role {
+            keys: vec![key(n).public()],
+            threshold: 1,
+        };
+        const START: u64 = 1_800_000_000;
+        let root = Root {
+            fleet: "home".into(),
+            version: 1,
+            expires_at: START + 5 * 365 * DAY,
+            root: role(1),
+            release: role(2),
+            timestamp: role(3),
+        };
+        let mut env = root.seal().unwrap();
+        env.sign(&key(1)).unwrap();
+        let root = TrustedRoot::bootstrap(&env.encode().unwrap(), START).unwrap();
+        let f = Freshness { lifetime: 7 * DAY };
+        let ts = key(3);
+        let outage = START + 400 * DAY..START + 420 * DAY;
+        let mut hub_bytes = f.sign(&ann(START, 7 * DAY), &ts, START).unwrap();
+        let mut device_holds = hub_bytes.clone();
+        let (mut installed, mut released) = (0u64, 1u64);
+        let (mut refused_hours, mut resignings) = (0u64, 0u64);
+        for hour in 0..2 * 365 * 24 {
+            let now = START + hour * 3600;
+            let hub_up = !outage.contains(&now);
+            if hub_up {
+                if hour > 0 && hour % (30 * 24) == 0 {
+                    released += 1;
+                    let mut next = ann(now, 7 * DAY);
+                    next.release = released;
+                    hub_bytes = f.sign(&next, &ts, now).unwrap();
+                }
+                if let Some(fresh) = f.refresh(&hub_bytes, &ts, now).unwrap() {
+                    resignings += 1;
+                    hub_bytes = fresh;
+                }
+                device_holds = hub_bytes.clone();
+            }
+            let expect = Expectations {
+                app: Some("hello"),
+                channel: "stable",
+                platform: Platform::QemuX86_64,
+                installed_release: Some(installed),
+            };
+            match verify_announcement(&device_holds, &root, now) {
+                Ok(a) => {
+                    assert!(hub_up || now < outage.start + 7 * DAY, "fresh at {hour} h");
+                    if expect.applies(&a).is_ok() {
+                        installed = a.release;
+                    }
+                }
+                Err(VerifyError::Expired { .. }) => {
+                    assert!(!hub_up, "stale with the hub up at hour {hour}");
+                    refused_hours += 1;
+                }
+                Err(e) => panic!("hour {hour}: {e}"),
+            }
+            assert!(installed >= released.saturating_sub(1), "hour {hour}");
+        }
+        assert_eq!(installed, released, "every release was taken");
+        assert_eq!(released, 25);
+        // Stale from 7 days after the last re-signing (3.5 days before the outage at
+        // most) to the outage's end: between 13.5 and 16.5 days of the 20.
+        assert!(
+            (13 * 24..=17 * 24).contains(&refused_hours),
+            "{refused_hours} h"
+        );
+        // Re-signed every 3.5 days, about 200 times in two years.
+        assert!((180..=230).contains(&resignings), "{resignings}");
+    }
+
+    #[test]
+    fn an_announcement_is_re_signed_at_half_its_life() {
+        let f = Freshness { lifetime: 7 * DAY };
+        let a = ann(1_000_000, 7 * DAY);
+        assert!(!f.due(&a, 1_000_000));
+        assert!(!f.due(&a, 1_000_000 + 3 * DAY));
+        assert!(f.due(&a, 1_000_000 + 7 * DAY / 2));
+        // The clock went back a day: sign again rather than wait days.
+        assert!(f.due(&a, 1_000_000 - DAY));
+        // The lifetime was shortened: what was signed for longer is signed again.
+        assert!(Freshness { lifetime: DAY }.due(&a, 1_000_000));
+    }
+
+    #[test]
+    fn a_root_expiring_soon_is_warned_of_with_a_date() {
+        let f = Freshness { lifetime: 7 * DAY };
+        let mut root = Root {
+            fleet: "home".into(),
+            version: 3,
+            expires_at: 1_800_000_000 + 90 * DAY,
+            root: proto::root::Role {
+                keys: vec![SecretKey::from_seed([1; 32]).public()],
+                threshold: 1,
+            },
+            release: proto::root::Role {
+                keys: vec![SecretKey::from_seed([2; 32]).public()],
+                threshold: 1,
+            },
+            timestamp: proto::root::Role {
+                keys: vec![SecretKey::from_seed([3; 32]).public()],
+                threshold: 1,
+            },
+        };
+        assert!(expiry_warnings(&root, f, 1_800_000_000).is_empty());
+        root.expires_at = 1_800_000_000 + 59 * DAY;
+        let w = expiry_warnings(&root, f, 1_800_000_000);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("version 3")
+                && w[0].contains("2027-03-15")
+                && w[0].contains("in 59 days"),
+            "{}",
+            w[0]
+        );
+        let w = expiry_warnings(&root, f, root.expires_at + 1);
+        assert!(w[0].contains("expired"), "{}", w[0]);
+    }
+}

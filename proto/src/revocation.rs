@@ -1,0 +1,89 @@
+//! The revocation list: device keys the fleet no longer trades with.
+//!
+//! Signed by the hub's timestamp key and spread like announcements (MQTT retained,
+//! gossip, asked of each peer), so it holds with the hub down: a device refuses to serve
+//! or fetch from a revoked peer, and the hub refuses its reports. It never expires (a
+//! revocation must outlive a hub outage); a list replaces another only with a higher
+//! version, so an old list cannot be replayed to un-revoke a device.
+
+use crate::codec::{CodecError, Kind};
+use crate::envelope::Envelope;
+use crate::error::VerifyError;
+use crate::keys::PublicKey;
+use crate::names;
+use crate::root::TrustedRoot;
+use serde::{Deserialize, Serialize};
+
+/// Most devices one list may name (it must fit [`Kind::Revocations`]'s size limit).
+pub const MAX_REVOKED: usize = 1000;
+
+/// One revoked device: its enrolled name (for people) and key (what is checked).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoked {
+    pub name: String,
+    pub key: PublicKey,
+    /// When it was revoked (Unix s).
+    pub at: u64,
+}
+
+/// The payload of a [`Kind::Revocations`] message.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocations {
+    pub fleet: String,
+    /// Grows by one per change; devices keep the highest they verified.
+    pub version: u64,
+    pub issued_at: u64,
+    pub devices: Vec<Revoked>,
+}
+
+impl Revocations {
+    pub fn seal(&self) -> Result<Envelope, CodecError> {
+        Envelope::seal(Kind::Revocations, self)
+    }
+
+    pub fn is_revoked(&self, key: &PublicKey) -> bool {
+        self.devices.iter().any(|d| d.key == *key)
+    }
+
+    fn validate(&self) -> Result<(), VerifyError> {
+        let invalid = |reason: String| VerifyError::Invalid {
+            kind: Kind::Revocations,
+            reason,
+        };
+        names::check("fleet", &self.fleet).map_err(|e| invalid(e.to_string()))?;
+        if self.version == 0 {
+            return Err(invalid("version must start at 1".into()));
+        }
+        if self.devices.len() > MAX_REVOKED {
+            return Err(invalid(format!(
+                "{} devices listed (at most {MAX_REVOKED})",
+                self.devices.len()
+            )));
+        }
+        for d in &self.devices {
+            names::check("device", &d.name).map_err(|e| invalid(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// The one entry point for revocation lists: authentic (timestamp role, fleet) and newer
+/// than `known` (the version the caller holds), else refused.
+pub fn verify_revocations(
+    bytes: &[u8],
+    root: &TrustedRoot,
+    known: u64,
+) -> Result<Revocations, VerifyError> {
+    let env = Envelope::decode(bytes, Kind::Revocations)?;
+    let list: Revocations = env.open("timestamp", &root.root().timestamp)?;
+    list.validate()?;
+    root.check_fleet(Kind::Revocations, &list.fleet)?;
+    if list.version <= known {
+        return Err(VerifyError::Stale {
+            kind: Kind::Revocations,
+            offered: list.version,
+            known,
+        });
+    }
+    Ok(list)
+}
