@@ -470,7 +470,10 @@ impl Router {
             }
             Some((k, issued)) if ann.release == k => {
                 if ann.issued_at > issued {
-                    self.latest.insert(key, Latest::of(&ann, bytes));
+                    self.latest.insert(key, Latest::of(&ann, bytes.clone()));
+                    // An install waiting to be retried takes the fresher bytes: the older
+                    // ones may lapse before it runs.
+                    self.hand_over(ann, bytes, verified_ms, from);
                 }
                 return Verdict::Known;
             }
@@ -484,8 +487,14 @@ impl Router {
             .or_insert_with(|| Trickle::new(REGOSSIP_MIN, REGOSSIP_MAX, self.phase, t))
             .reset(t);
         self.latest.insert(key, Latest::of(&ann, bytes.clone()));
+        self.hand_over(ann, bytes, verified_ms, from);
+        Verdict::New
+    }
+
+    /// *For me?* An authentic, fresh announcement goes to the updater if it is.
+    fn hand_over(&self, ann: Announcement, bytes: Vec<u8>, verified_ms: u64, from: Option<PeerId>) {
         if !self.cfg.apps.contains(&ann.app) {
-            return Verdict::New;
+            return;
         }
         let expect = Expectations {
             app: None,
@@ -501,7 +510,6 @@ impl Router {
             }),
             Err(e) => tracing::info!(from = ?from, app = %ann.app, "relaying, not installing: {e}"),
         }
-        Verdict::New
     }
 
     /// A root: the next one is adopted; one further ahead sends for the links between,
@@ -769,10 +777,7 @@ impl Inbox {
     fn put(&self, heard: Heard) {
         let mut newest = self.newest.lock().unwrap_or_else(|p| p.into_inner());
         let app = heard.ann.app.clone();
-        if newest
-            .get(&app)
-            .is_none_or(|h| h.ann.release < heard.ann.release)
-        {
+        if newest.get(&app).is_none_or(|h| heard.supersedes(h)) {
             newest.insert(app, heard);
         }
         drop(newest);
@@ -817,6 +822,14 @@ struct Heard {
     bytes: Vec<u8>,
     /// When the router verified it (Unix ms): when the device learned of the release.
     verified_ms: u64,
+}
+
+impl Heard {
+    /// A newer release, or the same one signed afresh (the hub re-signs announcements
+    /// before they lapse).
+    fn supersedes(&self, other: &Heard) -> bool {
+        (self.ann.release, self.ann.issued_at) > (other.ann.release, other.ann.issued_at)
+    }
 }
 
 struct Updater {
@@ -874,7 +887,7 @@ impl Updater {
                 taken = inbox.take() => {
                     for h in taken {
                         let (app, release) = (h.ann.app.clone(), h.ann.release);
-                        if heard.get(&app).is_none_or(|o| o.ann.release < release) {
+                        if heard.get(&app).is_none_or(|o| h.supersedes(o)) {
                             heard.insert(app.clone(), h);
                         }
                         todo.extend(machine.handle(UpdaterEvent::Announced {
@@ -1270,6 +1283,15 @@ impl Updater {
         let checked =
             verify_announcement(bytes, &root, now).and_then(|a| expect.applies(&a).map(|()| a));
         if let Err(e) = checked {
+            if let VerifyError::Expired { .. } = e {
+                // Lapsed while it waited (a retry's pause, the hub down): tried again, with
+                // the fresh bytes the router hands over once the hub signs them again.
+                return Err(e).context(format!(
+                    "the announcement of release {} lapsed before it was installed; waiting \
+                     for the hub to sign it afresh",
+                    ann.release
+                ));
+            }
             // Most often the release we already run, announced again; at worst a replay.
             if matches!(e, VerifyError::Rollback { offered, installed, .. } if offered == installed)
             {
@@ -1458,6 +1480,25 @@ mod tests {
             bytes: vec![],
             verified_ms: 0,
         }
+    }
+
+    /// An install waiting for its retry held the announcement it was first handed; signed
+    /// afresh by the hub, the same release must replace it, or it lapses unused.
+    #[tokio::test]
+    async fn a_fresher_announcement_of_the_same_release_replaces_the_older_one() {
+        let inbox = Inbox::default();
+        let mut old = heard("a", 3);
+        old.ann.issued_at = 100;
+        let mut fresh = heard("a", 3);
+        fresh.ann.issued_at = 200;
+        inbox.put(old);
+        inbox.put(fresh);
+        let mut stale_again = heard("a", 3);
+        stale_again.ann.issued_at = 150;
+        inbox.put(stale_again);
+        let taken = inbox.take().await;
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].ann.issued_at, 200, "the freshest bytes win");
     }
 
     /// The router handed releases to the updater through a queue of 16 with `try_send`:

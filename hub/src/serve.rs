@@ -39,6 +39,8 @@ type Scan = (Option<git2::Oid>, Vec<Announced>, u64);
 pub const ANNOUNCE_TOPIC_KINDS: [Kind; 3] = [Kind::Announcement, Kind::Root, Kind::Revocations];
 
 const REANNOUNCE: Duration = Duration::from_secs(5);
+/// How often the root and revocation list are spread again when unchanged.
+const RECORDS_AGAIN: Duration = Duration::from_secs(300);
 /// How long shutdown waits for the hub's tasks to stop.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often the store is offered to `git gc --auto` (which packs only past its threshold).
@@ -202,6 +204,8 @@ struct Hub {
     /// `apps` tree they were read at: re-read only when that changes (a publish, a
     /// promote), not every re-announcement.
     announcements: (Option<git2::Oid>, Vec<Announced>),
+    /// When the root and revocation list were last spread, and their versions then.
+    records_sent: Option<(std::time::Instant, (u64, u64))>,
 }
 
 /// What the hub signs and checks with: its root, its timestamp key, how long announcements
@@ -344,6 +348,7 @@ pub async fn serve(
         trust,
         announced: BTreeMap::new(),
         announcements: (None, vec![]),
+        records_sent: None,
     };
     hub.count_states();
 
@@ -501,13 +506,7 @@ impl Hub {
             Err(e) => tracing::error!("reading releases: {e}"),
         }
         self.refresh_announcements();
-        let fleet = &self.home.config.fleet;
-        for (topic, bytes) in self.trust.records(fleet) {
-            let _ = self
-                .mqtt
-                .try_publish(topic, QoS::AtLeastOnce, true, bytes.clone());
-            let _ = self.net.publish(Topic::Announce, bytes).await;
-        }
+        self.spread_records().await;
         let latest = self.announcements.1.clone();
         for (app, channel, release, bytes) in &latest {
             let topic = format!(
@@ -537,6 +536,33 @@ impl Hub {
             }
         }
         latest.len()
+    }
+
+    /// The root and the revocation list, on MQTT (retained) and gossip: when they change
+    /// and every [`RECORDS_AGAIN`] (a broker that lost its retained messages learns them
+    /// again). Not every 5 s like announcements: a k-of-n root is up to 64 KiB, and the
+    /// broker forwards each publish to every device.
+    async fn spread_records(&mut self) {
+        let versions = (
+            self.trust.root.root().version,
+            self.trust
+                .revocations
+                .as_ref()
+                .map_or(0, |(l, _)| l.version),
+        );
+        let due = self
+            .records_sent
+            .is_none_or(|(at, sent)| sent != versions || at.elapsed() >= RECORDS_AGAIN);
+        if !due {
+            return;
+        }
+        for (topic, bytes) in self.trust.records(&self.home.config.fleet) {
+            let _ = self
+                .mqtt
+                .try_publish(topic, QoS::AtLeastOnce, true, bytes.clone());
+            let _ = self.net.publish(Topic::Announce, bytes).await;
+        }
+        self.records_sent = Some((std::time::Instant::now(), versions));
     }
 
     /// Signs again, with the timestamp key, each announcement past half its freshness

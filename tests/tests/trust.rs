@@ -128,6 +128,18 @@ fn root_publish_reaches_every_device_even_one_offline_through_two_rotations() ->
         "{err}"
     );
 
+    // Restarted under root 3, the online device resumes release 1, which only the retired
+    // release key signed (its stored manifest opens with the root link of its day).
+    if let Some(mut p) = fleet.devices[online].proc.take() {
+        p.kill9();
+    }
+    std::fs::remove_file(fleet.devices[online].dir.join("state/status.json"))?;
+    fleet.start_device(online)?;
+    fleet.wait_all(&[online], "hello", 1, "Active", CONVERGE)?;
+    assert!(!fleet.devices[online]
+        .log_text()
+        .contains("no longer verifies"));
+
     // The device that slept through both comes back and catches up through both links.
     fleet.start_device(offline)?;
     wait_for("the returning device to adopt root 3", CONVERGE, || {

@@ -64,6 +64,19 @@ async fn main() -> anyhow::Result<()> {
                     .respond(reply, BlobResponse::Found(forged_announcement(&fleet)?))
                     .await;
             }
+            NetEvent::BlobWanted {
+                want: Want::Root | Want::Revocations,
+                reply,
+                ..
+            } => {
+                // A lie for the trust records a device asks each peer for while the broker
+                // is down: refused by the device like any other.
+                println!("asked for a trust record");
+                std::io::stdout().flush()?;
+                client
+                    .respond(reply, BlobResponse::Found(b"not a root".to_vec()))
+                    .await;
+            }
             NetEvent::BlobWanted { digest, reply, .. } => {
                 served += 1;
                 println!("served {served}");
