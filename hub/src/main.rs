@@ -222,7 +222,13 @@ fn print_event(e: &Event, json: bool) -> Result<()> {
         .into_iter()
         .flatten()
         .collect();
-        println!("{} {} {} {}", e.at, e.kind, what.join(" "), e.detail);
+        println!(
+            "{} {} {} {}",
+            hub::trust::human_time(e.at),
+            e.kind,
+            what.join(" "),
+            e.detail
+        );
     }
     use std::io::Write;
     std::io::stdout().flush()?;

@@ -99,16 +99,7 @@ impl Envelope {
     /// Decodes an envelope that must wrap a payload of `payload_kind`, enforcing that
     /// kind's size limit (plus room for signatures) before anything is decoded.
     pub fn decode(bytes: &[u8], payload_kind: Kind) -> Result<Envelope, VerifyError> {
-        let limit = envelope_limit(payload_kind);
-        if bytes.len() > limit {
-            return Err(CodecError::Oversized {
-                kind: Kind::Envelope,
-                len: bytes.len(),
-                limit,
-            }
-            .into());
-        }
-        let env: Envelope = codec::decode(Kind::Envelope, bytes)?;
+        let env = Envelope::decode_within(bytes, envelope_limit(payload_kind))?;
         let found = env.payload_kind()?;
         if found != payload_kind {
             return Err(CodecError::WrongKind {
@@ -141,15 +132,7 @@ impl Envelope {
     /// point.
     pub fn signed_kind(bytes: &[u8], kinds: &[Kind]) -> Result<Kind, VerifyError> {
         let limit = kinds.iter().map(|k| envelope_limit(*k)).max().unwrap_or(0);
-        if bytes.len() > limit {
-            return Err(CodecError::Oversized {
-                kind: Kind::Envelope,
-                len: bytes.len(),
-                limit,
-            }
-            .into());
-        }
-        let env: Envelope = codec::decode(Kind::Envelope, bytes)?;
+        let env = Envelope::decode_within(bytes, limit)?;
         let found = env.payload_kind()?;
         if !kinds.contains(&found) {
             return Err(CodecError::WrongKind {
@@ -159,6 +142,19 @@ impl Envelope {
             .into());
         }
         Ok(found)
+    }
+
+    /// The envelope framing of `bytes`, refused before decoding if longer than `limit`.
+    fn decode_within(bytes: &[u8], limit: usize) -> Result<Envelope, VerifyError> {
+        if bytes.len() > limit {
+            return Err(CodecError::Oversized {
+                kind: Kind::Envelope,
+                len: bytes.len(),
+                limit,
+            }
+            .into());
+        }
+        Ok(codec::decode(Kind::Envelope, bytes)?)
     }
 
     /// Checks that a threshold of `role`'s keys signed this envelope. Signatures by keys

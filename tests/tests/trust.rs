@@ -32,19 +32,25 @@ fn hub_fails(fleet: &Fleet, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// A started hub and two started devices named `a` and `b`, both active on release 1.
+fn two_devices_on_release_1(a: &str, b: &str) -> Result<(Fleet, usize, usize)> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let first = fleet.add_device(a, "hello", &[])?;
+    let second = fleet.add_device(b, "hello", &[])?;
+    fleet.start_device(first)?;
+    fleet.start_device(second)?;
+    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[first, second], "hello", 1, "Active", CONVERGE)?;
+    Ok((fleet, first, second))
+}
+
 /// Nothing wrote the device's stored root before: `fwtool root rotate` never left the
 /// operator's desk.
 #[test]
 fn root_publish_reaches_every_device_even_one_offline_through_two_rotations() -> Result<()> {
-    let mut fleet = Fleet::new("test:///default")?;
-    fleet.start_hub(&[])?;
-    let online = fleet.add_device("rot0", "hello", &[])?;
-    let offline = fleet.add_device("rot1", "hello", &[])?;
-    fleet.start_device(online)?;
-    fleet.start_device(offline)?;
-    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
-    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
-    fleet.wait_all(&[online, offline], "hello", 1, "Active", CONVERGE)?;
+    let (mut fleet, online, offline) = two_devices_on_release_1("rot0", "rot1")?;
     if let Some(mut p) = fleet.devices[offline].proc.take() {
         p.kill9();
     }
@@ -463,15 +469,7 @@ fn two_agents_with_one_name_say_so_on_both() -> Result<()> {
 /// Nothing could revoke a device.
 #[test]
 fn a_revoked_device_gets_nothing_with_the_hub_up_or_down() -> Result<()> {
-    let mut fleet = Fleet::new("test:///default")?;
-    fleet.start_hub(&[])?;
-    let good = fleet.add_device("good", "hello", &[])?;
-    let lost = fleet.add_device("lost", "hello", &[])?;
-    fleet.start_device(good)?;
-    fleet.start_device(lost)?;
-    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
-    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
-    fleet.wait_all(&[good, lost], "hello", 1, "Active", CONVERGE)?;
+    let (mut fleet, good, lost) = two_devices_on_release_1("good", "lost")?;
 
     let out = run(fleet
         .hub_cmd()?
@@ -526,5 +524,59 @@ fn a_revoked_device_gets_nothing_with_the_hub_up_or_down() -> Result<()> {
     )?;
     let st = fleet.devices[lost].state_json();
     assert_eq!(st["apps"]["hello"]["current"]["release"], 1, "{st}");
+    Ok(())
+}
+
+/// Unenrolled devices could always fetch from the hub; `serve_unenrolled = false` makes
+/// the hub serve enrolled devices only. (Devices cannot tell enrolled peers from others:
+/// they refuse only revoked ones.)
+#[test]
+fn a_hub_set_to_serve_enrolled_devices_only_refuses_a_stranger() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    let cfg = fleet.hub_dir.join("hub.toml");
+    let text = std::fs::read_to_string(&cfg)?;
+    std::fs::write(
+        &cfg,
+        text.replace("serve_unenrolled = true", "serve_unenrolled = false"),
+    )?;
+    fleet.start_hub(&[])?;
+    let member = fleet.add_device("member", "hello", &[])?;
+    // A board set up against this hub but never enrolled.
+    let dir = fleet.dir.path().join("stranger");
+    run(Command::new(bin("device")?)
+        .args(["enroll", "--name", "stranger", "--app", "hello"])
+        .args(["--libvirt", "test:///default", "--broker", &fleet.mqtt])
+        .args(["--hub", &fleet.hub_addr])
+        .args([
+            "--listen",
+            &format!("/ip4/127.0.0.1/tcp/{}", unifleet_tests::free_port()?),
+        ])
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--root")
+        .arg(fleet.hub_dir.join("root.bin")))?;
+    fleet.devices.push(unifleet_tests::fleet::Device {
+        name: "stranger".into(),
+        dir,
+        proc: None,
+        addr: String::new(),
+    });
+    let stranger = fleet.devices.len() - 1;
+    fleet.start_device(member)?;
+    fleet.start_device(stranger)?;
+    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[member], "hello", 1, "Active", CONVERGE)?;
+    wait_for("the stranger to be refused", CONVERGE, || {
+        fleet.devices[stranger]
+            .log_text()
+            .contains("refuses to trade with this device")
+            .then_some(())
+    })?;
+    let hub_log = fleet.hub.as_ref().map(|h| h.log_text()).unwrap_or_default();
+    assert!(
+        hub_log.contains("refusing a blob request: revoked or not enrolled"),
+        "{hub_log}"
+    );
     Ok(())
 }
