@@ -9,7 +9,8 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 PACKAGES=(build-essential pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu
-          libvirt-clients qemu-system-x86 mosquitto python3 iproute2 procps)
+          libvirt-clients qemu-system-x86 mosquitto python3 iproute2 procps
+          qemu-system-arm binutils-aarch64-linux-gnu libxml2-utils)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -50,9 +50,13 @@ enum Command {
     /// Create, rotate, co-sign and check trust roots.
     #[command(subcommand)]
     Root(RootCommand),
-    /// Write a bootable x86 multiboot test unikernel that prints `READY <app> <version>`
+    /// Write a bootable test unikernel (x86 multiboot or arm64 Image) that prints `READY <app> <version>`
     /// on its first serial port and answers every line it receives there.
     Testimage {
+        /// The machine: x86 (a multiboot ELF, COM1) or aarch64 (an arm64 Image for
+        /// `qemu-system-aarch64 -M virt`, PL011 console).
+        #[arg(long, value_enum, default_value_t = testimage::Arch::X86)]
+        arch: testimage::Arch,
         #[arg(long)]
         app: String,
         #[arg(long)]
@@ -262,6 +266,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Root(cmd) => run_root(cmd)?,
         Command::Testimage {
+            arch,
             app,
             version,
             out,
@@ -269,6 +274,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             pad_mib,
         } => {
             let spec = testimage::Spec {
+                arch,
                 app,
                 version,
                 fail,

@@ -71,13 +71,16 @@ pub fn inspect(prefix: &[u8], file_size: u64) -> Result<ImageHeader, ImageError>
     if read_u32(prefix, ZIMAGE_MAGIC_OFFSET) == Some(ZIMAGE_MAGIC) {
         return inspect_zimage(prefix, file_size);
     }
+    if prefix.get(ARM64_MAGIC_OFFSET..ARM64_MAGIC_OFFSET + 4) == Some(ARM64_MAGIC.as_slice()) {
+        return inspect_arm64(prefix, file_size);
+    }
     if prefix.starts_with(crate::codec::MAGIC.as_slice()) {
         return Err(ImageError::Unknown(
             "this is a unifleet message, not an image".into(),
         ));
     }
     Err(ImageError::Unknown(
-        "no ELF, multiboot or ARM zImage header found".into(),
+        "no ELF, multiboot, ARM zImage or arm64 Image header found".into(),
     ))
 }
 
@@ -113,6 +116,47 @@ fn within(
             file_size,
         }),
     }
+}
+
+/// Where an arm64 Linux-style `Image` keeps its magic, and the magic.
+const ARM64_MAGIC_OFFSET: usize = 56;
+const ARM64_MAGIC: [u8; 4] = *b"ARM\x64";
+/// The arm64 Image header's length.
+const ARM64_HEADER: u64 = 64;
+
+/// arm64 Image (Linux's boot protocol): a 64-byte header (branch, text offset, image
+/// size, flags, magic) in front of position-independent code. The image size may count
+/// memory beyond the file (bss), so it bounds nothing; the header must be whole.
+fn inspect_arm64(b: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
+    within(
+        "arm64 Image",
+        || "64-byte header".into(),
+        0,
+        ARM64_HEADER,
+        file_size,
+    )?;
+    let (Some(text_offset), Some(image_size), Some(flags)) =
+        (read_u64(b, 8), read_u64(b, 16), read_u64(b, 24))
+    else {
+        return Err(ImageError::Corrupt {
+            format: "arm64 Image",
+            reason: "truncated header".into(),
+        });
+    };
+    if flags & 1 != 0 {
+        return Err(ImageError::Corrupt {
+            format: "arm64 Image",
+            reason: "big-endian images are not supported".into(),
+        });
+    }
+    Ok(ImageHeader {
+        format: "arm64 Image".into(),
+        platforms: vec![Platform::QemuAarch64],
+        entry: None,
+        notes: vec![format!(
+            "text offset 0x{text_offset:x}, image size {image_size} bytes, flags 0x{flags:x}"
+        )],
+    })
 }
 
 /// ARM zImage: the words at 0x28/0x2c are the image's start and end, so `end - start` is

@@ -30,13 +30,17 @@ pub enum Platform {
     /// x86 multiboot ELF booted by QEMU/KVM direct kernel boot.
     #[serde(rename = "qemu-x86_64")]
     QemuX86_64,
+    /// arm64 Image booted by QEMU/KVM (`-M virt`) direct kernel boot, PL011 console.
+    #[serde(rename = "qemu-aarch64")]
+    QemuAarch64,
 }
 
 impl Platform {
-    pub const ALL: [Platform; 3] = [
+    pub const ALL: [Platform; 4] = [
         Platform::XenArm32,
         Platform::XenX86_64Pvh,
         Platform::QemuX86_64,
+        Platform::QemuAarch64,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +48,7 @@ impl Platform {
             Platform::XenArm32 => "xen-arm32",
             Platform::XenX86_64Pvh => "xen-x86_64-pvh",
             Platform::QemuX86_64 => "qemu-x86_64",
+            Platform::QemuAarch64 => "qemu-aarch64",
         }
     }
 }
@@ -56,7 +61,7 @@ impl fmt::Display for Platform {
 
 /// A platform name that is not one of [`Platform::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown platform {0:?} (known: xen-arm32, xen-x86_64-pvh, qemu-x86_64)")]
+#[error("unknown platform {0:?} (known: xen-arm32, xen-x86_64-pvh, qemu-x86_64, qemu-aarch64)")]
 pub struct UnknownPlatform(pub String);
 
 impl FromStr for Platform {

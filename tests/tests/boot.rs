@@ -194,3 +194,71 @@ fn testimage_boots_through_libvirt_qemu_system() -> Result<()> {
     );
     Ok(())
 }
+
+/// The aarch64 test unikernel (an arm64 Image) boots through libvirt's QEMU driver with
+/// the XML the device agent renders (`-M virt`, Cortex-A53 under TCG, GICv2), prints its
+/// READY line on the PL011 console, answers a line, and idles at ~0 CPU.
+#[test]
+fn aarch64_testimage_boots_through_libvirt_with_the_agents_xml() -> Result<()> {
+    use device::activator::{render_xml, Driver, Launch};
+    use proto::manifest::{BootSpec, HealthProbe, Platform};
+    let dir = tempfile::tempdir()?;
+    let image = testimage(dir.path(), "hello", "3.0.0", &["--arch", "aarch64"])?;
+    let log = dir.path().join("console.log");
+    let conn = virt::connect::Connect::open(Some("qemu:///system"))
+        .context("connecting to qemu:///system (run scripts/setup.sh to start libvirtd)")?;
+    let launch = Launch {
+        name: format!("uf-boot-a64-{}", std::process::id()),
+        platform: Platform::QemuAarch64,
+        image,
+        boot: BootSpec {
+            memory_mib: 64,
+            vcpus: 1,
+            cmdline: String::new(),
+            probe: HealthProbe::ConsoleBanner {
+                line: "READY hello 3.0.0".into(),
+            },
+            probe_timeout_ms: 10_000,
+        },
+        console_log: log.clone(),
+    };
+    let mut attempt = 0;
+    let (dom, port) = loop {
+        attempt += 1;
+        let port = free_port()?;
+        match conn.create_domain_xml(&render_xml(&launch, Driver::Qemu, "qemu", port), 0) {
+            Ok(d) => break (Domain(d), port),
+            Err(e) if attempt < 3 => eprintln!("retrying domain start: {e}"),
+            Err(e) => return Err(e).context("creating the aarch64 libvirt domain"),
+        }
+    };
+    let start = Instant::now();
+    let text = wait_for_file_line(&log, "READY hello 3.0.0", BOOT_DEADLINE)?;
+    eprintln!(
+        "aarch64: READY {:?} after domain start: {text:?}",
+        start.elapsed()
+    );
+    let mut sock =
+        std::net::TcpStream::connect(("127.0.0.1", port)).context("connecting to the console")?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    for line in ["are you there?\r\n", "and now?\n"] {
+        sock.write_all(line.as_bytes())?;
+        let answer = read_until(&mut sock, "HELLO hello 3.0.0\r\n", BOOT_DEADLINE)?;
+        assert!(answer.contains("HELLO hello 3.0.0"), "{answer:?}");
+    }
+    let (state, _) = dom.0.state()?;
+    assert!(
+        state.is_known_and(|s| matches!(s, virt::domain::DomainState::Running)),
+        "{state:?}"
+    );
+    // Idle in WFI: a second of wall time costs far less than a second of CPU.
+    let cpu = |d: &virt::domain::Domain| d.info().map(|i| i.cpu_time).unwrap_or(0);
+    let before = cpu(&dom.0);
+    std::thread::sleep(Duration::from_secs(2));
+    let used_ns = cpu(&dom.0) - before;
+    assert!(
+        used_ns < 500_000_000,
+        "idle guest used {used_ns} ns of CPU in 2 s"
+    );
+    Ok(())
+}

@@ -1,6 +1,9 @@
-//! `fwtool testimage`: a real bootable x86 multiboot unikernel, written byte by byte.
+//! `fwtool testimage`: a real bootable unikernel, written byte by byte: an x86 multiboot
+//! ELF (`--arch x86`, the default) or an arm64 Image (`--arch aarch64`, booted by
+//! `qemu-system-aarch64 -M virt`; `kernel-aarch64.S`: the image header, the code, then
+//! the two messages).
 //!
-//! File layout (everything before the padding is one PT_LOAD segment at 1 MiB):
+//! x86 file layout (everything before the padding is one PT_LOAD segment at 1 MiB):
 //!
 //! ```text
 //! 0x00  ELF32 header (i386, EXEC, entry = CODE_ADDR)
@@ -15,6 +18,7 @@
 //! the first few hundred bytes and share every padding chunk.
 
 mod blob;
+mod blob_aarch64;
 
 use anyhow::{ensure, Context, Result};
 use std::io::Write;
@@ -22,9 +26,20 @@ use std::io::Write;
 const MULTIBOOT_MAGIC: u32 = 0x1BAD_B002;
 const PAD_BLOCK: usize = 1 << 20;
 
+/// Which machine the image is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Arch {
+    /// 32-bit x86 multiboot ELF (platform qemu-x86_64).
+    #[default]
+    X86,
+    /// arm64 Image with a PL011 console (platform qemu-aarch64).
+    Aarch64,
+}
+
 /// What to build.
 #[derive(Debug, Clone)]
 pub struct Spec {
+    pub arch: Arch,
     pub app: String,
     pub version: semver::Version,
     /// Boots and prints a line, but never `READY`.
@@ -59,7 +74,31 @@ pub fn loaded_bytes(spec: &Spec) -> Result<Vec<u8>> {
     proto::names::check("app", &spec.app).map_err(anyhow::Error::msg)?;
     let first = format!("{}\r\n\0", spec.first_line());
     let answer = format!("{}\r\n\0", spec.answer_line());
+    match spec.arch {
+        Arch::X86 => multiboot(spec, &first, &answer),
+        Arch::Aarch64 => arm64_image(spec, &first, &answer),
+    }
+}
 
+/// The arm64 Image: code (position independent), then the messages; `table` holds their
+/// offsets from the start and the mode, the header the whole size.
+fn arm64_image(spec: &Spec, first: &str, answer: &str) -> Result<Vec<u8>> {
+    let mut out = blob_aarch64::KERNEL.to_vec();
+    let first_at = u32::try_from(out.len()).context("image too large")?;
+    let answer_at = first_at + first.len() as u32;
+    let table = blob_aarch64::TABLE_OFFSET;
+    out[table..table + 4].copy_from_slice(&first_at.to_le_bytes());
+    out[table + 4..table + 8].copy_from_slice(&answer_at.to_le_bytes());
+    out[table + 8..table + 12].copy_from_slice(&u32::from(spec.fail).to_le_bytes());
+    out.extend_from_slice(first.as_bytes());
+    out.extend_from_slice(answer.as_bytes());
+    let size = (out.len() as u64).to_le_bytes();
+    let at = blob_aarch64::IMAGE_SIZE_OFFSET;
+    out[at..at + 8].copy_from_slice(&size);
+    Ok(out)
+}
+
+fn multiboot(spec: &Spec, first: &str, answer: &str) -> Result<Vec<u8>> {
     let mut kernel = blob::KERNEL.to_vec();
     let strings_addr = blob::CODE_ADDR + kernel.len() as u32;
     let answer_addr = strings_addr + first.len() as u32;
@@ -136,6 +175,7 @@ mod tests {
 
     fn spec(version: &str, fail: bool) -> Spec {
         Spec {
+            arch: Arch::X86,
             app: "hello".into(),
             version: version.parse().unwrap(),
             fail,
@@ -193,6 +233,60 @@ mod tests {
             assembled,
             blob::KERNEL.to_vec(),
             "re-generate blob.rs from kernel.S"
+        );
+    }
+
+    #[test]
+    fn aarch64_image_is_recognised_as_an_arm64_image() {
+        let spec = Spec {
+            arch: Arch::Aarch64,
+            ..spec("1.0.0", false)
+        };
+        let bytes = loaded_bytes(&spec).unwrap();
+        let header = proto::image::inspect(&bytes, bytes.len() as u64).unwrap();
+        assert_eq!(
+            header.platforms,
+            vec![proto::manifest::Platform::QemuAarch64]
+        );
+        let size = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
+        assert_eq!(size, bytes.len() as u64);
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.contains("READY hello 1.0.0\r\n"));
+        assert!(text.contains("HELLO hello 1.0.0\r\n"));
+        let failing = loaded_bytes(&Spec { fail: true, ..spec }).unwrap();
+        assert!(!String::from_utf8_lossy(&failing).contains("READY"));
+    }
+
+    /// As `blob_matches_source`, for `kernel-aarch64.S` with the aarch64 binutils
+    /// (`binutils-aarch64-linux-gnu`, installed by scripts/setup.sh).
+    #[test]
+    fn aarch64_blob_matches_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/testimage/kernel-aarch64.S"
+        );
+        let run = |cmd: &str, args: &[&str]| {
+            let status = std::process::Command::new(cmd)
+                .args(args)
+                .current_dir(dir.path())
+                .status();
+            match status {
+                Ok(s) => assert!(s.success(), "{cmd} {args:?} failed"),
+                Err(e) => panic!("{cmd} not runnable ({e}); install binutils-aarch64-linux-gnu"),
+            }
+        };
+        run("aarch64-linux-gnu-as", &["-o", "k.o", src]);
+        run("aarch64-linux-gnu-ld", &["-Ttext=0", "-o", "k.elf", "k.o"]);
+        run(
+            "aarch64-linux-gnu-objcopy",
+            &["-O", "binary", "-j", ".text", "k.elf", "k.bin"],
+        );
+        let assembled = std::fs::read(dir.path().join("k.bin")).unwrap();
+        assert_eq!(
+            assembled,
+            blob_aarch64::KERNEL.to_vec(),
+            "re-generate blob_aarch64.rs from kernel-aarch64.S"
         );
     }
 }
