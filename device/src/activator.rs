@@ -17,6 +17,53 @@ pub struct Launch {
     pub boot: BootSpec,
     /// QEMU and Xen copy the first serial console here.
     pub console_log: PathBuf,
+    /// The network interface, if the release asks for one (`BootSpec::network`).
+    pub nic: Option<Nic>,
+}
+
+/// Where a domain's network interface is attached (device.toml `nic`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Nic {
+    /// A libvirt network (`network=default`).
+    Network(String),
+    /// A host bridge (`bridge=xenbr0`).
+    Bridge(String),
+}
+
+/// A `nic` setting that is neither `network=NAME` nor `bridge=NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("nic = {0:?}: use network=NAME (a libvirt network) or bridge=NAME (a host bridge)")]
+pub struct BadNic(pub String);
+
+impl std::str::FromStr for Nic {
+    type Err = BadNic;
+    fn from_str(s: &str) -> Result<Nic, BadNic> {
+        let ok = |n: &str| {
+            !n.is_empty()
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        match s.split_once('=') {
+            Some(("network", n)) if ok(n) => Ok(Nic::Network(n.into())),
+            Some(("bridge", n)) if ok(n) => Ok(Nic::Bridge(n.into())),
+            _ => Err(BadNic(s.into())),
+        }
+    }
+}
+
+impl Nic {
+    /// The `<interface>` element: virtio on QEMU, the PV netfront on Xen.
+    fn xml(&self, driver: Driver) -> String {
+        let source = match self {
+            Nic::Network(n) => format!("<interface type='network'><source network='{n}'/>"),
+            Nic::Bridge(b) => format!("<interface type='bridge'><source bridge='{b}'/>"),
+        };
+        let model = match driver {
+            Driver::Qemu => "<model type='virtio'/>",
+            Driver::Xen | Driver::Test => "",
+        };
+        format!("{source}{model}</interface>")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,10 +133,11 @@ pub fn render_xml(l: &Launch, driver: Driver, domain_type: &str, serial_port: u1
     let mem = l.boot.memory_mib;
     let vcpus = l.boot.vcpus;
     let lifecycle = "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>";
+    let nic = l.nic.as_ref().map(|n| n.xml(driver)).unwrap_or_default();
     match driver {
         Driver::Test => format!(
             "<domain type='test'><name>{name}</name><memory unit='MiB'>{mem}</memory><vcpu>{vcpus}</vcpu>\
-             <os><type>hvm</type><kernel>{kernel}</kernel></os>{lifecycle}</domain>"
+             <os><type>hvm</type><kernel>{kernel}</kernel></os>{lifecycle}<devices>{nic}</devices></domain>"
         ),
         Driver::Qemu => {
             let os_type = match l.platform {
@@ -114,7 +162,7 @@ pub fn render_xml(l: &Launch, driver: Driver, domain_type: &str, serial_port: u1
                  {lifecycle}<devices>\
                  <serial type='tcp'><source mode='bind' host='127.0.0.1' service='{serial_port}' tls='no'/>\
                  <protocol type='raw'/><log file='{log}' append='off'/><target port='0'/></serial>\
-                 <memballoon model='none'/></devices></domain>"
+                 {nic}<memballoon model='none'/></devices></domain>"
             )
         }
         Driver::Xen => {
@@ -130,7 +178,7 @@ pub fn render_xml(l: &Launch, driver: Driver, domain_type: &str, serial_port: u1
             format!(
                 "<domain type='xen'><name>{name}</name><memory unit='MiB'>{mem}</memory><vcpu>{vcpus}</vcpu>\
                  <os>{os_type}<kernel>{kernel}</kernel><cmdline>{cmdline}</cmdline></os>{lifecycle}\
-                 <devices><console type='pty'><log file='{log}' append='off'/><target type='xen' port='0'/></console></devices></domain>"
+                 <devices><console type='pty'><log file='{log}' append='off'/><target type='xen' port='0'/></console>{nic}</devices></domain>"
             )
         }
     }
@@ -355,8 +403,10 @@ mod tests {
                     line: "READY".into(),
                 },
                 probe_timeout_ms: 1000,
+                network: false,
             },
             console_log: "/tmp/c.log".into(),
+            nic: None,
         }
     }
 
@@ -389,6 +439,11 @@ mod tests {
     fn every_rendered_domain_passes_libvirts_schema() {
         let dir = tempfile::tempdir().unwrap();
         let mut checked = 0;
+        let nics = [
+            None,
+            Some(Nic::Network("default".into())),
+            Some(Nic::Bridge("xenbr0".into())),
+        ];
         for platform in Platform::ALL {
             for (driver, domain_type) in [
                 (Driver::Test, "qemu"),
@@ -396,28 +451,34 @@ mod tests {
                 (Driver::Qemu, "kvm"),
                 (Driver::Xen, "xen"),
             ] {
-                let xml = render_xml(&launch(platform), driver, domain_type, 4555);
-                let path = dir
-                    .path()
-                    .join(format!("{platform}-{driver:?}-{domain_type}.xml"));
-                std::fs::write(&path, &xml).unwrap();
-                let out = std::process::Command::new("virt-xml-validate")
-                    .arg(&path)
-                    .arg("domain")
-                    .output()
-                    .expect(
-                        "virt-xml-validate not runnable; install libvirt-clients and libxml2-utils",
+                for nic in &nics {
+                    let mut l = launch(platform);
+                    l.boot.network = nic.is_some();
+                    l.nic = nic.clone();
+                    let xml = render_xml(&l, driver, domain_type, 4555);
+                    if let Some(n) = nic {
+                        assert!(xml.contains(&n.xml(driver)), "{xml}");
+                    }
+                    let path = dir.path().join(format!("{checked}.xml"));
+                    std::fs::write(&path, &xml).unwrap();
+                    let out = std::process::Command::new("virt-xml-validate")
+                        .arg(&path)
+                        .arg("domain")
+                        .output()
+                        .expect("virt-xml-validate not runnable; install libvirt-clients and libxml2-utils");
+                    assert!(
+                        out.status.success(),
+                        "{platform} on {driver:?}/{domain_type} with {nic:?} does not validate:\n{xml}\n{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
                     );
-                assert!(
-                    out.status.success(),
-                    "{platform} on {driver:?}/{domain_type} does not validate:\n{xml}\n{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                checked += 1;
+                    checked += 1;
+                }
             }
         }
-        assert_eq!(checked, Platform::ALL.len() * 4);
+        assert_eq!(checked, Platform::ALL.len() * 4 * nics.len());
+        assert_eq!("bridge=br0".parse(), Ok(Nic::Bridge("br0".into())));
+        assert!("br0".parse::<Nic>().is_err() && "network=a'b".parse::<Nic>().is_err());
     }
 
     #[test]
@@ -430,5 +491,12 @@ mod tests {
         a.probe(&l, 0).unwrap();
         a.stop(&l.name).unwrap();
         assert!(!a.is_running(&l.name));
+        // With a network interface on the test driver's own network.
+        l.boot.network = true;
+        l.nic = Some(Nic::Network("default".into()));
+        l.name.push_str("-nic");
+        a.start(&l).unwrap();
+        assert!(a.is_running(&l.name));
+        a.stop(&l.name).unwrap();
     }
 }

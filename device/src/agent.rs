@@ -1039,6 +1039,7 @@ impl Updater {
         let ctx = crate::ondemand::PoolContext {
             device: self.cfg.name.clone(),
             state_dir: self.cfg.state_dir.clone(),
+            nic: self.cfg.nic().ok(),
             local: self.activator.clone(),
             remote,
             metrics: self.metrics.clone(),
@@ -1071,6 +1072,7 @@ impl Updater {
             platform: m.platform,
             image: slot.to_path_buf(),
             boot: m.boot.clone(),
+            nic: m.boot.network.then(|| self.cfg.nic().ok()).flatten(),
         }
     }
 

@@ -43,6 +43,11 @@ pub struct Config {
     /// Domain type for QEMU URIs: `qemu` (TCG) or `kvm`.
     #[serde(default = "default_domain_type")]
     pub domain_type: String,
+    /// Where a release that asks for a network interface (`hub publish --network`) gets
+    /// it: `network=NAME` (a libvirt network) or `bridge=NAME` (a host bridge, as Xen
+    /// boards use: `bridge=xenbr0`).
+    #[serde(default = "default_nic")]
+    pub nic: String,
     /// Download and upload limits in bytes per second (0 = unlimited).
     #[serde(default)]
     pub download_rate: u64,
@@ -79,6 +84,9 @@ fn default_listen() -> String {
 }
 fn default_libvirt() -> String {
     "test:///default".into()
+}
+fn default_nic() -> String {
+    "network=default".into()
 }
 fn default_domain_type() -> String {
     "qemu".into()
@@ -126,6 +134,7 @@ impl Config {
             proto::names::check("app", app).map_err(anyhow::Error::msg)?;
         }
         self.platform().map_err(anyhow::Error::msg)?;
+        self.nic().map_err(anyhow::Error::msg)?;
         anyhow::ensure!(
             self.parallel_fetches > 0,
             "parallel_fetches must be at least 1"
@@ -135,5 +144,9 @@ impl Config {
 
     pub fn platform(&self) -> Result<Platform, proto::manifest::UnknownPlatform> {
         self.platform.parse()
+    }
+
+    pub fn nic(&self) -> Result<crate::activator::Nic, crate::activator::BadNic> {
+        self.nic.parse()
     }
 }

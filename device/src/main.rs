@@ -133,6 +133,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         mdns: false,
         libvirt_uri: libvirt,
         domain_type: "qemu".into(),
+        nic: "network=default".into(),
         download_rate: 0,
         upload_rate: 0,
         parallel_fetches: 4,

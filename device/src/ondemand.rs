@@ -161,6 +161,8 @@ pub struct PoolContext {
     pub device: String,
     /// Where instance console logs go.
     pub state_dir: PathBuf,
+    /// Where an instance's network interface goes, for releases that ask for one.
+    pub nic: Option<crate::activator::Nic>,
     pub local: Arc<Activator>,
     /// The hosted overflow host, if configured.
     pub remote: Option<Arc<Activator>>,
@@ -254,6 +256,7 @@ async fn pool(
     let PoolContext {
         device,
         state_dir,
+        nic,
         local,
         remote,
         metrics,
@@ -359,6 +362,7 @@ async fn pool(
                         platform: image.manifest.platform,
                         image: image.slot.clone(),
                         boot: image.manifest.boot.clone(),
+                        nic: image.manifest.boot.network.then(|| nic.clone()).flatten(),
                     };
                     insts.insert(
                         id,

@@ -209,6 +209,10 @@ struct PackCmd {
     probe: String,
     #[arg(long, default_value_t = 10)]
     probe_timeout_secs: u64,
+    /// The unikernel needs a network interface (each device attaches it where its `nic`
+    /// setting says).
+    #[arg(long)]
+    network: bool,
     /// Digest of the previous release's signed manifest.
     #[arg(long)]
     previous: Option<Digest>,
@@ -313,6 +317,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     cmdline: cmd.cmdline,
                     probe,
                     probe_timeout_ms: cmd.probe_timeout_secs * 1000,
+                    network: cmd.network,
                 },
                 staging,
                 previous: cmd.previous,

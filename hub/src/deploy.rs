@@ -12,6 +12,7 @@
 //! cmdline = ""
 //! probe = "banner"
 //! probe_timeout_secs = 10
+//! network = false             # the unikernel needs a network interface
 //! no_staging = false
 //! ```
 
@@ -40,6 +41,8 @@ struct DeployFile {
     probe: String,
     #[serde(default = "ten")]
     probe_timeout_secs: u64,
+    #[serde(default)]
+    network: bool,
     #[serde(default)]
     no_staging: bool,
     #[serde(default = "staging_timeout")]
@@ -123,6 +126,7 @@ pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) ->
             cmdline: spec.cmdline,
             probe: spec.probe,
             probe_timeout_secs: spec.probe_timeout_secs,
+            network: spec.network,
             no_staging: spec.no_staging,
             staging_timeout_secs: spec.staging_timeout_secs,
             hold: false,

@@ -80,6 +80,10 @@ enum Command {
         probe: String,
         #[arg(long, default_value_t = 10)]
         probe_timeout_secs: u64,
+        /// The unikernel needs a network interface: each device attaches one where its
+        /// `nic` setting says (a libvirt network or a bridge).
+        #[arg(long)]
+        network: bool,
         /// Publish without the staging gate (recorded in the release and the event log).
         #[arg(long)]
         no_staging: bool,
@@ -310,6 +314,7 @@ fn run(cli: Cli) -> Result<()> {
             cmdline,
             probe,
             probe_timeout_secs,
+            network,
             no_staging,
             staging_timeout_secs,
             hold,
@@ -324,6 +329,7 @@ fn run(cli: Cli) -> Result<()> {
                 cmdline,
                 probe,
                 probe_timeout_secs,
+                network,
                 no_staging,
                 staging_timeout_secs,
                 hold,

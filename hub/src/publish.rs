@@ -38,6 +38,9 @@ pub struct PublishArgs {
     /// `banner`, `banner:TEXT` or `tcp:PORT`.
     pub probe: String,
     pub probe_timeout_secs: u64,
+    /// The unikernel needs a network interface (each device attaches it where its
+    /// `nic` setting says).
+    pub network: bool,
     pub no_staging: bool,
     pub staging_timeout_secs: u64,
     /// Hold the release for co-signing instead of signing it (`hub release approve`).
@@ -510,6 +513,7 @@ fn prepare(
                 .map_err(anyhow::Error::msg)
                 .context("--probe")?,
             probe_timeout_ms: args.probe_timeout_secs * 1000,
+            network: args.network,
         },
         staging: Staging::Skipped,
         created_at: 0,

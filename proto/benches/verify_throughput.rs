@@ -124,6 +124,7 @@ fn main() {
             cmdline: String::new(),
             probe: HealthProbe::TcpConnect { port: 80 },
             probe_timeout_ms: 1000,
+            network: false,
         },
         staging: Staging::Skipped,
         created_at: NOW,

@@ -123,6 +123,9 @@ pub struct BootSpec {
     pub cmdline: String,
     pub probe: HealthProbe,
     pub probe_timeout_ms: u64,
+    /// The unikernel needs one network interface; where it is attached (a libvirt network
+    /// or a bridge) is the device's own setting (`nic` in device.toml).
+    pub network: bool,
 }
 
 /// One content-defined chunk of the image, in image order.

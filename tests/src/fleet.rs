@@ -384,9 +384,15 @@ impl Fleet {
     }
 
     pub fn start_device(&mut self, i: usize) -> Result<()> {
+        self.start_device_with(i, Command::new(bin("device")?))
+    }
+
+    /// [`Fleet::start_device`] with another program for the agent (an arm64 build run
+    /// under `qemu-aarch64-static`, say); `device run --config …` is appended.
+    pub fn start_device_with(&mut self, i: usize, mut program: Command) -> Result<()> {
         let d = &mut self.devices[i];
         let log = d.dir.join("agent.log");
-        let child = Command::new(bin("device")?)
+        let child = program
             .arg("run")
             .arg("--config")
             .arg(d.config())

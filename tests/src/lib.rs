@@ -24,6 +24,23 @@ pub fn bin(name: &str) -> Result<PathBuf> {
     )
 }
 
+/// A workspace binary cross-built for `triple` (`scripts/cross.sh TRIPLE`), in
+/// target/<triple>/<profile>/ beside this test's own profile.
+pub fn cross_bin(triple: &str, name: &str) -> Result<PathBuf> {
+    let native = bin(name)?;
+    let profile_dir = native.parent().context("binary has a directory")?;
+    let profile = profile_dir.file_name().context("profile directory")?;
+    let target = profile_dir.parent().context("target directory")?;
+    let path = target.join(triple).join(profile).join(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found; build it first with `scripts/cross.sh {triple}`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// A loopback TCP port that was free a moment ago. Whoever binds it next may race
 /// another process; callers that hand it to a child retry on "address in use".
 pub fn free_port() -> Result<u16> {

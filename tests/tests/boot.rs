@@ -219,8 +219,10 @@ fn aarch64_testimage_boots_through_libvirt_with_the_agents_xml() -> Result<()> {
                 line: "READY hello 3.0.0".into(),
             },
             probe_timeout_ms: 10_000,
+            network: false,
         },
         console_log: log.clone(),
+        nic: None,
     };
     let mut attempt = 0;
     let (dom, port) = loop {

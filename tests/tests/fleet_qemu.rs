@@ -242,3 +242,56 @@ fn an_aarch64_release_boots_on_an_aarch64_platform_device_beside_an_x86_one() ->
     assert!(console.contains("READY hello-arm 1.0.0"), "{console}");
     Ok(())
 }
+
+/// An ARM device for real on this x86 machine: the arm64 build of the agent
+/// (`scripts/cross.sh aarch64-unknown-linux-gnu`) runs under `qemu-aarch64-static`, talks
+/// to libvirtd, and boots the aarch64 release with `qemu-system-aarch64`; an x86 device
+/// beside it runs its own app, and both report healthy to the hub.
+#[test]
+fn an_arm64_agent_under_qemu_user_boots_its_release_and_reports() -> Result<()> {
+    let arm_agent = unifleet_tests::cross_bin("aarch64-unknown-linux-gnu", "device")?;
+    let mut fleet = Fleet::new(URI)?;
+    fleet.start_hub(&[])?;
+    let pid = std::process::id();
+    let arm = fleet.add_device(
+        &format!("arm64-{pid}"),
+        "hello-arm",
+        &["--platform", "qemu-aarch64"],
+    )?;
+    let x86 = fleet.add_device(&format!("amd64-{pid}"), "hello", &[])?;
+    let mut emulated = std::process::Command::new("qemu-aarch64-static");
+    emulated.arg(&arm_agent);
+    fleet.start_device_with(arm, emulated)?;
+    fleet.start_device(x86)?;
+    let img = fleet.testimage("hello-arm", "1.0.0", &["--arch", "aarch64"])?;
+    fleet.publish(
+        &img,
+        "hello-arm",
+        "1.0.0",
+        &["--no-staging", "--memory-mib", "64"],
+    )?;
+    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[arm], "hello-arm", 1, "Active", CONVERGE)?;
+    fleet.wait_all(&[x86], "hello", 1, "Active", CONVERGE)?;
+    // The hub has both healthy reports, signed by each device's key.
+    wait_for("the hub's inventory", CONVERGE, || {
+        let inv = fleet.inventory().ok()?;
+        let ok = |d: usize, app: &str| {
+            inv[format!("{}/{app}", fleet.devices[d].name)]["state"] == "active"
+        };
+        (ok(arm, "hello-arm") && ok(x86, "hello")).then_some(())
+    })?;
+    // It really was the arm64 agent.
+    let exe = std::fs::read_link(format!(
+        "/proc/{}/exe",
+        fleet.devices[arm]
+            .proc
+            .as_ref()
+            .context("agent running")?
+            .child
+            .id()
+    ))?;
+    assert!(exe.ends_with("qemu-aarch64-static"), "{}", exe.display());
+    Ok(())
+}

@@ -93,6 +93,7 @@ pub fn manifest_for(data: &[u8], release: u64) -> Manifest {
                 line: "READY hello 1.0.0".into(),
             },
             probe_timeout_ms: 10_000,
+            network: false,
         },
         staging: Staging::Passed {
             report: Digest::of(b"staging report"),
