@@ -430,6 +430,10 @@ mod tests {
             }
             assert!(installed >= released.saturating_sub(1), "hour {hour}");
         }
+        eprintln!(
+            "two years: {released} releases taken, {resignings} re-signings, \
+             {refused_hours} h stale in the 20-day outage"
+        );
         assert_eq!(installed, released, "every release was taken");
         assert_eq!(released, 25);
         // Stale from 7 days after the last re-signing (3.5 days before the outage at
