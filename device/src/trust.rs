@@ -368,6 +368,62 @@ mod tests {
         assert_eq!(clock.now(), seen + DAY);
     }
 
+    /// Root `version`, made by rotating with root key 1 (the root of [`root`]).
+    fn next_root(version: u64, release_seed: u8) -> Vec<u8> {
+        let k = |n| proto::SecretKey::from_seed([n; 32]);
+        let role = |n| proto::root::Role {
+            keys: vec![k(n).public()],
+            threshold: 1,
+        };
+        let root = proto::root::Root {
+            fleet: "home".into(),
+            version,
+            expires_at: BUILD_FLOOR + 10 * 365 * DAY,
+            root: role(1),
+            release: role(release_seed),
+            timestamp: role(3),
+        };
+        let mut env = root.seal().unwrap();
+        env.sign(&k(1)).unwrap();
+        env.encode().unwrap()
+    }
+
+    #[test]
+    fn a_root_two_versions_ahead_fetches_the_link_between_and_keeps_every_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let (v1, _) = root();
+        let trust = Trust::new(dir.path(), v1, Clock::open(dir.path(), system_now));
+        let (v2, v3) = (next_root(2, 4), next_root(3, 5));
+        assert_eq!(
+            trust.offer_root(&v3).unwrap(),
+            RootNews::NeedLinks { from: 2, to: 2 }
+        );
+        assert_eq!(trust.root().root().version, 1, "nothing taken on its word");
+        assert_eq!(trust.adopt_chain(&[v2.clone(), v3.clone()]).unwrap(), 3);
+        assert_eq!(trust.root().bytes(), v3.as_slice());
+        assert_eq!(trust.link(2).unwrap(), v2);
+        assert_eq!(std::fs::read(dir.path().join("root.bin")).unwrap(), v3);
+        assert_eq!(trust.offer_root(&v2).unwrap(), RootNews::Known);
+        // A restart starts from the stored newest root.
+        let stored = std::fs::read(dir.path().join("root.bin")).unwrap();
+        assert_eq!(
+            TrustedRoot::bootstrap(&stored, BUILD_FLOOR)
+                .unwrap()
+                .root()
+                .version,
+            3
+        );
+        // A chain with a link missing is refused whole.
+        let other = tempfile::tempdir().unwrap();
+        let trust = Trust::new(
+            other.path(),
+            root().0,
+            Clock::open(other.path(), system_now),
+        );
+        assert!(trust.adopt_chain(&[next_root(3, 5)]).is_err());
+        assert_eq!(trust.root().root().version, 1);
+    }
+
     #[test]
     fn a_new_board_without_a_clock_starts_from_the_build_floor() {
         let dir = tempfile::tempdir().unwrap();

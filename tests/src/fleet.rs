@@ -337,7 +337,32 @@ impl Fleet {
         libvirt: &str,
         extra: &[&str],
     ) -> Result<usize> {
-        let dir = self.path(name);
+        let i = self.set_up_device(name, name, app, channel, libvirt, extra)?;
+        run(self
+            .hub_cmd()?
+            .arg("enroll")
+            .arg(self.devices[i].dir.join("device.pub"))
+            .args(["--name", name]))?;
+        Ok(i)
+    }
+
+    /// `device enroll` of a board named `name` in `DIR/<dir>`, not enrolled at the hub:
+    /// a stranger, or a second board given a name already taken.
+    pub fn add_unenrolled_device(&mut self, dir: &str, name: &str, app: &str) -> Result<usize> {
+        let libvirt = self.libvirt.clone();
+        self.set_up_device(dir, name, app, "stable", &libvirt, &[])
+    }
+
+    fn set_up_device(
+        &mut self,
+        dir: &str,
+        name: &str,
+        app: &str,
+        channel: &str,
+        libvirt: &str,
+        extra: &[&str],
+    ) -> Result<usize> {
+        let dir = self.path(dir);
         let port = free_port()?;
         let listen = format!("/ip4/127.0.0.1/tcp/{port}");
         let mut cmd = Command::new(bin("device")?);
@@ -369,11 +394,6 @@ impl Fleet {
         }
         cmd.args(extra);
         run(&mut cmd)?;
-        run(self
-            .hub_cmd()?
-            .arg("enroll")
-            .arg(dir.join("device.pub"))
-            .args(["--name", name]))?;
         self.devices.push(Device {
             name: name.into(),
             dir,
@@ -381,6 +401,19 @@ impl Fleet {
             addr: listen,
         });
         Ok(self.devices.len() - 1)
+    }
+
+    /// Changes one line of the hub's `hub.toml` (before it starts), failing if absent.
+    pub fn set_hub_setting(&self, from: &str, to: &str) -> Result<()> {
+        let cfg = self.hub_dir.join("hub.toml");
+        let text = std::fs::read_to_string(&cfg)?;
+        anyhow::ensure!(
+            text.contains(from),
+            "{} has no line {from:?}",
+            cfg.display()
+        );
+        std::fs::write(&cfg, text.replace(from, to))?;
+        Ok(())
     }
 
     pub fn start_device(&mut self, i: usize) -> Result<()> {

@@ -203,32 +203,41 @@ mod tests {
         assert!(!String::from_utf8_lossy(&bytes).contains("READY"));
     }
 
-    /// The checked-in machine code must be exactly what kernel.S assembles to. Where
-    /// binutils are missing the comparison cannot run; CI installs them (build-essential).
-    #[test]
-    fn blob_matches_source() {
+    /// Runs each `(command, args)` in a temporary directory and returns the bytes of
+    /// `k.bin` it leaves: the checked-in machine code must be exactly what its source
+    /// assembles to. Where the binutils are missing this fails naming the package.
+    fn assemble(steps: &[(&str, &[&str])], package: &str) -> Vec<u8> {
         let dir = tempfile::tempdir().unwrap();
-        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src/testimage/kernel.S");
-        let run = |cmd: &str, args: &[&str]| {
+        for (cmd, args) in steps {
             let status = std::process::Command::new(cmd)
-                .args(args)
+                .args(*args)
                 .current_dir(dir.path())
                 .status();
             match status {
                 Ok(s) => assert!(s.success(), "{cmd} {args:?} failed"),
-                Err(e) => panic!("{cmd} not runnable ({e}); install binutils"),
+                Err(e) => panic!("{cmd} not runnable ({e}); install {package}"),
             }
-        };
-        run("as", &["--32", "-o", "k.o", src]);
-        run(
-            "ld",
-            &["-m", "elf_i386", "-Ttext=0x100060", "-o", "k.elf", "k.o"],
+        }
+        std::fs::read(dir.path().join("k.bin")).unwrap()
+    }
+
+    #[test]
+    fn blob_matches_source() {
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src/testimage/kernel.S");
+        let assembled = assemble(
+            &[
+                ("as", &["--32", "-o", "k.o", src]),
+                (
+                    "ld",
+                    &["-m", "elf_i386", "-Ttext=0x100060", "-o", "k.elf", "k.o"],
+                ),
+                (
+                    "objcopy",
+                    &["-O", "binary", "-j", ".text", "k.elf", "k.bin"],
+                ),
+            ],
+            "binutils",
         );
-        run(
-            "objcopy",
-            &["-O", "binary", "-j", ".text", "k.elf", "k.bin"],
-        );
-        let assembled = std::fs::read(dir.path().join("k.bin")).unwrap();
         assert_eq!(
             assembled,
             blob::KERNEL.to_vec(),
@@ -258,31 +267,24 @@ mod tests {
     }
 
     /// As `blob_matches_source`, for `kernel-aarch64.S` with the aarch64 binutils
-    /// (`binutils-aarch64-linux-gnu`, installed by scripts/setup.sh).
+    /// (installed by scripts/setup.sh).
     #[test]
     fn aarch64_blob_matches_source() {
-        let dir = tempfile::tempdir().unwrap();
         let src = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/src/testimage/kernel-aarch64.S"
         );
-        let run = |cmd: &str, args: &[&str]| {
-            let status = std::process::Command::new(cmd)
-                .args(args)
-                .current_dir(dir.path())
-                .status();
-            match status {
-                Ok(s) => assert!(s.success(), "{cmd} {args:?} failed"),
-                Err(e) => panic!("{cmd} not runnable ({e}); install binutils-aarch64-linux-gnu"),
-            }
-        };
-        run("aarch64-linux-gnu-as", &["-o", "k.o", src]);
-        run("aarch64-linux-gnu-ld", &["-Ttext=0", "-o", "k.elf", "k.o"]);
-        run(
-            "aarch64-linux-gnu-objcopy",
-            &["-O", "binary", "-j", ".text", "k.elf", "k.bin"],
+        let assembled = assemble(
+            &[
+                ("aarch64-linux-gnu-as", &["-o", "k.o", src]),
+                ("aarch64-linux-gnu-ld", &["-Ttext=0", "-o", "k.elf", "k.o"]),
+                (
+                    "aarch64-linux-gnu-objcopy",
+                    &["-O", "binary", "-j", ".text", "k.elf", "k.bin"],
+                ),
+            ],
+            "binutils-aarch64-linux-gnu",
         );
-        let assembled = std::fs::read(dir.path().join("k.bin")).unwrap();
         assert_eq!(
             assembled,
             blob_aarch64::KERNEL.to_vec(),
