@@ -20,11 +20,15 @@ fn five_devices_converge_on_v1_then_v2_and_v2_costs_only_the_delta() -> Result<(
     let v1 = fleet.testimage("hello", "1.0.0", &["--pad-mib", "16"])?;
     fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
     fleet.wait_all(&all, "hello", 1, "Active", CONVERGE)?;
-    // Peer exchange: the hub sent about one copy of the image; the rest came from peers.
+    // Peer exchange: the hub sent about one copy of the image (hub-only: five); the rest
+    // came from peers. Under 2 copies: the tracker sends a chunk again when nobody reported
+    // it stored within 10 s, which a loaded CI machine reaches (1.43 copies seen once while
+    // other tests published 256 MiB beside this one); the copies at scale are counted in
+    // BENCHMARKS.md's fleet benchmark.
     let size = std::fs::metadata(&v1)?.len();
     let from_hub: u64 = all.iter().map(|&i| hub_bytes(&fleet, i)).sum();
     assert!(
-        from_hub <= size + size / 10,
+        from_hub < 2 * size,
         "the hub sent {from_hub} bytes of a {size}-byte image to 5 devices"
     );
     let before: Vec<u64> = all.iter().map(|&i| total_bytes(&fleet, i)).collect();
