@@ -28,9 +28,10 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+# Pinned: cargo-deb says packaging a dev profile will become an error in a later release.
 if ! cargo deb --version >/dev/null 2>&1; then
   echo "packages: installing cargo-deb"
-  cargo install cargo-deb --locked --version '^3' >/dev/null 2>&1 \
+  cargo install cargo-deb --locked --version 3.8.0 >/dev/null 2>&1 \
     || cargo install cargo-deb --locked >/dev/null
 fi
 dir=$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
