@@ -192,31 +192,13 @@ impl Trust {
         self.revoked().peers.contains(peer)
     }
 
-    /// A manifest this device stored itself, signed under the root of its day: opened with
-    /// the release role of any root link held (a release-key rotation must not orphan the
-    /// release a device runs). What arrives from outside is verified against the current
-    /// root only.
+    /// A manifest this device stored itself, opened with the root link of its day
+    /// ([`TrustedRoot::open_stored`]).
     pub fn open_stored_manifest(
         &self,
         env: &Envelope,
     ) -> Result<proto::manifest::Manifest, VerifyError> {
-        let current = self.root();
-        let mut result = env.open("release", &current.root().release);
-        for v in (1..current.root().version).rev() {
-            if result.is_ok() {
-                break;
-            }
-            let Some(link) = self.link(v) else { continue };
-            let Ok(env_root) = Envelope::decode(&link, Kind::Root) else {
-                continue;
-            };
-            let Ok(old) = proto::codec::decode::<proto::root::Root>(Kind::Root, &env_root.payload)
-            else {
-                continue;
-            };
-            result = result.or_else(|_| env.open("release", &old.release));
-        }
-        result
+        self.root().open_stored(env, |v| self.link(v))
     }
 
     /// A root link this device holds (to serve a peer catching up).
@@ -323,23 +305,8 @@ mod tests {
     }
 
     fn root() -> (TrustedRoot, proto::SecretKey) {
-        let k = |n| proto::SecretKey::from_seed([n; 32]);
-        let role = |n| proto::root::Role {
-            keys: vec![k(n).public()],
-            threshold: 1,
-        };
-        let root = proto::root::Root {
-            fleet: "home".into(),
-            version: 1,
-            expires_at: BUILD_FLOOR + 10 * 365 * DAY,
-            root: role(1),
-            release: role(2),
-            timestamp: role(3),
-        };
-        let mut env = root.seal().unwrap();
-        env.sign(&k(1)).unwrap();
-        let bytes = env.encode().unwrap();
-        (TrustedRoot::bootstrap(&bytes, BUILD_FLOOR).unwrap(), k(3))
+        let root = TrustedRoot::bootstrap(&next_root(1, 2), BUILD_FLOOR).unwrap();
+        (root, proto::SecretKey::from_seed([3; 32]))
     }
 
     #[test]
@@ -368,7 +335,8 @@ mod tests {
         assert_eq!(clock.now(), seen + DAY);
     }
 
-    /// Root `version`, made by rotating with root key 1 (the root of [`root`]).
+    /// Root `version` signed by root key 1, release key `release_seed`, timestamp key 3
+    /// (version 1 with release key 2 is [`root`]).
     fn next_root(version: u64, release_seed: u8) -> Vec<u8> {
         let k = |n| proto::SecretKey::from_seed([n; 32]);
         let role = |n| proto::root::Role {

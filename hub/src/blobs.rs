@@ -166,17 +166,19 @@ impl Blobs {
                 if want == Want::Revocations {
                     return store.read("revocations.bin");
                 }
-                // Root versions are few; find the one whose key was asked for.
-                for version in 1..=10_000u64 {
-                    match crate::trust::root_link(&store, version)? {
-                        Some(bytes) if proto::blob::root_key(version) == digest => {
-                            return Ok(Some(bytes))
-                        }
-                        Some(_) => {}
-                        None => return Ok(None),
-                    }
+                // The chain's versions from the file names (one listing), then the one
+                // link whose key was asked for.
+                let versions = store
+                    .list("roots")?
+                    .into_iter()
+                    .filter_map(|f| f.strip_suffix(".bin")?.parse::<u64>().ok());
+                let asked = versions
+                    .chain([1])
+                    .find(|v| proto::blob::root_key(*v) == digest);
+                match asked {
+                    Some(v) => crate::trust::root_link(&store, v),
+                    None => Ok(None),
                 }
-                Ok(None)
             })
             .await
             .ok()

@@ -62,22 +62,9 @@ pub fn stored_manifest(
         .read(&release_path(app, channel, release, "manifest"))?
         .with_context(|| format!("no release {release} of {app} on {channel}"))?;
     let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)?;
-    // Signed under the root of its day: any root link in the store's chain will do (a
-    // release-key rotation must not orphan the history).
-    let current = home.anchor_root()?;
-    let mut opened = env.open("release", &current.root().release);
-    for v in (1..current.root().version).rev() {
-        if opened.is_ok() {
-            break;
-        }
-        if let Some(link) = crate::trust::root_link(store, v)? {
-            let old = proto::envelope::Envelope::decode(&link, proto::codec::Kind::Root)?;
-            let old: proto::root::Root =
-                proto::codec::decode(proto::codec::Kind::Root, &old.payload)?;
-            opened = opened.or_else(|_| env.open("release", &old.release));
-        }
-    }
-    Ok(opened?)
+    // Signed under the root of its day: a release-key rotation must not orphan the history.
+    let links = |v| crate::trust::root_link(store, v).ok().flatten();
+    Ok(home.anchor_root()?.open_stored(&env, links)?)
 }
 
 /// Where and why a release is being signed.

@@ -34,26 +34,39 @@ impl Role {
         self.keys.iter().find(|k| k.id() == *id)
     }
 
-    fn validate(&self, name: &str) -> Result<(), String> {
-        if self.keys.is_empty() || self.keys.len() > MAX_ROLE_KEYS {
-            return Err(format!(
-                "{name} role has {} keys (1 to {MAX_ROLE_KEYS} allowed)",
-                self.keys.len()
-            ));
+    fn validate(&self, role: &'static str) -> Result<(), RoleError> {
+        let keys = self.keys.len();
+        if keys == 0 || keys > MAX_ROLE_KEYS {
+            return Err(RoleError::KeyCount { role, keys });
         }
-        if self.threshold == 0 || self.threshold as usize > self.keys.len() {
-            return Err(format!(
-                "{name} threshold {} is not between 1 and its {} keys",
-                self.threshold,
-                self.keys.len()
-            ));
+        if self.threshold == 0 || self.threshold as usize > keys {
+            return Err(RoleError::Threshold {
+                role,
+                threshold: self.threshold,
+                keys,
+            });
         }
         let distinct: BTreeSet<_> = self.keys.iter().collect();
-        if distinct.len() != self.keys.len() {
-            return Err(format!("{name} role lists a key twice"));
+        if distinct.len() != keys {
+            return Err(RoleError::DuplicateKey { role });
         }
         Ok(())
     }
+}
+
+/// Why a role of a root is malformed (carried in [`VerifyError::Invalid`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoleError {
+    #[error("{role} role has {keys} keys (1 to {MAX_ROLE_KEYS} allowed)")]
+    KeyCount { role: &'static str, keys: usize },
+    #[error("{role} threshold {threshold} is not between 1 and its {keys} keys")]
+    Threshold {
+        role: &'static str,
+        threshold: u32,
+        keys: usize,
+    },
+    #[error("{role} role lists a key twice")]
+    DuplicateKey { role: &'static str },
 }
 
 /// Root metadata, the payload of a [`Kind::Root`] message.
@@ -83,9 +96,13 @@ impl Root {
         if self.version == 0 {
             return Err(invalid("version must start at 1".into()));
         }
-        self.root.validate("root").map_err(invalid)?;
-        self.release.validate("release").map_err(invalid)?;
-        self.timestamp.validate("timestamp").map_err(invalid)?;
+        for (name, role) in [
+            ("root", &self.root),
+            ("release", &self.release),
+            ("timestamp", &self.timestamp),
+        ] {
+            role.validate(name).map_err(|e| invalid(e.to_string()))?;
+        }
         if self.timestamp.threshold != 1 {
             return Err(invalid(format!(
                 "timestamp threshold is {}; it must be 1 (the hub signs freshness alone)",
@@ -221,6 +238,32 @@ impl TrustedRoot {
             });
         }
         Ok(())
+    }
+
+    /// Opens a release-signed envelope this node stored itself, verified back then under
+    /// the root of its day: tried with this root's release role, then with each earlier
+    /// link's (`links(version)` gives the stored link's bytes, if kept), newest first. A
+    /// release-key rotation must not orphan the history. What arrives from outside is
+    /// verified against this root alone.
+    pub fn open_stored<T: serde::de::DeserializeOwned>(
+        &self,
+        env: &Envelope,
+        links: impl Fn(u64) -> Option<Vec<u8>>,
+    ) -> Result<T, VerifyError> {
+        let mut opened = env.open("release", &self.root.release);
+        for v in (1..self.root.version).rev() {
+            if opened.is_ok() {
+                break;
+            }
+            let old = links(v).and_then(|b| {
+                let e = Envelope::decode(&b, Kind::Root).ok()?;
+                crate::codec::decode::<Root>(Kind::Root, &e.payload).ok()
+            });
+            if let Some(old) = old {
+                opened = opened.or_else(|_| env.open("release", &old.release));
+            }
+        }
+        opened
     }
 
     /// Fails when this root itself has expired: a frozen device must not keep accepting
