@@ -28,19 +28,82 @@ pub struct Reporter {
     key: SecretKey,
     net: NetClient,
     mqtt: Option<crate::mqtt::Mqtt>,
-    seq: AtomicU64,
     last_progress: Mutex<Option<Instant>>,
     pub from_peers: Arc<AtomicU64>,
     pub from_hub: Arc<AtomicU64>,
     status_file: PathBuf,
-    latest: Mutex<BTreeMap<String, StatusReport>>,
+    /// Held from numbering a report to handing it to the broker or gossip, so reports go
+    /// out in the order of their sequence numbers and a resend refreshes the newest state.
+    ledger: Mutex<Ledger>,
     /// The generation of `status.json` last written: writes happen on blocking threads
     /// (an fsync must not hold the agent's tasks), so an older snapshot that arrives late
     /// is skipped rather than written over a newer one.
     written: Arc<std::sync::Mutex<u64>>,
-    generation: AtomicU64,
     /// On-demand pools' counts, by app; part of every report of that app.
     ondemand: std::sync::Mutex<BTreeMap<String, OnDemandCounts>>,
+}
+
+/// The newest report of each app, numbered. A resend is made from the report in here at
+/// the moment it is numbered, never from a copy taken earlier: a copy taken before a newer
+/// state arrived, numbered after it, would put the older state back over the newer one on
+/// the hub and in `status.json`.
+#[derive(Debug)]
+struct Ledger {
+    next_seq: u64,
+    latest: BTreeMap<String, StatusReport>,
+    generation: u64,
+}
+
+/// A numbered report and the `status.json` snapshot (with its generation) that holds it.
+struct Numbered {
+    report: StatusReport,
+    generation: u64,
+    snapshot: serde_json::Result<Vec<u8>>,
+}
+
+impl Ledger {
+    fn new(first_seq: u64) -> Ledger {
+        Ledger {
+            next_seq: first_seq,
+            latest: BTreeMap::new(),
+            generation: 0,
+        }
+    }
+
+    /// A new state of `r.app`: numbered and kept as its newest report.
+    fn record(&mut self, mut r: StatusReport) -> Numbered {
+        r.seq = self.take_seq();
+        self.keep(r)
+    }
+
+    /// The newest report of `app` again, refreshed by `refresh` (time, counters) and
+    /// numbered anew; `None` when `app` has not reported yet.
+    fn again(&mut self, app: &str, refresh: impl FnOnce(&mut StatusReport)) -> Option<Numbered> {
+        let mut r = self.latest.get(app)?.clone();
+        refresh(&mut r);
+        r.seq = self.take_seq();
+        Some(self.keep(r))
+    }
+
+    fn apps(&self) -> Vec<String> {
+        self.latest.keys().cloned().collect()
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    fn keep(&mut self, r: StatusReport) -> Numbered {
+        self.latest.insert(r.app.clone(), r.clone());
+        self.generation += 1;
+        Numbered {
+            report: r,
+            generation: self.generation,
+            snapshot: serde_json::to_vec_pretty(&self.latest),
+        }
+    }
 }
 
 impl Reporter {
@@ -63,25 +126,41 @@ impl Reporter {
             key,
             net,
             mqtt,
-            // Milliseconds at start, then +1 per report: grows across restarts too.
-            seq: AtomicU64::new(start_ms),
             last_progress: Mutex::new(None),
             from_peers: metrics.bytes_from_peers.clone(),
             from_hub: metrics.bytes_from_hub.clone(),
             status_file: cfg.state_dir.join("status.json"),
-            latest: Mutex::new(BTreeMap::new()),
+            // Milliseconds at start, then +1 per report: grows across restarts too.
+            ledger: Mutex::new(Ledger::new(start_ms)),
             written: Arc::new(std::sync::Mutex::new(0)),
-            generation: AtomicU64::new(0),
             ondemand: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
-    async fn send(&self, r: StatusReport, again: bool) {
-        if again {
-            tracing::debug!(app = %r.app, release = ?r.release, state = r.state.label(), "status (again)");
-        } else {
-            tracing::info!(app = %r.app, release = ?r.release, state = r.state.label(), "status");
-        }
+    /// A new state: numbered, sent, written.
+    async fn send(&self, r: StatusReport) {
+        tracing::info!(app = %r.app, release = ?r.release, state = r.state.label(), "status");
+        let mut ledger = self.ledger.lock().await;
+        let numbered = ledger.record(r);
+        self.publish(&numbered.report).await;
+        drop(ledger);
+        self.write(numbered).await;
+    }
+
+    /// The newest report of `app` again with fresh time and counters; nothing if none yet.
+    async fn send_again(&self, app: &str) {
+        let mut ledger = self.ledger.lock().await;
+        let Some(numbered) = ledger.again(app, |r| self.refresh(r)) else {
+            return;
+        };
+        let r = &numbered.report;
+        tracing::debug!(app = %r.app, release = ?r.release, state = r.state.label(), "status (again)");
+        self.publish(r).await;
+        drop(ledger);
+        self.write(numbered).await;
+    }
+
+    async fn publish(&self, r: &StatusReport) {
         let bytes = match r
             .seal()
             .map(|mut env| env.sign(&self.key).and_then(|_| env.encode()))
@@ -103,14 +182,12 @@ impl Reporter {
         } else {
             let _ = self.net.publish(Topic::Status, bytes).await;
         }
-        let (generation, json) = {
-            let mut latest = self.latest.lock().await;
-            latest.insert(r.app.clone(), r);
-            let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-            (generation, serde_json::to_vec_pretty(&*latest))
-        };
-        let Ok(json) = json else { return };
+    }
+
+    async fn write(&self, numbered: Numbered) {
+        let Ok(json) = numbered.snapshot else { return };
         let (path, written) = (self.status_file.clone(), self.written.clone());
+        let generation = numbered.generation;
         let wrote = tokio::task::spawn_blocking(move || {
             let mut last = written.lock().unwrap_or_else(|p| p.into_inner());
             if *last > generation {
@@ -129,16 +206,14 @@ impl Reporter {
     /// a hub that was down — with its embedded broker and its retained messages — catches
     /// up without waiting for the next state change.
     pub async fn resend_latest(&self) {
-        let latest: Vec<StatusReport> = self.latest.lock().await.values().cloned().collect();
-        for mut r in latest {
-            self.refresh(&mut r);
-            self.send(r, true).await;
+        let apps = self.ledger.lock().await.apps();
+        for app in apps {
+            self.send_again(&app).await;
         }
     }
 
-    /// A report sent again: fresh sequence number, time and counters; same state.
+    /// A report sent again: fresh time and counters; same state.
     fn refresh(&self, r: &mut StatusReport) {
-        r.seq = self.seq.fetch_add(1, Ordering::Relaxed);
         r.at = crate::agent::now();
         r.bytes_from_peers = self.from_peers.load(Ordering::Relaxed);
         r.bytes_from_hub = self.from_hub.load(Ordering::Relaxed);
@@ -157,7 +232,8 @@ impl Reporter {
         StatusReport {
             fleet: self.fleet.clone(),
             device: self.device.clone(),
-            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            // Numbered by the ledger when sent.
+            seq: 0,
             at: crate::agent::now(),
             app: app.into(),
             channel: self.channel.clone(),
@@ -185,7 +261,7 @@ impl Reporter {
             r.version = Some(a.version.to_string());
             r.manifest = Some(a.manifest);
         }
-        self.send(r, false).await;
+        self.send(r).await;
     }
 
     pub async fn report_installed(&self, app: &str, i: &Installed, state: DeviceState) {
@@ -204,7 +280,7 @@ impl Reporter {
         r.release = Some(i.release);
         r.version = Some(i.version.clone());
         r.manifest = Some(i.manifest);
-        self.send(r, false).await;
+        self.send(r).await;
     }
 
     fn ondemand_of(&self, app: &str) -> Option<OnDemandCounts> {
@@ -219,11 +295,7 @@ impl Reporter {
             let mut all = self.ondemand.lock().unwrap_or_else(|p| p.into_inner());
             all.insert(app.to_string(), counts);
         }
-        let latest = self.latest.lock().await.get(app).cloned();
-        if let Some(mut r) = latest {
-            self.refresh(&mut r);
-            self.send(r, true).await;
-        }
+        self.send_again(app).await;
     }
 
     /// Download progress, at most once a second (and always at 100%).
@@ -242,5 +314,63 @@ impl Reporter {
             String::new(),
         )
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(app: &str, release: u64, state: DeviceState) -> StatusReport {
+        StatusReport {
+            fleet: "f".into(),
+            device: "d".into(),
+            seq: 0,
+            at: 0,
+            app: app.into(),
+            channel: "stable".into(),
+            release: Some(release),
+            version: None,
+            manifest: None,
+            state,
+            bytes_from_peers: 0,
+            bytes_from_hub: 0,
+            console_tail: String::new(),
+            ondemand: None,
+        }
+    }
+
+    /// CI saw `status.json` (and the hub) stay at "installing" after "active": the
+    /// on-demand pool's resend had copied the report before "active" was recorded and
+    /// numbered it after. A resend is now made from the newest report when it is numbered.
+    #[test]
+    fn a_resend_never_puts_an_older_state_back_over_a_newer_one() {
+        let mut ledger = Ledger::new(100);
+        let installing = ledger.record(report("hello", 2, DeviceState::Installing));
+        let active = ledger.record(report("hello", 2, DeviceState::Active));
+        let counts = OnDemandCounts {
+            local: 1,
+            ..OnDemandCounts::default()
+        };
+        let again = ledger
+            .again("hello", |r| r.ondemand = Some(counts))
+            .expect("hello has reported");
+        assert_eq!(again.report.state, DeviceState::Active);
+        assert_eq!(again.report.ondemand, Some(counts));
+        assert!(installing.report.seq < active.report.seq);
+        assert!(active.report.seq < again.report.seq);
+        assert!(again.generation > active.generation);
+        let snapshot: serde_json::Value =
+            serde_json::from_slice(&again.snapshot.expect("snapshot")).expect("json");
+        assert_eq!(snapshot["hello"]["state"], "Active");
+        assert_eq!(snapshot["hello"]["seq"], again.report.seq);
+    }
+
+    #[test]
+    fn nothing_is_sent_again_for_an_app_that_never_reported() {
+        let mut ledger = Ledger::new(1);
+        ledger.record(report("hello", 1, DeviceState::Active));
+        assert!(ledger.again("other", |_| {}).is_none());
+        assert_eq!(ledger.apps(), vec!["hello".to_string()]);
     }
 }
