@@ -24,7 +24,7 @@ use crate::watchdog::{Verdict as Watched, Watchdog};
 use anyhow::{Context, Result};
 use net::ratelimit::RateLimiter;
 use net::{MessageAcceptance, NetClient, NetEvent, PeerId, Topic, Want};
-use proto::announcement::{verify_announcement, Announcement};
+use proto::announcement::{verify_announcement, Announcement, Track};
 use proto::blob::BlobResponse;
 use proto::codec::Kind;
 use proto::envelope::Envelope;
@@ -188,8 +188,10 @@ pub async fn run_with_metrics(
             let topics = cfg
                 .apps
                 .iter()
-                .map(|a| mqtt::release_topic(&cfg.fleet, &cfg.channel, a))
-                .chain(mqtt::trust_topics(&cfg.fleet))
+                .map(|a| {
+                    net::mqtt_topics::release(&cfg.fleet, &Track::new(a, &cfg.channel, platform))
+                })
+                .chain(net::mqtt_topics::trust(&cfg.fleet))
                 .collect();
             Some(mqtt::start(&cfg.name, url, topics, mqtt_tx, &tasks)?)
         }
@@ -271,12 +273,12 @@ struct Router {
     store: Arc<Store>,
     net: NetClient,
     updates: Arc<Inbox>,
-    /// Newest verified announcement per (app, channel), of every app and channel heard
+    /// Newest verified announcement per track, of every app, channel and platform heard
     /// (relayed and served to peers that ask, installed only if for this device).
-    latest: HashMap<(String, String), Latest>,
-    /// When to re-gossip the newest announcement per (app, channel), and whether others
-    /// already did in this interval.
-    trickles: HashMap<(String, String), Trickle>,
+    latest: HashMap<Track, Latest>,
+    /// When to re-gossip the newest announcement per track, and whether others already
+    /// did in this interval.
+    trickles: HashMap<Track, Trickle>,
     /// The broker connection, if one is configured (for whether it is up).
     broker: Option<crate::mqtt::Mqtt>,
     /// Signed records peers answered [`Want::Announcement`], [`Want::Root`] and
@@ -452,7 +454,7 @@ impl Router {
         };
         self.trust.clock.saw(ann.issued_at);
         let verified_ms = crate::metrics::unix_ms();
-        let key = (ann.app.clone(), ann.channel.clone());
+        let key = ann.track();
         let known = self.latest.get(&key).map(|l| (l.release, l.issued_at));
         if from.is_some() && known.is_none_or(|(k, _)| ann.release >= k) {
             if let Some(t) = self.trickles.get_mut(&key) {
@@ -637,14 +639,14 @@ impl Router {
             self.ask_root(peer);
             self.ask(peer, proto::Digest([0; 32]), Want::Revocations);
         }
-        let channel = &self.cfg.channel;
         for app in &self.cfg.apps {
-            if broker_up && self.latest.contains_key(&(app.clone(), channel.clone())) {
+            let track = Track::new(app, &self.cfg.channel, self.platform);
+            if broker_up && self.latest.contains_key(&track) {
                 continue;
             }
             self.ask(
                 peer,
-                proto::blob::announcement_key(app, channel),
+                proto::blob::announcement_key(&track),
                 Want::Announcement,
             );
         }
@@ -659,12 +661,12 @@ impl Router {
         }
     }
 
-    /// Answers a [`Want::Announcement`]: our newest announcement for that app and channel.
+    /// Answers a [`Want::Announcement`]: our newest announcement of that track.
     fn serve_announcement(&self, key: proto::Digest, reply: net::ReplyId) {
         let response = self
             .latest
             .iter()
-            .find(|((app, channel), _)| proto::blob::announcement_key(app, channel) == key)
+            .find(|(track, _)| proto::blob::announcement_key(track) == key)
             .map_or(BlobResponse::NotFound, |(_, l)| {
                 BlobResponse::Found(l.bytes.clone())
             });

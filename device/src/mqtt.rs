@@ -11,22 +11,6 @@ use tokio::sync::mpsc;
 /// Largest MQTT packet accepted (announcements are < 1 KiB, status reports < 8 KiB).
 const MAX_PACKET: usize = 16 * 1024;
 
-pub fn release_topic(fleet: &str, channel: &str, app: &str) -> String {
-    format!("unifleet/{fleet}/release/{channel}/{app}")
-}
-
-/// The broker's retained trust records: the newest root and the revocation list.
-pub fn trust_topics(fleet: &str) -> [String; 2] {
-    [
-        format!("unifleet/{fleet}/root"),
-        format!("unifleet/{fleet}/revocations"),
-    ]
-}
-
-pub fn status_topic(fleet: &str, device: &str) -> String {
-    format!("unifleet/{fleet}/status/{device}")
-}
-
 /// A client for publishing, and whether the broker connection is up right now.
 #[derive(Debug, Clone)]
 pub struct Mqtt {

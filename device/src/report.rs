@@ -172,7 +172,7 @@ impl Reporter {
             }
         };
         if let Some(m) = self.mqtt.as_ref().filter(|m| m.is_connected()) {
-            let topic = crate::mqtt::status_topic(&self.fleet, &self.device);
+            let topic = net::mqtt_topics::status(&self.fleet, &self.device);
             // Queue full: this report is dropped, not gossiped — the broker is up, the
             // next report (or the resend within REPORT_AGAIN) gets through, and a busy
             // fleet falling back to gossip had every device check every report.

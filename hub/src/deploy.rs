@@ -5,7 +5,8 @@
 //! ```toml
 //! app = "hello"
 //! version = "1.2.0"
-//! image = "build/hello.elf"   # path inside the repository
+//! image = "build/hello.elf"   # path inside the repository, or one image per platform:
+//! # images = { "qemu-x86_64" = "build/hello.elf", "qemu-aarch64" = "build/hello-arm64.img" }
 //! channel = "stable"          # optional
 //! memory_mib = 32             # optional boot spec fields
 //! vcpus = 1
@@ -14,10 +15,11 @@
 //! probe_timeout_secs = 10
 //! network = false             # the unikernel needs a network interface
 //! no_staging = false
+//! no_staging_for = []         # platforms without a staging device
 //! ```
 
 use crate::home::Home;
-use crate::publish::{publish, PublishArgs};
+use crate::publish::{publish, Image, PublishArgs};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use std::io::BufRead;
@@ -28,7 +30,11 @@ use std::path::Path;
 struct DeployFile {
     app: String,
     version: semver::Version,
-    image: String,
+    #[serde(default)]
+    image: Option<String>,
+    /// Platform name to path, for a release of several platforms.
+    #[serde(default)]
+    images: std::collections::BTreeMap<String, String>,
     #[serde(default = "stable")]
     channel: String,
     #[serde(default = "mem")]
@@ -45,6 +51,8 @@ struct DeployFile {
     network: bool,
     #[serde(default)]
     no_staging: bool,
+    #[serde(default)]
+    no_staging_for: Vec<String>,
     #[serde(default = "staging_timeout")]
     staging_timeout_secs: u64,
 }
@@ -115,8 +123,38 @@ pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) ->
         };
         let spec: DeployFile = toml::from_str(&String::from_utf8_lossy(&read("unifleet.toml")?))
             .context("parsing unifleet.toml")?;
-        let tmp = std::env::temp_dir().join(format!("unifleet-deploy-{}", std::process::id()));
-        std::fs::write(&tmp, read(&spec.image)?)?;
+        let images: Vec<(Option<proto::manifest::Platform>, &String)> =
+            match (&spec.image, spec.images.is_empty()) {
+                (Some(path), true) => vec![(None, path)],
+                (None, false) => spec
+                    .images
+                    .iter()
+                    .map(|(p, path)| Ok((Some(p.parse()?), path)))
+                    .collect::<Result<_, proto::manifest::UnknownPlatform>>()
+                    .context("unifleet.toml: images")?,
+                _ => anyhow::bail!("unifleet.toml: give either `image` or `images`, not both or neither"),
+            };
+        let no_staging_for = spec
+            .no_staging_for
+            .iter()
+            .map(|p| p.parse())
+            .collect::<Result<_, _>>()
+            .context("unifleet.toml: no_staging_for")?;
+        // Each image to a file of its own while the pipeline runs, removed after.
+        let dir = tempfile::Builder::new()
+            .prefix("unifleet-deploy-")
+            .tempdir()
+            .context("making a directory for the pushed images")?;
+        let mut files = vec![];
+        for (i, (platform, path)) in images.into_iter().enumerate() {
+            let file = dir.path().join(format!("image-{i}"));
+            std::fs::write(&file, read(path)?)
+                .with_context(|| format!("writing {}", file.display()))?;
+            files.push(Image {
+                platform,
+                path: file,
+            });
+        }
         let args = PublishArgs {
             app: spec.app,
             version: spec.version,
@@ -128,16 +166,18 @@ pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) ->
             probe_timeout_secs: spec.probe_timeout_secs,
             network: spec.network,
             no_staging: spec.no_staging,
+            no_staging_for,
             staging_timeout_secs: spec.staging_timeout_secs,
             hold: false,
         };
-        let result = publish(home, &tmp, &args, progress);
-        let _ = std::fs::remove_file(&tmp);
-        let info = result?;
+        let infos = publish(home, &files, &args, progress)?;
         crate::control::notify(home, progress);
         progress(&format!(
-            "unifleet: released {} release {} on {}",
-            info.app, info.release, info.channel
+            "unifleet: released {} release {} on {} for {}",
+            args.app,
+            infos[0].release,
+            args.channel,
+            crate::publish::platforms(&infos)
         ));
     }
     Ok(())

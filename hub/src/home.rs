@@ -141,8 +141,20 @@ impl Home {
         })
     }
 
+    /// The git store, its layout brought up to date first (a store from before platform
+    /// directories has its releases moved into them, once, in one commit).
     pub fn store(&self) -> Result<Store> {
-        Store::open(&self.dir.join("store.git"))
+        let store = Store::open(&self.dir.join("store.git"))?;
+        let moved = store.upgrade_layout().with_context(|| {
+            format!(
+                "moving the releases of {} into platform directories",
+                self.dir.join("store.git").display()
+            )
+        })?;
+        if moved > 0 {
+            tracing::info!("moved {moved} release file(s) into platform directories");
+        }
+        Ok(store)
     }
 
     pub fn release_key(&self) -> Result<SecretKey> {

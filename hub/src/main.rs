@@ -60,9 +60,17 @@ enum Command {
         #[arg(long)]
         no_redirect: bool,
     },
-    /// Publish an image: inspect, stage, chunk, sign, store in git, announce.
+    /// Publish an image: inspect, stage, chunk, sign, store in git, announce. One release
+    /// may carry an image for each of several platforms (repeat --image); each device
+    /// takes its own platform's.
     Publish {
-        image: PathBuf,
+        /// The image (its platform read from its header); or use --image.
+        #[arg(required_unless_present = "images", conflicts_with = "images")]
+        image: Option<PathBuf>,
+        /// PLATFORM=PATH, once per platform of a mixed-arch release (platforms:
+        /// qemu-x86_64, qemu-aarch64, xen-x86_64-pvh, xen-arm32).
+        #[arg(long = "image", value_name = "PLATFORM=PATH")]
+        images: Vec<hub::publish::Image>,
         #[arg(long)]
         app: String,
         #[arg(long)]
@@ -87,7 +95,11 @@ enum Command {
         /// Publish without the staging gate (recorded in the release and the event log).
         #[arg(long)]
         no_staging: bool,
-        /// How long to wait for the staging device's verdict.
+        /// Skip the staging gate for this platform only (it has no staging device);
+        /// repeatable. The other platforms are still staged.
+        #[arg(long, value_name = "PLATFORM")]
+        no_staging_for: Vec<proto::manifest::Platform>,
+        /// How long to wait for the staging devices' verdicts (seconds).
         #[arg(long, default_value_t = 120)]
         staging_timeout_secs: u64,
         /// Store the release unsigned (or signed only with the hub's release key) for
@@ -315,11 +327,20 @@ fn run(cli: Cli) -> Result<()> {
             probe,
             probe_timeout_secs,
             network,
+            images,
             no_staging,
+            no_staging_for,
             staging_timeout_secs,
             hold,
         } => {
             let home = Home::open(&dir)?;
+            let images = match image {
+                Some(path) => vec![hub::publish::Image {
+                    platform: None,
+                    path,
+                }],
+                None => images,
+            };
             let args = hub::publish::PublishArgs {
                 app,
                 version,
@@ -331,38 +352,42 @@ fn run(cli: Cli) -> Result<()> {
                 probe_timeout_secs,
                 network,
                 no_staging,
+                no_staging_for,
                 staging_timeout_secs,
                 hold,
             };
             let mut progress = |line: &str| eprintln!("{line}");
-            let info = hub::publish::publish(&home, &image, &args, &mut progress)?;
+            let infos = hub::publish::publish(&home, &images, &args, &mut progress)?;
+            let (release, channel) = (infos[0].release, &args.channel);
             if hold {
-                println!(
-                    "held {} release {} on {}",
-                    info.app, info.release, info.channel
-                );
+                println!("held {} release {release} on {channel}", args.app);
                 return Ok(());
             }
             hub::control::notify(&home, &mut progress);
-            println!(
-                "released {} release {} on {} (manifest {})",
-                info.app, info.release, info.channel, info.manifest
-            );
+            println!("released {} release {release} on {channel}", args.app);
+            for i in &infos {
+                println!("  {}: manifest {}", i.track.platform, i.manifest);
+            }
         }
         Command::Promote { app, from, to } => {
             let home = Home::open(&dir)?;
-            let info = hub::publish::promote(&home, &app, &from, &to)?;
+            let infos = hub::publish::promote(&home, &app, &from, &to)?;
             hub::control::notify(&home, &mut |l| eprintln!("{l}"));
             println!(
-                "promoted {app} to {} release {}",
-                info.channel, info.release
+                "promoted {app} to {to} release {} for {}",
+                infos[0].release,
+                hub::publish::platforms(&infos)
             );
         }
         Command::Rollback { app, channel, to } => {
             let home = Home::open(&dir)?;
-            let info = hub::publish::rollback(&home, &app, &channel, to.as_ref())?;
+            let infos = hub::publish::rollback(&home, &app, &channel, to.as_ref())?;
             hub::control::notify(&home, &mut |l| eprintln!("{l}"));
-            println!("rolled {app} back on {channel}: release {}", info.release);
+            println!(
+                "rolled {app} back on {channel}: release {} for {}",
+                infos[0].release,
+                hub::publish::platforms(&infos)
+            );
         }
         Command::Enroll {
             pubkey,
@@ -382,8 +407,12 @@ fn run(cli: Cli) -> Result<()> {
             let info = hub::publish::approve(&home, &held)?;
             hub::control::notify(&home, &mut |l| eprintln!("{l}"));
             println!(
-                "approved {} release {} on {} (manifest {})",
-                info.app, info.release, info.channel, info.manifest
+                "approved {} release {} on {} for {} (manifest {})",
+                info.track.app,
+                info.release,
+                info.track.channel,
+                info.track.platform,
+                info.manifest
             );
         }
         Command::Root(RootCommand::Publish {
@@ -427,15 +456,15 @@ fn run(cli: Cli) -> Result<()> {
                 .store()?
                 .releases()?
                 .into_iter()
-                .filter(|r| app.as_ref().is_none_or(|a| a == &r.app))
+                .filter(|r| app.as_ref().is_none_or(|a| a == &r.track.app))
                 .collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for r in list {
                     println!(
-                        "{} {} release {} manifest {}",
-                        r.app, r.channel, r.release, r.manifest
+                        "{} {} release {} {} manifest {}",
+                        r.track.app, r.track.channel, r.release, r.track.platform, r.manifest
                     );
                 }
             }

@@ -10,9 +10,9 @@ use crate::home::{now, Home};
 use crate::staging;
 use crate::store::{release_path, Change, Commit, Event, ReleaseInfo, Store};
 use anyhow::{bail, Context, Result};
-use proto::announcement::Announcement;
+use proto::announcement::{Announcement, Track};
 use proto::manifest::{
-    verify_manifest, BootSpec, ChunkRef, Expectations, HealthProbe, Manifest, Staging,
+    verify_manifest, BootSpec, ChunkRef, Expectations, HealthProbe, Manifest, Platform, Staging,
 };
 use proto::root::TrustedRoot;
 use proto::{Digest, SecretKey};
@@ -41,10 +41,44 @@ pub struct PublishArgs {
     /// The unikernel needs a network interface (each device attaches it where its
     /// `nic` setting says).
     pub network: bool,
+    /// Skip the staging gate for every platform.
     pub no_staging: bool,
+    /// Skip the staging gate for these platforms only (no staging device of theirs).
+    pub no_staging_for: Vec<Platform>,
     pub staging_timeout_secs: u64,
     /// Hold the release for co-signing instead of signing it (`hub release approve`).
     pub hold: bool,
+}
+
+impl PublishArgs {
+    fn skips_staging(&self, platform: Platform) -> bool {
+        self.no_staging || self.no_staging_for.contains(&platform)
+    }
+}
+
+/// One image of a release: its file and the platform it is for (`None`: the first the
+/// image's header allows).
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub platform: Option<Platform>,
+    pub path: std::path::PathBuf,
+}
+
+impl std::str::FromStr for Image {
+    type Err = proto::manifest::UnknownPlatform;
+    /// `PLATFORM=PATH`, or a bare `PATH`.
+    fn from_str(s: &str) -> Result<Image, Self::Err> {
+        match s.split_once('=') {
+            Some((platform, path)) => Ok(Image {
+                platform: Some(platform.parse()?),
+                path: path.into(),
+            }),
+            None => Ok(Image {
+                platform: None,
+                path: s.into(),
+            }),
+        }
+    }
 }
 
 /// Progress lines for a terminal or a git push.
@@ -54,28 +88,34 @@ pub type Progress<'a> = &'a mut dyn FnMut(&str);
 pub fn stored_manifest(
     home: &Home,
     store: &Store,
-    app: &str,
-    channel: &str,
+    track: &Track,
     release: u64,
 ) -> Result<Manifest> {
     let bytes = store
-        .read(&release_path(app, channel, release, "manifest"))?
-        .with_context(|| format!("no release {release} of {app} on {channel}"))?;
+        .read(&release_path(track, release, "manifest"))?
+        .with_context(|| format!("no release {release} of {track}"))?;
     let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)?;
     // Signed under the root of its day: a release-key rotation must not orphan the history.
     let links = |v| crate::trust::root_link(store, v).ok().flatten();
     Ok(home.anchor_root()?.open_stored(&env, links)?)
 }
 
+/// One platform's part of a release being signed: the unsigned manifest (a template:
+/// number, channel, times and the previous link are filled in when it is numbered), how it
+/// was staged, and the staging report to keep beside it (`<release>.staging`).
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub template: Manifest,
+    pub staging: Staging,
+    pub evidence: Option<Vec<u8>>,
+}
+
 /// Where and why a release is being signed.
 #[derive(Debug)]
 pub struct NewRelease<'a> {
     pub channel: &'a str,
-    pub staging: Staging,
     /// New chunks to commit with it.
     pub change: Change,
-    /// A staging report to keep beside the release (`<release>.staging`).
-    pub evidence: Option<Vec<u8>>,
     /// Refuse unless the version is above the channel's newest (publish, promote; not a
     /// rollback, whose point is an older image).
     pub require_newer: bool,
@@ -84,8 +124,9 @@ pub struct NewRelease<'a> {
     pub detail: String,
 }
 
-/// Signs `template` as the next release of its app on `new.channel` and stores it in one
-/// commit with `new.change` (new chunks, evidence) and an event.
+/// Signs `parts` (one per platform, one app and version) as the next release of their app
+/// on `new.channel` and stores them in one commit with `new.change` (new chunks), their
+/// evidence and an event; returns each platform's stored manifest.
 ///
 /// Reading the newest release, numbering, signing and committing are one store
 /// transaction: two publishes at once (a `git push` and a CLI publish) get two release
@@ -93,9 +134,9 @@ pub struct NewRelease<'a> {
 pub fn sign_and_store(
     home: &Home,
     store: &Store,
-    template: &Manifest,
+    parts: &[Part],
     new: NewRelease<'_>,
-) -> Result<ReleaseInfo> {
+) -> Result<Vec<ReleaseInfo>> {
     let root = home.trusted_root()?;
     let key = match release_key(home, &root)? {
         Some(k) if root.root().release.threshold == 1 => k,
@@ -116,18 +157,17 @@ pub fn sign_and_store(
         ),
     };
     let timestamp = home.timestamp_key()?;
+    let first = &parts.first().context("a release needs at least one image")?.template;
     store.transaction(|store| {
-        let (manifest, latest) = number(home, store, template, &new)?;
-        let mut env = manifest.seal()?;
-        env.sign(&key)?;
-        release_commit(
-            home,
-            &root,
-            &timestamp,
-            env.encode()?,
-            latest.as_ref(),
-            &new,
-        )
+        let newest = number(home, store, first, &new)?;
+        let mut stored = Stored::new(&new);
+        for part in parts {
+            let manifest = numbered(store, part, newest, &new)?;
+            let mut env = manifest.seal()?;
+            env.sign(&key)?;
+            stored.add(home, &root, &timestamp, env.encode()?, newest, part.evidence.clone())?;
+        }
+        Ok(stored.commit(&first.app, &first.version))
     })
 }
 
@@ -149,112 +189,160 @@ fn release_key(home: &Home, root: &TrustedRoot) -> Result<Option<SecretKey>> {
     Ok(Some(key))
 }
 
-/// `template` numbered as the next release of `new.channel` (inside a transaction).
+/// The newest release number of `template`'s app on `new.channel` (inside a transaction),
+/// after checking the version is above it when `new` requires that.
 fn number(
     home: &Home,
     store: &Store,
     template: &Manifest,
     new: &NewRelease<'_>,
-) -> Result<(Manifest, Option<ReleaseInfo>)> {
-    let app = &template.app;
-    let latest = store.latest(app, new.channel)?;
+) -> Result<Option<u64>> {
+    let newest = store.newest_number(&template.app, new.channel)?;
     if new.require_newer {
         check_newer(
             home,
             store,
-            latest.as_ref(),
-            app,
+            newest,
+            &template.app,
             new.channel,
             &template.version,
         )?;
     }
-    let manifest = Manifest {
-        release: latest.as_ref().map_or(1, |l| l.release + 1),
-        channel: new.channel.into(),
-        staging: new.staging.clone(),
-        created_at: now(),
-        previous: latest.as_ref().map(|l| l.manifest),
-        ..template.clone()
-    };
-    Ok((manifest, latest))
+    Ok(newest)
 }
 
-/// The commit storing signed manifest `bytes` as the next release after `latest`: it is
-/// checked with the entry point devices use (so a threshold not met is refused here),
-/// and lands with its announcement (signed by the timestamp key), chunks, evidence and
-/// event.
-fn release_commit(
-    home: &Home,
-    root: &TrustedRoot,
-    timestamp: &SecretKey,
-    bytes: Vec<u8>,
-    latest: Option<&ReleaseInfo>,
+/// `part`'s manifest as the release after `newest`, linked to its platform's previous one.
+fn numbered(
+    store: &Store,
+    part: &Part,
+    newest: Option<u64>,
     new: &NewRelease<'_>,
-) -> Result<(Commit, ReleaseInfo)> {
-    let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)?;
-    let claimed: Manifest = proto::codec::decode(proto::codec::Kind::Manifest, &env.payload)?;
-    let (app, channel, release) = (&claimed.app, new.channel, claimed.release);
-    let verified = verify_manifest(
-        &bytes,
-        root,
-        &Expectations {
-            app: Some(app),
-            channel,
-            platform: claimed.platform,
-            installed_release: latest.map(|l| l.release),
-        },
-        now(),
-    )
-    .context("the signed manifest does not verify against the hub's trust root")?;
-    let next = latest.map_or(1, |l| l.release + 1);
-    if release != next {
-        bail!(
-            "release {release} of {app} on {channel} was taken by another release meanwhile \
-             (the next is {next}); publish it again"
-        );
+) -> Result<Manifest> {
+    let t = &part.template;
+    let previous = store.latest(&Track::new(&t.app, new.channel, t.platform))?;
+    Ok(Manifest {
+        release: newest.map_or(1, |n| n + 1),
+        channel: new.channel.into(),
+        staging: part.staging.clone(),
+        created_at: now(),
+        previous: previous.map(|l| l.manifest),
+        ..t.clone()
+    })
+}
+
+/// The commit storing one release's signed manifests, built platform by platform: each
+/// is checked with the entry point devices use (so a threshold not met is refused here)
+/// and lands with its announcement (signed by the timestamp key) and evidence.
+struct Stored<'n, 'a> {
+    new: &'n NewRelease<'a>,
+    change: Change,
+    infos: Vec<ReleaseInfo>,
+}
+
+impl<'n, 'a> Stored<'n, 'a> {
+    fn new(new: &'n NewRelease<'a>) -> Self {
+        Stored {
+            new,
+            change: new.change.clone(),
+            infos: vec![],
+        }
     }
-    let freshness = crate::trust::Freshness {
-        lifetime: home.config.freshness_secs,
-    };
-    let ann = Announcement::for_manifest(&verified, now(), freshness.lifetime);
-    let ann = freshness.sign(&ann, timestamp, now())?;
-    let digest = Digest::of(&bytes);
-    let mut change = new.change.clone();
-    if let Some(report) = &new.evidence {
-        change.put(
-            release_path(app, channel, release, "staging"),
-            report.clone(),
-        );
+
+    /// Adds signed manifest `bytes`, which must be the release after `newest`.
+    fn add(
+        &mut self,
+        home: &Home,
+        root: &TrustedRoot,
+        timestamp: &SecretKey,
+        bytes: Vec<u8>,
+        newest: Option<u64>,
+        evidence: Option<Vec<u8>>,
+    ) -> Result<()> {
+        let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)?;
+        let claimed: Manifest = proto::codec::decode(proto::codec::Kind::Manifest, &env.payload)?;
+        let channel = self.new.channel;
+        let track = Track::new(&claimed.app, channel, claimed.platform);
+        let verified = verify_manifest(
+            &bytes,
+            root,
+            &Expectations {
+                app: Some(&claimed.app),
+                channel,
+                platform: claimed.platform,
+                installed_release: newest,
+            },
+            now(),
+        )
+        .with_context(|| {
+            format!("the signed manifest of {track} does not verify against the hub's trust root")
+        })?;
+        let next = newest.map_or(1, |n| n + 1);
+        if claimed.release != next {
+            bail!(
+                "release {} of {}/{channel} was taken by another release meanwhile (the next \
+                 is {next}); publish it again",
+                claimed.release,
+                claimed.app
+            );
+        }
+        if self.infos.iter().any(|i| i.track == track) {
+            bail!("two images for {} in one release", claimed.platform);
+        }
+        let freshness = crate::trust::Freshness {
+            lifetime: home.config.freshness_secs,
+        };
+        let ann = Announcement::for_manifest(&verified, now(), freshness.lifetime);
+        let ann = freshness.sign(&ann, timestamp, now())?;
+        let digest = Digest::of(&bytes);
+        let release = claimed.release;
+        if let Some(report) = evidence {
+            self.change
+                .put(release_path(&track, release, "staging"), report);
+        }
+        self.change
+            .put(format!("blobs/{}", digest.to_hex()), bytes.clone());
+        self.change
+            .put(release_path(&track, release, "manifest"), bytes);
+        self.change
+            .put(release_path(&track, release, "announcement"), ann);
+        self.infos.push(ReleaseInfo {
+            track,
+            release,
+            manifest: digest,
+        });
+        Ok(())
     }
-    change.put(format!("blobs/{}", digest.to_hex()), bytes.clone());
-    change.put(release_path(app, channel, release, "manifest"), bytes);
-    change.put(release_path(app, channel, release, "announcement"), ann);
-    change.event(Event {
-        at: now(),
-        kind: new.event.into(),
-        app: Some(app.clone()),
-        channel: Some(channel.into()),
-        release: Some(release),
-        device: None,
-        detail: new.detail.clone(),
-    });
-    let commit = Commit {
-        message: format!(
-            "{} {app} {} as release {release} on {channel}",
-            new.event,
-            verified.manifest().version
-        ),
-        change,
-        tag: (channel != STAGING_CHANNEL)
-            .then(|| format!("{app}/v{}", verified.manifest().version)),
-    };
-    let info = ReleaseInfo {
-        app: app.clone(),
-        channel: channel.into(),
-        release,
-        manifest: digest,
-    };
-    Ok((commit, info))
+
+    /// The commit, with its event and (off the staging channel) the version's tag.
+    fn commit(mut self, app: &str, version: &semver::Version) -> (Commit, Vec<ReleaseInfo>) {
+        let channel = self.new.channel;
+        let release = self.infos.first().map_or(0, |i| i.release);
+        self.change.event(Event {
+            at: now(),
+            kind: self.new.event.into(),
+            app: Some(app.into()),
+            channel: Some(channel.into()),
+            release: Some(release),
+            device: None,
+            detail: self.new.detail.clone(),
+        });
+        let commit = Commit {
+            message: format!(
+                "{} {app} {version} as release {release} on {channel} for {}",
+                self.new.event,
+                platforms(&self.infos)
+            ),
+            change: self.change,
+            tag: (channel != STAGING_CHANNEL).then(|| format!("{app}/v{version}")),
+        };
+        (commit, self.infos)
+    }
+}
+
+/// "qemu-x86_64, qemu-aarch64": the platforms of a release's manifests.
+pub fn platforms(infos: &[ReleaseInfo]) -> String {
+    let names: Vec<&str> = infos.iter().map(|i| i.track.platform.name()).collect();
+    names.join(", ")
 }
 
 /// Where a held release waits for co-signatures: a release directory `fwtool sign`
@@ -267,17 +355,19 @@ pub fn held_dir(home: &Home, app: &str, channel: &str, release: u64) -> std::pat
 
 /// `hub publish --hold`: numbers the release and stores its chunks, but signs it only
 /// with the hub's release key (if it has one of the role's) and leaves it in
-/// [`held_dir`] for the other key holders. Nothing is announced.
+/// [`held_dir`] for the other key holders. Nothing is announced. One platform: a held
+/// directory holds one manifest.
 pub fn hold(
     home: &Home,
     store: &Store,
-    template: &Manifest,
+    part: &Part,
     new: NewRelease<'_>,
 ) -> Result<(ReleaseInfo, std::path::PathBuf)> {
     let root = home.trusted_root()?;
     let key = release_key(home, &root)?;
     let (info, bytes) = store.transaction(|store| {
-        let (manifest, _) = number(home, store, template, &new)?;
+        let newest = number(home, store, &part.template, &new)?;
+        let manifest = numbered(store, part, newest, &new)?;
         let mut env = manifest.seal()?;
         if let Some(k) = &key {
             env.sign(k)?;
@@ -303,8 +393,7 @@ pub fn hold(
             ),
         });
         let info = ReleaseInfo {
-            app: app.clone(),
-            channel: channel.into(),
+            track: Track::new(app, channel, manifest.platform),
             release,
             manifest: Digest::of(&bytes),
         };
@@ -318,7 +407,7 @@ pub fn hold(
         };
         Ok((commit, (info.clone(), bytes)))
     })?;
-    let dir = held_dir(home, &info.app, &info.channel, info.release);
+    let dir = held_dir(home, &info.track.app, &info.track.channel, info.release);
     crate::home::write_atomic(&dir.join("manifest"), &bytes)?;
     Ok((info, dir))
 }
@@ -336,9 +425,7 @@ pub fn approve(home: &Home, dir: &Path) -> Result<ReleaseInfo> {
     let store = home.store()?;
     let new = NewRelease {
         channel: &m.channel,
-        staging: m.staging.clone(),
         change: Change::default(),
-        evidence: None,
         require_newer: false,
         event: "approve",
         detail: format!(
@@ -350,72 +437,117 @@ pub fn approve(home: &Home, dir: &Path) -> Result<ReleaseInfo> {
             env.signatures.len()
         ),
     };
-    let info = store.transaction(|store| {
-        let latest = store.latest(&m.app, &m.channel)?;
-        release_commit(
-            home,
-            &root,
-            &timestamp,
-            bytes.clone(),
-            latest.as_ref(),
-            &new,
-        )
-        .map_err(|e| match e.downcast_ref::<proto::VerifyError>() {
-            Some(proto::VerifyError::BelowThreshold { have, need, .. }) => anyhow::anyhow!(
-                "{} has {have} of the {need} release signatures it needs: have more key \
+    let mut infos = store.transaction(|store| {
+        let newest = store.newest_number(&m.app, &m.channel)?;
+        let mut stored = Stored::new(&new);
+        stored
+            .add(home, &root, &timestamp, bytes.clone(), newest, None)
+            .map_err(|e| match e.downcast_ref::<proto::VerifyError>() {
+                Some(proto::VerifyError::BelowThreshold { have, need, .. }) => anyhow::anyhow!(
+                    "{} has {have} of the {need} release signatures it needs: have more key \
                      holders run `fwtool sign {} --key KEY`",
-                path.display(),
-                dir.display()
-            ),
-            _ => e,
-        })
+                    path.display(),
+                    dir.display()
+                ),
+                _ => e,
+            })?;
+        Ok(stored.commit(&m.app, &m.version))
     })?;
     let _ = std::fs::remove_dir_all(dir);
-    Ok(info)
+    infos.pop().context("approve stored no manifest")
 }
 
-/// Refuses `version` unless it is above that of `latest`, the newest release of
-/// (app, channel).
+/// The version of release `release` of (app, channel) (every platform's manifest of a
+/// release has the same one).
+fn release_version(
+    home: &Home,
+    store: &Store,
+    app: &str,
+    channel: &str,
+    release: u64,
+) -> Result<semver::Version> {
+    let parts = store.release(app, channel, release)?;
+    let first = parts
+        .first()
+        .with_context(|| format!("no release {release} of {app} on {channel}"))?;
+    Ok(stored_manifest(home, store, &first.track, release)?.version)
+}
+
+/// Refuses `version` unless it is above that of release `newest` of (app, channel).
 fn check_newer(
     home: &Home,
     store: &Store,
-    latest: Option<&ReleaseInfo>,
+    newest: Option<u64>,
     app: &str,
     channel: &str,
     version: &semver::Version,
 ) -> Result<()> {
-    let Some(l) = latest else { return Ok(()) };
-    let prev = stored_manifest(home, store, app, channel, l.release)?;
-    if *version <= prev.version {
+    let Some(n) = newest else { return Ok(()) };
+    let prev = release_version(home, store, app, channel, n)?;
+    if *version <= prev {
         bail!(
-            "version {version} is not above {} (release {}) on {app}/{channel}; publish a \
-             higher version (or `hub rollback` to go back)",
-            prev.version,
-            l.release
+            "version {version} is not above {prev} (release {n}) on {app}/{channel}; publish \
+             a higher version (or `hub rollback` to go back)"
         );
     }
     Ok(())
 }
 
-/// Inspects and chunks the image, streaming: each new chunk goes to the git object
-/// database as it is read, so memory stays constant whatever the image's size. Returns the
-/// unsigned manifest template and the change naming its chunks.
+/// Inspects and chunks each image, streaming: each new chunk goes to the git object
+/// database as it is read, so memory stays constant whatever an image's size, and a chunk
+/// the images share is stored once. Returns one unsigned manifest template per image and
+/// the change naming their chunks.
 fn prepare(
     home: &Home,
     store: &Store,
-    image: &Path,
+    images: &[Image],
     args: &PublishArgs,
     progress: Progress<'_>,
-) -> Result<(Manifest, Change)> {
+) -> Result<(Vec<Manifest>, Change)> {
+    let mut chunked = Chunked::default();
+    let mut templates: Vec<Manifest> = vec![];
+    for image in images {
+        let template = prepare_one(home, store, image, args, &mut chunked, progress)?;
+        if let Some(twin) = templates.iter().find(|t| t.platform == template.platform) {
+            bail!(
+                "two images for {}: {} and another given before it (image digest {}); give one \
+                 image per platform",
+                template.platform,
+                image.path.display(),
+                twin.image_digest
+            );
+        }
+        templates.push(template);
+    }
+    anyhow::ensure!(!templates.is_empty(), "give an image to publish");
+    Ok((templates, chunked.change))
+}
+
+/// The chunks new to the store, across the images of one publish.
+#[derive(Default)]
+struct Chunked {
+    change: Change,
+    seen: HashSet<Digest>,
+}
+
+fn prepare_one(
+    home: &Home,
+    store: &Store,
+    image: &Image,
+    args: &PublishArgs,
+    chunked: &mut Chunked,
+    progress: Progress<'_>,
+) -> Result<Manifest> {
+    let path = &image.path;
     let mut file =
-        std::fs::File::open(image).with_context(|| format!("opening image {}", image.display()))?;
+        std::fs::File::open(path).with_context(|| format!("opening image {}", path.display()))?;
     let meta = file
         .metadata()
-        .with_context(|| format!("reading the size of image {}", image.display()))?;
+        .with_context(|| format!("reading the size of image {}", path.display()))?;
     if meta.is_dir() {
         bail!(
             "{} is a directory; give the path of the image file",
-            image.display()
+            path.display()
         );
     }
     let limit = home.config.max_image_mib.saturating_mul(MIB);
@@ -423,7 +555,7 @@ fn prepare(
         anyhow::anyhow!(
             "image {} is {size} bytes, above this hub's limit of {} MiB; raise \
              `max_image_mib` in {} if it is meant to be this large",
-            image.display(),
+            path.display(),
             home.config.max_image_mib,
             home.dir.join("hub.toml").display()
         )
@@ -435,24 +567,37 @@ fn prepare(
     (&mut file)
         .take(proto::image::INSPECT_PREFIX as u64)
         .read_to_end(&mut prefix)
-        .with_context(|| format!("reading image {}", image.display()))?;
+        .with_context(|| format!("reading image {}", path.display()))?;
     let header = proto::image::inspect(&prefix, meta.len())
-        .with_context(|| format!("inspecting {}", image.display()))?;
-    let platform = header.platforms[0];
+        .with_context(|| format!("inspecting {}", path.display()))?;
+    let platform = match image.platform {
+        None => header.platforms[0],
+        Some(p) if header.platforms.contains(&p) => p,
+        Some(p) => {
+            let can: Vec<&str> = header.platforms.iter().map(|p| p.name()).collect();
+            bail!(
+                "{} is a {} image, which boots on {}, not on {p}; give it as {}={}",
+                path.display(),
+                header.format,
+                can.join(" or "),
+                can[0],
+                path.display()
+            )
+        }
+    };
     progress(&format!(
         "inspected {}: {} for {platform}",
-        image.display(),
+        path.display(),
         header.format
     ));
     file.seek(SeekFrom::Start(0))
-        .with_context(|| format!("reading image {}", image.display()))?;
-    let mut change = Change::default();
+        .with_context(|| format!("reading image {}", path.display()))?;
     let mut chunks = vec![];
-    let mut seen = HashSet::new();
+    let mut distinct = HashSet::new();
     let mut hasher = proto::digest::Hasher::new();
     let (mut size, mut new_bytes, mut reported) = (0u64, 0u64, 0u64);
     for c in proto::chunking::chunks(BufReader::with_capacity(1 << 20, file)) {
-        let c = c.with_context(|| format!("reading image {}", image.display()))?;
+        let c = c.with_context(|| format!("reading image {}", path.display()))?;
         hasher.update(&c.data);
         size += c.data.len() as u64;
         if size > limit {
@@ -462,11 +607,15 @@ fn prepare(
             digest: c.digest,
             size: c.data.len() as u64,
         });
-        // A chunk repeated inside the image is stored and counted once.
-        if seen.insert(c.digest) && !store.has_blob(&c.digest)? {
+        distinct.insert(c.digest);
+        // A chunk repeated inside the image, or shared with another image of this
+        // release, is stored and counted once.
+        if chunked.seen.insert(c.digest) && !store.has_blob(&c.digest)? {
             new_bytes += c.data.len() as u64;
             let blob = store.write_blob(&c.data)?;
-            change.put_written(format!("blobs/{}", c.digest.to_hex()), blob);
+            chunked
+                .change
+                .put_written(format!("blobs/{}", c.digest.to_hex()), blob);
         }
         if size - reported >= PROGRESS_EVERY {
             reported = size;
@@ -480,7 +629,7 @@ fn prepare(
     progress(&format!(
         "chunked {size} bytes into {} chunks ({} distinct, {new_bytes} bytes new)",
         chunks.len(),
-        seen.len()
+        distinct.len()
     ));
     let template = Manifest {
         fleet: home.config.fleet.clone(),
@@ -513,8 +662,8 @@ fn prepare(
         ..template.clone()
     }
     .validate()
-    .with_context(|| format!("the release of {} is not valid", image.display()))?;
-    Ok((template, change))
+    .with_context(|| format!("the release of {} is not valid", path.display()))?;
+    Ok(template)
 }
 
 /// Boot spec arguments a device could never boot, named by their flags.
@@ -531,14 +680,15 @@ fn check_boot_args(args: &PublishArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs the pipeline. Nothing is signed for the target channel unless staging passed
-/// (or `--no-staging` was given); each commit is atomic.
+/// Runs the pipeline for one release of one or more platforms' images. Nothing is signed
+/// for the target channel unless staging passed on a staging device of each platform
+/// (or was skipped for it); each commit is atomic.
 pub fn publish(
     home: &Home,
-    image: &Path,
+    images: &[Image],
     args: &PublishArgs,
     progress: Progress<'_>,
-) -> Result<ReleaseInfo> {
+) -> Result<Vec<ReleaseInfo>> {
     proto::names::check("app", &args.app).map_err(anyhow::Error::msg)?;
     proto::names::check("channel", &args.channel).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(
@@ -552,30 +702,35 @@ pub fn publish(
              the same root, so it would need a co-signed staging release as well"
         );
     }
+    if args.hold && images.len() > 1 {
+        bail!("--hold takes one image: a held release directory holds one platform's manifest");
+    }
     let store = home.store()?;
     // Checked again when the release is numbered (another publish may land meanwhile);
     // here it saves chunking and staging an image that would be refused.
-    let latest = store.latest(&args.app, &args.channel)?;
+    let newest = store.newest_number(&args.app, &args.channel)?;
     check_newer(
         home,
         &store,
-        latest.as_ref(),
+        newest,
         &args.app,
         &args.channel,
         &args.version,
     )?;
-    let (template, change) = prepare(home, &store, image, args, progress)?;
-
+    let (templates, change) = prepare(home, &store, images, args, progress)?;
+    let unstaged = |t: &Manifest| Part {
+        template: t.clone(),
+        staging: Staging::Skipped,
+        evidence: None,
+    };
     if args.hold {
         let (info, dir) = hold(
             home,
             &store,
-            &template,
+            &unstaged(&templates[0]),
             NewRelease {
                 channel: &args.channel,
-                staging: Staging::Skipped,
                 change,
-                evidence: None,
                 require_newer: true,
                 event: "hold",
                 detail: format!("{} {}", args.app, args.version),
@@ -591,165 +746,236 @@ pub fn publish(
             dir.display(),
             dir.display()
         ));
-        return Ok(info);
+        return Ok(vec![info]);
     }
-    let (staging, evidence, change) = if args.no_staging {
-        progress("staging skipped (--no-staging); recorded in the release and the event log");
-        (Staging::Skipped, None, change)
-    } else {
-        // The candidate goes to the staging channel first (with its chunks), and a
-        // staging device must report it healthy before anything else is signed.
-        let candidate = sign_and_store(
-            home,
-            &store,
-            &template,
-            NewRelease {
-                channel: STAGING_CHANNEL,
-                staging: Staging::Skipped,
-                change,
-                evidence: None,
-                require_newer: false,
-                event: "stage",
-                detail: format!("{} {} sent to staging", args.app, args.version),
-            },
-        )?;
+    let (to_stage, skipped): (Vec<&Manifest>, Vec<&Manifest>) = templates
+        .iter()
+        .partition(|t| !args.skips_staging(t.platform));
+    for t in &skipped {
         progress(&format!(
-            "staging: release {} on {STAGING_CHANNEL}; waiting for a staging device",
-            candidate.release
+            "staging skipped for {} (--no-staging); recorded in the release and the event log",
+            t.platform
         ));
-        crate::control::notify(home, progress);
-        let report = staging::await_verdict(
-            home,
-            &store,
-            &candidate,
-            args.staging_timeout_secs,
-            progress,
-        )?;
-        let digest = Digest::of(&report);
-        let mut evidence = Change::default();
-        evidence.put(
-            release_path(&args.app, STAGING_CHANNEL, candidate.release, "staging"),
-            report.clone(),
-        );
-        (Staging::Passed { report: digest }, Some(report), evidence)
+    }
+    let mut parts: Vec<Part> = skipped.into_iter().map(unstaged).collect();
+    let change = if to_stage.is_empty() {
+        change
+    } else {
+        let (staged, evidence) = stage(home, &store, &to_stage, args, change, progress)?;
+        parts.extend(staged);
+        evidence
     };
-    let skipped = matches!(staging, Staging::Skipped);
-    let info = sign_and_store(
+    let detail = format!(
+        "{} {} ({})",
+        args.app,
+        args.version,
+        parts
+            .iter()
+            .map(|p| {
+                let how = match p.staging {
+                    Staging::Skipped => "staging skipped",
+                    Staging::Passed { .. } => "passed staging",
+                };
+                format!("{}: {} bytes, {how}", p.template.platform, p.template.image_size)
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let infos = sign_and_store(
         home,
         &store,
-        &template,
+        &parts,
         NewRelease {
             channel: &args.channel,
-            staging,
             change,
-            evidence,
             require_newer: true,
             event: "publish",
-            detail: format!(
-                "{} {} ({}, {} bytes){}",
-                args.app,
-                args.version,
-                template.platform,
-                template.image_size,
-                if skipped {
-                    ", staging skipped (--no-staging)"
-                } else {
-                    ", passed staging"
-                }
-            ),
+            detail,
         },
     )?;
     progress(&format!(
-        "signed and stored release {} of {} on {}, tagged {}/v{}",
-        info.release, args.app, args.channel, args.app, args.version
+        "signed and stored release {} of {} on {} for {}, tagged {}/v{}",
+        infos[0].release,
+        args.app,
+        args.channel,
+        platforms(&infos),
+        args.app,
+        args.version
     ));
-    Ok(info)
+    Ok(infos)
 }
 
-/// `hub promote`: the newest release on `from` becomes the next release on `to`.
-/// From the staging channel, only a release that passed staging may be promoted.
-pub fn promote(home: &Home, app: &str, from: &str, to: &str) -> Result<ReleaseInfo> {
+/// The staging gate for `templates`: one candidate release on the staging channel (with
+/// the new chunks) holding each platform's manifest, and a staging device of each platform
+/// must report its own healthy. Returns the parts, each with its device's signed report,
+/// and the change that keeps the reports beside the candidate.
+fn stage(
+    home: &Home,
+    store: &Store,
+    templates: &[&Manifest],
+    args: &PublishArgs,
+    change: Change,
+    progress: Progress<'_>,
+) -> Result<(Vec<Part>, Change)> {
+    let candidate_parts: Vec<Part> = templates
+        .iter()
+        .map(|t| Part {
+            template: (*t).clone(),
+            staging: Staging::Skipped,
+            evidence: None,
+        })
+        .collect();
+    let candidates = sign_and_store(
+        home,
+        store,
+        &candidate_parts,
+        NewRelease {
+            channel: STAGING_CHANNEL,
+            change,
+            require_newer: false,
+            event: "stage",
+            detail: format!("{} {} sent to staging", args.app, args.version),
+        },
+    )?;
+    progress(&format!(
+        "staging: release {} on {STAGING_CHANNEL}; waiting for a staging device of {}",
+        candidates[0].release,
+        platforms(&candidates)
+    ));
+    crate::control::notify(home, progress);
+    let reports =
+        staging::await_verdicts(home, store, &candidates, args.staging_timeout_secs, progress)?;
+    let mut evidence = Change::default();
+    let mut parts = vec![];
+    for ((candidate, report), template) in candidates.iter().zip(reports).zip(templates) {
+        evidence.put(
+            release_path(&candidate.track, candidate.release, "staging"),
+            report.clone(),
+        );
+        parts.push(Part {
+            template: (*template).clone(),
+            staging: Staging::Passed {
+                report: Digest::of(&report),
+            },
+            evidence: Some(report),
+        });
+    }
+    Ok((parts, evidence))
+}
+
+/// The stored parts of release `release` of (app, channel), ready to sign again elsewhere
+/// (promote) or as a newer release (rollback); `passed_only` refuses a platform without
+/// staging evidence.
+fn stored_parts(
+    home: &Home,
+    store: &Store,
+    app: &str,
+    channel: &str,
+    release: u64,
+    passed_only: bool,
+) -> Result<Vec<Part>> {
+    let mut parts = vec![];
+    for info in store.release(app, channel, release)? {
+        let m = stored_manifest(home, store, &info.track, release)?;
+        let evidence = store.read(&release_path(&info.track, release, "staging"))?;
+        let staging = match (&evidence, passed_only) {
+            (Some(report), _) => Staging::Passed {
+                report: Digest::of(report),
+            },
+            (None, true) => bail!(
+                "release {release} of {app} on {channel} never passed staging on {}",
+                info.track.platform
+            ),
+            (None, false) => m.staging.clone(),
+        };
+        parts.push(Part {
+            template: m,
+            staging,
+            evidence,
+        });
+    }
+    Ok(parts)
+}
+
+/// `hub promote`: the newest release on `from` (every platform of it) becomes the next
+/// release on `to`. From the staging channel, only a release that passed staging may be
+/// promoted.
+pub fn promote(home: &Home, app: &str, from: &str, to: &str) -> Result<Vec<ReleaseInfo>> {
     let store = home.store()?;
     let src = store
-        .latest(app, from)?
+        .newest_number(app, from)?
         .with_context(|| format!("{app} has no release on {from}"))?;
-    let m = stored_manifest(home, &store, app, from, src.release)?;
-    let evidence = store.read(&release_path(app, from, src.release, "staging"))?;
-    let staging = match (&evidence, from == STAGING_CHANNEL) {
-        (Some(report), _) => Staging::Passed {
-            report: Digest::of(report),
-        },
-        (None, true) => bail!(
-            "release {} of {app} on {from} never passed staging",
-            src.release
-        ),
-        (None, false) => m.staging.clone(),
-    };
+    let parts = stored_parts(home, &store, app, from, src, from == STAGING_CHANNEL)?;
+    let version = parts[0].template.version.clone();
     sign_and_store(
         home,
         &store,
-        &m,
+        &parts,
         NewRelease {
             channel: to,
-            staging,
             change: Change::default(),
-            evidence,
             require_newer: true,
             event: "promote",
-            detail: format!("{app} {} from {from} release {}", m.version, src.release),
+            detail: format!("{app} {version} from {from} release {src}"),
         },
     )
 }
 
-/// `hub rollback`: re-signs an earlier image of `channel` as a new, higher release.
+/// `hub rollback`: re-signs an earlier release of `channel` (every platform of it) as a
+/// new, higher release: the one of version `to`, else the newest whose images differ
+/// from the current ones.
 pub fn rollback(
     home: &Home,
     app: &str,
     channel: &str,
     to: Option<&semver::Version>,
-) -> Result<ReleaseInfo> {
+) -> Result<Vec<ReleaseInfo>> {
     let store = home.store()?;
-    let releases: Vec<_> = store
+    let mut numbers: Vec<u64> = store
         .releases()?
         .into_iter()
-        .filter(|r| r.app == app && r.channel == channel)
+        .filter(|r| r.track.app == app && r.track.channel == channel)
+        .map(|r| r.release)
         .collect();
-    let current = releases
+    numbers.dedup();
+    let current = *numbers
         .last()
         .with_context(|| format!("{app} has no release on {channel}"))?;
-    let cur = stored_manifest(home, &store, app, channel, current.release)?;
+    let images = |parts: &[Part]| -> Vec<(Platform, Digest)> {
+        parts
+            .iter()
+            .map(|p| (p.template.platform, p.template.image_digest))
+            .collect()
+    };
+    let cur = stored_parts(home, &store, app, channel, current, false)?;
     let mut target = None;
-    for r in releases.iter().rev().skip(1) {
-        let m = stored_manifest(home, &store, app, channel, r.release)?;
+    for &n in numbers.iter().rev().skip(1) {
+        let parts = stored_parts(home, &store, app, channel, n, false)?;
         let wanted = match to {
-            Some(v) => &m.version == v,
-            None => m.image_digest != cur.image_digest,
+            Some(v) => parts[0].template.version == *v,
+            None => images(&parts) != images(&cur),
         };
         if wanted {
-            target = Some((r.release, m));
+            target = Some((n, parts));
             break;
         }
     }
-    let (old_release, m) = target.with_context(|| match to {
+    let (old_release, parts) = target.with_context(|| match to {
         Some(v) => format!("{app} {v} was never released on {channel}"),
         None => format!("{app} has no earlier image on {channel} to roll back to"),
     })?;
-    let evidence = store.read(&release_path(app, channel, old_release, "staging"))?;
-    let staging = m.staging.clone();
     sign_and_store(
         home,
         &store,
-        &m,
+        &parts,
         NewRelease {
             channel,
-            staging,
             change: Change::default(),
-            evidence,
             require_newer: false,
             event: "rollback",
             detail: format!(
-                "{app} back to {} (image of release {old_release}) from {}",
-                m.version, cur.version
+                "{app} back to {} (images of release {old_release}) from {}",
+                parts[0].template.version, cur[0].template.version
             ),
         },
     )

@@ -11,7 +11,7 @@ use crate::store::{release_path, Change, Event, Store};
 use crate::trust::{expiry_warnings, Freshness};
 use anyhow::{Context, Result};
 use net::{MessageAcceptance, NetClient, NetEvent, Topic};
-use proto::announcement::verify_announcement;
+use proto::announcement::{verify_announcement, Track};
 use proto::codec::Kind;
 use proto::envelope::Envelope;
 use proto::keys::{KeyId, PublicKey};
@@ -30,7 +30,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 /// (app, channel, release, signed announcement bytes).
-type Announced = (String, String, u64, Vec<u8>);
+type Announced = (Track, u64, Vec<u8>);
 /// A look at the store's releases: the `apps` tree it saw, the newest announcements, how
 /// many releases.
 type Scan = (Option<git2::Oid>, Vec<Announced>, u64);
@@ -199,7 +199,7 @@ struct Hub {
     trust: Trust,
     blobs: crate::blobs::Blobs,
     /// Newest release announced so far, per (app, channel).
-    announced: BTreeMap<(String, String), u64>,
+    announced: BTreeMap<Track, u64>,
     /// The newest announcement of every (app, channel), and the git id of the store's
     /// `apps` tree they were read at: re-read only when that changes (a publish, a
     /// promote), not every re-announcement.
@@ -249,9 +249,10 @@ impl Trust {
     /// The signed records besides announcements that the hub spreads: the newest root and
     /// the revocation list, with their retained MQTT topic names.
     fn records(&self, fleet: &str) -> Vec<(String, Vec<u8>)> {
-        let mut out = vec![(format!("unifleet/{fleet}/root"), self.root.bytes().to_vec())];
+        let [root_topic, revocations_topic] = net::mqtt_topics::trust(fleet);
+        let mut out = vec![(root_topic, self.root.bytes().to_vec())];
         if let Some((_, bytes)) = &self.revocations {
-            out.push((format!("unifleet/{fleet}/revocations"), bytes.clone()));
+            out.push((revocations_topic, bytes.clone()));
         }
         out
     }
@@ -279,7 +280,7 @@ pub async fn serve(
     opts.set_max_packet_size(16 * 1024, 16 * 1024);
     let (mqtt, mut eventloop) = AsyncClient::new(opts, 1024);
     let (mqtt_tx, mut mqtt_rx) = mpsc::channel::<(String, Vec<u8>)>(256);
-    let status_filter = format!("unifleet/{}/status/+", home.config.fleet);
+    let status_filter = net::mqtt_topics::all_status(&home.config.fleet);
     let sub = mqtt.clone();
     tasks.spawn(async move {
         let mut backoff = Duration::from_millis(200);
@@ -486,11 +487,9 @@ impl Hub {
             }
             let (newest, count) = s.newest_releases()?;
             let mut out = vec![];
-            for (app, channel, release) in newest {
-                if let Some(bytes) =
-                    s.read(&release_path(&app, &channel, release, "announcement"))?
-                {
-                    out.push((app, channel, release, bytes));
+            for (track, release) in newest {
+                if let Some(bytes) = s.read(&release_path(&track, release, "announcement"))? {
+                    out.push((track, release, bytes));
                 }
             }
             Ok(Some((apps, out, count)))
@@ -508,23 +507,17 @@ impl Hub {
         self.refresh_announcements();
         self.spread_records().await;
         let latest = self.announcements.1.clone();
-        for (app, channel, release, bytes) in &latest {
-            let topic = format!(
-                "unifleet/{}/release/{channel}/{app}",
-                self.home.config.fleet
-            );
+        for (track, release, bytes) in &latest {
+            let topic = net::mqtt_topics::release(&self.home.config.fleet, track);
             if let Err(e) = self
                 .mqtt
                 .try_publish(topic, QoS::AtLeastOnce, true, bytes.clone())
             {
-                tracing::debug!(%app, release, "MQTT announcement not queued ({e}); will retry");
+                tracing::debug!(%track, release, "MQTT announcement not queued ({e}); will retry");
             }
             let _ = self.net.publish(Topic::Announce, bytes.clone()).await;
             self.metrics.announcements.fetch_add(1, Ordering::Relaxed);
-            let newest = self
-                .announced
-                .entry((app.clone(), channel.clone()))
-                .or_default();
+            let newest = self.announced.entry(track.clone()).or_default();
             if *release > *newest {
                 *newest = *release;
                 let ms = std::time::SystemTime::now()
@@ -569,18 +562,18 @@ impl Hub {
     /// (kept in memory: a restarted hub signs the stored ones afresh at once).
     fn refresh_announcements(&mut self) {
         let now = now();
-        for (app, _, release, bytes) in &mut self.announcements.1 {
+        for (track, release, bytes) in &mut self.announcements.1 {
             match self
                 .trust
                 .freshness
                 .refresh(bytes, &self.trust.timestamp, now)
             {
                 Ok(Some(fresh)) => {
-                    tracing::debug!(%app, release, "announcement signed afresh");
+                    tracing::debug!(%track, release, "announcement signed afresh");
                     *bytes = fresh;
                 }
                 Ok(None) => {}
-                Err(e) => tracing::error!(%app, release, "signing the announcement afresh: {e:#}"),
+                Err(e) => tracing::error!(%track, release, "signing the announcement afresh: {e:#}"),
             }
         }
     }

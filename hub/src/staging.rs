@@ -83,44 +83,67 @@ impl Reports {
     }
 }
 
-/// Waits for a staging device to report `candidate` healthy (returns the signed report)
-/// or failed / not at all within the timeout (an error naming why, with the console tail).
-pub fn await_verdict(
+/// Waits for a staging device to report each of `candidates` (one release, one manifest per
+/// platform) healthy: returns their signed reports in order, or an error naming the
+/// platform that failed (with the console tail) or that no device reported within the
+/// timeout. A report counts for the manifest it names, so each platform's staging device
+/// passes only its own image.
+pub fn await_verdicts(
     home: &Home,
     store: &Store,
-    candidate: &ReleaseInfo,
+    candidates: &[ReleaseInfo],
     timeout_secs: u64,
     progress: Progress<'_>,
-) -> Result<Vec<u8>> {
+) -> Result<Vec<Vec<u8>>> {
     let deadline = Instant::now() + Duration::from_secs(timeout_secs);
     let mut last_note = String::new();
     let mut reports = Reports::new(store)?;
-    let (device, detail) = 'wait: loop {
-        for (bytes, r) in reports.staging(home, store, &candidate.app)? {
-            let ours = r.manifest == Some(candidate.manifest);
+    let mut passed: Vec<Option<Vec<u8>>> = vec![None; candidates.len()];
+    // Which candidate each staging device took up (a report naming its manifest): a
+    // rolled-back report names the release the device is back on, not the one it tried.
+    let mut tried: std::collections::HashMap<String, usize> = Default::default();
+    let app = &candidates.first().context("nothing to stage")?.track.app;
+    let (candidate, device, detail) = 'wait: loop {
+        for (bytes, r) in reports.staging(home, store, app)? {
+            if let Some(i) = candidates.iter().position(|c| r.manifest == Some(c.manifest)) {
+                tried.insert(r.device.clone(), i);
+            }
+            // A device seen only rolled back (it failed between two looks): the release
+            // failed all the same; with several platforms the first is named.
+            let rolled_back = matches!(&r.state, DeviceState::RolledBack { failed_release, .. }
+                if *failed_release == candidates[0].release);
+            let Some(i) = tried.get(&r.device).copied().or(rolled_back.then_some(0)) else {
+                continue;
+            };
+            let c = &candidates[i];
+            let ours = r.manifest == Some(c.manifest);
             match &r.state {
-                DeviceState::Active if ours => {
+                DeviceState::Active if ours && passed[i].is_none() => {
                     progress(&format!(
-                        "staging passed on {}: {} is healthy",
-                        r.device, candidate.app
+                        "staging passed on {} for {}: {} is healthy",
+                        r.device, c.track.platform, c.track.app
                     ));
-                    record_verdict(store, candidate, "staging-passed", &r.device, String::new())?;
-                    return Ok(bytes);
+                    record_verdict(store, c, "staging-passed", &r.device, String::new())?;
+                    passed[i] = Some(bytes);
                 }
                 DeviceState::RolledBack {
                     failed_release,
                     reason,
-                } if *failed_release == candidate.release => {
+                } if *failed_release == c.release => {
                     break 'wait (
+                        c.clone(),
                         r.device.clone(),
                         format!("{reason}; console: {}", r.console_tail.trim()),
                     );
                 }
                 DeviceState::Failed { reason } if ours => {
-                    break 'wait (r.device.clone(), reason.clone())
+                    break 'wait (c.clone(), r.device.clone(), reason.clone())
                 }
                 DeviceState::Downloading { percent } if ours => {
-                    let note = format!("staging device {}: downloading {percent}%", r.device);
+                    let note = format!(
+                        "staging device {} ({}): downloading {percent}%",
+                        r.device, c.track.platform
+                    );
                     if note != last_note {
                         progress(&note);
                         last_note = note;
@@ -129,25 +152,41 @@ pub fn await_verdict(
                 _ => {}
             }
         }
+        if passed.iter().all(Option::is_some) {
+            return Ok(passed.into_iter().flatten().collect());
+        }
         if Instant::now() >= deadline {
+            let waiting: Vec<&ReleaseInfo> = candidates
+                .iter()
+                .zip(&passed)
+                .filter(|(_, p)| p.is_none())
+                .map(|(c, _)| c)
+                .collect();
+            let names: Vec<&str> = waiting.iter().map(|c| c.track.platform.name()).collect();
             break (
+                waiting[0].clone(),
                 String::new(),
                 format!(
-                    "no staging device reported within {timeout_secs} s (is `hub serve` running, with a device enrolled on the staging channel?)"
+                    "no staging device of {} reported within {timeout_secs} s (is `hub serve` \
+                     running, with a device of that platform enrolled on the staging channel? \
+                     Without one, publish with --no-staging-for {})",
+                    names.join(", "),
+                    names.join(" --no-staging-for ")
                 ),
             );
         }
         // Reports arrive through `hub serve` as files; poll them with a deadline.
         std::thread::sleep(Duration::from_millis(100));
     };
-    record_verdict(store, candidate, "staging-failed", &device, detail.clone())?;
-    tracing::error!(app = %candidate.app, "staging failed: {detail}");
+    record_verdict(store, &candidate, "staging-failed", &device, detail.clone())?;
+    tracing::error!(app = %candidate.track.app, "staging failed: {detail}");
+    let platform = candidate.track.platform;
     let on = if device.is_empty() {
-        String::new()
+        format!("for {platform}")
     } else {
-        format!(" on {device}")
+        format!("on {device} ({platform})")
     };
-    bail!("staging failed{on}: {detail}")
+    bail!("staging failed {on}: {detail}")
 }
 
 fn record_verdict(
@@ -161,11 +200,11 @@ fn record_verdict(
     change.event(Event {
         at: now(),
         kind: kind.into(),
-        app: Some(c.app.clone()),
+        app: Some(c.track.app.clone()),
         channel: Some(STAGING_CHANNEL.into()),
         release: Some(c.release),
         device: (!device.is_empty()).then(|| device.to_string()),
-        detail,
+        detail: format!("{}{}{detail}", c.track.platform, if detail.is_empty() { "" } else { ": " }),
     });
     store
         .commit(kind, &change, None)

@@ -10,13 +10,19 @@
 //! revoked/<name>.pub                          keys of revoked devices
 //! held/<app>-<release>.held                   releases held for co-signing (`publish --hold`)
 //! blobs/<hex>                                 chunks and signed manifests, by BLAKE3 digest
-//! apps/<app>/<channel>/<release>.manifest     signed manifest (release zero-padded to 10 digits)
-//! apps/<app>/<channel>/<release>.announcement signed announcement of that release
-//! apps/<app>/<channel>/<release>.staging      staging evidence (report bytes), if any
+//! apps/<app>/<channel>/<platform>/<release>.manifest      signed manifest (release: 10 digits)
+//! apps/<app>/<channel>/<platform>/<release>.announcement  signed announcement of it
+//! apps/<app>/<channel>/<platform>/<release>.staging       staging evidence (report bytes)
 //! devices/<name>.pub                          enrolled device keys
 //! events/<YYYY-MM-DD>.log                     one JSON event per line, one file per UTC day
 //! events.log                                  the same, as stores before day files kept them
 //! ```
+//!
+//! A release number is one per (app, channel) and may hold a manifest for each of several
+//! platforms (a mixed-arch release, one commit); each platform's directory is a *track*
+//! whose newest release is announced. Stores from before platforms had directories
+//! (`apps/<app>/<channel>/<release>.<ext>`) are moved into them by
+//! [`Store::upgrade_layout`].
 //!
 //! A commit rewrites only the day file its events fall in, so its cost is bounded by a
 //! day's events, not by the whole history (one log file grew with every commit, and each
@@ -29,6 +35,8 @@
 
 use anyhow::{bail, Context, Result};
 use git2::{Oid, Repository, Signature};
+use proto::announcement::Track;
+use proto::manifest::Platform;
 use proto::Digest;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -57,14 +65,14 @@ pub struct Event {
     pub detail: String,
 }
 
-/// (app, channel, newest release number).
-pub type Newest = (String, String, u64);
+/// A track and its newest release number.
+pub type Newest = (Track, u64);
 
-/// A release as listed by `hub releases`.
+/// One platform's manifest of a release, as listed by `hub releases`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ReleaseInfo {
-    pub app: String,
-    pub channel: String,
+    #[serde(flatten)]
+    pub track: Track,
     pub release: u64,
     pub manifest: Digest,
 }
@@ -86,6 +94,14 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// The platform a stored signed manifest names (the hub's own store: read, not verified).
+fn stored_platform(bytes: &[u8]) -> Result<Platform> {
+    use proto::codec::Kind;
+    let env = proto::envelope::Envelope::decode(bytes, Kind::Manifest)?;
+    let m: proto::manifest::Manifest = proto::codec::decode(Kind::Manifest, &env.payload)?;
+    Ok(m.platform)
+}
+
 /// The day file an event at `at` (Unix seconds) goes to: `events/YYYY-MM-DD.log` (UTC).
 pub fn event_file(at: u64) -> String {
     // Days since 1970-01-01 to a civil date (Howard Hinnant's `civil_from_days`).
@@ -101,8 +117,19 @@ pub fn event_file(at: u64) -> String {
     format!("events/{y:04}-{m:02}-{d:02}.log")
 }
 
-pub fn release_path(app: &str, channel: &str, release: u64, ext: &str) -> String {
-    format!("apps/{app}/{channel}/{release:010}.{ext}")
+/// Where a file (`manifest`, `announcement`, `staging`) of release `release` on `track`
+/// is kept.
+pub fn release_path(track: &Track, release: u64, ext: &str) -> String {
+    format!("{}/{release:010}.{ext}", track_dir(track))
+}
+
+fn track_dir(t: &Track) -> String {
+    format!("apps/{}/{}/{}", t.app, t.channel, t.platform)
+}
+
+/// The release number of a `<release>.manifest` file name.
+fn manifest_number(file: &str) -> Option<u64> {
+    file.strip_suffix(".manifest")?.parse().ok()
 }
 
 /// A file of a [`Change`]: bytes still to write, or a blob already in the object database
@@ -112,6 +139,7 @@ pub fn release_path(app: &str, channel: &str, release: u64, ext: &str) -> String
 enum Content {
     Bytes(Vec<u8>),
     Written(Oid),
+    Removed,
 }
 
 /// A set of changes to commit together.
@@ -139,6 +167,11 @@ impl Change {
         self.files.push((path.into(), Content::Written(blob.id)));
     }
     /// Adds every file and event of `other`.
+    /// Takes `path` out of the tree (a file; its directory goes when it is left empty).
+    pub fn remove(&mut self, path: impl Into<String>) {
+        self.files.push((path.into(), Content::Removed));
+    }
+
     pub fn extend(&mut self, other: Change) {
         self.files.extend(other.files);
         self.events.extend(other.events);
@@ -217,47 +250,56 @@ impl Store {
             .collect())
     }
 
-    /// Every release of every app and channel, oldest first.
-    pub fn releases(&self) -> Result<Vec<ReleaseInfo>> {
+    /// Every track: (app, channel, platform) directories that hold releases.
+    pub fn tracks(&self) -> Result<Vec<Track>> {
         let mut out = vec![];
         for app in self.list("apps")? {
             for channel in self.list(&format!("apps/{app}"))? {
-                for file in self.list(&format!("apps/{app}/{channel}"))? {
-                    let Some(num) = file.strip_suffix(".manifest") else {
-                        continue;
-                    };
-                    let Ok(release) = num.parse() else { continue };
-                    let bytes = self
-                        .read(&format!("apps/{app}/{channel}/{file}"))?
-                        .context("listed manifest vanished")?;
-                    out.push(ReleaseInfo {
-                        app: app.clone(),
-                        channel: channel.clone(),
-                        release,
-                        manifest: Digest::of(&bytes),
-                    });
+                for platform in self.list(&format!("apps/{app}/{channel}"))? {
+                    // A file here is a release from before platform directories
+                    // (`upgrade_layout` moves them), not a track.
+                    if let Ok(platform) = platform.parse::<Platform>() {
+                        out.push(Track::new(&app, &channel, platform));
+                    }
                 }
             }
         }
-        out.sort_by(|a, b| (&a.app, &a.channel, a.release).cmp(&(&b.app, &b.channel, b.release)));
         Ok(out)
     }
 
-    /// The newest release number of every (app, channel), from file names alone (nothing
-    /// is read or hashed), and how many releases there are in all.
+    /// The release numbers on `track`, from file names alone (unordered).
+    fn numbers(&self, track: &Track) -> Result<Vec<u64>> {
+        Ok(self
+            .list(&track_dir(track))?
+            .iter()
+            .filter_map(|f| manifest_number(f))
+            .collect())
+    }
+
+    /// Every release of every track, ordered by app, channel, release, platform.
+    pub fn releases(&self) -> Result<Vec<ReleaseInfo>> {
+        let mut out = vec![];
+        for track in self.tracks()? {
+            for release in self.numbers(&track)? {
+                out.push(self.info(&track, release)?);
+            }
+        }
+        out.sort_by(|a, b| {
+            let key = |r: &ReleaseInfo| (r.track.app.clone(), r.track.channel.clone(), r.release);
+            key(a).cmp(&key(b)).then(a.track.cmp(&b.track))
+        });
+        Ok(out)
+    }
+
+    /// The newest release number of every track, from file names alone (nothing is read
+    /// or hashed), and how many manifests there are in all.
     pub fn newest_releases(&self) -> Result<(Vec<Newest>, u64)> {
         let (mut out, mut count) = (vec![], 0);
-        for app in self.list("apps")? {
-            for channel in self.list(&format!("apps/{app}"))? {
-                let numbers: Vec<u64> = self
-                    .list(&format!("apps/{app}/{channel}"))?
-                    .iter()
-                    .filter_map(|f| f.strip_suffix(".manifest")?.parse().ok())
-                    .collect();
-                count += numbers.len() as u64;
-                if let Some(newest) = numbers.into_iter().max() {
-                    out.push((app.clone(), channel, newest));
-                }
+        for track in self.tracks()? {
+            let numbers = self.numbers(&track)?;
+            count += numbers.len() as u64;
+            if let Some(newest) = numbers.into_iter().max() {
+                out.push((track, newest));
             }
         }
         Ok((out, count))
@@ -276,26 +318,112 @@ impl Store {
         }
     }
 
-    /// The newest release of (app, channel): one directory listed, one manifest hashed.
-    pub fn latest(&self, app: &str, channel: &str) -> Result<Option<ReleaseInfo>> {
-        let dir = format!("apps/{app}/{channel}");
-        let newest = self
-            .list(&dir)?
-            .iter()
-            .filter_map(|f| f.strip_suffix(".manifest")?.parse::<u64>().ok())
-            .max();
-        let Some(release) = newest else {
-            return Ok(None);
-        };
+    /// The newest release of `track`: one directory listed, one manifest hashed.
+    pub fn latest(&self, track: &Track) -> Result<Option<ReleaseInfo>> {
+        match self.numbers(track)?.into_iter().max() {
+            Some(release) => self.info(track, release).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The newest release number of (app, channel) on any platform: the next release, on
+    /// whichever platforms, is numbered above it.
+    pub fn newest_number(&self, app: &str, channel: &str) -> Result<Option<u64>> {
+        let mut newest = None;
+        for platform in self.list(&format!("apps/{app}/{channel}"))? {
+            let Ok(platform) = platform.parse() else {
+                continue;
+            };
+            let n = self.numbers(&Track::new(app, channel, platform))?;
+            newest = newest.max(n.into_iter().max());
+        }
+        Ok(newest)
+    }
+
+    /// Every platform's manifest of release `release` of (app, channel).
+    pub fn release(&self, app: &str, channel: &str, release: u64) -> Result<Vec<ReleaseInfo>> {
+        let mut out = vec![];
+        for track in self.tracks()? {
+            if track.app == app && track.channel == channel {
+                let path = release_path(&track, release, "manifest");
+                if let Some(bytes) = self.read(&path)? {
+                    out.push(ReleaseInfo {
+                        track,
+                        release,
+                        manifest: Digest::of(&bytes),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether a release file sits directly in a channel directory (the old layout).
+    fn has_unplaced_releases(&self) -> Result<bool> {
+        for app in self.list("apps")? {
+            for channel in self.list(&format!("apps/{app}"))? {
+                let files = self.list(&format!("apps/{app}/{channel}"))?;
+                if files.iter().any(|f| manifest_number(f).is_some()) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn info(&self, track: &Track, release: u64) -> Result<ReleaseInfo> {
+        let path = release_path(track, release, "manifest");
         let bytes = self
-            .read(&release_path(app, channel, release, "manifest"))?
-            .context("listed manifest vanished")?;
-        Ok(Some(ReleaseInfo {
-            app: app.into(),
-            channel: channel.into(),
+            .read(&path)?
+            .with_context(|| format!("{path} vanished while listed"))?;
+        Ok(ReleaseInfo {
+            track: track.clone(),
             release,
             manifest: Digest::of(&bytes),
-        }))
+        })
+    }
+
+    /// Moves releases stored before platform directories (`apps/<app>/<channel>/
+    /// <release>.<ext>`) into their platform's directory, which each manifest names, in
+    /// one commit; returns how many files moved (0: nothing to do, nothing committed).
+    pub fn upgrade_layout(&self) -> Result<usize> {
+        if !self.has_unplaced_releases()? {
+            return Ok(0);
+        }
+        self.transaction(|store| {
+            let mut change = Change::default();
+            let mut moved = 0;
+            for app in store.list("apps")? {
+                for channel in store.list(&format!("apps/{app}"))? {
+                    let dir = format!("apps/{app}/{channel}");
+                    let files = store.list(&dir)?;
+                    for file in &files {
+                        let Some(release) = manifest_number(file) else {
+                            continue;
+                        };
+                        let path = format!("{dir}/{file}");
+                        let bytes = store.read(&path)?.context("listed file vanished")?;
+                        let platform = stored_platform(&bytes)
+                            .with_context(|| format!("reading the platform of {path}"))?;
+                        let track = Track::new(&app, &channel, platform);
+                        for ext in ["manifest", "announcement", "staging"] {
+                            let old = format!("{dir}/{release:010}.{ext}");
+                            if let Some(bytes) = store.read(&old)? {
+                                change.put(release_path(&track, release, ext), bytes);
+                                change.remove(old);
+                                moved += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            let commit = Commit {
+                message: "store: releases moved into platform directories".into(),
+                change,
+                tag: None,
+            };
+            Ok((commit, moved))
+        })
     }
 
     /// Writes `bytes` to the object database now; name it in a [`Change`] with
@@ -358,6 +486,9 @@ impl Store {
         let mut message = String::new();
         for _ in 0..COMMIT_ATTEMPTS {
             let (commit, out) = build(self)?;
+            if commit.change.is_empty() && commit.tag.is_none() {
+                return Ok(out);
+            }
             message = commit.message;
             match self.try_commit(&message, &commit.change, commit.tag.as_deref()) {
                 Ok(_) => return Ok(out),
@@ -481,18 +612,25 @@ impl Store {
     /// file are written again, so a commit costs what it changes, not the size of the
     /// store (reading the whole tree into an index and writing it back cost ~50 ms per
     /// commit with 10,000 releases).
+    /// A file whose id is `None` is removed (a directory left empty goes with it).
     fn write_tree(
         &self,
         base: Option<&git2::Tree<'_>>,
-        files: &[(&str, Oid)],
+        files: &[(&str, Option<Oid>)],
     ) -> Result<Oid, git2::Error> {
         let mut builder = self.repo.treebuilder(base)?;
-        let mut dirs: std::collections::BTreeMap<&str, Vec<(&str, Oid)>> = Default::default();
+        let mut dirs: std::collections::BTreeMap<&str, Vec<(&str, Option<Oid>)>> =
+            Default::default();
         for &(path, id) in files {
-            match path.split_once('/') {
-                Some((dir, rest)) => dirs.entry(dir).or_default().push((rest, id)),
-                None => {
+            match (path.split_once('/'), id) {
+                (Some((dir, rest)), _) => dirs.entry(dir).or_default().push((rest, id)),
+                (None, Some(id)) => {
                     builder.insert(path, id, 0o100644)?;
+                }
+                (None, None) => {
+                    if builder.get(path)?.is_some() {
+                        builder.remove(path)?;
+                    }
                 }
             }
         }
@@ -504,7 +642,13 @@ impl Store {
                 _ => None,
             };
             let id = self.write_tree(sub.as_ref(), &inner)?;
-            builder.insert(dir, id, 0o040000)?;
+            if self.repo.find_tree(id)?.is_empty() {
+                if builder.get(dir)?.is_some() {
+                    builder.remove(dir)?;
+                }
+            } else {
+                builder.insert(dir, id, 0o040000)?;
+            }
         }
         builder.write()
     }
@@ -520,11 +664,12 @@ impl Store {
             Err(_) => None,
         };
         let parent_tree = parent.as_ref().map(|p| p.tree()).transpose()?;
-        let mut files: Vec<(&str, Oid)> = Vec::with_capacity(change.files.len() + 1);
+        let mut files: Vec<(&str, Option<Oid>)> = Vec::with_capacity(change.files.len() + 1);
         for (path, content) in &change.files {
             let id = match content {
-                Content::Bytes(bytes) => self.repo.blob(bytes)?,
-                Content::Written(id) => *id,
+                Content::Bytes(bytes) => Some(self.repo.blob(bytes)?),
+                Content::Written(id) => Some(*id),
+                Content::Removed => None,
             };
             files.push((path, id));
         }
@@ -542,7 +687,7 @@ impl Store {
                 .map(|b| b.content().to_vec())
                 .unwrap_or_default();
             log.extend_from_slice(new);
-            files.push((path, self.repo.blob(&log)?));
+            files.push((path, Some(self.repo.blob(&log)?)));
         }
         let tree_id = self.write_tree(parent_tree.as_ref(), &files)?;
         let tree = self.repo.find_tree(tree_id)?;
@@ -586,12 +731,125 @@ mod tests {
         });
         store.commit("first", &c, Some("x/v1.0.0")).unwrap();
         let mut c = Change::default();
-        c.put(release_path("x", "stable", 1, "manifest"), b"m".to_vec());
+        let track = Track::new("x", "stable", Platform::QemuX86_64);
+        c.put(release_path(&track, 1, "manifest"), b"m".to_vec());
         store.commit("second", &c, None).unwrap();
         assert_eq!(store.read("blobs/aa").unwrap().unwrap(), b"one");
         assert_eq!(store.releases().unwrap().len(), 1);
         assert_eq!(store.events().unwrap().len(), 1);
         assert!(store.repo.find_reference("refs/tags/x/v1.0.0").is_ok());
+    }
+
+    fn sealed_manifest(app: &str, platform: Platform, release: u64) -> Vec<u8> {
+        use proto::manifest::{BootSpec, ChunkRef, HealthProbe, Manifest, Staging};
+        let m = Manifest {
+            fleet: "home".into(),
+            app: app.into(),
+            version: semver::Version::new(1, 0, release),
+            release,
+            channel: "stable".into(),
+            platform,
+            image_digest: Digest::of(b"image"),
+            image_size: 5,
+            chunks: vec![ChunkRef {
+                digest: Digest::of(b"image"),
+                size: 5,
+            }],
+            boot: BootSpec {
+                memory_mib: 32,
+                vcpus: 1,
+                cmdline: String::new(),
+                probe: HealthProbe::TcpConnect { port: 80 },
+                probe_timeout_ms: 1000,
+                network: false,
+            },
+            staging: Staging::Skipped,
+            created_at: 1,
+            previous: None,
+        };
+        m.seal().unwrap().encode().unwrap()
+    }
+
+    /// A store written before platform directories keeps every release, moved into the
+    /// directory of the platform its manifest names, in one commit; then nothing is left
+    /// to move and nothing more is committed.
+    #[test]
+    fn a_store_from_before_platform_directories_is_moved_into_them_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::init(&dir.path().join("s.git")).unwrap();
+        let mut c = Change::default();
+        for (app, platform, release) in [
+            ("hello", Platform::QemuX86_64, 1),
+            ("hello", Platform::QemuX86_64, 2),
+            ("arm", Platform::XenArm32, 1),
+        ] {
+            let old = format!("apps/{app}/stable/{release:010}");
+            c.put(
+                format!("{old}.manifest"),
+                sealed_manifest(app, platform, release),
+            );
+            c.put(format!("{old}.announcement"), b"a".to_vec());
+        }
+        c.put("apps/hello/stable/0000000002.staging", b"report".to_vec());
+        store.commit("old layout", &c, None).unwrap();
+        assert!(store.releases().unwrap().is_empty(), "old files are not tracks");
+        let head = store.repo.head().unwrap().target();
+
+        assert_eq!(store.upgrade_layout().unwrap(), 7);
+        let hello = Track::new("hello", "stable", Platform::QemuX86_64);
+        let arm = Track::new("arm", "stable", Platform::XenArm32);
+        let releases: Vec<(Track, u64)> = store
+            .releases()
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.track, r.release))
+            .collect();
+        assert_eq!(
+            releases,
+            vec![(arm.clone(), 1), (hello.clone(), 1), (hello.clone(), 2)]
+        );
+        let staging = store.read(&release_path(&hello, 2, "staging")).unwrap();
+        assert_eq!(staging.as_deref(), Some(&b"report"[..]));
+        assert!(store.read("apps/hello/stable/0000000001.manifest").unwrap().is_none());
+        assert_eq!(store.list("apps/hello/stable").unwrap(), vec!["qemu-x86_64"]);
+        assert_eq!(store.newest_number("hello", "stable").unwrap(), Some(2));
+        assert_ne!(store.repo.head().unwrap().target(), head);
+
+        let moved = store.repo.head().unwrap().target();
+        assert_eq!(store.upgrade_layout().unwrap(), 0);
+        assert_eq!(store.repo.head().unwrap().target(), moved, "no empty commit");
+    }
+
+    /// One release number, a manifest per platform: each platform is a track with its own
+    /// newest release, and the channel's newest number is the highest of them.
+    #[test]
+    fn each_platform_of_a_channel_is_a_track_with_its_own_newest_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::init(&dir.path().join("s.git")).unwrap();
+        let x86 = Track::new("hello", "stable", Platform::QemuX86_64);
+        let arm = Track::new("hello", "stable", Platform::QemuAarch64);
+        let mut c = Change::default();
+        for (track, release) in [(&x86, 1), (&arm, 1), (&arm, 2)] {
+            c.put(
+                release_path(track, release, "manifest"),
+                sealed_manifest("hello", track.platform, release),
+            );
+        }
+        store.commit("releases", &c, None).unwrap();
+        let (mut newest, count) = store.newest_releases().unwrap();
+        newest.sort();
+        assert_eq!(count, 3);
+        assert_eq!(newest, vec![(x86.clone(), 1), (arm.clone(), 2)]);
+        assert_eq!(store.newest_number("hello", "stable").unwrap(), Some(2));
+        assert_eq!(store.latest(&x86).unwrap().unwrap().release, 1);
+        let one: Vec<Platform> = store
+            .release("hello", "stable", 1)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.track.platform)
+            .collect();
+        assert_eq!(one.len(), 2);
+        assert!(one.contains(&Platform::QemuX86_64) && one.contains(&Platform::QemuAarch64));
     }
 
     fn event(n: u64) -> Event {

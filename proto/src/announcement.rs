@@ -20,6 +20,33 @@ use crate::names;
 use crate::root::{check_expiry, TrustedRoot};
 use serde::{Deserialize, Serialize};
 
+/// One app on one channel for one platform: what a release number is newest *of*. A
+/// release may carry images for several platforms (one signed manifest each, one release
+/// number); each platform's devices follow its own track, so a release for ARM alone does
+/// not hide the newest x86 one from x86 devices.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Track {
+    pub app: String,
+    pub channel: String,
+    pub platform: Platform,
+}
+
+impl Track {
+    pub fn new(app: &str, channel: &str, platform: Platform) -> Track {
+        Track {
+            app: app.into(),
+            channel: channel.into(),
+            platform,
+        }
+    }
+}
+
+impl std::fmt::Display for Track {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} ({})", self.app, self.channel, self.platform)
+    }
+}
+
 /// "Release N of APP on CHANNEL is the manifest with this digest, as of `issued_at`."
 /// Signed by the timestamp role; whoever relays it (broker, peer, hub) adds no trust.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +78,11 @@ impl Announcement {
             issued_at,
             expires_at: issued_at.saturating_add(lifetime),
         }
+    }
+
+    /// The track this announcement is the newest release of.
+    pub fn track(&self) -> Track {
+        Track::new(&self.app, &self.channel, self.platform)
     }
 
     /// The same pointer, re-issued: what a running hub signs before the old one lapses.

@@ -59,12 +59,15 @@ pub fn root_key(version: u64) -> Digest {
     Digest::of(&name)
 }
 
-/// The digest a [`Want::Announcement`] request names: an app and channel, not content.
-pub fn announcement_key(app: &str, channel: &str) -> Digest {
+/// The digest a [`Want::Announcement`] request names: a track (app, channel, platform),
+/// not content.
+pub fn announcement_key(track: &crate::announcement::Track) -> Digest {
     let mut name = b"unifleet announcement\0".to_vec();
-    name.extend_from_slice(app.as_bytes());
+    name.extend_from_slice(track.app.as_bytes());
     name.push(0);
-    name.extend_from_slice(channel.as_bytes());
+    name.extend_from_slice(track.channel.as_bytes());
+    name.push(0);
+    name.extend_from_slice(track.platform.name().as_bytes());
     Digest::of(&name)
 }
 
@@ -149,11 +152,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn announcement_keys_name_one_app_and_channel() {
-        let k = announcement_key("hello", "stable");
-        assert_eq!(k, announcement_key("hello", "stable"));
-        assert_ne!(k, announcement_key("hello", "beta"));
-        assert_ne!(k, announcement_key("hellos", "table"));
+    fn announcement_keys_name_one_app_channel_and_platform() {
+        use crate::announcement::Track;
+        use crate::manifest::Platform::{QemuAarch64, QemuX86_64};
+        let key = |app, channel, platform| announcement_key(&Track::new(app, channel, platform));
+        let k = key("hello", "stable", QemuX86_64);
+        assert_eq!(k, key("hello", "stable", QemuX86_64));
+        assert_ne!(k, key("hello", "stable", QemuAarch64));
+        assert_ne!(k, key("hello", "beta", QemuX86_64));
+        assert_ne!(k, key("hellos", "table", QemuX86_64));
         assert_ne!(k, Digest::of(b"hello"));
     }
 

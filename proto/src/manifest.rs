@@ -19,7 +19,7 @@ pub const MAX_TEXT_LEN: usize = 1024;
 
 /// How an image boots. The wire encoding is the variant's position (names are for JSON
 /// only): only ever append variants.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Platform {
     /// 32-bit ARM zImage booted as a Xen PV guest (`xenpv`), e.g. a Cubieboard2.
     #[serde(rename = "xen-arm32")]

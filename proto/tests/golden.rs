@@ -154,7 +154,11 @@ fn blob_messages_golden() {
     .unwrap();
     check("blob-stored.bin", &stored);
     let latest = proto::blob::BlobRequest {
-        digest: proto::blob::announcement_key("hello", "stable"),
+        digest: proto::blob::announcement_key(&proto::announcement::Track::new(
+            "hello",
+            "stable",
+            proto::manifest::Platform::QemuX86_64,
+        )),
         want: proto::blob::Want::Announcement,
     }
     .encode()

@@ -462,7 +462,13 @@ impl Fleet {
     }
 
     pub fn testimage(&self, app: &str, version: &str, extra: &[&str]) -> Result<PathBuf> {
-        let out = self.path(&format!("{app}-{version}.elf"));
+        // One file per (app, version, arch): a mixed-arch release has one of each.
+        let arch = extra
+            .iter()
+            .position(|a| *a == "--arch")
+            .and_then(|i| extra.get(i + 1))
+            .map_or(String::new(), |a| format!("-{a}"));
+        let out = self.path(&format!("{app}-{version}{arch}.img"));
         run(Command::new(bin("fwtool")?)
             .args(["testimage", "--app", app, "--version", version, "--out"])
             .arg(&out)
@@ -484,6 +490,24 @@ impl Fleet {
             .arg(image)
             .args(["--app", app, "--version", version])
             .args(extra))
+    }
+
+    /// `hub publish --image PLATFORM=PATH …` (one release of several platforms) plus
+    /// `extra`; returns stdout.
+    pub fn publish_images(
+        &self,
+        images: &[(&str, &Path)],
+        app: &str,
+        version: &str,
+        extra: &[&str],
+    ) -> Result<String> {
+        let mut cmd = self.hub_cmd()?;
+        cmd.arg("publish");
+        for (platform, path) in images {
+            cmd.arg("--image")
+                .arg(format!("{platform}={}", path.display()));
+        }
+        run(cmd.args(["--app", app, "--version", version]).args(extra))
     }
 
     /// Waits until every listed device reports `state` for `release` of `app`.

@@ -43,7 +43,7 @@ fn replayed_expired_forged_and_mismatched_announcements_are_refused() -> Result<
     let release_key = SecretKey::from_text(&std::fs::read_to_string(
         fleet.hub_dir.join("keys/release.key"),
     )?)?;
-    let genuine_v2 = fleet.store_file("apps/hello/stable/0000000002.announcement")?;
+    let genuine_v2 = fleet.store_file("apps/hello/stable/qemu-x86_64/0000000002.announcement")?;
     let base: Announcement = {
         let env = proto::envelope::Envelope::decode(&genuine_v2, proto::codec::Kind::Announcement)?;
         proto::codec::decode(proto::codec::Kind::Announcement, &env.payload)?
@@ -86,7 +86,7 @@ fn replayed_expired_forged_and_mismatched_announcements_are_refused() -> Result<
     refuses(sign(&by_release_key, &release_key), "signed by unknown key")?;
 
     // (d) the genuine, correctly signed announcement of release 1, replayed.
-    let old = fleet.store_file("apps/hello/stable/0000000001.announcement")?;
+    let old = fleet.store_file("apps/hello/stable/qemu-x86_64/0000000001.announcement")?;
     refuses(old, "ignoring announcement of release 1")?;
 
     // (e) a validly signed announcement that has expired (a freeze attack).

@@ -207,7 +207,7 @@ fn a_domain_that_dies_after_activation_is_restarted_then_rolled_back() -> Result
 /// An arm64 board's platform (`qemu-aarch64`) end to end on this x86 machine: `hub
 /// publish` recognises the arm64 Image, the agent renders the aarch64 domain XML, boots it
 /// under TCG through libvirt and takes its READY banner as healthy; an x86 device beside it
-/// runs its own app. (One app for both platforms needs mixed-arch releases: not yet.)
+/// runs another app (one app on both: the mixed-arch release of the test below).
 #[test]
 fn an_aarch64_release_boots_on_an_aarch64_platform_device_beside_an_x86_one() -> Result<()> {
     let mut fleet = Fleet::new(URI)?;
@@ -243,10 +243,11 @@ fn an_aarch64_release_boots_on_an_aarch64_platform_device_beside_an_x86_one() ->
     Ok(())
 }
 
-/// An ARM device for real on this x86 machine: the arm64 build of the agent
-/// (`scripts/cross.sh aarch64-unknown-linux-gnu`) runs under `qemu-aarch64-static`, talks
-/// to libvirtd, and boots the aarch64 release with `qemu-system-aarch64`; an x86 device
-/// beside it runs its own app, and both report healthy to the hub.
+/// An ARM device for real on this x86 machine, and a mixed-arch release: the arm64 build
+/// of the agent (`scripts/cross.sh aarch64-unknown-linux-gnu`) runs under
+/// `qemu-aarch64-static`, talks to libvirtd and boots its platform's image of the release
+/// with `qemu-system-aarch64`; an x86 device boots the x86 image of the same release with
+/// `qemu-system-x86_64`; both report healthy to the hub.
 #[test]
 fn an_arm64_agent_under_qemu_user_boots_its_release_and_reports() -> Result<()> {
     let arm_agent = unifleet_tests::cross_bin("aarch64-unknown-linux-gnu", "device")?;
@@ -255,7 +256,7 @@ fn an_arm64_agent_under_qemu_user_boots_its_release_and_reports() -> Result<()> 
     let pid = std::process::id();
     let arm = fleet.add_device(
         &format!("arm64-{pid}"),
-        "hello-arm",
+        "hello",
         &["--platform", "qemu-aarch64"],
     )?;
     let x86 = fleet.add_device(&format!("amd64-{pid}"), "hello", &[])?;
@@ -263,24 +264,31 @@ fn an_arm64_agent_under_qemu_user_boots_its_release_and_reports() -> Result<()> 
     emulated.arg(&arm_agent);
     fleet.start_device_with(arm, emulated)?;
     fleet.start_device(x86)?;
-    let img = fleet.testimage("hello-arm", "1.0.0", &["--arch", "aarch64"])?;
-    fleet.publish(
-        &img,
-        "hello-arm",
+    let arm_img = fleet.testimage("hello", "1.0.0", &["--arch", "aarch64"])?;
+    let x86_img = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish_images(
+        &[("qemu-x86_64", &x86_img), ("qemu-aarch64", &arm_img)],
+        "hello",
         "1.0.0",
         &["--no-staging", "--memory-mib", "64"],
     )?;
-    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
-    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
-    fleet.wait_all(&[arm], "hello-arm", 1, "Active", CONVERGE)?;
-    fleet.wait_all(&[x86], "hello", 1, "Active", CONVERGE)?;
+    fleet.wait_all(&[arm, x86], "hello", 1, "Active", CONVERGE)?;
+    for d in [arm, x86] {
+        let d = &fleet.devices[d];
+        let console = std::fs::read_to_string(
+            d.dir
+                .join(format!("state/uf-{}-hello-r1.console.log", d.name)),
+        )
+        .unwrap_or_default();
+        assert!(console.contains("READY hello 1.0.0"), "{}: {console}", d.name);
+    }
     // The hub has both healthy reports, signed by each device's key.
     wait_for("the hub's inventory", CONVERGE, || {
         let inv = fleet.inventory().ok()?;
         let ok = |d: usize, app: &str| {
             inv[format!("{}/{app}", fleet.devices[d].name)]["state"] == "active"
         };
-        (ok(arm, "hello-arm") && ok(x86, "hello")).then_some(())
+        (ok(arm, "hello") && ok(x86, "hello")).then_some(())
     })?;
     // It really was the arm64 agent.
     let exe = std::fs::read_link(format!(

@@ -203,7 +203,7 @@ fn kill9_of_hub_publish_never_leaves_a_broken_store() -> Result<()> {
         // ... and every release in it is complete and signed.
         for r in fleet.releases(None)? {
             let path = format!(
-                "apps/hello/stable/{:010}.manifest",
+                "apps/hello/stable/qemu-x86_64/{:010}.manifest",
                 r["release"].as_u64().unwrap()
             );
             let bytes = fleet.store_file(&path)?;
@@ -223,7 +223,7 @@ fn kill9_of_hub_publish_never_leaves_a_broken_store() -> Result<()> {
                     c.digest
                 );
             }
-            let ann = format!("HEAD:apps/hello/stable/{:010}.announcement", m.release);
+            let ann = format!("HEAD:apps/hello/stable/qemu-x86_64/{:010}.announcement", m.release);
             let st = Command::new("git")
                 .arg("--git-dir")
                 .arg(&store)
@@ -363,7 +363,7 @@ fn concurrent_publishes_never_share_a_release_number() -> Result<()> {
         .arg("tag"))?;
     let mut last = None;
     for (n, version) in &released {
-        let bytes = fleet.store_file(&format!("apps/hello/stable/{n:010}.manifest"))?;
+        let bytes = fleet.store_file(&format!("apps/hello/stable/qemu-x86_64/{n:010}.manifest"))?;
         let verified = proto::manifest::verify_manifest(
             &bytes,
             &root,

@@ -35,7 +35,7 @@ fn staging_pass_signs_for_stable_and_staging_fail_signs_nothing() -> Result<()> 
     let stable = fleet.releases(Some("stable"))?;
     assert_eq!(stable.len(), 1, "{stable:?}");
     let manifest = fleet.dir.path().join("stable.manifest");
-    let bytes = fleet.store_file("apps/hello/stable/0000000001.manifest")?;
+    let bytes = fleet.store_file("apps/hello/stable/qemu-x86_64/0000000001.manifest")?;
     std::fs::write(&manifest, &bytes)?;
     let inspected = run(std::process::Command::new(unifleet_tests::bin("fwtool")?)
         .arg("inspect")
@@ -108,7 +108,7 @@ fn publish_without_a_staging_device_times_out_and_signs_nothing_for_stable() -> 
         ])
         .output()?;
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no staging device reported"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no staging device of qemu-x86_64 reported"));
     let releases = run(fleet.hub_cmd()?.args(["releases", "hello"]))?;
     assert!(!releases.contains("stable"), "{releases}");
     Ok(())

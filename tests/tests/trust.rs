@@ -191,7 +191,7 @@ fn a_running_hub_keeps_announcements_fresh_and_a_dead_one_lets_them_lapse() -> R
     let v1 = fleet.testimage("hello", "1.0.0", &[])?;
     fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
     fleet.wait_all(&[seed], "hello", 1, "Active", CONVERGE)?;
-    let stored = fleet.store_file("apps/hello/stable/0000000001.announcement")?;
+    let stored = fleet.store_file("apps/hello/stable/qemu-x86_64/0000000001.announcement")?;
     let ann = decode_announcement(&stored)?;
     // Past the stored announcement's life, a device that only now hears of the release
     // (the broker's retained message) installs it: the hub signed it afresh.

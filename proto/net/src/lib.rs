@@ -12,6 +12,7 @@
 
 mod codec;
 pub mod metrics;
+pub mod mqtt_topics;
 pub mod ratelimit;
 pub mod tasks;
 

@@ -11,6 +11,8 @@
 
 use anyhow::{Context, Result};
 use hub::store::{release_path, Change, Event, Store};
+use proto::announcement::Track;
+use proto::manifest::Platform;
 use std::time::Instant;
 
 fn arg(name: &str, default: u64) -> Result<u64> {
@@ -47,9 +49,10 @@ fn build(dir: &std::path::Path, releases: u64, events: u64) -> Result<Store> {
         // Manifests of realistic size (a 16 MiB image lists ~256 chunks of 40 bytes).
         let mut manifest = vec![0u8; 10_000];
         manifest[..8].copy_from_slice(&r.to_le_bytes());
-        c.put(release_path(&app, "stable", n, "manifest"), manifest);
+        let track = Track::new(&app, "stable", Platform::QemuX86_64);
+        c.put(release_path(&track, n, "manifest"), manifest);
         c.put(
-            release_path(&app, "stable", n, "announcement"),
+            release_path(&track, n, "announcement"),
             r.to_le_bytes().repeat(30),
         );
     }
@@ -101,8 +104,8 @@ fn measure(store: &Store, runs: u64) -> Result<Row> {
     let look_changed = median(
         || {
             let (newest, _) = store.newest_releases()?;
-            for (app, channel, release) in newest {
-                store.read(&release_path(&app, &channel, release, "announcement"))?;
+            for (track, release) in newest {
+                store.read(&release_path(&track, release, "announcement"))?;
             }
             Ok(())
         },
