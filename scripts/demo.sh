@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The main job on an embedded default, on this machine:
 #   1. fwtool: keys-free quick look at two versions of a test unikernel and their delta;
-#   2. a hub (embedded MQTT broker, libp2p, git store) and four devices: one staging
-#      device and three field devices, booting through libvirt's QEMU driver
-#      (qemu:///system) — or libvirt's test driver when libvirtd is unavailable, saying so;
-#   3. publish v1 through the staging gate, then v2: every device's state, its bytes from
-#      peers and hub, and its console READY line; the hub's event log (git);
+#   2. a hub (embedded MQTT broker, libp2p, git store) and six devices: a staging device
+#      of each platform (x86, arm64), three x86 field devices and an arm64 one, booting
+#      through libvirt's QEMU driver (qemu:///system; the arm64 guests under
+#      qemu-system-aarch64) — or libvirt's test driver when libvirtd is unavailable;
+#   3. publish v1 (x86 and arm64 images in one release) through the staging gate, then v2:
+#      every device's state, its bytes from peers and hub, and its console READY line;
+#      the hub's event log (git);
 #   4. on demand (QEMU only): a fourth device serves hello on demand — a cold start from
 #      zero instances, then a burst of 4 clients that grows 2 local + 2 "hosted" instances
 #      (a second libvirt connection stands in for the hosted Xen host), then back to zero.
@@ -33,6 +35,9 @@ step "two versions of a test unikernel (16 MiB each) and what a device pays for 
 "$BIN/fwtool" testimage --app hello --version 1.0.0 --pad-mib 16 --out hello-1.0.0.elf
 "$BIN/fwtool" testimage --app hello --version 1.0.1 --pad-mib 16 --out hello-1.0.1.elf
 "$BIN/fwtool" diff hello-1.0.0.elf hello-1.0.1.elf
+# The same versions for arm64 boards: one release carries both (a mixed-arch release).
+"$BIN/fwtool" testimage --arch aarch64 --app hello --version 1.0.0 --pad-mib 16 --out hello-1.0.0-arm64.img
+"$BIN/fwtool" testimage --arch aarch64 --app hello --version 1.0.1 --pad-mib 16 --out hello-1.0.1-arm64.img
 
 if virsh -c qemu:///system version >/dev/null 2>&1; then
   URI="qemu:///system"; echo "devices boot real images under QEMU through libvirt ($URI)"
@@ -48,16 +53,19 @@ PIDS+=($!)
 for _ in $(seq 100); do [ -s hub/hub.addr ] && break; sleep 0.1; done
 HUB=$(cat hub/hub.addr); echo "hub peer: $HUB"
 
-step "devices: enroll one staging device and three field devices, start their agents"
-enroll() { # name channel
+step "devices: a staging device per platform, three x86 field devices and an arm64 one"
+enroll() { # name channel [platform]
   "$BIN/device" enroll --dir "$1" --name "demo-$1" --root hub/root.bin --channel "$2" --app hello \
+    --platform "${3:-qemu-x86_64}" \
     --hub "$HUB" --broker "mqtt://127.0.0.1:$MQTT" --libvirt "$URI" | tail -1
   "$BIN/hub" --dir hub enroll "$1/device.pub" --name "demo-$1"
   RUST_LOG=info,libp2p=warn,libp2p_gossipsub=error "$BIN/device" run --config "$1/device.toml" 2> "$1.log" &
   PIDS+=($!)
 }
 enroll stage staging
+enroll stage-arm staging qemu-aarch64
 for d in d1 d2 d3; do enroll "$d" stable; done
+enroll a1 stable qemu-aarch64   # an arm64 board's platform (aarch64 guest under TCG here)
 ONDEMAND=""
 if [ "$URI" = "qemu:///system" ]; then
   ONDEMAND=$(free_port)
@@ -86,7 +94,7 @@ wait_release() { # release
 import json, subprocess, sys
 inv = json.loads(subprocess.run(["../target/debug/hub", "--dir", "hub", "devices", "--json"], capture_output=True, text=True).stdout or "{}")
 want = int(sys.argv[1])
-ok = all(inv.get(f"demo-{d}/hello", {}).get("release") == want and inv[f"demo-{d}/hello"]["state"] == "active" for d in ("d1", "d2", "d3"))
+ok = all(inv.get(f"demo-{d}/hello", {}).get("release") == want and inv[f"demo-{d}/hello"]["state"] == "active" for d in ("d1", "d2", "d3", "a1"))
 sys.exit(0 if ok else 1)
 PY
     then return 0; fi
@@ -96,19 +104,22 @@ PY
 }
 show() { # release version
   "$BIN/hub" --dir hub devices
-  for d in d1 d2 d3; do
+  for d in d1 d2 d3 a1; do
     log="$d/state/uf-demo-$d-hello-r$1.console.log"
     if [ -f "$log" ]; then echo "  $d console: $(tr -d '\r' < "$log" | head -1)"; fi
   done
 }
 
-step "publish hello 1.0.0: staging device boots it first, then it is signed for stable"
-"$BIN/hub" --dir hub publish hello-1.0.0.elf --app hello --version 1.0.0 --staging-timeout-secs 60
+step "publish hello 1.0.0 for x86 and arm64: each staging device boots its platform's image first"
+"$BIN/hub" --dir hub publish --image qemu-x86_64=hello-1.0.0.elf --image qemu-aarch64=hello-1.0.0-arm64.img \
+  --app hello --version 1.0.0 --memory-mib 64 --staging-timeout-secs 90
 wait_release 1; show 1 1.0.0
 
 step "publish hello 1.0.1: devices fetch only the changed chunk, from peers or the hub"
-"$BIN/hub" --dir hub publish hello-1.0.1.elf --app hello --version 1.0.1 --staging-timeout-secs 60
+"$BIN/hub" --dir hub publish --image qemu-x86_64=hello-1.0.1.elf --image qemu-aarch64=hello-1.0.1-arm64.img \
+  --app hello --version 1.0.1 --memory-mib 64 --staging-timeout-secs 90
 wait_release 2; show 2 1.0.1
+"$BIN/hub" --dir hub releases hello
 
 if [ -n "$ONDEMAND" ]; then
   clients() { # n hold_secs: n clients at once, each says hi and holds its connection

@@ -132,7 +132,9 @@ pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) ->
                     .map(|(p, path)| Ok((Some(p.parse()?), path)))
                     .collect::<Result<_, proto::manifest::UnknownPlatform>>()
                     .context("unifleet.toml: images")?,
-                _ => anyhow::bail!("unifleet.toml: give either `image` or `images`, not both or neither"),
+                _ => anyhow::bail!(
+                    "unifleet.toml: give either `image` or `images`, not both or neither"
+                ),
             };
         let no_staging_for = spec
             .no_staging_for

@@ -157,7 +157,10 @@ pub fn sign_and_store(
         ),
     };
     let timestamp = home.timestamp_key()?;
-    let first = &parts.first().context("a release needs at least one image")?.template;
+    let first = &parts
+        .first()
+        .context("a release needs at least one image")?
+        .template;
     store.transaction(|store| {
         let newest = number(home, store, first, &new)?;
         let mut stored = Stored::new(&new);
@@ -165,7 +168,14 @@ pub fn sign_and_store(
             let manifest = numbered(store, part, newest, &new)?;
             let mut env = manifest.seal()?;
             env.sign(&key)?;
-            stored.add(home, &root, &timestamp, env.encode()?, newest, part.evidence.clone())?;
+            stored.add(
+                home,
+                &root,
+                &timestamp,
+                env.encode()?,
+                newest,
+                part.evidence.clone(),
+            )?;
         }
         Ok(stored.commit(&first.app, &first.version))
     })
@@ -776,7 +786,10 @@ pub fn publish(
                     Staging::Skipped => "staging skipped",
                     Staging::Passed { .. } => "passed staging",
                 };
-                format!("{}: {} bytes, {how}", p.template.platform, p.template.image_size)
+                format!(
+                    "{}: {} bytes, {how}",
+                    p.template.platform, p.template.image_size
+                )
             })
             .collect::<Vec<_>>()
             .join("; ")
@@ -843,8 +856,13 @@ fn stage(
         platforms(&candidates)
     ));
     crate::control::notify(home, progress);
-    let reports =
-        staging::await_verdicts(home, store, &candidates, args.staging_timeout_secs, progress)?;
+    let reports = staging::await_verdicts(
+        home,
+        store,
+        &candidates,
+        args.staging_timeout_secs,
+        progress,
+    )?;
     let mut evidence = Change::default();
     let mut parts = vec![];
     for ((candidate, report), template) in candidates.iter().zip(reports).zip(templates) {

@@ -573,7 +573,9 @@ impl Hub {
                     *bytes = fresh;
                 }
                 Ok(None) => {}
-                Err(e) => tracing::error!(%track, release, "signing the announcement afresh: {e:#}"),
+                Err(e) => {
+                    tracing::error!(%track, release, "signing the announcement afresh: {e:#}")
+                }
             }
         }
     }

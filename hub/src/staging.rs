@@ -105,7 +105,10 @@ pub fn await_verdicts(
     let app = &candidates.first().context("nothing to stage")?.track.app;
     let (candidate, device, detail) = 'wait: loop {
         for (bytes, r) in reports.staging(home, store, app)? {
-            if let Some(i) = candidates.iter().position(|c| r.manifest == Some(c.manifest)) {
+            if let Some(i) = candidates
+                .iter()
+                .position(|c| r.manifest == Some(c.manifest))
+            {
                 tried.insert(r.device.clone(), i);
             }
             // A device seen only rolled back (it failed between two looks): the release
@@ -204,7 +207,11 @@ fn record_verdict(
         channel: Some(STAGING_CHANNEL.into()),
         release: Some(c.release),
         device: (!device.is_empty()).then(|| device.to_string()),
-        detail: format!("{}{}{detail}", c.track.platform, if detail.is_empty() { "" } else { ": " }),
+        detail: format!(
+            "{}{}{detail}",
+            c.track.platform,
+            if detail.is_empty() { "" } else { ": " }
+        ),
     });
     store
         .commit(kind, &change, None)

@@ -792,7 +792,10 @@ mod tests {
         }
         c.put("apps/hello/stable/0000000002.staging", b"report".to_vec());
         store.commit("old layout", &c, None).unwrap();
-        assert!(store.releases().unwrap().is_empty(), "old files are not tracks");
+        assert!(
+            store.releases().unwrap().is_empty(),
+            "old files are not tracks"
+        );
         let head = store.repo.head().unwrap().target();
 
         assert_eq!(store.upgrade_layout().unwrap(), 7);
@@ -810,14 +813,24 @@ mod tests {
         );
         let staging = store.read(&release_path(&hello, 2, "staging")).unwrap();
         assert_eq!(staging.as_deref(), Some(&b"report"[..]));
-        assert!(store.read("apps/hello/stable/0000000001.manifest").unwrap().is_none());
-        assert_eq!(store.list("apps/hello/stable").unwrap(), vec!["qemu-x86_64"]);
+        assert!(store
+            .read("apps/hello/stable/0000000001.manifest")
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            store.list("apps/hello/stable").unwrap(),
+            vec!["qemu-x86_64"]
+        );
         assert_eq!(store.newest_number("hello", "stable").unwrap(), Some(2));
         assert_ne!(store.repo.head().unwrap().target(), head);
 
         let moved = store.repo.head().unwrap().target();
         assert_eq!(store.upgrade_layout().unwrap(), 0);
-        assert_eq!(store.repo.head().unwrap().target(), moved, "no empty commit");
+        assert_eq!(
+            store.repo.head().unwrap().target(),
+            moved,
+            "no empty commit"
+        );
     }
 
     /// One release number, a manifest per platform: each platform is a track with its own

@@ -35,7 +35,7 @@ fn replayed_expired_forged_and_mismatched_announcements_are_refused() -> Result<
     fleet.publish(&v2, "hello", "1.0.1", &["--no-staging"])?;
     fleet.wait_all(&[d], "hello", 2, "Active", Duration::from_secs(30))?;
 
-    let topic = "unifleet/home/release/stable/hello";
+    let topic = "unifleet/home/release/stable/hello/qemu-x86_64";
     // Announcements are the timestamp key's to sign (freshness); releases the release key's.
     let timestamp_key = SecretKey::from_text(&std::fs::read_to_string(
         fleet.hub_dir.join("keys/timestamp.key"),

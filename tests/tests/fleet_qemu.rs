@@ -280,7 +280,11 @@ fn an_arm64_agent_under_qemu_user_boots_its_release_and_reports() -> Result<()> 
                 .join(format!("state/uf-{}-hello-r1.console.log", d.name)),
         )
         .unwrap_or_default();
-        assert!(console.contains("READY hello 1.0.0"), "{}: {console}", d.name);
+        assert!(
+            console.contains("READY hello 1.0.0"),
+            "{}: {console}",
+            d.name
+        );
     }
     // The hub has both healthy reports, signed by each device's key.
     wait_for("the hub's inventory", CONVERGE, || {

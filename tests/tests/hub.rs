@@ -58,7 +58,7 @@ fn external_mosquitto_broker_carries_retained_announcements() -> Result<()> {
 
     // The broker dies and comes back empty (no persistence): the running hub announces
     // again and the retained announcement is there once more.
-    let topic = "unifleet/home/release/stable/hello";
+    let topic = "unifleet/home/release/stable/hello/qemu-x86_64";
     drop(_mosquitto);
     let _mosquitto = mosquitto(&conf, fleet.path("mosquitto2.log"))?;
     let retained = unifleet_tests::mqtt_first_message(&fleet.mqtt, topic, Duration::from_secs(30))?;
@@ -223,7 +223,10 @@ fn kill9_of_hub_publish_never_leaves_a_broken_store() -> Result<()> {
                     c.digest
                 );
             }
-            let ann = format!("HEAD:apps/hello/stable/qemu-x86_64/{:010}.announcement", m.release);
+            let ann = format!(
+                "HEAD:apps/hello/stable/qemu-x86_64/{:010}.announcement",
+                m.release
+            );
             let st = Command::new("git")
                 .arg("--git-dir")
                 .arg(&store)

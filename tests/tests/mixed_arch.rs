@@ -79,9 +79,13 @@ fn one_release_gives_each_platform_its_own_image_and_only_its_chunks() -> Result
     assert_eq!(running(&fleet, x86, "hello"), Some(x86_manifest));
     assert_eq!(running(&fleet, arm, "hello"), Some(arm_manifest));
     // Each fetched its own manifest and image, nothing of the other's.
-    for (d, img, platform) in [(x86, &x86_img, "qemu-x86_64"), (arm, &arm_img, "qemu-aarch64")] {
+    for (d, img, platform) in [
+        (x86, &x86_img, "qemu-x86_64"),
+        (arm, &arm_img, "qemu-aarch64"),
+    ] {
         let (peers, hub) = fleet.devices[d].fetched("hello");
-        let manifest = fleet.store_file(&format!("apps/hello/stable/{platform}/0000000001.manifest"))?;
+        let manifest =
+            fleet.store_file(&format!("apps/hello/stable/{platform}/0000000001.manifest"))?;
         let size = std::fs::metadata(img)?.len() + manifest.len() as u64;
         assert_eq!(peers + hub, size, "{}", fleet.devices[d].name);
     }
@@ -109,7 +113,11 @@ fn one_release_gives_each_platform_its_own_image_and_only_its_chunks() -> Result
             .expect_err("refused");
         assert!(format!("{err:#}").contains(says), "{err:#}");
     }
-    assert_eq!(fleet.releases(Some("stable"))?.len(), 2, "nothing new signed");
+    assert_eq!(
+        fleet.releases(Some("stable"))?.len(),
+        2,
+        "nothing new signed"
+    );
     Ok(())
 }
 
@@ -198,7 +206,12 @@ fn each_platform_is_staged_on_its_own_staging_device() -> Result<()> {
         &images,
         "hello",
         "1.0.0",
-        &["--staging-timeout-secs", "60", "--no-staging-for", "qemu-aarch64"],
+        &[
+            "--staging-timeout-secs",
+            "60",
+            "--no-staging-for",
+            "qemu-aarch64",
+        ],
     )?;
     assert!(staging_of(&fleet, "stable", 1, "qemu-x86_64")?["Passed"].is_object());
     assert_eq!(staging_of(&fleet, "stable", 1, "qemu-aarch64")?, "Skipped");

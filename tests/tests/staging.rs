@@ -108,7 +108,9 @@ fn publish_without_a_staging_device_times_out_and_signs_nothing_for_stable() -> 
         ])
         .output()?;
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no staging device of qemu-x86_64 reported"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no staging device of qemu-x86_64 reported")
+    );
     let releases = run(fleet.hub_cmd()?.args(["releases", "hello"]))?;
     assert!(!releases.contains("stable"), "{releases}");
     Ok(())

@@ -88,7 +88,7 @@ fn bench_mqtt_rss(clients: usize) -> Result<()> {
             let (client, mut el) = rumqttc::AsyncClient::new(opts, 10);
             let _ = client
                 .subscribe(
-                    format!("unifleet/home/release/stable/app{}", i % 10),
+                    format!("unifleet/home/release/stable/app{}/qemu-x86_64", i % 10),
                     rumqttc::QoS::AtLeastOnce,
                 )
                 .await;
