@@ -9,6 +9,7 @@
 
 use anyhow::{Context, Result};
 use serde_json::Value;
+use std::path::PathBuf;
 use std::time::Duration;
 use unifleet_tests::fleet::{run, Fleet};
 
@@ -29,6 +30,29 @@ fn manifest_of(fleet: &Fleet, channel: &str, release: u64, platform: &str) -> Re
 fn running(fleet: &Fleet, d: usize, app: &str) -> Option<String> {
     let r = fleet.devices[d].report(app)?;
     r["manifest"].as_str().map(str::to_string)
+}
+
+/// The x86 and arm64 test images of `hello` `version`.
+fn images(fleet: &Fleet, version: &str) -> Result<(PathBuf, PathBuf)> {
+    Ok((
+        fleet.testimage("hello", version, &[])?,
+        fleet.testimage("hello", version, &["--arch", "aarch64"])?,
+    ))
+}
+
+/// `hub publish` of `version` with both images (x86, arm64) and `extra`.
+fn publish_both(
+    fleet: &Fleet,
+    both: &(PathBuf, PathBuf),
+    version: &str,
+    extra: &[&str],
+) -> Result<String> {
+    fleet.publish_images(
+        &[("qemu-x86_64", &both.0), ("qemu-aarch64", &both.1)],
+        "hello",
+        version,
+        extra,
+    )
 }
 
 fn staging_of(fleet: &Fleet, channel: &str, release: u64, platform: &str) -> Result<Value> {
@@ -61,11 +85,10 @@ fn one_release_gives_each_platform_its_own_image_and_only_its_chunks() -> Result
     )?;
     fleet.start_device(x86)?;
     fleet.start_device(arm)?;
-    let x86_img = fleet.testimage("hello", "1.0.0", &[])?;
-    let arm_img = fleet.testimage("hello", "1.0.0", &["--arch", "aarch64"])?;
-    let out = fleet.publish_images(
-        &[("qemu-x86_64", &x86_img), ("qemu-aarch64", &arm_img)],
-        "hello",
+    let (x86_img, arm_img) = images(&fleet, "1.0.0")?;
+    let out = publish_both(
+        &fleet,
+        &(x86_img.clone(), arm_img.clone()),
         "1.0.0",
         &["--no-staging"],
     )?;
@@ -135,11 +158,9 @@ fn after_an_arm_only_release_a_new_x86_device_still_gets_the_newest_x86_one() ->
         &["--platform", "qemu-aarch64"],
     )?;
     fleet.start_device(arm)?;
-    let x86_img = fleet.testimage("hello", "1.0.0", &[])?;
-    let arm_img = fleet.testimage("hello", "1.0.0", &["--arch", "aarch64"])?;
-    fleet.publish_images(
-        &[("qemu-x86_64", &x86_img), ("qemu-aarch64", &arm_img)],
-        "hello",
+    publish_both(
+        &fleet,
+        &images(&fleet, "1.0.0")?,
         "1.0.0",
         &["--no-staging"],
     )?;
@@ -185,13 +206,10 @@ fn each_platform_is_staged_on_its_own_staging_device() -> Result<()> {
         &["--platform", "qemu-aarch64"],
     )?;
     fleet.start_device(stage_x86)?;
-    let x86_img = fleet.testimage("hello", "1.0.0", &[])?;
-    let arm_img = fleet.testimage("hello", "1.0.0", &["--arch", "aarch64"])?;
-    let images = [("qemu-x86_64", &*x86_img), ("qemu-aarch64", &*arm_img)];
+    let v1 = images(&fleet, "1.0.0")?;
 
     // No aarch64 staging device: refused, naming the platform and the way out.
-    let err = fleet
-        .publish_images(&images, "hello", "1.0.0", &["--staging-timeout-secs", "8"])
+    let err = publish_both(&fleet, &v1, "1.0.0", &["--staging-timeout-secs", "8"])
         .expect_err("no aarch64 staging device");
     let err = format!("{err:#}");
     assert!(
@@ -202,27 +220,21 @@ fn each_platform_is_staged_on_its_own_staging_device() -> Result<()> {
     assert!(fleet.releases(Some("stable"))?.is_empty(), "nothing signed");
 
     // Skipped for aarch64 alone: x86 still staged.
-    fleet.publish_images(
-        &images,
-        "hello",
-        "1.0.0",
-        &[
-            "--staging-timeout-secs",
-            "60",
-            "--no-staging-for",
-            "qemu-aarch64",
-        ],
-    )?;
+    let skip_arm = [
+        "--staging-timeout-secs",
+        "60",
+        "--no-staging-for",
+        "qemu-aarch64",
+    ];
+    publish_both(&fleet, &v1, "1.0.0", &skip_arm)?;
     assert!(staging_of(&fleet, "stable", 1, "qemu-x86_64")?["Passed"].is_object());
     assert_eq!(staging_of(&fleet, "stable", 1, "qemu-aarch64")?, "Skipped");
 
     // With a staging device of each, both are staged, each on its own.
     fleet.start_device(stage_arm)?;
-    let x86_v2 = fleet.testimage("hello", "1.0.1", &[])?;
-    let arm_v2 = fleet.testimage("hello", "1.0.1", &["--arch", "aarch64"])?;
-    let out = fleet.publish_images(
-        &[("qemu-x86_64", &x86_v2), ("qemu-aarch64", &arm_v2)],
-        "hello",
+    let out = publish_both(
+        &fleet,
+        &images(&fleet, "1.0.1")?,
         "1.0.1",
         &["--staging-timeout-secs", "60"],
     )?;
