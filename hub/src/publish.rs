@@ -586,7 +586,7 @@ fn prepare_one(
         Some(p) => {
             let can: Vec<&str> = header.platforms.iter().map(|p| p.name()).collect();
             bail!(
-                "{} is a {} image, which boots on {}, not on {p}; give it as {}={}",
+                "{}: its header ({}) boots on {}, not on {p}; give it as {}={}",
                 path.display(),
                 header.format,
                 can.join(" or "),
