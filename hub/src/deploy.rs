@@ -21,6 +21,7 @@
 use crate::home::Home;
 use crate::publish::{publish, Image, PublishArgs};
 use anyhow::{Context, Result};
+use proto::manifest::Platform;
 use serde::Deserialize;
 use std::io::BufRead;
 use std::path::Path;
@@ -32,9 +33,9 @@ struct DeployFile {
     version: semver::Version,
     #[serde(default)]
     image: Option<String>,
-    /// Platform name to path, for a release of several platforms.
+    /// Platform to path, for a release of several platforms.
     #[serde(default)]
-    images: std::collections::BTreeMap<String, String>,
+    images: std::collections::BTreeMap<Platform, String>,
     #[serde(default = "stable")]
     channel: String,
     #[serde(default = "mem")]
@@ -52,7 +53,7 @@ struct DeployFile {
     #[serde(default)]
     no_staging: bool,
     #[serde(default)]
-    no_staging_for: Vec<String>,
+    no_staging_for: Vec<Platform>,
     #[serde(default = "staging_timeout")]
     staging_timeout_secs: u64,
 }
@@ -123,25 +124,17 @@ pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) ->
         };
         let spec: DeployFile = toml::from_str(&String::from_utf8_lossy(&read("unifleet.toml")?))
             .context("parsing unifleet.toml")?;
-        let images: Vec<(Option<proto::manifest::Platform>, &String)> =
-            match (&spec.image, spec.images.is_empty()) {
-                (Some(path), true) => vec![(None, path)],
-                (None, false) => spec
-                    .images
-                    .iter()
-                    .map(|(p, path)| Ok((Some(p.parse()?), path)))
-                    .collect::<Result<_, proto::manifest::UnknownPlatform>>()
-                    .context("unifleet.toml: images")?,
-                _ => anyhow::bail!(
-                    "unifleet.toml: give either `image` or `images`, not both or neither"
-                ),
-            };
-        let no_staging_for = spec
-            .no_staging_for
-            .iter()
-            .map(|p| p.parse())
-            .collect::<Result<_, _>>()
-            .context("unifleet.toml: no_staging_for")?;
+        let images: Vec<(Option<Platform>, &String)> = match (&spec.image, spec.images.is_empty()) {
+            (Some(path), true) => vec![(None, path)],
+            (None, false) => spec
+                .images
+                .iter()
+                .map(|(p, path)| (Some(*p), path))
+                .collect(),
+            _ => {
+                anyhow::bail!("unifleet.toml: give either `image` or `images`, not both or neither")
+            }
+        };
         // Each image to a file of its own while the pipeline runs, removed after.
         let dir = tempfile::Builder::new()
             .prefix("unifleet-deploy-")
@@ -168,7 +161,7 @@ pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) ->
             probe_timeout_secs: spec.probe_timeout_secs,
             network: spec.network,
             no_staging: spec.no_staging,
-            no_staging_for,
+            no_staging_for: spec.no_staging_for,
             staging_timeout_secs: spec.staging_timeout_secs,
             hold: false,
         };

@@ -110,6 +110,17 @@ pub struct Part {
     pub evidence: Option<Vec<u8>>,
 }
 
+impl Part {
+    /// A part that skipped staging (or has not been staged yet).
+    pub fn unstaged(template: &Manifest) -> Part {
+        Part {
+            template: template.clone(),
+            staging: Staging::Skipped,
+            evidence: None,
+        }
+    }
+}
+
 /// Where and why a release is being signed.
 #[derive(Debug)]
 pub struct NewRelease<'a> {
@@ -728,16 +739,11 @@ pub fn publish(
         &args.version,
     )?;
     let (templates, change) = prepare(home, &store, images, args, progress)?;
-    let unstaged = |t: &Manifest| Part {
-        template: t.clone(),
-        staging: Staging::Skipped,
-        evidence: None,
-    };
     if args.hold {
         let (info, dir) = hold(
             home,
             &store,
-            &unstaged(&templates[0]),
+            &Part::unstaged(&templates[0]),
             NewRelease {
                 channel: &args.channel,
                 change,
@@ -767,7 +773,7 @@ pub fn publish(
             t.platform
         ));
     }
-    let mut parts: Vec<Part> = skipped.into_iter().map(unstaged).collect();
+    let mut parts: Vec<Part> = skipped.into_iter().map(Part::unstaged).collect();
     let change = if to_stage.is_empty() {
         change
     } else {
@@ -830,14 +836,7 @@ fn stage(
     change: Change,
     progress: Progress<'_>,
 ) -> Result<(Vec<Part>, Change)> {
-    let candidate_parts: Vec<Part> = templates
-        .iter()
-        .map(|t| Part {
-            template: (*t).clone(),
-            staging: Staging::Skipped,
-            evidence: None,
-        })
-        .collect();
+    let candidate_parts: Vec<Part> = templates.iter().map(|t| Part::unstaged(t)).collect();
     let candidates = sign_and_store(
         home,
         store,
@@ -949,13 +948,7 @@ pub fn rollback(
     to: Option<&semver::Version>,
 ) -> Result<Vec<ReleaseInfo>> {
     let store = home.store()?;
-    let mut numbers: Vec<u64> = store
-        .releases()?
-        .into_iter()
-        .filter(|r| r.track.app == app && r.track.channel == channel)
-        .map(|r| r.release)
-        .collect();
-    numbers.dedup();
+    let numbers = store.release_numbers(app, channel)?;
     let current = *numbers
         .last()
         .with_context(|| format!("{app} has no release on {channel}"))?;

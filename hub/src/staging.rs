@@ -9,6 +9,7 @@ use crate::publish::{Progress, STAGING_CHANNEL};
 use crate::store::{Change, Event, ReleaseInfo, Store};
 use anyhow::{bail, Context, Result};
 use proto::status::{verify_status, DeviceState, StatusReport};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// Where serve keeps a device's latest report for an app.
@@ -83,11 +84,115 @@ impl Reports {
     }
 }
 
+/// What one staging report says about a candidate release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Candidate `i` is healthy on `device`.
+    Passed { i: usize, device: String },
+    /// Candidate `i` failed on `device` (the reason, with the console tail).
+    Failed {
+        i: usize,
+        device: String,
+        detail: String,
+    },
+    /// A progress line worth printing.
+    Note(String),
+}
+
+/// The staging gate of one release, without I/O: staging reports in, verdicts out. Each
+/// candidate is one platform's manifest; a report counts for the manifest it names, so
+/// each platform's staging device passes only its own image.
+#[derive(Debug)]
+pub struct Gate {
+    candidates: Vec<ReleaseInfo>,
+    passed: Vec<Option<Vec<u8>>>,
+    /// Which candidate each staging device took up (a report naming its manifest): a
+    /// rolled-back report names the release the device is back on, not the one it tried.
+    tried: HashMap<String, usize>,
+    last_note: String,
+}
+
+impl Gate {
+    pub fn new(candidates: &[ReleaseInfo]) -> Gate {
+        Gate {
+            candidates: candidates.to_vec(),
+            passed: vec![None; candidates.len()],
+            tried: HashMap::new(),
+            last_note: String::new(),
+        }
+    }
+
+    /// A verified staging report (`bytes` is its signed form, kept as evidence).
+    pub fn report(&mut self, bytes: &[u8], r: &StatusReport) -> Option<Verdict> {
+        let release = self.candidates.first()?.release;
+        if let Some(i) = self
+            .candidates
+            .iter()
+            .position(|c| r.manifest == Some(c.manifest))
+        {
+            self.tried.insert(r.device.clone(), i);
+        }
+        // A device seen only rolled back (it failed between two looks): the release
+        // failed all the same; with several platforms the first is named.
+        let rolled_back = matches!(&r.state,
+            DeviceState::RolledBack { failed_release, .. } if *failed_release == release);
+        let i = self
+            .tried
+            .get(&r.device)
+            .copied()
+            .or(rolled_back.then_some(0))?;
+        let c = &self.candidates[i];
+        let ours = r.manifest == Some(c.manifest);
+        let device = r.device.clone();
+        match &r.state {
+            DeviceState::Active if ours && self.passed[i].is_none() => {
+                self.passed[i] = Some(bytes.to_vec());
+                Some(Verdict::Passed { i, device })
+            }
+            DeviceState::RolledBack { reason, .. } if rolled_back => Some(Verdict::Failed {
+                i,
+                device,
+                detail: format!("{reason}; console: {}", r.console_tail.trim()),
+            }),
+            DeviceState::Failed { reason } if ours => Some(Verdict::Failed {
+                i,
+                device,
+                detail: reason.clone(),
+            }),
+            DeviceState::Downloading { percent } if ours => {
+                let note = format!(
+                    "staging device {device} ({}): downloading {percent}%",
+                    c.track.platform
+                );
+                (note != self.last_note).then(|| {
+                    self.last_note = note.clone();
+                    Verdict::Note(note)
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Every candidate's signed healthy report, in order, once all passed.
+    pub fn evidence(&self) -> Option<Vec<Vec<u8>>> {
+        self.passed.iter().cloned().collect()
+    }
+
+    /// The candidates no staging device has passed yet.
+    pub fn waiting(&self) -> Vec<&ReleaseInfo> {
+        self.candidates
+            .iter()
+            .zip(&self.passed)
+            .filter(|(_, p)| p.is_none())
+            .map(|(c, _)| c)
+            .collect()
+    }
+}
+
 /// Waits for a staging device to report each of `candidates` (one release, one manifest per
 /// platform) healthy: returns their signed reports in order, or an error naming the
 /// platform that failed (with the console tail) or that no device reported within the
-/// timeout. A report counts for the manifest it names, so each platform's staging device
-/// passes only its own image.
+/// timeout.
 pub fn await_verdicts(
     home: &Home,
     store: &Store,
@@ -96,75 +201,32 @@ pub fn await_verdicts(
     progress: Progress<'_>,
 ) -> Result<Vec<Vec<u8>>> {
     let deadline = Instant::now() + Duration::from_secs(timeout_secs);
-    let mut last_note = String::new();
     let mut reports = Reports::new(store)?;
-    let mut passed: Vec<Option<Vec<u8>>> = vec![None; candidates.len()];
-    // Which candidate each staging device took up (a report naming its manifest): a
-    // rolled-back report names the release the device is back on, not the one it tried.
-    let mut tried: std::collections::HashMap<String, usize> = Default::default();
+    let mut gate = Gate::new(candidates);
     let app = &candidates.first().context("nothing to stage")?.track.app;
     let (candidate, device, detail) = 'wait: loop {
         for (bytes, r) in reports.staging(home, store, app)? {
-            if let Some(i) = candidates
-                .iter()
-                .position(|c| r.manifest == Some(c.manifest))
-            {
-                tried.insert(r.device.clone(), i);
-            }
-            // A device seen only rolled back (it failed between two looks): the release
-            // failed all the same; with several platforms the first is named.
-            let rolled_back = matches!(&r.state, DeviceState::RolledBack { failed_release, .. }
-                if *failed_release == candidates[0].release);
-            let Some(i) = tried.get(&r.device).copied().or(rolled_back.then_some(0)) else {
-                continue;
-            };
-            let c = &candidates[i];
-            let ours = r.manifest == Some(c.manifest);
-            match &r.state {
-                DeviceState::Active if ours && passed[i].is_none() => {
+            match gate.report(&bytes, &r) {
+                Some(Verdict::Passed { i, device }) => {
+                    let c = &candidates[i];
                     progress(&format!(
-                        "staging passed on {} for {}: {} is healthy",
-                        r.device, c.track.platform, c.track.app
+                        "staging passed on {device} for {}: {} is healthy",
+                        c.track.platform, c.track.app
                     ));
-                    record_verdict(store, c, "staging-passed", &r.device, String::new())?;
-                    passed[i] = Some(bytes);
+                    record_verdict(store, c, "staging-passed", &device, String::new())?;
                 }
-                DeviceState::RolledBack {
-                    failed_release,
-                    reason,
-                } if *failed_release == c.release => {
-                    break 'wait (
-                        c.clone(),
-                        r.device.clone(),
-                        format!("{reason}; console: {}", r.console_tail.trim()),
-                    );
+                Some(Verdict::Failed { i, device, detail }) => {
+                    break 'wait (candidates[i].clone(), device, detail)
                 }
-                DeviceState::Failed { reason } if ours => {
-                    break 'wait (c.clone(), r.device.clone(), reason.clone())
-                }
-                DeviceState::Downloading { percent } if ours => {
-                    let note = format!(
-                        "staging device {} ({}): downloading {percent}%",
-                        r.device, c.track.platform
-                    );
-                    if note != last_note {
-                        progress(&note);
-                        last_note = note;
-                    }
-                }
-                _ => {}
+                Some(Verdict::Note(note)) => progress(&note),
+                None => {}
             }
         }
-        if passed.iter().all(Option::is_some) {
-            return Ok(passed.into_iter().flatten().collect());
+        if let Some(evidence) = gate.evidence() {
+            return Ok(evidence);
         }
         if Instant::now() >= deadline {
-            let waiting: Vec<&ReleaseInfo> = candidates
-                .iter()
-                .zip(&passed)
-                .filter(|(_, p)| p.is_none())
-                .map(|(c, _)| c)
-                .collect();
+            let waiting = gate.waiting();
             let names: Vec<&str> = waiting.iter().map(|c| c.track.platform.name()).collect();
             break (
                 waiting[0].clone(),
@@ -217,4 +279,120 @@ fn record_verdict(
         .commit(kind, &change, None)
         .context("recording the staging verdict")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::announcement::Track;
+    use proto::manifest::Platform;
+    use proto::Digest;
+
+    fn candidate(platform: Platform, m: &[u8]) -> ReleaseInfo {
+        ReleaseInfo {
+            track: Track::new("hello", STAGING_CHANNEL, platform),
+            release: 4,
+            manifest: Digest::of(m),
+        }
+    }
+
+    fn report(device: &str, manifest: Option<&[u8]>, state: DeviceState) -> StatusReport {
+        StatusReport {
+            fleet: "home".into(),
+            device: device.into(),
+            seq: 1,
+            at: 1,
+            app: "hello".into(),
+            channel: STAGING_CHANNEL.into(),
+            release: Some(4),
+            version: None,
+            manifest: manifest.map(Digest::of),
+            state,
+            bytes_from_peers: 0,
+            bytes_from_hub: 0,
+            console_tail: "boom".into(),
+            ondemand: None,
+        }
+    }
+
+    #[test]
+    fn each_platform_passes_on_its_own_manifest_and_the_release_only_when_all_did() {
+        let cs = [
+            candidate(Platform::QemuX86_64, b"x86"),
+            candidate(Platform::QemuAarch64, b"arm"),
+        ];
+        let mut gate = Gate::new(&cs);
+        // Another release's report counts for nothing.
+        assert_eq!(
+            gate.report(b"r", &report("old", Some(b"other"), DeviceState::Active)),
+            None
+        );
+        let arm_downloading = report(
+            "arm",
+            Some(b"arm"),
+            DeviceState::Downloading { percent: 50 },
+        );
+        assert!(matches!(
+            gate.report(b"r", &arm_downloading),
+            Some(Verdict::Note(_))
+        ));
+        // The same progress is said once.
+        assert_eq!(gate.report(b"r", &arm_downloading), None);
+        let x86 = gate.report(
+            b"x86 report",
+            &report("x86", Some(b"x86"), DeviceState::Active),
+        );
+        assert_eq!(
+            x86,
+            Some(Verdict::Passed {
+                i: 0,
+                device: "x86".into()
+            })
+        );
+        assert_eq!(gate.evidence(), None);
+        assert_eq!(gate.waiting(), vec![&cs[1]]);
+        let arm = gate.report(
+            b"arm report",
+            &report("arm", Some(b"arm"), DeviceState::Active),
+        );
+        assert_eq!(
+            arm,
+            Some(Verdict::Passed {
+                i: 1,
+                device: "arm".into()
+            })
+        );
+        assert_eq!(
+            gate.evidence(),
+            Some(vec![b"x86 report".to_vec(), b"arm report".to_vec()])
+        );
+    }
+
+    #[test]
+    fn a_rollback_fails_the_platform_the_device_tried_even_naming_its_old_release() {
+        let cs = [
+            candidate(Platform::QemuX86_64, b"x86"),
+            candidate(Platform::QemuAarch64, b"arm"),
+        ];
+        let mut gate = Gate::new(&cs);
+        gate.report(b"r", &report("arm", Some(b"arm"), DeviceState::Installing));
+        let back = DeviceState::RolledBack {
+            failed_release: 4,
+            reason: "never ready".into(),
+        };
+        // Back on its old release: the report names that manifest, not the candidate's.
+        let verdict = gate.report(b"r", &report("arm", Some(b"old"), back.clone()));
+        assert_eq!(
+            verdict,
+            Some(Verdict::Failed {
+                i: 1,
+                device: "arm".into(),
+                detail: "never ready; console: boom".into()
+            })
+        );
+        // A device first seen rolled back fails the release too (the first platform named).
+        let mut gate = Gate::new(&cs);
+        let verdict = gate.report(b"r", &report("new", None, back));
+        assert!(matches!(verdict, Some(Verdict::Failed { i: 0, .. })));
+    }
 }

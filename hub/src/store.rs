@@ -166,12 +166,12 @@ impl Change {
     pub fn put_written(&mut self, path: impl Into<String>, blob: WrittenBlob) {
         self.files.push((path.into(), Content::Written(blob.id)));
     }
-    /// Adds every file and event of `other`.
     /// Takes `path` out of the tree (a file; its directory goes when it is left empty).
     pub fn remove(&mut self, path: impl Into<String>) {
         self.files.push((path.into(), Content::Removed));
     }
 
+    /// Adds every file and event of `other`.
     pub fn extend(&mut self, other: Change) {
         self.files.extend(other.files);
         self.events.extend(other.events);
@@ -255,16 +255,22 @@ impl Store {
         let mut out = vec![];
         for app in self.list("apps")? {
             for channel in self.list(&format!("apps/{app}"))? {
-                for platform in self.list(&format!("apps/{app}/{channel}"))? {
-                    // A file here is a release from before platform directories
-                    // (`upgrade_layout` moves them), not a track.
-                    if let Ok(platform) = platform.parse::<Platform>() {
-                        out.push(Track::new(&app, &channel, platform));
-                    }
-                }
+                out.extend(self.tracks_of(&app, &channel)?);
             }
         }
         Ok(out)
+    }
+
+    /// The tracks of (app, channel): one directory listed.
+    fn tracks_of(&self, app: &str, channel: &str) -> Result<Vec<Track>> {
+        Ok(self
+            .list(&format!("apps/{app}/{channel}"))?
+            .iter()
+            // A file here is a release from before platform directories (moved by
+            // `upgrade_layout`), not a track.
+            .filter_map(|p| p.parse::<Platform>().ok())
+            .map(|p| Track::new(app, channel, p))
+            .collect())
     }
 
     /// The release numbers on `track`, from file names alone (unordered).
@@ -281,13 +287,13 @@ impl Store {
         let mut out = vec![];
         for track in self.tracks()? {
             for release in self.numbers(&track)? {
-                out.push(self.info(&track, release)?);
+                out.push(self.listed(&track, release)?);
             }
         }
-        out.sort_by(|a, b| {
-            let key = |r: &ReleaseInfo| (r.track.app.clone(), r.track.channel.clone(), r.release);
-            key(a).cmp(&key(b)).then(a.track.cmp(&b.track))
-        });
+        fn key(r: &ReleaseInfo) -> (&str, &str, u64, Platform) {
+            (&r.track.app, &r.track.channel, r.release, r.track.platform)
+        }
+        out.sort_by(|a, b| key(a).cmp(&key(b)));
         Ok(out)
     }
 
@@ -321,7 +327,7 @@ impl Store {
     /// The newest release of `track`: one directory listed, one manifest hashed.
     pub fn latest(&self, track: &Track) -> Result<Option<ReleaseInfo>> {
         match self.numbers(track)?.into_iter().max() {
-            Some(release) => self.info(track, release).map(Some),
+            Some(release) => self.listed(track, release).map(Some),
             None => Ok(None),
         }
     }
@@ -329,57 +335,63 @@ impl Store {
     /// The newest release number of (app, channel) on any platform: the next release, on
     /// whichever platforms, is numbered above it.
     pub fn newest_number(&self, app: &str, channel: &str) -> Result<Option<u64>> {
-        let mut newest = None;
-        for platform in self.list(&format!("apps/{app}/{channel}"))? {
-            let Ok(platform) = platform.parse() else {
-                continue;
-            };
-            let n = self.numbers(&Track::new(app, channel, platform))?;
-            newest = newest.max(n.into_iter().max());
+        Ok(self.release_numbers(app, channel)?.last().copied())
+    }
+
+    /// The release numbers of (app, channel) on any platform, ascending, from file names
+    /// alone (nothing read or hashed).
+    pub fn release_numbers(&self, app: &str, channel: &str) -> Result<Vec<u64>> {
+        let mut all = vec![];
+        for track in self.tracks_of(app, channel)? {
+            all.extend(self.numbers(&track)?);
         }
-        Ok(newest)
+        all.sort_unstable();
+        all.dedup();
+        Ok(all)
     }
 
     /// Every platform's manifest of release `release` of (app, channel).
     pub fn release(&self, app: &str, channel: &str, release: u64) -> Result<Vec<ReleaseInfo>> {
         let mut out = vec![];
-        for track in self.tracks()? {
-            if track.app == app && track.channel == channel {
-                let path = release_path(&track, release, "manifest");
-                if let Some(bytes) = self.read(&path)? {
-                    out.push(ReleaseInfo {
-                        track,
-                        release,
-                        manifest: Digest::of(&bytes),
-                    });
+        for track in self.tracks_of(app, channel)? {
+            out.extend(self.info(&track, release)?);
+        }
+        Ok(out)
+    }
+
+    /// Releases sitting directly in a channel directory (the layout before platform
+    /// directories): (app, channel, release number).
+    fn unplaced_releases(&self) -> Result<Vec<(String, String, u64)>> {
+        let mut out = vec![];
+        for app in self.list("apps")? {
+            for channel in self.list(&format!("apps/{app}"))? {
+                for file in self.list(&format!("apps/{app}/{channel}"))? {
+                    if let Some(release) = manifest_number(&file) {
+                        out.push((app.clone(), channel.clone(), release));
+                    }
                 }
             }
         }
         Ok(out)
     }
 
-    /// Whether a release file sits directly in a channel directory (the old layout).
-    fn has_unplaced_releases(&self) -> Result<bool> {
-        for app in self.list("apps")? {
-            for channel in self.list(&format!("apps/{app}"))? {
-                let files = self.list(&format!("apps/{app}/{channel}"))?;
-                if files.iter().any(|f| manifest_number(f).is_some()) {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
-    }
-
-    fn info(&self, track: &Track, release: u64) -> Result<ReleaseInfo> {
+    /// Release `release` of `track`, if stored (its manifest read and hashed).
+    fn info(&self, track: &Track, release: u64) -> Result<Option<ReleaseInfo>> {
         let path = release_path(track, release, "manifest");
-        let bytes = self
-            .read(&path)?
-            .with_context(|| format!("{path} vanished while listed"))?;
-        Ok(ReleaseInfo {
+        Ok(self.read(&path)?.map(|bytes| ReleaseInfo {
             track: track.clone(),
             release,
             manifest: Digest::of(&bytes),
+        }))
+    }
+
+    /// [`Store::info`] of a release just listed: it must be there.
+    fn listed(&self, track: &Track, release: u64) -> Result<ReleaseInfo> {
+        self.info(track, release)?.with_context(|| {
+            format!(
+                "{} vanished while listed",
+                release_path(track, release, "manifest")
+            )
         })
     }
 
@@ -387,33 +399,25 @@ impl Store {
     /// <release>.<ext>`) into their platform's directory, which each manifest names, in
     /// one commit; returns how many files moved (0: nothing to do, nothing committed).
     pub fn upgrade_layout(&self) -> Result<usize> {
-        if !self.has_unplaced_releases()? {
+        if self.unplaced_releases()?.is_empty() {
             return Ok(0);
         }
         self.transaction(|store| {
             let mut change = Change::default();
             let mut moved = 0;
-            for app in store.list("apps")? {
-                for channel in store.list(&format!("apps/{app}"))? {
-                    let dir = format!("apps/{app}/{channel}");
-                    let files = store.list(&dir)?;
-                    for file in &files {
-                        let Some(release) = manifest_number(file) else {
-                            continue;
-                        };
-                        let path = format!("{dir}/{file}");
-                        let bytes = store.read(&path)?.context("listed file vanished")?;
-                        let platform = stored_platform(&bytes)
-                            .with_context(|| format!("reading the platform of {path}"))?;
-                        let track = Track::new(&app, &channel, platform);
-                        for ext in ["manifest", "announcement", "staging"] {
-                            let old = format!("{dir}/{release:010}.{ext}");
-                            if let Some(bytes) = store.read(&old)? {
-                                change.put(release_path(&track, release, ext), bytes);
-                                change.remove(old);
-                                moved += 1;
-                            }
-                        }
+            for (app, channel, release) in store.unplaced_releases()? {
+                let old = |ext: &str| format!("apps/{app}/{channel}/{release:010}.{ext}");
+                let manifest = store
+                    .read(&old("manifest"))?
+                    .context("listed file vanished")?;
+                let platform = stored_platform(&manifest)
+                    .with_context(|| format!("reading the platform of {}", old("manifest")))?;
+                let track = Track::new(&app, &channel, platform);
+                for ext in ["manifest", "announcement", "staging"] {
+                    if let Some(bytes) = store.read(&old(ext))? {
+                        change.put(release_path(&track, release, ext), bytes);
+                        change.remove(old(ext));
+                        moved += 1;
                     }
                 }
             }
@@ -641,8 +645,10 @@ impl Store {
                 }
                 _ => None,
             };
+            let removes = inner.iter().any(|(_, id)| id.is_none());
             let id = self.write_tree(sub.as_ref(), &inner)?;
-            if self.repo.find_tree(id)?.is_empty() {
+            // Only a removal can leave a directory empty: no extra read on other commits.
+            if removes && self.repo.find_tree(id)?.is_empty() {
                 if builder.get(dir)?.is_some() {
                     builder.remove(dir)?;
                 }
