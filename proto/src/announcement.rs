@@ -14,7 +14,7 @@
 use crate::codec::{CodecError, Kind};
 use crate::digest::Digest;
 use crate::envelope::Envelope;
-use crate::error::VerifyError;
+use crate::error::{Invalid, VerifyError};
 use crate::manifest::{Claims, Expectations, Platform, VerifiedManifest};
 use crate::names;
 use crate::root::{check_expiry, TrustedRoot};
@@ -99,18 +99,18 @@ impl Announcement {
     }
 
     fn validate(&self) -> Result<(), VerifyError> {
-        let invalid = |reason: String| VerifyError::Invalid {
+        let invalid = |reason: Invalid| VerifyError::Invalid {
             kind: Kind::Announcement,
             reason,
         };
-        names::check("fleet", &self.fleet).map_err(|e| invalid(e.to_string()))?;
-        names::check("app", &self.app).map_err(|e| invalid(e.to_string()))?;
-        names::check("channel", &self.channel).map_err(|e| invalid(e.to_string()))?;
+        names::check("fleet", &self.fleet).map_err(|e| invalid(e.into()))?;
+        names::check("app", &self.app).map_err(|e| invalid(e.into()))?;
+        names::check("channel", &self.channel).map_err(|e| invalid(e.into()))?;
         if self.release == 0 {
-            return Err(invalid("release numbers start at 1".into()));
+            return Err(invalid(Invalid::ReleaseZero));
         }
         if self.expires_at <= self.issued_at {
-            return Err(invalid("expires before it was issued".into()));
+            return Err(invalid(Invalid::ExpiresBeforeIssued));
         }
         Ok(())
     }

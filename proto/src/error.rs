@@ -96,5 +96,65 @@ pub enum VerifyError {
         known: u64,
     },
     #[error("invalid {kind}: {reason}")]
-    Invalid { kind: Kind, reason: String },
+    Invalid { kind: Kind, reason: Invalid },
+}
+
+/// What makes a message malformed before any context is needed: names, counts, sizes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error(transparent)]
+    Name(#[from] crate::names::BadName),
+    #[error("release numbers start at 1")]
+    ReleaseZero,
+    #[error("version must start at 1")]
+    VersionZero,
+    #[error("expires before it was issued")]
+    ExpiresBeforeIssued,
+    #[error("image size {size} is outside 1..={max}")]
+    ImageSize { size: u64, max: u64 },
+    #[error("{count} chunks listed (1 to {max} allowed)")]
+    ChunkCount { count: usize, max: usize },
+    #[error("chunk {index} has size {size}")]
+    ChunkSize { index: usize, size: u64 },
+    #[error("chunk sizes add up to {total}, image size is {size}")]
+    ChunkTotal { total: u64, size: u64 },
+    #[error("kernel command line too long")]
+    CmdlineTooLong,
+    #[error("console banner empty or too long")]
+    BadBanner,
+    #[error("boot spec needs memory and at least one vcpu")]
+    NoMemoryOrVcpu,
+    #[error(transparent)]
+    Role(#[from] RoleError),
+    #[error("timestamp threshold is {0}; it must be 1 (the hub signs freshness alone)")]
+    TimestampThreshold(u32),
+    #[error("key {key} is in both the {a} and the {b} role; each role needs keys of its own")]
+    SharedKey {
+        key: String,
+        a: &'static str,
+        b: &'static str,
+    },
+    #[error("{count} devices listed (at most {max})")]
+    TooManyRevoked { count: usize, max: usize },
+    #[error("console tail too long")]
+    ConsoleTailTooLong,
+}
+
+/// Why a role of a root is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoleError {
+    #[error("{role} role has {keys} keys (1 to {max} allowed)")]
+    KeyCount {
+        role: &'static str,
+        keys: usize,
+        max: usize,
+    },
+    #[error("{role} threshold {threshold} is not between 1 and its {keys} keys")]
+    Threshold {
+        role: &'static str,
+        threshold: u32,
+        keys: usize,
+    },
+    #[error("{role} role lists a key twice")]
+    DuplicateKey { role: &'static str },
 }

@@ -38,11 +38,11 @@ pub enum ImageError {
     #[error("image is empty")]
     Empty,
     #[error("unrecognised image: {0}")]
-    Unknown(String),
+    Unknown(Unrecognised),
     #[error("corrupt {format} header: {reason}")]
     Corrupt {
         format: &'static str,
-        reason: String,
+        reason: Corruption,
     },
     /// A range the header declares ends past the end of the file: a truncated image.
     #[error(
@@ -55,6 +55,46 @@ pub enum ImageError {
         end: u64,
         file_size: u64,
     },
+}
+
+/// Why bytes are not an image unifleet can boot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unrecognised {
+    #[error("this is a unifleet message, not an image")]
+    UnifleetMessage,
+    #[error("no ELF, multiboot, ARM zImage or arm64 Image header found")]
+    NoHeader,
+    #[error("big-endian ELF is not supported")]
+    BigEndianElf,
+    #[error("{format} has neither a multiboot header nor a Xen PVH note")]
+    NoBootEntry { format: String },
+}
+
+/// What is wrong in a header that was recognised.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Corruption {
+    #[error("truncated identification")]
+    TruncatedIdentification,
+    #[error("invalid ELF class {0}")]
+    ElfClass(u8),
+    #[error("truncated header")]
+    TruncatedHeader,
+    #[error("program header entries too small")]
+    ProgramHeaderTooSmall,
+    #[error("program header offset overflows")]
+    ProgramHeaderOverflow,
+    #[error("big-endian images are not supported")]
+    BigEndian,
+    #[error("end 0x{end:x} is below start 0x{start:x}")]
+    EndBelowStart { end: u32, start: u32 },
+    #[error("truncated address fields")]
+    TruncatedAddresses,
+    #[error("load address 0x{load:x} is above the header's 0x{header:x}")]
+    LoadAboveHeader { load: u32, header: u32 },
+    #[error("load address 0x{load:x} lies before the start of the file")]
+    LoadBeforeFile { load: u32 },
+    #[error("load end 0x{end:x} is below the load address 0x{load:x}")]
+    LoadEndBelowLoad { end: u32, load: u32 },
 }
 
 /// Identifies an image from its first bytes and the size of the whole file (pass at least
@@ -75,13 +115,9 @@ pub fn inspect(prefix: &[u8], file_size: u64) -> Result<ImageHeader, ImageError>
         return inspect_arm64(prefix, file_size);
     }
     if prefix.starts_with(crate::codec::MAGIC.as_slice()) {
-        return Err(ImageError::Unknown(
-            "this is a unifleet message, not an image".into(),
-        ));
+        return Err(ImageError::Unknown(Unrecognised::UnifleetMessage));
     }
-    Err(ImageError::Unknown(
-        "no ELF, multiboot, ARM zImage or arm64 Image header found".into(),
-    ))
+    Err(ImageError::Unknown(Unrecognised::NoHeader))
 }
 
 fn read_u32(b: &[u8], off: usize) -> Option<u32> {
@@ -140,13 +176,13 @@ fn inspect_arm64(b: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
     else {
         return Err(ImageError::Corrupt {
             format: "arm64 Image",
-            reason: "truncated header".into(),
+            reason: Corruption::TruncatedHeader,
         });
     };
     if flags & 1 != 0 {
         return Err(ImageError::Corrupt {
             format: "arm64 Image",
-            reason: "big-endian images are not supported".into(),
+            reason: Corruption::BigEndian,
         });
     }
     Ok(ImageHeader {
@@ -165,13 +201,13 @@ fn inspect_zimage(b: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
     let (Some(start), Some(end)) = (read_u32(b, 0x28), read_u32(b, 0x2c)) else {
         return Err(ImageError::Corrupt {
             format: "ARM zImage",
-            reason: "truncated header".into(),
+            reason: Corruption::TruncatedHeader,
         });
     };
     if end < start {
         return Err(ImageError::Corrupt {
             format: "ARM zImage",
-            reason: format!("end 0x{end:x} is below start 0x{start:x}"),
+            reason: Corruption::EndBelowStart { end, start },
         });
     }
     within(
@@ -190,27 +226,25 @@ fn inspect_zimage(b: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
 }
 
 fn inspect_elf(b: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
-    let corrupt = |reason: &str| ImageError::Corrupt {
+    let corrupt = |reason: Corruption| ImageError::Corrupt {
         format: "ELF",
-        reason: reason.into(),
+        reason,
     };
     let class = *b
         .get(4)
-        .ok_or_else(|| corrupt("truncated identification"))?;
+        .ok_or_else(|| corrupt(Corruption::TruncatedIdentification))?;
     let data = *b
         .get(5)
-        .ok_or_else(|| corrupt("truncated identification"))?;
+        .ok_or_else(|| corrupt(Corruption::TruncatedIdentification))?;
     if data != 1 {
-        return Err(ImageError::Unknown(
-            "big-endian ELF is not supported".into(),
-        ));
+        return Err(ImageError::Unknown(Unrecognised::BigEndianElf));
     }
     let is64 = match class {
         1 => false,
         2 => true,
-        c => return Err(corrupt(&format!("invalid ELF class {c}"))),
+        c => return Err(corrupt(Corruption::ElfClass(c))),
     };
-    let machine = read_u16(b, 18).ok_or_else(|| corrupt("truncated header"))?;
+    let machine = read_u16(b, 18).ok_or_else(|| corrupt(Corruption::TruncatedHeader))?;
     let (entry, phoff, phentsize, phnum) = if is64 {
         (
             read_u64(b, 24),
@@ -237,10 +271,10 @@ fn inspect_elf(b: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
     };
     let (Some(entry), Some(phoff), Some(phentsize), Some(phnum)) = (entry, phoff, phentsize, phnum)
     else {
-        return Err(corrupt("truncated header"));
+        return Err(corrupt(Corruption::TruncatedHeader));
     };
     let (Some(shoff), Some(shentsize), Some(shnum)) = (shoff, shentsize, shnum) else {
-        return Err(corrupt("truncated header"));
+        return Err(corrupt(Corruption::TruncatedHeader));
     };
     within(
         "ELF",
@@ -275,14 +309,14 @@ fn inspect_elf(b: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
     // Xen PVH: a PT_NOTE segment holding a "Xen" note of type PHYS32_ENTRY.
     let min_phentsize = if is64 { 56 } else { 32 };
     if phnum > 0 && usize::from(phentsize) < min_phentsize {
-        return Err(corrupt("program header entries too small"));
+        return Err(corrupt(Corruption::ProgramHeaderTooSmall));
     }
     for i in 0..u64::from(phnum) {
         let Some(off) = phoff
             .checked_add(i * u64::from(phentsize))
             .and_then(|o| usize::try_from(o).ok())
         else {
-            return Err(corrupt("program header offset overflows"));
+            return Err(corrupt(Corruption::ProgramHeaderOverflow));
         };
         let (p_type, p_offset, p_filesz) = if is64 {
             (
@@ -339,10 +373,9 @@ fn inspect_elf(b: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
     }
 
     if header.platforms.is_empty() {
-        return Err(ImageError::Unknown(format!(
-            "{} has neither a multiboot header nor a Xen PVH note",
-            header.format
-        )));
+        return Err(ImageError::Unknown(Unrecognised::NoBootEntry {
+            format: header.format,
+        }));
     }
     Ok(header)
 }
@@ -360,7 +393,7 @@ fn check_multiboot_load(
     if flags & ADDRESS_FIELDS == 0 {
         return Ok(());
     }
-    let corrupt = |reason: String| ImageError::Corrupt {
+    let corrupt = |reason: Corruption| ImageError::Corrupt {
         format: "multiboot",
         reason,
     };
@@ -369,25 +402,25 @@ fn check_multiboot_load(
         read_u32(b, off + 16),
         read_u32(b, off + 20),
     ) else {
-        return Err(corrupt("truncated address fields".into()));
+        return Err(corrupt(Corruption::TruncatedAddresses));
     };
     let Some(back) = header_addr.checked_sub(load_addr) else {
-        return Err(corrupt(format!(
-            "load address 0x{load_addr:x} is above the header's 0x{header_addr:x}"
-        )));
+        return Err(corrupt(Corruption::LoadAboveHeader {
+            load: load_addr,
+            header: header_addr,
+        }));
     };
     let Some(start) = (off as u64).checked_sub(u64::from(back)) else {
-        return Err(corrupt(format!(
-            "load address 0x{load_addr:x} lies before the start of the file"
-        )));
+        return Err(corrupt(Corruption::LoadBeforeFile { load: load_addr }));
     };
     if load_end == 0 {
         return Ok(());
     }
     let Some(len) = load_end.checked_sub(load_addr) else {
-        return Err(corrupt(format!(
-            "load end 0x{load_end:x} is below the load address 0x{load_addr:x}"
-        )));
+        return Err(corrupt(Corruption::LoadEndBelowLoad {
+            end: load_end,
+            load: load_addr,
+        }));
     };
     within(
         "multiboot",

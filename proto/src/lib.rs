@@ -35,5 +35,5 @@ pub mod root;
 pub mod status;
 
 pub use digest::Digest;
-pub use error::VerifyError;
+pub use error::{Invalid, VerifyError};
 pub use keys::{KeyId, PublicKey, SecretKey};

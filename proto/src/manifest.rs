@@ -3,7 +3,7 @@
 use crate::codec::{CodecError, Kind};
 use crate::digest::{Digest, Hasher};
 use crate::envelope::Envelope;
-use crate::error::VerifyError;
+use crate::error::{Invalid, VerifyError};
 use crate::names;
 use crate::root::TrustedRoot;
 use serde::{Deserialize, Serialize};
@@ -170,53 +170,54 @@ pub struct Manifest {
 impl Manifest {
     /// Structural checks that need no context: names, sizes, chunk list consistency.
     pub fn validate(&self) -> Result<(), VerifyError> {
-        let invalid = |reason: String| VerifyError::Invalid {
+        let invalid = |reason: Invalid| VerifyError::Invalid {
             kind: Kind::Manifest,
             reason,
         };
-        names::check("fleet", &self.fleet).map_err(|e| invalid(e.to_string()))?;
-        names::check("app", &self.app).map_err(|e| invalid(e.to_string()))?;
-        names::check("channel", &self.channel).map_err(|e| invalid(e.to_string()))?;
+        names::check("fleet", &self.fleet).map_err(|e| invalid(e.into()))?;
+        names::check("app", &self.app).map_err(|e| invalid(e.into()))?;
+        names::check("channel", &self.channel).map_err(|e| invalid(e.into()))?;
         if self.release == 0 {
-            return Err(invalid("release numbers start at 1".into()));
+            return Err(invalid(Invalid::ReleaseZero));
         }
         if self.image_size == 0 || self.image_size > MAX_IMAGE_SIZE {
-            return Err(invalid(format!(
-                "image size {} is outside 1..={MAX_IMAGE_SIZE}",
-                self.image_size
-            )));
+            return Err(invalid(Invalid::ImageSize {
+                size: self.image_size,
+                max: MAX_IMAGE_SIZE,
+            }));
         }
         if self.chunks.is_empty() || self.chunks.len() > MAX_CHUNKS {
-            return Err(invalid(format!(
-                "{} chunks listed (1 to {MAX_CHUNKS} allowed)",
-                self.chunks.len()
-            )));
+            return Err(invalid(Invalid::ChunkCount {
+                count: self.chunks.len(),
+                max: MAX_CHUNKS,
+            }));
         }
         let mut total: u64 = 0;
-        for (i, c) in self.chunks.iter().enumerate() {
+        for (index, c) in self.chunks.iter().enumerate() {
             if c.size == 0 || c.size > u64::from(crate::chunking::MAX_CHUNK) {
-                return Err(invalid(format!("chunk {i} has size {}", c.size)));
+                return Err(invalid(Invalid::ChunkSize {
+                    index,
+                    size: c.size,
+                }));
             }
             total += c.size; // bounded: MAX_CHUNKS * MAX_CHUNK fits easily in u64
         }
         if total != self.image_size {
-            return Err(invalid(format!(
-                "chunk sizes add up to {total}, image size is {}",
-                self.image_size
-            )));
+            return Err(invalid(Invalid::ChunkTotal {
+                total,
+                size: self.image_size,
+            }));
         }
         if self.boot.cmdline.len() > MAX_TEXT_LEN {
-            return Err(invalid("kernel command line too long".into()));
+            return Err(invalid(Invalid::CmdlineTooLong));
         }
         if let HealthProbe::ConsoleBanner { line } = &self.boot.probe {
             if line.is_empty() || line.len() > MAX_TEXT_LEN {
-                return Err(invalid("console banner empty or too long".into()));
+                return Err(invalid(Invalid::BadBanner));
             }
         }
         if self.boot.memory_mib == 0 || self.boot.vcpus == 0 {
-            return Err(invalid(
-                "boot spec needs memory and at least one vcpu".into(),
-            ));
+            return Err(invalid(Invalid::NoMemoryOrVcpu));
         }
         Ok(())
     }

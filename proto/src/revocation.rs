@@ -8,7 +8,7 @@
 
 use crate::codec::{CodecError, Kind};
 use crate::envelope::Envelope;
-use crate::error::VerifyError;
+use crate::error::{Invalid, VerifyError};
 use crate::keys::PublicKey;
 use crate::names;
 use crate::root::TrustedRoot;
@@ -46,22 +46,22 @@ impl Revocations {
     }
 
     fn validate(&self) -> Result<(), VerifyError> {
-        let invalid = |reason: String| VerifyError::Invalid {
+        let invalid = |reason: Invalid| VerifyError::Invalid {
             kind: Kind::Revocations,
             reason,
         };
-        names::check("fleet", &self.fleet).map_err(|e| invalid(e.to_string()))?;
+        names::check("fleet", &self.fleet).map_err(|e| invalid(e.into()))?;
         if self.version == 0 {
-            return Err(invalid("version must start at 1".into()));
+            return Err(invalid(Invalid::VersionZero));
         }
         if self.devices.len() > MAX_REVOKED {
-            return Err(invalid(format!(
-                "{} devices listed (at most {MAX_REVOKED})",
-                self.devices.len()
-            )));
+            return Err(invalid(Invalid::TooManyRevoked {
+                count: self.devices.len(),
+                max: MAX_REVOKED,
+            }));
         }
         for d in &self.devices {
-            names::check("device", &d.name).map_err(|e| invalid(e.to_string()))?;
+            names::check("device", &d.name).map_err(|e| invalid(e.into()))?;
         }
         Ok(())
     }

@@ -13,7 +13,8 @@
 use crate::codec::{CodecError, Kind};
 use crate::digest::Digest;
 use crate::envelope::Envelope;
-use crate::error::VerifyError;
+pub use crate::error::RoleError;
+use crate::error::{Invalid, VerifyError};
 use crate::keys::{KeyId, PublicKey};
 use crate::names;
 use serde::{Deserialize, Serialize};
@@ -37,7 +38,11 @@ impl Role {
     fn validate(&self, role: &'static str) -> Result<(), RoleError> {
         let keys = self.keys.len();
         if keys == 0 || keys > MAX_ROLE_KEYS {
-            return Err(RoleError::KeyCount { role, keys });
+            return Err(RoleError::KeyCount {
+                role,
+                keys,
+                max: MAX_ROLE_KEYS,
+            });
         }
         if self.threshold == 0 || self.threshold as usize > keys {
             return Err(RoleError::Threshold {
@@ -52,21 +57,6 @@ impl Role {
         }
         Ok(())
     }
-}
-
-/// Why a role of a root is malformed (carried in [`VerifyError::Invalid`]).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RoleError {
-    #[error("{role} role has {keys} keys (1 to {MAX_ROLE_KEYS} allowed)")]
-    KeyCount { role: &'static str, keys: usize },
-    #[error("{role} threshold {threshold} is not between 1 and its {keys} keys")]
-    Threshold {
-        role: &'static str,
-        threshold: u32,
-        keys: usize,
-    },
-    #[error("{role} role lists a key twice")]
-    DuplicateKey { role: &'static str },
 }
 
 /// Root metadata, the payload of a [`Kind::Root`] message.
@@ -88,25 +78,24 @@ pub struct Root {
 impl Root {
     /// Structural checks that need no signature: names, thresholds, version.
     pub fn validate(&self) -> Result<(), VerifyError> {
-        let invalid = |reason: String| VerifyError::Invalid {
+        let invalid = |reason: Invalid| VerifyError::Invalid {
             kind: Kind::Root,
             reason,
         };
-        names::check("fleet", &self.fleet).map_err(|e| invalid(e.to_string()))?;
+        names::check("fleet", &self.fleet).map_err(|e| invalid(e.into()))?;
         if self.version == 0 {
-            return Err(invalid("version must start at 1".into()));
+            return Err(invalid(Invalid::VersionZero));
         }
         for (name, role) in [
             ("root", &self.root),
             ("release", &self.release),
             ("timestamp", &self.timestamp),
         ] {
-            role.validate(name).map_err(|e| invalid(e.to_string()))?;
+            role.validate(name).map_err(|e| invalid(e.into()))?;
         }
         if self.timestamp.threshold != 1 {
-            return Err(invalid(format!(
-                "timestamp threshold is {}; it must be 1 (the hub signs freshness alone)",
-                self.timestamp.threshold
+            return Err(invalid(Invalid::TimestampThreshold(
+                self.timestamp.threshold,
             )));
         }
         let roles = [
@@ -117,10 +106,11 @@ impl Root {
         for (i, (a, ra)) in roles.iter().enumerate() {
             for (b, rb) in &roles[i + 1..] {
                 if let Some(k) = ra.keys.iter().find(|k| rb.keys.contains(k)) {
-                    return Err(invalid(format!(
-                        "key {} is in both the {a} and the {b} role; each role needs keys of its own",
-                        k.id().short()
-                    )));
+                    return Err(invalid(Invalid::SharedKey {
+                        key: k.id().short(),
+                        a,
+                        b,
+                    }));
                 }
             }
         }

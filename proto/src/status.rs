@@ -2,7 +2,7 @@
 
 use crate::codec::{CodecError, Kind};
 use crate::envelope::Envelope;
-use crate::error::VerifyError;
+use crate::error::{Invalid, VerifyError};
 use crate::keys::{KeyId, PublicKey};
 use crate::names;
 use serde::{Deserialize, Serialize};
@@ -109,15 +109,15 @@ pub fn verify_status(
         threshold: 1,
     };
     let report: StatusReport = env.open("device", &role)?;
-    let invalid = |reason: String| VerifyError::Invalid {
+    let invalid = |reason: Invalid| VerifyError::Invalid {
         kind: Kind::StatusReport,
         reason,
     };
-    names::check("device", &report.device).map_err(|e| invalid(e.to_string()))?;
-    names::check("app", &report.app).map_err(|e| invalid(e.to_string()))?;
-    names::check("channel", &report.channel).map_err(|e| invalid(e.to_string()))?;
+    names::check("device", &report.device).map_err(|e| invalid(e.into()))?;
+    names::check("app", &report.app).map_err(|e| invalid(e.into()))?;
+    names::check("channel", &report.channel).map_err(|e| invalid(e.into()))?;
     if report.console_tail.len() > MAX_CONSOLE_TAIL {
-        return Err(invalid("console tail too long".into()));
+        return Err(invalid(Invalid::ConsoleTailTooLong));
     }
     Ok((key, report))
 }

@@ -158,8 +158,11 @@ pub enum FetchError {
     Refused(PeerId),
     #[error("peer {0} says to ask {n} other peers", n = .1.len())]
     Elsewhere(PeerId, Vec<(PeerId, Multiaddr)>),
-    #[error("request to {peer} failed: {reason}")]
-    Failed { peer: PeerId, reason: String },
+    #[error("request to {peer} failed: {source}")]
+    Failed {
+        peer: PeerId,
+        source: request_response::OutboundFailure,
+    },
     #[error("the network task has stopped")]
     Stopped,
 }
@@ -317,13 +320,24 @@ struct Behaviour {
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("setting up transport: {0}")]
-    Transport(String),
-    #[error("setting up behaviours: {0}")]
-    Behaviour(String),
-    #[error("listening on {addr}: {reason}")]
-    Listen { addr: Multiaddr, reason: String },
+    #[error("setting up the TCP transport: {0}")]
+    Transport(#[source] BoxError),
+    #[error("setting up the behaviours: {0}")]
+    Behaviour(#[source] BoxError),
+    #[error("subscribing to gossip topic {topic}: {source}")]
+    Subscribe {
+        topic: String,
+        source: gossipsub::SubscriptionError,
+    },
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: Multiaddr,
+        source: libp2p::TransportError<std::io::Error>,
+    },
 }
+
+/// An error from libp2p's builder, whose types are generic.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Starts the node on the current tokio runtime. It runs until `shutdown` resolves or
 /// every [`NetClient`] is dropped.
@@ -343,17 +357,21 @@ pub fn spawn(
     for addr in &cfg.listen {
         swarm
             .listen_on(addr.clone())
-            .map_err(|e| StartError::Listen {
+            .map_err(|source| StartError::Listen {
                 addr: addr.clone(),
-                reason: e.to_string(),
+                source,
             })?;
     }
     for topic in [Topic::Announce, Topic::Status] {
+        let name = topic.name(&cfg.fleet);
         swarm
             .behaviour_mut()
             .gossipsub
-            .subscribe(&gossipsub::IdentTopic::new(topic.name(&cfg.fleet)))
-            .map_err(|e| StartError::Behaviour(e.to_string()))?;
+            .subscribe(&gossipsub::IdentTopic::new(&name))
+            .map_err(|source| StartError::Subscribe {
+                topic: name.clone(),
+                source,
+            })?;
     }
     for addr in &cfg.bootstrap {
         if let Some(peer) = peer_of(addr) {
@@ -435,7 +453,7 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
             noise::Config::new,
             yamux::Config::default,
         )
-        .map_err(|e| StartError::Transport(e.to_string()))?
+        .map_err(|e| StartError::Transport(e.into()))?
         .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();
             let gossip_cfg = gossipsub::ConfigBuilder::default()
@@ -457,8 +475,7 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
                 // default) for every connection, blob fetches included; our gossip is a
                 // few small messages a minute.
                 .connection_handler_queue_len(GOSSIP_QUEUE)
-                .build()
-                .map_err(|e| e.to_string())?;
+                .build()?;
             let gossipsub =
                 gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_cfg)?;
             let mut kad_cfg = kad::Config::new(libp2p::StreamProtocol::try_from_owned(format!(
@@ -504,7 +521,7 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
                 blob,
             })
         })
-        .map_err(|e| StartError::Behaviour(e.to_string()))?
+        .map_err(|e| StartError::Behaviour(e.into()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
         .build();
     Ok(swarm)
@@ -864,7 +881,7 @@ impl Node {
                 if let Some((_, reply)) = self.pending_fetch.remove(&request_id) {
                     let _ = reply.send(Err(FetchError::Failed {
                         peer,
-                        reason: error.to_string(),
+                        source: error,
                     }));
                 }
             }
