@@ -68,22 +68,46 @@ impl Nic {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
-    #[error("connecting to libvirt at {uri}: {reason}")]
-    Connect { uri: String, reason: String },
-    #[error("starting domain {name}: {reason}")]
-    Start { name: String, reason: String },
+    #[error("connecting to libvirt at {uri}: {source}")]
+    Connect {
+        uri: String,
+        source: virt::error::Error,
+    },
+    /// The last of the attempts' errors (each with a new console port).
+    #[error("starting domain {name}: {source}")]
+    Start {
+        name: String,
+        source: virt::error::Error,
+    },
     #[error("health probe of {name} failed: {reason}")]
     Probe {
         name: String,
-        reason: String,
+        reason: ProbeFailure,
         console_tail: String,
     },
-    #[error("stopping domain {name}: {reason}")]
-    Stop { name: String, reason: String },
-    #[error("asking libvirt whether {name} runs: {reason}")]
-    Query { name: String, reason: String },
+    #[error("stopping domain {name}: {source}")]
+    Stop {
+        name: String,
+        source: virt::error::Error,
+    },
+    #[error("asking libvirt whether {name} runs: {source}")]
+    Query {
+        name: String,
+        source: virt::error::Error,
+    },
     #[error("booting {name}: the boot thread panicked")]
     BootPanicked { name: String },
+}
+
+/// Why an instance was not found healthy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeFailure {
+    #[error("domain is not running")]
+    NotRunning,
+    #[error("domain stopped before becoming healthy")]
+    Stopped,
+    #[error("not healthy within {0:?}")]
+    Timeout(Duration),
 }
 
 /// Which family of libvirt driver a URI selects.
@@ -222,7 +246,7 @@ impl Activator {
             *guard = Some(virt::connect::Connect::open(Some(&self.uri)).map_err(|e| {
                 ActivateError::Connect {
                     uri: self.uri.clone(),
-                    reason: e.to_string(),
+                    source: e,
                 }
             })?);
         }
@@ -258,7 +282,7 @@ impl Activator {
             let _ = old.undefine();
         }
         let _ = std::fs::remove_file(&l.console_log);
-        let mut last = String::new();
+        let mut last = None;
         for _ in 0..3 {
             let port = if self.driver() == Driver::Qemu {
                 free_port()
@@ -269,12 +293,12 @@ impl Activator {
             match conn.create_domain_xml(&xml, 0) {
                 Ok(_) => return Ok(port),
                 // A port taken between choosing and binding: choose again.
-                Err(e) => last = e.to_string(),
+                Err(e) => last = Some(e),
             }
         }
         Err(ActivateError::Start {
             name: l.name.clone(),
-            reason: last,
+            source: last.expect("three attempts made"),
         })
     }
 
@@ -285,12 +309,12 @@ impl Activator {
         self.with_conn(|conn| match conn.lookup_domain_by_name(name) {
             Ok(d) => d.is_active().map_err(|e| ActivateError::Query {
                 name: name.into(),
-                reason: e.to_string(),
+                source: e,
             }),
             Err(e) if e.code().is(virt::error::ErrorNumber::NoDomain) => Ok(false),
             Err(e) => Err(ActivateError::Query {
                 name: name.into(),
-                reason: e.to_string(),
+                source: e,
             }),
         })
     }
@@ -306,7 +330,7 @@ impl Activator {
                 if d.is_active().unwrap_or(false) {
                     d.destroy().map_err(|e| ActivateError::Stop {
                         name: name.into(),
-                        reason: e.to_string(),
+                        source: e,
                     })?;
                 }
                 let _ = d.undefine();
@@ -323,7 +347,7 @@ impl Activator {
     pub fn probe(&self, l: &Launch, console_port: u16) -> Result<(), ActivateError> {
         let timeout = Duration::from_millis(l.boot.probe_timeout_ms);
         let deadline = Instant::now() + timeout;
-        let fail = |reason: String| ActivateError::Probe {
+        let fail = |reason: ProbeFailure| ActivateError::Probe {
             name: l.name.clone(),
             reason,
             console_tail: console_tail(&l.console_log, proto::status::MAX_CONSOLE_TAIL),
@@ -332,7 +356,7 @@ impl Activator {
             return if self.is_running(&l.name) {
                 Ok(())
             } else {
-                Err(fail("domain is not running".into()))
+                Err(fail(ProbeFailure::NotRunning))
             };
         }
         loop {
@@ -353,10 +377,10 @@ impl Activator {
                 return Ok(());
             }
             if !self.is_running(&l.name) {
-                return Err(fail("domain stopped before becoming healthy".into()));
+                return Err(fail(ProbeFailure::Stopped));
             }
             if Instant::now() >= deadline {
-                return Err(fail(format!("not healthy within {timeout:?}")));
+                return Err(fail(ProbeFailure::Timeout(timeout)));
             }
             // The console log is written by another process: polling it is the only way
             // to see it; the interval is short and the deadline bounds the wait.
