@@ -57,7 +57,7 @@ step "devices: a staging device per platform, three x86 field devices and an arm
 enroll() { # name channel [platform]
   "$BIN/device" enroll --dir "$1" --name "demo-$1" --root hub/root.bin --channel "$2" --app hello \
     --platform "${3:-qemu-x86_64}" \
-    --hub "$HUB" --broker "mqtt://127.0.0.1:$MQTT" --libvirt "$URI" | tail -1
+    --hub "$HUB" --broker "mqtt://127.0.0.1:$MQTT" --libvirt "$URI" --listen /ip4/127.0.0.1/tcp/0 --no-mdns | tail -1
   "$BIN/hub" --dir hub enroll "$1/device.pub" --name "demo-$1"
   RUST_LOG=info,libp2p=warn,libp2p_gossipsub=error "$BIN/device" run --config "$1/device.toml" 2> "$1.log" &
   PIDS+=($!)
@@ -70,7 +70,7 @@ ONDEMAND=""
 if [ "$URI" = "qemu:///system" ]; then
   ONDEMAND=$(free_port)
   "$BIN/device" enroll --dir od --name demo-od --root hub/root.bin --channel stable --app hello \
-    --hub "$HUB" --broker "mqtt://127.0.0.1:$MQTT" --libvirt "$URI" | tail -1
+    --hub "$HUB" --broker "mqtt://127.0.0.1:$MQTT" --libvirt "$URI" --listen /ip4/127.0.0.1/tcp/0 --no-mdns | tail -1
   cat >> od/device.toml <<TOML
 
 [[ondemand]]

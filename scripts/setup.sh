@@ -10,7 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 PACKAGES=(build-essential pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu
           libvirt-clients qemu-system-x86 mosquitto python3 iproute2 procps
-          qemu-system-arm qemu-user-static binutils-aarch64-linux-gnu libxml2-utils adduser)
+          qemu-system-arm qemu-user-static binutils-aarch64-linux-gnu libxml2-utils adduser nftables)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -175,6 +175,7 @@ pub async fn run_with_metrics(
         net_cfg.bootstrap.push(addr);
     }
     net_cfg.mdns = cfg.mdns;
+    net_cfg.state = metrics.net.clone();
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut net_stop = shutdown_rx.clone();
     let (net, events, net_task) = net::spawn(net_cfg, async move {

@@ -33,9 +33,13 @@ pub struct Config {
     /// Other known peers (more are found through the hub's DHT and mDNS).
     #[serde(default)]
     pub peers: Vec<String>,
+    /// Where to listen for peers. Every interface by default: LAN neighbours dial the
+    /// LAN address, and dials go out from this port (so a NAT that keeps ports maps it
+    /// to the same public port, which hole punching aims at).
     #[serde(default = "default_listen")]
     pub listen: String,
-    #[serde(default)]
+    /// Find LAN neighbours by mDNS (on by default: a home's bandwidth is on its LAN).
+    #[serde(default = "default_true")]
     pub mdns: bool,
     /// libvirt URI: `xen:///system`, `qemu:///system`, `test:///default`, …
     #[serde(default = "default_libvirt")]
@@ -80,7 +84,7 @@ fn default_platform() -> String {
     Platform::QemuX86_64.name().into()
 }
 fn default_listen() -> String {
-    "/ip4/127.0.0.1/tcp/0".into()
+    "/ip4/0.0.0.0/tcp/0".into()
 }
 fn default_libvirt() -> String {
     "test:///default".into()

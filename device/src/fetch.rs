@@ -19,7 +19,7 @@ use crate::store::Store;
 use anyhow::{bail, Result};
 use futures::StreamExt;
 use net::ratelimit::RateLimiter;
-use net::{FetchError, Multiaddr, NetClient, PeerId, Want};
+use net::{FetchError, Multiaddr, NetClient, Path, PeerId, Want};
 use proto::announcement::Announcement;
 use proto::manifest::{verify_chunk, Manifest};
 use proto::Digest;
@@ -64,13 +64,15 @@ pub struct Fetcher {
 enum Miss {
     /// Could not be dialled or did not answer in time.
     Unreachable,
+    /// Behind NAT elsewhere, and no hole could be punched to it.
+    NoDirectPath,
     /// Answered: busy, not found, bad bytes.
     Refused,
 }
 
 /// What one attempt at a blob came to.
 enum Attempt {
-    Got(Vec<u8>, bool),
+    Got(Vec<u8>, Path),
     /// Peers to ask (from the hub), possibly none.
     Redirected(Vec<(PeerId, Multiaddr)>),
     /// The hub did not answer usefully (down, busy, refused).
@@ -133,7 +135,7 @@ impl Fetcher {
         devices
     }
 
-    /// One blob, checked by `check`; returns its bytes and whether the hub sent it.
+    /// One blob, checked by `check`; returns its bytes and the path they came by.
     /// `swarm`: the hub may answer with peers to ask instead.
     async fn blob(
         &self,
@@ -142,7 +144,7 @@ impl Fetcher {
         banned: &Mutex<HashSet<PeerId>>,
         swarm: bool,
         check: impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
-    ) -> Result<(Vec<u8>, bool)> {
+    ) -> Result<(Vec<u8>, Path)> {
         let mut start = Instant::now();
         let mut wait = Duration::from_millis(100);
         let swarm = swarm && self.peer_exchange;
@@ -161,7 +163,7 @@ impl Fetcher {
             };
             let hub_ms = asked.elapsed().as_millis() as u64;
             match attempt {
-                Attempt::Got(bytes, from_hub) => {
+                Attempt::Got(bytes, path) => {
                     tracing::debug!(blob = %digest.short(), hub_ms, "fetch from the hub");
                     if want == Want::Blob {
                         // Given up on peers: try them again for the next chunk, and come
@@ -174,7 +176,7 @@ impl Fetcher {
                             |n| Some(n.saturating_sub(1)),
                         );
                     }
-                    return Ok((bytes, from_hub));
+                    return Ok((bytes, path));
                 }
                 Attempt::Redirected(mut peers) => {
                     start = Instant::now();
@@ -184,6 +186,7 @@ impl Fetcher {
                             self.net.peers().await.into_iter().collect();
                         peers.sort_by_key(|(p, _)| !connected.contains(p));
                         let mut unreachable = true;
+                        let mut no_path = false;
                         for (peer, addr) in peers {
                             let t = Instant::now();
                             let fetched = self
@@ -197,15 +200,21 @@ impl Fetcher {
                                 "fetch from a named peer"
                             );
                             match fetched {
-                                Ok(bytes) => {
+                                Ok(got) => {
                                     self.failed_rounds.store(0, Ordering::Relaxed);
-                                    return Ok((bytes, false));
+                                    return Ok(got);
                                 }
+                                Err(Miss::NoDirectPath) => no_path = true,
                                 Err(miss) => unreachable &= miss == Miss::Unreachable,
                             }
                         }
-                        if unreachable {
+                        if no_path && unreachable {
+                            // Behind NAT in another home and not punchable: the hub.
+                            self.failed_rounds.store(FAILED_ROUNDS, Ordering::Relaxed);
+                            self.metrics.peer_misses.fetch_add(1, Ordering::Relaxed);
+                        } else if unreachable {
                             self.failed_rounds.fetch_add(1, Ordering::Relaxed);
+                            self.metrics.peer_misses.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     // No holder free yet, or the peers named did not deliver: ask the hub
@@ -220,8 +229,8 @@ impl Fetcher {
                     // waiting (at 1,000 devices: 12 copies of the image).
                     let snapshot = banned.lock().expect("not poisoned").clone();
                     for peer in self.candidates(spread, &snapshot, !swarm).await {
-                        if let Ok(bytes) = self.try_peer(peer, None, digest, banned, &check).await {
-                            return Ok((bytes, self.hub.contains(&peer)));
+                        if let Ok(got) = self.try_peer(peer, None, digest, banned, &check).await {
+                            return Ok(got);
                         }
                     }
                 }
@@ -254,7 +263,7 @@ impl Fetcher {
             match self.net.fetch_with(*hub, None, *digest, want).await {
                 Ok(bytes) => {
                     if let Some(bytes) = self.accept(*hub, digest, bytes, banned, check).await {
-                        return Attempt::Got(bytes, true);
+                        return Attempt::Got(bytes, Path::Hub);
                     }
                 }
                 Err(FetchError::Elsewhere(_, peers)) => {
@@ -275,7 +284,7 @@ impl Fetcher {
         Attempt::NoHub
     }
 
-    /// Asks one peer; the bytes if they pass `check`.
+    /// Asks one peer; the bytes if they pass `check`, and the path they came by.
     async fn try_peer(
         &self,
         peer: PeerId,
@@ -283,19 +292,21 @@ impl Fetcher {
         digest: &Digest,
         banned: &Mutex<HashSet<PeerId>>,
         check: &impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
-    ) -> Result<Vec<u8>, Miss> {
+    ) -> Result<(Vec<u8>, Path), Miss> {
         if self.trust.is_revoked(&peer) {
             return Err(Miss::Refused);
         }
-        match self.net.fetch_with(peer, addr, *digest, Want::Blob).await {
-            Ok(bytes) => self
+        match self.net.fetch_via(peer, addr, *digest, Want::Blob).await {
+            Ok((bytes, path)) => self
                 .accept(peer, digest, bytes, banned, check)
                 .await
+                .map(|b| (b, path))
                 .ok_or(Miss::Refused),
             Err(e) => {
                 tracing::debug!(blob = %digest.short(), "{e}");
                 Err(match e {
                     FetchError::Failed { .. } => Miss::Unreachable,
+                    FetchError::NoDirectPath(_) => Miss::NoDirectPath,
                     _ => Miss::Refused,
                 })
             }
@@ -356,7 +367,7 @@ impl Fetcher {
             return Ok(bytes);
         }
         let limit = proto::envelope::envelope_limit(proto::codec::Kind::Manifest);
-        let (bytes, from_hub) = self
+        let (bytes, path) = self
             .blob(digest, 0, banned, true, |b| {
                 if b.len() > limit {
                     return Err(proto::VerifyError::TooManyBytes {
@@ -368,17 +379,18 @@ impl Fetcher {
                 proto::blob::check(digest, b)
             })
             .await?;
-        self.account(bytes.len(), from_hub);
+        self.account(bytes.len(), path);
         Ok(bytes)
     }
 
-    fn account(&self, n: usize, from_hub: bool) {
-        let c = if from_hub {
+    fn account(&self, n: usize, path: Path) {
+        let c = if path == Path::Hub {
             &self.metrics.bytes_from_hub
         } else {
             &self.metrics.bytes_from_peers
         };
         c.fetch_add(n as u64, Ordering::Relaxed);
+        self.metrics.paths.by(path).fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Every chunk of `m` not already stored, `parallel` at a time. Chunks already held
@@ -409,7 +421,7 @@ impl Fetcher {
             let have = &have;
             let stored_now = &stored_now;
             async move {
-                let (bytes, from_hub) = self
+                let (bytes, path) = self
                     .blob(&c.digest, i, banned, true, |b| verify_chunk(i, &c, b))
                     .await?;
                 let store = self.store.clone();
@@ -418,7 +430,7 @@ impl Fetcher {
                 tokio::task::spawn_blocking(move || store.put_chunk(&c.digest, &bytes)).await??;
                 tracing::debug!(blob = %c.digest.short(), ms = t.elapsed().as_millis() as u64, "chunk stored");
                 self.report_stored(c.digest);
-                self.account(len, from_hub);
+                self.account(len, path);
                 let n = have.fetch_add(1, Ordering::Relaxed) + 1;
                 reporter
                     .downloading(&m.app, ann, (n * 100 / total) as u8)

@@ -61,8 +61,13 @@ struct EnrollArgs {
     libvirt: String,
     #[arg(long, default_value = "qemu-x86_64")]
     platform: String,
-    #[arg(long, default_value = "/ip4/127.0.0.1/tcp/0")]
+    /// Where to listen for peers (every interface, a port chosen at start, by default).
+    #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
     listen: String,
+    /// Do not look for LAN neighbours by mDNS (for many agents sharing one host, where
+    /// every agent would find every other one, of any fleet).
+    #[arg(long)]
+    no_mdns: bool,
     /// Replace an existing configuration and key.
     #[arg(long)]
     force: bool,
@@ -81,6 +86,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         libvirt,
         platform,
         listen,
+        no_mdns,
         force,
     } = args;
     let cfg_path = dir.join("device.toml");
@@ -130,7 +136,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         hub,
         peers,
         listen,
-        mdns: false,
+        mdns: !no_mdns,
         libvirt_uri: libvirt,
         domain_type: "qemu".into(),
         nic: "network=default".into(),
@@ -191,6 +197,18 @@ fn status(config: PathBuf, json: bool) -> Result<()> {
             "  {app}: running {cur}; last report {last}; failed releases {:?}",
             st.failed
         );
+    }
+    // Every app's report carries the same network counts; the newest one's.
+    let network = reports
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.values())
+        .filter_map(|r| {
+            serde_json::from_value::<proto::status::NetworkCounts>(r.get("network")?.clone()).ok()
+        })
+        .max_by_key(|n| n.bytes_lan + n.bytes_direct + n.bytes_relayed + n.bytes_hub);
+    if let Some(n) = network {
+        println!("  network: {}", n.summary());
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The agent's Prometheus metrics (served by `net::metrics` on the configured address).
 
-use net::metrics::push;
+use net::metrics::{push, push_labelled};
+use net::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -33,6 +34,22 @@ pub struct DeviceMetrics {
     pub last_active_ms: AtomicU64,
     /// libp2p peers connected now (the hub included).
     pub peers: AtomicU64,
+    /// Blob bytes received, by the path they came by.
+    pub paths: Arc<PathBytes>,
+    /// Redirect rounds in which no peer named by the hub could be reached.
+    pub peer_misses: AtomicU64,
+    /// Reachability and hole punches, kept by the network task.
+    pub net: Arc<net::NetState>,
+}
+
+/// Bytes received by path (see [`net::Path`]).
+#[derive(Debug, Default)]
+pub struct PathBytes([AtomicU64; 4]);
+
+impl PathBytes {
+    pub fn by(&self, path: Path) -> &AtomicU64 {
+        &self.0[Path::ALL.iter().position(|p| *p == path).expect("every path is listed")]
+    }
 }
 
 /// Now, in Unix milliseconds (for the timestamp gauges).
@@ -59,6 +76,46 @@ impl DeviceMetrics {
             "gauge",
             "libp2p peers connected (the hub included)",
             c(&self.peers),
+        );
+        let by_path: Vec<(&str, u64)> = Path::ALL
+            .iter()
+            .map(|p| (p.label(), c(self.paths.by(*p))))
+            .collect();
+        push_labelled(
+            &mut out,
+            "unifleet_device_bytes_by_path_total",
+            "counter",
+            "Blob bytes received, by path: lan, direct (another network), relayed, hub",
+            "path",
+            &by_path,
+        );
+        push(
+            &mut out,
+            "unifleet_device_reachability",
+            "gauge",
+            "0 unknown, 1 public, 2 through the hub's relay, 3 unreachable from outside its network",
+            self.net.reachability() as u64,
+        );
+        push(
+            &mut out,
+            "unifleet_device_hole_punches_total",
+            "counter",
+            "Relayed connections upgraded to direct ones (DCUtR)",
+            c(&self.net.hole_punches),
+        );
+        push(
+            &mut out,
+            "unifleet_device_hole_punch_failures_total",
+            "counter",
+            "Hole punches that gave up",
+            c(&self.net.hole_punch_failures),
+        );
+        push(
+            &mut out,
+            "unifleet_device_peer_misses_total",
+            "counter",
+            "Redirect rounds in which no peer the hub named could be reached",
+            c(&self.peer_misses),
         );
         for (name, help, v) in [
             (

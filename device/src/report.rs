@@ -8,9 +8,9 @@
 
 use crate::config::Config;
 use crate::store::{write_atomic, Installed};
-use net::{NetClient, Topic};
+use net::{NetClient, Path, Topic};
 use proto::announcement::Announcement;
-use proto::status::{DeviceState, OnDemandCounts, StatusReport, MAX_CONSOLE_TAIL};
+use proto::status::{DeviceState, NetworkCounts, OnDemandCounts, StatusReport, MAX_CONSOLE_TAIL};
 use proto::SecretKey;
 use rumqttc::QoS;
 use std::collections::BTreeMap;
@@ -31,6 +31,8 @@ pub struct Reporter {
     last_progress: Mutex<Option<Instant>>,
     pub from_peers: Arc<AtomicU64>,
     pub from_hub: Arc<AtomicU64>,
+    paths: Arc<crate::metrics::PathBytes>,
+    net_state: Arc<net::NetState>,
     status_file: PathBuf,
     /// Held from numbering a report to handing it to the broker or gossip, so reports go
     /// out in the order of their sequence numbers and a resend refreshes the newest state.
@@ -129,6 +131,8 @@ impl Reporter {
             last_progress: Mutex::new(None),
             from_peers: metrics.bytes_from_peers.clone(),
             from_hub: metrics.bytes_from_hub.clone(),
+            paths: metrics.paths.clone(),
+            net_state: metrics.net.clone(),
             status_file: cfg.state_dir.join("status.json"),
             // Milliseconds at start, then +1 per report: grows across restarts too.
             ledger: Mutex::new(Ledger::new(start_ms)),
@@ -218,6 +222,20 @@ impl Reporter {
         r.bytes_from_peers = self.from_peers.load(Ordering::Relaxed);
         r.bytes_from_hub = self.from_hub.load(Ordering::Relaxed);
         r.ondemand = self.ondemand_of(&r.app);
+        r.network = Some(self.network());
+    }
+
+    fn network(&self) -> NetworkCounts {
+        let bytes = |p| self.paths.by(p).load(Ordering::Relaxed);
+        NetworkCounts {
+            reachability: self.net_state.reachability(),
+            bytes_lan: bytes(Path::Lan),
+            bytes_direct: bytes(Path::Direct),
+            bytes_relayed: bytes(Path::Relayed),
+            bytes_hub: bytes(Path::Hub),
+            hole_punches: self.net_state.hole_punches.load(Ordering::Relaxed),
+            hole_punch_failures: self.net_state.hole_punch_failures.load(Ordering::Relaxed),
+        }
     }
 
     fn base(&self, app: &str, state: DeviceState, console_tail: String) -> StatusReport {
@@ -245,6 +263,7 @@ impl Reporter {
             bytes_from_hub: self.from_hub.load(Ordering::Relaxed),
             console_tail: tail,
             ondemand: self.ondemand_of(app),
+            network: Some(self.network()),
         }
     }
 
@@ -337,6 +356,7 @@ mod tests {
             bytes_from_hub: 0,
             console_tail: String::new(),
             ondemand: None,
+            network: None,
         }
     }
 

@@ -2,11 +2,12 @@
 //! holders ([`crate::tracker`]), park the asker until a holder is free, or "busy" when the
 //! hub's capped upload is saturated — and notes devices' reports of chunks stored.
 
+use crate::place::{Place, Places};
 use crate::serve::Metrics;
 use crate::store::Store;
 use crate::tracker::{Decision, Tracker};
 use net::ratelimit::RateLimiter;
-use net::{Multiaddr, NetClient, PeerId, ReplyId, Want};
+use net::{Multiaddr, NetClient, PeerId, ReplyId, Seen, Want};
 use proto::blob::BlobResponse;
 use proto::Digest;
 use std::collections::HashSet;
@@ -38,7 +39,8 @@ pub struct Blobs {
     trade: Trade,
     store: Arc<Mutex<Store>>,
     metrics: Arc<Metrics>,
-    tracker: Tracker<(PeerId, Multiaddr), ReplyId>,
+    /// Parked askers' tickets: who (to route the holders named for it) and the request.
+    tracker: Tracker<PeerId, (PeerId, ReplyId), Places>,
     upload: Arc<RateLimiter>,
     /// Peer exchange on: name holders instead of sending every copy.
     peer_exchange: bool,
@@ -78,18 +80,24 @@ impl Blobs {
 
     pub fn set_trade(&mut self, trade: Trade) {
         for p in &trade.refused {
-            self.tracker.forget(|(holder, _)| holder == p);
+            self.tracker.forget(|holder| holder == p);
         }
         self.trade = trade;
     }
 
-    /// A blob request from `peer`, who listens at `addr` (if identify told us).
+    /// This hub's own address, `…/p2p/<hub>`, when it is a relay: devices in other homes
+    /// are named through it.
+    pub fn set_relay(&mut self, relay: Option<Multiaddr>) {
+        self.tracker.topology_mut().set_relay(relay);
+    }
+
+    /// A blob request from `peer`, seen as `seen`.
     pub async fn wanted(
         &mut self,
         peer: PeerId,
         digest: Digest,
         want: Want,
-        addr: Option<Multiaddr>,
+        seen: Seen,
         reply: ReplyId,
     ) {
         let now = Instant::now();
@@ -98,25 +106,28 @@ impl Blobs {
             self.net.respond(reply, BlobResponse::Refused).await;
             return;
         }
+        self.tracker.topology_mut().update(peer, Place::new(seen));
+        // A device that told nobody where it listens can fetch, not be named.
+        let known = self.tracker.topology().knows(&peer);
         match want {
             Want::Stored => {
                 self.metrics.stored_reports.fetch_add(1, Ordering::Relaxed);
-                if let Some(addr) = addr {
-                    for (parked, named) in self.tracker.stored(digest, (peer, addr), now) {
+                if known {
+                    for (parked, named) in self.tracker.stored(digest, peer, now) {
                         self.redirect(parked, named).await;
                     }
                 }
                 self.net.respond(reply, BlobResponse::Noted).await;
             }
             Want::BlobOrPeers if self.peer_exchange => {
-                let asker = addr.map(|a| (peer, a));
-                match self.tracker.decide(digest, asker.clone(), now) {
+                let asker = known.then_some(peer);
+                match self.tracker.decide(digest, asker, now) {
                     Decision::Serve => self.send(peer, digest, reply).await,
                     Decision::Elsewhere(named) => match asker {
                         Some(asker) if named.is_empty() => {
-                            self.tracker.park(digest, asker, reply, now)
+                            self.tracker.park(digest, asker, (asker, reply), now)
                         }
-                        _ => self.redirect(reply, named).await,
+                        _ => self.redirect((peer, reply), named).await,
                     },
                 }
             }
@@ -142,17 +153,24 @@ impl Blobs {
 
     /// `peer` disconnected: it holds nothing and waits for nothing any more.
     pub fn peer_gone(&mut self, peer: PeerId) {
-        self.tracker.forget(|(p, _)| *p == peer);
+        self.tracker.forget(|p| *p == peer);
+        self.tracker.topology_mut().remove(&peer);
     }
 
-    async fn redirect(&self, reply: ReplyId, named: Vec<(PeerId, Multiaddr)>) {
+    /// Answers an asker with the holders named for it (none: ask again shortly), each
+    /// at the address that works from where the asker is.
+    async fn redirect(&self, (asker, reply): (PeerId, ReplyId), named: Vec<PeerId>) {
         let counter = if named.is_empty() {
             &self.metrics.waits
         } else {
             &self.metrics.redirects
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let refs = named.iter().map(|(p, a)| net::peer_ref(p, a)).collect();
+        let places = self.tracker.topology();
+        let refs = named
+            .iter()
+            .filter_map(|h| places.route(&asker, h).map(|(_, addr)| net::peer_ref(h, &addr)))
+            .collect();
         self.net.respond(reply, BlobResponse::Elsewhere(refs)).await;
     }
 

@@ -47,6 +47,11 @@ pub struct HubConfig {
     /// file is more likely the wrong file).
     #[serde(default = "default_max_image_mib")]
     pub max_image_mib: u64,
+    /// Be a circuit relay for devices behind NAT: they reserve a slot, peers in other
+    /// homes reach them through it and punch a direct connection (DCUtR). Circuits carry
+    /// signalling only; chunks never cross the relay.
+    #[serde(default = "default_true")]
+    pub relay: bool,
 }
 
 pub(crate) fn default_max_image_mib() -> u64 {

@@ -109,6 +109,7 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
         upload_rate: 0,
         redirect: true,
         max_image_mib: super::home::default_max_image_mib(),
+        relay: true,
     };
     let store = Store::init(&dir.join("store.git"))?;
     let mut change = Change::default();

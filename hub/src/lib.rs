@@ -14,6 +14,7 @@ pub mod enroll;
 pub mod home;
 pub mod init;
 pub mod metrics;
+pub mod place;
 pub mod publish;
 pub mod serve;
 pub mod staging;

@@ -485,8 +485,11 @@ fn run(cli: Cli) -> Result<()> {
                             c.local, c.remote, c.boots
                         )
                     });
+                    let network = e.network.map_or(String::new(), |n| {
+                        format!(" {}", n.summary())
+                    });
                     println!(
-                        "{} {} release {} {} {} (peers {} B, hub {} B, seen {}){ondemand}",
+                        "{} {} release {} {} {} (peers {} B, hub {} B, seen {}){network}{ondemand}",
                         e.device,
                         e.app,
                         e.release.map_or("-".into(), |r| r.to_string()),

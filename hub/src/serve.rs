@@ -67,6 +67,9 @@ pub struct DeviceEntry {
     /// For an app served on demand: instances by location, boots, scale decisions.
     #[serde(default)]
     pub ondemand: Option<proto::status::OnDemandCounts>,
+    /// Reachability (public, relayed, unreachable) and bytes by path (LAN, direct, relayed, hub).
+    #[serde(default)]
+    pub network: Option<proto::status::NetworkCounts>,
 }
 
 pub type Inventory = BTreeMap<String, DeviceEntry>;
@@ -312,6 +315,7 @@ pub async fn serve(
         .parse()
         .context("parsing p2p_listen")?];
     net_cfg.max_inbound_per_peer = 16;
+    net_cfg.relay_server = home.config.relay;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut net_stop = stop_rx.clone();
     let (net, mut events, net_task) = net::spawn(net_cfg, async move {
@@ -734,6 +738,7 @@ impl Hub {
             bytes_from_peers: r.bytes_from_peers,
             bytes_from_hub: r.bytes_from_hub,
             ondemand: r.ondemand,
+            network: r.network,
         };
         let changed = self
             .inventory
@@ -760,6 +765,9 @@ impl Hub {
                 let full = format!("{addr}/p2p/{}", self.net.peer_id());
                 tracing::info!("listening on {full}");
                 let _ = std::fs::write(self.home.dir.join("hub.addr"), &full);
+                if self.home.config.relay {
+                    self.blobs.set_relay(full.parse().ok());
+                }
                 #[allow(clippy::print_stdout)]
                 {
                     println!("hub peer: {full}");
@@ -808,9 +816,9 @@ impl Hub {
                 peer,
                 digest,
                 want,
-                addr,
+                seen,
                 reply,
-            } => self.blobs.wanted(peer, digest, want, addr, reply).await,
+            } => self.blobs.wanted(peer, digest, want, seen, reply).await,
             NetEvent::PeerConnected(p) => tracing::debug!(peer = %p, "peer connected"),
             NetEvent::PeerDisconnected(p) => {
                 tracing::debug!(peer = %p, "peer disconnected");

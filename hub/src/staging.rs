@@ -312,6 +312,7 @@ mod tests {
             bytes_from_hub: 0,
             console_tail: "boom".into(),
             ondemand: None,
+            network: None,
         }
     }
 

@@ -18,6 +18,9 @@
 //!   asker happens to ask again; one parked [`PARK_FOR`] is let go to ask again.
 //! - If no holder has reported a blob [`STALE`] after the hub sent it (the device it went
 //!   to died or is stuck), the next asker is served.
+//! - Holders are named only if the asker can reach them ([`Topology`]: behind NAT, a
+//!   device in another home may not be), those on its own LAN first; an asker no
+//!   holder is reachable for is served by the hub.
 
 use proto::Digest;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -45,6 +48,32 @@ pub const PARK_FOR: Duration = Duration::from_secs(5);
 const MAX_HOLDERS: usize = 256;
 /// Peers remembered per device as recently paired with it (see `Tracker::met`).
 const MET: usize = 16;
+
+/// How an asker can reach a holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reach {
+    /// On its own LAN (or host): the fast path, named first.
+    Near,
+    /// Across networks: a public holder, or one a hole punch reaches.
+    Far,
+    /// Not at all.
+    No,
+}
+
+/// Who can reach whom (the hub's `place::Places`).
+pub trait Topology<P> {
+    fn reach(&self, asker: &P, holder: &P) -> Reach;
+}
+
+/// Everyone reaches everyone (one network).
+#[derive(Debug, Default)]
+pub struct Everywhere;
+
+impl<P> Topology<P> for Everywhere {
+    fn reach(&self, _: &P, _: &P) -> Reach {
+        Reach::Far
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision<P> {
@@ -93,7 +122,7 @@ struct Parked<P, R> {
 }
 
 #[derive(Debug)]
-pub struct Tracker<P, R = ()> {
+pub struct Tracker<P, R = (), T = Everywhere> {
     blobs: HashMap<Digest, Blob<P>>,
     /// Blobs in the order first seen, to forget the oldest beyond `capacity`.
     order: VecDeque<Digest>,
@@ -112,11 +141,12 @@ pub struct Tracker<P, R = ()> {
     /// taken; without this, a device fetched each chunk from a new peer.
     met: HashMap<P, VecDeque<P>>,
     last_sweep: Option<Instant>,
+    topology: T,
 }
 
-impl<P: Clone + Eq + Hash, R> Tracker<P, R> {
+impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
     /// `capacity`: blobs remembered.
-    pub fn new(capacity: usize) -> Tracker<P, R> {
+    pub fn new(capacity: usize) -> Tracker<P, R, T> {
         Tracker {
             blobs: HashMap::new(),
             order: VecDeque::new(),
@@ -128,7 +158,16 @@ impl<P: Clone + Eq + Hash, R> Tracker<P, R> {
             freed: Vec::new(),
             met: HashMap::new(),
             last_sweep: None,
+            topology: T::default(),
         }
+    }
+
+    pub fn topology(&self) -> &T {
+        &self.topology
+    }
+
+    pub fn topology_mut(&mut self) -> &mut T {
+        &mut self.topology
     }
 
     /// What to answer `asker` (who can fetch from peers) asking for `digest`. An asker
@@ -160,9 +199,15 @@ impl<P: Clone + Eq + Hash, R> Tracker<P, R> {
             blob.served_at = Some(now);
             return Decision::Serve;
         }
+        let topology = &self.topology;
+        let reach = |h: &P| asker.as_ref().map_or(Reach::Far, |a| topology.reach(a, h));
+        if blob.holders.iter().all(|h| reach(&h.peer) == Reach::No) {
+            // Held only where this asker cannot reach (other homes behind NAT).
+            return Decision::Serve;
+        }
         let slots = |p: &P| load.get(p).copied().unwrap_or(0);
         let mut free: Vec<usize> = (0..blob.holders.len())
-            .filter(|&i| slots(&blob.holders[i].peer) < SLOTS)
+            .filter(|&i| slots(&blob.holders[i].peer) < SLOTS && reach(&blob.holders[i].peer) != Reach::No)
             .collect();
         // The least loaded free holder (the asker gets its whole upload); among those,
         // one the asker was paired with lately, then its nearest on the ring (see
@@ -173,6 +218,8 @@ impl<P: Clone + Eq + Hash, R> Tracker<P, R> {
         free.sort_by_key(|&i| {
             let h = &blob.holders[i].peer;
             (
+                // LAN first: a home's bandwidth is on its LAN, not its uplink.
+                reach(h),
                 slots(h),
                 !met.is_some_and(|m| m.contains(h)),
                 affinity(asker.as_ref(), h),
@@ -282,6 +329,9 @@ impl<P: Clone + Eq + Hash, R> Tracker<P, R> {
                     Decision::Elsewhere(named) if !named.is_empty() => {
                         answered.push((p.ticket, named))
                     }
+                    // Its blob is now held, but nowhere it can reach: ask again, and be
+                    // served.
+                    Decision::Serve => answered.push((p.ticket, vec![])),
                     _ => {
                         // None free now (it still has holders: no Serve here).
                         self.parked.entry(digest).or_default().push_front(p);

@@ -60,6 +60,70 @@ pub struct StatusReport {
     pub console_tail: String,
     /// For an app served on demand: its instances and scaling so far.
     pub ondemand: Option<OnDemandCounts>,
+    /// How peers reach the device and how its bytes came (`None`: an agent that does not
+    /// count them).
+    pub network: Option<NetworkCounts>,
+}
+
+/// How others can reach a device, as far as it can tell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reachability {
+    /// Not known yet (no hub has told it the address it sees it at).
+    #[default]
+    Unknown,
+    /// The hub sees it at an address it listens on: anyone can dial it.
+    Public,
+    /// Behind NAT, with a slot on the hub's relay: dialled through it, then upgraded to
+    /// a direct connection by hole punching.
+    Relayed,
+    /// Behind NAT without a relay slot: it can only dial out.
+    Unreachable,
+}
+
+impl Reachability {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reachability::Unknown => "unknown",
+            Reachability::Public => "public",
+            Reachability::Relayed => "relayed",
+            Reachability::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// A device's network as of a report: its reachability, blob bytes received by path
+/// since the agent started, and hole punches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkCounts {
+    pub reachability: Reachability,
+    /// From peers on its LAN (private addresses).
+    pub bytes_lan: u64,
+    /// From peers in other networks over direct connections (public or hole-punched).
+    pub bytes_direct: u64,
+    /// Through a relay (none, by design: requests wait for a direct connection).
+    pub bytes_relayed: u64,
+    /// From the hub.
+    pub bytes_hub: u64,
+    /// Relayed connections upgraded to direct ones by DCUtR, and upgrades that failed.
+    pub hole_punches: u64,
+    pub hole_punch_failures: u64,
+}
+
+impl NetworkCounts {
+    /// "reachable relayed; bytes by path: lan 700, direct 300, relayed 0, hub 10; hole
+    /// punches 1 (2 failed)", for `hub devices` and `device status`.
+    pub fn summary(&self) -> String {
+        format!(
+            "reachable {}; bytes by path: lan {}, direct {}, relayed {}, hub {}; hole punches {} ({} failed)",
+            self.reachability.label(),
+            self.bytes_lan,
+            self.bytes_direct,
+            self.bytes_relayed,
+            self.bytes_hub,
+            self.hole_punches,
+            self.hole_punch_failures
+        )
+    }
 }
 
 /// What the on-demand pool of one app is doing, as of the report.

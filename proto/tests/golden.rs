@@ -115,6 +115,15 @@ fn status_bytes() -> Vec<u8> {
             boot_ms_total: 840,
             decisions: 11,
         }),
+        network: Some(proto::status::NetworkCounts {
+            reachability: proto::status::Reachability::Relayed,
+            bytes_lan: 700,
+            bytes_direct: 300,
+            bytes_relayed: 0,
+            bytes_hub: 10,
+            hole_punches: 1,
+            hole_punch_failures: 2,
+        }),
     };
     signed(r.seal().unwrap(), &[&key(20)])
 }

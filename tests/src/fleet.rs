@@ -114,6 +114,8 @@ pub struct Device {
     pub proc: Option<Proc>,
     /// The fixed libp2p listen address (so other devices can be pointed at it).
     pub addr: String,
+    /// The network namespace it runs in (a home of [`crate::homes::Homes`]), if any.
+    pub ns: Option<String>,
 }
 
 impl Device {
@@ -245,6 +247,21 @@ pub struct Fleet {
     pub mqtt: String,
     pub devices: Vec<Device>,
     pub libvirt: String,
+    /// The network namespace the hub runs in, if any.
+    pub hub_ns: Option<String>,
+}
+
+/// `program args…`, run inside network namespace `ns` when there is one.
+pub fn in_netns(ns: Option<&str>, program: Command) -> Command {
+    let Some(ns) = ns else { return program };
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns])
+        .arg(program.get_program())
+        .args(program.get_args());
+    if let Some(dir) = program.get_current_dir() {
+        cmd.current_dir(dir);
+    }
+    cmd
 }
 
 impl Fleet {
@@ -255,6 +272,21 @@ impl Fleet {
 
     /// [`Fleet::new`] in `dir` with more `hub init` arguments (paths relative to `dir`).
     pub fn new_with(libvirt: &str, dir: tempfile::TempDir, init: &[&str]) -> Result<Fleet> {
+        Fleet::init(libvirt, dir, init, "127.0.0.1", None)
+    }
+
+    /// A hub in network namespace `ns` at `ip` (its own, in a [`crate::homes::Homes`]).
+    pub fn new_in_netns(libvirt: &str, ns: &str, ip: &str) -> Result<Fleet> {
+        Fleet::init(libvirt, tempfile::tempdir()?, &[], ip, Some(ns.into()))
+    }
+
+    fn init(
+        libvirt: &str,
+        dir: tempfile::TempDir,
+        init: &[&str],
+        ip: &str,
+        hub_ns: Option<String>,
+    ) -> Result<Fleet> {
         let hub_dir = dir.path().join("hub");
         let mqtt_port = free_port()?;
         let p2p_port = free_port()?;
@@ -262,17 +294,18 @@ impl Fleet {
             .current_dir(dir.path())
             .args(["--dir"])
             .arg(&hub_dir)
-            .args(["init", "--mqtt-listen", &format!("127.0.0.1:{mqtt_port}")])
-            .args(["--p2p-listen", &format!("/ip4/127.0.0.1/tcp/{p2p_port}")])
+            .args(["init", "--mqtt-listen", &format!("{ip}:{mqtt_port}")])
+            .args(["--p2p-listen", &format!("/ip4/{ip}/tcp/{p2p_port}")])
             .args(init))?;
         Ok(Fleet {
             dir,
             hub_dir,
             hub: None,
             hub_addr: String::new(),
-            mqtt: format!("mqtt://127.0.0.1:{mqtt_port}"),
+            mqtt: format!("mqtt://{ip}:{mqtt_port}"),
             devices: vec![],
             libvirt: libvirt.into(),
+            hub_ns,
         })
     }
 
@@ -290,10 +323,9 @@ impl Fleet {
     pub fn start_hub(&mut self, extra: &[&str]) -> Result<()> {
         let log = self.path("hub.log");
         let _ = std::fs::remove_file(self.hub_dir.join("hub.addr"));
-        let child = self
-            .hub_cmd()?
-            .arg("serve")
-            .args(extra)
+        let mut serve = self.hub_cmd()?;
+        serve.arg("serve").args(extra);
+        let child = in_netns(self.hub_ns.as_deref(), serve)
             .env(
                 "RUST_LOG",
                 "info,libp2p=warn,libp2p_gossipsub=error,rumqttd=warn",
@@ -337,12 +369,25 @@ impl Fleet {
         libvirt: &str,
         extra: &[&str],
     ) -> Result<usize> {
-        let i = self.set_up_device(name, name, app, channel, libvirt, extra)?;
+        let i = self.set_up_device(name, name, app, channel, libvirt, None, extra)?;
+        self.enroll_at_hub(i)
+    }
+
+    /// [`Fleet::add_device`] in network namespace `ns` (a home's LAN): listening on every
+    /// interface, finding its LAN neighbours by mDNS, as a device in a home does.
+    pub fn add_device_in(&mut self, ns: &str, name: &str, app: &str) -> Result<usize> {
+        let libvirt = self.libvirt.clone();
+        let i = self.set_up_device(name, name, app, "stable", &libvirt, Some(ns), &[])?;
+        self.enroll_at_hub(i)
+    }
+
+    fn enroll_at_hub(&mut self, i: usize) -> Result<usize> {
+        let name = self.devices[i].name.clone();
         run(self
             .hub_cmd()?
             .arg("enroll")
             .arg(self.devices[i].dir.join("device.pub"))
-            .args(["--name", name]))?;
+            .args(["--name", &name]))?;
         Ok(i)
     }
 
@@ -350,7 +395,7 @@ impl Fleet {
     /// a stranger, or a second board given a name already taken.
     pub fn add_unenrolled_device(&mut self, dir: &str, name: &str, app: &str) -> Result<usize> {
         let libvirt = self.libvirt.clone();
-        self.set_up_device(dir, name, app, "stable", &libvirt, &[])
+        self.set_up_device(dir, name, app, "stable", &libvirt, None, &[])
     }
 
     fn set_up_device(
@@ -360,14 +405,24 @@ impl Fleet {
         app: &str,
         channel: &str,
         libvirt: &str,
+        ns: Option<&str>,
         extra: &[&str],
     ) -> Result<usize> {
         let dir = self.path(dir);
         let port = free_port()?;
-        let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+        // On the test host: loopback, and no mDNS (every agent of every test would find
+        // every other). In a home: every interface and mDNS, the defaults.
+        let listen = match ns {
+            Some(_) => format!("/ip4/0.0.0.0/tcp/{port}"),
+            None => format!("/ip4/127.0.0.1/tcp/{port}"),
+        };
         let mut cmd = Command::new(bin("device")?);
+        if ns.is_none() {
+            cmd.arg("enroll").arg("--no-mdns");
+        } else {
+            cmd.arg("enroll");
+        }
         cmd.args([
-            "enroll",
             "--name",
             name,
             "--app",
@@ -399,6 +454,7 @@ impl Fleet {
             dir,
             proc: None,
             addr: listen,
+            ns: ns.map(String::from),
         });
         Ok(self.devices.len() - 1)
     }
@@ -425,10 +481,8 @@ impl Fleet {
     pub fn start_device_with(&mut self, i: usize, mut program: Command) -> Result<()> {
         let d = &mut self.devices[i];
         let log = d.dir.join("agent.log");
-        let child = program
-            .arg("run")
-            .arg("--config")
-            .arg(d.config())
+        program.arg("run").arg("--config").arg(d.config());
+        let child = in_netns(d.ns.as_deref(), program)
             .env(
                 "RUST_LOG",
                 std::env::var("UNIFLEET_TEST_DEVICE_LOG")

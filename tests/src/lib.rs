@@ -108,6 +108,7 @@ pub fn wait_for_file_line(
 }
 
 pub mod fleet;
+pub mod homes;
 
 /// Publishes one MQTT message and waits for the broker's acknowledgement.
 pub fn mqtt_publish(url: &str, topic: &str, payload: Vec<u8>, retain: bool) -> Result<()> {

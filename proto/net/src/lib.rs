@@ -11,6 +11,7 @@
 //! cap, a request timeout and a bound on concurrent inbound requests per peer.
 
 mod codec;
+pub mod direct;
 pub mod metrics;
 pub mod mqtt_topics;
 pub mod ratelimit;
@@ -18,16 +19,24 @@ pub mod tasks;
 
 pub use codec::PROTOCOL as BLOB_PROTOCOL;
 pub use libp2p::gossipsub::{MessageAcceptance, MessageId};
+pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{identity::Keypair, Multiaddr, PeerId};
 
 use futures::StreamExt;
-use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
-use libp2p::{gossipsub, identify, kad, mdns, noise, request_response, tcp, yamux, Swarm};
+use libp2p::core::ConnectedPoint;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::core::transport::ListenerId;
+use libp2p::swarm::{behaviour::toggle::Toggle, ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    dcutr, gossipsub, identify, kad, mdns, noise, relay, request_response, tcp, yamux, Swarm,
+};
 pub use proto::blob::Want;
 use proto::blob::{BlobRequest, BlobResponse};
 use proto::Digest;
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// Capacity of the command and event channels.
@@ -67,6 +76,12 @@ pub struct NetConfig {
     /// Concurrent inbound blob requests served per peer; more get `Busy`.
     pub max_inbound_per_peer: usize,
     pub request_timeout: Duration,
+    /// Serve as a circuit relay (v2) for nodes behind NAT: the hub does. Circuits are
+    /// sized for DCUtR's signalling, not for chunks (see [`direct`]).
+    pub relay_server: bool,
+    /// Where the node keeps its reachability and hole-punch counts (shared with the
+    /// caller's metrics).
+    pub state: Arc<NetState>,
 }
 
 impl NetConfig {
@@ -79,6 +94,8 @@ impl NetConfig {
             mdns: false,
             max_inbound_per_peer: 8,
             request_timeout: Duration::from_secs(20),
+            relay_server: false,
+            state: Arc::new(NetState::default()),
         }
     }
 }
@@ -135,12 +152,122 @@ pub enum NetEvent {
         /// What is asked: the blob; the blob or peers to ask ([`BlobResponse::Elsewhere`]);
         /// or nothing, the asker having stored the blob ([`BlobResponse::Noted`]).
         want: Want,
-        /// Where the asker listens (from identify), so others can be sent to it.
-        addr: Option<Multiaddr>,
+        /// Where the asker was seen and listens, so others can be sent to it.
+        seen: Seen,
         reply: ReplyId,
     },
     PeerConnected(PeerId),
     PeerDisconnected(PeerId),
+}
+
+/// What this node knows of where a peer is: enough for the hub to tell others how to
+/// reach it (see the hub's `place`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// The far end of its direct connection to this node: its public address, for a
+    /// peer behind NAT.
+    pub remote: Option<Multiaddr>,
+    /// Where it says it listens (identify): its LAN addresses, behind NAT.
+    pub listen: Vec<Multiaddr>,
+    /// It holds a relay reservation on this node (reachable through it).
+    pub relayed: bool,
+}
+
+/// How a connection reaches a peer, for counting bytes by path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// A private, link-local or loopback address: the same LAN (or host).
+    Lan,
+    /// A public address of a peer in another network: a public peer or a hole punch.
+    Direct,
+    /// Through a relay (the hub's circuit relay).
+    Relayed,
+    /// The hub (a bootstrap peer) itself.
+    Hub,
+}
+
+impl Path {
+    pub const ALL: [Path; 4] = [Path::Lan, Path::Direct, Path::Relayed, Path::Hub];
+
+    fn of(endpoint: &ConnectedPoint, to_bootstrap: bool) -> Path {
+        if endpoint.is_relayed() {
+            Path::Relayed
+        } else if to_bootstrap {
+            Path::Hub
+        } else if is_private(endpoint.get_remote_address()) {
+            Path::Lan
+        } else {
+            Path::Direct
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Path::Lan => "lan",
+            Path::Direct => "direct",
+            Path::Relayed => "relayed",
+            Path::Hub => "hub",
+        }
+    }
+}
+
+pub use proto::status::Reachability;
+
+fn reachability_from_u8(n: u8) -> Reachability {
+    match n {
+        1 => Reachability::Public,
+        2 => Reachability::Relayed,
+        3 => Reachability::Unreachable,
+        _ => Reachability::Unknown,
+    }
+}
+
+/// What the node counts about its connections (read with [`NetClient::state`]).
+#[derive(Debug, Default)]
+pub struct NetState {
+    reachability: AtomicU8,
+    /// DCUtR upgrades that ended in a direct connection, and those that gave up.
+    pub hole_punches: AtomicU64,
+    pub hole_punch_failures: AtomicU64,
+}
+
+impl NetState {
+    pub fn reachability(&self) -> Reachability {
+        reachability_from_u8(self.reachability.load(Ordering::Relaxed))
+    }
+
+    fn set_reachability(&self, r: Reachability) {
+        self.reachability.store(r as u8, Ordering::Relaxed);
+    }
+}
+
+/// A private (RFC 1918, CGNAT, unique-local), link-local or loopback address: one that
+/// means something only inside its own network, never to be handed across networks.
+pub fn is_private(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => {
+            let [a, b, ..] = ip.octets();
+            ip.is_private() || ip.is_loopback() || ip.is_link_local() || (a == 100 && (64..128).contains(&b))
+        }
+        Protocol::Ip6(ip) => {
+            ip.is_loopback() || (ip.segments()[0] & 0xfe00) == 0xfc00 || (ip.segments()[0] & 0xffc0) == 0xfe80
+        }
+        _ => false,
+    })
+}
+
+/// A relay circuit address (`…/p2p-circuit/…`).
+pub fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
+}
+
+/// The IP of an address, if it has one.
+pub fn ip_of(addr: &Multiaddr) -> Option<std::net::IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    })
 }
 
 /// Identifies a pending inbound blob request.
@@ -158,6 +285,8 @@ pub enum FetchError {
     Refused(PeerId),
     #[error("peer {0} says to ask {n} other peers", n = .1.len())]
     Elsewhere(PeerId, Vec<(PeerId, Multiaddr)>),
+    #[error("no direct path to peer {0}: it is behind NAT and hole punching through the relay failed")]
+    NoDirectPath(PeerId),
     #[error("request to {peer} failed: {source}")]
     Failed {
         peer: PeerId,
@@ -202,7 +331,7 @@ enum Command {
         /// Where to dial the peer if not connected (learned from a redirect).
         addr: Option<Multiaddr>,
         request: BlobRequest,
-        reply: oneshot::Sender<Result<Vec<u8>, FetchError>>,
+        reply: FetchReply,
     },
     Respond {
         reply: ReplyId,
@@ -219,11 +348,17 @@ enum Command {
 pub struct NetClient {
     tx: mpsc::Sender<Command>,
     peer_id: PeerId,
+    state: Arc<NetState>,
 }
 
 impl NetClient {
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// Reachability and hole-punch counts.
+    pub fn state(&self) -> &NetState {
+        &self.state
     }
 
     pub async fn publish(&self, topic: Topic, data: Vec<u8>) -> Result<(), PublishError> {
@@ -263,6 +398,19 @@ impl NetClient {
         digest: Digest,
         want: Want,
     ) -> Result<Vec<u8>, FetchError> {
+        self.fetch_via(peer, addr, digest, want)
+            .await
+            .map(|(bytes, _)| bytes)
+    }
+
+    /// [`NetClient::fetch_with`], saying which path the answer came by.
+    pub async fn fetch_via(
+        &self,
+        peer: PeerId,
+        addr: Option<Multiaddr>,
+        digest: Digest,
+        want: Want,
+    ) -> Result<(Vec<u8>, Path), FetchError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Fetch {
@@ -315,6 +463,9 @@ struct Behaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
     gossipsub: gossipsub::Behaviour,
     blob: request_response::Behaviour<codec::BlobCodec>,
+    relay: Toggle<relay::Behaviour>,
+    relay_client: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
 }
 
 /// Why the node could not start.
@@ -373,14 +524,9 @@ pub fn spawn(
                 source,
             })?;
     }
-    for addr in &cfg.bootstrap {
-        if let Some(peer) = peer_of(addr) {
-            swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-        }
-        if let Err(e) = swarm.dial(addr.clone()) {
-            tracing::warn!(%addr, "dialing bootstrap peer: {e}");
-        }
-    }
+    // Bootstrap peers are dialled, and put in the DHT (whose first entry starts a walk,
+    // which dials), once a listener is up (see `Node::listening`).
+    let state = cfg.state.clone();
     let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let node = Node {
@@ -393,14 +539,23 @@ pub fn spawn(
         max_inbound_per_peer: cfg.max_inbound_per_peer,
         bootstrap: cfg.bootstrap.clone(),
         listen_of: HashMap::new(),
+        remote_of: HashMap::new(),
         met: std::collections::VecDeque::new(),
         last_walk: None,
+        bootstrap_dialled: false,
+        conns: HashMap::new(),
+        upgrades: direct::Upgrades::default(),
+        reserved_here: HashSet::new(),
+        relay_server: cfg.relay_server,
+        relay_listener: None,
+        state: state.clone(),
     };
     let handle = tokio::spawn(node.run(cmd_rx, shutdown));
     Ok((
         NetClient {
             tx: cmd_tx,
             peer_id,
+            state,
         },
         ev_rx,
         handle,
@@ -446,6 +601,7 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
     let fleet = cfg.fleet.clone();
     let mdns_on = cfg.mdns;
     let timeout = cfg.request_timeout;
+    let relay_server = cfg.relay_server;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
         .with_tokio()
         .with_tcp(
@@ -454,7 +610,9 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
             yamux::Config::default,
         )
         .map_err(|e| StartError::Transport(e.into()))?
-        .with_behaviour(|key| {
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| StartError::Transport(e.into()))?
+        .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
             let gossip_cfg = gossipsub::ConfigBuilder::default()
                 // Every payload is a signed envelope the application checks once (see
@@ -510,6 +668,7 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
                     .with_request_timeout(timeout)
                     .with_max_concurrent_streams(64),
             );
+            let relay = relay_server.then(|| relay::Behaviour::new(peer_id, relay_config()));
             Ok(Behaviour {
                 identify: identify::Behaviour::new(identify::Config::new(
                     format!("/unifleet/{fleet}/1"),
@@ -519,6 +678,9 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
                 mdns: mdns.into(),
                 gossipsub,
                 blob,
+                relay: relay.into(),
+                relay_client,
+                dcutr: dcutr::Behaviour::new(peer_id),
             })
         })
         .map_err(|e| StartError::Behaviour(e.into()))?
@@ -527,7 +689,25 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
     Ok(swarm)
 }
 
-type FetchReply = oneshot::Sender<Result<Vec<u8>, FetchError>>;
+/// The hub's relay: a reservation for every device behind NAT in a large fleet, and
+/// circuits that carry DCUtR's handshake and a little gossip, not chunks (requests to a
+/// peer reached only through the relay wait for the punch, see [`direct`]). No per-IP
+/// limits: every device of a home shares one public address.
+fn relay_config() -> relay::Config {
+    relay::Config {
+        max_reservations: 8_192,
+        max_reservations_per_peer: 2,
+        reservation_duration: Duration::from_secs(60 * 60),
+        reservation_rate_limiters: vec![],
+        max_circuits: 1_024,
+        max_circuits_per_peer: 16,
+        max_circuit_duration: Duration::from_secs(2 * 60),
+        max_circuit_bytes: 256 * 1024,
+        circuit_src_rate_limiters: vec![],
+    }
+}
+
+type FetchReply = oneshot::Sender<Result<(Vec<u8>, Path), FetchError>>;
 
 struct Node {
     swarm: Swarm<Behaviour>,
@@ -539,7 +719,23 @@ struct Node {
     max_inbound_per_peer: usize,
     bootstrap: Vec<Multiaddr>,
     /// Where each connected peer listens (identify), for redirects to it.
-    listen_of: HashMap<PeerId, Multiaddr>,
+    listen_of: HashMap<PeerId, Vec<Multiaddr>>,
+    /// The far end of each peer's direct connection (its public address behind NAT).
+    remote_of: HashMap<PeerId, Multiaddr>,
+    /// Bootstrap peers are dialled once a listener is up: a dial made before goes out
+    /// from an ephemeral port, and the address the hub then sees (and a NAT maps) is not
+    /// the one this node listens on, so hole punching has nothing to aim at.
+    bootstrap_dialled: bool,
+    /// Every connection's peer and path.
+    conns: HashMap<ConnectionId, (PeerId, Path)>,
+    /// Requests waiting for a direct connection.
+    upgrades: direct::Upgrades<HeldFetch>,
+    /// Peers holding a reservation on this node's relay.
+    reserved_here: HashSet<PeerId>,
+    relay_server: bool,
+    /// This node's listener on the hub's relay, once it knows it is behind NAT.
+    relay_listener: Option<ListenerId>,
+    state: Arc<NetState>,
     /// Peers identified while a bootstrap peer (the hub) was connected, newest last (at
     /// most [`MET_KEPT`]): not put in the DHT then (see the `Identify` event), put there
     /// when the last bootstrap peer is lost, so a device can still find peers through the
@@ -556,16 +752,31 @@ impl Node {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
         tokio::pin!(shutdown);
-        let mut rediscover = tokio::time::interval(Duration::from_secs(5));
+        // The first round 5 s in: bootstrap peers are dialled when a listener is up.
+        let mut rediscover = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(5),
+            Duration::from_secs(5),
+        );
+        let mut punch_deadlines = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                cmd = commands.recv() => match cmd {
-                    Some(cmd) => self.command(cmd),
-                    None => break,
-                },
+                // Commands wait for the first listener (a few ms at start): a fetch from
+                // the hub dialled before it would set the hub's view of this node's
+                // address (see `bootstrap_dialled`).
+                cmd = commands.recv(), if self.bootstrap.is_empty() || self.bootstrap_dialled => {
+                    match cmd {
+                        Some(cmd) => self.command(cmd),
+                        None => break,
+                    }
+                }
                 ev = self.swarm.select_next_some() => self.swarm_event(ev).await,
                 _ = rediscover.tick() => self.rediscover(),
+                _ = punch_deadlines.tick(), if self.upgrades.held() > 0 => {
+                    for held in self.upgrades.expired(Instant::now()) {
+                        held.no_direct_path();
+                    }
+                }
             }
         }
         tracing::debug!("network task stopped");
@@ -575,6 +786,15 @@ impl Node {
     /// find devices we have not met (so peers still find each other with the hub gone).
     fn rediscover(&mut self) {
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        if !self.bootstrap_dialled {
+            // No listener of the right kind came up: dial from any port.
+            self.bootstrap_dialled = true;
+            for addr in &self.bootstrap {
+                if let Some(peer) = peer_of(addr) {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                }
+            }
+        }
         for addr in &self.bootstrap {
             if let Some(peer) = peer_of(addr) {
                 if !connected.contains(&peer) {
@@ -621,11 +841,30 @@ impl Node {
                 request,
                 reply,
             } => {
-                if let Some(addr) = addr {
+                let through_relay = addr.as_ref().is_some_and(is_relayed)
+                    && !self.swarm.is_connected(&peer);
+                if let Some(addr) = addr.clone() {
                     self.swarm.add_peer_address(peer, addr);
                 }
-                let id = self.swarm.behaviour_mut().blob.send_request(&peer, request);
-                self.pending_fetch.insert(id, (peer, reply));
+                let now = Instant::now();
+                let held = HeldFetch {
+                    peer,
+                    request,
+                    reply,
+                };
+                match self.upgrades.request(peer, held, through_relay, now) {
+                    direct::Verdict::Send(f) => self.send_fetch(f),
+                    direct::Verdict::Held => {
+                        if let Some(addr) = addr.filter(|_| through_relay) {
+                            let opts = DialOpts::peer_id(peer)
+                                .addresses(vec![addr])
+                                .condition(PeerCondition::DisconnectedAndNotDialing)
+                                .build();
+                            let _ = self.swarm.dial(opts);
+                        }
+                    }
+                    direct::Verdict::NoDirectPath(f) => f.no_direct_path(),
+                }
             }
             Command::Respond { reply, response } => {
                 if let Some((peer, channel)) = self.pending_reply.remove(&reply) {
@@ -654,6 +893,108 @@ impl Node {
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
+        }
+    }
+
+    fn send_fetch(&mut self, f: HeldFetch) {
+        let id = self.swarm.behaviour_mut().blob.send_request(&f.peer, f.request);
+        self.pending_fetch.insert(id, (f.peer, f.reply));
+    }
+
+    /// A listener is up: dial the bootstrap peers from its port (see `bootstrap_dialled`).
+    fn listening(&mut self, address: &Multiaddr) {
+        if self.relay_server && !is_relayed(address) {
+            // A relay names its own addresses in every reservation it grants.
+            self.swarm.add_external_address(address.clone());
+        }
+        // Port reuse picks a listener of the same kind (loopback or not) as the address
+        // dialled: wait for one (loopback comes up first when listening on every interface).
+        let loopback = |a: &Multiaddr| ip_of(a).is_some_and(|ip| ip.is_loopback());
+        let fits = self.bootstrap.iter().any(|b| loopback(b) == loopback(address));
+        if !self.bootstrap_dialled && fits {
+            self.bootstrap_dialled = true;
+            for addr in self.bootstrap.clone() {
+                if let Some(peer) = peer_of(&addr) {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                }
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    tracing::warn!(%addr, "dialing bootstrap peer: {e}");
+                }
+            }
+        }
+    }
+
+    /// The hub told this node the address it sees it at. One it listens on: it is
+    /// public. Another: it is behind NAT, and takes a slot on the hub's relay so that
+    /// peers in other homes can reach it (and punch through).
+    fn observed_by_bootstrap(&mut self, hub: PeerId, observed: &Multiaddr) {
+        if self.relay_server {
+            return;
+        }
+        let ours = self
+            .swarm
+            .listeners()
+            .filter_map(ip_of)
+            .any(|ip| Some(ip) == ip_of(observed));
+        if ours {
+            if self.state.reachability() != Reachability::Public {
+                tracing::info!(%observed, "the hub sees this device at an address it listens on: reachable directly");
+            }
+            self.swarm.add_external_address(observed.clone());
+            self.state.set_reachability(Reachability::Public);
+            return;
+        }
+        if self.relay_listener.is_some() {
+            return;
+        }
+        let Some(hub_addr) = self.bootstrap.iter().find(|a| peer_of(a) == Some(hub)) else {
+            return;
+        };
+        let circuit = hub_addr.clone().with(Protocol::P2pCircuit);
+        tracing::info!(%observed, "the hub sees this device at another address (behind NAT): reserving a slot on its relay");
+        match self.swarm.listen_on(circuit.clone()) {
+            Ok(id) => self.relay_listener = Some(id),
+            Err(e) => tracing::warn!(%circuit, "listening through the hub's relay: {e}"),
+        }
+        if self.state.reachability() != Reachability::Relayed {
+            self.state.set_reachability(Reachability::Unreachable);
+        }
+    }
+
+    fn connection_up(&mut self, peer: PeerId, id: ConnectionId, endpoint: &ConnectedPoint) {
+        let path = Path::of(endpoint, self.is_bootstrap(&peer));
+        self.conns.insert(id, (peer, path));
+        let relayed = path == Path::Relayed;
+        if !relayed {
+            self.remote_of
+                .insert(peer, endpoint.get_remote_address().clone());
+            // A direct connection replaces any relayed one: requests would otherwise be
+            // spread over both, and the relay's circuit is not for chunks.
+            let relayed_ids: Vec<ConnectionId> = self
+                .conns
+                .iter()
+                .filter(|(_, (p, path))| *p == peer && *path == Path::Relayed)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in relayed_ids {
+                self.swarm.close_connection(id);
+            }
+        }
+        for f in self.upgrades.connected(peer, relayed) {
+            self.send_fetch(f);
+        }
+    }
+
+    fn connection_down(&mut self, peer: PeerId, id: ConnectionId) {
+        let Some((_, path)) = self.conns.remove(&id) else {
+            return;
+        };
+        let (ready, stranded) = self.upgrades.disconnected(peer, path == Path::Relayed);
+        for f in ready {
+            self.send_fetch(f);
+        }
+        for f in stranded {
+            f.no_direct_path();
         }
     }
 
@@ -704,19 +1045,44 @@ impl Node {
     async fn swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
+                self.listening(&address);
                 self.emit(NetEvent::Listening(address)).await
+            }
+            SwarmEvent::ListenerClosed { listener_id, .. }
+                if Some(listener_id) == self.relay_listener =>
+            {
+                // The relay turned the reservation down or dropped it: asked again the
+                // next time the hub says where it sees this node.
+                tracing::info!("the reservation on the hub's relay ended");
+                self.relay_listener = None;
+                self.state.set_reachability(Reachability::Unreachable);
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
+                endpoint,
                 num_established,
                 ..
-            } if num_established.get() == 1 => self.emit(NetEvent::PeerConnected(peer_id)).await,
+            } => {
+                self.connection_up(peer_id, connection_id, &endpoint);
+                if num_established.get() == 1 {
+                    self.emit(NetEvent::PeerConnected(peer_id)).await
+                }
+            }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
+                ..
+            } if num_established > 0 => self.connection_down(peer_id, connection_id),
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
                 ..
             } => {
+                self.connection_down(peer_id, connection_id);
                 self.listen_of.remove(&peer_id);
+                self.remote_of.remove(&peer_id);
                 if self.is_bootstrap(&peer_id) && !self.bootstrap_connected() {
                     for (peer, addr) in std::mem::take(&mut self.met) {
                         self.swarm.behaviour_mut().kad.add_address(&peer, addr);
@@ -737,10 +1103,11 @@ impl Node {
                 // idle between releases keeps few connections, so it is short of peers when
                 // a release starts: adding every peer it met for a chunk made half of a
                 // 1,000-device release's connections.
-                if let Some(first) = info.listen_addrs.first() {
-                    self.listen_of.insert(peer_id, first.clone());
-                }
+                self.listen_of.insert(peer_id, info.listen_addrs.clone());
                 let is_bootstrap = self.is_bootstrap(&peer_id);
+                if is_bootstrap {
+                    self.observed_by_bootstrap(peer_id, &info.observed_addr);
+                }
                 if !is_bootstrap && !self.short_of_peers() {
                     return;
                 }
@@ -754,17 +1121,54 @@ impl Node {
                     }
                     return;
                 }
-                for addr in info.listen_addrs {
+                for addr in info.listen_addrs.into_iter().filter(|a| !is_relayed(a)) {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
+                relay::client::Event::ReservationReqAccepted { renewal, .. },
+            )) => {
+                if !renewal {
+                    tracing::info!("reachable through the hub's relay (slot reserved)");
+                }
+                self.state.set_reachability(Reachability::Relayed);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(ev)) => match ev {
+                relay::Event::ReservationReqAccepted { src_peer_id, .. } => {
+                    self.reserved_here.insert(src_peer_id);
+                }
+                relay::Event::ReservationClosed { src_peer_id }
+                | relay::Event::ReservationTimedOut { src_peer_id } => {
+                    self.reserved_here.remove(&src_peer_id);
+                }
+                _ => {}
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(_) => {
+                    tracing::info!(peer = %remote_peer_id, "hole punched: direct connection");
+                    self.state.hole_punches.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::info!(peer = %remote_peer_id, "hole punching failed: {e}");
+                    self.state.hole_punch_failures.fetch_add(1, Ordering::Relaxed);
+                    for f in self.upgrades.punch_failed(remote_peer_id, Instant::now()) {
+                        f.no_direct_path();
+                    }
+                }
+            },
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 peer, ..
             })) if !self.swarm.is_connected(&peer) && self.short_of_peers() => {
                 let _ = self.swarm.dial(peer);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
-                for (peer, addr) in list {
+                // A neighbour's loopback address is this node's own loopback.
+                for (peer, addr) in list.into_iter().filter(|(_, a)| {
+                    !ip_of(a).is_some_and(|ip| ip.is_loopback())
+                }) {
                     self.swarm
                         .behaviour_mut()
                         .kad
@@ -837,30 +1241,38 @@ impl Node {
                 *n += 1;
                 let reply = ReplyId(request_id);
                 self.pending_reply.insert(reply, (peer, channel));
-                let addr = self.listen_of.get(&peer).cloned();
+                let seen = Seen {
+                    remote: self.remote_of.get(&peer).cloned(),
+                    listen: self.listen_of.get(&peer).cloned().unwrap_or_default(),
+                    relayed: self.reserved_here.contains(&peer),
+                };
                 self.emit(NetEvent::BlobWanted {
                     peer,
                     digest: request.digest,
                     want: request.want,
-                    addr,
+                    seen,
                     reply,
                 })
                 .await;
             }
             Event::Message {
                 peer,
+                connection_id,
                 message:
                     Message::Response {
                         request_id,
                         response,
                     },
-                ..
             } => {
                 if let Some((_, reply)) = self.pending_fetch.remove(&request_id) {
+                    let path = self
+                        .conns
+                        .get(&connection_id)
+                        .map_or(Path::Direct, |(_, p)| *p);
                     let res = match response {
-                        BlobResponse::Found(bytes) => Ok(bytes),
+                        BlobResponse::Found(bytes) => Ok((bytes, path)),
                         // The answer to `Want::Stored`: no bytes (see `tell_stored`).
-                        BlobResponse::Noted => Ok(Vec::new()),
+                        BlobResponse::Noted => Ok((Vec::new(), path)),
                         BlobResponse::NotFound => Err(FetchError::NotFound(peer)),
                         BlobResponse::Busy => Err(FetchError::Busy(peer)),
                         BlobResponse::Refused => Err(FetchError::Refused(peer)),
@@ -897,5 +1309,19 @@ impl Node {
             }
             Event::ResponseSent { .. } => {}
         }
+    }
+}
+
+/// A fetch waiting for a direct connection to `peer`.
+#[derive(Debug)]
+struct HeldFetch {
+    peer: PeerId,
+    request: BlobRequest,
+    reply: FetchReply,
+}
+
+impl HeldFetch {
+    fn no_direct_path(self) {
+        let _ = self.reply.send(Err(FetchError::NoDirectPath(self.peer)));
     }
 }

@@ -47,3 +47,18 @@ pub fn push(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
         "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
     ));
 }
+
+/// Appends one metric with one label, a value per label value.
+pub fn push_labelled(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    label: &str,
+    values: &[(&str, u64)],
+) {
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+    for (v, n) in values {
+        out.push_str(&format!("{name}{{{label}=\"{v}\"}} {n}\n"));
+    }
+}

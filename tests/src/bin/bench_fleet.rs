@@ -351,6 +351,9 @@ fn enroll_devices(dir: &Path, hub: &Hub, p: &Params) -> Result<()> {
                 "bench",
                 "--hub",
                 addr.trim(),
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--no-mdns",
             ])
             .args(["--broker", &mqtt])
             .arg("--dir")

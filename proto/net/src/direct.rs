@@ -1,0 +1,250 @@
+//! Chunks move only over direct connections. A device behind NAT in another home is
+//! reached through the hub's relay, which is sized for signalling, not bulk: a request for
+//! such a peer is held while DCUtR tries to punch a direct connection, sent the moment one
+//! is up (and the relayed one gone: request-response spreads requests over every
+//! connection to a peer), and refused with "no direct path" if punching fails or takes
+//! longer than [`PUNCH_WAIT`] — the asker then gets the chunk from the hub. A peer that
+//! could not be punched to is not tried through the relay again for [`FAILED_FOR`].
+//!
+//! No I/O and no clock of its own (callers pass `now`), like the hub's tracker.
+
+use libp2p::PeerId;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// How long a request waits for a hole punch (DCUtR makes up to 3 attempts, each a
+/// round trip through the relay and a simultaneous open).
+pub const PUNCH_WAIT: Duration = Duration::from_secs(10);
+/// A peer that could not be punched to is reached through the hub this long.
+pub const FAILED_FOR: Duration = Duration::from_secs(10 * 60);
+
+/// What to do with a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict<T> {
+    /// Send it now (over a direct connection, or dial the peer directly).
+    Send(T),
+    /// Kept until a direct connection is up or punching fails.
+    Held,
+    /// No direct path to this peer: answer the asker so.
+    NoDirectPath(T),
+}
+
+#[derive(Debug)]
+struct Peer<T> {
+    direct: u32,
+    relayed: u32,
+    held: Vec<(T, Instant)>,
+    failed_at: Option<Instant>,
+}
+
+impl<T> Default for Peer<T> {
+    fn default() -> Self {
+        Peer {
+            direct: 0,
+            relayed: 0,
+            held: Vec::new(),
+            failed_at: None,
+        }
+    }
+}
+
+impl<T> Peer<T> {
+    /// A direct connection and no relayed one left to share requests with.
+    fn clear(&self) -> bool {
+        self.direct > 0 && self.relayed == 0
+    }
+}
+
+/// Per peer: its direct and relayed connections, the requests waiting for a direct one,
+/// and whether punching to it failed lately.
+#[derive(Debug)]
+pub struct Upgrades<T> {
+    peers: HashMap<PeerId, Peer<T>>,
+}
+
+impl<T> Default for Upgrades<T> {
+    fn default() -> Self {
+        Upgrades {
+            peers: HashMap::new(),
+        }
+    }
+}
+
+impl<T> Upgrades<T> {
+    /// A request for `peer`; `through_relay`: it is not connected and the only address
+    /// known for it is a relay circuit (the caller dials that to start the punch).
+    pub fn request(&mut self, peer: PeerId, item: T, through_relay: bool, now: Instant) -> Verdict<T> {
+        let p = self.peers.entry(peer).or_default();
+        if p.clear() {
+            return Verdict::Send(item);
+        }
+        let failed = p.failed_at.is_some_and(|t| now.duration_since(t) < FAILED_FOR);
+        if p.direct == 0 && failed && (p.relayed > 0 || through_relay) {
+            return Verdict::NoDirectPath(item);
+        }
+        if p.direct > 0 || p.relayed > 0 || through_relay {
+            // Direct but a relayed one still closing, or only relayed: wait.
+            p.held.push((item, now));
+            return Verdict::Held;
+        }
+        // Not connected, dialled directly (by the request itself).
+        self.forget_if_idle(peer);
+        Verdict::Send(item)
+    }
+
+    /// A connection to `peer` is up. Returns held requests that can go now.
+    pub fn connected(&mut self, peer: PeerId, relayed: bool) -> Vec<T> {
+        let p = self.peers.entry(peer).or_default();
+        if relayed {
+            p.relayed += 1;
+        } else {
+            p.direct += 1;
+            p.failed_at = None;
+        }
+        self.release(peer)
+    }
+
+    /// A connection to `peer` closed. Returns held requests that can go now, and (when
+    /// its last connection closed) those that now have nowhere to go.
+    pub fn disconnected(&mut self, peer: PeerId, relayed: bool) -> (Vec<T>, Vec<T>) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return (vec![], vec![]);
+        };
+        if relayed {
+            p.relayed = p.relayed.saturating_sub(1);
+        } else {
+            p.direct = p.direct.saturating_sub(1);
+        }
+        if p.direct == 0 && p.relayed == 0 && p.failed_at.is_none() {
+            // The relayed connection went without a direct one: punching did not work.
+            let dropped = std::mem::take(&mut p.held).into_iter().map(|(t, _)| t).collect();
+            self.forget_if_idle(peer);
+            return (vec![], dropped);
+        }
+        (self.release(peer), vec![])
+    }
+
+    /// DCUtR gave up on `peer`: its held requests have no direct path.
+    pub fn punch_failed(&mut self, peer: PeerId, now: Instant) -> Vec<T> {
+        let p = self.peers.entry(peer).or_default();
+        if p.direct > 0 {
+            return vec![];
+        }
+        p.failed_at = Some(now);
+        std::mem::take(&mut p.held).into_iter().map(|(t, _)| t).collect()
+    }
+
+    /// Requests held longer than [`PUNCH_WAIT`] (their peers count as failed).
+    pub fn expired(&mut self, now: Instant) -> Vec<T> {
+        let mut out = vec![];
+        for p in self.peers.values_mut() {
+            if p.held.iter().any(|(_, t)| now.duration_since(*t) >= PUNCH_WAIT) {
+                if p.direct == 0 {
+                    p.failed_at = Some(now);
+                }
+                let (old, keep) = std::mem::take(&mut p.held)
+                    .into_iter()
+                    .partition(|(_, t)| now.duration_since(*t) >= PUNCH_WAIT);
+                p.held = keep;
+                out.extend(old.into_iter().map(|(t, _): (T, Instant)| t));
+            }
+        }
+        self.peers.retain(|_, p| {
+            p.direct > 0 || p.relayed > 0 || !p.held.is_empty() || p.failed_at.is_some()
+        });
+        out
+    }
+
+    /// Requests waiting now.
+    pub fn held(&self) -> usize {
+        self.peers.values().map(|p| p.held.len()).sum()
+    }
+
+    fn release(&mut self, peer: PeerId) -> Vec<T> {
+        match self.peers.get_mut(&peer) {
+            Some(p) if p.clear() => std::mem::take(&mut p.held).into_iter().map(|(t, _)| t).collect(),
+            _ => vec![],
+        }
+    }
+
+    fn forget_if_idle(&mut self, peer: PeerId) {
+        if self.peers.get(&peer).is_some_and(|p| {
+            p.direct == 0 && p.relayed == 0 && p.held.is_empty() && p.failed_at.is_none()
+        }) {
+            self.peers.remove(&peer);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> PeerId {
+        PeerId::random()
+    }
+
+    #[test]
+    fn a_request_through_the_relay_waits_for_the_punch_and_goes_once_the_relay_is_gone() {
+        let mut u = Upgrades::default();
+        let (p, now) = (peer(), Instant::now());
+        assert_eq!(u.request(p, 1, true, now), Verdict::Held);
+        assert_eq!(u.connected(p, true), Vec::<i32>::new());
+        assert_eq!(u.request(p, 2, false, now), Verdict::Held);
+        // The punch worked: direct up, but the relayed connection still shares requests.
+        assert_eq!(u.connected(p, false), Vec::<i32>::new());
+        assert_eq!(u.request(p, 3, false, now), Verdict::Held);
+        assert_eq!(u.disconnected(p, true), (vec![1, 2, 3], vec![]));
+        assert_eq!(u.request(p, 4, false, now), Verdict::Send(4));
+        assert_eq!(u.held(), 0);
+    }
+
+    #[test]
+    fn a_failed_punch_refuses_what_waits_and_what_comes_for_a_while_then_tries_again() {
+        let mut u = Upgrades::default();
+        let (p, now) = (peer(), Instant::now());
+        u.request(p, 1, true, now);
+        u.connected(p, true);
+        assert_eq!(u.punch_failed(p, now), vec![1]);
+        assert_eq!(u.request(p, 2, false, now), Verdict::NoDirectPath(2));
+        u.disconnected(p, true);
+        assert_eq!(u.request(p, 3, true, now), Verdict::NoDirectPath(3));
+        let later = now + FAILED_FOR;
+        assert_eq!(u.request(p, 4, true, later), Verdict::Held);
+    }
+
+    #[test]
+    fn a_punch_that_never_answers_expires_and_counts_as_failed() {
+        let mut u = Upgrades::default();
+        let (p, now) = (peer(), Instant::now());
+        u.request(p, 1, true, now);
+        u.connected(p, true);
+        u.request(p, 2, false, now + Duration::from_secs(5));
+        assert_eq!(u.expired(now + Duration::from_secs(9)), Vec::<i32>::new());
+        assert_eq!(u.expired(now + PUNCH_WAIT), vec![1]);
+        assert_eq!(u.expired(now + Duration::from_secs(15)), vec![2]);
+        assert_eq!(
+            u.request(p, 3, false, now + Duration::from_secs(16)),
+            Verdict::NoDirectPath(3)
+        );
+    }
+
+    #[test]
+    fn a_relayed_connection_that_closes_without_a_direct_one_drops_what_waits() {
+        let mut u = Upgrades::default();
+        let (p, now) = (peer(), Instant::now());
+        u.request(p, 1, true, now);
+        u.connected(p, true);
+        assert_eq!(u.disconnected(p, true), (vec![], vec![1]));
+    }
+
+    #[test]
+    fn direct_peers_and_unconnected_direct_dials_are_never_held() {
+        let mut u = Upgrades::default();
+        let (p, q, now) = (peer(), peer(), Instant::now());
+        assert_eq!(u.request(p, 1, false, now), Verdict::Send(1));
+        u.connected(q, false);
+        assert_eq!(u.request(q, 2, false, now), Verdict::Send(2));
+        assert_eq!(u.held(), 0);
+    }
+}
