@@ -390,7 +390,10 @@ impl Fetcher {
             &self.metrics.bytes_from_peers
         };
         c.fetch_add(n as u64, Ordering::Relaxed);
-        self.metrics.paths.by(path).fetch_add(n as u64, Ordering::Relaxed);
+        self.metrics
+            .paths
+            .by(path)
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Every chunk of `m` not already stored, `parallel` at a time. Chunks already held

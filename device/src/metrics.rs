@@ -48,7 +48,10 @@ pub struct PathBytes([AtomicU64; 4]);
 
 impl PathBytes {
     pub fn by(&self, path: Path) -> &AtomicU64 {
-        &self.0[Path::ALL.iter().position(|p| *p == path).expect("every path is listed")]
+        &self.0[Path::ALL
+            .iter()
+            .position(|p| *p == path)
+            .expect("every path is listed")]
     }
 }
 

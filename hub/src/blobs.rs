@@ -169,7 +169,11 @@ impl Blobs {
         let places = self.tracker.topology();
         let refs = named
             .iter()
-            .filter_map(|h| places.route(&asker, h).map(|(_, addr)| net::peer_ref(h, &addr)))
+            .filter_map(|h| {
+                places
+                    .route(&asker, h)
+                    .map(|(_, addr)| net::peer_ref(h, &addr))
+            })
             .collect();
         self.net.respond(reply, BlobResponse::Elsewhere(refs)).await;
     }

@@ -485,9 +485,9 @@ fn run(cli: Cli) -> Result<()> {
                             c.local, c.remote, c.boots
                         )
                     });
-                    let network = e.network.map_or(String::new(), |n| {
-                        format!(" {}", n.summary())
-                    });
+                    let network = e
+                        .network
+                        .map_or(String::new(), |n| format!(" {}", n.summary()));
                     println!(
                         "{} {} release {} {} {} (peers {} B, hub {} B, seen {}){network}{ondemand}",
                         e.device,

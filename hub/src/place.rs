@@ -59,7 +59,10 @@ impl Place {
         let ip = ip_of(remote);
         if self.direct_listen().any(|a| ip_of(a) == ip) {
             Nat::Public
-        } else if self.direct_listen().any(|a| tcp_port(a) == tcp_port(remote)) {
+        } else if self
+            .direct_listen()
+            .any(|a| tcp_port(a) == tcp_port(remote))
+        {
             Nat::PortKeeping
         } else {
             Nat::PortChanging
@@ -114,7 +117,9 @@ impl Places {
 
     /// Whether a place is known well enough to hand others an address for it.
     pub fn knows(&self, peer: &PeerId) -> bool {
-        self.places.get(peer).is_some_and(|p| p.direct_listen().next().is_some())
+        self.places
+            .get(peer)
+            .is_some_and(|p| p.direct_listen().next().is_some())
     }
 
     /// How `asker` reaches `holder`, and at which address.
@@ -221,11 +226,19 @@ mod tests {
         let p = places(&[
             (
                 b1,
-                seen("/ip4/198.51.100.20/tcp/40123", &["/ip4/192.168.1.11/tcp/5001"], true),
+                seen(
+                    "/ip4/198.51.100.20/tcp/40123",
+                    &["/ip4/192.168.1.11/tcp/5001"],
+                    true,
+                ),
             ),
             (
                 b2,
-                seen("/ip4/198.51.100.20/tcp/51234", &["/ip4/192.168.1.12/tcp/5001"], true),
+                seen(
+                    "/ip4/198.51.100.20/tcp/51234",
+                    &["/ip4/192.168.1.12/tcp/5001"],
+                    true,
+                ),
             ),
             (a1, seen("/ip4/198.51.100.10/tcp/5001", A_LISTEN, true)),
         ]);
@@ -244,10 +257,31 @@ mod tests {
             PeerId::random(),
         );
         let p = places(&[
-            (s, seen("/ip4/198.51.100.5/tcp/6000", &["/ip4/198.51.100.5/tcp/7000"], false)),
+            (
+                s,
+                seen(
+                    "/ip4/198.51.100.5/tcp/6000",
+                    &["/ip4/198.51.100.5/tcp/7000"],
+                    false,
+                ),
+            ),
             (a1, seen("/ip4/198.51.100.10/tcp/5001", A_LISTEN, false)),
-            (l1, seen("/ip4/127.0.0.1/tcp/6001", &["/ip4/127.0.0.1/tcp/6001"], false)),
-            (l2, seen("/ip4/127.0.0.1/tcp/6002", &["/ip4/127.0.0.1/tcp/6002"], false)),
+            (
+                l1,
+                seen(
+                    "/ip4/127.0.0.1/tcp/6001",
+                    &["/ip4/127.0.0.1/tcp/6001"],
+                    false,
+                ),
+            ),
+            (
+                l2,
+                seen(
+                    "/ip4/127.0.0.1/tcp/6002",
+                    &["/ip4/127.0.0.1/tcp/6002"],
+                    false,
+                ),
+            ),
         ]);
         assert_eq!(
             p.route(&a1, &s),

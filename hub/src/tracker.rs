@@ -207,7 +207,9 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
         }
         let slots = |p: &P| load.get(p).copied().unwrap_or(0);
         let mut free: Vec<usize> = (0..blob.holders.len())
-            .filter(|&i| slots(&blob.holders[i].peer) < SLOTS && reach(&blob.holders[i].peer) != Reach::No)
+            .filter(|&i| {
+                slots(&blob.holders[i].peer) < SLOTS && reach(&blob.holders[i].peer) != Reach::No
+            })
             .collect();
         // The least loaded free holder (the asker gets its whole upload); among those,
         // one the asker was paired with lately, then its nearest on the ring (see

@@ -369,7 +369,12 @@ impl Fleet {
         libvirt: &str,
         extra: &[&str],
     ) -> Result<usize> {
-        let i = self.set_up_device(name, name, app, channel, libvirt, None, extra)?;
+        let i = self.set_up_device(NewDevice {
+            channel,
+            libvirt,
+            extra,
+            ..NewDevice::named(name, app)
+        })?;
         self.enroll_at_hub(i)
     }
 
@@ -377,7 +382,11 @@ impl Fleet {
     /// interface, finding its LAN neighbours by mDNS, as a device in a home does.
     pub fn add_device_in(&mut self, ns: &str, name: &str, app: &str) -> Result<usize> {
         let libvirt = self.libvirt.clone();
-        let i = self.set_up_device(name, name, app, "stable", &libvirt, Some(ns), &[])?;
+        let i = self.set_up_device(NewDevice {
+            libvirt: &libvirt,
+            ns: Some(ns),
+            ..NewDevice::named(name, app)
+        })?;
         self.enroll_at_hub(i)
     }
 
@@ -395,19 +404,23 @@ impl Fleet {
     /// a stranger, or a second board given a name already taken.
     pub fn add_unenrolled_device(&mut self, dir: &str, name: &str, app: &str) -> Result<usize> {
         let libvirt = self.libvirt.clone();
-        self.set_up_device(dir, name, app, "stable", &libvirt, None, &[])
+        self.set_up_device(NewDevice {
+            dir,
+            libvirt: &libvirt,
+            ..NewDevice::named(name, app)
+        })
     }
 
-    fn set_up_device(
-        &mut self,
-        dir: &str,
-        name: &str,
-        app: &str,
-        channel: &str,
-        libvirt: &str,
-        ns: Option<&str>,
-        extra: &[&str],
-    ) -> Result<usize> {
+    fn set_up_device(&mut self, new: NewDevice) -> Result<usize> {
+        let NewDevice {
+            dir,
+            name,
+            app,
+            channel,
+            libvirt,
+            ns,
+            extra,
+        } = new;
         let dir = self.path(dir);
         let port = free_port()?;
         // On the test host: loopback, and no mDNS (every agent of every test would find
@@ -723,4 +736,31 @@ pub fn running_domains(uri: &str, prefix: &str) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// What `device enroll` is given for a new test device.
+struct NewDevice<'a> {
+    /// Its directory under the fleet's (usually its name).
+    dir: &'a str,
+    name: &'a str,
+    app: &'a str,
+    channel: &'a str,
+    libvirt: &'a str,
+    /// The network namespace (a home's LAN) it runs in; `None`: the test host.
+    ns: Option<&'a str>,
+    extra: &'a [&'a str],
+}
+
+impl<'a> NewDevice<'a> {
+    fn named(name: &'a str, app: &'a str) -> Self {
+        NewDevice {
+            dir: name,
+            name,
+            app,
+            channel: "stable",
+            libvirt: "test:///default",
+            ns: None,
+            extra: &[],
+        }
+    }
 }

@@ -56,8 +56,6 @@ impl Homes {
 
 impl Drop for Homes {
     fn drop(&mut self) {
-        let _ = Command::new(script())
-            .args(["down", &self.prefix])
-            .status();
+        let _ = Command::new(script()).args(["down", &self.prefix]).status();
     }
 }

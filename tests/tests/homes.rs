@@ -39,7 +39,11 @@ fn fleet_in_homes(homes: &Homes, names: &[&str]) -> Result<(Fleet, Vec<usize>)> 
         wait_for(
             &format!("{} to reserve a slot on the hub's relay", d.name),
             Duration::from_secs(30),
-            || d.log_text().contains("reachable through the hub's relay").then_some(()),
+            || {
+                d.log_text()
+                    .contains("reachable through the hub's relay")
+                    .then_some(())
+            },
         )?;
     }
     Ok((fleet, ids))
@@ -84,15 +88,23 @@ fn homes_behind_nat_trade_on_their_lan_first_punch_between_cone_homes_and_fall_b
     };
     for home in HOMES {
         let lan: u64 = of(home).iter().map(|n| count(n, "bytes_lan")).sum();
-        assert!(lan > 0, "home {home}'s devices traded nothing on their LAN:\n{table}");
+        assert!(
+            lan > 0,
+            "home {home}'s devices traded nothing on their LAN:\n{table}"
+        );
     }
     for n in &nets {
         assert_eq!(n["reachability"], "Relayed", "{table}");
-        assert_eq!(count(n, "bytes_relayed"), 0, "chunks crossed the relay:\n{table}");
+        assert_eq!(
+            count(n, "bytes_relayed"),
+            0,
+            "chunks crossed the relay:\n{table}"
+        );
     }
     let cone: Vec<&Value> = of("a").into_iter().chain(of("c")).collect();
     assert!(
-        cone.iter().any(|n| count(n, "hole_punches") > 0 && count(n, "bytes_direct") > 0),
+        cone.iter()
+            .any(|n| count(n, "hole_punches") > 0 && count(n, "bytes_direct") > 0),
         "no cone-NAT device punched through and fetched directly:\n{table}"
     );
     for n in of("b") {

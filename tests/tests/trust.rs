@@ -385,7 +385,15 @@ fn one_key_one_name_and_replacing_a_key_needs_replace() -> Result<()> {
     let d1 = fleet.add_device("d1", "hello", &[])?;
     let other = fleet.dir.path().join("other");
     run(Command::new(bin("device")?)
-        .args(["enroll", "--no-mdns", "--name", "d9", "--app", "hello", "--dir"])
+        .args([
+            "enroll",
+            "--no-mdns",
+            "--name",
+            "d9",
+            "--app",
+            "hello",
+            "--dir",
+        ])
         .arg(&other)
         .arg("--root")
         .arg(fleet.hub_dir.join("root.bin")))?;

@@ -18,13 +18,23 @@ pub const PUNCH_WAIT: Duration = Duration::from_secs(10);
 /// A peer that could not be punched to is reached through the hub this long.
 pub const FAILED_FOR: Duration = Duration::from_secs(10 * 60);
 
+/// The kind of address a request came with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// A direct address (a LAN neighbour, a public peer).
+    Direct,
+    /// A relay circuit: dialled to start a hole punch.
+    Relay,
+}
+
 /// What to do with a request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict<T> {
     /// Send it now (over a direct connection, or dial the peer directly).
     Send(T),
-    /// Kept until a direct connection is up or punching fails.
-    Held,
+    /// Kept until a direct connection is up or punching fails; `dial`: the caller dials
+    /// the address it was given (no connection, or only a relayed one, is up for it).
+    Held { dial: bool },
     /// No direct path to this peer: answer the asker so.
     NoDirectPath(T),
 }
@@ -71,23 +81,29 @@ impl<T> Default for Upgrades<T> {
 }
 
 impl<T> Upgrades<T> {
-    /// A request for `peer`; `through_relay`: it is not connected and the only address
-    /// known for it is a relay circuit (the caller dials that to start the punch).
-    pub fn request(&mut self, peer: PeerId, item: T, through_relay: bool, now: Instant) -> Verdict<T> {
+    /// A request for `peer`, with the address the caller was given for it, if any.
+    pub fn request(&mut self, peer: PeerId, item: T, via: Option<Via>, now: Instant) -> Verdict<T> {
         let p = self.peers.entry(peer).or_default();
         if p.clear() {
             return Verdict::Send(item);
         }
-        let failed = p.failed_at.is_some_and(|t| now.duration_since(t) < FAILED_FOR);
-        if p.direct == 0 && failed && (p.relayed > 0 || through_relay) {
+        let failed = p
+            .failed_at
+            .is_some_and(|t| now.duration_since(t) < FAILED_FOR);
+        let only_relay = via != Some(Via::Direct) && p.direct == 0;
+        if only_relay && failed && (p.relayed > 0 || via == Some(Via::Relay)) {
             return Verdict::NoDirectPath(item);
         }
-        if p.direct > 0 || p.relayed > 0 || through_relay {
-            // Direct but a relayed one still closing, or only relayed: wait.
+        if p.direct > 0 || p.relayed > 0 || via.is_some() {
+            // Direct but a relayed one still closing, only relayed, or about to be
+            // dialled at the address given (a request would take a relayed connection).
+            // A second circuit would only start another punch beside the first.
+            let dial =
+                p.direct == 0 && (via == Some(Via::Direct) || p.relayed == 0 && via.is_some());
             p.held.push((item, now));
-            return Verdict::Held;
+            return Verdict::Held { dial };
         }
-        // Not connected, dialled directly (by the request itself).
+        // Not connected, and no address given: the request dials what is known.
         self.forget_if_idle(peer);
         Verdict::Send(item)
     }
@@ -117,7 +133,10 @@ impl<T> Upgrades<T> {
         }
         if p.direct == 0 && p.relayed == 0 && p.failed_at.is_none() {
             // The relayed connection went without a direct one: punching did not work.
-            let dropped = std::mem::take(&mut p.held).into_iter().map(|(t, _)| t).collect();
+            let dropped = std::mem::take(&mut p.held)
+                .into_iter()
+                .map(|(t, _)| t)
+                .collect();
             self.forget_if_idle(peer);
             return (vec![], dropped);
         }
@@ -131,14 +150,20 @@ impl<T> Upgrades<T> {
             return vec![];
         }
         p.failed_at = Some(now);
-        std::mem::take(&mut p.held).into_iter().map(|(t, _)| t).collect()
+        std::mem::take(&mut p.held)
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect()
     }
 
     /// Requests held longer than [`PUNCH_WAIT`] (their peers count as failed).
     pub fn expired(&mut self, now: Instant) -> Vec<T> {
         let mut out = vec![];
         for p in self.peers.values_mut() {
-            if p.held.iter().any(|(_, t)| now.duration_since(*t) >= PUNCH_WAIT) {
+            if p.held
+                .iter()
+                .any(|(_, t)| now.duration_since(*t) >= PUNCH_WAIT)
+            {
                 if p.direct == 0 {
                     p.failed_at = Some(now);
                 }
@@ -162,7 +187,10 @@ impl<T> Upgrades<T> {
 
     fn release(&mut self, peer: PeerId) -> Vec<T> {
         match self.peers.get_mut(&peer) {
-            Some(p) if p.clear() => std::mem::take(&mut p.held).into_iter().map(|(t, _)| t).collect(),
+            Some(p) if p.clear() => std::mem::take(&mut p.held)
+                .into_iter()
+                .map(|(t, _)| t)
+                .collect(),
             _ => vec![],
         }
     }
@@ -188,14 +216,17 @@ mod tests {
     fn a_request_through_the_relay_waits_for_the_punch_and_goes_once_the_relay_is_gone() {
         let mut u = Upgrades::default();
         let (p, now) = (peer(), Instant::now());
-        assert_eq!(u.request(p, 1, true, now), Verdict::Held);
+        assert_eq!(
+            u.request(p, 1, Some(Via::Relay), now),
+            Verdict::Held { dial: true }
+        );
         assert_eq!(u.connected(p, true), Vec::<i32>::new());
-        assert_eq!(u.request(p, 2, false, now), Verdict::Held);
+        assert_eq!(u.request(p, 2, None, now), Verdict::Held { dial: false });
         // The punch worked: direct up, but the relayed connection still shares requests.
         assert_eq!(u.connected(p, false), Vec::<i32>::new());
-        assert_eq!(u.request(p, 3, false, now), Verdict::Held);
+        assert_eq!(u.request(p, 3, None, now), Verdict::Held { dial: false });
         assert_eq!(u.disconnected(p, true), (vec![1, 2, 3], vec![]));
-        assert_eq!(u.request(p, 4, false, now), Verdict::Send(4));
+        assert_eq!(u.request(p, 4, None, now), Verdict::Send(4));
         assert_eq!(u.held(), 0);
     }
 
@@ -203,28 +234,34 @@ mod tests {
     fn a_failed_punch_refuses_what_waits_and_what_comes_for_a_while_then_tries_again() {
         let mut u = Upgrades::default();
         let (p, now) = (peer(), Instant::now());
-        u.request(p, 1, true, now);
+        u.request(p, 1, Some(Via::Relay), now);
         u.connected(p, true);
         assert_eq!(u.punch_failed(p, now), vec![1]);
-        assert_eq!(u.request(p, 2, false, now), Verdict::NoDirectPath(2));
+        assert_eq!(u.request(p, 2, None, now), Verdict::NoDirectPath(2));
         u.disconnected(p, true);
-        assert_eq!(u.request(p, 3, true, now), Verdict::NoDirectPath(3));
+        assert_eq!(
+            u.request(p, 3, Some(Via::Relay), now),
+            Verdict::NoDirectPath(3)
+        );
         let later = now + FAILED_FOR;
-        assert_eq!(u.request(p, 4, true, later), Verdict::Held);
+        assert_eq!(
+            u.request(p, 4, Some(Via::Relay), later),
+            Verdict::Held { dial: true }
+        );
     }
 
     #[test]
     fn a_punch_that_never_answers_expires_and_counts_as_failed() {
         let mut u = Upgrades::default();
         let (p, now) = (peer(), Instant::now());
-        u.request(p, 1, true, now);
+        u.request(p, 1, Some(Via::Relay), now);
         u.connected(p, true);
-        u.request(p, 2, false, now + Duration::from_secs(5));
+        u.request(p, 2, None, now + Duration::from_secs(5));
         assert_eq!(u.expired(now + Duration::from_secs(9)), Vec::<i32>::new());
         assert_eq!(u.expired(now + PUNCH_WAIT), vec![1]);
         assert_eq!(u.expired(now + Duration::from_secs(15)), vec![2]);
         assert_eq!(
-            u.request(p, 3, false, now + Duration::from_secs(16)),
+            u.request(p, 3, None, now + Duration::from_secs(16)),
             Verdict::NoDirectPath(3)
         );
     }
@@ -233,7 +270,7 @@ mod tests {
     fn a_relayed_connection_that_closes_without_a_direct_one_drops_what_waits() {
         let mut u = Upgrades::default();
         let (p, now) = (peer(), Instant::now());
-        u.request(p, 1, true, now);
+        u.request(p, 1, Some(Via::Relay), now);
         u.connected(p, true);
         assert_eq!(u.disconnected(p, true), (vec![], vec![1]));
     }
@@ -242,9 +279,39 @@ mod tests {
     fn direct_peers_and_unconnected_direct_dials_are_never_held() {
         let mut u = Upgrades::default();
         let (p, q, now) = (peer(), peer(), Instant::now());
-        assert_eq!(u.request(p, 1, false, now), Verdict::Send(1));
+        assert_eq!(u.request(p, 1, None, now), Verdict::Send(1));
         u.connected(q, false);
-        assert_eq!(u.request(q, 2, false, now), Verdict::Send(2));
+        assert_eq!(u.request(q, 2, Some(Via::Direct), now), Verdict::Send(2));
         assert_eq!(u.held(), 0);
+    }
+
+    #[test]
+    fn a_lan_address_given_for_a_peer_reached_only_through_the_relay_is_dialled_first() {
+        let mut u = Upgrades::default();
+        let (p, now) = (peer(), Instant::now());
+        u.connected(p, true);
+        // Even after a failed punch: the LAN address does not need one.
+        u.punch_failed(p, now);
+        assert_eq!(
+            u.request(p, 1, Some(Via::Direct), now),
+            Verdict::Held { dial: true }
+        );
+        assert_eq!(u.connected(p, false), Vec::<i32>::new());
+        assert_eq!(u.disconnected(p, true), (vec![1], vec![]));
+    }
+
+    #[test]
+    fn a_peer_already_reached_through_the_relay_is_not_dialled_through_it_again() {
+        let mut u = Upgrades::default();
+        let (p, now) = (peer(), Instant::now());
+        assert_eq!(
+            u.request(p, 1, Some(Via::Relay), now),
+            Verdict::Held { dial: true }
+        );
+        u.connected(p, true);
+        assert_eq!(
+            u.request(p, 2, Some(Via::Relay), now),
+            Verdict::Held { dial: false }
+        );
     }
 }

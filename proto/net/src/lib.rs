@@ -23,9 +23,9 @@ pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{identity::Keypair, Multiaddr, PeerId};
 
 use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
 use libp2p::core::ConnectedPoint;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::core::transport::ListenerId;
 use libp2p::swarm::{behaviour::toggle::Toggle, ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     dcutr, gossipsub, identify, kad, mdns, noise, relay, request_response, tcp, yamux, Swarm,
@@ -247,10 +247,15 @@ pub fn is_private(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| match p {
         Protocol::Ip4(ip) => {
             let [a, b, ..] = ip.octets();
-            ip.is_private() || ip.is_loopback() || ip.is_link_local() || (a == 100 && (64..128).contains(&b))
+            ip.is_private()
+                || ip.is_loopback()
+                || ip.is_link_local()
+                || (a == 100 && (64..128).contains(&b))
         }
         Protocol::Ip6(ip) => {
-            ip.is_loopback() || (ip.segments()[0] & 0xfe00) == 0xfc00 || (ip.segments()[0] & 0xffc0) == 0xfe80
+            ip.is_loopback()
+                || (ip.segments()[0] & 0xfe00) == 0xfc00
+                || (ip.segments()[0] & 0xffc0) == 0xfe80
         }
         _ => false,
     })
@@ -285,7 +290,9 @@ pub enum FetchError {
     Refused(PeerId),
     #[error("peer {0} says to ask {n} other peers", n = .1.len())]
     Elsewhere(PeerId, Vec<(PeerId, Multiaddr)>),
-    #[error("no direct path to peer {0}: it is behind NAT and hole punching through the relay failed")]
+    #[error(
+        "no direct path to peer {0}: it is behind NAT and hole punching through the relay failed"
+    )]
     NoDirectPath(PeerId),
     #[error("request to {peer} failed: {source}")]
     Failed {
@@ -791,7 +798,10 @@ impl Node {
             self.bootstrap_dialled = true;
             for addr in &self.bootstrap {
                 if let Some(peer) = peer_of(addr) {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                 }
             }
         }
@@ -841,24 +851,34 @@ impl Node {
                 request,
                 reply,
             } => {
-                let through_relay = addr.as_ref().is_some_and(is_relayed)
-                    && !self.swarm.is_connected(&peer);
-                if let Some(addr) = addr.clone() {
-                    self.swarm.add_peer_address(peer, addr);
-                }
+                let via = addr.as_ref().map(|a| {
+                    if is_relayed(a) {
+                        direct::Via::Relay
+                    } else {
+                        direct::Via::Direct
+                    }
+                });
                 let now = Instant::now();
                 let held = HeldFetch {
                     peer,
                     request,
                     reply,
                 };
-                match self.upgrades.request(peer, held, through_relay, now) {
-                    direct::Verdict::Send(f) => self.send_fetch(f),
-                    direct::Verdict::Held => {
-                        if let Some(addr) = addr.filter(|_| through_relay) {
+                match self.upgrades.request(peer, held, via, now) {
+                    direct::Verdict::Send(f) => {
+                        if let Some(addr) = addr {
+                            self.swarm.add_peer_address(peer, addr);
+                        }
+                        self.send_fetch(f)
+                    }
+                    direct::Verdict::Held { dial } => {
+                        if let Some(addr) = addr.filter(|_| dial) {
+                            // Only this address: a request's own dial would also try the
+                            // peer's circuit addresses (identify), and take whichever
+                            // connection came up.
                             let opts = DialOpts::peer_id(peer)
                                 .addresses(vec![addr])
-                                .condition(PeerCondition::DisconnectedAndNotDialing)
+                                .condition(PeerCondition::Always)
                                 .build();
                             let _ = self.swarm.dial(opts);
                         }
@@ -877,13 +897,7 @@ impl Node {
                 }
             }
             Command::Dial(addr) => {
-                if let Some(peer) = peer_of(&addr) {
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer, addr.clone());
-                }
-                if let Err(e) = self.swarm.dial(addr.clone()) {
+                if let Err(e) = self.remember_and_dial(&addr) {
                     tracing::debug!(%addr, "dial: {e}");
                 }
             }
@@ -897,7 +911,11 @@ impl Node {
     }
 
     fn send_fetch(&mut self, f: HeldFetch) {
-        let id = self.swarm.behaviour_mut().blob.send_request(&f.peer, f.request);
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .blob
+            .send_request(&f.peer, f.request);
         self.pending_fetch.insert(id, (f.peer, f.reply));
     }
 
@@ -910,18 +928,29 @@ impl Node {
         // Port reuse picks a listener of the same kind (loopback or not) as the address
         // dialled: wait for one (loopback comes up first when listening on every interface).
         let loopback = |a: &Multiaddr| ip_of(a).is_some_and(|ip| ip.is_loopback());
-        let fits = self.bootstrap.iter().any(|b| loopback(b) == loopback(address));
+        let fits = self
+            .bootstrap
+            .iter()
+            .any(|b| loopback(b) == loopback(address));
         if !self.bootstrap_dialled && fits {
             self.bootstrap_dialled = true;
             for addr in self.bootstrap.clone() {
-                if let Some(peer) = peer_of(&addr) {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-                }
-                if let Err(e) = self.swarm.dial(addr.clone()) {
+                if let Err(e) = self.remember_and_dial(&addr) {
                     tracing::warn!(%addr, "dialing bootstrap peer: {e}");
                 }
             }
         }
+    }
+
+    /// Dials `addr`, first keeping it in the DHT's routing table if it names its peer.
+    fn remember_and_dial(&mut self, addr: &Multiaddr) -> Result<(), libp2p::swarm::DialError> {
+        if let Some(peer) = peer_of(addr) {
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&peer, addr.clone());
+        }
+        self.swarm.dial(addr.clone())
     }
 
     /// The hub told this node the address it sees it at. One it listens on: it is
@@ -964,8 +993,13 @@ impl Node {
     fn connection_up(&mut self, peer: PeerId, id: ConnectionId, endpoint: &ConnectedPoint) {
         let path = Path::of(endpoint, self.is_bootstrap(&peer));
         self.conns.insert(id, (peer, path));
+        tracing::debug!(%peer, ?id, ?path, "connection up");
         let relayed = path == Path::Relayed;
-        if !relayed {
+        if relayed && self.has_direct(&peer) {
+            // A circuit the peer opened while our punch was landing: requests would be
+            // spread over it too, and the relay's circuit is not for chunks.
+            self.swarm.close_connection(id);
+        } else if !relayed {
             self.remote_of
                 .insert(peer, endpoint.get_remote_address().clone());
             // A direct connection replaces any relayed one: requests would otherwise be
@@ -985,10 +1019,17 @@ impl Node {
         }
     }
 
+    fn has_direct(&self, peer: &PeerId) -> bool {
+        self.conns
+            .values()
+            .any(|(p, path)| p == peer && *path != Path::Relayed)
+    }
+
     fn connection_down(&mut self, peer: PeerId, id: ConnectionId) {
         let Some((_, path)) = self.conns.remove(&id) else {
             return;
         };
+        tracing::debug!(%peer, ?id, ?path, "connection down");
         let (ready, stranded) = self.upgrades.disconnected(peer, path == Path::Relayed);
         for f in ready {
             self.send_fetch(f);
@@ -1153,7 +1194,9 @@ impl Node {
                 }
                 Err(e) => {
                     tracing::info!(peer = %remote_peer_id, "hole punching failed: {e}");
-                    self.state.hole_punch_failures.fetch_add(1, Ordering::Relaxed);
+                    self.state
+                        .hole_punch_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     for f in self.upgrades.punch_failed(remote_peer_id, Instant::now()) {
                         f.no_direct_path();
                     }
@@ -1166,9 +1209,10 @@ impl Node {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 // A neighbour's loopback address is this node's own loopback.
-                for (peer, addr) in list.into_iter().filter(|(_, a)| {
-                    !ip_of(a).is_some_and(|ip| ip.is_loopback())
-                }) {
+                for (peer, addr) in list
+                    .into_iter()
+                    .filter(|(_, a)| !ip_of(a).is_some_and(|ip| ip.is_loopback()))
+                {
                     self.swarm
                         .behaviour_mut()
                         .kad
