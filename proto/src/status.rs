@@ -116,14 +116,29 @@ impl NetworkCounts {
         format!(
             "reachable {}; bytes by path: lan {}, direct {}, relayed {}, hub {}; hole punches {} ({} failed)",
             self.reachability.label(),
-            self.bytes_lan,
-            self.bytes_direct,
-            self.bytes_relayed,
-            self.bytes_hub,
+            human_bytes(self.bytes_lan),
+            human_bytes(self.bytes_direct),
+            human_bytes(self.bytes_relayed),
+            human_bytes(self.bytes_hub),
             self.hole_punches,
             self.hole_punch_failures
         )
     }
+}
+
+/// `n` bytes for people: "0 B", "980 B", "14.2 kB", "2.1 MB", "3.4 GB" (decimal units).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["kB", "MB", "GB", "TB"];
+    if n < 1000 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1000.0;
+    let mut unit = 0;
+    while v >= 999.95 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 /// What the on-demand pool of one app is doing, as of the report.
@@ -184,4 +199,21 @@ pub fn verify_status(
         return Err(invalid(Invalid::ConsoleTailTooLong));
     }
     Ok((key, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts_read_as_people_write_them() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(999), "999 B");
+        assert_eq!(human_bytes(1000), "1.0 kB");
+        assert_eq!(human_bytes(14_200), "14.2 kB");
+        assert_eq!(human_bytes(999_960), "1.0 MB");
+        assert_eq!(human_bytes(2_140_000), "2.1 MB");
+        assert_eq!(human_bytes(3_400_000_000), "3.4 GB");
+        assert_eq!(human_bytes(u64::MAX), "18446744.1 TB");
+    }
 }

@@ -182,18 +182,18 @@ pub enum Path {
     Direct,
     /// Through a relay (the hub's circuit relay).
     Relayed,
-    /// The hub (a bootstrap peer) itself.
+    /// The hub itself (named by the caller: the node cannot tell the hub from a peer).
     Hub,
 }
 
 impl Path {
     pub const ALL: [Path; 4] = [Path::Lan, Path::Direct, Path::Relayed, Path::Hub];
 
-    fn of(endpoint: &ConnectedPoint, to_bootstrap: bool) -> Path {
+    /// The path of a connection to a peer. Never [`Path::Hub`]: which peer is the hub is
+    /// the caller's knowledge (a device's configured `peers` are bootstrap peers too).
+    fn of(endpoint: &ConnectedPoint) -> Path {
         if endpoint.is_relayed() {
             Path::Relayed
-        } else if to_bootstrap {
-            Path::Hub
         } else if is_private(endpoint.get_remote_address()) {
             Path::Lan
         } else {
@@ -991,7 +991,7 @@ impl Node {
     }
 
     fn connection_up(&mut self, peer: PeerId, id: ConnectionId, endpoint: &ConnectedPoint) {
-        let path = Path::of(endpoint, self.is_bootstrap(&peer));
+        let path = Path::of(endpoint);
         self.conns.insert(id, (peer, path));
         tracing::debug!(%peer, ?id, ?path, "connection up");
         let relayed = path == Path::Relayed;
