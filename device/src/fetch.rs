@@ -297,11 +297,19 @@ impl Fetcher {
             return Err(Miss::Refused);
         }
         match self.net.fetch_via(peer, addr, *digest, Want::Blob).await {
-            Ok((bytes, path)) => self
-                .accept(peer, digest, bytes, banned, check)
-                .await
-                .map(|b| (b, path))
-                .ok_or(Miss::Refused),
+            Ok((bytes, path)) => {
+                // Without peer exchange (or with the hub slow) the hub is one of the
+                // candidates; the node only knows the address class.
+                let path = if self.hub.contains(&peer) {
+                    Path::Hub
+                } else {
+                    path
+                };
+                self.accept(peer, digest, bytes, banned, check)
+                    .await
+                    .map(|b| (b, path))
+                    .ok_or(Miss::Refused)
+            }
             Err(e) => {
                 tracing::debug!(blob = %digest.short(), "{e}");
                 Err(match e {
