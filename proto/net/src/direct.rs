@@ -63,6 +63,13 @@ impl<T> Peer<T> {
     fn clear(&self) -> bool {
         self.direct > 0 && self.relayed == 0
     }
+
+    fn take_held(&mut self) -> Vec<T> {
+        std::mem::take(&mut self.held)
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect()
+    }
 }
 
 /// Per peer: its direct and relayed connections, the requests waiting for a direct one,
@@ -133,10 +140,7 @@ impl<T> Upgrades<T> {
         }
         if p.direct == 0 && p.relayed == 0 && p.failed_at.is_none() {
             // The relayed connection went without a direct one: punching did not work.
-            let dropped = std::mem::take(&mut p.held)
-                .into_iter()
-                .map(|(t, _)| t)
-                .collect();
+            let dropped = p.take_held();
             self.forget_if_idle(peer);
             return (vec![], dropped);
         }
@@ -150,10 +154,7 @@ impl<T> Upgrades<T> {
             return vec![];
         }
         p.failed_at = Some(now);
-        std::mem::take(&mut p.held)
-            .into_iter()
-            .map(|(t, _)| t)
-            .collect()
+        p.take_held()
     }
 
     /// Requests held longer than [`PUNCH_WAIT`] (their peers count as failed).
@@ -187,10 +188,7 @@ impl<T> Upgrades<T> {
 
     fn release(&mut self, peer: PeerId) -> Vec<T> {
         match self.peers.get_mut(&peer) {
-            Some(p) if p.clear() => std::mem::take(&mut p.held)
-                .into_iter()
-                .map(|(t, _)| t)
-                .collect(),
+            Some(p) if p.clear() => p.take_held(),
             _ => vec![],
         }
     }

@@ -546,7 +546,6 @@ pub fn spawn(
         max_inbound_per_peer: cfg.max_inbound_per_peer,
         bootstrap: cfg.bootstrap.clone(),
         listen_of: HashMap::new(),
-        remote_of: HashMap::new(),
         met: std::collections::VecDeque::new(),
         last_walk: None,
         bootstrap_dialled: false,
@@ -727,14 +726,12 @@ struct Node {
     bootstrap: Vec<Multiaddr>,
     /// Where each connected peer listens (identify), for redirects to it.
     listen_of: HashMap<PeerId, Vec<Multiaddr>>,
-    /// The far end of each peer's direct connection (its public address behind NAT).
-    remote_of: HashMap<PeerId, Multiaddr>,
     /// Bootstrap peers are dialled once a listener is up: a dial made before goes out
     /// from an ephemeral port, and the address the hub then sees (and a NAT maps) is not
     /// the one this node listens on, so hole punching has nothing to aim at.
     bootstrap_dialled: bool,
     /// Every connection's peer and path.
-    conns: HashMap<ConnectionId, (PeerId, Path)>,
+    conns: HashMap<ConnectionId, Conn>,
     /// Requests waiting for a direct connection.
     upgrades: direct::Upgrades<HeldFetch>,
     /// Peers holding a reservation on this node's relay.
@@ -795,15 +792,8 @@ impl Node {
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         if !self.bootstrap_dialled {
             // No listener of the right kind came up: dial from any port.
-            self.bootstrap_dialled = true;
-            for addr in &self.bootstrap {
-                if let Some(peer) = peer_of(addr) {
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer, addr.clone());
-                }
-            }
+            self.dial_bootstrap();
+            return;
         }
         for addr in &self.bootstrap {
             if let Some(peer) = peer_of(addr) {
@@ -933,11 +923,15 @@ impl Node {
             .iter()
             .any(|b| loopback(b) == loopback(address));
         if !self.bootstrap_dialled && fits {
-            self.bootstrap_dialled = true;
-            for addr in self.bootstrap.clone() {
-                if let Err(e) = self.remember_and_dial(&addr) {
-                    tracing::warn!(%addr, "dialing bootstrap peer: {e}");
-                }
+            self.dial_bootstrap();
+        }
+    }
+
+    fn dial_bootstrap(&mut self) {
+        self.bootstrap_dialled = true;
+        for addr in self.bootstrap.clone() {
+            if let Err(e) = self.remember_and_dial(&addr) {
+                tracing::warn!(%addr, "dialing bootstrap peer: {e}");
             }
         }
     }
@@ -992,7 +986,8 @@ impl Node {
 
     fn connection_up(&mut self, peer: PeerId, id: ConnectionId, endpoint: &ConnectedPoint) {
         let path = Path::of(endpoint);
-        self.conns.insert(id, (peer, path));
+        let remote = endpoint.get_remote_address().clone();
+        self.conns.insert(id, Conn { peer, path, remote });
         tracing::debug!(%peer, ?id, ?path, "connection up");
         let relayed = path == Path::Relayed;
         if relayed && self.has_direct(&peer) {
@@ -1000,14 +995,12 @@ impl Node {
             // spread over it too, and the relay's circuit is not for chunks.
             self.swarm.close_connection(id);
         } else if !relayed {
-            self.remote_of
-                .insert(peer, endpoint.get_remote_address().clone());
             // A direct connection replaces any relayed one: requests would otherwise be
             // spread over both, and the relay's circuit is not for chunks.
             let relayed_ids: Vec<ConnectionId> = self
                 .conns
                 .iter()
-                .filter(|(_, (p, path))| *p == peer && *path == Path::Relayed)
+                .filter(|(_, c)| c.peer == peer && c.path == Path::Relayed)
                 .map(|(id, _)| *id)
                 .collect();
             for id in relayed_ids {
@@ -1020,13 +1013,19 @@ impl Node {
     }
 
     fn has_direct(&self, peer: &PeerId) -> bool {
+        self.direct_remote(peer).is_some()
+    }
+
+    /// Where a direct (not relayed) connection to `peer` comes from, if one is up.
+    fn direct_remote(&self, peer: &PeerId) -> Option<Multiaddr> {
         self.conns
             .values()
-            .any(|(p, path)| p == peer && *path != Path::Relayed)
+            .find(|c| c.peer == *peer && c.path != Path::Relayed)
+            .map(|c| c.remote.clone())
     }
 
     fn connection_down(&mut self, peer: PeerId, id: ConnectionId) {
-        let Some((_, path)) = self.conns.remove(&id) else {
+        let Some(Conn { path, .. }) = self.conns.remove(&id) else {
             return;
         };
         tracing::debug!(%peer, ?id, ?path, "connection down");
@@ -1123,7 +1122,6 @@ impl Node {
             } => {
                 self.connection_down(peer_id, connection_id);
                 self.listen_of.remove(&peer_id);
-                self.remote_of.remove(&peer_id);
                 if self.is_bootstrap(&peer_id) && !self.bootstrap_connected() {
                     for (peer, addr) in std::mem::take(&mut self.met) {
                         self.swarm.behaviour_mut().kad.add_address(&peer, addr);
@@ -1286,7 +1284,7 @@ impl Node {
                 let reply = ReplyId(request_id);
                 self.pending_reply.insert(reply, (peer, channel));
                 let seen = Seen {
-                    remote: self.remote_of.get(&peer).cloned(),
+                    remote: self.direct_remote(&peer),
                     listen: self.listen_of.get(&peer).cloned().unwrap_or_default(),
                     relayed: self.reserved_here.contains(&peer),
                 };
@@ -1312,7 +1310,7 @@ impl Node {
                     let path = self
                         .conns
                         .get(&connection_id)
-                        .map_or(Path::Direct, |(_, p)| *p);
+                        .map_or(Path::Direct, |c| c.path);
                     let res = match response {
                         BlobResponse::Found(bytes) => Ok((bytes, path)),
                         // The answer to `Want::Stored`: no bytes (see `tell_stored`).
@@ -1357,6 +1355,14 @@ impl Node {
 }
 
 /// A fetch waiting for a direct connection to `peer`.
+/// One open connection, as the node classes it.
+#[derive(Debug)]
+struct Conn {
+    peer: PeerId,
+    path: Path,
+    remote: Multiaddr,
+}
+
 #[derive(Debug)]
 struct HeldFetch {
     peer: PeerId,
