@@ -38,8 +38,12 @@ enum Command {
         /// revocation list with it.
         #[arg(long, requires = "root")]
         timestamp_key: Option<PathBuf>,
+        /// Where the embedded MQTT broker listens (0.0.0.0:1883 for devices on other
+        /// machines).
         #[arg(long, default_value = "127.0.0.1:1883")]
         mqtt_listen: String,
+        /// Where the hub's libp2p node (blobs, gossip, relay) listens
+        /// (/ip4/0.0.0.0/tcp/4001 for devices on other machines).
         #[arg(long, default_value = "/ip4/127.0.0.1/tcp/4001")]
         p2p_listen: String,
     },
