@@ -16,6 +16,7 @@
 #
 #   scripts/netns.sh up PREFIX [DEVICES_PER_HOME] [UPLINK_RATE]   (defaults 2, 20mbit)
 #   scripts/netns.sh down PREFIX
+#   scripts/netns.sh cut PREFIX HOME                               (HOME's router refuses the hub)
 #   ip netns exec PREFIXa1 CMD…                                    (run a device in home a)
 #
 # PREFIX: a few letters and digits (namespace names are PREFIX + up to 3 characters).
@@ -23,7 +24,7 @@
 # safe to run when part (or none) of it exists.
 set -euo pipefail
 
-usage() { echo "usage: $0 up PREFIX [DEVICES_PER_HOME] [UPLINK_RATE] | down PREFIX" >&2; exit 2; }
+usage() { echo "usage: $0 up PREFIX [DEVICES_PER_HOME] [UPLINK_RATE] | down PREFIX | cut PREFIX HOME" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 cmd=$1 p=$2
 per_home=${3:-2}
@@ -102,8 +103,25 @@ EOF
   done
 }
 
+# The hub is gone for one home (its uplink to the hub fails; other homes still reach it):
+# connections to the hub are reset and new ones refused, as a dead hub's host would.
+cut() {
+  local h=${1:?cut needs a home: a, b or c}
+  nsx "${p}r$h" nft -f - <<EOF
+table inet cut {
+  chain forward {
+    type filter hook forward priority filter - 10; policy accept;
+    ip daddr 198.51.100.1 meta l4proto tcp reject with tcp reset
+    ip daddr 198.51.100.1 reject
+    ip saddr 198.51.100.1 drop
+  }
+}
+EOF
+}
+
 case $cmd in
   up) up ;;
   down) down ;;
+  cut) cut "${3:-}" ;;
   *) usage ;;
 esac

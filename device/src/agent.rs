@@ -156,6 +156,7 @@ pub async fn run_with_metrics(
     // The libp2p identity derives from the device key, so a device keeps its peer id.
     let mut net_cfg = net::NetConfig::new(net::keypair_from_seed(key.seed()), &cfg.fleet);
     net_cfg.listen = vec![cfg.listen.parse().context("parsing listen address")?];
+    net_cfg.idle_timeout = Duration::from_secs(cfg.idle_timeout_secs);
     let mut hub_peers = Vec::new();
     for (p, is_hub) in cfg
         .hub

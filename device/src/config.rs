@@ -64,6 +64,11 @@ pub struct Config {
     /// the others at it). Off: everything comes from the hub, as in hub-and-spoke systems.
     #[serde(default = "default_true")]
     pub peer_exchange: bool,
+    /// Seconds an unused peer connection stays open. Direct connections to devices in
+    /// other homes are kept open regardless (up to 8): with the hub down they cannot be
+    /// made again.
+    #[serde(default = "default_idle_secs")]
+    pub idle_timeout_secs: u64,
     /// Prometheus metrics on this loopback address (`127.0.0.1:9101`); absent: off.
     #[serde(default)]
     pub metrics: Option<String>,
@@ -97,6 +102,9 @@ fn default_domain_type() -> String {
 }
 fn default_true() -> bool {
     true
+}
+fn default_idle_secs() -> u64 {
+    net::IDLE_TIMEOUT.as_secs()
 }
 fn default_parallel() -> usize {
     4

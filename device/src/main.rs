@@ -144,6 +144,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         upload_rate: 0,
         parallel_fetches: 4,
         peer_exchange: true,
+        idle_timeout_secs: net::IDLE_TIMEOUT.as_secs(),
         metrics: None,
         store_budget_mib: 0,
         crash_at: None,

@@ -48,6 +48,47 @@ impl Homes {
         Ok(homes)
     }
 
+    /// Home `home`'s router refuses the hub from now on (`scripts/netns.sh cut`).
+    pub fn cut_off_hub(&self, home: &str) -> Result<()> {
+        let out = Command::new(script())
+            .args(["cut", &self.prefix, home])
+            .output()
+            .context("running scripts/netns.sh cut")?;
+        if !out.status.success() {
+            bail!(
+                "scripts/netns.sh cut {} {home} failed: {}",
+                self.prefix,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Home `home`'s router forgets an idle TCP connection's NAT mapping after `secs`
+    /// (Linux keeps it five days; some home routers keep it minutes).
+    pub fn nat_forgets_idle_tcp_after(&self, home: &str, secs: u32) -> Result<()> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(&format!("r{home}")),
+                "sysctl",
+                "-qw",
+            ])
+            .arg(format!(
+                "net.netfilter.nf_conntrack_tcp_timeout_established={secs}"
+            ))
+            .output()
+            .context("running sysctl in a router's namespace")?;
+        if !out.status.success() {
+            bail!(
+                "setting router {home}'s TCP mapping timeout: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// The namespace of `name`: `hub`, a router `ra`…, or a device `a1`, `b2`….
     pub fn ns(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)

@@ -1,12 +1,13 @@
 //! Devices in homes behind real NAT routers (network namespaces, nftables masquerade, tbf
 //! uplinks; `scripts/netns.sh`): LAN neighbours trade first, cone homes punch through to
 //! each other (relay v2 + DCUtR) and move chunks directly, the symmetric home falls back
-//! to the hub, and with the hub gone a LAN still spreads a release.
+//! to the hub, with the hub gone a LAN still spreads a release, and a home cut off from
+//! the hub gets a release over the direct connection it punched before.
 
 use anyhow::Result;
 use serde_json::Value;
 use std::time::Duration;
-use unifleet_tests::fleet::{run, wait_for, Fleet};
+use unifleet_tests::fleet::{run, toml_value::V, wait_for, Fleet};
 use unifleet_tests::homes::{Homes, HUB_IP};
 
 const HOMES: [&str; 3] = ["a", "b", "c"];
@@ -30,23 +31,27 @@ fn fleet_in_homes(homes: &Homes, names: &[&str]) -> Result<(Fleet, Vec<usize>)> 
     fleet.start_hub(&[])?;
     let mut ids = vec![];
     for name in names {
-        let i = fleet.add_device_in(&homes.ns(name), name, "hello")?;
-        fleet.start_device(i)?;
-        ids.push(i);
+        ids.push(fleet.add_device_in(&homes.ns(name), name, "hello")?);
     }
     for &i in &ids {
-        let d = &fleet.devices[i];
-        wait_for(
-            &format!("{} to reserve a slot on the hub's relay", d.name),
-            Duration::from_secs(30),
-            || {
-                d.log_text()
-                    .contains("reachable through the hub's relay")
-                    .then_some(())
-            },
-        )?;
+        start_behind_nat(&mut fleet, i)?;
     }
     Ok((fleet, ids))
+}
+
+/// Starts device `i` and waits for it to hold a slot on the hub's relay.
+fn start_behind_nat(fleet: &mut Fleet, i: usize) -> Result<()> {
+    fleet.start_device(i)?;
+    let d = &fleet.devices[i];
+    wait_for(
+        &format!("{} to reserve a slot on the hub's relay", d.name),
+        Duration::from_secs(30),
+        || {
+            d.log_text()
+                .contains("reachable through the hub's relay")
+                .then_some(())
+        },
+    )
 }
 
 #[test]
@@ -159,5 +164,61 @@ fn with_the_hub_down_lan_neighbours_still_spread_a_release() -> Result<()> {
     let n = network(&fleet, a2);
     assert!(count(&n, "bytes_lan") > 0, "{n}");
     assert_eq!(count(&n, "bytes_hub"), 0, "{n}");
+    Ok(())
+}
+
+#[test]
+fn a_home_cut_off_from_the_hub_keeps_its_direct_connection_and_gets_a_release_over_it() -> Result<()>
+{
+    let homes = Homes::up(1, "20mbit")?;
+    // Routers that forget an idle TCP mapping in 40 s, as some home routers do, and
+    // agents that close an unused connection after 5 s: a direct connection survives the
+    // wait below only if it is kept open and alive.
+    const NAT_FORGETS: u32 = 40;
+    for home in ["a", "c"] {
+        homes.nat_forgets_idle_tcp_after(home, NAT_FORGETS)?;
+    }
+    let mut fleet = Fleet::new_in_netns("test:///default", &homes.ns("hub"), HUB_IP)?;
+    fleet.start_hub(&[])?;
+    let a1 = fleet.add_device_in(&homes.ns("a1"), "a1", "hello")?;
+    let c1 = fleet.add_device_in(&homes.ns("c1"), "c1", "hello")?;
+    for i in [a1, c1] {
+        fleet.devices[i].set_config("idle_timeout_secs", V::Int(5))?;
+    }
+
+    // a1 has release 1 before c1 starts: the hub names a1 for every chunk, and c1 punches
+    // through to it.
+    start_behind_nat(&mut fleet, a1)?;
+    let v1 = fleet.testimage("hello", "1.0.0", &["--pad-mib", "2"])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[a1], "hello", 1, "Active", Duration::from_secs(120))?;
+    start_behind_nat(&mut fleet, c1)?;
+    fleet.wait_all(&[c1], "hello", 1, "Active", Duration::from_secs(120))?;
+    let n = network(&fleet, c1);
+    assert!(
+        count(&n, "hole_punches") > 0 && count(&n, "bytes_direct") > 0,
+        "c1 did not fetch release 1 from a1 over a punched connection: {n}"
+    );
+
+    // Home a loses the hub; long past both timeouts, release 2 comes out. Only c1 can
+    // tell a1 of it and send it the chunks, over the connection punched for release 1:
+    // a1's NAT lets in no new connection, and the relay that would punch a new one is the
+    // hub.
+    homes.cut_off_hub("a")?;
+    std::thread::sleep(Duration::from_secs(u64::from(NAT_FORGETS) + 10));
+    let before = network(&fleet, a1);
+    let v2 = fleet.testimage("hello", "1.0.1", &["--pad-mib", "2"])?;
+    fleet.publish(&v2, "hello", "1.0.1", &["--no-staging"])?;
+    fleet.wait_all(&[a1, c1], "hello", 2, "Active", Duration::from_secs(150))?;
+    let after = network(&fleet, a1);
+    assert_eq!(
+        count(&after, "bytes_hub"),
+        count(&before, "bytes_hub"),
+        "a1 reached the hub through a cut: {after}"
+    );
+    assert!(
+        count(&after, "bytes_direct") > count(&before, "bytes_direct"),
+        "a1 got release 2 but not over its direct connection: {before} → {after}"
+    );
     Ok(())
 }

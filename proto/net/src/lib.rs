@@ -12,6 +12,7 @@
 
 mod codec;
 pub mod direct;
+pub mod keep;
 pub mod metrics;
 pub mod mqtt_topics;
 pub mod ratelimit;
@@ -28,7 +29,7 @@ use libp2p::core::ConnectedPoint;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{behaviour::toggle::Toggle, ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    dcutr, gossipsub, identify, kad, mdns, noise, relay, request_response, tcp, yamux, Swarm,
+    dcutr, gossipsub, identify, kad, mdns, noise, ping, relay, request_response, tcp, yamux, Swarm,
 };
 pub use proto::blob::Want;
 use proto::blob::{BlobRequest, BlobResponse};
@@ -48,7 +49,13 @@ const MAX_GOSSIP_BYTES: usize = 16 * 1024;
 /// large fleet memory and heartbeat work for nothing. Redirected fetches dial beyond it,
 /// and idle connections close after [`IDLE_TIMEOUT`].
 const TARGET_PEERS: usize = 8;
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection nothing uses stays open by default (see [`keep`] for those
+/// kept open regardless).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Every connection is pinged this often: a NAT forgets an idle TCP mapping after as
+/// little as a few minutes on some home routers (RFC 5382 asks for two hours; not all
+/// comply), and a dead connection (a peer gone without a word) is noticed and closed.
+const PING_EVERY: Duration = Duration::from_secs(15);
 /// A gossip message seen this recently is a duplicate: well beyond the time a message
 /// takes to cross a busy fleet and gossipsub's 5-heartbeat message cache (forgotten
 /// sooner, a message came back through IHAVE/IWANT and flooded again). Re-publishing the
@@ -76,6 +83,9 @@ pub struct NetConfig {
     /// Concurrent inbound blob requests served per peer; more get `Busy`.
     pub max_inbound_per_peer: usize,
     pub request_timeout: Duration,
+    /// How long an unused connection stays open (direct connections to other networks
+    /// are kept open regardless, see [`keep`]).
+    pub idle_timeout: Duration,
     /// Serve as a circuit relay (v2) for nodes behind NAT: the hub does. Circuits are
     /// sized for DCUtR's signalling, not for chunks (see [`direct`]).
     pub relay_server: bool,
@@ -94,6 +104,7 @@ impl NetConfig {
             mdns: false,
             max_inbound_per_peer: 8,
             request_timeout: Duration::from_secs(20),
+            idle_timeout: IDLE_TIMEOUT,
             relay_server: false,
             state: Arc::new(NetState::default()),
         }
@@ -473,6 +484,8 @@ struct Behaviour {
     relay: Toggle<relay::Behaviour>,
     relay_client: relay::client::Behaviour,
     dcutr: dcutr::Behaviour,
+    ping: ping::Behaviour,
+    keep: keep::Behaviour,
 }
 
 /// Why the node could not start.
@@ -608,6 +621,8 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
     let mdns_on = cfg.mdns;
     let timeout = cfg.request_timeout;
     let relay_server = cfg.relay_server;
+    let bootstrap_peers: Vec<PeerId> = cfg.bootstrap.iter().filter_map(peer_of).collect();
+    let idle_timeout = cfg.idle_timeout;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
         .with_tokio()
         .with_tcp(
@@ -687,10 +702,14 @@ fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, StartError> {
                 relay: relay.into(),
                 relay_client,
                 dcutr: dcutr::Behaviour::new(peer_id),
+                ping: ping::Behaviour::new(ping::Config::new().with_interval(PING_EVERY)),
+                keep: keep::Behaviour {
+                    kept: keep::Kept::new(bootstrap_peers, keep::KEPT),
+                },
             })
         })
         .map_err(|e| StartError::Behaviour(e.into()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
         .build();
     Ok(swarm)
 }
@@ -1253,6 +1272,17 @@ impl Node {
                 .await
             }
             SwarmEvent::Behaviour(BehaviourEvent::Blob(ev)) => self.blob_event(ev).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(ping::Failure::Timeout),
+            })) => {
+                // Gone without a word (a NAT mapping lost, a peer's power cut): closed, so
+                // requests go elsewhere and a kept connection's place is free. (A peer
+                // without ping, an older agent, is no reason to close.)
+                tracing::debug!(%peer, ?connection, "no answer to a ping, closing the connection");
+                self.swarm.close_connection(connection);
+            }
             _ => {}
         }
     }
