@@ -15,12 +15,10 @@
 
 use crate::{is_private, is_relayed};
 use libp2p::core::{transport::PortUse, upgrade::DeniedUpgrade, Endpoint, Multiaddr};
-use libp2p::swarm::handler::{
-    ConnectionEvent, DialUpgradeError, FullyNegotiatedInbound, FullyNegotiatedOutbound,
-};
+use libp2p::swarm::handler::ConnectionEvent;
 use libp2p::swarm::{
     ConnectionDenied, ConnectionHandlerEvent, ConnectionId, FromSwarm, NetworkBehaviour,
-    StreamUpgradeError, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+    SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
 };
 use libp2p::PeerId;
 use std::collections::HashSet;
@@ -166,22 +164,8 @@ impl libp2p::swarm::ConnectionHandler for Handler {
         Poll::Pending
     }
 
-    fn on_connection_event(&mut self, event: ConnectionEvent<DeniedUpgrade, DeniedUpgrade>) {
-        match event {
-            ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound {
-                protocol, ..
-            })
-            | ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound {
-                protocol, ..
-            }) => match protocol {},
-            ConnectionEvent::DialUpgradeError(DialUpgradeError { error, .. }) => {
-                if let StreamUpgradeError::Apply(e) = error {
-                    match e {}
-                }
-            }
-            _ => {}
-        }
-    }
+    /// Nothing to handle: this handler negotiates no streams (both upgrades are denied).
+    fn on_connection_event(&mut self, _: ConnectionEvent<DeniedUpgrade, DeniedUpgrade>) {}
 }
 
 #[cfg(test)]
