@@ -38,7 +38,12 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 
 /// What arrives on the announce topic and the broker's trust topics.
-const ANNOUNCE_TOPIC_KINDS: [Kind; 3] = [Kind::Announcement, Kind::Root, Kind::Revocations];
+const ANNOUNCE_TOPIC_KINDS: [Kind; 4] = [
+    Kind::Announcement,
+    Kind::Root,
+    Kind::Revocations,
+    Kind::Holds,
+];
 
 /// The newest verified announcement of one (app, channel).
 struct Latest {
@@ -143,6 +148,7 @@ pub async fn run_with_metrics(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let key = load_key(&cfg.key)?;
+    let seed = proto::rollout::seed(&key.public());
     // Every task of the agent is spawned through this tree; shutdown cancels and waits.
     let tasks = net::tasks::Tasks::new();
     let store = Arc::new(Store::open(&cfg.state_dir)?);
@@ -231,6 +237,7 @@ pub async fn run_with_metrics(
     };
     tasks.spawn(router.run(events, mqtt_rx, asked_rx));
     let updater = Updater {
+        seed,
         fetcher: Fetcher::new(
             net.clone(),
             store.clone(),
@@ -411,6 +418,7 @@ impl Router {
         match Envelope::signed_kind(&bytes, &ANNOUNCE_TOPIC_KINDS) {
             Ok(Kind::Root) => self.root_heard(&bytes, from),
             Ok(Kind::Revocations) => self.revocations_heard(&bytes, from),
+            Ok(Kind::Holds) => self.holds_heard(&bytes, from),
             Ok(_) => self.announcement(bytes, from),
             Err(e) => self.refused(from, "signed record", &e),
         }
@@ -604,6 +612,32 @@ impl Router {
         }
     }
 
+    /// A list of held releases: taken if newer; the updater looks again at a release
+    /// waiting on it (held, or resumed).
+    fn holds_heard(&mut self, bytes: &[u8], from: Option<PeerId>) -> Verdict {
+        match self.trust.offer_holds(bytes) {
+            Ok(true) => {
+                if let Some(h) = self.trust.holds() {
+                    let held: Vec<String> = h
+                        .0
+                        .held
+                        .iter()
+                        .map(|h| format!("{} release {} {}", h.app, h.release, h.kind.label()))
+                        .collect();
+                    tracing::info!(version = h.0.version, "hold list: {}", if held.is_empty() { "nothing held".to_string() } else { held.join(", ") });
+                }
+                self.updates.nudge();
+                Verdict::New
+            }
+            Ok(false) => Verdict::Known,
+            Err(e @ crate::trust::TrustError::Keep { .. }) => {
+                tracing::error!("{e}");
+                Verdict::Stale
+            }
+            Err(e) => self.refused(from, "hold list", &e),
+        }
+    }
+
     /// Asks `peer` for the root after ours (answered, it is adopted and the next asked).
     fn ask_root(&self, peer: PeerId) {
         let next = self.trust.root().root().version + 1;
@@ -640,6 +674,7 @@ impl Router {
             // The broker's retained root and revocation list are out of reach too.
             self.ask_root(peer);
             self.ask(peer, proto::Digest([0; 32]), Want::Revocations);
+            self.ask(peer, proto::Digest([0; 32]), Want::Holds);
         }
         for app in &self.cfg.apps {
             let track = Track::new(app, &self.cfg.channel, self.platform);
@@ -695,6 +730,11 @@ impl Router {
                     .bytes
                     .clone()
                     .map_or(BlobResponse::NotFound, BlobResponse::Found),
+            ),
+            Want::Holds => Some(
+                self.trust
+                    .holds()
+                    .map_or(BlobResponse::NotFound, |h| BlobResponse::Found(h.1.clone())),
             ),
             Want::Root => Some(
                 (1..=self.trust.root().root().version)
@@ -774,6 +814,8 @@ impl Verdict {
 #[derive(Default)]
 struct Inbox {
     newest: std::sync::Mutex<HashMap<String, Heard>>,
+    /// The hold list changed: releases waiting on it are looked at again.
+    nudged: std::sync::atomic::AtomicBool,
     wake: tokio::sync::Notify,
 }
 
@@ -788,15 +830,25 @@ impl Inbox {
         self.wake.notify_one();
     }
 
-    /// Waits until something was put, then takes everything.
-    async fn take(&self) -> Vec<Heard> {
+    fn nudge(&self) {
+        self.nudged
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// Waits until something was put or a nudge came, then takes everything (and
+    /// whether it was nudged).
+    async fn take(&self) -> (Vec<Heard>, bool) {
         loop {
             let taken: Vec<Heard> = {
                 let mut newest = self.newest.lock().unwrap_or_else(|p| p.into_inner());
                 newest.drain().map(|(_, h)| h).collect()
             };
-            if !taken.is_empty() {
-                return taken;
+            let nudged = self
+                .nudged
+                .swap(false, std::sync::atomic::Ordering::Relaxed);
+            if !taken.is_empty() || nudged {
+                return (taken, nudged);
             }
             self.wake.notified().await;
         }
@@ -813,6 +865,42 @@ struct OverBudget {
     release: u64,
     needed_mib: u64,
     budget_mib: u64,
+}
+
+/// How often a held release is looked at again without news (a new hold list looks at
+/// it at once).
+const HELD_RECHECK: Duration = Duration::from_secs(60);
+
+/// A release this device may not start yet.
+#[derive(Debug, thiserror::Error)]
+enum NotYet {
+    #[error("its rollout wave for this device opens at {}", human_unix(*at))]
+    Wave { at: u64, until: std::time::Instant },
+    #[error("the release is {} ({reason})", kind.label())]
+    Held {
+        kind: proto::rollout::HoldKind,
+        reason: String,
+        until: std::time::Instant,
+    },
+}
+
+impl NotYet {
+    fn until(&self) -> std::time::Instant {
+        match self {
+            NotYet::Wave { until, .. } | NotYet::Held { until, .. } => *until,
+        }
+    }
+}
+
+fn human_unix(at: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(at)).to_string()
+}
+
+/// `tag:beta, device:d9` for logs.
+fn targets(r: &proto::rollout::Rollout) -> String {
+    let mut t: Vec<String> = r.tags.iter().map(|t| format!("tag:{t}")).collect();
+    t.extend(r.devices.iter().map(|d| format!("device:{d}")));
+    t.join(", ")
 }
 
 /// The agent is shutting down: a download step was left unfinished on purpose.
@@ -838,6 +926,8 @@ impl Heard {
 
 struct Updater {
     cfg: Config,
+    /// This device's place in every rollout (from its key).
+    seed: u16,
     platform: Platform,
     trust: Arc<Trust>,
     store: Arc<Store>,
@@ -888,7 +978,10 @@ impl Updater {
             let wake = machine.wake_at();
             tokio::select! {
                 _ = self.tasks.cancelled() => break,
-                taken = inbox.take() => {
+                (taken, nudged) = inbox.take() => {
+                    if nudged {
+                        todo.extend(machine.handle(UpdaterEvent::Nudged { now: std::time::Instant::now() }));
+                    }
                     for h in taken {
                         let (app, release) = (h.ann.app.clone(), h.ann.release);
                         if heard.get(&app).is_none_or(|o| h.supersedes(o)) {
@@ -916,6 +1009,24 @@ impl Updater {
         let Err(e) = self.update(heard).await else {
             return Outcome::Done;
         };
+        let not_yet = e.chain().find_map(|c| c.downcast_ref::<NotYet>()).map(|n| {
+            tracing::info!(app = %ann.app, release = ann.release, "not installing yet: {n}");
+            let state = match n {
+                NotYet::Wave { at, .. } => DeviceState::Waiting {
+                    release: ann.release,
+                    until: *at,
+                },
+                NotYet::Held { kind, .. } => DeviceState::Held {
+                    release: ann.release,
+                    kind: *kind,
+                },
+            };
+            (state, n.until())
+        });
+        if let Some((state, until)) = not_yet {
+            self.report_running(&ann.app, state).await;
+            return Outcome::Deferred(until);
+        }
         let over_budget = e.chain().any(|c| c.is::<OverBudget>());
         if e.chain().any(|c| c.is::<ShuttingDown>()) {
             tracing::info!(app = %ann.app, release = ann.release, "shutting down: the download is left where it is (verified chunks are kept; it goes on at the next start)");
@@ -934,25 +1045,13 @@ impl Updater {
             self.collect_garbage();
         }
         tracing::error!(app = %ann.app, release = ann.release, "update failed: {e:#}");
-        let running = self
-            .store
-            .load_state()
-            .ok()
-            .and_then(|s| s.apps.get(&ann.app).and_then(|a| a.current.clone()));
         let state = DeviceState::Failed {
             reason: format!(
                 "update to release {} ({}) failed: {e:#}",
                 ann.release, ann.version
             ),
         };
-        match &running {
-            Some(cur) => self.reporter.report_installed(&ann.app, cur, state).await,
-            None => {
-                self.reporter
-                    .report(&ann.app, None, state, String::new())
-                    .await
-            }
-        }
+        self.report_running(&ann.app, state).await;
         if damaged {
             Outcome::Repairable
         } else if over_budget {
@@ -960,6 +1059,67 @@ impl Updater {
             Outcome::Done
         } else {
             Outcome::Failed
+        }
+    }
+
+    /// Reports `state` beside the release the device runs now (if any).
+    async fn report_running(&self, app: &str, state: DeviceState) {
+        let running = self
+            .store
+            .load_state()
+            .ok()
+            .and_then(|s| s.apps.get(app).and_then(|a| a.current.clone()));
+        match &running {
+            Some(cur) => self.reporter.report_installed(app, cur, state).await,
+            None => self.reporter.report(app, None, state, String::new()).await,
+        }
+    }
+
+    /// Whether this device may start release `m` now: `Ok(true)` yes, `Ok(false)` never
+    /// (another group's release, or no wave reaches this device's seed), `Err(NotYet)`
+    /// later (its wave, or a hold on the release). Decided from the signed manifest and
+    /// hold list alone, so it holds with the hub down.
+    fn admit(&self, m: &proto::manifest::Manifest) -> Result<bool, NotYet> {
+        use proto::rollout::Admission;
+        let now = self.trust.clock.now();
+        let me = proto::rollout::Me {
+            name: &self.cfg.name,
+            tags: &self.cfg.tags,
+            seed: self.seed,
+        };
+        let in_secs = |at: u64| std::time::Instant::now() + Duration::from_secs(at.saturating_sub(now));
+        match m.rollout.admission(&me, m.created_at, now) {
+            Admission::NotTargeted => {
+                tracing::info!(app = %m.app, release = m.release, "not installing: the release targets {} and this device is {} with tags [{}]", targets(&m.rollout), self.cfg.name, self.cfg.tags.join(", "));
+                return Ok(false);
+            }
+            Admission::NoWave => {
+                tracing::info!(app = %m.app, release = m.release, seed = self.seed, "not installing: no wave of {} reaches this device", m.rollout.waves_text());
+                return Ok(false);
+            }
+            Admission::At(at) => {
+                return Err(NotYet::Wave {
+                    at,
+                    until: in_secs(at),
+                })
+            }
+            Admission::Now => {}
+        }
+        self.check_hold(m)?;
+        Ok(true)
+    }
+
+    /// Refuses to start a held release (looked at again in a minute, or at the next
+    /// hold list).
+    fn check_hold(&self, m: &proto::manifest::Manifest) -> Result<(), NotYet> {
+        let holds = self.trust.holds();
+        match holds.as_ref().and_then(|h| h.0.of(&m.app, &m.channel, m.release)) {
+            Some(h) => Err(NotYet::Held {
+                kind: h.kind,
+                reason: h.reason.clone(),
+                until: std::time::Instant::now() + HELD_RECHECK,
+            }),
+            None => Ok(()),
         }
     }
 
@@ -1328,6 +1488,9 @@ impl Updater {
         // each was about another copy of a 1 MiB image).
         self.fetcher.report_stored(verified.digest());
         let m = verified.manifest();
+        if !self.admit(m)? {
+            return Ok(());
+        }
         self.abandoned_at_shutdown(self.fetcher.chunks(m, &self.reporter, ann, &banned))
             .await
             .context("fetching chunks")?;
@@ -1341,6 +1504,8 @@ impl Updater {
         let store = self.store.clone();
         let mc = m.clone();
         let slot = tokio::task::spawn_blocking(move || store.assemble(&mc)).await??;
+        // Halted while it downloaded: not started (the chunks stay for a resume).
+        self.check_hold(m)?;
         crash_point(&self.cfg, "assembled");
         let new = Installed {
             release: m.release,
@@ -1502,7 +1667,7 @@ mod tests {
         let mut stale_again = heard("a", 3);
         stale_again.ann.issued_at = 150;
         inbox.put(stale_again);
-        let taken = inbox.take().await;
+        let (taken, _) = inbox.take().await;
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].ann.issued_at, 200, "the freshest bytes win");
     }
@@ -1523,6 +1688,7 @@ mod tests {
         let mut taken: Vec<(String, u64)> = inbox
             .take()
             .await
+            .0
             .into_iter()
             .map(|h| (h.ann.app, h.ann.release))
             .collect();

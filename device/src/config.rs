@@ -16,6 +16,10 @@ pub struct Config {
     /// Apps this device runs. Announcements for other apps are still verified and
     /// relayed to peers, but not installed.
     pub apps: Vec<String>,
+    /// Groups this device belongs to (`kitchen`, `beta`): a release may target tags
+    /// (`hub publish --target-tag`); they are in every signed report.
+    #[serde(default)]
+    pub tags: Vec<String>,
     #[serde(default = "default_platform")]
     pub platform: String,
     /// Trust root file (relative paths are relative to the config file).

@@ -48,6 +48,10 @@ struct EnrollArgs {
     /// App to run (repeat).
     #[arg(long = "app")]
     apps: Vec<String>,
+    /// A group this device belongs to (repeat: `--tag kitchen --tag beta`); a release
+    /// may target tags (`hub publish --target-tag`). Kept in device.toml as `tags`.
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
     /// The hub's libp2p address, `/ip4/…/tcp/…/p2p/<peer id>` (printed by `hub serve`).
     #[arg(long)]
     hub: Option<String>,
@@ -80,6 +84,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         root,
         channel,
         apps,
+        tags,
         hub,
         peers,
         broker,
@@ -94,6 +99,15 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         force || !cfg_path.exists(),
         "{} already exists; pass --force to replace it",
         cfg_path.display()
+    );
+    for t in &tags {
+        proto::names::check("tag", t).map_err(|e| anyhow::anyhow!("--tag {t:?}: {e}"))?;
+    }
+    anyhow::ensure!(
+        tags.len() <= proto::status::MAX_TAGS,
+        "{} tags given; a device may carry at most {}",
+        tags.len(),
+        proto::status::MAX_TAGS
     );
     std::fs::create_dir_all(dir.join("state"))
         .with_context(|| format!("creating {}", dir.display()))?;
@@ -128,6 +142,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         fleet: claimed.fleet,
         channel,
         apps,
+        tags,
         platform,
         root: "root.bin".into(),
         key: "device.key".into(),

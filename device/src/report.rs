@@ -25,6 +25,8 @@ pub struct Reporter {
     fleet: String,
     device: String,
     channel: String,
+    /// `device enroll --tag`s, in every report (releases may target them).
+    tags: Vec<String>,
     key: SecretKey,
     net: NetClient,
     mqtt: Option<crate::mqtt::Mqtt>,
@@ -125,6 +127,7 @@ impl Reporter {
             fleet: cfg.fleet.clone(),
             device: cfg.name.clone(),
             channel: cfg.channel.clone(),
+            tags: cfg.tags.clone(),
             key,
             net,
             mqtt,
@@ -250,6 +253,7 @@ impl Reporter {
         StatusReport {
             fleet: self.fleet.clone(),
             device: self.device.clone(),
+            tags: self.tags.clone(),
             // Numbered by the ledger when sent.
             seq: 0,
             at: crate::agent::now(),
@@ -348,6 +352,7 @@ mod tests {
             at: 0,
             app: app.into(),
             channel: "stable".into(),
+            tags: vec![],
             release: Some(release),
             version: None,
             manifest: None,

@@ -11,6 +11,7 @@ use net::PeerId;
 use proto::codec::Kind;
 use proto::envelope::Envelope;
 use proto::revocation::{verify_revocations, Revocations};
+use proto::rollout::{verify_holds, Holds};
 use proto::root::TrustedRoot;
 use proto::VerifyError;
 use std::collections::HashSet;
@@ -145,6 +146,8 @@ pub struct Trust {
     dir: PathBuf,
     root: RwLock<Arc<TrustedRoot>>,
     revoked: RwLock<Arc<Revoked>>,
+    /// The newest verified list of held releases and its bytes (relayed to peers).
+    holds: RwLock<Option<Arc<(Holds, Vec<u8>)>>>,
     pub clock: Clock,
 }
 
@@ -163,6 +166,16 @@ impl Trust {
                 }
             })
             .unwrap_or_default();
+        let path = dir.join("holds.bin");
+        let holds = std::fs::read(&path)
+            .ok()
+            .and_then(|b| match verify_holds(&b, &root, 0) {
+                Ok(list) => Some(Arc::new((list, b))),
+                Err(e) => {
+                    tracing::warn!("ignoring {}: {e}", path.display());
+                    None
+                }
+            });
         let link = dir
             .join("roots")
             .join(format!("{}.bin", root.root().version));
@@ -173,8 +186,30 @@ impl Trust {
             dir: dir.to_path_buf(),
             root: RwLock::new(Arc::new(root)),
             revoked: RwLock::new(Arc::new(revoked)),
+            holds: RwLock::new(holds),
             clock,
         }
+    }
+
+    /// The held releases as last heard (`None`: nothing heard yet).
+    pub fn holds(&self) -> Option<Arc<(Holds, Vec<u8>)>> {
+        self.holds.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A hold list heard from the broker or a peer: taken if it verifies and is newer
+    /// than the one held (kept on disk: a halt holds across restarts with the hub down).
+    /// Returns whether it was taken.
+    pub fn offer_holds(&self, bytes: &[u8]) -> Result<bool, TrustError> {
+        let known = self.holds().map_or(0, |h| h.0.version);
+        let list = match verify_holds(bytes, &self.root(), known) {
+            Ok(list) => list,
+            Err(VerifyError::Stale { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        self.keep("hold list", &self.dir.join("holds.bin"), bytes)?;
+        *self.holds.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(Arc::new((list, bytes.to_vec())));
+        Ok(true)
     }
 
     pub fn root(&self) -> Arc<TrustedRoot> {
@@ -335,8 +370,8 @@ mod tests {
         assert_eq!(clock.now(), seen + DAY);
     }
 
-    /// Root `version` signed by root key 1, release key `release_seed`, timestamp key 3
-    /// (version 1 with release key 2 is [`root`]).
+    /// Root `version` signed by root key 1, release key `release_seed`, timestamp key 3,
+    /// rollout key 9 (version 1 with release key 2 is [`root`]).
     fn next_root(version: u64, release_seed: u8) -> Vec<u8> {
         let k = |n| proto::SecretKey::from_seed([n; 32]);
         let role = |n| proto::root::Role {
@@ -350,6 +385,7 @@ mod tests {
             root: role(1),
             release: role(release_seed),
             timestamp: role(3),
+            rollout: role(9),
         };
         let mut env = root.seal().unwrap();
         env.sign(&k(1)).unwrap();

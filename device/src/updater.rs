@@ -16,6 +16,9 @@
 //!   per release; if that fails too, the usual pause applies.
 //! - A release that is done — installed, rolled back after a failed probe, or refused —
 //!   is never handed out again.
+//! - A release this device may not start yet (its rollout wave opens later, or the
+//!   release is held) is deferred: handed out again at the time given, with no backoff,
+//!   or at once when nudged (the hold list changed).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -35,6 +38,9 @@ pub enum Outcome {
     /// Failed because stored chunks were damaged; they were removed, so fetching again
     /// repairs it.
     Repairable,
+    /// Not yet: its wave opens at this time, or it is held (looked at again then, or
+    /// when nudged).
+    Deferred(Instant),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +60,9 @@ pub enum Event {
     },
     /// Time passed (the shell wakes at [`Updater::wake_at`]).
     Tick { now: Instant },
+    /// What a deferred release waits on may have changed (a new hold list): deferred
+    /// releases are ready now.
+    Nudged { now: Instant },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +81,8 @@ struct Wanted {
     backoff: Duration,
     /// Whether the one immediate repair retry was used.
     repaired: bool,
+    /// Waiting for its wave or a hold to lift, not for a retry.
+    deferred: bool,
     /// When it became ready (turn order between apps).
     ready_since: Instant,
 }
@@ -83,6 +94,7 @@ impl Wanted {
             not_before: None,
             backoff: RETRY_FIRST,
             repaired: false,
+            deferred: false,
             ready_since: now,
         }
     }
@@ -124,6 +136,13 @@ impl Updater {
                 now
             }
             Event::Tick { now } => now,
+            Event::Nudged { now } => {
+                for w in self.wanted.values_mut().filter(|w| w.deferred) {
+                    w.not_before = None;
+                    w.ready_since = now;
+                }
+                now
+            }
         };
         self.next(now).into_iter().collect()
     }
@@ -171,7 +190,12 @@ impl Updater {
             }
             return;
         }
+        w.deferred = false;
         match outcome {
+            Outcome::Deferred(until) => {
+                w.deferred = true;
+                w.not_before = Some(until);
+            }
             Outcome::Done => {
                 self.wanted.remove(&app);
                 let d = self.done.entry(app).or_default();
@@ -239,6 +263,24 @@ mod tests {
             app: app.into(),
             release,
         }]
+    }
+
+    #[test]
+    fn a_deferred_release_comes_back_at_its_time_or_when_nudged_without_backoff() {
+        let (mut u, t) = (Updater::new(), t0());
+        assert_eq!(u.handle(announced("a", 2, t)), install("a", 2));
+        let wave = t + Duration::from_secs(3600);
+        assert_eq!(u.handle(finished("a", 2, Outcome::Deferred(wave), t)), vec![]);
+        assert_eq!(u.wake_at(), Some(wave));
+        assert_eq!(u.handle(Event::Tick { now: wave }), install("a", 2));
+        // Held: deferred again; the hold list changes and it is looked at at once.
+        let later = wave + Duration::from_secs(30);
+        assert_eq!(u.handle(finished("a", 2, Outcome::Deferred(later), wave)), vec![]);
+        assert_eq!(u.handle(Event::Nudged { now: wave }), install("a", 2));
+        // A nudge does not cut a failed attempt's retry pause short.
+        assert_eq!(u.handle(finished("a", 2, Outcome::Failed, wave)), vec![]);
+        assert_eq!(u.handle(Event::Nudged { now: wave }), vec![]);
+        assert_eq!(u.retry_of("a"), Some((2, wave + RETRY_FIRST)));
     }
 
     #[test]

@@ -80,6 +80,9 @@ fn describe_envelope(bytes: &[u8], env: &Envelope, kind: Kind) -> Result<Value> 
         Kind::Revocations => serde_json::to_value(
             codec::decode::<proto::revocation::Revocations>(kind, &env.payload)?,
         )?,
+        Kind::Holds => {
+            serde_json::to_value(codec::decode::<proto::rollout::Holds>(kind, &env.payload)?)?
+        }
         Kind::Envelope | Kind::BlobRequest | Kind::BlobResponse => {
             bail!("a {kind} is never signed; nothing to inspect")
         }

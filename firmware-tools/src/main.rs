@@ -116,6 +116,10 @@ struct RoleFlags {
     /// and the revocation list, nothing else (repeat to allow several hubs).
     #[arg(long = "timestamp-key")]
     timestamp_keys: Vec<PathBuf>,
+    /// Public key of the hub's online rollout key: it signs the list of paused and
+    /// halted releases (a failing rollout stopped by the hub), nothing else.
+    #[arg(long = "rollout-key")]
+    rollout_keys: Vec<PathBuf>,
 }
 
 impl RoleFlags {
@@ -126,6 +130,7 @@ impl RoleFlags {
             release_keys: self.release_keys,
             release_threshold: self.release_threshold,
             timestamp_keys: self.timestamp_keys,
+            rollout_keys: self.rollout_keys,
         }
     }
 }

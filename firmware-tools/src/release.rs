@@ -100,6 +100,7 @@ pub fn pack(image: &Path, args: PackArgs, out: &Path) -> Result<Manifest> {
         staging: args.staging,
         created_at,
         previous: args.previous,
+        rollout: Default::default(),
     };
     manifest.validate()?;
     write_atomic(&manifest_path(out), &manifest.seal()?.encode()?, 0o644)?;

@@ -15,6 +15,7 @@ pub struct RoleArgs {
     pub release_keys: Vec<PathBuf>,
     pub release_threshold: Option<u32>,
     pub timestamp_keys: Vec<PathBuf>,
+    pub rollout_keys: Vec<PathBuf>,
 }
 
 fn role(paths: &[PathBuf], threshold: Option<u32>) -> Result<Role> {
@@ -55,8 +56,9 @@ pub fn init(
     if roles.root_keys.is_empty()
         || roles.release_keys.is_empty()
         || roles.timestamp_keys.is_empty()
+        || roles.rollout_keys.is_empty()
     {
-        bail!("a root needs at least one --root-key, one --release-key and one --timestamp-key (the hub's online key)");
+        bail!("a root needs at least one --root-key, one --release-key, one --timestamp-key and one --rollout-key (the last two are the hub's online keys)");
     }
     let root = Root {
         fleet: fleet.into(),
@@ -65,6 +67,7 @@ pub fn init(
         root: role(&roles.root_keys, roles.root_threshold)?,
         release: role(&roles.release_keys, roles.release_threshold)?,
         timestamp: role(&roles.timestamp_keys, Some(1))?,
+        rollout: role(&roles.rollout_keys, Some(1))?,
     };
     root.validate()?;
     let mut env = root.seal()?;
@@ -97,6 +100,9 @@ pub fn rotate(
     }
     if !roles.timestamp_keys.is_empty() {
         root.timestamp = role(&roles.timestamp_keys, Some(1))?;
+    }
+    if !roles.rollout_keys.is_empty() {
+        root.rollout = role(&roles.rollout_keys, Some(1))?;
     }
     root.validate()?;
     let mut env = root.seal()?;

@@ -56,6 +56,7 @@ impl Run {
             self.ok(&["keygen", "--out", "root"]);
             self.ok(&["keygen", "--out", "release"]);
             self.ok(&["keygen", "--out", "timestamp"]);
+            self.ok(&["keygen", "--out", "rollout"]);
             self.ok(&[
                 "root",
                 "init",
@@ -65,6 +66,8 @@ impl Run {
                 "release.pub",
                 "--timestamp-key",
                 "timestamp.pub",
+                "--rollout-key",
+                "rollout.pub",
                 "--sign-with",
                 "root.key",
                 "--out",
@@ -435,7 +438,7 @@ fn pack_refuses_unknown_images_and_wrong_platforms() {
 #[test]
 fn root_k_of_n_signing_and_rotation() {
     let run = Run::new();
-    for k in ["r1", "r2", "r3", "r4", "rel", "ts"] {
+    for k in ["r1", "r2", "r3", "r4", "rel", "ts", "ro"] {
         run.ok(&["keygen", "--out", k]);
     }
     run.ok(&[
@@ -453,6 +456,8 @@ fn root_k_of_n_signing_and_rotation() {
         "rel.pub",
         "--timestamp-key",
         "ts.pub",
+        "--rollout-key",
+        "ro.pub",
         "--out",
         "root1.bin",
     ]);

@@ -23,6 +23,7 @@ fn root() -> &'static TrustedRoot {
             root: Role { keys: vec![root_key.public()], threshold: 1 },
             release: Role { keys: vec![release.public()], threshold: 1 },
             timestamp: Role { keys: vec![SecretKey::from_seed([20; 32]).public()], threshold: 1 },
+            rollout: Role { keys: vec![SecretKey::from_seed([30; 32]).public()], threshold: 1 },
         };
         let mut env = r.seal().unwrap();
         env.sign(&root_key).unwrap();

@@ -135,7 +135,9 @@ impl Blobs {
             // The hub announces through its broker and re-announces by gossip every few
             // seconds; asking it is for devices asking a peer.
             Want::Announcement => self.net.respond(reply, BlobResponse::NotFound).await,
-            Want::Root | Want::Revocations => self.send_record(digest, want, reply),
+            Want::Root | Want::Revocations | Want::Holds => {
+                self.send_record(digest, want, reply)
+            }
         }
     }
 
@@ -178,15 +180,18 @@ impl Blobs {
         self.net.respond(reply, BlobResponse::Elsewhere(refs)).await;
     }
 
-    /// A root link (by [`proto::blob::root_key`]) or the revocation list, from the store.
+    /// A root link (by [`proto::blob::root_key`]), the revocation list or the hold list,
+    /// from the store.
     fn send_record(&self, digest: Digest, want: Want, reply: ReplyId) {
         let store = self.store.clone();
         let net = self.net.clone();
         self.tasks.spawn(async move {
             let found = tokio::task::spawn_blocking(move || {
                 let store = store.lock().expect("store lock");
-                if want == Want::Revocations {
-                    return store.read("revocations.bin");
+                match want {
+                    Want::Revocations => return store.read("revocations.bin"),
+                    Want::Holds => return store.read(crate::rollout::HOLDS_PATH),
+                    _ => {}
                 }
                 // The chain's versions from the file names (one listing), then the one
                 // link whose key was asked for.

@@ -164,6 +164,7 @@ pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) ->
             no_staging_for: spec.no_staging_for,
             staging_timeout_secs: spec.staging_timeout_secs,
             hold: false,
+            rollout: proto::rollout::Rollout::default(),
         };
         let infos = publish(home, &files, &args, progress)?;
         crate::control::notify(home, progress);

@@ -180,6 +180,17 @@ impl Home {
         read_secret(&path)
     }
 
+    /// The hub's online rollout key: it signs the list of held releases, nothing else.
+    /// `None`: this hub cannot hold releases (its root names a rollout key kept elsewhere,
+    /// or the key was not given to `hub init`).
+    pub fn rollout_key(&self) -> Result<Option<SecretKey>> {
+        let path = self.dir.join("keys/rollout.key");
+        if !path.exists() {
+            return Ok(None);
+        }
+        read_secret(&path).map(Some)
+    }
+
     /// The hub's libp2p identity seed (a key of its own, so its peer id is stable).
     pub fn p2p_seed(&self) -> Result<[u8; 32]> {
         Ok(read_secret(&self.dir.join("keys/p2p.key"))?.seed())

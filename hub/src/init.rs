@@ -19,6 +19,9 @@ pub struct InitArgs<'a> {
     pub release_key: Option<&'a Path>,
     /// The timestamp key matching `root`'s timestamp role.
     pub timestamp_key: Option<&'a Path>,
+    /// The rollout key matching `root`'s rollout role (absent: the hub cannot pause or
+    /// halt releases).
+    pub rollout_key: Option<&'a Path>,
     pub mqtt_listen: &'a str,
     pub p2p_listen: &'a str,
 }
@@ -46,6 +49,16 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
                 );
             }
             std::fs::copy(timestamp, dir.join("keys/timestamp.key"))?;
+            if let Some(key) = args.rollout_key {
+                let rollout = crate::home::read_secret(key)?;
+                if trusted.root().rollout.key(&rollout.id()).is_none() {
+                    bail!(
+                        "{} is not the root's rollout key (the hub holds failing releases with it)",
+                        key.display()
+                    );
+                }
+                std::fs::copy(key, dir.join("keys/rollout.key"))?;
+            }
             // A release key is optional: with a release threshold above 1 (or the release
             // keys all offline) releases are held and co-signed (`hub publish --hold`).
             if let Some(key) = args.release_key {
@@ -57,11 +70,13 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
             }
             (bytes, trusted.fleet().to_string())
         }
-        (None, None) if args.release_key.is_none() => {
+        (None, None) if args.release_key.is_none() && args.rollout_key.is_none() => {
             let root_key = new_key()?;
             let release = new_key()?;
             let timestamp = new_key()?;
+            let rollout = new_key()?;
             write_secret(&dir.join("keys/root.key"), &root_key)?;
+            write_secret(&dir.join("keys/rollout.key"), &rollout)?;
             write_secret(&dir.join("keys/release.key"), &release)?;
             write_secret(&dir.join("keys/timestamp.key"), &timestamp)?;
             let root = Root {
@@ -80,6 +95,10 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
                     keys: vec![timestamp.public()],
                     threshold: 1,
                 },
+                rollout: Role {
+                    keys: vec![rollout.public()],
+                    threshold: 1,
+                },
             };
             let mut env = root.seal()?;
             env.sign(&root_key)?;
@@ -92,7 +111,7 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
             (env.encode()?, args.fleet.to_string())
         }
         _ => {
-            bail!("--root needs --timestamp-key (and --release-key, unless releases are co-signed)")
+            bail!("--root needs --timestamp-key (and --release-key, unless releases are co-signed; --rollout-key to pause and halt rollouts)")
         }
     };
     write_secret(&dir.join("keys/p2p.key"), &new_key()?)?;

@@ -38,6 +38,10 @@ enum Command {
         /// revocation list with it.
         #[arg(long, requires = "root")]
         timestamp_key: Option<PathBuf>,
+        /// The rollout key of --root: the hub pauses and halts releases with it (signed
+        /// hold lists). Without it `hub rollout pause|halt` and automatic halts are off.
+        #[arg(long, requires = "root")]
+        rollout_key: Option<PathBuf>,
         /// Where the embedded MQTT broker listens (0.0.0.0:1883 for devices on other
         /// machines).
         #[arg(long, default_value = "127.0.0.1:1883")]
@@ -112,7 +116,31 @@ enum Command {
         /// above 1. Needs --no-staging for now.
         #[arg(long)]
         hold: bool,
+        /// Roll out in waves: SHARE%@DELAY,… (e.g. 1%@0,10%@1h,50%@4h,100%@1d). Each
+        /// device has a stable seed from its key and installs once the first wave whose
+        /// share covers its seed has opened, counted from the signing time. Signed into
+        /// the release, so the waves advance with the hub down. Default: everyone at once.
+        #[arg(long, value_parser = parse_waves)]
+        waves: Option<Vec<proto::rollout::Wave>>,
+        /// Halt the release by itself once at least N devices tried it and
+        /// --halt-failures of them failed (rolled back after their health probe).
+        #[arg(long, value_name = "N")]
+        halt_after: Option<u32>,
+        /// The share of failed attempts that halts the release (with --halt-after).
+        #[arg(long, value_name = "PERCENT", default_value = "50%", value_parser = parse_percent, requires = "halt_after")]
+        halt_failures: u8,
+        /// Only devices carrying this tag (`device enroll --tag`) install the release;
+        /// repeatable, with --target-device: any match is targeted.
+        #[arg(long = "target-tag", value_name = "TAG")]
+        target_tags: Vec<String>,
+        /// Only this device (by enrolled name) installs the release; repeatable.
+        #[arg(long = "target-device", value_name = "NAME")]
+        target_devices: Vec<String>,
     },
+    /// Staged rollouts: where a release stands wave by wave; pause, resume or halt it
+    /// (a signed hold list every device honours, with the hub up or down).
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// Releases held for co-signing.
     #[command(subcommand)]
     Release(ReleaseCommand),
@@ -180,6 +208,65 @@ enum Command {
     /// Internal: the deploy repository's post-receive hook.
     #[command(hide = true)]
     DeployHook,
+}
+
+#[derive(clap::Args, Debug)]
+struct RolloutTarget {
+    app: String,
+    #[arg(long, default_value = "stable")]
+    channel: String,
+    /// The release (default: the newest on the channel).
+    #[arg(long)]
+    release: Option<u64>,
+}
+
+#[derive(Subcommand, Debug)]
+enum RolloutCommand {
+    /// The release's waves, when each opens, and its devices per wave by state.
+    Status {
+        #[command(flatten)]
+        target: RolloutTarget,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop devices that have not installed the release from starting it (devices that
+    /// did keep it, and their health-based rollback); `resume` undoes it.
+    Pause {
+        #[command(flatten)]
+        target: RolloutTarget,
+        /// Why, for the event log and the devices' status.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Let a paused or halted release go on.
+    Resume {
+        #[command(flatten)]
+        target: RolloutTarget,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Stop the release for good (as the automatic halt does); `resume` can still undo it.
+    Halt {
+        #[command(flatten)]
+        target: RolloutTarget,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+fn parse_waves(s: &str) -> Result<Vec<proto::rollout::Wave>, String> {
+    proto::rollout::parse_waves(s).map_err(|e| e.to_string())
+}
+
+fn parse_percent(s: &str) -> Result<u8, String> {
+    let n: u8 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage (write e.g. 20%)"))?;
+    if n == 0 || n > 100 {
+        return Err(format!("{s} is not between 1% and 100%"));
+    }
+    Ok(n)
 }
 
 #[derive(Subcommand, Debug)]
@@ -263,6 +350,7 @@ fn run(cli: Cli) -> Result<()> {
             root,
             release_key,
             timestamp_key,
+            rollout_key,
             mqtt_listen,
             p2p_listen,
         } => {
@@ -273,6 +361,7 @@ fn run(cli: Cli) -> Result<()> {
                     root: root.as_deref(),
                     release_key: release_key.as_deref(),
                     timestamp_key: timestamp_key.as_deref(),
+                    rollout_key: rollout_key.as_deref(),
                     mqtt_listen: &mqtt_listen,
                     p2p_listen: &p2p_listen,
                 },
@@ -336,6 +425,11 @@ fn run(cli: Cli) -> Result<()> {
             no_staging_for,
             staging_timeout_secs,
             hold,
+            waves,
+            halt_after,
+            halt_failures,
+            target_tags,
+            target_devices,
         } => {
             let home = Home::open(&dir)?;
             let images = match image {
@@ -359,6 +453,15 @@ fn run(cli: Cli) -> Result<()> {
                 no_staging_for,
                 staging_timeout_secs,
                 hold,
+                rollout: proto::rollout::Rollout {
+                    waves: waves.unwrap_or_default(),
+                    tags: target_tags,
+                    devices: target_devices,
+                    halt: halt_after.map(|n| proto::rollout::HaltPolicy {
+                        min_attempts: n,
+                        max_failure_percent: halt_failures,
+                    }),
+                },
             };
             let mut progress = |line: &str| eprintln!("{line}");
             let infos = hub::publish::publish(&home, &images, &args, &mut progress)?;
@@ -373,6 +476,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("  {}: manifest {}", i.track.platform, i.manifest);
             }
         }
+        Command::Rollout(cmd) => rollout(&dir, cmd)?,
         Command::Promote { app, from, to } => {
             let home = Home::open(&dir)?;
             let infos = hub::publish::promote(&home, &app, &from, &to)?;
@@ -537,4 +641,105 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn rollout(dir: &std::path::Path, cmd: RolloutCommand) -> Result<()> {
+    use hub::rollout::HoldChange;
+    use proto::rollout::HoldKind;
+    let home = Home::open(dir)?;
+    let (target, change, reason) = match cmd {
+        RolloutCommand::Status { target, json } => {
+            let s = hub::rollout::status(&home, &target.app, &target.channel, target.release)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_rollout(&s);
+            }
+            return Ok(());
+        }
+        RolloutCommand::Pause { target, reason } => {
+            (target, HoldChange::Hold(HoldKind::Paused), reason)
+        }
+        RolloutCommand::Halt { target, reason } => {
+            (target, HoldChange::Hold(HoldKind::Halted), reason)
+        }
+        RolloutCommand::Resume { target, reason } => (target, HoldChange::Resume, reason),
+    };
+    let (release, list) = hub::rollout::operator_change(
+        &home,
+        &target.app,
+        &target.channel,
+        target.release,
+        change,
+        &reason,
+    )?;
+    hub::control::reload_trust(&home, &mut |l| eprintln!("{l}"));
+    let verb = match change {
+        HoldChange::Hold(k) => k.label(),
+        HoldChange::Resume => "resumed",
+    };
+    println!(
+        "{} release {} on {} {verb} (hold list version {})",
+        release.app, release.release, release.channel, list.version
+    );
+    Ok(())
+}
+
+fn print_rollout(s: &hub::rollout::RolloutStatus) {
+    let now = hub::home::now();
+    println!(
+        "{} release {} on {}: waves {}, {} of seeds admitted now; signed {}",
+        s.release.app,
+        s.release.release,
+        s.release.channel,
+        s.waves,
+        percent(s.admitted),
+        hub::trust::human_ago(s.created_at, now)
+    );
+    if !s.targets.is_empty() {
+        println!(
+            "  targets {} ({} device(s) of the channel not targeted)",
+            s.targets.join(", "),
+            s.not_targeted
+        );
+    }
+    if let Some(p) = s.halt_policy {
+        println!(
+            "  halts by itself at {}% failed of at least {} attempts",
+            p.max_failure_percent, p.min_attempts
+        );
+    }
+    if let Some(h) = &s.hold {
+        println!(
+            "  {} {}: {}",
+            h.kind.label().to_uppercase(),
+            hub::trust::human_ago(h.at, now),
+            h.reason
+        );
+    }
+    for w in &s.waves_detail {
+        let opens = if w.opens_at <= now {
+            format!("opened {}", hub::trust::human_ago(w.opens_at, now))
+        } else {
+            format!("opens in {}", hub::trust::human_secs(w.opens_at - now))
+        };
+        println!(
+            "  wave to {:>7} {opens}: {} pending, {} downloading, {} active, {} failed, {} rolled back",
+            percent(w.basis_points),
+            w.pending,
+            w.downloading,
+            w.active,
+            w.failed,
+            w.rolled_back
+        );
+    }
+}
+
+/// Basis points as `1%`, `0.5%` or `100%`.
+fn percent(bp: u16) -> String {
+    if bp % 100 == 0 {
+        format!("{}%", bp / 100)
+    } else {
+        format!("{}.{:02}%", bp / 100, bp % 100)
+    }
 }

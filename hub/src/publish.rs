@@ -48,6 +48,9 @@ pub struct PublishArgs {
     pub staging_timeout_secs: u64,
     /// Hold the release for co-signing instead of signing it (`hub release approve`).
     pub hold: bool,
+    /// Waves, targets and halt policy, signed into every manifest of the release (not
+    /// the staging one: a staging device installs at once).
+    pub rollout: proto::rollout::Rollout,
 }
 
 impl PublishArgs {
@@ -247,6 +250,11 @@ fn numbered(
         staging: part.staging.clone(),
         created_at: now(),
         previous: previous.map(|l| l.manifest),
+        rollout: if new.channel == STAGING_CHANNEL {
+            proto::rollout::Rollout::default()
+        } else {
+            t.rollout.clone()
+        },
         ..t.clone()
     })
 }
@@ -675,6 +683,7 @@ fn prepare_one(
         staging: Staging::Skipped,
         created_at: 0,
         previous: None,
+        rollout: args.rollout.clone(),
     };
     // What a device would refuse, refused here, before anything is signed or staged.
     Manifest {
@@ -971,10 +980,14 @@ pub fn rollback(
             break;
         }
     }
-    let (old_release, parts) = target.with_context(|| match to {
+    let (old_release, mut parts) = target.with_context(|| match to {
         Some(v) => format!("{app} {v} was never released on {channel}"),
         None => format!("{app} has no earlier image on {channel} to roll back to"),
     })?;
+    // A rollback goes to every device at once: it is the way out of a bad release.
+    for p in &mut parts {
+        p.template.rollout = proto::rollout::Rollout::default();
+    }
     sign_and_store(
         home,
         &store,

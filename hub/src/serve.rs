@@ -6,6 +6,8 @@
 //! every few seconds so a broker that was down learns the releases when it returns.
 
 use crate::control;
+pub use crate::inventory::{load_devices, load_inventory, DeviceEntry, Inventory};
+use crate::inventory::save_inventory;
 use crate::home::{now, write_atomic, Home};
 use crate::store::{release_path, Change, Event, Store};
 use crate::trust::{expiry_warnings, Freshness};
@@ -21,7 +23,6 @@ use proto::status::{verify_status, StatusReport};
 use proto::SecretKey;
 use proto::VerifyError;
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,11 +33,21 @@ use tokio::sync::mpsc;
 /// (app, channel, release, signed announcement bytes).
 type Announced = (Track, u64, Vec<u8>);
 /// A look at the store's releases: the `apps` tree it saw, the newest announcements, how
-/// many releases.
-type Scan = (Option<git2::Oid>, Vec<Announced>, u64);
+/// many releases, and the halt policies of the newest releases.
+type Scan = (
+    Option<git2::Oid>,
+    Vec<Announced>,
+    u64,
+    Vec<(crate::rollout::ReleaseKey, proto::rollout::HaltPolicy)>,
+);
 
 /// What the gossip announce topic carries: releases' freshness, roots, revocations.
-pub const ANNOUNCE_TOPIC_KINDS: [Kind; 3] = [Kind::Announcement, Kind::Root, Kind::Revocations];
+pub const ANNOUNCE_TOPIC_KINDS: [Kind; 4] = [
+    Kind::Announcement,
+    Kind::Root,
+    Kind::Revocations,
+    Kind::Holds,
+];
 
 const REANNOUNCE: Duration = Duration::from_secs(5);
 /// How often the root and revocation list are spread again when unchanged.
@@ -48,31 +59,6 @@ const GC_EVERY: Duration = Duration::from_secs(3600);
 /// How often what the loop accepted (inventory, reports, events) is written out.
 const FLUSH: Duration = Duration::from_secs(1);
 
-/// One device as the hub last saw it. Survives restarts (`inventory.json`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct DeviceEntry {
-    pub device: String,
-    pub app: String,
-    pub channel: String,
-    pub release: Option<u64>,
-    pub version: Option<String>,
-    #[serde(default)]
-    pub manifest: Option<proto::Digest>,
-    pub state: String,
-    pub detail: String,
-    pub last_seen: u64,
-    pub seq: u64,
-    pub bytes_from_peers: u64,
-    pub bytes_from_hub: u64,
-    /// For an app served on demand: instances by location, boots, scale decisions.
-    #[serde(default)]
-    pub ondemand: Option<proto::status::OnDemandCounts>,
-    /// Reachability (public, relayed, unreachable) and bytes by path (LAN, direct, relayed, hub).
-    #[serde(default)]
-    pub network: Option<proto::status::NetworkCounts>,
-}
-
-pub type Inventory = BTreeMap<String, DeviceEntry>;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -100,35 +86,6 @@ pub struct Metrics {
     pub releases: AtomicU64,
     /// Devices in the inventory by state (as of the last batch written).
     pub devices_by_state: std::sync::Mutex<BTreeMap<String, u64>>,
-}
-
-pub fn load_inventory(home: &Home) -> Inventory {
-    std::fs::read(home.inventory_path())
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
-}
-
-fn save_inventory(home: &Home, inv: &Inventory) -> Result<()> {
-    write_atomic(&home.inventory_path(), &serde_json::to_vec_pretty(inv)?)
-}
-
-/// Enrolled device keys: key id -> (device name, key).
-pub fn load_devices(store: &Store) -> Result<HashMap<KeyId, (String, PublicKey)>> {
-    let mut out = HashMap::new();
-    for file in store.list("devices")? {
-        let Some(name) = file.strip_suffix(".pub") else {
-            continue;
-        };
-        let bytes = store.read(&format!("devices/{file}"))?.unwrap_or_default();
-        match PublicKey::from_text(&String::from_utf8_lossy(&bytes)) {
-            Ok(k) => {
-                out.insert(k.id(), (name.to_string(), k));
-            }
-            Err(e) => tracing::warn!(device = name, "enrolled key unreadable: {e}"),
-        }
-    }
-    Ok(out)
 }
 
 /// What the hub accepted and has not written yet.
@@ -207,8 +164,11 @@ struct Hub {
     /// `apps` tree they were read at: re-read only when that changes (a publish, a
     /// promote), not every re-announcement.
     announcements: (Option<git2::Oid>, Vec<Announced>),
-    /// When the root and revocation list were last spread, and their versions then.
-    records_sent: Option<(std::time::Instant, (u64, u64))>,
+    /// When the root, revocation list and hold list were last spread, and their
+    /// versions then.
+    records_sent: Option<(std::time::Instant, (u64, u64, u64))>,
+    /// Counts failures of releases with a halt policy; says when to halt one.
+    monitor: crate::rollout::Monitor,
 }
 
 /// What the hub signs and checks with: its root, its timestamp key, how long announcements
@@ -218,12 +178,16 @@ struct Trust {
     timestamp: SecretKey,
     freshness: Freshness,
     revocations: Option<(Revocations, Vec<u8>)>,
+    /// The releases held now, and the key that holds more (`None`: this hub cannot).
+    holds: Option<(proto::rollout::Holds, Vec<u8>)>,
+    rollout: Option<SecretKey>,
 }
 
 impl Trust {
     fn load(home: &Home, store: &Store) -> Result<Trust> {
         let root = home.trusted_root()?;
         let revocations = crate::trust::revocations(store, &root)?;
+        let holds = crate::rollout::holds(store, &root)?;
         for w in expiry_warnings(
             root.root(),
             Freshness {
@@ -240,6 +204,8 @@ impl Trust {
             },
             root,
             revocations,
+            holds,
+            rollout: home.rollout_key()?,
         })
     }
 
@@ -252,10 +218,13 @@ impl Trust {
     /// The signed records besides announcements that the hub spreads: the newest root and
     /// the revocation list, with their retained MQTT topic names.
     fn records(&self, fleet: &str) -> Vec<(String, Vec<u8>)> {
-        let [root_topic, revocations_topic] = net::mqtt_topics::trust(fleet);
+        let [root_topic, revocations_topic, holds_topic] = net::mqtt_topics::trust(fleet);
         let mut out = vec![(root_topic, self.root.bytes().to_vec())];
         if let Some((_, bytes)) = &self.revocations {
             out.push((revocations_topic, bytes.clone()));
+        }
+        if let Some((_, bytes)) = &self.holds {
+            out.push((holds_topic, bytes.clone()));
         }
         out
     }
@@ -354,6 +323,7 @@ pub async fn serve(
         announced: BTreeMap::new(),
         announcements: (None, vec![]),
         records_sent: None,
+        monitor: crate::rollout::Monitor::default(),
     };
     hub.count_states();
 
@@ -475,6 +445,7 @@ impl Hub {
             Kind::Announcement => verify_announcement(data, root, now()).map(|_| ()),
             Kind::Root if data == root.bytes() => Ok(()),
             Kind::Root => root.update(data, now()).map(|_| ()),
+            Kind::Holds => proto::rollout::verify_holds(data, root, 0).map(|_| ()),
             _ => verify_revocations(data, root, 0).map(|_| ()),
         }
     }
@@ -483,6 +454,7 @@ impl Hub {
     async fn announce_all(&mut self) -> usize {
         let store = self.store.clone();
         let seen = self.announcements.0;
+        let root = self.trust.root.clone();
         let read = tokio::task::spawn_blocking(move || -> Result<Option<Scan>> {
             let s = store.lock().expect("store lock");
             let apps = s.tree_id("apps")?;
@@ -491,16 +463,26 @@ impl Hub {
             }
             let (newest, count) = s.newest_releases()?;
             let mut out = vec![];
+            let mut policies = vec![];
             for (track, release) in newest {
                 if let Some(bytes) = s.read(&release_path(&track, release, "announcement"))? {
-                    out.push((track, release, bytes));
+                    out.push((track.clone(), release, bytes));
+                }
+                let (app, channel) = (&track.app, &track.channel);
+                if let Some((r, _)) =
+                    crate::rollout::stored_rollout(&s, &root, app, channel, release)?
+                {
+                    if let Some(p) = r.halt {
+                        policies.push((crate::rollout::ReleaseKey::of(&track, release), p));
+                    }
                 }
             }
-            Ok(Some((apps, out, count)))
+            Ok(Some((apps, out, count, policies)))
         })
         .await;
         match read {
-            Ok(Ok(Some((apps, latest, count)))) => {
+            Ok(Ok(Some((apps, latest, count, policies)))) => {
+                self.watch(policies).await;
                 self.metrics.releases.store(count, Ordering::Relaxed);
                 self.announcements = (apps, latest);
             }
@@ -535,6 +517,65 @@ impl Hub {
         latest.len()
     }
 
+    /// Watches the newest releases' halt policies; a restarted hub counts what its
+    /// inventory already says of them.
+    async fn watch(&mut self, policies: Vec<(crate::rollout::ReleaseKey, proto::rollout::HaltPolicy)>) {
+        let mut new = false;
+        for (key, policy) in policies {
+            if !self.monitor.is_watched(&key) {
+                self.monitor.watch(key, policy);
+                new = true;
+            }
+        }
+        if !new {
+            return;
+        }
+        for h in self.trust.holds.iter().flat_map(|(l, _)| &l.held) {
+            self.monitor.held(crate::rollout::ReleaseKey {
+                app: h.app.clone(),
+                channel: h.channel.clone(),
+                release: h.release,
+            });
+        }
+        for halt in self.monitor.seed(&self.inventory) {
+            self.halt(halt).await;
+        }
+    }
+
+    /// Holds a release whose failures crossed its halt policy: a new hold list signed
+    /// with the rollout key, committed, and spread at once.
+    async fn halt(&mut self, halt: crate::rollout::Halt) {
+        let crate::rollout::Halt { release, reason, .. } = halt;
+        let Some(key) = self.trust.rollout.clone() else {
+            tracing::error!(app = %release.app, release = release.release, "release should be halted ({reason}), but this hub has no rollout key (keys/rollout.key): halt it by hand where the key is");
+            return;
+        };
+        tracing::warn!(app = %release.app, channel = %release.channel, release = release.release, "halting the rollout: {reason}");
+        let (store, root) = (self.store.clone(), self.trust.root.clone());
+        let r = release.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            crate::rollout::change_hold(
+                &store.lock().expect("store lock"),
+                &root,
+                &key,
+                &r,
+                crate::rollout::HoldChange::Hold(proto::rollout::HoldKind::Halted),
+                &reason,
+            )
+        })
+        .await;
+        match written {
+            Ok(Ok(_)) => {
+                if let Err(e) = self.reload_trust().await {
+                    tracing::error!("reloading trust after a halt: {e:#}");
+                }
+                self.spread_records().await;
+            }
+            Ok(Err(e)) => tracing::error!(app = %release.app, release = release.release, "halting the rollout: {e:#}"),
+            Err(e) => tracing::error!("halting the rollout: {e}"),
+        }
+    }
+
     /// The root and the revocation list, on MQTT (retained) and gossip: when they change
     /// and every [`RECORDS_AGAIN`] (a broker that lost its retained messages learns them
     /// again). Not every 5 s like announcements: a k-of-n root is up to 64 KiB, and the
@@ -546,6 +587,7 @@ impl Hub {
                 .revocations
                 .as_ref()
                 .map_or(0, |(l, _)| l.version),
+            self.trust.holds.as_ref().map_or(0, |(l, _)| l.version),
         );
         let due = self
             .records_sent
@@ -705,7 +747,17 @@ impl Hub {
         // The signed bytes themselves are the staging gate's evidence.
         let path = crate::staging::report_path(&self.home, &report.device, &report.app);
         self.pending.reports.insert(path, bytes.to_vec());
+        let halt = self.monitor.report(
+            &report.device,
+            &report.app,
+            &report.channel,
+            &report.state,
+            report.release,
+        );
         self.record(id, report);
+        if let Some(halt) = halt {
+            self.halt(halt).await;
+        }
         true
     }
 
@@ -739,6 +791,13 @@ impl Hub {
             bytes_from_hub: r.bytes_from_hub,
             ondemand: r.ondemand,
             network: r.network,
+            tags: r.tags.clone(),
+            failed_release: match r.state {
+                proto::status::DeviceState::RolledBack { failed_release, .. } => {
+                    Some(failed_release)
+                }
+                _ => None,
+            },
         };
         let changed = self
             .inventory

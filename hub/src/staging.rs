@@ -300,6 +300,7 @@ mod tests {
         StatusReport {
             fleet: "home".into(),
             device: device.into(),
+            tags: vec![],
             seq: 1,
             at: 1,
             app: "hello".into(),

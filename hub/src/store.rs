@@ -772,6 +772,7 @@ mod tests {
             staging: Staging::Skipped,
             created_at: 1,
             previous: None,
+            rollout: Default::default(),
         };
         m.seal().unwrap().encode().unwrap()
     }

@@ -115,6 +115,15 @@ pub fn human_time(at: u64) -> String {
         .to_string()
 }
 
+/// `at` as people say it from `now`: `12s ago`, `5h 20m ago`, `in 3m 0s`.
+pub fn human_ago(at: u64, now: u64) -> String {
+    if at <= now {
+        format!("{} ago", human_secs(now - at))
+    } else {
+        format!("in {}", human_secs(at - now))
+    }
+}
+
 /// Seconds as `59 days`, `5h 20m` or `40s`, for people.
 pub fn human_secs(secs: u64) -> String {
     match secs {
@@ -382,6 +391,7 @@ mod tests {
             root: role(1),
             release: role(2),
             timestamp: role(3),
+            rollout: role(4),
         };
         let mut env = root.seal().unwrap();
         env.sign(&key(1)).unwrap();
@@ -476,6 +486,10 @@ mod tests {
             },
             timestamp: proto::root::Role {
                 keys: vec![SecretKey::from_seed([3; 32]).public()],
+                threshold: 1,
+            },
+            rollout: proto::root::Role {
+                keys: vec![SecretKey::from_seed([4; 32]).public()],
                 threshold: 1,
             },
         };

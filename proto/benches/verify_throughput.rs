@@ -93,6 +93,10 @@ fn main() {
             keys: vec![SecretKey::from_seed([3; 32]).public()],
             threshold: 1,
         },
+        rollout: Role {
+            keys: vec![SecretKey::from_seed([4; 32]).public()],
+            threshold: 1,
+        },
     };
     let mut env = root.seal().unwrap();
     env.sign(&root_key).unwrap();
@@ -129,6 +133,7 @@ fn main() {
         staging: Staging::Skipped,
         created_at: NOW,
         previous: None,
+        rollout: Default::default(),
     };
     let mut menv = manifest.seal().unwrap();
     menv.sign(&key).unwrap();

@@ -50,6 +50,9 @@ pub enum Want {
     /// The newest signed revocation list (the digest is ignored), answered like
     /// [`Want::Announcement`].
     Revocations,
+    /// The newest signed list of held releases (the digest is ignored), answered like
+    /// [`Want::Revocations`].
+    Holds,
 }
 
 /// The digest a [`Want::Root`] request names: a root version, not content.

@@ -37,10 +37,12 @@ pub enum Kind {
     BlobRequest = 7,
     BlobResponse = 8,
     Revocations = 9,
+    /// The releases held (paused or halted), signed by the rollout role.
+    Holds = 10,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Envelope,
         Kind::Root,
         Kind::Manifest,
@@ -49,6 +51,7 @@ impl Kind {
         Kind::BlobRequest,
         Kind::BlobResponse,
         Kind::Revocations,
+        Kind::Holds,
     ];
 
     pub fn from_byte(b: u8) -> Option<Kind> {
@@ -61,6 +64,7 @@ impl Kind {
             7 => Kind::BlobRequest,
             8 => Kind::BlobResponse,
             9 => Kind::Revocations,
+            10 => Kind::Holds,
             _ => return None,
         })
     }
@@ -82,6 +86,8 @@ impl Kind {
             Kind::BlobResponse => 4 * 1024 * 1024 + 32 * 1024,
             // About a thousand revoked devices.
             Kind::Revocations => 96 * 1024,
+            // MAX_HOLDS holds with their reasons.
+            Kind::Holds => 96 * 1024,
         }
     }
 
@@ -95,6 +101,7 @@ impl Kind {
             Kind::BlobRequest => "blob request",
             Kind::BlobResponse => "blob response",
             Kind::Revocations => "revocation list",
+            Kind::Holds => "rollout hold list",
         }
     }
 }

@@ -25,6 +25,7 @@ pub fn context(kind: Kind) -> &'static [u8] {
         Kind::Announcement => b"unifleet/announcement/v1\0",
         Kind::StatusReport => b"unifleet/status/v1\0",
         Kind::Revocations => b"unifleet/revocations/v1\0",
+        Kind::Holds => b"unifleet/holds/v1\0",
         // Blob messages are never signed: blobs are verified by digest.
         Kind::BlobRequest => b"unifleet/blob-request/never-signed\0",
         Kind::BlobResponse => b"unifleet/blob-response/never-signed\0",

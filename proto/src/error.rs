@@ -126,8 +126,8 @@ pub enum Invalid {
     NoMemoryOrVcpu,
     #[error(transparent)]
     Role(#[from] RoleError),
-    #[error("timestamp threshold is {0}; it must be 1 (the hub signs freshness alone)")]
-    TimestampThreshold(u32),
+    #[error("{role} threshold is {threshold}; it must be 1 (the hub signs with it alone)")]
+    OnlineThreshold { role: &'static str, threshold: u32 },
     #[error("key {key} is in both the {a} and the {b} role; each role needs keys of its own")]
     SharedKey {
         key: String,
@@ -138,6 +138,18 @@ pub enum Invalid {
     TooManyRevoked { count: usize, max: usize },
     #[error("console tail too long")]
     ConsoleTailTooLong,
+    #[error("rollout waves: {0}")]
+    Waves(crate::rollout::BadWaves),
+    #[error("{count} tags and devices targeted (at most {max})")]
+    TooManyTargets { count: usize, max: usize },
+    #[error("halt policy needs at least 1 attempt and a failure share of 1 to 100%")]
+    HaltPolicy,
+    #[error("{count} releases held (at most {max})")]
+    TooManyHolds { count: usize, max: usize },
+    #[error("hold reason too long")]
+    ReasonTooLong,
+    #[error("{count} device tags (at most {max})")]
+    TooManyTags { count: usize, max: usize },
 }
 
 /// Why a role of a root is malformed.

@@ -32,6 +32,7 @@ pub mod manifest;
 pub mod names;
 pub mod revocation;
 pub mod root;
+pub mod rollout;
 pub mod status;
 
 pub use digest::Digest;

@@ -165,6 +165,8 @@ pub struct Manifest {
     pub created_at: u64,
     /// Digest of the previous release's signed manifest on this (app, channel), if any.
     pub previous: Option<Digest>,
+    /// Waves, targets and halt policy (see [`crate::rollout`]); default: everyone now.
+    pub rollout: crate::rollout::Rollout,
 }
 
 impl Manifest {
@@ -219,6 +221,7 @@ impl Manifest {
         if self.boot.memory_mib == 0 || self.boot.vcpus == 0 {
             return Err(invalid(Invalid::NoMemoryOrVcpu));
         }
+        self.rollout.validate().map_err(invalid)?;
         Ok(())
     }
 

@@ -73,6 +73,10 @@ pub struct Root {
     /// The hub's online key: announcements (freshness) and the revocation list, nothing
     /// else. Threshold 1, so a running hub re-signs them by itself.
     pub timestamp: Role,
+    /// The hub's online key for rollouts: it signs the list of held (paused or halted)
+    /// releases and nothing else, so a hub can stop a failing release by itself but
+    /// never publish one. Threshold 1.
+    pub rollout: Role,
 }
 
 impl Root {
@@ -86,23 +90,23 @@ impl Root {
         if self.version == 0 {
             return Err(invalid(Invalid::VersionZero));
         }
-        for (name, role) in [
-            ("root", &self.root),
-            ("release", &self.release),
-            ("timestamp", &self.timestamp),
-        ] {
-            role.validate(name).map_err(|e| invalid(e.into()))?;
-        }
-        if self.timestamp.threshold != 1 {
-            return Err(invalid(Invalid::TimestampThreshold(
-                self.timestamp.threshold,
-            )));
-        }
         let roles = [
             ("root", &self.root),
             ("release", &self.release),
             ("timestamp", &self.timestamp),
+            ("rollout", &self.rollout),
         ];
+        for (name, role) in roles {
+            role.validate(name).map_err(|e| invalid(e.into()))?;
+        }
+        for (name, role) in [("timestamp", &self.timestamp), ("rollout", &self.rollout)] {
+            if role.threshold != 1 {
+                return Err(invalid(Invalid::OnlineThreshold {
+                    role: name,
+                    threshold: role.threshold,
+                }));
+            }
+        }
         for (i, (a, ra)) in roles.iter().enumerate() {
             for (b, rb) in &roles[i + 1..] {
                 if let Some(k) = ra.keys.iter().find(|k| rb.keys.contains(k)) {

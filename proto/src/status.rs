@@ -24,6 +24,10 @@ pub enum DeviceState {
     Failed {
         reason: String,
     },
+    /// `release` is announced but this device's rollout wave opens only at `until` (Unix s).
+    Waiting { release: u64, until: u64 },
+    /// `release` is held (paused or halted) before this device installed it.
+    Held { release: u64, kind: crate::rollout::HoldKind },
 }
 
 impl DeviceState {
@@ -35,6 +39,8 @@ impl DeviceState {
             DeviceState::Active => "active",
             DeviceState::RolledBack { .. } => "rolled-back",
             DeviceState::Failed { .. } => "failed",
+            DeviceState::Waiting { .. } => "waiting",
+            DeviceState::Held { .. } => "held",
         }
     }
 }
@@ -63,6 +69,8 @@ pub struct StatusReport {
     /// How peers reach the device and how its bytes came (`None`: an agent that does not
     /// count them).
     pub network: Option<NetworkCounts>,
+    /// The device's tags (`device enroll --tag`), which releases may target.
+    pub tags: Vec<String>,
 }
 
 /// How others can reach a device, as far as it can tell.
@@ -158,6 +166,8 @@ pub struct OnDemandCounts {
 
 /// Most bytes of console kept in a report.
 pub const MAX_CONSOLE_TAIL: usize = 2048;
+/// Most tags one device may carry.
+pub const MAX_TAGS: usize = 16;
 
 impl StatusReport {
     pub fn seal(&self) -> Result<Envelope, CodecError> {
@@ -197,6 +207,15 @@ pub fn verify_status(
     names::check("channel", &report.channel).map_err(|e| invalid(e.into()))?;
     if report.console_tail.len() > MAX_CONSOLE_TAIL {
         return Err(invalid(Invalid::ConsoleTailTooLong));
+    }
+    if report.tags.len() > MAX_TAGS {
+        return Err(invalid(Invalid::TooManyTags {
+            count: report.tags.len(),
+            max: MAX_TAGS,
+        }));
+    }
+    for t in &report.tags {
+        names::check("tag", t).map_err(|e| invalid(e.into()))?;
     }
     Ok((key, report))
 }

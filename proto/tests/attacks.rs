@@ -528,3 +528,91 @@ fn signed_kind_tells_the_announce_topics_messages_apart() {
     assert!(Envelope::signed_kind(&manifest, &kinds).is_err());
     assert!(Envelope::signed_kind(b"garbage", &kinds).is_err());
 }
+
+fn hold_list(version: u64) -> proto::rollout::Holds {
+    proto::rollout::Holds {
+        fleet: "home".into(),
+        version,
+        issued_at: NOW,
+        held: vec![proto::rollout::Hold {
+            app: "hello".into(),
+            channel: "stable".into(),
+            release: 2,
+            kind: proto::rollout::HoldKind::Halted,
+            reason: "failures".into(),
+            at: NOW,
+        }],
+    }
+}
+
+#[test]
+fn an_old_hold_list_cannot_be_replayed_to_resume_a_halted_release() {
+    use proto::rollout::verify_holds;
+    let bytes = signed(hold_list(3).seal().unwrap(), &[&key(30)]);
+    verify_holds(&bytes, &trusted_v1(), 2).unwrap();
+    assert!(matches!(
+        verify_holds(&bytes, &trusted_v1(), 3),
+        Err(VerifyError::Stale {
+            kind: Kind::Holds,
+            offered: 3,
+            known: 3
+        })
+    ));
+}
+
+#[test]
+fn only_the_rollout_role_signs_holds_and_it_signs_nothing_else() {
+    use proto::rollout::verify_holds;
+    // The release, timestamp and root keys and a stranger cannot hold a release.
+    for k in [key(10), key(20), key(1), key(99)] {
+        let bytes = signed(hold_list(1).seal().unwrap(), &[&k]);
+        assert!(matches!(
+            verify_holds(&bytes, &trusted_v1(), 0),
+            Err(VerifyError::UnknownKey { .. })
+        ));
+    }
+    let mut other = hold_list(1);
+    other.fleet = "neighbours".into();
+    let bytes = signed(other.seal().unwrap(), &[&key(30)]);
+    assert!(matches!(
+        verify_holds(&bytes, &trusted_v1(), 0),
+        Err(VerifyError::WrongFleet { .. })
+    ));
+    // The rollout key cannot sign a release, an announcement or a revocation list.
+    let m = signed(
+        manifest_for(&image(50_000, 2), 1).seal().unwrap(),
+        &[&key(30)],
+    );
+    assert!(matches!(
+        verify_manifest(&m, &trusted_v1(), &expect(None), NOW),
+        Err(VerifyError::UnknownKey { .. })
+    ));
+    let rev = signed(revocation_list(1).seal().unwrap(), &[&key(30)]);
+    assert!(matches!(
+        proto::revocation::verify_revocations(&rev, &trusted_v1(), 0),
+        Err(VerifyError::UnknownKey { .. })
+    ));
+}
+
+#[test]
+fn a_manifest_with_waves_out_of_order_is_refused() {
+    let mut m = manifest_for(&image(50_000, 2), 1);
+    m.rollout.waves = vec![
+        proto::rollout::Wave {
+            basis_points: 5000,
+            after_secs: 0,
+        },
+        proto::rollout::Wave {
+            basis_points: 100,
+            after_secs: 3600,
+        },
+    ];
+    let bytes = signed(m.seal().unwrap(), &[&key(10)]);
+    assert!(matches!(
+        verify_manifest(&bytes, &trusted_v1(), &expect(None), NOW),
+        Err(VerifyError::Invalid {
+            kind: Kind::Manifest,
+            reason: proto::Invalid::Waves(proto::rollout::BadWaves::OutOfOrder)
+        })
+    ));
+}

@@ -124,6 +124,7 @@ fn status_bytes() -> Vec<u8> {
             hole_punches: 1,
             hole_punch_failures: 2,
         }),
+        tags: vec!["kitchen".into(), "beta".into()],
     };
     signed(r.seal().unwrap(), &[&key(20)])
 }
@@ -239,4 +240,38 @@ fn revocations_golden() {
         check(name, &req.encode().unwrap());
         assert_eq!(proto::blob::BlobRequest::decode(&read(name)).unwrap(), req);
     }
+}
+
+fn holds() -> proto::rollout::Holds {
+    proto::rollout::Holds {
+        fleet: "home".into(),
+        version: 3,
+        issued_at: NOW,
+        held: vec![proto::rollout::Hold {
+            app: "hello".into(),
+            channel: "stable".into(),
+            release: 4,
+            kind: proto::rollout::HoldKind::Halted,
+            reason: "2 of 2 attempts failed".into(),
+            at: NOW - 5,
+        }],
+    }
+}
+
+#[test]
+fn holds_golden() {
+    let bytes = signed(holds().seal().unwrap(), &[&key(30)]);
+    check("holds.bin", &bytes);
+    let list = proto::rollout::verify_holds(&read("holds.bin"), &trusted_v1(), 2).unwrap();
+    assert_eq!(list, holds());
+    assert!(list.of("hello", "stable", 4).is_some());
+    let req = proto::blob::BlobRequest {
+        digest: proto::Digest([0; 32]),
+        want: proto::blob::Want::Holds,
+    };
+    check("blob-holds.bin", &req.encode().unwrap());
+    assert_eq!(
+        proto::blob::BlobRequest::decode(&read("blob-holds.bin")).unwrap(),
+        req
+    );
 }

@@ -258,7 +258,7 @@ fn proto_now() -> u64 {
 fn a_two_of_three_release_is_held_co_signed_and_published() -> Result<()> {
     let work = tempfile::tempdir()?;
     let w = work.path();
-    for k in ["root", "rel1", "rel2", "rel3", "ts"] {
+    for k in ["root", "rel1", "rel2", "rel3", "ts", "ro"] {
         fwtool(w, &["keygen", "--out", k])?;
     }
     fwtool(
@@ -278,6 +278,8 @@ fn a_two_of_three_release_is_held_co_signed_and_published() -> Result<()> {
             "2",
             "--timestamp-key",
             "ts.pub",
+            "--rollout-key",
+            "ro.pub",
             "--sign-with",
             "root.key",
             "--out",

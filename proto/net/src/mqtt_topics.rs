@@ -11,11 +11,13 @@ pub fn release(fleet: &str, track: &Track) -> String {
     )
 }
 
-/// The broker's retained trust records: the newest root and the revocation list.
-pub fn trust(fleet: &str) -> [String; 2] {
+/// The broker's retained trust records: the newest root, the revocation list and the
+/// list of held releases.
+pub fn trust(fleet: &str) -> [String; 3] {
     [
         format!("unifleet/{fleet}/root"),
         format!("unifleet/{fleet}/revocations"),
+        format!("unifleet/{fleet}/holds"),
     ]
 }
 

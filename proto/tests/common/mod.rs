@@ -23,7 +23,8 @@ pub fn role(keys: &[&SecretKey], threshold: u32) -> Role {
     }
 }
 
-/// Root keys 1,2,3 (2-of-3), release keys 10,11 (1-of-2 unless changed), timestamp key 20.
+/// Root keys 1,2,3 (2-of-3), release keys 10,11 (1-of-2 unless changed), timestamp key 20,
+/// rollout key 30.
 pub fn root_v1() -> Root {
     Root {
         fleet: "home".into(),
@@ -32,6 +33,7 @@ pub fn root_v1() -> Root {
         root: role(&[&key(1), &key(2), &key(3)], 2),
         release: role(&[&key(10), &key(11)], 1),
         timestamp: role(&[&key(20)], 1),
+        rollout: role(&[&key(30)], 1),
     }
 }
 
@@ -100,6 +102,7 @@ pub fn manifest_for(data: &[u8], release: u64) -> Manifest {
         },
         created_at: NOW,
         previous: None,
+        rollout: Default::default(),
     }
 }
 
