@@ -618,13 +618,20 @@ impl Router {
         match self.trust.offer_holds(bytes) {
             Ok(true) => {
                 if let Some(h) = self.trust.holds() {
-                    let held: Vec<String> = h
-                        .0
-                        .held
-                        .iter()
-                        .map(|h| format!("{} release {} {}", h.app, h.release, h.kind.label()))
-                        .collect();
-                    tracing::info!(version = h.0.version, "hold list: {}", if held.is_empty() { "nothing held".to_string() } else { held.join(", ") });
+                    let held: Vec<String> =
+                        h.0.held
+                            .iter()
+                            .map(|h| format!("{} release {} {}", h.app, h.release, h.kind.label()))
+                            .collect();
+                    tracing::info!(
+                        version = h.0.version,
+                        "hold list: {}",
+                        if held.is_empty() {
+                            "nothing held".to_string()
+                        } else {
+                            held.join(", ")
+                        }
+                    );
                 }
                 self.updates.nudge();
                 Verdict::New
@@ -1087,7 +1094,8 @@ impl Updater {
             tags: &self.cfg.tags,
             seed: self.seed,
         };
-        let in_secs = |at: u64| std::time::Instant::now() + Duration::from_secs(at.saturating_sub(now));
+        let in_secs =
+            |at: u64| std::time::Instant::now() + Duration::from_secs(at.saturating_sub(now));
         match m.rollout.admission(&me, m.created_at, now) {
             Admission::NotTargeted => {
                 tracing::info!(app = %m.app, release = m.release, "not installing: the release targets {} and this device is {} with tags [{}]", targets(&m.rollout), self.cfg.name, self.cfg.tags.join(", "));
@@ -1113,7 +1121,10 @@ impl Updater {
     /// hold list).
     fn check_hold(&self, m: &proto::manifest::Manifest) -> Result<(), NotYet> {
         let holds = self.trust.holds();
-        match holds.as_ref().and_then(|h| h.0.of(&m.app, &m.channel, m.release)) {
+        match holds
+            .as_ref()
+            .and_then(|h| h.0.of(&m.app, &m.channel, m.release))
+        {
             Some(h) => Err(NotYet::Held {
                 kind: h.kind,
                 reason: h.reason.clone(),
@@ -1489,6 +1500,20 @@ impl Updater {
         self.fetcher.report_stored(verified.digest());
         let m = verified.manifest();
         if !self.admit(m)? {
+            // Said once per release, so the hub sees the device (and that it is not
+            // part of this rollout) even before it ever installed anything.
+            let running = self
+                .store
+                .load_state()?
+                .apps
+                .get(&m.app)
+                .is_some_and(|a| a.current.is_some());
+            let state = if running {
+                DeviceState::Active
+            } else {
+                DeviceState::Idle
+            };
+            self.report_running(&m.app, state).await;
             return Ok(());
         }
         self.abandoned_at_shutdown(self.fetcher.chunks(m, &self.reporter, ann, &banned))

@@ -140,6 +140,9 @@ pub enum TrustError {
     },
 }
 
+/// A verified hold list and the signed bytes it came in (what peers are given).
+pub type SignedHolds = Arc<(Holds, Vec<u8>)>;
+
 /// The device's trust state; the router is its only writer.
 #[derive(Debug)]
 pub struct Trust {
@@ -147,7 +150,7 @@ pub struct Trust {
     root: RwLock<Arc<TrustedRoot>>,
     revoked: RwLock<Arc<Revoked>>,
     /// The newest verified list of held releases and its bytes (relayed to peers).
-    holds: RwLock<Option<Arc<(Holds, Vec<u8>)>>>,
+    holds: RwLock<Option<SignedHolds>>,
     pub clock: Clock,
 }
 
@@ -192,7 +195,7 @@ impl Trust {
     }
 
     /// The held releases as last heard (`None`: nothing heard yet).
-    pub fn holds(&self) -> Option<Arc<(Holds, Vec<u8>)>> {
+    pub fn holds(&self) -> Option<SignedHolds> {
         self.holds.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 

@@ -270,12 +270,18 @@ mod tests {
         let (mut u, t) = (Updater::new(), t0());
         assert_eq!(u.handle(announced("a", 2, t)), install("a", 2));
         let wave = t + Duration::from_secs(3600);
-        assert_eq!(u.handle(finished("a", 2, Outcome::Deferred(wave), t)), vec![]);
+        assert_eq!(
+            u.handle(finished("a", 2, Outcome::Deferred(wave), t)),
+            vec![]
+        );
         assert_eq!(u.wake_at(), Some(wave));
         assert_eq!(u.handle(Event::Tick { now: wave }), install("a", 2));
         // Held: deferred again; the hold list changes and it is looked at at once.
         let later = wave + Duration::from_secs(30);
-        assert_eq!(u.handle(finished("a", 2, Outcome::Deferred(later), wave)), vec![]);
+        assert_eq!(
+            u.handle(finished("a", 2, Outcome::Deferred(later), wave)),
+            vec![]
+        );
         assert_eq!(u.handle(Event::Nudged { now: wave }), install("a", 2));
         // A nudge does not cut a failed attempt's retry pause short.
         assert_eq!(u.handle(finished("a", 2, Outcome::Failed, wave)), vec![]);

@@ -135,9 +135,7 @@ impl Blobs {
             // The hub announces through its broker and re-announces by gossip every few
             // seconds; asking it is for devices asking a peer.
             Want::Announcement => self.net.respond(reply, BlobResponse::NotFound).await,
-            Want::Root | Want::Revocations | Want::Holds => {
-                self.send_record(digest, want, reply)
-            }
+            Want::Root | Want::Revocations | Want::Holds => self.send_record(digest, want, reply),
         }
     }
 

@@ -68,4 +68,3 @@ pub fn load_devices(store: &Store) -> Result<HashMap<KeyId, (String, PublicKey)>
     }
     Ok(out)
 }
-

@@ -121,7 +121,7 @@ enum Command {
         /// share covers its seed has opened, counted from the signing time. Signed into
         /// the release, so the waves advance with the hub down. Default: everyone at once.
         #[arg(long, value_parser = parse_waves)]
-        waves: Option<Vec<proto::rollout::Wave>>,
+        waves: Option<Waves>,
         /// Halt the release by itself once at least N devices tried it and
         /// --halt-failures of them failed (rolled back after their health probe).
         #[arg(long, value_name = "N")]
@@ -254,8 +254,14 @@ enum RolloutCommand {
     },
 }
 
-fn parse_waves(s: &str) -> Result<Vec<proto::rollout::Wave>, String> {
-    proto::rollout::parse_waves(s).map_err(|e| e.to_string())
+/// `--waves`, parsed (one value, not a list of values to clap).
+#[derive(Clone, Debug)]
+struct Waves(Vec<proto::rollout::Wave>);
+
+fn parse_waves(s: &str) -> Result<Waves, String> {
+    proto::rollout::parse_waves(s)
+        .map(Waves)
+        .map_err(|e| e.to_string())
 }
 
 fn parse_percent(s: &str) -> Result<u8, String> {
@@ -454,7 +460,7 @@ fn run(cli: Cli) -> Result<()> {
                 staging_timeout_secs,
                 hold,
                 rollout: proto::rollout::Rollout {
-                    waves: waves.unwrap_or_default(),
+                    waves: waves.map(|w| w.0).unwrap_or_default(),
                     tags: target_tags,
                     devices: target_devices,
                     halt: halt_after.map(|n| proto::rollout::HaltPolicy {
@@ -693,7 +699,7 @@ fn print_rollout(s: &hub::rollout::RolloutStatus) {
         s.release.release,
         s.release.channel,
         s.waves,
-        percent(s.admitted),
+        proto::rollout::share_text(s.admitted),
         hub::trust::human_ago(s.created_at, now)
     );
     if !s.targets.is_empty() {
@@ -725,21 +731,12 @@ fn print_rollout(s: &hub::rollout::RolloutStatus) {
         };
         println!(
             "  wave to {:>7} {opens}: {} pending, {} downloading, {} active, {} failed, {} rolled back",
-            percent(w.basis_points),
+            proto::rollout::share_text(w.basis_points),
             w.pending,
             w.downloading,
             w.active,
             w.failed,
             w.rolled_back
         );
-    }
-}
-
-/// Basis points as `1%`, `0.5%` or `100%`.
-fn percent(bp: u16) -> String {
-    if bp % 100 == 0 {
-        format!("{}%", bp / 100)
-    } else {
-        format!("{}.{:02}%", bp / 100, bp % 100)
     }
 }

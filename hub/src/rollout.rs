@@ -189,7 +189,12 @@ pub fn change_hold(
             release.app
         ),
         (HoldChange::Hold(k), Some(e)) if k == e => {
-            bail!("release {} of {} is already {}", release.release, release.app, k.label())
+            bail!(
+                "release {} of {} is already {}",
+                release.release,
+                release.app,
+                k.label()
+            )
         }
         (HoldChange::Hold(k), _) => Some(k),
         (HoldChange::Resume, Some(_)) => None,
@@ -207,7 +212,10 @@ pub fn change_hold(
             channel: release.channel.clone(),
             release: release.release,
             kind,
-            reason: reason.chars().take(proto::rollout::MAX_REASON_LEN).collect(),
+            reason: reason
+                .chars()
+                .take(proto::rollout::MAX_REASON_LEN)
+                .collect(),
             at: now(),
         });
     }
@@ -299,7 +307,9 @@ pub fn stored_rollout(
     let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)
         .with_context(|| format!("reading {path}"))?;
     let m: proto::manifest::Manifest = root
-        .open_stored(&env, |v| store.read(&crate::trust::root_path(v)).ok().flatten())
+        .open_stored(&env, |v| {
+            store.read(&crate::trust::root_path(v)).ok().flatten()
+        })
         .with_context(|| format!("{path} does not verify against the hub's root"))?;
     Ok(Some((m.rollout, m.created_at)))
 }
@@ -356,9 +366,9 @@ pub fn status(
     let store = home.store()?;
     let release = match release {
         Some(r) => r,
-        None => store.newest_number(app, channel)?.with_context(|| {
-            format!("{app} has no release on {channel} (see `hub releases`)")
-        })?,
+        None => store
+            .newest_number(app, channel)?
+            .with_context(|| format!("{app} has no release on {channel} (see `hub releases`)"))?,
     };
     let (rollout, created_at) = stored_rollout(&store, &root, app, channel, release)?
         .with_context(|| format!("{app} has no release {release} on {channel}"))?;
@@ -452,17 +462,29 @@ mod tests {
             },
         );
         // Below the sample: no verdict however bad.
-        assert_eq!(m.report("d1", "hello", "stable", &rolled_back(2), Some(1)), None);
-        assert_eq!(m.report("d2", "hello", "stable", &rolled_back(2), Some(1)), None);
+        assert_eq!(
+            m.report("d1", "hello", "stable", &rolled_back(2), Some(1)),
+            None
+        );
+        assert_eq!(
+            m.report("d2", "hello", "stable", &rolled_back(2), Some(1)),
+            None
+        );
         // The same device again counts once.
-        assert_eq!(m.report("d2", "hello", "stable", &rolled_back(2), Some(1)), None);
+        assert_eq!(
+            m.report("d2", "hello", "stable", &rolled_back(2), Some(1)),
+            None
+        );
         let halt = m
             .report("d3", "hello", "stable", &DeviceState::Active, Some(2))
             .expect("2 of 3 failed, at least 50%");
         assert_eq!((halt.attempts, halt.failures), (3, 2));
         assert_eq!(halt.release, key(2));
         // Halted once.
-        assert_eq!(m.report("d4", "hello", "stable", &rolled_back(2), Some(1)), None);
+        assert_eq!(
+            m.report("d4", "hello", "stable", &rolled_back(2), Some(1)),
+            None
+        );
     }
 
     #[test]
@@ -476,15 +498,27 @@ mod tests {
             },
         );
         for d in ["d1", "d2", "d3"] {
-            assert_eq!(m.report(d, "hello", "stable", &DeviceState::Active, Some(2)), None);
+            assert_eq!(
+                m.report(d, "hello", "stable", &DeviceState::Active, Some(2)),
+                None
+            );
         }
-        assert_eq!(m.report("d4", "hello", "stable", &rolled_back(2), Some(1)), None);
+        assert_eq!(
+            m.report("d4", "hello", "stable", &rolled_back(2), Some(1)),
+            None
+        );
         // Release 3 has no policy: never halted by the hub.
         for d in ["d1", "d2", "d3"] {
-            assert_eq!(m.report(d, "hello", "stable", &rolled_back(3), Some(2)), None);
+            assert_eq!(
+                m.report(d, "hello", "stable", &rolled_back(3), Some(2)),
+                None
+            );
         }
         // Another channel's release 2 is another release.
-        assert_eq!(m.report("d1", "hello", "beta", &rolled_back(2), Some(1)), None);
+        assert_eq!(
+            m.report("d1", "hello", "beta", &rolled_back(2), Some(1)),
+            None
+        );
     }
 
     #[test]
@@ -498,6 +532,9 @@ mod tests {
             },
         );
         m.held(key(2));
-        assert_eq!(m.report("d1", "hello", "stable", &rolled_back(2), Some(1)), None);
+        assert_eq!(
+            m.report("d1", "hello", "stable", &rolled_back(2), Some(1)),
+            None
+        );
     }
 }

@@ -6,9 +6,9 @@
 //! every few seconds so a broker that was down learns the releases when it returns.
 
 use crate::control;
-pub use crate::inventory::{load_devices, load_inventory, DeviceEntry, Inventory};
-use crate::inventory::save_inventory;
 use crate::home::{now, write_atomic, Home};
+use crate::inventory::save_inventory;
+pub use crate::inventory::{load_devices, load_inventory, DeviceEntry, Inventory};
 use crate::store::{release_path, Change, Event, Store};
 use crate::trust::{expiry_warnings, Freshness};
 use anyhow::{Context, Result};
@@ -58,7 +58,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const GC_EVERY: Duration = Duration::from_secs(3600);
 /// How often what the loop accepted (inventory, reports, events) is written out.
 const FLUSH: Duration = Duration::from_secs(1);
-
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -519,7 +518,10 @@ impl Hub {
 
     /// Watches the newest releases' halt policies; a restarted hub counts what its
     /// inventory already says of them.
-    async fn watch(&mut self, policies: Vec<(crate::rollout::ReleaseKey, proto::rollout::HaltPolicy)>) {
+    async fn watch(
+        &mut self,
+        policies: Vec<(crate::rollout::ReleaseKey, proto::rollout::HaltPolicy)>,
+    ) {
         let mut new = false;
         for (key, policy) in policies {
             if !self.monitor.is_watched(&key) {
@@ -530,6 +532,14 @@ impl Hub {
         if !new {
             return;
         }
+        self.mark_held();
+        for halt in self.monitor.seed(&self.inventory) {
+            self.halt(halt).await;
+        }
+    }
+
+    /// Releases held already (by the operator, or before a restart) get no verdict.
+    fn mark_held(&mut self) {
         for h in self.trust.holds.iter().flat_map(|(l, _)| &l.held) {
             self.monitor.held(crate::rollout::ReleaseKey {
                 app: h.app.clone(),
@@ -537,15 +547,14 @@ impl Hub {
                 release: h.release,
             });
         }
-        for halt in self.monitor.seed(&self.inventory) {
-            self.halt(halt).await;
-        }
     }
 
     /// Holds a release whose failures crossed its halt policy: a new hold list signed
     /// with the rollout key, committed, and spread at once.
     async fn halt(&mut self, halt: crate::rollout::Halt) {
-        let crate::rollout::Halt { release, reason, .. } = halt;
+        let crate::rollout::Halt {
+            release, reason, ..
+        } = halt;
         let Some(key) = self.trust.rollout.clone() else {
             tracing::error!(app = %release.app, release = release.release, "release should be halted ({reason}), but this hub has no rollout key (keys/rollout.key): halt it by hand where the key is");
             return;
@@ -571,7 +580,9 @@ impl Hub {
                 }
                 self.spread_records().await;
             }
-            Ok(Err(e)) => tracing::error!(app = %release.app, release = release.release, "halting the rollout: {e:#}"),
+            Ok(Err(e)) => {
+                tracing::error!(app = %release.app, release = release.release, "halting the rollout: {e:#}")
+            }
             Err(e) => tracing::error!("halting the rollout: {e}"),
         }
     }
@@ -643,6 +654,7 @@ impl Hub {
             "trust reloaded"
         );
         self.trust = trust;
+        self.mark_held();
         self.reload_devices().await;
         Ok(())
     }

@@ -31,8 +31,8 @@ pub mod keys;
 pub mod manifest;
 pub mod names;
 pub mod revocation;
-pub mod root;
 pub mod rollout;
+pub mod root;
 pub mod status;
 
 pub use digest::Digest;

@@ -179,19 +179,24 @@ impl Rollout {
     }
 }
 
+/// Basis points as people write a share: `1%`, `0.50%`, `100%`.
+pub fn share_text(basis_points: u16) -> String {
+    let (whole, frac) = (basis_points / 100, basis_points % 100);
+    if frac == 0 {
+        format!("{whole}%")
+    } else {
+        format!("{whole}.{frac:02}%")
+    }
+}
+
 impl fmt::Display for Wave {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (whole, frac) = (self.basis_points / 100, self.basis_points % 100);
-        if frac == 0 {
-            write!(f, "{whole}%@")?;
-        } else {
-            write!(f, "{whole}.{frac:02}%@")?;
-        }
+        write!(f, "{}@", share_text(self.basis_points))?;
         let s = self.after_secs;
         match s {
-            _ if s > 0 && s % 86_400 == 0 => write!(f, "{}d", s / 86_400),
-            _ if s > 0 && s % 3600 == 0 => write!(f, "{}h", s / 3600),
-            _ if s > 0 && s % 60 == 0 => write!(f, "{}m", s / 60),
+            _ if s > 0 && s.is_multiple_of(86_400) => write!(f, "{}d", s / 86_400),
+            _ if s > 0 && s.is_multiple_of(3600) => write!(f, "{}h", s / 3600),
+            _ if s > 0 && s.is_multiple_of(60) => write!(f, "{}m", s / 60),
             _ => write!(f, "{s}s"),
         }
     }
@@ -393,12 +398,21 @@ mod tests {
         assert_eq!(r.admission(&me(99), t0, t0), Admission::Now);
         assert_eq!(r.admission(&me(100), t0, t0), Admission::At(t0 + 3600));
         assert_eq!(r.admission(&me(100), t0, t0 + 3600), Admission::Now);
-        assert_eq!(r.admission(&me(9_999), t0, t0 + 3600), Admission::At(t0 + 86_400));
+        assert_eq!(
+            r.admission(&me(9_999), t0, t0 + 3600),
+            Admission::At(t0 + 86_400)
+        );
         assert_eq!(r.admitted_at(t0, t0 + 3599), 100);
         assert_eq!(r.admitted_at(t0, t0 + 86_400), SEED_SPACE);
         let canary_only = rollout("5%@0");
-        assert_eq!(canary_only.admission(&me(600), t0, u64::MAX), Admission::NoWave);
-        assert_eq!(Rollout::default().admission(&me(9_999), t0, t0), Admission::Now);
+        assert_eq!(
+            canary_only.admission(&me(600), t0, u64::MAX),
+            Admission::NoWave
+        );
+        assert_eq!(
+            Rollout::default().admission(&me(9_999), t0, t0),
+            Admission::Now
+        );
     }
 
     #[test]
@@ -452,6 +466,9 @@ mod tests {
             .collect();
         assert_eq!(seed(&keys[0]), seed(&keys[0]));
         let below_10pct = keys.iter().filter(|k| seed(k) < 1000).count();
-        assert!((120..=280).contains(&below_10pct), "{below_10pct} of 2000 below 10%");
+        assert!(
+            (120..=280).contains(&below_10pct),
+            "{below_10pct} of 2000 below 10%"
+        );
     }
 }

@@ -25,9 +25,15 @@ pub enum DeviceState {
         reason: String,
     },
     /// `release` is announced but this device's rollout wave opens only at `until` (Unix s).
-    Waiting { release: u64, until: u64 },
+    Waiting {
+        release: u64,
+        until: u64,
+    },
     /// `release` is held (paused or halted) before this device installed it.
-    Held { release: u64, kind: crate::rollout::HoldKind },
+    Held {
+        release: u64,
+        kind: crate::rollout::HoldKind,
+    },
 }
 
 impl DeviceState {

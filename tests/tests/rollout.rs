@@ -1,0 +1,258 @@
+//! Staged rollouts (issue 18): waves decided by each device from the signed manifest and
+//! its seed, so they advance with the hub dead; a release whose first devices fail is
+//! halted by the hub (a signed hold list) and the rest never install it; releases that
+//! target tags or named devices reach only those.
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::time::Duration;
+use unifleet_tests::fleet::{run, wait_for, Fleet};
+
+const CONVERGE: Duration = Duration::from_secs(90);
+
+/// Each device's rollout seed, from its key, as the device computes it.
+fn seed(fleet: &Fleet, i: usize) -> Result<u16> {
+    let path = fleet.devices[i].dir.join("device.pub");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    Ok(proto::rollout::seed(&proto::PublicKey::from_text(&text)?))
+}
+
+/// Devices sorted by seed, and a first-wave share (`12.34%`) that admits exactly the
+/// first `k` of them.
+fn first_wave(fleet: &Fleet, ids: &[usize], k: usize) -> Result<(Vec<usize>, String)> {
+    let mut by_seed: Vec<(u16, usize)> = ids
+        .iter()
+        .map(|&i| Ok((seed(fleet, i)?, i)))
+        .collect::<Result<_>>()?;
+    by_seed.sort();
+    let bp = by_seed[k - 1].0 + 1;
+    assert!(by_seed[k].0 >= bp, "two devices share a seed: {by_seed:?}");
+    Ok((
+        by_seed.into_iter().map(|(_, i)| i).collect(),
+        format!("{}.{:02}%", bp / 100, bp % 100),
+    ))
+}
+
+/// `hub rollout status APP --json`.
+fn rollout_status(fleet: &Fleet) -> Result<Value> {
+    let out = run(fleet
+        .hub_cmd()?
+        .args(["rollout", "status", "hello", "--json"]))?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// The state object a device last reported for `hello` (`{"Waiting": {…}}`, `"Active"`).
+fn state(fleet: &Fleet, i: usize) -> Value {
+    fleet.devices[i]
+        .report("hello")
+        .map_or(Value::Null, |r| r["state"].clone())
+}
+
+#[test]
+fn a_canary_wave_reaches_only_its_seeds_and_the_next_opens_on_time_with_the_hub_dead() -> Result<()>
+{
+    const LATER: u64 = 20;
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let all: Vec<usize> = (0..5)
+        .map(|i| fleet.add_device(&format!("w{i}"), "hello", &[]))
+        .collect::<Result<_>>()?;
+    for &i in &all {
+        fleet.start_device(i)?;
+    }
+    let (by_seed, share) = first_wave(&fleet, &all, 2)?;
+    let (canaries, rest) = by_seed.split_at(2);
+    let waves = format!("{share}@0,100%@{LATER}s");
+    let v1 = fleet.testimage("hello", "1.0.0", &["--pad-mib", "2"])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging", "--waves", &waves])?;
+
+    fleet.wait_all(canaries, "hello", 1, "Active", CONVERGE)?;
+    // The hub's view, from the devices' signed reports: the canaries active, the rest
+    // waiting for the second wave.
+    let status = wait_for(
+        "the rollout status to count the waves",
+        Duration::from_secs(15),
+        || {
+            let s = rollout_status(&fleet).ok()?;
+            let w = &s["waves_detail"];
+            (w[0]["active"] == 2 && w[1]["pending"] == 3).then_some(s)
+        },
+    )?;
+    let signed_at = status["created_at"].as_u64().context("created_at")?;
+    for &i in rest {
+        let until = wait_for(
+            &format!("{} to report it waits for its wave", fleet.devices[i].name),
+            Duration::from_secs(15),
+            || state(&fleet, i)["Waiting"]["until"].as_u64(),
+        )?;
+        assert_eq!(until, signed_at + LATER);
+        assert!(fleet.devices[i].state_json()["apps"]["hello"]["current"].is_null());
+    }
+
+    // The hub and its broker die; the second wave still opens, and its devices fetch
+    // from the canaries.
+    fleet.kill_hub();
+    fleet.wait_all(rest, "hello", 1, "Active", CONVERGE)?;
+    for &i in rest {
+        let r = fleet.devices[i].report("hello").context("report")?;
+        assert!(
+            r["at"].as_u64() >= Some(signed_at + LATER),
+            "{} installed before its wave: {r}",
+            fleet.devices[i].name
+        );
+        assert!(fleet.devices[i].fetched("hello").0 > 0, "{r}");
+        fleet.assert_runs_image(i, &v1);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_release_targets_only_the_tags_and_devices_it_names() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let beta = fleet.add_device("tg-beta", "hello", &["--tag", "beta", "--tag", "kitchen"])?;
+    let named = fleet.add_device("tg-named", "hello", &[])?;
+    let other = fleet.add_device("tg-other", "hello", &["--tag", "garage"])?;
+    for i in [beta, named, other] {
+        fleet.start_device(i)?;
+    }
+    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(
+        &v1,
+        "hello",
+        "1.0.0",
+        &[
+            "--no-staging",
+            "--target-tag",
+            "beta",
+            "--target-device",
+            "tg-named",
+        ],
+    )?;
+    fleet.wait_all(&[beta, named], "hello", 1, "Active", CONVERGE)?;
+    wait_for(
+        "tg-other to say the release is not for it",
+        Duration::from_secs(15),
+        || {
+            fleet.devices[other]
+                .log_text()
+                .contains("not installing: the release targets tag:beta, device:tg-named")
+                .then_some(())
+        },
+    )?;
+    assert!(fleet.devices[other].state_json()["apps"]["hello"]["current"].is_null());
+    // The hub's inventory knows each device's tags from its signed reports.
+    let inv = wait_for("tags in the inventory", Duration::from_secs(15), || {
+        let inv = fleet.inventory().ok()?;
+        (inv["tg-beta/hello"]["tags"] == serde_json::json!(["beta", "kitchen"])).then_some(inv)
+    })?;
+    assert_eq!(rollout_status(&fleet)?["not_targeted"], 1, "{inv}");
+    Ok(())
+}
+
+#[test]
+fn a_release_whose_first_devices_fail_is_halted_and_the_rest_never_install_it() -> Result<()> {
+    const URI: &str = "qemu:///system";
+    const LATER: u64 = 25;
+    let mut fleet = Fleet::new(URI)?;
+    fleet.start_hub(&[])?;
+    let pid = std::process::id();
+    let all: Vec<usize> = (0..4)
+        .map(|i| fleet.add_device(&format!("rh{i}-{pid}"), "hello", &[]))
+        .collect::<Result<_>>()?;
+    for &i in &all {
+        fleet.start_device(i)?;
+    }
+    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&all, "hello", 1, "Active", CONVERGE)?;
+
+    // Release 2 never becomes ready. Its first wave is two devices; after two attempts
+    // with half of them failed, the hub halts it.
+    let (by_seed, share) = first_wave(&fleet, &all, 2)?;
+    let (canaries, rest) = by_seed.split_at(2);
+    let bad = fleet.testimage("hello", "2.0.0", &["--fail"])?;
+    let waves = format!("{share}@0,100%@{LATER}s");
+    fleet.publish(
+        &bad,
+        "hello",
+        "2.0.0",
+        &[
+            "--no-staging",
+            "--probe-timeout-secs",
+            "3",
+            "--waves",
+            &waves,
+            "--halt-after",
+            "2",
+            "--halt-failures",
+            "50%",
+        ],
+    )?;
+    fleet.wait_all(canaries, "hello", 1, "RolledBack", CONVERGE)?;
+    let status = wait_for("the hub to halt release 2", Duration::from_secs(20), || {
+        let s = rollout_status(&fleet).ok()?;
+        (s["hold"]["kind"] == "Halted").then_some(s)
+    })?;
+    assert!(
+        status["hold"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("2 of 2 attempts failed")),
+        "{status}"
+    );
+    // Past their wave, the others hold back: still on release 1, release 2 never booted.
+    for &i in rest {
+        wait_for(
+            &format!("{} to hold back release 2", fleet.devices[i].name),
+            Duration::from_secs(LATER + 30),
+            || (state(&fleet, i)["Held"]["release"] == 2).then_some(()),
+        )?;
+        let d = &fleet.devices[i];
+        assert_eq!(d.release_state("hello"), Some((1, "Held".into())));
+        assert_eq!(d.state_json()["apps"]["hello"]["current"]["release"], 1);
+        let console = d
+            .dir
+            .join(format!("state/uf-{}-hello-r2.console.log", d.name));
+        assert!(!console.exists(), "{} booted the halted release", d.name);
+    }
+    let text = run(fleet.hub_cmd()?.args(["rollout", "status", "hello"]))?;
+    assert!(text.contains("HALTED"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn a_paused_release_waits_and_resumes_at_once() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let d = fleet.add_device("rp0", "hello", &[])?;
+    fleet.start_device(d)?;
+    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
+    // Everyone in a wave that opens in 8 s; paused before it does.
+    fleet.publish(
+        &v1,
+        "hello",
+        "1.0.0",
+        &["--no-staging", "--waves", "100%@8s"],
+    )?;
+    run(fleet
+        .hub_cmd()?
+        .args(["rollout", "pause", "hello", "--reason", "looking at logs"]))?;
+    wait_for("the device to hold the paused release", CONVERGE, || {
+        (state(&fleet, d)["Held"]["kind"] == "Paused").then_some(())
+    })?;
+    // Resumed: installed at once, not at the next minute's look.
+    run(fleet.hub_cmd()?.args(["rollout", "resume", "hello"]))?;
+    wait_for(
+        "the device to install the resumed release",
+        Duration::from_secs(20),
+        || {
+            fleet.devices[d]
+                .release_state("hello")
+                .filter(|(r, s)| *r == 1 && s == "Active")
+        },
+    )?;
+    // Resuming what is not held says so.
+    let err = run(fleet.hub_cmd()?.args(["rollout", "resume", "hello"])).unwrap_err();
+    assert!(format!("{err:#}").contains("is not held"), "{err:#}");
+    Ok(())
+}
