@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts what unifleet's demo and tests need on a Debian/Ubuntu machine:
 # a C toolchain and binutils, libvirt (library, daemon, QEMU driver, client), QEMU for
-# x86, mosquitto, and cargo-nextest if missing. Idempotent: re-running only starts what
+# x86, mosquitto, Chromium and Node.js with playwright-core (the dashboard's browser
+# test), and cargo-nextest if missing. Idempotent: re-running only starts what
 # is not running. Needs root (or sudo).
 set -euo pipefail
 
@@ -10,7 +11,8 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 PACKAGES=(build-essential pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu
           libvirt-clients qemu-system-x86 mosquitto python3 iproute2 procps
-          qemu-system-arm qemu-user-static binutils-aarch64-linux-gnu libxml2-utils adduser nftables)
+          qemu-system-arm qemu-user-static binutils-aarch64-linux-gnu libxml2-utils adduser nftables
+          chromium)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -20,6 +22,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Node.js for the dashboard's browser test (a machine may have a newer one of its own).
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "setup: installing nodejs and npm"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+dash="$(dirname "$0")/../tests/dashboard"
+if [ ! -d "$dash/node_modules/playwright-core" ]; then
+  echo "setup: installing playwright-core for the dashboard test (npm ci in tests/dashboard)"
+  (cd "$dash" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -1106,10 +1106,12 @@ impl Updater {
                 return Ok(false);
             }
             Admission::At(at) => {
+                // A hold says more than a wave to come (and lifts only by a new list).
+                self.check_hold(m)?;
                 return Err(NotYet::Wave {
                     at,
                     until: in_secs(at),
-                })
+                });
             }
             Admission::Now => {}
         }

@@ -156,9 +156,10 @@ impl Updater {
         self.wanted.values().filter_map(|w| w.not_before).min()
     }
 
-    /// The release of `app` waiting for its retry, and when it is due (for status lines).
+    /// The release of `app` waiting for its retry, and when it is due (for status lines;
+    /// a release deferred for its wave or a hold is not a retry).
     pub fn retry_of(&self, app: &str) -> Option<(u64, Instant)> {
-        let w = self.wanted.get(app)?;
+        let w = self.wanted.get(app).filter(|w| !w.deferred)?;
         Some((w.release, w.not_before?))
     }
 

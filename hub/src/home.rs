@@ -52,6 +52,10 @@ pub struct HubConfig {
     /// signalling only; chunks never cross the relay.
     #[serde(default = "default_true")]
     pub relay: bool,
+    /// The dashboard and JSON API (`127.0.0.1:8080`); absent: off. Changes need the
+    /// token in `keys/http.token`.
+    #[serde(default)]
+    pub http: Option<String>,
 }
 
 pub(crate) fn default_max_image_mib() -> u64 {
@@ -86,6 +90,11 @@ pub fn now() -> u64 {
 }
 
 pub fn write_secret(path: &Path, key: &SecretKey) -> Result<()> {
+    write_secret_text(path, &key.to_text())
+}
+
+/// Creates `path` (it must not exist) readable by its owner only, with `text`.
+pub fn write_secret_text(path: &Path, text: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -94,7 +103,7 @@ pub fn write_secret(path: &Path, key: &SecretKey) -> Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(key.to_text().as_bytes())?;
+    f.write_all(text.as_bytes())?;
     f.sync_all()?;
     Ok(())
 }

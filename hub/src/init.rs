@@ -129,6 +129,7 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
         redirect: true,
         max_image_mib: super::home::default_max_image_mib(),
         relay: true,
+        http: None,
     };
     let store = Store::init(&dir.join("store.git"))?;
     let mut change = Change::default();

@@ -67,6 +67,12 @@ enum Command {
         /// the chunk (the hub-only baseline of the fleet benchmark).
         #[arg(long)]
         no_redirect: bool,
+        /// Serve the fleet dashboard and its JSON API on this address (e.g.
+        /// 127.0.0.1:8080; default: hub.toml's `http`, off). Reading is open to whoever
+        /// reaches the address; pausing, halting and resuming need the token in
+        /// keys/http.token.
+        #[arg(long, value_name = "ADDR")]
+        http: Option<String>,
     },
     /// Publish an image: inspect, stage, chunk, sign, store in git, announce. One release
     /// may carry an image for each of several platforms (repeat --image); each device
@@ -386,6 +392,7 @@ fn run(cli: Cli) -> Result<()> {
             metrics,
             upload_rate,
             no_redirect,
+            http,
         } => {
             init_tracing();
             let mut home = Home::open(&dir)?;
@@ -400,6 +407,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if metrics.is_some() {
                 home.config.metrics = metrics;
+            }
+            if http.is_some() {
+                home.config.http = http;
             }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -289,7 +289,7 @@ pub fn operator_change(
 }
 
 /// The rollout of a release from a manifest in the store (any platform's: they share
-/// it).
+/// it), and when it was signed.
 pub fn stored_rollout(
     store: &Store,
     root: &TrustedRoot,
@@ -300,7 +300,17 @@ pub fn stored_rollout(
     let Some(info) = store.release(app, channel, release)?.into_iter().next() else {
         return Ok(None);
     };
-    let path = crate::store::release_path(&info.track, release, "manifest");
+    let m = stored_manifest(store, root, &info)?;
+    Ok(Some((m.rollout, m.created_at)))
+}
+
+/// A stored manifest, opened with the root of its day (see `TrustedRoot::open_stored`).
+pub fn stored_manifest(
+    store: &Store,
+    root: &TrustedRoot,
+    info: &crate::store::ReleaseInfo,
+) -> Result<proto::manifest::Manifest> {
+    let path = crate::store::release_path(&info.track, info.release, "manifest");
     let bytes = store
         .read(&path)?
         .with_context(|| format!("{path} vanished"))?;
@@ -311,7 +321,7 @@ pub fn stored_rollout(
             store.read(&crate::trust::root_path(v)).ok().flatten()
         })
         .with_context(|| format!("{path} does not verify against the hub's root"))?;
-    Ok(Some((m.rollout, m.created_at)))
+    Ok(m)
 }
 
 /// Counts of one wave's devices by where they are with the release.

@@ -298,6 +298,9 @@ pub async fn serve(
     if let Some(addr) = &home.config.metrics {
         crate::metrics::start(addr, metrics.clone(), &tasks).await?;
     }
+    if let Some(addr) = &home.config.http {
+        crate::dashboard::start(addr, home.clone(), &tasks).await?;
+    }
     let mut blobs = crate::blobs::Blobs::new(
         net.clone(),
         store.clone(),
@@ -786,6 +789,13 @@ impl Hub {
                 )
             }
             proto::status::DeviceState::Failed { reason } => reason.clone(),
+            proto::status::DeviceState::Waiting { release, until } => format!(
+                "release {release} at {} (its rollout wave)",
+                crate::trust::human_time(*until)
+            ),
+            proto::status::DeviceState::Held { release, kind } => {
+                format!("release {release} {}", kind.label())
+            }
             _ => String::new(),
         };
         let entry = DeviceEntry {

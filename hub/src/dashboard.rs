@@ -1,0 +1,360 @@
+//! `hub serve --http ADDR`: the fleet dashboard (server-rendered pages, live through
+//! Server-Sent Events) and its JSON API.
+//!
+//! Reading needs nothing; changing state (pause, halt, resume) needs the API token in
+//! `keys/http.token`, as `Authorization: Bearer TOKEN` or the cookie `/login` sets
+//! (`SameSite=Strict`, so another site cannot submit the buttons). Changes go through the
+//! same code as `hub rollout`, then the running hub is told to reload, as the CLI does.
+
+use crate::home::Home;
+use crate::rollout::HoldChange;
+use crate::view::{DevicePage, Filter, Snapshot};
+use anyhow::{Context, Result};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
+use futures::{Stream, StreamExt};
+use proto::rollout::HoldKind;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How often open pages are sent what changed.
+const LIVE_EVERY: Duration = Duration::from_secs(1);
+const COOKIE: &str = "unifleet_token";
+
+struct Dashboard {
+    home: Home,
+    token: String,
+    stop: CancellationToken,
+}
+
+type Shared = Arc<Dashboard>;
+
+/// The API token, made (32 random bytes, hex, mode 0600) on first use.
+pub fn token(home: &Home) -> Result<String> {
+    let path = home.dir.join("keys/http.token");
+    if !path.exists() {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).context("making the dashboard's API token")?;
+        crate::home::write_secret_text(&path, &hex::encode(bytes))?;
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the API token {}", path.display()))?;
+    Ok(text.trim().to_string())
+}
+
+/// Binds `addr` and serves the dashboard on the hub's cancellation tree.
+pub async fn start(addr: &str, home: Home, tasks: &net::tasks::Tasks) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("the dashboard cannot listen on {addr} (--http)"))?;
+    let state = Arc::new(Dashboard {
+        token: token(&home)?,
+        home,
+        stop: tasks.token().clone(),
+    });
+    tracing::info!(
+        "dashboard on http://{}/ (API token in {})",
+        listener.local_addr()?,
+        state.home.dir.join("keys/http.token").display()
+    );
+    let app = router(state);
+    let stop = tasks.token().clone();
+    tasks.spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!("dashboard: {e}");
+        }
+    });
+    Ok(())
+}
+
+fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/", get(devices_page))
+        .route("/releases", get(releases_page))
+        .route("/rollouts", get(rollouts_page))
+        .route("/devices/:name", get(device_page))
+        .route("/events", get(events))
+        .route("/login", get(login_page).post(login))
+        .route(
+            "/rollouts/:app/:channel/:release/:action",
+            post(rollout_form),
+        )
+        .route("/api/devices", get(api_devices))
+        .route("/api/releases", get(api_releases))
+        .route("/api/rollouts", get(api_rollouts))
+        .route(
+            "/api/rollouts/:app/:channel/:release/:action",
+            post(rollout_api),
+        )
+        .route("/assets/:file", get(asset))
+        .with_state(state)
+}
+
+/// A page or API answer that could not be made: 500 with the reason, logged.
+struct Failed(anyhow::Error);
+
+impl IntoResponse for Failed {
+    fn into_response(self) -> Response {
+        tracing::warn!("dashboard: {:#}", self.0);
+        (StatusCode::INTERNAL_SERVER_ERROR, format!("{:#}\n", self.0)).into_response()
+    }
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failed {
+    fn from(e: E) -> Failed {
+        Failed(e.into())
+    }
+}
+
+/// Reads the home on a blocking thread (git2 and the inventory file).
+async fn read<T: Send + 'static>(
+    d: &Shared,
+    f: impl FnOnce(&Home) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let home = d.home.clone();
+    tokio::task::spawn_blocking(move || f(&home))
+        .await
+        .context("reading the hub's home")?
+}
+
+fn signed_in(d: &Dashboard, headers: &HeaderMap) -> bool {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            c.trim()
+                .strip_prefix(&format!("{COOKIE}="))
+                .map(str::to_string)
+        });
+    [bearer.map(str::to_string), cookie]
+        .into_iter()
+        .flatten()
+        .any(|t| same(t.as_bytes(), d.token.as_bytes()))
+}
+
+/// Compares in time independent of where the first difference is.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn devices_page(
+    State(d): State<Shared>,
+    Query(filter): Query<Filter>,
+) -> Result<Html<String>, Failed> {
+    let s = read(&d, Snapshot::read).await?;
+    Ok(Html(crate::pages::devices(&s, &filter).into_string()))
+}
+
+async fn releases_page(State(d): State<Shared>) -> Result<Html<String>, Failed> {
+    let s = read(&d, Snapshot::read).await?;
+    Ok(Html(crate::pages::releases(&s).into_string()))
+}
+
+async fn rollouts_page(
+    State(d): State<Shared>,
+    headers: HeaderMap,
+) -> Result<Html<String>, Failed> {
+    let s = read(&d, Snapshot::read).await?;
+    Ok(Html(
+        crate::pages::rollouts(&s, signed_in(&d, &headers)).into_string(),
+    ))
+}
+
+async fn device_page(
+    State(d): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Response, Failed> {
+    let n = name.clone();
+    let page = read(&d, move |h| DevicePage::read(h, &n)).await?;
+    Ok(match page {
+        Some(p) => {
+            Html(crate::pages::device(&d.home.config.fleet, &p).into_string()).into_response()
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("no device {name:?} in this fleet\n"),
+        )
+            .into_response(),
+    })
+}
+
+/// The live fragments: every [`LIVE_EVERY`], the devices table (with the page's filter)
+/// and the rollouts panel, each sent only when it changed. Ends when the hub stops.
+async fn events(
+    State(d): State<Shared>,
+    Query(filter): Query<Filter>,
+    headers: HeaderMap,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let signed_in = signed_in(&d, &headers);
+    let start = (d, filter, String::new(), String::new(), false);
+    let stream = futures::stream::unfold(
+        start,
+        move |(d, filter, devices, rollouts, waited)| async move {
+            if waited {
+                tokio::select! {
+                    _ = d.stop.cancelled() => return None,
+                    _ = tokio::time::sleep(LIVE_EVERY) => {}
+                }
+            }
+            let s = match read(&d, Snapshot::read).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!("dashboard events: {e:#}");
+                    return Some((vec![], (d, filter, devices, rollouts, true)));
+                }
+            };
+            let new_devices = crate::pages::devices_table(&s, &filter).into_string();
+            let new_rollouts = crate::pages::rollouts_panel(&s, signed_in).into_string();
+            let mut out = vec![];
+            if new_devices != devices {
+                out.push(Ok(Event::default().event("devices").data(&new_devices)));
+            }
+            if new_rollouts != rollouts {
+                out.push(Ok(Event::default().event("rollouts").data(&new_rollouts)));
+            }
+            Some((out, (d, filter, new_devices, new_rollouts, true)))
+        },
+    )
+    .flat_map(futures::stream::iter);
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+async fn login_page(State(d): State<Shared>) -> Html<String> {
+    Html(crate::pages::login(&d.home.config.fleet, false).into_string())
+}
+
+#[derive(serde::Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login(State(d): State<Shared>, Form(form): Form<LoginForm>) -> Response {
+    if !same(form.token.trim().as_bytes(), d.token.as_bytes()) {
+        let page = crate::pages::login(&d.home.config.fleet, true).into_string();
+        return (StatusCode::UNAUTHORIZED, Html(page)).into_response();
+    }
+    let cookie = format!("{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict", d.token);
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/rollouts")).into_response()
+}
+
+/// The change a button or API call names.
+fn change_of(action: &str) -> Option<HoldChange> {
+    Some(match action {
+        "pause" => HoldChange::Hold(HoldKind::Paused),
+        "halt" => HoldChange::Hold(HoldKind::Halted),
+        "resume" => HoldChange::Resume,
+        _ => return None,
+    })
+}
+
+async fn change(
+    d: &Shared,
+    headers: &HeaderMap,
+    (app, channel, release, action): (String, String, u64, String),
+) -> Result<String, (StatusCode, String)> {
+    if !signed_in(d, headers) {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "sign in (/login) or send Authorization: Bearer TOKEN (keys/http.token)\n".into(),
+        ));
+    }
+    let Some(change) = change_of(&action) else {
+        return Err((
+            StatusCode::NOT_FOUND,
+            format!("unknown action {action:?}: pause, halt or resume\n"),
+        ));
+    };
+    let done = read(d, move |home| {
+        let (key, list) = crate::rollout::operator_change(
+            home,
+            &app,
+            &channel,
+            Some(release),
+            change,
+            "from the dashboard",
+        )?;
+        crate::control::reload_trust(home, &mut |l| tracing::debug!("{l}"));
+        Ok(format!(
+            "{} release {} on {}: {action} (hold list version {})\n",
+            key.app, key.release, key.channel, list.version
+        ))
+    })
+    .await;
+    done.map_err(|e| (StatusCode::CONFLICT, format!("{e:#}\n")))
+}
+
+async fn rollout_form(
+    State(d): State<Shared>,
+    headers: HeaderMap,
+    Path(target): Path<(String, String, u64, String)>,
+) -> Response {
+    match change(&d, &headers, target).await {
+        Ok(_) => Redirect::to("/rollouts").into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn rollout_api(
+    State(d): State<Shared>,
+    headers: HeaderMap,
+    Path(target): Path<(String, String, u64, String)>,
+) -> Response {
+    match change(&d, &headers, target).await {
+        Ok(done) => done.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn api_devices(State(d): State<Shared>) -> Result<Response, Failed> {
+    let s = read(&d, Snapshot::read).await?;
+    Ok(Json(s.devices).into_response())
+}
+
+async fn api_releases(State(d): State<Shared>) -> Result<Response, Failed> {
+    let s = read(&d, Snapshot::read).await?;
+    Ok(Json(s.releases).into_response())
+}
+
+async fn api_rollouts(State(d): State<Shared>) -> Result<Response, Failed> {
+    let s = read(&d, Snapshot::read).await?;
+    Ok(Json(s.rollouts).into_response())
+}
+
+/// The vendored scripts (htmx 2.0.11 and its SSE extension 2.2.4, BSD-0) and the style.
+async fn asset(Path(file): Path<String>) -> Response {
+    let (body, kind): (&'static str, &str) = match file.as_str() {
+        "htmx.min.js" => (
+            include_str!("../assets/htmx-2.0.11.min.js"),
+            "text/javascript",
+        ),
+        "sse.min.js" => (
+            include_str!("../assets/htmx-ext-sse-2.2.4.min.js"),
+            "text/javascript",
+        ),
+        "style.css" => (include_str!("../assets/style.css"), "text/css"),
+        _ => return StatusCode::NOT_FOUND.into_response(),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "max-age=3600"),
+        ],
+        body,
+    )
+        .into_response()
+}
