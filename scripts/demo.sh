@@ -10,7 +10,10 @@
 #      the hub's event log (git);
 #   4. on demand (QEMU only): a fourth device serves hello on demand — a cold start from
 #      zero instances, then a burst of 4 clients that grows 2 local + 2 "hosted" instances
-#      (a second libvirt connection stands in for the hosted Xen host), then back to zero.
+#      (a second libvirt connection stands in for the hosted Xen host), then back to zero;
+#   5. a staged rollout: 1.0.2 to one canary first, the rest 20 s later, watched on the
+#      dashboard (hub serve --http); then (QEMU only) 1.0.3, which never becomes ready:
+#      its first two devices roll back and the hub halts it, the rest never install it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -48,10 +51,12 @@ fi
 step "hub: init (quick-start trust root) and serve with its embedded MQTT broker"
 MQTT=$(free_port); P2P=$(free_port)
 "$BIN/hub" --dir hub init --mqtt-listen "127.0.0.1:$MQTT" --p2p-listen "/ip4/127.0.0.1/tcp/$P2P"
-"$BIN/hub" --dir hub serve > hub.out 2> hub.log &
+HTTP=$(free_port)
+"$BIN/hub" --dir hub serve --http "127.0.0.1:$HTTP" > hub.out 2> hub.log &
 PIDS+=($!)
 for _ in $(seq 100); do [ -s hub/hub.addr ] && break; sleep 0.1; done
 HUB=$(cat hub/hub.addr); echo "hub peer: $HUB"
+echo "dashboard: http://127.0.0.1:$HTTP/ (API token in $OUT/hub/keys/http.token)"
 
 step "devices: a staging device per platform, three x86 field devices and an arm64 one"
 enroll() { # name channel [platform]
@@ -88,20 +93,25 @@ TOML
   echo "demo-od serves hello on demand at 127.0.0.1:$ONDEMAND"
 fi
 
-wait_release() { # release
-  for _ in $(seq 600); do
-    if python3 - "$1" <<'PY'
+wait_state() { # release state device… (default: the four field devices)
+  local want=$1 state=$2; shift 2
+  local devices="${*:-d1 d2 d3 a1}"
+  for _ in $(seq 900); do
+    if python3 - "$want" "$state" $devices <<'PY'
 import json, subprocess, sys
 inv = json.loads(subprocess.run(["../target/debug/hub", "--dir", "hub", "devices", "--json"], capture_output=True, text=True).stdout or "{}")
-want = int(sys.argv[1])
-ok = all(inv.get(f"demo-{d}/hello", {}).get("release") == want and inv[f"demo-{d}/hello"]["state"] == "active" for d in ("d1", "d2", "d3", "a1"))
-sys.exit(0 if ok else 1)
+want, state = int(sys.argv[1]), sys.argv[2]
+def at(d):
+    e = inv.get(f"demo-{d}/hello", {})
+    return e.get("state") == state and (e.get("release") == want or e.get("failed_release") == want or state in ("held", "waiting"))
+sys.exit(0 if all(at(d) for d in sys.argv[3:]) else 1)
 PY
     then return 0; fi
     sleep 0.2
   done
-  echo "devices did not converge on release $1" >&2; "$BIN/hub" --dir hub devices; exit 1
+  echo "devices $devices did not reach $state on release $want" >&2; "$BIN/hub" --dir hub devices; exit 1
 }
+wait_release() { wait_state "$1" active; }
 show() { # release version
   "$BIN/hub" --dir hub devices
   for d in d1 d2 d3 a1; do
@@ -162,6 +172,48 @@ PY
   grep -E "stopping on-demand instance" od.log | sed -E 's/.*instance=([^ ]+) at=([A-Za-z]+).*/  stopped \1 (\2)/'
   echo "instances after: $(instances)"
   "$BIN/hub" --dir hub devices | grep demo-od || true
+fi
+
+# The field devices by rollout seed, lowest (first in every wave) first.
+by_seed() { # device…
+  for d in "$@"; do
+    printf '%s %s\n' "$("$BIN/fwtool" seed --json "$d/device.pub" | python3 -c 'import json,sys; print(json.load(sys.stdin)["seed"])')" "$d"
+  done | sort -n | awk '{print $2}'
+}
+share_for() { # device: the smallest wave share that reaches it
+  "$BIN/fwtool" seed --json "$1/device.pub" | python3 -c 'import json,sys; print(json.load(sys.stdin)["reached_from"])'
+}
+
+step "a staged rollout: 1.0.2 to a canary first, the others 20 s later (each device decides from the signed manifest)"
+"$BIN/fwtool" seed d1/device.pub d2/device.pub d3/device.pub a1/device.pub
+X86=$(by_seed d1 d2 d3); CANARY=$(echo "$X86" | head -1)
+WAVES="$(share_for "$CANARY")@0,100%@20s"
+"$BIN/fwtool" testimage --app hello --version 1.0.2 --pad-mib 16 --out hello-1.0.2.elf
+"$BIN/hub" --dir hub publish hello-1.0.2.elf --app hello --version 1.0.2 --memory-mib 64 \
+  --staging-timeout-secs 90 --waves "$WAVES" --halt-after 2 --halt-failures 50%
+wait_state 3 active "$CANARY"
+sleep 1.5   # the hub writes its inventory every second
+"$BIN/hub" --dir hub rollout status hello
+echo "(live on http://127.0.0.1:$HTTP/rollouts)"
+wait_state 3 active d1 d2 d3
+sleep 1.5
+"$BIN/hub" --dir hub rollout status hello
+
+if [ "$URI" = "qemu:///system" ]; then
+  step "an automatic halt: 1.0.3 never becomes ready; after 2 of its first devices roll back, the hub halts it"
+  FIRST2=$(echo "$X86" | head -2 | tr '\n' ' '); REST=$(echo "$X86" | tail -1)
+  WAVES="$(share_for "$(echo "$X86" | sed -n 2p)")@0,100%@30s"
+  "$BIN/fwtool" testimage --app hello --version 1.0.3 --fail --out hello-1.0.3.elf
+  # Staging would have caught it; skipped here to show what the halt does in the field.
+  "$BIN/hub" --dir hub publish hello-1.0.3.elf --app hello --version 1.0.3 --memory-mib 64 --no-staging \
+    --probe-timeout-secs 3 --waves "$WAVES" --halt-after 2 --halt-failures 50%
+  wait_state 4 rolled-back $FIRST2
+  wait_state 4 held $REST
+  sleep 1.5
+  "$BIN/hub" --dir hub rollout status hello
+  "$BIN/hub" --dir hub devices
+else
+  echo "(the automatic halt needs images that really boot: skipped under the test driver)"
 fi
 
 step "the hub's history: events and releases in git"

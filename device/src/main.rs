@@ -195,24 +195,44 @@ fn status(config: PathBuf, json: bool) -> Result<()> {
         );
         return Ok(());
     }
+    let key = device::agent::load_key(&cfg.key)?;
+    let seed = proto::rollout::seed(&key.public());
+    let tags = if cfg.tags.is_empty() {
+        String::new()
+    } else {
+        format!(", tags {}", cfg.tags.join(", "))
+    };
     println!(
-        "device {} (fleet {}, channel {})",
-        cfg.name, cfg.fleet, cfg.channel
+        "device {} (fleet {}, channel {}{tags}; in rollout waves of {} or more)",
+        cfg.name,
+        cfg.fleet,
+        cfg.channel,
+        proto::rollout::share_text(seed + 1)
     );
+    let now = device::agent::now();
     for app in &cfg.apps {
         let st = state.apps.get(app).cloned().unwrap_or_default();
-        let cur = st.current.as_ref().map_or("none".to_string(), |c| {
+        let cur = st.current.as_ref().map_or("nothing".to_string(), |c| {
             format!("release {} ({})", c.release, c.version)
         });
-        let last = reports
-            .get(app)
-            .and_then(|r| r.get("state"))
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| "-".into());
-        println!(
-            "  {app}: running {cur}; last report {last}; failed releases {:?}",
-            st.failed
-        );
+        let last = match reports.get(app) {
+            None => "none yet".into(),
+            Some(r) => match serde_json::from_value::<proto::status::StatusReport>(r.clone()) {
+                Ok(r) => format!(
+                    "{} ({})",
+                    r.state.describe(now),
+                    proto::status::human_ago(r.at, now)
+                ),
+                // Written by an older agent: shown as it is.
+                Err(_) => r["state"].to_string(),
+            },
+        };
+        let failed = if st.failed.is_empty() {
+            String::new()
+        } else {
+            format!("; failed here before: releases {:?}", st.failed)
+        };
+        println!("  {app}: running {cur}; last report: {last}{failed}");
     }
     // Every app's report carries the same network counts; the newest one's.
     let network = reports

@@ -27,6 +27,7 @@ pub struct Reporter {
     channel: String,
     /// `device enroll --tag`s, in every report (releases may target them).
     tags: Vec<String>,
+    platform: proto::manifest::Platform,
     key: SecretKey,
     net: NetClient,
     mqtt: Option<crate::mqtt::Mqtt>,
@@ -128,6 +129,9 @@ impl Reporter {
             device: cfg.name.clone(),
             channel: cfg.channel.clone(),
             tags: cfg.tags.clone(),
+            // Checked when the agent starts; a config naming no known platform never
+            // gets this far.
+            platform: cfg.platform().unwrap_or(proto::manifest::Platform::QemuX86_64),
             key,
             net,
             mqtt,
@@ -254,6 +258,7 @@ impl Reporter {
             fleet: self.fleet.clone(),
             device: self.device.clone(),
             tags: self.tags.clone(),
+            platform: self.platform,
             // Numbered by the ledger when sent.
             seq: 0,
             at: crate::agent::now(),
@@ -353,6 +358,7 @@ mod tests {
             app: app.into(),
             channel: "stable".into(),
             tags: vec![],
+            platform: proto::manifest::Platform::QemuX86_64,
             release: Some(release),
             version: None,
             manifest: None,

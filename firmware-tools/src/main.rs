@@ -96,6 +96,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Each device's place in staged rollouts: the smallest wave share that reaches it
+    /// (`hub publish --waves`), from its public key (device.pub). The same for every
+    /// release, so the same devices go first each time.
+    Seed {
+        /// Device public keys (device.pub files).
+        #[arg(required = true)]
+        keys: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug, Default)]
@@ -395,6 +405,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_text(&v, 0);
+            }
+        }
+        Command::Seed { keys, json } => {
+            let mut rows = vec![];
+            for path in &keys {
+                let key = files::read_public_key(path)?;
+                let seed = proto::rollout::seed(&key);
+                rows.push((path.display().to_string(), seed));
+            }
+            for (path, seed) in &rows {
+                let reached_from = proto::rollout::share_text(seed + 1);
+                if json {
+                    println!("{}", serde_json::json!({ "key": path, "seed": seed, "reached_from": reached_from }));
+                } else {
+                    println!("{path}: in every wave of {reached_from} or more");
+                }
             }
         }
         Command::Diff { old, new, json } => {

@@ -526,3 +526,28 @@ fn help_explains_every_command() {
         assert!(root_help.contains(cmd), "{cmd} missing from root --help");
     }
 }
+
+#[test]
+fn seed_names_the_smallest_wave_share_that_reaches_a_device() {
+    let run = Run::new();
+    run.ok(&["keygen", "--out", "dev"]);
+    let text = std::fs::read_to_string(run.path("dev.pub")).unwrap();
+    let seed = proto::rollout::seed(&proto::PublicKey::from_text(&text).unwrap());
+    let out = run.ok(&["seed", "--json", "dev.pub"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["seed"], seed);
+    assert_eq!(v["reached_from"], proto::rollout::share_text(seed + 1));
+    // That share admits it; one basis point less does not.
+    let at = |share: &str| {
+        proto::rollout::Rollout {
+            waves: proto::rollout::parse_waves(&format!("{share}@0")).unwrap(),
+            ..Default::default()
+        }
+        .opens_at(seed, 0)
+    };
+    assert_eq!(at(v["reached_from"].as_str().unwrap()), Some(0));
+    if seed > 0 {
+        assert_eq!(at(&proto::rollout::share_text(seed)), None);
+    }
+    assert!(run.fails(&["seed", "missing.pub"]).contains("missing.pub"));
+}

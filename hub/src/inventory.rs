@@ -36,6 +36,9 @@ pub struct DeviceEntry {
     /// The release it rolled back from, when `state` is `rolled-back`.
     #[serde(default)]
     pub failed_release: Option<u64>,
+    /// What it boots (`None`: an entry written before reports said).
+    #[serde(default)]
+    pub platform: Option<proto::manifest::Platform>,
 }
 
 pub type Inventory = BTreeMap<String, DeviceEntry>;

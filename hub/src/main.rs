@@ -303,10 +303,25 @@ enum RootCommand {
         /// The hub's new release key, if the new root lists another.
         #[arg(long)]
         release_key: Option<PathBuf>,
+        /// The hub's new rollout key, if the new root lists another.
+        #[arg(long)]
+        rollout_key: Option<PathBuf>,
     },
 }
 
+/// The local UTC offset (seconds east), read once before any thread starts (on Linux the
+/// `time` crate reads it only then); UTC if it cannot be read.
+static LOCAL_OFFSET: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+
+/// `at` as local wall-clock time, for people (JSON keeps Unix seconds).
+fn local(at: u64) -> String {
+    proto::status::local_time(at, *LOCAL_OFFSET.get().unwrap_or(&0))
+}
+
 fn main() -> std::process::ExitCode {
+    let _ = LOCAL_OFFSET.set(
+        time::UtcOffset::current_local_offset().map_or(0, |o| o.whole_seconds()),
+    );
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -343,7 +358,7 @@ fn print_event(e: &Event, json: bool) -> Result<()> {
         .collect();
         println!(
             "{} {} {} {}",
-            hub::trust::human_time(e.at),
+            local(e.at),
             e.kind,
             what.join(" "),
             e.detail
@@ -543,19 +558,23 @@ fn run(cli: Cli) -> Result<()> {
             new_root,
             timestamp_key,
             release_key,
+            rollout_key,
         }) => {
             let home = Home::open(&dir)?;
             let root = hub::trust::publish_root(
                 &home,
                 &new_root,
-                timestamp_key.as_deref(),
-                release_key.as_deref(),
+                &hub::trust::NewKeys {
+                    timestamp: timestamp_key.as_deref(),
+                    release: release_key.as_deref(),
+                    rollout: rollout_key.as_deref(),
+                },
             )?;
             hub::control::reload_trust(&home, &mut |l| eprintln!("{l}"));
             println!(
                 "trust root version {} published (expires {}); devices fetch the links they lack from the hub or their peers",
                 root.root().version,
-                hub::trust::human_time(root.root().expires_at)
+                local(root.root().expires_at)
             );
         }
         Command::Revoke { name, reason } => {
@@ -602,6 +621,7 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&inv)?);
             } else {
+                let now = hub::home::now();
                 for e in inv.values() {
                     let ondemand = e.ondemand.map_or(String::new(), |c| {
                         format!(
@@ -612,23 +632,28 @@ fn run(cli: Cli) -> Result<()> {
                     let network = e
                         .network
                         .map_or(String::new(), |n| format!(" {}", n.summary()));
+                    let tags = if e.tags.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" [{}]", e.tags.join(", "))
+                    };
                     println!(
-                        "{} {} release {} {} {} (peers {} B, hub {} B, seen {}){network}{ondemand}",
+                        "{}{tags} {} release {} {} {} (from peers {}, hub {}; seen {}){network}{ondemand}",
                         e.device,
                         e.app,
                         e.release.map_or("-".into(), |r| r.to_string()),
                         e.state,
                         e.detail,
-                        e.bytes_from_peers,
-                        e.bytes_from_hub,
-                        hub::trust::human_time(e.last_seen)
+                        proto::status::human_bytes(e.bytes_from_peers),
+                        proto::status::human_bytes(e.bytes_from_hub),
+                        proto::status::human_ago(e.last_seen, now)
                     );
                 }
                 for r in &revoked {
                     println!(
                         "{} REVOKED since {} (key {})",
                         r.name,
-                        hub::trust::human_time(r.at),
+                        local(r.at),
                         r.key.id().short()
                     );
                 }

@@ -289,6 +289,7 @@ mod tests {
             network: None,
             tags: tags.iter().map(|t| t.to_string()).collect(),
             failed_release: None,
+            platform: None,
         }
     }
 

@@ -382,6 +382,12 @@ pub fn status(
     };
     let (rollout, created_at) = stored_rollout(&store, &root, app, channel, release)?
         .with_context(|| format!("{app} has no release {release} on {channel}"))?;
+    // Devices of a platform the release has no image for are not part of it.
+    let platforms: Vec<proto::manifest::Platform> = store
+        .release(app, channel, release)?
+        .into_iter()
+        .map(|i| i.track.platform)
+        .collect();
     let hold = holds(&store, &root)?.and_then(|(l, _)| l.of(app, channel, release).cloned());
     let keys: BTreeMap<String, PublicKey> = crate::inventory::load_devices(&store)?
         .into_values()
@@ -404,7 +410,10 @@ pub fn status(
         .collect();
     let mut not_targeted = 0;
     for e in crate::inventory::load_inventory(home).values() {
-        if e.app != app || e.channel != channel {
+        if e.app != app
+            || e.channel != channel
+            || e.platform.is_some_and(|p| !platforms.contains(&p))
+        {
             continue;
         }
         let Some(key) = keys.get(&e.device) else {

@@ -814,6 +814,7 @@ impl Hub {
             ondemand: r.ondemand,
             network: r.network,
             tags: r.tags.clone(),
+            platform: Some(r.platform),
             failed_release: match r.state {
                 proto::status::DeviceState::RolledBack { failed_release, .. } => {
                     Some(failed_release)

@@ -301,6 +301,7 @@ mod tests {
             fleet: "home".into(),
             device: device.into(),
             tags: vec![],
+            platform: proto::manifest::Platform::QemuX86_64,
             seq: 1,
             at: 1,
             app: "hello".into(),

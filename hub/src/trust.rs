@@ -115,34 +115,17 @@ pub fn human_time(at: u64) -> String {
         .to_string()
 }
 
-/// `at` as people say it from `now`: `12s ago`, `5h 20m ago`, `in 3m 0s`.
-pub fn human_ago(at: u64, now: u64) -> String {
-    if at <= now {
-        format!("{} ago", human_secs(now - at))
-    } else {
-        format!("in {}", human_secs(at - now))
-    }
-}
-
-/// Seconds as `59 days`, `5h 20m` or `40s`, for people.
-pub fn human_secs(secs: u64) -> String {
-    match secs {
-        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
-        s if s >= 3600 => format!("{}h {}m", s / 3600, s % 3600 / 60),
-        s if s >= 60 => format!("{}m {}s", s / 60, s % 60),
-        s => format!("{s}s"),
-    }
-}
+pub use proto::status::{human_ago, human_secs};
 
 /// `hub root publish NEW_ROOT`: `NEW_ROOT` must verify as the next link after the hub's
 /// root. It is kept in the store's chain and becomes the hub's root; a running hub
 /// announces it and serves every link to devices catching up.
-pub fn publish_root(
-    home: &Home,
-    new_root: &Path,
-    timestamp_key: Option<&Path>,
-    release_key: Option<&Path>,
-) -> Result<TrustedRoot> {
+pub fn publish_root(home: &Home, new_root: &Path, keys: &NewKeys<'_>) -> Result<TrustedRoot> {
+    let NewKeys {
+        timestamp: timestamp_key,
+        release: release_key,
+        rollout: rollout_key,
+    } = *keys;
     let bytes = std::fs::read(new_root)
         .with_context(|| format!("reading new root {}", new_root.display()))?;
     let current = home.anchor_root()?;
@@ -166,19 +149,18 @@ pub fn publish_root(
             timestamp.id().short()
         );
     }
-    let release = match release_key {
-        Some(p) => Some(crate::home::read_secret(p)?),
-        None => home.release_key().ok(),
-    };
-    if let Some(r) = &release {
-        if next.root().release.key(&r.id()).is_none() {
-            bail!(
-                "the new root's release role does not list the hub's release key {}: pass \
-                 --release-key with one it lists",
-                r.id().short()
-            );
-        }
-    }
+    let release = optional_key(
+        release_key,
+        home.release_key().ok(),
+        &next.root().release,
+        "release",
+    )?;
+    let rollout = optional_key(
+        rollout_key,
+        home.rollout_key()?,
+        &next.root().rollout,
+        "rollout",
+    )?;
     let version = next.root().version;
     let mut change = Change::default();
     change.put(root_path(version), bytes.clone());
@@ -202,11 +184,48 @@ pub fn publish_root(
         crate::home::replace_secret(&home.dir.join("keys/timestamp.key"), &timestamp)
             .with_context(|| format!("installing {}", p.display()))?;
     }
-    if let (Some(p), Some(r)) = (release_key, &release) {
-        crate::home::replace_secret(&home.dir.join("keys/release.key"), r)
-            .with_context(|| format!("installing {}", p.display()))?;
+    for (given, key, file) in [
+        (release_key, &release, "keys/release.key"),
+        (rollout_key, &rollout, "keys/rollout.key"),
+    ] {
+        if let (Some(p), Some(k)) = (given, key) {
+            crate::home::replace_secret(&home.dir.join(file), k)
+                .with_context(|| format!("installing {}", p.display()))?;
+        }
     }
     Ok(next)
+}
+
+/// Keys `hub root publish` installs with the new root, where it lists new ones.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NewKeys<'a> {
+    pub timestamp: Option<&'a Path>,
+    pub release: Option<&'a Path>,
+    pub rollout: Option<&'a Path>,
+}
+
+/// A key the hub may hold for `role` (`given`, else the one it `held`): it must be one
+/// the new root lists.
+fn optional_key(
+    given: Option<&Path>,
+    held: Option<SecretKey>,
+    role: &proto::root::Role,
+    name: &str,
+) -> Result<Option<SecretKey>> {
+    let key = match given {
+        Some(p) => Some(crate::home::read_secret(p)?),
+        None => held,
+    };
+    if let Some(k) = &key {
+        if role.key(&k.id()).is_none() {
+            bail!(
+                "the new root's {name} role does not list the hub's {name} key {}: pass \
+                 --{name}-key with one it lists",
+                k.id().short()
+            );
+        }
+    }
+    Ok(key)
 }
 
 /// The stored revocation list, verified against `root` (`None`: nobody was revoked).

@@ -49,6 +49,26 @@ impl DeviceState {
             DeviceState::Held { .. } => "held",
         }
     }
+
+    /// For people, as of `now`: `waiting for release 4: its wave opens in 3m 0s`.
+    pub fn describe(&self, now: u64) -> String {
+        match self {
+            DeviceState::Downloading { percent } => format!("downloading ({percent}%)"),
+            DeviceState::RolledBack {
+                failed_release,
+                reason,
+            } => format!("rolled back from release {failed_release}: {reason}"),
+            DeviceState::Failed { reason } => format!("failed: {reason}"),
+            DeviceState::Waiting { release, until } => format!(
+                "waiting for release {release}: its rollout wave opens {}",
+                human_ago(*until, now)
+            ),
+            DeviceState::Held { release, kind } => {
+                format!("holding back release {release} ({})", kind.label())
+            }
+            other => other.label().into(),
+        }
+    }
 }
 
 /// One status report. `seq` grows with every report a device sends, so a replayed old
@@ -77,6 +97,8 @@ pub struct StatusReport {
     pub network: Option<NetworkCounts>,
     /// The device's tags (`device enroll --tag`), which releases may target.
     pub tags: Vec<String>,
+    /// What the device boots: which of a release's images is its own.
+    pub platform: crate::manifest::Platform,
 }
 
 /// How others can reach a device, as far as it can tell.
@@ -155,6 +177,52 @@ pub fn human_bytes(n: u64) -> String {
     format!("{v:.1} {}", UNITS[unit])
 }
 
+/// Seconds as people say them: `40s`, `5m 20s`, `3h 5m`, `59 days`.
+pub fn human_secs(secs: u64) -> String {
+    match secs {
+        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
+        s if s >= 3600 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{}m {}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// `at` (Unix s) from `now`: `12s ago`, `5h 20m ago`, `in 3m 0s`.
+pub fn human_ago(at: u64, now: u64) -> String {
+    if at <= now {
+        format!("{} ago", human_secs(now - at))
+    } else {
+        format!("in {}", human_secs(at - now))
+    }
+}
+
+/// `at` (Unix s) as a wall-clock time `offset_secs` east of UTC (the caller's local
+/// offset): `2026-12-04 20:20:55 +01:00`.
+pub fn local_time(at: u64, offset_secs: i32) -> String {
+    let t = at as i64 + i64::from(offset_secs);
+    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let sign = if offset_secs < 0 { '-' } else { '+' };
+    let off = offset_secs.unsigned_abs();
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} {sign}{:02}:{:02}",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60,
+        off / 3600,
+        off % 3600 / 60
+    )
+}
+
 /// What the on-demand pool of one app is doing, as of the report.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OnDemandCounts {
@@ -229,6 +297,16 @@ pub fn verify_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_read_as_people_write_them() {
+        assert_eq!(local_time(0, 0), "1970-01-01 00:00:00 +00:00");
+        assert_eq!(local_time(1_796_412_055, 3600), "2026-12-04 20:20:55 +01:00");
+        assert_eq!(local_time(1_709_164_800, -5 * 3600 - 1800), "2024-02-28 18:30:00 -05:30");
+        assert_eq!(human_ago(988, 1000), "12s ago");
+        assert_eq!(human_ago(1000 + 180, 1000), "in 3m 0s");
+        assert_eq!(human_secs(5 * 86_400), "5 days");
+    }
 
     #[test]
     fn byte_counts_read_as_people_write_them() {

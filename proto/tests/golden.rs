@@ -125,6 +125,7 @@ fn status_bytes() -> Vec<u8> {
             hole_punch_failures: 2,
         }),
         tags: vec!["kitchen".into(), "beta".into()],
+        platform: proto::manifest::Platform::QemuAarch64,
     };
     signed(r.seal().unwrap(), &[&key(20)])
 }
