@@ -131,7 +131,9 @@ impl Reporter {
             tags: cfg.tags.clone(),
             // Checked when the agent starts; a config naming no known platform never
             // gets this far.
-            platform: cfg.platform().unwrap_or(proto::manifest::Platform::QemuX86_64),
+            platform: cfg
+                .platform()
+                .unwrap_or(proto::manifest::Platform::QemuX86_64),
             key,
             net,
             mqtt,

@@ -417,7 +417,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for (path, seed) in &rows {
                 let reached_from = proto::rollout::share_text(seed + 1);
                 if json {
-                    println!("{}", serde_json::json!({ "key": path, "seed": seed, "reached_from": reached_from }));
+                    println!(
+                        "{}",
+                        serde_json::json!({ "key": path, "seed": seed, "reached_from": reached_from })
+                    );
                 } else {
                     println!("{path}: in every wave of {reached_from} or more");
                 }

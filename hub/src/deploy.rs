@@ -16,6 +16,11 @@
 //! network = false             # the unikernel needs a network interface
 //! no_staging = false
 //! no_staging_for = []         # platforms without a staging device
+//! waves = "1%@0,10%@1h,100%@1d"   # optional staged rollout (as `hub publish --waves`)
+//! halt_after = 20             # optional: halt once 20 devices tried it and …
+//! halt_failures = 10          # … this percentage of them rolled back (default 50)
+//! target_tags = ["beta"]      # optional: only devices with these tags …
+//! target_devices = []         # … or these names
 //! ```
 
 use crate::home::Home;
@@ -56,6 +61,43 @@ struct DeployFile {
     no_staging_for: Vec<Platform>,
     #[serde(default = "staging_timeout")]
     staging_timeout_secs: u64,
+    #[serde(default)]
+    waves: Option<String>,
+    #[serde(default)]
+    halt_after: Option<u32>,
+    #[serde(default = "fifty")]
+    halt_failures: u8,
+    #[serde(default)]
+    target_tags: Vec<String>,
+    #[serde(default)]
+    target_devices: Vec<String>,
+}
+
+impl DeployFile {
+    /// The rollout it asks for, its spelling checked as `hub publish` checks it.
+    fn rollout(&self) -> Result<proto::rollout::Rollout> {
+        let waves = match &self.waves {
+            Some(w) => proto::rollout::parse_waves(w).context("unifleet.toml: waves")?,
+            None => vec![],
+        };
+        let rollout = proto::rollout::Rollout {
+            waves,
+            tags: self.target_tags.clone(),
+            devices: self.target_devices.clone(),
+            halt: self.halt_after.map(|n| proto::rollout::HaltPolicy {
+                min_attempts: n,
+                max_failure_percent: self.halt_failures,
+            }),
+        };
+        rollout
+            .validate()
+            .context("unifleet.toml: the rollout (waves, halt_after, halt_failures, targets)")?;
+        Ok(rollout)
+    }
+}
+
+fn fifty() -> u8 {
+    50
 }
 
 fn staging_timeout() -> u64 {
@@ -150,6 +192,7 @@ pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) ->
                 path: file,
             });
         }
+        let rollout = spec.rollout()?;
         let args = PublishArgs {
             app: spec.app,
             version: spec.version,
@@ -164,7 +207,7 @@ pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) ->
             no_staging_for: spec.no_staging_for,
             staging_timeout_secs: spec.staging_timeout_secs,
             hold: false,
-            rollout: proto::rollout::Rollout::default(),
+            rollout,
         };
         let infos = publish(home, &files, &args, progress)?;
         crate::control::notify(home, progress);

@@ -235,6 +235,12 @@ enum RolloutCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Follow the release until every device it reaches runs it (exit 0) or it is
+    /// held (exit 2): progress bars per wave on a terminal, a line per change otherwise.
+    Watch {
+        #[command(flatten)]
+        target: RolloutTarget,
+    },
     /// Stop devices that have not installed the release from starting it (devices that
     /// did keep it, and their health-based rollback); `resume` undoes it.
     Pause {
@@ -319,9 +325,8 @@ fn local(at: u64) -> String {
 }
 
 fn main() -> std::process::ExitCode {
-    let _ = LOCAL_OFFSET.set(
-        time::UtcOffset::current_local_offset().map_or(0, |o| o.whole_seconds()),
-    );
+    let _ =
+        LOCAL_OFFSET.set(time::UtcOffset::current_local_offset().map_or(0, |o| o.whole_seconds()));
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -356,13 +361,7 @@ fn print_event(e: &Event, json: bool) -> Result<()> {
         .into_iter()
         .flatten()
         .collect();
-        println!(
-            "{} {} {} {}",
-            local(e.at),
-            e.kind,
-            what.join(" "),
-            e.detail
-        );
+        println!("{} {} {} {}", local(e.at), e.kind, what.join(" "), e.detail);
     }
     use std::io::Write;
     std::io::stdout().flush()?;
@@ -698,6 +697,7 @@ fn rollout(dir: &std::path::Path, cmd: RolloutCommand) -> Result<()> {
             }
             return Ok(());
         }
+        RolloutCommand::Watch { target } => return rollout_watch(&home, &target),
         RolloutCommand::Pause { target, reason } => {
             (target, HoldChange::Hold(HoldKind::Paused), reason)
         }
@@ -773,5 +773,83 @@ fn print_rollout(s: &hub::rollout::RolloutStatus) {
             w.failed,
             w.rolled_back
         );
+    }
+}
+
+/// `hub rollout watch`: polls the rollout once a second (the hub writes its inventory as
+/// often).
+fn rollout_watch(home: &Home, target: &RolloutTarget) -> Result<()> {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let bars = indicatif::MultiProgress::new();
+    let style =
+        indicatif::ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg}")
+            .context("progress bar template")?
+            .progress_chars("=> ");
+    let mut shown: Vec<indicatif::ProgressBar> = vec![];
+    let mut last = String::new();
+    loop {
+        let s = hub::rollout::status(home, &target.app, &target.channel, target.release)?;
+        let now = hub::home::now();
+        let (mut total, mut active) = (0, 0);
+        let mut lines = vec![];
+        for (i, w) in s.waves_detail.iter().enumerate() {
+            let n = w.pending + w.downloading + w.active + w.failed + w.rolled_back;
+            total += n;
+            active += w.active;
+            let opens = if w.opens_at <= now {
+                "open".to_string()
+            } else {
+                format!("opens {}", proto::status::human_ago(w.opens_at, now))
+            };
+            let msg = format!(
+                "{opens}; {} pending, {} downloading, {} failed, {} rolled back",
+                w.pending, w.downloading, w.failed, w.rolled_back
+            );
+            if tty {
+                if shown.len() <= i {
+                    let bar = bars.add(indicatif::ProgressBar::new(0));
+                    bar.set_style(style.clone());
+                    bar.set_prefix(format!("to {}", proto::rollout::share_text(w.basis_points)));
+                    shown.push(bar);
+                }
+                shown[i].set_length(u64::from(n));
+                shown[i].set_position(u64::from(w.active));
+                shown[i].set_message(msg);
+            } else {
+                lines.push(format!(
+                    "wave to {}: {}/{n} active, {msg}",
+                    proto::rollout::share_text(w.basis_points),
+                    w.active
+                ));
+            }
+        }
+        let text = lines.join("; ");
+        if !tty && text != last {
+            println!("{} release {}: {text}", s.release.app, s.release.release);
+            last = text;
+        }
+        if let Some(h) = &s.hold {
+            bars.clear().ok();
+            anyhow::bail!(
+                "{} release {} is {}: {}",
+                s.release.app,
+                s.release.release,
+                h.kind.label(),
+                h.reason
+            );
+        }
+        let all_open = s.waves_detail.iter().all(|w| w.opens_at <= now);
+        if all_open && total > 0 && active == total {
+            for b in &shown {
+                b.finish();
+            }
+            println!(
+                "{} release {} runs on all {total} device(s) it reaches",
+                s.release.app, s.release.release
+            );
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }

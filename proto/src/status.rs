@@ -301,8 +301,14 @@ mod tests {
     #[test]
     fn times_read_as_people_write_them() {
         assert_eq!(local_time(0, 0), "1970-01-01 00:00:00 +00:00");
-        assert_eq!(local_time(1_796_412_055, 3600), "2026-12-04 20:20:55 +01:00");
-        assert_eq!(local_time(1_709_164_800, -5 * 3600 - 1800), "2024-02-28 18:30:00 -05:30");
+        assert_eq!(
+            local_time(1_796_412_055, 3600),
+            "2026-12-04 20:20:55 +01:00"
+        );
+        assert_eq!(
+            local_time(1_709_164_800, -5 * 3600 - 1800),
+            "2024-02-28 18:30:00 -05:30"
+        );
         assert_eq!(human_ago(988, 1000), "12s ago");
         assert_eq!(human_ago(1000 + 180, 1000), "in 3m 0s");
         assert_eq!(human_secs(5 * 86_400), "5 days");

@@ -150,6 +150,33 @@ fn git_push_deploys_through_the_same_pipeline() -> Result<()> {
     let said = String::from_utf8_lossy(&push.stderr);
     assert!(said.contains("unrecognised image"), "{said}");
     assert_eq!(fleet.releases(None)?.len(), 1);
+
+    // A push may carry a staged rollout; a misspelt one is refused, naming the field.
+    std::fs::copy(&img, app.join("build/hello.elf"))?;
+    let deploy = |extra: &str| -> Result<String> {
+        std::fs::write(
+            app.join("unifleet.toml"),
+            format!("app = \"hello\"\nversion = \"1.3.0\"\nimage = \"build/hello.elf\"\nno_staging = true\n{extra}"),
+        )?;
+        git(&["commit", "-qam", extra])?;
+        let push = git(&["push", "unifleet", "main"])?;
+        Ok(String::from_utf8_lossy(&push.stderr).into_owned())
+    };
+    let said = deploy("waves = \"10%@1h,5%@2h\"\n")?;
+    assert!(said.contains("unifleet.toml: waves"), "{said}");
+    assert_eq!(fleet.releases(None)?.len(), 1);
+    let said = deploy("waves = \"10%@0,100%@1h\"\nhalt_after = 3\ntarget_tags = [\"beta\"]\n")?;
+    assert!(said.contains("released hello release 2"), "{said}");
+    let status: serde_json::Value = serde_json::from_str(&run(fleet
+        .hub_cmd()?
+        .args(["rollout", "status", "hello", "--json"]))?)?;
+    assert_eq!(status["waves"], "10%@0s,100%@1h", "{status}");
+    assert_eq!(
+        status["targets"],
+        serde_json::json!(["tag:beta"]),
+        "{status}"
+    );
+    assert_eq!(status["halt_policy"]["min_attempts"], 3, "{status}");
     Ok(())
 }
 

@@ -240,6 +240,12 @@ fn a_paused_release_waits_and_resumes_at_once() -> Result<()> {
     wait_for("the device to hold the paused release", CONVERGE, || {
         (state(&fleet, d)["Held"]["kind"] == "Paused").then_some(())
     })?;
+    // A watcher sees it held (and says so, failing).
+    let held = run(fleet.hub_cmd()?.args(["rollout", "watch", "hello"])).unwrap_err();
+    assert!(
+        format!("{held:#}").contains("is paused: looking at logs"),
+        "{held:#}"
+    );
     // Resumed: installed at once, not at the next minute's look.
     run(fleet.hub_cmd()?.args(["rollout", "resume", "hello"]))?;
     wait_for(
@@ -251,6 +257,12 @@ fn a_paused_release_waits_and_resumes_at_once() -> Result<()> {
                 .filter(|(r, s)| *r == 1 && s == "Active")
         },
     )?;
+    // The watcher ends once every device it reaches runs it (the inventory within 1 s).
+    let done = run(fleet.hub_cmd()?.args(["rollout", "watch", "hello"]))?;
+    assert!(
+        done.contains("runs on all 1 device(s) it reaches"),
+        "{done}"
+    );
     // Resuming what is not held says so.
     let err = run(fleet.hub_cmd()?.args(["rollout", "resume", "hello"])).unwrap_err();
     assert!(format!("{err:#}").contains("is not held"), "{err:#}");
