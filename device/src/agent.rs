@@ -589,60 +589,65 @@ impl Router {
     }
 
     fn revocations_heard(&mut self, bytes: &[u8], from: Option<PeerId>) -> Verdict {
-        match self.trust.offer_revocations(bytes) {
-            Ok(true) => {
-                let r = self.trust.revoked();
-                tracing::warn!(
-                    version = r.version(),
-                    "revocation list: not trading with {}",
-                    r.list
-                        .iter()
-                        .flat_map(|l| l.devices.iter().map(|d| d.name.as_str()))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                Verdict::New
-            }
+        let offered = self.trust.offer_revocations(bytes);
+        let verdict = self.record_verdict("revocation list", offered, from);
+        if verdict == Verdict::New {
+            let r = self.trust.revoked();
+            tracing::warn!(
+                version = r.version(),
+                "revocation list: not trading with {}",
+                r.list
+                    .iter()
+                    .flat_map(|l| l.devices.iter().map(|d| d.name.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        verdict
+    }
+
+    /// What a signed list offered to [`Trust`] (revocations, holds) makes for relaying:
+    /// taken (new), already held or older (known), not kept on disk (stale: not relayed
+    /// until it is), refused.
+    fn record_verdict(
+        &self,
+        what: &str,
+        offered: Result<bool, crate::trust::TrustError>,
+        from: Option<PeerId>,
+    ) -> Verdict {
+        match offered {
+            Ok(true) => Verdict::New,
             Ok(false) => Verdict::Known,
             Err(e @ crate::trust::TrustError::Keep { .. }) => {
                 tracing::error!("{e}");
                 Verdict::Stale
             }
-            Err(e) => self.refused(from, "revocation list", &e),
+            Err(e) => self.refused(from, what, &e),
         }
     }
 
     /// A list of held releases: taken if newer; the updater looks again at a release
     /// waiting on it (held, or resumed).
     fn holds_heard(&mut self, bytes: &[u8], from: Option<PeerId>) -> Verdict {
-        match self.trust.offer_holds(bytes) {
-            Ok(true) => {
-                if let Some(h) = self.trust.holds() {
-                    let held: Vec<String> =
-                        h.0.held
-                            .iter()
-                            .map(|h| format!("{} release {} {}", h.app, h.release, h.kind.label()))
-                            .collect();
-                    tracing::info!(
-                        version = h.0.version,
-                        "hold list: {}",
-                        if held.is_empty() {
-                            "nothing held".to_string()
-                        } else {
-                            held.join(", ")
-                        }
-                    );
-                }
-                self.updates.nudge();
-                Verdict::New
+        let offered = self.trust.offer_holds(bytes);
+        let verdict = self.record_verdict("hold list", offered, from);
+        if verdict == Verdict::New {
+            if let Some(h) = self.trust.holds() {
+                let held: Vec<String> =
+                    h.0.held
+                        .iter()
+                        .map(|h| format!("{} release {} {}", h.app, h.release, h.kind.label()))
+                        .collect();
+                let said = if held.is_empty() {
+                    "nothing held".to_string()
+                } else {
+                    held.join(", ")
+                };
+                tracing::info!(version = h.0.version, "hold list: {said}");
             }
-            Ok(false) => Verdict::Known,
-            Err(e @ crate::trust::TrustError::Keep { .. }) => {
-                tracing::error!("{e}");
-                Verdict::Stale
-            }
-            Err(e) => self.refused(from, "hold list", &e),
+            self.updates.nudge();
         }
+        verdict
     }
 
     /// Asks `peer` for the root after ours (answered, it is adopted and the next asked).

@@ -201,16 +201,7 @@ pub fn human_ago(at: u64, now: u64) -> String {
 pub fn local_time(at: u64, offset_secs: i32) -> String {
     let t = at as i64 + i64::from(offset_secs);
     let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = civil_date(days);
     let sign = if offset_secs < 0 { '-' } else { '+' };
     let off = offset_secs.unsigned_abs();
     format!(
@@ -221,6 +212,20 @@ pub fn local_time(at: u64, offset_secs: i32) -> String {
         off / 3600,
         off % 3600 / 60
     )
+}
+
+/// (year, month, day) of the day `days` after 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, proleptic Gregorian).
+pub fn civil_date(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
 }
 
 /// What the on-demand pool of one app is doing, as of the report.

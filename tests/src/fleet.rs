@@ -673,6 +673,26 @@ impl Fleet {
     }
 }
 
+/// A running hub (`hub serve` plus `serve_args`) and `n` devices of `hello` named
+/// `PREFIX0`, `PREFIX1`… (`enroll_args` to `device enroll`), all started.
+pub fn running_fleet(
+    uri: &str,
+    serve_args: &[&str],
+    prefix: &str,
+    n: usize,
+    enroll_args: &[&str],
+) -> Result<(Fleet, Vec<usize>)> {
+    let mut fleet = Fleet::new(uri)?;
+    fleet.start_hub(serve_args)?;
+    let all: Vec<usize> = (0..n)
+        .map(|i| fleet.add_device(&format!("{prefix}{i}"), "hello", enroll_args))
+        .collect::<Result<_>>()?;
+    for &i in &all {
+        fleet.start_device(i)?;
+    }
+    Ok((fleet, all))
+}
+
 /// A hub and one device `name` serving `hello` on demand under `uri` (`settings`: lines of
 /// its `[[ondemand]]` table), with metrics on and release 1 of the test image active.
 /// Returns (fleet, device, proxy port).

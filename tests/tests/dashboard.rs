@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
-use unifleet_tests::fleet::{wait_for, Fleet};
+use unifleet_tests::fleet::{running_fleet, wait_for, Fleet};
 use unifleet_tests::{bin, free_port};
 
 const CONVERGE: Duration = Duration::from_secs(90);
@@ -71,16 +71,16 @@ fn one_device_share(fleet: &Fleet, ids: &[usize]) -> Result<(usize, String)> {
 
 #[test]
 fn the_dashboard_shows_a_rollout_live_and_its_halt_button_stops_the_devices() -> Result<()> {
-    let mut fleet = Fleet::new("test:///default")?;
     let port = free_port()?;
     let url = format!("http://127.0.0.1:{port}");
-    fleet.start_hub(&["--http", &format!("127.0.0.1:{port}")])?;
-    let all: Vec<usize> = (0..3)
-        .map(|i| fleet.add_device(&format!("db{i}"), "hello", &["--tag", "lab"]))
-        .collect::<Result<_>>()?;
-    for &i in &all {
-        fleet.start_device(i)?;
-    }
+    let http = format!("127.0.0.1:{port}");
+    let (fleet, all) = running_fleet(
+        "test:///default",
+        &["--http", &http],
+        "db",
+        3,
+        &["--tag", "lab"],
+    )?;
     let token = std::fs::read_to_string(fleet.hub_dir.join("keys/http.token"))?;
     let out = screenshots()?;
     let out_s = out.to_str().context("screenshot path")?;

@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use std::time::Duration;
-use unifleet_tests::fleet::{domain_running, wait_for, Fleet};
+use unifleet_tests::fleet::{domain_running, running_fleet, wait_for, Fleet};
 
 const URI: &str = "qemu:///system";
 const CONVERGE: Duration = Duration::from_secs(90);
@@ -33,14 +33,8 @@ fn one_device_on_release_1(tag: &str) -> Result<(Fleet, usize, String)> {
 
 #[test]
 fn real_images_boot_under_qemu_and_print_ready() -> Result<()> {
-    let mut fleet = Fleet::new(URI)?;
-    fleet.start_hub(&[])?;
-    let all: Vec<usize> = (0..2)
-        .map(|i| fleet.add_device(&format!("qb{i}-{}", std::process::id()), "hello", &[]))
-        .collect::<Result<_>>()?;
-    for &i in &all {
-        fleet.start_device(i)?;
-    }
+    let prefix = format!("qb{}-", std::process::id());
+    let (fleet, all) = running_fleet(URI, &[], &prefix, 2, &[])?;
     let v1 = fleet.testimage("hello", "1.0.0", &[])?;
     fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
     fleet.wait_all(&all, "hello", 1, "Active", CONVERGE)?;

@@ -3,20 +3,13 @@
 
 use anyhow::Result;
 use std::time::Duration;
-use unifleet_tests::fleet::Fleet;
+use unifleet_tests::fleet::{running_fleet, Fleet};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
 #[test]
 fn five_devices_converge_on_v1_then_v2_and_v2_costs_only_the_delta() -> Result<()> {
-    let mut fleet = Fleet::new("test:///default")?;
-    fleet.start_hub(&[])?;
-    let all: Vec<usize> = (0..5)
-        .map(|i| fleet.add_device(&format!("d{i}"), "hello", &[]))
-        .collect::<Result<_>>()?;
-    for &i in &all {
-        fleet.start_device(i)?;
-    }
+    let (fleet, all) = running_fleet("test:///default", &[], "d", 5, &[])?;
     let v1 = fleet.testimage("hello", "1.0.0", &["--pad-mib", "16"])?;
     fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
     fleet.wait_all(&all, "hello", 1, "Active", CONVERGE)?;

@@ -6,21 +6,14 @@ use anyhow::Result;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use unifleet_tests::fleet::{toml_value::V, wait_for, Fleet, Proc};
+use unifleet_tests::fleet::{running_fleet, toml_value::V, wait_for, Fleet, Proc};
 use unifleet_tests::{bin, free_port};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
 #[test]
 fn devices_converge_from_peers_after_the_hub_and_broker_die() -> Result<()> {
-    let mut fleet = Fleet::new("test:///default")?;
-    fleet.start_hub(&[])?;
-    let all: Vec<usize> = (0..5)
-        .map(|i| fleet.add_device(&format!("p{i}"), "hello", &[]))
-        .collect::<Result<_>>()?;
-    for &i in &all {
-        fleet.start_device(i)?;
-    }
+    let (mut fleet, all) = running_fleet("test:///default", &[], "p", 5, &[])?;
     let v1 = fleet.testimage("hello", "1.0.0", &["--pad-mib", "4"])?;
     fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
     fleet.wait_all(&all, "hello", 1, "Active", CONVERGE)?;

@@ -6,7 +6,7 @@
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::time::Duration;
-use unifleet_tests::fleet::{run, wait_for, Fleet};
+use unifleet_tests::fleet::{run, running_fleet, wait_for, Fleet};
 
 const CONVERGE: Duration = Duration::from_secs(90);
 
@@ -52,14 +52,7 @@ fn state(fleet: &Fleet, i: usize) -> Value {
 fn a_canary_wave_reaches_only_its_seeds_and_the_next_opens_on_time_with_the_hub_dead() -> Result<()>
 {
     const LATER: u64 = 20;
-    let mut fleet = Fleet::new("test:///default")?;
-    fleet.start_hub(&[])?;
-    let all: Vec<usize> = (0..5)
-        .map(|i| fleet.add_device(&format!("w{i}"), "hello", &[]))
-        .collect::<Result<_>>()?;
-    for &i in &all {
-        fleet.start_device(i)?;
-    }
+    let (mut fleet, all) = running_fleet("test:///default", &[], "w", 5, &[])?;
     let (by_seed, share) = first_wave(&fleet, &all, 2)?;
     let (canaries, rest) = by_seed.split_at(2);
     let waves = format!("{share}@0,100%@{LATER}s");
@@ -154,15 +147,8 @@ fn a_release_targets_only_the_tags_and_devices_it_names() -> Result<()> {
 fn a_release_whose_first_devices_fail_is_halted_and_the_rest_never_install_it() -> Result<()> {
     const URI: &str = "qemu:///system";
     const LATER: u64 = 25;
-    let mut fleet = Fleet::new(URI)?;
-    fleet.start_hub(&[])?;
-    let pid = std::process::id();
-    let all: Vec<usize> = (0..4)
-        .map(|i| fleet.add_device(&format!("rh{i}-{pid}"), "hello", &[]))
-        .collect::<Result<_>>()?;
-    for &i in &all {
-        fleet.start_device(i)?;
-    }
+    let prefix = format!("rh{}-", std::process::id());
+    let (fleet, all) = running_fleet(URI, &[], &prefix, 4, &[])?;
     let v1 = fleet.testimage("hello", "1.0.0", &[])?;
     fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
     fleet.wait_all(&all, "hello", 1, "Active", CONVERGE)?;
