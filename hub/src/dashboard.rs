@@ -31,6 +31,9 @@ struct Dashboard {
     home: Home,
     token: String,
     stop: CancellationToken,
+    /// The newest snapshot for open pages: one task reads the home once a second while
+    /// any page is open, however many there are.
+    live: tokio::sync::watch::Receiver<Option<Arc<Snapshot>>>,
 }
 
 type Shared = Arc<Dashboard>;
@@ -53,11 +56,15 @@ pub async fn start(addr: &str, home: Home, tasks: &net::tasks::Tasks) -> Result<
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("the dashboard cannot listen on {addr} (--http)"))?;
+    let (live_tx, live) = tokio::sync::watch::channel(None);
     let state = Arc::new(Dashboard {
         token: token(&home)?,
         home,
         stop: tasks.token().clone(),
+        live,
     });
+    let reader = state.clone();
+    tasks.spawn(async move { refresh(reader, live_tx).await });
     tracing::info!(
         "dashboard on http://{}/ (API token in {})",
         listener.local_addr()?,
@@ -193,30 +200,45 @@ async fn device_page(
     })
 }
 
-/// The live fragments: every [`LIVE_EVERY`], the devices table (with the page's filter)
-/// and the rollouts panel, each sent only when it changed. Ends when the hub stops.
+/// Reads a snapshot every [`LIVE_EVERY`] while a page is open (the dashboard's own
+/// receiver is not a page), for every open page at once.
+async fn refresh(d: Shared, tx: tokio::sync::watch::Sender<Option<Arc<Snapshot>>>) {
+    loop {
+        tokio::select! {
+            _ = d.stop.cancelled() => return,
+            _ = tokio::time::sleep(LIVE_EVERY) => {}
+        }
+        if tx.receiver_count() <= 1 {
+            continue;
+        }
+        match read(&d, Snapshot::read).await {
+            Ok(s) => {
+                tx.send_replace(Some(Arc::new(s)));
+            }
+            Err(e) => tracing::debug!("dashboard: reading a snapshot: {e:#}"),
+        }
+    }
+}
+
+/// The live fragments: the devices table (with the page's filter) and the rollouts
+/// panel, each sent when it changed. Ends when the hub stops.
 async fn events(
     State(d): State<Shared>,
     Query(filter): Query<Filter>,
     headers: HeaderMap,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let signed_in = signed_in(&d, &headers);
-    let start = (d, filter, String::new(), String::new(), false);
-    let stream = futures::stream::unfold(
-        start,
-        move |(d, filter, devices, rollouts, waited)| async move {
-            if waited {
-                tokio::select! {
-                    _ = d.stop.cancelled() => return None,
-                    _ = tokio::time::sleep(LIVE_EVERY) => {}
-                }
+    let start = (d.live.clone(), filter, String::new(), String::new());
+    let stop = d.stop.clone();
+    let stream = futures::stream::unfold(start, move |(mut live, filter, devices, rollouts)| {
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                changed = live.changed() => changed.ok()?,
             }
-            let s = match read(&d, Snapshot::read).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!("dashboard events: {e:#}");
-                    return Some((vec![], (d, filter, devices, rollouts, true)));
-                }
+            let Some(s) = live.borrow_and_update().clone() else {
+                return Some((vec![], (live, filter, devices, rollouts)));
             };
             let new_devices = crate::pages::devices_table(&s, &filter).into_string();
             let new_rollouts = crate::pages::rollouts_panel(&s, signed_in).into_string();
@@ -227,9 +249,9 @@ async fn events(
             if new_rollouts != rollouts {
                 out.push(Ok(Event::default().event("rollouts").data(&new_rollouts)));
             }
-            Some((out, (d, filter, new_devices, new_rollouts, true)))
-        },
-    )
+            Some((out, (live, filter, new_devices, new_rollouts)))
+        }
+    })
     .flat_map(futures::stream::iter);
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

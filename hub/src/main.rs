@@ -493,14 +493,29 @@ fn run(cli: Cli) -> Result<()> {
                     }),
                 },
             };
-            let mut progress = |line: &str| eprintln!("{line}");
-            let infos = hub::publish::publish(&home, &images, &args, &mut progress)?;
+            let spinner = publish_spinner()?;
+            let mut progress = |line: &str| match &spinner {
+                // On a terminal: steps above a live line with the time spent (chunking
+                // counts and staging waits only update it).
+                Some(bar) => {
+                    if !line.starts_with("chunking:") {
+                        bar.println(line);
+                    }
+                    bar.set_message(line.to_string());
+                }
+                None => eprintln!("{line}"),
+            };
+            let infos = hub::publish::publish(&home, &images, &args, &mut progress);
+            if let Some(bar) = &spinner {
+                bar.finish_and_clear();
+            }
+            let infos = infos?;
             let (release, channel) = (infos[0].release, &args.channel);
             if hold {
                 println!("held {} release {release} on {channel}", args.app);
                 return Ok(());
             }
-            hub::control::notify(&home, &mut progress);
+            hub::control::notify(&home, &mut |l| eprintln!("{l}"));
             println!("released {} release {release} on {channel}", args.app);
             for i in &infos {
                 println!("  {}: manifest {}", i.track.platform, i.manifest);
@@ -852,4 +867,18 @@ fn rollout_watch(home: &Home, target: &RolloutTarget) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
+}
+
+/// A live line for `hub publish` when stderr is a terminal (`None`: plain lines).
+fn publish_spinner() -> Result<Option<indicatif::ProgressBar>> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return Ok(None);
+    }
+    let bar = indicatif::ProgressBar::new_spinner().with_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+            .context("progress template")?,
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    Ok(Some(bar))
 }

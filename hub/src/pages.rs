@@ -220,6 +220,7 @@ pub fn device(fleet: &str, d: &DevicePage) -> Markup {
             }
             @for r in &d.reports {
                 h2 { "Last signed report of " (r.app) " (#" (r.seq) ", " (human_ago(r.at, d.now)) ")" }
+                p class="report-state" { (r.state.describe(d.now)) }
                 pre class="report" { (serde_json::to_string_pretty(&r.state).unwrap_or_default()) }
                 h3 { "Console" }
                 pre class="console" { (if r.console_tail.is_empty() { "(empty)" } else { &r.console_tail }) }

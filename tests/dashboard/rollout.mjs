@@ -4,7 +4,8 @@
 //       signed in, the rollouts page shows fewer than TOTAL active and, without a reload,
 //       all TOTAL active as the next wave opens
 //   node rollout.mjs halt URL TOKEN OUT_DIR RELEASE HELD   press "Halt" on RELEASE and see,
-//       without a reload, it marked halted and HELD devices in the "held" state
+//       without a reload, it marked halted and HELD devices in the "held" state; then a
+//       held device's page: its history from the git log, its last signed report
 //
 // Screenshots go to OUT_DIR. Exits non-zero, saying what it did not see, on failure.
 import { chromium } from 'playwright-core';
@@ -81,6 +82,16 @@ async function halt(release, held) {
   );
   await stillSamePage(page);
   await page.screenshot({ path: `${out}/devices-held.png`, fullPage: true });
+  // A held device's own page.
+  await page.locator('tr[data-state="held"] a').first().click();
+  await page.locator('h2', { hasText: 'History' }).waitFor();
+  const history = await page.locator('table tbody tr').allTextContents();
+  if (!history.some((row) => row.includes('device-held'))) {
+    throw new Error(`the device's history has no device-held event: ${history.join(' | ')}`);
+  }
+  const report = await page.locator('pre.report').first().textContent();
+  if (!report.includes('Held')) throw new Error(`the last signed report is not the held one: ${report}`);
+  await page.screenshot({ path: `${out}/device-page.png`, fullPage: true });
   console.log(`halted release ${release}; ${held} device(s) held`);
 }
 

@@ -24,6 +24,8 @@ fn screenshots() -> Result<PathBuf> {
         .and_then(|p| p.parent())
         .context("target directory")?
         .join("dashboard-screenshots");
+    // Only this run's pictures: an old one must not pass for a new one.
+    let _ = std::fs::remove_dir_all(&target);
     std::fs::create_dir_all(&target)?;
     Ok(target)
 }
@@ -121,6 +123,7 @@ fn the_dashboard_shows_a_rollout_live_and_its_halt_button_stops_the_devices() ->
         "rollout-done",
         "rollout-halted",
         "devices-held",
+        "device-page",
     ] {
         assert!(out.join(format!("{shot}.png")).is_file(), "no {shot}.png");
     }
