@@ -317,9 +317,7 @@ pub fn stored_manifest(
     let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)
         .with_context(|| format!("reading {path}"))?;
     let m: proto::manifest::Manifest = root
-        .open_stored(&env, |v| {
-            store.read(&crate::trust::root_path(v)).ok().flatten()
-        })
+        .open_stored(&env, |v| crate::store::root_link(store, v).ok().flatten())
         .with_context(|| format!("{path} does not verify against the hub's root"))?;
     Ok(m)
 }

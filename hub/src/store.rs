@@ -108,6 +108,27 @@ pub fn event_file(at: u64) -> String {
     format!("events/{y:04}-{m:02}-{d:02}.log")
 }
 
+/// Where root `version` is kept in the store.
+pub fn root_path(version: u64) -> String {
+    format!("roots/{version}.bin")
+}
+
+/// The store's root link of `version` (stores from before the chain kept only v1, as
+/// `root.bin`).
+pub fn root_link(store: &Store, version: u64) -> Result<Option<Vec<u8>>> {
+    if let Some(bytes) = store.read(&root_path(version))? {
+        return Ok(Some(bytes));
+    }
+    let first = store.read("root.bin")?;
+    Ok(first.filter(|b| unverified_root(b).is_some_and(|r| r.version == version)))
+}
+
+fn unverified_root(bytes: &[u8]) -> Option<proto::root::Root> {
+    use proto::codec::Kind;
+    let env = proto::envelope::Envelope::decode(bytes, Kind::Root).ok()?;
+    proto::codec::decode(Kind::Root, &env.payload).ok()
+}
+
 /// Where a file (`manifest`, `announcement`, `staging`) of release `release` on `track`
 /// is kept.
 pub fn release_path(track: &Track, release: u64, ext: &str) -> String {

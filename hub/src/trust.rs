@@ -19,25 +19,7 @@ use std::path::Path;
 /// How far ahead `hub status` and `hub serve` warn of a root's expiry.
 pub const WARN_AHEAD: u64 = 60 * 24 * 3600;
 
-/// Where root `version` is kept in the store.
-pub fn root_path(version: u64) -> String {
-    format!("roots/{version}.bin")
-}
-
-/// The store's root link of `version` (stores from before the chain kept only v1, as
-/// `root.bin`).
-pub fn root_link(store: &Store, version: u64) -> Result<Option<Vec<u8>>> {
-    if let Some(bytes) = store.read(&root_path(version))? {
-        return Ok(Some(bytes));
-    }
-    let first = store.read("root.bin")?;
-    Ok(first.filter(|b| unverified_root(b).is_some_and(|r| r.version == version)))
-}
-
-fn unverified_root(bytes: &[u8]) -> Option<Root> {
-    let env = Envelope::decode(bytes, Kind::Root).ok()?;
-    proto::codec::decode(Kind::Root, &env.payload).ok()
-}
+pub use crate::store::{root_link, root_path};
 
 /// When a running hub signs an announcement again: once half of its freshness has gone,
 /// so devices always hold one with half a lifetime left while the hub is up.
@@ -162,7 +144,8 @@ pub fn publish_root(home: &Home, new_root: &Path, keys: &NewKeys<'_>) -> Result<
         "rollout",
     )?;
     let version = next.root().version;
-    let mut change = Change::default();
+    let store = home.store()?;
+    let mut change = resigned_lists(&store, &current, &next, &timestamp, rollout.as_ref())?;
     change.put(root_path(version), bytes.clone());
     change.put("root.bin", bytes.clone());
     change.event(Event {
@@ -177,8 +160,7 @@ pub fn publish_root(home: &Home, new_root: &Path, keys: &NewKeys<'_>) -> Result<
             human_time(next.root().expires_at)
         ),
     });
-    home.store()?
-        .commit(&format!("trust root version {version}"), &change, None)?;
+    store.commit(&format!("trust root version {version}"), &change, None)?;
     crate::home::write_atomic(&home.dir.join("root.bin"), &bytes)?;
     if let Some(p) = timestamp_key {
         crate::home::replace_secret(&home.dir.join("keys/timestamp.key"), &timestamp)
@@ -194,6 +176,46 @@ pub fn publish_root(home: &Home, new_root: &Path, keys: &NewKeys<'_>) -> Result<
         }
     }
     Ok(next)
+}
+
+/// The lists an online key signs, signed again (one version up) where the new root
+/// names another key for it: otherwise neither the hub nor a device that adopted the new
+/// root could verify them, and a revoked device or a halted release would be let go.
+fn resigned_lists(
+    store: &Store,
+    current: &TrustedRoot,
+    next: &TrustedRoot,
+    timestamp: &SecretKey,
+    rollout: Option<&SecretKey>,
+) -> Result<Change> {
+    let mut change = Change::default();
+    if let Some(bytes) = store.read("revocations.bin")? {
+        if proto::revocation::verify_revocations(&bytes, next, 0).is_err() {
+            let mut list = proto::revocation::verify_revocations(&bytes, current, 0)
+                .context("the stored revocation list does not verify against the hub's root")?;
+            list.version += 1;
+            list.issued_at = now();
+            let mut env = list.seal()?;
+            env.sign(timestamp)?;
+            change.put("revocations.bin", env.encode()?);
+        }
+    }
+    if let Some(bytes) = store.read(crate::rollout::HOLDS_PATH)? {
+        if proto::rollout::verify_holds(&bytes, next, 0).is_err() {
+            let key = rollout.context(
+                "the new root names another rollout key, and the hold list must be signed \
+                 again with it: pass --rollout-key with the key it lists",
+            )?;
+            let mut list = proto::rollout::verify_holds(&bytes, current, 0)
+                .context("the stored hold list does not verify against the hub's root")?;
+            list.version += 1;
+            list.issued_at = now();
+            let mut env = list.seal()?;
+            env.sign(key)?;
+            change.put(crate::rollout::HOLDS_PATH, env.encode()?);
+        }
+    }
+    Ok(change)
 }
 
 /// Keys `hub root publish` installs with the new root, where it lists new ones.

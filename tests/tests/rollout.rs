@@ -254,3 +254,57 @@ fn a_paused_release_waits_and_resumes_at_once() -> Result<()> {
     assert!(format!("{err:#}").contains("is not held"), "{err:#}");
     Ok(())
 }
+
+/// A root rotation that gives the hub a new rollout key left the stored hold list signed
+/// by the old one: the hub could no longer read it (`hub serve` refused to start) and a
+/// device that adopted the new root dropped the halt.
+#[test]
+fn a_rollout_key_rotation_signs_the_hold_list_again_and_the_halt_holds() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    run(fleet
+        .hub_cmd()?
+        .args(["rollout", "halt", "hello", "--reason", "bad build"]))?;
+
+    let fwtool = |args: &[&str]| -> Result<String> {
+        run(std::process::Command::new(unifleet_tests::bin("fwtool")?)
+            .current_dir(fleet.path(""))
+            .args(args))
+    };
+    fwtool(&["keygen", "--out", "rollout2"])?;
+    let hub = fleet.hub_dir.clone();
+    let root_key = hub.join("keys/root.key");
+    fwtool(&[
+        "root",
+        "rotate",
+        "--from",
+        hub.join("root.bin").to_str().context("path")?,
+        "--rollout-key",
+        "rollout2.pub",
+        "--sign-with",
+        root_key.to_str().context("path")?,
+        "--out",
+        "root2.bin",
+    ])?;
+    run(fleet
+        .hub_cmd()?
+        .args(["root", "publish"])
+        .arg(fleet.path("root2.bin"))
+        .arg("--rollout-key")
+        .arg(fleet.path("rollout2.key")))?;
+    let status = rollout_status(&fleet)?;
+    assert_eq!(status["hold"]["kind"], "Halted", "{status}");
+    assert_eq!(status["hold"]["reason"], "bad build", "{status}");
+
+    // The hub starts, and a device that trusts only the new root holds the release back.
+    fleet.start_hub(&[])?;
+    let d = fleet.add_device("rk0", "hello", &[])?;
+    fleet.start_device(d)?;
+    wait_for(
+        "the new device to hold the halted release",
+        CONVERGE,
+        || (state(&fleet, d)["Held"]["kind"] == "Halted").then_some(()),
+    )?;
+    Ok(())
+}

@@ -65,7 +65,7 @@ async fn main() -> anyhow::Result<()> {
                     .await;
             }
             NetEvent::BlobWanted {
-                want: Want::Root | Want::Revocations,
+                want: Want::Root | Want::Revocations | Want::Holds,
                 reply,
                 ..
             } => {
