@@ -30,6 +30,10 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi
+node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+if [ "$node_major" -lt 20 ]; then
+  echo "setup: warning: Node.js $(node --version 2>/dev/null) is older than the 20 playwright-core needs; the dashboard test will say so" >&2
+fi
 dash="$(dirname "$0")/../tests/dashboard"
 if [ ! -d "$dash/node_modules/playwright-core" ]; then
   echo "setup: installing playwright-core for the dashboard test (npm ci in tests/dashboard)"
