@@ -1,6 +1,6 @@
 //! The verifier entry points on arbitrary bytes, against a fixed trust root: a verified
 //! value or a typed error, never a panic. The seed corpus holds real messages signed by
-//! the root's release and timestamp keys (proto's golden vectors), so some inputs verify: what verifies
+//! the root's release, timestamp and rollout keys (proto's golden vectors), so some inputs verify: what verifies
 //! is for the root's fleet and within its limits.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
@@ -51,6 +51,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(l) = proto::revocation::verify_revocations(data, root(), 0) {
         assert_eq!(l.fleet, "home");
         assert!(l.version >= 1);
+    }
+    if let Ok(h) = proto::rollout::verify_holds(data, root(), 0) {
+        assert_eq!(h.fleet, "home");
+        assert!(h.version >= 1 && h.held.len() <= proto::rollout::MAX_HOLDS);
     }
     if let Ok(r) = root().update(data, NOW) {
         assert_eq!(r.fleet(), "home");
