@@ -70,6 +70,15 @@ impl Monitor {
         self.policies.contains_key(release)
     }
 
+    /// Forgets every release but `current` (the newest of their tracks): one superseded
+    /// is installed by nobody any more, and a hub running for years would otherwise keep
+    /// every release's outcomes.
+    pub fn keep_only(&mut self, current: &BTreeSet<ReleaseKey>) {
+        self.policies.retain(|k, _| current.contains(k));
+        self.outcomes.retain(|k, _| current.contains(k));
+        self.held.retain(|k| current.contains(k));
+    }
+
     /// `release` is held already (by the operator or an earlier verdict).
     pub fn held(&mut self, release: ReleaseKey) {
         self.held.insert(release);
@@ -534,6 +543,29 @@ mod tests {
         // Another channel's release 2 is another release.
         assert_eq!(
             m.report("d1", "hello", "beta", &rolled_back(2), Some(1)),
+            None
+        );
+    }
+
+    #[test]
+    fn superseded_releases_are_forgotten() {
+        let mut m = Monitor::default();
+        let policy = HaltPolicy {
+            min_attempts: 2,
+            max_failure_percent: 50,
+        };
+        m.watch(key(2), policy);
+        assert_eq!(
+            m.report("d1", "hello", "stable", &rolled_back(2), Some(1)),
+            None
+        );
+        m.watch(key(3), policy);
+        m.keep_only(&[key(3)].into_iter().collect());
+        assert!(!m.is_watched(&key(2)) && m.is_watched(&key(3)));
+        assert_eq!(m.outcomes.len(), 0);
+        // Release 2's second failure no longer adds up to a halt.
+        assert_eq!(
+            m.report("d2", "hello", "stable", &rolled_back(2), Some(1)),
             None
         );
     }

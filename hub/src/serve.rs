@@ -525,6 +525,8 @@ impl Hub {
         &mut self,
         policies: Vec<(crate::rollout::ReleaseKey, proto::rollout::HaltPolicy)>,
     ) {
+        let current = policies.iter().map(|(k, _)| k.clone()).collect();
+        self.monitor.keep_only(&current);
         let mut new = false;
         for (key, policy) in policies {
             if !self.monitor.is_watched(&key) {
