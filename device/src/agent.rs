@@ -37,13 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 
-/// What arrives on the announce topic and the broker's trust topics.
-const ANNOUNCE_TOPIC_KINDS: [Kind; 4] = [
-    Kind::Announcement,
-    Kind::Root,
-    Kind::Revocations,
-    Kind::Holds,
-];
+use net::ANNOUNCE_TOPIC_KINDS;
 
 /// The newest verified announcement of one (app, channel).
 struct Latest {
@@ -908,13 +902,6 @@ fn human_unix(at: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(at)).to_string()
 }
 
-/// `tag:beta, device:d9` for logs.
-fn targets(r: &proto::rollout::Rollout) -> String {
-    let mut t: Vec<String> = r.tags.iter().map(|t| format!("tag:{t}")).collect();
-    t.extend(r.devices.iter().map(|d| format!("device:{d}")));
-    t.join(", ")
-}
-
 /// The agent is shutting down: a download step was left unfinished on purpose.
 #[derive(Debug, thiserror::Error)]
 #[error("shutting down")]
@@ -1103,7 +1090,7 @@ impl Updater {
             |at: u64| std::time::Instant::now() + Duration::from_secs(at.saturating_sub(now));
         match m.rollout.admission(&me, m.created_at, now) {
             Admission::NotTargeted => {
-                tracing::info!(app = %m.app, release = m.release, "not installing: the release targets {} and this device is {} with tags [{}]", targets(&m.rollout), self.cfg.name, self.cfg.tags.join(", "));
+                tracing::info!(app = %m.app, release = m.release, "not installing: the release targets {} and this device is {} with tags [{}]", m.rollout.target_names().join(", "), self.cfg.name, self.cfg.tags.join(", "));
                 return Ok(false);
             }
             Admission::NoWave => {

@@ -284,24 +284,38 @@ fn change_of(action: &str) -> Option<HoldChange> {
     })
 }
 
+/// Why a pause, halt or resume from the dashboard was not done.
+#[derive(Debug, thiserror::Error)]
+enum ChangeError {
+    #[error("sign in (/login) or send Authorization: Bearer TOKEN (keys/http.token)")]
+    NotSignedIn,
+    #[error("unknown action {0:?}: pause, halt or resume")]
+    UnknownAction(String),
+    #[error("{0:#}")]
+    Refused(anyhow::Error),
+}
+
+impl IntoResponse for ChangeError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            ChangeError::NotSignedIn => StatusCode::UNAUTHORIZED,
+            ChangeError::UnknownAction(_) => StatusCode::NOT_FOUND,
+            ChangeError::Refused(_) => StatusCode::CONFLICT,
+        };
+        (status, format!("{self}\n")).into_response()
+    }
+}
+
 async fn change(
     d: &Shared,
     headers: &HeaderMap,
     (app, channel, release, action): (String, String, u64, String),
-) -> Result<String, (StatusCode, String)> {
+) -> Result<String, ChangeError> {
     if !signed_in(d, headers) {
-        return Err((
-            StatusCode::UNAUTHORIZED,
-            "sign in (/login) or send Authorization: Bearer TOKEN (keys/http.token)\n".into(),
-        ));
+        return Err(ChangeError::NotSignedIn);
     }
-    let Some(change) = change_of(&action) else {
-        return Err((
-            StatusCode::NOT_FOUND,
-            format!("unknown action {action:?}: pause, halt or resume\n"),
-        ));
-    };
-    let done = read(d, move |home| {
+    let change = change_of(&action).ok_or_else(|| ChangeError::UnknownAction(action.clone()))?;
+    read(d, move |home| {
         let (key, list) = crate::rollout::operator_change(
             home,
             &app,
@@ -316,8 +330,8 @@ async fn change(
             key.app, key.release, key.channel, list.version
         ))
     })
-    .await;
-    done.map_err(|e| (StatusCode::CONFLICT, format!("{e:#}\n")))
+    .await
+    .map_err(ChangeError::Refused)
 }
 
 async fn rollout_form(

@@ -809,7 +809,7 @@ fn rollout_watch(home: &Home, target: &RolloutTarget) -> Result<()> {
         let (mut total, mut active) = (0, 0);
         let mut lines = vec![];
         for (i, w) in s.waves_detail.iter().enumerate() {
-            let n = w.pending + w.downloading + w.active + w.failed + w.rolled_back;
+            let n = w.total();
             total += n;
             active += w.active;
             let opens = if w.opens_at <= now {

@@ -152,7 +152,7 @@ fn rollout(r: &RolloutStatus, now: u64, signed_in: bool) -> Markup {
     let total: u32 = r
         .waves_detail
         .iter()
-        .map(|w| w.pending + w.downloading + w.active + w.failed + w.rolled_back)
+        .map(crate::rollout::WaveCounts::total)
         .sum();
     let active: u32 = r.waves_detail.iter().map(|w| w.active).sum();
     let action = |verb: &str| format!("/rollouts/{}/{}/{}/{verb}", k.app, k.channel, k.release);
@@ -178,7 +178,7 @@ fn rollout(r: &RolloutStatus, now: u64, signed_in: bool) -> Markup {
                 thead { tr { th { "Wave" } th { "Opens" } th { "Pending" } th { "Downloading" } th { "Active" } th { "Failed" } th { "Rolled back" } th {} } }
                 tbody {
                     @for w in &r.waves_detail {
-                        @let n = w.pending + w.downloading + w.active + w.failed + w.rolled_back;
+                        @let n = w.total();
                         tr {
                             td { "to " (share_text(w.basis_points)) }
                             td { (human_ago(w.opens_at, now)) }

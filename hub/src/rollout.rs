@@ -344,6 +344,13 @@ pub struct WaveCounts {
     pub rolled_back: u32,
 }
 
+impl WaveCounts {
+    /// Every device of the wave, wherever it stands.
+    pub fn total(&self) -> u32 {
+        self.pending + self.downloading + self.active + self.failed + self.rolled_back
+    }
+}
+
 /// `hub rollout status`: one release's rollout.
 #[derive(Clone, Debug, Serialize)]
 pub struct RolloutStatus {
@@ -371,23 +378,68 @@ fn bucket(e: &DeviceEntry, release: u64) -> fn(&mut WaveCounts) -> &mut u32 {
     }
 }
 
-/// The rollout of `release` (default: the newest) of `app` on `channel`, with its
-/// devices counted per wave from the inventory and their enrolled keys' seeds.
+/// What rollout statuses are made from, read once for any number of releases (the
+/// dashboard shows every app's each second).
+#[derive(Debug)]
+pub struct Sources {
+    pub store: Store,
+    pub root: TrustedRoot,
+    pub inventory: Inventory,
+    /// Enrolled keys by device name (their seeds place devices in waves).
+    keys: BTreeMap<String, PublicKey>,
+    holds: Option<Holds>,
+}
+
+impl Sources {
+    pub fn read(home: &Home) -> Result<Sources> {
+        let store = home.store()?;
+        let root = home.anchor_root()?;
+        let keys = crate::inventory::load_devices(&store)?
+            .into_values()
+            .collect();
+        let holds = holds(&store, &root)?.map(|(l, _)| l);
+        Ok(Sources {
+            inventory: crate::inventory::load_inventory(home),
+            store,
+            root,
+            keys,
+            holds,
+        })
+    }
+}
+
+/// [`status_in`] from the home as it is now.
 pub fn status(
     home: &Home,
     app: &str,
     channel: &str,
     release: Option<u64>,
 ) -> Result<RolloutStatus> {
-    let root = home.anchor_root()?;
-    let store = home.store()?;
+    status_in(&Sources::read(home)?, app, channel, release)
+}
+
+/// The rollout of `release` (default: the newest) of `app` on `channel`, with its
+/// devices counted per wave from the inventory and their enrolled keys' seeds.
+pub fn status_in(
+    src: &Sources,
+    app: &str,
+    channel: &str,
+    release: Option<u64>,
+) -> Result<RolloutStatus> {
+    let Sources {
+        store,
+        root,
+        inventory,
+        keys,
+        holds,
+    } = src;
     let release = match release {
         Some(r) => r,
         None => store
             .newest_number(app, channel)?
             .with_context(|| format!("{app} has no release on {channel} (see `hub releases`)"))?,
     };
-    let (rollout, created_at) = stored_rollout(&store, &root, app, channel, release)?
+    let (rollout, created_at) = stored_rollout(store, root, app, channel, release)?
         .with_context(|| format!("{app} has no release {release} on {channel}"))?;
     // Devices of a platform the release has no image for are not part of it.
     let platforms: Vec<proto::manifest::Platform> = store
@@ -395,10 +447,9 @@ pub fn status(
         .into_iter()
         .map(|i| i.track.platform)
         .collect();
-    let hold = holds(&store, &root)?.and_then(|(l, _)| l.of(app, channel, release).cloned());
-    let keys: BTreeMap<String, PublicKey> = crate::inventory::load_devices(&store)?
-        .into_values()
-        .collect();
+    let hold = holds
+        .as_ref()
+        .and_then(|l| l.of(app, channel, release).cloned());
     let waves = if rollout.waves.is_empty() {
         vec![proto::rollout::Wave {
             basis_points: proto::rollout::SEED_SPACE,
@@ -416,7 +467,7 @@ pub fn status(
         })
         .collect();
     let mut not_targeted = 0;
-    for e in crate::inventory::load_inventory(home).values() {
+    for e in inventory.values() {
         if e.app != app
             || e.channel != channel
             || e.platform.is_some_and(|p| !platforms.contains(&p))
@@ -439,8 +490,7 @@ pub fn status(
             *bucket(e, release)(w) += 1;
         }
     }
-    let mut targets: Vec<String> = rollout.tags.iter().map(|t| format!("tag:{t}")).collect();
-    targets.extend(rollout.devices.iter().map(|d| format!("device:{d}")));
+    let targets = rollout.target_names();
     Ok(RolloutStatus {
         release: ReleaseKey {
             app: app.into(),

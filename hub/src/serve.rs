@@ -41,13 +41,7 @@ type Scan = (
     Vec<(crate::rollout::ReleaseKey, proto::rollout::HaltPolicy)>,
 );
 
-/// What the gossip announce topic carries: releases' freshness, roots, revocations.
-pub const ANNOUNCE_TOPIC_KINDS: [Kind; 4] = [
-    Kind::Announcement,
-    Kind::Root,
-    Kind::Revocations,
-    Kind::Holds,
-];
+use net::ANNOUNCE_TOPIC_KINDS;
 
 const REANNOUNCE: Duration = Duration::from_secs(5);
 /// How often the root and revocation list are spread again when unchanged.

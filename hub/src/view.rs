@@ -6,11 +6,12 @@
 use crate::home::{now, Home};
 use crate::inventory::{load_devices, load_inventory, DeviceEntry};
 use crate::rollout::{stored_manifest, RolloutStatus};
-use crate::store::{Event, Store};
+use crate::store::Event;
 use anyhow::Result;
+use proto::keys::{KeyId, PublicKey};
 use proto::status::StatusReport;
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Most releases listed (newest first).
 const MAX_RELEASES: usize = 50;
@@ -62,9 +63,10 @@ pub struct Snapshot {
 impl Snapshot {
     /// Reads the home as it is now.
     pub fn read(home: &Home) -> Result<Snapshot> {
-        let store = home.store()?;
-        let root = home.anchor_root()?;
-        let devices: Vec<DeviceEntry> = load_inventory(home).into_values().collect();
+        // One read of the store, root, inventory and keys for every release and rollout.
+        let src = crate::rollout::Sources::read(home)?;
+        let (store, root) = (&src.store, &src.root);
+        let devices: Vec<DeviceEntry> = src.inventory.values().cloned().collect();
         let mut infos = store.releases()?;
         infos.sort_by_key(|i| std::cmp::Reverse(i.release));
         let mut rows: BTreeMap<(String, String, u64), ReleaseRow> = BTreeMap::new();
@@ -78,7 +80,7 @@ impl Snapshot {
                 row.platforms.push(info.track.platform.to_string());
                 continue;
             }
-            let m = stored_manifest(&store, &root, info)?;
+            let m = stored_manifest(store, root, info)?;
             let running = devices
                 .iter()
                 .filter(|d| {
@@ -119,7 +121,7 @@ impl Snapshot {
             .collect();
         let rollouts = tracks
             .iter()
-            .map(|(app, channel)| crate::rollout::status(home, app, channel, None))
+            .map(|(app, channel)| crate::rollout::status_in(&src, app, channel, None))
             .collect::<Result<_>>()?;
         Ok(Snapshot {
             now: now(),
@@ -164,7 +166,7 @@ impl DevicePage {
         events.truncate(MAX_DEVICE_EVENTS);
         let reports = entries
             .iter()
-            .filter_map(|e| last_report(home, &store, name, &e.app))
+            .filter_map(|e| last_report(home, &enrolled, name, &e.app))
             .collect();
         Ok(Some(DevicePage {
             now: now(),
@@ -178,9 +180,13 @@ impl DevicePage {
 
 /// The signed report `hub serve` kept for (device, app), verified again against the
 /// enrolled keys.
-fn last_report(home: &Home, store: &Store, device: &str, app: &str) -> Option<StatusReport> {
+fn last_report(
+    home: &Home,
+    keys: &HashMap<KeyId, (String, PublicKey)>,
+    device: &str,
+    app: &str,
+) -> Option<StatusReport> {
     let bytes = std::fs::read(crate::staging::report_path(home, device, app)).ok()?;
-    let keys = load_devices(store).ok()?;
     proto::status::verify_status(&bytes, |id| keys.get(id).map(|(_, k)| *k))
         .ok()
         .map(|(_, r)| r)

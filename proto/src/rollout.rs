@@ -169,6 +169,13 @@ impl Rollout {
             .unwrap_or(0)
     }
 
+    /// `tag:beta`, `device:d9`: what the release targets, for people (empty: everyone).
+    pub fn target_names(&self) -> Vec<String> {
+        let tags = self.tags.iter().map(|t| format!("tag:{t}"));
+        tags.chain(self.devices.iter().map(|d| format!("device:{d}")))
+            .collect()
+    }
+
     /// `1%@0s,10%@1h,100%@1d`, the spelling [`parse_waves`] reads.
     pub fn waves_text(&self) -> String {
         if self.waves.is_empty() {

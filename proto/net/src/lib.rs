@@ -126,6 +126,16 @@ pub fn peer_id_of(key: &proto::PublicKey) -> Option<PeerId> {
     )))
 }
 
+/// What the announce topic (and the broker's retained release and trust topics) carry:
+/// releases' freshness, roots, revocation lists, hold lists; each verified through its
+/// own entry point by whoever receives it.
+pub const ANNOUNCE_TOPIC_KINDS: [proto::codec::Kind; 4] = [
+    proto::codec::Kind::Announcement,
+    proto::codec::Kind::Root,
+    proto::codec::Kind::Revocations,
+    proto::codec::Kind::Holds,
+];
+
 /// The gossipsub topics a fleet uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Topic {
