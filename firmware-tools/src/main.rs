@@ -444,7 +444,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn run_root(cmd: RootCommand) -> Result<()> {
     let describe = |r: &proto::root::Root| {
         format!(
-            "root v{} of fleet {}: root {}-of-{}, release {}-of-{}, timestamp {} key(s), expires {}",
+            "root v{} of fleet {}: root {}-of-{}, release {}-of-{}, timestamp {} key(s), rollout {} key(s), expires {}",
             r.version,
             r.fleet,
             r.root.threshold,
@@ -452,6 +452,7 @@ fn run_root(cmd: RootCommand) -> Result<()> {
             r.release.threshold,
             r.release.keys.len(),
             r.timestamp.keys.len(),
+            r.rollout.keys.len(),
             humantime::format_rfc3339_seconds(
                 std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.expires_at)
             )
