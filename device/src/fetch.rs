@@ -1,22 +1,16 @@
 //! Fetching blobs, several in parallel; every blob is verified on arrival and a peer that
 //! sends a bad one is dropped for the release.
 //!
-//! Where chunks come from:
-//! - **peer exchange** (the default): ask the hub first, saying we can use peers; the hub
-//!   sends each chunk to about one device and answers everyone else with peers that have
-//!   it (`hub/src/tracker.rs`). Those peers are asked in turn; if none is free yet, ask
-//!   the hub again shortly. A chunk stored is reported to the hub, which may then name
-//!   this device to others. After [`FAILED_ROUNDS`] rounds in a row in which no named
-//!   peer could be reached, ask the hub to send the chunk regardless (and try peers
-//!   again for the next one).
-//! - **hub down**: connected peers (those known to run the release first), then the hub;
-//! - **peer exchange off**: the hub only, as a hub-and-spoke system would.
+//! What is asked of whom for each blob (the hub, the peers it names, connected peers), and
+//! when to give up, is decided in [`crate::schedule`]; this module carries it out over
+//! the network, checks what arrives, stores it and reports it to the hub.
 
 use crate::config::Config;
 use crate::metrics::DeviceMetrics;
 use crate::report::Reporter;
+use crate::schedule::{BlobFetch, HubAnswer, Miss, Sources, Step, STALL_LIMIT};
 use crate::store::Store;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use net::ratelimit::RateLimiter;
 use net::{FetchError, Multiaddr, NetClient, Path, PeerId, Want};
@@ -26,18 +20,10 @@ use proto::Digest;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Peers that sent a bad blob during one release's download: not asked again for it.
 pub type Banned = Mutex<HashSet<PeerId>>;
-
-/// Give up on a blob after this long without any source delivering it or the hub
-/// answering for it (a hub that names holders or says "wait" is tracking the blob: in a
-/// large fleet, waiting for a free holder can take longer than this).
-const STALL_LIMIT: Duration = Duration::from_secs(120);
-/// Redirect rounds in a row in which no named peer could be reached before the hub is
-/// asked directly.
-const FAILED_ROUNDS: usize = 16;
 
 #[derive(Debug)]
 pub struct Fetcher {
@@ -50,33 +36,11 @@ pub struct Fetcher {
     download: Arc<RateLimiter>,
     metrics: Arc<DeviceMetrics>,
     peer_exchange: bool,
-    /// Redirect rounds in a row in which no named peer could be reached: past
-    /// [`FAILED_ROUNDS`], chunks come straight from the hub until a peer delivers again
-    /// (peers the hub can reach but this device cannot, behind NAT for instance).
-    failed_rounds: AtomicUsize,
+    /// What the device learned about reaching named peers, shared by its blobs.
+    sources: Mutex<Sources>,
     crash_after_chunks: Option<usize>,
     /// Where the background reports to the hub are spawned.
     tasks: net::tasks::Tasks,
-}
-
-/// Why a peer asked for a blob did not deliver it.
-#[derive(PartialEq)]
-enum Miss {
-    /// Could not be dialled or did not answer in time.
-    Unreachable,
-    /// Behind NAT elsewhere, and no hole could be punched to it.
-    NoDirectPath,
-    /// Answered: busy, not found, bad bytes.
-    Refused,
-}
-
-/// What one attempt at a blob came to.
-enum Attempt {
-    Got(Vec<u8>, Path),
-    /// Peers to ask (from the hub), possibly none.
-    Redirected(Vec<(PeerId, Multiaddr)>),
-    /// The hub did not answer usefully (down, busy, refused).
-    NoHub,
 }
 
 impl Fetcher {
@@ -99,7 +63,7 @@ impl Fetcher {
             download: Arc::new(RateLimiter::new(cfg.download_rate)),
             metrics,
             peer_exchange: cfg.peer_exchange,
-            failed_rounds: AtomicUsize::new(0),
+            sources: Mutex::new(Sources::default()),
             crash_after_chunks: cfg
                 .crash_at
                 .as_deref()
@@ -136,7 +100,8 @@ impl Fetcher {
     }
 
     /// One blob, checked by `check`; returns its bytes and the path they came by.
-    /// `swarm`: the hub may answer with peers to ask instead.
+    /// `swarm`: the hub may answer with peers to ask instead. What is asked of whom, and
+    /// when to give up, is [`BlobFetch`]'s to decide; this carries it out.
     async fn blob(
         &self,
         digest: &Digest,
@@ -145,117 +110,100 @@ impl Fetcher {
         swarm: bool,
         check: impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
     ) -> Result<(Vec<u8>, Path)> {
-        let mut start = Instant::now();
-        let mut wait = Duration::from_millis(100);
-        let swarm = swarm && self.peer_exchange;
+        let mut fetch = BlobFetch::new(swarm && self.peer_exchange, Instant::now());
+        let mut step = fetch.ask(&self.sources.lock().expect("not poisoned"));
+        let mut got = None;
         loop {
-            let want = if self.failed_rounds.load(Ordering::Relaxed) < FAILED_ROUNDS {
-                Want::BlobOrPeers
-            } else {
-                // Peers keep failing us: the hub itself, please.
-                Want::Blob
-            };
-            let asked = Instant::now();
-            let attempt = if swarm {
-                self.via_hub(digest, banned, want, &check).await
-            } else {
-                Attempt::NoHub
-            };
-            let hub_ms = asked.elapsed().as_millis() as u64;
-            match attempt {
-                Attempt::Got(bytes, path) => {
-                    tracing::debug!(blob = %digest.short(), hub_ms, "fetch from the hub");
-                    if want == Want::Blob {
-                        // Given up on peers: try them again for the next chunk, and come
-                        // back here if they fail again (a device that could not reach
-                        // peers for a while, on a busy network, is not behind NAT for
-                        // ever).
-                        let _ = self.failed_rounds.fetch_update(
-                            Ordering::Relaxed,
-                            Ordering::Relaxed,
-                            |n| Some(n.saturating_sub(1)),
-                        );
+            step = match step {
+                Step::AskHub(want) => {
+                    let asked = Instant::now();
+                    let (answer, bytes) = self.via_hub(digest, banned, want, &check).await;
+                    let hub_ms = asked.elapsed().as_millis() as u64;
+                    if bytes.is_some() {
+                        tracing::debug!(blob = %digest.short(), hub_ms, "fetch from the hub");
+                        got = bytes;
                     }
-                    return Ok((bytes, path));
+                    let mut sources = self.sources.lock().expect("not poisoned");
+                    fetch.hub_answered(&mut sources, answer, Instant::now())
                 }
-                Attempt::Redirected(mut peers) => {
-                    start = Instant::now();
-                    if !peers.is_empty() {
-                        // Peers already connected first: no handshake to pay.
-                        let connected: HashSet<PeerId> =
-                            self.net.peers().await.into_iter().collect();
-                        peers.sort_by_key(|(p, _)| !connected.contains(p));
-                        let mut unreachable = true;
-                        let mut no_path = false;
-                        for (peer, addr) in peers {
-                            let t = Instant::now();
-                            let fetched = self
-                                .try_peer(peer, Some(addr), digest, banned, &check)
-                                .await;
-                            tracing::debug!(
-                                blob = %digest.short(),
-                                hub_ms,
-                                peer_ms = t.elapsed().as_millis() as u64,
-                                ok = fetched.is_ok(),
-                                "fetch from a named peer"
-                            );
-                            match fetched {
-                                Ok(got) => {
-                                    self.failed_rounds.store(0, Ordering::Relaxed);
-                                    return Ok(got);
-                                }
-                                Err(Miss::NoDirectPath) => no_path = true,
-                                Err(miss) => unreachable &= miss == Miss::Unreachable,
-                            }
-                        }
-                        if no_path && unreachable {
-                            // Behind NAT in another home and not punchable: the hub.
-                            self.failed_rounds.store(FAILED_ROUNDS, Ordering::Relaxed);
-                            self.metrics.peer_misses.fetch_add(1, Ordering::Relaxed);
-                        } else if unreachable {
-                            self.failed_rounds.fetch_add(1, Ordering::Relaxed);
+                Step::AskNamed(peers) => match self.named(peers, digest, banned, &check).await {
+                    Ok(bytes) => {
+                        got = Some(bytes);
+                        fetch.named_delivered(&mut self.sources.lock().expect("not poisoned"))
+                    }
+                    Err(misses) => {
+                        let mut sources = self.sources.lock().expect("not poisoned");
+                        let (next, counted) =
+                            fetch.named_missed(&mut sources, &misses, Instant::now());
+                        if counted {
                             self.metrics.peer_misses.fetch_add(1, Ordering::Relaxed);
                         }
+                        next
                     }
-                    // No holder free yet, or the peers named did not deliver: ask the hub
-                    // again within a second.
-                    wait = wait.min(Duration::from_secs(1));
-                }
-                Attempt::NoHub => {
-                    // The hub did not answer (down, or too busy to answer in time): peers
-                    // that run the release may have the blob. The hub itself only when it
-                    // was not just asked: a hub slow to answer "ask a peer" would
-                    // otherwise be asked for the whole blob by every device it kept
-                    // waiting (at 1,000 devices: 12 copies of the image).
+                },
+                Step::AskConnected { with_hub } => {
                     let snapshot = banned.lock().expect("not poisoned").clone();
-                    for peer in self.candidates(spread, &snapshot, !swarm).await {
-                        if let Ok(got) = self.try_peer(peer, None, digest, banned, &check).await {
-                            return Ok(got);
+                    for peer in self.candidates(spread, &snapshot, with_hub).await {
+                        if let Ok(bytes) = self.try_peer(peer, None, digest, banned, &check).await {
+                            got = Some(bytes);
+                            break;
                         }
                     }
+                    fetch.connected_answered(got.is_some(), Instant::now())
                 }
-            }
-            if start.elapsed() > STALL_LIMIT {
-                bail!(
+                Step::Sleep(wait) => {
+                    tokio::time::sleep(wait).await;
+                    fetch.ask(&self.sources.lock().expect("not poisoned"))
+                }
+                Step::Done => {
+                    return got.context("a blob was delivered but its bytes went missing")
+                }
+                Step::Stalled => bail!(
                     "no peer or hub delivered blob {} within {STALL_LIMIT:?}",
                     digest.short()
-                );
-            }
-            // Nobody had it right now: peers may still be downloading, the hub may be
-            // restarting. Back off (bounded) and ask again.
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(2));
+                ),
+            };
         }
     }
 
-    /// Asks the hub for the blob, or (`Want::BlobOrPeers`) for peers to ask.
+    /// Asks the peers the hub named, connected ones first (no handshake to pay), until
+    /// one delivers; else why each missed.
+    async fn named(
+        &self,
+        mut peers: Vec<(PeerId, Multiaddr)>,
+        digest: &Digest,
+        banned: &Mutex<HashSet<PeerId>>,
+        check: &impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
+    ) -> Result<(Vec<u8>, Path), Vec<Miss>> {
+        let connected: HashSet<PeerId> = self.net.peers().await.into_iter().collect();
+        peers.sort_by_key(|(p, _)| !connected.contains(p));
+        let mut misses = vec![];
+        for (peer, addr) in peers {
+            let t = Instant::now();
+            let fetched = self.try_peer(peer, Some(addr), digest, banned, check).await;
+            tracing::debug!(
+                blob = %digest.short(),
+                peer_ms = t.elapsed().as_millis() as u64,
+                ok = fetched.is_ok(),
+                "fetch from a named peer"
+            );
+            match fetched {
+                Ok(got) => return Ok(got),
+                Err(miss) => misses.push(miss),
+            }
+        }
+        Err(misses)
+    }
+
+    /// Asks the hub for the blob, or (`Want::BlobOrPeers`) for peers to ask; the bytes
+    /// when it sent them and they passed `check`.
     async fn via_hub(
         &self,
         digest: &Digest,
         banned: &Mutex<HashSet<PeerId>>,
         want: Want,
         check: &impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
-    ) -> Attempt {
+    ) -> (HubAnswer<(PeerId, Multiaddr)>, Option<(Vec<u8>, Path)>) {
         for hub in &self.hub {
             if banned.lock().expect("not poisoned").contains(hub) {
                 continue;
@@ -263,17 +211,16 @@ impl Fetcher {
             match self.net.fetch_with(*hub, None, *digest, want).await {
                 Ok(bytes) => {
                     if let Some(bytes) = self.accept(*hub, digest, bytes, banned, check).await {
-                        return Attempt::Got(bytes, Path::Hub);
+                        return (HubAnswer::Blob, Some((bytes, Path::Hub)));
                     }
                 }
                 Err(FetchError::Elsewhere(_, peers)) => {
                     let banned = banned.lock().expect("not poisoned");
-                    return Attempt::Redirected(
-                        peers
-                            .into_iter()
-                            .filter(|(p, _)| !banned.contains(p) && *p != self.net.peer_id())
-                            .collect(),
-                    );
+                    let peers = peers
+                        .into_iter()
+                        .filter(|(p, _)| !banned.contains(p) && *p != self.net.peer_id())
+                        .collect();
+                    return (HubAnswer::Peers(peers), None);
                 }
                 Err(e @ FetchError::Refused(_)) => {
                     tracing::warn!(blob = %digest.short(), "{e}: ask the operator (`hub devices`)");
@@ -281,7 +228,7 @@ impl Fetcher {
                 Err(e) => tracing::debug!(blob = %digest.short(), "{e}"),
             }
         }
-        Attempt::NoHub
+        (HubAnswer::Silent, None)
     }
 
     /// Asks one peer; the bytes if they pass `check`, and the path they came by.
@@ -471,7 +418,7 @@ pub(crate) fn stable_hash(bytes: &[u8]) -> u64 {
 }
 
 /// Fisher–Yates with a splitmix64 stream seeded from `seed`: a fixed order per device.
-fn shuffle<T>(items: &mut [T], seed: &[u8]) {
+pub fn shuffle<T>(items: &mut [T], seed: &[u8]) {
     let mut state = stable_hash(seed);
     let mut next = || {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);

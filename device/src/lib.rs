@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod ondemand;
 pub mod report;
+pub mod schedule;
 pub mod splice;
 pub mod store;
 pub mod trickle;

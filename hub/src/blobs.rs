@@ -5,7 +5,7 @@
 use crate::place::{Place, Places};
 use crate::serve::Metrics;
 use crate::store::Store;
-use crate::tracker::{Decision, Tracker};
+use crate::tracker::{Answer, Decision, Tracker};
 use net::ratelimit::RateLimiter;
 use net::{Multiaddr, NetClient, PeerId, ReplyId, Seen, Want};
 use proto::blob::BlobResponse;
@@ -113,8 +113,8 @@ impl Blobs {
             Want::Stored => {
                 self.metrics.stored_reports.fetch_add(1, Ordering::Relaxed);
                 if known {
-                    for (parked, named) in self.tracker.stored(digest, peer, now) {
-                        self.redirect(parked, named).await;
+                    for answer in self.tracker.stored(digest, peer, now) {
+                        self.answer(answer).await;
                     }
                 }
                 self.net.respond(reply, BlobResponse::Noted).await;
@@ -142,13 +142,21 @@ impl Blobs {
     /// Answers parked askers: those a holder came free for, and (to ask again) those
     /// that waited long enough.
     pub async fn tick(&mut self) {
-        for (reply, named) in self.tracker.lapsed(Instant::now()) {
-            self.redirect(reply, named).await;
+        for answer in self.tracker.lapsed(Instant::now()) {
+            self.answer(answer).await;
         }
         let m = &self.metrics;
         m.slots_taken
             .store(self.tracker.slots_taken(), Ordering::Relaxed);
         m.parked.store(self.tracker.parked(), Ordering::Relaxed);
+    }
+
+    /// Answers a parked asker: the blob itself, or holders (none: ask again shortly).
+    async fn answer(&self, ((asker, reply), digest, decision): Answer<PeerId, (PeerId, ReplyId)>) {
+        match decision {
+            Decision::Serve => self.send(asker, digest, reply).await,
+            Decision::Elsewhere(named) => self.redirect((asker, reply), named).await,
+        }
     }
 
     /// `peer` disconnected: it holds nothing and waits for nothing any more.

@@ -109,6 +109,7 @@ pub fn wait_for_file_line(
 
 pub mod fleet;
 pub mod homes;
+pub mod sim;
 
 /// Publishes one MQTT message and waits for the broker's acknowledgement.
 pub fn mqtt_publish(url: &str, topic: &str, payload: Vec<u8>, retain: bool) -> Result<()> {
@@ -203,6 +204,23 @@ pub fn mqtt_first_message(url: &str, topic: &str, timeout: Duration) -> Result<V
 
 /// Small helpers shared by the benchmark programs.
 pub mod bench {
+    use anyhow::Context;
+
+    pub const MIB: u64 = 1 << 20;
+
+    /// A rate in bytes per second: a number with an optional K or M suffix (KiB, MiB).
+    pub fn rate(s: &str) -> anyhow::Result<u64> {
+        let (num, mult) = match s.chars().last() {
+            Some('K' | 'k') => (&s[..s.len() - 1], 1024),
+            Some('M' | 'm') => (&s[..s.len() - 1], MIB),
+            _ => (s, 1),
+        };
+        let v: f64 = num
+            .parse()
+            .with_context(|| format!("not a rate: {s} (bytes per second, K or M suffix)"))?;
+        Ok((v * mult as f64) as u64)
+    }
+
     /// The `q` quantile (0..=1, nearest rank) of `v`; NaN for none.
     pub fn percentile(v: &[f64], q: f64) -> f64 {
         if v.is_empty() {

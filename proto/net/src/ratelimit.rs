@@ -6,12 +6,10 @@ use tokio::time::Instant;
 
 /// Limits the average rate to `rate` bytes per second with a burst of a tenth of a second
 /// (at least [`MIN_BURST`]): a cap that behaves like a link, not like a quota refilled
-/// once a second. A rate of 0 means unlimited.
+/// once a second. A rate of 0 means unlimited. The arithmetic is [`Bucket`]'s.
 #[derive(Debug)]
 pub struct RateLimiter {
-    rate: u64,
-    burst: f64,
-    inner: Mutex<(f64, Instant)>,
+    inner: Mutex<Bucket>,
 }
 
 /// An uploader answers "busy" rather than start a transfer that would wait longer than
@@ -24,26 +22,15 @@ pub const MIN_BURST: u64 = 256 * 1024;
 
 impl RateLimiter {
     pub fn new(rate: u64) -> RateLimiter {
-        let burst = (rate / 10).max(MIN_BURST) as f64;
         RateLimiter {
-            rate,
-            burst,
-            inner: Mutex::new((burst, Instant::now())),
+            inner: Mutex::new(Bucket::new(rate, now())),
         }
     }
 
     /// Waits until `bytes` may pass. The bytes are counted when first polled: a transfer
     /// given up while waiting still holds back those after it, as on a link.
     pub async fn acquire(&self, bytes: u64) {
-        if self.rate == 0 {
-            return;
-        }
-        let wait = {
-            let mut g = self.inner.lock().expect("not poisoned");
-            let tokens = self.refill(&mut g);
-            *tokens -= bytes as f64;
-            self.debt(*tokens)
-        };
+        let wait = self.inner.lock().expect("not poisoned").take(bytes, now());
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
@@ -52,33 +39,76 @@ impl RateLimiter {
     /// How long a transfer starting now would wait for the ones already admitted: an
     /// uploader answers "busy" rather than queue requests past their askers' patience.
     pub fn backlog(&self) -> Duration {
-        if self.rate == 0 {
-            return Duration::ZERO;
-        }
-        let mut g = self.inner.lock().expect("not poisoned");
-        let tokens = *self.refill(&mut g);
-        self.debt(tokens)
+        self.inner.lock().expect("not poisoned").backlog(now())
     }
 
     /// More than [`BUSY_BACKLOG`] is owed: new uploads should be refused.
     pub fn saturated(&self) -> bool {
         self.backlog() > BUSY_BACKLOG
     }
+}
 
-    fn refill<'a>(&self, g: &'a mut (f64, Instant)) -> &'a mut f64 {
-        let now = Instant::now();
-        let (tokens, last) = g;
-        *tokens =
-            (*tokens + now.duration_since(*last).as_secs_f64() * self.rate as f64).min(self.burst);
-        *last = now;
-        tokens
+/// tokio's clock (paused in tests), as the std instant [`Bucket`] takes.
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// The token bucket itself, with time passed in (the fleet simulator's links are these).
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    rate: u64,
+    burst: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl Bucket {
+    /// Full at `now`; a `rate` of 0 never makes anyone wait.
+    pub fn new(rate: u64, now: std::time::Instant) -> Bucket {
+        let burst = (rate / 10).max(MIN_BURST) as f64;
+        Bucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: now,
+        }
     }
 
-    fn debt(&self, tokens: f64) -> Duration {
-        if tokens >= 0.0 {
+    /// Bytes per second (0: unlimited).
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    /// Admits `bytes` at `now`: how long until they have passed the link.
+    pub fn take(&mut self, bytes: u64, now: std::time::Instant) -> Duration {
+        if self.rate == 0 {
+            return Duration::ZERO;
+        }
+        self.refill(now);
+        self.tokens -= bytes as f64;
+        self.debt()
+    }
+
+    /// How long bytes admitted at `now` would wait for those already admitted.
+    pub fn backlog(&mut self, now: std::time::Instant) -> Duration {
+        if self.rate == 0 {
+            return Duration::ZERO;
+        }
+        self.refill(now);
+        self.debt()
+    }
+
+    fn refill(&mut self, now: std::time::Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate as f64).min(self.burst);
+        self.last = self.last.max(now);
+    }
+
+    fn debt(&self) -> Duration {
+        if self.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-tokens / self.rate as f64)
+            Duration::from_secs_f64(-self.tokens / self.rate as f64)
         }
     }
 }

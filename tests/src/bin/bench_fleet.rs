@@ -24,11 +24,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use unifleet_tests::bench::{percentile, proc_number, status_kib};
+use unifleet_tests::bench::{percentile, proc_number, rate, status_kib, MIB};
 use unifleet_tests::fleet::run;
 use unifleet_tests::{bin, free_port, metric, metric_in, metrics_page};
-
-const MIB: u64 = 1 << 20;
 
 #[derive(Debug, Clone)]
 struct Params {
@@ -118,16 +116,6 @@ Options (rates in bytes per second; K, M suffixes are KiB, MiB):
                      when the fleet fits in half the available memory, else the temp dir:
                      N simulated devices share one disk, a real fleet has N)
 ";
-
-fn rate(s: &str) -> Result<u64> {
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1024),
-        Some('M' | 'm') => (&s[..s.len() - 1], MIB),
-        _ => (s, 1),
-    };
-    let v: f64 = num.parse().with_context(|| format!("not a rate: {s}"))?;
-    Ok((v * mult as f64) as u64)
-}
 
 fn params() -> Result<Params> {
     let mut args = std::env::args().skip(1);
