@@ -2,7 +2,8 @@
 # Installs and starts what unifleet's demo and tests need on a Debian/Ubuntu machine:
 # a C toolchain and binutils, libvirt (library, daemon, QEMU driver, client), QEMU for
 # x86, mosquitto, Chromium and Node.js with playwright-core (the dashboard's browser
-# test), and cargo-nextest if missing. Idempotent: re-running only starts what
+# test), python3-matplotlib, python3-libtorrent and opentracker (the fleet benchmark's
+# chart and BitTorrent baseline), and cargo-nextest if missing. Idempotent: re-running only starts what
 # is not running. Needs root (or sudo).
 set -euo pipefail
 
@@ -12,7 +13,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 PACKAGES=(build-essential pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu
           libvirt-clients qemu-system-x86 mosquitto python3 iproute2 procps
           qemu-system-arm qemu-user-static binutils-aarch64-linux-gnu libxml2-utils adduser nftables
-          chromium)
+          chromium python3-matplotlib python3-libtorrent opentracker)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

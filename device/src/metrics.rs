@@ -113,6 +113,7 @@ impl DeviceMetrics {
             "Hole punches that gave up",
             c(&self.net.hole_punch_failures),
         );
+        net::metrics::push_net(&mut out, "unifleet_device", &self.net);
         push(
             &mut out,
             "unifleet_device_peer_misses_total",

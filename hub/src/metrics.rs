@@ -6,14 +6,20 @@ use net::metrics::push;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-pub async fn start(addr: &str, metrics: Arc<Metrics>, tasks: &net::tasks::Tasks) -> Result<()> {
-    net::metrics::serve(addr, Arc::new(move || render(&metrics)), tasks)
+pub async fn start(
+    addr: &str,
+    metrics: Arc<Metrics>,
+    net: Arc<net::NetState>,
+    tasks: &net::tasks::Tasks,
+) -> Result<()> {
+    net::metrics::serve(addr, Arc::new(move || render(&metrics, &net)), tasks)
         .await
         .with_context(|| format!("metrics cannot listen on {addr}"))
 }
 
-fn render(m: &Metrics) -> String {
+fn render(m: &Metrics, net: &net::NetState) -> String {
     let mut out = String::new();
+    net::metrics::push_net(&mut out, "unifleet_hub", net);
     let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     push(
         &mut out,

@@ -278,6 +278,7 @@ pub async fn serve(
         .context("parsing p2p_listen")?];
     net_cfg.max_inbound_per_peer = 16;
     net_cfg.relay_server = home.config.relay;
+    let net_state = net_cfg.state.clone();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut net_stop = stop_rx.clone();
     let (net, mut events, net_task) = net::spawn(net_cfg, async move {
@@ -290,7 +291,7 @@ pub async fn serve(
     };
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = &home.config.metrics {
-        crate::metrics::start(addr, metrics.clone(), &tasks).await?;
+        crate::metrics::start(addr, metrics.clone(), net_state, &tasks).await?;
     }
     if let Some(addr) = &home.config.http {
         crate::dashboard::start(addr, home.clone(), &tasks).await?;

@@ -250,6 +250,13 @@ pub struct NetState {
     /// DCUtR upgrades that ended in a direct connection, and those that gave up.
     pub hole_punches: AtomicU64,
     pub hole_punch_failures: AtomicU64,
+    /// Connections established (each a TCP connection with a noise handshake), inbound
+    /// and outbound.
+    pub connections_opened: AtomicU64,
+    /// Blob-protocol requests sent and received: each is one request and its answer on a
+    /// yamux stream of its own.
+    pub requests_sent: AtomicU64,
+    pub requests_received: AtomicU64,
 }
 
 impl NetState {
@@ -935,6 +942,7 @@ impl Node {
             .behaviour_mut()
             .blob
             .send_request(&f.peer, f.request);
+        self.state.requests_sent.fetch_add(1, Ordering::Relaxed);
         self.pending_fetch.insert(id, (f.peer, f.reply));
     }
 
@@ -1133,6 +1141,7 @@ impl Node {
                 num_established,
                 ..
             } => {
+                self.state.connections_opened.fetch_add(1, Ordering::Relaxed);
                 self.connection_up(peer_id, connection_id, &endpoint);
                 if num_established.get() == 1 {
                     self.emit(NetEvent::PeerConnected(peer_id)).await
@@ -1310,6 +1319,7 @@ impl Node {
                     },
                 ..
             } => {
+                self.state.requests_received.fetch_add(1, Ordering::Relaxed);
                 let n = self.inbound_per_peer.entry(peer).or_default();
                 if *n >= self.max_inbound_per_peer {
                     tracing::debug!(%peer, "too many requests in flight; answering Busy");

@@ -48,6 +48,31 @@ pub fn push(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
     ));
 }
 
+/// Appends the node's connection and request counters ([`crate::NetState`]), named
+/// `<prefix>_…` (`unifleet_hub`, `unifleet_device`).
+pub fn push_net(out: &mut String, prefix: &str, state: &crate::NetState) {
+    use std::sync::atomic::Ordering::Relaxed;
+    for (name, help, value) in [
+        (
+            "p2p_connections_opened_total",
+            "libp2p connections established, inbound and outbound (a noise handshake each)",
+            &state.connections_opened,
+        ),
+        (
+            "blob_requests_sent_total",
+            "Blob-protocol requests sent (one yamux stream each)",
+            &state.requests_sent,
+        ),
+        (
+            "blob_requests_received_total",
+            "Blob-protocol requests received (one yamux stream each)",
+            &state.requests_received,
+        ),
+    ] {
+        push(out, &format!("{prefix}_{name}"), "counter", help, value.load(Relaxed));
+    }
+}
+
 /// Appends one metric with one label, a value per label value.
 pub fn push_labelled(
     out: &mut String,

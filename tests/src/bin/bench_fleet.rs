@@ -43,6 +43,8 @@ struct Params {
     /// Niceness of the worker processes (the hub runs at 0).
     worker_nice: u32,
     modes: Vec<Mode>,
+    /// Fleets per (size, mode); the report gives medians.
+    runs: usize,
     out: PathBuf,
     /// Where fleets' directories are made (`--dir`; see [`fleet_parent`]).
     dir: Option<PathBuf>,
@@ -78,6 +80,8 @@ impl Params {
 enum Mode {
     Mesh,
     HubOnly,
+    /// A libtorrent swarm with the hub's image and caps (`scripts/bench_bittorrent.py`).
+    BitTorrent,
 }
 
 impl Mode {
@@ -85,6 +89,7 @@ impl Mode {
         match self {
             Mode::Mesh => "mesh",
             Mode::HubOnly => "hub-only",
+            Mode::BitTorrent => "bittorrent",
         }
     }
 
@@ -92,7 +97,8 @@ impl Mode {
         match s {
             "mesh" => Ok(Mode::Mesh),
             "hub-only" => Ok(Mode::HubOnly),
-            other => bail!("unknown mode {other}"),
+            "bittorrent" => Ok(Mode::BitTorrent),
+            other => bail!("unknown mode {other}: mesh, hub-only or bittorrent"),
         }
     }
 }
@@ -110,7 +116,12 @@ Options (rates in bytes per second; K, M suffixes are KiB, MiB):
   --settle S         seconds the started fleet idles before the first release (default
                      N / 50, at least 5 and at most 20)
   --worker-nice K    niceness of the device worker processes; the hub runs at 0 (default 10)
-  --modes M          mesh,hub-only (default both)
+  --modes M          mesh,hub-only,bittorrent (default mesh,hub-only); bittorrent is a
+                     libtorrent swarm with the same image and caps, one session per
+                     device in one process (python3-libtorrent, opentracker: N up to a
+                     few hundred)
+  --runs K           fleets per size and mode, each fresh; the table gives medians and
+                     every run's last device (default 1; quote K >= 3)
   --out DIR          results directory (default bench-results)
   --dir DIR          where each fleet's hub and device stores are made (default /dev/shm
                      when the fleet fits in half the available memory, else the temp dir:
@@ -130,6 +141,7 @@ fn params() -> Result<Params> {
         settle: 0,
         worker_nice: 10,
         modes: vec![Mode::Mesh, Mode::HubOnly],
+        runs: 1,
         out: PathBuf::from("bench-results"),
         dir: None,
         one: None,
@@ -157,6 +169,7 @@ fn params() -> Result<Params> {
             "--settle" => settle = Some(v.parse()?),
             "--worker-nice" => p.worker_nice = v.parse()?,
             "--modes" => p.modes = v.split(',').map(Mode::parse).collect::<Result<_>>()?,
+            "--runs" => p.runs = v.parse().context("--runs")?,
             "--out" => p.out = PathBuf::from(v),
             "--dir" => p.dir = Some(PathBuf::from(v)),
             "--worker" => {
@@ -175,8 +188,8 @@ fn params() -> Result<Params> {
     }
     p.settle = settle.unwrap_or((p.devices as u64 / 50).clamp(5, 20));
     anyhow::ensure!(
-        p.devices > 0 && p.hub_up > 0,
-        "--devices and --hub-up must be positive"
+        p.devices > 0 && p.hub_up > 0 && p.runs > 0,
+        "--devices, --hub-up and --runs must be positive"
     );
     if p.device_up == 0 {
         p.device_up = 48 * MIB / p.devices as u64;
@@ -212,6 +225,14 @@ fn t_hub_only(p: &Params, f: u64) -> f64 {
     (p.devices as f64 * f / p.hub_up as f64).max(f / p.device_down as f64)
 }
 
+/// The bound a mode is compared with: T_min for a swarm, N·F/u_s for the hub alone.
+fn bound(p: &Params, mode: Mode, f: u64) -> f64 {
+    match mode {
+        Mode::HubOnly => t_hub_only(p, f),
+        Mode::Mesh | Mode::BitTorrent => t_min(p, f),
+    }
+}
+
 /// One release's measurements over the fleet.
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 struct Round {
@@ -224,6 +245,13 @@ struct Round {
     duplicate_bytes: u64,
     /// Blob requests the hub answered with peers to ask.
     redirects: u64,
+    /// Counted over the round: blob requests the devices sent (one yamux stream each),
+    /// those the hub received, connections the devices opened, and CPU seconds of the
+    /// hub and the worker processes together.
+    device_requests: u64,
+    hub_requests: u64,
+    connections: u64,
+    cpu_s: f64,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -302,13 +330,15 @@ fn wait(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<(
 const DEVICES_PER_WORKER: usize = 125;
 
 /// One device's counters as a worker reports them (absolute values).
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 struct DeviceSample {
     announced_ms: u64,
     fetched_ms: u64,
     active_ms: u64,
     accepted: u64,
     received: u64,
+    requests: u64,
+    connections: u64,
 }
 
 fn sample(m: &DeviceMetrics) -> DeviceSample {
@@ -318,6 +348,8 @@ fn sample(m: &DeviceMetrics) -> DeviceSample {
         active_ms: m.last_active_ms.load(Relaxed),
         accepted: m.bytes_from_peers.load(Relaxed) + m.bytes_from_hub.load(Relaxed),
         received: m.blob_bytes_received.load(Relaxed),
+        requests: m.net.requests_sent.load(Relaxed),
+        connections: m.net.connections_opened.load(Relaxed),
     }
 }
 
@@ -490,6 +522,11 @@ fn round(
 ) -> Result<(Round, Vec<DeviceSample>)> {
     let egress = metric(&hub.metrics, "unifleet_hub_blob_bytes_served_total")?;
     let redirects = metric(&hub.metrics, "unifleet_hub_redirects_total")?;
+    let hub_requests = metric(&hub.metrics, "unifleet_hub_blob_requests_received_total")?;
+    let mut pids: Vec<u32> = workers.iter().map(|w| w.child.id()).collect();
+    pids.push(hub.child.id());
+    let cpu = || pids.iter().map(|&pid| cpu_seconds(pid)).sum::<f64>();
+    let cpu_before = cpu();
     let announced_before = metric(
         &hub.metrics,
         "unifleet_hub_last_new_announcement_timestamp_ms",
@@ -546,6 +583,9 @@ fn round(
         let mut r = Round {
             hub_egress: metric(&hub.metrics, "unifleet_hub_blob_bytes_served_total")? - egress,
             redirects: metric(&hub.metrics, "unifleet_hub_redirects_total")? - redirects,
+            hub_requests: metric(&hub.metrics, "unifleet_hub_blob_requests_received_total")?
+                - hub_requests,
+            cpu_s: cpu() - cpu_before,
             ..Round::default()
         };
         for (s, b) in samples.iter().zip(before) {
@@ -554,6 +594,8 @@ fn round(
             let acc = s.accepted - b.accepted;
             r.bytes_per_device.push(acc);
             r.duplicate_bytes += (s.received - b.received).saturating_sub(acc);
+            r.device_requests += s.requests - b.requests;
+            r.connections += s.connections - b.connections;
         }
         Ok((r, samples))
     })
@@ -576,7 +618,66 @@ fn testimage(dir: &Path, size: u64, version: &str) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// The same image spread by a real BitTorrent swarm: libtorrent's seeder as the hub.
+fn run_bittorrent(p: &Params, size: u64) -> Result<Outcome> {
+    let parent = fleet_parent(p, size);
+    let tmp = tempfile::tempdir_in(&parent)
+        .with_context(|| format!("creating the swarm's directory in {}", parent.display()))?;
+    let image = testimage(tmp.path(), size, "1.0.0")?;
+    eprintln!("{} peers, {size} MiB, bittorrent", p.devices);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_bittorrent.py");
+    let limit = t_min(p, size * MIB) * 10.0 + 300.0;
+    let out = Command::new(PYTHON)
+        .arg(&script)
+        .arg("--image")
+        .arg(&image)
+        .arg("--dir")
+        .arg(tmp.path().join("swarm"))
+        .args(["--peers", &p.devices.to_string()])
+        .args(["--device-up", &p.device_up.to_string()])
+        .args(["--device-down", &p.device_down.to_string()])
+        .args(["--hub-up", &p.hub_up.to_string()])
+        .args(["--limit", &format!("{limit:.0}")])
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {} (scripts/setup.sh installs python3-libtorrent and opentracker)", script.display()))?;
+    anyhow::ensure!(out.status.success(), "the BitTorrent swarm failed ({})", out.status);
+    #[derive(serde::Deserialize)]
+    struct Swarm {
+        completion: Vec<f64>,
+        seeder_upload: u64,
+        size: u64,
+        messages: u64,
+        connections: u64,
+        cpu_s: f64,
+    }
+    let s: Swarm = serde_json::from_slice(&out.stdout).context("reading the swarm's outcome")?;
+    Ok(Outcome {
+        mode: Mode::BitTorrent,
+        size: s.size,
+        full: Round {
+            completion: s.completion,
+            hub_egress: s.seeder_upload,
+            device_requests: s.messages,
+            connections: s.connections,
+            cpu_s: s.cpu_s,
+            ..Round::default()
+        },
+        delta: Round::default(),
+        hub_rss_kib: 0,
+        device_rss_kib: 0.0,
+        stores: parent.display().to_string(),
+    })
+}
+
+/// The system's Python, where Debian installs python3-libtorrent and python3-matplotlib
+/// (a `python3` earlier on the PATH, pyenv's for one, has neither).
+const PYTHON: &str = "/usr/bin/python3";
+
 fn run_fleet(p: &Params, size: u64, mode: Mode) -> Result<Outcome> {
+    if mode == Mode::BitTorrent {
+        return run_bittorrent(p, size);
+    }
     let parent = fleet_parent(p, size);
     let tmp = tempfile::tempdir_in(&parent)
         .with_context(|| format!("creating the fleet's directory in {}", parent.display()))?;
@@ -610,21 +711,12 @@ fn run_fleet(p: &Params, size: u64, mode: Mode) -> Result<Outcome> {
     );
     eprintln!("  every device reached the hub; settling {} s", p.settle);
     std::thread::sleep(Duration::from_secs(p.settle));
-    let bound = match mode {
-        Mode::Mesh => t_min(p, f),
-        Mode::HubOnly => t_hub_only(p, f),
-    };
+    let bound = bound(p, mode, f);
     // Long enough for a fleet on two cores (N = 1,000 has taken 200 s for a 16 s bound);
     // a limit on a hung run, not a target.
     let limit = Duration::from_secs_f64(bound * 10.0 + 300.0);
     eprintln!("  release 1 (bound {bound:.1} s)");
-    let zero = DeviceSample {
-        announced_ms: 0,
-        fetched_ms: 0,
-        active_ms: 0,
-        accepted: 0,
-        received: 0,
-    };
+    let zero = DeviceSample::default();
     let (full, after) = round(
         &hub,
         &mut workers,
@@ -758,6 +850,21 @@ fn tcp_sockets() -> u64 {
     proc_number("/proc/net/sockstat", "TCP: inuse").unwrap_or(0)
 }
 
+/// User and system CPU seconds a process has used (/proc/PID/stat; 0 if it is gone).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces), from the state (3rd) on:
+    // utime and stime are the 14th and 15th, in clock ticks.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // USER_HZ: 100 on every Linux architecture.
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
 /// (busy, total) jiffies of all CPUs, from /proc/stat.
 fn cpu_times() -> (u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -796,10 +903,27 @@ fn report(p: &Params, outcomes: &[Outcome]) -> String {
     );
     for o in outcomes {
         let c = &o.full.completion;
-        let bound = match o.mode {
-            Mode::Mesh => t_min(p, o.size),
-            Mode::HubOnly => t_hub_only(p, o.size),
-        };
+        let bound = bound(p, o.mode, o.size);
+        if o.mode == Mode::BitTorrent {
+            // No second release, announcement or RSS of its own: the swarm's row says
+            // what it measured.
+            let _ = writeln!(
+                md,
+                "| {} | bittorrent | {} ({:.2}×) | {:.1} / {:.1} / {:.1} s | T_min {bound:.1} s | {:.2} | {:.2} (of {:.1} s) | {:.2} | — | — | — | — | — | — | — | {} |",
+                mib(o.size),
+                mib(o.full.hub_egress),
+                o.full.hub_egress as f64 / o.size as f64,
+                percentile(c, 0.5),
+                percentile(c, 0.99),
+                percentile(c, 1.0),
+                percentile(c, 1.0) / bound,
+                percentile(c, 1.0) / t_one_copy(p, o.size),
+                t_one_copy(p, o.size),
+                percentile(c, 0.99) / percentile(c, 0.5),
+                o.stores,
+            );
+            continue;
+        }
         let delta_max = o.delta.bytes_per_device.iter().max().copied().unwrap_or(0);
         let _ = writeln!(
             md,
@@ -811,16 +935,16 @@ fn report(p: &Params, outcomes: &[Outcome]) -> String {
             percentile(c, 0.5),
             percentile(c, 0.99),
             percentile(c, 1.0),
-            if o.mode == Mode::Mesh { "T_min" } else { "N·F/u_s" },
+            if o.mode == Mode::HubOnly { "N·F/u_s" } else { "T_min" },
             bound,
             percentile(c, 1.0) / bound,
             match o.mode {
-                Mode::Mesh => format!(
+                Mode::HubOnly => "—".into(),
+                _ => format!(
                     "{:.2} (of {:.1} s)",
                     percentile(c, 1.0) / t_one_copy(p, o.size),
                     t_one_copy(p, o.size)
                 ),
-                Mode::HubOnly => "—".into(),
             },
             percentile(c, 0.99) / percentile(c, 0.5),
             o.full.duplicate_bytes,
@@ -833,6 +957,46 @@ fn report(p: &Params, outcomes: &[Outcome]) -> String {
             o.hub_rss_kib as f64 / 1024.0,
             o.device_rss_kib / 1024.0,
             o.stores,
+        );
+    }
+    md
+}
+
+/// Medians over the runs of each (size, mode), with the costs counted per MiB delivered
+/// (N × image): blob requests the devices sent (a yamux stream each; BitTorrent: the
+/// messages its peers sent), requests the hub received, connections opened, and CPU
+/// seconds of every process of the fleet.
+fn summary(p: &Params, outcomes: &[Outcome]) -> String {
+    let mut md = String::from(
+        "| image | mode | runs | last device, each run | median last ÷ bound | hub egress (median) | requests per MiB (devices / hub) | connections per MiB | CPU s per MiB |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut groups: Vec<(u64, Mode, Vec<&Outcome>)> = vec![];
+    for o in outcomes {
+        match groups.iter_mut().find(|(s, m, _)| *s == o.size && *m == o.mode) {
+            Some((_, _, g)) => g.push(o),
+            None => groups.push((o.size, o.mode, vec![o])),
+        }
+    }
+    for (size, mode, runs) in groups {
+        let delivered = (p.devices as u64 * size) as f64 / MIB as f64;
+        let median = |f: &dyn Fn(&Outcome) -> f64| {
+            percentile(&runs.iter().map(|o| f(o)).collect::<Vec<_>>(), 0.5)
+        };
+        let last = |o: &Outcome| percentile(&o.full.completion, 1.0);
+        let each: Vec<String> = runs.iter().map(|o| format!("{:.1}", last(o))).collect();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} s | {:.2} | {:.2}× | {:.1} / {:.1} | {:.2} | {:.3} |",
+            mib(size),
+            mode.name(),
+            runs.len(),
+            each.join(", "),
+            median(&last) / bound(p, mode, size),
+            median(&|o| o.full.hub_egress as f64 / size as f64),
+            median(&|o| o.full.device_requests as f64) / delivered,
+            median(&|o| o.full.hub_requests as f64) / delivered,
+            median(&|o| o.full.connections as f64) / delivered,
+            median(&|o| o.full.cpu_s) / delivered,
         );
     }
     md
@@ -865,7 +1029,8 @@ fn parent(p: &Params) -> Result<()> {
     let began = Instant::now();
     let mut outcomes = vec![];
     for &size in &p.sizes_mib {
-        for &mode in &p.modes {
+        for (&mode, run) in p.modes.iter().flat_map(|m| (0..p.runs).map(move |r| (m, r))) {
+            eprintln!("[{size} MiB, {}, run {} of {}]", mode.name(), run + 1, p.runs);
             let out = Command::new(std::env::current_exe()?)
                 .args(std::env::args().skip(1))
                 .args(["--one", &format!("{size}:{}", mode.name())])
@@ -884,15 +1049,20 @@ fn parent(p: &Params) -> Result<()> {
         }
     }
     let p = p.clone();
-    let md = report(&p, &outcomes);
+    let md = format!(
+        "{}\nMedians and counted costs:\n\n{}",
+        report(&p, &outcomes),
+        summary(&p, &outcomes)
+    );
     let stem = format!("fleet-n{}", p.devices);
-    let mut csv = String::from("mode,image_mib,t_min_s,device,completion_s\n");
-    for o in &outcomes {
+    let mut csv = String::from("mode,run,image_mib,t_min_s,device,completion_s\n");
+    for (k, o) in outcomes.iter().enumerate() {
         for (i, c) in o.full.completion.iter().enumerate() {
             let _ = writeln!(
                 csv,
-                "{},{},{:.3},{i},{c:.3}",
+                "{},{},{},{:.3},{i},{c:.3}",
                 o.mode.name(),
+                k % p.runs,
                 o.size / MIB,
                 t_min(&p, o.size)
             );
@@ -903,7 +1073,7 @@ fn parent(p: &Params) -> Result<()> {
     std::fs::write(&csv_path, &csv)?;
     print!("{md}");
     let png = p.out.join(format!("{stem}.png"));
-    let plotted = Command::new("python3")
+    let plotted = Command::new(PYTHON)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/plot_fleet.py"))
         .arg(&csv_path)
         .arg(&png)
@@ -911,7 +1081,7 @@ fn parent(p: &Params) -> Result<()> {
         .status();
     match plotted {
         Ok(s) if s.success() => println!("chart: {}", png.display()),
-        _ => eprintln!("no chart: scripts/plot_fleet.py needs python3-matplotlib"),
+        _ => eprintln!("no chart: scripts/plot_fleet.py needs python3-matplotlib (scripts/setup.sh)"),
     }
     println!(
         "\n(all of it in {:.0} s; {} and {}.csv in {})",
