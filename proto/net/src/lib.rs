@@ -1141,7 +1141,9 @@ impl Node {
                 num_established,
                 ..
             } => {
-                self.state.connections_opened.fetch_add(1, Ordering::Relaxed);
+                self.state
+                    .connections_opened
+                    .fetch_add(1, Ordering::Relaxed);
                 self.connection_up(peer_id, connection_id, &endpoint);
                 if num_established.get() == 1 {
                     self.emit(NetEvent::PeerConnected(peer_id)).await

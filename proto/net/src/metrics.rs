@@ -69,7 +69,13 @@ pub fn push_net(out: &mut String, prefix: &str, state: &crate::NetState) {
             &state.requests_received,
         ),
     ] {
-        push(out, &format!("{prefix}_{name}"), "counter", help, value.load(Relaxed));
+        push(
+            out,
+            &format!("{prefix}_{name}"),
+            "counter",
+            help,
+            value.load(Relaxed),
+        );
     }
 }
 

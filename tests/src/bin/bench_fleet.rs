@@ -640,8 +640,17 @@ fn run_bittorrent(p: &Params, size: u64) -> Result<Outcome> {
         .args(["--limit", &format!("{limit:.0}")])
         .stderr(Stdio::inherit())
         .output()
-        .with_context(|| format!("running {} (scripts/setup.sh installs python3-libtorrent and opentracker)", script.display()))?;
-    anyhow::ensure!(out.status.success(), "the BitTorrent swarm failed ({})", out.status);
+        .with_context(|| {
+            format!(
+                "running {} (scripts/setup.sh installs python3-libtorrent and opentracker)",
+                script.display()
+            )
+        })?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the BitTorrent swarm failed ({})",
+        out.status
+    );
     #[derive(serde::Deserialize)]
     struct Swarm {
         completion: Vec<f64>,
@@ -860,7 +869,12 @@ fn cpu_seconds(pid: u32) -> f64 {
         .map_or("", |(_, rest)| rest)
         .split_whitespace()
         .collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     // USER_HZ: 100 on every Linux architecture.
     (ticks(11) + ticks(12)) as f64 / 100.0
 }
@@ -972,7 +986,10 @@ fn summary(p: &Params, outcomes: &[Outcome]) -> String {
     );
     let mut groups: Vec<(u64, Mode, Vec<&Outcome>)> = vec![];
     for o in outcomes {
-        match groups.iter_mut().find(|(s, m, _)| *s == o.size && *m == o.mode) {
+        match groups
+            .iter_mut()
+            .find(|(s, m, _)| *s == o.size && *m == o.mode)
+        {
             Some((_, _, g)) => g.push(o),
             None => groups.push((o.size, o.mode, vec![o])),
         }
@@ -1029,8 +1046,17 @@ fn parent(p: &Params) -> Result<()> {
     let began = Instant::now();
     let mut outcomes = vec![];
     for &size in &p.sizes_mib {
-        for (&mode, run) in p.modes.iter().flat_map(|m| (0..p.runs).map(move |r| (m, r))) {
-            eprintln!("[{size} MiB, {}, run {} of {}]", mode.name(), run + 1, p.runs);
+        for (&mode, run) in p
+            .modes
+            .iter()
+            .flat_map(|m| (0..p.runs).map(move |r| (m, r)))
+        {
+            eprintln!(
+                "[{size} MiB, {}, run {} of {}]",
+                mode.name(),
+                run + 1,
+                p.runs
+            );
             let out = Command::new(std::env::current_exe()?)
                 .args(std::env::args().skip(1))
                 .args(["--one", &format!("{size}:{}", mode.name())])
@@ -1081,7 +1107,9 @@ fn parent(p: &Params) -> Result<()> {
         .status();
     match plotted {
         Ok(s) if s.success() => println!("chart: {}", png.display()),
-        _ => eprintln!("no chart: scripts/plot_fleet.py needs python3-matplotlib (scripts/setup.sh)"),
+        _ => {
+            eprintln!("no chart: scripts/plot_fleet.py needs python3-matplotlib (scripts/setup.sh)")
+        }
     }
     println!(
         "\n(all of it in {:.0} s; {} and {}.csv in {})",
