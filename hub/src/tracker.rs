@@ -38,7 +38,9 @@ use std::time::{Duration, Instant};
 pub const NAMED: usize = 1;
 /// Askers a holder is named to at once, across blobs: one upload at its full rate and
 /// one waiting behind it (so the link does not idle while the first asker reports back),
-/// and a chunk spreads as a tree that doubles about every transfer time.
+/// and a chunk spreads as a tree that doubles about every transfer time. One slot would
+/// double it faster when messages are quick, and loses once a report takes a few
+/// hundred milliseconds, as on a loaded hub (BENCHMARKS.md, "Fleet at 1,000 devices").
 pub const SLOTS: u32 = 2;
 /// A naming holds a slot at most this long (a report lost, an asker stuck).
 pub const RESERVATION: Duration = Duration::from_secs(20);
