@@ -264,6 +264,9 @@ struct Outcome {
     device_rss_kib: f64,
     /// Where the hub's and the devices' stores were (see [`fleet_parent`]).
     stores: String,
+    /// Which of `--runs` this was (set by the parent).
+    #[serde(default)]
+    run: usize,
 }
 
 struct Hub {
@@ -676,6 +679,7 @@ fn run_bittorrent(p: &Params, size: u64) -> Result<Outcome> {
         hub_rss_kib: 0,
         device_rss_kib: 0.0,
         stores: parent.display().to_string(),
+        run: 0,
     })
 }
 
@@ -750,6 +754,7 @@ fn run_fleet(p: &Params, size: u64, mode: Mode) -> Result<Outcome> {
         hub_rss_kib: status_kib(hub.child.id(), "VmHWM"),
         device_rss_kib: device_rss_kib as f64 / p.devices as f64,
         stores: parent.display().to_string(),
+        run: 0,
     })
 }
 
@@ -1039,12 +1044,31 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Runs one (size, mode) fleet in a process of its own and reads its outcome.
+fn one_fleet(size: u64, mode: Mode) -> Result<Outcome> {
+    let out = Command::new(std::env::current_exe()?)
+        .args(std::env::args().skip(1))
+        .args(["--one", &format!("{size}:{}", mode.name())])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running one fleet")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the {size} MiB {} fleet failed ({})",
+        mode.name(),
+        out.status
+    );
+    let json = String::from_utf8_lossy(&out.stdout);
+    let line = json.lines().last().context("no outcome printed")?;
+    serde_json::from_str(line).context("reading the outcome")
+}
+
 /// Runs each (size, mode) fleet in a process of its own (a clean slate, and an honest
 /// memory peak), then writes the report, the CSV and the chart.
 fn parent(p: &Params) -> Result<()> {
     std::fs::create_dir_all(&p.out)?;
     let began = Instant::now();
-    let mut outcomes = vec![];
+    let (mut outcomes, mut failed) = (vec![], vec![]);
     for &size in &p.sizes_mib {
         for (&mode, run) in p
             .modes
@@ -1057,21 +1081,18 @@ fn parent(p: &Params) -> Result<()> {
                 run + 1,
                 p.runs
             );
-            let out = Command::new(std::env::current_exe()?)
-                .args(std::env::args().skip(1))
-                .args(["--one", &format!("{size}:{}", mode.name())])
-                .stderr(Stdio::inherit())
-                .output()
-                .context("running one fleet")?;
-            anyhow::ensure!(
-                out.status.success(),
-                "the {size} MiB {} fleet failed ({})",
-                mode.name(),
-                out.status
-            );
-            let json = String::from_utf8_lossy(&out.stdout);
-            let line = json.lines().last().context("no outcome printed")?;
-            outcomes.push(serde_json::from_str::<Outcome>(line).context("reading the outcome")?);
+            // A fleet that fails is reported and the others go on: one bad run (a
+            // swarm that cannot finish on this machine) does not lose the rest.
+            match one_fleet(size, mode) {
+                Ok(mut o) => {
+                    o.run = run;
+                    outcomes.push(o);
+                }
+                Err(e) => {
+                    eprintln!("  failed, going on with the others: {e:#}");
+                    failed.push(format!("{size} MiB {} run {}", mode.name(), run + 1));
+                }
+            }
         }
     }
     let p = p.clone();
@@ -1082,13 +1103,13 @@ fn parent(p: &Params) -> Result<()> {
     );
     let stem = format!("fleet-n{}", p.devices);
     let mut csv = String::from("mode,run,image_mib,t_min_s,device,completion_s\n");
-    for (k, o) in outcomes.iter().enumerate() {
+    for o in &outcomes {
         for (i, c) in o.full.completion.iter().enumerate() {
             let _ = writeln!(
                 csv,
                 "{},{},{},{:.3},{i},{c:.3}",
                 o.mode.name(),
-                k % p.runs,
+                o.run,
                 o.size / MIB,
                 t_min(&p, o.size)
             );
@@ -1099,16 +1120,18 @@ fn parent(p: &Params) -> Result<()> {
     std::fs::write(&csv_path, &csv)?;
     print!("{md}");
     let png = p.out.join(format!("{stem}.png"));
-    let plotted = Command::new(PYTHON)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/plot_fleet.py"))
-        .arg(&csv_path)
-        .arg(&png)
-        .arg(format!("N = {}", p.devices))
-        .status();
-    match plotted {
-        Ok(s) if s.success() => println!("chart: {}", png.display()),
-        _ => {
-            eprintln!("no chart: scripts/plot_fleet.py needs python3-matplotlib (scripts/setup.sh)")
+    if !outcomes.is_empty() {
+        let plotted = Command::new(PYTHON)
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/plot_fleet.py"))
+            .arg(&csv_path)
+            .arg(&png)
+            .arg(format!("N = {}", p.devices))
+            .status();
+        match plotted {
+            Ok(s) if s.success() => println!("chart: {}", png.display()),
+            _ => eprintln!(
+                "no chart: scripts/plot_fleet.py needs python3-matplotlib (scripts/setup.sh)"
+            ),
         }
     }
     println!(
@@ -1117,6 +1140,12 @@ fn parent(p: &Params) -> Result<()> {
         format_args!("{stem}.md"),
         stem,
         p.out.display()
+    );
+    anyhow::ensure!(
+        failed.is_empty(),
+        "{} of the fleets failed ({}); the report has the others",
+        failed.len(),
+        failed.join(", ")
     );
     Ok(())
 }
