@@ -2,8 +2,8 @@
 """A real BitTorrent swarm as the fleet benchmark's baseline (`bench_fleet --modes bittorrent`).
 
 One seeder (the hub) and N leechers (the devices), each its own libtorrent 2.0 session in
-this process, on 127.0.0.1 with an opentracker; TCP only (no uTP, DHT, LSD, UPnP, NAT-PMP,
-PEX), and every peer in libtorrent's global, rate-limited peer class: libtorrent exempts
+this process, on 127.0.0.1 with an opentracker; TCP only (no uTP, DHT, LSD, UPnP or
+NAT-PMP; peer exchange, a default plugin, stays on), and every peer in libtorrent's global, rate-limited peer class: libtorrent exempts
 local peers from its rate limits, so without that the caps would not hold on loopback.
 The same image and caps as the mesh: the seeder uploads at --hub-up, each leecher at
 --device-up and downloads at --device-down. 64 KiB pieces (the chunker's average).
