@@ -509,8 +509,12 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
         if !self.blobs.contains_key(&digest) {
             if self.order.len() >= self.capacity {
                 if let Some(old) = self.order.pop_front() {
-                    for h in self.blobs.remove(&old).into_iter().flat_map(|b| b.holders) {
-                        unhold(&mut self.held, &h.peer, &old);
+                    if let Some(blob) = self.blobs.remove(&old) {
+                        for h in &blob.holders {
+                            unhold(&mut self.held, &h.peer, &old);
+                        }
+                        // Its first copy is no longer under way for anyone.
+                        self.first_landed(blob.first_to);
                     }
                     self.parked.remove(&old);
                     self.release_where(|(d, _), _| *d == old);
@@ -682,6 +686,18 @@ mod tests {
         assert_eq!(t.decide(d(4), Some("a"), now), Decision::Serve);
         // b reports blob 2: a, parked for it, is named b.
         assert_eq!(named(t.stored(d(2), "b", now)), vec![(2, vec!["b"])]);
+    }
+
+    #[test]
+    fn a_forgotten_blob_frees_its_first_copy() {
+        // Two blobs remembered: a's first copy of blob 1 is forgotten with the blob (a
+        // never reported it), and a gets the next first copy at once.
+        let mut t: Tracker<&str, u32> = Tracker::new(2);
+        let now = Instant::now();
+        assert_eq!(t.decide(d(1), Some("a"), now), Decision::Serve);
+        t.decide(d(2), Some("b"), now);
+        t.decide(d(3), Some("b"), now);
+        assert_eq!(t.decide(d(4), Some("a"), now), Decision::Serve);
     }
 
     #[test]
