@@ -417,18 +417,31 @@ pub(crate) fn stable_hash(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Fisher–Yates with a splitmix64 stream seeded from `seed`: a fixed order per device.
-pub fn shuffle<T>(items: &mut [T], seed: &[u8]) {
-    let mut state = stable_hash(seed);
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
+/// splitmix64: a small, fixed stream of numbers from a seed (the same on every device and
+/// every run; the fleet simulator draws its randomness from it too).
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
-    };
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Fisher–Yates with a splitmix64 stream seeded from `seed`: a fixed order per device.
+pub fn shuffle<T>(items: &mut [T], seed: &[u8]) {
+    let mut rng = SplitMix64(stable_hash(seed));
     for i in (1..items.len()).rev() {
-        let j = (next() % (i as u64 + 1)) as usize;
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         items.swap(i, j);
     }
 }

@@ -12,6 +12,7 @@
 //! modelled: CPU (the real bench's limit on two cores), TCP slow start, NAT (everyone
 //! reaches everyone), losses other than a departed peer.
 
+use device::fetch::SplitMix64;
 use device::schedule::{BlobFetch, HubAnswer, Miss, Sources, Step};
 use hub::tracker::{self, Decision, Tracker};
 use net::ratelimit::{Bucket, BUSY_BACKLOG};
@@ -258,27 +259,10 @@ struct Sim<'a> {
     sum_up: u64,
 }
 
-/// splitmix64: the simulator's only randomness, from the scenario's seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Chunk sizes of a pseudo-random image of `bytes` under the real chunker.
 fn chunk_sizes(bytes: u64, seed: u64) -> Vec<u64> {
-    let mut rng = Rng(seed);
-    let data: Vec<u8> = (0..bytes).map(|_| rng.next() as u8).collect();
+    let mut rng = SplitMix64(seed);
+    let data: Vec<u8> = (0..bytes).map(|_| rng.next_u64() as u8).collect();
     proto::chunking::boundaries(&data)
         .map(|(_, len)| len)
         .collect()
@@ -308,7 +292,7 @@ impl<'a> Sim<'a> {
         let digests = (0..sizes.len())
             .map(|i| Digest::of(format!("sim {} blob {i}", s.seed).as_bytes()))
             .collect();
-        let mut rng = Rng(s.seed ^ 0x5eed);
+        let mut rng = SplitMix64(s.seed ^ 0x5eed);
         let churn = (s.devices as f64 * s.churn).round() as usize;
         let total = s.devices + churn;
         let mut devices = Vec::with_capacity(total);
@@ -360,7 +344,7 @@ impl<'a> Sim<'a> {
         // Leavers among the starting devices, joiners after them, both at random times
         // within the bound.
         for k in 0..churn {
-            let leaver = (rng.next() % s.devices as u64) as Dev;
+            let leaver = (rng.next_u64() % s.devices as u64) as Dev;
             sim.at(
                 Duration::from_secs_f64(rng.unit() * window),
                 Ev::Leave(leaver),
@@ -424,7 +408,7 @@ impl<'a> Sim<'a> {
             Ev::Announce(d) => self.announce(d),
             Ev::Leave(d) => self.leave(d),
             Ev::Ask(d, b) => {
-                if let Some(step) = self.with_fetch(d, b, |f, dev| f.fetch.ask(&dev.sources)) {
+                if let Some(step) = self.with_fetch(d, b, |f, sources| f.fetch.ask(sources)) {
                     self.step(d, b, step)
                 }
             }
@@ -499,16 +483,14 @@ impl<'a> Sim<'a> {
         &mut self,
         d: Dev,
         b: Blob,
-        f: impl FnOnce(&mut Fetching, &mut Device) -> T,
+        f: impl FnOnce(&mut Fetching, &mut Sources) -> T,
     ) -> Option<T> {
         let dev = &mut self.devices[d as usize];
         if dev.gone {
             return None;
         }
-        let mut fetching = dev.fetching.remove(&b)?;
-        let out = f(&mut fetching, dev);
-        dev.fetching.insert(b, fetching);
-        Some(out)
+        let fetching = dev.fetching.get_mut(&b)?;
+        Some(f(fetching, &mut dev.sources))
     }
 
     /// Carries out what the device's schedule decided.
@@ -557,13 +539,10 @@ impl<'a> Sim<'a> {
     /// Asks the next named or connected peer, or tells the schedule they all missed.
     fn next_target(&mut self, d: Dev, b: Blob) {
         let now = self.instant();
-        let Some((target, named, misses)) = self.with_fetch(d, b, |f, _| {
-            (f.queue.pop_front(), f.named, std::mem::take(&mut f.misses))
-        }) else {
+        let Some(target) = self.with_fetch(d, b, |f, _| f.queue.pop_front()) else {
             return;
         };
         if let Some(target) = target {
-            self.with_fetch(d, b, |f, _| f.misses = misses);
             if let Target::Peer(p) = target {
                 self.out.peer_asks += 1;
                 self.use_link(d, p);
@@ -573,9 +552,9 @@ impl<'a> Sim<'a> {
             self.at(self.s.latency, Ev::AtPeer(d, b, target));
             return;
         }
-        let step = self.with_fetch(d, b, |f, dev| {
-            if named {
-                f.fetch.named_missed(&mut dev.sources, &misses, now).0
+        let step = self.with_fetch(d, b, |f, sources| {
+            if f.named {
+                f.fetch.named_missed(sources, &f.misses, now).0
             } else {
                 f.fetch.connected_answered(false, now)
             }
@@ -662,8 +641,8 @@ impl<'a> Sim<'a> {
             Some(Answer::Peers(peers)) => HubAnswer::Peers(peers),
             None => HubAnswer::Silent,
         };
-        if let Some(step) = self.with_fetch(d, b, |f, dev| {
-            f.fetch.hub_answered(&mut dev.sources, answer, now)
+        if let Some(step) = self.with_fetch(d, b, |f, sources| {
+            f.fetch.hub_answered(sources, answer, now)
         }) {
             self.step(d, b, step);
         }
@@ -720,11 +699,11 @@ impl<'a> Sim<'a> {
     /// The blob's bytes are in: the schedule hears of it.
     fn got(&mut self, d: Dev, b: Blob) {
         let now = self.instant();
-        let step = self.with_fetch(d, b, |f, dev| {
+        let step = self.with_fetch(d, b, |f, sources| {
             if f.from_hub {
-                f.fetch.hub_answered(&mut dev.sources, HubAnswer::Blob, now)
+                f.fetch.hub_answered(sources, HubAnswer::Blob, now)
             } else if f.named {
-                f.fetch.named_delivered(&mut dev.sources)
+                f.fetch.named_delivered(sources)
             } else {
                 f.fetch.connected_answered(true, now)
             }
