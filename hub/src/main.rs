@@ -270,21 +270,20 @@ enum RolloutCommand {
 #[derive(Clone, Debug)]
 struct Waves(Vec<proto::rollout::Wave>);
 
-fn parse_waves(s: &str) -> Result<Waves, String> {
-    proto::rollout::parse_waves(s)
-        .map(Waves)
-        .map_err(|e| e.to_string())
+fn parse_waves(s: &str) -> Result<Waves, proto::rollout::BadWaves> {
+    proto::rollout::parse_waves(s).map(Waves)
 }
 
-fn parse_percent(s: &str) -> Result<u8, String> {
-    let n: u8 = s
-        .trim_end_matches('%')
-        .parse()
-        .map_err(|_| format!("{s:?} is not a percentage (write e.g. 20%)"))?;
-    if n == 0 || n > 100 {
-        return Err(format!("{s} is not between 1% and 100%"));
+/// A `--halt-failures` value that is not a percentage from 1% to 100%.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a percentage from 1% to 100% (write e.g. 20%)")]
+struct BadPercent(String);
+
+fn parse_percent(s: &str) -> Result<u8, BadPercent> {
+    match s.trim_end_matches('%').parse::<u8>() {
+        Ok(n @ 1..=100) => Ok(n),
+        _ => Err(BadPercent(s.to_string())),
     }
-    Ok(n)
 }
 
 #[derive(Subcommand, Debug)]
