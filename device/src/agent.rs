@@ -1491,7 +1491,7 @@ impl Updater {
             .put_manifest(&verified.digest(), &manifest_bytes)?;
         // Peers may fetch it from here now (at 1,000 devices, a manifest from the hub for
         // each was about another copy of a 1 MiB image).
-        self.fetcher.report_stored(verified.digest());
+        self.fetcher.report_stored(Some(verified.digest()));
         let m = verified.manifest();
         if !self.admit(m)? {
             // Said once per release, so the hub sees the device (and that it is not

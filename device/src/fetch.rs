@@ -8,7 +8,7 @@
 use crate::config::Config;
 use crate::metrics::DeviceMetrics;
 use crate::report::Reporter;
-use crate::schedule::{BlobFetch, HubAnswer, Miss, Sources, Step, STALL_LIMIT};
+use crate::schedule::{BlobFetch, HubAnswer, Miss, Reports, Sources, Step, STALL_LIMIT};
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
@@ -100,18 +100,25 @@ impl Fetcher {
     }
 
     /// One blob, checked by `check`; returns its bytes and the path they came by.
-    /// `swarm`: the hub may answer with peers to ask instead. What is asked of whom, and
-    /// when to give up, is [`BlobFetch`]'s to decide; this carries it out.
+    /// `swarm`: the hub may answer with peers to ask instead; `reports`: the release's
+    /// "stored" reports, one of which may ride on this blob's first ask. What is asked of
+    /// whom, and when to give up, is [`BlobFetch`]'s to decide; this carries it out.
     async fn blob(
         &self,
         digest: &Digest,
         spread: usize,
         banned: &Mutex<HashSet<PeerId>>,
         swarm: bool,
+        reports: Option<&Mutex<Reports>>,
         check: impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
     ) -> Result<(Vec<u8>, Path)> {
         let mut fetch = BlobFetch::new(swarm && self.peer_exchange, Instant::now());
         let mut step = fetch.ask(&self.sources.lock().expect("not poisoned"));
+        if let Some(reports) = reports {
+            let alone;
+            (step, alone) = reports.lock().expect("not poisoned").begin(step);
+            self.report_stored(alone);
+        }
         let mut got = None;
         loop {
             step = match step {
@@ -270,10 +277,10 @@ impl Fetcher {
 
     /// Tells the hub a blob (chunk or manifest) fetched with peer exchange is stored here
     /// (in the background: a hub that is down or slow holds nothing up).
-    pub fn report_stored(&self, digest: Digest) {
-        if !self.peer_exchange {
+    pub fn report_stored(&self, digest: Option<Digest>) {
+        let Some(digest) = digest.filter(|_| self.peer_exchange) else {
             return;
-        }
+        };
         for hub in self.hub.clone() {
             let net = self.net.clone();
             self.tasks.spawn(async move {
@@ -323,7 +330,7 @@ impl Fetcher {
         }
         let limit = proto::envelope::envelope_limit(proto::codec::Kind::Manifest);
         let (bytes, path) = self
-            .blob(digest, 0, banned, true, |b| {
+            .blob(digest, 0, banned, true, None, |b| {
                 if b.len() > limit {
                     return Err(proto::VerifyError::TooManyBytes {
                         what: "manifest".into(),
@@ -374,20 +381,23 @@ impl Fetcher {
         let total = m.chunks.len().max(1);
         let have = AtomicUsize::new(total - missing.len());
         let stored_now = AtomicUsize::new(0);
+        let reports = Mutex::new(Reports::new(missing.len()));
         tracing::info!(app = %m.app, release = m.release, missing = missing.len(), total, "fetching chunks");
         let mut results = futures::stream::iter(missing.into_iter().map(|(i, c)| {
             let have = &have;
             let stored_now = &stored_now;
+            let reports = &reports;
             async move {
                 let (bytes, path) = self
-                    .blob(&c.digest, i, banned, true, |b| verify_chunk(i, &c, b))
+                    .blob(&c.digest, i, banned, true, Some(reports), |b| {
+                        verify_chunk(i, &c, b)
+                    })
                     .await?;
                 let store = self.store.clone();
                 let len = bytes.len();
                 let t = Instant::now();
                 tokio::task::spawn_blocking(move || store.put_chunk(&c.digest, &bytes)).await??;
                 tracing::debug!(blob = %c.digest.short(), ms = t.elapsed().as_millis() as u64, "chunk stored");
-                self.report_stored(c.digest);
                 self.account(len, path);
                 let n = have.fetch_add(1, Ordering::Relaxed) + 1;
                 reporter
@@ -398,14 +408,26 @@ impl Fetcher {
                     tracing::warn!("crash_at download:{k}: aborting");
                     std::process::abort();
                 }
+                // Last: the next fetch begins when this one ends, and takes the report.
+                let alone = reports.lock().expect("not poisoned").stored(c.digest);
+                self.report_stored(alone);
                 anyhow::Ok(())
             }
         }))
         .buffer_unordered(self.parallel);
+        let mut fetched = Ok(());
         while let Some(r) = results.next().await {
-            r?;
+            if let Err(e) = r {
+                fetched = Err(e);
+                break;
+            }
         }
-        Ok(())
+        drop(results);
+        // A failed chunk ended the others: what they stored is reported all the same.
+        for d in reports.into_inner().expect("not poisoned").left() {
+            self.report_stored(Some(d));
+        }
+        fetched
     }
 }
 

@@ -16,8 +16,12 @@
 //! A blob is given up ([`Step::Stalled`]) only after [`STALL_LIMIT`] in which no source
 //! delivered it and the hub did not answer for it: in a large fleet, waiting for a free
 //! holder can take longer than that, and a hub that says "wait" is tracking the blob.
+//!
+//! A chunk stored is reported to the hub on the device's next ask for peers
+//! ([`Reports`]): one request a chunk to the hub instead of two.
 
 use net::Want;
+use proto::Digest;
 use std::time::{Duration, Instant};
 
 /// Give up on a blob after this long without any source delivering it or the hub
@@ -222,11 +226,90 @@ impl BlobFetch {
     }
 }
 
+/// The "stored" reports of one release's chunks, each riding on the first ask of a
+/// fetch begun after it ([`Want::BlobOrPeersAndStored`]). A device that has stored a
+/// chunk begins its next one at once, and that fetch's first step is to ask the hub for
+/// peers: the report costs no request of its own and reaches the hub as soon as a
+/// separate one would. A report goes alone when no fetch still to begin will carry it
+/// (the last chunks) or the fetch that takes it does not ask the hub for peers first.
+#[derive(Debug)]
+pub struct Reports {
+    /// Fetches not yet begun: each takes at most one waiting report.
+    unbegun: usize,
+    waiting: Vec<Digest>,
+}
+
+impl Reports {
+    /// For `fetches` fetches still to begin.
+    pub fn new(fetches: usize) -> Reports {
+        Reports {
+            unbegun: fetches,
+            waiting: Vec::new(),
+        }
+    }
+
+    /// `digest` is stored: `None` if its report waits for a fetch to carry it, else the
+    /// digest, to report alone now.
+    pub fn stored(&mut self, digest: Digest) -> Option<Digest> {
+        if self.waiting.len() < self.unbegun {
+            self.waiting.push(digest);
+            None
+        } else {
+            Some(digest)
+        }
+    }
+
+    /// A fetch begins with `first`, its first step: that step, carrying a waiting report
+    /// if it asks the hub for peers, and a report to send alone if it does not.
+    pub fn begin<P>(&mut self, first: Step<P>) -> (Step<P>, Option<Digest>) {
+        self.unbegun = self.unbegun.saturating_sub(1);
+        match (first, self.waiting.pop()) {
+            (Step::AskHub(Want::BlobOrPeers), Some(d)) => {
+                (Step::AskHub(Want::BlobOrPeersAndStored(d)), None)
+            }
+            (step, report) => (step, report),
+        }
+    }
+
+    /// Reports no fetch will carry (the fetches ended early): to send alone.
+    pub fn left(self) -> Vec<Digest> {
+        self.waiting
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     type S = Step<&'static str>;
+
+    #[test]
+    fn each_report_rides_on_a_later_ask_for_peers_or_goes_alone() {
+        let d = |n: u8| Digest([n; 32]);
+        let ask = || S::AskHub(Want::BlobOrPeers);
+        let mut r = Reports::new(2);
+        // Two fetches to begin: two reports can wait, the third goes now.
+        assert_eq!(r.stored(d(1)), None);
+        assert_eq!(r.stored(d(2)), None);
+        assert_eq!(r.stored(d(3)), Some(d(3)));
+        assert_eq!(
+            r.begin(ask()),
+            (S::AskHub(Want::BlobOrPeersAndStored(d(2))), None)
+        );
+        // A fetch that does not ask the hub for peers first sends its report alone.
+        assert_eq!(
+            r.begin(S::AskHub(Want::Blob)),
+            (S::AskHub(Want::Blob), Some(d(1)))
+        );
+        // Nothing left to begin: reports go alone, none is left behind.
+        assert_eq!(r.stored(d(4)), Some(d(4)));
+        assert_eq!(r.begin(ask()), (ask(), None));
+        assert!(r.left().is_empty());
+        // Fetches that end early leave their reports to be sent.
+        let mut r = Reports::new(3);
+        r.stored(d(5));
+        assert_eq!(r.left(), vec![d(5)]);
+    }
 
     #[test]
     fn a_wait_backs_off_and_an_answer_brings_the_next_ask_within_a_second() {

@@ -1,6 +1,7 @@
 //! The hub's side of `/unifleet/blob/1`: answers each request — send the blob, name
 //! holders ([`crate::tracker`]), park the asker until a holder is free, or "busy" when the
-//! hub's capped upload is saturated — and notes devices' reports of chunks stored.
+//! hub's capped upload is saturated — and notes devices' reports of chunks stored (alone,
+//! or riding on their next ask).
 
 use crate::place::{Place, Places};
 use crate::serve::Metrics;
@@ -109,17 +110,17 @@ impl Blobs {
         self.tracker.topology_mut().update(peer, Place::new(seen));
         // A device that told nobody where it listens can fetch, not be named.
         let known = self.tracker.topology().knows(&peer);
-        match want {
-            Want::Stored => {
-                self.metrics.stored_reports.fetch_add(1, Ordering::Relaxed);
-                if known {
-                    for answer in self.tracker.stored(digest, peer, now) {
-                        self.answer(answer).await;
-                    }
+        if let Some(stored) = want.stored(digest) {
+            self.metrics.stored_reports.fetch_add(1, Ordering::Relaxed);
+            if known {
+                for answer in self.tracker.stored(stored, peer, now) {
+                    self.answer(answer).await;
                 }
-                self.net.respond(reply, BlobResponse::Noted).await;
             }
-            Want::BlobOrPeers if self.peer_exchange => {
+        }
+        match want {
+            Want::Stored => self.net.respond(reply, BlobResponse::Noted).await,
+            Want::BlobOrPeers | Want::BlobOrPeersAndStored(_) if self.peer_exchange => {
                 let asker = known.then_some(peer);
                 match self.tracker.decide(digest, asker, now) {
                     Decision::Serve => self.send(peer, digest, reply).await,
@@ -131,7 +132,9 @@ impl Blobs {
                     },
                 }
             }
-            Want::Blob | Want::BlobOrPeers => self.send(peer, digest, reply).await,
+            Want::Blob | Want::BlobOrPeers | Want::BlobOrPeersAndStored(_) => {
+                self.send(peer, digest, reply).await
+            }
             // The hub announces through its broker and re-announces by gossip every few
             // seconds; asking it is for devices asking a peer.
             Want::Announcement => self.net.respond(reply, BlobResponse::NotFound).await,

@@ -3,8 +3,8 @@
 //! A device that can fetch from peers says so ([`Want::BlobOrPeers`]); the hub may then
 //! answer [`BlobResponse::Elsewhere`] with peers that have the blob, so it sends each chunk
 //! of a release about once however large the fleet. Having stored such a chunk, the device
-//! tells the hub ([`Want::Stored`], answered [`BlobResponse::Noted`]): from then on it is a
-//! source the hub can name.
+//! tells the hub ([`Want::Stored`], answered [`BlobResponse::Noted`], or riding on its
+//! next ask, [`Want::BlobOrPeersAndStored`]): from then on it is a source the hub can name.
 //!
 //! A device also asks each peer it connects to for its newest announcement of an app the
 //! broker cannot tell it about, the broker being down or the release unknown yet
@@ -53,6 +53,25 @@ pub enum Want {
     /// The newest signed list of held releases (the digest is ignored), answered like
     /// [`Want::Revocations`].
     Holds,
+    /// A [`Want::Stored`] report of the digest carried here and a [`Want::BlobOrPeers`]
+    /// ask for the request's digest, in one message: a device that has stored a chunk
+    /// asks for its next one at once, and the report rides on that ask (one request a
+    /// chunk to the hub instead of two). The hub notes the report first, so the asker is
+    /// a holder before it is answered. Only a hub understands it: a device asked this way
+    /// treats it as [`Want::Blob`]. An older hub cannot decode it: the ask fails, the
+    /// device asks again without it and the report is lost (upgrade the hub first).
+    BlobOrPeersAndStored(Digest),
+}
+
+impl Want {
+    /// The report a request carries: the digest stored, if any.
+    pub fn stored(&self, digest: Digest) -> Option<Digest> {
+        match self {
+            Want::Stored => Some(digest),
+            Want::BlobOrPeersAndStored(stored) => Some(*stored),
+            _ => None,
+        }
+    }
 }
 
 /// The digest a [`Want::Root`] request names: a root version, not content.
@@ -178,13 +197,23 @@ mod tests {
         // Header (6) + 32 raw digest bytes + the want: digests are not hex on the wire.
         assert_eq!(bytes.len(), 6 + 32 + 1, "{bytes:?}");
         assert_eq!(BlobRequest::decode(&bytes).unwrap().digest, Digest([7; 32]));
-        for want in [Want::Blob, Want::BlobOrPeers, Want::Stored] {
+        let carried = Want::BlobOrPeersAndStored(Digest([9; 32]));
+        for want in [Want::Blob, Want::BlobOrPeers, Want::Stored, carried] {
             let req = BlobRequest {
                 digest: Digest([7; 32]),
                 want,
             };
             assert_eq!(BlobRequest::decode(&req.encode().unwrap()).unwrap(), req);
         }
+        // The report riding on an ask is one digest more.
+        let both = BlobRequest {
+            digest: Digest([7; 32]),
+            want: carried,
+        };
+        assert_eq!(both.encode().unwrap().len(), 6 + 32 + 1 + 32);
+        assert_eq!(carried.stored(Digest([7; 32])), Some(Digest([9; 32])));
+        assert_eq!(Want::Stored.stored(Digest([7; 32])), Some(Digest([7; 32])));
+        assert_eq!(Want::BlobOrPeers.stored(Digest([7; 32])), None);
         let resp = BlobResponse::Found(vec![1, 2, 3]);
         assert_eq!(BlobResponse::decode(&resp.encode().unwrap()).unwrap(), resp);
     }

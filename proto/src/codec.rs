@@ -81,7 +81,7 @@ impl Kind {
             Kind::Manifest => 4 * 1024 * 1024,
             Kind::Announcement => 1024,
             Kind::StatusReport => 8 * 1024,
-            Kind::BlobRequest => 64,
+            Kind::BlobRequest => 128,
             // The largest blob is a signed manifest envelope.
             Kind::BlobResponse => 4 * 1024 * 1024 + 32 * 1024,
             // About a thousand revoked devices.

@@ -164,6 +164,13 @@ fn blob_messages_golden() {
     .encode()
     .unwrap();
     check("blob-stored.bin", &stored);
+    let carried = proto::blob::BlobRequest {
+        digest: proto::Digest::of(b"next chunk"),
+        want: proto::blob::Want::BlobOrPeersAndStored(proto::Digest::of(b"chunk")),
+    }
+    .encode()
+    .unwrap();
+    check("blob-ask-and-stored.bin", &carried);
     let latest = proto::blob::BlobRequest {
         digest: proto::blob::announcement_key(&proto::announcement::Track::new(
             "hello",

@@ -13,7 +13,7 @@
 //! reaches everyone), losses other than a departed peer.
 
 use device::fetch::SplitMix64;
-use device::schedule::{BlobFetch, HubAnswer, Miss, Sources, Step};
+use device::schedule::{BlobFetch, HubAnswer, Miss, Reports, Sources, Step};
 use hub::tracker::{self, Decision, Tracker};
 use net::ratelimit::{Bucket, BUSY_BACKLOG};
 use net::Want;
@@ -97,7 +97,9 @@ pub struct Outcome {
     /// Requests (each a request and its answer, on a stream of its own) by kind.
     pub hub_asks: u64,
     pub peer_asks: u64,
+    /// "Stored" reports sent alone; those riding on an ask to the hub are `carried`.
     pub stored_reports: u64,
+    pub carried: u64,
     /// Answers naming holders, and answers saying "none free yet".
     pub redirects: u64,
     pub waits: u64,
@@ -157,7 +159,9 @@ enum Ev {
     Announce(Dev),
     /// Leaves, for good.
     Leave(Dev),
-    /// Its fetch of the blob asks again (after a sleep, or to begin).
+    /// Its fetch of the blob begins.
+    Begin(Dev, Blob),
+    /// Its fetch of the blob asks again (after a sleep).
     Ask(Dev, Blob),
     /// A request reaches the hub.
     AtHub(Dev, Blob, Want),
@@ -169,8 +173,8 @@ enum Ev {
     FromPeer(Dev, Blob, Result<(), Miss>),
     /// The bytes passed the device's download cap: stored.
     Got(Dev, Blob),
-    /// The device's "stored" report reaches the hub.
-    Report(Dev, Blob),
+    /// The device's "stored" report, sent alone, reaches the hub.
+    Report(Dev, Digest),
     /// An upload's last byte left the device.
     Sent(Dev),
     HubTick,
@@ -231,6 +235,8 @@ struct Device {
     has: Vec<bool>,
     /// Chunks not yet begun, in this device's order.
     pending: VecDeque<Blob>,
+    /// Its chunks' "stored" reports, waiting to ride on its next asks.
+    reports: Reports,
     fetching: HashMap<Blob, Fetching>,
     seeding: usize,
     start: Option<Duration>,
@@ -305,6 +311,7 @@ impl<'a> Sim<'a> {
                 down: Bucket::new(down, base),
                 sources: Sources::default(),
                 has: vec![false; sizes.len()],
+                reports: Reports::new(order.len()),
                 pending: order.into(),
                 fetching: HashMap::new(),
                 seeding: 0,
@@ -407,6 +414,18 @@ impl<'a> Sim<'a> {
         match ev {
             Ev::Announce(d) => self.announce(d),
             Ev::Leave(d) => self.leave(d),
+            Ev::Begin(d, b) => {
+                if let Some(step) = self.with_fetch(d, b, |f, sources| f.fetch.ask(sources)) {
+                    // The manifest's report goes alone, as the agent's does; a chunk's
+                    // first ask may carry the report of one stored before it.
+                    let (step, alone) = match b {
+                        0 => (step, None),
+                        _ => self.devices[d as usize].reports.begin(step),
+                    };
+                    self.report(d, alone);
+                    self.step(d, b, step)
+                }
+            }
             Ev::Ask(d, b) => {
                 if let Some(step) = self.with_fetch(d, b, |f, sources| f.fetch.ask(sources)) {
                     self.step(d, b, step)
@@ -417,13 +436,7 @@ impl<'a> Sim<'a> {
             Ev::AtPeer(d, b, target) => self.at_peer(d, b, target),
             Ev::FromPeer(d, b, result) => self.peer_answered(d, b, result),
             Ev::Got(d, b) => self.got(d, b),
-            Ev::Report(d, b) => {
-                if !self.devices[d as usize].gone {
-                    let now = self.instant();
-                    let answered = self.tracker.stored(self.digests[b], d, now);
-                    self.answer_parked(answered);
-                }
-            }
+            Ev::Report(d, digest) => self.note_stored(d, digest),
             Ev::Sent(d) => {
                 let dev = &mut self.devices[d as usize];
                 dev.seeding = dev.seeding.saturating_sub(1);
@@ -475,7 +488,24 @@ impl<'a> Sim<'a> {
             from_hub: false,
         };
         self.devices[d as usize].fetching.insert(b, fetching);
-        self.at(Duration::ZERO, Ev::Ask(d, b));
+        self.at(Duration::ZERO, Ev::Begin(d, b));
+    }
+
+    /// Sends a "stored" report on its own.
+    fn report(&mut self, d: Dev, digest: Option<Digest>) {
+        if let Some(digest) = digest.filter(|_| self.s.mesh) {
+            self.out.stored_reports += 1;
+            self.at(self.s.latency, Ev::Report(d, digest));
+        }
+    }
+
+    /// A "stored" report reaches the hub, alone or riding on an ask.
+    fn note_stored(&mut self, d: Dev, digest: Digest) {
+        if !self.devices[d as usize].gone {
+            let now = self.instant();
+            let answered = self.tracker.stored(digest, d, now);
+            self.answer_parked(answered);
+        }
     }
 
     /// Runs `f` on the device's fetch of `b`, if it is still fetching it.
@@ -499,6 +529,9 @@ impl<'a> Sim<'a> {
         match step {
             Step::AskHub(want) => {
                 self.out.hub_asks += 1;
+                if want.stored(self.digests[b]).is_some() {
+                    self.out.carried += 1;
+                }
                 self.at(lat, Ev::AtHub(d, b, want));
             }
             Step::AskNamed(peers) => {
@@ -569,7 +602,10 @@ impl<'a> Sim<'a> {
         if self.devices[d as usize].gone {
             return;
         }
-        if want == Want::BlobOrPeers && self.s.mesh {
+        if let Some(stored) = want.stored(self.digests[b]) {
+            self.note_stored(d, stored);
+        }
+        if matches!(want, Want::BlobOrPeers | Want::BlobOrPeersAndStored(_)) && self.s.mesh {
             let now = self.instant();
             match self.tracker.decide(self.digests[b], Some(d), now) {
                 Decision::Serve => {}
@@ -720,10 +756,11 @@ impl<'a> Sim<'a> {
         let dev = &mut self.devices[d as usize];
         dev.fetching.remove(&b);
         dev.has[b] = true;
-        if self.s.mesh {
-            self.out.stored_reports += 1;
-            self.at(self.s.latency, Ev::Report(d, b));
-        }
+        let alone = match b {
+            0 => Some(self.digests[b]),
+            _ => dev.reports.stored(self.digests[b]),
+        };
+        self.report(d, alone);
         let dev = &mut self.devices[d as usize];
         let next: Vec<Blob> = if b == 0 {
             (0..parallel)

@@ -9,7 +9,8 @@ const CONVERGE: Duration = Duration::from_secs(60);
 
 #[test]
 fn five_devices_converge_on_v1_then_v2_and_v2_costs_only_the_delta() -> Result<()> {
-    let (fleet, all) = running_fleet("test:///default", &[], "d", 5, &[])?;
+    let metrics = format!("127.0.0.1:{}", unifleet_tests::free_port()?);
+    let (fleet, all) = running_fleet("test:///default", &["--metrics", &metrics], "d", 5, &[])?;
     let v1 = fleet.testimage("hello", "1.0.0", &["--pad-mib", "16"])?;
     fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
     fleet.wait_all(&all, "hello", 1, "Active", CONVERGE)?;
@@ -23,6 +24,16 @@ fn five_devices_converge_on_v1_then_v2_and_v2_costs_only_the_delta() -> Result<(
     assert!(
         from_hub < 2 * size,
         "the hub sent {from_hub} bytes of a {size}-byte image to 5 devices"
+    );
+    // Each chunk's "stored" report rides on the device's next ask: about one request a
+    // chunk reaches the hub, not an ask and a report (at least 2 requests a report).
+    let page = unifleet_tests::metrics_page(&metrics)?;
+    let requests = unifleet_tests::metric_in(&page, "unifleet_hub_blob_requests_received_total")?;
+    let reports = unifleet_tests::metric_in(&page, "unifleet_hub_stored_reports_total")?;
+    eprintln!("the hub received {requests} requests for {reports} stored reports");
+    assert!(
+        reports >= 2 * (size >> 16) && requests * 2 < reports * 3,
+        "the hub received {requests} requests for {reports} stored reports"
     );
     let before: Vec<u64> = all.iter().map(|&i| total_bytes(&fleet, i)).collect();
 

@@ -98,3 +98,24 @@ fn the_simulation_repeats_exactly() {
     let other = run(&Scenario { seed: 2, ..s });
     assert_ne!(a.completion, other.completion);
 }
+
+#[test]
+fn stored_reports_ride_on_the_next_ask_so_the_hub_gets_about_one_request_a_chunk() {
+    let o = run(&Scenario::new(100, 4 * MIB));
+    check(&o);
+    let per = |n: u64| n as f64 / o.delivered as f64;
+    let at_hub = per(o.hub_asks + o.stored_reports);
+    eprintln!(
+        "hub asks {:.2}, reports alone {:.2}, riding {:.2} per chunk",
+        per(o.hub_asks),
+        per(o.stored_reports),
+        per(o.carried)
+    );
+    // Each report alone made it 2.00 (an ask and a report a chunk); only the reports of
+    // a device's last chunks, with no ask left to ride on, go alone now.
+    assert!(at_hub <= 1.25, "{at_hub:.2} requests a chunk at the hub");
+    assert!(per(o.carried) >= 0.75, "{:.2}", per(o.carried));
+    // Every chunk's report reached the hub one way or the other.
+    assert_eq!(o.stored_reports + o.carried, o.delivered);
+    assert!(o.last() / o.t_one_copy <= 1.1);
+}

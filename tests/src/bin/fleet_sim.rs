@@ -90,7 +90,7 @@ fn main() -> Result<()> {
         s.churn * 100.0,
         s.seed
     );
-    println!("| mode | last device | ÷ bound | ÷ one-copy bound | p50 / p99 | hub egress | requests per chunk (hub / peer / stored) | connections per chunk | unfinished | simulated in |");
+    println!("| mode | last device | ÷ bound | ÷ one-copy bound | p50 / p99 | hub egress | requests per chunk (hub / peer / stored alone; stored riding on an ask to the hub) | connections per chunk | unfinished | simulated in |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for mesh in modes {
         s.mesh = mesh;
@@ -115,7 +115,7 @@ fn main() -> Result<()> {
 fn row(o: &Outcome, mesh: bool, took: Duration) -> String {
     let per = |n: u64| n as f64 / o.delivered.max(1) as f64;
     format!(
-        "| {} | {:.1} s | {:.2} ({} {:.1} s) | {} | {:.1} / {:.1} s | {:.2}× | {:.2} ({:.2} / {:.2} / {:.2}) | {:.3} | {} | {:.1} s |",
+        "| {} | {:.1} s | {:.2} ({} {:.1} s) | {} | {:.1} / {:.1} s | {:.2}× | {:.2} ({:.2} / {:.2} / {:.2}; {:.2}) | {:.3} | {} | {:.1} s |",
         if mesh { "mesh" } else { "hub-only" },
         o.last(),
         o.last() / o.t_min,
@@ -133,6 +133,7 @@ fn row(o: &Outcome, mesh: bool, took: Duration) -> String {
         per(o.hub_asks),
         per(o.peer_asks),
         per(o.stored_reports),
+        per(o.carried),
         o.connections_per_chunk(),
         o.unfinished,
         took.as_secs_f64(),
