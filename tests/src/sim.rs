@@ -611,6 +611,8 @@ impl<'a> Sim<'a> {
                 Decision::Serve => {}
                 Decision::Elsewhere(named) if named.is_empty() => {
                     self.tracker.park(self.digests[b], d, (d, b), now);
+                    let answered = self.tracker.answers(now);
+                    self.answer_parked(answered);
                     return;
                 }
                 Decision::Elsewhere(named) => {

@@ -34,15 +34,17 @@ fn a_thousand_devices_get_a_release_near_the_bound_with_one_copy_from_the_hub() 
     );
     // One copy from the hub (the manifest and each chunk once).
     assert!(mesh.egress_copies() <= 1.05, "{}", mesh.egress_copies());
-    // The first copies went to one device before they were spread (3.05 × T_min and
-    // 5.53 requests per chunk here).
+    // 2.42 × T_min and 3.03 requests a chunk. Before: every first copy could go to the
+    // first device to ask (3.05 and 5.53); parked askers answered first come, first
+    // served and let go after 5 s to ask again, and each chunk's report a request of
+    // its own (2.87 and 4.99).
     assert!(
-        last / mesh.t_min <= 2.95,
+        last / mesh.t_min <= 2.6,
         "{last} s against T_min {}",
         mesh.t_min
     );
     assert!(
-        mesh.requests_per_chunk() <= 5.2,
+        mesh.requests_per_chunk() <= 3.3,
         "{}",
         mesh.requests_per_chunk()
     );
