@@ -16,8 +16,12 @@ PACKAGES=(build-essential pkg-config libvirt-dev libvirt-daemon libvirt-daemon-d
           chromium python3-matplotlib python3-libtorrent opentracker)
 
 missing=()
+arch=$(dpkg --print-architecture)
 for p in "${PACKAGES[@]}"; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  # With the cross builds' arm64 and armhf libvirt-dev beside it, a bare name is
+  # ambiguous to dpkg: then ask for the native one (an Architecture: all package
+  # answers only to its bare name).
+  dpkg -s "$p" >/dev/null 2>&1 || dpkg -s "$p:$arch" >/dev/null 2>&1 || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
