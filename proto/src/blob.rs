@@ -142,13 +142,16 @@ impl BlobResponse {
     pub fn decode(bytes: &[u8]) -> Result<BlobResponse, CodecError> {
         let r: BlobResponse = codec::decode(Kind::BlobResponse, bytes)?;
         if let BlobResponse::Elsewhere(peers) = &r {
-            if peers.len() > MAX_ELSEWHERE || peers.iter().any(|p| p.addr.len() > MAX_ADDR_LEN) {
-                return Err(CodecError::Malformed {
-                    kind: Kind::BlobResponse,
-                    reason: format!(
-                        "redirect to {} peers (at most {MAX_ELSEWHERE}, addresses of at most {MAX_ADDR_LEN} bytes)",
-                        peers.len()
-                    ),
+            if peers.len() > MAX_ELSEWHERE {
+                return Err(CodecError::TooManyPeers {
+                    peers: peers.len(),
+                    max: MAX_ELSEWHERE,
+                });
+            }
+            if let Some(p) = peers.iter().find(|p| p.addr.len() > MAX_ADDR_LEN) {
+                return Err(CodecError::AddressTooLong {
+                    len: p.addr.len(),
+                    max: MAX_ADDR_LEN,
                 });
             }
         }

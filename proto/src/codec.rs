@@ -131,12 +131,46 @@ pub enum CodecError {
         len: usize,
         limit: usize,
     },
-    #[error("malformed {kind}: {reason}")]
-    Malformed { kind: Kind, reason: String },
+    #[error("malformed {kind}: {body}")]
+    Malformed { kind: Kind, body: BodyError },
     #[error("{kind} has {extra} trailing bytes")]
     TrailingBytes { kind: Kind, extra: usize },
-    #[error("cannot encode {kind}: {reason}")]
-    Encode { kind: Kind, reason: String },
+    #[error("cannot encode {kind}: {body}")]
+    Encode { kind: Kind, body: BodyError },
+    #[error("an envelope cannot wrap another envelope")]
+    NestedEnvelope,
+    #[error("an envelope holds at most {max} signatures")]
+    TooManySignatures { max: usize },
+    #[error("a redirect to {peers} peers (at most {max})")]
+    TooManyPeers { peers: usize, max: usize },
+    #[error("a redirect with a {len}-byte address (at most {max})")]
+    AddressTooLong { len: usize, max: usize },
+}
+
+/// Why a message's body did not decode or encode: the codec's own error, kept opaque so
+/// that the codec stays swappable (its type appears nowhere outside this module).
+#[derive(Debug, Clone)]
+pub struct BodyError(std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+/// Equal when they say the same (the codec's errors are not comparable themselves).
+impl PartialEq for BodyError {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for BodyError {}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 fn config() -> impl bincode::config::Config {
@@ -154,7 +188,7 @@ pub fn encode<T: Serialize>(kind: Kind, value: &T) -> Result<Vec<u8>, CodecError
     out.push(kind as u8);
     let body = bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError::Encode {
         kind,
-        reason: e.to_string(),
+        body: BodyError(std::sync::Arc::new(e)),
     })?;
     out.extend_from_slice(&body);
     if out.len() > kind.max_len() {
@@ -206,7 +240,7 @@ pub fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, CodecE
     let (value, used): (T, usize) =
         bincode::serde::decode_from_slice(body, config()).map_err(|e| CodecError::Malformed {
             kind,
-            reason: e.to_string(),
+            body: BodyError(std::sync::Arc::new(e)),
         })?;
     if used != body.len() {
         return Err(CodecError::TrailingBytes {

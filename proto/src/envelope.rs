@@ -56,10 +56,7 @@ impl Envelope {
     pub fn new(payload: Vec<u8>) -> Result<Envelope, CodecError> {
         let kind = codec::peek_kind(&payload)?;
         if kind == Kind::Envelope {
-            return Err(CodecError::Malformed {
-                kind,
-                reason: "an envelope cannot wrap another envelope".into(),
-            });
+            return Err(CodecError::NestedEnvelope);
         }
         Ok(Envelope {
             payload,
@@ -84,9 +81,8 @@ impl Envelope {
         let key_id = key.id();
         self.signatures.retain(|s| s.key_id != key_id);
         if self.signatures.len() >= MAX_SIGNATURES {
-            return Err(CodecError::Encode {
-                kind: Kind::Envelope,
-                reason: format!("more than {MAX_SIGNATURES} signatures"),
+            return Err(CodecError::TooManySignatures {
+                max: MAX_SIGNATURES,
             });
         }
         self.signatures.push(KeySignature { key_id, signature });
