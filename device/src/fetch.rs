@@ -99,8 +99,8 @@ impl Fetcher {
         devices
     }
 
-    /// One blob, checked by `check`; returns its bytes and the path they came by.
-    /// `swarm`: the hub may answer with peers to ask instead; `reports`: the release's
+    /// One blob, checked by `check`; returns its bytes and the path they came by. With peer
+    /// exchange on, the hub may answer with peers to ask instead; `reports`: the release's
     /// "stored" reports, one of which may ride on this blob's first ask. What is asked of
     /// whom, and when to give up, is [`BlobFetch`]'s to decide; this carries it out.
     async fn blob(
@@ -108,11 +108,10 @@ impl Fetcher {
         digest: &Digest,
         spread: usize,
         banned: &Mutex<HashSet<PeerId>>,
-        swarm: bool,
         reports: Option<&Mutex<Reports>>,
         check: impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
     ) -> Result<(Vec<u8>, Path)> {
-        let mut fetch = BlobFetch::new(swarm && self.peer_exchange, Instant::now());
+        let mut fetch = BlobFetch::new(self.peer_exchange, Instant::now());
         let mut step = fetch.ask(&self.sources.lock().expect("not poisoned"));
         if let Some(reports) = reports {
             let alone;
@@ -330,7 +329,7 @@ impl Fetcher {
         }
         let limit = proto::envelope::envelope_limit(proto::codec::Kind::Manifest);
         let (bytes, path) = self
-            .blob(digest, 0, banned, true, None, |b| {
+            .blob(digest, 0, banned, None, |b| {
                 if b.len() > limit {
                     return Err(proto::VerifyError::TooManyBytes {
                         what: "manifest".into(),
@@ -389,7 +388,7 @@ impl Fetcher {
             let reports = &reports;
             async move {
                 let (bytes, path) = self
-                    .blob(&c.digest, i, banned, true, Some(reports), |b| {
+                    .blob(&c.digest, i, banned, Some(reports), |b| {
                         verify_chunk(i, &c, b)
                     })
                     .await?;

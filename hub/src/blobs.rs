@@ -126,10 +126,7 @@ impl Blobs {
                     Decision::Serve => self.send(peer, digest, reply).await,
                     Decision::Elsewhere(named) => match asker {
                         Some(asker) if named.is_empty() => {
-                            self.tracker.park(digest, asker, (asker, reply), now);
-                            // Parked behind others while a holder was free: the queue
-                            // takes the slot now.
-                            for answer in self.tracker.answers(now) {
+                            for answer in self.tracker.park(digest, asker, (asker, reply), now) {
                                 self.answer(answer).await;
                             }
                         }

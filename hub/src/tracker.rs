@@ -315,13 +315,16 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
     }
 
     /// Keeps `asker`, just told to wait for `digest`, until a holder is free for it (see
-    /// [`Tracker::stored`]) or [`PARK_FOR`] passes (see [`Tracker::lapsed`]).
-    pub fn park(&mut self, digest: Digest, asker: P, ticket: R, now: Instant) {
+    /// [`Tracker::stored`]) or [`PARK_FOR`] passes (see [`Tracker::lapsed`]). Returns
+    /// parked askers answered now: an asker told to wait behind the queue while holders
+    /// were free (see [`Tracker::decide`]) leaves the freed slots to the queue.
+    pub fn park(&mut self, digest: Digest, asker: P, ticket: R, now: Instant) -> Vec<Answer<P, R>> {
         self.parked.entry(digest).or_default().push_back(Parked {
             asker,
             ticket,
             since: now,
         });
+        self.answer_parked(now)
     }
 
     /// The hub sends `digest`, which nobody holds, to `asker`: no other device is sent
@@ -409,12 +412,6 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
         }
         // First copies are picked on the tick only: the askers of the moment are
         // many at the start of a release, and the first among them to ask takes all.
-        self.answer_parked(now)
-    }
-
-    /// Parked askers a holder is free for now (after [`Tracker::park`]: an asker told to
-    /// wait behind the queue while holders were free).
-    pub fn answers(&mut self, now: Instant) -> Vec<Answer<P, R>> {
         self.answer_parked(now)
     }
 
@@ -765,8 +762,7 @@ mod tests {
         // parked askers, and the slot goes to z, who has no download under way, before
         // x, who came first but is still fetching blob 2.
         assert_eq!(t.decide(d(1), Some("v"), now), WAIT);
-        t.park(d(1), "v", 3, now);
-        assert_eq!(named(t.answers(now)), vec![(2, vec!["h"])]);
+        assert_eq!(named(t.park(d(1), "v", 3, now)), vec![(2, vec!["h"])]);
         // x's download ends; y reports blob 1 and holds it: among equals, first come.
         assert!(t.stored(d(2), "x", now).is_empty());
         assert_eq!(
@@ -970,7 +966,12 @@ mod tests {
                         served += 1;
                         arriving.push((now + Duration::from_secs(1), i));
                     }
-                    Decision::Elsewhere(peers) if peers.is_empty() => t.park(d(1), i, i, now),
+                    Decision::Elsewhere(peers) if peers.is_empty() => {
+                        for (parked, named) in named(t.park(d(1), i, i, now)) {
+                            assert!(!named.is_empty() && named.len() <= NAMED);
+                            arriving.push((now + Duration::from_secs(1), parked));
+                        }
+                    }
                     Decision::Elsewhere(peers) => {
                         assert!(peers.len() <= NAMED);
                         assert!(!peers.contains(&i), "never sent to itself");

@@ -610,8 +610,7 @@ impl<'a> Sim<'a> {
             match self.tracker.decide(self.digests[b], Some(d), now) {
                 Decision::Serve => {}
                 Decision::Elsewhere(named) if named.is_empty() => {
-                    self.tracker.park(self.digests[b], d, (d, b), now);
-                    let answered = self.tracker.answers(now);
+                    let answered = self.tracker.park(self.digests[b], d, (d, b), now);
                     self.answer_parked(answered);
                     return;
                 }
