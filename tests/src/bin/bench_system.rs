@@ -21,9 +21,8 @@ use unifleet_tests::fleet::{run, wait_for, Fleet};
 
 const RUNS: usize = 5;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+fn median(v: Vec<f64>) -> f64 {
+    unifleet_tests::bench::percentile(&v, 0.5)
 }
 
 fn rss_kib(pid: u32) -> u64 {
