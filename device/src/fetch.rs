@@ -332,7 +332,7 @@ impl Fetcher {
             .blob(digest, 0, banned, None, |b| {
                 if b.len() > limit {
                     return Err(proto::VerifyError::TooManyBytes {
-                        what: "manifest".into(),
+                        what: proto::Declared::Manifest,
                         declared: limit as u64,
                         received: b.len() as u64,
                     });

@@ -75,13 +75,13 @@ pub enum VerifyError {
     ImageDigestMismatch { expected: Digest, actual: Digest },
     #[error("more bytes than declared: {what} declares {declared} bytes, got at least {received}")]
     TooManyBytes {
-        what: String,
+        what: Declared,
         declared: u64,
         received: u64,
     },
     #[error("fewer bytes than declared: {what} declares {declared} bytes, got {received}")]
     TooFewBytes {
-        what: String,
+        what: Declared,
         declared: u64,
         received: u64,
     },
@@ -169,4 +169,23 @@ pub enum RoleError {
     },
     #[error("{role} role lists a key twice")]
     DuplicateKey { role: &'static str },
+}
+
+/// What declared a size its bytes did not match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Declared {
+    /// The chunk at this index of a manifest.
+    Chunk(usize),
+    Image,
+    Manifest,
+}
+
+impl std::fmt::Display for Declared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Declared::Chunk(index) => write!(f, "chunk {index}"),
+            Declared::Image => f.write_str("image"),
+            Declared::Manifest => f.write_str("manifest"),
+        }
+    }
 }

@@ -36,5 +36,5 @@ pub mod root;
 pub mod status;
 
 pub use digest::Digest;
-pub use error::{Invalid, VerifyError};
+pub use error::{Declared, Invalid, VerifyError};
 pub use keys::{KeyId, PublicKey, SecretKey};

@@ -360,14 +360,14 @@ pub fn verify_chunk(index: usize, expected: &ChunkRef, bytes: &[u8]) -> Result<(
     let got = bytes.len() as u64;
     if got > expected.size {
         return Err(VerifyError::TooManyBytes {
-            what: format!("chunk {index}"),
+            what: crate::Declared::Chunk(index),
             declared: expected.size,
             received: got,
         });
     }
     if got < expected.size {
         return Err(VerifyError::TooFewBytes {
-            what: format!("chunk {index}"),
+            what: crate::Declared::Chunk(index),
             declared: expected.size,
             received: got,
         });
@@ -407,7 +407,7 @@ impl<'m> ImageVerifier<'m> {
     pub fn push(&mut self, bytes: &[u8]) -> Result<(), VerifyError> {
         let Some(expected) = self.manifest.chunks.get(self.next) else {
             return Err(VerifyError::TooManyBytes {
-                what: "image".into(),
+                what: crate::Declared::Image,
                 declared: self.manifest.image_size,
                 received: self.received + bytes.len() as u64,
             });
@@ -423,7 +423,7 @@ impl<'m> ImageVerifier<'m> {
     pub fn finish(self) -> Result<(), VerifyError> {
         if self.next != self.manifest.chunks.len() {
             return Err(VerifyError::TooFewBytes {
-                what: "image".into(),
+                what: crate::Declared::Image,
                 declared: self.manifest.image_size,
                 received: self.received,
             });
