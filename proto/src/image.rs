@@ -51,10 +51,61 @@ pub enum ImageError {
     )]
     Truncated {
         format: &'static str,
-        what: String,
+        what: Region,
         end: u64,
         file_size: u64,
     },
+}
+
+/// A range of an image file its header declares (see [`ImageError::Truncated`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Region {
+    /// The arm64 Image's 64-byte header.
+    Arm64Header,
+    /// A zImage from its declared start to its declared end.
+    ZImage {
+        start: u32,
+        end: u32,
+    },
+    ProgramHeaders {
+        count: u16,
+        offset: u64,
+    },
+    SectionHeaders {
+        count: u16,
+        offset: u64,
+    },
+    Segment {
+        index: u64,
+        len: u64,
+        offset: u64,
+    },
+    /// What a multiboot header says to load.
+    LoadRange {
+        start: u32,
+        end: u32,
+    },
+}
+
+impl std::fmt::Display for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Region::Arm64Header => f.write_str("64-byte header"),
+            Region::ZImage { start, end } => {
+                write!(f, "image (start 0x{start:x}, end 0x{end:x})")
+            }
+            Region::ProgramHeaders { count, offset } => {
+                write!(f, "program header table ({count} entries at 0x{offset:x})")
+            }
+            Region::SectionHeaders { count, offset } => {
+                write!(f, "section header table ({count} entries at 0x{offset:x})")
+            }
+            Region::Segment { index, len, offset } => {
+                write!(f, "segment {index} (0x{len:x} bytes at 0x{offset:x})")
+            }
+            Region::LoadRange { start, end } => write!(f, "load range 0x{start:x}..0x{end:x}"),
+        }
+    }
 }
 
 /// Why bytes are not an image unifleet can boot.
@@ -138,7 +189,7 @@ fn read_u64(b: &[u8], off: usize) -> Option<u64> {
 /// Refuses a declared range `start..start+len` that does not lie inside the file.
 fn within(
     format: &'static str,
-    what: impl FnOnce() -> String,
+    what: Region,
     start: u64,
     len: u64,
     file_size: u64,
@@ -147,7 +198,7 @@ fn within(
         Some(end) if end <= file_size => Ok(()),
         end => Err(ImageError::Truncated {
             format,
-            what: what(),
+            what,
             end: end.unwrap_or(u64::MAX),
             file_size,
         }),
@@ -166,7 +217,7 @@ const ARM64_HEADER: u64 = 64;
 fn inspect_arm64(b: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
     within(
         "arm64 Image",
-        || "64-byte header".into(),
+        Region::Arm64Header,
         0,
         ARM64_HEADER,
         file_size,
@@ -212,7 +263,7 @@ fn inspect_zimage(b: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
     }
     within(
         "ARM zImage",
-        || format!("image (start 0x{start:x}, end 0x{end:x})"),
+        Region::ZImage { start, end },
         0,
         u64::from(end - start),
         file_size,
@@ -278,7 +329,10 @@ fn inspect_elf(b: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
     };
     within(
         "ELF",
-        || format!("program header table ({phnum} entries at 0x{phoff:x})"),
+        Region::ProgramHeaders {
+            count: phnum,
+            offset: phoff,
+        },
         phoff,
         u64::from(phnum) * u64::from(phentsize),
         file_size,
@@ -286,7 +340,10 @@ fn inspect_elf(b: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
     if shoff != 0 {
         within(
             "ELF",
-            || format!("section header table ({shnum} entries at 0x{shoff:x})"),
+            Region::SectionHeaders {
+                count: shnum,
+                offset: shoff,
+            },
             shoff,
             u64::from(shnum) * u64::from(shentsize),
             file_size,
@@ -337,7 +394,11 @@ fn inspect_elf(b: &[u8], file_size: u64) -> Result<ImageHeader, ImageError> {
         };
         within(
             "ELF",
-            || format!("segment {i} (0x{p_filesz:x} bytes at 0x{p_offset:x})"),
+            Region::Segment {
+                index: i,
+                len: p_filesz,
+                offset: p_offset,
+            },
             p_offset,
             p_filesz,
             file_size,
@@ -424,7 +485,10 @@ fn check_multiboot_load(
     };
     within(
         "multiboot",
-        || format!("load range 0x{load_addr:x}..0x{load_end:x}"),
+        Region::LoadRange {
+            start: load_addr,
+            end: load_end,
+        },
         start,
         u64::from(len),
         file_size,
