@@ -501,7 +501,6 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
         self.freed.retain(|p| !peer(p));
         self.met.retain(|p, _| !peer(p));
         self.firsts.retain(|p, _| !peer(p));
-        self.getting.retain(|p, _| !peer(p));
         self.release_where(|(_, asker), _| peer(asker));
         self.load.retain(|p, _| !peer(p));
         for r in self.reservations.values_mut() {
