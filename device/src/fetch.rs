@@ -8,7 +8,7 @@
 use crate::config::Config;
 use crate::metrics::DeviceMetrics;
 use crate::report::Reporter;
-use crate::schedule::{BlobFetch, HubAnswer, Miss, Reports, Sources, Step, STALL_LIMIT};
+use crate::schedule::{BlobFetch, HubAnswer, Miss, Reports, Sources, Step, Took, STALL_LIMIT};
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
@@ -20,7 +20,7 @@ use proto::Digest;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Peers that sent a bad blob during one release's download: not asked again for it.
 pub type Banned = Mutex<HashSet<PeerId>>;
@@ -37,7 +37,7 @@ pub struct Fetcher {
     metrics: Arc<DeviceMetrics>,
     peer_exchange: bool,
     /// What the device learned about reaching named peers, shared by its blobs.
-    sources: Mutex<Sources>,
+    sources: Mutex<Sources<Source>>,
     crash_after_chunks: Option<usize>,
     /// Where the background reports to the hub are spawned.
     tasks: net::tasks::Tasks,
@@ -99,48 +99,54 @@ impl Fetcher {
         devices
     }
 
-    /// One blob, checked by `check`; returns its bytes and the path they came by. With peer
-    /// exchange on, the hub may answer with peers to ask instead; `reports`: the release's
-    /// "stored" reports, one of which may ride on this blob's first ask. What is asked of
-    /// whom, and when to give up, is [`BlobFetch`]'s to decide; this carries it out.
+    /// One blob of about `size` bytes, checked by `check`; returns its bytes and the path
+    /// they came by. With peer exchange on, the hub may answer with peers to ask instead;
+    /// `reports`: the release's "stored" reports, one of which may ride on this blob's
+    /// first ask. What is asked of whom, each peer's deadline and when to give up are
+    /// [`BlobFetch`]'s and [`Sources`]' to decide; this carries them out.
     async fn blob(
         &self,
         digest: &Digest,
+        size: u64,
         spread: usize,
         banned: &Mutex<HashSet<PeerId>>,
         reports: Option<&Mutex<Reports>>,
         check: impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
     ) -> Result<(Vec<u8>, Path)> {
         let mut fetch = BlobFetch::new(self.peer_exchange, Instant::now());
-        let mut step = fetch.ask(&self.sources.lock().expect("not poisoned"));
+        let mut step = fetch.ask(&self.sources());
         if let Some(reports) = reports {
             let alone;
             (step, alone) = reports.lock().expect("not poisoned").begin(step);
             self.report_stored(alone);
         }
+        let ask = Ask {
+            digest,
+            size,
+            banned,
+            check: &check,
+        };
         let mut got = None;
         loop {
             step = match step {
                 Step::AskHub(want) => {
                     let asked = Instant::now();
-                    let (answer, bytes) = self.via_hub(digest, banned, want, &check).await;
+                    let (answer, bytes) = self.via_hub(&ask, want).await;
                     let hub_ms = asked.elapsed().as_millis() as u64;
                     if bytes.is_some() {
                         tracing::debug!(blob = %digest.short(), hub_ms, "fetch from the hub");
                         got = bytes;
                     }
-                    let mut sources = self.sources.lock().expect("not poisoned");
-                    fetch.hub_answered(&mut sources, answer, Instant::now())
+                    fetch.hub_answered(&mut self.sources(), answer, Instant::now())
                 }
-                Step::AskNamed(peers) => match self.named(peers, digest, banned, &check).await {
-                    Ok(bytes) => {
+                Step::AskNamed(peers) => match self.named(peers, &ask).await {
+                    Ok((bytes, took)) => {
                         got = Some(bytes);
-                        fetch.named_delivered(&mut self.sources.lock().expect("not poisoned"))
+                        fetch.named_delivered(&mut self.sources(), took, Instant::now())
                     }
                     Err(misses) => {
-                        let mut sources = self.sources.lock().expect("not poisoned");
                         let (next, counted) =
-                            fetch.named_missed(&mut sources, &misses, Instant::now());
+                            fetch.named_missed(&mut self.sources(), &misses, Instant::now());
                         if counted {
                             self.metrics.peer_misses.fetch_add(1, Ordering::Relaxed);
                         }
@@ -148,54 +154,76 @@ impl Fetcher {
                     }
                 },
                 Step::AskConnected { with_hub } => {
-                    let snapshot = banned.lock().expect("not poisoned").clone();
-                    for peer in self.candidates(spread, &snapshot, with_hub).await {
-                        if let Ok(bytes) = self.try_peer(peer, None, digest, banned, &check).await {
-                            got = Some(bytes);
-                            break;
-                        }
-                    }
-                    fetch.connected_answered(got.is_some(), Instant::now())
+                    let delivered = self.connected(spread, with_hub, &ask).await;
+                    let took = delivered.map(|(bytes, took)| {
+                        got = Some(bytes);
+                        took
+                    });
+                    fetch.connected_answered(&mut self.sources(), took, Instant::now())
                 }
                 Step::Sleep(wait) => {
                     tokio::time::sleep(wait).await;
-                    fetch.ask(&self.sources.lock().expect("not poisoned"))
+                    fetch.ask(&self.sources())
                 }
                 Step::Done => {
                     return got.context("a blob was delivered but its bytes went missing")
                 }
                 Step::Stalled => bail!(
-                    "no peer or hub delivered blob {} within {STALL_LIMIT:?}",
-                    digest.short()
+                    "no peer or hub delivered blob {} and nothing else was stored for {}; \
+                     the download is tried again later",
+                    digest.short(),
+                    humantime::format_duration(STALL_LIMIT)
                 ),
             };
         }
+    }
+
+    fn sources(&self) -> std::sync::MutexGuard<'_, Sources<Source>> {
+        self.sources.lock().expect("not poisoned")
+    }
+
+    /// Asks the connected peers this device has not found silent lately (the hub too if
+    /// `with_hub`), one after the other, until one delivers: its bytes, path, and how
+    /// long a device took (0 bytes counted for the hub: its pace is not a peer's).
+    async fn connected(
+        &self,
+        spread: usize,
+        with_hub: bool,
+        ask: &Ask<'_, impl Fn(&[u8]) -> Result<(), proto::VerifyError>>,
+    ) -> Option<((Vec<u8>, Path), Took)> {
+        let snapshot = ask.banned.lock().expect("not poisoned").clone();
+        for peer in self.candidates(spread, &snapshot, with_hub).await {
+            let source = Source { peer, addr: None };
+            if !self.sources().usable(&source, Instant::now()) {
+                continue;
+            }
+            match self.try_peer(&source, ask).await {
+                Ok((bytes, mut took)) => {
+                    if self.hub.contains(&peer) {
+                        took.bytes = 0;
+                    }
+                    return Some((bytes, took));
+                }
+                Err(miss) => self.sources().peer_missed(&source, miss, Instant::now()),
+            }
+        }
+        None
     }
 
     /// Asks the peers the hub named, connected ones first (no handshake to pay), until
     /// one delivers; else why each missed.
     async fn named(
         &self,
-        mut peers: Vec<(PeerId, Multiaddr)>,
-        digest: &Digest,
-        banned: &Mutex<HashSet<PeerId>>,
-        check: &impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
-    ) -> Result<(Vec<u8>, Path), Vec<Miss>> {
+        mut peers: Vec<Source>,
+        ask: &Ask<'_, impl Fn(&[u8]) -> Result<(), proto::VerifyError>>,
+    ) -> Result<((Vec<u8>, Path), Took), Vec<(Source, Miss)>> {
         let connected: HashSet<PeerId> = self.net.peers().await.into_iter().collect();
-        peers.sort_by_key(|(p, _)| !connected.contains(p));
+        peers.sort_by_key(|s| !connected.contains(&s.peer));
         let mut misses = vec![];
-        for (peer, addr) in peers {
-            let t = Instant::now();
-            let fetched = self.try_peer(peer, Some(addr), digest, banned, check).await;
-            tracing::debug!(
-                blob = %digest.short(),
-                peer_ms = t.elapsed().as_millis() as u64,
-                ok = fetched.is_ok(),
-                "fetch from a named peer"
-            );
-            match fetched {
+        for source in peers {
+            match self.try_peer(&source, ask).await {
                 Ok(got) => return Ok(got),
-                Err(miss) => misses.push(miss),
+                Err(miss) => misses.push((source, miss)),
             }
         }
         Err(misses)
@@ -205,11 +233,15 @@ impl Fetcher {
     /// when it sent them and they passed `check`.
     async fn via_hub(
         &self,
-        digest: &Digest,
-        banned: &Mutex<HashSet<PeerId>>,
+        ask: &Ask<'_, impl Fn(&[u8]) -> Result<(), proto::VerifyError>>,
         want: Want,
-        check: &impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
-    ) -> (HubAnswer<(PeerId, Multiaddr)>, Option<(Vec<u8>, Path)>) {
+    ) -> (HubAnswer<Source>, Option<(Vec<u8>, Path)>) {
+        let Ask {
+            digest,
+            banned,
+            check,
+            ..
+        } = *ask;
         for hub in &self.hub {
             if banned.lock().expect("not poisoned").contains(hub) {
                 continue;
@@ -225,6 +257,10 @@ impl Fetcher {
                     let peers = peers
                         .into_iter()
                         .filter(|(p, _)| !banned.contains(p) && *p != self.net.peer_id())
+                        .map(|(peer, addr)| Source {
+                            peer,
+                            addr: Some(addr),
+                        })
                         .collect();
                     return (HubAnswer::Peers(peers), None);
                 }
@@ -237,20 +273,35 @@ impl Fetcher {
         (HubAnswer::Silent, None)
     }
 
-    /// Asks one peer; the bytes if they pass `check`, and the path they came by.
+    /// Asks one peer within its deadline ([`Sources::deadline`]); the bytes if they pass
+    /// `check`, the path they came by and how long they took.
     async fn try_peer(
         &self,
-        peer: PeerId,
-        addr: Option<Multiaddr>,
-        digest: &Digest,
-        banned: &Mutex<HashSet<PeerId>>,
-        check: &impl Fn(&[u8]) -> Result<(), proto::VerifyError>,
-    ) -> Result<(Vec<u8>, Path), Miss> {
+        source: &Source,
+        ask: &Ask<'_, impl Fn(&[u8]) -> Result<(), proto::VerifyError>>,
+    ) -> Result<((Vec<u8>, Path), Took), Miss> {
+        let (peer, addr) = (source.peer, source.addr.clone());
+        let digest = ask.digest;
         if self.trust.is_revoked(&peer) {
             return Err(Miss::Refused);
         }
-        match self.net.fetch_via(peer, addr, *digest, Want::Blob).await {
-            Ok((bytes, path)) => {
+        let deadline = self.sources().deadline(ask.size);
+        let t = Instant::now();
+        let fetched = tokio::time::timeout(
+            deadline,
+            self.net.fetch_via(peer, addr, *digest, Want::Blob),
+        )
+        .await;
+        let took = t.elapsed();
+        tracing::debug!(
+            blob = %digest.short(),
+            %peer,
+            peer_ms = took.as_millis() as u64,
+            ok = matches!(fetched, Ok(Ok(_))),
+            "fetch from a peer"
+        );
+        match fetched {
+            Ok(Ok((bytes, path))) => {
                 // Without peer exchange (or with the hub slow) the hub is one of the
                 // candidates; the node only knows the address class.
                 let path = if self.hub.contains(&peer) {
@@ -258,18 +309,30 @@ impl Fetcher {
                 } else {
                     path
                 };
-                self.accept(peer, digest, bytes, banned, check)
+                let n = bytes.len() as u64;
+                self.accept(peer, digest, bytes, ask.banned, ask.check)
                     .await
-                    .map(|b| (b, path))
+                    .map(|b| ((b, path), Took { bytes: n, took }))
                     .ok_or(Miss::Refused)
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::debug!(blob = %digest.short(), "{e}");
                 Err(match e {
                     FetchError::Failed { .. } => Miss::Unreachable,
                     FetchError::NoDirectPath(_) => Miss::NoDirectPath,
+                    FetchError::Busy(_) => Miss::Busy,
                     _ => Miss::Refused,
                 })
+            }
+            Err(_) => {
+                self.sources().deadline_passed(ask.size, deadline);
+                tracing::info!(
+                    blob = %digest.short(),
+                    %peer,
+                    "peer did not deliver within {}: asking elsewhere, and telling the hub",
+                    humantime::format_duration(round_ms(deadline))
+                );
+                Err(Miss::Unreachable)
             }
         }
     }
@@ -329,7 +392,7 @@ impl Fetcher {
         }
         let limit = proto::envelope::envelope_limit(proto::codec::Kind::Manifest);
         let (bytes, path) = self
-            .blob(digest, 0, banned, None, |b| {
+            .blob(digest, limit as u64, 0, banned, None, |b| {
                 if b.len() > limit {
                     return Err(proto::VerifyError::TooManyBytes {
                         what: proto::Declared::Manifest,
@@ -388,7 +451,7 @@ impl Fetcher {
             let reports = &reports;
             async move {
                 let (bytes, path) = self
-                    .blob(&c.digest, i, banned, Some(reports), |b| {
+                    .blob(&c.digest, c.size, i, banned, Some(reports), |b| {
                         verify_chunk(i, &c, b)
                     })
                     .await?;
@@ -428,6 +491,42 @@ impl Fetcher {
         }
         fetched
     }
+}
+
+/// A peer to ask, at the address the hub named (none: connected already). One peer
+/// whatever the address: what the schedule learns of it is the peer's.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub peer: PeerId,
+    pub addr: Option<Multiaddr>,
+}
+
+impl PartialEq for Source {
+    fn eq(&self, other: &Self) -> bool {
+        self.peer == other.peer
+    }
+}
+
+impl Eq for Source {}
+
+impl std::hash::Hash for Source {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.peer.hash(state);
+    }
+}
+
+/// What one blob fetch asks every source for, and how it checks the answer.
+struct Ask<'a, C> {
+    digest: &'a Digest,
+    /// About this many bytes (the chunk's declared size): sets a peer's deadline.
+    size: u64,
+    banned: &'a Mutex<HashSet<PeerId>>,
+    check: &'a C,
+}
+
+/// A duration to the millisecond, for people.
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
 }
 
 /// FNV-1a: the same number for the same bytes on every device and every run (a device's

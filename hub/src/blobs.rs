@@ -120,8 +120,12 @@ impl Blobs {
         }
         match want {
             Want::Stored => self.net.respond(reply, BlobResponse::Noted).await,
-            Want::BlobOrPeers | Want::BlobOrPeersAndStored(_) if self.peer_exchange => {
+            want if want.peers_ok() && self.peer_exchange => {
                 let asker = known.then_some(peer);
+                if want.missed() && known {
+                    self.metrics.missed_reports.fetch_add(1, Ordering::Relaxed);
+                    self.tracker.missed(digest, &peer, now);
+                }
                 match self.tracker.decide(digest, asker, now) {
                     Decision::Serve => self.send(peer, digest, reply).await,
                     Decision::Elsewhere(named) => match asker {
@@ -134,9 +138,10 @@ impl Blobs {
                     },
                 }
             }
-            Want::Blob | Want::BlobOrPeers | Want::BlobOrPeersAndStored(_) => {
-                self.send(peer, digest, reply).await
-            }
+            Want::Blob
+            | Want::BlobOrPeers
+            | Want::BlobOrPeersAndStored(_)
+            | Want::BlobOrPeersMissed(_) => self.send(peer, digest, reply).await,
             // The hub announces through its broker and re-announces by gossip every few
             // seconds; asking it is for devices asking a peer.
             Want::Announcement => self.net.respond(reply, BlobResponse::NotFound).await,
@@ -154,6 +159,8 @@ impl Blobs {
         m.slots_taken
             .store(self.tracker.slots_taken(), Ordering::Relaxed);
         m.parked.store(self.tracker.parked(), Ordering::Relaxed);
+        m.suspects
+            .store(self.tracker.suspects(Instant::now()), Ordering::Relaxed);
     }
 
     /// Answers a parked asker: the blob itself, or holders (none: ask again shortly).

@@ -65,6 +65,20 @@ fn render(m: &Metrics, net: &net::NetState) -> String {
     );
     push(
         &mut out,
+        "unifleet_hub_tracker_suspects",
+        "gauge",
+        "Devices reported silent by an asker, named to nobody for a while",
+        c(&m.suspects),
+    );
+    push(
+        &mut out,
+        "unifleet_hub_missed_reports_total",
+        "counter",
+        "Asks saying the device named for a blob did not deliver in time",
+        c(&m.missed_reports),
+    );
+    push(
+        &mut out,
         "unifleet_hub_busy_total",
         "counter",
         "Blob requests answered busy (upload saturated)",

@@ -69,6 +69,10 @@ pub struct Metrics {
     pub slots_taken: AtomicU64,
     /// Askers parked until a holder is free (gauge).
     pub parked: AtomicU64,
+    /// Devices an asker reported silent, named to nobody for a while (gauge).
+    pub suspects: AtomicU64,
+    /// Asks saying the device named for a blob did not deliver in time.
+    pub missed_reports: AtomicU64,
     /// Blob requests answered busy (upload saturated).
     pub busy: AtomicU64,
     /// Devices' reports of a chunk stored.

@@ -29,6 +29,17 @@
 //!   1,000 devices: one device held 8 of 13 first copies).
 //! - If no holder has reported a blob [`STALE`] after the hub sent it (the device it went
 //!   to died or is stuck), the next asker is served.
+//! - **A holder that stops answering is routed around.** An asker whose named holder did
+//!   not deliver before the asker's deadline says so with its next ask
+//!   ([`Tracker::missed`]); the holder is then **suspect**: named to nobody for
+//!   [`SUSPECT_FOR`], doubling each time it fails again after that (a frozen board, a
+//!   process stopped by its OS, a NAT path gone silent, a link at 1 KiB/s). A blob whose
+//!   holders are all suspect is treated as held by nobody: the hub sends one more copy,
+//!   to one asker, and the others wait for it — hub egress grows only by what the
+//!   silent holders withheld. A suspect's own downloads give their holders' slots back
+//!   at once (a frozen device holding them would idle the fleet's uploads until
+//!   [`RESERVATION`]). Only holders named to that asker for that blob can be reported,
+//!   so one device cannot cast doubt on the others.
 //! - Holders are named only if the asker can reach them ([`Topology`]: behind NAT, a
 //!   device in another home may not be), those on its own LAN first; an asker no
 //!   holder is reachable for is served by the hub.
@@ -60,6 +71,13 @@ pub const STALE: Duration = Duration::from_secs(30);
 /// timeout with 5 s to spare for a loaded hub's answer: a request that times out sends
 /// the asker to the peers it is connected to.
 pub const PARK_FOR: Duration = Duration::from_secs(15);
+/// A holder reported silent is named to nobody this long (see [`Tracker::missed`]); each
+/// time it is reported again after that, twice as long, up to [`SUSPECT_MAX`]. Long
+/// enough for the askers it was named to before the first report to come back (their
+/// deadlines are at most 15 s); short enough that a board that hung and came back is a
+/// source again within the release.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(20);
+pub const SUSPECT_MAX: Duration = Duration::from_secs(320);
 /// Parked askers of a blob looked at for the one with the fewest downloads under way
 /// (see `least_busy`); the look stops at the first with none.
 pub const LOOK_AHEAD: usize = 1024;
@@ -117,6 +135,31 @@ struct Blob<P> {
     first_to: Option<P>,
 }
 
+impl<P> Blob<P> {
+    /// The hub sent it lately and that copy is still on its way to a device not suspect
+    /// (`live`), or nobody holds it (an untracked asker's copy): ask the others to wait
+    /// for it. A copy that reached a holder since fallen silent, or that went to a device
+    /// that fell silent on the way (frozen while receiving it), is no reason to wait.
+    fn sent_lately(&self, now: Instant, live: impl Fn(&P) -> bool) -> bool {
+        let on_its_way = match &self.first_to {
+            Some(to) => live(to),
+            None => self.holders.is_empty(),
+        };
+        on_its_way
+            && self
+                .served_at
+                .is_some_and(|t| now.duration_since(t) < STALE)
+    }
+}
+
+/// A holder reported silent: named to nobody until `until`; `strikes` counts the
+/// reports that came after an earlier suspicion had ended.
+#[derive(Debug, Clone, Copy)]
+struct Suspicion {
+    until: Instant,
+    strikes: u32,
+}
+
 impl<P> Default for Blob<P> {
     fn default() -> Self {
         Blob {
@@ -169,6 +212,8 @@ pub struct Tracker<P, R = (), T = Everywhere> {
     firsts: HashMap<P, u32>,
     /// Holders named to each asker and not yet reported back: its downloads under way.
     getting: HashMap<P, u32>,
+    /// Holders reported silent (see [`Tracker::missed`]).
+    suspects: HashMap<P, Suspicion>,
     last_sweep: Option<Instant>,
     topology: T,
 }
@@ -188,6 +233,7 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
             met: HashMap::new(),
             firsts: HashMap::new(),
             getting: HashMap::new(),
+            suspects: HashMap::new(),
             last_sweep: None,
             topology: T::default(),
         }
@@ -223,6 +269,8 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
         }
         self.blob(digest);
         let load = &self.load;
+        let suspects = &self.suspects;
+        let live = |p: &P| is_live(suspects, p, now);
         let blob = self.blobs.get_mut(&digest).expect("just added");
         if let Some(asker) = &asker {
             if let Some(pos) = blob.holders.iter().position(|h| h.peer == *asker) {
@@ -231,10 +279,8 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
                 unhold(&mut self.held, asker, &digest);
             }
         }
-        if blob.holders.is_empty() {
-            let recently_sent = blob
-                .served_at
-                .is_some_and(|t| now.duration_since(t) < STALE);
+        if !blob.holders.iter().any(|h| live(&h.peer)) {
+            let recently_sent = blob.sent_lately(now, live);
             let busy = asker
                 .as_ref()
                 .is_some_and(|a| self.firsts.get(a).is_some_and(|&n| n > 0));
@@ -248,14 +294,19 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
         }
         let topology = &self.topology;
         let reach = |h: &P| asker.as_ref().map_or(Reach::Far, |a| topology.reach(a, h));
-        if blob.holders.iter().all(|h| reach(&h.peer) == Reach::No) {
+        if blob
+            .holders
+            .iter()
+            .all(|h| !live(&h.peer) || reach(&h.peer) == Reach::No)
+        {
             // Held only where this asker cannot reach (other homes behind NAT).
             return Decision::Serve;
         }
         let slots = |p: &P| load.get(p).copied().unwrap_or(0);
         let mut free: Vec<usize> = (0..blob.holders.len())
             .filter(|&i| {
-                slots(&blob.holders[i].peer) < SLOTS && reach(&blob.holders[i].peer) != Reach::No
+                let h = &blob.holders[i].peer;
+                slots(h) < SLOTS && reach(h) != Reach::No && live(h)
             })
             .collect();
         // The least loaded free holder (the asker gets its whole upload); among those,
@@ -358,8 +409,8 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
             .keys()
             .filter(|d| {
                 self.blobs.get(*d).is_none_or(|b| {
-                    b.holders.is_empty()
-                        && b.served_at.is_none_or(|t| now.duration_since(t) >= STALE)
+                    let live = |p: &P| is_live(&self.suspects, p, now);
+                    !b.holders.iter().any(|h| live(&h.peer)) && !b.sent_lately(now, live)
                 })
             })
             .copied()
@@ -384,6 +435,39 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
             out.push((p.ticket, digest, Decision::Serve));
         }
         out
+    }
+
+    /// `asker` says the holders named to it for `digest` did not deliver before its
+    /// deadline (it asks again at once, see [`Tracker::decide`]): each is suspect, named
+    /// to nobody for [`SUSPECT_FOR`] — twice as long each time it is reported again after
+    /// a suspicion ended, up to [`SUSPECT_MAX`]. Reports of a holder already suspect
+    /// (askers named it before the first report) change nothing. Call before deciding
+    /// the ask, which lets the naming go.
+    pub fn missed(&mut self, digest: Digest, asker: &P, now: Instant) {
+        let Some(r) = self.reservations.get(&(digest, asker.clone())) else {
+            // Named too long ago (its reservation lapsed) or never: nothing to go on.
+            return;
+        };
+        for holder in r.named.clone() {
+            let strikes = match self.suspects.get(&holder) {
+                Some(s) if now < s.until => continue,
+                Some(s) if now.duration_since(s.until) < SUSPECT_MAX => s.strikes + 1,
+                _ => 1,
+            };
+            let factor = 1u32 << (strikes - 1).min(8);
+            let until = now + (SUSPECT_FOR * factor).min(SUSPECT_MAX);
+            self.suspects
+                .insert(holder.clone(), Suspicion { until, strikes });
+            // As an asker too it is likely silent (frozen, its link dead): the slots
+            // named to it go to others now, not after RESERVATION. A slow uploader's
+            // downloads go on, its holders serving one more asker for a while.
+            self.release_where(|(_, asker), _| *asker == holder);
+        }
+    }
+
+    /// Holders suspect now (see [`Tracker::missed`]).
+    pub fn suspects(&self, now: Instant) -> u64 {
+        self.suspects.values().filter(|s| now < s.until).count() as u64
     }
 
     /// `peer` has stored `digest` and can serve it. Returns parked askers answered now.
@@ -501,6 +585,7 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
         self.freed.retain(|p| !peer(p));
         self.met.retain(|p, _| !peer(p));
         self.firsts.retain(|p, _| !peer(p));
+        self.suspects.retain(|p, _| !peer(p));
         self.release_where(|(_, asker), _| peer(asker));
         self.load.retain(|p, _| !peer(p));
         for r in self.reservations.values_mut() {
@@ -614,6 +699,9 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
         }
         self.last_sweep = Some(now);
         self.release_where(|_, r| now.duration_since(r.at) >= RESERVATION);
+        // A suspicion is remembered while a new report would still double it.
+        self.suspects
+            .retain(|_, s| now < s.until || now.duration_since(s.until) < SUSPECT_MAX);
     }
 }
 
@@ -640,6 +728,11 @@ fn least_busy<P: Eq + Hash, R>(
 }
 
 /// `peer` no longer holds `digest`.
+/// Whether `p` may be named now: not suspect (see [`Tracker::missed`]).
+fn is_live<P: Eq + Hash>(suspects: &HashMap<P, Suspicion>, p: &P, now: Instant) -> bool {
+    suspects.get(p).is_none_or(|s| now >= s.until)
+}
+
 fn unhold<P: Eq + Hash>(held: &mut HashMap<P, HashSet<Digest>>, peer: &P, digest: &Digest) {
     if let Some(blobs) = held.get_mut(peer) {
         blobs.remove(digest);
@@ -793,6 +886,164 @@ mod tests {
         assert_eq!(t.decide(d(4), Some("a"), now), Decision::Serve);
         // b reports blob 2: a, parked for it, is named b.
         assert_eq!(named(t.stored(d(2), "b", now)), vec![(2, vec!["b"])]);
+    }
+
+    #[test]
+    fn a_holder_reported_silent_is_named_to_nobody_and_its_blob_is_sent_once_more() {
+        // Issue 27: a holder frozen mid-release was named to every asker for ever.
+        let mut t = tracker();
+        let now = Instant::now();
+        let soon = now + Duration::from_secs(1);
+        for (blob, holders) in [(1, &["f"][..]), (2, &["f", "g"][..])] {
+            assert_eq!(t.decide(d(blob), Some(holders[0]), now), Decision::Serve);
+            for h in holders {
+                t.stored(d(blob), h, now);
+            }
+        }
+        for asker in ["b", "e"] {
+            assert_eq!(
+                t.decide(d(1), Some(asker), now),
+                Decision::Elsewhere(vec!["f"])
+            );
+        }
+        // A report from an asker f was not named to for that blob counts for nothing.
+        t.missed(d(1), &"c", now);
+        assert_eq!(t.suspects(now), 0);
+        // b's deadline passes: it says so with its next ask. f is suspect; blob 1 has no
+        // other holder, so the hub sends it to b ...
+        t.missed(d(1), &"b", now);
+        assert_eq!(t.suspects(now), 1);
+        assert_eq!(t.decide(d(1), Some("b"), now), Decision::Serve);
+        // ... once: e's report (f was named to it before b's) changes nothing, and e and
+        // c wait for b's copy, and are named b when b reports.
+        t.missed(d(1), &"e", soon);
+        assert_eq!(t.decide(d(1), Some("e"), soon), WAIT);
+        t.park(d(1), "e", 2, soon);
+        assert_eq!(t.decide(d(1), Some("c"), soon), WAIT);
+        t.park(d(1), "c", 1, soon);
+        assert_eq!(
+            named(t.stored(d(1), "b", soon)),
+            vec![(1, vec!["b"]), (2, vec!["b"])]
+        );
+        assert_eq!(t.suspects(now + SUSPECT_FOR), 0);
+        // f is named for no blob: blob 2 goes to g however loaded.
+        for asker in ["x", "y"] {
+            assert_eq!(
+                t.decide(d(2), Some(asker), soon),
+                Decision::Elsewhere(vec!["g"])
+            );
+        }
+        assert_eq!(t.decide(d(2), Some("z"), soon), WAIT);
+        // After SUSPECT_FOR it is named again; silent again, it is suspect twice as long.
+        let later = now + SUSPECT_FOR;
+        assert_eq!(
+            t.decide(d(2), Some("z"), later),
+            Decision::Elsewhere(vec!["f"])
+        );
+        t.missed(d(2), &"z", later);
+        let twice = later + SUSPECT_FOR * 2;
+        assert_eq!(t.suspects(twice - Duration::from_millis(1)), 1);
+        assert_eq!(t.suspects(twice), 0);
+    }
+
+    #[test]
+    fn a_first_copy_on_its_way_to_a_device_that_fell_silent_is_not_waited_for() {
+        // f froze while receiving the first copy of blob 2: askers of blob 2 waited for
+        // it until STALE (the eight-device test: 15 s with nothing stored anywhere).
+        let mut t = tracker();
+        let now = Instant::now();
+        assert_eq!(t.decide(d(1), Some("f"), now), Decision::Serve);
+        t.stored(d(1), "f", now);
+        assert_eq!(t.decide(d(2), Some("f"), now), Decision::Serve);
+        assert_eq!(t.decide(d(2), Some("a"), now), WAIT);
+        t.park(d(2), "a", 1, now);
+        // b, named f for blob 1, reports it silent: blob 2's copy to f is lost too.
+        assert_eq!(
+            t.decide(d(1), Some("b"), now),
+            Decision::Elsewhere(vec!["f"])
+        );
+        t.missed(d(1), &"b", now);
+        let soon = now + Duration::from_secs(1);
+        let picked = t.lapsed(soon);
+        assert!(
+            matches!(picked[..], [(1, _, Decision::Serve)]),
+            "{picked:?}"
+        );
+        // Once: c waits for a's copy.
+        assert_eq!(t.decide(d(2), Some("c"), soon), WAIT);
+    }
+
+    #[test]
+    fn a_holder_reported_silent_gives_back_the_slots_named_to_it_as_an_asker() {
+        // The eight-device test: two frozen devices' downloads held every live holder's
+        // slots until RESERVATION, and nothing moved for 12 s.
+        let mut t = tracker();
+        let now = Instant::now();
+        for (blob, holder) in [(1, "f"), (2, "g")] {
+            t.decide(d(blob), Some(holder), now);
+            t.stored(d(blob), holder, now);
+        }
+        // f downloads blob 2 from g twice over (two slots, say two askers' worth).
+        assert_eq!(
+            t.decide(d(2), Some("f"), now),
+            Decision::Elsewhere(vec!["g"])
+        );
+        assert_eq!(
+            t.decide(d(2), Some("x"), now),
+            Decision::Elsewhere(vec!["g"])
+        );
+        assert_eq!(t.decide(d(2), Some("a"), now), WAIT);
+        t.park(d(2), "a", 1, now);
+        // b reports f silent for blob 1: f's slot on g goes to a at the next look.
+        assert_eq!(
+            t.decide(d(1), Some("b"), now),
+            Decision::Elsewhere(vec!["f"])
+        );
+        t.missed(d(1), &"b", now);
+        assert_eq!(named(t.lapsed(now)), vec![(1, vec!["g"])]);
+    }
+
+    #[test]
+    fn parked_askers_of_a_blob_whose_holders_fell_silent_get_one_copy_at_the_tick() {
+        let mut t = tracker();
+        let now = Instant::now();
+        assert_eq!(t.decide(d(1), Some("f"), now), Decision::Serve);
+        t.stored(d(1), "f", now);
+        // f's two slots taken, then c parked behind them.
+        for asker in ["a", "b"] {
+            assert_eq!(
+                t.decide(d(1), Some(asker), now),
+                Decision::Elsewhere(vec!["f"])
+            );
+        }
+        assert_eq!(t.decide(d(1), Some("c"), now), WAIT);
+        assert!(t.park(d(1), "c", 1, now).is_empty());
+        // a reports f silent and is served the blob; at the tick, c still waits (one
+        // copy under way), and is named a once a has it.
+        t.missed(d(1), &"a", now);
+        assert_eq!(t.decide(d(1), Some("a"), now), Decision::Serve);
+        assert!(t.lapsed(now).is_empty());
+        assert_eq!(named(t.stored(d(1), "a", now)), vec![(1, vec!["a"])]);
+        // Had nobody been sent a copy (the asker that reported it went away), the tick
+        // sends one to a parked asker.
+        let mut t = tracker();
+        t.decide(d(1), Some("f"), now);
+        t.stored(d(1), "f", now);
+        assert_eq!(
+            t.decide(d(1), Some("a"), now),
+            Decision::Elsewhere(vec!["f"])
+        );
+        t.missed(d(1), &"a", now);
+        t.forget(|p| *p == "a");
+        assert_eq!(t.decide(d(1), Some("c"), now), Decision::Serve);
+        assert_eq!(t.decide(d(1), Some("e"), now), WAIT);
+        t.park(d(1), "e", 2, now);
+        t.forget(|p| *p == "c");
+        let picked = t.lapsed(now + Duration::from_secs(1));
+        assert!(
+            matches!(picked[..], [(2, _, Decision::Serve)]),
+            "{picked:?}"
+        );
     }
 
     #[test]

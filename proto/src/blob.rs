@@ -61,6 +61,12 @@ pub enum Want {
     /// treats it as [`Want::Blob`]. An older hub cannot decode it: the ask fails, the
     /// device asks again without it and the report is lost (upgrade the hub first).
     BlobOrPeersAndStored(Digest),
+    /// A [`Want::BlobOrPeers`] ask again, saying the holders the hub named for this blob
+    /// last time did not deliver it in time (a peer frozen, gone without a word, or too
+    /// slow): the hub names them to nobody for a while. Carries a stored report like
+    /// [`Want::BlobOrPeersAndStored`] when `Some`. Only the holders the hub named to this
+    /// asker for this blob can be reported so: one device cannot cast doubt on others.
+    BlobOrPeersMissed(Option<Digest>),
 }
 
 impl Want {
@@ -68,8 +74,33 @@ impl Want {
     pub fn stored(&self, digest: Digest) -> Option<Digest> {
         match self {
             Want::Stored => Some(digest),
-            Want::BlobOrPeersAndStored(stored) => Some(*stored),
+            Want::BlobOrPeersAndStored(stored) | Want::BlobOrPeersMissed(Some(stored)) => {
+                Some(*stored)
+            }
             _ => None,
+        }
+    }
+
+    /// The asker can fetch from peers: the hub may answer with holders to ask.
+    pub fn peers_ok(&self) -> bool {
+        matches!(
+            self,
+            Want::BlobOrPeers | Want::BlobOrPeersAndStored(_) | Want::BlobOrPeersMissed(_)
+        )
+    }
+
+    /// The asker says the holders it was last named for this blob missed.
+    pub fn missed(&self) -> bool {
+        matches!(self, Want::BlobOrPeersMissed(_))
+    }
+
+    /// This ask with `report` riding on it (see [`Want::BlobOrPeersAndStored`]); an ask
+    /// that cannot carry one is returned unchanged with the report.
+    pub fn carrying(self, report: Digest) -> (Want, Option<Digest>) {
+        match self {
+            Want::BlobOrPeers => (Want::BlobOrPeersAndStored(report), None),
+            Want::BlobOrPeersMissed(None) => (Want::BlobOrPeersMissed(Some(report)), None),
+            other => (other, Some(report)),
         }
     }
 }
@@ -201,7 +232,8 @@ mod tests {
         assert_eq!(bytes.len(), 6 + 32 + 1, "{bytes:?}");
         assert_eq!(BlobRequest::decode(&bytes).unwrap().digest, Digest([7; 32]));
         let carried = Want::BlobOrPeersAndStored(Digest([9; 32]));
-        for want in [Want::Blob, Want::BlobOrPeers, Want::Stored, carried] {
+        let missed = Want::BlobOrPeersMissed(Some(Digest([9; 32])));
+        for want in [Want::Blob, Want::BlobOrPeers, Want::Stored, carried, missed] {
             let req = BlobRequest {
                 digest: Digest([7; 32]),
                 want,
@@ -217,6 +249,16 @@ mod tests {
         assert_eq!(carried.stored(Digest([7; 32])), Some(Digest([9; 32])));
         assert_eq!(Want::Stored.stored(Digest([7; 32])), Some(Digest([7; 32])));
         assert_eq!(Want::BlobOrPeers.stored(Digest([7; 32])), None);
+        assert_eq!(missed.stored(Digest([7; 32])), Some(Digest([9; 32])));
+        assert!(missed.missed() && missed.peers_ok() && !carried.missed());
+        assert_eq!(
+            Want::BlobOrPeersMissed(None).carrying(Digest([9; 32])),
+            (missed, None)
+        );
+        assert_eq!(
+            Want::Blob.carrying(Digest([9; 32])),
+            (Want::Blob, Some(Digest([9; 32])))
+        );
         let resp = BlobResponse::Found(vec![1, 2, 3]);
         assert_eq!(BlobResponse::decode(&resp.encode().unwrap()).unwrap(), resp);
     }

@@ -171,6 +171,13 @@ fn blob_messages_golden() {
     .encode()
     .unwrap();
     check("blob-ask-and-stored.bin", &carried);
+    let missed = proto::blob::BlobRequest {
+        digest: proto::Digest::of(b"next chunk"),
+        want: proto::blob::Want::BlobOrPeersMissed(Some(proto::Digest::of(b"chunk"))),
+    }
+    .encode()
+    .unwrap();
+    check("blob-ask-missed-and-stored.bin", &missed);
     let latest = proto::blob::BlobRequest {
         digest: proto::blob::announcement_key(&proto::announcement::Track::new(
             "hello",

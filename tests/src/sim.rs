@@ -8,12 +8,14 @@
 //! (`net::ratelimit::Bucket`, the agents' own), a one-way latency per message, the
 //! device's limits on concurrent uploads and its "busy" rule, the hub's 250 ms tick for
 //! parked askers, connections opened between devices and closed after the idle timeout,
-//! slow devices (a tenth of the rates) and devices leaving and joining mid-release. Not
+//! slow devices (a tenth of the rates), devices leaving and joining mid-release, devices
+//! that freeze (connections open, nothing answered: the hub is not told) and devices
+//! whose upload crawls at 1 KiB/s, with each device's deadline on the peers it asks. Not
 //! modelled: CPU (the real bench's limit on two cores), TCP slow start, NAT (everyone
 //! reaches everyone), losses other than a departed peer.
 
 use device::fetch::SplitMix64;
-use device::schedule::{BlobFetch, HubAnswer, Miss, Reports, Sources, Step};
+use device::schedule::{BlobFetch, HubAnswer, Miss, Reports, Sources, Step, Took};
 use hub::tracker::{self, Decision, Tracker};
 use net::ratelimit::{Bucket, BUSY_BACKLOG};
 use net::Want;
@@ -30,6 +32,8 @@ const HUB_TICK: Duration = Duration::from_millis(250);
 const DIAL_FAIL: Duration = Duration::from_secs(1);
 /// Size of the signed manifest, fetched before the chunks.
 const MANIFEST: u64 = 1_200;
+/// Upload of a crawling device ([`Scenario::crawling`]).
+const CRAWL: u64 = 1024;
 
 /// A fleet, its links and its release.
 #[derive(Debug, Clone)]
@@ -49,6 +53,11 @@ pub struct Scenario {
     pub slow: f64,
     /// Fraction of devices that leave during the release, and as many that join.
     pub churn: f64,
+    /// Fraction of devices that freeze for good at a random time within the bound: their
+    /// connections stay open, they answer nothing, and the hub is not told.
+    pub frozen: f64,
+    /// Fraction of devices whose upload crawls at 1 KiB/s (download as the others).
+    pub crawling: f64,
     /// Peer exchange; off: every device from the hub.
     pub mesh: bool,
     pub idle_timeout: Duration,
@@ -70,6 +79,8 @@ impl Scenario {
             latency: Duration::from_millis(10),
             slow: 0.0,
             churn: 0.0,
+            frozen: 0.0,
+            crawling: 0.0,
             mesh: true,
             idle_timeout: net::IDLE_TIMEOUT,
             seed: 1,
@@ -110,6 +121,12 @@ pub struct Outcome {
     /// Devices that left before they finished, and devices that joined mid-release.
     pub left: usize,
     pub joined: usize,
+    /// Devices frozen before they finished.
+    pub frozen: usize,
+    /// Asks to a peer that missed the asker's deadline.
+    pub deadlines_missed: u64,
+    /// Seconds from ask to answer of each blob a peer delivered.
+    pub peer_secs: Vec<f64>,
     /// Devices still fetching when the simulation ran out of events (should be 0).
     pub unfinished: usize,
     /// Blobs given up after the schedule's stall limit (should be 0).
@@ -167,10 +184,15 @@ enum Ev {
     AtHub(Dev, Blob, Want),
     /// The hub's answer reaches the device (`None`: busy or refused).
     FromHub(Dev, Blob, Option<Answer>),
-    /// A request reaches a peer (or the hub asked as a connected peer).
-    AtPeer(Dev, Blob, Target),
-    /// The peer's answer reaches the device.
-    FromPeer(Dev, Blob, Result<(), Miss>),
+    /// The device's ask number `u64` of this blob reaches a peer (or the hub asked as a
+    /// connected peer).
+    AtPeer(Dev, Blob, u64, Target),
+    /// The peer's answer to the device's ask number `u64` of this blob reaches it.
+    FromPeer(Dev, Blob, u64, Result<(), Miss>),
+    /// The deadline of the device's ask number `u64` of this blob.
+    Deadline(Dev, Blob, u64),
+    /// Freezes, for good.
+    Freeze(Dev),
     /// The bytes passed the device's download cap: stored.
     Got(Dev, Blob),
     /// The device's "stored" report, sent alone, reaches the hub.
@@ -220,7 +242,15 @@ struct Fetching {
     fetch: BlobFetch,
     /// Named or connected peers still to ask, and why the asked ones missed.
     queue: VecDeque<Target>,
-    misses: Vec<Miss>,
+    misses: Vec<(Dev, Miss)>,
+    /// Asks to peers so far (an answer to an earlier one comes too late), and when the
+    /// last was sent.
+    asks: u64,
+    asked_at: Duration,
+    /// Whom the last ask went to.
+    target: Option<Target>,
+    /// From the last ask to its answer.
+    took: Duration,
     /// Asking peers the hub named (else connected peers, the hub silent).
     named: bool,
     /// Delivered by the hub as asked directly (not as a connected peer).
@@ -231,7 +261,7 @@ struct Fetching {
 struct Device {
     up: Bucket,
     down: Bucket,
-    sources: Sources,
+    sources: Sources<Dev>,
     has: Vec<bool>,
     /// Chunks not yet begun, in this device's order.
     pending: VecDeque<Blob>,
@@ -242,6 +272,7 @@ struct Device {
     start: Option<Duration>,
     done: bool,
     gone: bool,
+    frozen: bool,
 }
 
 struct Sim<'a> {
@@ -302,8 +333,13 @@ impl<'a> Sim<'a> {
         let churn = (s.devices as f64 * s.churn).round() as usize;
         let total = s.devices + churn;
         let mut devices = Vec::with_capacity(total);
+        // Drawn apart from the rates, so adding a kind of device leaves the others' draws.
+        let mut kinds = SplitMix64(s.seed ^ 0xc4a1);
         for i in 0..total {
-            let (up, down) = s.rates(rng.unit() < s.slow);
+            let (mut up, down) = s.rates(rng.unit() < s.slow);
+            if kinds.unit() < s.crawling {
+                up = CRAWL;
+            }
             let mut order: Vec<Blob> = (1..sizes.len()).collect();
             device::fetch::shuffle(&mut order, &(i as u32).to_be_bytes());
             devices.push(Device {
@@ -318,6 +354,7 @@ impl<'a> Sim<'a> {
                 start: None,
                 done: false,
                 gone: false,
+                frozen: false,
             });
         }
         let mut sim = Sim {
@@ -360,6 +397,14 @@ impl<'a> Sim<'a> {
             sim.at(
                 Duration::from_secs_f64(rng.unit() * window),
                 Ev::Announce(joiner),
+            );
+        }
+        let frozen = (s.devices as f64 * s.frozen).round() as usize;
+        for _ in 0..frozen {
+            let d = (kinds.next_u64() % s.devices as u64) as Dev;
+            sim.at(
+                Duration::from_secs_f64(kinds.unit() * window),
+                Ev::Freeze(d),
             );
         }
         sim.at(HUB_TICK, Ev::HubTick);
@@ -433,8 +478,23 @@ impl<'a> Sim<'a> {
             }
             Ev::AtHub(d, b, want) => self.at_hub(d, b, want),
             Ev::FromHub(d, b, answer) => self.hub_answered(d, b, answer),
-            Ev::AtPeer(d, b, target) => self.at_peer(d, b, target),
-            Ev::FromPeer(d, b, result) => self.peer_answered(d, b, result),
+            Ev::AtPeer(d, b, ask, target) => self.at_peer(d, b, ask, target),
+            Ev::FromPeer(d, b, ask, result) => {
+                if self.answered(d, b, ask) {
+                    self.peer_answered(d, b, result)
+                }
+            }
+            Ev::Deadline(d, b, ask) => {
+                if self.answered(d, b, ask) {
+                    self.out.deadlines_missed += 1;
+                    let (size, after) = (self.sizes[b], self.now);
+                    self.with_fetch(d, b, |f, sources| {
+                        sources.deadline_passed(size, after.saturating_sub(f.asked_at))
+                    });
+                    self.peer_answered(d, b, Err(Miss::Unreachable))
+                }
+            }
+            Ev::Freeze(d) => self.freeze(d),
             Ev::Got(d, b) => self.got(d, b),
             Ev::Report(d, digest) => self.note_stored(d, digest),
             Ev::Sent(d) => {
@@ -478,12 +538,42 @@ impl<'a> Sim<'a> {
         self.tracker.forget(|p| *p == d);
     }
 
+    /// Whether ask number `ask` of blob `b` is the one `d` waits on: the first of its
+    /// answer and its deadline ends it, the other comes too late.
+    fn answered(&mut self, d: Dev, b: Blob, ask: u64) -> bool {
+        self.with_fetch(d, b, |f, _| {
+            let current = f.asks == ask;
+            if current {
+                f.asks += 1;
+            }
+            current
+        }) == Some(true)
+    }
+
+    /// Stops answering and fetching, its connections left open: the hub hears nothing.
+    fn freeze(&mut self, d: Dev) {
+        let dev = &mut self.devices[d as usize];
+        if dev.gone || dev.frozen {
+            return;
+        }
+        dev.frozen = true;
+        dev.fetching.clear();
+        if !dev.done {
+            self.active -= 1;
+            self.out.frozen += 1;
+        }
+    }
+
     /// Starts fetching blob `b`.
     fn begin(&mut self, d: Dev, b: Blob) {
         let fetching = Fetching {
             fetch: BlobFetch::new(self.s.mesh, self.instant()),
             queue: VecDeque::new(),
             misses: vec![],
+            asks: 0,
+            asked_at: Duration::ZERO,
+            target: None,
+            took: Duration::ZERO,
             named: false,
             from_hub: false,
         };
@@ -501,7 +591,7 @@ impl<'a> Sim<'a> {
 
     /// A "stored" report reaches the hub, alone or riding on an ask.
     fn note_stored(&mut self, d: Dev, digest: Digest) {
-        if !self.devices[d as usize].gone {
+        if !self.devices[d as usize].gone && !self.devices[d as usize].frozen {
             let now = self.instant();
             let answered = self.tracker.stored(digest, d, now);
             self.answer_parked(answered);
@@ -513,10 +603,10 @@ impl<'a> Sim<'a> {
         &mut self,
         d: Dev,
         b: Blob,
-        f: impl FnOnce(&mut Fetching, &mut Sources) -> T,
+        f: impl FnOnce(&mut Fetching, &mut Sources<Dev>) -> T,
     ) -> Option<T> {
         let dev = &mut self.devices[d as usize];
-        if dev.gone {
+        if dev.gone || dev.frozen {
             return None;
         }
         let fetching = dev.fetching.get_mut(&b)?;
@@ -543,8 +633,14 @@ impl<'a> Sim<'a> {
                 self.next_target(d, b);
             }
             Step::AskConnected { with_hub } => {
+                let now = self.instant();
+                let sources = &self.devices[d as usize].sources;
                 let mut targets: Vec<Target> = if self.s.mesh {
-                    self.connected(d).into_iter().map(Target::Peer).collect()
+                    self.connected(d)
+                        .into_iter()
+                        .filter(|p| sources.usable(p, now))
+                        .map(Target::Peer)
+                        .collect()
                 } else {
                     vec![]
                 };
@@ -582,14 +678,30 @@ impl<'a> Sim<'a> {
             } else {
                 self.out.hub_asks += 1;
             }
-            self.at(self.s.latency, Ev::AtPeer(d, b, target));
+            let size = self.sizes[b];
+            let now_sim = self.now;
+            let (ask, deadline) = self
+                .with_fetch(d, b, |f, sources| {
+                    f.asks += 1;
+                    f.asked_at = now_sim;
+                    f.target = Some(target);
+                    (f.asks, sources.deadline(size))
+                })
+                .expect("fetching");
+            self.at(self.s.latency, Ev::AtPeer(d, b, ask, target));
+            if matches!(target, Target::Peer(_)) {
+                self.at(deadline, Ev::Deadline(d, b, ask));
+            }
             return;
         }
         let step = self.with_fetch(d, b, |f, sources| {
             if f.named {
                 f.fetch.named_missed(sources, &f.misses, now).0
             } else {
-                f.fetch.connected_answered(false, now)
+                for (p, miss) in &f.misses {
+                    sources.peer_missed(p, *miss, now);
+                }
+                f.fetch.connected_answered(sources, None, now)
             }
         });
         if let Some(step) = step {
@@ -599,14 +711,17 @@ impl<'a> Sim<'a> {
 
     fn at_hub(&mut self, d: Dev, b: Blob, want: Want) {
         let lat = self.s.latency;
-        if self.devices[d as usize].gone {
+        if self.devices[d as usize].gone || self.devices[d as usize].frozen {
             return;
         }
         if let Some(stored) = want.stored(self.digests[b]) {
             self.note_stored(d, stored);
         }
-        if matches!(want, Want::BlobOrPeers | Want::BlobOrPeersAndStored(_)) && self.s.mesh {
+        if want.peers_ok() && self.s.mesh {
             let now = self.instant();
+            if want.missed() {
+                self.tracker.missed(self.digests[b], &d, now);
+            }
             match self.tracker.decide(self.digests[b], Some(d), now) {
                 Decision::Serve => {}
                 Decision::Elsewhere(named) if named.is_empty() => {
@@ -685,7 +800,7 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn at_peer(&mut self, d: Dev, b: Blob, target: Target) {
+    fn at_peer(&mut self, d: Dev, b: Blob, ask: u64, target: Target) {
         let lat = self.s.latency;
         let size = self.sizes[b];
         let now = self.instant();
@@ -694,40 +809,56 @@ impl<'a> Sim<'a> {
                 let answer = self.hub_send(b);
                 let (after, result) =
                     answer.map_or((lat, Err(Miss::Refused)), |w| (w + lat, Ok(())));
-                self.at(after, Ev::FromPeer(d, b, result));
+                self.at(after, Ev::FromPeer(d, b, ask, result));
                 return;
             }
             Target::Peer(p) => p,
         };
         let holder = &mut self.devices[p as usize];
-        let result = if holder.gone {
-            self.at(DIAL_FAIL, Ev::FromPeer(d, b, Err(Miss::Unreachable)));
+        let result = if holder.frozen {
+            // Its kernel keeps the connection: only the asker's deadline ends the wait.
             return;
-        } else if !holder.has[b]
-            || holder.seeding >= MAX_SEEDING
-            || holder.up.backlog(now) > BUSY_BACKLOG
-        {
+        } else if holder.gone {
+            self.at(DIAL_FAIL, Ev::FromPeer(d, b, ask, Err(Miss::Unreachable)));
+            return;
+        } else if !holder.has[b] {
             Err(Miss::Refused)
+        } else if holder.seeding >= MAX_SEEDING || holder.up.backlog(now) > BUSY_BACKLOG {
+            Err(Miss::Busy)
         } else {
             holder.seeding += 1;
             let wait = holder.up.take(size, now);
             self.uploaded += size;
             self.at(wait, Ev::Sent(p));
-            self.at(wait + lat, Ev::FromPeer(d, b, Ok(())));
+            self.at(wait + lat, Ev::FromPeer(d, b, ask, Ok(())));
             return;
         };
-        self.at(lat, Ev::FromPeer(d, b, result));
+        self.at(lat, Ev::FromPeer(d, b, ask, result));
     }
 
     fn peer_answered(&mut self, d: Dev, b: Blob, result: Result<(), Miss>) {
         match result {
             Ok(()) => {
                 let now = self.instant();
+                let at = self.now;
+                let took = self.with_fetch(d, b, |f, _| {
+                    f.took = at.saturating_sub(f.asked_at);
+                    (f.target != Some(Target::Hub)).then_some(f.took)
+                });
+                if let Some(Some(took)) = took {
+                    self.out.peer_secs.push(took.as_secs_f64());
+                }
+                // The bytes pass the download cap (as `Fetcher::accept`, after the
+                // deadline's wait).
                 let wait = self.devices[d as usize].down.take(self.sizes[b], now);
                 self.at(wait, Ev::Got(d, b));
             }
             Err(miss) => {
-                self.with_fetch(d, b, |f, _| f.misses.push(miss));
+                self.with_fetch(d, b, |f, _| {
+                    if let Some(Target::Peer(p)) = f.target {
+                        f.misses.push((p, miss));
+                    }
+                });
                 self.next_target(d, b);
             }
         }
@@ -736,13 +867,22 @@ impl<'a> Sim<'a> {
     /// The blob's bytes are in: the schedule hears of it.
     fn got(&mut self, d: Dev, b: Blob) {
         let now = self.instant();
+        let bytes = self.sizes[b];
         let step = self.with_fetch(d, b, |f, sources| {
+            let took = Took {
+                bytes: if f.target == Some(Target::Hub) {
+                    0
+                } else {
+                    bytes
+                },
+                took: f.took,
+            };
             if f.from_hub {
                 f.fetch.hub_answered(sources, HubAnswer::Blob, now)
             } else if f.named {
-                f.fetch.named_delivered(sources)
+                f.fetch.named_delivered(sources, took, now)
             } else {
-                f.fetch.connected_answered(true, now)
+                f.fetch.connected_answered(sources, Some(took), now)
             }
         });
         if let Some(step) = step {

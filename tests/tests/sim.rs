@@ -121,3 +121,45 @@ fn stored_reports_ride_on_the_next_ask_so_the_hub_gets_about_one_request_a_chunk
     assert_eq!(o.stored_reports + o.carried, o.delivered);
     assert!(o.last() / o.t_one_copy <= 1.1);
 }
+
+#[test]
+fn frozen_and_crawling_holders_are_routed_around() {
+    // Issue 27: 5% of devices freeze for good mid-release (connections open, nothing
+    // answered, the hub not told) and 5% upload at 1 KiB/s. Before, the simulator had no
+    // such devices and the devices no deadline: an asker named a frozen holder waited for
+    // ever and the hub kept naming it.
+    let s = Scenario {
+        frozen: 0.05,
+        crawling: 0.05,
+        ..Scenario::new(1000, MIB)
+    };
+    let o = run(&s);
+    check(&o);
+    assert_eq!(o.frozen, 50);
+    assert_eq!(o.completion.len(), 1000 - o.frozen);
+    assert!(o.deadlines_missed > 0, "no holder was ever found silent");
+    eprintln!(
+        "frozen and crawling: last {:.1} s, p99 {:.1} s = {:.2} × T_min; egress {:.3}×; {} deadlines missed",
+        o.last(),
+        unifleet_tests::bench::percentile(&o.completion, 0.99),
+        unifleet_tests::bench::percentile(&o.completion, 0.99) / o.t_min,
+        o.egress_copies(),
+        o.deadlines_missed
+    );
+    // The hub sends again only what the silent holders withheld.
+    assert!(o.egress_copies() <= 1.1, "{}", o.egress_copies());
+    // 99% finish as the untroubled fleet does (2.42 × T_min); the last wait for the
+    // first copies frozen on their way (STALE, 30 s).
+    let p99 = unifleet_tests::bench::percentile(&o.completion, 0.99);
+    assert!(
+        p99 / o.t_min <= 2.8,
+        "p99 {p99} s against T_min {}",
+        o.t_min
+    );
+    assert!(
+        o.last() / o.t_min <= 4.5,
+        "{} s against {}",
+        o.last(),
+        o.t_min
+    );
+}

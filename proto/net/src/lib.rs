@@ -1296,12 +1296,14 @@ impl Node {
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
                 connection,
-                result: Err(ping::Failure::Timeout),
-            })) => {
-                // Gone without a word (a NAT mapping lost, a peer's power cut): closed, so
-                // requests go elsewhere and a kept connection's place is free. (A peer
-                // without ping, an older agent, is no reason to close.)
-                tracing::debug!(%peer, ?connection, "no answer to a ping, closing the connection");
+                result: Err(failure),
+            })) if !matches!(failure, ping::Failure::Unsupported) => {
+                // Gone without a word (a NAT mapping lost, a peer's power cut), or there
+                // and silent (a frozen board or process: its kernel still acknowledges
+                // TCP, so the ping fails as "negotiation timed out", not as a timeout):
+                // closed either way, so requests go elsewhere and a kept connection's
+                // place is free. (A peer without ping, an older agent, is no reason.)
+                tracing::debug!(%peer, ?connection, "no answer to a ping ({failure}), closing the connection");
                 self.swarm.close_connection(connection);
             }
             _ => {}

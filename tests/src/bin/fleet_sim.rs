@@ -22,6 +22,9 @@ Options (rates in bytes per second; K, M suffixes are KiB, MiB):
   --latency-ms L    one-way latency of every message (default 10)
   --slow X          fraction of devices at a tenth of the device caps (default 0)
   --churn X         fraction of devices leaving mid-release, and as many joining (default 0)
+  --frozen X        fraction of devices that freeze for good mid-release: connections
+                    open, nothing answered, the hub not told (default 0)
+  --crawling X      fraction of devices whose upload crawls at 1 KiB/s (default 0)
   --modes M         mesh,hub-only (default mesh)
   --seed S          the run's seed: chunk sizes, slow devices, churn (default 1)
   --timeline        print, per simulated second, the devices' upload in use (% of their
@@ -56,6 +59,8 @@ fn main() -> Result<()> {
             "--latency-ms" => s.latency = Duration::from_millis(v.parse().context("--latency-ms")?),
             "--slow" => s.slow = v.parse().context("--slow")?,
             "--churn" => s.churn = v.parse().context("--churn")?,
+            "--frozen" => s.frozen = v.parse().context("--frozen")?,
+            "--crawling" => s.crawling = v.parse().context("--crawling")?,
             "--seed" => s.seed = v.parse().context("--seed")?,
             "--modes" => {
                 modes = v
@@ -78,7 +83,7 @@ fn main() -> Result<()> {
     s.device_up = up.unwrap_or(48 * MIB / s.devices as u64);
     s.device_down = down.unwrap_or(4 * s.device_up);
     println!(
-        "N = {} devices, {:.2} MiB image; caps: device up {}/s, down {}/s, hub up {}/s; {} in flight; latency {} ms; slow {:.0}%; churn {:.0}%; seed {}\n",
+        "N = {} devices, {:.2} MiB image; caps: device up {}/s, down {}/s, hub up {}/s; {} in flight; latency {} ms; slow {:.0}%; churn {:.0}%; frozen {:.0}%; crawling {:.0}%; seed {}\n",
         s.devices,
         image_mib,
         human(s.device_up),
@@ -88,15 +93,27 @@ fn main() -> Result<()> {
         s.latency.as_millis(),
         s.slow * 100.0,
         s.churn * 100.0,
+        s.frozen * 100.0,
+        s.crawling * 100.0,
         s.seed
     );
-    println!("| mode | last device | ÷ bound | ÷ one-copy bound | p50 / p99 | hub egress | requests per chunk (hub / peer / stored alone; stored riding on an ask to the hub) | connections per chunk | unfinished | simulated in |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| mode | last device | ÷ bound | ÷ one-copy bound | p50 / p99 | hub egress | requests per chunk (hub / peer / stored alone; stored riding on an ask to the hub) | connections per chunk | peer deadlines missed per chunk | unfinished (frozen) | simulated in |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for mesh in modes {
         s.mesh = mesh;
         let t = Instant::now();
         let o = run(&s);
         println!("{}", row(&o, mesh, t.elapsed()));
+        if mesh {
+            let p = |q| percentile(&o.peer_secs, q);
+            eprintln!(
+                "peer transfers, ask to answer: p50 {:.1} s, p90 {:.1} s, p99 {:.1} s, max {:.1} s",
+                p(0.5),
+                p(0.9),
+                p(0.99),
+                p(1.0)
+            );
+        }
         if timeline {
             for (t, (used, parked)) in o.timeline.iter().enumerate() {
                 eprintln!("{t:>4} s  uploads {:>5.1}%  parked {parked}", used * 100.0);
@@ -115,7 +132,7 @@ fn main() -> Result<()> {
 fn row(o: &Outcome, mesh: bool, took: Duration) -> String {
     let per = |n: u64| n as f64 / o.delivered.max(1) as f64;
     format!(
-        "| {} | {:.1} s | {:.2} ({} {:.1} s) | {} | {:.1} / {:.1} s | {:.2}× | {:.2} ({:.2} / {:.2} / {:.2}; {:.2}) | {:.3} | {} | {:.1} s |",
+        "| {} | {:.1} s | {:.2} ({} {:.1} s) | {} | {:.1} / {:.1} s | {:.2}× | {:.2} ({:.2} / {:.2} / {:.2}; {:.2}) | {:.3} | {:.3} | {} ({}) | {:.1} s |",
         if mesh { "mesh" } else { "hub-only" },
         o.last(),
         o.last() / o.t_min,
@@ -135,7 +152,9 @@ fn row(o: &Outcome, mesh: bool, took: Duration) -> String {
         per(o.stored_reports),
         per(o.carried),
         o.connections_per_chunk(),
+        per(o.deadlines_missed),
         o.unfinished,
+        o.frozen,
         took.as_secs_f64(),
     )
 }
