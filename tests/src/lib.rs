@@ -109,6 +109,7 @@ pub fn wait_for_file_line(
 
 pub mod fleet;
 pub mod homes;
+pub mod silent;
 pub mod sim;
 
 /// Publishes one MQTT message and waits for the broker's acknowledgement.

@@ -1,150 +1,16 @@
-//! Issue 27: holders that stop answering. Eight real devices fetch a 16 MiB release that
-//! shares nothing with the last, three times in one test (one after the other, so they
-//! share the machine's load alike): untouched; with the first two holders frozen with
-//! SIGSTOP mid-release; and with one device's upload capped at 1 KiB/s from the start.
-//! Before the fix the six others stopped at 87–120 of 218 chunks for good: the hub kept
-//! naming the frozen holders, and every answer of the hub reset the devices' stall timer.
+//! Issue 27: holders that stop answering (`unifleet_tests::silent`). Eight real devices
+//! fetch a 16 MiB release that shares nothing with the last, three times in one test (one
+//! after the other, so they share the machine's load alike): untouched; with the first
+//! two holders frozen with SIGSTOP mid-release; and with one device's upload capped at
+//! 1 KiB/s from the start. Before the fix the six others stopped at 87–120 of 218 chunks
+//! for good: the hub kept naming the frozen holders, and every answer of the hub reset
+//! the devices' stall timer.
 //!
 //! The bound compared is the untouched fleet's time measured here, in the same run: the
 //! others must finish within twice that (the issue's goal).
 
-use anyhow::{Context, Result};
-use std::time::{Duration, Instant};
-use unifleet_tests::fleet::{run, toml_value::V, wait_for, Fleet};
-use unifleet_tests::metric;
-
-const DEVICES: usize = 8;
-/// Caps that make the transfer, not the two cores, set the pace: the hub sends one copy in
-/// 4 s, the devices' uploads carry the other seven in about 14 s.
-const HUB_UP: u64 = 4 << 20;
-const DEVICE_UP: u64 = 1 << 20;
-const DEVICE_DOWN: u64 = 4 << 20;
-const SLOW_UP: u64 = 1024;
-const LONG: Duration = Duration::from_secs(300);
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Trouble {
-    None,
-    /// The two devices with the most bytes from the hub are stopped (SIGSTOP) once the
-    /// fleet is a quarter through, and continued (SIGCONT) when the others are done.
-    Freeze,
-    /// Device 0 uploads at 1 KiB/s from the start.
-    SlowHolder,
-}
-
-/// What one fleet's release took.
-#[derive(Debug)]
-struct Run {
-    /// Seconds from publish to the last untroubled device active.
-    others: f64,
-    /// Devices troubled, and hub bytes served for the release as copies of the image.
-    troubled: Vec<usize>,
-    hub_copies: f64,
-    /// The hub's counts of "missed" reports and of devices suspect.
-    missed_reports: u64,
-}
-
-fn fleet(trouble: Trouble) -> Result<(Fleet, Vec<usize>, String)> {
-    let metrics = format!("127.0.0.1:{}", unifleet_tests::free_port()?);
-    let mut fleet = Fleet::new("test:///default")?;
-    fleet.start_hub(&["--upload-rate", &HUB_UP.to_string(), "--metrics", &metrics])?;
-    let mut all = vec![];
-    for n in 0..DEVICES {
-        let i = fleet.add_device(&format!("s{n}"), "hello", &[])?;
-        let up = match trouble {
-            Trouble::SlowHolder if n == 0 => SLOW_UP,
-            _ => DEVICE_UP,
-        };
-        let d = &fleet.devices[i];
-        d.set_config("upload_rate", V::Int(up))?;
-        d.set_config("download_rate", V::Int(DEVICE_DOWN))?;
-        fleet.start_device(i)?;
-        all.push(i);
-    }
-    // Release 1 is the bare kernel: release 2's 16 MiB share nothing with it.
-    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
-    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
-    fleet.wait_all(&all, "hello", 1, "Active", LONG)?;
-    Ok((fleet, all, metrics))
-}
-
-fn percent(fleet: &Fleet, i: usize) -> u64 {
-    let r = fleet.devices[i].report("hello").unwrap_or_default();
-    match r["release"].as_u64() {
-        Some(2) => r["state"]["Downloading"]["percent"].as_u64().unwrap_or(100),
-        _ => 0,
-    }
-}
-
-fn release(trouble: Trouble) -> Result<Run> {
-    let (fleet, all, metrics) = fleet(trouble)?;
-    let v2 = fleet.testimage("hello", "2.0.0", &["--pad-mib", "16"])?;
-    let served_before = metric(&metrics, "unifleet_hub_blob_bytes_served_total")?;
-    let t = Instant::now();
-    fleet.publish(&v2, "hello", "2.0.0", &["--no-staging"])?;
-    let mut troubled = vec![];
-    if trouble == Trouble::Freeze {
-        // A quarter through: the two devices that got the most from the hub hold the
-        // most first copies.
-        wait_for("the fleet a quarter through", LONG, || {
-            let sum: u64 = all.iter().map(|&i| percent(&fleet, i)).sum();
-            (sum >= 25 * DEVICES as u64).then_some(())
-        })?;
-        let mut by_hub: Vec<(u64, usize)> = all
-            .iter()
-            .map(|&i| (fleet.devices[i].fetched("hello").1, i))
-            .collect();
-        by_hub.sort();
-        troubled = by_hub.iter().rev().take(2).map(|&(_, i)| i).collect();
-        for &i in &troubled {
-            signal(&fleet, i, "STOP")?;
-            eprintln!(
-                "froze {} at {:.1} s, {}% through",
-                fleet.devices[i].name,
-                t.elapsed().as_secs_f64(),
-                percent(&fleet, i)
-            );
-        }
-    } else if trouble == Trouble::SlowHolder {
-        troubled = vec![all[0]];
-    }
-    let others: Vec<usize> = all
-        .iter()
-        .copied()
-        .filter(|i| !troubled.contains(i))
-        .collect();
-    let done = fleet.wait_all(&others, "hello", 2, "Active", LONG);
-    let others_s = t.elapsed().as_secs_f64();
-    if trouble == Trouble::Freeze {
-        for &i in &troubled {
-            signal(&fleet, i, "CONT")?;
-        }
-    }
-    done?;
-    // The troubled ones finish too (the frozen once continued).
-    fleet
-        .wait_all(&troubled, "hello", 2, "Active", LONG)
-        .context("the troubled devices after the others")?;
-    let served = metric(&metrics, "unifleet_hub_blob_bytes_served_total")? - served_before;
-    let image = std::fs::metadata(&v2)?.len();
-    Ok(Run {
-        others: others_s,
-        troubled,
-        hub_copies: served as f64 / image as f64,
-        missed_reports: metric(&metrics, "unifleet_hub_missed_reports_total")?,
-    })
-}
-
-fn signal(fleet: &Fleet, i: usize, sig: &str) -> Result<()> {
-    let pid = fleet.devices[i]
-        .proc
-        .as_ref()
-        .context("device not running")?
-        .child
-        .id();
-    run(std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]))?;
-    Ok(())
-}
+use anyhow::Result;
+use unifleet_tests::silent::{release, Trouble};
 
 #[test]
 fn a_frozen_or_slow_holder_does_not_stall_a_release() -> Result<()> {
