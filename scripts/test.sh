@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --workspace --bins
 scripts/cross.sh aarch64-unknown-linux-gnu
-cargo nextest run --workspace --no-fail-fast "$@"
+cargo nextest run --workspace --no-fail-fast --config-file tests/nextest.toml "$@"

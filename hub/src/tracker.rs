@@ -778,6 +778,12 @@ mod tests {
         Tracker::new(100)
     }
 
+    /// `holder` is sent blob `n` (nobody holds it) and reports it stored.
+    fn hold(t: &mut Tracker<&'static str, u32>, n: u8, holder: &'static str, now: Instant) {
+        assert_eq!(t.decide(d(n), Some(holder), now), Decision::Serve);
+        t.stored(d(n), holder, now);
+    }
+
     /// Answers as (ticket, holders named); an answer to serve the blob is a test failure.
     fn named<P: std::fmt::Debug>(answers: Vec<Answer<P, u32>>) -> Vec<(u32, Vec<P>)> {
         let mut v: Vec<(u32, Vec<P>)> = answers
@@ -952,8 +958,7 @@ mod tests {
         // it until STALE (the eight-device test: 15 s with nothing stored anywhere).
         let mut t = tracker();
         let now = Instant::now();
-        assert_eq!(t.decide(d(1), Some("f"), now), Decision::Serve);
-        t.stored(d(1), "f", now);
+        hold(&mut t, 1, "f", now);
         assert_eq!(t.decide(d(2), Some("f"), now), Decision::Serve);
         assert_eq!(t.decide(d(2), Some("a"), now), WAIT);
         t.park(d(2), "a", 1, now);
@@ -979,10 +984,8 @@ mod tests {
         // slots until RESERVATION, and nothing moved for 12 s.
         let mut t = tracker();
         let now = Instant::now();
-        for (blob, holder) in [(1, "f"), (2, "g")] {
-            t.decide(d(blob), Some(holder), now);
-            t.stored(d(blob), holder, now);
-        }
+        hold(&mut t, 1, "f", now);
+        hold(&mut t, 2, "g", now);
         // f downloads blob 2 from g twice over (two slots, say two askers' worth).
         assert_eq!(
             t.decide(d(2), Some("f"), now),
@@ -1007,8 +1010,7 @@ mod tests {
     fn parked_askers_of_a_blob_whose_holders_fell_silent_get_one_copy_at_the_tick() {
         let mut t = tracker();
         let now = Instant::now();
-        assert_eq!(t.decide(d(1), Some("f"), now), Decision::Serve);
-        t.stored(d(1), "f", now);
+        hold(&mut t, 1, "f", now);
         // f's two slots taken, then c parked behind them.
         for asker in ["a", "b"] {
             assert_eq!(
@@ -1027,8 +1029,7 @@ mod tests {
         // Had nobody been sent a copy (the asker that reported it went away), the tick
         // sends one to a parked asker.
         let mut t = tracker();
-        t.decide(d(1), Some("f"), now);
-        t.stored(d(1), "f", now);
+        hold(&mut t, 1, "f", now);
         assert_eq!(
             t.decide(d(1), Some("a"), now),
             Decision::Elsewhere(vec!["f"])
