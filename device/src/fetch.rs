@@ -204,7 +204,11 @@ impl Fetcher {
                     }
                     return Some((bytes, took));
                 }
-                Err(miss) => self.sources().peer_missed(&source, miss, Instant::now()),
+                // The hub is not set aside: without peer exchange it is the last source.
+                Err(miss) if !self.hub.contains(&peer) => {
+                    self.sources().peer_missed(&source, miss, Instant::now())
+                }
+                Err(_) => {}
             }
         }
         None
@@ -285,7 +289,14 @@ impl Fetcher {
         if self.trust.is_revoked(&peer) {
             return Err(Miss::Refused);
         }
-        let deadline = self.sources().deadline(ask.size);
+        // The hub, asked as a connected peer (no peer exchange, or the hub slow to answer
+        // "ask a peer"), queues whole blobs behind its upload cap: the network's own
+        // request timeout is its limit, not a peer's deadline.
+        let deadline = if self.hub.contains(&peer) {
+            MAX_DEADLINE
+        } else {
+            self.sources().deadline(ask.size)
+        };
         let t = Instant::now();
         let fetched = tokio::time::timeout(
             deadline,
@@ -332,7 +343,7 @@ impl Fetcher {
                     "peer did not deliver within {}: asking elsewhere, and telling the hub",
                     humantime::format_duration(round_ms(deadline))
                 );
-                Err(Miss::Unreachable)
+                Err(Miss::Late)
             }
         }
     }
@@ -523,6 +534,10 @@ struct Ask<'a, C> {
     banned: &'a Mutex<HashSet<PeerId>>,
     check: &'a C,
 }
+
+/// Longer than the network's request timeout (`NetConfig::request_timeout`, 20 s):
+/// asks to the hub end by that timeout alone.
+const MAX_DEADLINE: Duration = Duration::from_secs(3600);
 
 /// A duration to the millisecond, for people.
 fn round_ms(d: Duration) -> Duration {

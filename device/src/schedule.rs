@@ -63,15 +63,28 @@ pub const DEADLINE_CEILING: Duration = Duration::from_secs(18);
 const DEADLINE_MARGIN: f64 = 2.0;
 /// Peer deliveries whose pace (seconds a byte) the deadline learns from.
 const PACES_KEPT: usize = 16;
-/// A peer that missed a deadline is not asked by this device again for this long.
-pub const LOCAL_SUSPECT: Duration = Duration::from_secs(30);
+/// The slow end of them: the fourth slowest. A fleet slower than the deadline passes
+/// several; one or two peers found frozen do not lift every later deadline.
+const SLOW_END: usize = 3;
+/// Blobs smaller than this teach the deadline nothing: a manifest's or a small chunk's
+/// time is mostly the round trip and the holder's queue, not its bytes.
+const PACE_MIN_BYTES: u64 = 16 * 1024;
+/// A peer that failed this device (late, or could not be reached) is not asked by it
+/// again for this long: no longer than the hub names a reported holder to nobody
+/// (`hub::tracker::SUSPECT_FOR`), so the device never filters out, and reports again, a
+/// holder the hub has forgiven on the strength of the same miss.
+pub const LOCAL_SUSPECT: Duration = Duration::from_secs(20);
 
 /// Why a peer asked for a blob did not deliver it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Miss {
-    /// Could not be dialled, or did not deliver before its deadline
-    /// ([`Sources::deadline`]): gone, frozen, or too slow.
+    /// Could not be dialled, or the connection failed: gone, or out of this device's
+    /// reach. Not reported: the hub sees a departed peer's connection close, and a peer
+    /// this device alone cannot reach is no reason to route the fleet around it.
     Unreachable,
+    /// Did not deliver before its deadline ([`Sources::deadline`]): frozen, its path
+    /// gone silent, or too slow. Reported to the hub with the next ask.
+    Late,
     /// Behind NAT elsewhere, and no hole could be punched to it.
     NoDirectPath,
     /// Answered busy: its upload is saturated (a slow link, or more askers than it can
@@ -129,15 +142,14 @@ impl<P: Clone + Eq + Hash> Sources<P> {
     /// How long a peer is given to deliver a blob of `bytes`, fixed when the ask is sent
     /// (nothing the peer does extends it): its upload backlog and the blob at
     /// [`SLOWEST_USEFUL`], or — in a fleet whose deliveries are slower than that — twice
-    /// what the slow end of the last ones (the second slowest of [`PACES_KEPT`]) took
+    /// what the slow end of the last ones (the fourth slowest of [`PACES_KEPT`]) took
     /// for this size; at most [`DEADLINE_CEILING`].
     pub fn deadline(&self, bytes: u64) -> Duration {
         let useful = BUSY_BACKLOG.as_secs_f64() + bytes as f64 / SLOWEST_USEFUL as f64;
         let mut paces: Vec<f64> = self.paces.iter().copied().collect();
         paces.sort_by(|a, b| b.total_cmp(a));
         let learned = paces
-            .get(1)
-            .or(paces.first())
+            .get(SLOW_END)
             .map_or(0.0, |slow| DEADLINE_MARGIN * slow * bytes as f64);
         let secs = useful.max(learned).min(DEADLINE_CEILING.as_secs_f64());
         Duration::from_secs_f64(secs)
@@ -150,7 +162,7 @@ impl<P: Clone + Eq + Hash> Sources<P> {
 
     /// `peer`, asked for a blob, missed it so.
     pub fn peer_missed(&mut self, peer: &P, miss: Miss, now: Instant) {
-        if miss == Miss::Unreachable {
+        if matches!(miss, Miss::Unreachable | Miss::Late) {
             self.suspects.retain(|_, until| now < *until);
             self.suspects.insert(peer.clone(), now + LOCAL_SUSPECT);
         }
@@ -168,7 +180,7 @@ impl<P: Clone + Eq + Hash> Sources<P> {
     }
 
     fn record_pace(&mut self, took: Took) {
-        if took.bytes == 0 {
+        if took.bytes < PACE_MIN_BYTES {
             return;
         }
         if self.paces.len() >= PACES_KEPT {
@@ -197,7 +209,7 @@ impl<P: Clone + Eq + Hash> Sources<P> {
     fn missed(&mut self, misses: &[Miss]) -> bool {
         let unreachable = misses
             .iter()
-            .all(|m| matches!(m, Miss::Unreachable | Miss::NoDirectPath));
+            .all(|m| matches!(m, Miss::Unreachable | Miss::Late | Miss::NoDirectPath));
         if !unreachable {
             return false;
         }
@@ -280,10 +292,11 @@ impl BlobFetch {
         if !self.swarm {
             return Step::AskConnected { with_hub: true };
         }
-        self.asked = match sources.want() {
-            Want::BlobOrPeers if std::mem::take(&mut self.missed) => Want::BlobOrPeersMissed(None),
-            want => want,
-        };
+        self.asked = sources.want();
+        if self.asked == Want::BlobOrPeers && self.missed {
+            self.missed = false;
+            self.asked = Want::BlobOrPeersMissed;
+        }
         Step::AskHub(self.asked)
     }
 
@@ -305,16 +318,13 @@ impl BlobFetch {
             }
             HubAnswer::Peers(peers) => {
                 self.wait = self.wait.min(AFTER_ANSWER);
+                // Not a peer that failed this device lately (its report, if it was
+                // late, is on its way or made; the hub may not have heard of a dial
+                // failure, which is this device's alone).
                 let named: Vec<P> = peers
-                    .iter()
+                    .into_iter()
                     .filter(|p| sources.usable(p, now))
-                    .cloned()
                     .collect();
-                if named.len() < peers.len() {
-                    // Named a peer that missed a deadline here lately: the hub has not
-                    // heard of it yet.
-                    self.missed = true;
-                }
                 if named.is_empty() {
                     self.pause(sources, now)
                 } else {
@@ -353,7 +363,7 @@ impl BlobFetch {
         }
         // Busy is not reported: it is how a loaded fleet says "not now" (reported, at
         // 2,000 simulated devices the hub suspected so many holders it sent 11 copies).
-        self.missed |= misses.iter().any(|(_, m)| *m == Miss::Unreachable);
+        self.missed |= misses.iter().any(|(_, m)| *m == Miss::Late);
         let kinds: Vec<Miss> = misses.iter().map(|(_, m)| *m).collect();
         let counted = sources.missed(&kinds);
         (self.pause(sources, now), counted)
@@ -430,9 +440,8 @@ impl Reports {
     pub fn begin<P>(&mut self, first: Step<P>) -> (Step<P>, Option<Digest>) {
         self.unbegun = self.unbegun.saturating_sub(1);
         match (first, self.waiting.pop()) {
-            (Step::AskHub(want), Some(d)) if want.peers_ok() => {
-                let (want, alone) = want.carrying(d);
-                (Step::AskHub(want), alone)
+            (Step::AskHub(Want::BlobOrPeers), Some(d)) => {
+                (Step::AskHub(Want::BlobOrPeersAndStored(d)), None)
             }
             (step, report) => (step, report),
         }
@@ -511,13 +520,9 @@ mod tests {
         let mut sources = Sources::default();
         let now = Instant::now();
         let mut f = BlobFetch::new(true, now);
-        for round in 0..FAILED_ROUNDS {
-            let want = if round == 0 {
-                Want::BlobOrPeers
-            } else {
-                Want::BlobOrPeersMissed(None)
-            };
-            assert_eq!(f.ask(&sources), S::AskHub(want));
+        for _ in 0..FAILED_ROUNDS {
+            // A dial failure is this device's own trouble: not reported to the hub.
+            assert_eq!(f.ask(&sources), S::AskHub(Want::BlobOrPeers));
             let (_, counted) = f.named_missed(&mut sources, &[("a", Miss::Unreachable)], now);
             assert!(counted);
         }
@@ -546,16 +551,16 @@ mod tests {
             f.hub_answered(&mut sources, HubAnswer::Peers(vec!["frozen"]), now),
             S::AskNamed(vec!["frozen"])
         );
-        let (step, _) = f.named_missed(&mut sources, &[("frozen", Miss::Unreachable)], now);
+        let (step, _) = f.named_missed(&mut sources, &[("frozen", Miss::Late)], now);
         assert!(matches!(step, Step::Sleep(_)));
         // The next ask says so, once.
-        assert_eq!(f.ask(&sources), S::AskHub(Want::BlobOrPeersMissed(None)));
-        // A hub that has not heard yet names it again: skipped here, reported again.
+        assert_eq!(f.ask(&sources), S::AskHub(Want::BlobOrPeersMissed));
+        // A hub that names it again meanwhile: skipped here, not reported twice.
         assert_eq!(
             f.hub_answered(&mut sources, HubAnswer::Peers(vec!["frozen", "b"]), now),
             S::AskNamed(vec!["b"])
         );
-        assert_eq!(f.ask(&sources), S::AskHub(Want::BlobOrPeersMissed(None)));
+        assert_eq!(f.ask(&sources), S::AskHub(Want::BlobOrPeers));
         assert!(!sources.usable(&"frozen", now + LOCAL_SUSPECT / 2));
         assert!(sources.usable(&"frozen", now + LOCAL_SUSPECT));
         // A peer without the blob answered: nothing to report.
@@ -567,16 +572,6 @@ mod tests {
         f.named_missed(&mut sources, &[("busy", Miss::Busy)], now);
         assert_eq!(f.ask(&sources), S::AskHub(Want::BlobOrPeers));
         assert!(sources.usable(&"busy", now));
-        // A report of a stored chunk rides on a "missed" ask too.
-        let mut r = Reports::new(1);
-        r.stored(Digest([1; 32]));
-        assert_eq!(
-            r.begin(S::AskHub(Want::BlobOrPeersMissed(None))),
-            (
-                S::AskHub(Want::BlobOrPeersMissed(Some(Digest([1; 32])))),
-                None
-            )
-        );
     }
 
     #[test]
@@ -593,18 +588,33 @@ mod tests {
             sources.peer_delivered(took(ms), now);
         }
         assert_eq!(sources.deadline(64 * 1024), secs(9.0));
-        // A fleet where 64 KiB took 6 s and 7 s: twice the second slowest.
-        sources.peer_delivered(took(7000), now);
-        sources.peer_delivered(took(6000), now);
+        // A fleet where 64 KiB took 6 to 8 s: twice the fourth slowest.
+        for ms in [8000, 7000, 6000, 6000] {
+            sources.peer_delivered(took(ms), now);
+        }
         assert_eq!(sources.deadline(64 * 1024), secs(12.0));
         assert_eq!(sources.deadline(32 * 1024), secs(7.0));
+        // A manifest or a small chunk teaches nothing (mostly round trip and queue).
+        let mut fresh: Sources<&str> = Sources::default();
+        fresh.peer_delivered(
+            Took {
+                bytes: 1200,
+                took: Duration::from_secs(1),
+            },
+            now,
+        );
+        assert_eq!(fresh.deadline(64 * 1024), secs(9.0));
         // Only the last deliveries count: a fleet that got faster gets shorter deadlines.
         for _ in 0..PACES_KEPT {
             sources.peer_delivered(took(250), now);
         }
         assert_eq!(sources.deadline(64 * 1024), secs(9.0));
         // Deadlines that passed count as deliveries that took that long: in a fleet
-        // slower than the deadline, it grows instead of cutting every ask short.
+        // slower than the deadline, it grows instead of cutting every ask short; two
+        // peers found frozen do not lift it.
+        sources.deadline_passed(64 * 1024, secs(9.0));
+        sources.deadline_passed(64 * 1024, secs(9.0));
+        assert_eq!(sources.deadline(64 * 1024), secs(9.0));
         sources.deadline_passed(64 * 1024, secs(9.0));
         sources.deadline_passed(64 * 1024, secs(9.0));
         assert_eq!(sources.deadline(64 * 1024), DEADLINE_CEILING);

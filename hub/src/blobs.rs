@@ -110,6 +110,17 @@ impl Blobs {
         self.tracker.topology_mut().update(peer, Place::new(seen));
         // A device that told nobody where it listens can fetch, not be named.
         let known = self.tracker.topology().knows(&peer);
+        if want.missed() && known && self.peer_exchange {
+            // First: a stored report below must not name the holder reported silent.
+            self.metrics.missed_reports.fetch_add(1, Ordering::Relaxed);
+            let missed = self.tracker.missed(digest, &peer, now);
+            self.metrics
+                .holders_suspected
+                .fetch_add(u64::from(missed.suspected), Ordering::Relaxed);
+            for answer in missed.answers {
+                self.answer(answer).await;
+            }
+        }
         if let Some(stored) = want.stored(digest) {
             self.metrics.stored_reports.fetch_add(1, Ordering::Relaxed);
             if known {
@@ -122,10 +133,6 @@ impl Blobs {
             Want::Stored => self.net.respond(reply, BlobResponse::Noted).await,
             want if want.peers_ok() && self.peer_exchange => {
                 let asker = known.then_some(peer);
-                if want.missed() && known {
-                    self.metrics.missed_reports.fetch_add(1, Ordering::Relaxed);
-                    self.tracker.missed(digest, &peer, now);
-                }
                 match self.tracker.decide(digest, asker, now) {
                     Decision::Serve => self.send(peer, digest, reply).await,
                     Decision::Elsewhere(named) => match asker {
@@ -141,7 +148,7 @@ impl Blobs {
             Want::Blob
             | Want::BlobOrPeers
             | Want::BlobOrPeersAndStored(_)
-            | Want::BlobOrPeersMissed(_) => self.send(peer, digest, reply).await,
+            | Want::BlobOrPeersMissed => self.send(peer, digest, reply).await,
             // The hub announces through its broker and re-announces by gossip every few
             // seconds; asking it is for devices asking a peer.
             Want::Announcement => self.net.respond(reply, BlobResponse::NotFound).await,

@@ -79,6 +79,13 @@ fn render(m: &Metrics, net: &net::NetState) -> String {
     );
     push(
         &mut out,
+        "unifleet_hub_holders_suspected_total",
+        "counter",
+        "Holders made suspect by those reports (too soon, beyond an asker's share, or suspect already: none)",
+        c(&m.holders_suspected),
+    );
+    push(
+        &mut out,
         "unifleet_hub_busy_total",
         "counter",
         "Blob requests answered busy (upload saturated)",

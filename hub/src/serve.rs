@@ -73,6 +73,9 @@ pub struct Metrics {
     pub suspects: AtomicU64,
     /// Asks saying the device named for a blob did not deliver in time.
     pub missed_reports: AtomicU64,
+    /// Holders those reports made suspect (a report too soon, beyond the asker's share
+    /// or about a holder suspect already makes none).
+    pub holders_suspected: AtomicU64,
     /// Blob requests answered busy (upload saturated).
     pub busy: AtomicU64,
     /// Devices' reports of a chunk stored.

@@ -10,7 +10,8 @@
 //!   free, it is told to ask again shortly (an empty list).
 //! - Naming a holder reserves one of its [`SLOTS`] (counted across all blobs) until the
 //!   asker reports the blob stored, asks for it again (the holders named failed it), goes
-//!   away, or [`RESERVATION`] passes: uploads spread over the fleet and no holder is sent
+//!   away, is reported silent itself, or [`RESERVATION`] passes: uploads spread over the
+//!   fleet and no holder is sent
 //!   more askers than it can serve at once.
 //! - An asker told to wait can be **parked** ([`Tracker::park`]): as soon as a holder of
 //!   its blob is free — a new holder reports, or an asker reports and gives its slots back
@@ -38,8 +39,11 @@
 //!   to one asker, and the others wait for it — hub egress grows only by what the
 //!   silent holders withheld. A suspect's own downloads give their holders' slots back
 //!   at once (a frozen device holding them would idle the fleet's uploads until
-//!   [`RESERVATION`]). Only holders named to that asker for that blob can be reported,
-//!   so one device cannot cast doubt on the others.
+//!   [`RESERVATION`]) and its parked asks are answered "ask again". A report is believed
+//!   only about the holders named to that asker for that blob, at least [`REPORT_AFTER`]
+//!   after the naming, and at most [`REPORTS_PER_ASKER`] times per [`SUSPECT_FOR`]: one
+//!   device, broken or malicious, can keep a few holders out of the rotation for a
+//!   while, not send the fleet to the hub.
 //! - Holders are named only if the asker can reach them ([`Topology`]: behind NAT, a
 //!   device in another home may not be), those on its own LAN first; an asker no
 //!   holder is reachable for is served by the hub.
@@ -74,10 +78,18 @@ pub const PARK_FOR: Duration = Duration::from_secs(15);
 /// A holder reported silent is named to nobody this long (see [`Tracker::missed`]); each
 /// time it is reported again after that, twice as long, up to [`SUSPECT_MAX`]. Long
 /// enough for the askers it was named to before the first report to come back (their
-/// deadlines are at most 15 s); short enough that a board that hung and came back is a
+/// deadlines are at most 18 s); short enough that a board that hung and came back is a
 /// source again within the release.
 pub const SUSPECT_FOR: Duration = Duration::from_secs(20);
+/// The longest suspicion; strikes are remembered this long after one ends.
 pub const SUSPECT_MAX: Duration = Duration::from_secs(320);
+/// A report sooner than this after the naming is not believed: no honest deadline is
+/// shorter (a device gives a holder its 5 s of upload backlog at least).
+pub const REPORT_AFTER: Duration = Duration::from_secs(5);
+/// Reports taken from one asker per [`SUSPECT_FOR`]; beyond, they are ignored (and
+/// counted by the caller): a device, broken or malicious, reporting every holder it is
+/// named would otherwise send the fleet to the hub.
+pub const REPORTS_PER_ASKER: u32 = 4;
 /// Parked askers of a blob looked at for the one with the fewest downloads under way
 /// (see `least_busy`); the look stops at the first with none.
 pub const LOOK_AHEAD: usize = 1024;
@@ -173,6 +185,14 @@ impl<P> Default for Blob<P> {
 /// An answer to a parked asker: its ticket, the blob it asked for, and what to do.
 pub type Answer<P, R> = (R, Digest, Decision<P>);
 
+/// What [`Tracker::missed`] did: holders newly suspect, and the suspects' parked asks
+/// answered "ask again".
+#[derive(Debug)]
+pub struct Missed<P, R> {
+    pub suspected: u32,
+    pub answers: Vec<Answer<P, R>>,
+}
+
 /// An asker sent to holders, not yet reported back.
 #[derive(Debug)]
 struct Reservation<P> {
@@ -214,6 +234,8 @@ pub struct Tracker<P, R = (), T = Everywhere> {
     getting: HashMap<P, u32>,
     /// Holders reported silent (see [`Tracker::missed`]).
     suspects: HashMap<P, Suspicion>,
+    /// Reports taken from each asker lately: how many, since when.
+    reporters: HashMap<P, (u32, Instant)>,
     last_sweep: Option<Instant>,
     topology: T,
 }
@@ -234,6 +256,7 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
             firsts: HashMap::new(),
             getting: HashMap::new(),
             suspects: HashMap::new(),
+            reporters: HashMap::new(),
             last_sweep: None,
             topology: T::default(),
         }
@@ -440,15 +463,34 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
     /// `asker` says the holders named to it for `digest` did not deliver before its
     /// deadline (it asks again at once, see [`Tracker::decide`]): each is suspect, named
     /// to nobody for [`SUSPECT_FOR`] — twice as long each time it is reported again after
-    /// a suspicion ended, up to [`SUSPECT_MAX`]. Reports of a holder already suspect
-    /// (askers named it before the first report) change nothing. Call before deciding
-    /// the ask, which lets the naming go.
-    pub fn missed(&mut self, digest: Digest, asker: &P, now: Instant) {
+    /// a suspicion ended, up to [`SUSPECT_MAX`] —, its own downloads give their slots
+    /// back and its parked asks are answered "ask again". Believed only from an asker
+    /// named holders for `digest` at least [`REPORT_AFTER`] ago, at most
+    /// [`REPORTS_PER_ASKER`] times per [`SUSPECT_FOR`]; a holder already suspect (askers
+    /// named it before the first report) is left as it is. Call before deciding the ask,
+    /// which lets the naming go. Returns the holders newly suspect and the answers.
+    pub fn missed(&mut self, digest: Digest, asker: &P, now: Instant) -> Missed<P, R> {
+        let mut out = Missed {
+            suspected: 0,
+            answers: vec![],
+        };
         let Some(r) = self.reservations.get(&(digest, asker.clone())) else {
             // Named too long ago (its reservation lapsed) or never: nothing to go on.
-            return;
+            return out;
         };
-        for holder in r.named.clone() {
+        if now.duration_since(r.at) < REPORT_AFTER {
+            return out;
+        }
+        let named = r.named.clone();
+        let taken = self.reporters.entry(asker.clone()).or_insert((0, now));
+        if now.duration_since(taken.1) >= SUSPECT_FOR {
+            *taken = (0, now);
+        }
+        if taken.0 >= REPORTS_PER_ASKER {
+            return out;
+        }
+        taken.0 += 1;
+        for holder in named {
             let strikes = match self.suspects.get(&holder) {
                 Some(s) if now < s.until => continue,
                 Some(s) if now.duration_since(s.until) < SUSPECT_MAX => s.strikes + 1,
@@ -458,11 +500,23 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
             let until = now + (SUSPECT_FOR * factor).min(SUSPECT_MAX);
             self.suspects
                 .insert(holder.clone(), Suspicion { until, strikes });
+            out.suspected += 1;
             // As an asker too it is likely silent (frozen, its link dead): the slots
-            // named to it go to others now, not after RESERVATION. A slow uploader's
-            // downloads go on, its holders serving one more asker for a while.
-            self.release_where(|(_, asker), _| *asker == holder);
+            // named to it go to others now, not after RESERVATION, and its parked asks
+            // go (a live suspect asks again). A slow uploader's downloads go on, its
+            // holders serving one more asker for a while.
+            self.release_where(|(_, a), _| *a == holder);
+            self.parked.retain(|d, queue| {
+                let (theirs, others) = std::mem::take(queue)
+                    .into_iter()
+                    .partition(|p| p.asker == holder);
+                *queue = others;
+                let again = |p: Parked<P, R>| (p.ticket, *d, Decision::Elsewhere(vec![]));
+                out.answers.extend(theirs.into_iter().map(again));
+                !queue.is_empty()
+            });
         }
+        out
     }
 
     /// Holders suspect now (see [`Tracker::missed`]).
@@ -551,10 +605,10 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
                     Decision::Elsewhere(named) if !named.is_empty() => {
                         answered.push((p.ticket, digest, Decision::Elsewhere(named)))
                     }
-                    // Its blob is now held, but nowhere it can reach.
+                    // Its blob is held, but nowhere it can reach or only by suspects.
                     Decision::Serve => answered.push((p.ticket, digest, Decision::Serve)),
                     _ => {
-                        // None free now (it still has holders: no Serve here).
+                        // None free now.
                         let queue = self.parked.entry(digest).or_default();
                         queue.insert(i.min(queue.len()), p);
                         break;
@@ -586,6 +640,7 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
         self.met.retain(|p, _| !peer(p));
         self.firsts.retain(|p, _| !peer(p));
         self.suspects.retain(|p, _| !peer(p));
+        self.reporters.retain(|p, _| !peer(p));
         self.release_where(|(_, asker), _| peer(asker));
         self.load.retain(|p, _| !peer(p));
         for r in self.reservations.values_mut() {
@@ -701,7 +756,9 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
         self.release_where(|_, r| now.duration_since(r.at) >= RESERVATION);
         // A suspicion is remembered while a new report would still double it.
         self.suspects
-            .retain(|_, s| now < s.until || now.duration_since(s.until) < SUSPECT_MAX);
+            .retain(|_, s| now.duration_since(s.until) < SUSPECT_MAX);
+        self.reporters
+            .retain(|_, (_, since)| now.duration_since(*since) < SUSPECT_FOR);
     }
 }
 
@@ -727,12 +784,12 @@ fn least_busy<P: Eq + Hash, R>(
     best.map(|(_, i)| i)
 }
 
-/// `peer` no longer holds `digest`.
 /// Whether `p` may be named now: not suspect (see [`Tracker::missed`]).
 fn is_live<P: Eq + Hash>(suspects: &HashMap<P, Suspicion>, p: &P, now: Instant) -> bool {
     suspects.get(p).is_none_or(|s| now >= s.until)
 }
 
+/// `peer` no longer holds `digest`.
 fn unhold<P: Eq + Hash>(held: &mut HashMap<P, HashSet<Digest>>, peer: &P, digest: &Digest) {
     if let Some(blobs) = held.get_mut(peer) {
         blobs.remove(digest);
@@ -899,13 +956,11 @@ mod tests {
         // Issue 27: a holder frozen mid-release was named to every asker for ever.
         let mut t = tracker();
         let now = Instant::now();
-        let soon = now + Duration::from_secs(1);
-        for (blob, holders) in [(1, &["f"][..]), (2, &["f", "g"][..])] {
-            assert_eq!(t.decide(d(blob), Some(holders[0]), now), Decision::Serve);
-            for h in holders {
-                t.stored(d(blob), h, now);
-            }
-        }
+        let late = now + REPORT_AFTER;
+        let soon = late + Duration::from_secs(1);
+        hold(&mut t, 1, "f", now);
+        hold(&mut t, 2, "f", now);
+        t.stored(d(2), "g", now);
         for asker in ["b", "e"] {
             assert_eq!(
                 t.decide(d(1), Some(asker), now),
@@ -913,16 +968,15 @@ mod tests {
             );
         }
         // A report from an asker f was not named to for that blob counts for nothing.
-        t.missed(d(1), &"c", now);
-        assert_eq!(t.suspects(now), 0);
+        assert_eq!(t.missed(d(1), &"c", late).suspected, 0);
         // b's deadline passes: it says so with its next ask. f is suspect; blob 1 has no
         // other holder, so the hub sends it to b ...
-        t.missed(d(1), &"b", now);
-        assert_eq!(t.suspects(now), 1);
-        assert_eq!(t.decide(d(1), Some("b"), now), Decision::Serve);
+        assert_eq!(t.missed(d(1), &"b", late).suspected, 1);
+        assert_eq!(t.suspects(late), 1);
+        assert_eq!(t.decide(d(1), Some("b"), late), Decision::Serve);
         // ... once: e's report (f was named to it before b's) changes nothing, and e and
         // c wait for b's copy, and are named b when b reports.
-        t.missed(d(1), &"e", soon);
+        assert_eq!(t.missed(d(1), &"e", soon).suspected, 0);
         assert_eq!(t.decide(d(1), Some("e"), soon), WAIT);
         t.park(d(1), "e", 2, soon);
         assert_eq!(t.decide(d(1), Some("c"), soon), WAIT);
@@ -931,7 +985,7 @@ mod tests {
             named(t.stored(d(1), "b", soon)),
             vec![(1, vec!["b"]), (2, vec!["b"])]
         );
-        assert_eq!(t.suspects(now + SUSPECT_FOR), 0);
+        assert_eq!(t.suspects(late + SUSPECT_FOR), 0);
         // f is named for no blob: blob 2 goes to g however loaded.
         for asker in ["x", "y"] {
             assert_eq!(
@@ -941,15 +995,38 @@ mod tests {
         }
         assert_eq!(t.decide(d(2), Some("z"), soon), WAIT);
         // After SUSPECT_FOR it is named again; silent again, it is suspect twice as long.
-        let later = now + SUSPECT_FOR;
+        let again = late + SUSPECT_FOR;
         assert_eq!(
-            t.decide(d(2), Some("z"), later),
+            t.decide(d(2), Some("z"), again),
             Decision::Elsewhere(vec!["f"])
         );
-        t.missed(d(2), &"z", later);
-        let twice = later + SUSPECT_FOR * 2;
-        assert_eq!(t.suspects(twice - Duration::from_millis(1)), 1);
-        assert_eq!(t.suspects(twice), 0);
+        let twice = again + REPORT_AFTER;
+        assert_eq!(t.missed(d(2), &"z", twice).suspected, 1);
+        assert_eq!(
+            t.suspects(twice + SUSPECT_FOR * 2 - Duration::from_millis(1)),
+            1
+        );
+        assert_eq!(t.suspects(twice + SUSPECT_FOR * 2), 0);
+    }
+
+    #[test]
+    fn a_report_too_soon_after_the_naming_or_beyond_an_askers_share_is_not_believed() {
+        let mut t = tracker();
+        let now = Instant::now();
+        for (n, holder) in (1..=6).zip(["f", "g", "h", "i", "j", "k"]) {
+            hold(&mut t, n, holder, now);
+            assert_eq!(
+                t.decide(d(n), Some("m"), now),
+                Decision::Elsewhere(vec![holder])
+            );
+        }
+        // Named and reported at once: no honest deadline is that short.
+        assert_eq!(t.missed(d(1), &"m", now).suspected, 0);
+        // Then REPORTS_PER_ASKER reports are taken, and no more for a while.
+        let late = now + REPORT_AFTER;
+        let taken: u32 = (1..=6).map(|n| t.missed(d(n), &"m", late).suspected).sum();
+        assert_eq!(taken, REPORTS_PER_ASKER);
+        assert_eq!(t.suspects(late), u64::from(REPORTS_PER_ASKER));
     }
 
     #[test]
@@ -958,6 +1035,7 @@ mod tests {
         // it until STALE (the eight-device test: 15 s with nothing stored anywhere).
         let mut t = tracker();
         let now = Instant::now();
+        let late = now + REPORT_AFTER;
         hold(&mut t, 1, "f", now);
         assert_eq!(t.decide(d(2), Some("f"), now), Decision::Serve);
         assert_eq!(t.decide(d(2), Some("a"), now), WAIT);
@@ -967,49 +1045,61 @@ mod tests {
             t.decide(d(1), Some("b"), now),
             Decision::Elsewhere(vec!["f"])
         );
-        t.missed(d(1), &"b", now);
-        let soon = now + Duration::from_secs(1);
-        let picked = t.lapsed(soon);
+        t.missed(d(1), &"b", late);
+        let picked = t.lapsed(late);
         assert!(
             matches!(picked[..], [(1, _, Decision::Serve)]),
             "{picked:?}"
         );
         // Once: c waits for a's copy.
-        assert_eq!(t.decide(d(2), Some("c"), soon), WAIT);
+        assert_eq!(t.decide(d(2), Some("c"), late), WAIT);
     }
 
     #[test]
-    fn a_holder_reported_silent_gives_back_the_slots_named_to_it_as_an_asker() {
+    fn a_holder_reported_silent_gives_back_its_slots_as_an_asker_and_its_parked_asks() {
         // The eight-device test: two frozen devices' downloads held every live holder's
         // slots until RESERVATION, and nothing moved for 12 s.
         let mut t = tracker();
         let now = Instant::now();
+        let late = now + REPORT_AFTER;
         hold(&mut t, 1, "f", now);
         hold(&mut t, 2, "g", now);
-        // f downloads blob 2 from g twice over (two slots, say two askers' worth).
-        assert_eq!(
-            t.decide(d(2), Some("f"), now),
-            Decision::Elsewhere(vec!["g"])
-        );
-        assert_eq!(
-            t.decide(d(2), Some("x"), now),
-            Decision::Elsewhere(vec!["g"])
-        );
+        hold(&mut t, 3, "h", now);
+        // f downloads blob 2 from g, x takes g's other slot; a waits for blob 2, and f,
+        // having asked h for blob 3 twice over with x, waits for it too.
+        for asker in ["f", "x"] {
+            assert_eq!(
+                t.decide(d(2), Some(asker), now),
+                Decision::Elsewhere(vec!["g"])
+            );
+        }
         assert_eq!(t.decide(d(2), Some("a"), now), WAIT);
         t.park(d(2), "a", 1, now);
-        // b reports f silent for blob 1: f's slot on g goes to a at the next look.
+        for asker in ["x", "y"] {
+            assert_eq!(
+                t.decide(d(3), Some(asker), now),
+                Decision::Elsewhere(vec!["h"])
+            );
+        }
+        assert_eq!(t.decide(d(3), Some("f"), now), WAIT);
+        t.park(d(3), "f", 2, now);
+        // b reports f silent for blob 1: f's parked ask is answered "ask again" at once,
+        // and f's slot on g goes to a at the next look.
         assert_eq!(
             t.decide(d(1), Some("b"), now),
             Decision::Elsewhere(vec!["f"])
         );
-        t.missed(d(1), &"b", now);
-        assert_eq!(named(t.lapsed(now)), vec![(1, vec!["g"])]);
+        let missed = t.missed(d(1), &"b", late);
+        assert_eq!(named(missed.answers), vec![(2, vec![])]);
+        assert_eq!(t.parked(), 1);
+        assert_eq!(named(t.lapsed(late)), vec![(1, vec!["g"])]);
     }
 
     #[test]
     fn parked_askers_of_a_blob_whose_holders_fell_silent_get_one_copy_at_the_tick() {
         let mut t = tracker();
         let now = Instant::now();
+        let late = now + REPORT_AFTER;
         hold(&mut t, 1, "f", now);
         // f's two slots taken, then c parked behind them.
         for asker in ["a", "b"] {
@@ -1022,10 +1112,10 @@ mod tests {
         assert!(t.park(d(1), "c", 1, now).is_empty());
         // a reports f silent and is served the blob; at the tick, c still waits (one
         // copy under way), and is named a once a has it.
-        t.missed(d(1), &"a", now);
-        assert_eq!(t.decide(d(1), Some("a"), now), Decision::Serve);
-        assert!(t.lapsed(now).is_empty());
-        assert_eq!(named(t.stored(d(1), "a", now)), vec![(1, vec!["a"])]);
+        t.missed(d(1), &"a", late);
+        assert_eq!(t.decide(d(1), Some("a"), late), Decision::Serve);
+        assert!(t.lapsed(late).is_empty());
+        assert_eq!(named(t.stored(d(1), "a", late)), vec![(1, vec!["a"])]);
         // Had nobody been sent a copy (the asker that reported it went away), the tick
         // sends one to a parked asker.
         let mut t = tracker();
@@ -1034,13 +1124,13 @@ mod tests {
             t.decide(d(1), Some("a"), now),
             Decision::Elsewhere(vec!["f"])
         );
-        t.missed(d(1), &"a", now);
+        t.missed(d(1), &"a", late);
         t.forget(|p| *p == "a");
-        assert_eq!(t.decide(d(1), Some("c"), now), Decision::Serve);
-        assert_eq!(t.decide(d(1), Some("e"), now), WAIT);
-        t.park(d(1), "e", 2, now);
+        assert_eq!(t.decide(d(1), Some("c"), late), Decision::Serve);
+        assert_eq!(t.decide(d(1), Some("e"), late), WAIT);
+        t.park(d(1), "e", 2, late);
         t.forget(|p| *p == "c");
-        let picked = t.lapsed(now + Duration::from_secs(1));
+        let picked = t.lapsed(late + Duration::from_secs(1));
         assert!(
             matches!(picked[..], [(2, _, Decision::Serve)]),
             "{picked:?}"

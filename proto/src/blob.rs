@@ -62,11 +62,12 @@ pub enum Want {
     /// device asks again without it and the report is lost (upgrade the hub first).
     BlobOrPeersAndStored(Digest),
     /// A [`Want::BlobOrPeers`] ask again, saying the holders the hub named for this blob
-    /// last time did not deliver it in time (a peer frozen, gone without a word, or too
-    /// slow): the hub names them to nobody for a while. Carries a stored report like
-    /// [`Want::BlobOrPeersAndStored`] when `Some`. Only the holders the hub named to this
-    /// asker for this blob can be reported so: one device cannot cast doubt on others.
-    BlobOrPeersMissed(Option<Digest>),
+    /// last time did not deliver it before the asker's deadline (a peer frozen, its path
+    /// gone silent, or too slow): the hub names them to nobody for a while. The hub takes
+    /// it only from an asker it named holders to for this blob, some seconds before, and
+    /// only a few times a minute from one asker (`hub::tracker`). An older hub cannot
+    /// decode it: the ask fails, the device asks again and the report is lost.
+    BlobOrPeersMissed,
 }
 
 impl Want {
@@ -74,9 +75,7 @@ impl Want {
     pub fn stored(&self, digest: Digest) -> Option<Digest> {
         match self {
             Want::Stored => Some(digest),
-            Want::BlobOrPeersAndStored(stored) | Want::BlobOrPeersMissed(Some(stored)) => {
-                Some(*stored)
-            }
+            Want::BlobOrPeersAndStored(stored) => Some(*stored),
             _ => None,
         }
     }
@@ -85,23 +84,13 @@ impl Want {
     pub fn peers_ok(&self) -> bool {
         matches!(
             self,
-            Want::BlobOrPeers | Want::BlobOrPeersAndStored(_) | Want::BlobOrPeersMissed(_)
+            Want::BlobOrPeers | Want::BlobOrPeersAndStored(_) | Want::BlobOrPeersMissed
         )
     }
 
     /// The asker says the holders it was last named for this blob missed.
     pub fn missed(&self) -> bool {
-        matches!(self, Want::BlobOrPeersMissed(_))
-    }
-
-    /// This ask with `report` riding on it (see [`Want::BlobOrPeersAndStored`]); an ask
-    /// that cannot carry one is returned unchanged with the report.
-    pub fn carrying(self, report: Digest) -> (Want, Option<Digest>) {
-        match self {
-            Want::BlobOrPeers => (Want::BlobOrPeersAndStored(report), None),
-            Want::BlobOrPeersMissed(None) => (Want::BlobOrPeersMissed(Some(report)), None),
-            other => (other, Some(report)),
-        }
+        matches!(self, Want::BlobOrPeersMissed)
     }
 }
 
@@ -232,7 +221,7 @@ mod tests {
         assert_eq!(bytes.len(), 6 + 32 + 1, "{bytes:?}");
         assert_eq!(BlobRequest::decode(&bytes).unwrap().digest, Digest([7; 32]));
         let carried = Want::BlobOrPeersAndStored(Digest([9; 32]));
-        let missed = Want::BlobOrPeersMissed(Some(Digest([9; 32])));
+        let missed = Want::BlobOrPeersMissed;
         for want in [Want::Blob, Want::BlobOrPeers, Want::Stored, carried, missed] {
             let req = BlobRequest {
                 digest: Digest([7; 32]),
@@ -249,16 +238,8 @@ mod tests {
         assert_eq!(carried.stored(Digest([7; 32])), Some(Digest([9; 32])));
         assert_eq!(Want::Stored.stored(Digest([7; 32])), Some(Digest([7; 32])));
         assert_eq!(Want::BlobOrPeers.stored(Digest([7; 32])), None);
-        assert_eq!(missed.stored(Digest([7; 32])), Some(Digest([9; 32])));
+        assert_eq!(missed.stored(Digest([7; 32])), None);
         assert!(missed.missed() && missed.peers_ok() && !carried.missed());
-        assert_eq!(
-            Want::BlobOrPeersMissed(None).carrying(Digest([9; 32])),
-            (missed, None)
-        );
-        assert_eq!(
-            Want::Blob.carrying(Digest([9; 32])),
-            (Want::Blob, Some(Digest([9; 32])))
-        );
         let resp = BlobResponse::Found(vec![1, 2, 3]);
         assert_eq!(BlobResponse::decode(&resp.encode().unwrap()).unwrap(), resp);
     }

@@ -32,11 +32,12 @@ pub enum Trouble {
 pub struct Run {
     /// Seconds from publish to the last untroubled device active.
     pub others: f64,
-    /// Devices troubled, and hub bytes served for the release as copies of the image.
+    /// The devices frozen or slow.
     pub troubled: Vec<usize>,
+    /// Hub bytes served for the release, as copies of the image.
     pub hub_copies: f64,
-    /// The hub's counts of "missed" reports and of devices suspect.
-    pub missed_reports: u64,
+    /// Holders the devices' "missed" reports made suspect at the hub.
+    pub suspected: u64,
 }
 
 fn fleet(trouble: Trouble) -> Result<(Fleet, Vec<usize>, String)> {
@@ -127,7 +128,7 @@ pub fn release(trouble: Trouble) -> Result<Run> {
         others: others_s,
         troubled,
         hub_copies: served as f64 / image as f64,
-        missed_reports: metric(&metrics, "unifleet_hub_missed_reports_total")?,
+        suspected: metric(&metrics, "unifleet_hub_holders_suspected_total")?,
     })
 }
 

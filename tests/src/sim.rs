@@ -400,8 +400,9 @@ impl<'a> Sim<'a> {
             );
         }
         let frozen = (s.devices as f64 * s.frozen).round() as usize;
-        for _ in 0..frozen {
-            let d = (kinds.next_u64() % s.devices as u64) as Dev;
+        let mut starting: Vec<Dev> = (0..s.devices as Dev).collect();
+        device::fetch::shuffle(&mut starting, &(s.seed ^ 0xf0f0).to_be_bytes());
+        for &d in &starting[..frozen.min(s.devices)] {
             sim.at(
                 Duration::from_secs_f64(kinds.unit() * window),
                 Ev::Freeze(d),
@@ -491,7 +492,7 @@ impl<'a> Sim<'a> {
                     self.with_fetch(d, b, |f, sources| {
                         sources.deadline_passed(size, after.saturating_sub(f.asked_at))
                     });
-                    self.peer_answered(d, b, Err(Miss::Unreachable))
+                    self.peer_answered(d, b, Err(Miss::Late))
                 }
             }
             Ev::Freeze(d) => self.freeze(d),
@@ -530,7 +531,8 @@ impl<'a> Sim<'a> {
         }
         dev.gone = true;
         dev.fetching.clear();
-        if !dev.done {
+        // A frozen device was counted out when it froze.
+        if !dev.done && !dev.frozen {
             self.active -= 1;
             self.out.left += 1;
         }
@@ -714,14 +716,16 @@ impl<'a> Sim<'a> {
         if self.devices[d as usize].gone || self.devices[d as usize].frozen {
             return;
         }
+        if want.missed() && self.s.mesh {
+            // First, as the hub does: a stored report must not name the silent holder.
+            let missed = self.tracker.missed(self.digests[b], &d, self.instant());
+            self.answer_parked(missed.answers);
+        }
         if let Some(stored) = want.stored(self.digests[b]) {
             self.note_stored(d, stored);
         }
         if want.peers_ok() && self.s.mesh {
             let now = self.instant();
-            if want.missed() {
-                self.tracker.missed(self.digests[b], &d, now);
-            }
             match self.tracker.decide(self.digests[b], Some(d), now) {
                 Decision::Serve => {}
                 Decision::Elsewhere(named) if named.is_empty() => {

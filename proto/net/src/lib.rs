@@ -1298,11 +1298,12 @@ impl Node {
                 connection,
                 result: Err(failure),
             })) if !matches!(failure, ping::Failure::Unsupported) => {
-                // Gone without a word (a NAT mapping lost, a peer's power cut), or there
-                // and silent (a frozen board or process: its kernel still acknowledges
-                // TCP, so the ping fails as "negotiation timed out", not as a timeout):
-                // closed either way, so requests go elsewhere and a kept connection's
-                // place is free. (A peer without ping, an older agent, is no reason.)
+                // Gone without a word (a NAT mapping lost, a peer's power cut), there and
+                // silent (a frozen board or process: its kernel still acknowledges TCP,
+                // so the ping fails as "negotiation timed out", not as a timeout), or an
+                // I/O error on the ping's stream: closed either way, so requests go
+                // elsewhere and a kept connection's place is free; a live peer dials
+                // again. (A peer without ping, an older agent, is no reason.)
                 tracing::debug!(%peer, ?connection, "no answer to a ping ({failure}), closing the connection");
                 self.swarm.close_connection(connection);
             }

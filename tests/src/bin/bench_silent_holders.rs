@@ -38,8 +38,8 @@ fn main() -> Result<()> {
         for (k, (name, trouble)) in kinds.iter().enumerate() {
             let r = release(*trouble).with_context(|| format!("{name}, run {round}"))?;
             println!(
-                "run {round}: {name}: others done in {:.1} s, hub {:.2} copies, {} missed reports",
-                r.others, r.hub_copies, r.missed_reports
+                "run {round}: {name}: others done in {:.1} s, hub {:.2} copies, {} holders suspected",
+                r.others, r.hub_copies, r.suspected
             );
             results[k].push(r);
         }
@@ -47,7 +47,7 @@ fn main() -> Result<()> {
     let median =
         |rs: &[Run], f: fn(&Run) -> f64| percentile(&rs.iter().map(f).collect::<Vec<_>>(), 0.5);
     let calm = median(&results[0], |r| r.others);
-    println!("\n| fleet of 8, 16 MiB | others done (runs) | median | ÷ untouched | hub copies | missed reports |");
+    println!("\n| fleet of 8, 16 MiB | others done (runs) | median | ÷ untouched | hub copies | holders suspected |");
     println!("|---|---|---|---|---|---|");
     for ((name, _), rs) in kinds.iter().zip(&results) {
         let each: Vec<String> = rs.iter().map(|r| format!("{:.1}", r.others)).collect();
@@ -57,7 +57,7 @@ fn main() -> Result<()> {
             each.join(", "),
             m / calm,
             median(rs, |r| r.hub_copies),
-            median(rs, |r| r.missed_reports as f64)
+            median(rs, |r| r.suspected as f64)
         );
     }
     Ok(())
