@@ -113,7 +113,8 @@ pub struct Sources<P> {
     last_progress: Option<Instant>,
     /// Seconds a byte of the last peer deliveries, newest last.
     paces: VecDeque<f64>,
-    /// Peers that missed a deadline, and until when they are not asked.
+    /// Peers that failed this device lately (late or unreachable), and until when they
+    /// are not asked.
     suspects: HashMap<P, Instant>,
 }
 
@@ -155,7 +156,7 @@ impl<P: Clone + Eq + Hash> Sources<P> {
         Duration::from_secs_f64(secs)
     }
 
-    /// Whether to ask `peer` now: not if it missed a deadline within [`LOCAL_SUSPECT`].
+    /// Whether to ask `peer` now: not if it failed this device within [`LOCAL_SUSPECT`].
     pub fn usable(&self, peer: &P, now: Instant) -> bool {
         self.suspects.get(peer).is_none_or(|until| now >= *until)
     }
