@@ -48,6 +48,8 @@
 //!   device in another home may not be), those on its own LAN first; an asker no
 //!   holder is reachable for is served by the hub.
 
+use crate::suspects::Suspects;
+pub use crate::suspects::{REPORTS_PER_ASKER, REPORT_AFTER, SUSPECT_FOR, SUSPECT_MAX};
 use proto::Digest;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
@@ -75,21 +77,6 @@ pub const STALE: Duration = Duration::from_secs(30);
 /// timeout with 5 s to spare for a loaded hub's answer: a request that times out sends
 /// the asker to the peers it is connected to.
 pub const PARK_FOR: Duration = Duration::from_secs(15);
-/// A holder reported silent is named to nobody this long (see [`Tracker::missed`]); each
-/// time it is reported again after that, twice as long, up to [`SUSPECT_MAX`]. Long
-/// enough for the askers it was named to before the first report to come back (their
-/// deadlines are at most 18 s); short enough that a board that hung and came back is a
-/// source again within the release.
-pub const SUSPECT_FOR: Duration = Duration::from_secs(20);
-/// The longest suspicion; strikes are remembered this long after one ends.
-pub const SUSPECT_MAX: Duration = Duration::from_secs(320);
-/// A report sooner than this after the naming is not believed: no honest deadline is
-/// shorter (a device gives a holder its 5 s of upload backlog at least).
-pub const REPORT_AFTER: Duration = Duration::from_secs(5);
-/// Reports taken from one asker per [`SUSPECT_FOR`]; beyond, they are ignored (and
-/// counted by the caller): a device, broken or malicious, reporting every holder it is
-/// named would otherwise send the fleet to the hub.
-pub const REPORTS_PER_ASKER: u32 = 4;
 /// Parked askers of a blob looked at for the one with the fewest downloads under way
 /// (see `least_busy`); the look stops at the first with none.
 pub const LOOK_AHEAD: usize = 1024;
@@ -164,14 +151,6 @@ impl<P> Blob<P> {
     }
 }
 
-/// A holder reported silent: named to nobody until `until`; `strikes` counts the
-/// reports that came after an earlier suspicion had ended.
-#[derive(Debug, Clone, Copy)]
-struct Suspicion {
-    until: Instant,
-    strikes: u32,
-}
-
 impl<P> Default for Blob<P> {
     fn default() -> Self {
         Blob {
@@ -233,9 +212,7 @@ pub struct Tracker<P, R = (), T = Everywhere> {
     /// Holders named to each asker and not yet reported back: its downloads under way.
     getting: HashMap<P, u32>,
     /// Holders reported silent (see [`Tracker::missed`]).
-    suspects: HashMap<P, Suspicion>,
-    /// Reports taken from each asker lately: how many, since when.
-    reporters: HashMap<P, (u32, Instant)>,
+    suspects: Suspects<P>,
     last_sweep: Option<Instant>,
     topology: T,
 }
@@ -255,8 +232,7 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
             met: HashMap::new(),
             firsts: HashMap::new(),
             getting: HashMap::new(),
-            suspects: HashMap::new(),
-            reporters: HashMap::new(),
+            suspects: Suspects::default(),
             last_sweep: None,
             topology: T::default(),
         }
@@ -293,7 +269,7 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
         self.blob(digest);
         let load = &self.load;
         let suspects = &self.suspects;
-        let live = |p: &P| is_live(suspects, p, now);
+        let live = |p: &P| suspects.is_live(p, now);
         let blob = self.blobs.get_mut(&digest).expect("just added");
         if let Some(asker) = &asker {
             if let Some(pos) = blob.holders.iter().position(|h| h.peer == *asker) {
@@ -432,7 +408,7 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
             .keys()
             .filter(|d| {
                 self.blobs.get(*d).is_none_or(|b| {
-                    let live = |p: &P| is_live(&self.suspects, p, now);
+                    let live = |p: &P| self.suspects.is_live(p, now);
                     !b.holders.iter().any(|h| live(&h.peer)) && !b.sent_lately(now, live)
                 })
             })
@@ -478,28 +454,13 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
             // Named too long ago (its reservation lapsed) or never: nothing to go on.
             return out;
         };
-        if now.duration_since(r.at) < REPORT_AFTER {
+        if !self.suspects.believe(asker, r.at, now) {
             return out;
         }
-        let named = r.named.clone();
-        let taken = self.reporters.entry(asker.clone()).or_insert((0, now));
-        if now.duration_since(taken.1) >= SUSPECT_FOR {
-            *taken = (0, now);
-        }
-        if taken.0 >= REPORTS_PER_ASKER {
-            return out;
-        }
-        taken.0 += 1;
-        for holder in named {
-            let strikes = match self.suspects.get(&holder) {
-                Some(s) if now < s.until => continue,
-                Some(s) if now.duration_since(s.until) < SUSPECT_MAX => s.strikes + 1,
-                _ => 1,
-            };
-            let factor = 1u32 << (strikes - 1).min(8);
-            let until = now + (SUSPECT_FOR * factor).min(SUSPECT_MAX);
-            self.suspects
-                .insert(holder.clone(), Suspicion { until, strikes });
+        for holder in r.named.clone() {
+            if !self.suspects.suspect(&holder, now) {
+                continue;
+            }
             out.suspected += 1;
             // As an asker too it is likely silent (frozen, its link dead): the slots
             // named to it go to others now, not after RESERVATION, and its parked asks
@@ -521,7 +482,7 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
 
     /// Holders suspect now (see [`Tracker::missed`]).
     pub fn suspects(&self, now: Instant) -> u64 {
-        self.suspects.values().filter(|s| now < s.until).count() as u64
+        self.suspects.count(now)
     }
 
     /// `peer` has stored `digest` and can serve it. Returns parked askers answered now.
@@ -639,8 +600,7 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
         self.freed.retain(|p| !peer(p));
         self.met.retain(|p, _| !peer(p));
         self.firsts.retain(|p, _| !peer(p));
-        self.suspects.retain(|p, _| !peer(p));
-        self.reporters.retain(|p, _| !peer(p));
+        self.suspects.forget(&peer);
         self.release_where(|(_, asker), _| peer(asker));
         self.load.retain(|p, _| !peer(p));
         for r in self.reservations.values_mut() {
@@ -754,11 +714,7 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
         }
         self.last_sweep = Some(now);
         self.release_where(|_, r| now.duration_since(r.at) >= RESERVATION);
-        // A suspicion is remembered while a new report would still double it.
-        self.suspects
-            .retain(|_, s| now.duration_since(s.until) < SUSPECT_MAX);
-        self.reporters
-            .retain(|_, (_, since)| now.duration_since(*since) < SUSPECT_FOR);
+        self.suspects.sweep(now);
     }
 }
 
@@ -782,11 +738,6 @@ fn least_busy<P: Eq + Hash, R>(
         }
     }
     best.map(|(_, i)| i)
-}
-
-/// Whether `p` may be named now: not suspect (see [`Tracker::missed`]).
-fn is_live<P: Eq + Hash>(suspects: &HashMap<P, Suspicion>, p: &P, now: Instant) -> bool {
-    suspects.get(p).is_none_or(|s| now >= s.until)
 }
 
 /// `peer` no longer holds `digest`.
