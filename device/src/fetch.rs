@@ -292,17 +292,15 @@ impl Fetcher {
         // The hub, asked as a connected peer (no peer exchange, or the hub slow to answer
         // "ask a peer"), queues whole blobs behind its upload cap: the network's own
         // request timeout is its limit, not a peer's deadline.
-        let deadline = if self.hub.contains(&peer) {
-            MAX_DEADLINE
-        } else {
-            self.sources().deadline(ask.size)
-        };
+        let deadline = (!self.hub.contains(&peer)).then(|| self.sources().deadline(ask.size));
         let t = Instant::now();
-        let fetched = tokio::time::timeout(
-            deadline,
-            self.net.fetch_via(peer, addr, *digest, Want::Blob),
-        )
-        .await;
+        let request = self.net.fetch_via(peer, addr, *digest, Want::Blob);
+        let fetched = match deadline {
+            Some(deadline) => tokio::time::timeout(deadline, request)
+                .await
+                .map_err(|_| deadline),
+            None => Ok(request.await),
+        };
         let took = t.elapsed();
         tracing::debug!(
             blob = %digest.short(),
@@ -335,7 +333,7 @@ impl Fetcher {
                     _ => Miss::Refused,
                 })
             }
-            Err(_) => {
+            Err(deadline) => {
                 self.sources().deadline_passed(ask.size, deadline);
                 tracing::info!(
                     blob = %digest.short(),
@@ -534,10 +532,6 @@ struct Ask<'a, C> {
     banned: &'a Mutex<HashSet<PeerId>>,
     check: &'a C,
 }
-
-/// Longer than the network's request timeout (`NetConfig::request_timeout`, 20 s):
-/// asks to the hub end by that timeout alone.
-const MAX_DEADLINE: Duration = Duration::from_secs(3600);
 
 /// A duration to the millisecond, for people.
 fn round_ms(d: Duration) -> Duration {
