@@ -41,7 +41,10 @@ async fn proxy(upstream: u16) -> std::io::Result<u16> {
     let port = l.local_addr()?.port();
     tokio::spawn(async move {
         while let Ok((c, _)) = l.accept().await {
-            tokio::spawn(device::ondemand::forward(c, upstream));
+            tokio::spawn(device::ondemand::forward(
+                c,
+                ([127, 0, 0, 1], upstream).into(),
+            ));
         }
     });
     Ok(port)

@@ -10,9 +10,9 @@
 //! - the **updater** owns the device state: fetch, verify, assemble, install, activate,
 //!   roll back, report. One release at a time.
 
-use crate::activator::{ActivateError, Activator, Launch};
 use crate::config::Config;
 use crate::fetch::Fetcher;
+use crate::hypervisor::{Hypervisor, Launch};
 use crate::metrics::DeviceMetrics;
 use crate::mqtt;
 use crate::report::Reporter;
@@ -241,7 +241,7 @@ pub async fn run_with_metrics(
             trust.clone(),
             tasks.clone(),
         ),
-        activator: Arc::new(Activator::new(&cfg.libvirt_uri, &cfg.domain_type)),
+        hypervisor: Hypervisor::libvirt(&cfg.libvirt_uri, &cfg.domain_type),
         cfg,
         platform,
         trust,
@@ -931,7 +931,7 @@ struct Updater {
     trust: Arc<Trust>,
     store: Arc<Store>,
     fetcher: Fetcher,
-    activator: Arc<Activator>,
+    hypervisor: Hypervisor,
     reporter: Arc<Reporter>,
     metrics: Arc<DeviceMetrics>,
     /// Running on-demand pools, by app.
@@ -947,7 +947,7 @@ impl Updater {
             tracing::error!("resuming after start: {e:#}");
         }
         let mut machine = crate::updater::Updater::new();
-        let mut dog = Watchdog::new();
+        let mut dog = Watchdog::new(Duration::from_secs(self.cfg.probe_every_secs.max(1)));
         let mut watch = tokio::time::interval(WATCH_EVERY);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The newest announcement heard per app: what an install action refers to.
@@ -1203,13 +1203,13 @@ impl Updater {
         let remote = od
             .remote_uri
             .as_deref()
-            .map(|uri| Arc::new(Activator::new(uri, &self.cfg.domain_type)));
+            .map(|uri| Hypervisor::libvirt(uri, &self.cfg.domain_type));
         let app = od.app.clone();
         let ctx = crate::ondemand::PoolContext {
             device: self.cfg.name.clone(),
             state_dir: self.cfg.state_dir.clone(),
             nic: self.cfg.nic().ok(),
-            local: self.activator.clone(),
+            local: self.hypervisor.clone(),
             remote,
             metrics: self.metrics.clone(),
             reporter: self.reporter.clone(),
@@ -1258,40 +1258,15 @@ impl Updater {
         }
     }
 
-    /// Starts `launch` and probes it, on a blocking thread (libvirt is synchronous).
-    async fn boot(&self, launch: Launch) -> Result<(), ActivateError> {
-        self.activator.clone().boot(launch).await.map(|_| ())
-    }
-
-    /// Whether the domain `name` runs, on a blocking thread.
-    async fn is_running(&self, name: String) -> bool {
-        let act = self.activator.clone();
-        tokio::task::spawn_blocking(move || act.is_running(&name))
-            .await
-            .unwrap_or(false)
-    }
-
-    /// Whether the domain `name` is known to be stopped: a failed check (libvirtd
-    /// restarting) is not a dead domain, so nothing is restarted on a guess.
-    async fn is_stopped(&self, name: String) -> bool {
-        let act = self.activator.clone();
-        match tokio::task::spawn_blocking(move || act.running(&name)).await {
-            Ok(Ok(running)) => !running,
-            Ok(Err(e)) => {
-                tracing::debug!("watchdog: {e}");
-                false
-            }
-            Err(_) => false,
-        }
-    }
-
-    /// Between installs: a domain that was healthy and is found stopped is restarted, and
-    /// after [`crate::watchdog::RESTARTS`] restarts within the watchdog's window the app
-    /// goes back to its previous release.
+    /// Between installs: a domain that was healthy and is found stopped — or, probed over
+    /// its network interface, stops answering — is restarted, and after
+    /// [`crate::watchdog::RESTARTS`] restarts within the watchdog's window the app goes
+    /// back to its previous release.
     async fn watch(&self, dog: &mut Watchdog) {
         let Ok(state) = self.store.load_state() else {
             return;
         };
+        let now = std::time::Instant::now();
         for (app, st) in &state.apps {
             let Some(cur) = st.current.as_ref() else {
                 continue;
@@ -1300,42 +1275,75 @@ impl Updater {
             if self.is_ondemand(app) || st.failed.contains(&cur.release) {
                 continue;
             }
-            if !self.is_stopped(self.domain_name(app, cur.release)).await {
-                continue;
-            }
-            let m = match self.stored_manifest(&cur.manifest) {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::error!(%app, release = cur.release, "domain stopped; cannot restart it: {e:#}");
+            let name = self.domain_name(app, cur.release);
+            let (verdict, how) = if self.hypervisor.is_stopped(&name).await {
+                (dog.died(app, cur.release, now), "found stopped".to_string())
+            } else if dog.probe_due(app, cur.release, now) {
+                let Some(why) = self.unanswered(cur).await else {
+                    dog.answered(app, cur.release);
                     continue;
-                }
+                };
+                let Some(verdict) = dog.unanswered(app, cur.release, now) else {
+                    tracing::warn!(%app, release = cur.release, "health probe unanswered: {why}");
+                    continue;
+                };
+                // Running but serving nothing: stopped, so it boots afresh.
+                let _ = self.hypervisor.stop(&name).await;
+                let how = format!(
+                    "not answering its health probe {} times in a row ({why})",
+                    crate::watchdog::MISSES
+                );
+                (verdict, how)
+            } else {
+                continue;
             };
-            match dog.died(app, cur.release, std::time::Instant::now()) {
-                Watched::Restart { n } => {
-                    tracing::warn!(%app, release = cur.release, "domain found stopped; restarting it ({n} of {} within {})", crate::watchdog::RESTARTS, human_duration(crate::watchdog::WINDOW));
-                    let launch = self.launch(&m, &cur.slot);
-                    let name = launch.name.clone();
-                    match self.boot(launch).await {
-                        Ok(()) => {
-                            tracing::info!(%app, release = cur.release, "restarted; healthy again")
-                        }
-                        Err(e) => {
-                            tracing::error!(%app, release = cur.release, "restarting: {e}");
-                            // Stopped, so the next look counts it as dead again.
-                            let act = self.activator.clone();
-                            let _ = tokio::task::spawn_blocking(move || act.stop(&name)).await;
-                        }
+            self.revive(app, cur, verdict, &how).await;
+        }
+    }
+
+    /// What a running release's probe saw when it went unanswered (see
+    /// [`crate::probe::rechecks`]); `None` when it answered or cannot be rechecked.
+    async fn unanswered(&self, cur: &Installed) -> Option<String> {
+        let m = self.stored_manifest(&cur.manifest).ok()?;
+        let launch = self.launch(&m, &cur.slot);
+        if !crate::probe::rechecks(&launch) {
+            return None;
+        }
+        crate::probe::alive(&self.hypervisor, &launch).await.err()
+    }
+
+    /// The watchdog's verdict on the current release of `app`, dead because `how`.
+    async fn revive(&self, app: &str, cur: &Installed, verdict: Watched, how: &str) {
+        let m = match self.stored_manifest(&cur.manifest) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(%app, release = cur.release, "domain {how}; cannot restart it: {e:#}");
+                return;
+            }
+        };
+        match verdict {
+            Watched::Restart { n } => {
+                tracing::warn!(%app, release = cur.release, "domain {how}; restarting it ({n} of {} within {})", crate::watchdog::RESTARTS, human_duration(crate::watchdog::WINDOW));
+                let launch = self.launch(&m, &cur.slot);
+                match self.hypervisor.boot(&launch).await {
+                    Ok(_) => {
+                        tracing::info!(%app, release = cur.release, "restarted; healthy again")
+                    }
+                    Err(e) => {
+                        tracing::error!(%app, release = cur.release, "restarting: {e}");
+                        // Stopped, so the next look counts it as dead again.
+                        let _ = self.hypervisor.stop(&launch.name).await;
                     }
                 }
-                Watched::GiveUp { deaths } => {
-                    let reason = format!(
-                        "release {} stopped {deaths} times within {} after it was healthy",
-                        cur.release,
-                        human_duration(crate::watchdog::WINDOW)
-                    );
-                    if let Err(e) = self.give_up(app, &reason).await {
-                        tracing::error!(%app, "{reason}; going back: {e:#}");
-                    }
+            }
+            Watched::GiveUp { deaths } => {
+                let reason = format!(
+                    "release {} died {deaths} times within {} after it was healthy (last: {how})",
+                    cur.release,
+                    human_duration(crate::watchdog::WINDOW)
+                );
+                if let Err(e) = self.give_up(app, &reason).await {
+                    tracing::error!(%app, "{reason}; going back: {e:#}");
                 }
             }
         }
@@ -1375,7 +1383,7 @@ impl Updater {
         self.store.save_state(&state)?;
         tracing::error!(%app, release = prev.release, "{reason}; going back to release {}", prev.release);
         let m = self.stored_manifest(&prev.manifest)?;
-        self.boot(self.launch(&m, &prev.slot)).await?;
+        self.hypervisor.boot(&self.launch(&m, &prev.slot)).await?;
         self.reporter.report_installed(app, &prev, reported).await;
         Ok(())
     }
@@ -1392,20 +1400,15 @@ impl Updater {
             } else if let Some(cur) = &st.current {
                 let m = self.stored_manifest(&cur.manifest)?;
                 let launch = self.launch(&m, &cur.slot);
-                let act = self.activator.clone();
-                let running = {
-                    let name = launch.name.clone();
-                    tokio::task::spawn_blocking(move || act.is_running(&name)).await?
-                };
-                let act = self.activator.clone();
+                let running = self.hypervisor.is_running(&launch.name).await;
                 if self.is_ondemand(app) {
                     // The pool starts instances when connections arrive.
                     if running {
-                        tokio::task::spawn_blocking(move || act.stop(&launch.name)).await??;
+                        self.hypervisor.stop(&launch.name).await?;
                     }
                 } else if !running {
                     tracing::info!(%app, release = cur.release, "starting installed release");
-                    self.boot(launch).await?;
+                    self.hypervisor.boot(&launch).await?;
                 }
                 // Serving (an on-demand proxy listening) before reporting Active.
                 self.start_ondemand(&m, &cur.slot).await;
@@ -1544,16 +1547,15 @@ impl Updater {
     /// Boots `new`, probes it, and either retires the old release or restores it.
     async fn activate(&self, m: &proto::manifest::Manifest, new: Installed) -> Result<()> {
         let launch = self.launch(m, &new.slot);
-        let outcome = self.boot(launch.clone()).await;
+        let outcome = self.hypervisor.boot(&launch).await;
         let mut state = self.store.load_state()?;
         let st: &mut AppState = state.apps.entry(m.app.clone()).or_default();
         let old = st.current.clone();
         match outcome {
-            Ok(()) => {
+            Ok(_) => {
                 if let Some(old) = old.as_ref().filter(|o| o.release != new.release) {
-                    let act = self.activator.clone();
                     let name = self.domain_name(&m.app, old.release);
-                    if let Err(e) = tokio::task::spawn_blocking(move || act.stop(&name)).await? {
+                    if let Err(e) = self.hypervisor.stop(&name).await {
                         tracing::warn!("retiring old domain: {e}");
                     }
                 }
@@ -1563,9 +1565,7 @@ impl Updater {
                 self.store.save_state(&state)?;
                 if self.is_ondemand(&m.app) {
                     tracing::info!(app = %m.app, release = m.release, "healthy; the on-demand pool serves it from now on");
-                    let act = self.activator.clone();
-                    let name = launch.name.clone();
-                    if let Err(e) = tokio::task::spawn_blocking(move || act.stop(&name)).await? {
+                    if let Err(e) = self.hypervisor.stop(&launch.name).await {
                         tracing::warn!("stopping the health-check instance: {e}");
                     }
                 }
@@ -1586,25 +1586,20 @@ impl Updater {
                 Ok(())
             }
             Err(e) => {
-                let tail = match &e {
-                    ActivateError::Probe { console_tail, .. } => console_tail.clone(),
-                    _ => String::new(),
-                };
+                let tail = e.console_tail().to_string();
                 self.metrics
                     .rollbacks
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(app = %m.app, release = m.release, "activation failed, rolling back: {e}");
-                let act = self.activator.clone();
-                let name = launch.name.clone();
-                let _ = tokio::task::spawn_blocking(move || act.stop(&name)).await?;
+                let _ = self.hypervisor.stop(&launch.name).await;
                 st.failed.insert(new.release);
                 st.pending = None;
                 self.store.save_state(&state)?;
                 if let Some(old) = &old {
                     let om = self.stored_manifest(&old.manifest)?;
                     let ol = self.launch(&om, &old.slot);
-                    if !self.is_running(ol.name.clone()).await {
-                        self.boot(ol).await?;
+                    if !self.hypervisor.is_running(&ol.name).await {
+                        self.hypervisor.boot(&ol).await?;
                     }
                 }
                 let reported = DeviceState::RolledBack {

@@ -56,6 +56,11 @@ pub struct Config {
     /// boards use: `bridge=xenbr0`).
     #[serde(default = "default_nic")]
     pub nic: String,
+    /// How often a running release whose probe speaks to the guest over its network
+    /// interface (`http:`, `tcp:`) is probed again; three unanswered in a row count as a
+    /// death (restart, then roll back).
+    #[serde(default = "default_probe_every_secs")]
+    pub probe_every_secs: u64,
     /// Download and upload limits in bytes per second (0 = unlimited).
     #[serde(default)]
     pub download_rate: u64,
@@ -100,6 +105,9 @@ fn default_libvirt() -> String {
 }
 fn default_nic() -> String {
     "network=default".into()
+}
+fn default_probe_every_secs() -> u64 {
+    crate::watchdog::PROBE_EVERY.as_secs()
 }
 fn default_domain_type() -> String {
     "qemu".into()
@@ -162,7 +170,7 @@ impl Config {
         self.platform.parse()
     }
 
-    pub fn nic(&self) -> Result<crate::activator::Nic, crate::activator::BadNic> {
+    pub fn nic(&self) -> Result<crate::hypervisor::Nic, crate::hypervisor::BadNic> {
         self.nic.parse()
     }
 }

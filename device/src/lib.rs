@@ -3,17 +3,18 @@
 //! crash-safely into a new slot, activates through libvirt with a health probe and
 //! automatic rollback, reports signed status, and seeds what it holds to peers.
 //!
-//! Modules: [`config`] (TOML), [`store`] (state directory), [`fetch`], [`activator`]
-//! (libvirt), [`report`], [`mqtt`], and [`agent`] which ties them together.
+//! Modules: [`config`] (TOML), [`store`] (state directory), [`fetch`], [`hypervisor`]
+//! (the owner of libvirt), [`probe`] (health of a booted guest), [`report`], [`mqtt`], and [`agent`] which ties them together.
 
-pub mod activator;
 pub mod agent;
 pub mod autoscale;
 pub mod config;
 pub mod fetch;
+pub mod hypervisor;
 pub mod metrics;
 pub mod mqtt;
 pub mod ondemand;
+pub mod probe;
 pub mod report;
 pub mod schedule;
 pub mod splice;

@@ -155,6 +155,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         libvirt_uri: libvirt,
         domain_type: "qemu".into(),
         nic: "network=default".into(),
+        probe_every_secs: device::watchdog::PROBE_EVERY.as_secs(),
         download_rate: 0,
         upload_rate: 0,
         parallel_fetches: 4,

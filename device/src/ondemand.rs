@@ -5,16 +5,19 @@
 //!
 //! One task (the pool) owns the autoscaler and the instance table; proxy connections ask
 //! it for an instance over a bounded channel and are held — not refused — until one is
-//! healthy. Instances are reached on their console's loopback TCP port (QEMU), which is
-//! where the test unikernel answers; one connection per instance at a time there, so the
-//! target concurrency is 1 by default.
+//! healthy. A release with a network interface is reached on the guest's own address
+//! (`guest_port`, 32 connections per instance by default); one without is reached on its
+//! console's loopback TCP port (QEMU), where the test image answers one connection at a
+//! time (target 1).
 
-use crate::activator::{ActivateError, Activator, Launch};
 use crate::autoscale::{Action, Autoscaler, Event, InstanceId, Location, ScaleConfig};
+use crate::hypervisor::{ActivateError, Booted, Hypervisor, Launch};
+use proto::manifest::HealthProbe;
 use proto::manifest::Manifest;
 use proto::status::OnDemandCounts;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,9 +36,13 @@ pub struct OnDemandConfig {
     pub max_local: u32,
     #[serde(default)]
     pub max_remote: u32,
-    /// Concurrent connections per instance.
-    #[serde(default = "one")]
-    pub target: f64,
+    /// Concurrent connections per instance (default: 32 for a release with a network
+    /// interface, 1 for one served on its console).
+    #[serde(default)]
+    pub target: Option<f64>,
+    /// The port the unikernel serves on (default: the health probe's port, else 80).
+    #[serde(default)]
+    pub guest_port: Option<u16>,
     #[serde(default = "thirty")]
     pub stable_window_secs: u64,
     #[serde(default = "three")]
@@ -57,9 +64,6 @@ fn max_held() -> usize {
     256
 }
 
-fn one() -> f64 {
-    1.0
-}
 fn two() -> u32 {
     2
 }
@@ -71,7 +75,11 @@ fn thirty() -> u64 {
 }
 
 impl OnDemandConfig {
-    pub fn scale(&self) -> ScaleConfig {
+    /// The autoscaler's settings for instances of `m`.
+    pub fn scale(&self, m: &Manifest) -> ScaleConfig {
+        let target = self
+            .target
+            .unwrap_or(if m.boot.network { 32.0 } else { 1.0 });
         ScaleConfig {
             min: self.min,
             max_local: self.max_local,
@@ -80,12 +88,20 @@ impl OnDemandConfig {
             } else {
                 0
             },
-            target: self.target,
+            target,
             stable_window: Duration::from_secs(self.stable_window_secs),
             panic_window: Duration::from_secs(self.panic_window_secs),
             idle: Duration::from_secs(self.idle_secs),
             ..ScaleConfig::default()
         }
+    }
+
+    /// The port a release's unikernel serves on, on its guest address.
+    pub fn guest_port(&self, m: &Manifest) -> u16 {
+        self.guest_port.unwrap_or(match m.boot.probe {
+            HealthProbe::TcpConnect { port } | HealthProbe::Http { port, .. } if port != 0 => port,
+            _ => 80,
+        })
     }
 }
 
@@ -105,7 +121,7 @@ enum Refused {
     Timeout(u64),
 }
 
-type Reply = oneshot::Sender<Result<(InstanceId, u16), Refused>>;
+type Reply = oneshot::Sender<Result<(InstanceId, SocketAddr), Refused>>;
 
 /// A connection held until an instance has room, and until when.
 struct Held {
@@ -116,8 +132,8 @@ struct Held {
 enum Msg {
     Acquire(Reply),
     Release(InstanceId),
-    /// The boot finished: the console port, or why not; and how long it took.
-    Started(InstanceId, Result<u16, ActivateError>, Duration),
+    /// The boot finished: how to reach the instance, or why not; and how long it took.
+    Started(InstanceId, Result<Booted, ActivateError>, Duration),
     RollOver(Box<Image>),
 }
 
@@ -126,7 +142,8 @@ enum Msg {
 struct Inst {
     at: Location,
     name: String,
-    port: Option<u16>,
+    /// Where its service answers, once it is healthy.
+    endpoint: Option<SocketAddr>,
 }
 
 /// A running proxy and pool.
@@ -162,10 +179,10 @@ pub struct PoolContext {
     /// Where instance console logs go.
     pub state_dir: PathBuf,
     /// Where an instance's network interface goes, for releases that ask for one.
-    pub nic: Option<crate::activator::Nic>,
-    pub local: Arc<Activator>,
+    pub nic: Option<crate::hypervisor::Nic>,
+    pub local: Hypervisor,
     /// The hosted overflow host, if configured.
-    pub remote: Option<Arc<Activator>>,
+    pub remote: Option<Hypervisor>,
     pub metrics: Arc<crate::metrics::DeviceMetrics>,
     /// Counts go into the app's status reports.
     pub reporter: Arc<crate::report::Reporter>,
@@ -216,7 +233,7 @@ async fn accept(
                 if tx.send(Msg::Acquire(reply)).await.is_err() {
                     return;
                 }
-                let (id, port) = match got.await {
+                let (id, endpoint) = match got.await {
                     Ok(Ok(assigned)) => assigned,
                     Ok(Err(refused)) => {
                         tracing::warn!(%peer, "on-demand connection closed: {refused}");
@@ -224,7 +241,7 @@ async fn accept(
                     }
                     Err(_) => return,
                 };
-                if let Err(e) = forward(client, port).await {
+                if let Err(e) = forward(client, endpoint).await {
                     tracing::debug!(%peer, "proxied connection ended: {e}");
                 }
                 let _ = tx.send(Msg::Release(id)).await;
@@ -234,11 +251,14 @@ async fn accept(
     .await
 }
 
-/// Connects to the instance's endpoint on loopback `port` and copies bytes both ways
-/// (zero-copy, [`crate::splice`]) until both directions are closed; a half-close is passed
-/// on. Returns the bytes copied (client to instance, instance to client).
-pub async fn forward(client: tokio::net::TcpStream, port: u16) -> std::io::Result<(u64, u64)> {
-    let upstream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+/// Connects to the instance's `endpoint` and copies bytes both ways (zero-copy,
+/// [`crate::splice`]) until both directions are closed; a half-close is passed on. Returns
+/// the bytes copied (client to instance, instance to client).
+pub async fn forward(
+    client: tokio::net::TcpStream,
+    endpoint: SocketAddr,
+) -> std::io::Result<(u64, u64)> {
+    let upstream = tokio::net::TcpStream::connect(endpoint).await?;
     // Small request/answer exchanges: no Nagle delay on either leg.
     client.set_nodelay(true)?;
     upstream.set_nodelay(true)?;
@@ -265,7 +285,7 @@ async fn pool(
     } = ctx;
     let mut counts = OnDemandCounts::default();
     let mut reported = counts;
-    let mut scaler = Autoscaler::new(cfg.scale());
+    let mut scaler = Autoscaler::new(cfg.scale(&image.manifest));
     let mut insts: HashMap<InstanceId, Inst> = HashMap::new();
     let mut waiting: VecDeque<Held> = VecDeque::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -295,9 +315,9 @@ async fn pool(
                 image = *new;
                 actions.extend(scaler.handle(Event::Drain { now }));
             }
-            Some(Msg::Started(id, Ok(port), took)) => {
+            Some(Msg::Started(id, Ok(booted), took)) => {
                 if let Some(i) = insts.get_mut(&id) {
-                    i.port = Some(port);
+                    i.endpoint = Some(booted.endpoint(cfg.guest_port(&image.manifest)));
                     let ms = took.as_millis() as u64;
                     metrics.ondemand_boots.fetch_add(1, Relaxed);
                     metrics.ondemand_boot_ms.fetch_add(ms, Relaxed);
@@ -330,11 +350,11 @@ async fn pool(
         }
         while !waiting.is_empty() {
             let Some(id) = scaler.pick() else { break };
-            let Some(port) = insts.get(&id).and_then(|i| i.port) else {
+            let Some(endpoint) = insts.get(&id).and_then(|i| i.endpoint) else {
                 break;
             };
             let w = waiting.pop_front().expect("not empty");
-            if w.reply.send(Ok((id, port))).is_ok() {
+            if w.reply.send(Ok((id, endpoint))).is_ok() {
                 scaler.handle(Event::Connected { id });
             }
         }
@@ -350,7 +370,7 @@ async fn pool(
                 Action::Start { id, at } => {
                     metrics.ondemand_decisions.fetch_add(1, Relaxed);
                     counts.decisions += 1;
-                    let activator = match (at, &remote) {
+                    let hv = match (at, &remote) {
                         (Location::Remote, Some(r)) => r.clone(),
                         _ => local.clone(),
                     };
@@ -369,13 +389,13 @@ async fn pool(
                         Inst {
                             at,
                             name,
-                            port: None,
+                            endpoint: None,
                         },
                     );
                     let tx = tx.clone();
                     tasks.spawn(async move {
                         let began = Instant::now();
-                        let res = activator.boot(launch).await;
+                        let res = hv.boot(&launch).await;
                         let _ = tx.send(Msg::Started(id, res, began.elapsed())).await;
                     });
                 }
@@ -384,14 +404,14 @@ async fn pool(
                     counts.decisions += 1;
                     if let Some(i) = insts.remove(&id) {
                         tracing::info!(app = %cfg.app, instance = %i.name, at = ?i.at, "stopping on-demand instance");
-                        let activator = match (i.at, &remote) {
+                        let hv = match (i.at, &remote) {
                             (Location::Remote, Some(r)) => r.clone(),
                             _ => local.clone(),
                         };
                         let app = cfg.app.clone();
-                        tokio::task::spawn_blocking(move || {
+                        tasks.spawn(async move {
                             let t = Instant::now();
-                            match activator.stop(&i.name) {
+                            match hv.stop(&i.name).await {
                                 Ok(()) => {
                                     tracing::info!(%app, instance = %i.name, stop_ms = t.elapsed().as_millis() as u64, "on-demand instance stopped")
                                 }

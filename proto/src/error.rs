@@ -122,6 +122,10 @@ pub enum Invalid {
     CmdlineTooLong,
     #[error("console banner empty or too long")]
     BadBanner,
+    #[error("HTTP probe needs a port and an absolute, printable path of at most 256 bytes")]
+    BadProbePath,
+    #[error("an HTTP probe needs a network interface (the boot spec's network)")]
+    ProbeNeedsNetwork,
     #[error("boot spec needs memory and at least one vcpu")]
     NoMemoryOrVcpu,
     #[error(transparent)]

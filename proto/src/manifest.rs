@@ -79,7 +79,9 @@ impl FromStr for Platform {
 pub enum BadProbe {
     #[error("bad probe port {0:?}")]
     Port(String),
-    #[error("unknown probe {0:?}: use banner, banner:TEXT or tcp:PORT")]
+    #[error("bad probe path {0:?}: an absolute path such as /health, printable, no spaces")]
+    Path(String),
+    #[error("unknown probe {0:?}: use banner, banner:TEXT, tcp:PORT or http:[PORT]/PATH")]
     Unknown(String),
 }
 
@@ -88,13 +90,28 @@ pub enum BadProbe {
 pub enum HealthProbe {
     /// This exact line appears on the first serial console.
     ConsoleBanner { line: String },
-    /// A TCP connection to this port of the instance succeeds.
+    /// A TCP connection to this port of the instance succeeds: the guest's address when
+    /// the release has a network interface, else the device's loopback (port 0: the
+    /// console's port).
     TcpConnect { port: u16 },
+    /// `GET path` on this port of the guest's address answers `200` (needs a network
+    /// interface, [`BootSpec::network`]).
+    Http { port: u16, path: String },
+}
+
+/// The longest probe path a manifest may carry.
+pub const MAX_PROBE_PATH: usize = 256;
+
+/// Whether `path` can go into a request line as it is: absolute, printable ASCII, no spaces.
+pub fn valid_probe_path(path: &str) -> bool {
+    path.starts_with('/')
+        && path.len() <= MAX_PROBE_PATH
+        && path.bytes().all(|b| b.is_ascii_graphic())
 }
 
 impl HealthProbe {
     /// Parses the operator's spelling: `banner` (the line `READY <app> <version>`),
-    /// `banner:TEXT`, or `tcp:PORT`.
+    /// `banner:TEXT`, `tcp:PORT`, or `http:/PATH` (port 80) / `http:PORT/PATH`.
     pub fn parse(
         text: &str,
         app: &str,
@@ -110,6 +127,25 @@ impl HealthProbe {
             Some(("tcp", port)) => HealthProbe::TcpConnect {
                 port: port.parse().map_err(|_| BadProbe::Port(port.into()))?,
             },
+            Some(("http", rest)) => {
+                let at = rest.find('/').ok_or_else(|| BadProbe::Path(rest.into()))?;
+                let (port, path) = rest.split_at(at);
+                let port = match port {
+                    "" => 80,
+                    p => p
+                        .parse()
+                        .ok()
+                        .filter(|&p| p != 0)
+                        .ok_or_else(|| BadProbe::Port(p.into()))?,
+                };
+                if !valid_probe_path(path) {
+                    return Err(BadProbe::Path(path.into()));
+                }
+                HealthProbe::Http {
+                    port,
+                    path: path.into(),
+                }
+            }
             _ => return Err(BadProbe::Unknown(text.into())),
         })
     }
@@ -213,10 +249,17 @@ impl Manifest {
         if self.boot.cmdline.len() > MAX_TEXT_LEN {
             return Err(invalid(Invalid::CmdlineTooLong));
         }
-        if let HealthProbe::ConsoleBanner { line } = &self.boot.probe {
-            if line.is_empty() || line.len() > MAX_TEXT_LEN {
+        match &self.boot.probe {
+            HealthProbe::ConsoleBanner { line } if line.is_empty() || line.len() > MAX_TEXT_LEN => {
                 return Err(invalid(Invalid::BadBanner));
             }
+            HealthProbe::Http { port, path } if *port == 0 || !valid_probe_path(path) => {
+                return Err(invalid(Invalid::BadProbePath));
+            }
+            HealthProbe::Http { .. } if !self.boot.network => {
+                return Err(invalid(Invalid::ProbeNeedsNetwork));
+            }
+            _ => {}
         }
         if self.boot.memory_mib == 0 || self.boot.vcpus == 0 {
             return Err(invalid(Invalid::NoMemoryOrVcpu));
@@ -436,5 +479,102 @@ impl<'m> ImageVerifier<'m> {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_spellings() {
+        let v = semver::Version::new(1, 2, 3);
+        let parse = |t: &str| HealthProbe::parse(t, "shop", &v);
+        assert_eq!(
+            parse("banner"),
+            Ok(HealthProbe::ConsoleBanner {
+                line: "READY shop 1.2.3".into()
+            })
+        );
+        assert_eq!(parse("tcp:80"), Ok(HealthProbe::TcpConnect { port: 80 }));
+        let http = |port, path: &str| {
+            Ok(HealthProbe::Http {
+                port,
+                path: path.into(),
+            })
+        };
+        assert_eq!(parse("http:/health"), http(80, "/health"));
+        assert_eq!(
+            parse("http:8080/health?deep=1"),
+            http(8080, "/health?deep=1")
+        );
+        assert_eq!(parse("http:/"), http(80, "/"));
+        assert_eq!(parse("http:health"), Err(BadProbe::Path("health".into())));
+        assert_eq!(parse("http:0/h"), Err(BadProbe::Port("0".into())));
+        assert_eq!(parse("http:x/h"), Err(BadProbe::Port("x".into())));
+        assert_eq!(parse("http:/a b"), Err(BadProbe::Path("/a b".into())));
+        assert_eq!(
+            parse("http:/a\r\nX: y"),
+            Err(BadProbe::Path("/a\r\nX: y".into()))
+        );
+        assert!(matches!(parse("udp:53"), Err(BadProbe::Unknown(_))));
+    }
+
+    fn sample() -> Manifest {
+        Manifest {
+            fleet: "home".into(),
+            app: "shop".into(),
+            version: semver::Version::new(1, 0, 0),
+            release: 1,
+            channel: "stable".into(),
+            platform: Platform::QemuX86_64,
+            image_digest: Digest::of(b"image"),
+            image_size: 5,
+            chunks: vec![ChunkRef {
+                digest: Digest::of(b"image"),
+                size: 5,
+            }],
+            boot: BootSpec {
+                memory_mib: 16,
+                vcpus: 1,
+                cmdline: String::new(),
+                probe: HealthProbe::TcpConnect { port: 80 },
+                probe_timeout_ms: 10_000,
+                network: false,
+            },
+            staging: Staging::Skipped,
+            created_at: 1,
+            previous: None,
+            rollout: Default::default(),
+        }
+    }
+
+    #[test]
+    fn an_http_probe_needs_a_network_interface_and_a_clean_path() {
+        let mut m = sample();
+        m.boot.probe = HealthProbe::Http {
+            port: 80,
+            path: "/health".into(),
+        };
+        assert!(matches!(
+            m.validate(),
+            Err(VerifyError::Invalid {
+                reason: Invalid::ProbeNeedsNetwork,
+                ..
+            })
+        ));
+        m.boot.network = true;
+        m.validate().unwrap();
+        m.boot.probe = HealthProbe::Http {
+            port: 80,
+            path: "/he alth".into(),
+        };
+        assert!(matches!(
+            m.validate(),
+            Err(VerifyError::Invalid {
+                reason: Invalid::BadProbePath,
+                ..
+            })
+        ));
     }
 }

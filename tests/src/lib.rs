@@ -108,6 +108,7 @@ pub fn wait_for_file_line(
 }
 
 pub mod fleet;
+pub mod guestnet;
 pub mod homes;
 pub mod silent;
 pub mod sim;

@@ -200,7 +200,7 @@ fn testimage_boots_through_libvirt_qemu_system() -> Result<()> {
 /// READY line on the PL011 console, answers a line, and idles at ~0 CPU.
 #[test]
 fn aarch64_testimage_boots_through_libvirt_with_the_agents_xml() -> Result<()> {
-    use device::activator::{render_xml, Driver, Launch};
+    use device::hypervisor::{render_xml, Driver, Launch};
     use proto::manifest::{BootSpec, HealthProbe, Platform};
     let dir = tempfile::tempdir()?;
     let image = testimage(dir.path(), "hello", "3.0.0", &["--arch", "aarch64"])?;

@@ -1,55 +1,10 @@
-//! Activation through libvirt: one backend, many hypervisors, chosen by URI.
-//!
-//! libvirt is a synchronous C library: every method here blocks and is called from
-//! `spawn_blocking`. Domains are transient (`create_domain_xml`), named
+//! The libvirt backend: one connection (opened on first use, reopened after an error),
+//! domain XML per platform. Domains are transient (`create_domain_xml`), named
 //! `uf-<device>-<app>-r<release>`, so a restarted agent can find and replace them.
 
-use proto::manifest::{BootSpec, HealthProbe, Platform};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-/// Everything needed to boot one instance.
-#[derive(Debug, Clone)]
-pub struct Launch {
-    pub name: String,
-    pub platform: Platform,
-    pub image: PathBuf,
-    pub boot: BootSpec,
-    /// QEMU and Xen copy the first serial console here.
-    pub console_log: PathBuf,
-    /// The network interface, if the release asks for one (`BootSpec::network`).
-    pub nic: Option<Nic>,
-}
-
-/// Where a domain's network interface is attached (device.toml `nic`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Nic {
-    /// A libvirt network (`network=default`).
-    Network(String),
-    /// A host bridge (`bridge=xenbr0`).
-    Bridge(String),
-}
-
-/// A `nic` setting that is neither `network=NAME` nor `bridge=NAME`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("nic = {0:?}: use network=NAME (a libvirt network) or bridge=NAME (a host bridge)")]
-pub struct BadNic(pub String);
-
-impl std::str::FromStr for Nic {
-    type Err = BadNic;
-    fn from_str(s: &str) -> Result<Nic, BadNic> {
-        let ok = |n: &str| {
-            !n.is_empty()
-                && n.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        };
-        match s.split_once('=') {
-            Some(("network", n)) if ok(n) => Ok(Nic::Network(n.into())),
-            Some(("bridge", n)) if ok(n) => Ok(Nic::Bridge(n.into())),
-            _ => Err(BadNic(s.into())),
-        }
-    }
-}
+use super::{ActivateError, Backend, Driver, Launch, Nic, Started};
+use proto::manifest::Platform;
+use std::net::IpAddr;
 
 impl Nic {
     /// The `<interface>` element: virtio on QEMU, the PV netfront on Xen.
@@ -66,77 +21,17 @@ impl Nic {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ActivateError {
-    #[error("connecting to libvirt at {uri}: {source}")]
-    Connect {
-        uri: String,
-        source: virt::error::Error,
-    },
-    /// The last of the attempts' errors (each with a new console port).
-    #[error("starting domain {name}: {source}")]
-    Start {
-        name: String,
-        source: virt::error::Error,
-    },
-    #[error("health probe of {name} failed: {reason}")]
-    Probe {
-        name: String,
-        reason: ProbeFailure,
-        console_tail: String,
-    },
-    #[error("stopping domain {name}: {source}")]
-    Stop {
-        name: String,
-        source: virt::error::Error,
-    },
-    #[error("asking libvirt whether {name} runs: {source}")]
-    Query {
-        name: String,
-        source: virt::error::Error,
-    },
-    #[error("booting {name}: the boot thread panicked")]
-    BootPanicked { name: String },
-}
-
-/// Why an instance was not found healthy.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ProbeFailure {
-    #[error("domain is not running")]
-    NotRunning,
-    #[error("domain stopped before becoming healthy")]
-    Stopped,
-    #[error("not healthy within {0:?}")]
-    Timeout(Duration),
-}
-
-/// Which family of libvirt driver a URI selects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Driver {
-    Test,
-    Qemu,
-    Xen,
-}
-
-impl Driver {
-    pub fn of(uri: &str) -> Driver {
-        if uri.starts_with("test:") {
-            Driver::Test
-        } else if uri.starts_with("xen") {
-            Driver::Xen
-        } else {
-            Driver::Qemu
-        }
-    }
-}
-
 /// Owns one libvirt connection (opened on first use, reopened after an error). Transient
 /// domains live as long as the daemon — or, with the test driver, the connection — does.
+/// Lives on the hypervisor's owner thread ([`super::Hypervisor`]).
 #[derive(Debug)]
-pub struct Activator {
+pub struct Libvirt {
     uri: String,
     domain_type: String,
-    conn: std::sync::Mutex<Option<virt::connect::Connect>>,
+    conn: Option<virt::connect::Connect>,
+    /// Guest addresses found, by domain name: a lease does not change while the domain
+    /// runs, and each lookup costs a round trip to libvirtd.
+    addresses: std::collections::HashMap<String, IpAddr>,
 }
 
 fn xml_escape(s: &str) -> String {
@@ -208,90 +103,63 @@ pub fn render_xml(l: &Launch, driver: Driver, domain_type: &str, serial_port: u1
     }
 }
 
-/// Last `max` bytes of the console log, for reports.
-pub fn console_tail(path: &Path, max: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let start = text.len().saturating_sub(max);
-    String::from_utf8_lossy(&text[start..]).into_owned()
-}
-
-impl Activator {
-    pub fn new(uri: &str, domain_type: &str) -> Activator {
+impl Libvirt {
+    pub fn new(uri: &str, domain_type: &str) -> Libvirt {
         // Every libvirt error comes back as a Result and is reported with its context;
         // libvirt's default handler would also print it (a domain not found is normal).
         virt::error::clear_error_callback();
-        Activator {
+        Libvirt {
             uri: uri.into(),
             domain_type: domain_type.into(),
-            conn: std::sync::Mutex::new(None),
+            conn: None,
+            addresses: Default::default(),
         }
-    }
-
-    pub fn uri(&self) -> &str {
-        &self.uri
-    }
-
-    pub fn driver(&self) -> Driver {
-        Driver::of(&self.uri)
     }
 
     /// Runs `f` with the connection, opening it if needed; a failed call drops the
     /// connection so the next one reconnects (libvirtd may have restarted).
     fn with_conn<T>(
-        &self,
-        f: impl FnOnce(&virt::connect::Connect) -> Result<T, ActivateError>,
+        &mut self,
+        f: impl FnOnce(&virt::connect::Connect, &Self) -> Result<T, ActivateError>,
     ) -> Result<T, ActivateError> {
-        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_none() {
-            *guard = Some(virt::connect::Connect::open(Some(&self.uri)).map_err(|e| {
+        if self.conn.is_none() {
+            let conn = virt::connect::Connect::open(Some(&self.uri)).map_err(|e| {
                 ActivateError::Connect {
                     uri: self.uri.clone(),
                     source: e,
                 }
-            })?);
+            })?;
+            self.conn = Some(conn);
         }
-        let conn = guard.as_ref().expect("just opened");
-        let res = f(conn);
+        let conn = self.conn.as_ref().expect("just opened");
+        let res = f(conn, self);
         if res.is_err() && !conn.is_alive().unwrap_or(false) {
-            *guard = None;
+            self.conn = None;
         }
         res
     }
 
-    /// Starts `launch` and probes it on a blocking thread (libvirt is synchronous); returns
-    /// the console port. The one boot path of the updater and the on-demand pool.
-    pub async fn boot(self: std::sync::Arc<Self>, launch: Launch) -> Result<u16, ActivateError> {
-        let name = launch.name.clone();
-        tokio::task::spawn_blocking(move || {
-            let port = self.start(&launch)?;
-            self.probe(&launch, port).map(|()| port)
-        })
-        .await
-        .unwrap_or(Err(ActivateError::BootPanicked { name }))
-    }
-
-    /// Starts a transient domain; returns the console's TCP port (QEMU) or 0. Replaces a
-    /// leftover domain of the same name (e.g. from before a crash).
-    pub fn start(&self, l: &Launch) -> Result<u16, ActivateError> {
-        self.with_conn(|conn| self.start_on(conn, l))
-    }
-
-    fn start_on(&self, conn: &virt::connect::Connect, l: &Launch) -> Result<u16, ActivateError> {
+    fn start_on(
+        &self,
+        conn: &virt::connect::Connect,
+        l: &Launch,
+    ) -> Result<Started, ActivateError> {
         if let Ok(old) = conn.lookup_domain_by_name(&l.name) {
             let _ = old.destroy();
             let _ = old.undefine();
         }
         let _ = std::fs::remove_file(&l.console_log);
+        let driver = Driver::of(&self.uri);
         let mut last = None;
         for _ in 0..3 {
-            let port = if self.driver() == Driver::Qemu {
+            let port = if driver == Driver::Qemu {
                 free_port()
             } else {
                 0
             };
-            let xml = render_xml(l, self.driver(), &self.domain_type, port);
+            let xml = render_xml(l, driver, &self.domain_type, port);
             match conn.create_domain_xml(&xml, 0) {
-                Ok(_) => return Ok(port),
+                Ok(_) => return Ok(Started { console_port: port }),
                 // A port taken between choosing and binding: choose again.
                 Err(e) => last = Some(e),
             }
@@ -301,12 +169,29 @@ impl Activator {
             source: last.expect("three attempts made"),
         })
     }
+}
 
-    /// Whether the domain `name` runs: `Ok(false)` only when libvirt says there is no such
-    /// domain or it is not active; an unreachable libvirtd is an error, not a dead domain
-    /// (the watchdog would otherwise "restart" healthy releases through a libvirtd restart).
-    pub fn running(&self, name: &str) -> Result<bool, ActivateError> {
-        self.with_conn(|conn| match conn.lookup_domain_by_name(name) {
+/// The first IPv4 address of any of the domain's interfaces.
+fn first_ipv4(ifaces: &[virt::domain::Interface]) -> Option<IpAddr> {
+    ifaces
+        .iter()
+        .flat_map(|i| &i.addrs)
+        .filter_map(|a| a.addr.parse::<IpAddr>().ok())
+        .find(IpAddr::is_ipv4)
+}
+
+impl Backend for Libvirt {
+    fn driver(&self) -> Driver {
+        Driver::of(&self.uri)
+    }
+
+    fn start(&mut self, l: &Launch) -> Result<Started, ActivateError> {
+        self.addresses.remove(&l.name);
+        self.with_conn(|conn, me| me.start_on(conn, l))
+    }
+
+    fn running(&mut self, name: &str) -> Result<bool, ActivateError> {
+        self.with_conn(|conn, _| match conn.lookup_domain_by_name(name) {
             Ok(d) => d.is_active().map_err(|e| ActivateError::Query {
                 name: name.into(),
                 source: e,
@@ -319,13 +204,9 @@ impl Activator {
         })
     }
 
-    /// Whether `name` is known to run (an unreachable libvirt: no).
-    pub fn is_running(&self, name: &str) -> bool {
-        self.running(name).unwrap_or(false)
-    }
-
-    pub fn stop(&self, name: &str) -> Result<(), ActivateError> {
-        self.with_conn(|conn| match conn.lookup_domain_by_name(name) {
+    fn stop(&mut self, name: &str) -> Result<(), ActivateError> {
+        self.addresses.remove(name);
+        self.with_conn(|conn, _| match conn.lookup_domain_by_name(name) {
             Ok(d) => {
                 if d.is_active().unwrap_or(false) {
                     d.destroy().map_err(|e| ActivateError::Stop {
@@ -340,52 +221,27 @@ impl Activator {
         })
     }
 
-    /// Waits until the instance is healthy or the boot spec's timeout passes.
-    ///
-    /// With libvirt's test driver nothing really boots: the probe is that the domain is
-    /// running. With QEMU and Xen it is the console banner or a TCP connect.
-    pub fn probe(&self, l: &Launch, console_port: u16) -> Result<(), ActivateError> {
-        let timeout = Duration::from_millis(l.boot.probe_timeout_ms);
-        let deadline = Instant::now() + timeout;
-        let fail = |reason: ProbeFailure| ActivateError::Probe {
-            name: l.name.clone(),
-            reason,
-            console_tail: console_tail(&l.console_log, proto::status::MAX_CONSOLE_TAIL),
-        };
-        if self.driver() == Driver::Test {
-            return if self.is_running(&l.name) {
-                Ok(())
-            } else {
-                Err(fail(ProbeFailure::NotRunning))
-            };
+    /// From the libvirt network's DHCP leases (a host bridge has none: there the guest
+    /// needs a static address, a later step).
+    fn address(&mut self, name: &str) -> Result<Option<IpAddr>, ActivateError> {
+        if let Some(ip) = self.addresses.get(name) {
+            return Ok(Some(*ip));
         }
-        loop {
-            let ok = match &l.boot.probe {
-                HealthProbe::ConsoleBanner { line } => std::fs::read_to_string(&l.console_log)
-                    .map(|t| t.lines().any(|l| l.trim_end() == line))
-                    .unwrap_or(false),
-                HealthProbe::TcpConnect { port } => {
-                    let port = if *port == 0 { console_port } else { *port };
-                    std::net::TcpStream::connect_timeout(
-                        &([127, 0, 0, 1], port).into(),
-                        Duration::from_millis(200),
-                    )
-                    .is_ok()
-                }
+        let found = self.with_conn(|conn, _| {
+            let query = |e| ActivateError::Address {
+                name: name.into(),
+                source: e,
             };
-            if ok {
-                return Ok(());
-            }
-            if !self.is_running(&l.name) {
-                return Err(fail(ProbeFailure::Stopped));
-            }
-            if Instant::now() >= deadline {
-                return Err(fail(ProbeFailure::Timeout(timeout)));
-            }
-            // The console log is written by another process: polling it is the only way
-            // to see it; the interval is short and the deadline bounds the wait.
-            std::thread::sleep(Duration::from_millis(25));
+            let d = conn.lookup_domain_by_name(name).map_err(query)?;
+            let lease = virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE;
+            d.interface_addresses(lease, 0)
+                .map(|ifaces| first_ipv4(&ifaces))
+                .map_err(query)
+        })?;
+        if let Some(ip) = found {
+            self.addresses.insert(name.into(), ip);
         }
+        Ok(found)
     }
 }
 
@@ -399,18 +255,19 @@ fn free_port() -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::manifest::{BootSpec, HealthProbe};
 
     /// The watchdog restarts what is stopped; a libvirt it cannot reach must not look
     /// like a stopped domain (through a libvirtd restart every healthy release would be
     /// restarted four times and rolled back).
     #[test]
     fn an_unreachable_libvirt_is_an_error_not_a_stopped_domain() {
-        let unreachable = Activator::new("test:///nonexistent/unifleet-no-such-file.xml", "qemu");
+        let mut unreachable = Libvirt::new("test:///nonexistent/unifleet-no-such-file.xml", "qemu");
         assert!(matches!(
             unreachable.running("uf-d1-hello-r1"),
             Err(ActivateError::Connect { .. })
         ));
-        let test = Activator::new("test:///default", "qemu");
+        let mut test = Libvirt::new("test:///default", "qemu");
         assert!(!test.running("uf-no-such-domain-anywhere").unwrap());
     }
 
@@ -505,22 +362,26 @@ mod tests {
         assert!("br0".parse::<Nic>().is_err() && "network=a'b".parse::<Nic>().is_err());
     }
 
-    #[test]
-    fn test_driver_lifecycle() {
-        let a = Activator::new("test:///default", "qemu");
+    /// Through the owner thread, as the agent uses it.
+    #[tokio::test]
+    async fn test_driver_lifecycle() {
+        let hv = super::super::Hypervisor::libvirt("test:///default", "qemu");
         let mut l = launch(Platform::QemuX86_64);
         l.name = format!("uf-unit-{}", std::process::id());
-        a.start(&l).unwrap();
-        assert!(a.is_running(&l.name));
-        a.probe(&l, 0).unwrap();
-        a.stop(&l.name).unwrap();
-        assert!(!a.is_running(&l.name));
-        // With a network interface on the test driver's own network.
+        let booted = hv.boot(&l).await.unwrap();
+        assert_eq!(booted.address, None);
+        assert!(hv.is_running(&l.name).await);
+        hv.stop(&l.name).await.unwrap();
+        assert!(!hv.is_running(&l.name).await && hv.is_stopped(&l.name).await);
+        // With a network interface on the test driver's own network, which hands out
+        // (made-up) leases.
         l.boot.network = true;
         l.nic = Some(Nic::Network("default".into()));
         l.name.push_str("-nic");
-        a.start(&l).unwrap();
-        assert!(a.is_running(&l.name));
-        a.stop(&l.name).unwrap();
+        hv.start(&l).await.unwrap();
+        assert!(hv.is_running(&l.name).await);
+        let address = hv.address(&l.name).await.unwrap();
+        assert!(address.is_some_and(|a| a.is_ipv4()), "{address:?}");
+        hv.stop(&l.name).await.unwrap();
     }
 }

@@ -1,0 +1,69 @@
+//! A hypervisor for unit tests: domains are entries in a table the test can read and
+//! change (kill one, refuse the next start), behind the same owner thread as libvirt.
+
+use super::{ActivateError, Backend, Driver, Hypervisor, Launch, Started};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+/// What the fake knows, shared with the test.
+#[derive(Debug, Default)]
+pub struct Table {
+    /// Running domains and the launch each was started with.
+    pub running: BTreeMap<String, Launch>,
+    /// Every start, in order (domain names).
+    pub started: Vec<String>,
+    /// Every stop of a running domain, in order.
+    pub stopped: Vec<String>,
+    /// The address each guest gets when started with a network interface.
+    pub address: Option<IpAddr>,
+}
+
+/// A fake backend and the handle on its table.
+#[derive(Debug, Clone, Default)]
+pub struct Fake {
+    pub table: Arc<Mutex<Table>>,
+}
+
+impl Fake {
+    /// A [`Hypervisor`] over a fresh fake (the test driver's rules: running is healthy).
+    pub fn hypervisor() -> (Hypervisor, Arc<Mutex<Table>>) {
+        let fake = Fake::default();
+        let table = fake.table.clone();
+        (Hypervisor::spawn("fake:///", fake), table)
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Backend for Fake {
+    fn driver(&self) -> Driver {
+        Driver::Test
+    }
+
+    fn start(&mut self, launch: &Launch) -> Result<Started, ActivateError> {
+        let mut t = self.table();
+        t.started.push(launch.name.clone());
+        t.running.insert(launch.name.clone(), launch.clone());
+        Ok(Started { console_port: 0 })
+    }
+
+    fn running(&mut self, name: &str) -> Result<bool, ActivateError> {
+        Ok(self.table().running.contains_key(name))
+    }
+
+    fn stop(&mut self, name: &str) -> Result<(), ActivateError> {
+        let mut t = self.table();
+        if t.running.remove(name).is_some() {
+            t.stopped.push(name.into());
+        }
+        Ok(())
+    }
+
+    fn address(&mut self, name: &str) -> Result<Option<IpAddr>, ActivateError> {
+        let t = self.table();
+        Ok(t.running.get(name).and(t.address))
+    }
+}

@@ -1,0 +1,326 @@
+//! The one owner of the hypervisor: a [`Backend`] (libvirt, or a fake in unit tests) lives
+//! on a thread of its own and takes typed commands from cloneable [`Hypervisor`] handles,
+//! each with a oneshot reply. Nothing else touches `virt::Connect`.
+//!
+//! libvirt is a synchronous C library, and one connection serialises its calls anyway;
+//! one thread per connection makes that explicit, keeps blocking calls off the async
+//! runtime, and lets a test swap the whole hypervisor for [`fake::Fake`]. Health probes do
+//! not run on the owner: they speak to the guest from the caller's task
+//! ([`crate::probe`]) and only ask the owner whether the domain still runs and which
+//! address it has, so one slow boot does not hold up the others' probes.
+//!
+//! Modules: [`libvirt`] (the backend over `virt`, domain XML per platform), `fake` (a
+//! scripted backend for unit tests).
+
+#[cfg(test)]
+pub mod fake;
+pub mod libvirt;
+
+pub use libvirt::{render_xml, Libvirt};
+
+use proto::manifest::{BootSpec, Platform};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Everything needed to boot one instance.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub name: String,
+    pub platform: Platform,
+    pub image: PathBuf,
+    pub boot: BootSpec,
+    /// QEMU and Xen copy the first serial console here.
+    pub console_log: PathBuf,
+    /// The network interface, if the release asks for one (`BootSpec::network`).
+    pub nic: Option<Nic>,
+}
+
+/// Where a domain's network interface is attached (device.toml `nic`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Nic {
+    /// A libvirt network (`network=default`).
+    Network(String),
+    /// A host bridge (`bridge=xenbr0`).
+    Bridge(String),
+}
+
+/// A `nic` setting that is neither `network=NAME` nor `bridge=NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("nic = {0:?}: use network=NAME (a libvirt network) or bridge=NAME (a host bridge)")]
+pub struct BadNic(pub String);
+
+impl std::str::FromStr for Nic {
+    type Err = BadNic;
+    fn from_str(s: &str) -> Result<Nic, BadNic> {
+        let ok = |n: &str| {
+            !n.is_empty()
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        match s.split_once('=') {
+            Some(("network", n)) if ok(n) => Ok(Nic::Network(n.into())),
+            Some(("bridge", n)) if ok(n) => Ok(Nic::Bridge(n.into())),
+            _ => Err(BadNic(s.into())),
+        }
+    }
+}
+
+impl std::fmt::Display for Nic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Nic::Network(n) => write!(f, "network={n}"),
+            Nic::Bridge(b) => write!(f, "bridge={b}"),
+        }
+    }
+}
+
+/// Which family of libvirt driver a URI selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    Test,
+    Qemu,
+    Xen,
+}
+
+impl Driver {
+    pub fn of(uri: &str) -> Driver {
+        if uri.starts_with("test:") {
+            Driver::Test
+        } else if uri.starts_with("xen") {
+            Driver::Xen
+        } else {
+            Driver::Qemu
+        }
+    }
+}
+
+/// One variant per operation that failed. The message includes libvirt's (callers log
+/// and report it with `{}`).
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("connecting to libvirt at {uri}: {source}")]
+    Connect {
+        uri: String,
+        source: virt::error::Error,
+    },
+    /// The last of the attempts' errors (each with a new console port).
+    #[error("starting domain {name}: {source}")]
+    Start {
+        name: String,
+        source: virt::error::Error,
+    },
+    #[error("health probe of {name} failed: {reason}")]
+    Probe {
+        name: String,
+        reason: ProbeFailure,
+        console_tail: String,
+    },
+    #[error("stopping domain {name}: {source}")]
+    Stop {
+        name: String,
+        source: virt::error::Error,
+    },
+    #[error("asking libvirt whether {name} runs: {source}")]
+    Query {
+        name: String,
+        source: virt::error::Error,
+    },
+    #[error("asking libvirt for the address of {name}: {source}")]
+    Address {
+        name: String,
+        source: virt::error::Error,
+    },
+    /// The owner thread is gone (it panicked, or the agent is shutting down).
+    #[error("the hypervisor thread for {uri} is gone")]
+    Gone { uri: String },
+}
+
+impl ActivateError {
+    /// The console's last lines, when the probe failed (for the report).
+    pub fn console_tail(&self) -> &str {
+        match self {
+            ActivateError::Probe { console_tail, .. } => console_tail,
+            _ => "",
+        }
+    }
+}
+
+/// Why an instance was not found healthy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeFailure {
+    #[error("domain is not running")]
+    NotRunning,
+    #[error("domain stopped before becoming healthy")]
+    Stopped,
+    /// `last` says what the probe saw on its last try ("GET /health answered 500").
+    #[error("not healthy within {after:?}: {last}")]
+    Timeout { after: Duration, last: String },
+}
+
+/// A domain just created: its console's loopback port (QEMU), or 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    pub console_port: u16,
+}
+
+/// A booted, healthy instance and how to reach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Booted {
+    pub console_port: u16,
+    /// The guest's address on its network interface, if it has one.
+    pub address: Option<IpAddr>,
+}
+
+impl Booted {
+    /// Where the instance's service on `port` answers: the guest's own address, or (no
+    /// network interface) the console on the device's loopback, where the test image
+    /// answers.
+    pub fn endpoint(&self, port: u16) -> SocketAddr {
+        match self.address {
+            Some(ip) => SocketAddr::new(ip, port),
+            None => SocketAddr::from(([127, 0, 0, 1], self.console_port)),
+        }
+    }
+}
+
+/// A hypervisor as its owner thread drives it: every call may block.
+pub trait Backend: Send + 'static {
+    /// Which driver family it speaks to (the probe is lighter on the test driver).
+    fn driver(&self) -> Driver;
+    /// Creates a transient domain, replacing a leftover one of the same name.
+    fn start(&mut self, launch: &Launch) -> Result<Started, ActivateError>;
+    /// `Ok(false)` only when the domain does not exist or is not active; an unreachable
+    /// hypervisor is an error, not a dead domain.
+    fn running(&mut self, name: &str) -> Result<bool, ActivateError>;
+    /// Destroys the domain; one that does not exist is stopped already.
+    fn stop(&mut self, name: &str) -> Result<(), ActivateError>;
+    /// The guest's address on its network interface, once it has one (a DHCP lease).
+    fn address(&mut self, name: &str) -> Result<Option<IpAddr>, ActivateError>;
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ActivateError>>;
+
+enum Command {
+    Start(Box<Launch>, Reply<Started>),
+    Running(String, Reply<bool>),
+    Stop(String, Reply<()>),
+    Address(String, Reply<Option<IpAddr>>),
+}
+
+/// Commands waiting for the owner: a boot storm of the on-demand pool at most.
+const QUEUE: usize = 64;
+
+/// A handle on the owner thread of one hypervisor connection. Cheap to clone; the thread
+/// ends when the last handle is dropped.
+#[derive(Debug, Clone)]
+pub struct Hypervisor {
+    tx: mpsc::Sender<Command>,
+    uri: Arc<str>,
+    driver: Driver,
+}
+
+impl Hypervisor {
+    /// libvirt at `uri`, domains of type `domain_type` (`kvm`, `qemu`, `xen`).
+    pub fn libvirt(uri: &str, domain_type: &str) -> Hypervisor {
+        Hypervisor::spawn(uri, Libvirt::new(uri, domain_type))
+    }
+
+    /// Moves `backend` onto a thread of its own.
+    pub fn spawn(uri: &str, mut backend: impl Backend) -> Hypervisor {
+        let (tx, mut rx) = mpsc::channel::<Command>(QUEUE);
+        let driver = backend.driver();
+        let spawned = std::thread::Builder::new()
+            .name("hypervisor".into())
+            .spawn(move || {
+                while let Some(cmd) = rx.blocking_recv() {
+                    // A reply nobody waits for any more (the caller was cancelled) is
+                    // dropped: the operation itself has happened.
+                    match cmd {
+                        Command::Start(l, r) => drop(r.send(backend.start(&l))),
+                        Command::Running(n, r) => drop(r.send(backend.running(&n))),
+                        Command::Stop(n, r) => drop(r.send(backend.stop(&n))),
+                        Command::Address(n, r) => drop(r.send(backend.address(&n))),
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // Without the thread every call answers `Gone`, naming the URI.
+            tracing::error!(uri, "cannot start the hypervisor thread: {e}");
+        }
+        Hypervisor {
+            tx,
+            uri: uri.into(),
+            driver,
+        }
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    pub fn driver(&self) -> Driver {
+        self.driver
+    }
+
+    async fn call<T>(&self, cmd: impl FnOnce(Reply<T>) -> Command) -> Result<T, ActivateError> {
+        let gone = || ActivateError::Gone {
+            uri: self.uri.to_string(),
+        };
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(cmd(reply)).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    pub async fn start(&self, launch: &Launch) -> Result<Started, ActivateError> {
+        self.call(|r| Command::Start(Box::new(launch.clone()), r))
+            .await
+    }
+
+    /// Whether the domain `name` runs (see [`Backend::running`]).
+    pub async fn running(&self, name: &str) -> Result<bool, ActivateError> {
+        self.call(|r| Command::Running(name.into(), r)).await
+    }
+
+    /// Whether `name` is known to run (an unreachable hypervisor: no).
+    pub async fn is_running(&self, name: &str) -> bool {
+        self.running(name).await.unwrap_or(false)
+    }
+
+    /// Whether `name` is known to be stopped: a failed check (libvirtd restarting) is not
+    /// a dead domain, so nothing is restarted on a guess.
+    pub async fn is_stopped(&self, name: &str) -> bool {
+        match self.running(name).await {
+            Ok(running) => !running,
+            Err(e) => {
+                tracing::debug!("{e}");
+                false
+            }
+        }
+    }
+
+    pub async fn stop(&self, name: &str) -> Result<(), ActivateError> {
+        self.call(|r| Command::Stop(name.into(), r)).await
+    }
+
+    pub async fn address(&self, name: &str) -> Result<Option<IpAddr>, ActivateError> {
+        self.call(|r| Command::Address(name.into(), r)).await
+    }
+
+    /// Starts `launch` and waits until its health probe passes; the one boot path of the
+    /// updater, the watchdog and the on-demand pool. A domain that fails its probe is left
+    /// running for the caller to stop (the caller knows whether it replaces one).
+    pub async fn boot(&self, launch: &Launch) -> Result<Booted, ActivateError> {
+        let started = self.start(launch).await?;
+        crate::probe::healthy(self, launch, started).await
+    }
+}
+
+/// Last `max` bytes of the console log, for reports.
+pub fn console_tail(path: &Path, max: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = text.len().saturating_sub(max);
+    String::from_utf8_lossy(&text[start..]).into_owned()
+}

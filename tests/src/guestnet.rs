@@ -1,0 +1,98 @@
+//! A guest network for tests that boot unikernels with a NIC: a transient, isolated
+//! libvirt network (a host bridge with no route out, DHCP by libvirt's dnsmasq) on one
+//! /26 slice of TEST-NET-2 (198.51.100.0/24). libvirt refuses two networks on one subnet,
+//! so tests that run at the same time take different slots; a slot's leftover from a
+//! killed run is destroyed first. Destroyed on drop, whatever the test did.
+
+use anyhow::{bail, Context, Result};
+use std::process::Command;
+
+/// How many tests may hold a guest network at once.
+pub const SLOTS: u8 = 4;
+
+#[derive(Debug)]
+pub struct GuestNet {
+    uri: String,
+    pub name: String,
+    /// The host's address on it (the guests' gateway).
+    pub host: String,
+}
+
+fn virsh(uri: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new("virsh")
+        .args(["-q", "-c", uri])
+        .args(args)
+        .output()
+        .context("running virsh (libvirt-clients)")?;
+    if !out.status.success() {
+        bail!(
+            "virsh {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl GuestNet {
+    /// Network `slot` (0..[`SLOTS`]) on `uri`: 198.51.100.(64 × slot)/26.
+    pub fn create(uri: &str, slot: u8) -> Result<GuestNet> {
+        assert!(slot < SLOTS, "guest network slot {slot} of {SLOTS}");
+        let prefix = format!("uf-test{slot}-");
+        for old in virsh(uri, &["net-list", "--name"])?.lines() {
+            if old.trim().starts_with(&prefix) {
+                let _ = virsh(uri, &["net-destroy", old.trim()]);
+            }
+        }
+        let base = 64 * u32::from(slot);
+        let name = format!("{prefix}{}", std::process::id());
+        let host = format!("198.51.100.{}", base + 1);
+        let xml = format!(
+            "<network><name>{name}</name><bridge name='ufbr{slot}-{pid}' stp='off' delay='0'/>\
+             <ip address='{host}' netmask='255.255.255.192'><dhcp>\
+             <range start='198.51.100.{lo}' end='198.51.100.{hi}'/></dhcp></ip></network>",
+            pid = std::process::id() % 100_000,
+            lo = base + 10,
+            hi = base + 62,
+        );
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), xml)?;
+        virsh(uri, &["net-create", &file.path().display().to_string()]).context(
+            "creating the guest network (libvirt needs iptables and dnsmasq: scripts/setup.sh)",
+        )?;
+        Ok(GuestNet {
+            uri: uri.into(),
+            name,
+            host,
+        })
+    }
+
+    /// The device.toml `nic` setting that attaches guests here.
+    pub fn nic(&self) -> String {
+        format!("network={}", self.name)
+    }
+}
+
+impl Drop for GuestNet {
+    fn drop(&mut self) {
+        let _ = virsh(&self.uri, &["net-destroy", &self.name]);
+    }
+}
+
+/// The Rust unikernel template for x86_64, built by `scripts/build-unikernel.sh` (the
+/// README's test command runs it).
+pub fn hello_http_x86_64() -> Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let target = exe
+        .ancestors()
+        .find(|d| d.file_name().is_some_and(|n| n == "target"))
+        .context("the test binary is under target/")?;
+    let image = target.join("unikernels/hello-http-x86_64.elf");
+    if !image.is_file() {
+        bail!(
+            "{} not found; build it with scripts/build-unikernel.sh",
+            image.display()
+        );
+    }
+    Ok(image)
+}

@@ -1,0 +1,198 @@
+//! The Rust unikernel (`firmware-tools/unikernels/hello-http`) as users deploy it: booted
+//! by the device through libvirt (QEMU, `qemu:///system`) with a virtio NIC on a libvirt
+//! network, its address learnt from the DHCP lease, probed over HTTP on that address, and
+//! served on demand through the device's proxy to the guest — never the console.
+
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+use unifleet_tests::fleet::{running_domains, toml_value::V, wait_for, Fleet};
+use unifleet_tests::guestnet::{hello_http_x86_64, GuestNet};
+
+const URI: &str = "qemu:///system";
+
+/// `hub publish` arguments for the template with an HTTP probe on its NIC (30 s to pass).
+fn http_release<'a>(cmdline: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--network", "--probe", "http:/health"];
+    if !extra.contains(&"--probe-timeout-secs") {
+        args.extend(["--probe-timeout-secs", "30"]);
+    }
+    args.extend(["--memory-mib", "16", "--cmdline", cmdline]);
+    args.extend_from_slice(extra);
+    args
+}
+
+/// One answer on a keep-alive connection: the status line and the body.
+fn get(reader: &mut BufReader<TcpStream>, path: &str) -> Result<(String, String)> {
+    reader
+        .get_mut()
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: hello\r\n\r\n").as_bytes())?;
+    let mut status = String::new();
+    reader.read_line(&mut status)?;
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            bail!("connection closed in the headers");
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse()?;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    Ok((status.trim_end().to_string(), String::from_utf8(body)?))
+}
+
+/// `GET /` on a keep-alive connection: it must be the app's answer; returns the instance.
+fn answer(r: &mut BufReader<TcpStream>) -> Result<String> {
+    let (status, body) = get(r, "/")?;
+    if status != "HTTP/1.1 200 OK" || !body.contains("app: hello\nversion: 1.0.0\n") {
+        bail!("unexpected answer {status:?}: {body:?}");
+    }
+    let instance = body.lines().find_map(|l| l.strip_prefix("instance: "));
+    Ok(instance.context("an instance line")?.to_string())
+}
+
+#[test]
+fn the_rust_unikernel_serves_http_on_demand_through_its_nic() -> Result<()> {
+    let net = GuestNet::create(URI, 0)?;
+    let mut fleet = Fleet::new(URI)?;
+    fleet.start_hub(&[])?;
+    let name = format!("uk-od-{}", std::process::id());
+    let d = fleet.add_device(&name, "hello", &[])?;
+    fleet.devices[d].set_config("nic", V::Str(net.nic()))?;
+    let port = fleet.devices[d].serve_on_demand(
+        "hello",
+        "min = 0\nmax_local = 2\nidle_secs = 2\nstable_window_secs = 2\npanic_window_secs = 1",
+    )?;
+    fleet.start_device(d)?;
+    let image = hello_http_x86_64()?;
+    let args = http_release("app=hello version=1.0.0", &["--no-staging"]);
+    fleet.publish(&image, "hello", "1.0.0", &args)?;
+    fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(90))?;
+
+    // 64 clients at once, three keep-alive requests each, through the proxy: every
+    // answer is the app's. Each holds its connection until all have their first answer,
+    // so at 32 connections per instance (the default with a NIC) two instances serve.
+    let all_answered = std::sync::Arc::new(std::sync::Barrier::new(64));
+    let clients: Vec<_> = (0..64)
+        .map(|_| {
+            let all_answered = all_answered.clone();
+            std::thread::spawn(move || -> Result<String> {
+                let first = TcpStream::connect(("127.0.0.1", port))
+                    .map_err(anyhow::Error::from)
+                    .and_then(|s| {
+                        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+                        let mut r = BufReader::new(s);
+                        let instance = answer(&mut r)?;
+                        Ok((r, instance))
+                    });
+                all_answered.wait();
+                let (mut r, instance) = first?;
+                for _ in 0..2 {
+                    let again = answer(&mut r)?;
+                    if again != instance {
+                        bail!("one connection, two instances: {instance} then {again}");
+                    }
+                }
+                Ok(instance)
+            })
+        })
+        .collect();
+    let mut instances = std::collections::BTreeSet::new();
+    for c in clients {
+        instances.insert(c.join().expect("client thread").context("a client")?);
+    }
+    let log = fleet.devices[d].log_text();
+    assert_eq!(
+        instances.len(),
+        2,
+        "64 connections over two instances: {instances:?}\n{log}"
+    );
+    // Idle: back to zero instances.
+    let prefix = format!("uf-{name}-hello-od");
+    wait_for("zero on-demand instances", Duration::from_secs(60), || {
+        running_domains(URI, &prefix).is_empty().then_some(())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn the_staging_gate_refuses_a_unikernel_whose_health_answers_500() -> Result<()> {
+    let net = GuestNet::create(URI, 1)?;
+    let mut fleet = Fleet::new(URI)?;
+    fleet.start_hub(&[])?;
+    let stage = fleet.add_device_on(
+        &format!("uk-stage-{}", std::process::id()),
+        "hello",
+        "staging",
+        URI,
+        &[],
+    )?;
+    fleet.devices[stage].set_config("nic", V::Str(net.nic()))?;
+    fleet.start_device(stage)?;
+    let image = hello_http_x86_64()?;
+    let sick = http_release(
+        "app=hello version=1.0.0 health=fail",
+        &["--probe-timeout-secs", "10", "--staging-timeout-secs", "90"],
+    );
+    let err = fleet
+        .publish(&image, "hello", "1.0.0", &sick)
+        .expect_err("an image whose /health answers 500 must not be released");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("staging failed on uk-stage-") && err.contains("GET /health on 198.51.100."),
+        "{err}"
+    );
+    assert!(err.contains("answered 500"), "{err}");
+    assert!(fleet.releases(Some("stable"))?.is_empty());
+
+    let healthy = http_release("app=hello version=1.0.1", &["--staging-timeout-secs", "90"]);
+    fleet.publish(&image, "hello", "1.0.1", &healthy)?;
+    assert_eq!(fleet.releases(Some("stable"))?.len(), 1);
+    Ok(())
+}
+
+#[test]
+fn a_unikernel_that_stops_answering_is_restarted_then_rolled_back() -> Result<()> {
+    let net = GuestNet::create(URI, 2)?;
+    let mut fleet = Fleet::new(URI)?;
+    fleet.start_hub(&[])?;
+    let name = format!("uk-hang-{}", std::process::id());
+    let d = fleet.add_device(&name, "hello", &[])?;
+    fleet.devices[d].set_config("nic", V::Str(net.nic()))?;
+    fleet.devices[d].set_config("probe_every_secs", V::Int(1))?;
+    fleet.start_device(d)?;
+    let image = hello_http_x86_64()?;
+    let good = http_release("app=hello version=1.0.0", &["--no-staging"]);
+    fleet.publish(&image, "hello", "1.0.0", &good)?;
+    fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(90))?;
+
+    // Answers its activation probe, then hangs with its domain still running.
+    let hangs = http_release(
+        "app=hello version=2.0.0 health_fail_after=1",
+        &["--no-staging"],
+    );
+    fleet.publish(&image, "hello", "2.0.0", &hangs)?;
+    fleet.wait_all(&[d], "hello", 1, "RolledBack", Duration::from_secs(180))?;
+    let log = fleet.devices[d].log_text();
+    assert!(
+        log.contains("not answering its health probe 3 times in a row")
+            && log.contains("restarting it (3 of 3"),
+        "{log}"
+    );
+    // Release 1 serves again on its guest address.
+    let (_, reason) = fleet.devices[d]
+        .report("hello")
+        .map(|r| (r["release"].clone(), r["state"].to_string()))
+        .context("a report")?;
+    assert!(reason.contains("died 4 times"), "{reason}");
+    assert!(running_domains(URI, &format!("uf-{name}-hello-r1")).len() == 1);
+    assert!(running_domains(URI, &format!("uf-{name}-hello-r2")).is_empty());
+    Ok(())
+}
