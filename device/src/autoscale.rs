@@ -29,6 +29,9 @@
 //! Scaling down never cuts a connection: it stops an idle instance if there is one, else
 //! the least loaded one **drains** — it takes no new connections and is stopped when its
 //! last one ends. A roll-over to a new release ([`Event::Drain`]) drains every instance.
+//! Draining has a deadline (`drain`, default 30 s): then the instance's remaining
+//! connections are cut and it is stopped ([`Action::Cut`]) — one long connection must not
+//! keep an old instance (or release) alive for ever.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -49,6 +52,8 @@ pub struct ScaleConfig {
     pub idle: Duration,
     /// After the remote host failed, how long to wait before trying it again.
     pub remote_retry: Duration,
+    /// How long a draining instance keeps its connections before they are cut.
+    pub drain: Duration,
 }
 
 impl Default for ScaleConfig {
@@ -63,6 +68,7 @@ impl Default for ScaleConfig {
             panic_factor: 2.0,
             idle: Duration::from_secs(30),
             remote_retry: Duration::from_secs(30),
+            drain: Duration::from_secs(30),
         }
     }
 }
@@ -129,6 +135,11 @@ pub enum Action {
     Stop {
         id: InstanceId,
     },
+    /// The instance drained past the deadline: close its `connections` and stop it.
+    Cut {
+        id: InstanceId,
+        connections: u32,
+    },
     /// Something an operator should see (remote host unreachable, …).
     Report(String),
 }
@@ -146,8 +157,9 @@ struct Instance {
     phase: Phase,
     /// Connections open to it.
     conns: u32,
-    /// Takes no new connections; stopped when `conns` reaches 0.
-    draining: bool,
+    /// Takes no new connections; stopped when `conns` reaches 0, or cut when the drain
+    /// deadline passes: since when it drains.
+    draining: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -187,7 +199,7 @@ impl Autoscaler {
     fn live(&self, at: Location) -> u32 {
         self.instances
             .iter()
-            .filter(|i| i.at == at && !i.draining)
+            .filter(|i| i.at == at && i.draining.is_none())
             .count() as u32
     }
 
@@ -202,7 +214,7 @@ impl Autoscaler {
         let room = self.cfg.target.max(1.0).ceil() as u32;
         self.instances
             .iter()
-            .filter(|i| i.phase == Phase::Ready && !i.draining && i.conns < room)
+            .filter(|i| i.phase == Phase::Ready && i.draining.is_none() && i.conns < room)
             .min_by_key(|i| (i.conns, i.at == Location::Remote, i.id))
             .map(|i| i.id)
     }
@@ -253,7 +265,7 @@ impl Autoscaler {
                 };
                 let i = &mut self.instances[pos];
                 i.conns = i.conns.saturating_sub(1);
-                if i.draining && i.conns == 0 {
+                if i.draining.is_some() && i.conns == 0 {
                     self.instances.remove(pos);
                     let mut out = vec![Action::Stop { id }];
                     out.extend(self.scale(now));
@@ -264,7 +276,7 @@ impl Autoscaler {
             Event::Drain { now } => {
                 let mut out = vec![];
                 for i in &mut self.instances {
-                    i.draining = true;
+                    i.draining.get_or_insert(now);
                 }
                 self.instances.retain(|i| {
                     let idle = i.conns == 0;
@@ -288,7 +300,9 @@ impl Autoscaler {
             }
             Event::Tick { now } => {
                 self.trim(now);
-                self.scale(now)
+                let mut out = self.cut_overdue(now);
+                out.extend(self.scale(now));
+                out
             }
         }
     }
@@ -323,7 +337,11 @@ impl Autoscaler {
 
     /// The instance count the load asks for, before limits.
     fn desired(&mut self, now: Instant) -> u32 {
-        let current = self.instances.iter().filter(|i| !i.draining).count() as u32;
+        let current = self
+            .instances
+            .iter()
+            .filter(|i| i.draining.is_none())
+            .count() as u32;
         let stable = self.average(now, self.cfg.stable_window);
         let panic = self.average(now, self.cfg.panic_window);
         let need = |avg: f64| (avg / self.cfg.target).ceil() as u32;
@@ -346,7 +364,7 @@ impl Autoscaler {
         let starting = self
             .instances
             .iter()
-            .filter(|i| i.phase == Phase::Starting && !i.draining)
+            .filter(|i| i.phase == Phase::Starting && i.draining.is_none())
             .count() as u32;
         let for_held = need(f64::from(self.waiting));
         if for_held > starting {
@@ -399,7 +417,7 @@ impl Autoscaler {
                     .instances
                     .iter()
                     .enumerate()
-                    .filter(|(_, i)| i.at == at && !i.draining)
+                    .filter(|(_, i)| i.at == at && i.draining.is_none())
                     .min_by_key(|(_, i)| (i.conns, std::cmp::Reverse(i.id)))
                     .map(|(pos, _)| pos);
                 let Some(pos) = victim else { break };
@@ -407,11 +425,31 @@ impl Autoscaler {
                     let gone = self.instances.remove(pos);
                     out.push(Action::Stop { id: gone.id });
                 } else {
-                    self.instances[pos].draining = true;
+                    self.instances[pos].draining = Some(now);
                 }
             }
         }
         out
+    }
+
+    /// Draining instances past the deadline: removed, to be cut and stopped.
+    fn cut_overdue(&mut self, now: Instant) -> Vec<Action> {
+        let drain = self.cfg.drain;
+        let overdue = |i: &Instance| {
+            i.draining
+                .is_some_and(|t| now.saturating_duration_since(t) >= drain)
+        };
+        let cut = self
+            .instances
+            .iter()
+            .filter(|i| overdue(i))
+            .map(|i| Action::Cut {
+                id: i.id,
+                connections: i.conns,
+            })
+            .collect();
+        self.instances.retain(|i| !overdue(i));
+        cut
     }
 
     fn start(&mut self, at: Location) -> Action {
@@ -422,7 +460,7 @@ impl Autoscaler {
             at,
             phase: Phase::Starting,
             conns: 0,
-            draining: false,
+            draining: None,
         });
         Action::Start { id, at }
     }
@@ -756,6 +794,42 @@ mod tests {
             a.pick(),
             Some(ids[0]),
             "the ones that stay take connections"
+        );
+    }
+
+    /// One long connection kept an instance of an old release running for ever.
+    #[test]
+    fn a_draining_instance_is_cut_at_the_drain_deadline() {
+        let (mut a, t, ids) = busy(&[0, 1]);
+        let busy = ids[1];
+        a.handle(Event::Drain { now: t });
+        let drain = ScaleConfig::default().drain;
+        let before = a.handle(Event::Tick {
+            now: t + drain - Duration::from_millis(1),
+        });
+        assert!(
+            !before.iter().any(|x| matches!(x, Action::Cut { .. })),
+            "{before:?}"
+        );
+        let out = a.handle(Event::Tick { now: t + drain });
+        assert!(
+            out.contains(&Action::Cut {
+                id: busy,
+                connections: 1
+            }),
+            "{out:?}"
+        );
+        assert!(
+            !a.instances.iter().any(|i| i.id == busy),
+            "gone from the table"
+        );
+        // Its connections' ends after the cut change nothing.
+        assert_eq!(
+            a.handle(Event::Disconnected {
+                now: t + drain,
+                id: busy
+            }),
+            []
         );
     }
 

@@ -24,6 +24,8 @@ pub struct DeviceMetrics {
     pub ondemand_decisions: AtomicU64,
     /// Connections refused: too many held, or held past their deadline.
     pub ondemand_refused: AtomicU64,
+    /// Connections closed because their instance drained past `drain_secs`.
+    pub ondemand_cut: AtomicU64,
     /// Every blob byte received, accepted or not (minus the accepted ones: duplicates
     /// and refused bytes).
     pub blob_bytes_received: AtomicU64,
@@ -230,6 +232,13 @@ impl DeviceMetrics {
             "counter",
             "Connections closed unanswered: too many held, or no instance within hold_secs",
             c(&self.ondemand_refused),
+        );
+        push(
+            &mut out,
+            "unifleet_device_ondemand_cut_total",
+            "counter",
+            "Connections closed because their instance drained past drain_secs",
+            c(&self.ondemand_cut),
         );
         out
     }

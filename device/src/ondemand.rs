@@ -19,9 +19,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 /// `[[ondemand]]` in device.toml.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -58,6 +60,10 @@ pub struct OnDemandConfig {
     /// Most connections held at once; more are closed at once.
     #[serde(default = "max_held")]
     pub max_held: usize,
+    /// How long an instance being retired (scaled down, or of a release rolled over)
+    /// keeps its open connections; then they are closed and counted.
+    #[serde(default = "thirty")]
+    pub drain_secs: u64,
 }
 
 fn max_held() -> usize {
@@ -92,6 +98,7 @@ impl OnDemandConfig {
             stable_window: Duration::from_secs(self.stable_window_secs),
             panic_window: Duration::from_secs(self.panic_window_secs),
             idle: Duration::from_secs(self.idle_secs),
+            drain: Duration::from_secs(self.drain_secs),
             ..ScaleConfig::default()
         }
     }
@@ -121,7 +128,15 @@ enum Refused {
     Timeout(u64),
 }
 
-type Reply = oneshot::Sender<Result<(InstanceId, SocketAddr), Refused>>;
+/// A connection handed to an instance: where to splice it, and the instance's signal to
+/// close it (drained past the deadline).
+struct Assigned {
+    id: InstanceId,
+    endpoint: SocketAddr,
+    cut: CancellationToken,
+}
+
+type Reply = oneshot::Sender<Result<Assigned, Refused>>;
 
 /// A connection held until an instance has room, and until when.
 struct Held {
@@ -144,6 +159,8 @@ struct Inst {
     name: String,
     /// Where its service answers, once it is healthy.
     endpoint: Option<SocketAddr>,
+    /// Closes the connections spliced to it.
+    cut: CancellationToken,
 }
 
 /// A running proxy and pool.
@@ -209,7 +226,7 @@ pub async fn start(
     let (tx, rx) = mpsc::channel::<Msg>(256);
     let pool_tx = tx.clone();
     let tasks = ctx.tasks.clone();
-    tasks.spawn(pool(ctx, cfg.clone(), image, rx, pool_tx));
+    tasks.spawn(Pool::new(ctx, cfg.clone(), image, pool_tx).run(rx));
     tasks.spawn(accept(listener, tx.clone(), tasks.clone()));
     Ok(PoolHandle { tx })
 }
@@ -233,7 +250,7 @@ async fn accept(
                 if tx.send(Msg::Acquire(reply)).await.is_err() {
                     return;
                 }
-                let (id, endpoint) = match got.await {
+                let Assigned { id, endpoint, cut } = match got.await {
                     Ok(Ok(assigned)) => assigned,
                     Ok(Err(refused)) => {
                         tracing::warn!(%peer, "on-demand connection closed: {refused}");
@@ -241,8 +258,12 @@ async fn accept(
                     }
                     Err(_) => return,
                 };
-                if let Err(e) = forward(client, endpoint).await {
-                    tracing::debug!(%peer, "proxied connection ended: {e}");
+                tokio::select! {
+                    r = forward(client, endpoint) => if let Err(e) = r {
+                        tracing::debug!(%peer, "proxied connection ended: {e}");
+                    },
+                    // Dropping the splice closes both legs.
+                    _ = cut.cancelled() => tracing::debug!(%peer, "proxied connection cut: its instance drained past drain_secs"),
                 }
                 let _ = tx.send(Msg::Release(id)).await;
             });
@@ -265,173 +286,240 @@ pub async fn forward(
     crate::splice::bidirectional(&client, &upstream).await
 }
 
-async fn pool(
-    ctx: PoolContext,
+/// The pool task: owns the autoscaler, the instance table and the held connections.
+struct Pool {
     cfg: OnDemandConfig,
-    mut image: Image,
-    mut rx: mpsc::Receiver<Msg>,
+    image: Image,
+    ctx: PoolContext,
+    scaler: Autoscaler,
+    insts: HashMap<InstanceId, Inst>,
+    waiting: VecDeque<Held>,
+    counts: OnDemandCounts,
+    reported: OnDemandCounts,
+    /// For boot results: the pool's own inbox.
     tx: mpsc::Sender<Msg>,
-) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let PoolContext {
-        device,
-        state_dir,
-        nic,
-        local,
-        remote,
-        metrics,
-        reporter,
-        tasks,
-    } = ctx;
-    let mut counts = OnDemandCounts::default();
-    let mut reported = counts;
-    let mut scaler = Autoscaler::new(cfg.scale(&image.manifest));
-    let mut insts: HashMap<InstanceId, Inst> = HashMap::new();
-    let mut waiting: VecDeque<Held> = VecDeque::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let hold = Duration::from_secs(cfg.hold_secs);
-    loop {
-        let event = tokio::select! {
-            _ = tick.tick() => None,
-            msg = rx.recv() => match msg { Some(m) => Some(m), None => break },
-        };
-        let now = Instant::now();
-        let mut actions = vec![];
-        match event {
-            None => {}
-            Some(Msg::Acquire(reply)) if waiting.len() >= cfg.max_held => {
-                metrics.ondemand_refused.fetch_add(1, Relaxed);
-                let _ = reply.send(Err(Refused::Full(waiting.len())));
+}
+
+impl Pool {
+    fn new(ctx: PoolContext, cfg: OnDemandConfig, image: Image, tx: mpsc::Sender<Msg>) -> Pool {
+        Pool {
+            scaler: Autoscaler::new(cfg.scale(&image.manifest)),
+            cfg,
+            image,
+            ctx,
+            insts: HashMap::new(),
+            waiting: VecDeque::new(),
+            counts: OnDemandCounts::default(),
+            reported: OnDemandCounts::default(),
+            tx,
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            let msg = tokio::select! {
+                _ = tick.tick() => None,
+                msg = rx.recv() => match msg { Some(m) => Some(m), None => break },
+            };
+            let now = Instant::now();
+            let mut actions = match msg {
+                Some(msg) => self.handle(msg, now),
+                None => vec![],
+            };
+            actions.extend(self.assign(now));
+            for action in actions {
+                self.act(action);
             }
-            Some(Msg::Acquire(reply)) => waiting.push_back(Held {
-                reply,
-                until: now + hold,
-            }),
-            Some(Msg::Release(id)) => {
-                actions.extend(scaler.handle(Event::Disconnected { now, id }))
+            self.publish_counts().await;
+        }
+    }
+
+    fn handle(&mut self, msg: Msg, now: Instant) -> Vec<Action> {
+        match msg {
+            Msg::Acquire(reply) if self.waiting.len() >= self.cfg.max_held => {
+                self.ctx.metrics.ondemand_refused.fetch_add(1, Relaxed);
+                let _ = reply.send(Err(Refused::Full(self.waiting.len())));
+                vec![]
             }
-            Some(Msg::RollOver(new)) => {
-                tracing::info!(app = %cfg.app, release = new.manifest.release, "on-demand pool rolls over");
-                image = *new;
-                actions.extend(scaler.handle(Event::Drain { now }));
+            Msg::Acquire(reply) => {
+                let until = now + Duration::from_secs(self.cfg.hold_secs);
+                self.waiting.push_back(Held { reply, until });
+                vec![]
             }
-            Some(Msg::Started(id, Ok(booted), took)) => {
-                if let Some(i) = insts.get_mut(&id) {
-                    i.endpoint = Some(booted.endpoint(cfg.guest_port(&image.manifest)));
-                    let ms = took.as_millis() as u64;
-                    metrics.ondemand_boots.fetch_add(1, Relaxed);
-                    metrics.ondemand_boot_ms.fetch_add(ms, Relaxed);
-                    counts.boots += 1;
-                    counts.boot_ms_total += ms;
-                    tracing::info!(app = %cfg.app, instance = %i.name, at = ?i.at, boot_ms = took.as_millis() as u64, "on-demand instance ready");
-                    actions.extend(scaler.handle(Event::Ready { now, id }));
-                }
+            Msg::Release(id) => self.scaler.handle(Event::Disconnected { now, id }),
+            Msg::RollOver(new) => {
+                tracing::info!(app = %self.cfg.app, release = new.manifest.release, "on-demand pool rolls over");
+                self.image = *new;
+                self.scaler.handle(Event::Drain { now })
             }
-            Some(Msg::Started(id, Err(e), _)) => {
-                let at = insts.remove(&id).map(|i| i.at);
-                tracing::warn!(app = %cfg.app, ?at, "on-demand instance failed to start: {e}");
-                actions.extend(scaler.handle(match at {
+            Msg::Started(id, res, took) => self.started(id, res, took, now),
+        }
+    }
+
+    /// A boot finished.
+    fn started(
+        &mut self,
+        id: InstanceId,
+        res: Result<Booted, ActivateError>,
+        took: Duration,
+        now: Instant,
+    ) -> Vec<Action> {
+        let booted = match res {
+            Ok(booted) => booted,
+            Err(e) => {
+                let at = self.insts.remove(&id).map(|i| i.at);
+                tracing::warn!(app = %self.cfg.app, ?at, "on-demand instance failed to start: {e}");
+                return self.scaler.handle(match at {
                     Some(Location::Remote) => Event::RemoteUnavailable {
                         now,
                         id,
                         reason: e.to_string(),
                     },
                     _ => Event::Failed { now, id },
-                }));
+                });
             }
+        };
+        let port = self.cfg.guest_port(&self.image.manifest);
+        let Some(i) = self.insts.get_mut(&id) else {
+            return vec![];
+        };
+        i.endpoint = Some(booted.endpoint(port));
+        let ms = took.as_millis() as u64;
+        self.ctx.metrics.ondemand_boots.fetch_add(1, Relaxed);
+        self.ctx.metrics.ondemand_boot_ms.fetch_add(ms, Relaxed);
+        self.counts.boots += 1;
+        self.counts.boot_ms_total += ms;
+        tracing::info!(app = %self.cfg.app, instance = %i.name, at = ?i.at, endpoint = %booted.endpoint(port), boot_ms = ms, "on-demand instance ready");
+        self.scaler.handle(Event::Ready { now, id })
+    }
+
+    /// Held connections past their deadline are closed; the rest go to the instances the
+    /// scaler picks (ready, room, least loaded, not draining). Then the load is sampled.
+    fn assign(&mut self, now: Instant) -> Vec<Action> {
+        self.waiting.retain(|w| !w.reply.is_closed());
+        while self.waiting.front().is_some_and(|w| w.until <= now) {
+            let w = self.waiting.pop_front().expect("front exists");
+            self.ctx.metrics.ondemand_refused.fetch_add(1, Relaxed);
+            let _ = w.reply.send(Err(Refused::Timeout(self.cfg.hold_secs)));
         }
-        // Held connections past their deadline are closed; the rest go to the instances
-        // the scaler picks (ready, room, least loaded, not draining).
-        waiting.retain(|w| !w.reply.is_closed());
-        while waiting.front().is_some_and(|w| w.until <= now) {
-            let w = waiting.pop_front().expect("front exists");
-            metrics.ondemand_refused.fetch_add(1, Relaxed);
-            let _ = w.reply.send(Err(Refused::Timeout(cfg.hold_secs)));
-        }
-        while !waiting.is_empty() {
-            let Some(id) = scaler.pick() else { break };
-            let Some(endpoint) = insts.get(&id).and_then(|i| i.endpoint) else {
+        while !self.waiting.is_empty() {
+            let Some(id) = self.scaler.pick() else { break };
+            let Some(inst) = self.insts.get(&id) else {
                 break;
             };
-            let w = waiting.pop_front().expect("not empty");
-            if w.reply.send(Ok((id, endpoint))).is_ok() {
-                scaler.handle(Event::Connected { id });
+            let Some(endpoint) = inst.endpoint else {
+                break;
+            };
+            let cut = inst.cut.clone();
+            let w = self.waiting.pop_front().expect("not empty");
+            if w.reply.send(Ok(Assigned { id, endpoint, cut })).is_ok() {
+                self.scaler.handle(Event::Connected { id });
             }
         }
-        let load = scaler.connections() as usize + waiting.len();
-        actions.extend(scaler.handle(Event::Load {
+        let waiting = self.waiting.len() as u32;
+        let mut out = self.scaler.handle(Event::Load {
             now,
-            connections: load as u32,
-            waiting: waiting.len() as u32,
-        }));
-        actions.extend(scaler.handle(Event::Tick { now }));
-        for action in actions {
-            match action {
-                Action::Start { id, at } => {
-                    metrics.ondemand_decisions.fetch_add(1, Relaxed);
-                    counts.decisions += 1;
-                    let hv = match (at, &remote) {
-                        (Location::Remote, Some(r)) => r.clone(),
-                        _ => local.clone(),
-                    };
-                    let name = format!("uf-{device}-{}-od{}", cfg.app, id.0);
-                    tracing::info!(app = %cfg.app, instance = %name, ?at, "starting on-demand instance");
-                    let launch = Launch {
-                        console_log: state_dir.join(format!("{name}.console.log")),
-                        name: name.clone(),
-                        platform: image.manifest.platform,
-                        image: image.slot.clone(),
-                        boot: image.manifest.boot.clone(),
-                        nic: image.manifest.boot.network.then(|| nic.clone()).flatten(),
-                    };
-                    insts.insert(
-                        id,
-                        Inst {
-                            at,
-                            name,
-                            endpoint: None,
-                        },
-                    );
-                    let tx = tx.clone();
-                    tasks.spawn(async move {
-                        let began = Instant::now();
-                        let res = hv.boot(&launch).await;
-                        let _ = tx.send(Msg::Started(id, res, began.elapsed())).await;
-                    });
+            connections: self.scaler.connections() + waiting,
+            waiting,
+        });
+        out.extend(self.scaler.handle(Event::Tick { now }));
+        out
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Start { id, at } => self.start(id, at),
+            Action::Stop { id } => self.stop(id),
+            Action::Cut { id, connections } => {
+                if let Some(i) = self.insts.get(&id) {
+                    tracing::warn!(app = %self.cfg.app, instance = %i.name, connections, "drained for {} s (drain_secs): closing its connections", self.cfg.drain_secs);
+                    i.cut.cancel();
                 }
-                Action::Stop { id } => {
-                    metrics.ondemand_decisions.fetch_add(1, Relaxed);
-                    counts.decisions += 1;
-                    if let Some(i) = insts.remove(&id) {
-                        tracing::info!(app = %cfg.app, instance = %i.name, at = ?i.at, "stopping on-demand instance");
-                        let hv = match (i.at, &remote) {
-                            (Location::Remote, Some(r)) => r.clone(),
-                            _ => local.clone(),
-                        };
-                        let app = cfg.app.clone();
-                        tasks.spawn(async move {
-                            let t = Instant::now();
-                            match hv.stop(&i.name).await {
-                                Ok(()) => {
-                                    tracing::info!(%app, instance = %i.name, stop_ms = t.elapsed().as_millis() as u64, "on-demand instance stopped")
-                                }
-                                Err(e) => {
-                                    tracing::warn!(%app, instance = %i.name, "stopping on-demand instance: {e}")
-                                }
-                            }
-                        });
-                    }
-                }
-                Action::Report(text) => tracing::warn!(app = %cfg.app, "{text}"),
+                self.ctx
+                    .metrics
+                    .ondemand_cut
+                    .fetch_add(u64::from(connections), Relaxed);
+                self.stop(id);
             }
+            Action::Report(text) => tracing::warn!(app = %self.cfg.app, "{text}"),
         }
-        let (l, r) = scaler.counts();
-        metrics.ondemand_local.store(u64::from(l), Relaxed);
-        metrics.ondemand_remote.store(u64::from(r), Relaxed);
-        (counts.local, counts.remote) = (l, r);
-        if counts != reported {
-            reporter.ondemand_changed(&cfg.app, counts).await;
-            reported = counts;
+    }
+
+    fn hypervisor(&self, at: Location) -> Hypervisor {
+        match (at, &self.ctx.remote) {
+            (Location::Remote, Some(r)) => r.clone(),
+            _ => self.ctx.local.clone(),
+        }
+    }
+
+    fn start(&mut self, id: InstanceId, at: Location) {
+        self.ctx.metrics.ondemand_decisions.fetch_add(1, Relaxed);
+        self.counts.decisions += 1;
+        let name = format!("uf-{}-{}-od{}", self.ctx.device, self.cfg.app, id.0);
+        tracing::info!(app = %self.cfg.app, instance = %name, ?at, "starting on-demand instance");
+        let boot = &self.image.manifest.boot;
+        let launch = Launch {
+            console_log: self.ctx.state_dir.join(format!("{name}.console.log")),
+            name: name.clone(),
+            platform: self.image.manifest.platform,
+            image: self.image.slot.clone(),
+            boot: boot.clone(),
+            nic: boot.network.then(|| self.ctx.nic.clone()).flatten(),
+        };
+        let cut = CancellationToken::new();
+        let endpoint = None;
+        self.insts.insert(
+            id,
+            Inst {
+                at,
+                name,
+                endpoint,
+                cut,
+            },
+        );
+        let (hv, tx) = (self.hypervisor(at), self.tx.clone());
+        self.ctx.tasks.spawn(async move {
+            let began = Instant::now();
+            let res = hv.boot(&launch).await;
+            let _ = tx.send(Msg::Started(id, res, began.elapsed())).await;
+        });
+    }
+
+    fn stop(&mut self, id: InstanceId) {
+        self.ctx.metrics.ondemand_decisions.fetch_add(1, Relaxed);
+        self.counts.decisions += 1;
+        let Some(i) = self.insts.remove(&id) else {
+            return;
+        };
+        tracing::info!(app = %self.cfg.app, instance = %i.name, at = ?i.at, "stopping on-demand instance");
+        let (hv, app) = (self.hypervisor(i.at), self.cfg.app.clone());
+        self.ctx.tasks.spawn(async move {
+            let t = Instant::now();
+            match hv.stop(&i.name).await {
+                Ok(()) => {
+                    tracing::info!(%app, instance = %i.name, stop_ms = t.elapsed().as_millis() as u64, "on-demand instance stopped")
+                }
+                Err(e) => tracing::warn!(%app, instance = %i.name, "stopping on-demand instance: {e}"),
+            }
+        });
+    }
+
+    /// Instance counts into metrics, and into the app's report when they changed.
+    async fn publish_counts(&mut self) {
+        let (l, r) = self.scaler.counts();
+        self.ctx.metrics.ondemand_local.store(u64::from(l), Relaxed);
+        self.ctx
+            .metrics
+            .ondemand_remote
+            .store(u64::from(r), Relaxed);
+        (self.counts.local, self.counts.remote) = (l, r);
+        if self.counts != self.reported {
+            self.ctx
+                .reporter
+                .ondemand_changed(&self.cfg.app, self.counts)
+                .await;
+            self.reported = self.counts;
         }
     }
 }

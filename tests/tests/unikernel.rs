@@ -50,8 +50,13 @@ fn get(reader: &mut BufReader<TcpStream>, path: &str) -> Result<(String, String)
 
 /// `GET /` on a keep-alive connection: it must be the app's answer; returns the instance.
 fn answer(r: &mut BufReader<TcpStream>) -> Result<String> {
+    answer_of(r, "1.0.0")
+}
+
+/// [`answer`] from `version`.
+fn answer_of(r: &mut BufReader<TcpStream>, version: &str) -> Result<String> {
     let (status, body) = get(r, "/")?;
-    if status != "HTTP/1.1 200 OK" || !body.contains("app: hello\nversion: 1.0.0\n") {
+    if status != "HTTP/1.1 200 OK" || !body.contains(&format!("app: hello\nversion: {version}\n")) {
         bail!("unexpected answer {status:?}: {body:?}");
     }
     let instance = body.lines().find_map(|l| l.strip_prefix("instance: "));
@@ -68,7 +73,7 @@ fn the_rust_unikernel_serves_http_on_demand_through_its_nic() -> Result<()> {
     fleet.devices[d].set_config("nic", V::Str(net.nic()))?;
     let port = fleet.devices[d].serve_on_demand(
         "hello",
-        "min = 0\nmax_local = 2\nidle_secs = 2\nstable_window_secs = 2\npanic_window_secs = 1",
+        "min = 0\nmax_local = 2\nidle_secs = 2\nstable_window_secs = 2\npanic_window_secs = 1\ndrain_secs = 2",
     )?;
     fleet.start_device(d)?;
     let image = hello_http_x86_64()?;
@@ -114,6 +119,34 @@ fn the_rust_unikernel_serves_http_on_demand_through_its_nic() -> Result<()> {
         2,
         "64 connections over two instances: {instances:?}\n{log}"
     );
+
+    // A release rolled over under a long keep-alive connection: the old instance drains
+    // for drain_secs, then the connection is closed; new ones get the new release.
+    let mut long = BufReader::new(TcpStream::connect(("127.0.0.1", port))?);
+    long.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(60)))?;
+    answer(&mut long)?;
+    let args = http_release("app=hello version=1.0.1", &["--no-staging"]);
+    fleet.publish(&image, "hello", "1.0.1", &args)?;
+    fleet.wait_all(&[d], "hello", 2, "Active", Duration::from_secs(90))?;
+    let mut rest = Vec::new();
+    let closed = long.read_to_end(&mut rest);
+    assert!(
+        matches!(closed, Ok(0)),
+        "the drained connection is closed, not left open: {closed:?} {rest:?}"
+    );
+    let mut fresh = BufReader::new(TcpStream::connect(("127.0.0.1", port))?);
+    fresh
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_secs(60)))?;
+    answer_of(&mut fresh, "1.0.1")?;
+    drop(fresh);
+    let log = fleet.devices[d].log_text();
+    assert!(
+        log.contains("(drain_secs): closing its connections"),
+        "{log}"
+    );
+
     // Idle: back to zero instances.
     let prefix = format!("uf-{name}-hello-od");
     wait_for("zero on-demand instances", Duration::from_secs(60), || {
