@@ -1338,7 +1338,7 @@ impl Updater {
             }
             Watched::GiveUp { deaths } => {
                 let reason = format!(
-                    "release {} died {deaths} times within {} after it was healthy (last: {how})",
+                    "release {} stopped {deaths} times within {} after it was healthy (last: {how})",
                     cur.release,
                     human_duration(crate::watchdog::WINDOW)
                 );

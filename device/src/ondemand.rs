@@ -64,6 +64,11 @@ pub struct OnDemandConfig {
     /// keeps its open connections; then they are closed and counted.
     #[serde(default = "thirty")]
     pub drain_secs: u64,
+    /// Instances kept booted, healthy and paused (no CPU; memory stays) beside the
+    /// running ones: a connection resumes one in milliseconds instead of booting one, and
+    /// another is booted in the background to take its place.
+    #[serde(default)]
+    pub warm: u32,
 }
 
 fn max_held() -> usize {
@@ -150,6 +155,12 @@ enum Msg {
     /// The boot finished: how to reach the instance, or why not; and how long it took.
     Started(InstanceId, Result<Booted, ActivateError>, Duration),
     RollOver(Box<Image>),
+    /// A warm instance of `release` booted and paused, or why not.
+    Warmed {
+        name: String,
+        release: u64,
+        res: Result<Booted, ActivateError>,
+    },
 }
 
 /// What the pool needs to reach and stop an instance; its connections and whether it
@@ -176,6 +187,7 @@ impl std::fmt::Debug for Msg {
             Msg::Release(_) => "Release",
             Msg::Started(..) => "Started",
             Msg::RollOver(_) => "RollOver",
+            Msg::Warmed { .. } => "Warmed",
         })
     }
 }
@@ -298,7 +310,24 @@ struct Pool {
     reported: OnDemandCounts,
     /// For boot results: the pool's own inbox.
     tx: mpsc::Sender<Msg>,
+    /// Booted, healthy, paused instances of the current release, oldest first.
+    warm: VecDeque<Warm>,
+    /// Warm boots under way.
+    warming: u32,
+    /// Warm instances made so far (their names' numbers).
+    warmed: u64,
+    /// After a warm boot failed: no new one before then.
+    warm_retry_at: Option<Instant>,
 }
+
+/// A paused instance waiting for a connection.
+struct Warm {
+    name: String,
+    booted: Booted,
+}
+
+/// After a warm boot failed, how long before the next try.
+const WARM_RETRY: Duration = Duration::from_secs(30);
 
 impl Pool {
     fn new(ctx: PoolContext, cfg: OnDemandConfig, image: Image, tx: mpsc::Sender<Msg>) -> Pool {
@@ -312,6 +341,10 @@ impl Pool {
             counts: OnDemandCounts::default(),
             reported: OnDemandCounts::default(),
             tx,
+            warm: VecDeque::new(),
+            warming: 0,
+            warmed: 0,
+            warm_retry_at: None,
         }
     }
 
@@ -331,6 +364,7 @@ impl Pool {
             for action in actions {
                 self.act(action);
             }
+            self.refill(now);
             self.publish_counts().await;
         }
     }
@@ -351,7 +385,16 @@ impl Pool {
             Msg::RollOver(new) => {
                 tracing::info!(app = %self.cfg.app, release = new.manifest.release, "on-demand pool rolls over");
                 self.image = *new;
+                // Warm instances of the old release go; new ones are made.
+                for w in std::mem::take(&mut self.warm) {
+                    self.stop_domain(Location::Local, w.name);
+                }
+                self.warm_retry_at = None;
                 self.scaler.handle(Event::Drain { now })
+            }
+            Msg::Warmed { name, release, res } => {
+                self.warmed_up(name, release, res, now);
+                vec![]
             }
             Msg::Started(id, res, took) => self.started(id, res, took, now),
         }
@@ -368,8 +411,13 @@ impl Pool {
         let booted = match res {
             Ok(booted) => booted,
             Err(e) => {
-                let at = self.insts.remove(&id).map(|i| i.at);
+                let gone = self.insts.remove(&id);
+                let at = gone.as_ref().map(|i| i.at);
                 tracing::warn!(app = %self.cfg.app, ?at, "on-demand instance failed to start: {e}");
+                // A domain that failed its probe still runs: not left behind.
+                if let Some(i) = gone {
+                    self.stop_domain(i.at, i.name);
+                }
                 return self.scaler.handle(match at {
                     Some(Location::Remote) => Event::RemoteUnavailable {
                         now,
@@ -453,20 +501,33 @@ impl Pool {
         }
     }
 
-    fn start(&mut self, id: InstanceId, at: Location) {
-        self.ctx.metrics.ondemand_decisions.fetch_add(1, Relaxed);
-        self.counts.decisions += 1;
-        let name = format!("uf-{}-{}-od{}", self.ctx.device, self.cfg.app, id.0);
-        tracing::info!(app = %self.cfg.app, instance = %name, ?at, "starting on-demand instance");
+    /// The launch of an instance `name` of the current release.
+    fn launch(&self, name: String) -> Launch {
         let boot = &self.image.manifest.boot;
-        let launch = Launch {
+        Launch {
             console_log: self.ctx.state_dir.join(format!("{name}.console.log")),
-            name: name.clone(),
+            name,
             platform: self.image.manifest.platform,
             image: self.image.slot.clone(),
             boot: boot.clone(),
             nic: boot.network.then(|| self.ctx.nic.clone()).flatten(),
+        }
+    }
+
+    /// Boots instance `id` — or, local and with a warm one paused, resumes that.
+    fn start(&mut self, id: InstanceId, at: Location) {
+        self.ctx.metrics.ondemand_decisions.fetch_add(1, Relaxed);
+        self.counts.decisions += 1;
+        let (hv, tx) = (self.hypervisor(at), self.tx.clone());
+        let warm = match at {
+            Location::Local => self.warm.pop_front(),
+            Location::Remote => None,
         };
+        let name = match &warm {
+            Some(w) => w.name.clone(),
+            None => format!("uf-{}-{}-od{}", self.ctx.device, self.cfg.app, id.0),
+        };
+        let launch = self.launch(name.clone());
         let cut = CancellationToken::new();
         let endpoint = None;
         self.insts.insert(
@@ -478,12 +539,63 @@ impl Pool {
                 cut,
             },
         );
-        let (hv, tx) = (self.hypervisor(at), self.tx.clone());
+        let resumed = warm.is_some();
+        tracing::info!(app = %self.cfg.app, instance = %launch.name, ?at, resumed, "starting on-demand instance");
         self.ctx.tasks.spawn(async move {
             let began = Instant::now();
-            let res = hv.boot(&launch).await;
+            let res = match warm {
+                Some(w) => hv.resume(&w.name).await.map(|()| w.booted),
+                None => hv.boot(&launch).await,
+            };
             let _ = tx.send(Msg::Started(id, res, began.elapsed())).await;
         });
+    }
+
+    /// Boots warm instances until `warm` are paused or booting (not after a failure
+    /// until [`WARM_RETRY`] has passed).
+    fn refill(&mut self, now: Instant) {
+        if self.warm_retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        while self.warm.len() as u32 + self.warming < self.cfg.warm {
+            self.warmed += 1;
+            self.warming += 1;
+            let name = format!("uf-{}-{}-w{}", self.ctx.device, self.cfg.app, self.warmed);
+            tracing::info!(app = %self.cfg.app, instance = %name, "booting a warm on-demand instance");
+            let launch = self.launch(name.clone());
+            let release = self.image.manifest.release;
+            let (hv, tx) = (self.ctx.local.clone(), self.tx.clone());
+            self.ctx.tasks.spawn(async move {
+                let res = match hv.boot(&launch).await {
+                    Ok(booted) => hv.pause(&name).await.map(|()| booted),
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send(Msg::Warmed { name, release, res }).await;
+            });
+        }
+    }
+
+    /// A warm boot finished: kept paused if it is of the current release.
+    fn warmed_up(
+        &mut self,
+        name: String,
+        release: u64,
+        res: Result<Booted, ActivateError>,
+        now: Instant,
+    ) {
+        self.warming = self.warming.saturating_sub(1);
+        match res {
+            Ok(booted) if release == self.image.manifest.release => {
+                tracing::info!(app = %self.cfg.app, instance = %name, "warm on-demand instance paused, ready to resume");
+                self.warm.push_back(Warm { name, booted });
+            }
+            Ok(_) => self.stop_domain(Location::Local, name),
+            Err(e) => {
+                tracing::warn!(app = %self.cfg.app, instance = %name, "warm on-demand instance failed to start: {e}; trying again in {} s", WARM_RETRY.as_secs());
+                self.warm_retry_at = Some(now + WARM_RETRY);
+                self.stop_domain(Location::Local, name);
+            }
+        }
     }
 
     fn stop(&mut self, id: InstanceId) {
@@ -493,14 +605,19 @@ impl Pool {
             return;
         };
         tracing::info!(app = %self.cfg.app, instance = %i.name, at = ?i.at, "stopping on-demand instance");
-        let (hv, app) = (self.hypervisor(i.at), self.cfg.app.clone());
+        self.stop_domain(i.at, i.name);
+    }
+
+    /// Destroys the domain `name` in the background.
+    fn stop_domain(&self, at: Location, name: String) {
+        let (hv, app) = (self.hypervisor(at), self.cfg.app.clone());
         self.ctx.tasks.spawn(async move {
             let t = Instant::now();
-            match hv.stop(&i.name).await {
+            match hv.stop(&name).await {
                 Ok(()) => {
-                    tracing::info!(%app, instance = %i.name, stop_ms = t.elapsed().as_millis() as u64, "on-demand instance stopped")
+                    tracing::info!(%app, instance = %name, stop_ms = t.elapsed().as_millis() as u64, "on-demand instance stopped")
                 }
-                Err(e) => tracing::warn!(%app, instance = %i.name, "stopping on-demand instance: {e}"),
+                Err(e) => tracing::warn!(%app, instance = %name, "stopping on-demand instance: {e}"),
             }
         });
     }

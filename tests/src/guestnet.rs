@@ -1,6 +1,7 @@
 //! A guest network for tests that boot unikernels with a NIC: a transient, isolated
 //! libvirt network (a host bridge with no route out, DHCP by libvirt's dnsmasq) on one
-//! /26 slice of TEST-NET-2 (198.51.100.0/24). libvirt refuses two networks on one subnet,
+//! /26 slice of TEST-NET-2 or -3 (198.51.100.0/24, 203.0.113.0/24). libvirt refuses two
+//! networks on one subnet,
 //! so tests that run at the same time take different slots; a slot's leftover from a
 //! killed run is destroyed first. Destroyed on drop, whatever the test did.
 
@@ -8,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use std::process::Command;
 
 /// How many tests may hold a guest network at once.
-pub const SLOTS: u8 = 4;
+pub const SLOTS: u8 = 8;
 
 #[derive(Debug)]
 pub struct GuestNet {
@@ -35,7 +36,8 @@ fn virsh(uri: &str, args: &[&str]) -> Result<String> {
 }
 
 impl GuestNet {
-    /// Network `slot` (0..[`SLOTS`]) on `uri`: 198.51.100.(64 × slot)/26.
+    /// Network `slot` (0..[`SLOTS`]) on `uri`: 198.51.100.(64 × slot)/26 for slots 0-3,
+    /// then 203.0.113.(64 × (slot - 4))/26.
     pub fn create(uri: &str, slot: u8) -> Result<GuestNet> {
         assert!(slot < SLOTS, "guest network slot {slot} of {SLOTS}");
         let prefix = format!("uf-test{slot}-");
@@ -44,13 +46,14 @@ impl GuestNet {
                 let _ = virsh(uri, &["net-destroy", old.trim()]);
             }
         }
-        let base = 64 * u32::from(slot);
+        let net = if slot < 4 { "198.51.100" } else { "203.0.113" };
+        let base = 64 * u32::from(slot % 4);
         let name = format!("{prefix}{}", std::process::id());
-        let host = format!("198.51.100.{}", base + 1);
+        let host = format!("{net}.{}", base + 1);
         let xml = format!(
             "<network><name>{name}</name><bridge name='ufbr{slot}-{pid}' stp='off' delay='0'/>\
              <ip address='{host}' netmask='255.255.255.192'><dhcp>\
-             <range start='198.51.100.{lo}' end='198.51.100.{hi}'/></dhcp></ip></network>",
+             <range start='{net}.{lo}' end='{net}.{hi}'/></dhcp></ip></network>",
             pid = std::process::id() % 100_000,
             lo = base + 10,
             hi = base + 62,

@@ -152,6 +152,14 @@ fn the_rust_unikernel_serves_http_on_demand_through_its_nic() -> Result<()> {
     wait_for("zero on-demand instances", Duration::from_secs(60), || {
         running_domains(URI, &prefix).is_empty().then_some(())
     })?;
+
+    // The hub and its embedded broker gone: a cold start still serves.
+    fleet.kill_hub();
+    let mut alone = BufReader::new(TcpStream::connect(("127.0.0.1", port))?);
+    alone
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_secs(60)))?;
+    answer_of(&mut alone, "1.0.1").context("served with the hub and broker down")?;
     Ok(())
 }
 
@@ -224,8 +232,154 @@ fn a_unikernel_that_stops_answering_is_restarted_then_rolled_back() -> Result<()
         .report("hello")
         .map(|r| (r["release"].clone(), r["state"].to_string()))
         .context("a report")?;
-    assert!(reason.contains("died 4 times"), "{reason}");
+    assert!(reason.contains("stopped 4 times"), "{reason}");
     assert!(running_domains(URI, &format!("uf-{name}-hello-r1")).len() == 1);
     assert!(running_domains(URI, &format!("uf-{name}-hello-r2")).is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_warm_instance_is_resumed_for_the_first_connection_and_replaced() -> Result<()> {
+    let net = GuestNet::create(URI, 4)?;
+    let mut fleet = Fleet::new(URI)?;
+    fleet.start_hub(&[])?;
+    let name = format!("uk-warm-{}", std::process::id());
+    let d = fleet.add_device(&name, "hello", &[])?;
+    fleet.devices[d].set_config("nic", V::Str(net.nic()))?;
+    let port = fleet.devices[d].serve_on_demand("hello", "min = 0\nwarm = 1\nidle_secs = 60")?;
+    fleet.start_device(d)?;
+    let image = hello_http_x86_64()?;
+    let args = http_release("app=hello version=1.0.0", &["--no-staging"]);
+    fleet.publish(&image, "hello", "1.0.0", &args)?;
+    fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(90))?;
+    let paused = |n: u32| {
+        let want = format!("instance=uf-{name}-hello-w{n}");
+        move |log: &str| {
+            log.lines()
+                .any(|l| l.contains(&want) && l.contains("warm on-demand instance paused"))
+        }
+    };
+    wait_for("a warm instance paused", Duration::from_secs(60), || {
+        paused(1)(&fleet.devices[d].log_text()).then_some(())
+    })?;
+    assert!(
+        running_domains(URI, &format!("uf-{name}-hello-od")).is_empty(),
+        "nothing runs before a connection"
+    );
+    let mut s = BufReader::new(TcpStream::connect(("127.0.0.1", port))?);
+    s.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(60)))?;
+    answer(&mut s)?;
+    let log = fleet.devices[d].log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("instance=uf-{name}-hello-w1"))
+                && l.contains("resumed=true")),
+        "the first connection resumed the warm instance:\n{log}"
+    );
+    assert!(
+        !log.contains("instance=uf-{name}-hello-od"),
+        "nothing booted cold"
+    );
+    // Another takes its place in the background.
+    wait_for(
+        "a second warm instance paused",
+        Duration::from_secs(60),
+        || paused(2)(&fleet.devices[d].log_text()).then_some(()),
+    )?;
+    Ok(())
+}
+
+/// Publishes a release that must fail on device `d` (8 s to pass its probe) and waits for
+/// its rollback; release 1 (`r1`) still runs. Returns the rollback's reason.
+fn publish_bad(
+    fleet: &Fleet,
+    d: usize,
+    image: &std::path::Path,
+    r1: &str,
+    version: &str,
+    cmdline: &str,
+) -> Result<String> {
+    let extra = ["--no-staging", "--probe-timeout-secs", "8"];
+    fleet.publish(image, "hello", version, &http_release(cmdline, &extra))?;
+    let release = fleet.releases(Some("stable"))?.len() as u64;
+    wait_for(
+        "the failed release rolled back",
+        Duration::from_secs(90),
+        || {
+            let r = fleet.devices[d].report("hello")?;
+            (r["state"]["RolledBack"]["failed_release"].as_u64() == Some(release)).then_some(())
+        },
+    )?;
+    assert!(
+        unifleet_tests::fleet::domain_running(URI, r1),
+        "release 1 still runs"
+    );
+    rolled_back_to_1(fleet, d)
+}
+
+/// The reason of the device's last report, which must say `RolledBack` to release 1.
+fn rolled_back_to_1(fleet: &Fleet, d: usize) -> Result<String> {
+    let r = fleet.devices[d].report("hello").context("a report")?;
+    let reason = r["state"]["RolledBack"]["reason"].as_str();
+    let reason = reason.with_context(|| format!("not rolled back: {r}"))?;
+    assert_eq!(r["release"].as_u64(), Some(1), "{r}");
+    Ok(reason.to_string())
+}
+
+#[test]
+fn bad_guest_settings_fail_with_a_clear_error_and_the_old_release_keeps_serving() -> Result<()> {
+    let net = GuestNet::create(URI, 3)?;
+    let mut fleet = Fleet::new(URI)?;
+    fleet.start_hub(&[])?;
+    let name = format!("uk-bad-{}", std::process::id());
+    let d = fleet.add_device(&name, "hello", &[])?;
+    fleet.devices[d].set_config("nic", V::Str(net.nic()))?;
+    fleet.start_device(d)?;
+    let image = hello_http_x86_64()?;
+    let r1 = format!("uf-{name}-hello-r1");
+    fleet.publish(
+        &image,
+        "hello",
+        "1.0.0",
+        &http_release("app=hello version=1.0.0", &["--no-staging"]),
+    )?;
+    fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(90))?;
+
+    // A probe path that never answers.
+    let reason = publish_bad(
+        &fleet,
+        d,
+        &image,
+        &r1,
+        "2.0.0",
+        "app=hello version=2.0.0 health_fail_after=0",
+    )?;
+    assert!(
+        reason.contains("not healthy within 8s: GET /health on 198.51.100."),
+        "{reason}"
+    );
+    assert!(reason.contains("no answer within"), "{reason}");
+    // A guest that never gets an address (a static one: no lease on the network).
+    let reason = publish_bad(
+        &fleet,
+        d,
+        &image,
+        &r1,
+        "3.0.0",
+        "app=hello version=3.0.0 ip=203.0.113.77/24",
+    )?;
+    assert!(reason.contains("the guest has no address yet"), "{reason}");
+    // A NIC setting naming a network that does not exist.
+    if let Some(mut p) = fleet.devices[d].proc.take() {
+        p.terminate(Duration::from_secs(30))?;
+    }
+    fleet.devices[d].set_config("nic", V::Str("network=uf-no-such-net".into()))?;
+    fleet.start_device(d)?;
+    let reason = publish_bad(&fleet, d, &image, &r1, "4.0.0", "app=hello version=4.0.0")?;
+    assert!(
+        reason.contains("uf-no-such-net"),
+        "names the network: {reason}"
+    );
     Ok(())
 }

@@ -15,6 +15,8 @@ pub struct Table {
     pub started: Vec<String>,
     /// Every stop of a running domain, in order.
     pub stopped: Vec<String>,
+    /// Paused domains.
+    pub paused: Vec<String>,
     /// The address each guest gets when started with a network interface.
     pub address: Option<IpAddr>,
 }
@@ -59,6 +61,16 @@ impl Backend for Fake {
         if t.running.remove(name).is_some() {
             t.stopped.push(name.into());
         }
+        Ok(())
+    }
+
+    fn pause(&mut self, name: &str) -> Result<(), ActivateError> {
+        self.table().paused.push(name.into());
+        Ok(())
+    }
+
+    fn resume(&mut self, name: &str) -> Result<(), ActivateError> {
+        self.table().paused.retain(|n| n != name);
         Ok(())
     }
 

@@ -221,6 +221,30 @@ impl Backend for Libvirt {
         })
     }
 
+    fn pause(&mut self, name: &str) -> Result<(), ActivateError> {
+        self.with_conn(|conn, _| {
+            let fail = |e| ActivateError::Pause {
+                name: name.into(),
+                source: e,
+            };
+            conn.lookup_domain_by_name(name)
+                .and_then(|d| d.suspend())
+                .map_err(fail)
+        })
+    }
+
+    fn resume(&mut self, name: &str) -> Result<(), ActivateError> {
+        self.with_conn(|conn, _| {
+            let fail = |e| ActivateError::Resume {
+                name: name.into(),
+                source: e,
+            };
+            conn.lookup_domain_by_name(name)
+                .and_then(|d| d.resume())
+                .map_err(fail)
+        })
+    }
+
     /// From the libvirt network's DHCP leases (a host bridge has none: there the guest
     /// needs a static address, a later step).
     fn address(&mut self, name: &str) -> Result<Option<IpAddr>, ActivateError> {

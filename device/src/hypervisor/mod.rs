@@ -128,6 +128,16 @@ pub enum ActivateError {
         name: String,
         source: virt::error::Error,
     },
+    #[error("pausing domain {name}: {source}")]
+    Pause {
+        name: String,
+        source: virt::error::Error,
+    },
+    #[error("resuming domain {name}: {source}")]
+    Resume {
+        name: String,
+        source: virt::error::Error,
+    },
     #[error("asking libvirt for the address of {name}: {source}")]
     Address {
         name: String,
@@ -199,6 +209,10 @@ pub trait Backend: Send + 'static {
     fn stop(&mut self, name: &str) -> Result<(), ActivateError>;
     /// The guest's address on its network interface, once it has one (a DHCP lease).
     fn address(&mut self, name: &str) -> Result<Option<IpAddr>, ActivateError>;
+    /// Stops the guest's CPUs; its memory, devices and address stay.
+    fn pause(&mut self, name: &str) -> Result<(), ActivateError>;
+    /// Runs a paused guest again.
+    fn resume(&mut self, name: &str) -> Result<(), ActivateError>;
 }
 
 type Reply<T> = oneshot::Sender<Result<T, ActivateError>>;
@@ -208,6 +222,8 @@ enum Command {
     Running(String, Reply<bool>),
     Stop(String, Reply<()>),
     Address(String, Reply<Option<IpAddr>>),
+    Pause(String, Reply<()>),
+    Resume(String, Reply<()>),
 }
 
 /// Commands waiting for the owner: a boot storm of the on-demand pool at most.
@@ -243,6 +259,8 @@ impl Hypervisor {
                         Command::Running(n, r) => drop(r.send(backend.running(&n))),
                         Command::Stop(n, r) => drop(r.send(backend.stop(&n))),
                         Command::Address(n, r) => drop(r.send(backend.address(&n))),
+                        Command::Pause(n, r) => drop(r.send(backend.pause(&n))),
+                        Command::Resume(n, r) => drop(r.send(backend.resume(&n))),
                     }
                 }
             });
@@ -307,6 +325,14 @@ impl Hypervisor {
 
     pub async fn address(&self, name: &str) -> Result<Option<IpAddr>, ActivateError> {
         self.call(|r| Command::Address(name.into(), r)).await
+    }
+
+    pub async fn pause(&self, name: &str) -> Result<(), ActivateError> {
+        self.call(|r| Command::Pause(name.into(), r)).await
+    }
+
+    pub async fn resume(&self, name: &str) -> Result<(), ActivateError> {
+        self.call(|r| Command::Resume(name.into(), r)).await
     }
 
     /// Starts `launch` and waits until its health probe passes; the one boot path of the
