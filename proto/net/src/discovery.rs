@@ -552,7 +552,8 @@ mod tests {
                 Action::SetReachability(Reachability::Unreachable),
             ]
         );
-        // Already relayed (a reservation renewed): listening again, reachability kept.
+        // Without a relay listener the slot is asked again, but a node the relay
+        // already accepted stays `Relayed` (the relay's own events move it).
         links.reachability = Reachability::Relayed;
         assert_eq!(
             d.identified(hub, &[], &observed, &links),

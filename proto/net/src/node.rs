@@ -43,13 +43,13 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Starts the node as a task of `tasks`: it runs until `tasks` is cancelled (its
 /// [`Tasks::shutdown`] then waits for it) or every [`NetClient`] is dropped. Events come
-/// on a channel of [`EVENT_CAPACITY`]; the node never waits on it (see [`EVENT_CAPACITY`]
-/// for what happens when the application falls that far behind).
+/// on a channel of [`EVENT_CAPACITY`], which the node never waits on (see there for what
+/// happens when the application falls that far behind).
 pub fn start(
     cfg: NetConfig,
     tasks: &Tasks,
 ) -> Result<(NetClient, mpsc::Receiver<NetEvent>), StartError> {
-    let (client, events, node, commands) = prepare(cfg)?;
+    let (client, events, node, commands) = prepare(cfg, EVENT_CAPACITY)?;
     let token = tasks.token().clone();
     tasks.spawn_graceful(node.run(commands, token));
     Ok((client, events))
@@ -100,7 +100,7 @@ type Prepared = (
 );
 
 /// The swarm listening and subscribed, the node ready to run.
-fn prepare(cfg: NetConfig) -> Result<Prepared, StartError> {
+fn prepare(cfg: NetConfig, event_capacity: usize) -> Result<Prepared, StartError> {
     let peer_id = cfg.keypair.public().to_peer_id();
     let mut swarm = build_swarm(&cfg)?;
     for addr in &cfg.listen {
@@ -126,7 +126,7 @@ fn prepare(cfg: NetConfig) -> Result<Prepared, StartError> {
     // which dials), once a listener is up (see `Discovery::listening`).
     let state = cfg.state.clone();
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAPACITY);
-    let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAPACITY);
+    let (ev_tx, ev_rx) = mpsc::channel(event_capacity);
     let node = Node {
         swarm,
         fleet: cfg.fleet,
@@ -655,6 +655,7 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::FetchError;
     use libp2p::identity::Keypair;
     use libp2p::multiaddr::Protocol;
     use proto::blob::Want;
@@ -719,9 +720,45 @@ mod tests {
         assert_eq!(tasks.shutdown(WAIT).await, 0, "both nodes stopped");
         assert!(matches!(
             device.fetch(hub.peer_id(), Digest::of(b"x")).await,
-            Err(crate::client::FetchError::Stopped)
+            Err(FetchError::Stopped)
         ));
         tokio::time::timeout(WAIT, served).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_node_whose_application_stopped_reading_answers_busy_for_it() {
+        let tasks = Tasks::new();
+        // One slot, taken by the first `Listening`: the application reads nothing.
+        let (stalled, events, node, commands) =
+            prepare(NetConfig::new(Keypair::generate_ed25519(), "t"), 1).unwrap();
+        tasks.spawn_graceful(node.run(commands, tasks.token().clone()));
+        let addr = loop {
+            if let Some(a) = stalled.listen_addrs().await.pop() {
+                break a.with(Protocol::P2p(stalled.peer_id()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let mut cfg = NetConfig::new(Keypair::generate_ed25519(), "t");
+        cfg.bootstrap = vec![addr];
+        let (asker, asker_events) = start(cfg, &tasks).unwrap();
+        tokio::spawn(async move {
+            let mut asker_events = asker_events;
+            while asker_events.recv().await.is_some() {}
+        });
+        let got = tokio::time::timeout(WAIT, asker.fetch(stalled.peer_id(), Digest::of(b"x")))
+            .await
+            .unwrap();
+        assert!(
+            matches!(got, Err(FetchError::Busy(p)) if p == stalled.peer_id()),
+            "{got:?}"
+        );
+        assert_eq!(stalled.state().events_dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            tasks.shutdown(WAIT).await,
+            0,
+            "a stalled application stops nothing"
+        );
+        drop(events);
     }
 
     #[tokio::test]
