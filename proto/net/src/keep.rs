@@ -13,7 +13,7 @@
 //! [`Kept`] makes the choice, with no I/O; [`Behaviour`] applies it to the swarm: the
 //! handler of a kept connection asks libp2p to keep it alive.
 
-use crate::{is_private, is_relayed};
+use crate::addr::{is_private, is_relayed};
 use libp2p::core::{transport::PortUse, upgrade::DeniedUpgrade, Endpoint, Multiaddr};
 use libp2p::swarm::handler::ConnectionEvent;
 use libp2p::swarm::{

@@ -50,7 +50,7 @@ pub fn push(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
 
 /// Appends the node's connection and request counters ([`crate::NetState`]), named
 /// `<prefix>_…` (`unifleet_hub`, `unifleet_device`).
-pub fn push_net(out: &mut String, prefix: &str, state: &crate::NetState) {
+pub fn push_net(out: &mut String, prefix: &str, state: &crate::state::NetState) {
     use std::sync::atomic::Ordering::Relaxed;
     for (name, help, value) in [
         (
@@ -67,6 +67,11 @@ pub fn push_net(out: &mut String, prefix: &str, state: &crate::NetState) {
             "blob_requests_received_total",
             "Blob-protocol requests received (one yamux stream each)",
             &state.requests_received,
+        ),
+        (
+            "p2p_events_dropped_total",
+            "Network events the application was too far behind to take: gossip ignored, blob requests answered Busy",
+            &state.events_dropped,
         ),
     ] {
         push(
