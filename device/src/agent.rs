@@ -177,11 +177,10 @@ pub async fn run_with_metrics(
     }
     net_cfg.mdns = cfg.mdns;
     net_cfg.state = metrics.net.clone();
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let mut net_stop = shutdown_rx.clone();
-    let (net, events, net_task) = net::spawn(net_cfg, async move {
-        let _ = net_stop.wait_for(|s| *s).await;
-    })?;
+    // The network on a tree of its own, stopped last: the application's tasks answer
+    // peers and the hub until they are done.
+    let net_tasks = net::tasks::Tasks::new();
+    let (net, events) = net::start(net_cfg, &net_tasks)?;
     tracing::info!(peer_id = %net.peer_id(), device = %cfg.name, "device agent starting");
 
     let (mqtt_tx, mqtt_rx) = mpsc::channel(64);
@@ -260,8 +259,7 @@ pub async fn run_with_metrics(
         tracing::warn!("{left} task(s) still running after {SHUTDOWN_GRACE:?}; leaving them");
     }
     // The network last: the tasks above were still answering peers and the hub.
-    let _ = shutdown_tx.send(true);
-    let _ = net_task.await;
+    net_tasks.shutdown(SHUTDOWN_GRACE).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -299,7 +297,7 @@ struct Router {
 impl Router {
     async fn run(
         mut self,
-        mut events: mpsc::UnboundedReceiver<NetEvent>,
+        mut events: mpsc::Receiver<NetEvent>,
         mut mqtt: mpsc::Receiver<(String, Vec<u8>)>,
         mut asked: mpsc::Receiver<(Vec<u8>, PeerId)>,
     ) {
