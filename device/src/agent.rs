@@ -12,7 +12,7 @@
 
 use crate::config::Config;
 use crate::fetch::Fetcher;
-use crate::hypervisor::{Hypervisor, Launch};
+use crate::hypervisor::{Driver, Hypervisor, Launch};
 use crate::metrics::DeviceMetrics;
 use crate::mqtt;
 use crate::report::Reporter;
@@ -240,7 +240,7 @@ pub async fn run_with_metrics(
             trust.clone(),
             tasks.clone(),
         ),
-        hypervisor: Hypervisor::libvirt(&cfg.libvirt_uri, &cfg.domain_type),
+        hypervisor: Hypervisor::libvirt(&cfg.libvirt_uri, &cfg.domain_type, cfg.guest_addresses()?),
         cfg,
         platform,
         trust,
@@ -1185,13 +1185,14 @@ impl Updater {
 
     /// Starts the on-demand proxy and pool for this release's app if it is configured, or
     /// rolls a running pool over to this release.
-    async fn start_ondemand(&self, m: &proto::manifest::Manifest, slot: &std::path::Path) {
+    async fn start_ondemand(&self, m: &proto::manifest::Manifest, inst: &Installed) {
         let Some(od) = self.cfg.ondemand.iter().find(|o| o.app == m.app).cloned() else {
             return;
         };
         let image = crate::ondemand::Image {
             manifest: m.clone(),
-            slot: slot.to_path_buf(),
+            slot: inst.slot.clone(),
+            domain_type: inst.accel.as_ref().map(|a| a.domain_type.clone()),
         };
         let mut pools = self.ondemand.lock().await;
         if let Some(pool) = pools.get(&m.app) {
@@ -1201,7 +1202,7 @@ impl Updater {
         let remote = od
             .remote_uri
             .as_deref()
-            .map(|uri| Hypervisor::libvirt(uri, &self.cfg.domain_type));
+            .map(|uri| Hypervisor::libvirt(uri, &self.cfg.domain_type, None));
         let app = od.app.clone();
         let ctx = crate::ondemand::PoolContext {
             device: self.cfg.name.clone(),
@@ -1231,15 +1232,17 @@ impl Updater {
         format!("uf-{}-{app}-r{release}", self.cfg.name)
     }
 
-    fn launch(&self, m: &proto::manifest::Manifest, slot: &std::path::Path) -> Launch {
+    /// How `inst`, a release of `m`, boots on this device.
+    fn launch(&self, m: &proto::manifest::Manifest, inst: &Installed) -> Launch {
         let name = self.domain_name(&m.app, m.release);
         Launch {
             console_log: self.store.dir().join(format!("{name}.console.log")),
             name,
             platform: m.platform,
-            image: slot.to_path_buf(),
+            image: inst.slot.clone(),
             boot: m.boot.clone(),
             nic: m.boot.network.then(|| self.cfg.nic().ok()).flatten(),
+            domain_type: inst.accel.as_ref().map(|a| a.domain_type.clone()),
         }
     }
 
@@ -1303,7 +1306,7 @@ impl Updater {
     /// [`crate::probe::rechecks`]); `None` when it answered or cannot be rechecked.
     async fn unanswered(&self, cur: &Installed) -> Option<String> {
         let m = self.stored_manifest(&cur.manifest).ok()?;
-        let launch = self.launch(&m, &cur.slot);
+        let launch = self.launch(&m, cur);
         if !crate::probe::rechecks(&launch) {
             return None;
         }
@@ -1322,7 +1325,7 @@ impl Updater {
         match verdict {
             Watched::Restart { n } => {
                 tracing::warn!(%app, release = cur.release, "domain {how}; restarting it ({n} of {} within {})", crate::watchdog::RESTARTS, human_duration(crate::watchdog::WINDOW));
-                let launch = self.launch(&m, &cur.slot);
+                let launch = self.launch(&m, cur);
                 match self.hypervisor.boot(&launch).await {
                     Ok(_) => {
                         tracing::info!(%app, release = cur.release, "restarted; healthy again")
@@ -1381,7 +1384,7 @@ impl Updater {
         self.store.save_state(&state)?;
         tracing::error!(%app, release = prev.release, "{reason}; going back to release {}", prev.release);
         let m = self.stored_manifest(&prev.manifest)?;
-        self.hypervisor.boot(&self.launch(&m, &prev.slot)).await?;
+        self.hypervisor.boot(&self.launch(&m, &prev)).await?;
         self.reporter.report_installed(app, &prev, reported).await;
         Ok(())
     }
@@ -1397,7 +1400,7 @@ impl Updater {
                 self.activate(&m, pending.clone()).await?;
             } else if let Some(cur) = &st.current {
                 let m = self.stored_manifest(&cur.manifest)?;
-                let launch = self.launch(&m, &cur.slot);
+                let launch = self.launch(&m, cur);
                 let running = self.hypervisor.is_running(&launch.name).await;
                 if self.is_ondemand(app) {
                     // The pool starts instances when connections arrive.
@@ -1409,7 +1412,7 @@ impl Updater {
                     self.hypervisor.boot(&launch).await?;
                 }
                 // Serving (an on-demand proxy listening) before reporting Active.
-                self.start_ondemand(&m, &cur.slot).await;
+                self.start_ondemand(&m, cur).await;
                 self.reporter
                     .report_installed(app, cur, DeviceState::Active)
                     .await;
@@ -1532,6 +1535,7 @@ impl Updater {
             version: m.version.to_string(),
             manifest: verified.digest(),
             slot,
+            accel: None,
         };
         let mut state = self.store.load_state()?;
         let st = state.apps.entry(m.app.clone()).or_default();
@@ -1543,8 +1547,13 @@ impl Updater {
     }
 
     /// Boots `new`, probes it, and either retires the old release or restores it.
-    async fn activate(&self, m: &proto::manifest::Manifest, new: Installed) -> Result<()> {
-        let launch = self.launch(m, &new.slot);
+    async fn activate(&self, m: &proto::manifest::Manifest, mut new: Installed) -> Result<()> {
+        if self.cfg.domain_type == "auto" && self.hypervisor.driver() == Driver::Qemu {
+            let accel = crate::accel::measure(&self.hypervisor, &self.launch(m, &new)).await;
+            tracing::info!(app = %m.app, release = m.release, "accelerator {}: {}", accel.domain_type, accel.why);
+            new.accel = Some(accel);
+        }
+        let launch = self.launch(m, &new);
         let outcome = self.hypervisor.boot(&launch).await;
         let mut state = self.store.load_state()?;
         let st: &mut AppState = state.apps.entry(m.app.clone()).or_default();
@@ -1577,7 +1586,7 @@ impl Updater {
                     std::sync::atomic::Ordering::Relaxed,
                 );
                 tracing::info!(app = %m.app, release = m.release, version = %m.version, "active and healthy");
-                self.start_ondemand(m, &new.slot).await;
+                self.start_ondemand(m, &new).await;
                 self.reporter
                     .report_installed(&m.app, &new, DeviceState::Active)
                     .await;
@@ -1595,7 +1604,7 @@ impl Updater {
                 self.store.save_state(&state)?;
                 if let Some(old) = &old {
                     let om = self.stored_manifest(&old.manifest)?;
-                    let ol = self.launch(&om, &old.slot);
+                    let ol = self.launch(&om, old);
                     if !self.hypervisor.is_running(&ol.name).await {
                         self.hypervisor.boot(&ol).await?;
                     }

@@ -48,7 +48,9 @@ pub struct Config {
     /// libvirt URI: `xen:///system`, `qemu:///system`, `test:///default`, …
     #[serde(default = "default_libvirt")]
     pub libvirt_uri: String,
-    /// Domain type for QEMU URIs: `qemu` (TCG) or `kvm`.
+    /// Domain type for QEMU URIs: `kvm`, `qemu` (TCG), or `auto`: each new release is
+    /// booted once under each and runs under the faster (KVM can be the slower under
+    /// nested virtualisation); `device status` says which and why.
     #[serde(default = "default_domain_type")]
     pub domain_type: String,
     /// Where a release that asks for a network interface (`hub publish --network`) gets
@@ -61,6 +63,13 @@ pub struct Config {
     /// death (restart, then roll back).
     #[serde(default = "default_probe_every_secs")]
     pub probe_every_secs: u64,
+    /// Static addresses for guests with a network interface, `FIRST-LAST/PREFIX via
+    /// GATEWAY` (e.g. `"192.168.122.2-192.168.122.99/24 via 192.168.122.1"`, outside the
+    /// network's DHCP range): each guest gets `ip=ADDR/PREFIX gw=GATEWAY` on its command
+    /// line and answers in well under a second; without it guests ask DHCP (seconds: the
+    /// server checks an address is free before offering it) and the device reads the lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_addresses: Option<String>,
     /// Download and upload limits in bytes per second (0 = unlimited).
     #[serde(default)]
     pub download_rate: u64,
@@ -110,7 +119,7 @@ fn default_probe_every_secs() -> u64 {
     crate::watchdog::PROBE_EVERY.as_secs()
 }
 fn default_domain_type() -> String {
-    "qemu".into()
+    "auto".into()
 }
 fn default_true() -> bool {
     true
@@ -159,6 +168,12 @@ impl Config {
         }
         self.platform().map_err(anyhow::Error::msg)?;
         self.nic().map_err(anyhow::Error::msg)?;
+        self.guest_addresses().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            ["auto", "kvm", "qemu", "xen"].contains(&self.domain_type.as_str()),
+            "domain_type = {:?}: use auto, kvm or qemu (TCG)",
+            self.domain_type
+        );
         anyhow::ensure!(
             self.parallel_fetches > 0,
             "parallel_fetches must be at least 1"
@@ -168,6 +183,15 @@ impl Config {
 
     pub fn platform(&self) -> Result<Platform, proto::manifest::UnknownPlatform> {
         self.platform.parse()
+    }
+
+    pub fn guest_addresses(
+        &self,
+    ) -> Result<
+        Option<crate::hypervisor::addresses::GuestAddresses>,
+        crate::hypervisor::addresses::BadGuestAddresses,
+    > {
+        self.guest_addresses.as_deref().map(str::parse).transpose()
     }
 
     pub fn nic(&self) -> Result<crate::hypervisor::Nic, crate::hypervisor::BadNic> {

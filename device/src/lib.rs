@@ -6,6 +6,7 @@
 //! Modules: [`config`] (TOML), [`store`] (state directory), [`fetch`], [`hypervisor`]
 //! (the owner of libvirt), [`probe`] (health of a booted guest), [`report`], [`mqtt`], and [`agent`] which ties them together.
 
+pub mod accel;
 pub mod agent;
 pub mod autoscale;
 pub mod config;

@@ -153,9 +153,10 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         listen,
         mdns: !no_mdns,
         libvirt_uri: libvirt,
-        domain_type: "qemu".into(),
+        domain_type: "auto".into(),
         nic: "network=default".into(),
         probe_every_secs: device::watchdog::PROBE_EVERY.as_secs(),
+        guest_addresses: None,
         download_rate: 0,
         upload_rate: 0,
         parallel_fetches: 4,
@@ -214,7 +215,11 @@ fn status(config: PathBuf, json: bool) -> Result<()> {
     for app in &cfg.apps {
         let st = state.apps.get(app).cloned().unwrap_or_default();
         let cur = st.current.as_ref().map_or("nothing".to_string(), |c| {
-            format!("release {} ({})", c.release, c.version)
+            let accel = match &c.accel {
+                Some(a) => format!(" under {} ({})", a.domain_type, a.why),
+                None => String::new(),
+            };
+            format!("release {} ({}){accel}", c.release, c.version)
         });
         let last = match reports.get(app) {
             None => "none yet".into(),

@@ -122,6 +122,8 @@ impl OnDemandConfig {
 pub struct Image {
     pub manifest: Manifest,
     pub slot: PathBuf,
+    /// The accelerator measured for the release, if any ([`crate::accel`]).
+    pub domain_type: Option<String>,
 }
 
 /// Why a held connection was closed without an instance.
@@ -511,6 +513,7 @@ impl Pool {
             image: self.image.slot.clone(),
             boot: boot.clone(),
             nic: boot.network.then(|| self.ctx.nic.clone()).flatten(),
+            domain_type: self.image.domain_type.clone(),
         }
     }
 

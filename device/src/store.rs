@@ -28,6 +28,9 @@ pub struct Installed {
     pub version: String,
     pub manifest: Digest,
     pub slot: PathBuf,
+    /// The accelerator measured for it (`domain_type = "auto"`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<crate::accel::Accel>,
 }
 
 /// What the device knows about one app.

@@ -469,7 +469,12 @@ impl Fleet {
             addr: listen,
             ns: ns.map(String::from),
         });
-        Ok(self.devices.len() - 1)
+        // TCG, not "auto": the trial boots under both accelerators would add seconds to
+        // every activation (nested KVM boots the test image in ~5 s); the tests of the
+        // choice set "auto" themselves.
+        let i = self.devices.len() - 1;
+        self.devices[i].set_config("domain_type", toml_value::V::Str("qemu".into()))?;
+        Ok(i)
     }
 
     /// Changes one line of the hub's `hub.toml` (before it starts), failing if absent.

@@ -17,6 +17,8 @@ pub struct GuestNet {
     pub name: String,
     /// The host's address on it (the guests' gateway).
     pub host: String,
+    /// Outside the DHCP range: for the device's own static addresses.
+    statics: String,
 }
 
 fn virsh(uri: &str, args: &[&str]) -> Result<String> {
@@ -63,11 +65,18 @@ impl GuestNet {
         virsh(uri, &["net-create", &file.path().display().to_string()]).context(
             "creating the guest network (libvirt needs iptables and dnsmasq: scripts/setup.sh)",
         )?;
+        let statics = format!("{net}.{}-{net}.{}/26 via {host}", base + 2, base + 9);
         Ok(GuestNet {
             uri: uri.into(),
             name,
             host,
+            statics,
         })
+    }
+
+    /// The device.toml `guest_addresses` setting: static addresses outside the DHCP range.
+    pub fn static_addresses(&self) -> String {
+        self.statics.clone()
     }
 
     /// The device.toml `nic` setting that attaches guests here.

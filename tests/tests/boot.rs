@@ -223,6 +223,7 @@ fn aarch64_testimage_boots_through_libvirt_with_the_agents_xml() -> Result<()> {
         },
         console_log: log.clone(),
         nic: None,
+        domain_type: None,
     };
     let mut attempt = 0;
     let (dom, port, start) = loop {

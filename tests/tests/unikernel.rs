@@ -71,6 +71,8 @@ fn the_rust_unikernel_serves_http_on_demand_through_its_nic() -> Result<()> {
     let name = format!("uk-od-{}", std::process::id());
     let d = fleet.add_device(&name, "hello", &[])?;
     fleet.devices[d].set_config("nic", V::Str(net.nic()))?;
+    // Static addresses from the device's own pool (the other tests use DHCP leases).
+    fleet.devices[d].set_config("guest_addresses", V::Str(net.static_addresses()))?;
     let port = fleet.devices[d].serve_on_demand(
         "hello",
         "min = 0\nmax_local = 2\nidle_secs = 2\nstable_window_secs = 2\npanic_window_secs = 1\ndrain_secs = 2",
@@ -114,6 +116,16 @@ fn the_rust_unikernel_serves_http_on_demand_through_its_nic() -> Result<()> {
         instances.insert(c.join().expect("client thread").context("a client")?);
     }
     let log = fleet.devices[d].log_text();
+    // Reached on addresses from the static pool (.2-.9), not from DHCP (.10 and up).
+    let endpoints: Vec<u32> = log
+        .split("endpoint=198.51.100.")
+        .skip(1)
+        .filter_map(|rest| rest.split(':').next()?.parse().ok())
+        .collect();
+    assert!(
+        !endpoints.is_empty() && endpoints.iter().all(|o| (2..=9).contains(o)),
+        "static guest addresses: {endpoints:?}"
+    );
     assert_eq!(
         instances.len(),
         2,
@@ -246,6 +258,9 @@ fn a_warm_instance_is_resumed_for_the_first_connection_and_replaced() -> Result<
     let name = format!("uk-warm-{}", std::process::id());
     let d = fleet.add_device(&name, "hello", &[])?;
     fleet.devices[d].set_config("nic", V::Str(net.nic()))?;
+    fleet.devices[d].set_config("guest_addresses", V::Str(net.static_addresses()))?;
+    // The accelerator chosen by a trial boot of the release under each.
+    fleet.devices[d].set_config("domain_type", V::Str("auto".into()))?;
     let port = fleet.devices[d].serve_on_demand("hello", "min = 0\nwarm = 1\nidle_secs = 60")?;
     fleet.start_device(d)?;
     let image = hello_http_x86_64()?;
@@ -287,6 +302,22 @@ fn a_warm_instance_is_resumed_for_the_first_connection_and_replaced() -> Result<
         Duration::from_secs(60),
         || paused(2)(&fleet.devices[d].log_text()).then_some(()),
     )?;
+
+    // Which accelerator, and why, from the trial: in the log and in `device status`.
+    let status = unifleet_tests::fleet::run(
+        std::process::Command::new(unifleet_tests::bin("device")?)
+            .args(["status", "--config"])
+            .arg(fleet.devices[d].config()),
+    )?;
+    let line = status
+        .lines()
+        .find(|l| l.contains("hello: running release 1"));
+    let line = line.with_context(|| format!("no running line: {status}"))?;
+    assert!(
+        line.contains(" to healthy: ") && line.contains("kvm ") && line.contains("tcg "),
+        "the measured choice: {line}"
+    );
+    assert!(fleet.devices[d].log_text().contains("accelerator "));
     Ok(())
 }
 

@@ -17,6 +17,8 @@ pub struct Table {
     pub stopped: Vec<String>,
     /// Paused domains.
     pub paused: Vec<String>,
+    /// Whether the fake host offers KVM.
+    pub offers_kvm: bool,
     /// The address each guest gets when started with a network interface.
     pub address: Option<IpAddr>,
 }
@@ -74,8 +76,35 @@ impl Backend for Fake {
         Ok(())
     }
 
+    fn offers(&mut self, domain_type: &str) -> Result<bool, ActivateError> {
+        Ok(domain_type != "kvm" || self.table().offers_kvm)
+    }
+
     fn address(&mut self, name: &str) -> Result<Option<IpAddr>, ActivateError> {
         let t = self.table();
         Ok(t.running.get(name).and(t.address))
+    }
+}
+
+/// A launch of the test image's shape named `name` (a console probe, no network).
+pub fn launch(name: &str) -> Launch {
+    use proto::manifest::{BootSpec, HealthProbe, Platform};
+    Launch {
+        name: name.into(),
+        platform: Platform::QemuX86_64,
+        image: "/nonexistent/image".into(),
+        boot: BootSpec {
+            memory_mib: 16,
+            vcpus: 1,
+            cmdline: String::new(),
+            probe: HealthProbe::ConsoleBanner {
+                line: "READY".into(),
+            },
+            probe_timeout_ms: 1000,
+            network: false,
+        },
+        console_log: format!("/nonexistent/{name}.log").into(),
+        nic: None,
+        domain_type: None,
     }
 }

@@ -2,17 +2,23 @@
 //! domain XML per platform. Domains are transient (`create_domain_xml`), named
 //! `uf-<device>-<app>-r<release>`, so a restarted agent can find and replace them.
 
+use super::addresses::{ip_in_cmdline, GuestAddresses, Pool};
 use super::{ActivateError, Backend, Driver, Launch, Nic, Started};
 use proto::manifest::Platform;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 impl Nic {
-    /// The `<interface>` element: virtio on QEMU, the PV netfront on Xen.
-    fn xml(&self, driver: Driver) -> String {
+    /// The `<interface>` element: virtio on QEMU, the PV netfront on Xen; with a static
+    /// address, a MAC made from it.
+    fn xml(&self, driver: Driver, ip: Option<Ipv4Addr>) -> String {
         let source = match self {
             Nic::Network(n) => format!("<interface type='network'><source network='{n}'/>"),
             Nic::Bridge(b) => format!("<interface type='bridge'><source bridge='{b}'/>"),
         };
+        let mac = ip
+            .map(|ip| format!("<mac address='{}'/>", mac_for(ip)))
+            .unwrap_or_default();
+        let source = format!("{source}{mac}");
         let model = match driver {
             Driver::Qemu => "<model type='virtio'/>",
             Driver::Xen | Driver::Test => "",
@@ -32,6 +38,10 @@ pub struct Libvirt {
     /// Guest addresses found, by domain name: a lease does not change while the domain
     /// runs, and each lookup costs a round trip to libvirtd.
     addresses: std::collections::HashMap<String, IpAddr>,
+    /// Static guest addresses the device owns (`guest_addresses`), if configured.
+    pool: Option<Pool>,
+    /// Whether the addresses of domains already running were marked taken.
+    adopted: bool,
 }
 
 fn xml_escape(s: &str) -> String {
@@ -52,7 +62,12 @@ pub fn render_xml(l: &Launch, driver: Driver, domain_type: &str, serial_port: u1
     let mem = l.boot.memory_mib;
     let vcpus = l.boot.vcpus;
     let lifecycle = "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>";
-    let nic = l.nic.as_ref().map(|n| n.xml(driver)).unwrap_or_default();
+    let ip = ip_in_cmdline(&l.boot.cmdline);
+    let nic = l
+        .nic
+        .as_ref()
+        .map(|n| n.xml(driver, ip))
+        .unwrap_or_default();
     match driver {
         Driver::Test => format!(
             "<domain type='test'><name>{name}</name><memory unit='MiB'>{mem}</memory><vcpu>{vcpus}</vcpu>\
@@ -110,9 +125,78 @@ impl Libvirt {
         virt::error::clear_error_callback();
         Libvirt {
             uri: uri.into(),
-            domain_type: domain_type.into(),
+            // "auto" before a release's trial (see `crate::accel`): TCG always works.
+            domain_type: match domain_type {
+                "auto" => crate::accel::TCG.into(),
+                dt => dt.into(),
+            },
             conn: None,
             addresses: Default::default(),
+            pool: None,
+            adopted: false,
+        }
+    }
+
+    /// Guests with a network interface get static addresses from `range`.
+    pub fn with_addresses(mut self, range: Option<GuestAddresses>) -> Libvirt {
+        self.pool = range.map(Pool::new);
+        self
+    }
+
+    /// `l` with a static address on its command line, when the pool gives guests theirs
+    /// and the release names none itself.
+    fn with_static_address(&mut self, l: &Launch) -> Result<Launch, ActivateError> {
+        let mut l = l.clone();
+        if self.pool.is_none() || l.nic.is_none() || ip_in_cmdline(&l.boot.cmdline).is_some() {
+            return Ok(l);
+        }
+        self.adopt_running()?;
+        let pool = self.pool.as_mut().expect("checked above");
+        let ip = pool
+            .take(&l.name)
+            .ok_or_else(|| ActivateError::NoGuestAddress {
+                name: l.name.clone(),
+                pool: pool.range.to_string(),
+                in_use: pool.in_use(),
+            })?;
+        let words = pool.range.cmdline(ip);
+        l.boot.cmdline = format!("{} {words}", l.boot.cmdline).trim().to_string();
+        self.addresses.insert(l.name.clone(), IpAddr::V4(ip));
+        Ok(l)
+    }
+
+    /// Once per connection's life: the static addresses of domains running already (from
+    /// before an agent restart) are taken.
+    fn adopt_running(&mut self) -> Result<(), ActivateError> {
+        if self.adopted {
+            return Ok(());
+        }
+        let uri = self.uri.clone();
+        let running = self.with_conn(|conn, _| {
+            let active = virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
+            let domains = conn
+                .list_all_domains(active)
+                .map_err(|e| ActivateError::List { uri, source: e })?;
+            Ok(domains
+                .iter()
+                .filter_map(|d| Some((d.name().ok()?, d.xml_desc(0).ok()?)))
+                .filter_map(|(name, xml)| Some((name, ip_in_cmdline(cmdline_of(&xml)?)?)))
+                .collect::<Vec<_>>())
+        })?;
+        if let Some(pool) = &mut self.pool {
+            for (name, ip) in running {
+                pool.mark(ip, &name);
+            }
+        }
+        self.adopted = true;
+        Ok(())
+    }
+
+    /// The address `name` held goes back to the pool.
+    fn release_address(&mut self, name: &str) {
+        self.addresses.remove(name);
+        if let Some(pool) = &mut self.pool {
+            pool.give_back(name);
         }
     }
 
@@ -157,7 +241,8 @@ impl Libvirt {
             } else {
                 0
             };
-            let xml = render_xml(l, driver, &self.domain_type, port);
+            let domain_type = l.domain_type.as_deref().unwrap_or(&self.domain_type);
+            let xml = render_xml(l, driver, domain_type, port);
             match conn.create_domain_xml(&xml, 0) {
                 Ok(_) => return Ok(Started { console_port: port }),
                 // A port taken between choosing and binding: choose again.
@@ -169,6 +254,22 @@ impl Libvirt {
             source: last.expect("three attempts made"),
         })
     }
+}
+
+/// The MAC of the guest at a static `ip`: the same address always comes with the same MAC,
+/// so a host whose neighbour cache still maps the address (for ~30 s after a guest
+/// stopped) reaches the next guest given it — with a fresh random MAC it did not, and the
+/// next instance on that address stayed unreachable until the entry expired.
+fn mac_for(ip: Ipv4Addr) -> String {
+    let [_, b, c, d] = ip.octets();
+    format!("52:54:00:{b:02x}:{c:02x}:{d:02x}")
+}
+
+/// The text of a domain XML's `<cmdline>`, unescaped enough for `ip=` (no entities).
+fn cmdline_of(xml: &str) -> Option<&str> {
+    let start = xml.find("<cmdline>")? + "<cmdline>".len();
+    let len = xml[start..].find("</cmdline>")?;
+    Some(&xml[start..start + len])
 }
 
 /// The first IPv4 address of any of the domain's interfaces.
@@ -187,7 +288,12 @@ impl Backend for Libvirt {
 
     fn start(&mut self, l: &Launch) -> Result<Started, ActivateError> {
         self.addresses.remove(&l.name);
-        self.with_conn(|conn, me| me.start_on(conn, l))
+        let l = self.with_static_address(l)?;
+        let started = self.with_conn(|conn, me| me.start_on(conn, &l));
+        if started.is_err() {
+            self.release_address(&l.name);
+        }
+        started
     }
 
     fn running(&mut self, name: &str) -> Result<bool, ActivateError> {
@@ -205,7 +311,7 @@ impl Backend for Libvirt {
     }
 
     fn stop(&mut self, name: &str) -> Result<(), ActivateError> {
-        self.addresses.remove(name);
+        self.release_address(name);
         self.with_conn(|conn, _| match conn.lookup_domain_by_name(name) {
             Ok(d) => {
                 if d.is_active().unwrap_or(false) {
@@ -242,6 +348,16 @@ impl Backend for Libvirt {
             conn.lookup_domain_by_name(name)
                 .and_then(|d| d.resume())
                 .map_err(fail)
+        })
+    }
+
+    fn offers(&mut self, domain_type: &str) -> Result<bool, ActivateError> {
+        let uri = self.uri.clone();
+        self.with_conn(|conn, _| {
+            let caps = conn
+                .capabilities()
+                .map_err(|e| ActivateError::Capabilities { uri, source: e })?;
+            Ok(caps.contains(&format!("<domain type='{domain_type}'")))
         })
     }
 
@@ -312,6 +428,7 @@ mod tests {
             },
             console_log: "/tmp/c.log".into(),
             nic: None,
+            domain_type: None,
         }
     }
 
@@ -360,9 +477,17 @@ mod tests {
                     let mut l = launch(platform);
                     l.boot.network = nic.is_some();
                     l.nic = nic.clone();
+                    // On a bridge, a static address (and the MAC made from it).
+                    let ip = matches!(nic, Some(Nic::Bridge(_))).then(|| {
+                        l.boot.cmdline = "ip=198.51.100.5/24 gw=198.51.100.1".into();
+                        "198.51.100.5".parse().unwrap()
+                    });
                     let xml = render_xml(&l, driver, domain_type, 4555);
                     if let Some(n) = nic {
-                        assert!(xml.contains(&n.xml(driver)), "{xml}");
+                        assert!(xml.contains(&n.xml(driver, ip)), "{xml}");
+                    }
+                    if ip.is_some() {
+                        assert!(xml.contains("<mac address='52:54:00:33:64:05'/>"), "{xml}");
                     }
                     let path = dir.path().join(format!("{checked}.xml"));
                     std::fs::write(&path, &xml).unwrap();
@@ -386,10 +511,24 @@ mod tests {
         assert!("br0".parse::<Nic>().is_err() && "network=a'b".parse::<Nic>().is_err());
     }
 
+    /// The next guest given a static address was unreachable for ~30 s: the host still
+    /// mapped the address to the previous guest's random MAC.
+    #[test]
+    fn a_static_address_reused_by_the_next_guest_keeps_its_mac() {
+        let mut l = launch(Platform::QemuX86_64);
+        l.nic = Some(Nic::Network("default".into()));
+        l.boot.cmdline = "app=a ip=198.51.100.2/26 gw=198.51.100.1".into();
+        let first = render_xml(&l, Driver::Qemu, "qemu", 1);
+        l.name = "uf-d1-hello-od7".into();
+        let next = render_xml(&l, Driver::Qemu, "qemu", 2);
+        let mac = "<mac address='52:54:00:33:64:02'/>";
+        assert!(first.contains(mac) && next.contains(mac), "{first}\n{next}");
+    }
+
     /// Through the owner thread, as the agent uses it.
     #[tokio::test]
     async fn test_driver_lifecycle() {
-        let hv = super::super::Hypervisor::libvirt("test:///default", "qemu");
+        let hv = super::super::Hypervisor::libvirt("test:///default", "qemu", None);
         let mut l = launch(Platform::QemuX86_64);
         l.name = format!("uf-unit-{}", std::process::id());
         let booted = hv.boot(&l).await.unwrap();

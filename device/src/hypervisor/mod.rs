@@ -12,6 +12,7 @@
 //! Modules: [`libvirt`] (the backend over `virt`, domain XML per platform), `fake` (a
 //! scripted backend for unit tests).
 
+pub mod addresses;
 #[cfg(test)]
 pub mod fake;
 pub mod libvirt;
@@ -36,6 +37,9 @@ pub struct Launch {
     pub console_log: PathBuf,
     /// The network interface, if the release asks for one (`BootSpec::network`).
     pub nic: Option<Nic>,
+    /// Overrides the hypervisor's domain type (`kvm`, `qemu`): the accelerator measured
+    /// for this release ([`crate::accel`]).
+    pub domain_type: Option<String>,
 }
 
 /// Where a domain's network interface is attached (device.toml `nic`).
@@ -138,6 +142,24 @@ pub enum ActivateError {
         name: String,
         source: virt::error::Error,
     },
+    #[error(
+        "no free guest address for {name}: all {in_use} of guest_addresses = \"{pool}\" are in use"
+    )]
+    NoGuestAddress {
+        name: String,
+        pool: String,
+        in_use: usize,
+    },
+    #[error("listing the domains running on {uri}: {source}")]
+    List {
+        uri: String,
+        source: virt::error::Error,
+    },
+    #[error("reading the capabilities of {uri}: {source}")]
+    Capabilities {
+        uri: String,
+        source: virt::error::Error,
+    },
     #[error("asking libvirt for the address of {name}: {source}")]
     Address {
         name: String,
@@ -213,6 +235,8 @@ pub trait Backend: Send + 'static {
     fn pause(&mut self, name: &str) -> Result<(), ActivateError>;
     /// Runs a paused guest again.
     fn resume(&mut self, name: &str) -> Result<(), ActivateError>;
+    /// Whether the host runs domains of `domain_type` (`kvm`: is there KVM?).
+    fn offers(&mut self, domain_type: &str) -> Result<bool, ActivateError>;
 }
 
 type Reply<T> = oneshot::Sender<Result<T, ActivateError>>;
@@ -224,6 +248,7 @@ enum Command {
     Address(String, Reply<Option<IpAddr>>),
     Pause(String, Reply<()>),
     Resume(String, Reply<()>),
+    Offers(String, Reply<bool>),
 }
 
 /// Commands waiting for the owner: a boot storm of the on-demand pool at most.
@@ -239,9 +264,15 @@ pub struct Hypervisor {
 }
 
 impl Hypervisor {
-    /// libvirt at `uri`, domains of type `domain_type` (`kvm`, `qemu`, `xen`).
-    pub fn libvirt(uri: &str, domain_type: &str) -> Hypervisor {
-        Hypervisor::spawn(uri, Libvirt::new(uri, domain_type))
+    /// libvirt at `uri`, domains of type `domain_type` (`kvm`, `qemu`, `xen`, `auto`),
+    /// guests with a NIC given static addresses from `addresses` if set.
+    pub fn libvirt(
+        uri: &str,
+        domain_type: &str,
+        addresses: Option<addresses::GuestAddresses>,
+    ) -> Hypervisor {
+        let backend = Libvirt::new(uri, domain_type).with_addresses(addresses);
+        Hypervisor::spawn(uri, backend)
     }
 
     /// Moves `backend` onto a thread of its own.
@@ -261,6 +292,7 @@ impl Hypervisor {
                         Command::Address(n, r) => drop(r.send(backend.address(&n))),
                         Command::Pause(n, r) => drop(r.send(backend.pause(&n))),
                         Command::Resume(n, r) => drop(r.send(backend.resume(&n))),
+                        Command::Offers(t, r) => drop(r.send(backend.offers(&t))),
                     }
                 }
             });
@@ -333,6 +365,10 @@ impl Hypervisor {
 
     pub async fn resume(&self, name: &str) -> Result<(), ActivateError> {
         self.call(|r| Command::Resume(name.into(), r)).await
+    }
+
+    pub async fn offers(&self, domain_type: &str) -> Result<bool, ActivateError> {
+        self.call(|r| Command::Offers(domain_type.into(), r)).await
     }
 
     /// Starts `launch` and waits until its health probe passes; the one boot path of the
