@@ -94,12 +94,21 @@ impl Drop for GuestNet {
 /// The Rust unikernel template for x86_64, built by `scripts/build-unikernel.sh` (the
 /// README's test command runs it).
 pub fn hello_http_x86_64() -> Result<std::path::PathBuf> {
+    hello_http("hello-http-x86_64.elf")
+}
+
+/// The template for aarch64 (an arm64 `Image`).
+pub fn hello_http_aarch64() -> Result<std::path::PathBuf> {
+    hello_http("hello-http-aarch64.img")
+}
+
+fn hello_http(file: &str) -> Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;
     let target = exe
         .ancestors()
         .find(|d| d.file_name().is_some_and(|n| n == "target"))
         .context("the test binary is under target/")?;
-    let image = target.join("unikernels/hello-http-x86_64.elf");
+    let image = target.join("unikernels").join(file);
     if !image.is_file() {
         bail!(
             "{} not found; build it with scripts/build-unikernel.sh",

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 use unifleet_tests::fleet::{running_domains, toml_value::V, wait_for, Fleet};
-use unifleet_tests::guestnet::{hello_http_x86_64, GuestNet};
+use unifleet_tests::guestnet::{hello_http_aarch64, hello_http_x86_64, GuestNet};
 
 const URI: &str = "qemu:///system";
 
@@ -172,6 +172,33 @@ fn the_rust_unikernel_serves_http_on_demand_through_its_nic() -> Result<()> {
         .get_mut()
         .set_read_timeout(Some(Duration::from_secs(60)))?;
     answer_of(&mut alone, "1.0.1").context("served with the hub and broker down")?;
+    Ok(())
+}
+
+/// The arm64 build on an aarch64-platform device (`qemu-system-aarch64 -M virt` under
+/// TCG here), served on demand through its NIC like the x86 one.
+#[test]
+fn the_aarch64_unikernel_serves_http_on_demand_through_its_nic() -> Result<()> {
+    let net = GuestNet::create(URI, 5)?;
+    let mut fleet = Fleet::new(URI)?;
+    fleet.start_hub(&[])?;
+    let name = format!("uk-arm-{}", std::process::id());
+    let d = fleet.add_device(&name, "hello", &["--platform", "qemu-aarch64"])?;
+    fleet.devices[d].set_config("nic", V::Str(net.nic()))?;
+    fleet.devices[d].set_config("guest_addresses", V::Str(net.static_addresses()))?;
+    let port = fleet.devices[d].serve_on_demand("hello", "min = 0\nidle_secs = 60")?;
+    fleet.start_device(d)?;
+    let image = hello_http_aarch64()?;
+    let args = http_release("app=hello version=1.0.0", &["--no-staging"]);
+    fleet.publish_images(&[("qemu-aarch64", &image)], "hello", "1.0.0", &args)?;
+    fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(90))?;
+    let mut s = BufReader::new(TcpStream::connect(("127.0.0.1", port))?);
+    s.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(60)))?;
+    answer(&mut s)?;
+    let (status, metrics) = get(&mut s, "/metrics")?;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(metrics.contains("requests"), "{metrics}");
     Ok(())
 }
 
