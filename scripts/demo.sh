@@ -13,12 +13,18 @@
 #      (a second libvirt connection stands in for the hosted Xen host), then back to zero;
 #   5. a staged rollout: 1.0.2 to one canary first, the rest 20 s later, watched on the
 #      dashboard (hub serve --http); then (QEMU only) 1.0.3, which never becomes ready:
-#      its first two devices roll back and the hub halts it, the rest never install it.
+#      its first two devices roll back and the hub halts it, the rest never install it;
+#   6. (QEMU only) the Rust unikernel (firmware-tools/unikernels/hello-http) as app `web`:
+#      staged and served on demand over its virtio NIC on an isolated libvirt network
+#      (198.51.100.0/26), probed with HTTP; curl through the device's proxy, a cold start
+#      and a warm (paused) instance resumed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --workspace --bins --quiet
+scripts/build-unikernel.sh >/dev/null
 BIN="$PWD/target/debug"
+UNIKERNEL="$PWD/target/unikernels/hello-http-x86_64.elf"
 OUT="$PWD/demo-out"
 PIDS=()
 cleanup() {
@@ -27,6 +33,7 @@ cleanup() {
     for d in $(virsh -c qemu:///system list --name 2>/dev/null | grep '^uf-demo' || true); do
       virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
     done
+    virsh -c qemu:///system net-destroy uf-demo-net >/dev/null 2>&1 || true
   fi
 }
 trap cleanup EXIT
@@ -93,16 +100,17 @@ TOML
   echo "demo-od serves hello on demand at 127.0.0.1:$ONDEMAND"
 fi
 
-wait_state() { # release state device… (default: the four field devices)
+wait_state() { # release state device… (default: the four field devices); APP=hello
+  export APP="${APP:-hello}"
   local want=$1 state=$2; shift 2
   local devices="${*:-d1 d2 d3 a1}"
   for _ in $(seq 900); do
     if python3 - "$want" "$state" $devices <<'PY'
-import json, subprocess, sys
+import json, os, subprocess, sys
 inv = json.loads(subprocess.run(["../target/debug/hub", "--dir", "hub", "devices", "--json"], capture_output=True, text=True).stdout or "{}")
 want, state = int(sys.argv[1]), sys.argv[2]
 def at(d):
-    e = inv.get(f"demo-{d}/hello", {})
+    e = inv.get(f"demo-{d}/{os.environ['APP']}", {})
     return e.get("state") == state and (e.get("release") == want or e.get("failed_release") == want or state in ("held", "waiting"))
 sys.exit(0 if all(at(d) for d in sys.argv[3:]) else 1)
 PY
@@ -214,6 +222,49 @@ if [ "$URI" = "qemu:///system" ]; then
   "$BIN/hub" --dir hub devices
 else
   echo "(the automatic halt needs images that really boot: skipped under the test driver)"
+fi
+
+if [ "$URI" = "qemu:///system" ]; then
+  step "the Rust unikernel as app web: HTTP over its NIC, staged, served on demand"
+  virsh -c "$URI" net-destroy uf-demo-net >/dev/null 2>&1 || true
+  cat > web-net.xml <<XML
+<network><name>uf-demo-net</name><bridge name='ufdemo0' stp='off' delay='0'/>
+  <ip address='198.51.100.1' netmask='255.255.255.192'><dhcp><range start='198.51.100.10' end='198.51.100.62'/></dhcp></ip></network>
+XML
+  virsh -c "$URI" net-create web-net.xml
+  WEB=$(free_port)
+  for d in web-stage web; do
+    channel=stable; [ "$d" = web-stage ] && channel=staging
+    "$BIN/device" enroll --dir "$d" --name "demo-$d" --root hub/root.bin --channel "$channel" --app web \
+      --hub "$HUB" --broker "mqtt://127.0.0.1:$MQTT" --libvirt "$URI" --listen /ip4/127.0.0.1/tcp/0 --no-mdns | tail -1
+    # The guest's NIC on that network, with addresses the device hands out itself.
+    sed -i 's/^nic = .*/nic = "network=uf-demo-net"/' "$d/device.toml"
+    sed -i '1i guest_addresses = "198.51.100.2-198.51.100.9/26 via 198.51.100.1"' "$d/device.toml"
+    "$BIN/hub" --dir hub enroll "$d/device.pub" --name "demo-$d"
+  done
+  cat >> web/device.toml <<TOML
+
+[[ondemand]]
+app = "web"
+listen = "127.0.0.1:$WEB"
+warm = 1
+idle_secs = 5
+TOML
+  for d in web-stage web; do
+    RUST_LOG=info,libp2p=warn,libp2p_gossipsub=error "$BIN/device" run --config "$d/device.toml" 2> "$d.log" &
+    PIDS+=($!)
+  done
+  "$BIN/fwtool" inspect "$UNIKERNEL" | head -3
+  "$BIN/hub" --dir hub publish "$UNIKERNEL" --app web --version 1.0.0 --network --probe http:/health \
+    --cmdline "app=web version=1.0.0" --memory-mib 16 --staging-timeout-secs 120
+  APP=web wait_state 1 active web
+  grep -h "accelerator" web.log | sed -E 's/.*accelerator/  accelerator/' | head -1
+  for _ in $(seq 300); do grep -q "warm on-demand instance paused" web.log && break; sleep 0.1; done
+  echo "curl http://127.0.0.1:$WEB/ (no instance runs; the proxy resumes a paused one):"
+  curl -s -w '  (first byte after %{time_starttransfer} s)\n' "http://127.0.0.1:$WEB/"
+  curl -s "http://127.0.0.1:$WEB/metrics" | grep -v '^#' | sed 's/^/  /'
+  grep -E "on-demand instance ready|warm on-demand instance paused" web.log | sed -E 's/^[^ ]+ +INFO device::ondemand: /  /' | cut -c1-160 | tail -3
+  "$BIN/device" status --config web/device.toml
 fi
 
 step "the hub's history: events and releases in git"

@@ -10,12 +10,9 @@
 //! restarts and the on-demand pool use it and `device status` says it.
 
 use crate::hypervisor::{Hypervisor, Launch};
+pub use crate::hypervisor::{KVM, TCG};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
-
-/// libvirt's domain types for QEMU: hardware virtualisation, and QEMU's own TCG.
-pub const KVM: &str = "kvm";
-pub const TCG: &str = "qemu";
 
 /// The accelerator a release runs under, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,7 +83,9 @@ pub async fn measure(hv: &Hypervisor, launch: &Launch) -> Accel {
             .with_extension(format!("try-{}.log", label(dt)));
         trial.domain_type = Some(dt.into());
         let began = Instant::now();
-        let res = hv.boot(&trial).await.map(|_| began.elapsed());
+        let res = crate::probe::boot(hv, &trial)
+            .await
+            .map(|_| began.elapsed());
         if let Err(e) = hv.stop(&trial.name).await {
             tracing::warn!("stopping the trial boot: {e}");
         }

@@ -1,9 +1,11 @@
 //! The device's TOML configuration (written by `device enroll`, read by `device run`).
 
+use crate::autoscale::ScaleConfig;
 use anyhow::{Context, Result};
-use proto::manifest::Platform;
+use proto::manifest::{HealthProbe, Manifest, Platform};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,7 +102,7 @@ pub struct Config {
     pub crash_at: Option<String>,
     /// Apps served on demand through a front proxy (scale from zero, autoscale, burst).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ondemand: Vec<crate::ondemand::OnDemandConfig>,
+    pub ondemand: Vec<OnDemandConfig>,
 }
 
 fn default_platform() -> String {
@@ -196,5 +198,97 @@ impl Config {
 
     pub fn nic(&self) -> Result<crate::hypervisor::Nic, crate::hypervisor::BadNic> {
         self.nic.parse()
+    }
+}
+
+/// `[[ondemand]]` in device.toml.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OnDemandConfig {
+    pub app: String,
+    /// Public address the proxy listens on, e.g. `127.0.0.1:8080`.
+    pub listen: String,
+    #[serde(default)]
+    pub min: u32,
+    #[serde(default = "two")]
+    pub max_local: u32,
+    #[serde(default)]
+    pub max_remote: u32,
+    /// Concurrent connections per instance (default: 32 for a release with a network
+    /// interface, 1 for one served on its console).
+    #[serde(default)]
+    pub target: Option<f64>,
+    /// The port the unikernel serves on (default: the health probe's port, else 80).
+    #[serde(default)]
+    pub guest_port: Option<u16>,
+    #[serde(default = "thirty")]
+    pub stable_window_secs: u64,
+    #[serde(default = "three")]
+    pub panic_window_secs: u64,
+    #[serde(default = "thirty")]
+    pub idle_secs: u64,
+    /// The hosted Xen (or any libvirt) URI for overflow, e.g. `xen+ssh://host/system`.
+    #[serde(default)]
+    pub remote_uri: Option<String>,
+    /// How long a connection is held waiting for an instance before it is closed.
+    #[serde(default = "thirty")]
+    pub hold_secs: u64,
+    /// Most connections held at once; more are closed at once.
+    #[serde(default = "max_held")]
+    pub max_held: usize,
+    /// How long an instance being retired (scaled down, or of a release rolled over)
+    /// keeps its open connections; then they are closed and counted.
+    #[serde(default = "thirty")]
+    pub drain_secs: u64,
+    /// Instances kept booted, healthy and paused (no CPU; memory stays) beside the
+    /// running ones: a connection resumes one in milliseconds instead of booting one, and
+    /// another is booted in the background to take its place.
+    #[serde(default)]
+    pub warm: u32,
+}
+
+fn max_held() -> usize {
+    256
+}
+
+fn two() -> u32 {
+    2
+}
+fn three() -> u64 {
+    3
+}
+fn thirty() -> u64 {
+    30
+}
+
+impl OnDemandConfig {
+    /// The autoscaler's settings for instances of `m`.
+    pub fn scale(&self, m: &Manifest) -> ScaleConfig {
+        let target = self
+            .target
+            .unwrap_or(if m.boot.network { 32.0 } else { 1.0 });
+        ScaleConfig {
+            min: self.min,
+            max_local: self.max_local,
+            max_remote: if self.remote_uri.is_some() {
+                self.max_remote
+            } else {
+                0
+            },
+            target,
+            stable_window: Duration::from_secs(self.stable_window_secs),
+            panic_window: Duration::from_secs(self.panic_window_secs),
+            idle: Duration::from_secs(self.idle_secs),
+            drain: Duration::from_secs(self.drain_secs),
+            ..ScaleConfig::default()
+        }
+    }
+
+    /// The port a release's unikernel serves on, on its guest address.
+    pub fn guest_port(&self, m: &Manifest) -> u16 {
+        self.guest_port.unwrap_or(match m.boot.probe {
+            HealthProbe::TcpConnect { port } | HealthProbe::Http { port, .. } if port != 0 => port,
+            _ => 80,
+        })
     }
 }

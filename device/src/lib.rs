@@ -20,6 +20,7 @@ pub mod report;
 pub mod schedule;
 pub mod splice;
 pub mod store;
+pub mod time;
 pub mod trickle;
 pub mod trust;
 pub mod updater;

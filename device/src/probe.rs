@@ -48,6 +48,14 @@ enum Seen {
     },
 }
 
+/// Starts `launch` and waits until its health probe passes; the one boot path of the
+/// updater, the watchdog and the on-demand pool. A domain that fails its probe is left
+/// running for the caller to stop (the caller knows whether it replaces one).
+pub async fn boot(hv: &Hypervisor, launch: &Launch) -> Result<Booted, ActivateError> {
+    let started = hv.start(launch).await?;
+    healthy(hv, launch, started).await
+}
+
 /// Waits until `l`, just started, passes its probe; returns how to reach it. Fails when
 /// the domain stops first or the boot spec's timeout passes, with the console's tail.
 pub async fn healthy(

@@ -227,7 +227,7 @@ impl Reporter {
 
     /// A report sent again: fresh time and counters; same state.
     fn refresh(&self, r: &mut StatusReport) {
-        r.at = crate::agent::now();
+        r.at = crate::time::now();
         r.bytes_from_peers = self.from_peers.load(Ordering::Relaxed);
         r.bytes_from_hub = self.from_hub.load(Ordering::Relaxed);
         r.ondemand = self.ondemand_of(&r.app);
@@ -263,7 +263,7 @@ impl Reporter {
             platform: self.platform,
             // Numbered by the ledger when sent.
             seq: 0,
-            at: crate::agent::now(),
+            at: crate::time::now(),
             app: app.into(),
             channel: self.channel.clone(),
             release: None,

@@ -127,7 +127,7 @@ impl Libvirt {
             uri: uri.into(),
             // "auto" before a release's trial (see `crate::accel`): TCG always works.
             domain_type: match domain_type {
-                "auto" => crate::accel::TCG.into(),
+                "auto" => super::TCG.into(),
                 dt => dt.into(),
             },
             conn: None,
@@ -531,7 +531,7 @@ mod tests {
         let hv = super::super::Hypervisor::libvirt("test:///default", "qemu", None);
         let mut l = launch(Platform::QemuX86_64);
         l.name = format!("uf-unit-{}", std::process::id());
-        let booted = hv.boot(&l).await.unwrap();
+        let booted = crate::probe::boot(&hv, &l).await.unwrap();
         assert_eq!(booted.address, None);
         assert!(hv.is_running(&l.name).await);
         hv.stop(&l.name).await.unwrap();

@@ -4,10 +4,11 @@
 //!
 //! libvirt is a synchronous C library, and one connection serialises its calls anyway;
 //! one thread per connection makes that explicit, keeps blocking calls off the async
-//! runtime, and lets a test swap the whole hypervisor for [`fake::Fake`]. Health probes do
+//! runtime, and lets a test swap the whole hypervisor for `fake::Fake`. Health probes do
 //! not run on the owner: they speak to the guest from the caller's task
-//! ([`crate::probe`]) and only ask the owner whether the domain still runs and which
-//! address it has, so one slow boot does not hold up the others' probes.
+//! (`crate::probe`, which also holds the one boot path: start, then probe) and only ask
+//! the owner whether the domain still runs and which address it has, so one slow boot
+//! does not hold up the others' probes.
 //!
 //! Modules: [`libvirt`] (the backend over `virt`, domain XML per platform), `fake` (a
 //! scripted backend for unit tests).
@@ -251,6 +252,10 @@ enum Command {
     Offers(String, Reply<bool>),
 }
 
+/// libvirt's domain types for QEMU: hardware virtualisation, and QEMU's own TCG.
+pub const KVM: &str = "kvm";
+pub const TCG: &str = "qemu";
+
 /// Commands waiting for the owner: a boot storm of the on-demand pool at most.
 const QUEUE: usize = 64;
 
@@ -369,14 +374,6 @@ impl Hypervisor {
 
     pub async fn offers(&self, domain_type: &str) -> Result<bool, ActivateError> {
         self.call(|r| Command::Offers(domain_type.into(), r)).await
-    }
-
-    /// Starts `launch` and waits until its health probe passes; the one boot path of the
-    /// updater, the watchdog and the on-demand pool. A domain that fails its probe is left
-    /// running for the caller to stop (the caller knows whether it replaces one).
-    pub async fn boot(&self, launch: &Launch) -> Result<Booted, ActivateError> {
-        let started = self.start(launch).await?;
-        crate::probe::healthy(self, launch, started).await
     }
 }
 

@@ -1,0 +1,651 @@
+//! The installer: the I/O shell of [`crate::updater`] — fetch, verify, assemble,
+//! install, activate, roll back, report; one release at a time.
+
+use super::inbox::{Heard, Inbox};
+use super::{crash_point, sleep_until, WATCH_EVERY};
+use crate::time::human_duration;
+
+use crate::config::Config;
+use crate::fetch::Fetcher;
+use crate::hypervisor::{Driver, Hypervisor, Launch};
+use crate::metrics::DeviceMetrics;
+use crate::report::Reporter;
+use crate::store::{AppState, AssembleError, Installed, Store};
+use crate::trust::Trust;
+use crate::updater::{Action as UpdaterAction, Event as UpdaterEvent, Outcome};
+use crate::watchdog::Watchdog;
+use anyhow::{Context, Result};
+use proto::announcement::verify_announcement;
+use proto::manifest::{verify_manifest, Expectations, Platform, VerifiedManifest};
+use proto::status::DeviceState;
+use proto::VerifyError;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A release that does not fit the store budget (refused, not retried).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "release {release} needs {needed_mib} MiB of store with what is kept, above \
+     store_budget_mib = {budget_mib} in device.toml; raise it or free the disk"
+)]
+pub(super) struct OverBudget {
+    pub(super) release: u64,
+    pub(super) needed_mib: u64,
+    pub(super) budget_mib: u64,
+}
+
+/// How often a held release is looked at again without news (a new hold list looks at
+/// it at once).
+const HELD_RECHECK: Duration = Duration::from_secs(60);
+
+/// A release this device may not start yet.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum NotYet {
+    #[error("its rollout wave for this device opens at {}", human_unix(*at))]
+    Wave { at: u64, until: std::time::Instant },
+    #[error("the release is {} ({reason})", kind.label())]
+    Held {
+        kind: proto::rollout::HoldKind,
+        reason: String,
+        until: std::time::Instant,
+    },
+}
+
+impl NotYet {
+    fn until(&self) -> std::time::Instant {
+        match self {
+            NotYet::Wave { until, .. } | NotYet::Held { until, .. } => *until,
+        }
+    }
+}
+
+fn human_unix(at: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(at)).to_string()
+}
+
+/// The agent is shutting down: a download step was left unfinished on purpose.
+#[derive(Debug, thiserror::Error)]
+#[error("shutting down")]
+pub(super) struct ShuttingDown;
+
+pub(super) struct Updater {
+    pub(super) cfg: Config,
+    /// This device's place in every rollout (from its key).
+    pub(super) seed: u16,
+    pub(super) platform: Platform,
+    pub(super) trust: Arc<Trust>,
+    pub(super) store: Arc<Store>,
+    pub(super) fetcher: Fetcher,
+    pub(super) hypervisor: Hypervisor,
+    pub(super) reporter: Arc<Reporter>,
+    pub(super) metrics: Arc<DeviceMetrics>,
+    /// Running on-demand pools, by app.
+    pub(super) ondemand: tokio::sync::Mutex<HashMap<String, crate::ondemand::PoolHandle>>,
+    pub(super) tasks: net::tasks::Tasks,
+}
+
+impl Updater {
+    /// The I/O shell of [`crate::updater::Updater`]: announcements and outcomes in,
+    /// installs out, one at a time.
+    pub(super) async fn run(self, inbox: Arc<Inbox>) {
+        if let Err(e) = self.resume().await {
+            tracing::error!("resuming after start: {e:#}");
+        }
+        let mut machine = crate::updater::Updater::new();
+        let mut dog = Watchdog::new(Duration::from_secs(self.cfg.probe_every_secs.max(1)));
+        let mut watch = tokio::time::interval(WATCH_EVERY);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The newest announcement heard per app: what an install action refers to.
+        let mut heard: HashMap<String, Heard> = HashMap::new();
+        let mut todo = std::collections::VecDeque::new();
+        'run: loop {
+            while let Some(UpdaterAction::Install { app, release }) = todo.pop_front() {
+                if self.tasks.is_cancelled() {
+                    break 'run;
+                }
+                let outcome = match heard.get(&app).filter(|h| h.ann.release == release) {
+                    Some(h) => self.attempt(h).await,
+                    None => Outcome::Done,
+                };
+                let now = std::time::Instant::now();
+                dog.forget(&app);
+                todo.extend(machine.handle(UpdaterEvent::Finished {
+                    app: app.clone(),
+                    release,
+                    outcome,
+                    now,
+                }));
+                if let Some((release, at)) = machine.retry_of(&app) {
+                    tracing::info!(%app, release, "trying the update again in {}", human_duration(at - now));
+                }
+            }
+            let wake = machine.wake_at();
+            tokio::select! {
+                _ = self.tasks.cancelled() => break,
+                (taken, nudged) = inbox.take() => {
+                    if nudged {
+                        todo.extend(machine.handle(UpdaterEvent::Nudged { now: std::time::Instant::now() }));
+                    }
+                    for h in taken {
+                        let (app, release) = (h.ann.app.clone(), h.ann.release);
+                        if heard.get(&app).is_none_or(|o| h.supersedes(o)) {
+                            heard.insert(app.clone(), h);
+                        }
+                        todo.extend(machine.handle(UpdaterEvent::Announced {
+                            app,
+                            release,
+                            now: std::time::Instant::now(),
+                        }));
+                    }
+                }
+                _ = sleep_until(wake) => {
+                    todo.extend(machine.handle(UpdaterEvent::Tick { now: std::time::Instant::now() }));
+                }
+                _ = watch.tick() => self.watch(&mut dog).await,
+            }
+        }
+    }
+
+    /// One install attempt, its failure cleaned up and reported as it is: the release the
+    /// device still runs, and why the update did not happen.
+    async fn attempt(&self, heard: &Heard) -> Outcome {
+        let ann = &heard.ann;
+        let Err(e) = self.update(heard).await else {
+            return Outcome::Done;
+        };
+        let not_yet = e.chain().find_map(|c| c.downcast_ref::<NotYet>()).map(|n| {
+            tracing::info!(app = %ann.app, release = ann.release, "not installing yet: {n}");
+            let state = match n {
+                NotYet::Wave { at, .. } => DeviceState::Waiting {
+                    release: ann.release,
+                    until: *at,
+                },
+                NotYet::Held { kind, .. } => DeviceState::Held {
+                    release: ann.release,
+                    kind: *kind,
+                },
+            };
+            (state, n.until())
+        });
+        if let Some((state, until)) = not_yet {
+            self.report_running(&ann.app, state).await;
+            return Outcome::Deferred(until);
+        }
+        let over_budget = e.chain().any(|c| c.is::<OverBudget>());
+        if e.chain().any(|c| c.is::<ShuttingDown>()) {
+            tracing::info!(app = %ann.app, release = ann.release, "shutting down: the download is left where it is (verified chunks are kept; it goes on at the next start)");
+            return Outcome::Failed;
+        }
+        let damaged = e
+            .chain()
+            .any(|c| matches!(c.downcast_ref(), Some(AssembleError::DamagedChunks { .. })));
+        let disk_full = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
+        });
+        if disk_full {
+            // What the failed release brought is the only space there is to free; the
+            // retry fetches it again (or a smaller, newer release takes its place).
+            self.collect_garbage();
+        }
+        tracing::error!(app = %ann.app, release = ann.release, "update failed: {e:#}");
+        let state = DeviceState::Failed {
+            reason: format!(
+                "update to release {} ({}) failed: {e:#}",
+                ann.release, ann.version
+            ),
+        };
+        self.report_running(&ann.app, state).await;
+        if damaged {
+            Outcome::Repairable
+        } else if over_budget {
+            // It will not fit however often it is tried; a newer release is judged afresh.
+            Outcome::Done
+        } else {
+            Outcome::Failed
+        }
+    }
+
+    /// Reports `state` beside the release the device runs now (if any).
+    pub(super) async fn report_running(&self, app: &str, state: DeviceState) {
+        let running = self
+            .store
+            .load_state()
+            .ok()
+            .and_then(|s| s.apps.get(app).and_then(|a| a.current.clone()));
+        match &running {
+            Some(cur) => self.reporter.report_installed(app, cur, state).await,
+            None => self.reporter.report(app, None, state, String::new()).await,
+        }
+    }
+
+    /// Whether this device may start release `m` now: `Ok(true)` yes, `Ok(false)` never
+    /// (another group's release, or no wave reaches this device's seed), `Err(NotYet)`
+    /// later (its wave, or a hold on the release). Decided from the signed manifest and
+    /// hold list alone, so it holds with the hub down.
+    fn admit(&self, m: &proto::manifest::Manifest) -> Result<bool, NotYet> {
+        use proto::rollout::Admission;
+        let now = self.trust.clock.now();
+        let me = proto::rollout::Me {
+            name: &self.cfg.name,
+            tags: &self.cfg.tags,
+            seed: self.seed,
+        };
+        let in_secs =
+            |at: u64| std::time::Instant::now() + Duration::from_secs(at.saturating_sub(now));
+        match m.rollout.admission(&me, m.created_at, now) {
+            Admission::NotTargeted => {
+                tracing::info!(app = %m.app, release = m.release, "not installing: the release targets {} and this device is {} with tags [{}]", m.rollout.target_names().join(", "), self.cfg.name, self.cfg.tags.join(", "));
+                return Ok(false);
+            }
+            Admission::NoWave => {
+                tracing::info!(app = %m.app, release = m.release, seed = self.seed, "not installing: no wave of {} reaches this device", m.rollout.waves_text());
+                return Ok(false);
+            }
+            Admission::At(at) => {
+                // A hold says more than a wave to come (and lifts only by a new list).
+                self.check_hold(m)?;
+                return Err(NotYet::Wave {
+                    at,
+                    until: in_secs(at),
+                });
+            }
+            Admission::Now => {}
+        }
+        self.check_hold(m)?;
+        Ok(true)
+    }
+
+    /// Refuses to start a held release (looked at again in a minute, or at the next
+    /// hold list).
+    fn check_hold(&self, m: &proto::manifest::Manifest) -> Result<(), NotYet> {
+        let holds = self.trust.holds();
+        match holds
+            .as_ref()
+            .and_then(|h| h.0.of(&m.app, &m.channel, m.release))
+        {
+            Some(h) => Err(NotYet::Held {
+                kind: h.kind,
+                reason: h.reason.clone(),
+                until: std::time::Instant::now() + HELD_RECHECK,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a release that would take the store past `store_budget_mib`: its missing
+    /// chunks and its slot on top of what is kept, after what no kept release needs went.
+    fn check_budget(&self, m: &proto::manifest::Manifest) -> Result<()> {
+        const MIB: u64 = 1024 * 1024;
+        let budget = self.cfg.store_budget_mib.saturating_mul(MIB);
+        if budget == 0 {
+            return Ok(());
+        }
+        let needed = |s: &Store| s.usage() + s.missing_bytes(m) + m.image_size;
+        if needed(&self.store) > budget {
+            self.collect_garbage();
+        }
+        let needed = needed(&self.store);
+        if needed > budget {
+            return Err(OverBudget {
+                release: m.release,
+                needed_mib: needed.div_ceil(MIB),
+                budget_mib: self.cfg.store_budget_mib,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Removes chunks and manifests that no kept release (current, pending, previous of
+    /// any app) needs. Only between installs: a download in progress is not yet kept.
+    fn collect_garbage(&self) {
+        let Ok(state) = self.store.load_state() else {
+            return;
+        };
+        let mut keep = std::collections::BTreeSet::new();
+        for st in state.apps.values() {
+            for i in [&st.current, &st.pending, &st.previous]
+                .into_iter()
+                .flatten()
+            {
+                keep.insert(i.manifest);
+                match self.stored_manifest(&i.manifest) {
+                    Ok(m) => keep.extend(m.chunks.iter().map(|c| c.digest)),
+                    // Without its chunk list nothing can be told unneeded.
+                    Err(e) => {
+                        tracing::warn!(release = i.release, "not collecting chunks: {e:#}");
+                        return;
+                    }
+                }
+            }
+        }
+        let (files, bytes) = self.store.remove_unneeded(&keep);
+        if files > 0 {
+            tracing::info!(
+                files,
+                bytes,
+                "removed chunks and manifests no kept release needs"
+            );
+        }
+    }
+
+    /// Starts the on-demand proxy and pool for this release's app if it is configured, or
+    /// rolls a running pool over to this release.
+    async fn start_ondemand(&self, m: &proto::manifest::Manifest, inst: &Installed) {
+        let Some(od) = self.cfg.ondemand.iter().find(|o| o.app == m.app).cloned() else {
+            return;
+        };
+        let image = crate::ondemand::Image {
+            manifest: m.clone(),
+            slot: inst.slot.clone(),
+            domain_type: inst.accel.as_ref().map(|a| a.domain_type.clone()),
+        };
+        let mut pools = self.ondemand.lock().await;
+        if let Some(pool) = pools.get(&m.app) {
+            pool.roll_over(image).await;
+            return;
+        }
+        let remote = od
+            .remote_uri
+            .as_deref()
+            .map(|uri| Hypervisor::libvirt(uri, &self.cfg.domain_type, None));
+        let app = od.app.clone();
+        let ctx = crate::ondemand::PoolContext {
+            device: self.cfg.name.clone(),
+            state_dir: self.cfg.state_dir.clone(),
+            nic: self.cfg.nic().ok(),
+            local: self.hypervisor.clone(),
+            remote,
+            metrics: self.metrics.clone(),
+            reporter: self.reporter.clone(),
+            tasks: self.tasks.clone(),
+        };
+        match crate::ondemand::start(ctx, od, image).await {
+            Ok(handle) => {
+                pools.insert(app, handle);
+            }
+            Err(e) => tracing::error!("on-demand: {e:#}"),
+        }
+    }
+
+    /// Served on demand: the pool owns its instances; the updater only boots a new release
+    /// once, to prove it healthy before the pool serves it.
+    pub(super) fn is_ondemand(&self, app: &str) -> bool {
+        self.cfg.ondemand.iter().any(|o| o.app == app)
+    }
+
+    pub(super) fn domain_name(&self, app: &str, release: u64) -> String {
+        format!("uf-{}-{app}-r{release}", self.cfg.name)
+    }
+
+    /// How `inst`, a release of `m`, boots on this device.
+    pub(super) fn launch(&self, m: &proto::manifest::Manifest, inst: &Installed) -> Launch {
+        let name = self.domain_name(&m.app, m.release);
+        Launch {
+            console_log: self.store.dir().join(format!("{name}.console.log")),
+            name,
+            platform: m.platform,
+            image: inst.slot.clone(),
+            boot: m.boot.clone(),
+            nic: m.boot.network.then(|| self.cfg.nic().ok()).flatten(),
+            domain_type: inst.accel.as_ref().map(|a| a.domain_type.clone()),
+        }
+    }
+
+    /// Runs a download step unless the agent shuts down first: a download may be dropped
+    /// at any await (chunks are stored whole or not at all), an activation may not, so
+    /// only these steps are cut short.
+    async fn abandoned_at_shutdown<T>(
+        &self,
+        step: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        tokio::select! {
+            r = step => r,
+            _ = self.tasks.cancelled() => Err(ShuttingDown.into()),
+        }
+    }
+}
+
+impl Updater {
+    /// After a start: bring up what the state says should run; finish an interrupted install.
+    async fn resume(&self) -> Result<()> {
+        let state = self.store.load_state()?;
+        self.store.prune_slots(&state);
+        for (app, st) in &state.apps {
+            if let Some(pending) = &st.pending {
+                tracing::info!(%app, release = pending.release, "resuming interrupted install");
+                let m = self.stored_manifest(&pending.manifest)?;
+                self.activate(&m, pending.clone()).await?;
+            } else if let Some(cur) = &st.current {
+                let m = self.stored_manifest(&cur.manifest)?;
+                let launch = self.launch(&m, cur);
+                let running = self.hypervisor.is_running(&launch.name).await;
+                if self.is_ondemand(app) {
+                    // The pool starts instances when connections arrive.
+                    if running {
+                        self.hypervisor.stop(&launch.name).await?;
+                    }
+                } else if !running {
+                    tracing::info!(%app, release = cur.release, "starting installed release");
+                    crate::probe::boot(&self.hypervisor, &launch).await?;
+                }
+                // Serving (an on-demand proxy listening) before reporting Active.
+                self.start_ondemand(&m, cur).await;
+                self.reporter
+                    .report_installed(app, cur, DeviceState::Active)
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn stored_manifest(
+        &self,
+        digest: &proto::Digest,
+    ) -> Result<proto::manifest::Manifest> {
+        let bytes = self
+            .store
+            .get_blob(digest)
+            .context("stored manifest missing")?;
+        let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)?;
+        self.trust
+            .open_stored_manifest(&env)
+            .context("stored manifest no longer verifies")
+    }
+
+    async fn update(&self, heard: &Heard) -> Result<()> {
+        let Heard {
+            ann,
+            bytes,
+            verified_ms,
+        } = heard;
+        let state = self.store.load_state()?;
+        let app_state = state.apps.get(&ann.app).cloned().unwrap_or_default();
+        if app_state.failed.contains(&ann.release) {
+            tracing::info!(app = %ann.app, release = ann.release, "release failed here before; not retrying");
+            return Ok(());
+        }
+        let installed = app_state
+            .highest_seen
+            .max(app_state.current.as_ref().map_or(0, |c| c.release));
+        let expect = Expectations {
+            app: Some(&ann.app),
+            channel: &self.cfg.channel,
+            platform: self.platform,
+            installed_release: Some(installed),
+        };
+        // Checked again: time has passed (a retry, a backoff) and the root may have moved.
+        let (root, now) = (self.trust.root(), self.trust.clock.now());
+        let checked =
+            verify_announcement(bytes, &root, now).and_then(|a| expect.applies(&a).map(|()| a));
+        if let Err(e) = checked {
+            if let VerifyError::Expired { .. } = e {
+                // Lapsed while it waited (a retry's pause, the hub down): tried again, with
+                // the fresh bytes the router hands over once the hub signs them again.
+                return Err(e).context(format!(
+                    "the announcement of release {} lapsed before it was installed; waiting \
+                     for the hub to sign it afresh",
+                    ann.release
+                ));
+            }
+            // Most often the release we already run, announced again; at worst a replay.
+            if matches!(e, VerifyError::Rollback { offered, installed, .. } if offered == installed)
+            {
+                tracing::debug!("already installed: {e}");
+            } else {
+                tracing::warn!(app = %ann.app, "refusing announcement: {e}");
+            }
+            return Ok(());
+        }
+        tracing::info!(app = %ann.app, release = ann.release, version = %ann.version, "new release announced");
+        self.metrics
+            .last_announcement_ms
+            .store(*verified_ms, std::sync::atomic::Ordering::Relaxed);
+        // The manifest: fetched by digest, then verified like the announcement.
+        let banned = crate::fetch::Banned::default();
+        let manifest_bytes = self
+            .abandoned_at_shutdown(self.fetcher.manifest(&ann.manifest, &banned))
+            .await?;
+        let verified: VerifiedManifest = verify_manifest(&manifest_bytes, &root, &expect, now)?;
+        anyhow::ensure!(
+            verified.digest() == ann.manifest && verified.manifest().release == ann.release,
+            "manifest does not match its announcement"
+        );
+        self.check_budget(verified.manifest())?;
+        self.store
+            .put_manifest(&verified.digest(), &manifest_bytes)?;
+        // Peers may fetch it from here now (at 1,000 devices, a manifest from the hub for
+        // each was about another copy of a 1 MiB image).
+        self.fetcher.report_stored(Some(verified.digest()));
+        let m = verified.manifest();
+        if !self.admit(m)? {
+            // Said once per release, so the hub sees the device (and that it is not
+            // part of this rollout) even before it ever installed anything.
+            let running = self
+                .store
+                .load_state()?
+                .apps
+                .get(&m.app)
+                .is_some_and(|a| a.current.is_some());
+            let state = if running {
+                DeviceState::Active
+            } else {
+                DeviceState::Idle
+            };
+            self.report_running(&m.app, state).await;
+            return Ok(());
+        }
+        self.abandoned_at_shutdown(self.fetcher.chunks(m, &self.reporter, ann, &banned))
+            .await
+            .context("fetching chunks")?;
+        self.metrics.last_fetched_ms.store(
+            crate::metrics::unix_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.reporter
+            .report(&ann.app, Some(ann), DeviceState::Installing, String::new())
+            .await;
+        let store = self.store.clone();
+        let mc = m.clone();
+        let slot = tokio::task::spawn_blocking(move || store.assemble(&mc)).await??;
+        // Halted while it downloaded: not started (the chunks stay for a resume).
+        self.check_hold(m)?;
+        crash_point(&self.cfg, "assembled");
+        let new = Installed {
+            release: m.release,
+            version: m.version.to_string(),
+            manifest: verified.digest(),
+            slot,
+            accel: None,
+        };
+        let mut state = self.store.load_state()?;
+        let st = state.apps.entry(m.app.clone()).or_default();
+        st.pending = Some(new.clone());
+        st.highest_seen = st.highest_seen.max(m.release);
+        self.store.save_state(&state)?;
+        crash_point(&self.cfg, "installed");
+        self.activate(m, new).await
+    }
+
+    /// Boots `new`, probes it, and either retires the old release or restores it.
+    async fn activate(&self, m: &proto::manifest::Manifest, mut new: Installed) -> Result<()> {
+        if self.cfg.domain_type == "auto" && self.hypervisor.driver() == Driver::Qemu {
+            let accel = crate::accel::measure(&self.hypervisor, &self.launch(m, &new)).await;
+            tracing::info!(app = %m.app, release = m.release, "accelerator {}: {}", accel.domain_type, accel.why);
+            new.accel = Some(accel);
+        }
+        let launch = self.launch(m, &new);
+        let outcome = crate::probe::boot(&self.hypervisor, &launch).await;
+        let mut state = self.store.load_state()?;
+        let st: &mut AppState = state.apps.entry(m.app.clone()).or_default();
+        let old = st.current.clone();
+        match outcome {
+            Ok(_) => {
+                if let Some(old) = old.as_ref().filter(|o| o.release != new.release) {
+                    let name = self.domain_name(&m.app, old.release);
+                    if let Err(e) = self.hypervisor.stop(&name).await {
+                        tracing::warn!("retiring old domain: {e}");
+                    }
+                }
+                st.previous = old.filter(|o| o.release != new.release);
+                st.current = Some(new.clone());
+                st.pending = None;
+                self.store.save_state(&state)?;
+                if self.is_ondemand(&m.app) {
+                    tracing::info!(app = %m.app, release = m.release, "healthy; the on-demand pool serves it from now on");
+                    if let Err(e) = self.hypervisor.stop(&launch.name).await {
+                        tracing::warn!("stopping the health-check instance: {e}");
+                    }
+                }
+                self.store.prune_slots(&state);
+                self.collect_garbage();
+                self.metrics
+                    .activations
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.metrics.last_active_ms.store(
+                    crate::metrics::unix_ms(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                tracing::info!(app = %m.app, release = m.release, version = %m.version, "active and healthy");
+                self.start_ondemand(m, &new).await;
+                self.reporter
+                    .report_installed(&m.app, &new, DeviceState::Active)
+                    .await;
+                Ok(())
+            }
+            Err(e) => {
+                let tail = e.console_tail().to_string();
+                self.metrics
+                    .rollbacks
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(app = %m.app, release = m.release, "activation failed, rolling back: {e}");
+                let _ = self.hypervisor.stop(&launch.name).await;
+                st.failed.insert(new.release);
+                st.pending = None;
+                self.store.save_state(&state)?;
+                if let Some(old) = &old {
+                    let om = self.stored_manifest(&old.manifest)?;
+                    let ol = self.launch(&om, old);
+                    if !self.hypervisor.is_running(&ol.name).await {
+                        crate::probe::boot(&self.hypervisor, &ol).await?;
+                    }
+                }
+                let reported = DeviceState::RolledBack {
+                    failed_release: new.release,
+                    reason: e.to_string(),
+                };
+                match &old {
+                    Some(old) => {
+                        self.reporter
+                            .report_installed_with_tail(&m.app, old, reported, tail)
+                            .await
+                    }
+                    None => self.reporter.report(&m.app, None, reported, tail).await,
+                }
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! `device run`: the agent.
+//!
+//! Tasks and what each owns:
+//! - the libp2p node (in `net`) owns the Swarm;
+//! - the MQTT task owns the broker connection;
+//! - the **router** owns the event streams: it verifies every announcement before it is
+//!   relayed (gossipsub Accept/Reject), keeps re-gossiping the newest verified one per app
+//!   so peers that only see peers still learn of it, serves blobs to peers with bounded
+//!   concurrency and the upload limit, and hands announcements for our apps to the updater;
+//! - the **updater** owns the device state: fetch, verify, assemble, install, activate,
+//!   roll back, report. One release at a time.
+//!
+//! Modules: `router` (announcements in, relaying, seeding), `inbox` (the router's hand-off
+//! to the installer), `installer` (the updater's I/O shell: fetch, install, activate, roll
+//! back), `supervisor` (the watchdog's I/O shell: a running release that died or stopped
+//! answering).
+
+mod inbox;
+mod installer;
+mod router;
+mod supervisor;
+
+use inbox::Inbox;
+use installer::Updater;
+use router::{Router, MAX_SEEDING};
+
+use crate::config::Config;
+use crate::fetch::Fetcher;
+use crate::hypervisor::Hypervisor;
+use crate::metrics::DeviceMetrics;
+use crate::mqtt;
+use crate::report::Reporter;
+use crate::store::Store;
+use crate::trust::{Clock, Trust};
+use anyhow::{Context, Result};
+use net::ratelimit::RateLimiter;
+use proto::announcement::Track;
+use proto::root::TrustedRoot;
+use proto::SecretKey;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+
+/// How long shutdown waits for the agent's tasks: an activation in progress finishes
+/// (its probe has a timeout of its own).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How often the updater checks that each app's healthy domain still runs.
+const WATCH_EVERY: Duration = Duration::from_secs(2);
+/// How often the latest status reports are sent again (heartbeat, and catch-up for a hub
+/// that was down).
+const REPORT_AGAIN: Duration = Duration::from_secs(10);
+
+pub use crate::time::now;
+
+/// Loads the device key (refusing one readable by others).
+pub fn load_key(path: &std::path::Path) -> Result<SecretKey> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("reading device key {}", path.display()))?;
+    anyhow::ensure!(
+        meta.permissions().mode() & 0o077 == 0,
+        "device key {} is readable by others; chmod 600 it",
+        path.display()
+    );
+    let text = std::fs::read_to_string(path)?;
+    SecretKey::from_text(&text).with_context(|| format!("reading device key {}", path.display()))
+}
+
+/// The trust root: the newest one the device accepted (state dir), else the configured one.
+fn load_root(cfg: &Config, store: &Store) -> Result<TrustedRoot> {
+    let saved = store.dir().join("root.bin");
+    let path = if saved.exists() {
+        saved
+    } else {
+        cfg.root.clone()
+    };
+    let bytes =
+        std::fs::read(&path).with_context(|| format!("reading trust root {}", path.display()))?;
+    // A stored root may have expired while the device was off; it is still the anchor,
+    // and verification against it refuses releases until a fresh root arrives.
+    let not_a_root = || {
+        format!(
+            "{} is not a trust root (replace it with the fleet's root.bin from the hub)",
+            path.display()
+        )
+    };
+    let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Root)
+        .with_context(not_a_root)?;
+    let claimed: proto::root::Root =
+        proto::codec::decode(proto::codec::Kind::Root, &env.payload).with_context(not_a_root)?;
+    let root = TrustedRoot::bootstrap(&bytes, now().min(claimed.expires_at.saturating_sub(1)))
+        .with_context(|| format!("trust root {}", path.display()))?;
+    anyhow::ensure!(
+        root.fleet() == cfg.fleet,
+        "trust root is for fleet {:?}, config says {:?}",
+        root.fleet(),
+        cfg.fleet
+    );
+    Ok(root)
+}
+
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    run_with_metrics(cfg, Arc::new(DeviceMetrics::default()), shutdown).await
+}
+
+/// [`run`], keeping its metrics in `metrics` (the fleet benchmark runs many agents in one
+/// process and reads them directly).
+pub async fn run_with_metrics(
+    cfg: Config,
+    metrics: Arc<DeviceMetrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let key = load_key(&cfg.key)?;
+    let seed = proto::rollout::seed(&key.public());
+    // Every task of the agent is spawned through this tree; shutdown cancels and waits.
+    let tasks = net::tasks::Tasks::new();
+    let store = Arc::new(Store::open(&cfg.state_dir)?);
+    let trust = Arc::new(Trust::new(
+        store.dir(),
+        load_root(&cfg, &store)?,
+        Clock::open(store.dir(), crate::trust::system_now),
+    ));
+    let platform = cfg.platform().map_err(anyhow::Error::msg)?;
+
+    // The libp2p identity derives from the device key, so a device keeps its peer id.
+    let mut net_cfg = net::NetConfig::new(net::keypair_from_seed(key.seed()), &cfg.fleet);
+    net_cfg.listen = vec![cfg.listen.parse().context("parsing listen address")?];
+    net_cfg.idle_timeout = Duration::from_secs(cfg.idle_timeout_secs);
+    let mut hub_peers = Vec::new();
+    for (p, is_hub) in cfg
+        .hub
+        .iter()
+        .map(|h| (h, true))
+        .chain(cfg.peers.iter().map(|p| (p, false)))
+    {
+        let addr: net::Multiaddr = p
+            .parse()
+            .with_context(|| format!("parsing peer address {p}"))?;
+        if is_hub {
+            hub_peers.push(
+                net::peer_of(&addr)
+                    .with_context(|| format!("hub address {p} lacks /p2p/<peer id>"))?,
+            );
+        }
+        net_cfg.bootstrap.push(addr);
+    }
+    net_cfg.mdns = cfg.mdns;
+    net_cfg.state = metrics.net.clone();
+    // The network on a tree of its own, stopped last: the application's tasks answer
+    // peers and the hub until they are done.
+    let net_tasks = net::tasks::Tasks::new();
+    let (net, events) = net::start(net_cfg, &net_tasks)?;
+    tracing::info!(peer_id = %net.peer_id(), device = %cfg.name, "device agent starting");
+
+    let (mqtt_tx, mqtt_rx) = mpsc::channel(64);
+    let mqtt_client = match &cfg.broker {
+        Some(url) => {
+            let topics = cfg
+                .apps
+                .iter()
+                .map(|a| {
+                    net::mqtt_topics::release(&cfg.fleet, &Track::new(a, &cfg.channel, platform))
+                })
+                .chain(net::mqtt_topics::trust(&cfg.fleet))
+                .collect();
+            Some(mqtt::start(&cfg.name, url, topics, mqtt_tx, &tasks)?)
+        }
+        None => None,
+    };
+
+    let broker = mqtt_client.clone();
+    let reporter = Arc::new(Reporter::new(&cfg, key, net.clone(), mqtt_client, &metrics));
+    if let Some(addr) = &cfg.metrics {
+        let m = metrics.clone();
+        net::metrics::serve(addr, Arc::new(move || m.render()), &tasks)
+            .await
+            .with_context(|| format!("metrics cannot listen on {addr}"))?;
+    }
+    let inbox = Arc::new(Inbox::default());
+    let (asked_tx, asked_rx) = mpsc::channel(16);
+    let router = Router {
+        asked: asked_tx,
+        cfg: cfg.clone(),
+        platform,
+        trust: trust.clone(),
+        hub: hub_peers.clone(),
+        store: store.clone(),
+        net: net.clone(),
+        updates: inbox.clone(),
+        latest: HashMap::new(),
+        trickles: HashMap::new(),
+        broker,
+        phase: crate::fetch::stable_hash(&net.peer_id().to_bytes()) as f64 / u64::MAX as f64,
+        seeding: Arc::new(Semaphore::new(MAX_SEEDING)),
+        upload: Arc::new(RateLimiter::new(cfg.upload_rate)),
+        metrics: metrics.clone(),
+        reporter: reporter.clone(),
+        tasks: tasks.clone(),
+    };
+    tasks.spawn(router.run(events, mqtt_rx, asked_rx));
+    let updater = Updater {
+        seed,
+        fetcher: Fetcher::new(
+            net.clone(),
+            store.clone(),
+            hub_peers,
+            &cfg,
+            metrics.clone(),
+            trust.clone(),
+            tasks.clone(),
+        ),
+        hypervisor: Hypervisor::libvirt(&cfg.libvirt_uri, &cfg.domain_type, cfg.guest_addresses()?),
+        cfg,
+        platform,
+        trust,
+        store,
+        reporter,
+        metrics,
+        ondemand: Default::default(),
+        tasks: tasks.clone(),
+    };
+    // Graceful: it stops between steps of an install, never in the middle of one.
+    tasks.spawn_graceful(updater.run(inbox));
+    shutdown.await;
+    tracing::info!("shutting down");
+    let left = tasks.shutdown(SHUTDOWN_GRACE).await;
+    if left > 0 {
+        tracing::warn!("{left} task(s) still running after {SHUTDOWN_GRACE:?}; leaving them");
+    }
+    // The network last: the tasks above were still answering peers and the hub.
+    net_tasks.shutdown(SHUTDOWN_GRACE).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Testing aid (`crash_at` in the config): die abruptly, as a kill -9 would.
+pub fn crash_point(cfg: &Config, point: &str) {
+    if cfg.crash_at.as_deref() == Some(point) {
+        tracing::warn!(point, "crash_at: aborting");
+        std::process::abort();
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
