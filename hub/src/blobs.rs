@@ -3,9 +3,9 @@
 //! hub's capped upload is saturated — and notes devices' reports of chunks stored (alone,
 //! or riding on their next ask).
 
+use crate::metrics::Metrics;
 use crate::place::{Place, Places};
-use crate::serve::Metrics;
-use crate::store::Store;
+use crate::store_owner::{Record, StoreReader};
 use crate::tracker::{Answer, Decision, Tracker};
 use net::ratelimit::RateLimiter;
 use net::{Multiaddr, NetClient, PeerId, ReplyId, Seen, Want};
@@ -13,14 +13,14 @@ use proto::blob::BlobResponse;
 use proto::Digest;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Chunks the tracker remembers: ~320 MiB of images at FastCDC's average chunk (the
 /// releases being rolled out); at most 256 holders of ~100 bytes each, ~100 MB at worst.
 const TRACKER_BLOBS: usize = 4_096;
 
-/// Whom the hub trades blobs with (see `serve::trade_policy`).
+/// Whom the hub trades blobs with (decided by `serve`'s trust: revoked, enrolled).
 #[derive(Debug, Default)]
 pub struct Trade {
     /// Revoked devices: refused everything.
@@ -38,7 +38,8 @@ impl Trade {
 pub struct Blobs {
     net: NetClient,
     trade: Trade,
-    store: Arc<Mutex<Store>>,
+    /// Blobs and records are read through the store's reader, never behind a commit or gc.
+    store: StoreReader,
     metrics: Arc<Metrics>,
     /// Parked askers' tickets: who (to route the holders named for it) and the request.
     tracker: Tracker<PeerId, (PeerId, ReplyId), Places>,
@@ -61,7 +62,7 @@ impl std::fmt::Debug for Blobs {
 impl Blobs {
     pub fn new(
         net: NetClient,
-        store: Arc<Mutex<Store>>,
+        store: StoreReader,
         metrics: Arc<Metrics>,
         upload_rate: u64,
         peer_exchange: bool,
@@ -208,34 +209,18 @@ impl Blobs {
     /// A root link (by [`proto::blob::root_key`]), the revocation list or the hold list,
     /// from the store.
     fn send_record(&self, digest: Digest, want: Want, reply: ReplyId) {
+        let record = match want {
+            Want::Revocations => Record::Revocations,
+            Want::Holds => Record::Holds,
+            _ => Record::RootLink(digest),
+        };
         let store = self.store.clone();
         let net = self.net.clone();
         self.tasks.spawn(async move {
-            let found = tokio::task::spawn_blocking(move || {
-                let store = store.lock().expect("store lock");
-                match want {
-                    Want::Revocations => return store.read("revocations.bin"),
-                    Want::Holds => return store.read(crate::rollout::HOLDS_PATH),
-                    _ => {}
-                }
-                // The chain's versions from the file names (one listing), then the one
-                // link whose key was asked for.
-                let versions = store
-                    .list("roots")?
-                    .into_iter()
-                    .filter_map(|f| f.strip_suffix(".bin")?.parse::<u64>().ok());
-                let asked = versions
-                    .chain([1])
-                    .find(|v| proto::blob::root_key(*v) == digest);
-                match asked {
-                    Some(v) => crate::trust::root_link(&store, v),
-                    None => Ok(None),
-                }
-            })
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten();
+            let found = store.record(record).await.unwrap_or_else(|e| {
+                tracing::warn!("reading a signed record for a peer: {e:#}");
+                None
+            });
             let response = found.map_or(BlobResponse::NotFound, BlobResponse::Found);
             net.respond(reply, response).await;
         });
@@ -254,13 +239,10 @@ impl Blobs {
         let metrics = self.metrics.clone();
         let upload = self.upload.clone();
         self.tasks.spawn(async move {
-            let blob = tokio::task::spawn_blocking(move || {
-                store.lock().expect("store lock").blob(&digest)
-            })
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten();
+            let blob = store.blob(digest).await.unwrap_or_else(|e| {
+                tracing::warn!(blob = %digest.short(), "reading a blob for a peer: {e:#}");
+                None
+            });
             let response = match blob {
                 Some(b) => {
                     upload.acquire(b.len() as u64).await;

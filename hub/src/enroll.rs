@@ -12,8 +12,9 @@ use std::collections::HashMap;
 /// Enrolls each `(name, key)`; everything is checked before anything is written.
 pub fn enroll(home: &Home, devices: &[(String, PublicKey)], replace: bool) -> Result<()> {
     let store = home.store()?;
-    let mut by_name: HashMap<String, PublicKey> =
-        crate::serve::load_devices(&store)?.into_values().collect();
+    let mut by_name: HashMap<String, PublicKey> = crate::inventory::load_devices(&store)?
+        .into_values()
+        .collect();
     let mut change = Change::default();
     for (name, key) in devices {
         proto::names::check("device", name)

@@ -23,6 +23,7 @@ pub mod rollout;
 pub mod serve;
 pub mod staging;
 pub mod store;
+pub mod store_owner;
 pub mod suspects;
 pub mod tracker;
 pub mod trust;

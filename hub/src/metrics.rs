@@ -1,10 +1,46 @@
 //! The hub's Prometheus metrics (served by `net::metrics`).
 
-use crate::serve::Metrics;
 use anyhow::{Context, Result};
 use net::metrics::push;
-use std::sync::atomic::Ordering;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// What `hub serve` counts, shared with the blob service and read by the metrics page.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub announcements: AtomicU64,
+    pub blob_bytes_served: AtomicU64,
+    pub blobs_served: AtomicU64,
+    pub status_accepted: AtomicU64,
+    pub status_dropped: AtomicU64,
+    pub gossip_rejected: AtomicU64,
+    /// Blob requests answered with peers to ask instead.
+    pub redirects: AtomicU64,
+    /// Blob requests answered "no holder free yet, ask again".
+    pub waits: AtomicU64,
+    /// Upload slots of devices the tracker has handed out and not had back (gauge).
+    pub slots_taken: AtomicU64,
+    /// Askers parked until a holder is free (gauge).
+    pub parked: AtomicU64,
+    /// Devices an asker reported silent, named to nobody for a while (gauge).
+    pub suspects: AtomicU64,
+    /// Asks saying the device named for a blob did not deliver in time.
+    pub missed_reports: AtomicU64,
+    /// Holders those reports made suspect (a report too soon, beyond the asker's share
+    /// or about a holder suspect already makes none).
+    pub holders_suspected: AtomicU64,
+    /// Blob requests answered busy (upload saturated).
+    pub busy: AtomicU64,
+    /// Devices' reports of a chunk stored.
+    pub stored_reports: AtomicU64,
+    /// When a release newer than any announced before was first announced (Unix ms).
+    pub last_new_announcement_ms: AtomicU64,
+    /// Releases in the store (gauge, as of the last look at the store's `apps` tree).
+    pub releases: AtomicU64,
+    /// Devices in the inventory by state (as of the last batch written).
+    pub devices_by_state: std::sync::Mutex<BTreeMap<String, u64>>,
+}
 
 pub async fn start(
     addr: &str,

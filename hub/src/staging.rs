@@ -40,7 +40,7 @@ struct Reports {
 impl Reports {
     fn new(store: &Store) -> Result<Reports> {
         Ok(Reports {
-            devices: crate::serve::load_devices(store)?,
+            devices: crate::inventory::load_devices(store)?,
             loaded_at: Instant::now(),
             seen: Default::default(),
         })
@@ -53,7 +53,7 @@ impl Reports {
         app: &str,
     ) -> Result<Vec<(Vec<u8>, StatusReport)>> {
         if self.loaded_at.elapsed() >= RELOAD_KEYS {
-            self.devices = crate::serve::load_devices(store)?;
+            self.devices = crate::inventory::load_devices(store)?;
             self.loaded_at = Instant::now();
             self.seen.clear();
         }

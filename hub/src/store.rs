@@ -567,7 +567,7 @@ impl Store {
     }
 
     /// The writer lock, held until the returned file is dropped.
-    fn writer_lock(&self) -> Result<std::fs::File> {
+    pub(crate) fn writer_lock(&self) -> Result<std::fs::File> {
         let lock_path = self.repo.path().join(WRITER_LOCK);
         let writer = std::fs::OpenOptions::new()
             .create(true)
