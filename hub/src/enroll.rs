@@ -17,9 +17,7 @@ pub fn enroll(home: &Home, devices: &[(String, PublicKey)], replace: bool) -> Re
         .collect();
     let mut change = Change::default();
     for (name, key) in devices {
-        proto::names::check("device", name)
-            .map_err(anyhow::Error::msg)
-            .with_context(|| format!("enrolling {name:?}"))?;
+        proto::names::check("device", name).with_context(|| format!("enrolling {name:?}"))?;
         if let Some((other, _)) = by_name.iter().find(|(n, k)| *k == key && *n != name) {
             bail!(
                 "key {} is already enrolled as {other:?}; one key is one device (revoke \

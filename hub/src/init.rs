@@ -31,7 +31,7 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
     if dir.join("hub.toml").exists() {
         bail!("{} is already a hub home", dir.display());
     }
-    proto::names::check("fleet", args.fleet).map_err(anyhow::Error::msg)?;
+    proto::names::check("fleet", args.fleet)?;
     std::fs::create_dir_all(dir.join("keys"))
         .with_context(|| format!("creating {}", dir.display()))?;
     let mut warning = None;

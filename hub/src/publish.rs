@@ -24,8 +24,40 @@ const MIB: u64 = 1024 * 1024;
 /// How often `hub publish` says how far chunking is.
 const PROGRESS_EVERY: u64 = 256 * MIB;
 
-/// The channel every release passes through before its target channel.
-pub const STAGING_CHANNEL: &str = "staging";
+/// Why a signed manifest could not join the release being stored (one commit may hold a
+/// manifest per platform). `hub release approve` tells a manifest short of signatures
+/// from the others.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    #[error(transparent)]
+    Envelope(proto::VerifyError),
+    #[error(transparent)]
+    Decode(#[from] proto::codec::CodecError),
+    #[error("the signed manifest of {track} does not verify against the hub's trust root")]
+    Unverified {
+        track: String,
+        #[source]
+        source: Box<proto::VerifyError>,
+    },
+    #[error(
+        "release {release} of {app}/{channel} was taken by another release meanwhile (the \
+         next is {next}); publish it again"
+    )]
+    Taken {
+        release: u64,
+        app: String,
+        channel: String,
+        next: u64,
+    },
+    #[error("two images for {0} in one release")]
+    TwoImages(Platform),
+    /// Signing the release's first announcement with the timestamp key.
+    #[error(transparent)]
+    Announce(proto::codec::CodecError),
+}
+
+// Defined beside the staging gate, which needs them and sits below the pipeline.
+pub use crate::staging::{Progress, STAGING_CHANNEL};
 
 #[derive(Debug, Clone)]
 pub struct PublishArgs {
@@ -83,9 +115,6 @@ impl std::str::FromStr for Image {
         }
     }
 }
-
-/// Progress lines for a terminal or a git push.
-pub type Progress<'a> = &'a mut dyn FnMut(&str);
 
 /// The signed manifest of a stored release, verified against the hub's own root.
 pub fn stored_manifest(
@@ -286,8 +315,9 @@ impl<'n, 'a> Stored<'n, 'a> {
         bytes: Vec<u8>,
         newest: Option<u64>,
         evidence: Option<Vec<u8>>,
-    ) -> Result<()> {
-        let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)?;
+    ) -> Result<(), AddError> {
+        let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)
+            .map_err(AddError::Envelope)?;
         let claimed: Manifest = proto::codec::decode(proto::codec::Kind::Manifest, &env.payload)?;
         let channel = self.new.channel;
         let track = Track::new(&claimed.app, channel, claimed.platform);
@@ -302,26 +332,29 @@ impl<'n, 'a> Stored<'n, 'a> {
             },
             now(),
         )
-        .with_context(|| {
-            format!("the signed manifest of {track} does not verify against the hub's trust root")
+        .map_err(|source| AddError::Unverified {
+            track: track.to_string(),
+            source: Box::new(source),
         })?;
         let next = newest.map_or(1, |n| n + 1);
         if claimed.release != next {
-            bail!(
-                "release {} of {}/{channel} was taken by another release meanwhile (the next \
-                 is {next}); publish it again",
-                claimed.release,
-                claimed.app
-            );
+            return Err(AddError::Taken {
+                release: claimed.release,
+                app: claimed.app,
+                channel: channel.to_string(),
+                next,
+            });
         }
         if self.infos.iter().any(|i| i.track == track) {
-            bail!("two images for {} in one release", claimed.platform);
+            return Err(AddError::TwoImages(claimed.platform));
         }
         let freshness = crate::trust::Freshness {
             lifetime: home.config.freshness_secs,
         };
         let ann = Announcement::for_manifest(&verified, now(), freshness.lifetime);
-        let ann = freshness.sign(&ann, timestamp, now())?;
+        let ann = freshness
+            .sign(&ann, timestamp, now())
+            .map_err(AddError::Announce)?;
         let digest = Digest::of(&bytes);
         let release = claimed.release;
         if let Some(report) = evidence {
@@ -471,14 +504,17 @@ pub fn approve(home: &Home, dir: &Path) -> Result<ReleaseInfo> {
         let mut stored = Stored::new(&new);
         stored
             .add(home, &root, &timestamp, bytes.clone(), newest, None)
-            .map_err(|e| match e.downcast_ref::<proto::VerifyError>() {
-                Some(proto::VerifyError::BelowThreshold { have, need, .. }) => anyhow::anyhow!(
-                    "{} has {have} of the {need} release signatures it needs: have more key \
-                     holders run `fwtool sign {} --key KEY`",
-                    path.display(),
-                    dir.display()
-                ),
-                _ => e,
+            .map_err(|e| match &e {
+                AddError::Unverified { source, .. } => match **source {
+                    proto::VerifyError::BelowThreshold { have, need, .. } => anyhow::anyhow!(
+                        "{} has {have} of the {need} release signatures it needs: have more \
+                         key holders run `fwtool sign {} --key KEY`",
+                        path.display(),
+                        dir.display()
+                    ),
+                    _ => e.into(),
+                },
+                _ => e.into(),
             })?;
         Ok(stored.commit(&m.app, &m.version))
     })?;
@@ -674,9 +710,7 @@ fn prepare_one(
             memory_mib: args.memory_mib,
             vcpus: args.vcpus,
             cmdline: args.cmdline.clone(),
-            probe: HealthProbe::parse(&args.probe, &args.app, &args.version)
-                .map_err(anyhow::Error::msg)
-                .context("--probe")?,
+            probe: HealthProbe::parse(&args.probe, &args.app, &args.version).context("--probe")?,
             probe_timeout_ms: args.probe_timeout_secs * 1000,
             network: args.network,
         },
@@ -719,8 +753,8 @@ pub fn publish(
     args: &PublishArgs,
     progress: Progress<'_>,
 ) -> Result<Vec<ReleaseInfo>> {
-    proto::names::check("app", &args.app).map_err(anyhow::Error::msg)?;
-    proto::names::check("channel", &args.channel).map_err(anyhow::Error::msg)?;
+    proto::names::check("app", &args.app)?;
+    proto::names::check("channel", &args.channel)?;
     anyhow::ensure!(
         args.channel != STAGING_CHANNEL,
         "publish to a target channel; staging happens on the way"

@@ -5,12 +5,17 @@
 //! not on anything the hub computed.
 
 use crate::home::{now, Home};
-use crate::publish::{Progress, STAGING_CHANNEL};
 use crate::store::{Change, Event, ReleaseInfo, Store};
 use anyhow::{bail, Context, Result};
 use proto::status::{verify_status, DeviceState, StatusReport};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+/// The channel every release passes through before its target channel.
+pub const STAGING_CHANNEL: &str = "staging";
+
+/// Progress lines for a terminal or a git push.
+pub type Progress<'a> = &'a mut dyn FnMut(&str);
 
 /// Where serve keeps a device's latest report for an app.
 pub fn report_path(home: &Home, device: &str, app: &str) -> std::path::PathBuf {
