@@ -204,7 +204,7 @@ pub fn sign_and_store(
         .first()
         .context("a release needs at least one image")?
         .template;
-    store.transaction(|store| {
+    store.transaction(|store| -> Result<_> {
         let newest = number(home, store, first, &new)?;
         let mut stored = Stored::new(&new);
         for part in parts {
@@ -427,7 +427,7 @@ pub fn hold(
 ) -> Result<(ReleaseInfo, std::path::PathBuf)> {
     let root = home.trusted_root()?;
     let key = release_key(home, &root)?;
-    let (info, bytes) = store.transaction(|store| {
+    let (info, bytes) = store.transaction(|store| -> Result<_> {
         let newest = number(home, store, &part.template, &new)?;
         let manifest = numbered(store, part, newest, &new)?;
         let mut env = manifest.seal()?;
@@ -499,7 +499,7 @@ pub fn approve(home: &Home, dir: &Path) -> Result<ReleaseInfo> {
             env.signatures.len()
         ),
     };
-    let mut infos = store.transaction(|store| {
+    let mut infos = store.transaction(|store| -> Result<_> {
         let newest = store.newest_number(&m.app, &m.channel)?;
         let mut stored = Stored::new(&new);
         stored

@@ -20,7 +20,7 @@
 use crate::home::Home;
 use crate::inventory::load_devices;
 use crate::rollout::{HoldChange, ReleaseKey};
-use crate::store::{release_path, Change, Store};
+use crate::store::{release_path, Change, Store, StoreError};
 use proto::announcement::Track;
 use proto::keys::{KeyId, PublicKey};
 use proto::revocation::Revocations;
@@ -179,9 +179,13 @@ fn asked<T>(reply: &oneshot::Sender<T>) -> bool {
 }
 
 /// Runs `f` and sends its result, a panic caught as [`OwnerError::Panicked`].
-fn answer<T>(who: &'static str, reply: Reply<T>, f: impl FnOnce() -> anyhow::Result<T>) {
+fn answer<T, E: Into<anyhow::Error>>(
+    who: &'static str,
+    reply: Reply<T>,
+    f: impl FnOnce() -> Result<T, E>,
+) {
     let out = match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(r) => r.map_err(OwnerError::Store),
+        Ok(r) => r.map_err(|e| OwnerError::Store(e.into())),
         Err(_) => Err(OwnerError::Panicked(who)),
     };
     let _ = reply.send(out);
@@ -199,7 +203,7 @@ impl Read {
                 answer("reader", reply, || read_releases(store, seen, &root))
             }
             Read::TrustRecords(root, reply) if asked(&reply) => answer("reader", reply, || {
-                Ok(TrustRecords {
+                Ok::<_, anyhow::Error>(TrustRecords {
                     revocations: crate::trust::revocations(store, &root)?,
                     holds: crate::rollout::holds(store, &root)?,
                 })
@@ -236,7 +240,7 @@ impl Write {
 }
 
 /// A root link, the revocation list or the hold list, as a peer asked for it.
-fn read_record(store: &Store, record: Record) -> anyhow::Result<Option<Vec<u8>>> {
+fn read_record(store: &Store, record: Record) -> Result<Option<Vec<u8>>, StoreError> {
     let digest = match record {
         Record::Revocations => return store.read("revocations.bin"),
         Record::Holds => return store.read(crate::rollout::HOLDS_PATH),
