@@ -384,7 +384,7 @@ fn bucket(e: &DeviceEntry, release: u64) -> fn(&mut WaveCounts) -> &mut u32 {
 pub struct Sources {
     pub store: Store,
     pub root: TrustedRoot,
-    pub inventory: Inventory,
+    pub inventory: std::sync::Arc<Inventory>,
     /// Enrolled keys by device name (their seeds place devices in waves).
     keys: BTreeMap<String, PublicKey>,
     holds: Option<Holds>,
@@ -392,14 +392,24 @@ pub struct Sources {
 
 impl Sources {
     pub fn read(home: &Home) -> Result<Sources> {
-        let store = home.store()?;
+        let inventory = crate::inventory::load_inventory(home);
+        Sources::with(home, home.store()?, std::sync::Arc::new(inventory))
+    }
+
+    /// From a store already open and an inventory at hand (the dashboard keeps its store
+    /// open and takes the inventory `hub serve` publishes).
+    pub fn with(
+        home: &Home,
+        store: Store,
+        inventory: std::sync::Arc<Inventory>,
+    ) -> Result<Sources> {
         let root = home.anchor_root()?;
         let keys = crate::inventory::load_devices(&store)?
             .into_values()
             .collect();
         let holds = holds(&store, &root)?.map(|(l, _)| l);
         Ok(Sources {
-            inventory: crate::inventory::load_inventory(home),
+            inventory,
             store,
             root,
             keys,

@@ -10,6 +10,7 @@ use crate::store::Change;
 use crate::store_owner::StoreWriter;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Debug, Default)]
 pub(super) struct Pending {
@@ -26,7 +27,7 @@ impl Pending {
             return None;
         }
         let batch = Batch {
-            inventory: std::mem::take(&mut self.inventory).then(|| inventory.clone()),
+            inventory: std::mem::take(&mut self.inventory).then(|| Arc::new(inventory.clone())),
             reports: std::mem::take(&mut self.reports),
             events: std::mem::take(&mut self.events),
         };
@@ -36,12 +37,19 @@ impl Pending {
 
 /// One batch of writes: files on a blocking thread, events through the store's writer.
 pub(super) struct Batch {
-    inventory: Option<Inventory>,
+    /// The inventory when it changed (also published to the dashboard, see
+    /// [`Batch::inventory`]).
+    inventory: Option<Arc<Inventory>>,
     reports: HashMap<PathBuf, Vec<u8>>,
     events: Change,
 }
 
 impl Batch {
+    /// The inventory this batch writes, if it changed.
+    pub fn inventory(&self) -> Option<&Arc<Inventory>> {
+        self.inventory.as_ref()
+    }
+
     pub async fn write(self, home: Home, store: StoreWriter) {
         let Batch {
             inventory,

@@ -119,6 +119,8 @@ pub(super) struct Hub {
     /// Counts failures of releases with a halt policy; says when to halt one.
     monitor: Monitor,
     inflight: Inflight,
+    /// The inventory as last written, for the dashboard (which then reads no file).
+    published: tokio::sync::watch::Sender<Arc<Inventory>>,
 }
 
 /// What the hub starts with (see [`Hub::new`]).
@@ -127,6 +129,8 @@ pub(super) struct Parts {
     pub net: NetClient,
     pub store: Owners,
     pub devices: Devices,
+    pub inventory: Inventory,
+    pub published: tokio::sync::watch::Sender<Arc<Inventory>>,
     pub trust: Trust,
     pub metrics: Arc<Metrics>,
     pub blobs: Blobs,
@@ -136,7 +140,8 @@ pub(super) struct Parts {
 impl Hub {
     pub fn new(p: Parts) -> Hub {
         let mut hub = Hub {
-            inventory: crate::inventory::load_inventory(&p.home),
+            inventory: p.inventory,
+            published: p.published,
             home: p.home,
             net: p.net,
             store: p.store,
@@ -389,6 +394,9 @@ impl Hub {
         }
         if let Some(batch) = self.pending.take(&self.inventory) {
             self.count_states();
+            if let Some(inventory) = batch.inventory() {
+                self.published.send_replace(inventory.clone());
+            }
             self.inflight.flushing = true;
             let (home, writer) = (self.home.clone(), self.store.writer.clone());
             self.inflight.push(async move {

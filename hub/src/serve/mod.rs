@@ -83,7 +83,9 @@ pub async fn serve(
     let node = start_net(&home)?;
     let devices = store.reader.devices().await?;
     let metrics = Arc::new(Metrics::default());
-    start_pages(&home, &metrics, &node, &tasks).await?;
+    let inventory = load_inventory(&home);
+    let (published, live) = tokio::sync::watch::channel(Arc::new(inventory.clone()));
+    start_pages(&home, &metrics, &node, live, &tasks).await?;
     let blobs = crate::blobs::Blobs::new(
         node.net.clone(),
         store.reader.clone(),
@@ -98,6 +100,8 @@ pub async fn serve(
         net: node.net.clone(),
         store,
         devices,
+        inventory,
+        published,
         trust,
         metrics,
         blobs,
@@ -159,6 +163,7 @@ async fn start_pages(
     home: &Home,
     metrics: &Arc<Metrics>,
     node: &Node,
+    inventory: tokio::sync::watch::Receiver<Arc<Inventory>>,
     tasks: &net::tasks::Tasks,
 ) -> Result<(), ServeError> {
     if let Some(addr) = &home.config.metrics {
@@ -167,7 +172,7 @@ async fn start_pages(
             .map_err(ServeError::Http)?;
     }
     if let Some(addr) = &home.config.http {
-        crate::dashboard::start(addr, home.clone(), tasks)
+        crate::dashboard::start(addr, home.clone(), inventory, tasks)
             .await
             .map_err(ServeError::Http)?;
     }
