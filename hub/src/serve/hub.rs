@@ -351,6 +351,8 @@ impl Hub {
         let (trust, devices) = match loaded {
             Ok(l) => *l,
             Err(e) => {
+                // Through anyhow, `{:#}` names every cause (the reply says why).
+                let e = anyhow::Error::new(e);
                 match then {
                     AfterTrust::Halt => tracing::error!("reloading trust after a halt: {e:#}"),
                     AfterTrust::Command(reply) => {

@@ -110,3 +110,19 @@ impl Trust {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reply to `reload-trust` says why it failed down to the cause, never twice.
+    #[test]
+    fn a_trust_error_through_anyhow_names_each_cause_once() {
+        let cause = anyhow::anyhow!("bad signature").context("the stored revocation list");
+        let e = anyhow::Error::new(TrustError::Store(OwnerError::Store(cause)));
+        assert_eq!(
+            format!("{e:#}"),
+            "reading the signed lists: the stored revocation list: bad signature"
+        );
+    }
+}
