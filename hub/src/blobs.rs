@@ -259,3 +259,83 @@ impl Blobs {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Change, Store};
+    use std::time::Duration;
+
+    fn node(
+        seed: u8,
+    ) -> (
+        NetClient,
+        tokio::sync::mpsc::UnboundedReceiver<net::NetEvent>,
+    ) {
+        let cfg = net::NetConfig::new(net::keypair_from_seed([seed; 32]), "home");
+        let (client, events, _task) = net::spawn(cfg, std::future::pending()).unwrap();
+        (client, events)
+    }
+
+    /// The hourly gc held the store for its whole run and every peer's blob request waited
+    /// behind it. A peer asks the hub's blob service over libp2p while the store's writer
+    /// holds the writer lock (as gc does) and gets the blob; the commit sent before it is
+    /// still waiting when the blob arrives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_gets_blobs_while_the_store_writer_is_held_by_a_gc() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.git");
+        let store = Store::init(&path).unwrap();
+        let chunk = b"a chunk of an image".to_vec();
+        let digest = Digest::of(&chunk);
+        let mut c = Change::default();
+        c.put(format!("blobs/{}", digest.to_hex()), chunk.clone());
+        store.commit("a release", &c, None).unwrap();
+        let owners = crate::store_owner::spawn(store, Store::open(&path).unwrap()).unwrap();
+        let held = owners.writer.hold().await;
+        let writer = owners.writer.clone();
+        let commit = tokio::spawn(async move {
+            let mut c = Change::default();
+            c.put("events/waiting", b"behind the gc".to_vec());
+            writer.commit("behind the gc", c).await
+        });
+
+        let (hub, mut events) = node(1);
+        let tasks = net::tasks::Tasks::new();
+        let metrics = Arc::new(Metrics::default());
+        let mut blobs = Blobs::new(hub.clone(), owners.reader.clone(), metrics, 0, false, tasks);
+        let addr = loop {
+            match events.recv().await.expect("the hub's node runs") {
+                net::NetEvent::Listening(a) => break a,
+                _ => continue,
+            }
+        };
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                if let net::NetEvent::BlobWanted {
+                    peer,
+                    digest,
+                    want,
+                    seen,
+                    reply,
+                } = ev
+                {
+                    blobs.wanted(peer, digest, want, seen, reply).await;
+                }
+            }
+        });
+        let (device, _device_events) = node(2);
+        let got = tokio::time::timeout(
+            Duration::from_secs(60),
+            device.fetch_with(hub.peer_id(), Some(addr), digest, Want::Blob),
+        )
+        .await
+        .expect("the blob came while the writer was held")
+        .unwrap();
+        assert_eq!(got, chunk);
+        // Only this test lets the writer go: the commit is still queued behind it.
+        assert!(!commit.is_finished());
+        held.send(()).unwrap();
+        commit.await.unwrap().unwrap();
+    }
+}
