@@ -279,17 +279,7 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
             }
         }
         if !blob.holders.iter().any(|h| live(&h.peer)) {
-            let recently_sent = blob.sent_lately(now, live);
-            let busy = asker
-                .as_ref()
-                .is_some_and(|a| self.firsts.get(a).is_some_and(|&n| n > 0));
-            if (recently_sent || busy) && asker.is_some() {
-                // Sent to another device already, or this one is receiving a first copy
-                // of another blob: parked, and picked for it if nobody freer asks.
-                return Decision::Elsewhere(vec![]);
-            }
-            self.first_copy(digest, asker, now);
-            return Decision::Serve;
+            return self.first_copy_or_wait(digest, asker, now);
         }
         let topology = &self.topology;
         let reach = |h: &P| asker.as_ref().map_or(Reach::Far, |a| topology.reach(a, h));
@@ -341,6 +331,43 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
                 blob.holders[i].peer.clone()
             })
             .collect();
+        self.reserve(digest, asker, named, now)
+    }
+
+    /// Nobody live holds `digest`: the hub sends it (a first copy), unless it was sent to
+    /// another device lately or this asker is receiving a first copy of another blob —
+    /// then the asker waits (parked, and picked for it if nobody freer asks).
+    fn first_copy_or_wait(
+        &mut self,
+        digest: Digest,
+        asker: Option<P>,
+        now: Instant,
+    ) -> Decision<P> {
+        let suspects = &self.suspects;
+        let recently_sent = self
+            .blobs
+            .get(&digest)
+            .is_some_and(|b| b.sent_lately(now, |p: &P| suspects.is_live(p, now)));
+        let busy = asker
+            .as_ref()
+            .is_some_and(|a| self.firsts.get(a).is_some_and(|&n| n > 0));
+        if (recently_sent || busy) && asker.is_some() {
+            return Decision::Elsewhere(vec![]);
+        }
+        self.first_copy(digest, asker, now);
+        Decision::Serve
+    }
+
+    /// `named` holders are handed to `asker`: their upload slots taken and the pairing
+    /// remembered until the asker reports, asks again or lapses (an untracked asker's
+    /// slots are not held).
+    fn reserve(
+        &mut self,
+        digest: Digest,
+        asker: Option<P>,
+        named: Vec<P>,
+        now: Instant,
+    ) -> Decision<P> {
         for p in &named {
             *self.load.entry(p.clone()).or_default() += 1;
         }
