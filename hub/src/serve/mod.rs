@@ -1,12 +1,12 @@
 //! `hub serve`: the long-running hub.
 //!
-//! One owner per resource: the libp2p node (in `net`), the MQTT event loop ([`mqtt`]), the
+//! One owner per resource: the libp2p node (in `net`), the MQTT event loop (`mqtt`), the
 //! git store (a writer and a reader thread, [`crate::store_owner`]), and the hub's loop
-//! ([`hub`]), which owns the inventory, the trust, the blob service and the announcer
-//! ([`announce`]) and routes events between them. Announcing runs on start, on request
-//! from the control socket ([`commands`]), and every few seconds so a broker that was down
+//! (`hub`), which owns the inventory, the trust, the blob service and the announcer
+//! (`announce`) and routes events between them. Announcing runs on start, on request
+//! from the control socket (`commands`), and every few seconds so a broker that was down
 //! learns the releases when it returns. Whether a device's report is taken is decided by
-//! [`accept`], pure.
+//! `accept`, pure.
 
 mod accept;
 mod announce;
