@@ -589,3 +589,94 @@ fn log_dropped(dropped: Dropped) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::{init, InitArgs};
+
+    /// A hub's loop over a quick-start home, with a libp2p node and an MQTT client that
+    /// never connects (nothing here needs a broker).
+    async fn hub(dir: &std::path::Path) -> (Hub, mpsc::UnboundedReceiver<NetEvent>) {
+        let args = InitArgs {
+            fleet: "home",
+            root: None,
+            release_key: None,
+            timestamp_key: None,
+            rollout_key: None,
+            mqtt_listen: "127.0.0.1:1883",
+            p2p_listen: "/ip4/127.0.0.1/tcp/0",
+        };
+        init(dir, &args).unwrap();
+        let home = Home::open(dir).unwrap();
+        let store = crate::store_owner::start(&home).unwrap();
+        let trust = Trust::load(&home, &store.reader).await.unwrap();
+        let cfg = net::NetConfig::new(net::keypair_from_seed([7; 32]), "home");
+        let (net, events, _task) = net::spawn(cfg, std::future::pending()).unwrap();
+        let opts = rumqttc::MqttOptions::new("test", "127.0.0.1", 1);
+        let (mqtt, _never_polled) = rumqttc::AsyncClient::new(opts, 64);
+        let metrics = Arc::new(Metrics::default());
+        let tasks = net::tasks::Tasks::new();
+        let blobs = Blobs::new(
+            net.clone(),
+            store.reader.clone(),
+            metrics.clone(),
+            0,
+            true,
+            tasks,
+        );
+        let (published, _) = tokio::sync::watch::channel(Arc::new(Inventory::new()));
+        let parts = Parts {
+            announcer: Announcer::new(net.clone(), mqtt, "home", metrics.clone()),
+            home,
+            net,
+            store,
+            devices: Devices::new(),
+            inventory: Inventory::new(),
+            published,
+            trust,
+            metrics,
+            blobs,
+        };
+        (Hub::new(parts), events)
+    }
+
+    /// The hourly gc held the store's one mutex for its whole run, and the loop awaited it
+    /// (announcing every 5 s, reloading keys), so control commands went unanswered. With
+    /// the writer held as gc holds it, the loop answers them; the writer is still held
+    /// when they are answered (only this test lets it go).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn control_commands_are_answered_while_the_store_writer_is_held_by_a_gc() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut hub, events) = hub(&dir.path().join("hub")).await;
+        let held = hub.store.writer.hold().await;
+        let (control, control_rx) = mpsc::channel(4);
+        let (_mqtt, mqtt_rx) = mpsc::channel(4);
+        let inputs = Inputs {
+            mqtt: mqtt_rx,
+            events,
+            control: control_rx,
+        };
+        let ask = |command| {
+            let control = control.clone();
+            async move {
+                let (reply, answer) = oneshot::channel();
+                control.send((command, reply)).await.unwrap();
+                tokio::time::timeout(Duration::from_secs(60), answer)
+                    .await
+                    .expect("answered while the writer was held")
+                    .unwrap()
+            }
+        };
+        let asks = async {
+            assert_eq!(ask(Command::ReloadDevices).await, "0 device(s) enrolled");
+            assert_eq!(ask(Command::Announce).await, "announced 0 release(s)");
+            assert_eq!(ask(Command::ReloadTrust).await, "trust root version 1");
+        };
+        tokio::select! {
+            _ = hub.run(std::future::pending(), inputs) => panic!("the loop stopped"),
+            _ = asks => {}
+        }
+        held.send(()).unwrap();
+    }
+}
