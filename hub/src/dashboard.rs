@@ -57,16 +57,20 @@ pub fn token(home: &Home) -> Result<String> {
 /// its live pages).
 pub type LiveInventory = tokio::sync::watch::Receiver<Arc<Inventory>>;
 
-/// Binds `addr` and serves the dashboard on the hub's cancellation tree.
-pub async fn start(
-    addr: &str,
+/// The dashboard's listener (`--http ADDR`).
+pub async fn bind(addr: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("the dashboard cannot listen on {addr} (--http)"))
+}
+
+/// Serves the dashboard on `listener` on the hub's cancellation tree.
+pub fn start(
+    listener: tokio::net::TcpListener,
     home: Home,
     inventory: LiveInventory,
     tasks: &net::tasks::Tasks,
 ) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("the dashboard cannot listen on {addr} (--http)"))?;
     let (live_tx, live) = tokio::sync::watch::channel(None);
     let state = Arc::new(Dashboard {
         token: token(&home)?,

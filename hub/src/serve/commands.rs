@@ -14,13 +14,17 @@ pub(super) type Asked = (Command, oneshot::Sender<String>);
 /// Commands queued for the loop (`hub publish` and friends send one each).
 const QUEUE: usize = 16;
 
-/// Binds the socket (replacing a stale one) and accepts on it until shutdown.
-pub(super) fn listen(
-    home: &Home,
-    tasks: &net::tasks::Tasks,
-) -> std::io::Result<mpsc::Receiver<Asked>> {
+/// Binds the socket (replacing a stale one).
+pub(super) fn bind(home: &Home) -> std::io::Result<tokio::net::UnixListener> {
     let _ = std::fs::remove_file(home.socket());
-    let control = tokio::net::UnixListener::bind(home.socket())?;
+    tokio::net::UnixListener::bind(home.socket())
+}
+
+/// Accepts on `control` until shutdown.
+pub(super) fn listen(
+    control: tokio::net::UnixListener,
+    tasks: &net::tasks::Tasks,
+) -> mpsc::Receiver<Asked> {
     let (tx, rx) = mpsc::channel::<Asked>(QUEUE);
     let conns = tasks.clone();
     tasks.spawn(async move {
@@ -34,7 +38,7 @@ pub(super) fn listen(
         )
         .await
     });
-    Ok(rx)
+    rx
 }
 
 async fn answer(stream: tokio::net::UnixStream, tx: mpsc::Sender<Asked>) {

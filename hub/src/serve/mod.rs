@@ -70,9 +70,56 @@ struct Node {
     stop: tokio::sync::watch::Sender<bool>,
 }
 
-/// Runs the hub until `shutdown` resolves. Prints its libp2p address on stdout.
+/// The sockets `hub serve` answers on that it binds itself (libp2p, the broker and the
+/// metrics page bind by address): bound before anything starts, so a taken address stops
+/// the hub at once, and a caller may bind them (port 0) and hand them to [`run`].
+#[derive(Debug)]
+pub struct Listeners {
+    /// `HUB/hub.sock`, the control socket.
+    pub control: tokio::net::UnixListener,
+    /// The dashboard (`--http`), if asked for.
+    pub http: Option<tokio::net::TcpListener>,
+}
+
+impl Listeners {
+    /// Binds what `home` asks for (a stale control socket is replaced).
+    pub async fn bind(home: &Home) -> Result<Listeners, ServeError> {
+        let control = commands::bind(home).map_err(|source| ServeError::Control {
+            path: home.socket(),
+            source,
+        })?;
+        let http = match &home.config.http {
+            Some(addr) => Some(
+                crate::dashboard::bind(addr)
+                    .await
+                    .map_err(ServeError::Http)?,
+            ),
+            None => None,
+        };
+        Ok(Listeners { control, http })
+    }
+}
+
+/// Runs the hub until `shutdown` resolves, on the listeners `home` asks for. Prints its
+/// libp2p address on stdout.
 pub async fn serve(
     home: Home,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let listeners = Listeners::bind(&home).await?;
+    let socket = home.socket();
+    let ran = run(home, listeners, shutdown).await;
+    if ran.is_err() {
+        // Nobody will answer on it.
+        let _ = std::fs::remove_file(socket);
+    }
+    ran
+}
+
+/// Runs the hub on `listeners` until `shutdown` resolves.
+pub async fn run(
+    home: Home,
+    listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let store = crate::store_owner::start(&home).map_err(ServeError::Store)?;
@@ -85,7 +132,7 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::default());
     let inventory = load_inventory(&home);
     let (published, live) = tokio::sync::watch::channel(Arc::new(inventory.clone()));
-    start_pages(&home, &metrics, &node, live, &tasks).await?;
+    start_pages(&home, &metrics, &node, (listeners.http, live), &tasks).await?;
     let blobs = crate::blobs::Blobs::new(
         node.net.clone(),
         store.reader.clone(),
@@ -107,10 +154,7 @@ pub async fn serve(
         blobs,
         announcer,
     });
-    let control = commands::listen(&home, &tasks).map_err(|source| ServeError::Control {
-        path: home.socket(),
-        source,
-    })?;
+    let control = commands::listen(listeners.control, &tasks);
     let inputs = Inputs {
         mqtt: mqtt_rx,
         events: node.events,
@@ -163,7 +207,10 @@ async fn start_pages(
     home: &Home,
     metrics: &Arc<Metrics>,
     node: &Node,
-    inventory: tokio::sync::watch::Receiver<Arc<Inventory>>,
+    (http, inventory): (
+        Option<tokio::net::TcpListener>,
+        crate::dashboard::LiveInventory,
+    ),
     tasks: &net::tasks::Tasks,
 ) -> Result<(), ServeError> {
     if let Some(addr) = &home.config.metrics {
@@ -171,9 +218,8 @@ async fn start_pages(
             .await
             .map_err(ServeError::Http)?;
     }
-    if let Some(addr) = &home.config.http {
-        crate::dashboard::start(addr, home.clone(), inventory, tasks)
-            .await
+    if let Some(listener) = http {
+        crate::dashboard::start(listener, home.clone(), inventory, tasks)
             .map_err(ServeError::Http)?;
     }
     Ok(())
