@@ -551,7 +551,15 @@ impl Hub {
     fn listening(&mut self, addr: net::Multiaddr) {
         let full = format!("{addr}/p2p/{}", self.net.peer_id());
         tracing::info!("listening on {full}");
-        let _ = std::fs::write(self.home.dir.join("hub.addr"), &full);
+        // Written aside and renamed: whoever waits for the file (scripts, the tests) reads
+        // the whole address, never the empty file `fs::write` creates before writing.
+        let (path, tmp) = (
+            self.home.dir.join("hub.addr"),
+            self.home.dir.join("hub.addr.tmp"),
+        );
+        if std::fs::write(&tmp, &full).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
         if self.home.config.relay {
             self.blobs.set_relay(full.parse().ok());
         }
