@@ -3,9 +3,9 @@
 //! hub's capped upload is saturated — and notes devices' reports of chunks stored (alone,
 //! or riding on their next ask).
 
+use crate::metrics::Metrics;
 use crate::place::{Place, Places};
-use crate::serve::Metrics;
-use crate::store::Store;
+use crate::store_owner::{Record, StoreReader};
 use crate::tracker::{Answer, Decision, Tracker};
 use net::ratelimit::RateLimiter;
 use net::{Multiaddr, NetClient, PeerId, ReplyId, Seen, Want};
@@ -13,14 +13,14 @@ use proto::blob::BlobResponse;
 use proto::Digest;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Chunks the tracker remembers: ~320 MiB of images at FastCDC's average chunk (the
 /// releases being rolled out); at most 256 holders of ~100 bytes each, ~100 MB at worst.
 const TRACKER_BLOBS: usize = 4_096;
 
-/// Whom the hub trades blobs with (see `serve::trade_policy`).
+/// Whom the hub trades blobs with (decided by `serve`'s trust: revoked, enrolled).
 #[derive(Debug, Default)]
 pub struct Trade {
     /// Revoked devices: refused everything.
@@ -38,7 +38,8 @@ impl Trade {
 pub struct Blobs {
     net: NetClient,
     trade: Trade,
-    store: Arc<Mutex<Store>>,
+    /// Blobs and records are read through the store's reader, never behind a commit or gc.
+    store: StoreReader,
     metrics: Arc<Metrics>,
     /// Parked askers' tickets: who (to route the holders named for it) and the request.
     tracker: Tracker<PeerId, (PeerId, ReplyId), Places>,
@@ -61,7 +62,7 @@ impl std::fmt::Debug for Blobs {
 impl Blobs {
     pub fn new(
         net: NetClient,
-        store: Arc<Mutex<Store>>,
+        store: StoreReader,
         metrics: Arc<Metrics>,
         upload_rate: u64,
         peer_exchange: bool,
@@ -208,34 +209,18 @@ impl Blobs {
     /// A root link (by [`proto::blob::root_key`]), the revocation list or the hold list,
     /// from the store.
     fn send_record(&self, digest: Digest, want: Want, reply: ReplyId) {
+        let record = match want {
+            Want::Revocations => Record::Revocations,
+            Want::Holds => Record::Holds,
+            _ => Record::RootLink(digest),
+        };
         let store = self.store.clone();
         let net = self.net.clone();
         self.tasks.spawn(async move {
-            let found = tokio::task::spawn_blocking(move || {
-                let store = store.lock().expect("store lock");
-                match want {
-                    Want::Revocations => return store.read("revocations.bin"),
-                    Want::Holds => return store.read(crate::rollout::HOLDS_PATH),
-                    _ => {}
-                }
-                // The chain's versions from the file names (one listing), then the one
-                // link whose key was asked for.
-                let versions = store
-                    .list("roots")?
-                    .into_iter()
-                    .filter_map(|f| f.strip_suffix(".bin")?.parse::<u64>().ok());
-                let asked = versions
-                    .chain([1])
-                    .find(|v| proto::blob::root_key(*v) == digest);
-                match asked {
-                    Some(v) => crate::trust::root_link(&store, v),
-                    None => Ok(None),
-                }
-            })
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten();
+            let found = store.record(record).await.unwrap_or_else(|e| {
+                tracing::warn!("reading a signed record for a peer: {e:#}");
+                None
+            });
             let response = found.map_or(BlobResponse::NotFound, BlobResponse::Found);
             net.respond(reply, response).await;
         });
@@ -254,13 +239,10 @@ impl Blobs {
         let metrics = self.metrics.clone();
         let upload = self.upload.clone();
         self.tasks.spawn(async move {
-            let blob = tokio::task::spawn_blocking(move || {
-                store.lock().expect("store lock").blob(&digest)
-            })
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten();
+            let blob = store.blob(digest).await.unwrap_or_else(|e| {
+                tracing::warn!(blob = %digest.short(), "reading a blob for a peer: {e:#}");
+                None
+            });
             let response = match blob {
                 Some(b) => {
                     upload.acquire(b.len() as u64).await;
@@ -275,5 +257,85 @@ impl Blobs {
             };
             net.respond(reply, response).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Change, Store};
+    use std::time::Duration;
+
+    fn node(
+        seed: u8,
+    ) -> (
+        NetClient,
+        tokio::sync::mpsc::UnboundedReceiver<net::NetEvent>,
+    ) {
+        let cfg = net::NetConfig::new(net::keypair_from_seed([seed; 32]), "home");
+        let (client, events, _task) = net::spawn(cfg, std::future::pending()).unwrap();
+        (client, events)
+    }
+
+    /// The hourly gc held the store for its whole run and every peer's blob request waited
+    /// behind it. A peer asks the hub's blob service over libp2p while the store's writer
+    /// holds the writer lock (as gc does) and gets the blob; the commit sent before it is
+    /// still waiting when the blob arrives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_gets_blobs_while_the_store_writer_is_held_by_a_gc() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.git");
+        let store = Store::init(&path).unwrap();
+        let chunk = b"a chunk of an image".to_vec();
+        let digest = Digest::of(&chunk);
+        let mut c = Change::default();
+        c.put(format!("blobs/{}", digest.to_hex()), chunk.clone());
+        store.commit("a release", &c, None).unwrap();
+        let owners = crate::store_owner::spawn(store, Store::open(&path).unwrap()).unwrap();
+        let held = owners.writer.hold().await;
+        let writer = owners.writer.clone();
+        let commit = tokio::spawn(async move {
+            let mut c = Change::default();
+            c.put("events/waiting", b"behind the gc".to_vec());
+            writer.commit("behind the gc", c).await
+        });
+
+        let (hub, mut events) = node(1);
+        let tasks = net::tasks::Tasks::new();
+        let metrics = Arc::new(Metrics::default());
+        let mut blobs = Blobs::new(hub.clone(), owners.reader.clone(), metrics, 0, false, tasks);
+        let addr = loop {
+            match events.recv().await.expect("the hub's node runs") {
+                net::NetEvent::Listening(a) => break a,
+                _ => continue,
+            }
+        };
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                if let net::NetEvent::BlobWanted {
+                    peer,
+                    digest,
+                    want,
+                    seen,
+                    reply,
+                } = ev
+                {
+                    blobs.wanted(peer, digest, want, seen, reply).await;
+                }
+            }
+        });
+        let (device, _device_events) = node(2);
+        let got = tokio::time::timeout(
+            Duration::from_secs(60),
+            device.fetch_with(hub.peer_id(), Some(addr), digest, Want::Blob),
+        )
+        .await
+        .expect("the blob came while the writer was held")
+        .unwrap();
+        assert_eq!(got, chunk);
+        // Only this test lets the writer go: the commit is still queued behind it.
+        assert!(!commit.is_finished());
+        held.send(()).unwrap();
+        commit.await.unwrap().unwrap();
     }
 }

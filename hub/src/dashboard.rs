@@ -7,7 +7,9 @@
 //! same code as `hub rollout`, then the running hub is told to reload, as the CLI does.
 
 use crate::home::Home;
+use crate::inventory::Inventory;
 use crate::rollout::HoldChange;
+use crate::store::Store;
 use crate::view::{DevicePage, Filter, Snapshot};
 use anyhow::{Context, Result};
 use axum::extract::{Path, Query, State};
@@ -51,11 +53,24 @@ pub fn token(home: &Home) -> Result<String> {
     Ok(text.trim().to_string())
 }
 
-/// Binds `addr` and serves the dashboard on the hub's cancellation tree.
-pub async fn start(addr: &str, home: Home, tasks: &net::tasks::Tasks) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
+/// The inventory as `hub serve` last wrote it (the dashboard reads no inventory file for
+/// its live pages).
+pub type LiveInventory = tokio::sync::watch::Receiver<Arc<Inventory>>;
+
+/// The dashboard's listener (`--http ADDR`).
+pub async fn bind(addr: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("the dashboard cannot listen on {addr} (--http)"))?;
+        .with_context(|| format!("the dashboard cannot listen on {addr} (--http)"))
+}
+
+/// Serves the dashboard on `listener` on the hub's cancellation tree.
+pub fn start(
+    listener: tokio::net::TcpListener,
+    home: Home,
+    inventory: LiveInventory,
+    tasks: &net::tasks::Tasks,
+) -> Result<()> {
     let (live_tx, live) = tokio::sync::watch::channel(None);
     let state = Arc::new(Dashboard {
         token: token(&home)?,
@@ -64,7 +79,7 @@ pub async fn start(addr: &str, home: Home, tasks: &net::tasks::Tasks) -> Result<
         live,
     });
     let reader = state.clone();
-    tasks.spawn(async move { refresh(reader, live_tx).await });
+    tasks.spawn(async move { refresh(reader, live_tx, inventory).await });
     tracing::info!(
         "dashboard on http://{}/ (API token in {})",
         listener.local_addr()?,
@@ -200,9 +215,16 @@ async fn device_page(
     })
 }
 
-/// Reads a snapshot every [`LIVE_EVERY`] while a page is open (the dashboard's own
-/// receiver is not a page), for every open page at once.
-async fn refresh(d: Shared, tx: tokio::sync::watch::Sender<Option<Arc<Snapshot>>>) {
+/// Makes a snapshot every [`LIVE_EVERY`] while a page is open (the dashboard's own
+/// receiver is not a page), for every open page at once: from the inventory the hub
+/// publishes and a store kept open between snapshots (opening it, and reading the
+/// inventory file, every second was most of a snapshot's work on a small fleet).
+async fn refresh(
+    d: Shared,
+    tx: tokio::sync::watch::Sender<Option<Arc<Snapshot>>>,
+    inventory: LiveInventory,
+) {
+    let mut store = None;
     loop {
         tokio::select! {
             _ = d.stop.cancelled() => return,
@@ -211,12 +233,39 @@ async fn refresh(d: Shared, tx: tokio::sync::watch::Sender<Option<Arc<Snapshot>>
         if tx.receiver_count() <= 1 {
             continue;
         }
-        match read(&d, Snapshot::read).await {
-            Ok(s) => {
+        let (home, inv, kept) = (d.home.clone(), inventory.borrow().clone(), store.take());
+        let made = tokio::task::spawn_blocking(move || snapshot(&home, kept, inv)).await;
+        match made {
+            Ok((kept, Ok(s))) => {
+                store = kept;
                 tx.send_replace(Some(Arc::new(s)));
             }
-            Err(e) => tracing::debug!("dashboard: reading a snapshot: {e:#}"),
+            Ok((kept, Err(e))) => {
+                store = kept;
+                tracing::debug!("dashboard: reading a snapshot: {e:#}");
+            }
+            Err(e) => tracing::debug!("dashboard: reading a snapshot: {e}"),
         }
+    }
+}
+
+/// A snapshot from `store` (opened if `None`) and `inventory`; the store is handed back
+/// to be used again, unless it could not be opened or read.
+fn snapshot(
+    home: &Home,
+    store: Option<Store>,
+    inventory: Arc<Inventory>,
+) -> (Option<Store>, Result<Snapshot>) {
+    let store = match store.map_or_else(|| home.store(), Ok) {
+        Ok(s) => s,
+        Err(e) => return (None, Err(e)),
+    };
+    match crate::rollout::Sources::with(home, store, inventory) {
+        Ok(src) => {
+            let s = Snapshot::of(&src, &home.config.fleet);
+            (Some(src.store), s)
+        }
+        Err(e) => (None, Err(e)),
     }
 }
 

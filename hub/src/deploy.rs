@@ -94,6 +94,27 @@ impl DeployFile {
             .context("unifleet.toml: the rollout (waves, halt_after, halt_failures, targets)")?;
         Ok(rollout)
     }
+
+    /// The pipeline's arguments (a push is never held for co-signing).
+    fn into_publish(self) -> Result<PublishArgs> {
+        let rollout = self.rollout()?;
+        Ok(PublishArgs {
+            app: self.app,
+            version: self.version,
+            channel: self.channel,
+            memory_mib: self.memory_mib,
+            vcpus: self.vcpus,
+            cmdline: self.cmdline,
+            probe: self.probe,
+            probe_timeout_secs: self.probe_timeout_secs,
+            network: self.network,
+            no_staging: self.no_staging,
+            no_staging_for: self.no_staging_for,
+            staging_timeout_secs: self.staging_timeout_secs,
+            hold: false,
+            rollout,
+        })
+    }
 }
 
 fn fifty() -> u8 {
@@ -192,23 +213,7 @@ pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) ->
                 path: file,
             });
         }
-        let rollout = spec.rollout()?;
-        let args = PublishArgs {
-            app: spec.app,
-            version: spec.version,
-            channel: spec.channel,
-            memory_mib: spec.memory_mib,
-            vcpus: spec.vcpus,
-            cmdline: spec.cmdline,
-            probe: spec.probe,
-            probe_timeout_secs: spec.probe_timeout_secs,
-            network: spec.network,
-            no_staging: spec.no_staging,
-            no_staging_for: spec.no_staging_for,
-            staging_timeout_secs: spec.staging_timeout_secs,
-            hold: false,
-            rollout,
-        };
+        let args = spec.into_publish()?;
         let infos = publish(home, &files, &args, progress)?;
         crate::control::notify(home, progress);
         progress(&format!(

@@ -12,13 +12,12 @@ use std::collections::HashMap;
 /// Enrolls each `(name, key)`; everything is checked before anything is written.
 pub fn enroll(home: &Home, devices: &[(String, PublicKey)], replace: bool) -> Result<()> {
     let store = home.store()?;
-    let mut by_name: HashMap<String, PublicKey> =
-        crate::serve::load_devices(&store)?.into_values().collect();
+    let mut by_name: HashMap<String, PublicKey> = crate::inventory::load_devices(&store)?
+        .into_values()
+        .collect();
     let mut change = Change::default();
     for (name, key) in devices {
-        proto::names::check("device", name)
-            .map_err(anyhow::Error::msg)
-            .with_context(|| format!("enrolling {name:?}"))?;
+        proto::names::check("device", name).with_context(|| format!("enrolling {name:?}"))?;
         if let Some((other, _)) = by_name.iter().find(|(n, k)| *k == key && *n != name) {
             bail!(
                 "key {} is already enrolled as {other:?}; one key is one device (revoke \

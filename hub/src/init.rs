@@ -31,84 +31,17 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
     if dir.join("hub.toml").exists() {
         bail!("{} is already a hub home", dir.display());
     }
-    proto::names::check("fleet", args.fleet).map_err(anyhow::Error::msg)?;
+    proto::names::check("fleet", args.fleet)?;
     std::fs::create_dir_all(dir.join("keys"))
         .with_context(|| format!("creating {}", dir.display()))?;
-    let mut warning = None;
-    let (root_bytes, fleet) = match (args.root, args.timestamp_key) {
+    let (root_bytes, fleet, warning) = match (args.root, args.timestamp_key) {
         (Some(root), Some(timestamp)) => {
-            let bytes =
-                std::fs::read(root).with_context(|| format!("reading {}", root.display()))?;
-            let trusted = TrustedRoot::bootstrap(&bytes, now())
-                .with_context(|| format!("trust root {}", root.display()))?;
-            let key = crate::home::read_secret(timestamp)?;
-            if trusted.root().timestamp.key(&key.id()).is_none() {
-                bail!(
-                    "{} is not the root's timestamp key (the hub signs freshness with it)",
-                    timestamp.display()
-                );
-            }
-            std::fs::copy(timestamp, dir.join("keys/timestamp.key"))?;
-            if let Some(key) = args.rollout_key {
-                let rollout = crate::home::read_secret(key)?;
-                if trusted.root().rollout.key(&rollout.id()).is_none() {
-                    bail!(
-                        "{} is not the root's rollout key (the hub holds failing releases with it)",
-                        key.display()
-                    );
-                }
-                std::fs::copy(key, dir.join("keys/rollout.key"))?;
-            }
-            // A release key is optional: with a release threshold above 1 (or the release
-            // keys all offline) releases are held and co-signed (`hub publish --hold`).
-            if let Some(key) = args.release_key {
-                let release = crate::home::read_secret(key)?;
-                if trusted.root().release.key(&release.id()).is_none() {
-                    bail!("{} is not one of the root's release keys", key.display());
-                }
-                std::fs::copy(key, dir.join("keys/release.key"))?;
-            }
-            (bytes, trusted.fleet().to_string())
+            let (bytes, fleet) = offline_root(dir, args, root, timestamp)?;
+            (bytes, fleet, None)
         }
         (None, None) if args.release_key.is_none() && args.rollout_key.is_none() => {
-            let root_key = new_key()?;
-            let release = new_key()?;
-            let timestamp = new_key()?;
-            let rollout = new_key()?;
-            write_secret(&dir.join("keys/root.key"), &root_key)?;
-            write_secret(&dir.join("keys/rollout.key"), &rollout)?;
-            write_secret(&dir.join("keys/release.key"), &release)?;
-            write_secret(&dir.join("keys/timestamp.key"), &timestamp)?;
-            let root = Root {
-                fleet: args.fleet.into(),
-                version: 1,
-                expires_at: now() + QUICK_START_ROOT_DAYS * 24 * 3600,
-                root: Role {
-                    keys: vec![root_key.public()],
-                    threshold: 1,
-                },
-                release: Role {
-                    keys: vec![release.public()],
-                    threshold: 1,
-                },
-                timestamp: Role {
-                    keys: vec![timestamp.public()],
-                    threshold: 1,
-                },
-                rollout: Role {
-                    keys: vec![rollout.public()],
-                    threshold: 1,
-                },
-            };
-            let mut env = root.seal()?;
-            env.sign(&root_key)?;
-            warning = Some(format!(
-                "quick start: generated a 1-of-1 trust root whose root key is stored on the hub \
-                 ({}). For production, create the root offline with `fwtool root init` (k-of-n \
-                 root keys kept off this machine) and pass --root and --release-key.",
-                dir.join("keys/root.key").display()
-            ));
-            (env.encode()?, args.fleet.to_string())
+            let (bytes, fleet, warning) = quick_start_root(dir, args)?;
+            (bytes, fleet, Some(warning))
         }
         _ => {
             bail!("--root needs --timestamp-key (and --release-key, unless releases are co-signed; --rollout-key to pause and halt rollouts)")
@@ -148,4 +81,88 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
     crate::deploy::create(dir)?;
     std::fs::write(dir.join("hub.toml"), toml::to_string_pretty(&config)?)?;
     Ok(warning)
+}
+
+/// A root made offline (`fwtool root init`): checked, and the hub's keys checked against
+/// its roles and copied in. Returns its bytes and fleet.
+fn offline_root(
+    dir: &Path,
+    args: &InitArgs<'_>,
+    root: &Path,
+    timestamp: &Path,
+) -> Result<(Vec<u8>, String)> {
+    let bytes = std::fs::read(root).with_context(|| format!("reading {}", root.display()))?;
+    let trusted = TrustedRoot::bootstrap(&bytes, now())
+        .with_context(|| format!("trust root {}", root.display()))?;
+    let key = crate::home::read_secret(timestamp)?;
+    if trusted.root().timestamp.key(&key.id()).is_none() {
+        bail!(
+            "{} is not the root's timestamp key (the hub signs freshness with it)",
+            timestamp.display()
+        );
+    }
+    std::fs::copy(timestamp, dir.join("keys/timestamp.key"))?;
+    if let Some(key) = args.rollout_key {
+        let rollout = crate::home::read_secret(key)?;
+        if trusted.root().rollout.key(&rollout.id()).is_none() {
+            bail!(
+                "{} is not the root's rollout key (the hub holds failing releases with it)",
+                key.display()
+            );
+        }
+        std::fs::copy(key, dir.join("keys/rollout.key"))?;
+    }
+    // A release key is optional: with a release threshold above 1 (or the release
+    // keys all offline) releases are held and co-signed (`hub publish --hold`).
+    if let Some(key) = args.release_key {
+        let release = crate::home::read_secret(key)?;
+        if trusted.root().release.key(&release.id()).is_none() {
+            bail!("{} is not one of the root's release keys", key.display());
+        }
+        std::fs::copy(key, dir.join("keys/release.key"))?;
+    }
+    Ok((bytes, trusted.fleet().to_string()))
+}
+
+/// The quick-start root: a 1-of-1 root whose keys are all made here and kept on the hub.
+/// Returns its bytes, fleet and the warning to show.
+fn quick_start_root(dir: &Path, args: &InitArgs<'_>) -> Result<(Vec<u8>, String, String)> {
+    let root_key = new_key()?;
+    let release = new_key()?;
+    let timestamp = new_key()?;
+    let rollout = new_key()?;
+    write_secret(&dir.join("keys/root.key"), &root_key)?;
+    write_secret(&dir.join("keys/rollout.key"), &rollout)?;
+    write_secret(&dir.join("keys/release.key"), &release)?;
+    write_secret(&dir.join("keys/timestamp.key"), &timestamp)?;
+    let root = Root {
+        fleet: args.fleet.into(),
+        version: 1,
+        expires_at: now() + QUICK_START_ROOT_DAYS * 24 * 3600,
+        root: Role {
+            keys: vec![root_key.public()],
+            threshold: 1,
+        },
+        release: Role {
+            keys: vec![release.public()],
+            threshold: 1,
+        },
+        timestamp: Role {
+            keys: vec![timestamp.public()],
+            threshold: 1,
+        },
+        rollout: Role {
+            keys: vec![rollout.public()],
+            threshold: 1,
+        },
+    };
+    let mut env = root.seal()?;
+    env.sign(&root_key)?;
+    let warning = format!(
+        "quick start: generated a 1-of-1 trust root whose root key is stored on the hub \
+         ({}). For production, create the root offline with `fwtool root init` (k-of-n \
+         root keys kept off this machine) and pass --root and --release-key.",
+        dir.join("keys/root.key").display()
+    );
+    Ok((env.encode()?, args.fleet.to_string(), warning))
 }

@@ -2,9 +2,10 @@
 //! and event in a git repository, announces releases over MQTT and libp2p, serves blobs
 //! to peers, and keeps an inventory of enrolled devices from their signed reports.
 //!
-//! Modules: [`home`] (hub directory and config), [`init`], [`store`] (git), [`publish`]
-//! (the pipeline), [`deploy`] (git push), [`serve`] (the daemon), [`broker`] (embedded
-//! MQTT), [`control`] (local socket), [`metrics`].
+//! Modules: [`home`] (hub directory and config), [`init`], [`store`] (git),
+//! [`store_owner`] (the threads that own `hub serve`'s store), [`publish`] (the pipeline),
+//! [`deploy`] (git push), [`serve`] (the daemon), [`broker`] (embedded MQTT), [`control`]
+//! (local socket), [`metrics`].
 
 pub mod blobs;
 pub mod broker;
@@ -23,6 +24,7 @@ pub mod rollout;
 pub mod serve;
 pub mod staging;
 pub mod store;
+pub mod store_owner;
 pub mod suspects;
 pub mod tracker;
 pub mod trust;

@@ -1,10 +1,46 @@
 //! The hub's Prometheus metrics (served by `net::metrics`).
 
-use crate::serve::Metrics;
 use anyhow::{Context, Result};
 use net::metrics::push;
-use std::sync::atomic::Ordering;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// What `hub serve` counts, shared with the blob service and read by the metrics page.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub announcements: AtomicU64,
+    pub blob_bytes_served: AtomicU64,
+    pub blobs_served: AtomicU64,
+    pub status_accepted: AtomicU64,
+    pub status_dropped: AtomicU64,
+    pub gossip_rejected: AtomicU64,
+    /// Blob requests answered with peers to ask instead.
+    pub redirects: AtomicU64,
+    /// Blob requests answered "no holder free yet, ask again".
+    pub waits: AtomicU64,
+    /// Upload slots of devices the tracker has handed out and not had back (gauge).
+    pub slots_taken: AtomicU64,
+    /// Askers parked until a holder is free (gauge).
+    pub parked: AtomicU64,
+    /// Devices an asker reported silent, named to nobody for a while (gauge).
+    pub suspects: AtomicU64,
+    /// Asks saying the device named for a blob did not deliver in time.
+    pub missed_reports: AtomicU64,
+    /// Holders those reports made suspect (a report too soon, beyond the asker's share
+    /// or about a holder suspect already makes none).
+    pub holders_suspected: AtomicU64,
+    /// Blob requests answered busy (upload saturated).
+    pub busy: AtomicU64,
+    /// Devices' reports of a chunk stored.
+    pub stored_reports: AtomicU64,
+    /// When a release newer than any announced before was first announced (Unix ms).
+    pub last_new_announcement_ms: AtomicU64,
+    /// Releases in the store (gauge, as of the last look at the store's `apps` tree).
+    pub releases: AtomicU64,
+    /// Devices in the inventory by state (as of the last batch written).
+    pub devices_by_state: std::sync::Mutex<BTreeMap<String, u64>>,
+}
 
 pub async fn start(
     addr: &str,
@@ -17,129 +53,126 @@ pub async fn start(
         .with_context(|| format!("metrics cannot listen on {addr}"))
 }
 
-fn render(m: &Metrics, net: &net::NetState) -> String {
-    let mut out = String::new();
-    net::metrics::push_net(&mut out, "unifleet_hub", net);
-    let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    push(
-        &mut out,
+/// The counters and gauges of [`Metrics`] as scraped: (name, type, help, value), in the
+/// order scrapes have always listed them.
+type Row = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Metrics) -> &AtomicU64,
+);
+const COUNTERS: [Row; 16] = [
+    (
         "unifleet_hub_announcements_total",
         "counter",
         "Announcements sent (MQTT and gossip)",
-        c(&m.announcements),
-    );
-    push(
-        &mut out,
+        |m| &m.announcements,
+    ),
+    (
         "unifleet_hub_blob_bytes_served_total",
         "counter",
         "Blob bytes served to peers",
-        c(&m.blob_bytes_served),
-    );
-    push(
-        &mut out,
+        |m| &m.blob_bytes_served,
+    ),
+    (
         "unifleet_hub_redirects_total",
         "counter",
         "Blob requests answered with peers that have the blob",
-        c(&m.redirects),
-    );
-    push(
-        &mut out,
+        |m| &m.redirects,
+    ),
+    (
         "unifleet_hub_waits_total",
         "counter",
         "Blob requests answered: no device with the blob is free yet, ask again",
-        c(&m.waits),
-    );
-    push(
-        &mut out,
+        |m| &m.waits,
+    ),
+    (
         "unifleet_hub_tracker_slots_taken",
         "gauge",
         "Devices' upload slots the tracker has handed out and not had back",
-        c(&m.slots_taken),
-    );
-    push(
-        &mut out,
+        |m| &m.slots_taken,
+    ),
+    (
         "unifleet_hub_tracker_parked",
         "gauge",
         "Blob requests parked until a device with the blob is free",
-        c(&m.parked),
-    );
-    push(
-        &mut out,
+        |m| &m.parked,
+    ),
+    (
         "unifleet_hub_tracker_suspects",
         "gauge",
         "Devices reported silent by an asker, named to nobody for a while",
-        c(&m.suspects),
-    );
-    push(
-        &mut out,
+        |m| &m.suspects,
+    ),
+    (
         "unifleet_hub_missed_reports_total",
         "counter",
         "Asks saying the device named for a blob did not deliver in time",
-        c(&m.missed_reports),
-    );
-    push(
-        &mut out,
+        |m| &m.missed_reports,
+    ),
+    (
         "unifleet_hub_holders_suspected_total",
         "counter",
         "Holders made suspect by those reports (too soon, beyond an asker's share, or suspect already: none)",
-        c(&m.holders_suspected),
-    );
-    push(
-        &mut out,
+        |m| &m.holders_suspected,
+    ),
+    (
         "unifleet_hub_busy_total",
         "counter",
         "Blob requests answered busy (upload saturated)",
-        c(&m.busy),
-    );
-    push(
-        &mut out,
+        |m| &m.busy,
+    ),
+    (
         "unifleet_hub_stored_reports_total",
         "counter",
         "Devices' reports of a chunk stored (the tracker's holders)",
-        c(&m.stored_reports),
-    );
-    push(
-        &mut out,
+        |m| &m.stored_reports,
+    ),
+    (
         "unifleet_hub_last_new_announcement_timestamp_ms",
         "gauge",
         "When the newest release was first announced (Unix ms)",
-        c(&m.last_new_announcement_ms),
-    );
-    push(
-        &mut out,
+        |m| &m.last_new_announcement_ms,
+    ),
+    (
         "unifleet_hub_blobs_served_total",
         "counter",
         "Blobs served to peers",
-        c(&m.blobs_served),
-    );
-    push(
-        &mut out,
+        |m| &m.blobs_served,
+    ),
+    (
         "unifleet_hub_status_accepted_total",
         "counter",
         "Status reports accepted",
-        c(&m.status_accepted),
-    );
-    push(
-        &mut out,
+        |m| &m.status_accepted,
+    ),
+    (
         "unifleet_hub_status_dropped_total",
         "counter",
         "Status reports dropped (bad signature, unknown key, garbage)",
-        c(&m.status_dropped),
-    );
-    push(
-        &mut out,
+        |m| &m.status_dropped,
+    ),
+    (
         "unifleet_hub_gossip_rejected_total",
         "counter",
         "Gossip messages rejected",
-        c(&m.gossip_rejected),
-    );
+        |m| &m.gossip_rejected,
+    ),
+];
+
+fn render(m: &Metrics, net: &net::NetState) -> String {
+    let mut out = String::new();
+    net::metrics::push_net(&mut out, "unifleet_hub", net);
+    for (name, kind, help, value) in COUNTERS {
+        push(&mut out, name, kind, help, value(m).load(Ordering::Relaxed));
+    }
     // From memory: a scrape never opens the store or reads the inventory from disk.
     push(
         &mut out,
         "unifleet_hub_releases",
         "gauge",
         "Releases in the store",
-        c(&m.releases),
+        m.releases.load(Ordering::Relaxed),
     );
     let by_state = m
         .devices_by_state
@@ -153,4 +186,22 @@ fn render(m: &Metrics, net: &net::NetState) -> String {
         out.push_str(&format!("unifleet_hub_devices{{state=\"{state}\"}} {n}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_is_scraped_once_with_its_value() {
+        let m = Metrics::default();
+        m.busy.store(7, Ordering::Relaxed);
+        m.releases.store(3, Ordering::Relaxed);
+        let page = render(&m, &net::NetState::default());
+        for (name, kind, _, _) in COUNTERS {
+            assert_eq!(page.matches(&format!("# TYPE {name} {kind}\n")).count(), 1);
+        }
+        assert!(page.contains("\nunifleet_hub_busy_total 7\n"));
+        assert!(page.contains("\nunifleet_hub_releases 3\n"));
+    }
 }

@@ -230,6 +230,19 @@ pub fn change_hold(
     }
     list.version += 1;
     list.issued_at = now();
+    commit_holds(store, key, &list, release, kind, reason)?;
+    Ok(list)
+}
+
+/// The hold list signed with the rollout key and committed with its event.
+fn commit_holds(
+    store: &Store,
+    key: &SecretKey,
+    list: &Holds,
+    release: &ReleaseKey,
+    kind: Option<HoldKind>,
+    reason: &str,
+) -> Result<()> {
     let mut env = list.seal()?;
     env.sign(key)?;
     let mut commit = Change::default();
@@ -252,7 +265,7 @@ pub fn change_hold(
         &commit,
         None,
     )?;
-    Ok(list)
+    Ok(())
 }
 
 /// `hub rollout pause|resume|halt`: the same change, from the operator.
@@ -384,7 +397,7 @@ fn bucket(e: &DeviceEntry, release: u64) -> fn(&mut WaveCounts) -> &mut u32 {
 pub struct Sources {
     pub store: Store,
     pub root: TrustedRoot,
-    pub inventory: Inventory,
+    pub inventory: std::sync::Arc<Inventory>,
     /// Enrolled keys by device name (their seeds place devices in waves).
     keys: BTreeMap<String, PublicKey>,
     holds: Option<Holds>,
@@ -392,14 +405,24 @@ pub struct Sources {
 
 impl Sources {
     pub fn read(home: &Home) -> Result<Sources> {
-        let store = home.store()?;
+        let inventory = crate::inventory::load_inventory(home);
+        Sources::with(home, home.store()?, std::sync::Arc::new(inventory))
+    }
+
+    /// From a store already open and an inventory at hand (the dashboard keeps its store
+    /// open and takes the inventory `hub serve` publishes).
+    pub fn with(
+        home: &Home,
+        store: Store,
+        inventory: std::sync::Arc<Inventory>,
+    ) -> Result<Sources> {
         let root = home.anchor_root()?;
         let keys = crate::inventory::load_devices(&store)?
             .into_values()
             .collect();
         let holds = holds(&store, &root)?.map(|(l, _)| l);
         Ok(Sources {
-            inventory: crate::inventory::load_inventory(home),
+            inventory,
             store,
             root,
             keys,
@@ -427,11 +450,7 @@ pub fn status_in(
     release: Option<u64>,
 ) -> Result<RolloutStatus> {
     let Sources {
-        store,
-        root,
-        inventory,
-        keys,
-        holds,
+        store, root, holds, ..
     } = src;
     let release = match release {
         Some(r) => r,
@@ -466,6 +485,43 @@ pub fn status_in(
             ..WaveCounts::default()
         })
         .collect();
+    let not_targeted = count_waves(
+        src,
+        &rollout,
+        &platforms,
+        (app, channel, release),
+        &mut detail,
+    );
+    let targets = rollout.target_names();
+    Ok(RolloutStatus {
+        release: ReleaseKey {
+            app: app.into(),
+            channel: channel.into(),
+            release,
+        },
+        waves: rollout.waves_text(),
+        created_at,
+        admitted: rollout.admitted_at(created_at, now()),
+        targets,
+        halt_policy: rollout.halt,
+        hold,
+        waves_detail: detail,
+        not_targeted,
+    })
+}
+
+/// Counts the release's devices into the wave their seed falls in, by state; returns how
+/// many devices of the channel it does not target.
+fn count_waves(
+    src: &Sources,
+    rollout: &Rollout,
+    platforms: &[proto::manifest::Platform],
+    (app, channel, release): (&str, &str, u64),
+    detail: &mut [WaveCounts],
+) -> u32 {
+    let Sources {
+        inventory, keys, ..
+    } = src;
     let mut not_targeted = 0;
     for e in inventory.values() {
         if e.app != app
@@ -490,22 +546,7 @@ pub fn status_in(
             *bucket(e, release)(w) += 1;
         }
     }
-    let targets = rollout.target_names();
-    Ok(RolloutStatus {
-        release: ReleaseKey {
-            app: app.into(),
-            channel: channel.into(),
-            release,
-        },
-        waves: rollout.waves_text(),
-        created_at,
-        admitted: rollout.admitted_at(created_at, now()),
-        targets,
-        halt_policy: rollout.halt,
-        hold,
-        waves_detail: detail,
-        not_targeted,
-    })
+    not_targeted
 }
 
 #[cfg(test)]

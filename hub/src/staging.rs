@@ -5,12 +5,17 @@
 //! not on anything the hub computed.
 
 use crate::home::{now, Home};
-use crate::publish::{Progress, STAGING_CHANNEL};
 use crate::store::{Change, Event, ReleaseInfo, Store};
 use anyhow::{bail, Context, Result};
 use proto::status::{verify_status, DeviceState, StatusReport};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+/// The channel every release passes through before its target channel.
+pub const STAGING_CHANNEL: &str = "staging";
+
+/// Progress lines for a terminal or a git push.
+pub type Progress<'a> = &'a mut dyn FnMut(&str);
 
 /// Where serve keeps a device's latest report for an app.
 pub fn report_path(home: &Home, device: &str, app: &str) -> std::path::PathBuf {
@@ -40,7 +45,7 @@ struct Reports {
 impl Reports {
     fn new(store: &Store) -> Result<Reports> {
         Ok(Reports {
-            devices: crate::serve::load_devices(store)?,
+            devices: crate::inventory::load_devices(store)?,
             loaded_at: Instant::now(),
             seen: Default::default(),
         })
@@ -53,7 +58,7 @@ impl Reports {
         app: &str,
     ) -> Result<Vec<(Vec<u8>, StatusReport)>> {
         if self.loaded_at.elapsed() >= RELOAD_KEYS {
-            self.devices = crate::serve::load_devices(store)?;
+            self.devices = crate::inventory::load_devices(store)?;
             self.loaded_at = Instant::now();
             self.seen.clear();
         }

@@ -39,10 +39,15 @@ impl Freshness {
     }
 
     /// `ann` issued afresh at `now`, signed by the timestamp key.
-    pub fn sign(&self, ann: &Announcement, key: &SecretKey, now: u64) -> Result<Vec<u8>> {
+    pub fn sign(
+        &self,
+        ann: &Announcement,
+        key: &SecretKey,
+        now: u64,
+    ) -> Result<Vec<u8>, proto::codec::CodecError> {
         let mut env = ann.refreshed(now, self.lifetime).seal()?;
         env.sign(key)?;
-        Ok(env.encode()?)
+        env.encode()
     }
 
     /// The hub's own stored announcement bytes, signed again if [`Freshness::due`];
@@ -53,7 +58,7 @@ impl Freshness {
         if !self.due(&ann, now) {
             return Ok(None);
         }
-        self.sign(&ann, key, now).map(Some)
+        Ok(Some(self.sign(&ann, key, now)?))
     }
 }
 

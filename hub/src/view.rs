@@ -63,8 +63,12 @@ pub struct Snapshot {
 impl Snapshot {
     /// Reads the home as it is now.
     pub fn read(home: &Home) -> Result<Snapshot> {
-        // One read of the store, root, inventory and keys for every release and rollout.
-        let src = crate::rollout::Sources::read(home)?;
+        Snapshot::of(&crate::rollout::Sources::read(home)?, &home.config.fleet)
+    }
+
+    /// Made from `src`: one read of the store, root, inventory and keys for every release
+    /// and rollout.
+    pub fn of(src: &crate::rollout::Sources, fleet: &str) -> Result<Snapshot> {
         let (store, root) = (&src.store, &src.root);
         let devices: Vec<DeviceEntry> = src.inventory.values().cloned().collect();
         let mut infos = store.releases()?;
@@ -121,11 +125,11 @@ impl Snapshot {
             .collect();
         let rollouts = tracks
             .iter()
-            .map(|(app, channel)| crate::rollout::status_in(&src, app, channel, None))
+            .map(|(app, channel)| crate::rollout::status_in(src, app, channel, None))
             .collect::<Result<_>>()?;
         Ok(Snapshot {
             now: now(),
-            fleet: home.config.fleet.clone(),
+            fleet: fleet.to_string(),
             devices,
             releases,
             rollouts,

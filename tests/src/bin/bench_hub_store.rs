@@ -119,11 +119,11 @@ fn measure(store: &Store, runs: u64) -> Result<Row> {
                 k += 1;
                 c.event(event(1_796_083_200 + k, k));
             }
-            store.commit("device events", &c, None)
+            Ok(store.commit("device events", &c, None)?)
         },
         runs,
     )?;
-    let old_hash_all = median(|| store.releases().map(|_| ()), runs)?;
+    let old_hash_all = median(|| Ok(store.releases().map(|_| ())?), runs)?;
     // The old layout: every commit appended to one file and wrote all of it again.
     let mut log = Vec::new();
     for e in store.events()? {
@@ -134,7 +134,7 @@ fn measure(store: &Store, runs: u64) -> Result<Row> {
         || {
             let mut c = Change::default();
             c.put("bench/events.log", log.clone());
-            store.commit("old layout", &c, None)
+            Ok(store.commit("old layout", &c, None)?)
         },
         runs.min(3),
     )?;

@@ -55,6 +55,11 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
+mod parts;
+
+use parts::{affinity, least_busy, unhold, Blob, Holder, Parked, Reservation};
+pub use parts::{Answer, Decision, Everywhere, Missed, Reach, Topology};
+
 /// Holders named in one answer (an asker whose holder fails it asks again).
 pub const NAMED: usize = 1;
 /// Askers a holder is named to at once, across blobs: one upload at its full rate and
@@ -84,109 +89,6 @@ pub const LOOK_AHEAD: usize = 1024;
 const MAX_HOLDERS: usize = 256;
 /// Peers remembered per device as recently paired with it (see `Tracker::met`).
 const MET: usize = 16;
-
-/// How an asker can reach a holder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Reach {
-    /// On its own LAN (or host): the fast path, named first.
-    Near,
-    /// Across networks: a public holder, or one a hole punch reaches.
-    Far,
-    /// Not at all.
-    No,
-}
-
-/// Who can reach whom (the hub's `place::Places`).
-pub trait Topology<P> {
-    fn reach(&self, asker: &P, holder: &P) -> Reach;
-}
-
-/// Everyone reaches everyone (one network).
-#[derive(Debug, Default)]
-pub struct Everywhere;
-
-impl<P> Topology<P> for Everywhere {
-    fn reach(&self, _: &P, _: &P) -> Reach {
-        Reach::Far
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision<P> {
-    /// Send the blob.
-    Serve,
-    /// Point the asker at these peers instead; none: ask again shortly.
-    Elsewhere(Vec<P>),
-}
-
-#[derive(Debug)]
-struct Holder<P> {
-    peer: P,
-    handed_out: u32,
-}
-
-#[derive(Debug)]
-struct Blob<P> {
-    holders: Vec<Holder<P>>,
-    /// When the hub last sent it to a device (asking it to hold off re-sending).
-    served_at: Option<Instant>,
-    /// The device the hub sent it to while nobody held it, until a holder reports.
-    first_to: Option<P>,
-}
-
-impl<P> Blob<P> {
-    /// The hub sent it lately and that copy is still on its way to a device not suspect
-    /// (`live`), or nobody holds it (an untracked asker's copy): ask the others to wait
-    /// for it. A copy that reached a holder since fallen silent, or that went to a device
-    /// that fell silent on the way (frozen while receiving it), is no reason to wait.
-    fn sent_lately(&self, now: Instant, live: impl Fn(&P) -> bool) -> bool {
-        let on_its_way = match &self.first_to {
-            Some(to) => live(to),
-            None => self.holders.is_empty(),
-        };
-        on_its_way
-            && self
-                .served_at
-                .is_some_and(|t| now.duration_since(t) < STALE)
-    }
-}
-
-impl<P> Default for Blob<P> {
-    fn default() -> Self {
-        Blob {
-            holders: Vec::new(),
-            served_at: None,
-            first_to: None,
-        }
-    }
-}
-
-/// An answer to a parked asker: its ticket, the blob it asked for, and what to do.
-pub type Answer<P, R> = (R, Digest, Decision<P>);
-
-/// What [`Tracker::missed`] did: holders newly suspect, and the suspects' parked asks
-/// answered "ask again".
-#[derive(Debug)]
-pub struct Missed<P, R> {
-    pub suspected: u32,
-    pub answers: Vec<Answer<P, R>>,
-}
-
-/// An asker sent to holders, not yet reported back.
-#[derive(Debug)]
-struct Reservation<P> {
-    named: Vec<P>,
-    at: Instant,
-}
-
-/// An asker waiting for a holder to be free: who, its ticket (the caller's handle on
-/// the pending request) and since when.
-#[derive(Debug)]
-struct Parked<P, R> {
-    asker: P,
-    ticket: R,
-    since: Instant,
-}
 
 #[derive(Debug)]
 pub struct Tracker<P, R = (), T = Everywhere> {
@@ -279,17 +181,7 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
             }
         }
         if !blob.holders.iter().any(|h| live(&h.peer)) {
-            let recently_sent = blob.sent_lately(now, live);
-            let busy = asker
-                .as_ref()
-                .is_some_and(|a| self.firsts.get(a).is_some_and(|&n| n > 0));
-            if (recently_sent || busy) && asker.is_some() {
-                // Sent to another device already, or this one is receiving a first copy
-                // of another blob: parked, and picked for it if nobody freer asks.
-                return Decision::Elsewhere(vec![]);
-            }
-            self.first_copy(digest, asker, now);
-            return Decision::Serve;
+            return self.first_copy_or_wait(digest, asker, now);
         }
         let topology = &self.topology;
         let reach = |h: &P| asker.as_ref().map_or(Reach::Far, |a| topology.reach(a, h));
@@ -341,6 +233,43 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
                 blob.holders[i].peer.clone()
             })
             .collect();
+        self.reserve(digest, asker, named, now)
+    }
+
+    /// Nobody live holds `digest`: the hub sends it (a first copy), unless it was sent to
+    /// another device lately or this asker is receiving a first copy of another blob —
+    /// then the asker waits (parked, and picked for it if nobody freer asks).
+    fn first_copy_or_wait(
+        &mut self,
+        digest: Digest,
+        asker: Option<P>,
+        now: Instant,
+    ) -> Decision<P> {
+        let suspects = &self.suspects;
+        let recently_sent = self
+            .blobs
+            .get(&digest)
+            .is_some_and(|b| b.sent_lately(now, |p: &P| suspects.is_live(p, now)));
+        let busy = asker
+            .as_ref()
+            .is_some_and(|a| self.firsts.get(a).is_some_and(|&n| n > 0));
+        if (recently_sent || busy) && asker.is_some() {
+            return Decision::Elsewhere(vec![]);
+        }
+        self.first_copy(digest, asker, now);
+        Decision::Serve
+    }
+
+    /// `named` holders are handed to `asker`: their upload slots taken and the pairing
+    /// remembered until the asker reports, asks again or lapses (an untracked asker's
+    /// slots are not held).
+    fn reserve(
+        &mut self,
+        digest: Digest,
+        asker: Option<P>,
+        named: Vec<P>,
+        now: Instant,
+    ) -> Decision<P> {
         for p in &named {
             *self.load.entry(p.clone()).or_default() += 1;
         }
@@ -716,59 +645,6 @@ impl<P: Clone + Eq + Hash, R, T: Topology<P> + Default> Tracker<P, R, T> {
         self.release_where(|_, r| now.duration_since(r.at) >= RESERVATION);
         self.suspects.sweep(now);
     }
-}
-
-/// Which of a blob's parked askers goes next: the one with the fewest downloads under
-/// way among the first [`LOOK_AHEAD`], the first to come among equals. Strictly first come,
-/// one asker early in many queues got all its blobs at once and its download link, shared
-/// by all of them, held every holder's slot for longer (the fleet simulator, 1,000
-/// devices: 47.5 s instead of 37.8 s when parked askers never lapse).
-fn least_busy<P: Eq + Hash, R>(
-    queue: &VecDeque<Parked<P, R>>,
-    getting: &HashMap<P, u32>,
-) -> Option<usize> {
-    let mut best: Option<(u32, usize)> = None;
-    for (i, p) in queue.iter().take(LOOK_AHEAD).enumerate() {
-        let n = getting.get(&p.asker).copied().unwrap_or(0);
-        if best.is_none_or(|(m, _)| n < m) {
-            best = Some((n, i));
-            if n == 0 {
-                break;
-            }
-        }
-    }
-    best.map(|(_, i)| i)
-}
-
-/// `peer` no longer holds `digest`.
-fn unhold<P: Eq + Hash>(held: &mut HashMap<P, HashSet<Digest>>, peer: &P, digest: &Digest) {
-    if let Some(blobs) = held.get_mut(peer) {
-        blobs.remove(digest);
-    }
-}
-
-/// How far `holder` is from `asker` on a ring of peers placed by hash (fixed for the
-/// process): each asker is sent to the nearest free holder, so the holders one device is
-/// named, chunk after chunk, are mostly the same few neighbours and it fetches over
-/// connections it already has. (A random order per pair spread a device's fetches over
-/// most of the fleet: at 1,000 devices, ~66 connections each and a noise handshake for
-/// every one — the largest CPU cost of the fleet.)
-fn affinity<P: Hash>(asker: Option<&P>, holder: &P) -> u64 {
-    let h = ring_position(holder);
-    match asker {
-        Some(a) => {
-            let a = ring_position(a);
-            a.wrapping_sub(h).min(h.wrapping_sub(a))
-        }
-        None => h,
-    }
-}
-
-fn ring_position<P: Hash>(p: &P) -> u64 {
-    use std::hash::Hasher;
-    let mut h = std::hash::DefaultHasher::new();
-    p.hash(&mut h);
-    h.finish()
 }
 
 #[cfg(test)]

@@ -33,14 +33,84 @@
 //! unreferenced objects). A release's manifest, signatures, chunks and announcement land
 //! in one commit, so the store never holds a release without its signatures.
 
-use anyhow::{bail, Context, Result};
+mod write;
+
 use git2::{Oid, Repository, Signature};
 use proto::announcement::Track;
 use proto::manifest::Platform;
 use proto::Digest;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// What a store operation failed at.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("creating git store {}", path.display())]
+    Init {
+        path: PathBuf,
+        #[source]
+        source: git2::Error,
+    },
+    #[error("opening git store {}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: git2::Error,
+    },
+    /// Reading the repository at HEAD.
+    #[error(transparent)]
+    Read(#[from] git2::Error),
+    #[error("{0} vanished while listed")]
+    Vanished(String),
+    /// A manifest stored before platform directories that names no platform readably.
+    #[error("reading the platform of {path}")]
+    StoredPlatform {
+        path: String,
+        #[source]
+        source: proto::VerifyError,
+    },
+    #[error("writing a blob to {}", path.display())]
+    WriteBlob {
+        path: PathBuf,
+        #[source]
+        source: git2::Error,
+    },
+    #[error("committing to the git store {}", path.display())]
+    Commit {
+        path: PathBuf,
+        #[source]
+        source: git2::Error,
+    },
+    #[error(
+        "committing {message:?} to the git store {}: HEAD stayed locked or kept moving for \
+         {attempts} attempts; is another git command writing to it?",
+        path.display()
+    )]
+    Contended {
+        message: String,
+        path: PathBuf,
+        attempts: u32,
+    },
+    #[error("opening the writer lock {}", path.display())]
+    OpenLock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("taking the writer lock {}", path.display())]
+    TakeLock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("running git gc")]
+    GcSpawn(#[source] std::io::Error),
+    #[error("git gc --auto on {}: {stderr}", path.display())]
+    Gc { path: PathBuf, stderr: String },
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// The file in the git directory whose advisory lock serialises the hub's writers.
 pub const WRITER_LOCK: &str = "unifleet-writer.lock";
@@ -95,7 +165,7 @@ impl std::fmt::Debug for Store {
 }
 
 /// The platform a stored signed manifest names (the hub's own store: read, not verified).
-fn stored_platform(bytes: &[u8]) -> Result<Platform> {
+fn stored_platform(bytes: &[u8]) -> Result<Platform, proto::VerifyError> {
     use proto::codec::Kind;
     let env = proto::envelope::Envelope::decode(bytes, Kind::Manifest)?;
     let m: proto::manifest::Manifest = proto::codec::decode(Kind::Manifest, &env.payload)?;
@@ -198,14 +268,18 @@ impl Change {
 
 impl Store {
     pub fn init(path: &Path) -> Result<Store> {
-        let repo = Repository::init_bare(path)
-            .with_context(|| format!("creating git store {}", path.display()))?;
+        let repo = Repository::init_bare(path).map_err(|source| StoreError::Init {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(Store { repo })
     }
 
     pub fn open(path: &Path) -> Result<Store> {
-        let repo = Repository::open_bare(path)
-            .with_context(|| format!("opening git store {}", path.display()))?;
+        let repo = Repository::open_bare(path).map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(Store { repo })
     }
 
@@ -399,12 +473,8 @@ impl Store {
 
     /// [`Store::info`] of a release just listed: it must be there.
     fn listed(&self, track: &Track, release: u64) -> Result<ReleaseInfo> {
-        self.info(track, release)?.with_context(|| {
-            format!(
-                "{} vanished while listed",
-                release_path(track, release, "manifest")
-            )
-        })
+        self.info(track, release)?
+            .ok_or_else(|| StoreError::Vanished(release_path(track, release, "manifest")))
     }
 
     /// Moves releases stored before platform directories (`apps/<app>/<channel>/
@@ -421,9 +491,12 @@ impl Store {
                 let old = |ext: &str| format!("apps/{app}/{channel}/{release:010}.{ext}");
                 let manifest = store
                     .read(&old("manifest"))?
-                    .context("listed file vanished")?;
-                let platform = stored_platform(&manifest)
-                    .with_context(|| format!("reading the platform of {}", old("manifest")))?;
+                    .ok_or_else(|| StoreError::Vanished(old("manifest")))?;
+                let platform =
+                    stored_platform(&manifest).map_err(|source| StoreError::StoredPlatform {
+                        path: old("manifest"),
+                        source,
+                    })?;
                 let track = Track::new(&app, &channel, platform);
                 for ext in ["manifest", "announcement", "staging"] {
                     if let Some(bytes) = store.read(&old(ext))? {
@@ -442,16 +515,6 @@ impl Store {
         })
     }
 
-    /// Writes `bytes` to the object database now; name it in a [`Change`] with
-    /// [`Change::put_written`].
-    pub fn write_blob(&self, bytes: &[u8]) -> Result<WrittenBlob> {
-        let id = self
-            .repo
-            .blob(bytes)
-            .with_context(|| format!("writing a blob to {}", self.repo.path().display()))?;
-        Ok(WrittenBlob { id })
-    }
-
     /// Every event, oldest first (the legacy `events.log`, then the day files in order).
     pub fn events(&self) -> Result<Vec<Event>> {
         let mut text = self.read("events.log")?.unwrap_or_default();
@@ -465,272 +528,25 @@ impl Store {
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect())
     }
-
-    /// Commits `change` on top of HEAD (see [`Store::transaction`]).
-    pub fn commit(&self, message: &str, change: &Change, tag: Option<&str>) -> Result<()> {
-        self.transaction(|_| {
-            Ok((
-                Commit {
-                    message: message.into(),
-                    change: change.clone(),
-                    tag: tag.map(str::to_string),
-                },
-                (),
-            ))
-        })
-    }
-
-    /// Reads and commits as one transaction: `build` sees the store at HEAD with the
-    /// writer lock held and returns what to commit on top of it, so what it read (the
-    /// newest release number, say) is still true when the commit lands. `build` runs again
-    /// if another git tool moved HEAD meanwhile.
-    ///
-    /// Writers are serialised by an advisory lock on [`WRITER_LOCK`] in the git directory
-    /// (`hub serve` recording a device's report and `hub publish` in another process may
-    /// commit at the same moment); the kernel drops it when a writer dies, so a crashed hub
-    /// never blocks the next one. A git ref lock (`refs/heads/master.lock`) that a writer
-    /// killed mid-update left behind is removed once it is older than [`STALE_REF_LOCK`].
-    /// Conflicts with other git tools on the repository (HEAD moved, ref locked) are retried
-    /// with backoff.
-    pub fn transaction<T>(
-        &self,
-        mut build: impl FnMut(&Store) -> Result<(Commit, T)>,
-    ) -> Result<T> {
-        let _writer = self.writer_lock()?;
-        let mut backoff = Duration::from_millis(5);
-        let mut swept = false;
-        let mut message = String::new();
-        for _ in 0..COMMIT_ATTEMPTS {
-            let (commit, out) = build(self)?;
-            if commit.change.is_empty() && commit.tag.is_none() {
-                return Ok(out);
-            }
-            message = commit.message;
-            match self.try_commit(&message, &commit.change, commit.tag.as_deref()) {
-                Ok(_) => return Ok(out),
-                Err(e)
-                    if e.code() == git2::ErrorCode::Modified
-                        || e.code() == git2::ErrorCode::Locked
-                        || e.message().contains("current tip") =>
-                {
-                    if e.code() == git2::ErrorCode::Locked && !swept {
-                        swept = true;
-                        self.remove_stale_ref_locks();
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("committing to the git store {}", self.repo.path().display())
-                    })
-                }
-            }
-        }
-        bail!(
-            "committing {message:?} to the git store {}: HEAD stayed locked or kept moving for \
-             {COMMIT_ATTEMPTS} attempts; is another git command writing to it?",
-            self.repo.path().display()
-        )
-    }
-
-    /// Packs loose objects once there are many (`git gc --auto`, git's own threshold, 6,700
-    /// by default), with the writer lock held so no hub commit races it. Every commit adds
-    /// loose objects (device events once a second under load); unpacked, a store that runs
-    /// for years fills the disk with small files. Needs the `git` program; returns whether
-    /// it ran.
-    pub fn gc(&self) -> Result<bool> {
-        let _writer = self.writer_lock()?;
-        let out = match std::process::Command::new("git")
-            .arg("--git-dir")
-            .arg(self.repo.path())
-            // In the foreground: the writer lock is held for exactly its run.
-            .args(["-c", "gc.autoDetach=false", "gc", "--auto", "--quiet"])
-            .output()
-        {
-            Ok(out) => out,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                tracing::warn!(
-                    "git is not installed: the store's objects are not packed (install git)"
-                );
-                return Ok(false);
-            }
-            Err(e) => return Err(e).context("running git gc"),
-        };
-        anyhow::ensure!(
-            out.status.success(),
-            "git gc --auto on {}: {}",
-            self.repo.path().display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(true)
-    }
-
-    /// The writer lock, held until the returned file is dropped.
-    fn writer_lock(&self) -> Result<std::fs::File> {
-        let lock_path = self.repo.path().join(WRITER_LOCK);
-        let writer = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("opening the writer lock {}", lock_path.display()))?;
-        let taken = match writer.try_lock() {
-            Ok(()) => Ok(()),
-            Err(std::fs::TryLockError::WouldBlock) => {
-                tracing::info!(
-                    "waiting for another hub process committing to {}",
-                    self.repo.path().display()
-                );
-                writer.lock()
-            }
-            Err(std::fs::TryLockError::Error(e)) => Err(e),
-        };
-        taken.with_context(|| format!("taking the writer lock {}", lock_path.display()))?;
-        Ok(writer)
-    }
-
-    /// Removes ref lock files (`HEAD.lock`, `packed-refs.lock`, `refs/**.lock`) older than
-    /// [`STALE_REF_LOCK`]. Called with the writer lock held, so no hub writer owns them; git
-    /// holds a ref lock for milliseconds, so an old one was left by a killed process. Only
-    /// when a commit found a ref locked: the walk of `refs/` is not for every commit.
-    fn remove_stale_ref_locks(&self) {
-        let git = self.repo.path();
-        let mut found = Vec::new();
-        let mut dirs = vec![git.join("refs")];
-        while let Some(dir) = dirs.pop() {
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    dirs.push(path);
-                } else if path.extension().is_some_and(|e| e == "lock") {
-                    found.push(path);
-                }
-            }
-        }
-        found.extend([git.join("HEAD.lock"), git.join("packed-refs.lock")]);
-        for path in found {
-            let age = std::fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok());
-            if age.is_some_and(|a| a >= STALE_REF_LOCK) && std::fs::remove_file(&path).is_ok() {
-                tracing::warn!(
-                    "removed {}: a git ref lock {}s old, left by a writer that was killed",
-                    path.display(),
-                    age.unwrap_or_default().as_secs()
-                );
-            }
-        }
-    }
-
-    /// `base` with `files` (paths under it) put in: only the trees on the way to a changed
-    /// file are written again, so a commit costs what it changes, not the size of the
-    /// store (reading the whole tree into an index and writing it back cost ~50 ms per
-    /// commit with 10,000 releases).
-    /// A file whose id is `None` is removed (a directory left empty goes with it).
-    fn write_tree(
-        &self,
-        base: Option<&git2::Tree<'_>>,
-        files: &[(&str, Option<Oid>)],
-    ) -> Result<Oid, git2::Error> {
-        let mut builder = self.repo.treebuilder(base)?;
-        let mut dirs: std::collections::BTreeMap<&str, Vec<(&str, Option<Oid>)>> =
-            Default::default();
-        for &(path, id) in files {
-            match (path.split_once('/'), id) {
-                (Some((dir, rest)), _) => dirs.entry(dir).or_default().push((rest, id)),
-                (None, Some(id)) => {
-                    builder.insert(path, id, 0o100644)?;
-                }
-                (None, None) => {
-                    if builder.get(path)?.is_some() {
-                        builder.remove(path)?;
-                    }
-                }
-            }
-        }
-        for (dir, inner) in dirs {
-            let sub = match base.and_then(|t| t.get_name(dir)) {
-                Some(e) if e.kind() == Some(git2::ObjectType::Tree) => {
-                    Some(self.repo.find_tree(e.id())?)
-                }
-                _ => None,
-            };
-            let removes = inner.iter().any(|(_, id)| id.is_none());
-            let id = self.write_tree(sub.as_ref(), &inner)?;
-            // Only a removal can leave a directory empty: no extra read on other commits.
-            if removes && self.repo.find_tree(id)?.is_empty() {
-                if builder.get(dir)?.is_some() {
-                    builder.remove(dir)?;
-                }
-            } else {
-                builder.insert(dir, id, 0o040000)?;
-            }
-        }
-        builder.write()
-    }
-
-    fn try_commit(
-        &self,
-        message: &str,
-        change: &Change,
-        tag: Option<&str>,
-    ) -> Result<Oid, git2::Error> {
-        let parent = match self.repo.head() {
-            Ok(h) => Some(h.peel_to_commit()?),
-            Err(_) => None,
-        };
-        let parent_tree = parent.as_ref().map(|p| p.tree()).transpose()?;
-        let mut files: Vec<(&str, Option<Oid>)> = Vec::with_capacity(change.files.len() + 1);
-        for (path, content) in &change.files {
-            let id = match content {
-                Content::Bytes(bytes) => Some(self.repo.blob(bytes)?),
-                Content::Written(id) => Some(*id),
-                Content::Removed => None,
-            };
-            files.push((path, id));
-        }
-        let mut days: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
-        for e in &change.events {
-            let day = days.entry(event_file(e.at)).or_default();
-            day.extend_from_slice(serde_json::to_string(e).unwrap_or_default().as_bytes());
-            day.push(b'\n');
-        }
-        for (path, new) in &days {
-            let mut log = parent_tree
-                .as_ref()
-                .and_then(|t| t.get_path(Path::new(path)).ok())
-                .and_then(|e| self.repo.find_blob(e.id()).ok())
-                .map(|b| b.content().to_vec())
-                .unwrap_or_default();
-            log.extend_from_slice(new);
-            files.push((path, Some(self.repo.blob(&log)?)));
-        }
-        let tree_id = self.write_tree(parent_tree.as_ref(), &files)?;
-        let tree = self.repo.find_tree(tree_id)?;
-        let sig = Signature::now("unifleet hub", "hub@unifleet.invalid")?;
-        let parents: Vec<&git2::Commit> = parent.iter().collect();
-        let oid = self
-            .repo
-            .commit(Some("HEAD"), &sig, &sig, message, &tree, &parents)?;
-        if let Some(tag) = tag {
-            let obj = self.repo.find_object(oid, None)?;
-            if self
-                .repo
-                .find_reference(&format!("refs/tags/{tag}"))
-                .is_err()
-            {
-                self.repo.tag_lightweight(tag, &obj, false)?;
-            }
-        }
-        Ok(oid)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each failed operation is its own variant, naming what it failed on, its source kept.
+    #[test]
+    fn a_store_that_is_not_there_is_an_open_error_naming_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing.git");
+        let err = Store::open(&path).unwrap_err();
+        assert!(matches!(&err, StoreError::Open { path: p, .. } if *p == path));
+        assert_eq!(
+            err.to_string(),
+            format!("opening git store {}", path.display())
+        );
+        assert!(std::error::Error::source(&err).is_some());
+    }
 
     #[test]
     fn commits_build_on_each_other_and_tag() {

@@ -1,0 +1,62 @@
+//! `hub devices`.
+
+use super::local;
+use anyhow::Result;
+use hub::home::Home;
+use std::path::Path;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(dir: &Path, args: Args) -> Result<()> {
+    let Args { json } = args;
+    let home = Home::open(dir)?;
+    let inv = hub::serve::load_inventory(&home);
+    let revoked = hub::trust::revocations(&home.store()?, &home.anchor_root()?)?
+        .map(|(l, _)| l.devices)
+        .unwrap_or_default();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&inv)?);
+    } else {
+        let now = hub::home::now();
+        for e in inv.values() {
+            let ondemand = e.ondemand.map_or(String::new(), |c| {
+                format!(
+                    " on demand: {} local, {} remote, {} boots",
+                    c.local, c.remote, c.boots
+                )
+            });
+            let network = e
+                .network
+                .map_or(String::new(), |n| format!(" {}", n.summary()));
+            let tags = if e.tags.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", e.tags.join(", "))
+            };
+            println!(
+                "{}{tags} {} release {} {} {} (from peers {}, hub {}; seen {}){network}{ondemand}",
+                e.device,
+                e.app,
+                e.release.map_or("-".into(), |r| r.to_string()),
+                e.state,
+                e.detail,
+                proto::status::human_bytes(e.bytes_from_peers),
+                proto::status::human_bytes(e.bytes_from_hub),
+                proto::status::human_ago(e.last_seen, now)
+            );
+        }
+        for r in &revoked {
+            println!(
+                "{} REVOKED since {} (key {})",
+                r.name,
+                local(r.at),
+                r.key.id().short()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,26 @@
+//! One module per subcommand of `hub`: its arguments (clap) and what it runs.
+
+pub mod deploy_hook;
+pub mod devices;
+pub mod enroll;
+pub mod init;
+pub mod log;
+pub mod promote;
+pub mod publish;
+pub mod release;
+pub mod releases;
+pub mod revoke;
+pub mod rollback;
+pub mod rollout;
+pub mod root;
+pub mod serve;
+pub mod status;
+
+/// The local UTC offset (seconds east), read once before any thread starts (on Linux the
+/// `time` crate reads it only then); UTC if it cannot be read.
+pub static LOCAL_OFFSET: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+
+/// `at` as local wall-clock time, for people (JSON keeps Unix seconds).
+pub fn local(at: u64) -> String {
+    proto::status::local_time(at, *LOCAL_OFFSET.get().unwrap_or(&0))
+}
