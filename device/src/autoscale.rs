@@ -259,35 +259,8 @@ impl Autoscaler {
                 }
                 vec![]
             }
-            Event::Disconnected { now, id } => {
-                let Some(pos) = self.instances.iter().position(|i| i.id == id) else {
-                    return vec![];
-                };
-                let i = &mut self.instances[pos];
-                i.conns = i.conns.saturating_sub(1);
-                if i.draining.is_some() && i.conns == 0 {
-                    self.instances.remove(pos);
-                    let mut out = vec![Action::Stop { id }];
-                    out.extend(self.scale(now));
-                    return out;
-                }
-                vec![]
-            }
-            Event::Drain { now } => {
-                let mut out = vec![];
-                for i in &mut self.instances {
-                    i.draining.get_or_insert(now);
-                }
-                self.instances.retain(|i| {
-                    let idle = i.conns == 0;
-                    if idle {
-                        out.push(Action::Stop { id: i.id });
-                    }
-                    !idle
-                });
-                out.extend(self.scale(now));
-                out
-            }
+            Event::Disconnected { now, id } => self.disconnected(now, id),
+            Event::Drain { now } => self.drain(now),
             Event::RemoteUnavailable { now, id, reason } => {
                 self.instances.retain(|i| i.id != id);
                 self.remote_down_until = Some(now + self.cfg.remote_retry);
@@ -305,6 +278,39 @@ impl Autoscaler {
                 out
             }
         }
+    }
+
+    /// A connection to `id` ended: a draining instance with none left stops.
+    fn disconnected(&mut self, now: Instant, id: InstanceId) -> Vec<Action> {
+        let Some(pos) = self.instances.iter().position(|i| i.id == id) else {
+            return vec![];
+        };
+        let i = &mut self.instances[pos];
+        i.conns = i.conns.saturating_sub(1);
+        if i.draining.is_some() && i.conns == 0 {
+            self.instances.remove(pos);
+            let mut out = vec![Action::Stop { id }];
+            out.extend(self.scale(now));
+            return out;
+        }
+        vec![]
+    }
+
+    /// Every instance drains; idle ones stop at once.
+    fn drain(&mut self, now: Instant) -> Vec<Action> {
+        let mut out = vec![];
+        for i in &mut self.instances {
+            i.draining.get_or_insert(now);
+        }
+        self.instances.retain(|i| {
+            let idle = i.conns == 0;
+            if idle {
+                out.push(Action::Stop { id: i.id });
+            }
+            !idle
+        });
+        out.extend(self.scale(now));
+        out
     }
 
     fn trim(&mut self, now: Instant) {

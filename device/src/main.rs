@@ -77,6 +77,39 @@ struct EnrollArgs {
     force: bool,
 }
 
+/// A trust root file: its bytes and what it claims (checked to bootstrap from).
+fn read_root(root: &std::path::Path) -> Result<(Vec<u8>, proto::root::Root)> {
+    let root_bytes =
+        std::fs::read(root).with_context(|| format!("reading trust root {}", root.display()))?;
+    let env = proto::envelope::Envelope::decode(&root_bytes, proto::codec::Kind::Root)
+        .with_context(|| format!("{} is not a trust root", root.display()))?;
+    let claimed: proto::root::Root =
+        proto::codec::decode(proto::codec::Kind::Root, &env.payload)
+            .with_context(|| format!("{} is not a trust root", root.display()))?;
+    proto::root::TrustedRoot::bootstrap(&root_bytes, device::agent::now())
+        .with_context(|| format!("trust root {}", root.display()))?;
+    Ok((root_bytes, claimed))
+}
+
+/// A new device key from the OS's randomness, written readable by its owner only.
+fn write_new_key(path: &std::path::Path) -> Result<proto::SecretKey> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("reading OS randomness: {e}"))?;
+    let key = proto::SecretKey::from_seed(seed);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(key.to_text().as_bytes())?;
+    f.sync_all()?;
+    Ok(key)
+}
+
 fn enroll(args: EnrollArgs) -> Result<()> {
     let EnrollArgs {
         dir,
@@ -111,30 +144,8 @@ fn enroll(args: EnrollArgs) -> Result<()> {
     );
     std::fs::create_dir_all(dir.join("state"))
         .with_context(|| format!("creating {}", dir.display()))?;
-    let root_bytes =
-        std::fs::read(&root).with_context(|| format!("reading trust root {}", root.display()))?;
-    let env = proto::envelope::Envelope::decode(&root_bytes, proto::codec::Kind::Root)
-        .with_context(|| format!("{} is not a trust root", root.display()))?;
-    let claimed: proto::root::Root =
-        proto::codec::decode(proto::codec::Kind::Root, &env.payload)
-            .with_context(|| format!("{} is not a trust root", root.display()))?;
-    proto::root::TrustedRoot::bootstrap(&root_bytes, device::agent::now())
-        .with_context(|| format!("trust root {}", root.display()))?;
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("reading OS randomness: {e}"))?;
-    let key = proto::SecretKey::from_seed(seed);
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(dir.join("device.key"))?;
-        f.write_all(key.to_text().as_bytes())?;
-        f.sync_all()?;
-    }
+    let (root_bytes, claimed) = read_root(&root)?;
+    let key = write_new_key(&dir.join("device.key"))?;
     std::fs::write(dir.join("device.pub"), key.public().to_text())?;
     std::fs::write(dir.join("root.bin"), &root_bytes)?;
     let cfg = Config {

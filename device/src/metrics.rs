@@ -116,13 +116,6 @@ impl DeviceMetrics {
             c(&self.net.hole_punch_failures),
         );
         net::metrics::push_net(&mut out, "unifleet_device", &self.net);
-        push(
-            &mut out,
-            "unifleet_device_peer_misses_total",
-            "counter",
-            "Redirect rounds in which no peer the hub named could be reached",
-            c(&self.peer_misses),
-        );
         for (name, help, v) in [
             (
                 "unifleet_device_last_announcement_timestamp_ms",
@@ -142,104 +135,123 @@ impl DeviceMetrics {
         ] {
             push(&mut out, name, "gauge", help, c(v));
         }
+        self.render_transfers(&mut out);
+        self.render_ondemand(&mut out);
+        out
+    }
+
+    /// Bytes fetched and served, activations and rollbacks.
+    fn render_transfers(&self, out: &mut String) {
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
         push(
-            &mut out,
+            out,
+            "unifleet_device_peer_misses_total",
+            "counter",
+            "Redirect rounds in which no peer the hub named could be reached",
+            c(&self.peer_misses),
+        );
+        push(
+            out,
             "unifleet_device_bytes_from_peers_total",
             "counter",
             "Blob bytes fetched from peers",
             c(&self.bytes_from_peers),
         );
         push(
-            &mut out,
+            out,
             "unifleet_device_bytes_from_hub_total",
             "counter",
             "Blob bytes fetched from the hub",
             c(&self.bytes_from_hub),
         );
         push(
-            &mut out,
+            out,
             "unifleet_device_blob_bytes_served_total",
             "counter",
             "Blob bytes served to peers",
             c(&self.blob_bytes_served),
         );
         push(
-            &mut out,
+            out,
             "unifleet_device_blobs_served_total",
             "counter",
             "Blobs served to peers",
             c(&self.blobs_served),
         );
         push(
-            &mut out,
+            out,
             "unifleet_device_announcements_refused_total",
             "counter",
             "Announcements refused by verification",
             c(&self.announcements_refused),
         );
         push(
-            &mut out,
+            out,
             "unifleet_device_activations_total",
             "counter",
             "Releases activated and healthy",
             c(&self.activations),
         );
         push(
-            &mut out,
+            out,
             "unifleet_device_rollbacks_total",
             "counter",
             "Releases that failed their probe and were rolled back",
             c(&self.rollbacks),
         );
+    }
+
+    /// The on-demand pool's instances, boots and decisions.
+    fn render_ondemand(&self, out: &mut String) {
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
         push(
-            &mut out,
+            out,
             "unifleet_device_ondemand_local_instances",
             "gauge",
             "On-demand instances on this device",
             c(&self.ondemand_local),
         );
         push(
-            &mut out,
+            out,
             "unifleet_device_ondemand_remote_instances",
             "gauge",
             "On-demand instances on the hosted URI",
             c(&self.ondemand_remote),
         );
         push(
-            &mut out,
+            out,
             "unifleet_device_ondemand_boots_total",
             "counter",
             "On-demand instances booted to healthy",
             c(&self.ondemand_boots),
         );
         push(
-            &mut out,
+            out,
             "unifleet_device_ondemand_boot_milliseconds_total",
             "counter",
             "Time from start to healthy, summed",
             c(&self.ondemand_boot_ms),
         );
         push(
-            &mut out,
+            out,
             "unifleet_device_ondemand_scale_decisions_total",
             "counter",
             "Autoscaler starts and stops",
             c(&self.ondemand_decisions),
         );
         push(
-            &mut out,
+            out,
             "unifleet_device_ondemand_refused_total",
             "counter",
             "Connections closed unanswered: too many held, or no instance within hold_secs",
             c(&self.ondemand_refused),
         );
         push(
-            &mut out,
+            out,
             "unifleet_device_ondemand_cut_total",
             "counter",
             "Connections closed because their instance drained past drain_secs",
             c(&self.ondemand_cut),
         );
-        out
     }
 }

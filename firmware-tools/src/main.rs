@@ -219,7 +219,8 @@ struct PackCmd {
     #[arg(long, default_value = "")]
     cmdline: String,
     /// Health probe: `banner` (the line `READY <app> <version>` on the console),
-    /// `banner:TEXT`, or `tcp:PORT`.
+    /// `banner:TEXT`, `tcp:PORT`, or `http:[PORT]/PATH` (a 200 from the guest; needs
+    /// --network).
     #[arg(long, default_value = "banner")]
     probe: String,
     #[arg(long, default_value_t = 10)]

@@ -8,7 +8,7 @@
 use crate::codec::{self, CodecError, Kind};
 use crate::error::VerifyError;
 use crate::keys::{KeyId, PublicKey, SecretKey};
-use crate::root::Role;
+use crate::role::Role;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 

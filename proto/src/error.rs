@@ -143,7 +143,7 @@ pub enum Invalid {
     #[error("console tail too long")]
     ConsoleTailTooLong,
     #[error("rollout waves: {0}")]
-    Waves(crate::rollout::BadWaves),
+    Waves(BadWaves),
     #[error("{count} tags and devices targeted (at most {max})")]
     TooManyTargets { count: usize, max: usize },
     #[error("halt policy needs at least 1 attempt and a failure share of 1 to 100%")]
@@ -192,4 +192,20 @@ impl std::fmt::Display for Declared {
             Declared::Manifest => f.write_str("manifest"),
         }
     }
+}
+
+/// Most waves in a rollout.
+pub const MAX_WAVES: usize = 32;
+
+/// Why an operator's wave list or a manifest's waves are refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadWaves {
+    #[error("{0} waves (at most {MAX_WAVES})")]
+    TooMany(usize),
+    #[error("a wave's share must be above 0% and at most 100% (got {0} basis points)")]
+    Share(u16),
+    #[error("waves must grow in both share and time")]
+    OutOfOrder,
+    #[error("{0:?} is not a wave: write SHARE%@DELAY, e.g. 10%@1h (delays: 0, 30s, 15m, 4h, 1d)")]
+    Spelling(String),
 }

@@ -2,7 +2,7 @@
 //!
 //! Everything a hub, a device and the operator's offline tool must agree on lives here:
 //! the one codec ([`codec`]), content digests ([`digest`]), keys ([`keys`]), signed
-//! envelopes ([`envelope`]), the TUF-style trust root ([`root`]), release manifests
+//! envelopes ([`envelope`]), the TUF-style trust root ([`root`], its roles in [`role`]), release manifests
 //! ([`manifest`]), announcements ([`announcement`]), content-defined chunking
 //! ([`chunking`]) and image header inspection ([`image`]).
 //!
@@ -31,6 +31,7 @@ pub mod keys;
 pub mod manifest;
 pub mod names;
 pub mod revocation;
+pub mod role;
 pub mod rollout;
 pub mod root;
 pub mod status;

@@ -26,7 +26,7 @@ use std::fmt;
 /// A whole fleet in basis points: seeds are `0..SEED_SPACE`, a wave of 100% admits all.
 pub const SEED_SPACE: u16 = 10_000;
 /// Most waves one rollout may have.
-pub const MAX_WAVES: usize = 32;
+pub use crate::error::{BadWaves, MAX_WAVES};
 /// Most tags plus device names one rollout may target.
 pub const MAX_TARGETS: usize = 256;
 /// Most releases one [`Holds`] list may hold.
@@ -207,19 +207,6 @@ impl fmt::Display for Wave {
             _ => write!(f, "{s}s"),
         }
     }
-}
-
-/// Why an operator's wave list or a manifest's waves are refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BadWaves {
-    #[error("{0} waves (at most {MAX_WAVES})")]
-    TooMany(usize),
-    #[error("a wave's share must be above 0% and at most 100% (got {0} basis points)")]
-    Share(u16),
-    #[error("waves must grow in both share and time")]
-    OutOfOrder,
-    #[error("{0:?} is not a wave: write SHARE%@DELAY, e.g. 10%@1h (delays: 0, 30s, 15m, 4h, 1d)")]
-    Spelling(String),
 }
 
 /// Reads `1%@0,10%@1h,50%@4h,100%@1d` (shares may have two decimals: `0.5%`; delays are

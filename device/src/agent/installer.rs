@@ -456,58 +456,22 @@ impl Updater {
     }
 
     async fn update(&self, heard: &Heard) -> Result<()> {
-        let Heard {
-            ann,
-            bytes,
-            verified_ms,
-        } = heard;
-        let state = self.store.load_state()?;
-        let app_state = state.apps.get(&ann.app).cloned().unwrap_or_default();
-        if app_state.failed.contains(&ann.release) {
-            tracing::info!(app = %ann.app, release = ann.release, "release failed here before; not retrying");
+        let ann = &heard.ann;
+        let Some(installed) = self.still_wanted(heard)? else {
             return Ok(());
-        }
-        let installed = app_state
-            .highest_seen
-            .max(app_state.current.as_ref().map_or(0, |c| c.release));
+        };
         let expect = Expectations {
             app: Some(&ann.app),
             channel: &self.cfg.channel,
             platform: self.platform,
             installed_release: Some(installed),
         };
-        // Checked again: time has passed (a retry, a backoff) and the root may have moved.
-        let (root, now) = (self.trust.root(), self.trust.clock.now());
-        let checked =
-            verify_announcement(bytes, &root, now).and_then(|a| expect.applies(&a).map(|()| a));
-        if let Err(e) = checked {
-            if let VerifyError::Expired { .. } = e {
-                // Lapsed while it waited (a retry's pause, the hub down): tried again, with
-                // the fresh bytes the router hands over once the hub signs them again.
-                return Err(e).context(format!(
-                    "the announcement of release {} lapsed before it was installed; waiting \
-                     for the hub to sign it afresh",
-                    ann.release
-                ));
-            }
-            // Most often the release we already run, announced again; at worst a replay.
-            if matches!(e, VerifyError::Rollback { offered, installed, .. } if offered == installed)
-            {
-                tracing::debug!("already installed: {e}");
-            } else {
-                tracing::warn!(app = %ann.app, "refusing announcement: {e}");
-            }
-            return Ok(());
-        }
-        tracing::info!(app = %ann.app, release = ann.release, version = %ann.version, "new release announced");
-        self.metrics
-            .last_announcement_ms
-            .store(*verified_ms, std::sync::atomic::Ordering::Relaxed);
         // The manifest: fetched by digest, then verified like the announcement.
         let banned = crate::fetch::Banned::default();
         let manifest_bytes = self
             .abandoned_at_shutdown(self.fetcher.manifest(&ann.manifest, &banned))
             .await?;
+        let (root, now) = (self.trust.root(), self.trust.clock.now());
         let verified: VerifiedManifest = verify_manifest(&manifest_bytes, &root, &expect, now)?;
         anyhow::ensure!(
             verified.digest() == ann.manifest && verified.manifest().release == ann.release,
@@ -523,12 +487,8 @@ impl Updater {
         if !self.admit(m)? {
             // Said once per release, so the hub sees the device (and that it is not
             // part of this rollout) even before it ever installed anything.
-            let running = self
-                .store
-                .load_state()?
-                .apps
-                .get(&m.app)
-                .is_some_and(|a| a.current.is_some());
+            let state = self.store.load_state()?;
+            let running = state.apps.get(&m.app).is_some_and(|a| a.current.is_some());
             let state = if running {
                 DeviceState::Active
             } else {
@@ -537,7 +497,73 @@ impl Updater {
             self.report_running(&m.app, state).await;
             return Ok(());
         }
-        self.abandoned_at_shutdown(self.fetcher.chunks(m, &self.reporter, ann, &banned))
+        self.install(heard, &verified, &banned).await
+    }
+
+    /// Whether the announced release is still to be installed (checked again: time has
+    /// passed — a retry, a backoff — and the root may have moved): the release installed
+    /// (or the highest seen), or `None` to do nothing.
+    fn still_wanted(&self, heard: &Heard) -> Result<Option<u64>> {
+        let ann = &heard.ann;
+        let state = self.store.load_state()?;
+        let app_state = state.apps.get(&ann.app).cloned().unwrap_or_default();
+        if app_state.failed.contains(&ann.release) {
+            tracing::info!(app = %ann.app, release = ann.release, "release failed here before; not retrying");
+            return Ok(None);
+        }
+        let installed = app_state
+            .highest_seen
+            .max(app_state.current.as_ref().map_or(0, |c| c.release));
+        let expect = Expectations {
+            app: Some(&ann.app),
+            channel: &self.cfg.channel,
+            platform: self.platform,
+            installed_release: Some(installed),
+        };
+        let (root, now) = (self.trust.root(), self.trust.clock.now());
+        let checked = verify_announcement(&heard.bytes, &root, now)
+            .and_then(|a| expect.applies(&a).map(|()| a));
+        match checked {
+            Ok(_) => {}
+            Err(e @ VerifyError::Expired { .. }) => {
+                // Lapsed while it waited (a retry's pause, the hub down): tried again, with
+                // the fresh bytes the router hands over once the hub signs them again.
+                return Err(e).context(format!(
+                    "the announcement of release {} lapsed before it was installed; waiting \
+                     for the hub to sign it afresh",
+                    ann.release
+                ));
+            }
+            // Most often the release we already run, announced again; at worst a replay.
+            Err(
+                e @ VerifyError::Rollback {
+                    offered, installed, ..
+                },
+            ) if offered == installed => {
+                tracing::debug!("already installed: {e}");
+                return Ok(None);
+            }
+            Err(e) => {
+                tracing::warn!(app = %ann.app, "refusing announcement: {e}");
+                return Ok(None);
+            }
+        }
+        tracing::info!(app = %ann.app, release = ann.release, version = %ann.version, "new release announced");
+        self.metrics
+            .last_announcement_ms
+            .store(heard.verified_ms, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(installed))
+    }
+
+    /// Fetches the release's chunks, assembles its slot, records it pending and activates.
+    async fn install(
+        &self,
+        heard: &Heard,
+        verified: &VerifiedManifest,
+        banned: &crate::fetch::Banned,
+    ) -> Result<()> {
+        let (ann, m) = (&heard.ann, verified.manifest());
+        self.abandoned_at_shutdown(self.fetcher.chunks(m, &self.reporter, ann, banned))
             .await
             .context("fetching chunks")?;
         self.metrics.last_fetched_ms.store(

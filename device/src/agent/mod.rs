@@ -126,60 +126,18 @@ pub async fn run_with_metrics(
     ));
     let platform = cfg.platform().map_err(anyhow::Error::msg)?;
 
-    // The libp2p identity derives from the device key, so a device keeps its peer id.
-    let mut net_cfg = net::NetConfig::new(net::keypair_from_seed(key.seed()), &cfg.fleet);
-    net_cfg.listen = vec![cfg.listen.parse().context("parsing listen address")?];
-    net_cfg.idle_timeout = Duration::from_secs(cfg.idle_timeout_secs);
-    let mut hub_peers = Vec::new();
-    for (p, is_hub) in cfg
-        .hub
-        .iter()
-        .map(|h| (h, true))
-        .chain(cfg.peers.iter().map(|p| (p, false)))
-    {
-        let addr: net::Multiaddr = p
-            .parse()
-            .with_context(|| format!("parsing peer address {p}"))?;
-        if is_hub {
-            hub_peers.push(
-                net::peer_of(&addr)
-                    .with_context(|| format!("hub address {p} lacks /p2p/<peer id>"))?,
-            );
-        }
-        net_cfg.bootstrap.push(addr);
-    }
-    net_cfg.mdns = cfg.mdns;
-    net_cfg.state = metrics.net.clone();
     // The network on a tree of its own, stopped last: the application's tasks answer
     // peers and the hub until they are done.
     let net_tasks = net::tasks::Tasks::new();
+    let (net_cfg, hub_peers) = net_config(&cfg, &key, &metrics)?;
     let (net, events) = net::start(net_cfg, &net_tasks)?;
     tracing::info!(peer_id = %net.peer_id(), device = %cfg.name, "device agent starting");
 
     let (mqtt_tx, mqtt_rx) = mpsc::channel(64);
-    let mqtt_client = match &cfg.broker {
-        Some(url) => {
-            let topics = cfg
-                .apps
-                .iter()
-                .map(|a| {
-                    net::mqtt_topics::release(&cfg.fleet, &Track::new(a, &cfg.channel, platform))
-                })
-                .chain(net::mqtt_topics::trust(&cfg.fleet))
-                .collect();
-            Some(mqtt::start(&cfg.name, url, topics, mqtt_tx, &tasks)?)
-        }
-        None => None,
-    };
-
+    let mqtt_client = start_mqtt(&cfg, platform, mqtt_tx, &tasks)?;
     let broker = mqtt_client.clone();
     let reporter = Arc::new(Reporter::new(&cfg, key, net.clone(), mqtt_client, &metrics));
-    if let Some(addr) = &cfg.metrics {
-        let m = metrics.clone();
-        net::metrics::serve(addr, Arc::new(move || m.render()), &tasks)
-            .await
-            .with_context(|| format!("metrics cannot listen on {addr}"))?;
-    }
+    serve_metrics(&cfg, &metrics, &tasks).await?;
     let inbox = Arc::new(Inbox::default());
     let (asked_tx, asked_rx) = mpsc::channel(16);
     let router = Router {
@@ -226,15 +184,82 @@ pub async fn run_with_metrics(
     // Graceful: it stops between steps of an install, never in the middle of one.
     tasks.spawn_graceful(updater.run(inbox));
     shutdown.await;
+    stop(&tasks, &net_tasks).await;
+    Ok(())
+}
+
+/// The metrics page, where device.toml asks for one.
+async fn serve_metrics(
+    cfg: &Config,
+    metrics: &Arc<DeviceMetrics>,
+    tasks: &net::tasks::Tasks,
+) -> Result<()> {
+    if let Some(addr) = &cfg.metrics {
+        let m = metrics.clone();
+        net::metrics::serve(addr, Arc::new(move || m.render()), tasks)
+            .await
+            .with_context(|| format!("metrics cannot listen on {addr}"))?;
+    }
+    Ok(())
+}
+
+/// The application's tasks, then the network: they were answering peers and the hub.
+async fn stop(tasks: &net::tasks::Tasks, net_tasks: &net::tasks::Tasks) {
     tracing::info!("shutting down");
     let left = tasks.shutdown(SHUTDOWN_GRACE).await;
     if left > 0 {
         tracing::warn!("{left} task(s) still running after {SHUTDOWN_GRACE:?}; leaving them");
     }
-    // The network last: the tasks above were still answering peers and the hub.
     net_tasks.shutdown(SHUTDOWN_GRACE).await;
     tracing::info!("stopped");
-    Ok(())
+}
+
+/// The libp2p node's settings (its identity derives from the device key, so a device
+/// keeps its peer id), and the hub's peer ids.
+fn net_config(
+    cfg: &Config,
+    key: &SecretKey,
+    metrics: &DeviceMetrics,
+) -> Result<(net::NetConfig, Vec<net::PeerId>)> {
+    let mut net_cfg = net::NetConfig::new(net::keypair_from_seed(key.seed()), &cfg.fleet);
+    net_cfg.listen = vec![cfg.listen.parse().context("parsing listen address")?];
+    net_cfg.idle_timeout = Duration::from_secs(cfg.idle_timeout_secs);
+    let mut hub_peers = Vec::new();
+    let hubs = cfg.hub.iter().map(|h| (h, true));
+    for (p, is_hub) in hubs.chain(cfg.peers.iter().map(|p| (p, false))) {
+        let addr: net::Multiaddr = p
+            .parse()
+            .with_context(|| format!("parsing peer address {p}"))?;
+        if is_hub {
+            hub_peers.push(
+                net::peer_of(&addr)
+                    .with_context(|| format!("hub address {p} lacks /p2p/<peer id>"))?,
+            );
+        }
+        net_cfg.bootstrap.push(addr);
+    }
+    net_cfg.mdns = cfg.mdns;
+    net_cfg.state = metrics.net.clone();
+    Ok((net_cfg, hub_peers))
+}
+
+/// The broker connection, subscribed to our apps' releases and the trust records.
+fn start_mqtt(
+    cfg: &Config,
+    platform: proto::manifest::Platform,
+    tx: mpsc::Sender<(String, Vec<u8>)>,
+    tasks: &net::tasks::Tasks,
+) -> Result<Option<mqtt::Mqtt>> {
+    let Some(url) = &cfg.broker else {
+        return Ok(None);
+    };
+    let topics = cfg
+        .apps
+        .iter()
+        .map(|a| net::mqtt_topics::release(&cfg.fleet, &Track::new(a, &cfg.channel, platform)))
+        .chain(net::mqtt_topics::trust(&cfg.fleet))
+        .collect();
+    Ok(Some(mqtt::start(&cfg.name, url, topics, tx, tasks)?))
 }
 
 /// Testing aid (`crash_at` in the config): die abruptly, as a kill -9 would.

@@ -25,7 +25,9 @@ pub struct Args {
     vcpus: u32,
     #[arg(long, default_value = "")]
     cmdline: String,
-    /// `banner` (`READY <app> <version>` on the console), `banner:TEXT` or `tcp:PORT`.
+    /// `banner` (`READY <app> <version>` on the console), `banner:TEXT`, `tcp:PORT`, or
+    /// `http:/PATH` / `http:PORT/PATH` (`GET PATH` on the guest's address answers 200;
+    /// needs --network). With --network, `tcp:` dials the guest's address too.
     #[arg(long, default_value = "banner")]
     probe: String,
     #[arg(long, default_value_t = 10)]

@@ -79,7 +79,7 @@ pub struct PublishArgs {
     pub memory_mib: u32,
     pub vcpus: u32,
     pub cmdline: String,
-    /// `banner`, `banner:TEXT` or `tcp:PORT`.
+    /// `banner`, `banner:TEXT`, `tcp:PORT` or `http:[PORT]/PATH`.
     pub probe: String,
     pub probe_timeout_secs: u64,
     /// The unikernel needs a network interface (each device attaches it where its
