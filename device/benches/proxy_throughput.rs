@@ -6,6 +6,7 @@
 //! The endpoint is a loopback sink that reads until end of stream and answers with the
 //! byte count (so the half-close passes through the proxy too). The test unikernel's own
 //! endpoint, its serial console, is far slower than either path and would hide the proxy.
+#![allow(clippy::disallowed_methods)] // a benchmark program, not the product
 #![allow(clippy::print_stdout)]
 
 use std::time::Instant;

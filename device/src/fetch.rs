@@ -467,7 +467,7 @@ impl Fetcher {
                 let store = self.store.clone();
                 let len = bytes.len();
                 let t = Instant::now();
-                tokio::task::spawn_blocking(move || store.put_chunk(&c.digest, &bytes)).await??;
+                self.tasks.spawn_blocking(move || store.put_chunk(&c.digest, &bytes)).await??;
                 tracing::debug!(blob = %c.digest.short(), ms = t.elapsed().as_millis() as u64, "chunk stored");
                 self.account(len, path);
                 let n = have.fetch_add(1, Ordering::Relaxed) + 1;

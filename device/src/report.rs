@@ -22,6 +22,8 @@ use tokio::sync::Mutex;
 
 #[derive(Debug)]
 pub struct Reporter {
+    /// Where the status file's writes run (tracked: shutdown waits for them).
+    tasks: net::tasks::Tasks,
     fleet: String,
     device: String,
     channel: String,
@@ -119,12 +121,14 @@ impl Reporter {
         net: NetClient,
         mqtt: Option<crate::mqtt::Mqtt>,
         metrics: &crate::metrics::DeviceMetrics,
+        tasks: net::tasks::Tasks,
     ) -> Reporter {
         let start_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         Reporter {
+            tasks,
             fleet: cfg.fleet.clone(),
             device: cfg.name.clone(),
             channel: cfg.channel.clone(),
@@ -201,15 +205,17 @@ impl Reporter {
         let Ok(json) = numbered.snapshot else { return };
         let (path, written) = (self.status_file.clone(), self.written.clone());
         let generation = numbered.generation;
-        let wrote = tokio::task::spawn_blocking(move || {
-            let mut last = written.lock().unwrap_or_else(|p| p.into_inner());
-            if *last > generation {
-                return Ok(());
-            }
-            *last = generation;
-            write_atomic(&path, &json)
-        })
-        .await;
+        let wrote = self
+            .tasks
+            .spawn_blocking(move || {
+                let mut last = written.lock().unwrap_or_else(|p| p.into_inner());
+                if *last > generation {
+                    return Ok(());
+                }
+                *last = generation;
+                write_atomic(&path, &json)
+            })
+            .await;
         if let Ok(Err(e)) = wrote {
             tracing::warn!("writing {}: {e:#}", self.status_file.display());
         }

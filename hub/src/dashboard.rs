@@ -137,7 +137,9 @@ impl<E: Into<anyhow::Error>> From<E> for Failed {
     }
 }
 
-/// Reads the home on a blocking thread (git2 and the inventory file).
+/// Reads the home on a blocking thread (git2 and the inventory file). Untracked by the
+/// tree on purpose: a read abandoned at shutdown changes nothing.
+#[allow(clippy::disallowed_methods)]
 async fn read<T: Send + 'static>(
     d: &Shared,
     f: impl FnOnce(&Home) -> Result<T> + Send + 'static,
@@ -219,6 +221,8 @@ async fn device_page(
 /// receiver is not a page), for every open page at once: from the inventory the hub
 /// publishes and a store kept open between snapshots (opening it, and reading the
 /// inventory file, every second was most of a snapshot's work on a small fleet).
+// A snapshot read abandoned at shutdown changes nothing: untracked on purpose.
+#[allow(clippy::disallowed_methods)]
 async fn refresh(
     d: Shared,
     tx: tokio::sync::watch::Sender<Option<Arc<Snapshot>>>,

@@ -5,6 +5,7 @@
 //!
 //! Each figure is the median of repeated runs; the baseline is a plain memory copy of the
 //! same buffer measured in the same run, so ratios survive a noisy machine.
+#![allow(clippy::disallowed_methods)] // a benchmark program, not the product
 #![allow(clippy::print_stdout)]
 
 use proto::chunking;

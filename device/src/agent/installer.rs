@@ -575,7 +575,10 @@ impl Updater {
             .await;
         let store = self.store.clone();
         let mc = m.clone();
-        let slot = tokio::task::spawn_blocking(move || store.assemble(&mc)).await??;
+        let slot = self
+            .tasks
+            .spawn_blocking(move || store.assemble(&mc))
+            .await??;
         // Halted while it downloaded: not started (the chunks stay for a resume).
         self.check_hold(m)?;
         crash_point(&self.cfg, "assembled");

@@ -136,7 +136,14 @@ pub async fn run_with_metrics(
     let (mqtt_tx, mqtt_rx) = mpsc::channel(64);
     let mqtt_client = start_mqtt(&cfg, platform, mqtt_tx, &tasks)?;
     let broker = mqtt_client.clone();
-    let reporter = Arc::new(Reporter::new(&cfg, key, net.clone(), mqtt_client, &metrics));
+    let reporter = Arc::new(Reporter::new(
+        &cfg,
+        key,
+        net.clone(),
+        mqtt_client,
+        &metrics,
+        tasks.clone(),
+    ));
     serve_metrics(&cfg, &metrics, &tasks).await?;
     let inbox = Arc::new(Inbox::default());
     let (asked_tx, asked_rx) = mpsc::channel(16);

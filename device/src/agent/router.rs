@@ -548,9 +548,10 @@ impl Router {
                 return;
             }
         };
+        let tasks = self.tasks.clone();
         self.tasks.spawn(async move {
             let t = std::time::Instant::now();
-            let blob = tokio::task::spawn_blocking(move || store.get_blob(&digest))
+            let blob = tasks.spawn_blocking(move || store.get_blob(&digest))
                 .await
                 .ok()
                 .flatten();

@@ -50,6 +50,9 @@ impl Batch {
         self.inventory.as_ref()
     }
 
+    /// On a blocking thread outside the tree: the hub's loop awaits every write, the last
+    /// one included, before it exits.
+    #[allow(clippy::disallowed_methods)]
     pub async fn write(self, home: Home, store: StoreWriter) {
         let Batch {
             inventory,

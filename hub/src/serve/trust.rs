@@ -36,7 +36,9 @@ pub(super) struct Trust {
 
 impl Trust {
     /// The keys from the hub directory (on a blocking thread), the lists from the store's
-    /// reader; warns of a root about to expire.
+    /// reader; warns of a root about to expire. (A read abandoned at shutdown changes
+    /// nothing: untracked on purpose.)
+    #[allow(clippy::disallowed_methods)]
     pub async fn load(home: &Home, reader: &StoreReader) -> Result<Trust, TrustError> {
         let h = home.clone();
         let (root, timestamp, rollout) = tokio::task::spawn_blocking(move || {

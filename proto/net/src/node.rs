@@ -60,8 +60,9 @@ pub fn start(
 /// has stopped. The form `hub` and `device` were written against; [`start`] is the one
 /// to use: this one keeps the unbounded event channel those callers name, fed by a task
 /// that forwards [`start`]'s bounded one (so what the application has not read piles up
-/// there, as it always did here).
-#[allow(clippy::type_complexity)]
+/// there, as it always did here). Outside the tree and unbounded by design: the hub
+/// still runs its node this way.
+#[allow(clippy::type_complexity, clippy::disallowed_methods)]
 pub fn spawn(
     cfg: NetConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,

@@ -7,7 +7,10 @@
 //!   is safe to abandon anywhere (answering a peer, a connection, a broker loop);
 //! - [`Tasks::spawn_graceful`]: runs until it returns; it watches [`Tasks::token`] itself
 //!   and stops at a point of its choosing (the updater finishes an activation, abandons a
-//!   download).
+//!   download);
+//! - [`Tasks::spawn_blocking`]: synchronous work (a file written and synced, a store
+//!   read) on tokio's blocking pool, tracked: it cannot be cut short, and shutdown waits
+//!   for it like any other task.
 //!
 //! Also the one accept loop ([`accept_loop`]) the hub's and the device's listeners share.
 
@@ -70,6 +73,16 @@ impl Tasks {
         F::Output: Send + 'static,
     {
         self.tracker.spawn(fut)
+    }
+
+    /// Runs the blocking `f` on tokio's blocking pool, tracked by the tree (shutdown waits
+    /// for it; it always runs to its end).
+    pub fn spawn_blocking<F, T>(&self, f: F) -> tokio::task::JoinHandle<T>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        self.tracker.spawn_blocking(f)
     }
 
     /// Cancels the tree and waits up to `grace` for every task spawned through it; returns
