@@ -162,15 +162,15 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<()> {
-        proto::names::check("device", &self.name).map_err(anyhow::Error::msg)?;
-        proto::names::check("fleet", &self.fleet).map_err(anyhow::Error::msg)?;
-        proto::names::check("channel", &self.channel).map_err(anyhow::Error::msg)?;
+        proto::names::check("device", &self.name)?;
+        proto::names::check("fleet", &self.fleet)?;
+        proto::names::check("channel", &self.channel)?;
         for app in &self.apps {
-            proto::names::check("app", app).map_err(anyhow::Error::msg)?;
+            proto::names::check("app", app)?;
         }
-        self.platform().map_err(anyhow::Error::msg)?;
-        self.nic().map_err(anyhow::Error::msg)?;
-        self.guest_addresses().map_err(anyhow::Error::msg)?;
+        self.platform()?;
+        self.nic()?;
+        self.guest_addresses()?;
         anyhow::ensure!(
             ["auto", "kvm", "qemu", "xen"].contains(&self.domain_type.as_str()),
             "domain_type = {:?}: use auto, kvm or qemu (TCG)",

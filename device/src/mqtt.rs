@@ -81,7 +81,7 @@ pub fn start(
     out: mpsc::Sender<(String, Vec<u8>)>,
     tasks: &net::tasks::Tasks,
 ) -> anyhow::Result<Mqtt> {
-    let (host, port) = net::parse_mqtt_url(url).map_err(anyhow::Error::msg)?;
+    let (host, port) = net::parse_mqtt_url(url)?;
     let client_id = format!("unifleet-device-{name}");
     let mut opts = MqttOptions::new(&client_id, host, port);
     let name = name.to_string();

@@ -155,6 +155,15 @@ impl Store {
         written
     }
 
+    /// Bytes free for the store on its file system (`None` if it cannot be asked).
+    pub fn free_bytes(&self) -> Option<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.dir).ok()?;
+        // Both are the C `unsigned long`: u64 here, u32 on 32-bit ARM.
+        #[allow(clippy::useless_conversion)]
+        let (blocks, size) = (u64::from(st.blocks_available()), u64::from(st.fragment_size()));
+        Some(blocks.saturating_mul(size))
+    }
+
     /// Bytes the store holds in chunks, manifests and image slots.
     pub fn usage(&self) -> u64 {
         ["chunks", "manifests", "slots"]

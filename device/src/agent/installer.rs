@@ -64,10 +64,29 @@ fn human_unix(at: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(at)).to_string()
 }
 
-/// The agent is shutting down: a download step was left unfinished on purpose.
+/// Why an install attempt ended without the release active. The installer's policy is
+/// one `match` on it ([`Updater::attempt`]).
 #[derive(Debug, thiserror::Error)]
-#[error("shutting down")]
-pub(super) struct ShuttingDown;
+pub(super) enum InstallError {
+    /// Not this device's turn yet (a later wave), or the release is held.
+    #[error(transparent)]
+    NotYet(#[from] NotYet),
+    /// The agent is shutting down: a download step was left unfinished on purpose.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// It does not fit `store_budget_mib` (refused, not retried).
+    #[error(transparent)]
+    OverBudget(#[from] OverBudget),
+    /// The manifest did not verify.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    /// Assembling the image from its chunks (damaged chunks are fetched again at once).
+    #[error(transparent)]
+    Assemble(#[from] AssembleError),
+    /// Fetching, verifying, the state file, the activation: reported as it is.
+    #[error("{0:#}")]
+    Other(#[from] anyhow::Error),
+}
 
 pub(super) struct Updater {
     pub(super) cfg: Config,
@@ -151,60 +170,62 @@ impl Updater {
     /// device still runs, and why the update did not happen.
     async fn attempt(&self, heard: &Heard) -> Outcome {
         let ann = &heard.ann;
-        let Err(e) = self.update(heard).await else {
-            return Outcome::Done;
+        let e = match self.update(heard).await {
+            Ok(()) => return Outcome::Done,
+            Err(InstallError::NotYet(n)) => {
+                tracing::info!(app = %ann.app, release = ann.release, "not installing yet: {n}");
+                let state = match n {
+                    NotYet::Wave { at, .. } => DeviceState::Waiting {
+                        release: ann.release,
+                        until: at,
+                    },
+                    NotYet::Held { kind, .. } => DeviceState::Held {
+                        release: ann.release,
+                        kind,
+                    },
+                };
+                self.report_running(&ann.app, state).await;
+                return Outcome::Deferred(n.until());
+            }
+            Err(InstallError::ShuttingDown) => {
+                tracing::info!(app = %ann.app, release = ann.release, "shutting down: the download is left where it is (verified chunks are kept; it goes on at the next start)");
+                return Outcome::Failed;
+            }
+            Err(e) => e,
         };
-        let not_yet = e.chain().find_map(|c| c.downcast_ref::<NotYet>()).map(|n| {
-            tracing::info!(app = %ann.app, release = ann.release, "not installing yet: {n}");
-            let state = match n {
-                NotYet::Wave { at, .. } => DeviceState::Waiting {
-                    release: ann.release,
-                    until: *at,
-                },
-                NotYet::Held { kind, .. } => DeviceState::Held {
-                    release: ann.release,
-                    kind: *kind,
-                },
-            };
-            (state, n.until())
-        });
-        if let Some((state, until)) = not_yet {
-            self.report_running(&ann.app, state).await;
-            return Outcome::Deferred(until);
-        }
-        let over_budget = e.chain().any(|c| c.is::<OverBudget>());
-        if e.chain().any(|c| c.is::<ShuttingDown>()) {
-            tracing::info!(app = %ann.app, release = ann.release, "shutting down: the download is left where it is (verified chunks are kept; it goes on at the next start)");
-            return Outcome::Failed;
-        }
-        let damaged = e
-            .chain()
-            .any(|c| matches!(c.downcast_ref(), Some(AssembleError::DamagedChunks { .. })));
-        let disk_full = e.chain().any(|c| {
-            c.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
-        });
-        if disk_full {
+        if self.store_is_full(ann) {
             // What the failed release brought is the only space there is to free; the
             // retry fetches it again (or a smaller, newer release takes its place).
             self.collect_garbage();
         }
-        tracing::error!(app = %ann.app, release = ann.release, "update failed: {e:#}");
+        tracing::error!(app = %ann.app, release = ann.release, "update failed: {e}");
         let state = DeviceState::Failed {
             reason: format!(
-                "update to release {} ({}) failed: {e:#}",
+                "update to release {} ({}) failed: {e}",
                 ann.release, ann.version
             ),
         };
         self.report_running(&ann.app, state).await;
-        if damaged {
-            Outcome::Repairable
-        } else if over_budget {
+        match e {
+            InstallError::Assemble(AssembleError::DamagedChunks { .. }) => Outcome::Repairable,
             // It will not fit however often it is tried; a newer release is judged afresh.
-            Outcome::Done
-        } else {
-            Outcome::Failed
+            InstallError::OverBudget(_) => Outcome::Done,
+            _ => Outcome::Failed,
         }
+    }
+
+    /// Whether the store's file system has less room than the announced release still
+    /// needs (one largest chunk when its manifest is not stored): the failure may well be
+    /// that, and what no kept release needs is worth freeing.
+    fn store_is_full(&self, ann: &proto::announcement::Announcement) -> bool {
+        let Some(free) = self.store.free_bytes() else {
+            return false;
+        };
+        let needed = match self.stored_manifest(&ann.manifest) {
+            Ok(m) => self.store.missing_bytes(&m),
+            Err(_) => proto::chunking::MAX_CHUNK as u64,
+        };
+        free < needed.max(1)
     }
 
     /// Reports `state` beside the release the device runs now (if any).
@@ -276,7 +297,7 @@ impl Updater {
 
     /// Refuses a release that would take the store past `store_budget_mib`: its missing
     /// chunks and its slot on top of what is kept, after what no kept release needs went.
-    fn check_budget(&self, m: &proto::manifest::Manifest) -> Result<()> {
+    fn check_budget(&self, m: &proto::manifest::Manifest) -> Result<(), OverBudget> {
         const MIB: u64 = 1024 * 1024;
         let budget = self.cfg.store_budget_mib.saturating_mul(MIB);
         if budget == 0 {
@@ -292,8 +313,7 @@ impl Updater {
                 release: m.release,
                 needed_mib: needed.div_ceil(MIB),
                 budget_mib: self.cfg.store_budget_mib,
-            }
-            .into());
+            });
         }
         Ok(())
     }
@@ -400,10 +420,10 @@ impl Updater {
     async fn abandoned_at_shutdown<T>(
         &self,
         step: impl std::future::Future<Output = Result<T>>,
-    ) -> Result<T> {
+    ) -> Result<T, InstallError> {
         tokio::select! {
-            r = step => r,
-            _ = self.tasks.cancelled() => Err(ShuttingDown.into()),
+            r = step => Ok(r?),
+            _ = self.tasks.cancelled() => Err(InstallError::ShuttingDown),
         }
     }
 }
@@ -455,7 +475,7 @@ impl Updater {
             .context("stored manifest no longer verifies")
     }
 
-    async fn update(&self, heard: &Heard) -> Result<()> {
+    async fn update(&self, heard: &Heard) -> Result<(), InstallError> {
         let ann = &heard.ann;
         let Some(installed) = self.still_wanted(heard)? else {
             return Ok(());
@@ -473,10 +493,9 @@ impl Updater {
             .await?;
         let (root, now) = (self.trust.root(), self.trust.clock.now());
         let verified: VerifiedManifest = verify_manifest(&manifest_bytes, &root, &expect, now)?;
-        anyhow::ensure!(
-            verified.digest() == ann.manifest && verified.manifest().release == ann.release,
-            "manifest does not match its announcement"
-        );
+        if verified.digest() != ann.manifest || verified.manifest().release != ann.release {
+            return Err(anyhow::anyhow!("manifest does not match its announcement").into());
+        }
         self.check_budget(verified.manifest())?;
         self.store
             .put_manifest(&verified.digest(), &manifest_bytes)?;
@@ -561,11 +580,14 @@ impl Updater {
         heard: &Heard,
         verified: &VerifiedManifest,
         banned: &crate::fetch::Banned,
-    ) -> Result<()> {
+    ) -> Result<(), InstallError> {
         let (ann, m) = (&heard.ann, verified.manifest());
         self.abandoned_at_shutdown(self.fetcher.chunks(m, &self.reporter, ann, banned))
             .await
-            .context("fetching chunks")?;
+            .map_err(|e| match e {
+                InstallError::Other(e) => InstallError::Other(e.context("fetching chunks")),
+                e => e,
+            })?;
         self.metrics.last_fetched_ms.store(
             crate::metrics::unix_ms(),
             std::sync::atomic::Ordering::Relaxed,
@@ -578,7 +600,8 @@ impl Updater {
         let slot = self
             .tasks
             .spawn_blocking(move || store.assemble(&mc))
-            .await??;
+            .await
+            .map_err(anyhow::Error::from)??;
         // Halted while it downloaded: not started (the chunks stay for a resume).
         self.check_hold(m)?;
         crash_point(&self.cfg, "assembled");
@@ -595,7 +618,7 @@ impl Updater {
         st.highest_seen = st.highest_seen.max(m.release);
         self.store.save_state(&state)?;
         crash_point(&self.cfg, "installed");
-        self.activate(m, new).await
+        Ok(self.activate(m, new).await?)
     }
 
     /// Boots `new`, probes it, and either retires the old release or restores it.

@@ -124,7 +124,7 @@ pub async fn run_with_metrics(
         load_root(&cfg, &store)?,
         Clock::open(store.dir(), crate::trust::system_now),
     ));
-    let platform = cfg.platform().map_err(anyhow::Error::msg)?;
+    let platform = cfg.platform()?;
 
     // The network on a tree of its own, stopped last: the application's tasks answer
     // peers and the hub until they are done.
