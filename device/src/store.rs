@@ -160,7 +160,10 @@ impl Store {
         let st = nix::sys::statvfs::statvfs(&self.dir).ok()?;
         // Both are the C `unsigned long`: u64 here, u32 on 32-bit ARM.
         #[allow(clippy::useless_conversion)]
-        let (blocks, size) = (u64::from(st.blocks_available()), u64::from(st.fragment_size()));
+        let (blocks, size) = (
+            u64::from(st.blocks_available()),
+            u64::from(st.fragment_size()),
+        );
         Some(blocks.saturating_mul(size))
     }
 
