@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
-use unifleet_tests::fleet::{running_domains, toml_value::V, wait_for, Fleet};
+use unifleet_tests::fleet::{running_domains, toml_value::V, wait_for, Device, Fleet};
 use unifleet_tests::guestnet::{hello_http_aarch64, hello_http_x86_64, GuestNet};
 
 const URI: &str = "qemu:///system";
@@ -63,25 +63,46 @@ fn answer_of(r: &mut BufReader<TcpStream>, version: &str) -> Result<String> {
     Ok(instance.context("an instance line")?.to_string())
 }
 
-#[test]
-fn the_rust_unikernel_serves_http_on_demand_through_its_nic() -> Result<()> {
-    let net = GuestNet::create(URI, 0)?;
+/// A guest network (`slot`), a hub, and one device `NAME-PID` with its NIC there
+/// (`enroll`: more `device enroll` arguments), configured by `setup` before it starts.
+fn nic_fleet(
+    slot: u8,
+    name: &str,
+    enroll: &[&str],
+    setup: impl FnOnce(&Device, &GuestNet) -> Result<()>,
+) -> Result<(GuestNet, Fleet, usize, String)> {
+    let net = GuestNet::create(URI, slot)?;
     let mut fleet = Fleet::new(URI)?;
     fleet.start_hub(&[])?;
-    let name = format!("uk-od-{}", std::process::id());
-    let d = fleet.add_device(&name, "hello", &[])?;
+    let name = format!("{name}-{}", std::process::id());
+    let d = fleet.add_device(&name, "hello", enroll)?;
     fleet.devices[d].set_config("nic", V::Str(net.nic()))?;
-    // Static addresses from the device's own pool (the other tests use DHCP leases).
-    fleet.devices[d].set_config("guest_addresses", V::Str(net.static_addresses()))?;
-    let port = fleet.devices[d].serve_on_demand(
-        "hello",
-        "min = 0\nmax_local = 2\nidle_secs = 2\nstable_window_secs = 2\npanic_window_secs = 1\ndrain_secs = 2",
-    )?;
+    setup(&fleet.devices[d], &net)?;
     fleet.start_device(d)?;
-    let image = hello_http_x86_64()?;
+    Ok((net, fleet, d, name))
+}
+
+/// Release 1 (`1.0.0`) of the x86 template with an HTTP probe, active on device `d`.
+fn release_1(fleet: &Fleet, d: usize) -> Result<()> {
     let args = http_release("app=hello version=1.0.0", &["--no-staging"]);
-    fleet.publish(&image, "hello", "1.0.0", &args)?;
-    fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(90))?;
+    fleet.publish(&hello_http_x86_64()?, "hello", "1.0.0", &args)?;
+    fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(90))
+}
+
+#[test]
+fn the_rust_unikernel_serves_http_on_demand_through_its_nic() -> Result<()> {
+    let mut port = 0;
+    let (_net, mut fleet, d, name) = nic_fleet(0, "uk-od", &[], |dev, net| {
+        // Static addresses from the device's own pool (the other tests use DHCP leases).
+        dev.set_config("guest_addresses", V::Str(net.static_addresses()))?;
+        port = dev.serve_on_demand(
+            "hello",
+            "min = 0\nmax_local = 2\nidle_secs = 2\nstable_window_secs = 2\npanic_window_secs = 1\ndrain_secs = 2",
+        )?;
+        Ok(())
+    })?;
+    release_1(&fleet, d)?;
+    let image = hello_http_x86_64()?;
 
     // 64 clients at once, three keep-alive requests each, through the proxy: every
     // answer is the app's. Each holds its connection until all have their first answer,
@@ -179,15 +200,13 @@ fn the_rust_unikernel_serves_http_on_demand_through_its_nic() -> Result<()> {
 /// TCG here), served on demand through its NIC like the x86 one.
 #[test]
 fn the_aarch64_unikernel_serves_http_on_demand_through_its_nic() -> Result<()> {
-    let net = GuestNet::create(URI, 5)?;
-    let mut fleet = Fleet::new(URI)?;
-    fleet.start_hub(&[])?;
-    let name = format!("uk-arm-{}", std::process::id());
-    let d = fleet.add_device(&name, "hello", &["--platform", "qemu-aarch64"])?;
-    fleet.devices[d].set_config("nic", V::Str(net.nic()))?;
-    fleet.devices[d].set_config("guest_addresses", V::Str(net.static_addresses()))?;
-    let port = fleet.devices[d].serve_on_demand("hello", "min = 0\nidle_secs = 60")?;
-    fleet.start_device(d)?;
+    let mut port = 0;
+    let arm = ["--platform", "qemu-aarch64"];
+    let (_net, fleet, d, _) = nic_fleet(5, "uk-arm", &arm, |dev, net| {
+        dev.set_config("guest_addresses", V::Str(net.static_addresses()))?;
+        port = dev.serve_on_demand("hello", "min = 0\nidle_secs = 60")?;
+        Ok(())
+    })?;
     let image = hello_http_aarch64()?;
     let args = http_release("app=hello version=1.0.0", &["--no-staging"]);
     fleet.publish_images(&[("qemu-aarch64", &image)], "hello", "1.0.0", &args)?;
@@ -240,18 +259,11 @@ fn the_staging_gate_refuses_a_unikernel_whose_health_answers_500() -> Result<()>
 
 #[test]
 fn a_unikernel_that_stops_answering_is_restarted_then_rolled_back() -> Result<()> {
-    let net = GuestNet::create(URI, 2)?;
-    let mut fleet = Fleet::new(URI)?;
-    fleet.start_hub(&[])?;
-    let name = format!("uk-hang-{}", std::process::id());
-    let d = fleet.add_device(&name, "hello", &[])?;
-    fleet.devices[d].set_config("nic", V::Str(net.nic()))?;
-    fleet.devices[d].set_config("probe_every_secs", V::Int(1))?;
-    fleet.start_device(d)?;
+    let (_net, fleet, d, name) = nic_fleet(2, "uk-hang", &[], |dev, _| {
+        dev.set_config("probe_every_secs", V::Int(1))
+    })?;
+    release_1(&fleet, d)?;
     let image = hello_http_x86_64()?;
-    let good = http_release("app=hello version=1.0.0", &["--no-staging"]);
-    fleet.publish(&image, "hello", "1.0.0", &good)?;
-    fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(90))?;
 
     // Answers its activation probe, then hangs with its domain still running.
     let hangs = http_release(
@@ -279,21 +291,15 @@ fn a_unikernel_that_stops_answering_is_restarted_then_rolled_back() -> Result<()
 
 #[test]
 fn a_warm_instance_is_resumed_for_the_first_connection_and_replaced() -> Result<()> {
-    let net = GuestNet::create(URI, 4)?;
-    let mut fleet = Fleet::new(URI)?;
-    fleet.start_hub(&[])?;
-    let name = format!("uk-warm-{}", std::process::id());
-    let d = fleet.add_device(&name, "hello", &[])?;
-    fleet.devices[d].set_config("nic", V::Str(net.nic()))?;
-    fleet.devices[d].set_config("guest_addresses", V::Str(net.static_addresses()))?;
-    // The accelerator chosen by a trial boot of the release under each.
-    fleet.devices[d].set_config("domain_type", V::Str("auto".into()))?;
-    let port = fleet.devices[d].serve_on_demand("hello", "min = 0\nwarm = 1\nidle_secs = 60")?;
-    fleet.start_device(d)?;
-    let image = hello_http_x86_64()?;
-    let args = http_release("app=hello version=1.0.0", &["--no-staging"]);
-    fleet.publish(&image, "hello", "1.0.0", &args)?;
-    fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(90))?;
+    let mut port = 0;
+    let (_net, fleet, d, name) = nic_fleet(4, "uk-warm", &[], |dev, net| {
+        dev.set_config("guest_addresses", V::Str(net.static_addresses()))?;
+        // The accelerator chosen by a trial boot of the release under each.
+        dev.set_config("domain_type", V::Str("auto".into()))?;
+        port = dev.serve_on_demand("hello", "min = 0\nwarm = 1\nidle_secs = 60")?;
+        Ok(())
+    })?;
+    release_1(&fleet, d)?;
     let paused = |n: u32| {
         let want = format!("instance=uf-{name}-hello-w{n}");
         move |log: &str| {
@@ -387,22 +393,10 @@ fn rolled_back_to_1(fleet: &Fleet, d: usize) -> Result<String> {
 
 #[test]
 fn bad_guest_settings_fail_with_a_clear_error_and_the_old_release_keeps_serving() -> Result<()> {
-    let net = GuestNet::create(URI, 3)?;
-    let mut fleet = Fleet::new(URI)?;
-    fleet.start_hub(&[])?;
-    let name = format!("uk-bad-{}", std::process::id());
-    let d = fleet.add_device(&name, "hello", &[])?;
-    fleet.devices[d].set_config("nic", V::Str(net.nic()))?;
-    fleet.start_device(d)?;
+    let (_net, mut fleet, d, name) = nic_fleet(3, "uk-bad", &[], |_, _| Ok(()))?;
     let image = hello_http_x86_64()?;
     let r1 = format!("uf-{name}-hello-r1");
-    fleet.publish(
-        &image,
-        "hello",
-        "1.0.0",
-        &http_release("app=hello version=1.0.0", &["--no-staging"]),
-    )?;
-    fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(90))?;
+    release_1(&fleet, d)?;
 
     // A probe path that never answers.
     let reason = publish_bad(

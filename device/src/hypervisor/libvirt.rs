@@ -192,6 +192,20 @@ impl Libvirt {
         Ok(())
     }
 
+    /// Runs `op` on the domain `name`; `fail` names a failure.
+    fn on_domain(
+        &mut self,
+        name: &str,
+        op: impl FnOnce(&virt::domain::Domain) -> Result<(), virt::error::Error>,
+        fail: fn(String, virt::error::Error) -> ActivateError,
+    ) -> Result<(), ActivateError> {
+        self.with_conn(|conn, _| {
+            conn.lookup_domain_by_name(name)
+                .and_then(|d| op(&d))
+                .map_err(|e| fail(name.into(), e))
+        })
+    }
+
     /// The address `name` held goes back to the pool.
     fn release_address(&mut self, name: &str) {
         self.addresses.remove(name);
@@ -328,27 +342,19 @@ impl Backend for Libvirt {
     }
 
     fn pause(&mut self, name: &str) -> Result<(), ActivateError> {
-        self.with_conn(|conn, _| {
-            let fail = |e| ActivateError::Pause {
-                name: name.into(),
-                source: e,
-            };
-            conn.lookup_domain_by_name(name)
-                .and_then(|d| d.suspend())
-                .map_err(fail)
-        })
+        self.on_domain(
+            name,
+            |d| d.suspend(),
+            |name, source| ActivateError::Pause { name, source },
+        )
     }
 
     fn resume(&mut self, name: &str) -> Result<(), ActivateError> {
-        self.with_conn(|conn, _| {
-            let fail = |e| ActivateError::Resume {
-                name: name.into(),
-                source: e,
-            };
-            conn.lookup_domain_by_name(name)
-                .and_then(|d| d.resume())
-                .map_err(fail)
-        })
+        self.on_domain(
+            name,
+            |d| d.resume(),
+            |name, source| ActivateError::Resume { name, source },
+        )
     }
 
     fn offers(&mut self, domain_type: &str) -> Result<bool, ActivateError> {
