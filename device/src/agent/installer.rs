@@ -430,7 +430,7 @@ impl Updater {
 
 impl Updater {
     /// After a start: bring up what the state says should run; finish an interrupted install.
-    async fn resume(&self) -> Result<()> {
+    pub(super) async fn resume(&self) -> Result<()> {
         let state = self.store.load_state()?;
         self.store.prune_slots(&state);
         for (app, st) in &state.apps {
@@ -622,7 +622,11 @@ impl Updater {
     }
 
     /// Boots `new`, probes it, and either retires the old release or restores it.
-    async fn activate(&self, m: &proto::manifest::Manifest, mut new: Installed) -> Result<()> {
+    pub(super) async fn activate(
+        &self,
+        m: &proto::manifest::Manifest,
+        mut new: Installed,
+    ) -> Result<()> {
         if self.cfg.domain_type == "auto" && self.hypervisor.driver() == Driver::Qemu {
             let accel = crate::accel::measure(&self.hypervisor, &self.launch(m, &new)).await;
             tracing::info!(app = %m.app, release = m.release, "accelerator {}: {}", accel.domain_type, accel.why);

@@ -19,6 +19,8 @@ mod inbox;
 mod installer;
 mod router;
 mod supervisor;
+#[cfg(test)]
+mod tests;
 
 use inbox::Inbox;
 use installer::Updater;

@@ -19,6 +19,8 @@ pub struct Table {
     pub paused: Vec<String>,
     /// Whether the fake host offers KVM.
     pub offers_kvm: bool,
+    /// Domains that stop right after they start (an image that crashes at boot).
+    pub dies: std::collections::BTreeSet<String>,
     /// The address each guest gets when started with a network interface.
     pub address: Option<IpAddr>,
 }
@@ -50,7 +52,9 @@ impl Backend for Fake {
     fn start(&mut self, launch: &Launch) -> Result<Started, ActivateError> {
         let mut t = self.table();
         t.started.push(launch.name.clone());
-        t.running.insert(launch.name.clone(), launch.clone());
+        if !t.dies.contains(&launch.name) {
+            t.running.insert(launch.name.clone(), launch.clone());
+        }
         Ok(Started { console_port: 0 })
     }
 
