@@ -48,6 +48,44 @@ pub struct AppState {
     pub highest_seen: u64,
 }
 
+/// The named transitions of one app's state: the only ways the installer and the
+/// supervisor change it (through [`Store::update_app`], which writes it crash-safely).
+impl AppState {
+    /// `new` is assembled and about to be activated; a restart finishes it.
+    pub fn installed(&mut self, new: Installed) {
+        self.highest_seen = self.highest_seen.max(new.release);
+        self.pending = Some(new);
+    }
+
+    /// `new` proved healthy: it is current, and the release it replaced (if another) is
+    /// kept for rollback. Returns that release.
+    pub fn activated(&mut self, new: Installed) -> Option<Installed> {
+        let old = self.current.take().filter(|o| o.release != new.release);
+        self.previous = old.clone();
+        self.current = Some(new);
+        self.pending = None;
+        old
+    }
+
+    /// `release` failed its probe: never tried again; what runs stays as it was.
+    pub fn activation_failed(&mut self, release: u64) {
+        self.failed.insert(release);
+        self.pending = None;
+    }
+
+    /// The current release keeps dying: it is marked failed and the previous one (if
+    /// any) becomes current. Returns (the failed release, the one now current).
+    pub fn gave_up(&mut self) -> Option<(Installed, Option<Installed>)> {
+        let failed = self.current.clone()?;
+        self.failed.insert(failed.release);
+        let back = self.previous.take();
+        if let Some(prev) = &back {
+            self.current = Some(prev.clone());
+        }
+        Some((failed, back))
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub apps: BTreeMap<String, AppState>,
@@ -319,6 +357,20 @@ impl Store {
         }
     }
 
+    /// Loads the state, applies `change` to `app`'s and writes it back (write-temp, fsync,
+    /// rename); returns what `change` returned and the new state. Blocking: call it off
+    /// the async runtime.
+    pub fn update_app<T>(
+        &self,
+        app: &str,
+        change: impl FnOnce(&mut AppState) -> T,
+    ) -> Result<(T, State)> {
+        let mut state = self.load_state()?;
+        let out = change(state.apps.entry(app.to_string()).or_default());
+        self.save_state(&state)?;
+        Ok((out, state))
+    }
+
     pub fn save_state(&self, state: &State) -> Result<()> {
         write_atomic(
             &self.dir.join("state.json"),
@@ -342,5 +394,63 @@ impl Store {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(release: u64) -> Installed {
+        Installed {
+            release,
+            version: format!("1.0.{release}"),
+            manifest: Digest::of(&release.to_le_bytes()),
+            slot: format!("/slots/{release}").into(),
+            accel: None,
+        }
+    }
+
+    #[test]
+    fn an_apps_state_moves_only_by_its_named_transitions() {
+        let mut a = AppState::default();
+        a.installed(inst(1));
+        assert_eq!((a.pending.clone(), a.highest_seen), (Some(inst(1)), 1));
+        assert_eq!(a.activated(inst(1)), None, "nothing ran before");
+        a.installed(inst(2));
+        assert_eq!(a.activated(inst(2)), Some(inst(1)));
+        assert_eq!(
+            (a.current.clone(), a.previous.clone()),
+            (Some(inst(2)), Some(inst(1)))
+        );
+        a.installed(inst(3));
+        a.activation_failed(3);
+        assert_eq!(
+            (a.current.clone(), a.pending.clone()),
+            (Some(inst(2)), None)
+        );
+        assert!(a.failed.contains(&3) && a.highest_seen == 3);
+        assert_eq!(a.gave_up(), Some((inst(2), Some(inst(1)))));
+        assert_eq!(
+            (a.current.clone(), a.previous.clone()),
+            (Some(inst(1)), None)
+        );
+        assert_eq!(
+            a.gave_up(),
+            Some((inst(1), None)),
+            "nothing earlier: it stays"
+        );
+        assert_eq!(a.current, Some(inst(1)));
+        assert!(a.failed.contains(&1) && a.failed.contains(&2));
+    }
+
+    #[test]
+    fn a_transition_is_written_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (old, state) = store.update_app("hello", |a| a.activated(inst(4))).unwrap();
+        assert_eq!(old, None);
+        assert_eq!(store.load_state().unwrap(), state);
+        assert_eq!(state.apps["hello"].current, Some(inst(4)));
     }
 }

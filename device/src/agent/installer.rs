@@ -612,13 +612,24 @@ impl Updater {
             slot,
             accel: None,
         };
-        let mut state = self.store.load_state()?;
-        let st = state.apps.entry(m.app.clone()).or_default();
-        st.pending = Some(new.clone());
-        st.highest_seen = st.highest_seen.max(m.release);
-        self.store.save_state(&state)?;
+        let pending = new.clone();
+        self.transition(&m.app, move |st| st.installed(pending))
+            .await?;
         crash_point(&self.cfg, "installed");
         Ok(self.activate(m, new).await?)
+    }
+
+    /// A named transition of `app`'s state ([`AppState`]'s methods), written and synced on
+    /// a blocking thread of the tree.
+    pub(super) async fn transition<T: Send + 'static>(
+        &self,
+        app: &str,
+        change: impl FnOnce(&mut AppState) -> T + Send + 'static,
+    ) -> Result<(T, crate::store::State)> {
+        let (store, app) = (self.store.clone(), app.to_string());
+        self.tasks
+            .spawn_blocking(move || store.update_app(&app, change))
+            .await?
     }
 
     /// Boots `new`, probes it, and either retires the old release or restores it.
@@ -634,21 +645,22 @@ impl Updater {
         }
         let launch = self.launch(m, &new);
         let outcome = crate::probe::boot(&self.hypervisor, &launch).await;
-        let mut state = self.store.load_state()?;
-        let st: &mut AppState = state.apps.entry(m.app.clone()).or_default();
-        let old = st.current.clone();
         match outcome {
             Ok(_) => {
-                if let Some(old) = old.as_ref().filter(|o| o.release != new.release) {
+                // The old domain stops before the state says `new` is current: a crash in
+                // between leaves `new` pending, activated again at the next start.
+                let state = self.store.load_state()?;
+                let running = state.apps.get(&m.app).and_then(|a| a.current.as_ref());
+                if let Some(old) = running.filter(|o| o.release != new.release) {
                     let name = self.domain_name(&m.app, old.release);
                     if let Err(e) = self.hypervisor.stop(&name).await {
                         tracing::warn!("retiring old domain: {e}");
                     }
                 }
-                st.previous = old.filter(|o| o.release != new.release);
-                st.current = Some(new.clone());
-                st.pending = None;
-                self.store.save_state(&state)?;
+                let current = new.clone();
+                let (_, state) = self
+                    .transition(&m.app, move |st| st.activated(current))
+                    .await?;
                 if self.is_ondemand(&m.app) {
                     tracing::info!(app = %m.app, release = m.release, "healthy; the on-demand pool serves it from now on");
                     if let Err(e) = self.hypervisor.stop(&launch.name).await {
@@ -678,9 +690,13 @@ impl Updater {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(app = %m.app, release = m.release, "activation failed, rolling back: {e}");
                 let _ = self.hypervisor.stop(&launch.name).await;
-                st.failed.insert(new.release);
-                st.pending = None;
-                self.store.save_state(&state)?;
+                let release = new.release;
+                let (old, _) = self
+                    .transition(&m.app, move |st| {
+                        st.activation_failed(release);
+                        st.current.clone()
+                    })
+                    .await?;
                 if let Some(old) = &old {
                     let om = self.stored_manifest(&old.manifest)?;
                     let ol = self.launch(&om, old);

@@ -104,12 +104,10 @@ impl Updater {
     /// The current release of `app` keeps dying: it is marked failed (never installed
     /// again) and the previous release, if there is one, is started and reported.
     async fn give_up(&self, app: &str, reason: &str) -> Result<()> {
-        let mut state = self.store.load_state()?;
-        let st = state.apps.entry(app.to_string()).or_default();
-        let Some(failed) = st.current.clone() else {
+        let (gave_up, _) = self.transition(app, |st| st.gave_up()).await?;
+        let Some((failed, back)) = gave_up else {
             return Ok(());
         };
-        st.failed.insert(failed.release);
         self.metrics
             .rollbacks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -117,8 +115,7 @@ impl Updater {
             failed_release: failed.release,
             reason: reason.to_string(),
         };
-        let Some(prev) = st.previous.take() else {
-            self.store.save_state(&state)?;
+        let Some(prev) = back else {
             tracing::error!(%app, "{reason}; no earlier release to go back to, leaving it stopped");
             self.reporter
                 .report_installed(
@@ -131,8 +128,6 @@ impl Updater {
                 .await;
             return Ok(());
         };
-        st.current = Some(prev.clone());
-        self.store.save_state(&state)?;
         tracing::error!(%app, release = prev.release, "{reason}; going back to release {}", prev.release);
         let m = self.stored_manifest(&prev.manifest)?;
         crate::probe::boot(&self.hypervisor, &self.launch(&m, &prev)).await?;
