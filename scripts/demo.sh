@@ -254,7 +254,7 @@ TOML
     RUST_LOG=info,libp2p=warn,libp2p_gossipsub=error "$BIN/device" run --config "$d/device.toml" 2> "$d.log" &
     PIDS+=($!)
   done
-  "$BIN/fwtool" inspect "$UNIKERNEL" | head -3
+  "$BIN/fwtool" inspect "$UNIKERNEL" | sed -n 1,3p   # sed reads it all: no broken pipe
   "$BIN/hub" --dir hub publish "$UNIKERNEL" --app web --version 1.0.0 --network --probe http:/health \
     --cmdline "app=web version=1.0.0" --memory-mib 16 --staging-timeout-secs 120
   APP=web wait_state 1 active web

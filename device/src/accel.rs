@@ -66,13 +66,21 @@ pub fn choose(trials: &[Trial]) -> Accel {
 }
 
 /// Boots `launch` under each accelerator the host offers and chooses; a host without
-/// KVM gets TCG without a trial.
-pub async fn measure(hv: &Hypervisor, launch: &Launch) -> Accel {
-    if !hv.offers(KVM).await.unwrap_or(false) {
-        return Accel {
-            domain_type: TCG.into(),
-            why: "the host offers no KVM".into(),
-        };
+/// KVM gets TCG without a trial. `None` when libvirt cannot say what it offers: nothing
+/// is decided on a guess (the hypervisor's default applies).
+pub async fn measure(hv: &Hypervisor, launch: &Launch) -> Option<Accel> {
+    match hv.offers(KVM).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return Some(Accel {
+                domain_type: TCG.into(),
+                why: "the host offers no KVM".into(),
+            })
+        }
+        Err(e) => {
+            tracing::warn!("not choosing an accelerator for {}: {e}", launch.name);
+            return None;
+        }
     }
     let mut trials = vec![];
     for dt in [KVM, TCG] {
@@ -91,7 +99,7 @@ pub async fn measure(hv: &Hypervisor, launch: &Launch) -> Accel {
         }
         trials.push((dt, res.map_err(|e| e.to_string())));
     }
-    choose(&trials)
+    Some(choose(&trials))
 }
 
 #[cfg(test)]
@@ -137,12 +145,12 @@ mod tests {
     async fn a_host_without_kvm_gets_tcg_without_a_trial() {
         let (hv, table) = crate::hypervisor::fake::Fake::hypervisor();
         let launch = crate::hypervisor::fake::launch("uf-d-a-r1");
-        let accel = measure(&hv, &launch).await;
+        let accel = measure(&hv, &launch).await.unwrap();
         assert_eq!(accel.domain_type, TCG);
         assert_eq!(accel.why, "the host offers no KVM");
         assert!(table.lock().unwrap().started.is_empty(), "no trial boots");
         table.lock().unwrap().offers_kvm = true;
-        let accel = measure(&hv, &launch).await;
+        let accel = measure(&hv, &launch).await.unwrap();
         let started = table.lock().unwrap().started.clone();
         assert_eq!(started, ["uf-d-a-r1-try-kvm", "uf-d-a-r1-try-tcg"]);
         assert!(table.lock().unwrap().running.is_empty(), "trials stopped");

@@ -200,11 +200,32 @@ pub async fn forward(
     client: tokio::net::TcpStream,
     endpoint: SocketAddr,
 ) -> std::io::Result<(u64, u64)> {
-    let upstream = tokio::net::TcpStream::connect(endpoint).await?;
+    // A guest that stopped answering (its address gone) must not hold the client for ever.
+    let upstream = tokio::time::timeout(CONNECT, tokio::net::TcpStream::connect(endpoint))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the instance")
+        })??;
     // Small request/answer exchanges: no Nagle delay on either leg.
     client.set_nodelay(true)?;
     upstream.set_nodelay(true)?;
     crate::splice::bidirectional(&client, &upstream).await
+}
+
+/// Resumes a warm instance; one paused for long is probed first ([`WARM_RECHECK`]).
+async fn resume(hv: &Hypervisor, launch: &Launch, w: Warm) -> Result<Booted, ActivateError> {
+    hv.resume(&w.name).await?;
+    if w.since.elapsed() < WARM_RECHECK || !crate::probe::rechecks(launch) {
+        return Ok(w.booted);
+    }
+    match crate::probe::alive(hv, launch).await {
+        Ok(()) => Ok(w.booted),
+        Err(seen) => Err(ActivateError::Probe {
+            name: w.name,
+            reason: crate::hypervisor::ProbeFailure::Unanswered(seen),
+            console_tail: String::new(),
+        }),
+    }
 }
 
 /// The pool task: owns the autoscaler, the instance table and the held connections.
@@ -233,7 +254,17 @@ struct Pool {
 struct Warm {
     name: String,
     booted: Booted,
+    /// When it was paused.
+    since: Instant,
 }
+
+/// A warm instance paused longer than this is probed once after it resumes, before a
+/// client is sent to it: its DHCP lease may have lapsed (then its address changed), or it
+/// may have hung. One that fails is replaced by a cold boot.
+const WARM_RECHECK: Duration = Duration::from_secs(60);
+
+/// The longest a proxied connection waits to connect to its instance.
+const CONNECT: Duration = Duration::from_secs(5);
 
 /// After a warm boot failed, how long before the next try.
 const WARM_RETRY: Duration = Duration::from_secs(30);
@@ -258,6 +289,7 @@ impl Pool {
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        self.reap().await;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             let msg = tokio::select! {
@@ -275,6 +307,30 @@ impl Pool {
             }
             self.refill(now);
             self.publish_counts().await;
+        }
+    }
+
+    /// Instances a previous run of the agent left (paused warm ones, busy ones at a
+    /// kill -9): this pool knows none of them, so they go.
+    async fn reap(&self) {
+        let prefix = format!("uf-{}-{}-", self.ctx.device, self.cfg.app);
+        let left = match self.ctx.local.named(&prefix).await {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::warn!(app = %self.cfg.app, "looking for instances left by an earlier run: {e}");
+                return;
+            }
+        };
+        let ours = |n: &str| {
+            let rest = &n[prefix.len()..];
+            rest.starts_with("od") || rest.starts_with('w')
+        };
+        // Awaited, before any instance of this run starts: names start again from 1.
+        for name in left.into_iter().filter(|n| ours(n)) {
+            tracing::info!(app = %self.cfg.app, instance = %name, "stopping an instance left by an earlier run");
+            if let Err(e) = self.ctx.local.stop(&name).await {
+                tracing::warn!(app = %self.cfg.app, instance = %name, "{e}");
+            }
         }
     }
 
@@ -410,8 +466,9 @@ impl Pool {
         }
     }
 
-    /// The launch of an instance `name` of the current release.
-    fn launch(&self, name: String) -> Launch {
+    /// The launch of an instance `name` of the current release at `at` (the accelerator
+    /// measured here applies here only: the hosted host keeps its own default).
+    fn launch(&self, name: String, at: Location) -> Launch {
         let boot = &self.image.manifest.boot;
         Launch {
             console_log: self.ctx.state_dir.join(format!("{name}.console.log")),
@@ -420,7 +477,10 @@ impl Pool {
             image: self.image.slot.clone(),
             boot: boot.clone(),
             nic: boot.network.then(|| self.ctx.nic.clone()).flatten(),
-            domain_type: self.image.domain_type.clone(),
+            domain_type: match at {
+                Location::Local => self.image.domain_type.clone(),
+                Location::Remote => None,
+            },
         }
     }
 
@@ -437,7 +497,7 @@ impl Pool {
             Some(w) => w.name.clone(),
             None => format!("uf-{}-{}-od{}", self.ctx.device, self.cfg.app, id.0),
         };
-        let launch = self.launch(name.clone());
+        let launch = self.launch(name.clone(), at);
         let cut = CancellationToken::new();
         let endpoint = None;
         self.insts.insert(
@@ -454,7 +514,7 @@ impl Pool {
         self.ctx.tasks.spawn(async move {
             let began = Instant::now();
             let res = match warm {
-                Some(w) => hv.resume(&w.name).await.map(|()| w.booted),
+                Some(w) => resume(&hv, &launch, w).await,
                 None => crate::probe::boot(&hv, &launch).await,
             };
             let _ = tx.send(Msg::Started(id, res, began.elapsed())).await;
@@ -472,7 +532,7 @@ impl Pool {
             self.warming += 1;
             let name = format!("uf-{}-{}-w{}", self.ctx.device, self.cfg.app, self.warmed);
             tracing::info!(app = %self.cfg.app, instance = %name, "booting a warm on-demand instance");
-            let launch = self.launch(name.clone());
+            let launch = self.launch(name.clone(), Location::Local);
             let release = self.image.manifest.release;
             let (hv, tx) = (self.ctx.local.clone(), self.tx.clone());
             self.ctx.tasks.spawn(async move {
@@ -497,9 +557,18 @@ impl Pool {
         match res {
             Ok(booted) if release == self.image.manifest.release => {
                 tracing::info!(app = %self.cfg.app, instance = %name, "warm on-demand instance paused, ready to resume");
-                self.warm.push_back(Warm { name, booted });
+                let since = Instant::now();
+                self.warm.push_back(Warm {
+                    name,
+                    booted,
+                    since,
+                });
             }
             Ok(_) => self.stop_domain(Location::Local, name),
+            // Of a release since rolled over: no reason to hold back the new one's.
+            Err(_) if release != self.image.manifest.release => {
+                self.stop_domain(Location::Local, name)
+            }
             Err(e) => {
                 tracing::warn!(app = %self.cfg.app, instance = %name, "warm on-demand instance failed to start: {e}; trying again in {} s", WARM_RETRY.as_secs());
                 self.warm_retry_at = Some(now + WARM_RETRY);

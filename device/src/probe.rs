@@ -96,6 +96,9 @@ pub async fn healthy(
         let left = deadline.saturating_duration_since(Instant::now());
         let limit = left.clamp(LAST_TRY, ATTEMPT);
         let seen = match check(l, &booted, limit).await {
+            // A guest with a NIC is reached on its address: healthy without one (a
+            // console banner) would leave the proxy nowhere to send clients.
+            Ok(()) if l.nic.is_some() && booted.address.is_none() => Seen::NoAddress,
             Ok(()) => return Ok(booted),
             Err(seen) => seen,
         };

@@ -222,7 +222,7 @@ impl Updater {
             return false;
         };
         let needed = match self.stored_manifest(&ann.manifest) {
-            Ok(m) => self.store.missing_bytes(&m),
+            Ok(m) => self.store.missing_bytes(&m) + m.image_size,
             Err(_) => proto::chunking::MAX_CHUNK as u64,
         };
         free < needed.max(1)
@@ -639,9 +639,10 @@ impl Updater {
         mut new: Installed,
     ) -> Result<()> {
         if self.cfg.domain_type == "auto" && self.hypervisor.driver() == Driver::Qemu {
-            let accel = crate::accel::measure(&self.hypervisor, &self.launch(m, &new)).await;
-            tracing::info!(app = %m.app, release = m.release, "accelerator {}: {}", accel.domain_type, accel.why);
-            new.accel = Some(accel);
+            new.accel = crate::accel::measure(&self.hypervisor, &self.launch(m, &new)).await;
+            if let Some(accel) = &new.accel {
+                tracing::info!(app = %m.app, release = m.release, "accelerator {}: {}", accel.domain_type, accel.why);
+            }
         }
         let launch = self.launch(m, &new);
         let outcome = crate::probe::boot(&self.hypervisor, &launch).await;
@@ -682,6 +683,16 @@ impl Updater {
                     .report_installed(&m.app, &new, DeviceState::Active)
                     .await;
                 Ok(())
+            }
+            Err(e) if !e.blames_the_release() => {
+                // libvirt or the address pool failed, not the release: what may have
+                // started is stopped, the release stays pending, and the attempt is
+                // retried with the installer's backoff.
+                let _ = self.hypervisor.stop(&launch.name).await;
+                Err(anyhow::Error::from(e).context(format!(
+                    "activating release {} (not counted against it)",
+                    m.release
+                )))
             }
             Err(e) => {
                 let tail = e.console_tail().to_string();

@@ -243,3 +243,28 @@ async fn a_release_that_keeps_dying_is_given_up_for_the_previous_one() {
     let r2_boots = started.iter().filter(|n| *n == R2).count();
     assert_eq!(r2_boots, 1 + 3, "the activation and three restarts");
 }
+
+/// A hypervisor that could not be reached is not the release's fault: it stays pending
+/// and is tried again (it was marked failed for good).
+#[tokio::test]
+async fn a_hypervisor_failure_is_not_held_against_the_release() {
+    let h = Harness::new().await;
+    h.current(1).await;
+    h.table.lock().unwrap().unreachable.insert(R2.into());
+    let (m2, r2) = h.release(2);
+    let mut state = h.upd.store.load_state().unwrap();
+    state.apps.get_mut("hello").unwrap().pending = Some(r2.clone());
+    h.upd.store.save_state(&state).unwrap();
+    let err = h.upd.activate(&m2, r2.clone()).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("not counted against it"),
+        "{err:#}"
+    );
+    let app = h.app();
+    assert!(app.failed.is_empty(), "{:?}", app.failed);
+    assert_eq!(app.pending, Some(r2.clone()), "still to be activated");
+    assert_eq!(h.running(), [R1]);
+    h.table.lock().unwrap().unreachable.clear();
+    h.upd.activate(&m2, r2).await.unwrap();
+    assert_eq!(h.running(), [R2]);
+}

@@ -21,6 +21,10 @@ pub struct Table {
     pub offers_kvm: bool,
     /// Domains that stop right after they start (an image that crashes at boot).
     pub dies: std::collections::BTreeSet<String>,
+    /// Starting these fails as an unreachable libvirt would.
+    pub unreachable: std::collections::BTreeSet<String>,
+    /// Starting these panics (as virt's handles can).
+    pub panics: std::collections::BTreeSet<String>,
     /// The address each guest gets when started with a network interface.
     pub address: Option<IpAddr>,
 }
@@ -51,6 +55,15 @@ impl Backend for Fake {
 
     fn start(&mut self, launch: &Launch) -> Result<Started, ActivateError> {
         let mut t = self.table();
+        if t.panics.contains(&launch.name) {
+            drop(t);
+            panic!("the fake panics starting {}", launch.name);
+        }
+        if t.unreachable.contains(&launch.name) {
+            return Err(ActivateError::Gone {
+                uri: "fake:///".into(),
+            });
+        }
         t.started.push(launch.name.clone());
         if !t.dies.contains(&launch.name) {
             t.running.insert(launch.name.clone(), launch.clone());
@@ -78,6 +91,15 @@ impl Backend for Fake {
     fn resume(&mut self, name: &str) -> Result<(), ActivateError> {
         self.table().paused.retain(|n| n != name);
         Ok(())
+    }
+
+    fn named(&mut self, prefix: &str) -> Result<Vec<String>, ActivateError> {
+        let t = self.table();
+        Ok(t.running
+            .keys()
+            .filter(|n| n.starts_with(prefix))
+            .cloned()
+            .collect())
     }
 
     fn offers(&mut self, domain_type: &str) -> Result<bool, ActivateError> {
@@ -110,5 +132,25 @@ pub fn launch(name: &str) -> Launch {
         console_log: format!("/nonexistent/{name}.log").into(),
         nic: None,
         domain_type: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A command that panicked took the owner thread with it: every later call answered
+    /// "gone" and the watchdog went blind.
+    #[tokio::test]
+    async fn a_command_that_panics_fails_alone() {
+        let (hv, table) = Fake::hypervisor();
+        table.lock().unwrap().panics.insert("uf-d1-a-r1".into());
+        let err = hv.start(&launch("uf-d1-a-r1")).await.unwrap_err();
+        assert!(
+            matches!(err, ActivateError::Panicked { op: "start" }),
+            "{err}"
+        );
+        hv.start(&launch("uf-d1-a-r2")).await.unwrap();
+        assert!(hv.is_running("uf-d1-a-r2").await);
     }
 }

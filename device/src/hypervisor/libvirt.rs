@@ -324,21 +324,30 @@ impl Backend for Libvirt {
         })
     }
 
+    /// The domain's static address goes back to the pool only once it is known gone: a
+    /// libvirtd that cannot be asked must not let two guests share an address (and MAC).
     fn stop(&mut self, name: &str) -> Result<(), ActivateError> {
-        self.release_address(name);
-        self.with_conn(|conn, _| match conn.lookup_domain_by_name(name) {
-            Ok(d) => {
-                if d.is_active().unwrap_or(false) {
-                    d.destroy().map_err(|e| ActivateError::Stop {
-                        name: name.into(),
-                        source: e,
-                    })?;
+        let stopped = self.with_conn(|conn, _| {
+            let fail = |e| ActivateError::Stop {
+                name: name.into(),
+                source: e,
+            };
+            match conn.lookup_domain_by_name(name) {
+                Ok(d) => {
+                    if d.is_active().unwrap_or(false) {
+                        d.destroy().map_err(fail)?;
+                    }
+                    let _ = d.undefine();
+                    Ok(())
                 }
-                let _ = d.undefine();
-                Ok(())
+                Err(e) if e.code().is(virt::error::ErrorNumber::NoDomain) => Ok(()),
+                Err(e) => Err(fail(e)),
             }
-            Err(_) => Ok(()),
-        })
+        });
+        if stopped.is_ok() {
+            self.release_address(name);
+        }
+        stopped
     }
 
     fn pause(&mut self, name: &str) -> Result<(), ActivateError> {
@@ -369,6 +378,23 @@ impl Backend for Libvirt {
 
     /// From the libvirt network's DHCP leases (a host bridge has none: there the guest
     /// needs a static address, a later step).
+    fn named(&mut self, prefix: &str) -> Result<Vec<String>, ActivateError> {
+        let uri = self.uri.clone();
+        self.with_conn(|conn, _| {
+            let active = virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
+            let domains = conn
+                .list_all_domains(active)
+                .map_err(|e| ActivateError::List { uri, source: e })?;
+            Ok(domains
+                .iter()
+                .filter_map(|d| d.name().ok())
+                .filter(|n| n.starts_with(prefix))
+                .collect())
+        })
+    }
+
+    /// A static address from the domain's own command line (it may have been started
+    /// before this agent did), else the libvirt network's DHCP lease.
     fn address(&mut self, name: &str) -> Result<Option<IpAddr>, ActivateError> {
         if let Some(ip) = self.addresses.get(name) {
             return Ok(Some(*ip));
@@ -379,6 +405,10 @@ impl Backend for Libvirt {
                 source: e,
             };
             let d = conn.lookup_domain_by_name(name).map_err(query)?;
+            let xml = d.xml_desc(0).map_err(query)?;
+            if let Some(ip) = cmdline_of(&xml).and_then(ip_in_cmdline) {
+                return Ok(Some(IpAddr::V4(ip)));
+            }
             let lease = virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE;
             d.interface_addresses(lease, 0)
                 .map(|ifaces| first_ipv4(&ifaces))

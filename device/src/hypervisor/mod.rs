@@ -166,12 +166,25 @@ pub enum ActivateError {
         name: String,
         source: virt::error::Error,
     },
-    /// The owner thread is gone (it panicked, or the agent is shutting down).
+    /// A hypervisor command panicked (it failed alone; the owner goes on).
+    #[error("the hypervisor's {op} command panicked")]
+    Panicked { op: &'static str },
+    /// The owner thread is gone (the agent is shutting down).
     #[error("the hypervisor thread for {uri} is gone")]
     Gone { uri: String },
 }
 
 impl ActivateError {
+    /// Whether the release itself failed (its domain would not start, or started and was
+    /// not healthy) — never tried again — rather than the hypervisor or the address pool
+    /// (tried again later).
+    pub fn blames_the_release(&self) -> bool {
+        matches!(
+            self,
+            ActivateError::Start { .. } | ActivateError::Probe { .. }
+        )
+    }
+
     /// The console's last lines, when the probe failed (for the report).
     pub fn console_tail(&self) -> &str {
         match self {
@@ -188,6 +201,9 @@ pub enum ProbeFailure {
     NotRunning,
     #[error("domain stopped before becoming healthy")]
     Stopped,
+    /// A paused instance did not answer once resumed: what the probe saw.
+    #[error("not answering after it resumed: {0}")]
+    Unanswered(String),
     /// `last` says what the probe saw on its last try ("GET /health answered 500").
     #[error("not healthy within {after:?}: {last}")]
     Timeout { after: Duration, last: String },
@@ -238,6 +254,8 @@ pub trait Backend: Send + 'static {
     fn resume(&mut self, name: &str) -> Result<(), ActivateError>;
     /// Whether the host runs domains of `domain_type` (`kvm`: is there KVM?).
     fn offers(&mut self, domain_type: &str) -> Result<bool, ActivateError>;
+    /// The names of running (or paused) domains that start with `prefix`.
+    fn named(&mut self, prefix: &str) -> Result<Vec<String>, ActivateError>;
 }
 
 type Reply<T> = oneshot::Sender<Result<T, ActivateError>>;
@@ -250,11 +268,21 @@ enum Command {
     Pause(String, Reply<()>),
     Resume(String, Reply<()>),
     Offers(String, Reply<bool>),
+    Named(String, Reply<Vec<String>>),
 }
 
 /// libvirt's domain types for QEMU: hardware virtualisation, and QEMU's own TCG.
 pub const KVM: &str = "kvm";
 pub const TCG: &str = "qemu";
+
+/// Runs one command and sends its result; a command that panics (virt's handles can
+/// panic on drop) fails alone instead of taking the owner thread, and so every later
+/// command, with it.
+fn reply<T>(to: Reply<T>, op: &'static str, run: impl FnOnce() -> Result<T, ActivateError>) {
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+        .unwrap_or(Err(ActivateError::Panicked { op }));
+    drop(to.send(res));
+}
 
 /// Commands waiting for the owner: a boot storm of the on-demand pool at most.
 const QUEUE: usize = 64;
@@ -291,13 +319,14 @@ impl Hypervisor {
                     // A reply nobody waits for any more (the caller was cancelled) is
                     // dropped: the operation itself has happened.
                     match cmd {
-                        Command::Start(l, r) => drop(r.send(backend.start(&l))),
-                        Command::Running(n, r) => drop(r.send(backend.running(&n))),
-                        Command::Stop(n, r) => drop(r.send(backend.stop(&n))),
-                        Command::Address(n, r) => drop(r.send(backend.address(&n))),
-                        Command::Pause(n, r) => drop(r.send(backend.pause(&n))),
-                        Command::Resume(n, r) => drop(r.send(backend.resume(&n))),
-                        Command::Offers(t, r) => drop(r.send(backend.offers(&t))),
+                        Command::Start(l, r) => reply(r, "start", || backend.start(&l)),
+                        Command::Running(n, r) => reply(r, "running", || backend.running(&n)),
+                        Command::Stop(n, r) => reply(r, "stop", || backend.stop(&n)),
+                        Command::Address(n, r) => reply(r, "address", || backend.address(&n)),
+                        Command::Pause(n, r) => reply(r, "pause", || backend.pause(&n)),
+                        Command::Resume(n, r) => reply(r, "resume", || backend.resume(&n)),
+                        Command::Offers(t, r) => reply(r, "offers", || backend.offers(&t)),
+                        Command::Named(p, r) => reply(r, "list", || backend.named(&p)),
                     }
                 }
             });
@@ -374,6 +403,11 @@ impl Hypervisor {
 
     pub async fn offers(&self, domain_type: &str) -> Result<bool, ActivateError> {
         self.call(|r| Command::Offers(domain_type.into(), r)).await
+    }
+
+    /// Running or paused domains whose names start with `prefix`.
+    pub async fn named(&self, prefix: &str) -> Result<Vec<String>, ActivateError> {
+        self.call(|r| Command::Named(prefix.into(), r)).await
     }
 }
 
