@@ -41,6 +41,15 @@ impl GuestNet {
     /// Network `slot` (0..[`SLOTS`]) on `uri`: 198.51.100.(64 × slot)/26 for slots 0-3,
     /// then 203.0.113.(64 × (slot - 4))/26.
     pub fn create(uri: &str, slot: u8) -> Result<GuestNet> {
+        GuestNet::create_with_lease(uri, slot, None)
+    }
+
+    /// [`GuestNet::create`] with DHCP leases of `lease_minutes` (dnsmasq's least is 2)
+    /// instead of libvirt's default hour. Every domain libvirt creates without a MAC gets a
+    /// new random one, and a destroyed guest's lease is kept until it expires: a program
+    /// that boots more guests than the range holds (53) within a lease's life needs short
+    /// leases, or the next guest gets no address.
+    pub fn create_with_lease(uri: &str, slot: u8, lease_minutes: Option<u32>) -> Result<GuestNet> {
         assert!(slot < SLOTS, "guest network slot {slot} of {SLOTS}");
         let prefix = format!("uf-test{slot}-");
         for old in virsh(uri, &["net-list", "--name"])?.lines() {
@@ -55,10 +64,13 @@ impl GuestNet {
         let xml = format!(
             "<network><name>{name}</name><bridge name='ufbr{slot}-{pid}' stp='off' delay='0'/>\
              <ip address='{host}' netmask='255.255.255.192'><dhcp>\
-             <range start='{net}.{lo}' end='{net}.{hi}'/></dhcp></ip></network>",
+             <range start='{net}.{lo}' end='{net}.{hi}'>{lease}</range></dhcp></ip></network>",
             pid = std::process::id() % 100_000,
             lo = base + 10,
             hi = base + 62,
+            lease = lease_minutes
+                .map(|m| format!("<lease expiry='{m}' unit='minutes'/>"))
+                .unwrap_or_default(),
         );
         let file = tempfile::NamedTempFile::new()?;
         std::fs::write(file.path(), xml)?;
