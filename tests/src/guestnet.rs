@@ -8,7 +8,8 @@
 use anyhow::{bail, Context, Result};
 use std::process::Command;
 
-/// How many tests may hold a guest network at once.
+/// How many tests may hold a guest network at once: slots 0-5 and 6 are taken by
+/// `tests/tests/unikernel.rs`, 6 and 7 by `bench_unikernel` (which is run on its own).
 pub const SLOTS: u8 = 8;
 
 #[derive(Debug)]
@@ -41,7 +42,7 @@ impl GuestNet {
     /// Network `slot` (0..[`SLOTS`]) on `uri`: 198.51.100.(64 × slot)/26 for slots 0-3,
     /// then 203.0.113.(64 × (slot - 4))/26.
     pub fn create(uri: &str, slot: u8) -> Result<GuestNet> {
-        GuestNet::create_with_lease(uri, slot, None)
+        GuestNet::make(uri, slot, Some(None))
     }
 
     /// [`GuestNet::create`] with DHCP leases of `lease_minutes` (dnsmasq's least is 2)
@@ -50,6 +51,17 @@ impl GuestNet {
     /// that boots more guests than the range holds (53) within a lease's life needs short
     /// leases, or the next guest gets no address.
     pub fn create_with_lease(uri: &str, slot: u8, lease_minutes: Option<u32>) -> Result<GuestNet> {
+        GuestNet::make(uri, slot, Some(lease_minutes))
+    }
+
+    /// [`GuestNet::create`] with no DHCP at all: a guest that asks for an address never
+    /// gets one (only addresses the device hands out work).
+    pub fn create_without_dhcp(uri: &str, slot: u8) -> Result<GuestNet> {
+        GuestNet::make(uri, slot, None)
+    }
+
+    /// `dhcp`: `None` none, `Some(None)` libvirt's default lease, `Some(Some(m))` m minutes.
+    fn make(uri: &str, slot: u8, dhcp: Option<Option<u32>>) -> Result<GuestNet> {
         assert!(slot < SLOTS, "guest network slot {slot} of {SLOTS}");
         let prefix = format!("uf-test{slot}-");
         for old in virsh(uri, &["net-list", "--name"])?.lines() {
@@ -63,14 +75,19 @@ impl GuestNet {
         let host = format!("{net}.{}", base + 1);
         let xml = format!(
             "<network><name>{name}</name><bridge name='ufbr{slot}-{pid}' stp='off' delay='0'/>\
-             <ip address='{host}' netmask='255.255.255.192'><dhcp>\
-             <range start='{net}.{lo}' end='{net}.{hi}'>{lease}</range></dhcp></ip></network>",
+             <ip address='{host}' netmask='255.255.255.192'>{dhcp}</ip></network>",
             pid = std::process::id() % 100_000,
-            lo = base + 10,
-            hi = base + 62,
-            lease = lease_minutes
-                .map(|m| format!("<lease expiry='{m}' unit='minutes'/>"))
-                .unwrap_or_default(),
+            dhcp = match dhcp {
+                None => String::new(),
+                Some(lease) => format!(
+                    "<dhcp><range start='{net}.{lo}' end='{net}.{hi}'>{}</range></dhcp>",
+                    lease
+                        .map(|m| format!("<lease expiry='{m}' unit='minutes'/>"))
+                        .unwrap_or_default(),
+                    lo = base + 10,
+                    hi = base + 62,
+                ),
+            },
         );
         let file = tempfile::NamedTempFile::new()?;
         std::fs::write(file.path(), xml)?;

@@ -384,6 +384,16 @@ fn publish_bad(
     rolled_back_to_1(fleet, d)
 }
 
+/// Device `d` stopped, its `nic` setting changed, started again (its running release is
+/// left as it is).
+fn restart_with_nic(fleet: &mut Fleet, d: usize, nic: &str) -> Result<()> {
+    if let Some(mut p) = fleet.devices[d].proc.take() {
+        p.terminate(Duration::from_secs(30))?;
+    }
+    fleet.devices[d].set_config("nic", V::Str(nic.into()))?;
+    fleet.start_device(d)
+}
+
 /// The reason of the device's last report, which must say `RolledBack` to release 1.
 fn rolled_back_to_1(fleet: &Fleet, d: usize) -> Result<String> {
     let r = fleet.devices[d].report("hello").context("a report")?;
@@ -414,22 +424,13 @@ fn bad_guest_settings_fail_with_a_clear_error_and_the_old_release_keeps_serving(
         "{reason}"
     );
     assert!(reason.contains("no answer within"), "{reason}");
-    // A guest that never gets an address (a static one: no lease on the network).
-    let reason = publish_bad(
-        &fleet,
-        d,
-        &image,
-        &r1,
-        "3.0.0",
-        "app=hello version=3.0.0 ip=203.0.113.77/24",
-    )?;
+    // A guest that never gets an address: its NIC on a network without DHCP.
+    let no_dhcp = GuestNet::create_without_dhcp(URI, 6)?;
+    restart_with_nic(&mut fleet, d, &no_dhcp.nic())?;
+    let reason = publish_bad(&fleet, d, &image, &r1, "3.0.0", "app=hello version=3.0.0")?;
     assert!(reason.contains("the guest has no address yet"), "{reason}");
     // A NIC setting naming a network that does not exist.
-    if let Some(mut p) = fleet.devices[d].proc.take() {
-        p.terminate(Duration::from_secs(30))?;
-    }
-    fleet.devices[d].set_config("nic", V::Str("network=uf-no-such-net".into()))?;
-    fleet.start_device(d)?;
+    restart_with_nic(&mut fleet, d, "network=uf-no-such-net")?;
     let reason = publish_bad(&fleet, d, &image, &r1, "4.0.0", "app=hello version=4.0.0")?;
     assert!(
         reason.contains("uf-no-such-net"),

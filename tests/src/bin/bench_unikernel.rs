@@ -485,6 +485,7 @@ fn floor(
         },
         console_log: dir.path().join("console.log"),
         nic: Some(Nic::Network(net.name.clone())),
+        domain_type: None,
     };
     let mut xml = render_xml(&launch, Driver::Qemu, conf.domain_type, free_port()?);
     if let Some(mac) = mac {
