@@ -62,7 +62,7 @@ enum Msg {
     Acquire(Reply),
     Release(InstanceId),
     /// The boot finished: how to reach the instance, or why not; and how long it took.
-    Started(InstanceId, Result<Booted, ActivateError>, Duration),
+    Started(Box<Boot>),
     RollOver(Box<Image>),
     /// A warm instance of `release` booted and paused, or why not.
     Warmed {
@@ -210,6 +210,15 @@ pub async fn forward(
     client.set_nodelay(true)?;
     upstream.set_nodelay(true)?;
     crate::splice::bidirectional(&client, &upstream).await
+}
+
+/// A finished boot (or resume) of instance `id`, named `name`, at `at`.
+struct Boot {
+    id: InstanceId,
+    at: Location,
+    name: String,
+    res: Result<Booted, ActivateError>,
+    took: Duration,
 }
 
 /// Resumes a warm instance; one paused for long is probed first ([`WARM_RECHECK`]).
@@ -361,30 +370,33 @@ impl Pool {
                 self.warmed_up(name, release, res, now);
                 vec![]
             }
-            Msg::Started(id, res, took) => self.started(id, res, took, now),
+            Msg::Started(boot) => self.started(*boot, now),
         }
     }
 
     /// A boot finished.
-    fn started(
-        &mut self,
-        id: InstanceId,
-        res: Result<Booted, ActivateError>,
-        took: Duration,
-        now: Instant,
-    ) -> Vec<Action> {
+    fn started(&mut self, boot: Boot, now: Instant) -> Vec<Action> {
+        let Boot {
+            id,
+            at,
+            name,
+            res,
+            took,
+        } = boot;
+        if !self.insts.contains_key(&id) {
+            // Stopped while it booted (a drain, a roll-over): whatever came up goes too.
+            self.stop_domain(at, name);
+            return vec![];
+        }
         let booted = match res {
             Ok(booted) => booted,
             Err(e) => {
-                let gone = self.insts.remove(&id);
-                let at = gone.as_ref().map(|i| i.at);
+                self.insts.remove(&id);
                 tracing::warn!(app = %self.cfg.app, ?at, "on-demand instance failed to start: {e}");
                 // A domain that failed its probe still runs: not left behind.
-                if let Some(i) = gone {
-                    self.stop_domain(i.at, i.name);
-                }
+                self.stop_domain(at, name);
                 return self.scaler.handle(match at {
-                    Some(Location::Remote) => Event::RemoteUnavailable {
+                    Location::Remote => Event::RemoteUnavailable {
                         now,
                         id,
                         reason: e.to_string(),
@@ -517,7 +529,15 @@ impl Pool {
                 Some(w) => resume(&hv, &launch, w).await,
                 None => crate::probe::boot(&hv, &launch).await,
             };
-            let _ = tx.send(Msg::Started(id, res, began.elapsed())).await;
+            let took = began.elapsed();
+            let boot = Boot {
+                id,
+                at,
+                name: launch.name,
+                res,
+                took,
+            };
+            let _ = tx.send(Msg::Started(Box::new(boot))).await;
         });
     }
 
