@@ -126,6 +126,8 @@ pub enum Invalid {
     BadProbePath,
     #[error("an HTTP probe needs a network interface (the boot spec's network)")]
     ProbeNeedsNetwork,
+    #[error("tcp:0 probes the console's port, which a release with a network interface is not reached on: name the guest's port")]
+    ConsolePortWithNetwork,
     #[error("boot spec needs memory and at least one vcpu")]
     NoMemoryOrVcpu,
     #[error(transparent)]

@@ -259,6 +259,9 @@ impl Manifest {
             HealthProbe::Http { .. } if !self.boot.network => {
                 return Err(invalid(Invalid::ProbeNeedsNetwork));
             }
+            HealthProbe::TcpConnect { port: 0 } if self.boot.network => {
+                return Err(invalid(Invalid::ConsolePortWithNetwork));
+            }
             _ => {}
         }
         if self.boot.memory_mib == 0 || self.boot.vcpus == 0 {
@@ -565,6 +568,18 @@ mod tests {
         ));
         m.boot.network = true;
         m.validate().unwrap();
+        m.boot.probe = HealthProbe::TcpConnect { port: 0 };
+        assert!(matches!(
+            m.validate(),
+            Err(VerifyError::Invalid {
+                reason: Invalid::ConsolePortWithNetwork,
+                ..
+            })
+        ));
+        m.boot.probe = HealthProbe::Http {
+            port: 80,
+            path: "/health".into(),
+        };
         m.boot.probe = HealthProbe::Http {
             port: 80,
             path: "/he alth".into(),

@@ -67,8 +67,15 @@ impl GuestAddresses {
 
     fn is_sound(&self) -> bool {
         let (first, last) = (u32::from(self.first), u32::from(self.last));
+        let subnet = self.subnet(self.gateway);
+        let broadcast = subnet
+            | !u32::MAX
+                .checked_shl(32 - u32::from(self.prefix))
+                .unwrap_or(0);
         (1..=30).contains(&self.prefix)
             && first <= last
+            && first > subnet
+            && last < broadcast
             && last - first < MAX_POOL
             && self.subnet(self.first) == self.subnet(self.gateway)
             && self.subnet(self.last) == self.subnet(self.gateway)
@@ -109,9 +116,12 @@ impl Pool {
         Some(ip)
     }
 
-    /// `name` holds `ip` already (a domain found running): never handed out again.
+    /// `name` holds `ip` already (a domain found running): never handed out again. An
+    /// address outside the range is none of the pool's business.
     pub fn mark(&mut self, ip: Ipv4Addr, name: &str) {
-        self.used.insert(ip, name.into());
+        if (self.range.first..=self.range.last).contains(&ip) {
+            self.used.insert(ip, name.into());
+        }
     }
 
     /// `name` stopped: its address is free.
@@ -155,6 +165,8 @@ mod tests {
             "198.51.100.2-198.51.100.9/24 via 203.0.113.1",
             "198.51.100.1-198.51.100.9/24 via 198.51.100.1",
             "198.51.100.2-198.51.100.9/31 via 198.51.100.1",
+            "198.51.100.0-198.51.100.9/24 via 198.51.100.1",
+            "198.51.100.2-198.51.100.255/24 via 198.51.100.1",
             "10.0.0.1-10.1.0.0/8 via 10.255.255.254",
             "a-b/24 via c",
         ] {
@@ -169,6 +181,7 @@ mod tests {
             .unwrap();
         let mut p = Pool::new(r);
         p.mark("198.51.100.2".parse().unwrap(), "uf-d-a-r1");
+        p.mark("203.0.113.9".parse().unwrap(), "uf-d-b-r1");
         let a = p.take("uf-d-a-od1").unwrap();
         assert_eq!(a.to_string(), "198.51.100.3");
         assert_eq!(
