@@ -15,6 +15,7 @@
 //! back), `supervisor` (the watchdog's I/O shell: a running release that died or stopped
 //! answering).
 
+mod activation;
 mod inbox;
 mod installer;
 mod router;
