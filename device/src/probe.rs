@@ -15,9 +15,12 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-/// Between two tries. The console log is written by another process: polling it is the
-/// only way to see it; the interval is short and the deadline bounds the wait.
-const RETRY: Duration = Duration::from_millis(25);
+/// Between two tries, a twentieth of the time waited so far within these bounds: polling
+/// adds at most ~5% to a boot however long it takes (a template guest with a static
+/// address answers ~100 ms after its create under TCG, a nested-KVM one in seconds). The
+/// console log is written by another process: polling it is the only way to see it.
+const RETRY_LEAST: Duration = Duration::from_millis(5);
+const RETRY_MOST: Duration = Duration::from_millis(50);
 /// One connection attempt or HTTP exchange at most.
 const ATTEMPT: Duration = Duration::from_secs(1);
 /// The least budget of a try.
@@ -64,7 +67,8 @@ pub async fn healthy(
     started: Started,
 ) -> Result<Booted, ActivateError> {
     let timeout = Duration::from_millis(l.boot.probe_timeout_ms);
-    let deadline = Instant::now() + timeout;
+    let began = Instant::now();
+    let deadline = began + timeout;
     let fail = |reason: ProbeFailure| ActivateError::Probe {
         name: l.name.clone(),
         reason,
@@ -111,8 +115,13 @@ pub async fn healthy(
                 last: seen.to_string(),
             }));
         }
-        tokio::time::sleep(RETRY).await;
+        tokio::time::sleep(retry_after(began.elapsed())).await;
     }
+}
+
+/// How long to wait before the next try, `waited` into a boot.
+fn retry_after(waited: Duration) -> Duration {
+    (waited / 20).clamp(RETRY_LEAST, RETRY_MOST)
 }
 
 /// Whether `l`'s probe can be tried again while it runs: it speaks to the guest over its
@@ -238,6 +247,14 @@ fn status_of(head: &[u8]) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_poll_at_a_twentieth_of_the_wait_within_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(retry_after(ms(0)), ms(5));
+        assert_eq!(retry_after(ms(400)), ms(20));
+        assert_eq!(retry_after(ms(60_000)), ms(50));
+    }
 
     #[test]
     fn status_lines() {

@@ -18,8 +18,9 @@ pub struct GuestNet {
     pub name: String,
     /// The host's address on it (the guests' gateway).
     pub host: String,
-    /// Outside the DHCP range: for the device's own static addresses.
-    statics: String,
+    /// The first three octets and the slice's first address's last octet.
+    net: &'static str,
+    base: u32,
 }
 
 fn virsh(uri: &str, args: &[&str]) -> Result<String> {
@@ -94,18 +95,42 @@ impl GuestNet {
         virsh(uri, &["net-create", &file.path().display().to_string()]).context(
             "creating the guest network (libvirt needs iptables and dnsmasq: scripts/setup.sh)",
         )?;
-        let statics = format!("{net}.{}-{net}.{}/26 via {host}", base + 2, base + 9);
         Ok(GuestNet {
             uri: uri.into(),
             name,
             host,
-            statics,
+            net,
+            base,
         })
     }
 
     /// The device.toml `guest_addresses` setting: static addresses outside the DHCP range.
     pub fn static_addresses(&self) -> String {
-        self.statics.clone()
+        self.addresses(2, 9)
+    }
+
+    /// A `guest_addresses` setting of the slice's addresses `from..=to` (2..=62; those from
+    /// 10 are DHCP's unless the network has none).
+    pub fn addresses(&self, from: u32, to: u32) -> String {
+        assert!(
+            (2..=to).contains(&from) && to <= 62,
+            "addresses {from}-{to} of a /26"
+        );
+        let (net, host) = (self.net, &self.host);
+        format!(
+            "{net}.{}-{net}.{}/26 via {host}",
+            self.base + from,
+            self.base + to
+        )
+    }
+
+    /// The slice's address `n` (2..=62) and the command-line words that give it to a guest.
+    pub fn address(&self, n: u32) -> (std::net::Ipv4Addr, String) {
+        assert!((2..=62).contains(&n), "address {n} of a /26");
+        let ip: std::net::Ipv4Addr = format!("{}.{}", self.net, self.base + n)
+            .parse()
+            .expect("an IPv4 address");
+        (ip, format!("ip={ip}/26 gw={}", self.host))
     }
 
     /// The device.toml `nic` setting that attaches guests here.

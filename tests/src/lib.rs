@@ -233,6 +233,26 @@ pub mod bench {
         v[((v.len() - 1) as f64 * q).round() as usize]
     }
 
+    /// User and system CPU seconds a process has used (/proc/PID/stat; 0 if it is gone).
+    pub fn cpu_seconds(pid: u32) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces), from the state (3rd) on:
+        // utime and stime are the 14th and 15th, in clock ticks.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // USER_HZ: 100 on every Linux architecture.
+        (ticks(11) + ticks(12)) as f64 / 100.0
+    }
+
     /// A `/proc/PID/status` field in KiB (`VmRSS`, `VmHWM`, `RssAnon`, `RssFile`); 0 if
     /// unreadable.
     pub fn status_kib(pid: u32, field: &str) -> u64 {

@@ -24,7 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use unifleet_tests::bench::{percentile, proc_number, rate, status_kib, MIB};
+use unifleet_tests::bench::{cpu_seconds, percentile, proc_number, rate, status_kib, MIB};
 use unifleet_tests::fleet::run;
 use unifleet_tests::{bin, free_port, metric, metric_in, metrics_page};
 
@@ -862,26 +862,6 @@ fn mem_available() -> u64 {
 /// local peers is two.
 fn tcp_sockets() -> u64 {
     proc_number("/proc/net/sockstat", "TCP: inuse").unwrap_or(0)
-}
-
-/// User and system CPU seconds a process has used (/proc/PID/stat; 0 if it is gone).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces), from the state (3rd) on:
-    // utime and stime are the 14th and 15th, in clock ticks.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // USER_HZ: 100 on every Linux architecture.
-    (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
 /// (busy, total) jiffies of all CPUs, from /proc/stat.

@@ -5,22 +5,25 @@
 //!     cargo build --release --workspace --bins
 //!     scripts/build-unikernel.sh          # if target/unikernels/ lacks the images
 //!     ./target/release/bench_unikernel [--n 100] [--rounds 3] [--floor 5] [--secs 5] \
-//!         [--configs x86-tcg,x86-kvm,arm64-tcg]
+//!         [--configs x86-tcg,x86-kvm,arm64-tcg] [--dhcp]
 //!
 //! One hub and, per configuration (x86_64 under TCG, x86_64 under KVM, aarch64 under TCG),
 //! two devices serving `hello` on demand: a *cold* one (`min = 0`, `warm = 0`) and a *warm*
 //! one (`warm = 1`), each with `max_local = 1` and `target = 100` (one instance takes all
 //! 64 throughput clients). One release (`hub publish --image qemu-x86_64=… --image
 //! qemu-aarch64=… --network --probe http:/health --memory-mib 16 --no-staging`), the
-//! NICs on isolated TEST-NET libvirt networks (guest network slots 6 and 7, 8-minute
-//! leases: every instance is a new MAC). Each round visits every configuration (the
-//! order rotated by one each round) and measures there, in turn:
+//! NICs on isolated TEST-NET libvirt networks (guest network slots 6 and 7). Guests get
+//! static addresses: each device a range of its own (`guest_addresses`), the floor one
+//! address per configuration, on networks with no DHCP. With `--dhcp` they ask libvirt's
+//! DHCP instead (8-minute leases: every instance is a new MAC) and the floor is also timed
+//! to the lease and with one known MAC. Each round visits every configuration (the order
+//! rotated by one each round) and measures there, in turn:
 //!
 //! 1. **floor**: `--floor` bare `virDomainCreateXML` of the XML the agent renders
-//!    (`device::hypervisor::render_xml`, same image, boot spec and network), timed to the
-//!    create call's return, the DHCP lease libvirt reports, and the first byte of `GET /`
-//!    on the guest's address; after each, the same with one fixed MAC per configuration
-//!    (a lease dnsmasq already holds);
+//!    (`device::hypervisor::render_xml`, same image, boot spec, network and address), timed
+//!    to the create call's return and the first byte of `GET /` on the guest's address
+//!    (with `--dhcp`, also to the lease libvirt reports, and after each the same with one
+//!    fixed MAC per configuration: a lease dnsmasq already holds);
 //! 2. **cold**: `--n / --rounds` connections to the cold device's proxy with no instance
 //!    running (waited for: no `uf-<dev>-hello-` domain active), connect → first byte of
 //!    `GET /`; beside it the agent's own boot-to-healthy time (its metrics) and, from a
@@ -51,7 +54,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
-use unifleet_tests::bench::{percentile, status_kib};
+use unifleet_tests::bench::{cpu_seconds, percentile, status_kib};
 use unifleet_tests::fleet::{destroy_domains, toml_value::V, wait_for, Fleet};
 use unifleet_tests::guestnet::{hello_http_x86_64, GuestNet};
 use unifleet_tests::{free_port, metric};
@@ -108,6 +111,8 @@ struct Bench {
     stale_failed: Vec<u64>,
     proxy_rps: Vec<f64>,
     direct_rps: Vec<f64>,
+    /// The cold device's agent's CPU time per request it proxied, µs.
+    proxy_cpu_us: Vec<f64>,
     qemu_rss_kib: Vec<u64>,
 }
 
@@ -117,6 +122,7 @@ struct Args {
     floor: usize,
     secs: u64,
     configs: Vec<String>,
+    dhcp: bool,
 }
 
 fn args() -> Result<Args> {
@@ -126,6 +132,7 @@ fn args() -> Result<Args> {
         floor: 5,
         secs: 5,
         configs: vec!["x86-tcg".into(), "x86-kvm".into(), "arm64-tcg".into()],
+        dhcp: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -136,6 +143,7 @@ fn args() -> Result<Args> {
             "--floor" => a.floor = value()?.parse().context("--floor")?,
             "--secs" => a.secs = value()?.parse().context("--secs")?,
             "--configs" => a.configs = value()?.split(',').map(String::from).collect(),
+            "--dhcp" => a.dhcp = true,
             _ => bail!("unknown argument {flag}; see the doc comment of bench_unikernel.rs"),
         }
     }
@@ -186,10 +194,11 @@ fn main() -> Result<()> {
     // lease: 8-minute leases keep the 53 addresses of a slot from running out, and outlive
     // a warm instance's pause between rounds (one paused past its lease resumes with an
     // address the agent no longer reaches: see BENCHMARKS.md).
-    let nets = [
-        GuestNet::create_with_lease(URI, 6, Some(LEASE_MINUTES))?,
-        GuestNet::create_with_lease(URI, 7, Some(LEASE_MINUTES))?,
-    ];
+    let net = |slot| match args.dhcp {
+        true => GuestNet::create_with_lease(URI, slot, Some(LEASE_MINUTES)),
+        false => GuestNet::create_without_dhcp(URI, slot),
+    };
+    let nets = [net(6)?, net(7)?];
     let floor_prefix = format!("ufb-{}-", std::process::id());
     let _floor_guard = DestroyOnDrop(floor_prefix.clone());
 
@@ -209,6 +218,12 @@ fn main() -> Result<()> {
             let d = fleet.add_device(&name, "hello", extra)?;
             let dev = &fleet.devices[d];
             dev.set_config("nic", V::Str(nets[conf.net].nic()))?;
+            if !args.dhcp {
+                // Six addresses a device (an instance, a warm one, one draining), apart.
+                let first = 2 + 6 * (2 * i as u32 + k as u32);
+                let range = nets[conf.net].addresses(first, first + 5);
+                dev.set_config("guest_addresses", V::Str(range))?;
+            }
             dev.set_config("domain_type", V::Str(conf.domain_type.into()))?;
             dev.set_config("metrics", V::Str(format!("127.0.0.1:{}", free_port()?)))?;
             let settings = match *kind {
@@ -242,6 +257,7 @@ fn main() -> Result<()> {
             stale_failed: vec![],
             proxy_rps: vec![],
             direct_rps: vec![],
+            proxy_cpu_us: vec![],
             qemu_rss_kib: vec![],
         });
     }
@@ -284,12 +300,20 @@ fn main() -> Result<()> {
             for _ in 0..args.floor {
                 floor_k += 1;
                 let name = format!("{floor_prefix}{floor_k}");
-                let f = floor(&conn, &b.conf, &nets[b.conf.net], &name, None)
+                // The floor's own static address, apart from the devices' ranges.
+                let addr = (!args.dhcp).then(|| nets[b.conf.net].address(50 + idx as u32));
+                let f = floor(&conn, &b.conf, &nets[b.conf.net], &name, None, addr.clone())
                     .with_context(|| format!("floor, {label}"))?;
                 eprintln!(
                     "  floor {name}: created {:.0} ms, lease {:.0} ms, first byte {:.0} ms",
                     f.0, f.1, f.2
                 );
+                create.push(f.0);
+                lease.push(f.1);
+                first.push(f.2);
+                if !args.dhcp {
+                    continue;
+                }
                 // The same with one MAC every time: dnsmasq knows its lease.
                 let mac = format!("52:54:00:be:17:{:02x}", idx);
                 let known = floor(
@@ -298,6 +322,7 @@ fn main() -> Result<()> {
                     &nets[b.conf.net],
                     &format!("{name}m"),
                     Some(&mac),
+                    None,
                 )
                 .with_context(|| format!("floor with a known MAC, {label}"))?;
                 eprintln!(
@@ -305,9 +330,6 @@ fn main() -> Result<()> {
                     known.1, known.2
                 );
                 b.floor_known.push(known.2);
-                create.push(f.0);
-                lease.push(f.1);
-                first.push(f.2);
             }
             b.floor_create.push(create);
             b.floor_lease.push(lease);
@@ -381,9 +403,17 @@ fn main() -> Result<()> {
             b.warm_since = Instant::now();
 
             let dev = &fleet.devices[b.cold];
-            let (proxy, direct, rss) = throughput(&conn, &dev.name, b.cold_port, args.secs, round)
+            let agent = dev
+                .proc
+                .as_ref()
+                .context("the cold device runs")?
+                .child
+                .id();
+            let t = throughput(&conn, &dev.name, agent, b.cold_port, args.secs, round)
                 .with_context(|| format!("throughput, {label}"))?;
-            eprintln!("  throughput: proxy {proxy:.0} req/s, direct {direct:.0} req/s, QEMU RSS {rss} KiB");
+            let (proxy, direct, rss) = (t.proxy, t.direct, t.rss_kib);
+            eprintln!("  throughput: proxy {proxy:.0} req/s ({:.1} µs of agent CPU each), direct {direct:.0} req/s, QEMU RSS {rss} KiB", t.agent_cpu_us);
+            b.proxy_cpu_us.push(t.agent_cpu_us);
             b.proxy_rps.push(proxy);
             b.direct_rps.push(direct);
             b.qemu_rss_kib.push(rss);
@@ -458,6 +488,16 @@ fn lease_of(d: &virt::domain::Domain) -> Option<IpAddr> {
         .find(IpAddr::is_ipv4)
 }
 
+/// The guest's address: its static one (on its command line), else its DHCP lease.
+fn guest_ip(d: &virt::domain::Domain) -> Option<IpAddr> {
+    let xml = d.xml_desc(0).ok()?;
+    let cmdline = xml.split("<cmdline>").nth(1)?.split("</cmdline>").next()?;
+    match device::hypervisor::addresses::ip_in_cmdline(cmdline) {
+        Some(ip) => Some(IpAddr::V4(ip)),
+        None => lease_of(d),
+    }
+}
+
 /// One bare create of the agent's XML: (create returned, lease seen, first byte), ms
 /// from just before the create call.
 fn floor(
@@ -466,6 +506,7 @@ fn floor(
     net: &GuestNet,
     name: &str,
     mac: Option<&str>,
+    addr: Option<(std::net::Ipv4Addr, String)>,
 ) -> Result<(f64, f64, f64)> {
     let dir = tempfile::tempdir()?;
     let launch = Launch {
@@ -475,7 +516,10 @@ fn floor(
         boot: BootSpec {
             memory_mib: MEMORY_MIB,
             vcpus: 1,
-            cmdline: CMDLINE.into(),
+            cmdline: match &addr {
+                Some((_, words)) => format!("{CMDLINE} {words}"),
+                None => CMDLINE.into(),
+            },
             probe: HealthProbe::Http {
                 port: 80,
                 path: "/health".into(),
@@ -499,11 +543,21 @@ fn floor(
         .context("creating the domain")?;
     let created = t.elapsed();
     let result = (|| {
-        let ip = poll("the floor guest's lease", || lease_of(&d))?;
-        let leased = t.elapsed();
+        let (ip, leased) = match &addr {
+            Some((ip, _)) => (IpAddr::V4(*ip), Duration::MAX),
+            None => (
+                poll("the floor guest's lease", || lease_of(&d))?,
+                t.elapsed(),
+            ),
+        };
         let addr = SocketAddr::new(ip, 80);
         poll("the floor guest's first byte", || get_first_byte(addr).ok())?;
-        Ok((ms(created), ms(leased), ms(t.elapsed())))
+        let leased = if leased == Duration::MAX {
+            f64::NAN
+        } else {
+            ms(leased)
+        };
+        Ok((ms(created), leased, ms(t.elapsed())))
     })();
     let _ = d.destroy();
     result
@@ -613,8 +667,8 @@ fn has_field(l: &str, field: &str) -> bool {
 }
 
 /// Requests per second of [`CLIENTS`] keep-alive clients looping `GET /` on `addr` for
-/// `secs`.
-fn load(addr: SocketAddr, secs: u64) -> Result<f64> {
+/// `secs`, and the CPU seconds process `pid` used meanwhile.
+fn load(addr: SocketAddr, secs: u64, pid: u32) -> Result<(f64, f64)> {
     let start = Arc::new(Barrier::new(CLIENTS + 1));
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..CLIENTS)
@@ -638,13 +692,15 @@ fn load(addr: SocketAddr, secs: u64) -> Result<f64> {
         .collect();
     start.wait();
     let t = Instant::now();
+    let cpu = cpu_seconds(pid);
     std::thread::sleep(Duration::from_secs(secs)); // the measured interval itself
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
     for c in clients {
         total += c.join().expect("client thread").context("a client")?;
     }
-    Ok(total as f64 / t.elapsed().as_secs_f64())
+    let cpu = cpu_seconds(pid) - cpu;
+    Ok((total as f64 / t.elapsed().as_secs_f64(), cpu))
 }
 
 /// One `GET /` on a keep-alive connection; the answer must be a 200, read whole.
@@ -671,15 +727,26 @@ fn answer(r: &mut BufReader<TcpStream>) -> Result<()> {
     Ok(())
 }
 
+/// What [`throughput`] measured.
+struct Throughput {
+    proxy: f64,
+    direct: f64,
+    /// The agent's CPU time per proxied request, µs.
+    agent_cpu_us: f64,
+    rss_kib: u64,
+}
+
 /// With one instance running on device `dev` (held by an idle keep-alive connection
-/// through the proxy): requests/s through the proxy and directly, and QEMU's RSS (KiB).
+/// through the proxy of agent `agent`): requests/s through the proxy and directly, the
+/// agent's CPU per proxied request and QEMU's RSS (KiB).
 fn throughput(
     conn: &virt::connect::Connect,
     dev: &str,
+    agent: u32,
     port: u16,
     secs: u64,
     round: usize,
-) -> Result<(f64, f64, u64)> {
+) -> Result<Throughput> {
     let s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut holder = BufReader::new(s);
@@ -689,7 +756,7 @@ fn throughput(
         bail!("not one running instance: {running:?}");
     };
     let d = conn.lookup_domain_by_name(name)?;
-    let ip = lease_of(&d).context("the instance's lease")?;
+    let ip = guest_ip(&d).context("the instance's address")?;
     let direct = SocketAddr::new(ip, 80);
     let proxied = SocketAddr::from(([127, 0, 0, 1], port));
     // The guest has 72 sockets: each load starts once the last one's are closed there.
@@ -700,20 +767,25 @@ fn throughput(
             || (guest_open(direct).ok()? <= 2).then_some(()),
         )
     };
-    let (p, dr) = if round.is_multiple_of(2) {
+    let ((p, cpu), (dr, _)) = if round.is_multiple_of(2) {
         quiet()?;
-        let p = load(proxied, secs)?;
+        let p = load(proxied, secs, agent)?;
         quiet()?;
-        (p, load(direct, secs)?)
+        (p, load(direct, secs, agent)?)
     } else {
         quiet()?;
-        let dr = load(direct, secs)?;
+        let dr = load(direct, secs, agent)?;
         quiet()?;
-        (load(proxied, secs)?, dr)
+        (load(proxied, secs, agent)?, dr)
     };
-    let rss = qemu_rss_kib(name);
+    let rss_kib = qemu_rss_kib(name);
     answer(&mut holder).context("the holding connection after the load")?;
-    Ok((p, dr, rss))
+    Ok(Throughput {
+        proxy: p,
+        direct: dr,
+        agent_cpu_us: cpu * 1e6 / (p * secs as f64),
+        rss_kib,
+    })
 }
 
 /// The guest's open connections (its own `/metrics`, this request's included).
@@ -746,11 +818,12 @@ fn median_of_rounds(rounds: &[Vec<f64>]) -> f64 {
 fn report(args: &Args, benches: &[Bench], x86: &Path, arm: &Path) -> Result<()> {
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len());
     println!(
-        "\nbench_unikernel: n = {} per configuration over {} rounds, floor {} per round, throughput {} s × {CLIENTS} clients",
+        "\nbench_unikernel: n = {} per configuration over {} rounds, floor {} per round, throughput {} s × {CLIENTS} clients; addresses {}",
         benches.first().map_or(0, |b| b.cold_ms.iter().map(Vec::len).sum::<usize>()),
         args.rounds,
         args.floor,
-        args.secs
+        args.secs,
+        if args.dhcp { "by DHCP" } else { "static" }
     );
     println!(
         "images: hello-http-x86_64.elf {} B, hello-http-aarch64.img {} B; guest memory {MEMORY_MIB} MiB\n",
@@ -776,7 +849,12 @@ fn report(args: &Args, benches: &[Bench], x86: &Path, arm: &Path) -> Result<()> 
     row("floor: create returned, p50", &|b| {
         format!("{:.0} ms", median_of_rounds(&b.floor_create))
     });
-    row("floor: lease seen, p50", &|b| {
+    let dhcp_row = |what: &str, f: &dyn Fn(&Bench) -> String| {
+        if args.dhcp {
+            row(what, f)
+        }
+    };
+    dhcp_row("floor: lease seen, p50", &|b| {
         format!("{:.0} ms", median_of_rounds(&b.floor_lease))
     });
     row("floor: first byte, p50 (max)", &|b| {
@@ -786,7 +864,7 @@ fn report(args: &Args, benches: &[Bench], x86: &Path, arm: &Path) -> Result<()> 
             percentile(&all(&b.floor_first), 1.0)
         )
     });
-    row(
+    dhcp_row(
         "floor with one MAC every time (known lease): first byte p50",
         &|b| format!("{:.0} ms", median(&b.floor_known)),
     );
@@ -798,14 +876,17 @@ fn report(args: &Args, benches: &[Bench], x86: &Path, arm: &Path) -> Result<()> 
             percentile(&v, 0.99)
         )
     });
-    row("cold: domain listed / lease seen, p50", &|b| {
+    row("cold: domain listed, p50", &|b| {
+        format!("{:.0} ms", median(&b.cold_listed))
+    });
+    dhcp_row("cold: domain listed / lease seen, p50", &|b| {
         format!(
             "{:.0} ms / {:.0} ms",
             median(&b.cold_listed),
             median(&b.cold_lease)
         )
     });
-    row("lease seen → first byte, p50: floor / cold", &|b| {
+    dhcp_row("lease seen → first byte, p50: floor / cold", &|b| {
         let f: Vec<f64> = b
             .floor_first
             .concat()
@@ -896,6 +977,9 @@ fn report(args: &Args, benches: &[Bench], x86: &Path, arm: &Path) -> Result<()> 
             .map(|(p, d)| p / d)
             .collect();
         format!("**{:.2}**", median(&r))
+    });
+    row("the agent's CPU per proxied request", &|b| {
+        format!("{:.1} µs", median(&b.proxy_cpu_us))
     });
     row("QEMU RSS of a serving instance", &|b| {
         let v: Vec<f64> = b.qemu_rss_kib.iter().map(|&k| k as f64 / 1024.0).collect();
