@@ -268,13 +268,9 @@ mod tests {
 
     fn node(
         seed: u8,
-    ) -> (
-        NetClient,
-        tokio::sync::mpsc::UnboundedReceiver<net::NetEvent>,
-    ) {
+    ) -> (NetClient, tokio::sync::mpsc::Receiver<net::NetEvent>) {
         let cfg = net::NetConfig::new(net::keypair_from_seed([seed; 32]), "home");
-        let (client, events, _task) = net::spawn(cfg, std::future::pending()).unwrap();
-        (client, events)
+        net::start(cfg, &net::tasks::Tasks::new()).unwrap()
     }
 
     /// The hourly gc held the store for its whole run and every peer's blob request waited

@@ -100,7 +100,7 @@ impl Inflight {
 /// What the loop listens to besides its timers.
 pub(super) struct Inputs {
     pub mqtt: mpsc::Receiver<Received>,
-    pub events: mpsc::UnboundedReceiver<NetEvent>,
+    pub events: mpsc::Receiver<NetEvent>,
     pub control: mpsc::Receiver<Asked>,
 }
 
@@ -605,7 +605,7 @@ mod tests {
 
     /// A hub's loop over a quick-start home, with a libp2p node and an MQTT client that
     /// never connects (nothing here needs a broker).
-    async fn hub(dir: &std::path::Path) -> (Hub, mpsc::UnboundedReceiver<NetEvent>) {
+    async fn hub(dir: &std::path::Path) -> (Hub, mpsc::Receiver<NetEvent>) {
         let args = InitArgs {
             fleet: "home",
             root: None,
@@ -620,7 +620,7 @@ mod tests {
         let store = crate::store_owner::start(&home).unwrap();
         let trust = Trust::load(&home, &store.reader).await.unwrap();
         let cfg = net::NetConfig::new(net::keypair_from_seed([7; 32]), "home");
-        let (net, events, _task) = net::spawn(cfg, std::future::pending()).unwrap();
+        let (net, events) = net::start(cfg, &net::tasks::Tasks::new()).unwrap();
         let opts = rumqttc::MqttOptions::new("test", "127.0.0.1", 1);
         let (mqtt, _never_polled) = rumqttc::AsyncClient::new(opts, 64);
         let metrics = Arc::new(Metrics::default());

@@ -61,13 +61,13 @@ pub enum ServeError {
     },
 }
 
-/// The libp2p node and how to stop it.
+/// The libp2p node, on a task tree of its own (stopped last: the hub's tasks answer peers
+/// until they are done).
 struct Node {
     net: net::NetClient,
-    events: mpsc::UnboundedReceiver<NetEvent>,
-    task: tokio::task::JoinHandle<()>,
+    events: mpsc::Receiver<NetEvent>,
+    tasks: net::tasks::Tasks,
     state: Arc<net::NetState>,
-    stop: tokio::sync::watch::Sender<bool>,
 }
 
 /// The sockets `hub serve` answers on that it binds itself (libp2p, the broker and the
@@ -169,8 +169,7 @@ pub async fn run(
         tracing::warn!("{left} task(s) still running after {SHUTDOWN_GRACE:?}; leaving them");
     }
     hub.flush_all().await;
-    let _ = node.stop.send(true);
-    let _ = node.task.await;
+    node.tasks.shutdown(SHUTDOWN_GRACE).await;
     let _ = std::fs::remove_file(home.socket());
     tracing::info!("stopped");
     Ok(())
@@ -188,17 +187,13 @@ fn start_net(home: &Home) -> Result<Node, ServeError> {
     cfg.max_inbound_per_peer = 16;
     cfg.relay_server = home.config.relay;
     let state = cfg.state.clone();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let mut net_stop = stop_rx.clone();
-    let (net, events, task) = net::spawn(cfg, async move {
-        let _ = net_stop.wait_for(|s| *s).await;
-    })?;
+    let tasks = net::tasks::Tasks::new();
+    let (net, events) = net::start(cfg, &tasks)?;
     Ok(Node {
         net,
         events,
-        task,
+        tasks,
         state,
-        stop,
     })
 }
 

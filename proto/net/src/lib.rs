@@ -16,7 +16,7 @@
 //! Modules, from the application down:
 //! - `client`: [`NetClient`], the application's handle, and the commands it sends;
 //! - `event`: [`NetEvent`] and the words it uses ([`Topic`], [`Seen`], [`Path`]);
-//! - `node`: the node loop ([`start`], [`spawn`]): commands in, swarm events dispatched to
+//! - `node`: the node loop ([`start`]): commands in, swarm events dispatched to
 //!   one handler per behaviour, the policies' actions carried out;
 //! - `outbox`: the bounded event channel and what happens when it is full;
 //! - [`discovery`]: sans-IO: when to dial the bootstrap peers, walk or feed the DHT, dial
@@ -61,7 +61,7 @@ pub use event::{NetEvent, Path, ReplyId, Seen, Topic, ANNOUNCE_TOPIC_KINDS};
 pub use libp2p::gossipsub::{MessageAcceptance, MessageId};
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{identity::Keypair, Multiaddr, PeerId};
-pub use node::{spawn, start};
+pub use node::start;
 pub use outbox::EVENT_CAPACITY;
 pub use proto::blob::Want;
 pub use proto::status::Reachability;

@@ -37,10 +37,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// How long [`spawn`]'s handle waits for the node to stop once its `shutdown` resolved
-/// (the node stops at its next turn of the loop: milliseconds).
-const STOP_GRACE: Duration = Duration::from_secs(10);
-
 /// Starts the node as a task of `tasks`: it runs until `tasks` is cancelled (its
 /// [`Tasks::shutdown`] then waits for it) or every [`NetClient`] is dropped. Events come
 /// on a channel of [`EVENT_CAPACITY`], which the node never waits on (see there for what
@@ -53,44 +49,6 @@ pub fn start(
     let token = tasks.token().clone();
     tasks.spawn_graceful(node.run(commands, token));
     Ok((client, events))
-}
-
-/// Starts the node on the current tokio runtime, outside any task tree: it runs until
-/// `shutdown` resolves or every [`NetClient`] is dropped, and the handle resolves once it
-/// has stopped. The form `hub` and `device` were written against; [`start`] is the one
-/// to use: this one keeps the unbounded event channel those callers name, fed by a task
-/// that forwards [`start`]'s bounded one (so what the application has not read piles up
-/// there, as it always did here). Outside the tree and unbounded by design: the hub
-/// still runs its node this way.
-#[allow(clippy::type_complexity, clippy::disallowed_methods)]
-pub fn spawn(
-    cfg: NetConfig,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<
-    (
-        NetClient,
-        mpsc::UnboundedReceiver<NetEvent>,
-        tokio::task::JoinHandle<()>,
-    ),
-    StartError,
-> {
-    let tasks = Tasks::new();
-    let (client, mut bounded) = start(cfg, &tasks)?;
-    let (tx, rx) = mpsc::unbounded_channel();
-    let handle = tokio::spawn(async move {
-        let forward = async move {
-            while let Some(ev) = bounded.recv().await {
-                // An application that stopped reading dropped its events before too.
-                let _ = tx.send(ev);
-            }
-        };
-        tokio::select! {
-            _ = shutdown => {}
-            _ = forward => {}
-        }
-        tasks.shutdown(STOP_GRACE).await;
-    });
-    Ok((client, rx, handle))
 }
 
 type Prepared = (
@@ -760,29 +718,6 @@ mod tests {
             "a stalled application stops nothing"
         );
         drop(events);
-    }
-
-    #[tokio::test]
-    async fn the_old_spawn_stops_on_its_shutdown_future_and_closes_its_events() {
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (net, mut events, handle) =
-            spawn(NetConfig::new(Keypair::generate_ed25519(), "t"), async {
-                let _ = stop_rx.await;
-            })
-            .unwrap();
-        assert!(matches!(
-            tokio::time::timeout(WAIT, events.recv()).await.unwrap(),
-            Some(NetEvent::Listening(_))
-        ));
-        assert_eq!(net.listen_addrs().await.len(), 1);
-        stop_tx.send(()).unwrap();
-        tokio::time::timeout(WAIT, handle).await.unwrap().unwrap();
-        while tokio::time::timeout(WAIT, events.recv())
-            .await
-            .unwrap()
-            .is_some()
-        {}
-        assert!(net.peers().await.is_empty(), "the node is gone");
     }
 
     #[tokio::test]

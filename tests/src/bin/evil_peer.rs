@@ -26,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = &dial {
         cfg.bootstrap = vec![addr.parse()?];
     }
-    let (client, mut events, _task) = net::spawn(cfg, std::future::pending())?;
+    let (client, mut events) = net::start(cfg, &net::tasks::Tasks::new())?;
     if dial.is_some() {
         let c = client.clone();
         tokio::spawn(async move {

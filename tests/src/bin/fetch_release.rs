@@ -28,7 +28,7 @@ async fn main() -> Result<()> {
     seed[1..9].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
     let mut cfg = net::NetConfig::new(net::keypair_from_seed(seed), root.fleet());
     cfg.bootstrap = vec![addr];
-    let (client, mut events, _task) = net::spawn(cfg, std::future::pending())?;
+    let (client, mut events) = net::start(cfg, &net::tasks::Tasks::new())?;
     // Wait (bounded) for the connection before asking.
     tokio::time::timeout(std::time::Duration::from_secs(10), async {
         while let Some(ev) = events.recv().await {
