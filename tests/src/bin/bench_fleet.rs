@@ -471,7 +471,7 @@ fn worker(p: &Params, dir: &Path, index: usize, count: usize) -> Result<()> {
                 let _ = rx.wait_for(|s| *s).await;
             };
             if let Err(e) = device::agent::run_with_metrics(cfg, mm, stop).await {
-                eprintln!("agent {name}: {e:#}");
+                eprintln!("agent {name}: {:#}", anyhow::Error::new(e));
             }
         });
         metrics.push(m);
