@@ -34,6 +34,24 @@ pub(super) struct OverBudget {
     pub(super) budget_mib: u64,
 }
 
+/// A release the store's file system has no room for: refused before anything of it is
+/// fetched (then what no kept release needs is removed, and it is tried again with the
+/// backoff). Worded as ENOSPC is, which is what the download would otherwise end in.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "No space left in {} for release {release}: it still needs {} and {} is free; free \
+     some of the disk",
+    dir.display(),
+    proto::status::human_bytes(*needed),
+    proto::status::human_bytes(*free)
+)]
+pub(super) struct DiskFull {
+    pub(super) release: u64,
+    pub(super) needed: u64,
+    pub(super) free: u64,
+    pub(super) dir: std::path::PathBuf,
+}
+
 /// How often a held release is looked at again without news (a new hold list looks at
 /// it at once).
 const HELD_RECHECK: Duration = Duration::from_secs(60);
@@ -77,6 +95,9 @@ pub(super) enum InstallError {
     /// It does not fit `store_budget_mib` (refused, not retried).
     #[error(transparent)]
     OverBudget(#[from] OverBudget),
+    /// The store's file system has no room for it (tried again later).
+    #[error(transparent)]
+    DiskFull(#[from] DiskFull),
     #[error(
         "the announcement of release {release} lapsed before it was installed; waiting for \
          the hub to sign it afresh"
@@ -141,6 +162,9 @@ pub(super) struct Updater {
     /// Running on-demand pools, by app.
     pub(super) ondemand: tokio::sync::Mutex<HashMap<String, crate::ondemand::PoolHandle>>,
     pub(super) tasks: net::tasks::Tasks,
+    /// The free bytes of the store's file system: [`Store::free_bytes`] (a test says
+    /// the disk is full).
+    pub(super) free_bytes: fn(&Store) -> Option<u64>,
 }
 
 impl Updater {
@@ -207,7 +231,7 @@ impl Updater {
 
     /// One install attempt, its failure cleaned up and reported as it is: the release the
     /// device still runs, and why the update did not happen.
-    async fn attempt(&self, heard: &Heard) -> Outcome {
+    pub(super) async fn attempt(&self, heard: &Heard) -> Outcome {
         let ann = &heard.ann;
         let e = match self.update(heard).await {
             Ok(()) => return Outcome::Done,
@@ -258,7 +282,7 @@ impl Updater {
     /// needs (one largest chunk when its manifest is not stored): the failure may well be
     /// that, and what no kept release needs is worth freeing.
     fn store_is_full(&self, ann: &proto::announcement::Announcement) -> bool {
-        let Some(free) = self.store.free_bytes() else {
+        let Some(free) = (self.free_bytes)(&self.store) else {
             return false;
         };
         let needed = match self.stored_manifest(&ann.manifest) {
@@ -356,6 +380,25 @@ impl Updater {
             });
         }
         Ok(())
+    }
+
+    /// Refuses a release the store's file system has no room for (its missing chunks and
+    /// its slot) before anything of it is fetched: a download that fills the disk fails
+    /// half-way, and nothing else (the state, the status file) can be written meanwhile.
+    fn check_room(&self, m: &proto::manifest::Manifest) -> Result<(), DiskFull> {
+        let Some(free) = (self.free_bytes)(&self.store) else {
+            return Ok(());
+        };
+        let needed = self.store.missing_bytes(m) + m.image_size;
+        if free >= needed {
+            return Ok(());
+        }
+        Err(DiskFull {
+            release: m.release,
+            needed,
+            free,
+            dir: self.store.dir().to_path_buf(),
+        })
     }
 
     /// Served on demand: the pool owns its instances; the updater only boots a new release
@@ -493,6 +536,7 @@ impl Updater {
         banned: &crate::fetch::Banned,
     ) -> Result<(), InstallError> {
         let (ann, m) = (&heard.ann, verified.manifest());
+        self.check_room(m)?;
         self.abandoned_at_shutdown(
             self.fetcher.chunks(m, &self.reporter, ann, banned),
             InstallError::FetchChunks,

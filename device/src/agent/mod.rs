@@ -282,6 +282,7 @@ pub async fn run_with_metrics(
         reporter,
         metrics,
         ondemand: Default::default(),
+        free_bytes: Store::free_bytes,
         tasks: tasks.clone(),
     };
     // Graceful: it stops between steps of an install, never in the middle of one.
