@@ -1,11 +1,48 @@
 //! The device's TOML configuration (written by `device enroll`, read by `device run`).
 
 use crate::autoscale::ScaleConfig;
-use anyhow::{Context, Result};
 use proto::manifest::{HealthProbe, Manifest, Platform};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// Why a device.toml was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("resolving {}", path.display())]
+    Resolve {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file's text, named ([`Config::parse`] does not know the file).
+    #[error("config {}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: Box<ConfigError>,
+    },
+    #[error("parsing")]
+    Parse(#[source] Box<toml::de::Error>),
+    #[error(transparent)]
+    Name(#[from] proto::names::BadName),
+    #[error(transparent)]
+    Platform(#[from] proto::manifest::UnknownPlatform),
+    #[error(transparent)]
+    Nic(#[from] crate::hypervisor::BadNic),
+    #[error(transparent)]
+    GuestAddresses(#[from] crate::hypervisor::addresses::BadGuestAddresses),
+    #[error("domain_type = {0:?}: use auto, kvm or qemu (TCG)")]
+    DomainType(String),
+    #[error("parallel_fetches must be at least 1")]
+    ParallelFetches,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,9 +171,11 @@ fn default_parallel() -> usize {
 }
 
 impl Config {
-    pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config {}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         // Absolute paths: libvirtd (another process, another working directory) opens
         // the image and the console log by these names.
         let parent = path
@@ -145,13 +184,19 @@ impl Config {
             .unwrap_or(Path::new("."));
         let base = parent
             .canonicalize()
-            .with_context(|| format!("resolving {}", parent.display()))?;
-        Config::parse(&text, &base).with_context(|| format!("config {}", path.display()))
+            .map_err(|source| ConfigError::Resolve {
+                path: parent.into(),
+                source,
+            })?;
+        Config::parse(&text, &base).map_err(|e| ConfigError::File {
+            path: path.into(),
+            source: Box::new(e),
+        })
     }
 
     /// Parses and validates a config's text; relative paths are taken from `base`.
-    pub fn parse(text: &str, base: &Path) -> Result<Config> {
-        let mut cfg: Config = toml::from_str(text).context("parsing")?;
+    pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(Box::new(e)))?;
         for p in [&mut cfg.root, &mut cfg.key, &mut cfg.state_dir] {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -161,7 +206,7 @@ impl Config {
         Ok(cfg)
     }
 
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         proto::names::check("device", &self.name)?;
         proto::names::check("fleet", &self.fleet)?;
         proto::names::check("channel", &self.channel)?;
@@ -171,15 +216,12 @@ impl Config {
         self.platform()?;
         self.nic()?;
         self.guest_addresses()?;
-        anyhow::ensure!(
-            ["auto", "kvm", "qemu", "xen"].contains(&self.domain_type.as_str()),
-            "domain_type = {:?}: use auto, kvm or qemu (TCG)",
-            self.domain_type
-        );
-        anyhow::ensure!(
-            self.parallel_fetches > 0,
-            "parallel_fetches must be at least 1"
-        );
+        if !["auto", "kvm", "qemu", "xen"].contains(&self.domain_type.as_str()) {
+            return Err(ConfigError::DomainType(self.domain_type.clone()));
+        }
+        if self.parallel_fetches == 0 {
+            return Err(ConfigError::ParallelFetches);
+        }
         Ok(())
     }
 

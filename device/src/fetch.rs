@@ -9,8 +9,7 @@ use crate::config::Config;
 use crate::metrics::DeviceMetrics;
 use crate::report::Reporter;
 use crate::schedule::{BlobFetch, HubAnswer, Miss, Reports, Sources, Step, Took, STALL_LIMIT};
-use crate::store::Store;
-use anyhow::{bail, Context, Result};
+use crate::store::{Store, StoreError};
 use futures::StreamExt;
 use net::ratelimit::RateLimiter;
 use net::{FetchError, Multiaddr, NetClient, Path, PeerId, Want};
@@ -21,6 +20,26 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Why a blob, or a release's chunks, were not fetched and stored.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error(
+        "no peer or hub delivered blob {} and nothing else was stored for {}; the download \
+         is tried again later",
+        blob.short(),
+        humantime::format_duration(*stalled)
+    )]
+    Stalled { blob: Digest, stalled: Duration },
+    #[error("a blob was delivered but its bytes went missing")]
+    Lost,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("storing chunk {}", .0.short())]
+    Join(Digest, #[source] tokio::task::JoinError),
+}
+
+type Result<T, E = DownloadError> = std::result::Result<T, E>;
 
 /// Peers that sent a bad blob during one release's download: not asked again for it.
 pub type Banned = Mutex<HashSet<PeerId>>;
@@ -165,15 +184,13 @@ impl Fetcher {
                     tokio::time::sleep(wait).await;
                     fetch.ask(&self.sources())
                 }
-                Step::Done => {
-                    return got.context("a blob was delivered but its bytes went missing")
+                Step::Done => return got.ok_or(DownloadError::Lost),
+                Step::Stalled => {
+                    return Err(DownloadError::Stalled {
+                        blob: *digest,
+                        stalled: STALL_LIMIT,
+                    })
                 }
-                Step::Stalled => bail!(
-                    "no peer or hub delivered blob {} and nothing else was stored for {}; \
-                     the download is tried again later",
-                    digest.short(),
-                    humantime::format_duration(STALL_LIMIT)
-                ),
             };
         }
     }
@@ -467,7 +484,10 @@ impl Fetcher {
                 let store = self.store.clone();
                 let len = bytes.len();
                 let t = Instant::now();
-                self.tasks.spawn_blocking(move || store.put_chunk(&c.digest, &bytes)).await??;
+                self.tasks
+                    .spawn_blocking(move || store.put_chunk(&c.digest, &bytes))
+                    .await
+                    .map_err(|e| DownloadError::Join(c.digest, e))??;
                 tracing::debug!(blob = %c.digest.short(), ms = t.elapsed().as_millis() as u64, "chunk stored");
                 self.account(len, path);
                 let n = have.fetch_add(1, Ordering::Relaxed) + 1;
@@ -482,7 +502,7 @@ impl Fetcher {
                 // Last: the next fetch begins when this one ends, and takes the report.
                 let alone = reports.lock().expect("not poisoned").stored(c.digest);
                 self.report_stored(alone);
-                anyhow::Ok(())
+                Ok::<_, DownloadError>(())
             }
         }))
         .buffer_unordered(self.parallel);

@@ -296,12 +296,12 @@ fn run(config: PathBuf) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(device::agent::run(cfg, async {
+    Ok(rt.block_on(device::agent::run(cfg, async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("signal handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-    }))
+    }))?)
 }

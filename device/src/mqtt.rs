@@ -80,7 +80,7 @@ pub fn start(
     subscribe: Vec<String>,
     out: mpsc::Sender<(String, Vec<u8>)>,
     tasks: &net::tasks::Tasks,
-) -> anyhow::Result<Mqtt> {
+) -> Result<Mqtt, net::BrokerUrlError> {
     let (host, port) = net::parse_mqtt_url(url)?;
     let client_id = format!("unifleet-device-{name}");
     let mut opts = MqttOptions::new(&client_id, host, port);

@@ -128,20 +128,28 @@ pub struct PoolContext {
     pub tasks: net::tasks::Tasks,
 }
 
+/// Why an app's on-demand proxy did not start.
+#[derive(Debug, thiserror::Error)]
+#[error("on-demand proxy for {app} cannot listen on {listen}")]
+pub struct ListenError {
+    app: String,
+    listen: String,
+    #[source]
+    source: std::io::Error,
+}
+
 /// Starts the proxy and the pool (they run until the agent's tasks are cancelled).
 pub async fn start(
     ctx: PoolContext,
     cfg: OnDemandConfig,
     image: Image,
-) -> anyhow::Result<PoolHandle> {
+) -> Result<PoolHandle, ListenError> {
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "on-demand proxy for {} cannot listen on {}: {e}",
-                cfg.app,
-                cfg.listen
-            )
+        .map_err(|source| ListenError {
+            app: cfg.app.clone(),
+            listen: cfg.listen.clone(),
+            source,
         })?;
     tracing::info!(app = %cfg.app, listen = %cfg.listen, "on-demand proxy listening");
     let (tx, rx) = mpsc::channel::<Msg>(256);

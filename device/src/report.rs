@@ -217,7 +217,11 @@ impl Reporter {
             })
             .await;
         if let Ok(Err(e)) = wrote {
-            tracing::warn!("writing {}: {e:#}", self.status_file.display());
+            tracing::warn!(
+                "writing {}: {}",
+                self.status_file.display(),
+                proto::Chain(&e)
+            );
         }
     }
 

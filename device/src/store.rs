@@ -12,7 +12,6 @@
 //! A kill -9 at any instant leaves `state.json` old or new, never torn; a slot is named in
 //! `state.json` only after it is complete and fsynced; chunks are re-verified when read.
 
-use anyhow::{Context, Result};
 use proto::manifest::{ImageVerifier, Manifest};
 use proto::Digest;
 use serde::{Deserialize, Serialize};
@@ -118,6 +117,40 @@ pub enum AssembleError {
     },
 }
 
+/// Why the state directory could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op} {}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("encoding {}", path.display())]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{} is not a file in a directory", .0.display())]
+    NotAFile(PathBuf),
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// `op` on `path` failed: the error to return.
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io { op, path, source }
+}
+
 impl State {
     /// `state.json`'s bytes, as [`Store::load_state`] reads them.
     pub fn parse(bytes: &[u8]) -> Result<State, serde_json::Error> {
@@ -132,28 +165,25 @@ pub struct Store {
 
 /// Writes `bytes` to `path` via a temporary file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().context("path has no parent")?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .context("path has no file name")?
-            .to_string_lossy()
-    ));
-    let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()
-        .with_context(|| format!("syncing {}", tmp.display()))?;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(StoreError::NotAFile(path.into()));
+    };
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let mut f = File::create(&tmp).map_err(io("creating", &tmp))?;
+    f.write_all(bytes).map_err(io("writing", &tmp))?;
+    f.sync_all().map_err(io("syncing", &tmp))?;
     drop(f);
-    fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
-    File::open(dir)?.sync_all()?;
-    Ok(())
+    fs::rename(&tmp, path).map_err(io("renaming into", path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing", dir))
 }
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
         for sub in ["chunks", "manifests", "slots"] {
-            fs::create_dir_all(dir.join(sub))
-                .with_context(|| format!("creating {}/{sub}", dir.display()))?;
+            let path = dir.join(sub);
+            fs::create_dir_all(&path).map_err(io("creating", &path))?;
         }
         Ok(Store {
             dir: dir.to_path_buf(),
@@ -183,10 +213,8 @@ impl Store {
         let path = self.chunk_path(d);
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let written = fs::write(&tmp, bytes)
-            .with_context(|| format!("writing {}", tmp.display()))
-            .and_then(|()| {
-                fs::rename(&tmp, &path).with_context(|| format!("renaming {}", path.display()))
-            });
+            .map_err(io("writing", &tmp))
+            .and_then(|()| fs::rename(&tmp, &path).map_err(io("renaming", &path)));
         if written.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -349,11 +377,13 @@ impl Store {
     pub fn load_state(&self) -> Result<State> {
         let path = self.dir.join("state.json");
         match fs::read(&path) {
-            Ok(bytes) => {
-                State::parse(&bytes).with_context(|| format!("parsing {}", path.display()))
-            }
+            Ok(bytes) => State::parse(&bytes).map_err(|source| StoreError::Parse { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+            Err(source) => Err(StoreError::Io {
+                op: "reading",
+                path,
+                source,
+            }),
         }
     }
 
@@ -372,10 +402,11 @@ impl Store {
     }
 
     pub fn save_state(&self, state: &State) -> Result<()> {
-        write_atomic(
-            &self.dir.join("state.json"),
-            &serde_json::to_vec_pretty(state)?,
-        )
+        let path = self.dir.join("state.json");
+        match serde_json::to_vec_pretty(state) {
+            Ok(bytes) => write_atomic(&path, &bytes),
+            Err(source) => Err(StoreError::Encode { path, source }),
+        }
     }
 
     /// Removes slots no longer named by the state (old releases, partial files).

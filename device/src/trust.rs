@@ -6,7 +6,7 @@
 //! accepted), `roots/<version>.bin` (every link accepted, served to peers catching up),
 //! `revocations.bin`, `clock-floor` (Unix seconds, text).
 
-use crate::store::write_atomic;
+use crate::store::{write_atomic, StoreError};
 use net::PeerId;
 use proto::codec::Kind;
 use proto::envelope::Envelope;
@@ -81,7 +81,7 @@ impl Clock {
         if floor > stored && (stored == 0 || floor >= stored + PERSIST_EVERY) {
             match write_atomic(&self.path, floor.to_string().as_bytes()) {
                 Ok(()) => self.stored.store(floor, Ordering::Relaxed),
-                Err(e) => tracing::warn!("keeping the clock floor: {e:#}"),
+                Err(e) => tracing::warn!("keeping the clock floor: {}", proto::Chain(&e)),
             }
         }
     }
@@ -132,11 +132,12 @@ pub enum TrustError {
     Verify(#[from] VerifyError),
     #[error("a root {ahead} versions ahead (more than {MAX_LINKS} links to fetch)")]
     TooFarAhead { ahead: u64 },
-    #[error("keeping the new {what} in {path}: {source:#}")]
+    #[error("keeping the new {what} in {}", path.display())]
     Keep {
         what: &'static str,
         path: PathBuf,
-        source: anyhow::Error,
+        #[source]
+        source: StoreError,
     },
 }
 
@@ -305,7 +306,11 @@ impl Trust {
     fn keep(&self, what: &'static str, path: &Path, bytes: &[u8]) -> Result<(), TrustError> {
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)
-            .map_err(anyhow::Error::from)
+            .map_err(|source| StoreError::Io {
+                op: "creating",
+                path: dir.to_path_buf(),
+                source,
+            })
             .and_then(|()| write_atomic(path, bytes))
             .map_err(|source| TrustError::Keep {
                 what,

@@ -218,7 +218,7 @@ impl Blobs {
         let net = self.net.clone();
         self.tasks.spawn(async move {
             let found = store.record(record).await.unwrap_or_else(|e| {
-                tracing::warn!("reading a signed record for a peer: {e:#}");
+                tracing::warn!("reading a signed record for a peer: {}", proto::Chain(&e));
                 None
             });
             let response = found.map_or(BlobResponse::NotFound, BlobResponse::Found);
@@ -240,7 +240,7 @@ impl Blobs {
         let upload = self.upload.clone();
         self.tasks.spawn(async move {
             let blob = store.blob(digest).await.unwrap_or_else(|e| {
-                tracing::warn!(blob = %digest.short(), "reading a blob for a peer: {e:#}");
+                tracing::warn!(blob = %digest.short(), "reading a blob for a peer: {}", proto::Chain(&e));
                 None
             });
             let response = match blob {

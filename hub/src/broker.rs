@@ -1,14 +1,28 @@
 //! The embedded MQTT broker (rumqttd), listening on loopback unless configured otherwise.
 
-use anyhow::{Context, Result};
+/// Why the embedded broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("embedded MQTT broker cannot listen on {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("embedded broker configuration")]
+    Config(#[source] Box<toml::de::Error>),
+    #[error("starting the embedded broker's thread")]
+    Thread(#[source] std::io::Error),
+}
 
 /// Starts the broker on its own thread. Fails if the address cannot be bound.
-pub fn start(listen: &str) -> Result<()> {
+pub fn start(listen: &str) -> Result<(), BrokerError> {
     // Bind once to report a clear error before handing the address to the broker.
-    drop(
-        std::net::TcpListener::bind(listen)
-            .with_context(|| format!("embedded MQTT broker cannot listen on {listen}"))?,
-    );
+    let listener = std::net::TcpListener::bind(listen).map_err(|source| BrokerError::Listen {
+        addr: listen.into(),
+        source,
+    })?;
+    drop(listener);
     let cfg = format!(
         r#"
 id = 0
@@ -29,7 +43,8 @@ max_inflight_count = 100
 dynamic_filters = true
 "#
     );
-    let config: rumqttd::Config = toml::from_str(&cfg).context("embedded broker configuration")?;
+    let config: rumqttd::Config =
+        toml::from_str(&cfg).map_err(|e| BrokerError::Config(Box::new(e)))?;
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
@@ -37,6 +52,7 @@ dynamic_filters = true
             if let Err(e) = broker.start() {
                 tracing::error!("embedded MQTT broker stopped: {e}");
             }
-        })?;
+        })
+        .map_err(BrokerError::Thread)?;
     Ok(())
 }

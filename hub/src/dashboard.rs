@@ -6,12 +6,11 @@
 //! (`SameSite=Strict`, so another site cannot submit the buttons). Changes go through the
 //! same code as `hub rollout`, then the running hub is told to reload, as the CLI does.
 
-use crate::home::Home;
+use crate::home::{Home, WriteError};
 use crate::inventory::Inventory;
-use crate::rollout::HoldChange;
+use crate::rollout::{HoldChange, RolloutError};
 use crate::store::Store;
-use crate::view::{DevicePage, Filter, Snapshot};
-use anyhow::{Context, Result};
+use crate::view::{DevicePage, Filter, Snapshot, ViewError};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -40,17 +39,42 @@ struct Dashboard {
 
 type Shared = Arc<Dashboard>;
 
+/// Why the dashboard could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DashboardError {
+    // getrandom's error is not always a std error (its `std` feature): named, not chained.
+    #[error("making the dashboard's API token: {0}")]
+    Random(getrandom::Error),
+    #[error(transparent)]
+    WriteToken(#[from] WriteError),
+    #[error("reading the API token {}", path.display())]
+    ReadToken {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the dashboard cannot listen on {addr} (--http)")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading the dashboard's address")]
+    Address(#[source] std::io::Error),
+}
+
 /// The API token, made (32 random bytes, hex, mode 0600) on first use.
-pub fn token(home: &Home) -> Result<String> {
+pub fn token(home: &Home) -> Result<String, DashboardError> {
     let path = home.dir.join("keys/http.token");
     if !path.exists() {
         let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes).context("making the dashboard's API token")?;
+        getrandom::fill(&mut bytes).map_err(DashboardError::Random)?;
         crate::home::write_secret_text(&path, &hex::encode(bytes))?;
     }
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading the API token {}", path.display()))?;
-    Ok(text.trim().to_string())
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(text.trim().to_string()),
+        Err(source) => Err(DashboardError::ReadToken { path, source }),
+    }
 }
 
 /// The inventory as `hub serve` last wrote it (the dashboard reads no inventory file for
@@ -58,10 +82,13 @@ pub fn token(home: &Home) -> Result<String> {
 pub type LiveInventory = tokio::sync::watch::Receiver<Arc<Inventory>>;
 
 /// The dashboard's listener (`--http ADDR`).
-pub async fn bind(addr: &str) -> Result<tokio::net::TcpListener> {
+pub async fn bind(addr: &str) -> Result<tokio::net::TcpListener, DashboardError> {
     tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("the dashboard cannot listen on {addr} (--http)"))
+        .map_err(|source| DashboardError::Bind {
+            addr: addr.into(),
+            source,
+        })
 }
 
 /// Serves the dashboard on `listener` on the hub's cancellation tree.
@@ -70,7 +97,7 @@ pub fn start(
     home: Home,
     inventory: LiveInventory,
     tasks: &net::tasks::Tasks,
-) -> Result<()> {
+) -> Result<(), DashboardError> {
     let (live_tx, live) = tokio::sync::watch::channel(None);
     let state = Arc::new(Dashboard {
         token: token(&home)?,
@@ -82,7 +109,7 @@ pub fn start(
     tasks.spawn(async move { refresh(reader, live_tx, inventory).await });
     tracing::info!(
         "dashboard on http://{}/ (API token in {})",
-        listener.local_addr()?,
+        listener.local_addr().map_err(DashboardError::Address)?,
         state.home.dir.join("keys/http.token").display()
     );
     let app = router(state);
@@ -122,32 +149,31 @@ fn router(state: Shared) -> Router {
 }
 
 /// A page or API answer that could not be made: 500 with the reason, logged.
-struct Failed(anyhow::Error);
+#[derive(Debug, thiserror::Error)]
+enum Failed {
+    #[error(transparent)]
+    View(#[from] ViewError),
+    #[error("reading the hub's home")]
+    Read(#[from] tokio::task::JoinError),
+}
 
 impl IntoResponse for Failed {
     fn into_response(self) -> Response {
-        tracing::warn!("dashboard: {:#}", self.0);
-        (StatusCode::INTERNAL_SERVER_ERROR, format!("{:#}\n", self.0)).into_response()
-    }
-}
-
-impl<E: Into<anyhow::Error>> From<E> for Failed {
-    fn from(e: E) -> Failed {
-        Failed(e.into())
+        let why = proto::Chain(&self);
+        tracing::warn!("dashboard: {why}");
+        (StatusCode::INTERNAL_SERVER_ERROR, format!("{why}\n")).into_response()
     }
 }
 
 /// Reads the home on a blocking thread (git2 and the inventory file). Untracked by the
 /// tree on purpose: a read abandoned at shutdown changes nothing.
 #[allow(clippy::disallowed_methods)]
-async fn read<T: Send + 'static>(
+async fn read<T: Send + 'static, E: Send + 'static>(
     d: &Shared,
-    f: impl FnOnce(&Home) -> Result<T> + Send + 'static,
-) -> Result<T> {
+    f: impl FnOnce(&Home) -> Result<T, E> + Send + 'static,
+) -> Result<Result<T, E>, tokio::task::JoinError> {
     let home = d.home.clone();
-    tokio::task::spawn_blocking(move || f(&home))
-        .await
-        .context("reading the hub's home")?
+    tokio::task::spawn_blocking(move || f(&home)).await
 }
 
 fn signed_in(d: &Dashboard, headers: &HeaderMap) -> bool {
@@ -180,12 +206,12 @@ async fn devices_page(
     State(d): State<Shared>,
     Query(filter): Query<Filter>,
 ) -> Result<Html<String>, Failed> {
-    let s = read(&d, Snapshot::read).await?;
+    let s = read(&d, Snapshot::read).await??;
     Ok(Html(crate::pages::devices(&s, &filter).into_string()))
 }
 
 async fn releases_page(State(d): State<Shared>) -> Result<Html<String>, Failed> {
-    let s = read(&d, Snapshot::read).await?;
+    let s = read(&d, Snapshot::read).await??;
     Ok(Html(crate::pages::releases(&s).into_string()))
 }
 
@@ -193,7 +219,7 @@ async fn rollouts_page(
     State(d): State<Shared>,
     headers: HeaderMap,
 ) -> Result<Html<String>, Failed> {
-    let s = read(&d, Snapshot::read).await?;
+    let s = read(&d, Snapshot::read).await??;
     Ok(Html(
         crate::pages::rollouts(&s, signed_in(&d, &headers)).into_string(),
     ))
@@ -204,7 +230,7 @@ async fn device_page(
     Path(name): Path<String>,
 ) -> Result<Response, Failed> {
     let n = name.clone();
-    let page = read(&d, move |h| DevicePage::read(h, &n)).await?;
+    let page = read(&d, move |h| DevicePage::read(h, &n)).await??;
     Ok(match page {
         Some(p) => {
             Html(crate::pages::device(&d.home.config.fleet, &p).into_string()).into_response()
@@ -246,7 +272,7 @@ async fn refresh(
             }
             Ok((kept, Err(e))) => {
                 store = kept;
-                tracing::debug!("dashboard: reading a snapshot: {e:#}");
+                tracing::debug!("dashboard: reading a snapshot: {}", proto::Chain(&e));
             }
             Err(e) => tracing::debug!("dashboard: reading a snapshot: {e}"),
         }
@@ -259,17 +285,17 @@ fn snapshot(
     home: &Home,
     store: Option<Store>,
     inventory: Arc<Inventory>,
-) -> (Option<Store>, Result<Snapshot>) {
+) -> (Option<Store>, Result<Snapshot, ViewError>) {
     let store = match store.map_or_else(|| home.store(), Ok) {
         Ok(s) => s,
-        Err(e) => return (None, Err(e)),
+        Err(e) => return (None, Err(e.into())),
     };
     match crate::rollout::Sources::with(home, store, inventory) {
         Ok(src) => {
             let s = Snapshot::of(&src, &home.config.fleet);
             (Some(src.store), s)
         }
-        Err(e) => (None, Err(e)),
+        Err(e) => (None, Err(e.into())),
     }
 }
 
@@ -344,8 +370,10 @@ enum ChangeError {
     NotSignedIn,
     #[error("unknown action {0:?}: pause, halt or resume")]
     UnknownAction(String),
-    #[error("{0:#}")]
-    Refused(anyhow::Error),
+    #[error(transparent)]
+    Refused(#[from] RolloutError),
+    #[error("reading the hub's home")]
+    Read(#[from] tokio::task::JoinError),
 }
 
 impl IntoResponse for ChangeError {
@@ -353,9 +381,9 @@ impl IntoResponse for ChangeError {
         let status = match self {
             ChangeError::NotSignedIn => StatusCode::UNAUTHORIZED,
             ChangeError::UnknownAction(_) => StatusCode::NOT_FOUND,
-            ChangeError::Refused(_) => StatusCode::CONFLICT,
+            ChangeError::Refused(_) | ChangeError::Read(_) => StatusCode::CONFLICT,
         };
-        (status, format!("{self}\n")).into_response()
+        (status, format!("{}\n", proto::Chain(&self))).into_response()
     }
 }
 
@@ -368,7 +396,7 @@ async fn change(
         return Err(ChangeError::NotSignedIn);
     }
     let change = change_of(&action).ok_or_else(|| ChangeError::UnknownAction(action.clone()))?;
-    read(d, move |home| {
+    let done = read(d, move |home| {
         let (key, list) = crate::rollout::operator_change(
             home,
             &app,
@@ -378,13 +406,13 @@ async fn change(
             "from the dashboard",
         )?;
         crate::control::reload_trust(home, &mut |l| tracing::debug!("{l}"));
-        Ok(format!(
+        Ok::<_, RolloutError>(format!(
             "{} release {} on {}: {action} (hold list version {})\n",
             key.app, key.release, key.channel, list.version
         ))
     })
-    .await
-    .map_err(ChangeError::Refused)
+    .await??;
+    Ok(done)
 }
 
 async fn rollout_form(
@@ -410,17 +438,17 @@ async fn rollout_api(
 }
 
 async fn api_devices(State(d): State<Shared>) -> Result<Response, Failed> {
-    let s = read(&d, Snapshot::read).await?;
+    let s = read(&d, Snapshot::read).await??;
     Ok(Json(s.devices).into_response())
 }
 
 async fn api_releases(State(d): State<Shared>) -> Result<Response, Failed> {
-    let s = read(&d, Snapshot::read).await?;
+    let s = read(&d, Snapshot::read).await??;
     Ok(Json(s.releases).into_response())
 }
 
 async fn api_rollouts(State(d): State<Shared>) -> Result<Response, Failed> {
-    let s = read(&d, Snapshot::read).await?;
+    let s = read(&d, Snapshot::read).await??;
     Ok(Json(s.rollouts).into_response())
 }
 

@@ -1,8 +1,7 @@
 //! The hub's home directory: `hub.toml`, keys, trust root, the git store and the deploy
 //! repository.
 
-use crate::store::Store;
-use anyhow::{Context, Result};
+use crate::store::{Store, StoreError};
 use proto::root::TrustedRoot;
 use proto::SecretKey;
 use serde::{Deserialize, Serialize};
@@ -89,12 +88,114 @@ pub fn now() -> u64 {
         .unwrap_or(0)
 }
 
-pub fn write_secret(path: &Path, key: &SecretKey) -> Result<()> {
+/// Why a file in the hub's home could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("creating {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("replacing {}", path.display())]
+    Replace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("encoding {}", path.display())]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Why a key could not be read or made.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("reading key {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("key {} is readable by others; chmod 600 it", path.display())]
+    Exposed { path: PathBuf },
+    #[error("reading key {}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: proto::keys::KeyTextError,
+    },
+    // getrandom's error is not always a std error (its `std` feature): named, not chained.
+    #[error("reading OS randomness: {0}")]
+    Random(getrandom::Error),
+}
+
+/// Why the hub's home (its config, keys, trust root or store) could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    #[error(
+        "reading {} (create a hub there with `hub --dir {} init`)",
+        path.display(),
+        dir.display()
+    )]
+    ReadConfig {
+        path: PathBuf,
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {}", path.display())]
+    ParseConfig {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("moving the releases of {} into platform directories", path.display())]
+    UpgradeLayout {
+        path: PathBuf,
+        #[source]
+        source: StoreError,
+    },
+    #[error(
+        "{} is missing: this hub home predates the timestamp role. Make a key \
+         (`fwtool keygen`), rotate the root to list it as the timestamp key \
+         (`fwtool root rotate --timestamp-key`), and `hub root publish` it",
+        path.display()
+    )]
+    NoTimestampKey { path: PathBuf },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("reading {}", path.display())]
+    ReadRoot {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the hub's trust root {}", path.display())]
+    Root {
+        path: PathBuf,
+        #[source]
+        source: Box<proto::VerifyError>,
+    },
+}
+
+pub fn write_secret(path: &Path, key: &SecretKey) -> Result<(), WriteError> {
     write_secret_text(path, &key.to_text())
 }
 
 /// Creates `path` (it must not exist) readable by its owner only, with `text`.
-pub fn write_secret_text(path: &Path, text: &str) -> Result<()> {
+pub fn write_secret_text(path: &Path, text: &str) -> Result<(), WriteError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -102,53 +203,78 @@ pub fn write_secret_text(path: &Path, text: &str) -> Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    Ok(())
+        .map_err(|source| WriteError::Create {
+            path: path.into(),
+            source,
+        })?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|source| WriteError::Write {
+            path: path.into(),
+            source,
+        })
 }
 
 /// Replaces a key file atomically (mode 0600 from the start).
-pub fn replace_secret(path: &Path, key: &SecretKey) -> Result<()> {
+pub fn replace_secret(path: &Path, key: &SecretKey) -> Result<(), WriteError> {
     let tmp = path.with_extension("new");
     let _ = std::fs::remove_file(&tmp);
     write_secret(&tmp, key)?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    std::fs::rename(&tmp, path).map_err(|source| WriteError::Replace {
+        path: path.into(),
+        source,
+    })
 }
 
 /// Writes `bytes` to `path` through a synced temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
     use std::io::Write;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).map_err(|source| WriteError::Create {
+            path: dir.into(),
+            source,
+        })?;
     }
     let tmp = path.with_extension("tmp");
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
+    let mut f = std::fs::File::create(&tmp).map_err(|source| WriteError::Create {
+        path: tmp.clone(),
+        source,
+    })?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|source| WriteError::Write {
+            path: tmp.clone(),
+            source,
+        })?;
+    std::fs::rename(&tmp, path).map_err(|source| WriteError::Replace {
+        path: path.into(),
+        source,
+    })
 }
 
-pub fn new_key() -> Result<SecretKey> {
+pub fn new_key() -> Result<SecretKey, KeyError> {
     let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("reading OS randomness: {e}"))?;
+    getrandom::fill(&mut seed).map_err(KeyError::Random)?;
     Ok(SecretKey::from_seed(seed))
 }
 
 impl Home {
-    pub fn open(dir: &Path) -> Result<Home> {
+    pub fn open(dir: &Path) -> Result<Home, HomeError> {
         let path = dir.join("hub.toml");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "reading {} (create a hub there with `hub --dir {} init`)",
-                path.display(),
-                dir.display()
-            )
-        })?;
-        let config: HubConfig =
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(source) => {
+                let dir = dir.into();
+                return Err(HomeError::ReadConfig { path, dir, source });
+            }
+        };
+        let config: HubConfig = match toml::from_str(&text) {
+            Ok(config) => config,
+            Err(e) => {
+                let source = Box::new(e);
+                return Err(HomeError::ParseConfig { path, source });
+            }
+        };
         Ok(Home {
             dir: dir.to_path_buf(),
             config,
@@ -157,42 +283,35 @@ impl Home {
 
     /// The git store, its layout brought up to date first (a store from before platform
     /// directories has its releases moved into them, once, in one commit).
-    pub fn store(&self) -> Result<Store> {
-        let store = Store::open(&self.dir.join("store.git"))?;
-        let moved = store.upgrade_layout().with_context(|| {
-            format!(
-                "moving the releases of {} into platform directories",
-                self.dir.join("store.git").display()
-            )
-        })?;
+    pub fn store(&self) -> Result<Store, HomeError> {
+        let path = self.dir.join("store.git");
+        let store = Store::open(&path)?;
+        let moved = store
+            .upgrade_layout()
+            .map_err(|source| HomeError::UpgradeLayout { path, source })?;
         if moved > 0 {
             tracing::info!("moved {moved} release file(s) into platform directories");
         }
         Ok(store)
     }
 
-    pub fn release_key(&self) -> Result<SecretKey> {
+    pub fn release_key(&self) -> Result<SecretKey, KeyError> {
         read_secret(&self.dir.join("keys/release.key"))
     }
 
     /// The hub's online timestamp key: it signs announcements and the revocation list.
-    pub fn timestamp_key(&self) -> Result<SecretKey> {
+    pub fn timestamp_key(&self) -> Result<SecretKey, HomeError> {
         let path = self.dir.join("keys/timestamp.key");
         if !path.exists() {
-            anyhow::bail!(
-                "{} is missing: this hub home predates the timestamp role. Make a key \
-                 (`fwtool keygen`), rotate the root to list it as the timestamp key \
-                 (`fwtool root rotate --timestamp-key`), and `hub root publish` it",
-                path.display()
-            );
+            return Err(HomeError::NoTimestampKey { path });
         }
-        read_secret(&path)
+        Ok(read_secret(&path)?)
     }
 
     /// The hub's online rollout key: it signs the list of held releases, nothing else.
     /// `None`: this hub cannot hold releases (its root names a rollout key kept elsewhere,
     /// or the key was not given to `hub init`).
-    pub fn rollout_key(&self) -> Result<Option<SecretKey>> {
+    pub fn rollout_key(&self) -> Result<Option<SecretKey>, KeyError> {
         let path = self.dir.join("keys/rollout.key");
         if !path.exists() {
             return Ok(None);
@@ -201,33 +320,36 @@ impl Home {
     }
 
     /// The hub's libp2p identity seed (a key of its own, so its peer id is stable).
-    pub fn p2p_seed(&self) -> Result<[u8; 32]> {
+    pub fn p2p_seed(&self) -> Result<[u8; 32], KeyError> {
         Ok(read_secret(&self.dir.join("keys/p2p.key"))?.seed())
     }
 
-    pub fn root_bytes(&self) -> Result<Vec<u8>> {
-        let p = self.dir.join("root.bin");
-        std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
+    pub fn root_bytes(&self) -> Result<Vec<u8>, HomeError> {
+        let path = self.dir.join("root.bin");
+        std::fs::read(&path).map_err(|source| HomeError::ReadRoot { path, source })
     }
 
     /// The hub's root even if it has expired (anchored at its last valid second): the
     /// root a rotation must follow, however late it comes.
-    pub fn anchor_root(&self) -> Result<TrustedRoot> {
-        let path = self.dir.join("root.bin");
+    pub fn anchor_root(&self) -> Result<TrustedRoot, HomeError> {
         let bytes = self.root_bytes()?;
-        let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Root)
-            .with_context(|| format!("the hub's trust root {}", path.display()))?;
-        let claimed: proto::root::Root =
-            proto::codec::decode(proto::codec::Kind::Root, &env.payload)
-                .with_context(|| format!("the hub's trust root {}", path.display()))?;
-        TrustedRoot::bootstrap(&bytes, now().min(claimed.expires_at.saturating_sub(1)))
-            .with_context(|| format!("the hub's trust root {}", path.display()))
+        let anchored = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Root)
+            .and_then(|env| {
+                let claimed: proto::root::Root =
+                    proto::codec::decode(proto::codec::Kind::Root, &env.payload)?;
+                TrustedRoot::bootstrap(&bytes, now().min(claimed.expires_at.saturating_sub(1)))
+            });
+        anchored.map_err(|source| self.bad_root(source))
     }
 
-    pub fn trusted_root(&self) -> Result<TrustedRoot> {
+    pub fn trusted_root(&self) -> Result<TrustedRoot, HomeError> {
+        TrustedRoot::bootstrap(&self.root_bytes()?, now()).map_err(|source| self.bad_root(source))
+    }
+
+    fn bad_root(&self, source: proto::VerifyError) -> HomeError {
         let path = self.dir.join("root.bin");
-        TrustedRoot::bootstrap(&self.root_bytes()?, now())
-            .with_context(|| format!("the hub's trust root {}", path.display()))
+        let source = Box::new(source);
+        HomeError::Root { path, source }
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -239,15 +361,19 @@ impl Home {
     }
 }
 
-pub fn read_secret(path: &Path) -> Result<SecretKey> {
+pub fn read_secret(path: &Path) -> Result<SecretKey, KeyError> {
     use std::os::unix::fs::PermissionsExt;
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("reading key {}", path.display()))?;
-    anyhow::ensure!(
-        meta.permissions().mode() & 0o077 == 0,
-        "key {} is readable by others; chmod 600 it",
-        path.display()
-    );
-    SecretKey::from_text(&std::fs::read_to_string(path)?)
-        .with_context(|| format!("reading key {}", path.display()))
+    let unreadable = |source| KeyError::Read {
+        path: path.into(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(unreadable)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(KeyError::Exposed { path: path.into() });
+    }
+    let text = std::fs::read_to_string(path).map_err(unreadable)?;
+    SecretKey::from_text(&text).map_err(|source| KeyError::Parse {
+        path: path.into(),
+        source,
+    })
 }

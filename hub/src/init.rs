@@ -1,10 +1,58 @@
 //! `hub --dir DIR init`: a new hub home.
 
-use crate::home::{new_key, now, write_secret, HubConfig};
-use crate::store::{Change, Event, Store};
-use anyhow::{bail, Context, Result};
+use crate::home::{new_key, now, write_secret, HubConfig, KeyError, WriteError};
+use crate::store::{Change, Event, Store, StoreError};
 use proto::root::{Role, Root, TrustedRoot};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Why `hub init` made no hub home (or only part of one).
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("{} is already a hub home", .0.display())]
+    Exists(PathBuf),
+    #[error(transparent)]
+    Fleet(#[from] proto::names::BadName),
+    #[error(
+        "--root needs --timestamp-key (and --release-key, unless releases are co-signed; \
+         --rollout-key to pause and halt rollouts)"
+    )]
+    Flags,
+    #[error("reading {}", path.display())]
+    ReadRoot {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("trust root {}", path.display())]
+    Root {
+        path: PathBuf,
+        #[source]
+        source: Box<proto::VerifyError>,
+    },
+    #[error("{} is not {what}", path.display())]
+    NotRootKey { path: PathBuf, what: &'static str },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("copying {} to {}", from.display(), to.display())]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("signing the quick-start root")]
+    Sign(#[source] proto::codec::CodecError),
+    #[error("encoding hub.toml")]
+    Config(#[source] toml::ser::Error),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Deploy(#[from] crate::deploy::CreateError),
+}
+
+type Result<T, E = InitError> = std::result::Result<T, E>;
 
 /// How long a quick-start root lasts. Its root key is on the hub, so `hub root renew`
 /// makes the next one in a command; `hub status` warns from 60 days before.
@@ -29,11 +77,13 @@ pub struct InitArgs<'a> {
 /// Creates the hub home; returns a warning to show when the quick-start root was made.
 pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
     if dir.join("hub.toml").exists() {
-        bail!("{} is already a hub home", dir.display());
+        return Err(InitError::Exists(dir.into()));
     }
     proto::names::check("fleet", args.fleet)?;
-    std::fs::create_dir_all(dir.join("keys"))
-        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("keys")).map_err(|source| WriteError::Create {
+        path: dir.into(),
+        source,
+    })?;
     let (root_bytes, fleet, warning) = match (args.root, args.timestamp_key) {
         (Some(root), Some(timestamp)) => {
             let (bytes, fleet) = offline_root(dir, args, root, timestamp)?;
@@ -43,12 +93,10 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
             let (bytes, fleet, warning) = quick_start_root(dir, args)?;
             (bytes, fleet, Some(warning))
         }
-        _ => {
-            bail!("--root needs --timestamp-key (and --release-key, unless releases are co-signed; --rollout-key to pause and halt rollouts)")
-        }
+        _ => return Err(InitError::Flags),
     };
     write_secret(&dir.join("keys/p2p.key"), &new_key()?)?;
-    std::fs::write(dir.join("root.bin"), &root_bytes)?;
+    write(&dir.join("root.bin"), &root_bytes)?;
     let config = HubConfig {
         fleet: fleet.clone(),
         mqtt_listen: args.mqtt_listen.into(),
@@ -79,8 +127,41 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
     });
     store.commit("hub init", &change, None)?;
     crate::deploy::create(dir)?;
-    std::fs::write(dir.join("hub.toml"), toml::to_string_pretty(&config)?)?;
+    let config = toml::to_string_pretty(&config).map_err(InitError::Config)?;
+    write(&dir.join("hub.toml"), config.as_bytes())?;
     Ok(warning)
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
+    std::fs::write(path, bytes).map_err(|source| WriteError::Write {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Copies a key given to `hub init` into the home's `keys/`.
+fn copy_key(from: &Path, dir: &Path, file: &str) -> Result<()> {
+    let to = dir.join("keys").join(file);
+    match std::fs::copy(from, &to) {
+        Ok(_) => Ok(()),
+        Err(source) => Err(InitError::Copy {
+            from: from.into(),
+            to,
+            source,
+        }),
+    }
+}
+
+/// `path`'s key, which `role` of the root must list (`what` it is to the hub).
+fn check_key(path: &Path, role: &Role, what: &'static str) -> Result<()> {
+    let key = crate::home::read_secret(path)?;
+    if role.key(&key.id()).is_none() {
+        return Err(InitError::NotRootKey {
+            path: path.into(),
+            what,
+        });
+    }
+    Ok(())
 }
 
 /// A root made offline (`fwtool root init`): checked, and the hub's keys checked against
@@ -91,35 +172,34 @@ fn offline_root(
     root: &Path,
     timestamp: &Path,
 ) -> Result<(Vec<u8>, String)> {
-    let bytes = std::fs::read(root).with_context(|| format!("reading {}", root.display()))?;
-    let trusted = TrustedRoot::bootstrap(&bytes, now())
-        .with_context(|| format!("trust root {}", root.display()))?;
-    let key = crate::home::read_secret(timestamp)?;
-    if trusted.root().timestamp.key(&key.id()).is_none() {
-        bail!(
-            "{} is not the root's timestamp key (the hub signs freshness with it)",
-            timestamp.display()
-        );
-    }
-    std::fs::copy(timestamp, dir.join("keys/timestamp.key"))?;
+    let bytes = std::fs::read(root).map_err(|source| InitError::ReadRoot {
+        path: root.into(),
+        source,
+    })?;
+    let trusted = TrustedRoot::bootstrap(&bytes, now()).map_err(|e| InitError::Root {
+        path: root.into(),
+        source: Box::new(e),
+    })?;
+    let roles = trusted.root();
+    check_key(
+        timestamp,
+        &roles.timestamp,
+        "the root's timestamp key (the hub signs freshness with it)",
+    )?;
+    copy_key(timestamp, dir, "timestamp.key")?;
     if let Some(key) = args.rollout_key {
-        let rollout = crate::home::read_secret(key)?;
-        if trusted.root().rollout.key(&rollout.id()).is_none() {
-            bail!(
-                "{} is not the root's rollout key (the hub holds failing releases with it)",
-                key.display()
-            );
-        }
-        std::fs::copy(key, dir.join("keys/rollout.key"))?;
+        check_key(
+            key,
+            &roles.rollout,
+            "the root's rollout key (the hub holds failing releases with it)",
+        )?;
+        copy_key(key, dir, "rollout.key")?;
     }
     // A release key is optional: with a release threshold above 1 (or the release
     // keys all offline) releases are held and co-signed (`hub publish --hold`).
     if let Some(key) = args.release_key {
-        let release = crate::home::read_secret(key)?;
-        if trusted.root().release.key(&release.id()).is_none() {
-            bail!("{} is not one of the root's release keys", key.display());
-        }
-        std::fs::copy(key, dir.join("keys/release.key"))?;
+        check_key(key, &roles.release, "one of the root's release keys")?;
+        copy_key(key, dir, "release.key")?;
     }
     Ok((bytes, trusted.fleet().to_string()))
 }
@@ -156,13 +236,16 @@ fn quick_start_root(dir: &Path, args: &InitArgs<'_>) -> Result<(Vec<u8>, String,
             threshold: 1,
         },
     };
-    let mut env = root.seal()?;
-    env.sign(&root_key)?;
+    let signed = root.seal().and_then(|mut env| {
+        env.sign(&root_key)?;
+        env.encode()
+    });
+    let signed = signed.map_err(InitError::Sign)?;
     let warning = format!(
         "quick start: generated a 1-of-1 trust root whose root key is stored on the hub \
          ({}). For production, create the root offline with `fwtool root init` (k-of-n \
          root keys kept off this machine) and pass --root and --release-key.",
         dir.join("keys/root.key").display()
     );
-    Ok((env.encode()?, args.fleet.to_string(), warning))
+    Ok((signed, args.fleet.to_string(), warning))
 }

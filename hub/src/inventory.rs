@@ -1,9 +1,8 @@
 //! What the hub knows of its devices: the enrolled keys (in the store) and each device's
 //! last report (`inventory.json`).
 
-use crate::home::{write_atomic, Home};
-use crate::store::Store;
-use anyhow::Result;
+use crate::home::{write_atomic, Home, WriteError};
+use crate::store::{Store, StoreError};
 use proto::keys::{KeyId, PublicKey};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -50,12 +49,16 @@ pub fn load_inventory(home: &Home) -> Inventory {
         .unwrap_or_default()
 }
 
-pub(crate) fn save_inventory(home: &Home, inv: &Inventory) -> Result<()> {
-    write_atomic(&home.inventory_path(), &serde_json::to_vec_pretty(inv)?)
+pub(crate) fn save_inventory(home: &Home, inv: &Inventory) -> Result<(), WriteError> {
+    let path = home.inventory_path();
+    match serde_json::to_vec_pretty(inv) {
+        Ok(bytes) => write_atomic(&path, &bytes),
+        Err(source) => Err(WriteError::Encode { path, source }),
+    }
 }
 
 /// Enrolled device keys: key id -> (device name, key).
-pub fn load_devices(store: &Store) -> Result<HashMap<KeyId, (String, PublicKey)>> {
+pub fn load_devices(store: &Store) -> Result<HashMap<KeyId, (String, PublicKey)>, StoreError> {
     let mut out = HashMap::new();
     for file in store.list("devices")? {
         let Some(name) = file.strip_suffix(".pub") else {

@@ -1,6 +1,5 @@
 //! The hub's Prometheus metrics (served by `net::metrics`).
 
-use anyhow::{Context, Result};
 use net::metrics::push;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,15 +41,28 @@ pub struct Metrics {
     pub devices_by_state: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
+/// Why the metrics page could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("metrics cannot listen on {addr}")]
+pub struct MetricsError {
+    addr: String,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Serves the metrics page on `addr` on the hub's cancellation tree.
 pub async fn start(
     addr: &str,
     metrics: Arc<Metrics>,
     net: Arc<net::NetState>,
     tasks: &net::tasks::Tasks,
-) -> Result<()> {
+) -> Result<(), MetricsError> {
     net::metrics::serve(addr, Arc::new(move || render(&metrics, &net)), tasks)
         .await
-        .with_context(|| format!("metrics cannot listen on {addr}"))
+        .map_err(|source| MetricsError {
+            addr: addr.into(),
+            source,
+        })
 }
 
 /// The counters and gauges of [`Metrics`] as scraped: (name, type, help, value), in the

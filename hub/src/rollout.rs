@@ -7,10 +7,9 @@
 //! can hold releases and nothing else), commits it and spreads it like the revocation
 //! list, so devices that have not installed the release stop even with the hub gone.
 
-use crate::home::{now, Home};
+use crate::home::{now, Home, HomeError, KeyError};
 use crate::inventory::{DeviceEntry, Inventory};
-use crate::store::{Change, Event, Store};
-use anyhow::{bail, Context, Result};
+use crate::store::{Change, Event, ListError, Store, StoreError};
 use proto::rollout::{HaltPolicy, Hold, HoldKind, Holds, Rollout};
 use proto::root::TrustedRoot;
 use proto::status::DeviceState;
@@ -20,6 +19,59 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// Where the signed hold list lives in the store.
 pub const HOLDS_PATH: &str = "holds.bin";
+
+/// Why a release's hold could not be changed, or its rollout read.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Holds(#[from] ListError),
+    #[error(
+        "{} is missing: this hub cannot pause or halt releases. Give it the root's rollout \
+         key (`hub init --rollout-key`, or rotate the root with `fwtool root rotate \
+         --rollout-key` and `hub root publish`)",
+        path.display()
+    )]
+    NoRolloutKey { path: std::path::PathBuf },
+    #[error("{app} has no release on {channel} (see `hub releases {app}`)")]
+    NoRelease { app: String, channel: String },
+    #[error("{app} has no release {release} on {channel} (see `hub releases {app}`)")]
+    NoSuchRelease {
+        app: String,
+        channel: String,
+        release: u64,
+    },
+    #[error(
+        "release {} of {} on {} is not held (see `hub rollout status {}`)",
+        .0.release, .0.app, .0.channel, .0.app
+    )]
+    NotHeld(ReleaseKey),
+    #[error("release {} of {} is already {}", .0.release, .0.app, .1.label())]
+    Already(ReleaseKey, HoldKind),
+    #[error("signing the hold list")]
+    Sign(#[source] proto::codec::CodecError),
+    #[error("{0} vanished")]
+    Vanished(String),
+    #[error("reading {path}")]
+    Manifest {
+        path: String,
+        #[source]
+        source: Box<proto::VerifyError>,
+    },
+    #[error("{path} does not verify against the hub's root")]
+    Unverified {
+        path: String,
+        #[source]
+        source: Box<proto::VerifyError>,
+    },
+}
+
+type Result<T, E = RolloutError> = std::result::Result<T, E>;
 
 /// A release of an (app, channel), all platforms.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -152,12 +204,15 @@ fn entry_state(e: &DeviceEntry) -> DeviceState {
 }
 
 /// The stored hold list, verified against `root` (`None`: nothing was ever held).
-pub fn holds(store: &Store, root: &TrustedRoot) -> Result<Option<(Holds, Vec<u8>)>> {
+pub fn holds(store: &Store, root: &TrustedRoot) -> Result<Option<(Holds, Vec<u8>)>, ListError> {
     let Some(bytes) = store.read(HOLDS_PATH)? else {
         return Ok(None);
     };
-    let list = proto::rollout::verify_holds(&bytes, root, 0)
-        .context("the stored hold list does not verify against the hub's root")?;
+    let list =
+        proto::rollout::verify_holds(&bytes, root, 0).map_err(|source| ListError::Unverified {
+            what: "hold list",
+            source: Box::new(source),
+        })?;
     Ok(Some((list, bytes)))
 }
 
@@ -190,20 +245,9 @@ pub fn change_hold(
         .of(&release.app, &release.channel, release.release)
         .map(|h| h.kind);
     let kind = match (change, existing) {
-        (HoldChange::Resume, None) => bail!(
-            "release {} of {} on {} is not held (see `hub rollout status {}`)",
-            release.release,
-            release.app,
-            release.channel,
-            release.app
-        ),
+        (HoldChange::Resume, None) => return Err(RolloutError::NotHeld(release.clone())),
         (HoldChange::Hold(k), Some(e)) if k == e => {
-            bail!(
-                "release {} of {} is already {}",
-                release.release,
-                release.app,
-                k.label()
-            )
+            return Err(RolloutError::Already(release.clone(), k))
         }
         (HoldChange::Hold(k), _) => Some(k),
         (HoldChange::Resume, Some(_)) => None,
@@ -243,10 +287,12 @@ fn commit_holds(
     kind: Option<HoldKind>,
     reason: &str,
 ) -> Result<()> {
-    let mut env = list.seal()?;
-    env.sign(key)?;
+    let signed = list.seal().and_then(|mut env| {
+        env.sign(key)?;
+        env.encode()
+    });
     let mut commit = Change::default();
-    commit.put(HOLDS_PATH, env.encode()?);
+    commit.put(HOLDS_PATH, signed.map_err(RolloutError::Sign)?);
     let verb = kind.map_or("resumed", HoldKind::label);
     commit.event(Event {
         at: now(),
@@ -277,24 +323,19 @@ pub fn operator_change(
     change: HoldChange,
     reason: &str,
 ) -> Result<(ReleaseKey, Holds)> {
-    let key = home.rollout_key()?.with_context(|| {
-        format!(
-            "{} is missing: this hub cannot pause or halt releases. Give it the root's rollout \
-             key (`hub init --rollout-key`, or rotate the root with `fwtool root rotate \
-             --rollout-key` and `hub root publish`)",
-            home.dir.join("keys/rollout.key").display()
-        )
-    })?;
+    let key = home
+        .rollout_key()?
+        .ok_or_else(|| RolloutError::NoRolloutKey {
+            path: home.dir.join("keys/rollout.key"),
+        })?;
     let root = home.trusted_root()?;
     let store = home.store()?;
     let release = match release {
         Some(r) => r,
-        None => store.newest_number(app, channel)?.with_context(|| {
-            format!("{app} has no release on {channel} (see `hub releases {app}`)")
-        })?,
+        None => newest(&store, app, channel)?,
     };
     if store.release(app, channel, release)?.is_empty() {
-        bail!("{app} has no release {release} on {channel} (see `hub releases {app}`)");
+        return Err(no_such_release(app, channel, release));
     }
     let rk = ReleaseKey {
         app: app.into(),
@@ -308,6 +349,24 @@ pub fn operator_change(
     };
     let list = change_hold(&store, &root, &key, &rk, change, reason)?;
     Ok((rk, list))
+}
+
+/// The newest release of `app` on `channel`.
+fn newest(store: &Store, app: &str, channel: &str) -> Result<u64> {
+    store
+        .newest_number(app, channel)?
+        .ok_or_else(|| RolloutError::NoRelease {
+            app: app.into(),
+            channel: channel.into(),
+        })
+}
+
+fn no_such_release(app: &str, channel: &str, release: u64) -> RolloutError {
+    RolloutError::NoSuchRelease {
+        app: app.into(),
+        channel: channel.into(),
+        release,
+    }
 }
 
 /// The rollout of a release from a manifest in the store (any platform's: they share
@@ -333,15 +392,21 @@ pub fn stored_manifest(
     info: &crate::store::ReleaseInfo,
 ) -> Result<proto::manifest::Manifest> {
     let path = crate::store::release_path(&info.track, info.release, "manifest");
-    let bytes = store
-        .read(&path)?
-        .with_context(|| format!("{path} vanished"))?;
-    let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)
-        .with_context(|| format!("reading {path}"))?;
-    let m: proto::manifest::Manifest = root
-        .open_stored(&env, |v| crate::store::root_link(store, v).ok().flatten())
-        .with_context(|| format!("{path} does not verify against the hub's root"))?;
-    Ok(m)
+    let Some(bytes) = store.read(&path)? else {
+        return Err(RolloutError::Vanished(path));
+    };
+    let env = match proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest) {
+        Ok(env) => env,
+        Err(e) => {
+            let source = Box::new(e);
+            return Err(RolloutError::Manifest { path, source });
+        }
+    };
+    root.open_stored(&env, |v| crate::store::root_link(store, v).ok().flatten())
+        .map_err(|e| RolloutError::Unverified {
+            path,
+            source: Box::new(e),
+        })
 }
 
 /// Counts of one wave's devices by where they are with the release.
@@ -454,12 +519,10 @@ pub fn status_in(
     } = src;
     let release = match release {
         Some(r) => r,
-        None => store
-            .newest_number(app, channel)?
-            .with_context(|| format!("{app} has no release on {channel} (see `hub releases`)"))?,
+        None => newest(store, app, channel)?,
     };
     let (rollout, created_at) = stored_rollout(store, root, app, channel, release)?
-        .with_context(|| format!("{app} has no release {release} on {channel}"))?;
+        .ok_or_else(|| no_such_release(app, channel, release))?;
     // Devices of a platform the release has no image for are not part of it.
     let platforms: Vec<proto::manifest::Platform> = store
         .release(app, channel, release)?

@@ -5,14 +5,30 @@
 //! not on anything the hub computed.
 
 use crate::home::{now, Home};
-use crate::store::{Change, Event, ReleaseInfo, Store};
-use anyhow::{bail, Context, Result};
+use crate::store::{Change, Event, ReleaseInfo, Store, StoreError};
 use proto::status::{verify_status, DeviceState, StatusReport};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// The channel every release passes through before its target channel.
 pub const STAGING_CHANNEL: &str = "staging";
+
+/// Why the staging gate did not pass a release.
+#[derive(Debug, thiserror::Error)]
+pub enum StagingError {
+    /// Reading the enrolled keys.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("nothing to stage")]
+    Empty,
+    #[error("recording the staging verdict")]
+    Record(#[source] StoreError),
+    /// `on`: `on DEVICE (PLATFORM)`, or `for PLATFORM` when no device reported.
+    #[error("staging failed {on}: {detail}")]
+    Failed { on: String, detail: String },
+}
+
+type Result<T, E = StagingError> = std::result::Result<T, E>;
 
 /// Progress lines for a terminal or a git push.
 pub type Progress<'a> = &'a mut dyn FnMut(&str);
@@ -208,7 +224,7 @@ pub fn await_verdicts(
     let deadline = Instant::now() + Duration::from_secs(timeout_secs);
     let mut reports = Reports::new(store)?;
     let mut gate = Gate::new(candidates);
-    let app = &candidates.first().context("nothing to stage")?.track.app;
+    let app = &candidates.first().ok_or(StagingError::Empty)?.track.app;
     let (candidate, device, detail) = 'wait: loop {
         for (bytes, r) in reports.staging(home, store, app)? {
             match gate.report(&bytes, &r) {
@@ -256,7 +272,7 @@ pub fn await_verdicts(
     } else {
         format!("on {device} ({platform})")
     };
-    bail!("staging failed {on}: {detail}")
+    Err(StagingError::Failed { on, detail })
 }
 
 fn record_verdict(
@@ -282,8 +298,7 @@ fn record_verdict(
     });
     store
         .commit(kind, &change, None)
-        .context("recording the staging verdict")?;
-    Ok(())
+        .map_err(StagingError::Record)
 }
 
 #[cfg(test)]

@@ -17,10 +17,10 @@
 //! catches the panic and takes the next command (a poisoned mutex failed every request
 //! after one panic). The threads end when the last handle is dropped.
 
-use crate::home::Home;
+use crate::home::{Home, HomeError};
 use crate::inventory::load_devices;
-use crate::rollout::{HoldChange, ReleaseKey};
-use crate::store::{release_path, Change, Store, StoreError};
+use crate::rollout::{HoldChange, ReleaseKey, RolloutError};
+use crate::store::{release_path, Change, ListError, Store, StoreError};
 use proto::announcement::Track;
 use proto::keys::{KeyId, PublicKey};
 use proto::revocation::Revocations;
@@ -48,7 +48,24 @@ pub enum OwnerError {
     Panicked(&'static str),
     /// The store refused: the command ran and failed.
     #[error(transparent)]
-    Store(#[from] anyhow::Error),
+    Store(#[from] StoreError),
+    /// A signed list in the store does not verify.
+    #[error(transparent)]
+    List(#[from] ListError),
+    /// A hold could not be changed, or a release's rollout read.
+    #[error(transparent)]
+    Rollout(#[from] RolloutError),
+}
+
+/// Why the store's owners could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("starting the store's {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
 }
 
 /// Enrolled device keys: key id -> (device name, key).
@@ -143,14 +160,14 @@ pub struct Owners {
 
 /// Starts both owners on `home`'s store (moved into platform directories first, as
 /// [`Home::store`] does).
-pub fn start(home: &Home) -> anyhow::Result<Owners> {
+pub fn start(home: &Home) -> Result<Owners, StartError> {
     let writer = home.store()?;
     let reader = Store::open(&home.dir.join("store.git"))?;
     spawn(writer, reader)
 }
 
 /// Starts the two owner threads over two handles on one repository.
-pub fn spawn(writer: Store, reader: Store) -> anyhow::Result<Owners> {
+pub fn spawn(writer: Store, reader: Store) -> Result<Owners, StartError> {
     let (wtx, mut wrx) = mpsc::channel::<Write>(WRITER_INBOX);
     let (rtx, mut rrx) = mpsc::channel::<Read>(READER_INBOX);
     std::thread::Builder::new()
@@ -159,14 +176,16 @@ pub fn spawn(writer: Store, reader: Store) -> anyhow::Result<Owners> {
             while let Some(cmd) = wrx.blocking_recv() {
                 cmd.run(&writer);
             }
-        })?;
+        })
+        .map_err(|e| StartError::Thread("writer", e))?;
     std::thread::Builder::new()
         .name("store-reader".into())
         .spawn(move || {
             while let Some(cmd) = rrx.blocking_recv() {
                 cmd.run(&reader);
             }
-        })?;
+        })
+        .map_err(|e| StartError::Thread("reader", e))?;
     Ok(Owners {
         writer: StoreWriter { tx: wtx },
         reader: StoreReader { tx: rtx },
@@ -179,13 +198,13 @@ fn asked<T>(reply: &oneshot::Sender<T>) -> bool {
 }
 
 /// Runs `f` and sends its result, a panic caught as [`OwnerError::Panicked`].
-fn answer<T, E: Into<anyhow::Error>>(
+fn answer<T, E: Into<OwnerError>>(
     who: &'static str,
     reply: Reply<T>,
     f: impl FnOnce() -> Result<T, E>,
 ) {
     let out = match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(r) => r.map_err(|e| OwnerError::Store(e.into())),
+        Ok(r) => r.map_err(Into::into),
         Err(_) => Err(OwnerError::Panicked(who)),
     };
     let _ = reply.send(out);
@@ -203,7 +222,7 @@ impl Read {
                 answer("reader", reply, || read_releases(store, seen, &root))
             }
             Read::TrustRecords(root, reply) if asked(&reply) => answer("reader", reply, || {
-                Ok::<_, anyhow::Error>(TrustRecords {
+                Ok::<_, ListError>(TrustRecords {
                     revocations: crate::trust::revocations(store, &root)?,
                     holds: crate::rollout::holds(store, &root)?,
                 })
@@ -266,7 +285,7 @@ fn read_releases(
     store: &Store,
     seen: Option<git2::Oid>,
     root: &TrustedRoot,
-) -> anyhow::Result<Option<Releases>> {
+) -> Result<Option<Releases>, RolloutError> {
     let apps = store.tree_id("apps")?;
     if apps.is_some() && apps == seen {
         return Ok(None);

@@ -5,21 +5,108 @@
 //! The decisions are pure ([`Freshness`], [`expiry_warnings`]); the rest reads and writes
 //! the git store in one commit per change.
 
-use crate::home::{now, Home};
-use crate::store::{Change, Event, Store};
-use anyhow::{bail, Context, Result};
+use crate::home::{now, Home, HomeError, KeyError, WriteError};
+use crate::store::{Change, Event, ListError, Store, StoreError};
 use proto::announcement::Announcement;
 use proto::codec::Kind;
 use proto::envelope::Envelope;
 use proto::revocation::{Revocations, Revoked};
 use proto::root::{Root, TrustedRoot};
 use proto::{PublicKey, SecretKey};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// How far ahead `hub status` and `hub serve` warn of a root's expiry.
 pub const WARN_AHEAD: u64 = 60 * 24 * 3600;
 
 pub use crate::store::{root_link, root_path};
+
+/// Why `hub root publish` refused a new root or could not install it.
+#[derive(Debug, thiserror::Error)]
+pub enum RootError {
+    #[error("reading new root {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{} is not the next root after the hub's version {version} (it must be version {}, \
+         signed by a threshold of the current and of its own root keys)",
+        path.display(),
+        version + 1
+    )]
+    NotNext {
+        path: PathBuf,
+        version: u64,
+        #[source]
+        source: Box<proto::VerifyError>,
+    },
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(
+        "the new root's timestamp role does not list the hub's timestamp key {0}: pass \
+         --timestamp-key with the key it lists"
+    )]
+    TimestampNotListed(String),
+    #[error(
+        "the new root's {role} role does not list the hub's {role} key {key}: pass \
+         --{role}-key with one it lists"
+    )]
+    KeyNotListed { role: &'static str, key: String },
+    #[error(
+        "the new root names another rollout key, and the hold list must be signed again \
+         with it: pass --rollout-key with the key it lists"
+    )]
+    NoRolloutKey,
+    #[error(transparent)]
+    List(#[from] ListError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("signing the {0} again")]
+    Sign(&'static str, #[source] proto::codec::CodecError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error("installing {}", path.display())]
+    Install {
+        path: PathBuf,
+        #[source]
+        source: WriteError,
+    },
+}
+
+/// Why `hub revoke` could not revoke a device.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    List(#[from] ListError),
+    #[error("no device {0:?} is enrolled (see `hub devices`)")]
+    NotEnrolled(String),
+    #[error("reading the enrolled key of {name}")]
+    EnrolledKey {
+        name: String,
+        #[source]
+        source: proto::keys::KeyTextError,
+    },
+    #[error("{0} is already revoked")]
+    Already(String),
+    #[error("signing the revocation list")]
+    Sign(#[source] proto::codec::CodecError),
+}
+
+/// Why `hub status` could not say how the hub stands.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    List(#[from] ListError),
+}
 
 /// When a running hub signs an announcement again: once half of its freshness has gone,
 /// so devices always hold one with half a lifetime left while the hub is up.
@@ -52,7 +139,12 @@ impl Freshness {
 
     /// The hub's own stored announcement bytes, signed again if [`Freshness::due`];
     /// `None` when they are fresh enough as they are.
-    pub fn refresh(&self, bytes: &[u8], key: &SecretKey, now: u64) -> Result<Option<Vec<u8>>> {
+    pub fn refresh(
+        &self,
+        bytes: &[u8],
+        key: &SecretKey,
+        now: u64,
+    ) -> Result<Option<Vec<u8>>, proto::VerifyError> {
         let env = Envelope::decode(bytes, Kind::Announcement)?;
         let ann: Announcement = proto::codec::decode(Kind::Announcement, &env.payload)?;
         if !self.due(&ann, now) {
@@ -107,34 +199,34 @@ pub use proto::status::{human_ago, human_secs};
 /// `hub root publish NEW_ROOT`: `NEW_ROOT` must verify as the next link after the hub's
 /// root. It is kept in the store's chain and becomes the hub's root; a running hub
 /// announces it and serves every link to devices catching up.
-pub fn publish_root(home: &Home, new_root: &Path, keys: &NewKeys<'_>) -> Result<TrustedRoot> {
+pub fn publish_root(
+    home: &Home,
+    new_root: &Path,
+    keys: &NewKeys<'_>,
+) -> Result<TrustedRoot, RootError> {
     let NewKeys {
         timestamp: timestamp_key,
         release: release_key,
         rollout: rollout_key,
     } = *keys;
-    let bytes = std::fs::read(new_root)
-        .with_context(|| format!("reading new root {}", new_root.display()))?;
-    let current = home.anchor_root()?;
-    let next = current.update(&bytes, now()).with_context(|| {
-        format!(
-            "{} is not the next root after the hub's version {} (it must be version {}, \
-             signed by a threshold of the current and of its own root keys)",
-            new_root.display(),
-            current.root().version,
-            current.root().version + 1
-        )
+    let bytes = std::fs::read(new_root).map_err(|source| RootError::Read {
+        path: new_root.into(),
+        source,
     })?;
+    let current = home.anchor_root()?;
+    let next = current
+        .update(&bytes, now())
+        .map_err(|source| RootError::NotNext {
+            path: new_root.into(),
+            version: current.root().version,
+            source: Box::new(source),
+        })?;
     let timestamp = match timestamp_key {
         Some(p) => crate::home::read_secret(p)?,
         None => home.timestamp_key()?,
     };
     if next.root().timestamp.key(&timestamp.id()).is_none() {
-        bail!(
-            "the new root's timestamp role does not list the hub's timestamp key {}: pass \
-             --timestamp-key with the key it lists",
-            timestamp.id().short()
-        );
+        return Err(RootError::TimestampNotListed(timestamp.id().short()));
     }
     let release = optional_key(
         release_key,
@@ -167,17 +259,18 @@ pub fn publish_root(home: &Home, new_root: &Path, keys: &NewKeys<'_>) -> Result<
     });
     store.commit(&format!("trust root version {version}"), &change, None)?;
     crate::home::write_atomic(&home.dir.join("root.bin"), &bytes)?;
-    if let Some(p) = timestamp_key {
-        crate::home::replace_secret(&home.dir.join("keys/timestamp.key"), &timestamp)
-            .with_context(|| format!("installing {}", p.display()))?;
-    }
     for (given, key, file) in [
+        (timestamp_key, &Some(timestamp), "keys/timestamp.key"),
         (release_key, &release, "keys/release.key"),
         (rollout_key, &rollout, "keys/rollout.key"),
     ] {
         if let (Some(p), Some(k)) = (given, key) {
-            crate::home::replace_secret(&home.dir.join(file), k)
-                .with_context(|| format!("installing {}", p.display()))?;
+            crate::home::replace_secret(&home.dir.join(file), k).map_err(|source| {
+                RootError::Install {
+                    path: p.into(),
+                    source,
+                }
+            })?;
         }
     }
     Ok(next)
@@ -192,35 +285,50 @@ fn resigned_lists(
     next: &TrustedRoot,
     timestamp: &SecretKey,
     rollout: Option<&SecretKey>,
-) -> Result<Change> {
+) -> Result<Change, RootError> {
     let mut change = Change::default();
     if let Some(bytes) = store.read("revocations.bin")? {
         if proto::revocation::verify_revocations(&bytes, next, 0).is_err() {
-            let mut list = proto::revocation::verify_revocations(&bytes, current, 0)
-                .context("the stored revocation list does not verify against the hub's root")?;
+            let mut list =
+                proto::revocation::verify_revocations(&bytes, current, 0).map_err(|source| {
+                    ListError::Unverified {
+                        what: "revocation list",
+                        source: Box::new(source),
+                    }
+                })?;
             list.version += 1;
             list.issued_at = now();
-            let mut env = list.seal()?;
-            env.sign(timestamp)?;
-            change.put("revocations.bin", env.encode()?);
+            let signed =
+                sign(list.seal(), timestamp).map_err(|e| RootError::Sign("revocation list", e))?;
+            change.put("revocations.bin", signed);
         }
     }
     if let Some(bytes) = store.read(crate::rollout::HOLDS_PATH)? {
         if proto::rollout::verify_holds(&bytes, next, 0).is_err() {
-            let key = rollout.context(
-                "the new root names another rollout key, and the hold list must be signed \
-                 again with it: pass --rollout-key with the key it lists",
-            )?;
-            let mut list = proto::rollout::verify_holds(&bytes, current, 0)
-                .context("the stored hold list does not verify against the hub's root")?;
+            let key = rollout.ok_or(RootError::NoRolloutKey)?;
+            let mut list = proto::rollout::verify_holds(&bytes, current, 0).map_err(|source| {
+                ListError::Unverified {
+                    what: "hold list",
+                    source: Box::new(source),
+                }
+            })?;
             list.version += 1;
             list.issued_at = now();
-            let mut env = list.seal()?;
-            env.sign(key)?;
-            change.put(crate::rollout::HOLDS_PATH, env.encode()?);
+            let signed = sign(list.seal(), key).map_err(|e| RootError::Sign("hold list", e))?;
+            change.put(crate::rollout::HOLDS_PATH, signed);
         }
     }
     Ok(change)
+}
+
+/// A sealed list signed with `key` and encoded.
+fn sign(
+    sealed: Result<Envelope, proto::codec::CodecError>,
+    key: &SecretKey,
+) -> Result<Vec<u8>, proto::codec::CodecError> {
+    let mut env = sealed?;
+    env.sign(key)?;
+    env.encode()
 }
 
 /// Keys `hub root publish` installs with the new root, where it lists new ones.
@@ -237,45 +345,55 @@ fn optional_key(
     given: Option<&Path>,
     held: Option<SecretKey>,
     role: &proto::root::Role,
-    name: &str,
-) -> Result<Option<SecretKey>> {
+    name: &'static str,
+) -> Result<Option<SecretKey>, RootError> {
     let key = match given {
         Some(p) => Some(crate::home::read_secret(p)?),
         None => held,
     };
     if let Some(k) = &key {
         if role.key(&k.id()).is_none() {
-            bail!(
-                "the new root's {name} role does not list the hub's {name} key {}: pass \
-                 --{name}-key with one it lists",
-                k.id().short()
-            );
+            return Err(RootError::KeyNotListed {
+                role: name,
+                key: k.id().short(),
+            });
         }
     }
     Ok(key)
 }
 
 /// The stored revocation list, verified against `root` (`None`: nobody was revoked).
-pub fn revocations(store: &Store, root: &TrustedRoot) -> Result<Option<(Revocations, Vec<u8>)>> {
+pub fn revocations(
+    store: &Store,
+    root: &TrustedRoot,
+) -> Result<Option<(Revocations, Vec<u8>)>, ListError> {
     let Some(bytes) = store.read("revocations.bin")? else {
         return Ok(None);
     };
-    let list = proto::revocation::verify_revocations(&bytes, root, 0)
-        .context("the stored revocation list does not verify against the hub's root")?;
+    let list = proto::revocation::verify_revocations(&bytes, root, 0).map_err(|source| {
+        ListError::Unverified {
+            what: "revocation list",
+            source: Box::new(source),
+        }
+    })?;
     Ok(Some((list, bytes)))
 }
 
 /// `hub revoke DEVICE`: adds its enrolled key to the revocation list (signed with the
 /// timestamp key, one version up) in one commit with an event.
-pub fn revoke(home: &Home, name: &str, reason: &str) -> Result<Revocations> {
+pub fn revoke(home: &Home, name: &str, reason: &str) -> Result<Revocations, RevokeError> {
     let root = home.trusted_root()?;
     let key = home.timestamp_key()?;
     let store = home.store()?;
     let enrolled = store
         .read(&format!("devices/{name}.pub"))?
-        .with_context(|| format!("no device {name:?} is enrolled (see `hub devices`)"))?;
-    let device = PublicKey::from_text(&String::from_utf8_lossy(&enrolled))
-        .with_context(|| format!("reading the enrolled key of {name}"))?;
+        .ok_or_else(|| RevokeError::NotEnrolled(name.into()))?;
+    let device = PublicKey::from_text(&String::from_utf8_lossy(&enrolled)).map_err(|source| {
+        RevokeError::EnrolledKey {
+            name: name.into(),
+            source,
+        }
+    })?;
     let mut list = revocations(&store, &root)?
         .map(|(l, _)| l)
         .unwrap_or_else(|| Revocations {
@@ -283,7 +401,7 @@ pub fn revoke(home: &Home, name: &str, reason: &str) -> Result<Revocations> {
             ..Revocations::default()
         });
     if list.is_revoked(&device) {
-        bail!("{name} is already revoked");
+        return Err(RevokeError::Already(name.into()));
     }
     list.version += 1;
     list.issued_at = now();
@@ -292,10 +410,9 @@ pub fn revoke(home: &Home, name: &str, reason: &str) -> Result<Revocations> {
         key: device,
         at: now(),
     });
-    let mut env = list.seal()?;
-    env.sign(&key)?;
+    let signed = sign(list.seal(), &key).map_err(RevokeError::Sign)?;
     let mut change = Change::default();
-    change.put("revocations.bin", env.encode()?);
+    change.put("revocations.bin", signed);
     change.put(format!("revoked/{name}.pub"), enrolled);
     change.event(Event {
         at: now(),
@@ -320,7 +437,7 @@ pub fn revoke(home: &Home, name: &str, reason: &str) -> Result<Revocations> {
 }
 
 /// `hub status`: lines for people, warnings first.
-pub fn status(home: &Home) -> Result<Vec<String>> {
+pub fn status(home: &Home) -> Result<Vec<String>, StatusError> {
     let root = home.anchor_root()?;
     let freshness = Freshness {
         lifetime: home.config.freshness_secs,
@@ -363,7 +480,7 @@ pub fn status(home: &Home) -> Result<Vec<String>> {
             "warning: the timestamp key {} is not the root's: announcements will be refused",
             k.id().short()
         ),
-        Err(e) => format!("warning: {e:#}"),
+        Err(e) => format!("warning: {}", proto::Chain(&e)),
     };
     out.push(format!("hub: {signs}; {ts}"));
     let mut held: Vec<String> = std::fs::read_dir(home.dir.join("held"))

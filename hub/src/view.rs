@@ -3,15 +3,27 @@
 //! the devices' last signed reports. Synchronous (git2): callers run it on a blocking
 //! thread. Rendering is `pages`; serving is `dashboard`.
 
-use crate::home::{now, Home};
+use crate::home::{now, Home, HomeError};
 use crate::inventory::{load_devices, load_inventory, DeviceEntry};
-use crate::rollout::{stored_manifest, RolloutStatus};
-use crate::store::Event;
-use anyhow::Result;
+use crate::rollout::{stored_manifest, RolloutError, RolloutStatus};
+use crate::store::{Event, StoreError};
 use proto::keys::{KeyId, PublicKey};
 use proto::status::StatusReport;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// Why a page's view of the fleet could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Rollout(#[from] RolloutError),
+}
+
+type Result<T, E = ViewError> = std::result::Result<T, E>;
 
 /// Most releases listed (newest first).
 const MAX_RELEASES: usize = 50;
@@ -126,7 +138,7 @@ impl Snapshot {
         let rollouts = tracks
             .iter()
             .map(|(app, channel)| crate::rollout::status_in(src, app, channel, None))
-            .collect::<Result<_>>()?;
+            .collect::<Result<_, RolloutError>>()?;
         Ok(Snapshot {
             now: now(),
             fleet: fleet.to_string(),

@@ -211,3 +211,35 @@ pub enum BadWaves {
     #[error("{0:?} is not a wave: write SHARE%@DELAY, e.g. 10%@1h (delays: 0, 30s, 15m, 4h, 1d)")]
     Spelling(String),
 }
+
+/// An error with its causes, `outer: cause: cause`, as `anyhow` prints `{:#}`: for a
+/// library that logs a typed error (its own `Display` names only the outermost step).
+#[derive(Debug, Clone, Copy)]
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(e) = cause {
+            write!(f, ": {e}")?;
+            cause = e.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading {0}")]
+    struct Outer(&'static str, #[source] std::io::Error);
+
+    #[test]
+    fn a_chain_names_each_cause_once_outermost_first() {
+        let e = Outer("root.bin", std::io::Error::other("disk on fire"));
+        assert_eq!(Chain(&e).to_string(), "reading root.bin: disk on fire");
+    }
+}

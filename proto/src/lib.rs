@@ -37,5 +37,5 @@ pub mod root;
 pub mod status;
 
 pub use digest::Digest;
-pub use error::{Declared, Invalid, VerifyError};
+pub use error::{Chain, Declared, Invalid, VerifyError};
 pub use keys::{KeyId, PublicKey, SecretKey};

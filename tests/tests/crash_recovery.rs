@@ -176,9 +176,10 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A release larger than the disk fails with ENOSPC; what it left (the chunk being
-/// written, the chunks that fitted) is removed, the device reports the release it still
-/// runs, and a later, smaller release installs. (It kept everything, so every later
+/// A release larger than the disk is refused as "No space left" before its chunks are
+/// fetched (or, where the free space misjudged it, fails with ENOSPC); what it left (its
+/// manifest, the chunk being written, the chunks that fitted) is removed, the device
+/// reports the release it still runs, and a later, smaller release installs. (It kept everything, so every later
 /// update failed with the disk full until a restart, and `device status` said
 /// "Installing" because not even `status.json` could be written.)
 #[test]

@@ -1,12 +1,13 @@
 //! Activation: a verified, assembled release booted, probed and made current, or the old
 //! one restored; and, at start, what the state says should run brought back up.
 
-use super::installer::Updater;
+use super::installer::{InstallError, Updater};
 use crate::hypervisor::{ActivateError, Driver, Hypervisor, Launch};
 use crate::store::{AppState, Installed};
-use anyhow::{Context, Result};
 use proto::status::DeviceState;
 use std::sync::atomic::Ordering;
+
+type Result<T, E = InstallError> = std::result::Result<T, E>;
 
 impl Updater {
     /// After a start: bring up what the state says should run; finish an interrupted install.
@@ -48,11 +49,13 @@ impl Updater {
         let bytes = self
             .store
             .get_blob(digest)
-            .context("stored manifest missing")?;
-        let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)?;
-        self.trust
-            .open_stored_manifest(&env)
-            .context("stored manifest no longer verifies")
+            .ok_or(InstallError::ManifestMissing(*digest))?;
+        proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)
+            .and_then(|env| self.trust.open_stored_manifest(&env))
+            .map_err(|source| InstallError::ManifestUnverified {
+                digest: *digest,
+                source,
+            })
     }
 
     /// How `inst`, a release of `m`, boots on this device.
@@ -86,7 +89,8 @@ impl Updater {
                     Ok(m) => keep.extend(m.chunks.iter().map(|c| c.digest)),
                     // Without its chunk list nothing can be told unneeded.
                     Err(e) => {
-                        tracing::warn!(release = i.release, "not collecting chunks: {e:#}");
+                        let why = proto::Chain(&e);
+                        tracing::warn!(release = i.release, "not collecting chunks: {why}");
                         return;
                     }
                 }
@@ -137,7 +141,7 @@ impl Updater {
             Ok(handle) => {
                 pools.insert(app, handle);
             }
-            Err(e) => tracing::error!("on-demand: {e:#}"),
+            Err(e) => tracing::error!("on-demand: {}", proto::Chain(&e)),
         }
     }
 
@@ -149,9 +153,12 @@ impl Updater {
         change: impl FnOnce(&mut AppState) -> T + Send + 'static,
     ) -> Result<(T, crate::store::State)> {
         let (store, app) = (self.store.clone(), app.to_string());
-        self.tasks
+        let written = self
+            .tasks
             .spawn_blocking(move || store.update_app(&app, change))
-            .await?
+            .await
+            .map_err(|e| InstallError::Blocking("writing the state", e))?;
+        Ok(written?)
     }
 
     /// Boots `new`, probes it, and either retires the old release or restores it.
@@ -174,10 +181,10 @@ impl Updater {
                 // started is stopped, the release stays pending, and the attempt is
                 // retried with the installer's backoff.
                 let _ = self.hypervisor.stop(&launch.name).await;
-                Err(anyhow::Error::from(e).context(format!(
-                    "activating release {} (not counted against it)",
-                    m.release
-                )))
+                Err(InstallError::NotTheRelease {
+                    release: m.release,
+                    source: e,
+                })
             }
             Err(e) => self.roll_back(m, new, &launch, e).await,
         }

@@ -6,15 +6,14 @@ use super::{crash_point, sleep_until, WATCH_EVERY};
 use crate::time::human_duration;
 
 use crate::config::Config;
-use crate::fetch::Fetcher;
-use crate::hypervisor::Hypervisor;
+use crate::fetch::{DownloadError, Fetcher};
+use crate::hypervisor::{ActivateError, Hypervisor};
 use crate::metrics::DeviceMetrics;
 use crate::report::Reporter;
-use crate::store::{AssembleError, Installed, Store};
+use crate::store::{AssembleError, Installed, Store, StoreError};
 use crate::trust::Trust;
 use crate::updater::{Action as UpdaterAction, Event as UpdaterEvent, Outcome};
 use crate::watchdog::Watchdog;
-use anyhow::{Context, Result};
 use proto::announcement::verify_announcement;
 use proto::manifest::{verify_manifest, Expectations, Platform, VerifiedManifest};
 use proto::status::DeviceState;
@@ -33,6 +32,24 @@ pub(super) struct OverBudget {
     pub(super) release: u64,
     pub(super) needed_mib: u64,
     pub(super) budget_mib: u64,
+}
+
+/// A release the store's file system has no room for: refused before anything of it is
+/// fetched (then what no kept release needs is removed, and it is tried again with the
+/// backoff). Worded as ENOSPC is, which is what the download would otherwise end in.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "No space left in {} for release {release}: it still needs {} and {} is free; free \
+     some of the disk",
+    dir.display(),
+    proto::status::human_bytes(*needed),
+    proto::status::human_bytes(*free)
+)]
+pub(super) struct DiskFull {
+    pub(super) release: u64,
+    pub(super) needed: u64,
+    pub(super) free: u64,
+    pub(super) dir: std::path::PathBuf,
 }
 
 /// How often a held release is looked at again without news (a new hold list looks at
@@ -64,8 +81,9 @@ fn human_unix(at: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(at)).to_string()
 }
 
-/// Why an install attempt ended without the release active. The installer's policy is
-/// one `match` on it ([`Updater::attempt`]).
+/// Why an install attempt (or its activation, a rollback, the resume at start) ended
+/// without the release active: one variant per step. The installer's policy is one
+/// `match` on it ([`Updater::attempt`]).
 #[derive(Debug, thiserror::Error)]
 pub(super) enum InstallError {
     /// Not this device's turn yet (a later wave), or the release is held.
@@ -77,16 +95,58 @@ pub(super) enum InstallError {
     /// It does not fit `store_budget_mib` (refused, not retried).
     #[error(transparent)]
     OverBudget(#[from] OverBudget),
+    /// The store's file system has no room for it (tried again later).
+    #[error(transparent)]
+    DiskFull(#[from] DiskFull),
+    #[error(
+        "the announcement of release {release} lapsed before it was installed; waiting for \
+         the hub to sign it afresh"
+    )]
+    Lapsed {
+        release: u64,
+        #[source]
+        source: VerifyError,
+    },
+    #[error("fetching the manifest")]
+    FetchManifest(#[source] DownloadError),
     /// The manifest did not verify.
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    #[error("manifest does not match its announcement")]
+    Mismatch,
+    #[error("fetching chunks")]
+    FetchChunks(#[source] DownloadError),
     /// Assembling the image from its chunks (damaged chunks are fetched again at once).
     #[error(transparent)]
     Assemble(#[from] AssembleError),
-    /// Fetching, verifying, the state file, the activation: reported as it is.
-    #[error("{0:#}")]
-    Other(#[from] anyhow::Error),
+    /// The state file, a stored manifest.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Assembling or writing the state on a blocking thread that did not finish.
+    #[error("{0} did not finish")]
+    Blocking(&'static str, #[source] tokio::task::JoinError),
+    #[error("stored manifest {} missing", .0.short())]
+    ManifestMissing(proto::Digest),
+    #[error("stored manifest {} no longer verifies", digest.short())]
+    ManifestUnverified {
+        digest: proto::Digest,
+        #[source]
+        source: VerifyError,
+    },
+    /// libvirt or the address pool failed, not the release: it stays pending.
+    #[error("activating release {release} (not counted against it)")]
+    NotTheRelease {
+        release: u64,
+        #[source]
+        source: ActivateError,
+    },
+    /// Booting or stopping a release other than the one being activated (the one rolled
+    /// back to, the one resumed at start).
+    #[error(transparent)]
+    Hypervisor(#[from] ActivateError),
 }
+
+type Result<T, E = InstallError> = std::result::Result<T, E>;
 
 pub(super) struct Updater {
     pub(super) cfg: Config,
@@ -102,6 +162,9 @@ pub(super) struct Updater {
     /// Running on-demand pools, by app.
     pub(super) ondemand: tokio::sync::Mutex<HashMap<String, crate::ondemand::PoolHandle>>,
     pub(super) tasks: net::tasks::Tasks,
+    /// The free bytes of the store's file system: [`Store::free_bytes`] (a test says
+    /// the disk is full).
+    pub(super) free_bytes: fn(&Store) -> Option<u64>,
 }
 
 impl Updater {
@@ -109,7 +172,7 @@ impl Updater {
     /// installs out, one at a time.
     pub(super) async fn run(self, inbox: Arc<Inbox>) {
         if let Err(e) = self.resume().await {
-            tracing::error!("resuming after start: {e:#}");
+            tracing::error!("resuming after start: {}", proto::Chain(&e));
         }
         let mut machine = crate::updater::Updater::new();
         let mut dog = Watchdog::new(Duration::from_secs(self.cfg.probe_every_secs.max(1)));
@@ -168,7 +231,7 @@ impl Updater {
 
     /// One install attempt, its failure cleaned up and reported as it is: the release the
     /// device still runs, and why the update did not happen.
-    async fn attempt(&self, heard: &Heard) -> Outcome {
+    pub(super) async fn attempt(&self, heard: &Heard) -> Outcome {
         let ann = &heard.ann;
         let e = match self.update(heard).await {
             Ok(()) => return Outcome::Done,
@@ -198,10 +261,11 @@ impl Updater {
             // retry fetches it again (or a smaller, newer release takes its place).
             self.collect_garbage();
         }
-        tracing::error!(app = %ann.app, release = ann.release, "update failed: {e}");
+        let why = proto::Chain(&e).to_string();
+        tracing::error!(app = %ann.app, release = ann.release, "update failed: {why}");
         let state = DeviceState::Failed {
             reason: format!(
-                "update to release {} ({}) failed: {e}",
+                "update to release {} ({}) failed: {why}",
                 ann.release, ann.version
             ),
         };
@@ -218,7 +282,7 @@ impl Updater {
     /// needs (one largest chunk when its manifest is not stored): the failure may well be
     /// that, and what no kept release needs is worth freeing.
     fn store_is_full(&self, ann: &proto::announcement::Announcement) -> bool {
-        let Some(free) = self.store.free_bytes() else {
+        let Some(free) = (self.free_bytes)(&self.store) else {
             return false;
         };
         let needed = match self.stored_manifest(&ann.manifest) {
@@ -318,6 +382,25 @@ impl Updater {
         Ok(())
     }
 
+    /// Refuses a release the store's file system has no room for (its missing chunks and
+    /// its slot) before anything of it is fetched: a download that fills the disk fails
+    /// half-way, and nothing else (the state, the status file) can be written meanwhile.
+    fn check_room(&self, m: &proto::manifest::Manifest) -> Result<(), DiskFull> {
+        let Some(free) = (self.free_bytes)(&self.store) else {
+            return Ok(());
+        };
+        let needed = self.store.missing_bytes(m) + m.image_size;
+        if free >= needed {
+            return Ok(());
+        }
+        Err(DiskFull {
+            release: m.release,
+            needed,
+            free,
+            dir: self.store.dir().to_path_buf(),
+        })
+    }
+
     /// Served on demand: the pool owns its instances; the updater only boots a new release
     /// once, to prove it healthy before the pool serves it.
     pub(super) fn is_ondemand(&self, app: &str) -> bool {
@@ -333,10 +416,11 @@ impl Updater {
     /// only these steps are cut short.
     async fn abandoned_at_shutdown<T>(
         &self,
-        step: impl std::future::Future<Output = Result<T>>,
+        step: impl std::future::Future<Output = Result<T, DownloadError>>,
+        failed: fn(DownloadError) -> InstallError,
     ) -> Result<T, InstallError> {
         tokio::select! {
-            r = step => Ok(r?),
+            r = step => r.map_err(failed),
             _ = self.tasks.cancelled() => Err(InstallError::ShuttingDown),
         }
     }
@@ -357,12 +441,15 @@ impl Updater {
         // The manifest: fetched by digest, then verified like the announcement.
         let banned = crate::fetch::Banned::default();
         let manifest_bytes = self
-            .abandoned_at_shutdown(self.fetcher.manifest(&ann.manifest, &banned))
+            .abandoned_at_shutdown(
+                self.fetcher.manifest(&ann.manifest, &banned),
+                InstallError::FetchManifest,
+            )
             .await?;
         let (root, now) = (self.trust.root(), self.trust.clock.now());
         let verified: VerifiedManifest = verify_manifest(&manifest_bytes, &root, &expect, now)?;
         if verified.digest() != ann.manifest || verified.manifest().release != ann.release {
-            return Err(anyhow::anyhow!("manifest does not match its announcement").into());
+            return Err(InstallError::Mismatch);
         }
         self.check_budget(verified.manifest())?;
         self.store
@@ -412,14 +499,13 @@ impl Updater {
             .and_then(|a| expect.applies(&a).map(|()| a));
         match checked {
             Ok(_) => {}
-            Err(e @ VerifyError::Expired { .. }) => {
+            Err(source @ VerifyError::Expired { .. }) => {
                 // Lapsed while it waited (a retry's pause, the hub down): tried again, with
                 // the fresh bytes the router hands over once the hub signs them again.
-                return Err(e).context(format!(
-                    "the announcement of release {} lapsed before it was installed; waiting \
-                     for the hub to sign it afresh",
-                    ann.release
-                ));
+                return Err(InstallError::Lapsed {
+                    release: ann.release,
+                    source,
+                });
             }
             // Most often the release we already run, announced again; at worst a replay.
             Err(
@@ -450,12 +536,12 @@ impl Updater {
         banned: &crate::fetch::Banned,
     ) -> Result<(), InstallError> {
         let (ann, m) = (&heard.ann, verified.manifest());
-        self.abandoned_at_shutdown(self.fetcher.chunks(m, &self.reporter, ann, banned))
-            .await
-            .map_err(|e| match e {
-                InstallError::Other(e) => InstallError::Other(e.context("fetching chunks")),
-                e => e,
-            })?;
+        self.check_room(m)?;
+        self.abandoned_at_shutdown(
+            self.fetcher.chunks(m, &self.reporter, ann, banned),
+            InstallError::FetchChunks,
+        )
+        .await?;
         self.metrics.last_fetched_ms.store(
             crate::metrics::unix_ms(),
             std::sync::atomic::Ordering::Relaxed,
@@ -469,7 +555,7 @@ impl Updater {
             .tasks
             .spawn_blocking(move || store.assemble(&mc))
             .await
-            .map_err(anyhow::Error::from)??;
+            .map_err(|e| InstallError::Blocking("assembling the image", e))??;
         // Halted while it downloaded: not started (the chunks stay for a resume).
         self.check_hold(m)?;
         crash_point(&self.cfg, "assembled");
@@ -484,6 +570,6 @@ impl Updater {
         self.transition(&m.app, move |st| st.installed(pending))
             .await?;
         crash_point(&self.cfg, "installed");
-        Ok(self.activate(m, new).await?)
+        self.activate(m, new).await
     }
 }

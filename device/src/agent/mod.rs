@@ -29,18 +29,19 @@ use router::{Router, MAX_SEEDING};
 
 use crate::config::Config;
 use crate::fetch::Fetcher;
+use crate::hypervisor::addresses::BadGuestAddresses;
 use crate::hypervisor::Hypervisor;
 use crate::metrics::DeviceMetrics;
 use crate::mqtt;
 use crate::report::Reporter;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::trust::{Clock, Trust};
-use anyhow::{Context, Result};
 use net::ratelimit::RateLimiter;
 use proto::announcement::Track;
 use proto::root::TrustedRoot;
 use proto::SecretKey;
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
@@ -56,18 +57,99 @@ const REPORT_AGAIN: Duration = Duration::from_secs(10);
 
 pub use crate::time::now;
 
-/// Loads the device key (refusing one readable by others).
-pub fn load_key(path: &std::path::Path) -> Result<SecretKey> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("reading device key {}", path.display()))?;
-    anyhow::ensure!(
-        meta.permissions().mode() & 0o077 == 0,
-        "device key {} is readable by others; chmod 600 it",
+/// Why the device key could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("reading device key {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("device key {} is readable by others; chmod 600 it", .0.display())]
+    Exposed(PathBuf),
+    #[error("reading device key {}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: proto::keys::KeyTextError,
+    },
+}
+
+/// Why `device run` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("reading trust root {}", path.display())]
+    ReadRoot {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{} is not a trust root (replace it with the fleet's root.bin from the hub)",
         path.display()
-    );
-    let text = std::fs::read_to_string(path)?;
-    SecretKey::from_text(&text).with_context(|| format!("reading device key {}", path.display()))
+    )]
+    NotARoot {
+        path: PathBuf,
+        #[source]
+        source: Box<proto::VerifyError>,
+    },
+    #[error("trust root {}", path.display())]
+    Root {
+        path: PathBuf,
+        #[source]
+        source: Box<proto::VerifyError>,
+    },
+    #[error("trust root is for fleet {root:?}, config says {config:?}")]
+    WrongFleet { root: String, config: String },
+    #[error(transparent)]
+    Platform(#[from] proto::manifest::UnknownPlatform),
+    #[error(transparent)]
+    GuestAddresses(#[from] BadGuestAddresses),
+    #[error("parsing listen address")]
+    Listen(#[source] <net::Multiaddr as std::str::FromStr>::Err),
+    #[error("parsing peer address {addr}")]
+    PeerAddress {
+        addr: String,
+        #[source]
+        source: <net::Multiaddr as std::str::FromStr>::Err,
+    },
+    #[error("hub address {0} lacks /p2p/<peer id>")]
+    HubPeer(String),
+    #[error(transparent)]
+    Net(#[from] net::StartError),
+    #[error(transparent)]
+    Mqtt(#[from] net::BrokerUrlError),
+    #[error("metrics cannot listen on {addr}")]
+    Metrics {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = StartError> = std::result::Result<T, E>;
+
+/// Loads the device key (refusing one readable by others).
+pub fn load_key(path: &Path) -> Result<SecretKey, KeyError> {
+    use std::os::unix::fs::PermissionsExt;
+    let unreadable = |source| KeyError::Read {
+        path: path.into(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(unreadable)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(KeyError::Exposed(path.into()));
+    }
+    let text = std::fs::read_to_string(path).map_err(unreadable)?;
+    SecretKey::from_text(&text).map_err(|source| KeyError::Parse {
+        path: path.into(),
+        source,
+    })
 }
 
 /// The trust root: the newest one the device accepted (state dir), else the configured one.
@@ -78,28 +160,39 @@ fn load_root(cfg: &Config, store: &Store) -> Result<TrustedRoot> {
     } else {
         cfg.root.clone()
     };
-    let bytes =
-        std::fs::read(&path).with_context(|| format!("reading trust root {}", path.display()))?;
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(source) => return Err(StartError::ReadRoot { path, source }),
+    };
     // A stored root may have expired while the device was off; it is still the anchor,
     // and verification against it refuses releases until a fresh root arrives.
-    let not_a_root = || {
-        format!(
-            "{} is not a trust root (replace it with the fleet's root.bin from the hub)",
-            path.display()
-        )
+    let claimed =
+        proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Root).and_then(|env| {
+            let root: proto::root::Root =
+                proto::codec::decode(proto::codec::Kind::Root, &env.payload)?;
+            Ok(root)
+        });
+    let claimed = match claimed {
+        Ok(root) => root,
+        Err(e) => {
+            let source = Box::new(e);
+            return Err(StartError::NotARoot { path, source });
+        }
     };
-    let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Root)
-        .with_context(not_a_root)?;
-    let claimed: proto::root::Root =
-        proto::codec::decode(proto::codec::Kind::Root, &env.payload).with_context(not_a_root)?;
-    let root = TrustedRoot::bootstrap(&bytes, now().min(claimed.expires_at.saturating_sub(1)))
-        .with_context(|| format!("trust root {}", path.display()))?;
-    anyhow::ensure!(
-        root.fleet() == cfg.fleet,
-        "trust root is for fleet {:?}, config says {:?}",
-        root.fleet(),
-        cfg.fleet
-    );
+    let root = match TrustedRoot::bootstrap(&bytes, now().min(claimed.expires_at.saturating_sub(1)))
+    {
+        Ok(root) => root,
+        Err(e) => {
+            let source = Box::new(e);
+            return Err(StartError::Root { path, source });
+        }
+    };
+    if root.fleet() != cfg.fleet {
+        return Err(StartError::WrongFleet {
+            root: root.fleet().into(),
+            config: cfg.fleet.clone(),
+        });
+    }
     Ok(root)
 }
 
@@ -189,6 +282,7 @@ pub async fn run_with_metrics(
         reporter,
         metrics,
         ondemand: Default::default(),
+        free_bytes: Store::free_bytes,
         tasks: tasks.clone(),
     };
     // Graceful: it stops between steps of an install, never in the middle of one.
@@ -208,7 +302,10 @@ async fn serve_metrics(
         let m = metrics.clone();
         net::metrics::serve(addr, Arc::new(move || m.render()), tasks)
             .await
-            .with_context(|| format!("metrics cannot listen on {addr}"))?;
+            .map_err(|source| StartError::Metrics {
+                addr: addr.clone(),
+                source,
+            })?;
     }
     Ok(())
 }
@@ -232,19 +329,17 @@ fn net_config(
     metrics: &DeviceMetrics,
 ) -> Result<(net::NetConfig, Vec<net::PeerId>)> {
     let mut net_cfg = net::NetConfig::new(net::keypair_from_seed(key.seed()), &cfg.fleet);
-    net_cfg.listen = vec![cfg.listen.parse().context("parsing listen address")?];
+    net_cfg.listen = vec![cfg.listen.parse().map_err(StartError::Listen)?];
     net_cfg.idle_timeout = Duration::from_secs(cfg.idle_timeout_secs);
     let mut hub_peers = Vec::new();
     let hubs = cfg.hub.iter().map(|h| (h, true));
     for (p, is_hub) in hubs.chain(cfg.peers.iter().map(|p| (p, false))) {
-        let addr: net::Multiaddr = p
-            .parse()
-            .with_context(|| format!("parsing peer address {p}"))?;
+        let addr: net::Multiaddr = p.parse().map_err(|source| StartError::PeerAddress {
+            addr: p.clone(),
+            source,
+        })?;
         if is_hub {
-            hub_peers.push(
-                net::peer_of(&addr)
-                    .with_context(|| format!("hub address {p} lacks /p2p/<peer id>"))?,
-            );
+            hub_peers.push(net::peer_of(&addr).ok_or_else(|| StartError::HubPeer(p.clone()))?);
         }
         net_cfg.bootstrap.push(addr);
     }

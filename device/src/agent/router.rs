@@ -10,7 +10,6 @@ use crate::report::Reporter;
 use crate::store::Store;
 use crate::trickle::Trickle;
 use crate::trust::{RootNews, Trust};
-use anyhow::Result;
 use net::ratelimit::RateLimiter;
 use net::{MessageAcceptance, NetClient, NetEvent, PeerId, Topic, Want};
 use proto::announcement::{verify_announcement, Announcement, Track};
@@ -330,7 +329,7 @@ impl Router {
             }
             // Our disk, not the sender's fault: not a refusal, and asked again later.
             Err(e @ crate::trust::TrustError::Keep { .. }) => {
-                tracing::error!("{e}");
+                tracing::error!("{}", proto::Chain(&e));
                 Verdict::Stale
             }
             Err(e) => self.refused(from, "trust root", &e),
@@ -398,7 +397,7 @@ impl Router {
             Ok(true) => Verdict::New,
             Ok(false) => Verdict::Known,
             Err(e @ crate::trust::TrustError::Keep { .. }) => {
-                tracing::error!("{e}");
+                tracing::error!("{}", proto::Chain(&e));
                 Verdict::Stale
             }
             Err(e) => self.refused(from, what, &e),

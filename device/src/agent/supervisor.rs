@@ -1,12 +1,11 @@
 //! The supervisor: the I/O shell of [`crate::watchdog`] — a release that was healthy and
 //! died, or stopped answering its probe, is restarted, then given up on.
 
-use super::installer::Updater;
+use super::installer::{InstallError, Updater};
 use crate::time::human_duration;
 
 use crate::store::Installed;
 use crate::watchdog::{Verdict as Watched, Watchdog};
-use anyhow::Result;
 use proto::status::DeviceState;
 
 impl Updater {
@@ -69,7 +68,8 @@ impl Updater {
         let m = match self.stored_manifest(&cur.manifest) {
             Ok(m) => m,
             Err(e) => {
-                tracing::error!(%app, release = cur.release, "domain {how}; cannot restart it: {e:#}");
+                let why = proto::Chain(&e);
+                tracing::error!(%app, release = cur.release, "domain {how}; cannot restart it: {why}");
                 return;
             }
         };
@@ -95,7 +95,7 @@ impl Updater {
                     human_duration(crate::watchdog::WINDOW)
                 );
                 if let Err(e) = self.give_up(app, &reason).await {
-                    tracing::error!(%app, "{reason}; going back: {e:#}");
+                    tracing::error!(%app, "{reason}; going back: {}", proto::Chain(&e));
                 }
             }
         }
@@ -103,7 +103,7 @@ impl Updater {
 
     /// The current release of `app` keeps dying: it is marked failed (never installed
     /// again) and the previous release, if there is one, is started and reported.
-    async fn give_up(&self, app: &str, reason: &str) -> Result<()> {
+    async fn give_up(&self, app: &str, reason: &str) -> Result<(), InstallError> {
         let (gave_up, _) = self.transition(app, |st| st.gave_up()).await?;
         let Some((failed, back)) = gave_up else {
             return Ok(());

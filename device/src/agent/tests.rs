@@ -1,6 +1,7 @@
 //! The installer and supervisor against the fake hypervisor: real store, trust, signed
 //! manifests and a libp2p node on loopback (with no peers), domains in a table.
 
+use super::inbox::Heard;
 use super::installer::Updater;
 use crate::config::Config;
 use crate::hypervisor::fake::{Fake, Table};
@@ -8,6 +9,7 @@ use crate::metrics::DeviceMetrics;
 use crate::report::Reporter;
 use crate::store::{Installed, Store};
 use crate::trust::{Clock, Trust};
+use crate::updater::Outcome;
 use crate::watchdog::Watchdog;
 use proto::manifest::{BootSpec, ChunkRef, HealthProbe, Manifest, Platform, Staging};
 use proto::root::{Role, Root, TrustedRoot};
@@ -97,6 +99,7 @@ impl Harness {
             metrics,
             ondemand: Default::default(),
             tasks,
+            free_bytes: Store::free_bytes,
         };
         Harness {
             upd,
@@ -149,6 +152,38 @@ impl Harness {
             accel: None,
         };
         (m, inst)
+    }
+
+    /// Release `n` as the router hands it over: announced, signed by the timestamp key.
+    fn heard(&self, m: &Manifest, inst: &Installed) -> Heard {
+        let now = crate::time::now();
+        let ann = proto::announcement::Announcement {
+            fleet: m.fleet.clone(),
+            app: m.app.clone(),
+            channel: m.channel.clone(),
+            platform: m.platform,
+            release: m.release,
+            version: m.version.clone(),
+            manifest: inst.manifest,
+            issued_at: now,
+            expires_at: now + 3600,
+        };
+        let mut env = ann.seal().unwrap();
+        env.sign(&key(3)).unwrap();
+        Heard {
+            ann,
+            bytes: env.encode().unwrap(),
+            verified_ms: 0,
+        }
+    }
+
+    /// The image of release `n` (one chunk), stored: nothing is left to fetch.
+    fn store_chunks(&self, m: &Manifest) {
+        let image = m.release.to_le_bytes();
+        self.upd
+            .store
+            .put_chunk(&m.chunks[0].digest, &image)
+            .unwrap();
     }
 
     fn running(&self) -> Vec<String> {
@@ -267,4 +302,43 @@ async fn a_hypervisor_failure_is_not_held_against_the_release() {
     h.table.lock().unwrap().unreachable.clear();
     h.upd.activate(&m2, r2).await.unwrap();
     assert_eq!(h.running(), [R2]);
+}
+
+/// A release the store's file system has no room for is refused before anything of it
+/// is fetched, and reported as the disk being full; the release that runs keeps running,
+/// and the refused one installs once there is room.
+#[tokio::test]
+async fn a_release_the_disk_has_no_room_for_is_refused_and_the_old_one_runs_on() {
+    let mut h = Harness::new().await;
+    h.current(1).await;
+    let (m2, r2) = h.release(2);
+    let heard = h.heard(&m2, &r2);
+    h.upd.free_bytes = |_| Some(4);
+    assert_eq!(h.upd.attempt(&heard).await, Outcome::Failed);
+    assert_eq!(h.running(), [R1], "the old release still runs");
+    let app = h.app();
+    assert_eq!(app.current.map(|c| c.release), Some(1));
+    assert!(app.pending.is_none());
+    assert!(
+        app.failed.is_empty(),
+        "tried again later, not given up: {:?}",
+        app.failed
+    );
+    let status = std::fs::read_to_string(h.upd.store.dir().join("status.json")).unwrap();
+    assert!(
+        status.contains("update to release 2") && status.contains("No space left"),
+        "{status}"
+    );
+    assert!(
+        !h.upd.store.has_chunk(&m2.chunks[0].digest),
+        "nothing of it was fetched"
+    );
+
+    // The disk was freed: the retry installs it.
+    h.upd.free_bytes = |_| Some(u64::MAX);
+    h.release(2);
+    h.store_chunks(&m2);
+    assert_eq!(h.upd.attempt(&heard).await, Outcome::Done);
+    assert_eq!(h.running(), [R2]);
+    assert_eq!(h.app().current.map(|c| c.release), Some(2));
 }

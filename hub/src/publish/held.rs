@@ -3,6 +3,45 @@
 //! threshold signed.
 
 use super::*;
+use sign::seal;
+use std::path::PathBuf;
+
+/// Why `hub release approve` stored no release.
+#[derive(Debug, thiserror::Error)]
+pub enum ApproveError {
+    #[error("reading {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a signed manifest", path.display())]
+    NotSigned {
+        path: PathBuf,
+        #[source]
+        source: Box<proto::VerifyError>,
+    },
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "{} has {have} of the {need} release signatures it needs: have more key holders run \
+         `fwtool sign {} --key KEY`",
+        path.display(),
+        dir.display()
+    )]
+    Short {
+        path: PathBuf,
+        dir: PathBuf,
+        have: usize,
+        need: usize,
+    },
+    #[error(transparent)]
+    Add(#[from] AddError),
+    #[error("approve stored no manifest")]
+    Nothing,
+}
 
 /// Where a held release waits for co-signatures: a release directory `fwtool sign`
 /// takes (`DIR/manifest`).
@@ -21,17 +60,13 @@ pub fn hold(
     store: &Store,
     part: &Part,
     new: NewRelease<'_>,
-) -> Result<(ReleaseInfo, std::path::PathBuf)> {
+) -> Result<(ReleaseInfo, std::path::PathBuf), SignError> {
     let root = home.trusted_root()?;
     let key = release_key(home, &root)?;
-    let (info, bytes) = store.transaction(|store| -> Result<_> {
+    let (info, bytes) = store.transaction(|store| -> Result<_, SignError> {
         let newest = number(home, store, &part.template, &new)?;
         let manifest = numbered(store, part, newest, &new)?;
-        let mut env = manifest.seal()?;
-        if let Some(k) = &key {
-            env.sign(k)?;
-        }
-        let bytes = env.encode()?;
+        let bytes = seal(&manifest, key.as_ref())?;
         let (app, channel, release) = (&manifest.app, new.channel, manifest.release);
         let mut change = new.change.clone();
         change.put(
@@ -73,12 +108,24 @@ pub fn hold(
 
 /// `hub release approve DIR`: stores a held release once a threshold of release keys
 /// has signed `DIR/manifest`, and announces it.
-pub fn approve(home: &Home, dir: &Path) -> Result<ReleaseInfo> {
+pub fn approve(home: &Home, dir: &Path) -> Result<ReleaseInfo, ApproveError> {
     let path = dir.join("manifest");
-    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)
-        .with_context(|| format!("{} is not a signed manifest", path.display()))?;
-    let m: Manifest = proto::codec::decode(proto::codec::Kind::Manifest, &env.payload)?;
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(source) => return Err(ApproveError::Read { path, source }),
+    };
+    let decoded =
+        proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest).and_then(|env| {
+            let m: Manifest = proto::codec::decode(proto::codec::Kind::Manifest, &env.payload)?;
+            Ok((env, m))
+        });
+    let (env, m) = match decoded {
+        Ok(d) => d,
+        Err(e) => {
+            let source = Box::new(e);
+            return Err(ApproveError::NotSigned { path, source });
+        }
+    };
     let root = home.trusted_root()?;
     let timestamp = home.timestamp_key()?;
     let store = home.store()?;
@@ -96,19 +143,19 @@ pub fn approve(home: &Home, dir: &Path) -> Result<ReleaseInfo> {
             env.signatures.len()
         ),
     };
-    let mut infos = store.transaction(|store| -> Result<_> {
+    let mut infos = store.transaction(|store| -> Result<_, ApproveError> {
         let newest = store.newest_number(&m.app, &m.channel)?;
         let mut stored = Stored::new(&new);
         stored
             .add(home, &root, &timestamp, bytes.clone(), newest, None)
             .map_err(|e| match &e {
                 AddError::Unverified { source, .. } => match **source {
-                    proto::VerifyError::BelowThreshold { have, need, .. } => anyhow::anyhow!(
-                        "{} has {have} of the {need} release signatures it needs: have more \
-                         key holders run `fwtool sign {} --key KEY`",
-                        path.display(),
-                        dir.display()
-                    ),
+                    proto::VerifyError::BelowThreshold { have, need, .. } => ApproveError::Short {
+                        path: path.clone(),
+                        dir: dir.into(),
+                        have,
+                        need,
+                    },
                     _ => e.into(),
                 },
                 _ => e.into(),
@@ -116,5 +163,5 @@ pub fn approve(home: &Home, dir: &Path) -> Result<ReleaseInfo> {
         Ok(stored.commit(&m.app, &m.version))
     })?;
     let _ = std::fs::remove_dir_all(dir);
-    infos.pop().context("approve stored no manifest")
+    infos.pop().ok_or(ApproveError::Nothing)
 }

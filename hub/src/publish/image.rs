@@ -2,6 +2,88 @@
 //! each new chunk written to git as it is read, a manifest template made.
 
 use super::*;
+use std::path::PathBuf;
+
+/// Why an image could not be read into a release.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("opening image {}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading the size of image {}", path.display())]
+    Size {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is a directory; give the path of the image file", .0.display())]
+    Directory(PathBuf),
+    #[error(
+        "image {} is {size} bytes, above this hub's limit of {limit_mib} MiB; raise \
+         `max_image_mib` in {} if it is meant to be this large",
+        path.display(),
+        config.display()
+    )]
+    TooBig {
+        path: PathBuf,
+        size: u64,
+        limit_mib: u64,
+        config: PathBuf,
+    },
+    #[error("reading image {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("inspecting {}", path.display())]
+    Inspect {
+        path: PathBuf,
+        #[source]
+        source: proto::image::ImageError,
+    },
+    #[error(
+        "{}: its header ({format}) boots on {can}, not on {asked}; give it as {first}={}",
+        path.display(),
+        path.display()
+    )]
+    WrongPlatform {
+        path: PathBuf,
+        format: String,
+        /// `qemu-x86_64 or xen-x86_64`: where it boots, the best first.
+        can: String,
+        first: Platform,
+        asked: Platform,
+    },
+    #[error("--probe")]
+    Probe(#[source] proto::manifest::BadProbe),
+    #[error("the release of {} is not valid", path.display())]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: Box<proto::VerifyError>,
+    },
+    #[error(
+        "two images for {platform}: {} and another given before it (image digest {twin}); \
+         give one image per platform",
+        path.display()
+    )]
+    TwoImages {
+        platform: Platform,
+        path: PathBuf,
+        twin: Digest,
+    },
+    #[error("give an image to publish")]
+    None,
+    /// Looking up or writing a chunk.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+type Result<T, E = ImageError> = std::result::Result<T, E>;
 
 /// Inspects and chunks each image, streaming: each new chunk goes to the git object
 /// database as it is read, so memory stays constant whatever an image's size, and a chunk
@@ -19,17 +101,17 @@ pub(super) fn prepare(
     for image in images {
         let template = prepare_one(home, store, image, args, &mut chunked, progress)?;
         if let Some(twin) = templates.iter().find(|t| t.platform == template.platform) {
-            bail!(
-                "two images for {}: {} and another given before it (image digest {}); give one \
-                 image per platform",
-                template.platform,
-                image.path.display(),
-                twin.image_digest
-            );
+            return Err(ImageError::TwoImages {
+                platform: template.platform,
+                path: image.path.clone(),
+                twin: twin.image_digest,
+            });
         }
         templates.push(template);
     }
-    anyhow::ensure!(!templates.is_empty(), "give an image to publish");
+    if templates.is_empty() {
+        return Err(ImageError::None);
+    }
     Ok((templates, chunked.change))
 }
 
@@ -52,7 +134,7 @@ fn prepare_one(
     let (mut file, len) = open(home, path)?;
     let platform = platform(&mut file, len, image, progress)?;
     file.seek(SeekFrom::Start(0))
-        .with_context(|| format!("reading image {}", path.display()))?;
+        .map_err(|source| read_error(path, source))?;
     let streamed = stream(home, store, file, path, len, chunked, progress)?;
     let template = Manifest {
         fleet: home.config.fleet.clone(),
@@ -68,7 +150,8 @@ fn prepare_one(
             memory_mib: args.memory_mib,
             vcpus: args.vcpus,
             cmdline: args.cmdline.clone(),
-            probe: HealthProbe::parse(&args.probe, &args.app, &args.version).context("--probe")?,
+            probe: HealthProbe::parse(&args.probe, &args.app, &args.version)
+                .map_err(ImageError::Probe)?,
             probe_timeout_ms: args.probe_timeout_secs * 1000,
             network: args.network,
         },
@@ -84,22 +167,32 @@ fn prepare_one(
         ..template.clone()
     }
     .validate()
-    .with_context(|| format!("the release of {} is not valid", path.display()))?;
+    .map_err(|e| ImageError::Invalid {
+        path: path.clone(),
+        source: Box::new(e),
+    })?;
     Ok(template)
+}
+
+fn read_error(path: &Path, source: std::io::Error) -> ImageError {
+    ImageError::Read {
+        path: path.into(),
+        source,
+    }
 }
 
 /// The image file and its size, refused if it is a directory or above the hub's limit.
 fn open(home: &Home, path: &Path) -> Result<(std::fs::File, u64)> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("opening image {}", path.display()))?;
-    let meta = file
-        .metadata()
-        .with_context(|| format!("reading the size of image {}", path.display()))?;
+    let file = std::fs::File::open(path).map_err(|source| ImageError::Open {
+        path: path.into(),
+        source,
+    })?;
+    let meta = file.metadata().map_err(|source| ImageError::Size {
+        path: path.into(),
+        source,
+    })?;
     if meta.is_dir() {
-        bail!(
-            "{} is a directory; give the path of the image file",
-            path.display()
-        );
+        return Err(ImageError::Directory(path.into()));
     }
     if meta.len() > limit(home) {
         return Err(too_big(home, path, meta.len()));
@@ -112,14 +205,13 @@ fn limit(home: &Home) -> u64 {
     home.config.max_image_mib.saturating_mul(MIB)
 }
 
-fn too_big(home: &Home, path: &Path, size: u64) -> anyhow::Error {
-    anyhow::anyhow!(
-        "image {} is {size} bytes, above this hub's limit of {} MiB; raise \
-         `max_image_mib` in {} if it is meant to be this large",
-        path.display(),
-        home.config.max_image_mib,
-        home.dir.join("hub.toml").display()
-    )
+fn too_big(home: &Home, path: &Path, size: u64) -> ImageError {
+    ImageError::TooBig {
+        path: path.into(),
+        size,
+        limit_mib: home.config.max_image_mib,
+        config: home.dir.join("hub.toml"),
+    }
 }
 
 /// The platform the image's header boots on: the one given, if it can, else the first.
@@ -133,22 +225,23 @@ fn platform(
     let mut prefix = Vec::new();
     file.take(proto::image::INSPECT_PREFIX as u64)
         .read_to_end(&mut prefix)
-        .with_context(|| format!("reading image {}", path.display()))?;
-    let header = proto::image::inspect(&prefix, len)
-        .with_context(|| format!("inspecting {}", path.display()))?;
+        .map_err(|source| read_error(path, source))?;
+    let header = proto::image::inspect(&prefix, len).map_err(|source| ImageError::Inspect {
+        path: path.clone(),
+        source,
+    })?;
     let platform = match image.platform {
         None => header.platforms[0],
         Some(p) if header.platforms.contains(&p) => p,
-        Some(p) => {
+        Some(asked) => {
             let can: Vec<&str> = header.platforms.iter().map(|p| p.name()).collect();
-            bail!(
-                "{}: its header ({}) boots on {}, not on {p}; give it as {}={}",
-                path.display(),
-                header.format,
-                can.join(" or "),
-                can[0],
-                path.display()
-            )
+            return Err(ImageError::WrongPlatform {
+                path: path.clone(),
+                format: header.format.clone(),
+                can: can.join(" or "),
+                first: header.platforms[0],
+                asked,
+            });
         }
     };
     progress(&format!(
@@ -182,7 +275,7 @@ fn stream(
     let mut hasher = proto::digest::Hasher::new();
     let (mut size, mut new_bytes, mut reported) = (0u64, 0u64, 0u64);
     for c in proto::chunking::chunks(BufReader::with_capacity(1 << 20, file)) {
-        let c = c.with_context(|| format!("reading image {}", path.display()))?;
+        let c = c.map_err(|source| read_error(path, source))?;
         hasher.update(&c.data);
         size += c.data.len() as u64;
         if size > limit(home) {

@@ -11,17 +11,17 @@ mod image;
 mod resign;
 mod sign;
 
-pub use held::{approve, held_dir, hold};
-pub use resign::{promote, rollback};
-pub use sign::{platforms, sign_and_store, stored_manifest, NewRelease, Part};
+pub use held::{approve, held_dir, hold, ApproveError};
+pub use image::ImageError;
+pub use resign::{promote, rollback, ResignError};
+pub use sign::{platforms, sign_and_store, stored_manifest, NewRelease, Part, SignError};
 
 use image::prepare;
 use sign::{check_newer, number, numbered, release_key, Stored};
 
-use crate::home::{now, Home};
-use crate::staging;
-use crate::store::{release_path, Change, Commit, Event, ReleaseInfo, Store};
-use anyhow::{bail, Context, Result};
+use crate::home::{now, Home, HomeError};
+use crate::staging::{self, StagingError};
+use crate::store::{release_path, Change, Commit, Event, ReleaseInfo, Store, StoreError};
 use proto::announcement::{Announcement, Track};
 use proto::manifest::{
     verify_manifest, BootSpec, ChunkRef, Expectations, HealthProbe, Manifest, Platform, Staging,
@@ -35,6 +35,26 @@ use std::path::Path;
 const MIB: u64 = 1024 * 1024;
 /// How often `hub publish` says how far chunking is.
 const PROGRESS_EVERY: u64 = 256 * MIB;
+
+/// Why `hub publish` (or a `git push`) stored no release.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// An argument no release could have, named by its flag.
+    #[error("{0}")]
+    Arg(&'static str),
+    #[error(transparent)]
+    Name(#[from] proto::names::BadName),
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Staging(#[from] StagingError),
+    #[error(transparent)]
+    Sign(#[from] SignError),
+}
 
 /// Why a signed manifest could not join the release being stored (one commit may hold a
 /// manifest per platform). `hub release approve` tells a manifest short of signatures
@@ -129,17 +149,17 @@ impl std::str::FromStr for Image {
 }
 
 /// Boot spec arguments a device could never boot, named by their flags.
-fn check_boot_args(args: &PublishArgs) -> Result<()> {
-    anyhow::ensure!(
-        args.memory_mib > 0,
+fn check_boot_args(args: &PublishArgs) -> Result<(), PublishError> {
+    let refused = if args.memory_mib == 0 {
         "--memory-mib must be at least 1 (the guest's memory in MiB)"
-    );
-    anyhow::ensure!(args.vcpus > 0, "--vcpus must be at least 1");
-    anyhow::ensure!(
-        args.probe_timeout_secs > 0,
+    } else if args.vcpus == 0 {
+        "--vcpus must be at least 1"
+    } else if args.probe_timeout_secs == 0 {
         "--probe-timeout-secs must be at least 1"
-    );
-    Ok(())
+    } else {
+        return Ok(());
+    };
+    Err(PublishError::Arg(refused))
 }
 
 /// Runs the pipeline for one release of one or more platforms' images. Nothing is signed
@@ -150,7 +170,7 @@ pub fn publish(
     images: &[Image],
     args: &PublishArgs,
     progress: Progress<'_>,
-) -> Result<Vec<ReleaseInfo>> {
+) -> Result<Vec<ReleaseInfo>, PublishError> {
     check_args(args, images)?;
     let store = home.store()?;
     // Checked again when the release is numbered (another publish may land meanwhile);
@@ -166,7 +186,14 @@ pub fn publish(
     )?;
     let (templates, change) = prepare(home, &store, images, args, progress)?;
     if args.hold {
-        return hold_for_signatures(home, &store, &templates[0], args, change, progress);
+        return Ok(hold_for_signatures(
+            home,
+            &store,
+            &templates[0],
+            args,
+            change,
+            progress,
+        )?);
     }
     let (to_stage, skipped): (Vec<&Manifest>, Vec<&Manifest>) = templates
         .iter()
@@ -211,22 +238,25 @@ pub fn publish(
 }
 
 /// What `hub publish` refuses before reading any image.
-fn check_args(args: &PublishArgs, images: &[Image]) -> Result<()> {
+fn check_args(args: &PublishArgs, images: &[Image]) -> Result<(), PublishError> {
     proto::names::check("app", &args.app)?;
     proto::names::check("channel", &args.channel)?;
-    anyhow::ensure!(
-        args.channel != STAGING_CHANNEL,
-        "publish to a target channel; staging happens on the way"
-    );
+    if args.channel == STAGING_CHANNEL {
+        return Err(PublishError::Arg(
+            "publish to a target channel; staging happens on the way",
+        ));
+    }
     check_boot_args(args)?;
     if args.hold && !args.no_staging {
-        bail!(
+        return Err(PublishError::Arg(
             "--hold needs --no-staging for now: a staging device verifies its release against \
-             the same root, so it would need a co-signed staging release as well"
-        );
+             the same root, so it would need a co-signed staging release as well",
+        ));
     }
     if args.hold && images.len() > 1 {
-        bail!("--hold takes one image: a held release directory holds one platform's manifest");
+        return Err(PublishError::Arg(
+            "--hold takes one image: a held release directory holds one platform's manifest",
+        ));
     }
     Ok(())
 }
@@ -239,7 +269,7 @@ fn hold_for_signatures(
     args: &PublishArgs,
     change: Change,
     progress: Progress<'_>,
-) -> Result<Vec<ReleaseInfo>> {
+) -> Result<Vec<ReleaseInfo>, SignError> {
     let (info, dir) = hold(
         home,
         store,
@@ -294,7 +324,7 @@ fn stage(
     args: &PublishArgs,
     change: Change,
     progress: Progress<'_>,
-) -> Result<(Vec<Part>, Change)> {
+) -> Result<(Vec<Part>, Change), PublishError> {
     let candidate_parts: Vec<Part> = templates.iter().map(|t| Part::unstaged(t)).collect();
     let candidates = sign_and_store(
         home,

@@ -3,6 +3,43 @@
 
 use super::*;
 
+/// Why `hub promote` or `hub rollback` stored no release.
+#[derive(Debug, thiserror::Error)]
+pub enum ResignError {
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Sign(#[from] SignError),
+    #[error("{app} has no release on {channel}")]
+    NoRelease { app: String, channel: String },
+    #[error("release {release} of {app} on {channel} never passed staging on {platform}")]
+    NeverStaged {
+        release: u64,
+        app: String,
+        channel: String,
+        platform: Platform,
+    },
+    #[error("{app} {version} was never released on {channel}")]
+    NeverReleased {
+        app: String,
+        version: semver::Version,
+        channel: String,
+    },
+    #[error("{app} has no earlier image on {channel} to roll back to")]
+    NoEarlier { app: String, channel: String },
+}
+
+type Result<T, E = ResignError> = std::result::Result<T, E>;
+
+fn no_release(app: &str, channel: &str) -> ResignError {
+    ResignError::NoRelease {
+        app: app.into(),
+        channel: channel.into(),
+    }
+}
+
 /// The stored parts of release `release` of (app, channel), ready to sign again elsewhere
 /// (promote) or as a newer release (rollback); `passed_only` refuses a platform without
 /// staging evidence.
@@ -22,10 +59,14 @@ pub(super) fn stored_parts(
             (Some(report), _) => Staging::Passed {
                 report: Digest::of(report),
             },
-            (None, true) => bail!(
-                "release {release} of {app} on {channel} never passed staging on {}",
-                info.track.platform
-            ),
+            (None, true) => {
+                return Err(ResignError::NeverStaged {
+                    release,
+                    app: app.into(),
+                    channel: channel.into(),
+                    platform: info.track.platform,
+                })
+            }
             (None, false) => m.staging.clone(),
         };
         parts.push(Part {
@@ -44,10 +85,13 @@ pub fn promote(home: &Home, app: &str, from: &str, to: &str) -> Result<Vec<Relea
     let store = home.store()?;
     let src = store
         .newest_number(app, from)?
-        .with_context(|| format!("{app} has no release on {from}"))?;
+        .ok_or_else(|| no_release(app, from))?;
     let parts = stored_parts(home, &store, app, from, src, from == STAGING_CHANNEL)?;
-    let version = parts[0].template.version.clone();
-    sign_and_store(
+    let Some(first) = parts.first() else {
+        return Err(no_release(app, from));
+    };
+    let version = first.template.version.clone();
+    let infos = sign_and_store(
         home,
         &store,
         &parts,
@@ -58,7 +102,8 @@ pub fn promote(home: &Home, app: &str, from: &str, to: &str) -> Result<Vec<Relea
             event: "promote",
             detail: format!("{app} {version} from {from} release {src}"),
         },
-    )
+    )?;
+    Ok(infos)
 }
 
 /// `hub rollback`: re-signs an earlier release of `channel` (every platform of it) as a
@@ -72,9 +117,7 @@ pub fn rollback(
 ) -> Result<Vec<ReleaseInfo>> {
     let store = home.store()?;
     let numbers = store.release_numbers(app, channel)?;
-    let current = *numbers
-        .last()
-        .with_context(|| format!("{app} has no release on {channel}"))?;
+    let current = *numbers.last().ok_or_else(|| no_release(app, channel))?;
     let images = |parts: &[Part]| -> Vec<(Platform, Digest)> {
         parts
             .iter()
@@ -94,15 +137,22 @@ pub fn rollback(
             break;
         }
     }
-    let (old_release, mut parts) = target.with_context(|| match to {
-        Some(v) => format!("{app} {v} was never released on {channel}"),
-        None => format!("{app} has no earlier image on {channel} to roll back to"),
+    let (old_release, mut parts) = target.ok_or_else(|| match to {
+        Some(v) => ResignError::NeverReleased {
+            app: app.into(),
+            version: v.clone(),
+            channel: channel.into(),
+        },
+        None => ResignError::NoEarlier {
+            app: app.into(),
+            channel: channel.into(),
+        },
     })?;
     // A rollback goes to every device at once: it is the way out of a bad release.
     for p in &mut parts {
         p.template.rollout = proto::rollout::Rollout::default();
     }
-    sign_and_store(
+    let infos = sign_and_store(
         home,
         &store,
         &parts,
@@ -116,5 +166,6 @@ pub fn rollback(
                 parts[0].template.version, cur[0].template.version
             ),
         },
-    )
+    )?;
+    Ok(infos)
 }

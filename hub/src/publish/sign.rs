@@ -3,6 +3,72 @@
 //! with its announcement, evidence and event in one store transaction.
 
 use super::*;
+use crate::home::{KeyError, WriteError};
+use std::path::PathBuf;
+
+/// Why a release could not be numbered, signed and stored (or held for co-signing).
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "this hub cannot sign releases alone: the trust root's release role needs {threshold} \
+         of its {keys} keys{}. Publish with --hold, have key holders run `fwtool sign DIR \
+         --key KEY`, then `hub release approve DIR`",
+        missing.as_ref().map_or(String::new(), |p| format!(
+            " and the hub holds none of them ({} is missing)",
+            p.display()
+        ))
+    )]
+    CannotSign {
+        threshold: u32,
+        keys: usize,
+        /// The hub's release key file, when it has none.
+        missing: Option<PathBuf>,
+    },
+    #[error(
+        "{} holds key {key}, which is not one of the trust root's release keys (an unknown \
+         key: devices would refuse what it signs); put back the hub's release key, or \
+         `hub root publish` a root that lists this one",
+        path.display()
+    )]
+    UnknownKey { path: PathBuf, key: String },
+    #[error("a release needs at least one image")]
+    NoImage,
+    #[error("signing the manifest of {0}")]
+    Seal(String, #[source] proto::codec::CodecError),
+    #[error(transparent)]
+    Add(#[from] AddError),
+    #[error("no release {release} of {of}")]
+    NoRelease { release: u64, of: String },
+    #[error("the stored manifest of release {release} of {track}")]
+    Stored {
+        track: Track,
+        release: u64,
+        #[source]
+        source: Box<proto::VerifyError>,
+    },
+    #[error(
+        "version {version} is not above {prev} (release {release}) on {on}; publish a higher \
+         version (or `hub rollback` to go back)"
+    )]
+    NotNewer {
+        version: String,
+        prev: String,
+        release: u64,
+        /// `app/channel`.
+        on: String,
+    },
+    /// Leaving a held release for co-signing.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+type Result<T, E = SignError> = std::result::Result<T, E>;
 
 /// The signed manifest of a stored release, verified against the hub's own root.
 pub fn stored_manifest(
@@ -11,13 +77,22 @@ pub fn stored_manifest(
     track: &Track,
     release: u64,
 ) -> Result<Manifest> {
-    let bytes = store
-        .read(&release_path(track, release, "manifest"))?
-        .with_context(|| format!("no release {release} of {track}"))?;
-    let env = proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)?;
+    let Some(bytes) = store.read(&release_path(track, release, "manifest"))? else {
+        return Err(SignError::NoRelease {
+            release,
+            of: track.to_string(),
+        });
+    };
+    let root = home.anchor_root()?;
     // Signed under the root of its day: a release-key rotation must not orphan the history.
     let links = |v| crate::trust::root_link(store, v).ok().flatten();
-    Ok(home.anchor_root()?.open_stored(&env, links)?)
+    proto::envelope::Envelope::decode(&bytes, proto::codec::Kind::Manifest)
+        .and_then(|env| root.open_stored(&env, links))
+        .map_err(|e| SignError::Stored {
+            track: track.clone(),
+            release,
+            source: Box::new(e),
+        })
 }
 
 /// One platform's part of a release being signed: the unsigned manifest (a template:
@@ -71,44 +146,47 @@ pub fn sign_and_store(
     let root = home.trusted_root()?;
     let key = match release_key(home, &root)? {
         Some(k) if root.root().release.threshold == 1 => k,
-        _ => bail!(
-            "this hub cannot sign releases alone: the trust root's release role needs {} of \
-             its {} keys{}. Publish with --hold, have key holders run `fwtool sign DIR --key \
-             KEY`, then `hub release approve DIR`",
-            root.root().release.threshold,
-            root.root().release.keys.len(),
-            if home.dir.join("keys/release.key").exists() {
-                String::new()
-            } else {
-                format!(
-                    " and the hub holds none of them ({} is missing)",
-                    home.dir.join("keys/release.key").display()
-                )
-            }
-        ),
+        _ => {
+            let path = home.dir.join("keys/release.key");
+            return Err(SignError::CannotSign {
+                threshold: root.root().release.threshold,
+                keys: root.root().release.keys.len(),
+                missing: (!path.exists()).then_some(path),
+            });
+        }
     };
     let timestamp = home.timestamp_key()?;
-    let first = &parts
-        .first()
-        .context("a release needs at least one image")?
-        .template;
+    let first = &parts.first().ok_or(SignError::NoImage)?.template;
     store.transaction(|store| -> Result<_> {
         let newest = number(home, store, first, &new)?;
         let mut stored = Stored::new(&new);
         for part in parts {
             let manifest = numbered(store, part, newest, &new)?;
-            let mut env = manifest.seal()?;
-            env.sign(&key)?;
+            let bytes = seal(&manifest, Some(&key))?;
             stored.add(
                 home,
                 &root,
                 &timestamp,
-                env.encode()?,
+                bytes,
                 newest,
                 part.evidence.clone(),
             )?;
         }
         Ok(stored.commit(&first.app, &first.version))
+    })
+}
+
+/// `manifest` sealed, signed with `key` if there is one, encoded.
+pub(super) fn seal(manifest: &Manifest, key: Option<&SecretKey>) -> Result<Vec<u8>> {
+    let signed = manifest.seal().and_then(|mut env| {
+        if let Some(k) = key {
+            env.sign(k)?;
+        }
+        env.encode()
+    });
+    signed.map_err(|e| {
+        let track = Track::new(&manifest.app, &manifest.channel, manifest.platform);
+        SignError::Seal(track.to_string(), e)
     })
 }
 
@@ -119,13 +197,10 @@ pub(super) fn release_key(home: &Home, root: &TrustedRoot) -> Result<Option<Secr
     }
     let key = home.release_key()?;
     if root.root().release.key(&key.id()).is_none() {
-        bail!(
-            "{} holds key {}, which is not one of the trust root's release keys (an unknown \
-             key: devices would refuse what it signs); put back the hub's release key, or \
-             `hub root publish` a root that lists this one",
-            home.dir.join("keys/release.key").display(),
-            key.id().short()
-        );
+        return Err(SignError::UnknownKey {
+            path: home.dir.join("keys/release.key"),
+            key: key.id().short(),
+        });
     }
     Ok(Some(key))
 }
@@ -309,9 +384,10 @@ fn release_version(
     release: u64,
 ) -> Result<semver::Version> {
     let parts = store.release(app, channel, release)?;
-    let first = parts
-        .first()
-        .with_context(|| format!("no release {release} of {app} on {channel}"))?;
+    let first = parts.first().ok_or_else(|| SignError::NoRelease {
+        release,
+        of: format!("{app} on {channel}"),
+    })?;
     Ok(stored_manifest(home, store, &first.track, release)?.version)
 }
 
@@ -327,10 +403,12 @@ pub(super) fn check_newer(
     let Some(n) = newest else { return Ok(()) };
     let prev = release_version(home, store, app, channel, n)?;
     if *version <= prev {
-        bail!(
-            "version {version} is not above {prev} (release {n}) on {app}/{channel}; publish \
-             a higher version (or `hub rollback` to go back)"
-        );
+        return Err(SignError::NotNewer {
+            version: version.to_string(),
+            prev: prev.to_string(),
+            release: n,
+            on: format!("{app}/{channel}"),
+        });
     }
     Ok(())
 }

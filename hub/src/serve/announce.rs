@@ -123,7 +123,7 @@ impl Announcer {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::error!(%track, release, "signing the announcement afresh: {e:#}")
+                    tracing::error!(%track, release, "signing the announcement afresh: {}", proto::Chain(&e))
                 }
             }
         }

@@ -62,12 +62,12 @@ impl Batch {
         let files = tokio::task::spawn_blocking(move || {
             for (path, bytes) in &reports {
                 if let Err(e) = write_atomic(path, bytes) {
-                    tracing::error!("keeping report {}: {e:#}", path.display());
+                    tracing::error!("keeping report {}: {}", path.display(), proto::Chain(&e));
                 }
             }
             if let Some(inv) = &inventory {
                 if let Err(e) = save_inventory(&home, inv) {
-                    tracing::error!("saving inventory: {e:#}");
+                    tracing::error!("saving inventory: {}", proto::Chain(&e));
                 }
             }
         });
@@ -76,7 +76,7 @@ impl Batch {
         }
         if !events.is_empty() {
             if let Err(e) = store.commit("device events", events).await {
-                tracing::error!("committing events: {e:#}");
+                tracing::error!("committing events: {}", proto::Chain(&e));
             }
         }
     }

@@ -211,7 +211,7 @@ impl Hub {
             Done::Devices { loaded, reply } => {
                 match loaded {
                     Ok(d) => self.devices = d,
-                    Err(e) => tracing::error!("reading enrolled devices: {e:#}"),
+                    Err(e) => tracing::error!("reading enrolled devices: {}", proto::Chain(&e)),
                 }
                 self.set_trade();
                 let _ = reply.send(format!("{} device(s) enrolled", self.devices.len()));
@@ -219,14 +219,14 @@ impl Hub {
             Done::Halted { release, written } => match written {
                 Ok(_) => self.reload_trust(AfterTrust::Halt),
                 Err(e) => {
-                    tracing::error!(app = %release.app, release = release.release, "halting the rollout: {e:#}")
+                    tracing::error!(app = %release.app, release = release.release, "halting the rollout: {}", proto::Chain(&e))
                 }
             },
             Done::Flushed => self.inflight.flushing = false,
             Done::Packed(packed) => {
                 self.inflight.packing = false;
                 if let Err(e) = packed {
-                    tracing::warn!("packing the store: {e:#}");
+                    tracing::warn!("packing the store: {}", proto::Chain(&e));
                 }
             }
         }
@@ -257,7 +257,7 @@ impl Hub {
                 self.announcer.update(&releases);
             }
             Ok(None) => {}
-            Err(e) => tracing::error!("reading releases: {e:#}"),
+            Err(e) => tracing::error!("reading releases: {}", proto::Chain(&e)),
         }
         let n = self.announcer.announce(&self.trust).await;
         match then {
@@ -351,12 +351,12 @@ impl Hub {
         let (trust, devices) = match loaded {
             Ok(l) => *l,
             Err(e) => {
-                // Through anyhow, `{:#}` names every cause (the reply says why).
-                let e = anyhow::Error::new(e);
+                // Every cause named (the reply says why).
+                let e = proto::Chain(&e);
                 match then {
-                    AfterTrust::Halt => tracing::error!("reloading trust after a halt: {e:#}"),
+                    AfterTrust::Halt => tracing::error!("reloading trust after a halt: {e}"),
                     AfterTrust::Command(reply) => {
-                        let _ = reply.send(format!("reloading trust: {e:#}"));
+                        let _ = reply.send(format!("reloading trust: {e}"));
                     }
                 }
                 return;

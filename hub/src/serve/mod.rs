@@ -37,7 +37,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
-    Store(anyhow::Error),
+    Store(#[from] crate::store_owner::StartError),
     #[error(transparent)]
     Trust(#[from] TrustError),
     #[error("reading enrolled devices")]
@@ -48,12 +48,13 @@ pub enum ServeError {
     P2pListen(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The hub's libp2p key.
     #[error(transparent)]
-    P2pKey(anyhow::Error),
+    P2pKey(#[from] crate::home::KeyError),
     #[error(transparent)]
     Net(#[from] net::StartError),
-    /// The metrics page or the dashboard.
     #[error(transparent)]
-    Http(anyhow::Error),
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Dashboard(#[from] crate::dashboard::DashboardError),
     #[error("binding {}", path.display())]
     Control {
         path: std::path::PathBuf,
@@ -89,11 +90,7 @@ impl Listeners {
             source,
         })?;
         let http = match &home.config.http {
-            Some(addr) => Some(
-                crate::dashboard::bind(addr)
-                    .await
-                    .map_err(ServeError::Http)?,
-            ),
+            Some(addr) => Some(crate::dashboard::bind(addr).await?),
             None => None,
         };
         Ok(Listeners { control, http })
@@ -122,7 +119,7 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let store = crate::store_owner::start(&home).map_err(ServeError::Store)?;
+    let store = crate::store_owner::start(&home)?;
     let trust = trust::Trust::load(&home, &store.reader).await?;
     // Every task below is spawned through this tree; shutdown cancels and waits for it.
     let tasks = net::tasks::Tasks::new();
@@ -177,7 +174,7 @@ pub async fn run(
 
 /// The libp2p node: listening where `hub.toml` says, a relay if asked.
 fn start_net(home: &Home) -> Result<Node, ServeError> {
-    let seed = home.p2p_seed().map_err(ServeError::P2pKey)?;
+    let seed = home.p2p_seed()?;
     let mut cfg = net::NetConfig::new(net::keypair_from_seed(seed), &home.config.fleet);
     cfg.listen = vec![home
         .config
@@ -209,13 +206,10 @@ async fn start_pages(
     tasks: &net::tasks::Tasks,
 ) -> Result<(), ServeError> {
     if let Some(addr) = &home.config.metrics {
-        crate::metrics::start(addr, metrics.clone(), node.state.clone(), tasks)
-            .await
-            .map_err(ServeError::Http)?;
+        crate::metrics::start(addr, metrics.clone(), node.state.clone(), tasks).await?;
     }
     if let Some(listener) = http {
-        crate::dashboard::start(listener, home.clone(), inventory, tasks)
-            .map_err(ServeError::Http)?;
+        crate::dashboard::start(listener, home.clone(), inventory, tasks)?;
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ pub(super) type Received = (String, Vec<u8>);
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
     #[error(transparent)]
-    Broker(anyhow::Error),
+    Broker(#[from] crate::broker::BrokerError),
     #[error(transparent)]
     Url(#[from] net::BrokerUrlError),
 }
@@ -26,7 +26,7 @@ pub(super) fn start(
     let broker_url = match &home.config.broker {
         Some(url) => url.clone(),
         None => {
-            crate::broker::start(&home.config.mqtt_listen).map_err(MqttError::Broker)?;
+            crate::broker::start(&home.config.mqtt_listen)?;
             format!("mqtt://{}", home.config.mqtt_listen)
         }
     };

@@ -1,7 +1,7 @@
 //! What the hub signs and checks with, reloaded when `hub root publish`, `hub revoke` or a
 //! halt change it; and whom the blob service trades with, which follows from it.
 
-use crate::home::{now, Home};
+use crate::home::{now, Home, HomeError};
 use crate::store_owner::{Devices, OwnerError, StoreReader, TrustRecords};
 use crate::trust::{expiry_warnings, Freshness};
 use proto::keys::PublicKey;
@@ -14,7 +14,7 @@ use proto::SecretKey;
 pub enum TrustError {
     /// The root or a key in the hub directory.
     #[error(transparent)]
-    Home(anyhow::Error),
+    Home(#[from] HomeError),
     /// The revocation or hold list in the store.
     #[error("reading the signed lists")]
     Store(#[from] OwnerError),
@@ -42,10 +42,9 @@ impl Trust {
     pub async fn load(home: &Home, reader: &StoreReader) -> Result<Trust, TrustError> {
         let h = home.clone();
         let (root, timestamp, rollout) = tokio::task::spawn_blocking(move || {
-            Ok::<_, anyhow::Error>((h.trusted_root()?, h.timestamp_key()?, h.rollout_key()?))
+            Ok::<_, HomeError>((h.trusted_root()?, h.timestamp_key()?, h.rollout_key()?))
         })
-        .await?
-        .map_err(TrustError::Home)?;
+        .await??;
         let TrustRecords { revocations, holds } = reader.trust_records(root.clone()).await?;
         let freshness = Freshness {
             lifetime: home.config.freshness_secs,
@@ -119,12 +118,19 @@ mod tests {
 
     /// A reply to `reload-trust` says why it failed down to the cause, never twice.
     #[test]
-    fn a_trust_error_through_anyhow_names_each_cause_once() {
-        let cause = anyhow::anyhow!("bad signature").context("the stored revocation list");
-        let e = anyhow::Error::new(TrustError::Store(OwnerError::Store(cause)));
+    fn a_trust_error_names_each_cause_once() {
+        let cause = proto::VerifyError::MissingSignature {
+            kind: proto::codec::Kind::Revocations,
+        };
+        let list = crate::store::ListError::Unverified {
+            what: "revocation list",
+            source: Box::new(cause),
+        };
+        let e = TrustError::Store(OwnerError::List(list));
         assert_eq!(
-            format!("{e:#}"),
-            "reading the signed lists: the stored revocation list: bad signature"
+            proto::Chain(&e).to_string(),
+            "reading the signed lists: the stored revocation list does not verify against \
+             the hub's root: revocation list has no signatures"
         );
     }
 }

@@ -68,7 +68,7 @@ pub enum StoreError {
     StoredPlatform {
         path: String,
         #[source]
-        source: proto::VerifyError,
+        source: Box<proto::VerifyError>,
     },
     #[error("writing a blob to {}", path.display())]
     WriteBlob {
@@ -108,6 +108,20 @@ pub enum StoreError {
     GcSpawn(#[source] std::io::Error),
     #[error("git gc --auto on {}: {stderr}", path.display())]
     Gc { path: PathBuf, stderr: String },
+}
+
+/// Why a signed list the store keeps (the revocation list, the hold list) could not be
+/// read.
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the stored {what} does not verify against the hub's root")]
+    Unverified {
+        what: &'static str,
+        #[source]
+        source: Box<proto::VerifyError>,
+    },
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -495,7 +509,7 @@ impl Store {
                 let platform =
                     stored_platform(&manifest).map_err(|source| StoreError::StoredPlatform {
                         path: old("manifest"),
-                        source,
+                        source: Box::new(source),
                     })?;
                 let track = Track::new(&app, &channel, platform);
                 for ext in ["manifest", "announcement", "staging"] {

@@ -386,7 +386,7 @@ fn enroll_devices(dir: &Path, hub: &Hub, p: &Params) -> Result<()> {
         let text = std::fs::read_to_string(ddir.join("device.pub"))?;
         keys.push((name, proto::PublicKey::from_text(&text)?));
     }
-    hub::enroll::enroll(&home, &keys, false)
+    Ok(hub::enroll::enroll(&home, &keys, false)?)
 }
 
 /// A worker process running some of the devices; spoken to over its stdin and stdout.
@@ -471,7 +471,7 @@ fn worker(p: &Params, dir: &Path, index: usize, count: usize) -> Result<()> {
                 let _ = rx.wait_for(|s| *s).await;
             };
             if let Err(e) = device::agent::run_with_metrics(cfg, mm, stop).await {
-                eprintln!("agent {name}: {e:#}");
+                eprintln!("agent {name}: {:#}", anyhow::Error::new(e));
             }
         });
         metrics.push(m);
