@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts what unifleet's demo and tests need on a Debian/Ubuntu machine:
 # a C toolchain and binutils, libvirt (library, daemon, QEMU driver, client), QEMU for
-# x86, iptables and dnsmasq (libvirt's guest networks: firewall rules and DHCP), mosquitto, Chromium and Node.js with playwright-core (the dashboard's browser
+# x86, iptables and dnsmasq (libvirt's guest networks: firewall rules and DHCP), bubblewrap (the
+# sandbox pushed code builds in), mosquitto, Chromium and Node.js with playwright-core (the dashboard's browser
 # test), python3-matplotlib, python3-libtorrent and opentracker (the fleet benchmark's
 # chart and BitTorrent baseline), and cargo-nextest if missing. Idempotent: re-running only starts what
 # is not running. Needs root (or sudo).
@@ -13,7 +14,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 PACKAGES=(build-essential pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu
           libvirt-clients qemu-system-x86 mosquitto python3 iproute2 procps
           qemu-system-arm qemu-user-static binutils-aarch64-linux-gnu libxml2-utils adduser nftables iptables dnsmasq-base
-          chromium python3-matplotlib python3-libtorrent opentracker)
+          chromium python3-matplotlib python3-libtorrent opentracker bubblewrap)
 
 missing=()
 arch=$(dpkg --print-architecture)

@@ -2,7 +2,8 @@
 //! and event in a git repository, announces releases over MQTT and libp2p, serves blobs
 //! to peers, and keeps an inventory of enrolled devices from their signed reports.
 //!
-//! Modules: [`home`] (hub directory and config), [`init`], [`store`] (git),
+//! Modules: [`home`] (hub directory and config), [`init`], [`store`] (git), [`build`] (the
+//! sandbox pushed code builds in),
 //! [`store_owner`] (the threads that own `hub serve`'s store), [`publish`] (the pipeline),
 //! [`deploy`] (git push), [`serve`] (the daemon), [`broker`] (embedded MQTT), [`control`]
 //! (local socket), [`metrics`].
@@ -11,6 +12,7 @@
 
 pub mod blobs;
 pub mod broker;
+pub mod build;
 pub mod control;
 pub mod dashboard;
 pub mod deploy;
