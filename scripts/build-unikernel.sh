@@ -41,43 +41,21 @@ out="${out:-$root/target/unikernels}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
-# An objcopy that understands aarch64 ELF and runs: LLVM's, the cross binutils, or the
-# toolchain's rust-objcopy (which needs the llvm-tools component's libLLVM).
-objcopy_tool() {
-  local sysroot host
-  sysroot="$(rustc --print sysroot)"
-  host="$(rustc -vV | sed -n 's/^host: //p')"
-  for tool in "$(command -v llvm-objcopy || true)" \
-              "$(command -v aarch64-linux-gnu-objcopy || true)" \
-              "$sysroot/lib/rustlib/$host/bin/rust-objcopy"; do
-    if [ -n "$tool" ] && "$tool" --version >/dev/null 2>&1; then echo "$tool"; return 0; fi
-  done
-  echo "build-unikernel: no objcopy for aarch64 (apt-get install llvm or binutils-aarch64-linux-gnu)" >&2
-  return 1
-}
-
 for a in "${arches[@]}"; do
   target="$a-unknown-none"
   if ! rustup target list --installed | grep -qx "$target"; then
     echo "build-unikernel: rustup target add $target"
     rustup target add "$target"
   fi
-  echo "build-unikernel: building $target"
-  (cd "$workspace" && cargo build --release --locked --target "$target" -p hello-http)
-  elf="$workspace/target/$target/release/hello-http"
-  case "$a" in
-    x86_64)
-      dest="$out/hello-http-x86_64.elf"
-      cp "$elf" "$dest.tmp"
-      ;;
-    aarch64)
-      dest="$out/hello-http-aarch64.img"
-      # The Image is the loaded sections as one flat file (bss excluded; the header's
-      # image_size covers it).
-      "$(objcopy_tool)" -O binary "$elf" "$dest.tmp"
-      ;;
-  esac
-  mv "$dest.tmp" "$dest"
+done
+# The template's own build script (what the hub runs for a push of it), then its images
+# copied out.
+(cd "$workspace" && cargo fetch --locked && ARCHES="${arches[*]}" ./build.sh)
+for a in "${arches[@]}"; do
+  for f in "$workspace/out/hello-http-$a".*; do
+    cp "$f" "$out/$(basename "$f").tmp"
+    mv "$out/$(basename "$f").tmp" "$out/$(basename "$f")"
+  done
 done
 
 echo "build-unikernel: images in $out"

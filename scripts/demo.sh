@@ -15,16 +15,17 @@
 #      dashboard (hub serve --http); then (QEMU only) 1.0.3, which never becomes ready:
 #      its first two devices roll back and the hub halts it, the rest never install it;
 #   6. (QEMU only) the Rust unikernel (firmware-tools/unikernels/hello-http) as app `web`:
-#      staged and served on demand over its virtio NIC on an isolated libvirt network
+#      made by `hub new web`, deployed by `git push` (built from source in the hub's
+#      sandbox, unit-tested), staged and served on demand over its virtio NIC on an isolated libvirt network
 #      (198.51.100.0/26), probed with HTTP; curl through the device's proxy, a cold start
 #      and a warm (paused) instance resumed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --workspace --bins --quiet
+# The rustup targets the hub's sandbox builds the Rust unikernel for (it cannot install them).
 scripts/build-unikernel.sh >/dev/null
 BIN="$PWD/target/debug"
-UNIKERNEL="$PWD/target/unikernels/hello-http-x86_64.elf"
 OUT="$PWD/demo-out"
 PIDS=()
 cleanup() {
@@ -254,9 +255,14 @@ TOML
     RUST_LOG=info,libp2p=warn,libp2p_gossipsub=error "$BIN/device" run --config "$d/device.toml" 2> "$d.log" &
     PIDS+=($!)
   done
-  "$BIN/fwtool" inspect "$UNIKERNEL" | sed -n 1,3p   # sed reads it all: no broken pipe
-  "$BIN/hub" --dir hub publish "$UNIKERNEL" --app web --version 1.0.0 --network --probe http:/health \
-    --cmdline "app=web version=1.0.0" --memory-mib 16 --staging-timeout-secs 120
+  # A new app from the hub's template, deployed as a user would: git push. The hub
+  # fetches its crates, builds it for x86_64 and aarch64 and runs its unit tests in a
+  # sandbox, stages the x86 image (this demo has no aarch64 staging device for web), signs
+  # and announces it; the push is refused if any step fails.
+  "$BIN/hub" --dir hub new web --into web-app
+  sed -i 's/^\[build\]/no_staging_for = ["qemu-aarch64"]\nstaging_timeout_secs = 120\n\n[build]/' web-app/unifleet.toml
+  git -C web-app -c user.name=demo -c user.email=demo@example.invalid commit -qam "web: stage x86 only"
+  git -C web-app push unifleet main 2>&1 | grep -E "^remote: (-----> |unifleet: )"
   APP=web wait_state 1 active web
   grep -h "accelerator" web.log | sed -E 's/.*accelerator/  accelerator/' | head -1
   for _ in $(seq 300); do grep -q "warm on-demand instance paused" web.log && break; sleep 0.1; done

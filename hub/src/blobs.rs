@@ -266,9 +266,7 @@ mod tests {
     use crate::store::{Change, Store};
     use std::time::Duration;
 
-    fn node(
-        seed: u8,
-    ) -> (NetClient, tokio::sync::mpsc::Receiver<net::NetEvent>) {
+    fn node(seed: u8) -> (NetClient, tokio::sync::mpsc::Receiver<net::NetEvent>) {
         let cfg = net::NetConfig::new(net::keypair_from_seed([seed; 32]), "home");
         net::start(cfg, &net::tasks::Tasks::new()).unwrap()
     }

@@ -49,11 +49,18 @@ fn send(home: &Home, command: Command) -> std::io::Result<String> {
     Ok(line.trim().to_string())
 }
 
-/// Asks a running `hub serve` to announce now; says so if none is running.
-pub fn notify(home: &Home, progress: &mut dyn FnMut(&str)) {
+/// Asks a running `hub serve` to announce now; says so if none is running. Whether one
+/// took it.
+pub fn notify(home: &Home, progress: &mut dyn FnMut(&str)) -> bool {
     match send(home, Command::Announce) {
-        Ok(reply) => progress(&format!("hub serve: {reply}")),
-        Err(_) => progress("hub serve is not running: the release is stored and signed, and will be announced when it starts"),
+        Ok(reply) => {
+            progress(&format!("hub serve: {reply}"));
+            true
+        }
+        Err(_) => {
+            progress("hub serve is not running: the release is stored and signed, and will be announced when it starts");
+            false
+        }
     }
 }
 

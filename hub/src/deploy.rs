@@ -1,10 +1,22 @@
 //! `git push` deploys: the hub's bare deploy repository runs the publish pipeline from a
-//! post-receive hook, so `git push unifleet main` publishes (Heroku style).
+//! pre-receive hook, so `git push unifleet main` builds and publishes (Heroku style), and
+//! the branch moves only if everything passed: a failed build, test, staging or signing
+//! rejects the push (`! [remote rejected] … (pre-receive hook declined)`), saying which
+//! step failed and why, with nothing signed or announced.
 //!
 //! The pushed commit must contain `unifleet.toml`:
 //! ```toml
 //! app = "hello"
 //! version = "1.2.0"
+//! [build]                     # built from source in a sandbox (see `crate::build`) …
+//! command = "./build.sh"      # no network; `cargo fetch --locked` ran before it
+//! images = { "qemu-x86_64" = "out/hello.elf", "qemu-aarch64" = "out/hello.img" }
+//! timeout_secs = 1800
+//! [test]
+//! command = "cargo test --locked --lib"   # unit tests, after the build
+//! ```
+//! or, for an image built elsewhere and committed:
+//! ```toml
 //! image = "build/hello.elf"   # path inside the repository, or one image per platform:
 //! # images = { "qemu-x86_64" = "build/hello.elf", "qemu-aarch64" = "build/hello-arm64.img" }
 //! channel = "stable"          # optional
@@ -21,14 +33,17 @@
 //! halt_failures = 10          # … this percentage of them rolled back (default 50)
 //! target_tags = ["beta"]      # optional: only devices with these tags …
 //! target_devices = []         # … or these names
+//! follow_secs = 120           # how long the push follows the first wave
 //! ```
 
+use crate::build::source::{BuildError, BuildSpec, TestSpec};
 use crate::home::Home;
 use crate::publish::{publish, Image, PublishArgs, PublishError};
 use proto::manifest::Platform;
 use serde::Deserialize;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Why the deploy repository could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +62,7 @@ pub enum CreateError {
         #[source]
         source: std::io::Error,
     },
-    #[error("writing the post-receive hook {}", path.display())]
+    #[error("writing the deploy hook {}", path.display())]
     Hook {
         path: PathBuf,
         #[source]
@@ -86,8 +101,15 @@ pub enum DeployError {
     },
     #[error("parsing unifleet.toml")]
     Parse(#[source] Box<toml::de::Error>),
-    #[error("unifleet.toml: give either `image` or `images`, not both or neither")]
+    #[error(
+        "unifleet.toml: give either `image` or `images` (or a [build] section), not both or \
+         neither"
+    )]
     Images,
+    #[error("unifleet.toml: [build] images name the images; drop `image`/`images`")]
+    BuildAndImages,
+    #[error(transparent)]
+    Build(#[from] BuildError),
     #[error("unifleet.toml: waves")]
     Waves(#[source] proto::rollout::BadWaves),
     #[error("unifleet.toml: the rollout (waves, halt_after, halt_failures, targets)")]
@@ -102,6 +124,12 @@ pub enum DeployError {
     },
     #[error(transparent)]
     Publish(#[from] PublishError),
+    #[error("push of {refname} rejected")]
+    Rejected {
+        refname: String,
+        #[source]
+        source: Box<DeployError>,
+    },
 }
 
 type Result<T, E = DeployError> = std::result::Result<T, E>;
@@ -146,6 +174,13 @@ struct DeployFile {
     target_tags: Vec<String>,
     #[serde(default)]
     target_devices: Vec<String>,
+    /// How long a push follows the release's first wave before it returns.
+    #[serde(default = "follow_secs")]
+    follow_secs: u64,
+    #[serde(default)]
+    build: Option<BuildSpec>,
+    #[serde(default)]
+    test: Option<TestSpec>,
 }
 
 impl DeployFile {
@@ -190,6 +225,10 @@ impl DeployFile {
     }
 }
 
+fn follow_secs() -> u64 {
+    120
+}
+
 fn fifty() -> u8 {
     50
 }
@@ -214,40 +253,62 @@ fn ten() -> u64 {
     10
 }
 
-/// Creates `DIR/deploy.git` with a post-receive hook that calls this hub binary.
+/// The hook's mark: what tells a hook as this hub's (an operator's own hook is left alone).
+const HOOK_MARK: &str = "# unifleet:";
+
+/// Creates `DIR/deploy.git` with the hook that calls this hub binary.
 pub fn create(dir: &Path) -> Result<(), CreateError> {
     let path = dir.join("deploy.git");
     if let Err(source) = git2::Repository::init_bare(&path) {
         return Err(CreateError::Repository { path, source });
     }
+    install_hook(dir)
+}
+
+/// Writes the deploy repository's pre-receive hook for this hub binary; a post-receive
+/// hook an older hub wrote (which published after the branch had moved) is removed.
+pub fn install_hook(dir: &Path) -> Result<(), CreateError> {
+    let hooks = dir.join("deploy.git/hooks");
     let exe = std::env::current_exe().map_err(CreateError::Exe)?;
     let home = std::fs::canonicalize(dir).map_err(|source| CreateError::Resolve {
         path: dir.into(),
         source,
     })?;
-    let hook_path = path.join("hooks/post-receive");
     let hook = format!(
-        "#!/bin/sh\n# unifleet: publish what was pushed\nexec '{}' deploy-hook --dir '{}'\n",
+        "#!/bin/sh\n{HOOK_MARK} build, test, stage and publish what was pushed; the branch \
+         moves only if all passed\nexec '{}' deploy-hook --dir '{}'\n",
         exe.display(),
         home.display()
     );
+    let path = hooks.join("pre-receive");
+    let tmp = hooks.join("pre-receive.tmp");
     use std::os::unix::fs::PermissionsExt;
-    std::fs::write(&hook_path, hook)
-        .and_then(|()| std::fs::set_permissions(&hook_path, std::fs::Permissions::from_mode(0o755)))
-        .map_err(|source| CreateError::Hook {
-            path: hook_path.clone(),
-            source,
-        })
+    let hook_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CreateError::Hook { path, source }
+    };
+    std::fs::write(&tmp, hook)
+        .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(hook_error(&path))?;
+    let old = hooks.join("post-receive");
+    if std::fs::read_to_string(&old).is_ok_and(|t| t.contains(HOOK_MARK)) {
+        std::fs::remove_file(&old).map_err(hook_error(&old))?;
+    }
+    Ok(())
 }
 
-/// The post-receive hook: reads `old new ref` lines from stdin, publishes each pushed
-/// commit. Output goes back to the pusher as `remote:` lines.
+/// The pre-receive hook: reads `old new ref` lines from stdin and builds (or takes the
+/// committed images of) and publishes each pushed commit; an error rejects the whole
+/// push. Output goes back to the pusher as `remote:` lines. Runs inside git's quarantine:
+/// the pushed objects are found through the environment git sets for the hook.
 pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) -> Result<()> {
     let path = home.dir.join("deploy.git");
-    let repo = match git2::Repository::open_bare(&path) {
-        Ok(repo) => repo,
-        Err(source) => return Err(DeployError::Open { path, source }),
+    let repo = match std::env::var_os("GIT_DIR") {
+        Some(_) => git2::Repository::open_from_env(),
+        None => git2::Repository::open_bare(&path),
     };
+    let repo = repo.map_err(|source| DeployError::Open { path, source })?;
     for line in input.lines() {
         let line = line.map_err(DeployError::Refs)?;
         let mut parts = line.split_whitespace();
@@ -258,32 +319,87 @@ pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) ->
         if new.chars().all(|c| c == '0') {
             continue; // branch deleted
         }
+        let began = Instant::now();
         progress(&format!(
             "unifleet: deploying {refname} at {}",
             &new[..new.len().min(12)]
         ));
-        deploy(home, &repo, new, progress)?;
+        deploy(home, &repo, new, progress).map_err(|e| DeployError::Rejected {
+            refname: refname.into(),
+            source: Box::new(e),
+        })?;
+        progress(&format!(
+            "unifleet: done in {}",
+            crate::build::source::seconds(began.elapsed())
+        ));
     }
     Ok(())
 }
 
-/// Publishes the pushed commit `new`.
+/// Builds, or reads the committed images of, the pushed commit `new`, and publishes them.
 fn deploy(
     home: &Home,
     repo: &git2::Repository,
     new: &str,
     progress: &mut dyn FnMut(&str),
 ) -> Result<()> {
-    let tree = git2::Oid::from_str(new)
+    let commit_error = |source| DeployError::Commit {
+        commit: new.into(),
+        source,
+    };
+    let commit = git2::Oid::from_str(new)
         .and_then(|id| repo.find_commit(id))
-        .and_then(|commit| commit.tree())
-        .map_err(|source| DeployError::Commit {
-            commit: new.into(),
-            source,
-        })?;
+        .map_err(commit_error)?;
+    let tree = commit.tree().map_err(commit_error)?;
     let read = |p: &str| read_pushed(repo, &tree, p);
-    let spec: DeployFile = toml::from_str(&String::from_utf8_lossy(&read("unifleet.toml")?))
+    let mut spec: DeployFile = toml::from_str(&String::from_utf8_lossy(&read("unifleet.toml")?))
         .map_err(|e| DeployError::Parse(Box::new(e)))?;
+    // Built here (the scratch directory lives until the release is stored, the build lock
+    // until then too) or committed (written to a directory of their own).
+    let (files, _dir, _lock) = match spec.build.take() {
+        Some(build) => {
+            if spec.image.is_some() || !spec.images.is_empty() {
+                return Err(DeployError::BuildAndImages);
+            }
+            let lock = crate::build::source::lock_app(home, &spec.app, progress)?;
+            let test = spec.test.take().unwrap_or_default();
+            let built = crate::build::source::build(
+                home, repo, &commit, &spec.app, &build, &test, progress,
+            )?;
+            (built.images, built.scratch, Some(lock))
+        }
+        None => {
+            let (files, dir) = committed_images(&spec, &read)?;
+            (files, dir, None)
+        }
+    };
+    let follow = Duration::from_secs(spec.follow_secs);
+    let args = spec.into_publish()?;
+    let infos = publish(home, &files, &args, progress)?;
+    let announced = crate::control::notify(home, progress);
+    let release = infos[0].release;
+    progress(&format!(
+        "unifleet: released {} release {release} on {} for {}",
+        args.app,
+        args.channel,
+        crate::publish::platforms(&infos)
+    ));
+    if announced {
+        follow_first_wave(home, &args.app, &args.channel, release, follow, progress);
+    }
+    progress(&format!(
+        "unifleet: to go back: hub rollback {} --channel {}",
+        args.app, args.channel
+    ));
+    Ok(())
+}
+
+/// The images committed in the repository (`image` or `images`), each written to a file of
+/// its own in a directory removed when it drops.
+fn committed_images(
+    spec: &DeployFile,
+    read: &dyn Fn(&str) -> Result<Vec<u8>>,
+) -> Result<(Vec<Image>, tempfile::TempDir)> {
     let images: Vec<(Option<Platform>, &String)> = match (&spec.image, spec.images.is_empty()) {
         (Some(path), true) => vec![(None, path)],
         (None, false) => spec
@@ -293,7 +409,6 @@ fn deploy(
             .collect(),
         _ => return Err(DeployError::Images),
     };
-    // Each image to a file of its own while the pipeline runs, removed after.
     let dir = tempfile::Builder::new()
         .prefix("unifleet-deploy-")
         .tempdir()
@@ -309,17 +424,57 @@ fn deploy(
             path: file,
         });
     }
-    let args = spec.into_publish()?;
-    let infos = publish(home, &files, &args, progress)?;
-    crate::control::notify(home, progress);
-    progress(&format!(
-        "unifleet: released {} release {} on {} for {}",
-        args.app,
-        infos[0].release,
-        args.channel,
-        crate::publish::platforms(&infos)
-    ));
-    Ok(())
+    Ok((files, dir))
+}
+
+/// Says how the release's first wave is doing, a line each time that changes, until
+/// none of its devices is still pending or downloading, or `limit` passes. The hub
+/// writes the inventory it reads about once a second.
+fn follow_first_wave(
+    home: &Home,
+    app: &str,
+    channel: &str,
+    release: u64,
+    limit: Duration,
+    progress: &mut dyn FnMut(&str),
+) {
+    let began = Instant::now();
+    let mut last = String::new();
+    loop {
+        let wave = match crate::rollout::status(home, app, channel, Some(release)) {
+            Ok(s) => s.waves_detail.into_iter().next().unwrap_or_default(),
+            Err(e) => {
+                let e = proto::Chain(&e);
+                return progress(&format!("-----> not following the rollout: {e}"));
+            }
+        };
+        if wave.total() == 0 {
+            return progress("-----> no device takes it yet");
+        }
+        let line = format!(
+            "-----> first wave: active {}/{}, pending {}, downloading {}, failed {}, rolled back {}",
+            wave.active,
+            wave.total(),
+            wave.pending,
+            wave.downloading,
+            wave.failed,
+            wave.rolled_back
+        );
+        if line != last {
+            progress(&line);
+            last = line;
+        }
+        if wave.pending + wave.downloading == 0 {
+            return;
+        }
+        if began.elapsed() >= limit {
+            return progress(&format!(
+                "-----> still rolling out after {} (follow it: hub rollout watch {app})",
+                crate::build::source::seconds(limit)
+            ));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 /// The file at `path` in the pushed `tree`.

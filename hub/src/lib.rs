@@ -30,6 +30,7 @@ pub mod staging;
 pub mod store;
 pub mod store_owner;
 pub mod suspects;
+pub mod template;
 pub mod tracker;
 pub mod trust;
 pub mod view;

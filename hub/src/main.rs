@@ -55,13 +55,16 @@ enum Command {
     Rollback(cli::rollback::Args),
     /// Register a device's public key (from `device enroll`). One key, one name.
     Enroll(cli::enroll::Args),
+    /// Start a new app: a git repository from the Rust unikernel template that builds,
+    /// tests and releases itself when pushed (`git push unifleet main`).
+    New(cli::new::Args),
     /// List releases of an app (or all).
     Releases(cli::releases::Args),
     /// List devices as last reported.
     Devices(cli::devices::Args),
     /// Show the event log.
     Log(cli::log::Args),
-    /// Internal: the deploy repository's post-receive hook.
+    /// Internal: the deploy repository's pre-receive hook.
     #[command(hide = true)]
     DeployHook,
 }
@@ -93,6 +96,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Promote(args) => cli::promote::run(dir, args),
         Command::Rollback(args) => cli::rollback::run(dir, args),
         Command::Enroll(args) => cli::enroll::run(dir, args),
+        Command::New(args) => cli::new::run(dir, args),
         Command::Releases(args) => cli::releases::run(dir, args),
         Command::Devices(args) => cli::devices::run(dir, args),
         Command::Log(args) => cli::log::run(dir, args),

@@ -8,7 +8,7 @@
 use anyhow::{bail, Context, Result};
 use std::process::Command;
 
-/// How many tests may hold a guest network at once: slots 0-5 and 6 are taken by
+/// How many tests may hold a guest network at once: slots 0-7 are taken by
 /// `tests/tests/unikernel.rs`, 6 and 7 by `bench_unikernel` (which is run on its own).
 pub const SLOTS: u8 = 8;
 

@@ -149,6 +149,7 @@ fn git_push_deploys_through_the_same_pipeline() -> Result<()> {
     let push = git(&["push", "unifleet", "main"])?;
     let said = String::from_utf8_lossy(&push.stderr);
     assert!(said.contains("unrecognised image"), "{said}");
+    assert!(!push.status.success(), "the push is rejected: {said}");
     assert_eq!(fleet.releases(None)?.len(), 1);
 
     // A push may carry a staged rollout; a misspelt one is refused, naming the field.

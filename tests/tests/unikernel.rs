@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
-use unifleet_tests::fleet::{running_domains, toml_value::V, wait_for, Device, Fleet};
+use unifleet_tests::fleet::{run, running_domains, toml_value::V, wait_for, Device, Fleet};
 use unifleet_tests::guestnet::{hello_http_aarch64, hello_http_x86_64, GuestNet};
 
 const URI: &str = "qemu:///system";
@@ -436,5 +436,90 @@ fn bad_guest_settings_fail_with_a_clear_error_and_the_old_release_keeps_serving(
         reason.contains("uf-no-such-net"),
         "names the network: {reason}"
     );
+    Ok(())
+}
+
+/// Issue 29: the template as a new user gets it (`hub new`), pushed with `git push`: its
+/// dependencies fetched, built from source for x86_64 and aarch64 and unit-tested in the
+/// hub's sandbox, staged on an x86 staging device with its HTTP probe, signed, and served
+/// on demand by a device; a one-line change pushed again is built from the warm cache.
+#[test]
+fn the_template_pushed_is_built_from_source_staged_and_served() -> Result<()> {
+    let net = GuestNet::create(URI, 7)?;
+    let mut fleet = Fleet::new(URI)?;
+    fleet.start_hub(&[])?;
+    let pid = std::process::id();
+    let stage = fleet.add_device_on(&format!("uk-pstage-{pid}"), "web", "staging", URI, &[])?;
+    let d = fleet.add_device(&format!("uk-push-{pid}"), "web", &[])?;
+    let mut port = 0;
+    for (i, first) in [(stage, 2), (d, 6)] {
+        let dev = &fleet.devices[i];
+        dev.set_config("nic", V::Str(net.nic()))?;
+        dev.set_config("guest_addresses", V::Str(net.addresses(first, first + 3)))?;
+        if i == d {
+            port = dev.serve_on_demand("web", "min = 0\nmax_local = 1\nidle_secs = 2")?;
+        }
+        fleet.start_device(i)?;
+    }
+    let repo = fleet.path("web");
+    run(fleet.hub_cmd()?.args(["new", "web", "--into"]).arg(&repo))?;
+    let toml = repo.join("unifleet.toml");
+    // No aarch64 staging device here: that platform is released unstaged.
+    let text = std::fs::read_to_string(&toml)?.replace(
+        "\n[build]",
+        "no_staging_for = [\"qemu-aarch64\"]\nstaging_timeout_secs = 120\n\n[build]",
+    );
+    std::fs::write(&toml, text)?;
+    let git = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(std::process::Command::new("git")
+            .args(["-c", "user.name=op", "-c", "user.email=op@example.invalid"])
+            .args(args)
+            .current_dir(&repo)
+            .output()?)
+    };
+    git(&["commit", "-qam", "no aarch64 staging device"])?;
+    let deploy = fleet.hub_dir.join("deploy.git");
+    let push = git(&["push", deploy.to_str().unwrap(), "main"])?;
+    let said = String::from_utf8_lossy(&push.stderr);
+    assert!(push.status.success(), "{said}");
+    for step in [
+        "fetch passed in",
+        "Compiling smoltcp",
+        "build passed in",
+        "test result: ok",
+        "test passed in",
+        "staging passed on uk-pstage-",
+        "released web release 1",
+        "first wave: active 1/1",
+    ] {
+        assert!(said.contains(step), "{step}: {said}");
+    }
+    fleet.wait_all(&[d], "web", 1, "Active", Duration::from_secs(120))?;
+    let mut r = BufReader::new(TcpStream::connect(("127.0.0.1", port))?);
+    r.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(60)))?;
+    let (status, body) = get(&mut r, "/")?;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(body.contains("app: web\nversion: 0.1.0\n"), "{body}");
+    drop(r);
+
+    // A one-line change: the cache keeps the dependencies, only the app is rebuilt.
+    let src = repo.join("hello-http/src/app.rs");
+    std::fs::write(
+        &src,
+        std::fs::read_to_string(&src)? + "\n// one more line\n",
+    )?;
+    let text = std::fs::read_to_string(&toml)?.replace("0.1.0", "0.1.1");
+    std::fs::write(&toml, text)?;
+    git(&["commit", "-qam", "0.1.1"])?;
+    let push = git(&["push", deploy.to_str().unwrap(), "main"])?;
+    let said = String::from_utf8_lossy(&push.stderr);
+    assert!(push.status.success(), "{said}");
+    assert!(said.contains("released web release 2"), "{said}");
+    assert!(
+        !said.contains("Compiling smoltcp"),
+        "the dependencies come from the cache: {said}"
+    );
+    fleet.wait_all(&[d], "web", 2, "Active", Duration::from_secs(120))?;
     Ok(())
 }

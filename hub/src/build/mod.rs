@@ -1,3 +1,5 @@
-//! Building what developers push: the sandbox a build or test command runs in.
+//! Building what developers push: [`source`] checks a pushed commit out, fetches its
+//! dependencies, builds and tests it, each step in the [`sandbox`].
 
 pub mod sandbox;
+pub mod source;

@@ -5,6 +5,7 @@ pub mod devices;
 pub mod enroll;
 pub mod init;
 pub mod log;
+pub mod new;
 pub mod promote;
 pub mod publish;
 pub mod release;

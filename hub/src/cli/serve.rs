@@ -38,6 +38,11 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
     } = args;
     init_tracing();
     let mut home = Home::open(dir)?;
+    // A home made by an older hub published from a post-receive hook, after the branch
+    // had moved: its pushes get this hub's pre-receive hook.
+    if let Err(e) = hub::deploy::install_hook(&home.dir) {
+        tracing::warn!("deploy repository hook not updated: {}", proto::Chain(&e));
+    }
     if let Some(rate) = upload_rate {
         home.config.upload_rate = rate;
     }

@@ -1,0 +1,263 @@
+//! A pushed commit built from source: checked out into a scratch directory, its
+//! dependencies fetched, built and unit-tested in the [`sandbox`](super::sandbox), its
+//! images found where `unifleet.toml`'s `[build]` says. One build of an app at a time
+//! (a second push waits for the first), each with the app's persistent cache
+//! (`HUB/builds/APP/cache`: the cargo registry and target directory), so a one-line change
+//! rebuilds in seconds.
+//!
+//! Only the fetch step has the network, and it runs cargo's own `cargo fetch --locked`
+//! from outside the checkout (so the repository's `.cargo/config.toml` is not read):
+//! no code of the pushed repository runs with the network. Build and test commands run
+//! with none.
+
+use super::sandbox::{Limits, Sandbox, SandboxError};
+use crate::home::Home;
+use crate::publish::Image;
+use proto::manifest::Platform;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// `[build]` in `unifleet.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildSpec {
+    /// Run by `sh -c` in the checkout's root, with no network.
+    pub command: String,
+    /// Platform to the image file the command leaves, relative to the repository's root.
+    pub images: BTreeMap<Platform, String>,
+    /// The build's wall-clock limit.
+    #[serde(default = "default_build_secs")]
+    pub timeout_secs: u64,
+}
+
+/// `[test]` in `unifleet.toml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestSpec {
+    /// Unit tests, run after the build in the same sandbox; a failure rejects the push.
+    #[serde(default)]
+    pub command: Option<String>,
+    #[serde(default = "default_build_secs")]
+    pub timeout_secs: u64,
+}
+
+fn default_build_secs() -> u64 {
+    1800
+}
+
+/// Why a push's source did not give images.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("checking out the pushed commit into {}", dir.display())]
+    Checkout {
+        dir: PathBuf,
+        #[source]
+        source: git2::Error,
+    },
+    #[error("preparing {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{step} failed: {source}")]
+    Step {
+        step: &'static str,
+        #[source]
+        source: SandboxError,
+    },
+    #[error(
+        "the build left no {path} for {platform} (unifleet.toml [build] images): check the \
+         build command's output paths"
+    )]
+    NoImage { platform: Platform, path: String },
+    #[error("[build] images: {path} leaves the repository (use a path inside it)")]
+    Outside { path: String },
+}
+
+/// What [`build`] made: the images (in `scratch`, removed when it drops).
+#[derive(Debug)]
+pub struct Built {
+    pub images: Vec<Image>,
+    pub scratch: tempfile::TempDir,
+}
+
+/// The app's build directory: its cache and its lock.
+pub fn app_dir(home: &Home, app: &str) -> PathBuf {
+    home.dir.join("builds").join(app)
+}
+
+/// Holds the app's build lock (released on drop); waits for another push's build of the
+/// same app, saying so once.
+pub fn lock_app(
+    home: &Home,
+    app: &str,
+    say: &mut dyn FnMut(&str),
+) -> Result<nix::fcntl::Flock<std::fs::File>, BuildError> {
+    let dir = app_dir(home, app);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BuildError::Io { path, source }
+    };
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    use nix::fcntl::{Flock, FlockArg};
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => Ok(locked),
+        Err((file, _)) => {
+            say(&format!(
+                "-----> waiting for another push of {app} to finish building"
+            ));
+            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| BuildError::Io {
+                path: path.clone(),
+                source: e.into(),
+            })
+        }
+    }
+}
+
+/// Checks `commit` out into a fresh scratch directory and builds and tests it there.
+pub fn build(
+    home: &Home,
+    repo: &git2::Repository,
+    commit: &git2::Commit,
+    app: &str,
+    spec: &BuildSpec,
+    test: &TestSpec,
+    say: &mut dyn FnMut(&str),
+) -> Result<Built, BuildError> {
+    let scratch = tempfile::Builder::new()
+        .prefix("unifleet-build-")
+        .tempdir()
+        .map_err(|source| BuildError::Io {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+    let src = scratch.path().join("src");
+    checkout(repo, commit, &src)?;
+    let cache = app_dir(home, app).join("cache");
+    std::fs::create_dir_all(&cache).map_err(|source| BuildError::Io {
+        path: cache.clone(),
+        source,
+    })?;
+    let sandbox = |network, secs| Sandbox {
+        source: src.clone(),
+        cache: cache.clone(),
+        network,
+        limits: Limits {
+            wall: Duration::from_secs(secs),
+            ..Limits::default()
+        },
+        env: vec![],
+    };
+    if src.join("Cargo.lock").is_file() {
+        // From /tmp, not the checkout: the repository's .cargo/config.toml is not read.
+        let fetch = "cd /tmp && cargo fetch --locked --manifest-path /src/Cargo.toml";
+        step("fetch", &sandbox(true, 600), fetch, say)?;
+    }
+    step(
+        "build",
+        &sandbox(false, spec.timeout_secs),
+        &spec.command,
+        say,
+    )?;
+    if let Some(command) = &test.command {
+        step("test", &sandbox(false, test.timeout_secs), command, say)?;
+    }
+    let images = images(&src, spec)?;
+    for image in &images {
+        let size = std::fs::metadata(&image.path).map(|m| m.len()).unwrap_or(0);
+        say(&format!(
+            "-----> image for {}: {} ({size} bytes)",
+            image.platform.map(|p| p.to_string()).unwrap_or_default(),
+            image
+                .path
+                .strip_prefix(&src)
+                .unwrap_or(&image.path)
+                .display(),
+        ));
+    }
+    Ok(Built { images, scratch })
+}
+
+/// Writes `commit`'s tree into `dir`.
+fn checkout(repo: &git2::Repository, commit: &git2::Commit, dir: &Path) -> Result<(), BuildError> {
+    let fail = |source| BuildError::Checkout {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let tree = commit.tree().map_err(fail)?;
+    let mut opts = git2::build::CheckoutBuilder::new();
+    opts.target_dir(dir).force().recreate_missing(true);
+    repo.checkout_tree(tree.as_object(), Some(&mut opts))
+        .map_err(fail)
+}
+
+/// Runs one step, its output streamed indented, its end said with its time.
+fn step(
+    name: &'static str,
+    sandbox: &Sandbox,
+    command: &str,
+    say: &mut dyn FnMut(&str),
+) -> Result<(), BuildError> {
+    say(&format!("-----> {name}: {command}"));
+    let began = Instant::now();
+    let out = sandbox.run(command, &mut |line| say(&format!("       {line}")));
+    match out {
+        Ok(_) => {
+            say(&format!(
+                "-----> {name} passed in {}",
+                seconds(began.elapsed())
+            ));
+            Ok(())
+        }
+        Err(source) => Err(BuildError::Step { step: name, source }),
+    }
+}
+
+/// "41.2 s".
+pub fn seconds(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+/// The images `[build]` names, each a file inside the checkout.
+fn images(src: &Path, spec: &BuildSpec) -> Result<Vec<Image>, BuildError> {
+    let mut out = vec![];
+    for (platform, path) in &spec.images {
+        let rel = Path::new(path);
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(BuildError::Outside { path: path.clone() });
+        }
+        let missing = || BuildError::NoImage {
+            platform: *platform,
+            path: path.clone(),
+        };
+        // The build may have left a symlink out of the checkout (at the hub's keys, which
+        // the hub itself can read): the file must resolve to one inside it.
+        let file = std::fs::canonicalize(src.join(rel)).map_err(|_| missing())?;
+        let root = std::fs::canonicalize(src).map_err(|_| missing())?;
+        if !file.starts_with(&root) {
+            return Err(BuildError::Outside { path: path.clone() });
+        }
+        if !file.is_file() {
+            return Err(missing());
+        }
+        out.push(Image {
+            platform: Some(*platform),
+            path: file,
+        });
+    }
+    Ok(out)
+}
