@@ -427,6 +427,23 @@ fn committed_images(
     Ok((files, dir))
 }
 
+/// One line on a wave. Devices appear once they report on the release (within seconds of
+/// hearing of it).
+fn wave_line(w: &crate::rollout::WaveCounts) -> String {
+    if w.total() == 0 {
+        return "-----> first wave: no device has reported on it yet".into();
+    }
+    format!(
+        "-----> first wave: active {}/{}, pending {}, downloading {}, failed {}, rolled back {}",
+        w.active,
+        w.total(),
+        w.pending,
+        w.downloading,
+        w.failed,
+        w.rolled_back
+    )
+}
+
 /// Says how the release's first wave is doing, a line each time that changes, until
 /// none of its devices is still pending or downloading, or `limit` passes. The hub
 /// writes the inventory it reads about once a second.
@@ -448,23 +465,12 @@ fn follow_first_wave(
                 return progress(&format!("-----> not following the rollout: {e}"));
             }
         };
-        if wave.total() == 0 {
-            return progress("-----> no device takes it yet");
-        }
-        let line = format!(
-            "-----> first wave: active {}/{}, pending {}, downloading {}, failed {}, rolled back {}",
-            wave.active,
-            wave.total(),
-            wave.pending,
-            wave.downloading,
-            wave.failed,
-            wave.rolled_back
-        );
+        let line = wave_line(&wave);
         if line != last {
             progress(&line);
             last = line;
         }
-        if wave.pending + wave.downloading == 0 {
+        if wave.total() > 0 && wave.pending + wave.downloading == 0 {
             return;
         }
         if began.elapsed() >= limit {
