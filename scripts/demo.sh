@@ -262,7 +262,10 @@ TOML
   "$BIN/hub" --dir hub new web --into web-app
   sed -i 's/^\[build\]/no_staging_for = ["qemu-aarch64"]\nstaging_timeout_secs = 120\n\n[build]/' web-app/unifleet.toml
   git -C web-app -c user.name=demo -c user.email=demo@example.invalid commit -qam "web: stage x86 only"
-  git -C web-app push unifleet main 2>&1 | grep -E "^remote: (-----> |unifleet: )"
+  if ! git -C web-app push unifleet main > web-push.log 2>&1; then
+    tail -30 web-push.log; echo "the push was rejected (the whole output: demo-out/web-push.log)"; exit 1
+  fi
+  grep -E "^remote: (-----> |unifleet: )" web-push.log
   APP=web wait_state 1 active web
   grep -h "accelerator" web.log | sed -E 's/.*accelerator/  accelerator/' | head -1
   for _ in $(seq 300); do grep -q "warm on-demand instance paused" web.log && break; sleep 0.1; done

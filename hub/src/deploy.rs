@@ -2,7 +2,12 @@
 //! pre-receive hook, so `git push unifleet main` builds and publishes (Heroku style), and
 //! the branch moves only if everything passed: a failed build, test, staging or signing
 //! rejects the push (`! [remote rejected] … (pre-receive hook declined)`), saying which
-//! step failed and why, with nothing signed or announced.
+//! step failed and why, with nothing released on the app's channel (a candidate that
+//! failed staging was signed for the staging channel only). One branch per push (tags
+//! and deletions pass untouched): git moves the refs only after the hook, so a release
+//! of one branch must not go out with another refused. Two pushes to the same branch at
+//! once both build and publish in turn, and git then refuses the later ref update: the
+//! release stays (a later push supersedes it).
 //!
 //! The pushed commit must contain `unifleet.toml`:
 //! ```toml
@@ -62,6 +67,12 @@ pub enum CreateError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{} is not this hub's hook: left as it is, so pushes are not deployed; move it \
+         aside (or call `hub deploy-hook --dir HUB` from it) and restart hub serve",
+        path.display()
+    )]
+    Foreign { path: PathBuf },
     #[error("writing the deploy hook {}", path.display())]
     Hook {
         path: PathBuf,
@@ -124,6 +135,17 @@ pub enum DeployError {
     },
     #[error(transparent)]
     Publish(#[from] PublishError),
+    #[error(
+        "this push updates {} branches ({}): push one branch at a time, each is built and \
+         released on its own",
+        .0.len(),
+        .0.join(", ")
+    )]
+    SeveralBranches(Vec<String>),
+    #[error("unifleet.toml: app {0:?}: lower-case letters, digits, '-', '_' and '.' only")]
+    AppName(#[source] proto::names::BadName),
+    #[error("unifleet.toml: channel {0:?}")]
+    ChannelName(#[source] proto::names::BadName),
     #[error("push of {refname} rejected")]
     Rejected {
         refname: String,
@@ -229,6 +251,9 @@ fn follow_secs() -> u64 {
     120
 }
 
+/// The most a push may ask to follow its first wave (`follow_secs`).
+const MAX_FOLLOW_SECS: u64 = 600;
+
 fn fifty() -> u8 {
     50
 }
@@ -281,6 +306,9 @@ pub fn install_hook(dir: &Path) -> Result<(), CreateError> {
         home.display()
     );
     let path = hooks.join("pre-receive");
+    if std::fs::read_to_string(&path).is_ok_and(|t| !t.contains(HOOK_MARK)) {
+        return Err(CreateError::Foreign { path });
+    }
     let tmp = hooks.join("pre-receive.tmp");
     use std::os::unix::fs::PermissionsExt;
     let hook_error = |path: &Path| {
@@ -309,6 +337,7 @@ pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) ->
         None => git2::Repository::open_bare(&path),
     };
     let repo = repo.map_err(|source| DeployError::Open { path, source })?;
+    let mut branches = vec![];
     for line in input.lines() {
         let line = line.map_err(DeployError::Refs)?;
         let mut parts = line.split_whitespace();
@@ -316,9 +345,20 @@ pub fn hook(home: &Home, input: impl BufRead, progress: &mut dyn FnMut(&str)) ->
         else {
             continue;
         };
-        if new.chars().all(|c| c == '0') {
-            continue; // branch deleted
+        // Deleted branches and tags are let through untouched: only a branch deploys.
+        if new.chars().all(|c| c == '0') || !refname.starts_with("refs/heads/") {
+            continue;
         }
+        branches.push((new.to_string(), refname.to_string()));
+    }
+    // Git moves the refs only after the hook: a release of one branch would be out even
+    // if another branch of the same push were refused.
+    if branches.len() > 1 {
+        let names = branches.into_iter().map(|(_, r)| r).collect();
+        return Err(DeployError::SeveralBranches(names));
+    }
+    for (new, refname) in branches {
+        let (new, refname) = (new.as_str(), refname.as_str());
         let began = Instant::now();
         progress(&format!(
             "unifleet: deploying {refname} at {}",
@@ -354,13 +394,20 @@ fn deploy(
     let read = |p: &str| read_pushed(repo, &tree, p);
     let mut spec: DeployFile = toml::from_str(&String::from_utf8_lossy(&read("unifleet.toml")?))
         .map_err(|e| DeployError::Parse(Box::new(e)))?;
-    // Built here (the scratch directory lives until the release is stored, the build lock
-    // until then too) or committed (written to a directory of their own).
-    let (files, _dir, _lock) = match spec.build.take() {
+    // Everything that can be checked is, before a build of up to half an hour; the app's
+    // name also names its build directory.
+    proto::names::check("app", &spec.app).map_err(DeployError::AppName)?;
+    proto::names::check("channel", &spec.channel).map_err(DeployError::ChannelName)?;
+    spec.rollout()?;
+    let follow = Duration::from_secs(spec.follow_secs.min(MAX_FOLLOW_SECS));
+    // Built here (the scratch directory and the build lock live until the release is
+    // stored) or committed (written to a directory of their own).
+    let (files, dir, lock) = match spec.build.take() {
         Some(build) => {
             if spec.image.is_some() || !spec.images.is_empty() {
                 return Err(DeployError::BuildAndImages);
             }
+            crate::build::source::check_images(&build)?;
             let lock = crate::build::source::lock_app(home, &spec.app, progress)?;
             let test = spec.test.take().unwrap_or_default();
             let built = crate::build::source::build(
@@ -373,9 +420,9 @@ fn deploy(
             (files, dir, None)
         }
     };
-    let follow = Duration::from_secs(spec.follow_secs);
     let args = spec.into_publish()?;
     let infos = publish(home, &files, &args, progress)?;
+    drop((dir, lock));
     let announced = crate::control::notify(home, progress);
     let release = infos[0].release;
     progress(&format!(
@@ -458,13 +505,29 @@ fn follow_first_wave(
     let began = Instant::now();
     let mut last = String::new();
     loop {
-        let wave = match crate::rollout::status(home, app, channel, Some(release)) {
-            Ok(s) => s.waves_detail.into_iter().next().unwrap_or_default(),
+        let status = match crate::rollout::status(home, app, channel, Some(release)) {
+            Ok(s) => s,
             Err(e) => {
                 let e = proto::Chain(&e);
                 return progress(&format!("-----> not following the rollout: {e}"));
             }
         };
+        let wave = status.waves_detail.first().cloned().unwrap_or_default();
+        // Devices the hub knows of that fall in later waves or outside the targets: the
+        // first wave is empty, not late.
+        let elsewhere = status.not_targeted
+            + status
+                .waves_detail
+                .iter()
+                .skip(1)
+                .map(|w| w.total())
+                .sum::<u32>();
+        if wave.total() == 0 && elsewhere > 0 {
+            return progress(&format!(
+                "-----> first wave: none of the {elsewhere} device(s) on {channel} is in it \
+                 (follow the later waves: hub rollout watch {app})"
+            ));
+        }
         let line = wave_line(&wave);
         if line != last {
             progress(&line);
@@ -497,5 +560,41 @@ fn read_pushed(repo: &git2::Repository, tree: &git2::Tree<'_>, path: &str) -> Re
             path: path.into(),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An older hub's post-receive hook is replaced by this one's pre-receive hook; an
+    /// operator's own pre-receive hook is left alone and said.
+    #[test]
+    fn the_hook_replaces_an_older_hubs_but_not_an_operators() {
+        let dir = tempfile::tempdir().unwrap();
+        let hooks = dir.path().join("deploy.git/hooks");
+        git2::Repository::init_bare(dir.path().join("deploy.git")).unwrap();
+        std::fs::create_dir_all(&hooks).unwrap();
+        let old = "#!/bin/sh\n# unifleet: publish what was pushed\nexec hub deploy-hook\n";
+        std::fs::write(hooks.join("post-receive"), old).unwrap();
+        install_hook(dir.path()).unwrap();
+        assert!(!hooks.join("post-receive").exists());
+        let ours = std::fs::read_to_string(hooks.join("pre-receive")).unwrap();
+        assert!(
+            ours.contains(HOOK_MARK) && ours.contains("deploy-hook"),
+            "{ours}"
+        );
+        install_hook(dir.path()).unwrap(); // again: ours is rewritten
+
+        let theirs = "#!/bin/sh\n# the operator's access control\nexit 0\n";
+        std::fs::write(hooks.join("pre-receive"), theirs).unwrap();
+        assert!(matches!(
+            install_hook(dir.path()),
+            Err(CreateError::Foreign { .. })
+        ));
+        assert_eq!(
+            std::fs::read_to_string(hooks.join("pre-receive")).unwrap(),
+            theirs
+        );
     }
 }

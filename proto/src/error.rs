@@ -213,16 +213,23 @@ pub enum BadWaves {
 }
 
 /// An error with its causes, `outer: cause: cause`, as `anyhow` prints `{:#}`: for a
-/// library that logs a typed error (its own `Display` names only the outermost step).
+/// library that logs a typed error (its own `Display` names only the outermost step). A
+/// cause whose text the message before it already ends with (an error that also prints
+/// its source) is not said twice.
 #[derive(Debug, Clone, Copy)]
 pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
+        let mut said = self.0.to_string();
+        f.write_str(&said)?;
         let mut cause = self.0.source();
         while let Some(e) = cause {
-            write!(f, ": {e}")?;
+            let text = e.to_string();
+            if !said.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            said = text;
             cause = e.source();
         }
         Ok(())
@@ -241,5 +248,19 @@ mod tests {
     fn a_chain_names_each_cause_once_outermost_first() {
         let e = Outer("root.bin", std::io::Error::other("disk on fire"));
         assert_eq!(Chain(&e).to_string(), "reading root.bin: disk on fire");
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("starting domain x: {source}")]
+    struct SaysItsSource {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_the_message_already_says_is_not_repeated() {
+        let e = SaysItsSource {
+            source: std::io::Error::other("no such network"),
+        };
+        assert_eq!(Chain(&e).to_string(), "starting domain x: no such network");
     }
 }

@@ -168,6 +168,10 @@ fn git_push_deploys_through_the_same_pipeline() -> Result<()> {
     assert_eq!(fleet.releases(None)?.len(), 1);
     let said = deploy("waves = \"10%@0,100%@1h\"\nhalt_after = 3\ntarget_tags = [\"beta\"]\n")?;
     assert!(said.contains("released hello release 2"), "{said}");
+    assert!(
+        said.contains("first wave: none of the 1 device(s) on stable is in it"),
+        "a wave no device is in is said, not waited for: {said}"
+    );
     let status: serde_json::Value = serde_json::from_str(&run(fleet
         .hub_cmd()?
         .args(["rollout", "status", "hello", "--json"]))?)?;

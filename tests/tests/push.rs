@@ -13,6 +13,7 @@ use unifleet_tests::fleet::Fleet;
 struct App {
     dir: PathBuf,
     deploy: PathBuf,
+    app: String,
 }
 
 /// What a push printed and whether it went through.
@@ -25,12 +26,25 @@ impl App {
     /// A repository holding `image` as `prebuilt.elf` and a `unifleet.toml` of app `hello`
     /// at `version` with `rest` appended.
     fn new(fleet: &Fleet, name: &str, image: &Path, version: &str, rest: &str) -> Result<App> {
+        App::named(fleet, name, "hello", image, version, rest)
+    }
+
+    /// [`App::new`] of app `app`.
+    fn named(
+        fleet: &Fleet,
+        name: &str,
+        app: &str,
+        image: &Path,
+        version: &str,
+        rest: &str,
+    ) -> Result<App> {
         let dir = fleet.path(name);
         std::fs::create_dir_all(&dir)?;
         std::fs::copy(image, dir.join("prebuilt.elf"))?;
         let app = App {
             dir,
             deploy: fleet.hub_dir.join("deploy.git"),
+            app: app.into(),
         };
         app.git(&["init", "-q"])?;
         app.change(version, rest)?;
@@ -50,7 +64,10 @@ impl App {
     fn change(&self, version: &str, rest: &str) -> Result<()> {
         std::fs::write(
             self.dir.join("unifleet.toml"),
-            format!("app = \"hello\"\nversion = \"{version}\"\nno_staging = true\n{rest}"),
+            format!(
+                "app = {:?}\nversion = \"{version}\"\nno_staging = true\n{rest}",
+                self.app
+            ),
         )?;
         self.git(&["add", "-A"])?;
         self.git(&["commit", "-qm", version])?;
@@ -191,8 +208,7 @@ fn a_build_cannot_read_the_hub_keys_or_reach_the_network() -> Result<()> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
     let dial = format!(
-        "python3 -c 'import socket; socket.create_connection((\\\"127.0.0.1\\\", {port}), 2)' \
-         && echo reached the network || echo no network; exit 1; "
+        "bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}' && echo reached the network || echo no network; exit 1; "
     );
     app.change("1.0.0", &build(&dial))?;
     let p = app.push()?;
@@ -204,48 +220,216 @@ fn a_build_cannot_read_the_hub_keys_or_reach_the_network() -> Result<()> {
     Ok(())
 }
 
+/// Pushes `app`'s `main` to branch `to` of the deploy repository in the background; each
+/// line it prints goes to `lines`.
+fn push_in_background(
+    app: &App,
+    to: &str,
+    lines: std::sync::mpsc::Sender<String>,
+) -> Result<std::thread::JoinHandle<(bool, String)>> {
+    use std::io::BufRead;
+    let mut child = Command::new("git")
+        .arg("push")
+        .arg(&app.deploy)
+        .arg(format!("main:refs/heads/{to}"))
+        .current_dir(&app.dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().expect("piped");
+    Ok(std::thread::spawn(move || {
+        let mut said = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(|l| l.ok())
+        {
+            let _ = lines.send(line.clone());
+            said.push_str(&line);
+            said.push('\n');
+        }
+        let ok = child.wait().is_ok_and(|s| s.success());
+        (ok, said)
+    }))
+}
+
 /// Two pushes of one app at once: the second waits for the first's build, and release
-/// numbers stay dense.
+/// numbers stay dense. Each build waits for a flag file in the app's cache, which the
+/// test makes only once one push has said it waits for the other: so the two overlap
+/// whatever the machine's speed.
 #[test]
 fn two_pushes_at_once_build_one_after_the_other() -> Result<()> {
     let fleet = Fleet::new("test:///default")?;
     let image = fleet.testimage("hello", "1.0.0", &[])?;
-    let a = App::new(&fleet, "a", &image, "1.0.1", &build("sleep 2; "))?;
-    let b = App::new(&fleet, "b", &image, "1.0.2", &build("sleep 2; "))?;
-    let branch = |app: &App, to: &str| -> Result<std::process::Child> {
-        Ok(Command::new("git")
-            .arg("push")
-            .arg(&app.deploy)
-            .arg(format!("main:refs/heads/{to}"))
-            .current_dir(&app.dir)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?)
-    };
-    let pa = branch(&a, "a")?;
-    let pb = branch(&b, "b")?;
-    let outs = [pa.wait_with_output()?, pb.wait_with_output()?];
-    let said: Vec<String> = outs
+    let wait = "while [ ! -e /cache/go ]; do sleep 0.1; done; ";
+    let a = App::new(&fleet, "a", &image, "1.0.1", &build(wait))?;
+    let b = App::new(&fleet, "b", &image, "1.0.2", &build(wait))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pa = push_in_background(&a, "a", tx.clone())?;
+    let pb = push_in_background(&b, "b", tx)?;
+    let waited = rx
         .iter()
-        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
-        .collect();
-    assert!(
-        said.iter()
-            .any(|s| s.contains("waiting for another push of hello")),
-        "one push waited for the other: {said:?}"
-    );
+        .any(|l| l.contains("waiting for another push of hello"));
+    assert!(waited, "one push waited for the other");
+    std::fs::write(fleet.hub_dir.join("builds/hello/cache/go"), b"")?;
+    let outs = [pa.join().expect("push a"), pb.join().expect("push b")];
     let mut numbers: Vec<u64> = fleet
         .releases(None)?
         .iter()
         .filter_map(|r| r["release"].as_u64())
         .collect();
     numbers.sort();
-    let landed = outs.iter().filter(|o| o.status.success()).count();
-    assert!(landed >= 1, "{said:?}");
-    assert_eq!(numbers, (1..=landed as u64).collect::<Vec<_>>(), "{said:?}");
-    for (o, s) in outs.iter().zip(&said) {
+    let landed = outs.iter().filter(|(ok, _)| *ok).count();
+    assert!(landed >= 1, "{outs:?}");
+    assert_eq!(numbers, (1..=landed as u64).collect::<Vec<_>>(), "{outs:?}");
+    for (ok, said) in &outs {
         // The one that lost the race for the newer version says why.
-        assert!(o.status.success() || s.contains("is not above"), "{s}");
+        assert!(*ok || said.contains("is not above"), "{said}");
     }
+    Ok(())
+}
+
+/// Two different apps pushed at once build side by side (each checkout once raced the
+/// other for the deploy repository's index lock).
+#[test]
+fn two_apps_pushed_at_once_both_build() -> Result<()> {
+    let fleet = Fleet::new("test:///default")?;
+    let image = fleet.testimage("hello", "1.0.0", &[])?;
+    let a = App::new(&fleet, "a", &image, "1.0.0", &build(""))?;
+    let b = App::named(&fleet, "b", "other", &image, "1.0.0", &build(""))?;
+    for k in 1..=3 {
+        if k > 1 {
+            a.change(&format!("1.0.{k}"), &build(""))?;
+            b.change(&format!("1.0.{k}"), &build(""))?;
+        }
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let pa = push_in_background(&a, "a", tx.clone())?;
+        let pb = push_in_background(&b, "b", tx)?;
+        for (ok, said) in [pa.join().expect("a"), pb.join().expect("b")] {
+            assert!(ok, "{said}");
+        }
+    }
+    assert_eq!(fleet.releases(None)?.len(), 6);
+    Ok(())
+}
+
+/// A pushed app name names the app's build directory: one that climbs out of it (or is
+/// absolute) would bind any directory of the hub into the sandbox. Refused before
+/// anything runs.
+#[test]
+fn an_app_name_that_climbs_out_of_the_build_directory_is_refused() -> Result<()> {
+    let fleet = Fleet::new("test:///default")?;
+    let image = fleet.testimage("hello", "1.0.0", &[])?;
+    let app = App::new(&fleet, "app", &image, "1.0.0", &build(""))?;
+    let toml = app.dir.join("unifleet.toml");
+    let text = std::fs::read_to_string(&toml)?;
+    for name in ["../../keys", "/tmp/elsewhere", "a/cache/p"] {
+        std::fs::write(&toml, text.replace("\"hello\"", &format!("{name:?}")))?;
+        app.git(&["commit", "-qam", name])?;
+        let p = app.push()?;
+        assert!(!p.ok, "{}", p.said);
+        assert!(p.said.contains("unifleet.toml: app"), "{}", p.said);
+        assert!(!p.said.contains("-----> build"), "nothing ran: {}", p.said);
+    }
+    assert!(!fleet.hub_dir.join("builds").exists());
+    Ok(())
+}
+
+/// An image the build left as a symlink to the hub's release key is not published.
+#[test]
+fn an_image_linked_out_of_the_checkout_is_not_published() -> Result<()> {
+    let fleet = Fleet::new("test:///default")?;
+    let image = fleet.testimage("hello", "1.0.0", &[])?;
+    let key = fleet.hub_dir.join("keys/release.key");
+    let link = format!(
+        "mkdir -p out && ln -sf {} out/hello.elf && exit 0; ",
+        key.display()
+    );
+    let app = App::new(&fleet, "app", &image, "1.0.0", &build(&link))?;
+    let p = app.push()?;
+    assert!(!p.ok, "{}", p.said);
+    assert!(
+        p.said.contains("out/hello.elf leaves the repository"),
+        "{}",
+        p.said
+    );
+    assert!(fleet.releases(None)?.is_empty());
+    Ok(())
+}
+
+/// Cargo configuration a build leaves in the cache's cargo home (a `rustc-wrapper`, which
+/// the next fetch, the step with the network, would run) is removed before every step,
+/// and the registry is read-only to builds.
+#[test]
+fn a_build_cannot_plant_cargo_configuration_or_change_the_registry() -> Result<()> {
+    let fleet = Fleet::new("test:///default")?;
+    let image = fleet.testimage("hello", "1.0.0", &[])?;
+    let app = App::new(&fleet, "app", &image, "1.0.0", &build(""))?;
+    std::fs::write(
+        app.dir.join("plant.sh"),
+        r#"mkdir -p /cache/cargo
+printf '[build]\nrustc-wrapper = "/cache/evil.sh"\n' > /cache/cargo/config.toml
+printf '#!/bin/sh\ntouch /cache/ran\nexec "$@"\n' > /cache/evil.sh
+chmod +x /cache/evil.sh
+touch /cache/cargo/registry/x || echo registry is read-only
+"#,
+    )?;
+    app.change("1.0.0", &build("sh plant.sh; exit 1; "))?;
+    let p = app.push()?;
+    rejected(&p, "build");
+    assert!(p.said.contains("registry is read-only"), "{}", p.said);
+    let cache = fleet.hub_dir.join("builds/hello/cache");
+    assert!(
+        cache.join("cargo/config.toml").exists(),
+        "the build wrote it"
+    );
+    // The next push has a Cargo.lock, so its fetch runs cargo (and rustc for the target).
+    std::fs::create_dir_all(app.dir.join("src"))?;
+    std::fs::write(app.dir.join("src/lib.rs"), "")?;
+    std::fs::write(
+        app.dir.join("Cargo.toml"),
+        "[package]\nname = \"tiny\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+    )?;
+    std::fs::write(
+        app.dir.join("Cargo.lock"),
+        "version = 4\n\n[[package]]\nname = \"tiny\"\nversion = \"0.1.0\"\n",
+    )?;
+    app.change("1.0.0", &build(""))?;
+    let p = app.push()?;
+    assert!(p.ok, "{}", p.said);
+    assert!(p.said.contains("fetch passed in"), "{}", p.said);
+    assert!(
+        !cache.join("cargo/config.toml").exists(),
+        "removed before the fetch"
+    );
+    assert!(!cache.join("ran").exists(), "the planted wrapper never ran");
+    Ok(())
+}
+
+/// A push that updates two branches is refused whole (git would move neither if one
+/// failed, after the other's release went out); tags pass untouched.
+#[test]
+fn a_push_of_two_branches_is_refused_and_tags_pass() -> Result<()> {
+    let fleet = Fleet::new("test:///default")?;
+    let image = fleet.testimage("hello", "1.0.0", &[])?;
+    let app = App::new(&fleet, "app", &image, "1.0.0", &build(""))?;
+    let deploy = app.deploy.to_str().unwrap().to_string();
+    let out = app.git(&[
+        "push",
+        &deploy,
+        "main:refs/heads/one",
+        "main:refs/heads/two",
+    ])?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("push one branch at a time"), "{said}");
+    assert!(fleet.releases(None)?.is_empty());
+    app.git(&["tag", "v1.0.0"])?;
+    let out = app.git(&["push", &deploy, "v1.0.0"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(fleet.releases(None)?.is_empty(), "a tag deploys nothing");
     Ok(())
 }

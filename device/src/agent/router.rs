@@ -361,7 +361,11 @@ impl Router {
                     "adopted trust root version {v} through {} link(s)",
                     chain.len()
                 ),
-                Err(e) => tracing::warn!(%peer, "refusing trust root links: {e}"),
+                // Our disk, not the peer's fault.
+                Err(e @ crate::trust::TrustError::Keep { .. }) => {
+                    tracing::error!("{}", proto::Chain(&e))
+                }
+                Err(e) => tracing::warn!(%peer, "refusing trust root links: {}", proto::Chain(&e)),
             }
         });
     }

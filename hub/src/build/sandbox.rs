@@ -53,6 +53,8 @@
 //!   failed). The kernel never enforces it for real root, not even in a user namespace
 //!   (checked: 45 processes under a limit of 20), so a hub running as root has no process
 //!   limit; a `pids` cgroup would be the fix there, with the caveats above.
+//! - *files*: `RLIMIT_FSIZE` per file ([`Limits::file_mib`]); `/tmp` is a tmpfs of that
+//!   size. `/src` and `/cache` are the hub's disk, bounded only per file.
 //! - core dumps are off (`RLIMIT_CORE` 0): none written to `/src`, none piped to the
 //!   host's crash handler.
 //!
@@ -114,6 +116,9 @@ pub struct Limits {
     pub wall: Duration,
     /// Processes (and threads) at once; not enforced when the hub runs as root.
     pub processes: u64,
+    /// The largest file a process may write (`RLIMIT_FSIZE`), in MiB; `/tmp` (memory)
+    /// holds at most this much too.
+    pub file_mib: u64,
 }
 
 impl Default for Limits {
@@ -123,6 +128,7 @@ impl Default for Limits {
             memory_mib: 4096,
             wall: Duration::from_secs(30 * 60),
             processes: 512,
+            file_mib: 2048,
         }
     }
 }
@@ -163,6 +169,12 @@ pub struct Finished {
 pub enum SandboxError {
     #[error("bubblewrap (bwrap) is not installed on the hub, so it cannot build: apt-get install bubblewrap")]
     NoBubblewrap,
+    #[error(
+        "{} is a symlink: the build cache was tampered with; remove it (the hub makes it \
+         again)",
+        path.display()
+    )]
+    Symlink { path: PathBuf },
     #[error("could not start bubblewrap")]
     Spawn {
         #[source]
@@ -216,6 +228,23 @@ fn io_error(doing: &'static str) -> impl FnOnce(io::Error) -> SandboxError {
     move |source| SandboxError::Io { doing, source }
 }
 
+/// Files in a cargo home that make cargo run programs or use credentials (a
+/// `rustc-wrapper`, a credential provider, `git-fetch-with-cli`): removed before every
+/// run, whatever an earlier run left there.
+const CARGO_HOME_CONFIG: [&str; 4] = ["config", "config.toml", "credentials", "credentials.toml"];
+
+fn scrub_cargo_home(home: &Path) -> Result<(), SandboxError> {
+    for name in CARGO_HOME_CONFIG {
+        match fs::remove_file(home.join(name)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_error("removing configuration from the cargo home")(e))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 impl Sandbox {
     /// Runs `command` with `sh -c` inside the sandbox; every output line (stdout and
     /// stderr, in order as far as practical) is passed to `line` as it comes; also kept for
@@ -261,15 +290,39 @@ impl Sandbox {
         Ok((child, output))
     }
 
+    /// The cache directory (made if missing, never a symlink), its cargo registry
+    /// directories, and its cargo home scrubbed of configuration.
+    fn prepare_cache(&self) -> Result<(PathBuf, [PathBuf; 2]), SandboxError> {
+        fs::create_dir_all(&self.cache).map_err(io_error("creating the build cache directory"))?;
+        // The cache and its parent are made by the hub, never by a build: one that is a
+        // symlink was planted (by a build writing its cache) to bind elsewhere.
+        for dir in [Some(self.cache.as_path()), self.cache.parent()]
+            .into_iter()
+            .flatten()
+        {
+            if fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(SandboxError::Symlink {
+                    path: dir.to_path_buf(),
+                });
+            }
+        }
+        let cache =
+            fs::canonicalize(&self.cache).map_err(io_error("finding the build cache directory"))?;
+        let registry = ["registry", "git"].map(|d| cache.join("cargo").join(d));
+        for dir in &registry {
+            fs::create_dir_all(dir).map_err(io_error("creating the cargo registry directory"))?;
+        }
+        scrub_cargo_home(&cache.join("cargo"))?;
+        Ok((cache, registry))
+    }
+
     /// The bubblewrap command line for `script` (checks the directories, creates the cache).
     fn command(&self, script: &str) -> Result<Command, SandboxError> {
         let source = fs::canonicalize(&self.source).map_err(|_| SandboxError::MissingDir {
             what: "source",
             path: self.source.clone(),
         })?;
-        fs::create_dir_all(&self.cache).map_err(io_error("creating the build cache directory"))?;
-        let cache =
-            fs::canonicalize(&self.cache).map_err(io_error("finding the build cache directory"))?;
+        let (cache, registry) = self.prepare_cache()?;
         if let Some((name, _)) = self.env.iter().find(|(name, _)| !valid_env_name(name)) {
             return Err(SandboxError::InvalidEnv { name: name.clone() });
         }
@@ -287,13 +340,25 @@ impl Sandbox {
             args.flags(&["--share-net"]);
         }
         // The empty /tmp first, so that a toolchain kept under /tmp is bound over it.
-        args.flags(&["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]);
+        let tmp_bytes = self.limits.file_mib.saturating_mul(1024 * 1024).to_string();
+        args.flags(&[
+            "--proc", "/proc", "--dev", "/dev", "--size", &tmp_bytes, "--tmpfs", "/tmp",
+        ]);
         system_binds(&mut args, self.network);
         for dir in toolchain.dirs() {
             args.pair("--ro-bind", dir, dir);
         }
         args.pair("--bind", &source, SRC);
         args.pair("--bind", &cache, CACHE);
+        // Without the network (build, test) the registry is read-only: only the fetch
+        // writes it, so a build cannot change the sources the next build compiles.
+        if !self.network {
+            for dir in &registry {
+                let inside =
+                    Path::new(CACHE).join(dir.strip_prefix(&cache).expect("under the cache"));
+                args.pair("--ro-bind", dir, inside);
+            }
+        }
         // The sandbox's own root (where /etc's files and the mount points sit) last, once
         // everything is mounted on it.
         args.flags(&["--remount-ro", "/", "--chdir", SRC]);
@@ -315,6 +380,10 @@ impl Sandbox {
         ));
         bwrap
             .arg(format!("--nproc={}", limits.processes))
+            .arg(format!(
+                "--fsize={}",
+                limits.file_mib.saturating_mul(1024 * 1024)
+            ))
             .arg("--core=0");
         bwrap.args([
             "--",
@@ -870,6 +939,7 @@ mod tests {
             memory_mib: 100,
             wall: Duration::from_secs(60),
             processes: 50,
+            file_mib: 3,
         };
         let command =
             "cat /proc/self/limits; prlimit --cpu=100:100 --pid $$ && echo raised || echo refused";
@@ -894,7 +964,26 @@ mod tests {
         );
         assert_eq!(limit("Max processes"), "50 50");
         assert_eq!(limit("Max core file size"), "0 0");
+        assert_eq!(limit("Max file size"), format!("{0} {0}", 3 * 1024 * 1024));
         assert_eq!(lines.last().map(String::as_str), Some("refused"));
+    }
+
+    #[test]
+    fn a_file_past_the_file_limit_is_refused_in_the_checkout_and_in_tmp() {
+        let dir = TempDir::new().unwrap();
+        let mut sandbox = sandbox(dir.path());
+        sandbox.limits.file_mib = 1;
+        let (result, lines) = run(
+            &sandbox,
+            "for f in /src/big /tmp/big; do \
+               dd if=/dev/zero of=$f bs=64k count=32 2>/dev/null && echo wrote $f || echo refused $f; \
+             done",
+        );
+        assert!(result.is_ok(), "{result:?}");
+        assert!(lines.contains(&"refused /src/big".to_string()), "{lines:?}");
+        assert!(lines.contains(&"refused /tmp/big".to_string()), "{lines:?}");
+        let kept = fs::metadata(dir.path().join("src/big")).map_or(0, |m| m.len());
+        assert!(kept <= 1024 * 1024, "{kept}");
     }
 
     #[test]

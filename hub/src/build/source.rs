@@ -6,9 +6,12 @@
 //! rebuilds in seconds.
 //!
 //! Only the fetch step has the network, and it runs cargo's own `cargo fetch --locked`
-//! from outside the checkout (so the repository's `.cargo/config.toml` is not read):
-//! no code of the pushed repository runs with the network. Build and test commands run
-//! with none.
+//! from outside the checkout (so the repository's `.cargo/config.toml` is not read).
+//! Build and test commands run with no network and see the cache's cargo registry
+//! read-only (see [`super::sandbox`]), and before the fetch the hub removes any cargo
+//! configuration or credentials file from the cache's cargo home: nothing a build leaves
+//! makes cargo run a program in the next fetch. What a build may still leave is its
+//! target directory, which only its own app's later builds use.
 
 use super::sandbox::{Limits, Sandbox, SandboxError};
 use crate::home::Home;
@@ -47,6 +50,9 @@ fn default_build_secs() -> u64 {
     1800
 }
 
+/// The most a pushed `unifleet.toml` may ask for a build or test step.
+pub const MAX_STEP_SECS: u64 = 3 * 3600;
+
 /// Why a push's source did not give images.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -62,7 +68,7 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{step} failed: {source}")]
+    #[error("{step} failed")]
     Step {
         step: &'static str,
         #[source]
@@ -73,6 +79,10 @@ pub enum BuildError {
          build command's output paths"
     )]
     NoImage { platform: Platform, path: String },
+    #[error(
+        "unifleet.toml: [build] images names no image (e.g. {{ \"qemu-x86_64\" = \"out/app.elf\" }})"
+    )]
+    NoImages,
     #[error("[build] images: {path} leaves the repository (use a path inside it)")]
     Outside { path: String },
 }
@@ -84,8 +94,13 @@ pub struct Built {
     pub scratch: tempfile::TempDir,
 }
 
-/// The app's build directory: its cache and its lock.
+/// The app's build directory: its cache and its lock. `app` is a checked name (no `/`, no
+/// `..`): a pushed name that could climb out would bind any directory into the sandbox.
 pub fn app_dir(home: &Home, app: &str) -> PathBuf {
+    assert!(
+        proto::names::check("app", app).is_ok(),
+        "build directory of an unchecked app name {app:?}"
+    );
     home.dir.join("builds").join(app)
 }
 
@@ -148,12 +163,12 @@ pub fn build(
         path: cache.clone(),
         source,
     })?;
-    let sandbox = |network, secs| Sandbox {
+    let sandbox = |network, secs: u64| Sandbox {
         source: src.clone(),
         cache: cache.clone(),
         network,
         limits: Limits {
-            wall: Duration::from_secs(secs),
+            wall: Duration::from_secs(secs.min(MAX_STEP_SECS)),
             ..Limits::default()
         },
         env: vec![],
@@ -196,7 +211,12 @@ fn checkout(repo: &git2::Repository, commit: &git2::Commit, dir: &Path) -> Resul
     };
     let tree = commit.tree().map_err(fail)?;
     let mut opts = git2::build::CheckoutBuilder::new();
-    opts.target_dir(dir).force().recreate_missing(true);
+    // Not the deploy repository's index: the hook runs in git's quarantine, and two
+    // pushes at once would race on its lock.
+    opts.target_dir(dir)
+        .force()
+        .recreate_missing(true)
+        .update_index(false);
     repo.checkout_tree(tree.as_object(), Some(&mut opts))
         .map_err(fail)
 }
@@ -228,10 +248,13 @@ pub fn seconds(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
 
-/// The images `[build]` names, each a file inside the checkout.
-fn images(src: &Path, spec: &BuildSpec) -> Result<Vec<Image>, BuildError> {
-    let mut out = vec![];
-    for (platform, path) in &spec.images {
+/// `[build] images` names at least one image, each by a relative path that stays inside
+/// the repository (checked before the build: [`images`] checks the files after it).
+pub fn check_images(spec: &BuildSpec) -> Result<(), BuildError> {
+    if spec.images.is_empty() {
+        return Err(BuildError::NoImages);
+    }
+    for path in spec.images.values() {
         let rel = Path::new(path);
         if rel.is_absolute()
             || rel
@@ -240,6 +263,16 @@ fn images(src: &Path, spec: &BuildSpec) -> Result<Vec<Image>, BuildError> {
         {
             return Err(BuildError::Outside { path: path.clone() });
         }
+    }
+    Ok(())
+}
+
+/// The images `[build]` names, each a file inside the checkout.
+fn images(src: &Path, spec: &BuildSpec) -> Result<Vec<Image>, BuildError> {
+    check_images(spec)?;
+    let mut out = vec![];
+    for (platform, path) in &spec.images {
+        let rel = Path::new(path);
         let missing = || BuildError::NoImage {
             platform: *platform,
             path: path.clone(),
@@ -260,4 +293,61 @@ fn images(src: &Path, spec: &BuildSpec) -> Result<Vec<Image>, BuildError> {
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(path: &str) -> BuildSpec {
+        BuildSpec {
+            command: "true".into(),
+            images: [(Platform::QemuX86_64, path.to_string())].into(),
+            timeout_secs: 10,
+        }
+    }
+
+    #[test]
+    fn image_paths_must_stay_inside_the_repository() {
+        for bad in ["/etc/passwd", "../out.elf", "out/../../x"] {
+            assert!(
+                matches!(check_images(&spec(bad)), Err(BuildError::Outside { .. })),
+                "{bad}"
+            );
+        }
+        assert!(check_images(&spec("out/app.elf")).is_ok());
+        let none = BuildSpec {
+            images: BTreeMap::new(),
+            ..spec("x")
+        };
+        assert!(matches!(check_images(&none), Err(BuildError::NoImages)));
+    }
+
+    #[test]
+    fn an_image_the_build_linked_out_of_the_checkout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, secret) = (dir.path().join("src"), dir.path().join("release.key"));
+        std::fs::create_dir_all(src.join("out")).unwrap();
+        std::fs::write(&secret, b"key").unwrap();
+        std::os::unix::fs::symlink(&secret, src.join("out/app.elf")).unwrap();
+        assert!(matches!(
+            images(&src, &spec("out/app.elf")),
+            Err(BuildError::Outside { .. })
+        ));
+        // A directory linked out of it too.
+        std::os::unix::fs::symlink(dir.path(), src.join("up")).unwrap();
+        assert!(matches!(
+            images(&src, &spec("up/release.key")),
+            Err(BuildError::Outside { .. })
+        ));
+        assert!(matches!(
+            images(&src, &spec("out/missing.elf")),
+            Err(BuildError::NoImage { .. })
+        ));
+        std::fs::remove_file(src.join("out/app.elf")).unwrap();
+        std::fs::write(src.join("out/app.elf"), b"image").unwrap();
+        let found = images(&src, &spec("out/app.elf")).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].platform, Some(Platform::QemuX86_64));
+    }
 }

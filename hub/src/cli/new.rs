@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The app's name (lower-case letters, digits and dashes).
+    /// The app's name (lower-case letters, digits, '-', '_' and '.', starting with a letter
+    /// or digit).
     app: String,
     /// Where to make the repository (default: ./APP).
     #[arg(long)]

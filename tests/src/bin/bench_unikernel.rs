@@ -5,7 +5,7 @@
 //!     cargo build --release --workspace --bins
 //!     scripts/build-unikernel.sh          # if target/unikernels/ lacks the images
 //!     ./target/release/bench_unikernel [--n 100] [--rounds 3] [--floor 5] [--secs 5] \
-//!         [--configs x86-tcg,x86-kvm,arm64-tcg] [--dhcp]
+//!         [--configs x86-tcg,x86-kvm,arm64-tcg] [--dhcp] [--settled]
 //!
 //! One hub and, per configuration (x86_64 under TCG, x86_64 under KVM, aarch64 under TCG),
 //! two devices serving `hello` on demand: a *cold* one (`min = 0`, `warm = 0`) and a *warm*
@@ -25,7 +25,8 @@
 //!    (with `--dhcp`, also to the lease libvirt reports, and after each the same with one
 //!    fixed MAC per configuration: a lease dnsmasq already holds);
 //! 2. **cold**: `--n / --rounds` connections to the cold device's proxy with no instance
-//!    running (waited for: no `uf-<dev>-hello-` domain active), connect → first byte of
+//!    running (waited for: no `uf-<dev>-hello-` domain active; with `--settled`, also
+//!    the agent done stopping the last one), connect → first byte of
 //!    `GET /`; beside it the agent's own boot-to-healthy time (its metrics) and, from a
 //!    second libvirt connection polling every 5 ms, when the domain was listed and its
 //!    lease seen;
@@ -123,6 +124,8 @@ struct Args {
     secs: u64,
     configs: Vec<String>,
     dhcp: bool,
+    /// Cold starts begin only once the agent has finished stopping the last instance.
+    settled: bool,
 }
 
 fn args() -> Result<Args> {
@@ -133,6 +136,7 @@ fn args() -> Result<Args> {
         secs: 5,
         configs: vec!["x86-tcg".into(), "x86-kvm".into(), "arm64-tcg".into()],
         dhcp: false,
+        settled: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -144,6 +148,7 @@ fn args() -> Result<Args> {
             "--secs" => a.secs = value()?.parse().context("--secs")?,
             "--configs" => a.configs = value()?.split(',').map(String::from).collect(),
             "--dhcp" => a.dhcp = true,
+            "--settled" => a.settled = true,
             _ => bail!("unknown argument {flag}; see the doc comment of bench_unikernel.rs"),
         }
     }
@@ -340,6 +345,9 @@ fn main() -> Result<()> {
             let mut cold = vec![];
             for _ in 0..per_round {
                 no_instance(&conn, &dev.name)?;
+                if args.settled {
+                    settled(&dev.name, &|| dev.log_text())?;
+                }
                 let boot_ms = metric(&metrics, "unifleet_device_ondemand_boot_milliseconds_total")?;
                 let watch = Watch::start(&dev.name);
                 let took = first_byte(b.cold_port, Duration::from_secs(120));
@@ -637,6 +645,23 @@ fn no_instance(conn: &virt::connect::Connect, dev: &str) -> Result<()> {
         &format!("{dev} at zero instances"),
         Duration::from_secs(60),
         || instances(conn, dev).is_empty().then_some(()),
+    )
+}
+
+/// Waits until device `dev`'s agent has finished stopping every instance it started (a
+/// domain no longer listed may still be being torn down, and the agent's one libvirt
+/// thread takes the next create after it).
+fn settled(dev: &str, log: &dyn Fn() -> String) -> Result<()> {
+    wait_for(
+        &format!("{dev}'s agent to finish stopping its instances"),
+        Duration::from_secs(60),
+        || {
+            let text = log();
+            let started = text.matches("starting on-demand instance").count();
+            let stopped = text.matches("on-demand instance stopped").count()
+                + text.matches("stopping on-demand instance: ").count();
+            (stopped >= started).then_some(())
+        },
     )
 }
 
