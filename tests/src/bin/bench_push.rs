@@ -147,9 +147,10 @@ fn push(fleet: &Fleet, repo: &Path, n: u32, port: u16) -> Result<Push> {
         let line = line?;
         for (i, step) in STEPS.iter().enumerate() {
             if let Some(rest) = line.split(&format!("-----> {step} passed in ")).nth(1) {
+                // git pads `remote:` lines with spaces.
                 p.steps[i] = rest
-                    .trim_end_matches(" s")
                     .trim()
+                    .trim_end_matches(" s")
                     .parse()
                     .unwrap_or(f64::NAN);
             }
