@@ -39,6 +39,9 @@ pub struct Metrics {
     pub releases: AtomicU64,
     /// Devices in the inventory by state (as of the last batch written).
     pub devices_by_state: std::sync::Mutex<BTreeMap<String, u64>>,
+    /// When the hub's trust root expires (Unix s), and whether it has (gauges).
+    pub root_expires_at: AtomicU64,
+    pub root_expired: AtomicU64,
 }
 
 /// Why the metrics page could not start.
@@ -73,7 +76,7 @@ type Row = (
     &'static str,
     fn(&Metrics) -> &AtomicU64,
 );
-const COUNTERS: [Row; 16] = [
+const COUNTERS: [Row; 18] = [
     (
         "unifleet_hub_announcements_total",
         "counter",
@@ -169,6 +172,18 @@ const COUNTERS: [Row; 16] = [
         "counter",
         "Gossip messages rejected",
         |m| &m.gossip_rejected,
+    ),
+    (
+        "unifleet_hub_root_expires_at_seconds",
+        "gauge",
+        "When the hub's trust root expires (Unix s); devices refuse every update after it",
+        |m| &m.root_expires_at,
+    ),
+    (
+        "unifleet_hub_root_expired",
+        "gauge",
+        "1 when the trust root has expired: nothing is announced until `hub root publish`",
+        |m| &m.root_expired,
     ),
 ];
 

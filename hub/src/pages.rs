@@ -10,8 +10,9 @@ use maud::{html, Markup, DOCTYPE};
 use proto::rollout::share_text;
 use proto::status::human_bytes;
 
-/// The page frame: title, navigation, the vendored scripts.
-fn page(fleet: &str, title: &str, body: Markup) -> Markup {
+/// The page frame: title, navigation, the vendored scripts, and a banner for each
+/// warning the operator must act on (a trust root expired or expiring).
+fn page(fleet: &str, warnings: &[String], title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -32,6 +33,7 @@ fn page(fleet: &str, title: &str, body: Markup) -> Markup {
                         a href="/rollouts" { "Rollouts" }
                     }
                 }
+                @for w in warnings { p class="banner" role="alert" { (w) } }
                 main { h1 { (title) } (body) }
             }
         }
@@ -43,6 +45,7 @@ pub fn devices(s: &Snapshot, filter: &Filter) -> Markup {
     let query = serde_urlencoded(filter);
     page(
         &s.fleet,
+        &s.warnings,
         "Devices",
         html! {
             form method="get" action="/" class="filter" {
@@ -100,6 +103,7 @@ fn target(s: &Snapshot, e: &DeviceEntry) -> String {
 pub fn releases(s: &Snapshot) -> Markup {
     page(
         &s.fleet,
+        &s.warnings,
         "Releases",
         html! {
             table {
@@ -127,6 +131,7 @@ pub fn releases(s: &Snapshot) -> Markup {
 pub fn rollouts(s: &Snapshot, signed_in: bool) -> Markup {
     page(
         &s.fleet,
+        &s.warnings,
         "Rollouts",
         html! {
             @if !signed_in {
@@ -207,6 +212,7 @@ fn rollout(r: &RolloutStatus, now: u64, signed_in: bool) -> Markup {
 pub fn device(fleet: &str, d: &DevicePage) -> Markup {
     page(
         fleet,
+        &d.warnings,
         &format!("Device {}", d.name),
         html! {
             @for e in &d.entries {
@@ -247,6 +253,7 @@ pub fn device(fleet: &str, d: &DevicePage) -> Markup {
 pub fn login(fleet: &str, failed: bool) -> Markup {
     page(
         fleet,
+        &[],
         "Sign in",
         html! {
             @if failed { p class="hold halted" { "That token is not this hub's." } }
@@ -306,6 +313,7 @@ mod tests {
             ],
             releases: vec![],
             rollouts: vec![],
+            warnings: vec![],
         };
         let all = devices_table(&s, &Filter::default()).into_string();
         assert!(all.contains("3 of 3 device(s)"), "{all}");
@@ -330,5 +338,34 @@ mod tests {
         )
         .into_string();
         assert!(held.contains("d2") && !held.contains(">d1<"));
+    }
+
+    /// Issue 32: an expired root is a banner on every fleet page, not only a log line.
+    #[test]
+    fn a_warning_is_a_banner_on_every_page() {
+        let s = Snapshot {
+            now: 1000,
+            fleet: "home".into(),
+            devices: vec![],
+            releases: vec![],
+            rollouts: vec![],
+            warnings: vec!["the trust root (version 1) expired on <date>".into()],
+        };
+        for page in [
+            devices(&s, &Filter::default()),
+            releases(&s),
+            rollouts(&s, false),
+        ] {
+            let html = page.into_string();
+            assert!(
+                html.contains(r#"<p class="banner" role="alert">the trust root (version 1) expired on &lt;date&gt;</p>"#),
+                "{html}"
+            );
+        }
+        let quiet = Snapshot {
+            warnings: vec![],
+            ..s
+        };
+        assert!(!releases(&quiet).into_string().contains("banner"));
     }
 }

@@ -158,27 +158,7 @@ impl Freshness {
 /// [`WARN_AHEAD`] (then every device refuses updates), or a freshness lifetime so short
 /// that a hub restart lets announcements lapse.
 pub fn expiry_warnings(root: &Root, freshness: Freshness, now: u64) -> Vec<String> {
-    let mut out = vec![];
-    let left = root.expires_at.saturating_sub(now);
-    if left < WARN_AHEAD {
-        let when = human_time(root.expires_at);
-        let what = if left == 0 {
-            format!(
-                "the trust root (version {}) expired on {when}: devices refuse every update",
-                root.version
-            )
-        } else {
-            format!(
-                "the trust root (version {}) expires on {when}, in {}: devices then refuse every update",
-                root.version,
-                human_secs(left)
-            )
-        };
-        out.push(format!(
-            "{what}. Make the next one with `fwtool root rotate` (signed by the root keys) and \
-             `hub root publish` it"
-        ));
-    }
+    let mut out: Vec<String> = root_warning(root, now).into_iter().collect();
     if freshness.lifetime < 3600 {
         out.push(format!(
             "freshness_secs is {} s: announcements lapse if the hub is down longer than that",
@@ -186,6 +166,32 @@ pub fn expiry_warnings(root: &Root, freshness: Freshness, now: u64) -> Vec<Strin
         ));
     }
     out
+}
+
+/// The root expired or expiring within [`WARN_AHEAD`], said with its date and the next
+/// step (the CLI, the log, the dashboard's banner and the announcer's refusal say this).
+pub fn root_warning(root: &Root, now: u64) -> Option<String> {
+    let left = root.expires_at.saturating_sub(now);
+    if left >= WARN_AHEAD {
+        return None;
+    }
+    let (when, ago) = (human_time(root.expires_at), human_ago(root.expires_at, now));
+    let what = if left == 0 {
+        format!(
+            "the trust root (version {}) expired on {when} ({ago}): devices refuse every \
+             update, and the hub announces nothing until it has the next root",
+            root.version
+        )
+    } else {
+        format!(
+            "the trust root (version {}) expires on {when}, {ago}: devices then refuse every update",
+            root.version
+        )
+    };
+    Some(format!(
+        "{what}. Make the next one with `fwtool root rotate` (signed by the root keys) and \
+         `hub root publish` it"
+    ))
 }
 
 /// A Unix time as an RFC 3339 date for people.
@@ -449,11 +455,16 @@ pub fn status(home: &Home) -> Result<Vec<String>, StatusError> {
         .collect();
     let r = root.root();
     out.push(format!(
-        "fleet {}: trust root version {}, expires {} (in {}); root {}-of-{}, release {}-of-{}",
+        "fleet {}: trust root version {}, {} {} ({}); root {}-of-{}, release {}-of-{}",
         r.fleet,
         r.version,
+        if r.expires_at <= now {
+            "expired"
+        } else {
+            "expires"
+        },
         human_time(r.expires_at),
-        human_secs(r.expires_at.saturating_sub(now)),
+        human_ago(r.expires_at, now),
         r.root.threshold,
         r.root.keys.len(),
         r.release.threshold,

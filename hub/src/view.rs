@@ -70,6 +70,8 @@ pub struct Snapshot {
     pub devices: Vec<DeviceEntry>,
     pub releases: Vec<ReleaseRow>,
     pub rollouts: Vec<RolloutStatus>,
+    /// What the operator must act on, shown as a banner on every page.
+    pub warnings: Vec<String>,
 }
 
 impl Snapshot {
@@ -139,12 +141,16 @@ impl Snapshot {
             .iter()
             .map(|(app, channel)| crate::rollout::status_in(src, app, channel, None))
             .collect::<Result<_, RolloutError>>()?;
+        let now = now();
         Ok(Snapshot {
-            now: now(),
+            now,
             fleet: fleet.to_string(),
             devices,
             releases,
             rollouts,
+            warnings: crate::trust::root_warning(root.root(), now)
+                .into_iter()
+                .collect(),
         })
     }
 }
@@ -159,6 +165,8 @@ pub struct DevicePage {
     pub events: Vec<Event>,
     /// Per app, the last report the hub verified and kept.
     pub reports: Vec<StatusReport>,
+    /// As [`Snapshot::warnings`].
+    pub warnings: Vec<String>,
 }
 
 impl DevicePage {
@@ -184,8 +192,11 @@ impl DevicePage {
             .iter()
             .filter_map(|e| last_report(home, &enrolled, name, &e.app))
             .collect();
+        let now = now();
+        let warnings = crate::trust::root_warning(home.anchor_root()?.root(), now);
         Ok(Some(DevicePage {
-            now: now(),
+            now,
+            warnings: warnings.into_iter().collect(),
             name: name.into(),
             entries,
             events,

@@ -28,7 +28,11 @@ pub enum VerifyError {
         count: usize,
         limit: usize,
     },
-    #[error("{kind} expired at {expires_at} (now {now}): refusing stale metadata")]
+    #[error(
+        "{kind} expired on {} UTC, {}: refusing stale metadata",
+        crate::status::local_time(*expires_at, 0).trim_end_matches(" +00:00"),
+        crate::status::human_ago(*expires_at, *now)
+    )]
     Expired {
         kind: Kind,
         expires_at: u64,
@@ -262,5 +266,19 @@ mod tests {
             source: std::io::Error::other("no such network"),
         };
         assert_eq!(Chain(&e).to_string(), "starting domain x: no such network");
+    }
+
+    /// Regression (issue 32): an expired record said "expired at 1891215182 (now …)".
+    #[test]
+    fn an_expiry_is_said_as_a_date_and_an_age_not_unix_seconds() {
+        let e = VerifyError::Expired {
+            kind: crate::codec::Kind::Root,
+            expires_at: 1_891_215_182,
+            now: 1_891_215_182 + 3 * 86_400,
+        };
+        let said = e.to_string();
+        assert!(said.contains("expired on 2029-12-06 "), "{said}");
+        assert!(said.contains("UTC, 3 days ago"), "{said}");
+        assert!(!said.contains("1891215182"), "{said}");
     }
 }

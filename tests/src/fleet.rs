@@ -249,6 +249,22 @@ pub struct Fleet {
     pub libvirt: String,
     /// The network namespace the hub runs in, if any.
     pub hub_ns: Option<String>,
+    /// Environment of every `hub` command and `hub serve` (e.g. [`faketime`]'s).
+    pub hub_env: Vec<(&'static str, String)>,
+}
+
+/// The environment that runs a program with its wall clock `offset` ahead (libfaketime,
+/// `faketime` in `scripts/setup.sh`; e.g. `+1100d`). Monotonic time is left alone, so
+/// timers and timeouts behave.
+pub fn faketime(offset: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "LD_PRELOAD",
+            "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".into(),
+        ),
+        ("FAKETIME", offset.into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
+    ]
 }
 
 /// `program args…`, run inside network namespace `ns` when there is one.
@@ -260,6 +276,11 @@ pub fn in_netns(ns: Option<&str>, program: Command) -> Command {
         .args(program.get_args());
     if let Some(dir) = program.get_current_dir() {
         cmd.current_dir(dir);
+    }
+    for (k, v) in program.get_envs() {
+        if let Some(v) = v {
+            cmd.env(k, v);
+        }
     }
     cmd
 }
@@ -306,6 +327,7 @@ impl Fleet {
             devices: vec![],
             libvirt: libvirt.into(),
             hub_ns,
+            hub_env: vec![],
         })
     }
 
@@ -316,6 +338,7 @@ impl Fleet {
     pub fn hub_cmd(&self) -> Result<Command> {
         let mut c = Command::new(bin("hub")?);
         c.arg("--dir").arg(&self.hub_dir);
+        c.envs(self.hub_env.iter().map(|(k, v)| (k, v)));
         Ok(c)
     }
 

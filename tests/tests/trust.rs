@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use unifleet_tests::bin;
-use unifleet_tests::fleet::{run, toml_value::V, wait_for, Fleet};
+use unifleet_tests::fleet::{faketime, run, toml_value::V, wait_for, Fleet};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
@@ -538,5 +538,128 @@ fn a_hub_set_to_serve_enrolled_devices_only_refuses_a_stranger() -> Result<()> {
         hub_log.contains("refusing a blob request: revoked or not enrolled"),
         "{hub_log}"
     );
+    Ok(())
+}
+
+/// `path` of the HTTP server at `addr`, the whole answer.
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut page = String::new();
+    s.read_to_string(&mut page)?;
+    Ok(page)
+}
+
+/// Issue 32: with the clock 1,100 days ahead the quick-start root (3 years) has expired.
+/// `hub serve` used to refuse to start ("expired at 1891215182"); now it serves blobs,
+/// takes reports and shows the dashboard, refuses only to publish and announce, and says
+/// so with dates and the next step on the CLI, the dashboard, the metrics and the log.
+/// The next root, made and published under the same clock, restores it.
+#[test]
+fn an_expired_root_degrades_the_hub_and_the_next_root_restores_it() -> Result<()> {
+    let (mut fleet, a, _) = two_devices_on_release_1("exp0", "exp1")?;
+    let digest = fleet.releases(None)?[0]["manifest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    fleet.kill_hub();
+    fleet.hub_env = faketime("+1100d");
+    let metrics = format!("127.0.0.1:{}", unifleet_tests::free_port()?);
+    let http = format!("127.0.0.1:{}", unifleet_tests::free_port()?);
+    fleet.start_hub(&["--metrics", &metrics, "--http", &http])?;
+    let expired = |m: &str| unifleet_tests::metric(m, "unifleet_hub_root_expired").ok();
+    wait_for("the hub's first announce tick", CONVERGE, || {
+        expired(&metrics).filter(|v| *v == 1)
+    })?;
+    assert!(
+        unifleet_tests::metric(&metrics, "unifleet_hub_root_expires_at_seconds")? > 0,
+        "the expiry is a gauge to alert on"
+    );
+
+    // Said on the CLI, the dashboard and the log, with a date and the next step.
+    let out = fleet.hub_cmd()?.arg("status").output()?;
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{status}");
+    for said in [
+        "trust root version 1, expired ",
+        "(5 days ago)",
+        "fwtool root rotate",
+    ] {
+        assert!(status.contains(said), "{said:?} in {status}");
+    }
+    let page = http_get(&http, "/releases")?;
+    assert!(
+        page.contains(r#"class="banner""#) && page.contains("expired on"),
+        "{page}"
+    );
+    assert!(
+        page.contains("hello"),
+        "the dashboard still lists releases: {page}"
+    );
+    let log = fleet.hub.as_ref().unwrap().log_text();
+    assert!(log.contains("not announcing: the trust root"), "{log}");
+    assert!(!log.contains("1891"), "no raw Unix seconds: {log}");
+
+    // Blobs are served (fetched and verified by a client on today's clock) and reports
+    // are taken (a restarted agent's).
+    let out = fleet.path("fetched.img");
+    let said = run(Command::new(bin("fetch_release")?)
+        .arg(&fleet.hub_addr)
+        .arg(fleet.hub_dir.join("root.bin"))
+        .arg(&digest)
+        .arg("stable")
+        .arg(&out))?;
+    assert!(said.starts_with("verified hello 1.0.0 release 1"), "{said}");
+    if let Some(mut p) = fleet.devices[a].proc.take() {
+        p.kill9();
+    }
+    fleet.start_device(a)?;
+    wait_for("the restarted device's report", CONVERGE, || {
+        let n = unifleet_tests::metric(&metrics, "unifleet_hub_status_accepted_total").ok()?;
+        (n > 0).then_some(())
+    })?;
+
+    // Publishing is refused before anything is chunked, with the reason and next step.
+    let v2 = fleet.testimage("hello", "1.1.0", &[])?;
+    let v2s = v2.to_str().unwrap();
+    let args = [
+        "publish",
+        v2s,
+        "--app",
+        "hello",
+        "--version",
+        "1.1.0",
+        "--no-staging",
+    ];
+    let err = hub_fails(&fleet, &args)?;
+    assert!(
+        err.contains("nothing published: the trust root (version 1) expired on")
+            && err.contains("hub root publish"),
+        "{err}"
+    );
+    assert_eq!(fleet.releases(None)?.len(), 1);
+
+    // The next root, made from the expired one under the same clock, restores it all.
+    let hub = fleet.hub_dir.clone();
+    run(Command::new(bin("fwtool")?)
+        .current_dir(fleet.dir.path())
+        .envs(faketime("+1100d"))
+        .args(["root", "rotate", "--from"])
+        .arg(hub.join("root.bin"))
+        .arg("--sign-with")
+        .arg(hub.join("keys/root.key"))
+        .args(["--out", "root2.bin"]))?;
+    run(fleet
+        .hub_cmd()?
+        .args(["root", "publish"])
+        .arg(fleet.path("root2.bin")))?;
+    let published = fleet.hub_cmd()?.args(args).output()?;
+    let said = String::from_utf8_lossy(&published.stderr).into_owned()
+        + &String::from_utf8_lossy(&published.stdout);
+    assert!(published.status.success(), "{said}");
+    assert!(said.contains("announced 1 release(s)"), "{said}");
+    assert_eq!(expired(&metrics), Some(0));
     Ok(())
 }

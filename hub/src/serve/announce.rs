@@ -31,7 +31,14 @@ pub(super) struct Announcer {
     /// When the root, revocation list and hold list were last spread, and their
     /// versions then.
     records_sent: Option<(Instant, (u64, u64, u64))>,
+    /// The root's expiry has been logged (once, not every 5 s).
+    expiry_said: bool,
 }
+
+/// Why nothing was announced: the root has expired (its warning, with the next step).
+#[derive(Debug, thiserror::Error)]
+#[error("not announcing: {0}")]
+pub(super) struct RootExpired(String);
 
 impl Announcer {
     pub fn new(net: NetClient, mqtt: AsyncClient, fleet: &str, metrics: Arc<Metrics>) -> Self {
@@ -44,6 +51,7 @@ impl Announcer {
             seen: None,
             latest: vec![],
             records_sent: None,
+            expiry_said: false,
         }
     }
 
@@ -62,10 +70,25 @@ impl Announcer {
     }
 
     /// Announces the newest release of every track on MQTT (retained) and gossip, with
-    /// the trust records when due; returns how many releases.
-    pub async fn announce(&mut self, trust: &Trust) -> usize {
-        self.refresh(trust);
+    /// the trust records when due; returns how many releases. Under an expired root only
+    /// the records are spread (a device may hold the next root and relay it).
+    pub async fn announce(&mut self, trust: &Trust) -> Result<usize, RootExpired> {
+        let now = now();
+        let root = trust.root.root();
+        let m = &self.metrics;
+        m.root_expires_at.store(root.expires_at, Ordering::Relaxed);
+        m.root_expired
+            .store(u64::from(trust.expired(now)), Ordering::Relaxed);
         self.spread_records(trust).await;
+        if trust.expired(now) {
+            let said = crate::trust::root_warning(root, now).unwrap_or_default();
+            if !std::mem::replace(&mut self.expiry_said, true) {
+                tracing::error!("not announcing: {said}");
+            }
+            return Err(RootExpired(said));
+        }
+        self.expiry_said = false;
+        self.refresh(trust, now);
         for (track, release, bytes) in &self.latest {
             let topic = net::mqtt_topics::release(&self.fleet, track);
             if let Err(e) = self
@@ -87,7 +110,7 @@ impl Announcer {
                     .store(ms, Ordering::Relaxed);
             }
         }
-        self.latest.len()
+        Ok(self.latest.len())
     }
 
     /// The root and the revocation and hold lists, on MQTT (retained) and gossip: when
@@ -113,8 +136,7 @@ impl Announcer {
 
     /// Signs again, with the timestamp key, each announcement past half its freshness
     /// (kept in memory: a restarted hub signs the stored ones afresh at once).
-    fn refresh(&mut self, trust: &Trust) {
-        let now = now();
+    fn refresh(&mut self, trust: &Trust, now: u64) {
         for (track, release, bytes) in &mut self.latest {
             match trust.freshness.refresh(bytes, &trust.timestamp, now) {
                 Ok(Some(fresh)) => {

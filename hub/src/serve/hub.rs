@@ -259,11 +259,14 @@ impl Hub {
             Ok(None) => {}
             Err(e) => tracing::error!("reading releases: {}", proto::Chain(&e)),
         }
-        let n = self.announcer.announce(&self.trust).await;
+        let announced = self.announcer.announce(&self.trust).await;
         match then {
             Then::Tick => self.inflight.reading = false,
             Then::Announce(reply) => {
-                let _ = reply.send(format!("announced {n} release(s)"));
+                let _ = reply.send(match announced {
+                    Ok(n) => format!("announced {n} release(s)"),
+                    Err(e) => e.to_string(),
+                });
             }
             Then::TrustReloaded(reply) => {
                 let version = self.trust.root.root().version;

@@ -36,13 +36,14 @@ pub(super) struct Trust {
 
 impl Trust {
     /// The keys from the hub directory (on a blocking thread), the lists from the store's
-    /// reader; warns of a root about to expire. (A read abandoned at shutdown changes
+    /// reader; warns of a root about to expire. An expired root is loaded too: the hub
+    /// serves on with it (see [`Trust::expired`]). (A read abandoned at shutdown changes
     /// nothing: untracked on purpose.)
     #[allow(clippy::disallowed_methods)]
     pub async fn load(home: &Home, reader: &StoreReader) -> Result<Trust, TrustError> {
         let h = home.clone();
         let (root, timestamp, rollout) = tokio::task::spawn_blocking(move || {
-            Ok::<_, HomeError>((h.trusted_root()?, h.timestamp_key()?, h.rollout_key()?))
+            Ok::<_, HomeError>((h.anchor_root()?, h.timestamp_key()?, h.rollout_key()?))
         })
         .await??;
         let TrustRecords { revocations, holds } = reader.trust_records(root.clone()).await?;
@@ -60,6 +61,13 @@ impl Trust {
             holds,
             rollout,
         })
+    }
+
+    /// Whether the root has expired by `now`. The hub then still serves blobs, takes
+    /// reports, relays and shows the dashboard, but signs and announces nothing: devices
+    /// would refuse it until `hub root publish` gives the hub the next root.
+    pub fn expired(&self, now: u64) -> bool {
+        self.root.root().expires_at <= now
     }
 
     pub fn is_revoked(&self, key: &PublicKey) -> bool {
