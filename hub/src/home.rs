@@ -55,6 +55,32 @@ pub struct HubConfig {
     /// token in `keys/http.token`.
     #[serde(default)]
     pub http: Option<String>,
+    /// Git remotes the store and the deploy repository are pushed to after every change
+    /// (`hub mirror add`; `hub restore` builds a hub from one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<String>,
+}
+
+impl HubConfig {
+    /// The defaults, listening where given.
+    pub fn new(fleet: &str, mqtt_listen: &str, p2p_listen: &str) -> HubConfig {
+        HubConfig {
+            fleet: fleet.into(),
+            mqtt_listen: mqtt_listen.into(),
+            broker: None,
+            p2p_listen: p2p_listen.into(),
+            metrics: None,
+            freshness_secs: default_freshness(),
+            release_expiry_days: None,
+            serve_unenrolled: true,
+            upload_rate: 0,
+            redirect: true,
+            max_image_mib: default_max_image_mib(),
+            relay: true,
+            http: None,
+            mirrors: vec![],
+        }
+    }
 }
 
 pub(crate) fn default_max_image_mib() -> u64 {

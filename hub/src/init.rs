@@ -97,21 +97,7 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
     };
     write_secret(&dir.join("keys/p2p.key"), &new_key()?)?;
     write(&dir.join("root.bin"), &root_bytes)?;
-    let config = HubConfig {
-        fleet: fleet.clone(),
-        mqtt_listen: args.mqtt_listen.into(),
-        broker: None,
-        p2p_listen: args.p2p_listen.into(),
-        metrics: None,
-        freshness_secs: super::home::default_freshness(),
-        release_expiry_days: None,
-        serve_unenrolled: true,
-        upload_rate: 0,
-        redirect: true,
-        max_image_mib: super::home::default_max_image_mib(),
-        relay: true,
-        http: None,
-    };
+    let config = HubConfig::new(&fleet, args.mqtt_listen, args.p2p_listen);
     let store = Store::init(&dir.join("store.git"))?;
     let mut change = Change::default();
     change.put("root.bin", root_bytes.clone());

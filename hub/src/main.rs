@@ -64,6 +64,13 @@ enum Command {
     Devices(cli::devices::Args),
     /// Show the event log.
     Log(cli::log::Args),
+    /// Mirrors: git remotes the store and deploy repository are pushed to after every
+    /// change (what `hub restore` rebuilds a hub from).
+    #[command(subcommand)]
+    Mirror(cli::mirror::Command),
+    /// Build a new hub home in --dir from a mirror and a copy of the old hub's keys (the
+    /// old hub's disk died or its machine is replaced).
+    Restore(cli::restore::Args),
     /// Internal: the deploy repository's pre-receive hook.
     #[command(hide = true)]
     DeployHook,
@@ -100,6 +107,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Releases(args) => cli::releases::run(dir, args),
         Command::Devices(args) => cli::devices::run(dir, args),
         Command::Log(args) => cli::log::run(dir, args),
+        Command::Mirror(cmd) => cli::mirror::run(dir, cmd),
+        Command::Restore(args) => cli::restore::run(dir, args),
         Command::DeployHook => cli::deploy_hook::run(dir),
     }
 }

@@ -42,6 +42,10 @@ pub struct Metrics {
     /// When the hub's trust root expires (Unix s), and whether it has (gauges).
     pub root_expires_at: AtomicU64,
     pub root_expired: AtomicU64,
+    /// How long the mirror furthest behind has had something unpushed, s (gauge), and
+    /// failed pushes.
+    pub mirror_lag_secs: AtomicU64,
+    pub mirror_failures: AtomicU64,
 }
 
 /// Why the metrics page could not start.
@@ -76,7 +80,7 @@ type Row = (
     &'static str,
     fn(&Metrics) -> &AtomicU64,
 );
-const COUNTERS: [Row; 18] = [
+const COUNTERS: [Row; 20] = [
     (
         "unifleet_hub_announcements_total",
         "counter",
@@ -184,6 +188,18 @@ const COUNTERS: [Row; 18] = [
         "gauge",
         "1 when the trust root has expired: nothing is announced until `hub root publish`",
         |m| &m.root_expired,
+    ),
+    (
+        "unifleet_hub_mirror_lag_seconds",
+        "gauge",
+        "How long the mirror furthest behind has had a change not pushed (0: all up to date)",
+        |m| &m.mirror_lag_secs,
+    ),
+    (
+        "unifleet_hub_mirror_push_failures_total",
+        "counter",
+        "Failed pushes to mirrors (retried with backoff)",
+        |m| &m.mirror_failures,
     ),
 ];
 

@@ -519,6 +519,11 @@ pub fn status(home: &Home) -> Result<Vec<String>, StatusError> {
         )),
         None => out.push("revoked: none".into()),
     }
+    let mirrors = crate::mirror::load(home);
+    if mirrors.is_empty() {
+        out.push("mirrors: none; a lost disk loses the history (hub mirror add URL)".into());
+    }
+    out.extend(mirrors.iter().map(|m| m.describe(now)));
     Ok(out)
 }
 

@@ -705,3 +705,124 @@ fn hub_log_follow_prints_new_events_as_they_are_committed() -> Result<()> {
     assert!(next.contains(" publish hello stable r1"), "{next}");
     Ok(())
 }
+
+/// The id `reference` names in the git repository `git_dir` (`None`: no such ref).
+fn git_ref(git_dir: &std::path::Path, reference: &str) -> Option<String> {
+    let out = Command::new("git")
+        .arg("--git-dir")
+        .arg(git_dir)
+        .args(["rev-parse", "--verify", "--quiet", reference])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Issue 32: a hub whose disk dies is built again on another machine from its mirror and
+/// a copy of its keys, and goes on where it stopped: its history and event log are there,
+/// release numbers are not reused, devices take its next release, and it keeps mirroring.
+#[test]
+fn a_hub_restored_from_its_mirror_goes_on_where_it_stopped() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    let mirror = fleet.path("mirror.git");
+    run(Command::new("git")
+        .args(["init", "--bare", "--quiet"])
+        .arg(&mirror))?;
+    // A mirror that cannot be pushed to is refused at once, with the next step.
+    let out = fleet
+        .hub_cmd()?
+        .args(["mirror", "add"])
+        .arg(fleet.path("nowhere.git"))
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("git init --bare"),
+        "{said}"
+    );
+    run(fleet.hub_cmd()?.args(["mirror", "add"]).arg(&mirror))?;
+    let metrics = format!("127.0.0.1:{}", free_port()?);
+    fleet.start_hub(&["--metrics", &metrics])?;
+    let d = fleet.add_device("mir0", "hello", &[])?;
+    fleet.start_device(d)?;
+    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&v1, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+
+    // The mirror follows every commit (the device's enrollment, the release, the events
+    // of the hub's batches).
+    let store = fleet.hub_dir.join("store.git");
+    wait_for("the mirror to catch up", CONVERGE, || {
+        let head = git_ref(&store, "HEAD")?;
+        (git_ref(&mirror, "HEAD") == Some(head)).then_some(())
+    })?;
+    let status = run(fleet.hub_cmd()?.arg("status"))?;
+    assert!(status.contains("up to date, last pushed"), "{status}");
+    assert_eq!(
+        unifleet_tests::metric(&metrics, "unifleet_hub_mirror_lag_seconds")?,
+        0
+    );
+
+    // The disk dies; the operator kept a copy of keys/ apart.
+    let keys = fleet.path("keys-copy");
+    std::fs::create_dir_all(&keys)?;
+    for entry in std::fs::read_dir(fleet.hub_dir.join("keys"))? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), keys.join(entry.file_name()))?;
+    }
+    let config = std::fs::read_to_string(fleet.hub_dir.join("hub.toml"))?;
+    let listen = |key: &str| -> Result<String> {
+        let line = config
+            .lines()
+            .find(|l| l.starts_with(key))
+            .context("listen address")?;
+        Ok(line.split('"').nth(1).context("quoted")?.to_string())
+    };
+    let (mqtt, p2p) = (listen("mqtt_listen")?, listen("p2p_listen")?);
+    fleet.kill_hub();
+    std::fs::remove_dir_all(&fleet.hub_dir)?;
+
+    let restore = || -> Result<Command> {
+        let mut c = fleet.hub_cmd()?;
+        c.arg("restore")
+            .arg("--from")
+            .arg(&mirror)
+            .arg("--keys")
+            .arg(&keys)
+            .args(["--mqtt-listen", &mqtt, "--p2p-listen", &p2p]);
+        Ok(c)
+    };
+    let said = run(&mut restore()?)?;
+    assert!(said.contains("1 release(s)"), "{said}");
+    let again = restore()?.output()?;
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && said.contains("is not empty"),
+        "{said}"
+    );
+
+    fleet.start_hub(&[])?;
+    let log = run(fleet.hub_cmd()?.arg("log"))?;
+    assert!(
+        log.contains("hub for fleet"),
+        "the event log came back: {log}"
+    );
+    // The inventory is not mirrored: the device reports again to the new hub.
+    wait_for("the device to report to the restored hub", CONVERGE, || {
+        let inv = fleet.inventory().ok()?;
+        inv.to_string().contains("mir0").then_some(())
+    })?;
+    let v2 = fleet.testimage("hello", "1.1.0", &[])?;
+    let said = fleet.publish(&v2, "hello", "1.1.0", &["--no-staging"])?;
+    assert!(
+        said.contains("release 2"),
+        "the number is not reused: {said}"
+    );
+    fleet.wait_all(&[d], "hello", 2, "Active", CONVERGE)?;
+    let store = fleet.hub_dir.join("store.git");
+    wait_for("the restored hub to mirror its release", CONVERGE, || {
+        let head = git_ref(&store, "HEAD")?;
+        (git_ref(&mirror, "HEAD") == Some(head)).then_some(())
+    })?;
+    Ok(())
+}

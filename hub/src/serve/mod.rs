@@ -138,6 +138,11 @@ pub async fn run(
         home.config.redirect,
         tasks.clone(),
     );
+    tasks.spawn(crate::mirror::run(
+        home.clone(),
+        metrics.clone(),
+        tasks.clone(),
+    ));
     let announcer = Announcer::new(node.net.clone(), mqtt, &home.config.fleet, metrics.clone());
     let mut hub = Hub::new(Parts {
         home: home.clone(),
