@@ -123,6 +123,18 @@ impl Device {
         self.dir.join("device.toml")
     }
 
+    /// Bytes of the chunks the device has stored so far.
+    pub fn chunk_bytes(&self) -> u64 {
+        std::fs::read_dir(self.dir.join("state/chunks"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     /// The last status report for `app` written by the agent (`status.json`).
     pub fn report(&self, app: &str) -> Option<Value> {
         let bytes = std::fs::read(self.dir.join("state/status.json")).ok()?;

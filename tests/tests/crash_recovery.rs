@@ -8,17 +8,6 @@ use unifleet_tests::fleet::{toml_value::V, wait_for, Fleet};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-fn stored_chunk_bytes(fleet: &Fleet, i: usize) -> u64 {
-    std::fs::read_dir(fleet.devices[i].dir.join("state/chunks"))
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn kill_at_each_install_step_then_restart_converges_without_refetching() -> Result<()> {
     let mut fleet = Fleet::new("test:///default")?;
@@ -45,7 +34,7 @@ fn kill_at_each_install_step_then_restart_converges_without_refetching() -> Resu
             CONVERGE,
             || (!fleet.devices[i].proc.as_mut()?.is_running()).then_some(()),
         )?;
-        let kept = stored_chunk_bytes(&fleet, i);
+        let kept = fleet.devices[i].chunk_bytes();
         let st = fleet.devices[i].state_json();
         match point {
             "download:3" => assert!(kept > 0 && kept < size, "{kept} of {size} bytes kept"),
@@ -272,7 +261,7 @@ fn sigterm_stops_agent_and_hub_in_order_and_exits_0() -> Result<()> {
     fleet.publish(&image, "hello", "1.0.0", &["--no-staging"])?;
     let size = std::fs::metadata(&image)?.len();
     wait_for("a part of the download", CONVERGE, || {
-        (stored_chunk_bytes(&fleet, d) > 1 << 20).then_some(())
+        (fleet.devices[d].chunk_bytes() > 1 << 20).then_some(())
     })?;
     let mut agent = fleet.devices[d].proc.take().expect("running");
     let status = agent.terminate(Duration::from_secs(10))?;
@@ -282,7 +271,7 @@ fn sigterm_stops_agent_and_hub_in_order_and_exits_0() -> Result<()> {
         log.contains("shutting down: the download is left where it is") && log.contains("stopped"),
         "{log}"
     );
-    let kept = stored_chunk_bytes(&fleet, d);
+    let kept = fleet.devices[d].chunk_bytes();
     assert!(kept > 0 && kept < size, "{kept} of {size} bytes kept");
     drop(agent);
 
@@ -329,7 +318,7 @@ fn a_release_over_the_store_budget_is_refused_and_the_next_that_fits_installs() 
     })?;
     assert!(reason.contains("store_budget_mib = 1"), "{reason}");
     assert!(
-        stored_chunk_bytes(&fleet, d) < 1 << 20,
+        fleet.devices[d].chunk_bytes() < 1 << 20,
         "nothing of it was fetched"
     );
     let v3 = fleet.testimage("hello", "1.0.2", &[])?;

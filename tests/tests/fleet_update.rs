@@ -103,3 +103,60 @@ fn total_bytes(fleet: &Fleet, i: usize) -> u64 {
     let (peers, hub) = fleet.devices[i].fetched("hello");
     peers + hub
 }
+
+/// Issue 32: a device's `download_rate` holds end to end — over the whole download, the
+/// bytes stored never run ahead of the cap by more than 10% plus the limiter's burst (a
+/// tenth of a second, at least one largest chunk). Only the upper bound is asserted: a
+/// slow machine makes the download slower, never faster.
+#[test]
+fn a_download_cap_holds_within_ten_percent() -> Result<()> {
+    use unifleet_tests::fleet::toml_value::V;
+    const RATE: u64 = 1 << 20;
+    const BURST: u64 = 256 * 1024;
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let d = fleet.add_device("cap0", "hello", &[])?;
+    fleet.devices[d].set_config("download_rate", V::Int(RATE))?;
+    fleet.start_device(d)?;
+    let image = fleet.testimage("hello", "1.0.0", &["--pad-mib", "4"])?;
+    fleet.publish(&image, "hello", "1.0.0", &["--no-staging"])?;
+    // Sampled every 20 ms: the first bytes seen, then each later sample against the cap.
+    let dev = &fleet.devices[d];
+    let deadline = std::time::Instant::now() + CONVERGE;
+    let first = loop {
+        let b = dev.chunk_bytes();
+        if b > 0 {
+            break (std::time::Instant::now(), b);
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no download began");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let size = std::fs::metadata(&image)?.len();
+    let mut worst = 0.0f64;
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let (now, b) = (std::time::Instant::now(), dev.chunk_bytes());
+        let secs = (now - first.0).as_secs_f64();
+        let allowed = 1.10 * RATE as f64 * secs + BURST as f64;
+        let ran = (b - first.1) as f64;
+        worst = worst.max(ran / allowed);
+        assert!(
+            ran <= allowed,
+            "{ran} bytes in {secs:.2} s at a cap of {RATE} B/s (+10%, +{BURST} B burst)"
+        );
+        if b >= size {
+            eprintln!(
+                "{ran} bytes in {secs:.2} s: {:.0}% of the cap",
+                ran / secs / RATE as f64 * 100.0
+            );
+            break;
+        }
+        anyhow::ensure!(
+            now < deadline,
+            "the download did not end: {b} of {size} bytes"
+        );
+    }
+    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+    assert!(worst > 0.0);
+    Ok(())
+}

@@ -826,3 +826,40 @@ fn a_hub_restored_from_its_mirror_goes_on_where_it_stopped() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// Issue 32 (`hub promote` had no test): the newest beta release is signed again as the
+/// next stable release, which stable devices take; promoting from a channel with nothing
+/// on it is refused by name.
+#[test]
+fn hub_promote_resigns_the_beta_release_for_stable() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let d = fleet.add_device("pro0", "hello", &[])?;
+    fleet.start_device(d)?;
+    let old = fleet.testimage("hello", "1.0.0", &[])?;
+    fleet.publish(&old, "hello", "1.0.0", &["--no-staging"])?;
+    fleet.wait_all(&[d], "hello", 1, "Active", CONVERGE)?;
+    let img = fleet.testimage("hello", "2.0.0", &[])?;
+    fleet.publish(
+        &img,
+        "hello",
+        "2.0.0",
+        &["--channel", "beta", "--no-staging"],
+    )?;
+    let said = run(fleet
+        .hub_cmd()?
+        .args(["promote", "hello", "--from", "beta", "--to", "stable"]))?;
+    assert!(
+        said.contains("promoted hello to stable release 2"),
+        "{said}"
+    );
+    fleet.wait_all(&[d], "hello", 2, "Active", CONVERGE)?;
+    fleet.assert_runs_image(d, &img);
+    let out = fleet
+        .hub_cmd()?
+        .args(["promote", "hello", "--from", "nightly"])
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("nightly"), "{said}");
+    Ok(())
+}
