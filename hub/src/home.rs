@@ -275,7 +275,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
     std::fs::rename(&tmp, path).map_err(|source| WriteError::Replace {
         path: path.into(),
         source,
-    })
+    })?;
+    // The rename itself reaches the disk only with its directory.
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| WriteError::Write {
+            path: dir.into(),
+            source,
+        })
 }
 
 pub fn new_key() -> Result<SecretKey, KeyError> {
@@ -312,6 +320,7 @@ impl Home {
     pub fn store(&self) -> Result<Store, HomeError> {
         let path = self.dir.join("store.git");
         let store = Store::open(&path)?;
+        store.sync_writes()?;
         let moved = store
             .upgrade_layout()
             .map_err(|source| HomeError::UpgradeLayout { path, source })?;

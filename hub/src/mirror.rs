@@ -281,11 +281,9 @@ pub async fn run(home: Home, metrics: Arc<Metrics>, tasks: net::tasks::Tasks) {
 }
 
 fn save(home: &Home, mirrors: &[Mirror]) {
-    let path = status_path(home);
-    let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(mirrors).unwrap_or_default();
-    if let Err(e) = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)) {
-        tracing::warn!("writing {}: {e}", path.display());
+    if let Err(e) = crate::home::write_atomic(&status_path(home), &bytes) {
+        tracing::warn!("{}", proto::Chain(&e));
     }
 }
 

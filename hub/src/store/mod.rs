@@ -286,7 +286,25 @@ impl Store {
             path: path.to_path_buf(),
             source,
         })?;
-        Ok(Store { repo })
+        let store = Store { repo };
+        store.sync_writes()?;
+        Ok(store)
+    }
+
+    /// Makes every object and ref written to the store reach the disk before the write
+    /// returns (libgit2 and git do not fsync by default: a power cut could leave a ref
+    /// naming an object that was never written). `core.fsyncObjectFiles` is libgit2's
+    /// switch (objects and refs); `core.fsync` the git client's (`git gc`'s packs and
+    /// refs). Set once; a store from before is brought up to it when opened through
+    /// [`crate::home::Home::store`].
+    pub fn sync_writes(&self) -> Result<()> {
+        let mut config = self.repo.config()?;
+        if config.get_bool("core.fsyncObjectFiles").unwrap_or(false) {
+            return Ok(());
+        }
+        config.set_str("core.fsync", "committed,index")?;
+        config.set_bool("core.fsyncObjectFiles", true)?;
+        Ok(())
     }
 
     pub fn open(path: &Path) -> Result<Store> {
@@ -546,6 +564,24 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    /// Issue 32: libgit2 does not fsync by default; a store syncs what it writes, and a
+    /// store from before is brought up to it.
+    #[test]
+    fn a_store_syncs_objects_and_refs_to_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::init(&dir.path().join("new.git")).unwrap();
+        let on = |s: &Store| s.repo.config().unwrap().get_bool("core.fsyncObjectFiles");
+        assert!(on(&store).unwrap());
+        let old = dir.path().join("old.git");
+        Repository::init_bare(&old).unwrap();
+        let store = Store::open(&old).unwrap();
+        assert!(on(&store).is_err(), "unset before");
+        store.sync_writes().unwrap();
+        assert!(on(&store).unwrap());
+        let git = Repository::open_bare(&old).unwrap().config().unwrap();
+        assert_eq!(git.get_string("core.fsync").unwrap(), "committed,index");
+    }
+
     use super::*;
 
     /// Each failed operation is its own variant, naming what it failed on, its source kept.
