@@ -706,6 +706,17 @@ impl Fleet {
     }
 
     /// The hub's inventory (`hub devices --json`).
+    /// `fetch_release`: the release whose manifest is `digest` on `channel` fetched from
+    /// the hub over libp2p and verified against the hub's root, written to `out`; what it
+    /// printed.
+    pub fn fetch_release(&self, digest: &str, channel: &str, out: &Path) -> Result<String> {
+        run(Command::new(bin("fetch_release")?)
+            .arg(&self.hub_addr)
+            .arg(self.hub_dir.join("root.bin"))
+            .args([digest, channel])
+            .arg(out))
+    }
+
     pub fn inventory(&self) -> Result<Value> {
         Ok(serde_json::from_str(&run(self
             .hub_cmd()?

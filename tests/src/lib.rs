@@ -112,6 +112,7 @@ pub mod guestnet;
 pub mod homes;
 pub mod silent;
 pub mod sim;
+pub mod template;
 
 /// Publishes one MQTT message and waits for the broker's acknowledgement.
 pub fn mqtt_publish(url: &str, topic: &str, payload: Vec<u8>, retain: bool) -> Result<()> {

@@ -78,12 +78,7 @@ fn a_second_process_fetches_and_verifies_a_release_over_libp2p() -> Result<()> {
     let rel = fleet.releases(None)?;
     let digest = rel[0]["manifest"].as_str().unwrap().to_string();
     let out = fleet.path("fetched.img");
-    let said = run(Command::new(bin("fetch_release")?)
-        .arg(&fleet.hub_addr)
-        .arg(fleet.hub_dir.join("root.bin"))
-        .arg(&digest)
-        .arg("stable")
-        .arg(&out))?;
+    let said = fleet.fetch_release(&digest, "stable", &out)?;
     assert!(said.starts_with("verified hello 1.0.0 release 1"), "{said}");
     assert_eq!(std::fs::read(&out)?, std::fs::read(&img)?);
     Ok(())

@@ -605,12 +605,7 @@ fn an_expired_root_degrades_the_hub_and_the_next_root_restores_it() -> Result<()
     // Blobs are served (fetched and verified by a client on today's clock) and reports
     // are taken (a restarted agent's).
     let out = fleet.path("fetched.img");
-    let said = run(Command::new(bin("fetch_release")?)
-        .arg(&fleet.hub_addr)
-        .arg(fleet.hub_dir.join("root.bin"))
-        .arg(&digest)
-        .arg("stable")
-        .arg(&out))?;
+    let said = fleet.fetch_release(&digest, "stable", &out)?;
     assert!(said.starts_with("verified hello 1.0.0 release 1"), "{said}");
     if let Some(mut p) = fleet.devices[a].proc.take() {
         p.kill9();

@@ -7,8 +7,9 @@ use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
-use unifleet_tests::fleet::{run, running_domains, toml_value::V, wait_for, Device, Fleet};
+use unifleet_tests::fleet::{running_domains, toml_value::V, wait_for, Device, Fleet};
 use unifleet_tests::guestnet::{hello_http_aarch64, hello_http_x86_64, GuestNet};
+use unifleet_tests::template::{template_fleet, TemplateFleet};
 
 const URI: &str = "qemu:///system";
 
@@ -448,28 +449,12 @@ fn the_template_pushed_is_built_from_source_staged_and_served() -> Result<()> {
     let net = GuestNet::create(URI, 7)?;
     let mut fleet = Fleet::new(URI)?;
     fleet.start_hub(&[])?;
-    let pid = std::process::id();
-    let stage = fleet.add_device_on(&format!("uk-pstage-{pid}"), "web", "staging", URI, &[])?;
-    let d = fleet.add_device(&format!("uk-push-{pid}"), "web", &[])?;
-    let mut port = 0;
-    for (i, first) in [(stage, 2), (d, 6)] {
-        let dev = &fleet.devices[i];
-        dev.set_config("nic", V::Str(net.nic()))?;
-        dev.set_config("guest_addresses", V::Str(net.addresses(first, first + 3)))?;
-        if i == d {
-            port = dev.serve_on_demand("web", "min = 0\nmax_local = 1\nidle_secs = 2")?;
-        }
-        fleet.start_device(i)?;
-    }
-    let repo = fleet.path("web");
-    run(fleet.hub_cmd()?.args(["new", "web", "--into"]).arg(&repo))?;
-    let toml = repo.join("unifleet.toml");
     // No aarch64 staging device here: that platform is released unstaged.
-    let text = std::fs::read_to_string(&toml)?.replace(
-        "\n[build]",
-        "no_staging_for = [\"qemu-aarch64\"]\nstaging_timeout_secs = 120\n\n[build]",
-    );
-    std::fs::write(&toml, text)?;
+    let TemplateFleet {
+        device: d,
+        port,
+        repo,
+    } = template_fleet(&mut fleet, &net, "uk-push", false, 120)?;
     let git = |args: &[&str]| -> Result<std::process::Output> {
         Ok(std::process::Command::new("git")
             .args(["-c", "user.name=op", "-c", "user.email=op@example.invalid"])
@@ -488,7 +473,7 @@ fn the_template_pushed_is_built_from_source_staged_and_served() -> Result<()> {
         "build passed in",
         "test result: ok",
         "test passed in",
-        "staging passed on uk-pstage-",
+        "staging passed on uk-push-stage-",
         "released web release 1",
         "first wave: active 1/1",
     ] {
@@ -509,6 +494,7 @@ fn the_template_pushed_is_built_from_source_staged_and_served() -> Result<()> {
         &src,
         std::fs::read_to_string(&src)? + "\n// one more line\n",
     )?;
+    let toml = repo.join("unifleet.toml");
     let text = std::fs::read_to_string(&toml)?.replace("0.1.0", "0.1.1");
     std::fs::write(&toml, text)?;
     git(&["commit", "-qam", "0.1.1"])?;

@@ -23,8 +23,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use unifleet_tests::bench::percentile;
-use unifleet_tests::fleet::{run, toml_value::V, Fleet};
+use unifleet_tests::fleet::Fleet;
 use unifleet_tests::guestnet::GuestNet;
+use unifleet_tests::template::{template_fleet, TemplateFleet};
 
 const URI: &str = "qemu:///system";
 /// The steps whose times the push prints (`-----> STEP passed in N s`).
@@ -52,28 +53,7 @@ fn main() -> Result<()> {
     let net = GuestNet::create(URI, 7)?;
     let mut fleet = Fleet::new(URI)?;
     fleet.start_hub(&[])?;
-    let pid = std::process::id();
-    let stage = fleet.add_device_on(&format!("bp-stage-{pid}"), "web", "staging", URI, &[])?;
-    let d = fleet.add_device(&format!("bp-{pid}"), "web", &[])?;
-    let mut port = 0;
-    for (i, first) in [(stage, 2), (d, 6)] {
-        let dev = &fleet.devices[i];
-        dev.set_config("nic", V::Str(net.nic()))?;
-        dev.set_config("domain_type", V::Str("qemu".into()))?;
-        dev.set_config("guest_addresses", V::Str(net.addresses(first, first + 3)))?;
-        if i == d {
-            port = dev.serve_on_demand("web", "min = 0\nmax_local = 1\nidle_secs = 2")?;
-        }
-        fleet.start_device(i)?;
-    }
-    let repo = fleet.path("web");
-    run(fleet.hub_cmd()?.args(["new", "web", "--into"]).arg(&repo))?;
-    let toml = repo.join("unifleet.toml");
-    let text = std::fs::read_to_string(&toml)?.replace(
-        "\n[build]",
-        "no_staging_for = [\"qemu-aarch64\"]\nstaging_timeout_secs = 300\n\n[build]",
-    );
-    std::fs::write(&toml, text)?;
+    let TemplateFleet { port, repo, .. } = template_fleet(&mut fleet, &net, "bp", true, 300)?;
     let cache = fleet.hub_dir.join("builds/web/cache");
     let (mut cold, mut warm) = (vec![], vec![]);
     let mut version = 0;
