@@ -42,6 +42,11 @@ pub enum ConfigError {
     DomainType(String),
     #[error("parallel_fetches must be at least 1")]
     ParallelFetches,
+    #[error(
+        "crash_at is a test hook this build leaves out (the `test-hooks` feature); remove it \
+         from the config"
+    )]
+    TestHook,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,7 +139,8 @@ pub struct Config {
     /// needs was removed. 0: no cap (what no kept release needs is removed all the same).
     #[serde(default)]
     pub store_budget_mib: u64,
-    /// Testing aid: stop the process (as if killed) at a named point of the install.
+    /// Testing aid: stop the process (as if killed) at a named point of the install. Only
+    /// in builds with the `test-hooks` feature (the tests'); a product build refuses it.
     #[serde(default)]
     pub crash_at: Option<String>,
     /// Apps served on demand through a front proxy (scale from zero, autoscale, burst).
@@ -221,6 +227,9 @@ impl Config {
         }
         if self.parallel_fetches == 0 {
             return Err(ConfigError::ParallelFetches);
+        }
+        if self.crash_at.is_some() && !cfg!(feature = "test-hooks") {
+            return Err(ConfigError::TestHook);
         }
         Ok(())
     }
@@ -332,5 +341,27 @@ impl OnDemandConfig {
             HealthProbe::TcpConnect { port } | HealthProbe::Http { port, .. } if port != 0 => port,
             _ => 80,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 32: the crash hook shipped in product builds (any device.toml could make the
+    /// agent abort mid-install). Without the `test-hooks` feature a config naming it is
+    /// refused. Run by `scripts/test.sh` on the device package alone (in the workspace
+    /// the tests package turns the feature on).
+    #[test]
+    fn a_product_build_refuses_the_crash_hook() {
+        let text = "name = \"d\"\nfleet = \"home\"\nchannel = \"stable\"\napps = [\"hello\"]\n\
+                    root = \"root.bin\"\nkey = \"device.key\"\nstate_dir = \"state\"\n\
+                    crash_at = \"installed\"\n";
+        let said = Config::parse(text, Path::new("/etc/unifleet"));
+        if cfg!(feature = "test-hooks") {
+            assert!(said.is_ok(), "{said:?}");
+        } else {
+            assert!(matches!(said, Err(ConfigError::TestHook)), "{said:?}");
+        }
     }
 }

@@ -86,6 +86,7 @@ impl Fetcher {
             crash_after_chunks: cfg
                 .crash_at
                 .as_deref()
+                .filter(|_| cfg!(feature = "test-hooks"))
                 .and_then(|c| c.strip_prefix("download:"))
                 .and_then(|n| n.parse().ok()),
         }

@@ -367,9 +367,10 @@ fn start_mqtt(
     Ok(Some(mqtt::start(&cfg.name, url, topics, tx, tasks)?))
 }
 
-/// Testing aid (`crash_at` in the config): die abruptly, as a kill -9 would.
+/// Testing aid (`crash_at` in the config): die abruptly, as a kill -9 would. Only with
+/// the `test-hooks` feature (a product build refuses the setting).
 pub fn crash_point(cfg: &Config, point: &str) {
-    if cfg.crash_at.as_deref() == Some(point) {
+    if cfg!(feature = "test-hooks") && cfg.crash_at.as_deref() == Some(point) {
         tracing::warn!(point, "crash_at: aborting");
         std::process::abort();
     }
