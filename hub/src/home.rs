@@ -286,6 +286,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
         })
 }
 
+/// Syncs every file and directory under `path` to disk: for what a tool wrote without
+/// syncing (libgit2's `init`, `git clone`), before the home is used. For small trees: a
+/// new home, a restored one.
+pub fn sync_tree(path: &Path) -> Result<(), WriteError> {
+    let sync = |p: &Path| {
+        std::fs::File::open(p)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| WriteError::Write {
+                path: p.into(),
+                source,
+            })
+    };
+    let entries = std::fs::read_dir(path).map_err(|source| WriteError::Write {
+        path: path.into(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => sync_tree(&entry.path())?,
+            Ok(t) if t.is_file() => sync(&entry.path())?,
+            _ => {}
+        }
+    }
+    sync(path)
+}
+
 pub fn new_key() -> Result<SecretKey, KeyError> {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(KeyError::Random)?;

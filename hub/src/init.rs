@@ -115,6 +115,9 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
     crate::deploy::create(dir)?;
     let config = toml::to_string_pretty(&config).map_err(InitError::Config)?;
     write(&dir.join("hub.toml"), config.as_bytes())?;
+    // Power-cut safe from the start: what libgit2 wrote without syncing (the
+    // repositories' HEAD and config) and the files above reach the disk.
+    crate::home::sync_tree(dir)?;
     Ok(warning)
 }
 

@@ -139,6 +139,8 @@ fn build(dir: &Path, args: &RestoreArgs<'_>) -> Result<Home, RestoreError> {
         what: "installing the deploy hook".into(),
         said: proto::Chain(&e).to_string(),
     })?;
+    // git clone and fetch do not sync what they write.
+    crate::home::sync_tree(dir)?;
     Ok(home)
 }
 

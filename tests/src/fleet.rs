@@ -705,7 +705,6 @@ impl Fleet {
             .collect())
     }
 
-    /// The hub's inventory (`hub devices --json`).
     /// `fetch_release`: the release whose manifest is `digest` on `channel` fetched from
     /// the hub over libp2p and verified against the hub's root, written to `out`; what it
     /// printed.
@@ -717,6 +716,7 @@ impl Fleet {
             .arg(out))
     }
 
+    /// The hub's inventory (`hub devices --json`).
     pub fn inventory(&self) -> Result<Value> {
         Ok(serde_json::from_str(&run(self
             .hub_cmd()?
