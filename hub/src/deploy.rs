@@ -84,6 +84,9 @@ pub enum CreateError {
 /// Why a push was not deployed.
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
+    /// Checked before a build of up to half an hour that could not be released.
+    #[error(transparent)]
+    Root(#[from] crate::home::HomeError),
     #[error("opening the deploy repository {}", path.display())]
     Open {
         path: PathBuf,
@@ -397,6 +400,7 @@ fn deploy(
     // Everything that can be checked is, before a build of up to half an hour; the app's
     // name also names its build directory.
     proto::names::check("app", &spec.app).map_err(DeployError::AppName)?;
+    home.trusted_root()?;
     proto::names::check("channel", &spec.channel).map_err(DeployError::ChannelName)?;
     spec.rollout()?;
     let follow = Duration::from_secs(spec.follow_secs.min(MAX_FOLLOW_SECS));

@@ -214,6 +214,10 @@ pub enum HomeError {
         #[source]
         source: Box<proto::VerifyError>,
     },
+    /// Nothing is signed under an expired root (devices would refuse it); the warning
+    /// says when and what to do.
+    #[error("{0}")]
+    RootExpired(String),
 }
 
 pub fn write_secret(path: &Path, key: &SecretKey) -> Result<(), WriteError> {
@@ -277,7 +281,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
         source,
     })?;
     // The rename itself reaches the disk only with its directory.
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|source| WriteError::Write {
@@ -403,8 +410,15 @@ impl Home {
         anchored.map_err(|source| self.bad_root(source))
     }
 
+    /// The hub's root, refused once it has expired (what signing needs).
     pub fn trusted_root(&self) -> Result<TrustedRoot, HomeError> {
-        TrustedRoot::bootstrap(&self.root_bytes()?, now()).map_err(|source| self.bad_root(source))
+        let root = self.anchor_root()?;
+        let now = now();
+        if root.root().expires_at <= now {
+            let warning = crate::trust::root_warning(root.root(), now).unwrap_or_default();
+            return Err(HomeError::RootExpired(warning));
+        }
+        TrustedRoot::bootstrap(&self.root_bytes()?, now).map_err(|source| self.bad_root(source))
     }
 
     fn bad_root(&self, source: proto::VerifyError) -> HomeError {

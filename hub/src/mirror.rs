@@ -85,22 +85,25 @@ impl Mirror {
         self.behind_since.map_or(0, |s| now.saturating_sub(s))
     }
 
-    /// One line for `hub status`.
-    pub fn describe(&self, now: u64) -> String {
+    /// One line for `hub status`; `heads` is the repositories' state now, if read.
+    pub fn describe(&self, now: u64, heads: Option<&str>) -> String {
+        let url = shown(&self.url);
         let pushed = self.pushed_at.map_or("never pushed".to_string(), |at| {
             format!("last pushed {}", proto::status::human_ago(at, now))
         });
+        let behind = heads.is_some_and(|h| self.pushed.as_deref() != Some(h));
         match (&self.behind_since, &self.last_error) {
-            (None, _) => format!("mirror {}: up to date, {pushed}", self.url),
+            (None, _) if !behind => format!("mirror {url}: up to date, {pushed}"),
+            (None, _) => format!(
+                "warning: mirror {url}: changes not pushed yet, {pushed} (`hub serve` pushes them)"
+            ),
             (Some(_), None) => format!(
-                "mirror {}: {} behind, pushing; {pushed}",
-                self.url,
+                "mirror {url}: {} behind, pushing; {pushed}",
                 proto::status::human_secs(self.lag(now))
             ),
             (Some(_), Some(e)) => format!(
-                "warning: mirror {}: {} behind after {} failed push(es), next try {}; {pushed}; \
+                "warning: mirror {url}: {} behind after {} failed push(es), next try {}; {pushed}; \
                  last error: {e}",
-                self.url,
                 proto::status::human_secs(self.lag(now)),
                 self.failures,
                 proto::status::human_ago(self.next_try, now)
@@ -109,7 +112,22 @@ impl Mirror {
     }
 }
 
-/// Why a push to a mirror failed.
+/// `url` as logs and `hub status` show it: a password in it replaced by `***` (an
+/// `https://user:token@host/…` remote; a credential helper is the better place for it).
+pub fn shown(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.into();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.into();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.into(),
+    }
+}
+
+/// Why a push to a mirror failed (URLs as [`shown`]).
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
     #[error("running git push to {url}")]
@@ -118,6 +136,11 @@ pub enum PushError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{url} holds history this hub lacks (another hub, or a restored one, pushes there): \
+         check which hub is the live one, then remove or replace this mirror"
+    )]
+    Diverged { url: String },
     #[error("git push of {what} to {url} failed: {said}")]
     Refused {
         what: &'static str,
@@ -168,31 +191,37 @@ async fn git_push(
     refspecs: &[String],
 ) -> Result<(), PushError> {
     let mut cmd = tokio::process::Command::new("git");
+    // All refs or none: a refused branch must not let the tags through.
     cmd.arg("--git-dir")
         .arg(git_dir)
-        .args(["push", "--quiet", url])
+        .args(["push", "--quiet", "--atomic", "--", url])
         .args(refspecs)
-        // Never a prompt on the hub's terminal: a mirror needing a password fails, said.
+        // Never a prompt: a mirror needing a password or a new host key fails, said.
         .env("GIT_TERMINAL_PROMPT", "0")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
-    let spawn = |source| PushError::Spawn {
-        url: url.into(),
-        source,
-    };
+    if std::env::var_os("GIT_SSH_COMMAND").is_none() {
+        cmd.env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes");
+    }
+    let url = shown(url);
     let out = match tokio::time::timeout(PUSH_TIMEOUT, cmd.output()).await {
-        Ok(out) => out.map_err(spawn)?,
-        Err(_) => return Err(PushError::Timeout { url: url.into() }),
+        Ok(Ok(out)) => out,
+        Ok(Err(source)) => return Err(PushError::Spawn { url, source }),
+        Err(_) => return Err(PushError::Timeout { url }),
     };
     if out.status.success() {
         return Ok(());
     }
     let said = String::from_utf8_lossy(&out.stderr);
-    Err(PushError::Refused {
-        what,
-        url: url.into(),
-        said: said.trim().lines().collect::<Vec<_>>().join("; "),
-    })
+    if said.contains("fetch first") || said.contains("non-fast-forward") {
+        return Err(PushError::Diverged { url });
+    }
+    let said = said
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("hint:"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(PushError::Refused { what, url, said })
 }
 
 /// Where `mirrors.json` lives.
@@ -220,32 +249,46 @@ pub fn load(home: &Home) -> Vec<Mirror> {
         .collect()
 }
 
-/// `hub serve`'s mirror loop: every [`TICK`], each mirror in `hub.toml` (read again, so
-/// `hub mirror add` applies without a restart) that is behind is pushed to; where they
-/// stand is written to `mirrors.json` and the metrics. Stops with `tasks`.
-pub async fn run(home: Home, metrics: Arc<Metrics>, tasks: net::tasks::Tasks) {
+/// The mirrors `hub.toml` names now (what is known of them kept) and the repositories'
+/// state: read on a blocking thread each tick.
+fn look(dir: &Path, known: &[Mirror]) -> Result<(Vec<Mirror>, String), String> {
+    let home = Home::open(dir).map_err(|e| proto::Chain(&e).to_string())?;
     let mut mirrors = load(&home);
+    for m in &mut mirrors {
+        if let Some(k) = known.iter().find(|k| k.url == m.url) {
+            *m = k.clone();
+        }
+    }
+    let heads = if mirrors.is_empty() {
+        String::new()
+    } else {
+        heads(&home).map_err(|e| format!("reading the repositories' refs: {e}"))?
+    };
+    Ok((mirrors, heads))
+}
+
+/// `hub serve`'s mirror loop: every [`TICK`], each mirror in `hub.toml` (read again, so
+/// `hub mirror add` applies without a restart) that is behind is pushed to, one after
+/// the other; where they stand is written to `mirrors.json` and the metrics. Stops with
+/// `tasks`.
+pub async fn run(home: Home, metrics: Arc<Metrics>, tasks: net::tasks::Tasks) {
+    let mut mirrors: Vec<Mirror> = vec![];
     let mut ticks = tokio::time::interval(TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing_look = false;
     loop {
         ticks.tick().await;
-        let Ok(fresh) = Home::open(&home.dir) else {
-            continue;
-        };
-        let mut current = load(&fresh);
-        for m in &mut current {
-            if let Some(known) = mirrors.iter().find(|k| k.url == m.url) {
-                *m = known.clone();
+        let (dir, known) = (home.dir.clone(), mirrors.clone());
+        let heads = match tasks.spawn_blocking(move || look(&dir, &known)).await {
+            Ok(Ok((now_known, heads))) => {
+                failing_look = false;
+                mirrors = now_known;
+                heads
             }
-        }
-        mirrors = current;
-        if mirrors.is_empty() {
-            continue;
-        }
-        let h = fresh.clone();
-        let heads = match tasks.spawn_blocking(move || heads(&h)).await {
-            Ok(Ok(heads)) => heads,
             Ok(Err(e)) => {
-                tracing::error!("mirrors: reading the repositories' refs: {e}");
+                if !std::mem::replace(&mut failing_look, true) {
+                    tracing::error!("mirrors: {e}; not pushing until it is fixed");
+                }
                 continue;
             }
             Err(_) => return, // shutting down
@@ -258,14 +301,14 @@ pub async fn run(home: Home, metrics: Arc<Metrics>, tasks: net::tasks::Tasks) {
             match push(&home.dir, &m.url).await {
                 Ok(()) => {
                     if m.failures > 0 {
-                        tracing::info!(url = %m.url, "mirror reachable again; up to date");
+                        tracing::info!(url = %shown(&m.url), "mirror reachable again; up to date");
                     }
                     m.pushed(&heads, now());
                 }
                 Err(e) => {
                     let e = proto::Chain(&e).to_string();
                     if m.failures == 0 {
-                        tracing::warn!(url = %m.url, "mirror push failed (retrying with backoff): {e}");
+                        tracing::warn!("mirror push failed (retrying with backoff): {e}");
                     }
                     metrics.mirror_failures.fetch_add(1, Ordering::Relaxed);
                     m.failed(e, now());
@@ -275,12 +318,14 @@ pub async fn run(home: Home, metrics: Arc<Metrics>, tasks: net::tasks::Tasks) {
         let lag = mirrors.iter().map(|m| m.lag(now())).max().unwrap_or(0);
         metrics.mirror_lag_secs.store(lag, Ordering::Relaxed);
         if mirrors != before {
-            save(&home, &mirrors);
+            let (h, all) = (home.clone(), mirrors.clone());
+            let _ = tasks.spawn_blocking(move || save(&h, &all)).await;
         }
     }
 }
 
-fn save(home: &Home, mirrors: &[Mirror]) {
+/// Writes where the mirrors stand to `mirrors.json`.
+pub fn save(home: &Home, mirrors: &[Mirror]) {
     let bytes = serde_json::to_vec_pretty(mirrors).unwrap_or_default();
     if let Err(e) = crate::home::write_atomic(&status_path(home), &bytes) {
         tracing::warn!("{}", proto::Chain(&e));
@@ -305,12 +350,25 @@ mod tests {
         }
         assert_eq!(m.next_try, 200 + MAX_BACKOFF_SECS, "the backoff is capped");
         assert!(m
-            .describe(210)
+            .describe(210, None)
             .starts_with("warning: mirror file:///m.git: 1m 50s behind after 21 failed push(es)"));
         m.pushed("a", 600);
         assert_eq!((m.lag(700), m.failures, m.last_error.clone()), (0, 0, None));
         assert!(!m.due("a", 700), "nothing new");
         assert!(m.due("b", 701), "a new commit");
         assert_eq!(m.lag(705), 4, "behind since it was seen");
+        assert!(Mirror::new("x")
+            .describe(0, Some("a"))
+            .starts_with("warning"));
+    }
+
+    #[test]
+    fn a_password_in_a_mirror_url_is_never_shown() {
+        assert_eq!(
+            shown("https://op:s3cret@git.example/hub.git"),
+            "https://op:***@git.example/hub.git"
+        );
+        assert_eq!(shown("ssh://git@host/hub.git"), "ssh://git@host/hub.git");
+        assert_eq!(shown("/mnt/usb/hub.git"), "/mnt/usb/hub.git");
     }
 }

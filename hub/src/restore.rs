@@ -6,8 +6,8 @@
 //! is the store's newest. What a mirror does not hold is the inventory (devices report
 //! again once the hub is back) and the keys (never pushed anywhere).
 
-use crate::home::{Home, HomeError, HubConfig, KeyError, WriteError};
-use crate::mirror::DEPLOY_REFS;
+use crate::home::{write_atomic, Home, HomeError, HubConfig, KeyError, WriteError};
+use crate::mirror::{shown, DEPLOY_REFS};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -18,8 +18,14 @@ pub struct RestoreArgs<'a> {
     pub from: &'a str,
     /// The copy of the old hub's `keys/` directory.
     pub keys: &'a Path,
+    /// The old hub's `hub.toml` (its settings: who is served, dashboard, metrics …);
+    /// absent: the defaults, listening on the two addresses below.
+    pub config: Option<&'a Path>,
     pub mqtt_listen: &'a str,
     pub p2p_listen: &'a str,
+    /// Push on to the mirror restored from (off by default: with the old hub still alive,
+    /// two hubs would push there).
+    pub keep_mirroring: bool,
 }
 
 /// Why a hub could not be restored.
@@ -37,9 +43,36 @@ pub enum RestoreError {
     Git { what: String, said: String },
     #[error("the mirror {url} holds no store (no root.bin at its HEAD): is it a unifleet mirror?")]
     NoRoot { url: String },
+    #[error(
+        "the mirror {url} has branches {branches:?} and none is its HEAD: say which with \
+         `git --git-dir URL symbolic-ref HEAD refs/heads/NAME` on the mirror"
+    )]
+    NoHead { url: String, branches: Vec<String> },
+    #[error(
+        "{} is not a key of the mirror's root (version {version}, role {role}): copy keys/ \
+         from after the old hub's last `hub root publish`",
+        path.display()
+    )]
+    KeyNotInRoot {
+        path: PathBuf,
+        role: &'static str,
+        version: u64,
+    },
+    #[error("reading {}", path.display())]
+    ReadConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a hub.toml", path.display())]
+    ParseConfig {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
     #[error("the mirror's root.bin does not decode")]
     BadRoot(#[source] proto::VerifyError),
-    #[error("reading the keys directory {}", path.display())]
+    #[error("reading {}", path.display())]
     Keys {
         path: PathBuf,
         #[source]
@@ -67,7 +100,11 @@ const NEEDED_KEYS: [&str; 2] = ["p2p.key", "timestamp.key"];
 /// Builds the hub home `dir` from the mirror and the keys; returns the restored home.
 /// `dir` must not exist or be empty; on failure what was made is removed.
 pub fn restore(dir: &Path, args: &RestoreArgs<'_>) -> Result<Home, RestoreError> {
-    if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+    // A fresh file system's lost+found does not count.
+    let used = std::fs::read_dir(dir)
+        .map(|d| d.flatten().any(|e| e.file_name() != "lost+found"))
+        .unwrap_or(false);
+    if used {
         return Err(RestoreError::NotEmpty(dir.into()));
     }
     for file in NEEDED_KEYS {
@@ -94,10 +131,11 @@ fn build(dir: &Path, args: &RestoreArgs<'_>) -> Result<Home, RestoreError> {
     let store = dir.join("store.git");
     git(
         Command::new("git")
-            .args(["clone", "--bare", "--quiet", args.from])
+            .args(["clone", "--bare", "--quiet", "--", args.from])
             .arg(&store),
-        format!("git clone of the store from {}", args.from),
+        format!("git clone of the store from {}", shown(args.from)),
     )?;
+    point_head(&store, args.from)?;
     let deploy = dir.join("deploy.git");
     git(
         Command::new("git")
@@ -109,32 +147,37 @@ fn build(dir: &Path, args: &RestoreArgs<'_>) -> Result<Home, RestoreError> {
         Command::new("git")
             .arg("--git-dir")
             .arg(&deploy)
-            .args(["fetch", "--quiet", args.from])
+            .args(["fetch", "--quiet", "--", args.from])
             .arg(format!("+{DEPLOY_REFS}/*:refs/heads/*")),
-        format!("git fetch of the deploy repository from {}", args.from),
+        format!(
+            "git fetch of the deploy repository from {}",
+            shown(args.from)
+        ),
     )?;
     copy_keys(args.keys, &dir.join("keys"))?;
     let root = crate::store::Store::open(&store)
         .ok()
         .and_then(|s| s.read("root.bin").ok().flatten())
         .ok_or_else(|| RestoreError::NoRoot {
-            url: args.from.into(),
+            url: shown(args.from),
         })?;
     let env = proto::envelope::Envelope::decode(&root, proto::codec::Kind::Root)
         .map_err(RestoreError::BadRoot)?;
     let claimed: proto::root::Root = proto::codec::decode(proto::codec::Kind::Root, &env.payload)
         .map_err(|e| RestoreError::BadRoot(e.into()))?;
-    write(&dir.join("root.bin"), &root)?;
-    let mut config = HubConfig::new(&claimed.fleet, args.mqtt_listen, args.p2p_listen);
-    // The restored hub goes on mirroring where it came from.
-    config.mirrors = vec![args.from.into()];
+    write_atomic(&dir.join("root.bin"), &root)?;
+    let mut config = match args.config {
+        Some(path) => read_config(path)?,
+        None => HubConfig::new(&claimed.fleet, args.mqtt_listen, args.p2p_listen),
+    };
+    config.mirrors = match args.keep_mirroring {
+        true => vec![args.from.into()],
+        false => vec![],
+    };
     let text = toml::to_string_pretty(&config).map_err(RestoreError::Config)?;
-    write(&dir.join("hub.toml"), text.as_bytes())?;
+    write_atomic(&dir.join("hub.toml"), text.as_bytes())?;
     let home = Home::open(dir)?;
-    // What `hub serve` needs, checked now rather than at its start.
-    home.p2p_seed()?;
-    home.timestamp_key()?;
-    home.anchor_root()?;
+    check_keys(&home, &claimed)?;
     crate::deploy::install_hook(dir).map_err(|e| RestoreError::Git {
         what: "installing the deploy hook".into(),
         said: proto::Chain(&e).to_string(),
@@ -142,6 +185,73 @@ fn build(dir: &Path, args: &RestoreArgs<'_>) -> Result<Home, RestoreError> {
     // git clone and fetch do not sync what they write.
     crate::home::sync_tree(dir)?;
     Ok(home)
+}
+
+/// A mirror's HEAD may name a branch the hub never pushed (a hosting service's `main`
+/// where the store's branch is `master`): then HEAD is pointed at the one branch there is.
+fn point_head(store: &Path, url: &str) -> Result<(), RestoreError> {
+    let repo = git2::Repository::open_bare(store).map_err(|e| RestoreError::Git {
+        what: "opening the cloned store".into(),
+        said: e.to_string(),
+    })?;
+    if repo.head().is_ok() {
+        return Ok(());
+    }
+    let branches: Vec<String> = repo
+        .references_glob("refs/heads/*")
+        .map(|refs| {
+            refs.flatten()
+                .filter_map(|r| r.name().ok().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    match branches.as_slice() {
+        [only] => repo.set_head(only).map_err(|e| RestoreError::Git {
+            what: format!("pointing the store's HEAD at {only}"),
+            said: e.to_string(),
+        }),
+        _ => Err(RestoreError::NoHead {
+            url: shown(url),
+            branches,
+        }),
+    }
+}
+
+/// The keys the hub signs with must be the root's: a copy from before a root rotation
+/// would restore a hub whose every signature devices refuse.
+fn check_keys(home: &Home, root: &proto::root::Root) -> Result<(), RestoreError> {
+    let not_in = |file: &str, role: &'static str| RestoreError::KeyNotInRoot {
+        path: home.dir.join("keys").join(file),
+        role,
+        version: root.version,
+    };
+    home.p2p_seed()?;
+    let timestamp = home.timestamp_key()?;
+    if root.timestamp.key(&timestamp.id()).is_none() {
+        return Err(not_in("timestamp.key", "timestamp"));
+    }
+    if let Ok(k) = home.release_key() {
+        if root.release.key(&k.id()).is_none() {
+            return Err(not_in("release.key", "release"));
+        }
+    }
+    if let Ok(Some(k)) = home.rollout_key() {
+        if root.rollout.key(&k.id()).is_none() {
+            return Err(not_in("rollout.key", "rollout"));
+        }
+    }
+    Ok(())
+}
+
+fn read_config(path: &Path) -> Result<HubConfig, RestoreError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RestoreError::ReadConfig {
+        path: path.into(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| RestoreError::ParseConfig {
+        path: path.into(),
+        source: Box::new(e),
+    })
 }
 
 fn git(cmd: &mut Command, what: String) -> Result<(), RestoreError> {
@@ -159,26 +269,20 @@ fn git(cmd: &mut Command, what: String) -> Result<(), RestoreError> {
     Err(RestoreError::Git { what, said })
 }
 
-/// Every regular file of `from` into `to`, readable by the owner only.
+/// Every file of `from` (symlinks followed) into `to`, readable by the owner only.
 fn copy_keys(from: &Path, to: &Path) -> Result<(), RestoreError> {
-    let keys_error = |source| RestoreError::Keys {
-        path: from.into(),
-        source,
+    let keys_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RestoreError::Keys { path, source }
     };
-    for entry in std::fs::read_dir(from).map_err(keys_error)? {
-        let entry = entry.map_err(keys_error)?;
-        if !entry.file_type().map_err(keys_error)?.is_file() {
+    for entry in std::fs::read_dir(from).map_err(keys_error(from))? {
+        let path = entry.map_err(keys_error(from))?.path();
+        if !path.is_file() {
             continue;
         }
-        let text = std::fs::read_to_string(entry.path()).map_err(keys_error)?;
-        crate::home::write_secret_text(&to.join(entry.file_name()), &text)?;
+        let text = std::fs::read_to_string(&path).map_err(keys_error(&path))?;
+        let name = path.file_name().unwrap_or_default();
+        crate::home::write_secret_text(&to.join(name), &text)?;
     }
     Ok(())
-}
-
-fn write(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
-    std::fs::write(path, bytes).map_err(|source| WriteError::Write {
-        path: path.into(),
-        source,
-    })
 }

@@ -388,7 +388,9 @@ pub fn revocations(
 /// `hub revoke DEVICE`: adds its enrolled key to the revocation list (signed with the
 /// timestamp key, one version up) in one commit with an event.
 pub fn revoke(home: &Home, name: &str, reason: &str) -> Result<Revocations, RevokeError> {
-    let root = home.trusted_root()?;
+    // Under an expired root too: revoking a stolen device must always work (devices
+    // check the list against the timestamp role, not the root's expiry).
+    let root = home.anchor_root()?;
     let key = home.timestamp_key()?;
     let store = home.store()?;
     let enrolled = store
@@ -523,7 +525,14 @@ pub fn status(home: &Home) -> Result<Vec<String>, StatusError> {
     if mirrors.is_empty() {
         out.push("mirrors: none; a lost disk loses the history (hub mirror add URL)".into());
     }
-    out.extend(mirrors.iter().map(|m| m.describe(now)));
+    let heads = crate::mirror::heads(home).ok();
+    for line in mirrors.iter().map(|m| m.describe(now, heads.as_deref())) {
+        // Warnings first, as above.
+        match line.starts_with("warning:") {
+            true => out.insert(0, line),
+            false => out.push(line),
+        }
+    }
     Ok(out)
 }
 

@@ -269,11 +269,16 @@ pub struct Fleet {
 /// `faketime` in `scripts/setup.sh`; e.g. `+1100d`). Monotonic time is left alone, so
 /// timers and timeouts behave.
 pub fn faketime(offset: &str) -> Vec<(&'static str, String)> {
+    let lib = format!(
+        "/usr/lib/{}-linux-gnu/faketime/libfaketime.so.1",
+        std::env::consts::ARCH
+    );
+    assert!(
+        Path::new(&lib).exists(),
+        "{lib} is missing: install faketime (scripts/setup.sh)"
+    );
     vec![
-        (
-            "LD_PRELOAD",
-            "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".into(),
-        ),
+        ("LD_PRELOAD", lib),
         ("FAKETIME", offset.into()),
         ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
     ]

@@ -751,12 +751,15 @@ fn a_hub_restored_from_its_mirror_goes_on_where_it_stopped() -> Result<()> {
         let head = git_ref(&store, "HEAD")?;
         (git_ref(&mirror, "HEAD") == Some(head)).then_some(())
     })?;
-    let status = run(fleet.hub_cmd()?.arg("status"))?;
-    assert!(status.contains("up to date, last pushed"), "{status}");
-    assert_eq!(
-        unifleet_tests::metric(&metrics, "unifleet_hub_mirror_lag_seconds")?,
-        0
-    );
+    wait_for(
+        "hub status to say the mirror is up to date",
+        CONVERGE,
+        || {
+            let status = run(fleet.hub_cmd().ok()?.arg("status")).ok()?;
+            let lag = unifleet_tests::metric(&metrics, "unifleet_hub_mirror_lag_seconds").ok()?;
+            (status.contains("up to date, last pushed") && lag == 0).then_some(())
+        },
+    )?;
 
     // The disk dies; the operator kept a copy of keys/ apart.
     let keys = fleet.path("keys-copy");
@@ -784,7 +787,13 @@ fn a_hub_restored_from_its_mirror_goes_on_where_it_stopped() -> Result<()> {
             .arg(&mirror)
             .arg("--keys")
             .arg(&keys)
-            .args(["--mqtt-listen", &mqtt, "--p2p-listen", &p2p]);
+            .args([
+                "--mqtt-listen",
+                &mqtt,
+                "--p2p-listen",
+                &p2p,
+                "--keep-mirroring",
+            ]);
         Ok(c)
     };
     let said = run(&mut restore()?)?;

@@ -54,9 +54,6 @@ pub enum PublishError {
     Staging(#[from] StagingError),
     #[error(transparent)]
     Sign(#[from] SignError),
-    /// Nothing can be released under an expired root (devices would refuse it).
-    #[error("nothing published: {0}")]
-    RootExpired(String),
 }
 
 /// Why a signed manifest could not join the release being stored (one commit may hold a
@@ -176,11 +173,7 @@ pub fn publish(
 ) -> Result<Vec<ReleaseInfo>, PublishError> {
     check_args(args, images)?;
     // Before anything is chunked or staged: devices refuse what an expired root signs.
-    let root = home.anchor_root()?;
-    if root.root().expires_at <= crate::home::now() {
-        let warning = crate::trust::root_warning(root.root(), crate::home::now());
-        return Err(PublishError::RootExpired(warning.unwrap_or_default()));
-    }
+    home.trusted_root()?;
     let store = home.store()?;
     // Checked again when the release is numbered (another publish may land meanwhile);
     // here it saves chunking and staging an image that would be refused.
