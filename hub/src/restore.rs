@@ -113,9 +113,17 @@ pub fn restore(dir: &Path, args: &RestoreArgs<'_>) -> Result<Home, RestoreError>
             return Err(RestoreError::MissingKey { dir, file });
         }
     }
+    let existed = dir.exists();
     let made = build(dir, args);
     if made.is_err() {
-        let _ = std::fs::remove_dir_all(dir);
+        // Only what restore made: `dir` may be a mount point with its lost+found.
+        for name in ["keys", "store.git", "deploy.git", "root.bin", "hub.toml"] {
+            let path = dir.join(name);
+            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+        }
+        if !existed {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
     made
 }
@@ -285,4 +293,47 @@ fn copy_keys(from: &Path, to: &Path) -> Result<(), RestoreError> {
         crate::home::write_secret_text(&to.join(name), &text)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed restore removes what it made and nothing else (a mount point's
+    /// lost+found stays), and names what failed.
+    #[test]
+    fn a_failed_restore_leaves_the_directory_as_it_was() {
+        let tmp = tempfile::tempdir().unwrap();
+        let keys = tmp.path().join("keys");
+        std::fs::create_dir_all(&keys).unwrap();
+        for k in NEEDED_KEYS {
+            std::fs::write(keys.join(k), "not a key").unwrap();
+        }
+        let home = tmp.path().join("mnt");
+        std::fs::create_dir_all(home.join("lost+found")).unwrap();
+        let from = tmp.path().join("no-such-mirror.git");
+        let args = RestoreArgs {
+            from: from.to_str().unwrap(),
+            keys: &keys,
+            config: None,
+            mqtt_listen: "127.0.0.1:1883",
+            p2p_listen: "/ip4/127.0.0.1/tcp/4001",
+            keep_mirroring: false,
+        };
+        let err = restore(&home, &args).unwrap_err();
+        assert!(
+            err.to_string().starts_with("git clone of the store from"),
+            "{err}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&home)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["lost+found"]);
+        std::fs::write(home.join("hub.toml"), "").unwrap();
+        assert!(matches!(
+            restore(&home, &args),
+            Err(RestoreError::NotEmpty(_))
+        ));
+    }
 }

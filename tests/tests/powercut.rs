@@ -59,3 +59,71 @@ fn power_cuts_during_publish_lose_nothing_acknowledged() -> Result<()> {
     eprintln!("{c:?}");
     Ok(())
 }
+
+/// Issue 32: power cuts while a device installs. Its state directory is on the lazy file
+/// system; each release's download is under way (capped at 1 MiB/s) when the agent is
+/// killed at a random point and everything unsynced is dropped. After every cut the
+/// state it comes back to names the old or the new release, whole (the slot's digest is
+/// one of the published images'), and once restarted it runs the newest.
+#[test]
+fn power_cuts_during_installs_leave_the_old_or_the_new_release() -> Result<()> {
+    use std::time::Duration;
+    use unifleet_tests::fleet::{toml_value::V, Fleet};
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let d = fleet.add_device("cut0", "hello", &[])?;
+    fleet.devices[d].set_config("download_rate", V::Int(1 << 20))?;
+    let lazy = tempfile::tempdir()?;
+    let base = lazy.path().join("base");
+    std::fs::create_dir_all(&base)?;
+    let state = fleet.devices[d].dir.join("state");
+    std::fs::create_dir_all(&state)?;
+    // What enrollment put there goes under the mount.
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(state.join("."))
+        .arg(&base)
+        .status()?;
+    anyhow::ensure!(copied.success(), "copying {}", state.display());
+    let cut = Cut::default();
+    let mut mounted = Some(mount(&base, &state, &cut)?);
+    fleet.start_device(d)?;
+    let mut published = vec![];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let (mut dropped, mut cuts) = (0, 0);
+    for k in 1..=4u64 {
+        let image = fleet.testimage("hello", &format!("1.0.{k}"), &["--pad-mib", "1"])?;
+        published.push(proto::Digest::of(&std::fs::read(&image)?));
+        fleet.publish(&image, "hello", &format!("1.0.{k}"), &["--no-staging"])?;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        std::thread::sleep(Duration::from_millis(x % 1500));
+        if let Some(mut p) = fleet.devices[d].proc.take() {
+            p.kill9();
+        }
+        dropped += cut.cut();
+        cuts += 1;
+        drop(mounted.take()); // unmounted before mounting again
+        mounted = Some(mount(&base, &state, &cut)?);
+        let st = fleet.devices[d].state_json();
+        if let Some(slot) = st["apps"]["hello"]["current"]["slot"].as_str() {
+            let runs = proto::Digest::of(&std::fs::read(slot)?);
+            assert!(
+                published.contains(&runs),
+                "cut {k}: the current slot is no published image"
+            );
+        } else {
+            assert!(k == 1, "cut {k}: the device lost its current release: {st}");
+        }
+        fleet.start_device(d)?;
+        fleet.wait_all(&[d], "hello", k, "Active", Duration::from_secs(60))?;
+        fleet.assert_runs_image(d, &image);
+    }
+    eprintln!("{cuts} cuts during installs, {dropped} files lost unsynced data");
+    if let Some(mut p) = fleet.devices[d].proc.take() {
+        p.kill9();
+    }
+    drop(mounted);
+    Ok(())
+}
