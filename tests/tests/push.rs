@@ -7,6 +7,7 @@
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 use unifleet_tests::fleet::Fleet;
 
 /// An app's repository with the hub's deploy repository as remote `unifleet`.
@@ -270,7 +271,13 @@ fn two_pushes_at_once_build_one_after_the_other() -> Result<()> {
         .iter()
         .any(|l| l.contains("waiting for another push of hello"));
     assert!(waited, "one push waited for the other");
-    std::fs::write(fleet.hub_dir.join("builds/hello/cache/go"), b"")?;
+    // The push holding the lock may not have made the app's cache yet: the flag goes in
+    // once it has (its build then waits for the flag).
+    let cache = fleet.hub_dir.join("builds/hello/cache");
+    unifleet_tests::fleet::wait_for("the first build's cache", Duration::from_secs(60), || {
+        cache.is_dir().then_some(())
+    })?;
+    std::fs::write(cache.join("go"), b"")?;
     let outs = [pa.join().expect("push a"), pb.join().expect("push b")];
     let mut numbers: Vec<u64> = fleet
         .releases(None)?
