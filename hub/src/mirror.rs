@@ -249,10 +249,19 @@ pub fn load(home: &Home) -> Vec<Mirror> {
         .collect()
 }
 
+/// Why the mirror loop could not see what to push.
+#[derive(Debug, thiserror::Error)]
+enum LookError {
+    #[error(transparent)]
+    Config(#[from] crate::home::HomeError),
+    #[error("reading the repositories' refs")]
+    Refs(#[from] git2::Error),
+}
+
 /// The mirrors `hub.toml` names now (what is known of them kept) and the repositories'
 /// state: read on a blocking thread each tick.
-fn look(dir: &Path, known: &[Mirror]) -> Result<(Vec<Mirror>, String), String> {
-    let home = Home::open(dir).map_err(|e| proto::Chain(&e).to_string())?;
+fn look(dir: &Path, known: &[Mirror]) -> Result<(Vec<Mirror>, String), LookError> {
+    let home = Home::open(dir)?;
     let mut mirrors = load(&home);
     for m in &mut mirrors {
         if let Some(k) = known.iter().find(|k| k.url == m.url) {
@@ -262,7 +271,7 @@ fn look(dir: &Path, known: &[Mirror]) -> Result<(Vec<Mirror>, String), String> {
     let heads = if mirrors.is_empty() {
         String::new()
     } else {
-        heads(&home).map_err(|e| format!("reading the repositories' refs: {e}"))?
+        heads(&home)?
     };
     Ok((mirrors, heads))
 }
@@ -287,6 +296,7 @@ pub async fn run(home: Home, metrics: Arc<Metrics>, tasks: net::tasks::Tasks) {
             }
             Ok(Err(e)) => {
                 if !std::mem::replace(&mut failing_look, true) {
+                    let e = proto::Chain(&e);
                     tracing::error!("mirrors: {e}; not pushing until it is fixed");
                 }
                 continue;

@@ -68,6 +68,14 @@ struct LazyFs {
     dirty: Dirty,
 }
 
+/// Answers an operation that returns nothing.
+fn answer(reply: ReplyEmpty, done: Result<(), i32>) {
+    match done {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
 fn errno(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
@@ -270,20 +278,15 @@ impl Filesystem for LazyFs {
             }
             Ok(())
         });
-        match done {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, done)
     }
 
     fn rmdir(&mut self, _: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        match self
-            .child(parent, name)
-            .and_then(|(p, _)| fs::remove_dir(p).map_err(|e| errno(&e)))
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(
+            reply,
+            self.child(parent, name)
+                .and_then(|(p, _)| fs::remove_dir(p).map_err(|e| errno(&e))),
+        )
     }
 
     fn symlink(
@@ -325,10 +328,7 @@ impl Filesystem for LazyFs {
             self.moved(&from_rel, &to_rel);
             Ok(())
         });
-        match done {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, done)
     }
 
     fn link(
@@ -453,10 +453,7 @@ impl Filesystem for LazyFs {
     }
 
     fn fsync(&mut self, _: &Request<'_>, ino: u64, _: u64, _: bool, reply: ReplyEmpty) {
-        match self.path(ino).and_then(|p| self.sync(&p)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, self.path(ino).and_then(|p| self.sync(&p)))
     }
 
     fn readdir(

@@ -61,21 +61,17 @@
 //! Output: stdout and stderr share one pipe, so lines arrive in the order they were
 //! written, read by one named thread and handed to the caller's thread.
 
-use std::collections::VecDeque;
+use super::lines::{read_lines, Tail};
 use std::ffi::OsString;
 use std::fs;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Lines kept for [`Finished::log_tail`] and the errors' `log_tail`.
-const TAIL_LINES: usize = 40;
-/// A longer line is passed on in pieces of this many bytes (the tail stays bounded).
-const MAX_LINE: u64 = 8 * 1024;
 /// Lines read ahead of the caller's callback.
 const LINE_QUEUE: usize = 256;
 /// Where the sandbox sees the checkout and the cache.
@@ -491,31 +487,6 @@ impl Toolchain {
     }
 }
 
-/// Reads the sandbox's output into lines (without their `\n` or `\r\n`) until its end or
-/// until nobody listens.
-fn read_lines(reader: io::PipeReader, lines: &SyncSender<String>) -> io::Result<()> {
-    let mut reader = BufReader::new(reader);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        if (&mut reader).take(MAX_LINE).read_until(b'\n', &mut buf)? == 0 {
-            return Ok(());
-        }
-        if buf.last() == Some(&b'\n') {
-            buf.pop();
-            if buf.last() == Some(&b'\r') {
-                buf.pop();
-            }
-        }
-        if lines
-            .send(String::from_utf8_lossy(&buf).into_owned())
-            .is_err()
-        {
-            return Ok(());
-        }
-    }
-}
-
 /// Reads the output on a thread of its own and passes each line to `keep` on this one,
 /// until the output ends; at the deadline, stops the sandbox (true) and passes on what it
 /// wrote until then. Also the reader's result.
@@ -602,29 +573,6 @@ fn stop(child: &mut Child) {
     let _ = child.kill();
 }
 
-/// The last lines, and the first (bubblewrap's own refusal comes first).
-#[derive(Default)]
-struct Tail {
-    first: Option<String>,
-    last: VecDeque<String>,
-}
-
-impl Tail {
-    fn push(&mut self, text: String) {
-        if self.first.is_none() {
-            self.first = Some(text.clone());
-        }
-        if self.last.len() == TAIL_LINES {
-            self.last.pop_front();
-        }
-        self.last.push_back(text);
-    }
-
-    fn text(&self) -> String {
-        Vec::from(self.last.clone()).join("\n")
-    }
-}
-
 /// How a run ended, before it is judged.
 #[derive(Debug)]
 struct Ran {
@@ -705,6 +653,7 @@ fn kill_cause(signal: i32, limits: &Limits) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::build::lines::TAIL_LINES;
     use std::net::TcpListener;
     use std::os::unix::process::ExitStatusExt;
     use tempfile::TempDir;
