@@ -285,6 +285,7 @@ impl Reporter {
             console_tail: tail,
             ondemand: self.ondemand_of(app),
             network: Some(self.network()),
+            guest: None,
         }
     }
 
@@ -307,6 +308,17 @@ impl Reporter {
     pub async fn report_installed(&self, app: &str, i: &Installed, state: DeviceState) {
         self.report_installed_with_tail(app, i, state, String::new())
             .await;
+    }
+
+    /// `i` is active; `guest` is its instance's address when it has a network card and
+    /// is not served on demand.
+    pub async fn report_active(&self, app: &str, i: &Installed, guest: Option<std::net::IpAddr>) {
+        let mut r = self.base(app, DeviceState::Active, String::new());
+        r.release = Some(i.release);
+        r.version = Some(i.version.clone());
+        r.manifest = Some(i.manifest);
+        r.guest = guest;
+        self.send(r).await;
     }
 
     pub async fn report_installed_with_tail(
@@ -380,6 +392,7 @@ mod tests {
             console_tail: String::new(),
             ondemand: None,
             network: None,
+            guest: None,
         }
     }
 

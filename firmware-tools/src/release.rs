@@ -101,6 +101,7 @@ pub fn pack(image: &Path, args: PackArgs, out: &Path) -> Result<Manifest> {
         created_at,
         previous: args.previous,
         rollout: Default::default(),
+        provenance: None,
     };
     manifest.validate()?;
     write_atomic(&manifest_path(out), &manifest.seal()?.encode()?, 0o644)?;

@@ -246,6 +246,7 @@ impl DeployFile {
             staging_timeout_secs: self.staging_timeout_secs,
             hold: false,
             rollout,
+            from_source: None,
         })
     }
 }
@@ -406,7 +407,7 @@ fn deploy(
     let follow = Duration::from_secs(spec.follow_secs.min(MAX_FOLLOW_SECS));
     // Built here (the scratch directory and the build lock live until the release is
     // stored) or committed (written to a directory of their own).
-    let (files, dir, lock) = match spec.build.take() {
+    let (files, built, lock, test) = match spec.build.take() {
         Some(build) => {
             if spec.image.is_some() || !spec.images.is_empty() {
                 return Err(DeployError::BuildAndImages);
@@ -414,19 +415,44 @@ fn deploy(
             crate::build::source::check_images(&build)?;
             let lock = crate::build::source::lock_app(home, &spec.app, progress)?;
             let test = spec.test.take().unwrap_or_default();
-            let built = crate::build::source::build(
-                home, repo, &commit, &spec.app, &build, &test, progress,
-            )?;
-            (built.images, built.scratch, Some(lock))
+            let cache = crate::build::source::app_dir(home, &spec.app).join("cache");
+            let job = crate::build::source::Job {
+                repo,
+                commit: &commit,
+                app: &spec.app,
+                version: &spec.version,
+                build: &build,
+                test: &test,
+                cache: &cache,
+            };
+            let built = crate::build::source::build(job, progress)?;
+            let from_source = built.from_source(commit.id(), &build.command);
+            let files = built.images.clone();
+            (files, Built::Source(built, from_source), Some(lock), test)
         }
         None => {
             let (files, dir) = committed_images(&spec, &read)?;
-            (files, dir, None)
+            (
+                files,
+                Built::Committed { _images: dir },
+                None,
+                Default::default(),
+            )
         }
     };
-    let args = spec.into_publish()?;
-    let infos = publish(home, &files, &args, progress)?;
-    drop((dir, lock));
+    let mut args = spec.into_publish()?;
+    let infos = match &built {
+        Built::Source(built, from_source) => {
+            args.from_source = Some(from_source.clone());
+            let mut check = |staged: &crate::staging::Staged, say: &mut dyn FnMut(&str)| {
+                crate::build::source::functional(built, &test, staged, say).map_err(Into::into)
+            };
+            let check = test.functional.is_some().then_some(&mut check as _);
+            crate::publish::publish_checked(home, &files, &args, check, progress)?
+        }
+        Built::Committed { .. } => publish(home, &files, &args, progress)?,
+    };
+    drop((built, lock));
     let announced = crate::control::notify(home, progress);
     let release = infos[0].release;
     progress(&format!(
@@ -443,6 +469,16 @@ fn deploy(
         args.app, args.channel
     ));
     Ok(())
+}
+
+/// Where a push's images came from: built from its source (the checkout, for the
+/// functional tests), or committed in it (written out to a directory of their own).
+enum Built {
+    Source(crate::build::source::Built, crate::publish::FromSource),
+    /// Held until the release is stored.
+    Committed {
+        _images: tempfile::TempDir,
+    },
 }
 
 /// The images committed in the repository (`image` or `images`), each written to a file of
@@ -548,6 +584,21 @@ fn follow_first_wave(
         }
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// The `[build]` and `[test]` of `commit`'s `unifleet.toml` (`hub rebuild` repeats them).
+pub fn build_of(
+    repo: &git2::Repository,
+    commit: &git2::Commit<'_>,
+) -> Result<(semver::Version, Option<BuildSpec>, TestSpec)> {
+    let tree = commit.tree().map_err(|source| DeployError::Commit {
+        commit: commit.id().to_string(),
+        source,
+    })?;
+    let text = read_pushed(repo, &tree, "unifleet.toml")?;
+    let spec: DeployFile = toml::from_str(&String::from_utf8_lossy(&text))
+        .map_err(|e| DeployError::Parse(Box::new(e)))?;
+    Ok((spec.version, spec.build, spec.test.unwrap_or_default()))
 }
 
 /// The file at `path` in the pushed `tree`.

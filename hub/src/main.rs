@@ -36,9 +36,12 @@ enum Command {
     /// (a signed hold list every device honours, with the hub up or down).
     #[command(subcommand)]
     Rollout(cli::rollout::Command),
-    /// Releases held for co-signing.
+    /// One release's provenance (`show`); releases held for co-signing (`approve`).
     #[command(subcommand)]
     Release(cli::release::Command),
+    /// Build a release's commit again from scratch and compare its images with the
+    /// released ones (reproducibility; a tampered build cache shows as a difference).
+    Rebuild(cli::rebuild::Args),
     /// The trust root: publish the next one to the fleet.
     #[command(subcommand)]
     Root(cli::root::Command),
@@ -97,6 +100,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Publish(args) => cli::publish::run(dir, args),
         Command::Rollout(cmd) => cli::rollout::run(dir, cmd),
         Command::Release(cmd) => cli::release::run(dir, cmd),
+        Command::Rebuild(args) => cli::rebuild::run(dir, args),
         Command::Root(cmd) => cli::root::run(dir, cmd),
         Command::Revoke(args) => cli::revoke::run(dir, args),
         Command::Status => cli::status::run(dir),

@@ -33,6 +33,50 @@ type Result<T, E = StagingError> = std::result::Result<T, E>;
 /// Progress lines for a terminal or a git push.
 pub type Progress<'a> = &'a mut dyn FnMut(&str);
 
+/// An instance that passed staging and still runs on its staging device: what an app's
+/// functional tests are run against.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    pub platform: proto::manifest::Platform,
+    pub device: String,
+    /// Its address, as the device's signed report gives it (`None`: the device gave none:
+    /// a release without a network card, or a device from before reports carried it).
+    pub guest: Option<std::net::IpAddr>,
+    /// The port its health probe speaks to (80 for a console probe).
+    pub port: u16,
+}
+
+/// Why an app's functional tests refused a staged instance (the caller's own error).
+pub type CheckError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Run on each staged instance before the release is signed; an error refuses it.
+pub type Check<'a> = &'a mut dyn FnMut(&Staged, Progress<'_>) -> Result<(), CheckError>;
+
+impl Staged {
+    /// The staged instance of `m` that a healthy report (verified by the gate) describes.
+    pub fn from_report(bytes: &[u8], m: &proto::manifest::Manifest) -> Staged {
+        use proto::codec::Kind;
+        let report = proto::envelope::Envelope::decode(bytes, Kind::StatusReport)
+            .ok()
+            .and_then(|env| {
+                proto::codec::decode::<StatusReport>(Kind::StatusReport, &env.payload).ok()
+            });
+        let port = match m.boot.probe {
+            proto::manifest::HealthProbe::Http { port, .. } => port,
+            proto::manifest::HealthProbe::TcpConnect { port } if port != 0 => port,
+            _ => 80,
+        };
+        Staged {
+            platform: m.platform,
+            device: report
+                .as_ref()
+                .map_or("(an unreadable report)".into(), |r| r.device.clone()),
+            guest: report.and_then(|r| r.guest),
+            port,
+        }
+    }
+}
+
 /// Where serve keeps a device's latest report for an app.
 pub fn report_path(home: &Home, device: &str, app: &str) -> std::path::PathBuf {
     home.dir
@@ -335,6 +379,7 @@ mod tests {
             console_tail: "boom".into(),
             ondemand: None,
             network: None,
+            guest: None,
         }
     }
 

@@ -123,6 +123,10 @@ pub const FILES: &[File] = &[
         "hello-http/test/concurrency.py",
         include_bytes!("../../firmware-tools/unikernels/hello-http/test/concurrency.py"),
     ),
+    file(
+        "hello-http/test/functional.py",
+        include_bytes!("../../firmware-tools/unikernels/hello-http/test/functional.py"),
+    ),
 ];
 
 /// The template's `unifleet.toml`, its app named `app`.

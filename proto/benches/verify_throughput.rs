@@ -135,6 +135,7 @@ fn main() {
         created_at: NOW,
         previous: None,
         rollout: Default::default(),
+        provenance: None,
     };
     let mut menv = manifest.seal().unwrap();
     menv.sign(&key).unwrap();

@@ -160,6 +160,10 @@ pub enum Invalid {
     ReasonTooLong,
     #[error("{count} device tags (at most {max})")]
     TooManyTags { count: usize, max: usize },
+    #[error("provenance names no git commit (40 or 64 hex digits)")]
+    ProvenanceCommit,
+    #[error("a provenance field is longer than {max} bytes")]
+    ProvenanceTooLong { max: usize },
 }
 
 /// Why a role of a root is malformed.

@@ -203,6 +203,48 @@ pub struct Manifest {
     pub previous: Option<Digest>,
     /// Waves, targets and halt policy (see [`crate::rollout`]); default: everyone now.
     pub rollout: crate::rollout::Rollout,
+    /// Where the image came from, when the hub built it from a pushed commit (`None`: a
+    /// prebuilt image given to `hub publish`).
+    pub provenance: Option<Provenance>,
+}
+
+/// Longest text a provenance field may hold (a build command, a toolchain's version).
+pub const MAX_PROVENANCE_TEXT: usize = 1024;
+
+/// How a release built from source was made (issue 29): signed into its manifest so a
+/// device, an auditor or `hub rebuild` can tell what it runs and repeat the build.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// The pushed commit built: its git object id in hex (40 digits, or 64 for SHA-256
+    /// repositories).
+    pub commit: String,
+    /// The hub that built it: `unifleet-hub VERSION`.
+    pub builder: String,
+    /// The toolchain in the build sandbox (`rustc -V`), empty when it has none.
+    pub toolchain: String,
+    /// `[build] command` of the commit's `unifleet.toml`.
+    pub command: String,
+    /// Digest of the build's log, kept in the hub's store under `provenance/`.
+    pub log: Digest,
+    /// Digest of the SBOM (CycloneDX JSON) kept beside the log, when the build had a
+    /// dependency graph to describe (a Cargo.lock).
+    pub sbom: Option<Digest>,
+}
+
+impl Provenance {
+    fn validate(&self) -> Result<(), Invalid> {
+        let hex = |s: &str| matches!(s.len(), 40 | 64) && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex(&self.commit) {
+            return Err(Invalid::ProvenanceCommit);
+        }
+        let texts = [&self.builder, &self.toolchain, &self.command];
+        if texts.iter().any(|t| t.len() > MAX_PROVENANCE_TEXT) {
+            return Err(Invalid::ProvenanceTooLong {
+                max: MAX_PROVENANCE_TEXT,
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Manifest {
@@ -268,6 +310,9 @@ impl Manifest {
             return Err(invalid(Invalid::NoMemoryOrVcpu));
         }
         self.rollout.validate().map_err(invalid)?;
+        if let Some(p) = &self.provenance {
+            p.validate().map_err(invalid)?;
+        }
         Ok(())
     }
 
@@ -549,6 +594,7 @@ mod tests {
             created_at: 1,
             previous: None,
             rollout: Default::default(),
+            provenance: None,
         }
     }
 

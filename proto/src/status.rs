@@ -99,6 +99,10 @@ pub struct StatusReport {
     pub tags: Vec<String>,
     /// What the device boots: which of a release's images is its own.
     pub platform: crate::manifest::Platform,
+    /// The running instance's address on its network card, for an active release that
+    /// has one and is not served on demand: where a staging hub runs the app's
+    /// functional tests (`UNIFLEET_URL`).
+    pub guest: Option<std::net::IpAddr>,
 }
 
 /// How others can reach a device, as far as it can tell.

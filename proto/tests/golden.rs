@@ -40,11 +40,22 @@ fn root_bytes() -> Vec<u8> {
     signed(root_v1().seal().unwrap(), &[&key(1), &key(2)])
 }
 
+/// A release built from source: every field of the manifest is pinned, provenance too.
+fn golden_manifest() -> proto::manifest::Manifest {
+    let mut m = manifest_for(&image(300_000, 1), 3);
+    m.provenance = Some(proto::manifest::Provenance {
+        commit: "0123456789abcdef0123456789abcdef01234567".into(),
+        builder: "unifleet-hub 0.1.0".into(),
+        toolchain: "rustc 1.95.0".into(),
+        command: "./build.sh".into(),
+        log: proto::Digest::of(b"log"),
+        sbom: Some(proto::Digest::of(b"sbom")),
+    });
+    m
+}
+
 fn manifest_bytes() -> Vec<u8> {
-    signed(
-        manifest_for(&image(300_000, 1), 3).seal().unwrap(),
-        &[&key(10)],
-    )
+    signed(golden_manifest().seal().unwrap(), &[&key(10)])
 }
 
 fn announcement_bytes() -> Vec<u8> {
@@ -69,7 +80,7 @@ fn manifest_golden() {
     let v =
         proto::manifest::verify_manifest(&read("manifest.bin"), &trusted_v1(), &expect(None), NOW)
             .unwrap();
-    assert_eq!(v.manifest(), &manifest_for(&image(300_000, 1), 3));
+    assert_eq!(v.manifest(), &golden_manifest());
 }
 
 #[test]
@@ -124,6 +135,7 @@ fn status_bytes() -> Vec<u8> {
             hole_punches: 1,
             hole_punch_failures: 2,
         }),
+        guest: Some([198, 51, 100, 7].into()),
         tags: vec!["kitchen".into(), "beta".into()],
         platform: proto::manifest::Platform::QemuAarch64,
     };

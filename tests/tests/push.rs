@@ -440,3 +440,103 @@ fn a_push_of_two_branches_is_refused_and_tags_pass() -> Result<()> {
     assert!(fleet.releases(None)?.is_empty(), "a tag deploys nothing");
     Ok(())
 }
+
+/// The release's provenance (commit, builder, command, build log) is signed into it and
+/// shown by `hub release show` and `hub releases`; `hub rebuild` builds the commit again
+/// with an empty cache: the same image for an honest release, and a release whose build
+/// took a tampered file from the app's cache is said to differ.
+#[test]
+fn provenance_is_shown_and_a_rebuild_tells_a_tampered_cache() -> Result<()> {
+    let fleet = Fleet::new("test:///default")?;
+    let image = fleet.testimage("hello", "1.0.0", &[])?;
+    // A build that, like cargo, reuses what its cache holds.
+    let cached = "[build]\ncommand = \"mkdir -p out /cache/target && { [ -f /cache/target/hello.elf ] \
+                  || cp prebuilt.elf /cache/target/hello.elf; } && cp /cache/target/hello.elf out/hello.elf\"\n\
+                  images = { \"qemu-x86_64\" = \"out/hello.elf\" }\n";
+    let app = App::new(&fleet, "app", &image, "1.0.0", cached)?;
+    let p = app.push()?;
+    assert!(p.ok, "{}", p.said);
+    let hub = |args: &[&str]| -> Result<Output> { Ok(fleet.hub_cmd()?.args(args).output()?) };
+    let text = |o: &Output| String::from_utf8_lossy(&o.stdout).into_owned();
+
+    let show = hub(&["release", "show", "hello", "1.0.0"])?;
+    let shown = text(&show);
+    assert!(show.status.success(), "{shown}");
+    for field in [
+        format!("commit     {}", app.head()?),
+        "builder    unifleet-hub ".into(),
+        "command    mkdir -p out".into(),
+        "SBOM       none (no Cargo.lock)".into(),
+    ] {
+        assert!(shown.contains(&field), "{field}: {shown}");
+    }
+    let log = text(&hub(&["release", "show", "hello", "1.0.0", "--log"])?);
+    assert!(log.contains("-----> build passed in"), "{log}");
+    let listed = text(&hub(&["releases", "hello"])?);
+    let head = app.head()?;
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains("v1") && l.contains(&head[..12])),
+        "{listed}"
+    );
+
+    let rebuilt = hub(&["rebuild", "hello", "1.0.0"])?;
+    assert!(
+        rebuilt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+    assert!(text(&rebuilt).contains("rebuilds bit for bit from commit"));
+
+    // The cache's copy is changed behind the hub's back; the next push builds from it.
+    let cached_elf = fleet.hub_dir.join("builds/hello/cache/target/hello.elf");
+    let mut poisoned = std::fs::read(&cached_elf)?;
+    poisoned.extend_from_slice(b"implant");
+    std::fs::write(&cached_elf, poisoned)?;
+    app.change("1.0.1", cached)?;
+    assert!(app.push()?.ok);
+    let rebuilt = hub(&["rebuild", "hello", "1.0.1"])?;
+    let said = String::from_utf8_lossy(&rebuilt.stderr);
+    assert!(!rebuilt.status.success());
+    assert!(text(&rebuilt).contains("DIFFERS"), "{}", text(&rebuilt));
+    assert!(
+        said.contains("does not rebuild to what was released") && said.contains("tampered"),
+        "{said}"
+    );
+    // A release published from a prebuilt image has nothing to rebuild.
+    let prebuilt = fleet.testimage("hello", "2.0.0", &[])?;
+    fleet.publish(&prebuilt, "hello", "2.0.0", &["--no-staging"])?;
+    let none = hub(&["rebuild", "hello", "2.0.0"])?;
+    assert!(String::from_utf8_lossy(&none.stderr).contains("published from a prebuilt image"));
+    Ok(())
+}
+
+/// Only cargo runs with the network, and only for crates.io: a Cargo.lock naming a git
+/// dependency is refused before anything is fetched.
+#[test]
+fn a_lock_file_naming_another_source_is_refused_before_the_fetch() -> Result<()> {
+    let fleet = Fleet::new("test:///default")?;
+    let image = fleet.testimage("hello", "1.0.0", &[])?;
+    let app = App::new(&fleet, "app", &image, "1.0.0", &build(""))?;
+    std::fs::write(
+        app.dir.join("Cargo.lock"),
+        "version = 4\n\n[[package]]\nname = \"evil\"\nversion = \"0.1.0\"\n\
+         source = \"git+https://git.example.invalid/evil#0123456789abcdef\"\n",
+    )?;
+    app.change("1.0.0", &build(""))?;
+    let p = app.push()?;
+    assert!(!p.ok);
+    assert!(
+        p.said.contains("evil") && p.said.contains("git+https://git.example.invalid"),
+        "{}",
+        p.said
+    );
+    assert!(
+        !p.said.contains("-----> fetch"),
+        "nothing fetched: {}",
+        p.said
+    );
+    assert!(fleet.releases(None)?.is_empty());
+    Ok(())
+}

@@ -34,9 +34,8 @@ impl Updater {
                 }
                 // Serving (an on-demand proxy listening) before reporting Active.
                 self.start_ondemand(&m, cur).await;
-                self.reporter
-                    .report_installed(app, cur, DeviceState::Active)
-                    .await;
+                let guest = self.guest_address(&m, &launch.name).await;
+                self.reporter.report_active(app, cur, guest).await;
             }
         }
         Ok(())
@@ -225,10 +224,22 @@ impl Updater {
             .store(crate::metrics::unix_ms(), Ordering::Relaxed);
         tracing::info!(app = %m.app, release = m.release, version = %m.version, "active and healthy");
         self.start_ondemand(m, &new).await;
-        self.reporter
-            .report_installed(&m.app, &new, DeviceState::Active)
-            .await;
+        let guest = self.guest_address(m, &launch.name).await;
+        self.reporter.report_active(&m.app, &new, guest).await;
         Ok(())
+    }
+
+    /// The address of `m`'s running instance `name`, for the report: only a release
+    /// with a network card that runs as one instance (not on demand) has one to give.
+    async fn guest_address(
+        &self,
+        m: &proto::manifest::Manifest,
+        name: &str,
+    ) -> Option<std::net::IpAddr> {
+        if !m.boot.network || self.is_ondemand(&m.app) {
+            return None;
+        }
+        self.hypervisor.address(name).await.ok().flatten()
     }
 
     /// `new` did not come up healthy: it is stopped and marked failed, the release that

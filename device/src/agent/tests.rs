@@ -138,6 +138,7 @@ impl Harness {
             created_at: 1,
             previous: None,
             rollout: Default::default(),
+            provenance: None,
         };
         let mut env = m.seal().unwrap();
         env.sign(&key(2)).unwrap();

@@ -3,4 +3,5 @@
 
 mod lines;
 pub mod sandbox;
+pub mod sbom;
 pub mod source;

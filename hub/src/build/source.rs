@@ -14,9 +14,11 @@
 //! target directory, which only its own app's later builds use.
 
 use super::sandbox::{Limits, Sandbox, SandboxError};
+use super::sbom;
 use crate::home::Home;
-use crate::publish::Image;
-use proto::manifest::Platform;
+use crate::publish::{FromSource, Image};
+use proto::manifest::{Platform, Provenance};
+use proto::Digest;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -42,6 +44,11 @@ pub struct TestSpec {
     /// Unit tests, run after the build in the same sandbox; a failure rejects the push.
     #[serde(default)]
     pub command: Option<String>,
+    /// Run against each platform's staged instance once staging passed, in the sandbox
+    /// with the network and `UNIFLEET_URL=http://GUEST:PORT`; exit 0 passes, anything
+    /// else rejects the push. `UNIFLEET_APP` and `UNIFLEET_VERSION` name what is staged.
+    #[serde(default)]
+    pub functional: Option<String>,
     #[serde(default = "default_build_secs")]
     pub timeout_secs: u64,
 }
@@ -85,13 +92,85 @@ pub enum BuildError {
     NoImages,
     #[error("[build] images: {path} leaves the repository (use a path inside it)")]
     Outside { path: String },
+    #[error(transparent)]
+    Lock(#[from] sbom::SbomError),
+    #[error(
+        "the staging device {device} reported no address for its instance, which [test] \
+         functional needs: give the release a network card (`network = true`), serve it \
+         as one instance there (not on demand), and run a device agent that reports it"
+    )]
+    NoGuest { device: String },
 }
 
-/// What [`build`] made: the images (in `scratch`, removed when it drops).
+/// What [`build`] made: the images (in `scratch`, removed when it drops) and the record
+/// of how, for the release's provenance.
 #[derive(Debug)]
 pub struct Built {
     pub images: Vec<Image>,
     pub scratch: tempfile::TempDir,
+    /// Every line the build said, as the pusher saw them.
+    pub log: String,
+    /// `rustc -V` in the sandbox (empty: no rustc there).
+    pub toolchain: String,
+    /// The CycloneDX SBOM of the commit's Cargo.lock, if it has one.
+    pub sbom: Option<Vec<u8>>,
+    /// The app and version built (the functional tests' `UNIFLEET_APP`, `UNIFLEET_VERSION`).
+    pub app: String,
+    pub version: String,
+}
+
+impl Built {
+    /// The checkout the images were built in (where a functional test runs).
+    pub fn source(&self) -> PathBuf {
+        self.scratch.path().join("src")
+    }
+
+    /// The release's provenance record: [`Built::log`] and the SBOM, and what names them.
+    pub fn from_source(&self, commit: git2::Oid, command: &str) -> FromSource {
+        let log = self.log.clone().into_bytes();
+        FromSource {
+            provenance: Provenance {
+                commit: commit.to_string(),
+                builder: builder(),
+                toolchain: self.toolchain.clone(),
+                command: command.into(),
+                log: Digest::of(&log),
+                sbom: self.sbom.as_deref().map(Digest::of),
+            },
+            log,
+            sbom: self.sbom.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Job<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("commit", &self.commit.id())
+            .field("app", &self.app)
+            .field("version", &self.version)
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+/// This hub, as provenance names the builder.
+pub fn builder() -> String {
+    format!("unifleet-hub {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// One build of one commit.
+#[derive(Clone, Copy)]
+pub struct Job<'a> {
+    pub repo: &'a git2::Repository,
+    pub commit: &'a git2::Commit<'a>,
+    pub app: &'a str,
+    pub version: &'a semver::Version,
+    pub build: &'a BuildSpec,
+    pub test: &'a TestSpec,
+    /// The cache the build runs with: the app's ([`app_dir`]`/cache`, held under
+    /// [`lock_app`]), or a fresh one for `hub rebuild`.
+    pub cache: &'a Path,
 }
 
 /// The app's build directory: its cache and its lock. `app` is a checked name (no `/`, no
@@ -139,16 +218,15 @@ pub fn lock_app(
     }
 }
 
-/// Checks `commit` out into a fresh scratch directory and builds and tests it there.
-pub fn build(
-    home: &Home,
-    repo: &git2::Repository,
-    commit: &git2::Commit,
-    app: &str,
-    spec: &BuildSpec,
-    test: &TestSpec,
-    say: &mut dyn FnMut(&str),
-) -> Result<Built, BuildError> {
+/// Checks the job's commit out into a fresh scratch directory and builds and tests it
+/// there; every line said is kept for the build log.
+pub fn build(job: Job<'_>, say: &mut dyn FnMut(&str)) -> Result<Built, BuildError> {
+    let mut log = String::new();
+    let mut say = |line: &str| {
+        log.push_str(line);
+        log.push('\n');
+        say(line);
+    };
     let scratch = tempfile::Builder::new()
         .prefix("unifleet-build-")
         .tempdir()
@@ -157,15 +235,14 @@ pub fn build(
             source,
         })?;
     let src = scratch.path().join("src");
-    checkout(repo, commit, &src)?;
-    let cache = app_dir(home, app).join("cache");
-    std::fs::create_dir_all(&cache).map_err(|source| BuildError::Io {
-        path: cache.clone(),
+    checkout(job.repo, job.commit, &src)?;
+    std::fs::create_dir_all(job.cache).map_err(|source| BuildError::Io {
+        path: job.cache.to_path_buf(),
         source,
     })?;
     let sandbox = |network, secs: u64| Sandbox {
         source: src.clone(),
-        cache: cache.clone(),
+        cache: job.cache.to_path_buf(),
         network,
         limits: Limits {
             wall: Duration::from_secs(secs.min(MAX_STEP_SECS)),
@@ -173,21 +250,30 @@ pub fn build(
         },
         env: vec![],
     };
-    if src.join("Cargo.lock").is_file() {
+    let lock = read_lock(&src)?;
+    if let Some(lock) = &lock {
+        // Only cargo runs with the network, and only for what the lock file names.
+        sbom::check_sources(lock)?;
         // From /tmp, not the checkout: the repository's .cargo/config.toml is not read.
         let fetch = "cd /tmp && cargo fetch --locked --manifest-path /src/Cargo.toml";
-        step("fetch", &sandbox(true, 600), fetch, say)?;
+        step("fetch", &sandbox(true, 600), fetch, &mut say)?;
     }
+    let toolchain = toolchain(&sandbox(false, 60))?;
     step(
         "build",
-        &sandbox(false, spec.timeout_secs),
-        &spec.command,
-        say,
+        &sandbox(false, job.build.timeout_secs),
+        &job.build.command,
+        &mut say,
     )?;
-    if let Some(command) = &test.command {
-        step("test", &sandbox(false, test.timeout_secs), command, say)?;
+    if let Some(command) = &job.test.command {
+        step(
+            "test",
+            &sandbox(false, job.test.timeout_secs),
+            command,
+            &mut say,
+        )?;
     }
-    let images = images(&src, spec)?;
+    let images = images(&src, job.build)?;
     for image in &images {
         let size = std::fs::metadata(&image.path).map(|m| m.len()).unwrap_or(0);
         say(&format!(
@@ -200,7 +286,94 @@ pub fn build(
                 .display(),
         ));
     }
-    Ok(Built { images, scratch })
+    let sbom = lock.map(|lock| {
+        let s = sbom::summary(&lock);
+        say(&format!(
+            "-----> SBOM: {} components ({} from crates.io)",
+            s.components, s.from_registry
+        ));
+        sbom::cyclonedx(
+            &lock,
+            job.app,
+            &job.version.to_string(),
+            &job.commit.id().to_string(),
+        )
+    });
+    Ok(Built {
+        images,
+        scratch,
+        log,
+        toolchain,
+        sbom,
+        app: job.app.into(),
+        version: job.version.to_string(),
+    })
+}
+
+/// The checkout's Cargo.lock, if it has one (a project without one builds with no fetch
+/// step and no SBOM).
+fn read_lock(src: &Path) -> Result<Option<sbom::Lock>, BuildError> {
+    let path = src.join("Cargo.lock");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(BuildError::Io { path, source }),
+    };
+    Ok(Some(sbom::parse_lock(&text)?))
+}
+
+/// `rustc -V` in the build sandbox: what provenance names as the toolchain.
+fn toolchain(sandbox: &Sandbox) -> Result<String, BuildError> {
+    let mut first = None;
+    sandbox
+        .run("rustc -V 2>/dev/null || true", &mut |line| {
+            first.get_or_insert_with(|| line.to_string());
+        })
+        .map_err(|source| BuildError::Step {
+            step: "toolchain",
+            source,
+        })?;
+    Ok(first.unwrap_or_default())
+}
+
+/// Runs `[test] functional` of the checkout `built` against a staged instance.
+pub fn functional(
+    built: &Built,
+    test: &TestSpec,
+    staged: &crate::staging::Staged,
+    say: &mut dyn FnMut(&str),
+) -> Result<(), BuildError> {
+    let Some(command) = &test.functional else {
+        return Ok(());
+    };
+    let guest = staged.guest.ok_or_else(|| BuildError::NoGuest {
+        device: staged.device.clone(),
+    })?;
+    let url = match guest {
+        std::net::IpAddr::V4(ip) => format!("http://{ip}:{}", staged.port),
+        std::net::IpAddr::V6(ip) => format!("http://[{ip}]:{}", staged.port),
+    };
+    say(&format!(
+        "-----> functional tests against {} on {} at {url}",
+        staged.platform, staged.device
+    ));
+    let sandbox = Sandbox {
+        source: built.source(),
+        // Never the app's cache: this step has the network, and what it could leave
+        // there would be in the next build.
+        cache: built.scratch.path().join("functional-cache"),
+        network: true,
+        limits: Limits {
+            wall: Duration::from_secs(test.timeout_secs.min(MAX_STEP_SECS)),
+            ..Limits::default()
+        },
+        env: vec![
+            ("UNIFLEET_URL".into(), url),
+            ("UNIFLEET_APP".into(), built.app.clone()),
+            ("UNIFLEET_VERSION".into(), built.version.clone()),
+        ],
+    };
+    step("functional", &sandbox, command, say)
 }
 
 /// Writes `commit`'s tree into `dir`.

@@ -162,6 +162,7 @@ impl Args {
                     max_failure_percent: halt_failures,
                 }),
             },
+            from_source: None,
         };
         (images, args)
     }

@@ -159,6 +159,7 @@ fn prepare_one(
         created_at: 0,
         previous: None,
         rollout: args.rollout.clone(),
+        provenance: args.from_source.as_ref().map(|s| s.provenance.clone()),
     };
     // What a device would refuse, refused here, before anything is signed or staged.
     Manifest {

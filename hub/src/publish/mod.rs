@@ -54,6 +54,13 @@ pub enum PublishError {
     Staging(#[from] StagingError),
     #[error(transparent)]
     Sign(#[from] SignError),
+    #[error("functional tests failed against {platform} staged on {device}")]
+    Functional {
+        platform: Platform,
+        device: String,
+        #[source]
+        source: staging::CheckError,
+    },
 }
 
 /// Why a signed manifest could not join the release being stored (one commit may hold a
@@ -115,6 +122,33 @@ pub struct PublishArgs {
     /// Waves, targets and halt policy, signed into every manifest of the release (not
     /// the staging one: a staging device installs at once).
     pub rollout: proto::rollout::Rollout,
+    /// Set when the hub built the images from a pushed commit.
+    pub from_source: Option<FromSource>,
+}
+
+/// A release built from source: its provenance, signed into every manifest of it, and
+/// the build log and SBOM that the provenance names by digest.
+#[derive(Debug, Clone)]
+pub struct FromSource {
+    pub provenance: proto::manifest::Provenance,
+    pub log: Vec<u8>,
+    pub sbom: Option<Vec<u8>>,
+}
+
+/// Where the store keeps a build log or SBOM (by digest: a rollback's manifest names the
+/// same files as the release it goes back to).
+pub fn provenance_path(digest: &Digest) -> String {
+    format!("provenance/{}", digest.to_hex())
+}
+
+impl FromSource {
+    /// The log and SBOM, into the change that stores the release.
+    fn keep(&self, change: &mut Change) {
+        let files = std::iter::once(&self.log).chain(self.sbom.as_ref());
+        for bytes in files {
+            change.put(provenance_path(&Digest::of(bytes)), bytes.clone());
+        }
+    }
 }
 
 impl PublishArgs {
@@ -171,6 +205,18 @@ pub fn publish(
     args: &PublishArgs,
     progress: Progress<'_>,
 ) -> Result<Vec<ReleaseInfo>, PublishError> {
+    publish_checked(home, images, args, None, progress)
+}
+
+/// [`publish`], with `check` run on every staged instance once staging passed (a
+/// push's functional tests); its error refuses the release.
+pub fn publish_checked(
+    home: &Home,
+    images: &[Image],
+    args: &PublishArgs,
+    check: Option<staging::Check<'_>>,
+    progress: Progress<'_>,
+) -> Result<Vec<ReleaseInfo>, PublishError> {
     check_args(args, images)?;
     // Before anything is chunked or staged: devices refuse what an expired root signs.
     home.trusted_root()?;
@@ -207,13 +253,19 @@ pub fn publish(
         ));
     }
     let mut parts: Vec<Part> = skipped.into_iter().map(Part::unstaged).collect();
-    let change = if to_stage.is_empty() {
+    let mut change = if to_stage.is_empty() {
         change
     } else {
         let (staged, evidence) = stage(home, &store, &to_stage, args, change, progress)?;
+        if let Some(check) = check {
+            check_staged(&staged, check, progress)?;
+        }
         parts.extend(staged);
         evidence
     };
+    if let Some(source) = &args.from_source {
+        source.keep(&mut change);
+    }
     let detail = format!("{} {} ({})", args.app, args.version, staged_detail(&parts));
     let infos = sign_and_store(
         home,
@@ -295,6 +347,24 @@ fn hold_for_signatures(
         dir.display()
     ));
     Ok(vec![info])
+}
+
+/// Runs `check` on each staged part's instance, in platform order.
+fn check_staged(
+    parts: &[Part],
+    check: staging::Check<'_>,
+    progress: Progress<'_>,
+) -> Result<(), PublishError> {
+    for part in parts {
+        let report = part.evidence.as_deref().unwrap_or_default();
+        let staged = staging::Staged::from_report(report, &part.template);
+        check(&staged, progress).map_err(|source| PublishError::Functional {
+            platform: staged.platform,
+            device: staged.device.clone(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// Each platform's size and staging, for the event log.

@@ -169,6 +169,7 @@ mod tests {
             console_tail: " boom \n".into(),
             ondemand: None,
             network: None,
+            guest: None,
         }
     }
 

@@ -651,6 +651,7 @@ mod tests {
             created_at: 1,
             previous: None,
             rollout: Default::default(),
+            provenance: None,
         };
         m.seal().unwrap().encode().unwrap()
     }

@@ -103,6 +103,7 @@ pub fn manifest_for(data: &[u8], release: u64) -> Manifest {
         created_at: NOW,
         previous: None,
         rollout: Default::default(),
+        provenance: None,
     }
 }
 
