@@ -132,6 +132,7 @@ fn router(state: Shared) -> Router {
         .route("/rollouts", get(rollouts_page))
         .route("/devices/:name", get(device_page))
         .route("/events", get(events))
+        .route("/provenance/:digest", get(provenance))
         .route("/login", get(login_page).post(login))
         .route(
             "/rollouts/:app/:channel/:release/:action",
@@ -213,6 +214,33 @@ async fn devices_page(
 async fn releases_page(State(d): State<Shared>) -> Result<Html<String>, Failed> {
     let s = read(&d, Snapshot::read).await??;
     Ok(Html(crate::pages::releases(&s).into_string()))
+}
+
+/// A build log or SBOM a release's provenance names, by its digest (what the store
+/// keeps under `provenance/`).
+async fn provenance(
+    State(d): State<Shared>,
+    Path(digest): Path<String>,
+) -> Result<Response, Failed> {
+    let Ok(digest) = digest.parse::<proto::Digest>() else {
+        return Ok((StatusCode::NOT_FOUND, "not a digest\n").into_response());
+    };
+    let path = crate::publish::provenance_path(&digest);
+    let bytes = read(&d, move |h| h.store()?.read(&path).map_err(ViewError::from)).await??;
+    Ok(match bytes.filter(|b| proto::Digest::of(b) == digest) {
+        // SBOMs are JSON; build logs text.
+        Some(b) if b.starts_with(b"{") => (
+            [(header::CONTENT_TYPE, "application/vnd.cyclonedx+json")],
+            b,
+        )
+            .into_response(),
+        Some(b) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], b).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("no build log or SBOM {digest}\n"),
+        )
+            .into_response(),
+    })
 }
 
 async fn rollouts_page(

@@ -426,9 +426,8 @@ fn deploy(
                 cache: &cache,
             };
             let built = crate::build::source::build(job, progress)?;
-            let from_source = built.from_source(commit.id(), &build.command);
             let files = built.images.clone();
-            (files, Built::Source(built, from_source), Some(lock), test)
+            (files, Built::Source(Box::new(built)), Some(lock), test)
         }
         None => {
             let (files, dir) = committed_images(&spec, &read)?;
@@ -442,8 +441,8 @@ fn deploy(
     };
     let mut args = spec.into_publish()?;
     let infos = match &built {
-        Built::Source(built, from_source) => {
-            args.from_source = Some(from_source.clone());
+        Built::Source(built) => {
+            args.from_source = Some(built.from_source());
             let mut check = |staged: &crate::staging::Staged, say: &mut dyn FnMut(&str)| {
                 crate::build::source::functional(built, &test, staged, say).map_err(Into::into)
             };
@@ -474,7 +473,7 @@ fn deploy(
 /// Where a push's images came from: built from its source (the checkout, for the
 /// functional tests), or committed in it (written out to a directory of their own).
 enum Built {
-    Source(crate::build::source::Built, crate::publish::FromSource),
+    Source(Box<crate::build::source::Built>),
     /// Held until the release is stored.
     Committed {
         _images: tempfile::TempDir,
@@ -562,6 +561,16 @@ fn follow_first_wave(
                 .skip(1)
                 .map(|w| w.total())
                 .sum::<u32>();
+        let nobody = || {
+            !crate::inventory::load_inventory(home)
+                .values()
+                .any(|d| d.app == app && d.channel == channel)
+        };
+        if wave.total() == 0 && elsewhere == 0 && nobody() {
+            return progress(&format!(
+                "-----> no device runs {app} on {channel} yet: one installs it when it joins"
+            ));
+        }
         if wave.total() == 0 && elsewhere > 0 {
             return progress(&format!(
                 "-----> first wave: none of the {elsewhere} device(s) on {channel} is in it \

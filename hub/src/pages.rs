@@ -5,7 +5,7 @@
 use crate::inventory::DeviceEntry;
 use crate::rollout::RolloutStatus;
 use crate::trust::human_ago;
-use crate::view::{DevicePage, Filter, Snapshot};
+use crate::view::{DevicePage, Filter, ReleaseRow, Snapshot};
 use maud::{html, Markup, DOCTYPE};
 use proto::rollout::share_text;
 use proto::status::human_bytes;
@@ -109,7 +109,7 @@ pub fn releases(s: &Snapshot) -> Markup {
             table {
                 thead { tr {
                     th { "App" } th { "Channel" } th { "Release" } th { "Version" } th { "Platforms" }
-                    th { "Staging" } th { "Waves" } th { "Signed" } th { "Running on" }
+                    th { "Staging" } th { "Waves" } th { "Signed" } th { "Source" } th { "Running on" }
                 } }
                 tbody {
                     @for r in &s.releases {
@@ -117,6 +117,7 @@ pub fn releases(s: &Snapshot) -> Markup {
                             td { (r.app) } td { (r.channel) } td { "r" (r.release) } td { (r.version) }
                             td { (r.platforms.join(", ")) } td { (r.staging) } td { (r.waves) }
                             td title=(crate::trust::human_time(r.created_at)) { (human_ago(r.created_at, s.now)) }
+                            td { (source(r)) }
                             td { (r.running.len()) @if !r.running.is_empty() { ": " (r.running.join(", ")) } }
                         }
                     }
@@ -124,6 +125,20 @@ pub fn releases(s: &Snapshot) -> Markup {
             }
         },
     )
+}
+
+/// Where a release came from: the pushed commit, with links to its build log and SBOM;
+/// `prebuilt` for an image given to `hub publish`.
+fn source(r: &ReleaseRow) -> Markup {
+    let link = |d: &Option<proto::Digest>, text: &str| {
+        html! { @if let Some(d) = d { " " a href={ "/provenance/" (d.to_hex()) } { (text) } } }
+    };
+    html! {
+        @match &r.commit {
+            Some(c) => { code title=(c) { (c.get(..12).unwrap_or(c)) } (link(&r.log, "log")) (link(&r.sbom, "SBOM")) }
+            None => "prebuilt",
+        }
+    }
 }
 
 /// `/rollouts`: per app and channel, the newest release wave by wave, live, with the

@@ -60,6 +60,11 @@ pub struct ReleaseRow {
     pub created_at: u64,
     /// Devices reporting it active.
     pub running: Vec<String>,
+    /// For a release built from a push: its commit, and the digests of its build log and
+    /// SBOM (served at `/provenance/DIGEST`).
+    pub commit: Option<String>,
+    pub log: Option<proto::Digest>,
+    pub sbom: Option<proto::Digest>,
 }
 
 /// Everything the fleet pages show, as of `now`.
@@ -126,6 +131,9 @@ impl Snapshot {
                     waves: m.rollout.waves_text(),
                     created_at: m.created_at,
                     running,
+                    commit: m.provenance.as_ref().map(|p| p.commit.clone()),
+                    log: m.provenance.as_ref().map(|p| p.log),
+                    sbom: m.provenance.as_ref().and_then(|p| p.sbom),
                 },
             );
         }

@@ -4,7 +4,7 @@
 //! here copy a prebuilt test image (the sandbox is what is tested, not a compiler); the
 //! Rust template built from source is in `unikernel.rs`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -447,7 +447,9 @@ fn a_push_of_two_branches_is_refused_and_tags_pass() -> Result<()> {
 /// took a tampered file from the app's cache is said to differ.
 #[test]
 fn provenance_is_shown_and_a_rebuild_tells_a_tampered_cache() -> Result<()> {
-    let fleet = Fleet::new("test:///default")?;
+    let mut fleet = Fleet::new("test:///default")?;
+    let port = unifleet_tests::free_port()?;
+    fleet.start_hub(&["--http", &format!("127.0.0.1:{port}")])?;
     let image = fleet.testimage("hello", "1.0.0", &[])?;
     // A build that, like cargo, reuses what its cache holds.
     let cached = "[build]\ncommand = \"mkdir -p out /cache/target && { [ -f /cache/target/hello.elf ] \
@@ -456,6 +458,12 @@ fn provenance_is_shown_and_a_rebuild_tells_a_tampered_cache() -> Result<()> {
     let app = App::new(&fleet, "app", &image, "1.0.0", cached)?;
     let p = app.push()?;
     assert!(p.ok, "{}", p.said);
+    // With no device on the channel, the push does not wait for a first wave.
+    assert!(
+        p.said.contains("no device runs hello on stable yet"),
+        "{}",
+        p.said
+    );
     let hub = |args: &[&str]| -> Result<Output> { Ok(fleet.hub_cmd()?.args(args).output()?) };
     let text = |o: &Output| String::from_utf8_lossy(&o.stdout).into_owned();
 
@@ -480,6 +488,17 @@ fn provenance_is_shown_and_a_rebuild_tells_a_tampered_cache() -> Result<()> {
             .any(|l| l.contains("v1") && l.contains(&head[..12])),
         "{listed}"
     );
+
+    // The dashboard's releases page links the build log.
+    let page = get(port, "/releases")?;
+    let link = page
+        .split("href=\"/provenance/")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .with_context(|| format!("no provenance link: {page}"))?;
+    assert!(page.contains(&head[..12]), "{page}");
+    let served = get(port, &format!("/provenance/{link}"))?;
+    assert!(served.contains("-----> build passed in"), "{served}");
 
     let rebuilt = hub(&["rebuild", "hello", "1.0.0"])?;
     assert!(
@@ -510,6 +529,20 @@ fn provenance_is_shown_and_a_rebuild_tells_a_tampered_cache() -> Result<()> {
     let none = hub(&["rebuild", "hello", "2.0.0"])?;
     assert!(String::from_utf8_lossy(&none.stderr).contains("published from a prebuilt image"));
     Ok(())
+}
+
+/// A bare HTTP GET; the whole answer.
+fn get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    Ok(answer)
 }
 
 /// Only cargo runs with the network, and only for crates.io: a Cargo.lock naming a git

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
-use unifleet_tests::fleet::{running_domains, toml_value::V, wait_for, Device, Fleet};
+use unifleet_tests::fleet::{run, running_domains, toml_value::V, wait_for, Device, Fleet};
 use unifleet_tests::guestnet::{hello_http_aarch64, hello_http_x86_64, GuestNet};
 use unifleet_tests::template::{template_fleet, TemplateFleet};
 
@@ -440,6 +440,42 @@ fn bad_guest_settings_fail_with_a_clear_error_and_the_old_release_keeps_serving(
     Ok(())
 }
 
+/// `hub release show` of the template's first release: its commit, toolchain and SBOM;
+/// `hub rebuild` makes the same images from scratch (the template builds bit for bit).
+fn provenance_and_rebuild(fleet: &Fleet, head: &[u8]) -> Result<()> {
+    let head = String::from_utf8_lossy(head).trim().to_string();
+    let show = run(fleet.hub_cmd()?.args(["release", "show", "web", "0.1.0"]))?;
+    for field in [
+        format!("commit     {head}"),
+        "toolchain  rustc 1.".into(),
+        "command    ./build.sh".into(),
+        "qemu-x86_64".into(),
+        "qemu-aarch64".into(),
+        "CycloneDX".into(),
+    ] {
+        assert!(show.contains(&field), "{field}: {show}");
+    }
+    let sbom: serde_json::Value = serde_json::from_str(&run(fleet
+        .hub_cmd()?
+        .args(["release", "show", "web", "0.1.0", "--sbom"]))?)?;
+    let components = sbom["components"].as_array().cloned().unwrap_or_default();
+    assert!(
+        components.iter().any(|c| c["name"] == "smoltcp"
+            && c["purl"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("pkg:cargo/smoltcp@"))),
+        "{sbom}"
+    );
+    let rebuilt = run(fleet.hub_cmd()?.args(["rebuild", "web", "0.1.0"]))?;
+    assert!(rebuilt.contains("rebuilds bit for bit"), "{rebuilt}");
+    assert_eq!(
+        rebuilt.matches(" same").count(),
+        2,
+        "both platforms: {rebuilt}"
+    );
+    Ok(())
+}
+
 /// Issue 29: the template as a new user gets it (`hub new`), pushed with `git push`: its
 /// dependencies fetched, built from source for x86_64 and aarch64 and unit-tested in the
 /// hub's sandbox, staged on an x86 staging device with its HTTP probe, signed, and served
@@ -462,23 +498,53 @@ fn the_template_pushed_is_built_from_source_staged_and_served() -> Result<()> {
             .current_dir(&repo)
             .output()?)
     };
+    // First with functional tests that expect another version than the one staged.
+    let toml = repo.join("unifleet.toml");
+    let good = std::fs::read_to_string(&toml)?;
+    let functional = "functional = \"python3 hello-http/test/functional.py\"";
+    assert!(
+        good.contains(functional),
+        "the template has functional tests: {good}"
+    );
+    let wrong = "functional = \"UNIFLEET_VERSION=9.9.9 python3 hello-http/test/functional.py\"";
+    std::fs::write(&toml, good.replace(functional, wrong))?;
     git(&["commit", "-qam", "no aarch64 staging device"])?;
     let deploy = fleet.hub_dir.join("deploy.git");
     let push = git(&["push", deploy.to_str().unwrap(), "main"])?;
     let said = String::from_utf8_lossy(&push.stderr);
-    assert!(push.status.success(), "{said}");
+    assert!(!push.status.success(), "{said}");
     for step in [
         "fetch passed in",
         "Compiling smoltcp",
+        "SBOM: ",
+        "staging passed on uk-push-stage-",
+        "-----> functional tests against qemu-x86_64 on uk-push-stage-",
+        "FAIL GET / names version 9.9.9: says '0.1.0'",
+        "functional failed",
+        "pre-receive hook declined",
+    ] {
+        assert!(said.contains(step), "{step}: {said}");
+    }
+    assert!(fleet.releases(Some("stable"))?.is_empty(), "nothing signed");
+
+    std::fs::write(&toml, &good)?;
+    git(&["commit", "-qam", "functional tests of the version staged"])?;
+    let push = git(&["push", deploy.to_str().unwrap(), "main"])?;
+    let said = String::from_utf8_lossy(&push.stderr);
+    assert!(push.status.success(), "{said}");
+    for step in [
         "build passed in",
         "test result: ok",
         "test passed in",
         "staging passed on uk-push-stage-",
+        "ok   GET / names version 0.1.0",
+        "functional passed in",
         "released web release 1",
         "first wave: active 1/1",
     ] {
         assert!(said.contains(step), "{step}: {said}");
     }
+    provenance_and_rebuild(&fleet, &git(&["rev-parse", "HEAD"])?.stdout)?;
     fleet.wait_all(&[d], "web", 1, "Active", Duration::from_secs(120))?;
     let mut r = BufReader::new(TcpStream::connect(("127.0.0.1", port))?);
     r.get_mut()
@@ -494,7 +560,6 @@ fn the_template_pushed_is_built_from_source_staged_and_served() -> Result<()> {
         &src,
         std::fs::read_to_string(&src)? + "\n// one more line\n",
     )?;
-    let toml = repo.join("unifleet.toml");
     let text = std::fs::read_to_string(&toml)?.replace("0.1.0", "0.1.1");
     std::fs::write(&toml, text)?;
     git(&["commit", "-qam", "0.1.1"])?;

@@ -117,6 +117,9 @@ pub struct Built {
     /// The app and version built (the functional tests' `UNIFLEET_APP`, `UNIFLEET_VERSION`).
     pub app: String,
     pub version: String,
+    /// The commit built and its `[build] command`.
+    pub commit: git2::Oid,
+    pub command: String,
 }
 
 impl Built {
@@ -126,14 +129,14 @@ impl Built {
     }
 
     /// The release's provenance record: [`Built::log`] and the SBOM, and what names them.
-    pub fn from_source(&self, commit: git2::Oid, command: &str) -> FromSource {
+    pub fn from_source(&self) -> FromSource {
         let log = self.log.clone().into_bytes();
         FromSource {
             provenance: Provenance {
-                commit: commit.to_string(),
+                commit: self.commit.to_string(),
                 builder: builder(),
                 toolchain: self.toolchain.clone(),
-                command: command.into(),
+                command: self.command.clone(),
                 log: Digest::of(&log),
                 sbom: self.sbom.as_deref().map(Digest::of),
             },
@@ -307,6 +310,8 @@ pub fn build(job: Job<'_>, say: &mut dyn FnMut(&str)) -> Result<Built, BuildErro
         sbom,
         app: job.app.into(),
         version: job.version.to_string(),
+        commit: job.commit.id(),
+        command: job.build.command.clone(),
     })
 }
 
