@@ -266,6 +266,8 @@ TOML
     tail -30 web-push.log; echo "the push was rejected (the whole output: demo-out/web-push.log)"; exit 1
   fi
   grep -E "^remote: (-----> |unifleet: )" web-push.log
+  # What was signed into the release: the commit, builder, toolchain, build log and SBOM.
+  "$BIN/hub" --dir hub release show web 0.1.0
   APP=web wait_state 1 active web
   grep -h "accelerator" web.log | sed -E 's/.*accelerator/  accelerator/' | head -1
   for _ in $(seq 300); do grep -q "warm on-demand instance paused" web.log && break; sleep 0.1; done
