@@ -405,53 +405,21 @@ fn deploy(
     proto::names::check("channel", &spec.channel).map_err(DeployError::ChannelName)?;
     spec.rollout()?;
     let follow = Duration::from_secs(spec.follow_secs.min(MAX_FOLLOW_SECS));
-    // Built here (the scratch directory and the build lock live until the release is
-    // stored) or committed (written to a directory of their own).
-    let (files, built, lock, test) = match spec.build.take() {
-        Some(build) => {
-            if spec.image.is_some() || !spec.images.is_empty() {
-                return Err(DeployError::BuildAndImages);
-            }
-            crate::build::source::check_images(&build)?;
-            let lock = crate::build::source::lock_app(home, &spec.app, progress)?;
-            let test = spec.test.take().unwrap_or_default();
-            let cache = crate::build::source::app_dir(home, &spec.app).join("cache");
-            let job = crate::build::source::Job {
-                repo,
-                commit: &commit,
-                app: &spec.app,
-                version: &spec.version,
-                build: &build,
-                test: &test,
-                cache: &cache,
-            };
-            let built = crate::build::source::build(job, progress)?;
-            let files = built.images.clone();
-            (files, Built::Source(Box::new(built)), Some(lock), test)
-        }
-        None => {
-            let (files, dir) = committed_images(&spec, &read)?;
-            (
-                files,
-                Built::Committed { _images: dir },
-                None,
-                Default::default(),
-            )
-        }
-    };
+    // The scratch directory and the build lock live until the release is stored.
+    let built = build_or_read(home, repo, &commit, &mut spec, &read, progress)?;
     let mut args = spec.into_publish()?;
     let infos = match &built {
-        Built::Source(built) => {
+        Built::Source { built, test, .. } => {
             args.from_source = Some(built.from_source());
             let mut check = |staged: &crate::staging::Staged, say: &mut dyn FnMut(&str)| {
-                crate::build::source::functional(built, &test, staged, say).map_err(Into::into)
+                crate::build::source::functional(built, test, staged, say).map_err(Into::into)
             };
             let check = test.functional.is_some().then_some(&mut check as _);
-            crate::publish::publish_checked(home, &files, &args, check, progress)?
+            crate::publish::publish_checked(home, &built.images, &args, check, progress)?
         }
-        Built::Committed { .. } => publish(home, &files, &args, progress)?,
+        Built::Committed { files, .. } => publish(home, files, &args, progress)?,
     };
-    drop((built, lock));
+    drop(built);
     let announced = crate::control::notify(home, progress);
     let release = infos[0].release;
     progress(&format!(
@@ -471,13 +439,59 @@ fn deploy(
 }
 
 /// Where a push's images came from: built from its source (the checkout, for the
-/// functional tests), or committed in it (written out to a directory of their own).
+/// functional tests, and the app's build lock), or committed in it (written out to a
+/// directory of their own). Held until the release is stored.
 enum Built {
-    Source(Box<crate::build::source::Built>),
-    /// Held until the release is stored.
+    Source {
+        built: Box<crate::build::source::Built>,
+        test: TestSpec,
+        _lock: nix::fcntl::Flock<std::fs::File>,
+    },
     Committed {
+        files: Vec<Image>,
         _images: tempfile::TempDir,
     },
+}
+
+/// Builds the pushed commit if its `unifleet.toml` has `[build]` (under the app's build
+/// lock), else writes out the images it names.
+fn build_or_read(
+    home: &Home,
+    repo: &git2::Repository,
+    commit: &git2::Commit<'_>,
+    spec: &mut DeployFile,
+    read: &dyn Fn(&str) -> Result<Vec<u8>>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Built> {
+    let Some(build) = spec.build.take() else {
+        let (files, dir) = committed_images(spec, read)?;
+        return Ok(Built::Committed {
+            files,
+            _images: dir,
+        });
+    };
+    if spec.image.is_some() || !spec.images.is_empty() {
+        return Err(DeployError::BuildAndImages);
+    }
+    crate::build::source::check_images(&build)?;
+    let lock = crate::build::source::lock_app(home, &spec.app, progress)?;
+    let test = spec.test.take().unwrap_or_default();
+    let cache = crate::build::source::app_dir(home, &spec.app).join("cache");
+    let job = crate::build::source::Job {
+        repo,
+        commit,
+        app: &spec.app,
+        version: &spec.version,
+        build: &build,
+        test: &test,
+        cache: &cache,
+    };
+    let built = crate::build::source::build(job, progress)?;
+    Ok(Built::Source {
+        built: Box::new(built),
+        test,
+        _lock: lock,
+    })
 }
 
 /// The images committed in the repository (`image` or `images`), each written to a file of

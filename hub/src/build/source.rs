@@ -277,30 +277,11 @@ pub fn build(job: Job<'_>, say: &mut dyn FnMut(&str)) -> Result<Built, BuildErro
         )?;
     }
     let images = images(&src, job.build)?;
-    for image in &images {
-        let size = std::fs::metadata(&image.path).map(|m| m.len()).unwrap_or(0);
-        say(&format!(
-            "-----> image for {}: {} ({size} bytes)",
-            image.platform.map(|p| p.to_string()).unwrap_or_default(),
-            image
-                .path
-                .strip_prefix(&src)
-                .unwrap_or(&image.path)
-                .display(),
-        ));
-    }
+    say_images(&images, &src, &mut say);
     let sbom = lock.map(|lock| {
-        let s = sbom::summary(&lock);
-        say(&format!(
-            "-----> SBOM: {} components ({} from crates.io)",
-            s.components, s.from_registry
-        ));
-        sbom::cyclonedx(
-            &lock,
-            job.app,
-            &job.version.to_string(),
-            &job.commit.id().to_string(),
-        )
+        say(&format!("-----> {}", sbom::summary(&lock)));
+        let commit = job.commit.id().to_string();
+        sbom::cyclonedx(&lock, job.app, &job.version.to_string(), &commit)
     });
     Ok(Built {
         images,
@@ -313,6 +294,22 @@ pub fn build(job: Job<'_>, say: &mut dyn FnMut(&str)) -> Result<Built, BuildErro
         commit: job.commit.id(),
         command: job.build.command.clone(),
     })
+}
+
+/// One line per image: its platform, path in the checkout and size.
+fn say_images(images: &[Image], src: &Path, say: &mut dyn FnMut(&str)) {
+    for image in images {
+        let size = std::fs::metadata(&image.path).map(|m| m.len()).unwrap_or(0);
+        say(&format!(
+            "-----> image for {}: {} ({size} bytes)",
+            image.platform.map(|p| p.to_string()).unwrap_or_default(),
+            image
+                .path
+                .strip_prefix(src)
+                .unwrap_or(&image.path)
+                .display(),
+        ));
+    }
 }
 
 /// The checkout's Cargo.lock, if it has one (a project without one builds with no fetch

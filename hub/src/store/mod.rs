@@ -13,6 +13,7 @@
 //! apps/<app>/<channel>/<platform>/<release>.manifest      signed manifest (release: 10 digits)
 //! apps/<app>/<channel>/<platform>/<release>.announcement  signed announcement of it
 //! apps/<app>/<channel>/<platform>/<release>.staging       staging evidence (report bytes)
+//! provenance/<hex>                            build logs and SBOMs that manifests name, by digest
 //! devices/<name>.pub                          enrolled device keys
 //! events/<YYYY-MM-DD>.log                     one JSON event per line, one file per UTC day
 //! events.log                                  the same, as stores before day files kept them
