@@ -257,6 +257,9 @@ fn follow_secs() -> u64 {
 
 /// The most a push may ask to follow its first wave (`follow_secs`).
 const MAX_FOLLOW_SECS: u64 = 600;
+/// How long a push waits for any device of the channel to report before it stops
+/// following the first wave.
+const NOBODY_WITHIN: Duration = Duration::from_secs(5);
 
 fn fifty() -> u8 {
     50
@@ -575,14 +578,19 @@ fn follow_first_wave(
                 .skip(1)
                 .map(|w| w.total())
                 .sum::<u32>();
+        // Devices report within a second or two of hearing of a release; a fleet where
+        // none on the channel has after a while has none to wait for.
         let nobody = || {
-            !crate::inventory::load_inventory(home)
-                .values()
-                .any(|d| d.app == app && d.channel == channel)
+            began.elapsed() >= NOBODY_WITHIN
+                && !crate::inventory::load_inventory(home)
+                    .values()
+                    .any(|d| d.app == app && d.channel == channel)
         };
         if wave.total() == 0 && elsewhere == 0 && nobody() {
             return progress(&format!(
-                "-----> no device runs {app} on {channel} yet: one installs it when it joins"
+                "-----> no device on {channel} has reported on {app} within {}: not following \
+                 (hub rollout watch {app})",
+                crate::build::source::seconds(NOBODY_WITHIN)
             ));
         }
         if wave.total() == 0 && elsewhere > 0 {

@@ -444,6 +444,34 @@ pub fn revoke(home: &Home, name: &str, reason: &str) -> Result<Revocations, Revo
     Ok(list)
 }
 
+/// `hub status`'s line on the keys the hub holds: who signs releases, who re-signs
+/// announcements.
+fn keys_line(home: &Home, r: &proto::root::Root, freshness: Freshness) -> String {
+    let signs = match home.release_key() {
+        Ok(k) if r.release.key(&k.id()).is_some() && r.release.threshold == 1 => {
+            "signs releases itself".to_string()
+        }
+        Ok(k) if r.release.key(&k.id()).is_some() => format!(
+            "holds 1 of the {} release signatures each release needs (publish --hold)",
+            r.release.threshold
+        ),
+        _ => "holds no release key (publish --hold, co-signed offline)".to_string(),
+    };
+    let ts = match home.timestamp_key() {
+        Ok(k) if r.timestamp.key(&k.id()).is_some() => format!(
+            "re-signs announcements' freshness ({} each) with timestamp key {}",
+            human_secs(freshness.lifetime),
+            k.id().short()
+        ),
+        Ok(k) => format!(
+            "warning: the timestamp key {} is not the root's: announcements will be refused",
+            k.id().short()
+        ),
+        Err(e) => format!("warning: {}", proto::Chain(&e)),
+    };
+    format!("hub: {signs}; {ts}")
+}
+
 /// `hub status`: lines for people, warnings first.
 pub fn status(home: &Home) -> Result<Vec<String>, StatusError> {
     let root = home.anchor_root()?;
@@ -473,29 +501,7 @@ pub fn status(home: &Home) -> Result<Vec<String>, StatusError> {
         r.release.keys.len(),
     ));
     let store = home.store()?;
-    let signs = match home.release_key() {
-        Ok(k) if r.release.key(&k.id()).is_some() && r.release.threshold == 1 => {
-            "signs releases itself".to_string()
-        }
-        Ok(k) if r.release.key(&k.id()).is_some() => format!(
-            "holds 1 of the {} release signatures each release needs (publish --hold)",
-            r.release.threshold
-        ),
-        _ => "holds no release key (publish --hold, co-signed offline)".to_string(),
-    };
-    let ts = match home.timestamp_key() {
-        Ok(k) if r.timestamp.key(&k.id()).is_some() => format!(
-            "re-signs announcements' freshness ({} each) with timestamp key {}",
-            human_secs(freshness.lifetime),
-            k.id().short()
-        ),
-        Ok(k) => format!(
-            "warning: the timestamp key {} is not the root's: announcements will be refused",
-            k.id().short()
-        ),
-        Err(e) => format!("warning: {}", proto::Chain(&e)),
-    };
-    out.push(format!("hub: {signs}; {ts}"));
+    out.push(keys_line(home, r, freshness));
     let mut held: Vec<String> = std::fs::read_dir(home.dir.join("held"))
         .into_iter()
         .flatten()

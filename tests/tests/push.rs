@@ -460,7 +460,8 @@ fn provenance_is_shown_and_a_rebuild_tells_a_tampered_cache() -> Result<()> {
     assert!(p.ok, "{}", p.said);
     // With no device on the channel, the push does not wait for a first wave.
     assert!(
-        p.said.contains("no device runs hello on stable yet"),
+        p.said
+            .contains("no device on stable has reported on hello within 5.0 s"),
         "{}",
         p.said
     );

@@ -526,6 +526,8 @@ fn the_template_pushed_is_built_from_source_staged_and_served() -> Result<()> {
         assert!(said.contains(step), "{step}: {said}");
     }
     assert!(fleet.releases(Some("stable"))?.is_empty(), "nothing signed");
+    let deployed = git(&["ls-remote", deploy.to_str().unwrap(), "refs/heads/main"])?;
+    assert!(deployed.stdout.is_empty(), "the branch did not move");
 
     std::fs::write(&toml, &good)?;
     git(&["commit", "-qam", "functional tests of the version staged"])?;
