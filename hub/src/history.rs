@@ -21,6 +21,15 @@ pub enum HistoryError {
     #[error("no release of {app} has version {version} (list them: hub releases {app})")]
     NoVersion { app: String, version: String },
     #[error(
+        "{app} {version} is on several channels ({}): say which with --channel",
+        channels.join(", ")
+    )]
+    SeveralChannels {
+        app: String,
+        version: String,
+        channels: Vec<String>,
+    },
+    #[error(
         "the store has no {what} {digest} that release {release} of {app} names (the store \
          was rewritten, or the file was removed by hand)"
     )]
@@ -43,7 +52,7 @@ pub struct PlatformRelease {
     pub created_at: u64,
     pub image_digest: Digest,
     pub image_size: u64,
-    /// `passed` or `skipped`.
+    /// `passed` or `skipped`; `candidate` on the staging channel.
     pub staging: &'static str,
     /// The pushed commit it was built from, if the hub built it.
     pub commit: Option<String>,
@@ -60,6 +69,7 @@ impl PlatformRelease {
             image_digest: m.image_digest,
             image_size: m.image_size,
             staging: match m.staging {
+                _ if m.channel == crate::publish::STAGING_CHANNEL => "candidate",
                 Staging::Passed { .. } => "passed",
                 Staging::Skipped => "skipped",
             },
@@ -96,22 +106,42 @@ pub fn grouped(all: &[PlatformRelease]) -> Vec<&[PlatformRelease]> {
     all.chunk_by(|a, b| key(a) == key(b)).collect()
 }
 
-/// The newest release of `app` at `version` outside the staging channel (the one
-/// devices run), with all its platforms' manifests.
-pub fn find(home: &Home, store: &Store, app: &str, version: &str) -> Result<Vec<PlatformRelease>> {
+/// The release of `app` at `version` on `channel`; without a channel, the one outside
+/// the staging channel (a version on several channels must be told which).
+pub fn find(
+    home: &Home,
+    store: &Store,
+    app: &str,
+    version: &str,
+    channel: Option<&str>,
+) -> Result<Vec<PlatformRelease>> {
     let all = releases(home, store, Some(app))?;
-    let wanted = |r: &&[PlatformRelease]| {
-        r[0].version == version && r[0].info.track.channel != crate::publish::STAGING_CHANNEL
+    let on = |c: &str| match channel {
+        Some(wanted) => c == wanted,
+        None => c != crate::publish::STAGING_CHANNEL,
     };
-    let found = grouped(&all)
+    let mut found: Vec<&[PlatformRelease]> = grouped(&all)
         .into_iter()
-        .filter(wanted)
-        .max_by_key(|r| r[0].created_at)
-        .map(<[PlatformRelease]>::to_vec);
-    found.ok_or_else(|| HistoryError::NoVersion {
-        app: app.into(),
-        version: version.into(),
-    })
+        .filter(|r| r[0].version == version && on(&r[0].info.track.channel))
+        .collect();
+    let channels = |found: &[&[PlatformRelease]]| {
+        found
+            .iter()
+            .map(|r| r[0].info.track.channel.clone())
+            .collect::<Vec<_>>()
+    };
+    match found.len() {
+        0 => Err(HistoryError::NoVersion {
+            app: app.into(),
+            version: version.into(),
+        }),
+        1 => Ok(found.remove(0).to_vec()),
+        _ => Err(HistoryError::SeveralChannels {
+            app: app.into(),
+            version: version.into(),
+            channels: channels(&found),
+        }),
+    }
 }
 
 /// The build log or SBOM `digest` names, as the store keeps it for `release`.

@@ -74,6 +74,10 @@ impl Compared {
 pub struct Rebuilt {
     pub commit: String,
     pub compared: Vec<Compared>,
+    /// The toolchain the release was built with, and the one that rebuilt it.
+    pub toolchain: (String, String),
+    /// The rebuild's SBOM is the one the release names (both from the commit's lock).
+    pub sbom_same: bool,
     pub took: Duration,
 }
 
@@ -84,20 +88,16 @@ impl Rebuilt {
     }
 }
 
-/// Rebuilds the newest release of `app` at `version` from its commit, saying each step.
+/// Rebuilds the release of `app` at `version` (on `channel`, see [`find`]) from its
+/// commit, saying each step.
 pub fn rebuild(
     home: &Home,
-    app: &str,
-    version: &str,
+    (app, version, channel): (&str, &str, Option<&str>),
     say: &mut dyn FnMut(&str),
 ) -> Result<Rebuilt, RebuildError> {
     let began = Instant::now();
-    let release = find(
-        home,
-        &home.store().map_err(HistoryError::from)?,
-        app,
-        version,
-    )?;
+    let store = home.store().map_err(HistoryError::from)?;
+    let release = find(home, &store, app, version, channel)?;
     let Some(provenance) = release[0].provenance.clone() else {
         return Err(RebuildError::NotBuilt {
             app: app.into(),
@@ -153,16 +153,26 @@ pub fn rebuild(
     Ok(Rebuilt {
         commit: provenance.commit,
         compared,
+        toolchain: (provenance.toolchain, built.toolchain.clone()),
+        sbom_same: provenance.sbom == built.sbom.as_deref().map(Digest::of),
         took: began.elapsed(),
     })
 }
 
-/// An image's digest as a manifest names it (BLAKE3 of the whole file).
+/// An image's digest as a manifest names it (BLAKE3 of the whole file), streamed.
 fn digest_of(path: &std::path::Path) -> Result<Digest, RebuildError> {
-    std::fs::read(path)
-        .map(|bytes| Digest::of(&bytes))
-        .map_err(|source| RebuildError::Read {
-            path: path.to_path_buf(),
-            source,
-        })
+    use std::io::Read;
+    let read = |source| RebuildError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read)?;
+    let mut hasher = proto::digest::Hasher::new();
+    let mut buf = vec![0; 1 << 20];
+    loop {
+        match file.read(&mut buf).map_err(read)? {
+            0 => return Ok(hasher.finalize()),
+            n => hasher.update(&buf[..n]),
+        }
+    }
 }

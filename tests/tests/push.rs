@@ -574,3 +574,47 @@ fn a_lock_file_naming_another_source_is_refused_before_the_fetch() -> Result<()>
     assert!(fleet.releases(None)?.is_empty());
     Ok(())
 }
+
+/// Review finding: the hub read the checkout's Cargo.lock itself, following a link the
+/// pusher committed, and a parse error quoted the line it choked on — the release key's
+/// bytes, back to the pusher. A link (or anything but a regular file) is refused unread.
+#[test]
+fn a_cargo_lock_linked_to_the_hub_key_is_not_read() -> Result<()> {
+    let fleet = Fleet::new("test:///default")?;
+    let image = fleet.testimage("hello", "1.0.0", &[])?;
+    let app = App::new(&fleet, "app", &image, "1.0.0", &build(""))?;
+    let key = fleet.hub_dir.join("keys/release.key");
+    std::os::unix::fs::symlink(&key, app.dir.join("Cargo.lock"))?;
+    app.change("1.0.0", &build(""))?;
+    let p = app.push()?;
+    assert!(!p.ok, "{}", p.said);
+    assert!(p.said.contains("Cargo.lock is a link"), "{}", p.said);
+    let secret = std::fs::read(&key)?;
+    let said = p.said.as_bytes();
+    assert!(
+        !said.windows(8).any(|w| secret.windows(8).any(|k| k == w)),
+        "none of the key's bytes came back"
+    );
+    assert!(fleet.releases(None)?.is_empty());
+    Ok(())
+}
+
+/// Review finding: `[test] functional` runs against staged instances, so a push that
+/// skipped staging everywhere was signed with its functional tests never run, silently.
+#[test]
+fn functional_tests_without_staging_are_refused() -> Result<()> {
+    let fleet = Fleet::new("test:///default")?;
+    let image = fleet.testimage("hello", "1.0.0", &[])?;
+    // App's unifleet.toml says no_staging = true.
+    let functional = format!("{}[test]\nfunctional = \"true\"\n", build(""));
+    let app = App::new(&fleet, "app", &image, "1.0.0", &functional)?;
+    let p = app.push()?;
+    assert!(!p.ok, "{}", p.said);
+    assert!(
+        p.said.contains("skips staging on every platform"),
+        "{}",
+        p.said
+    );
+    assert!(fleet.releases(None)?.is_empty());
+    Ok(())
+}

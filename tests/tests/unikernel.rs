@@ -528,6 +528,18 @@ fn the_template_pushed_is_built_from_source_staged_and_served() -> Result<()> {
     assert!(fleet.releases(Some("stable"))?.is_empty(), "nothing signed");
     let deployed = git(&["ls-remote", deploy.to_str().unwrap(), "refs/heads/main"])?;
     assert!(deployed.stdout.is_empty(), "the branch did not move");
+    // The refused candidate's build log is kept (review finding: it was stored only with
+    // the release for the target channel).
+    let log = run(fleet.hub_cmd()?.args([
+        "release",
+        "show",
+        "web",
+        "0.1.0",
+        "--channel",
+        "staging",
+        "--log",
+    ]))?;
+    assert!(log.contains("-----> build passed in"), "{log}");
 
     std::fs::write(&toml, &good)?;
     git(&["commit", "-qam", "functional tests of the version staged"])?;

@@ -56,3 +56,65 @@ impl Tail {
         Vec::from(self.last.clone()).join("\n")
     }
 }
+
+/// The most of a build's output kept whole in its log; past it, the last
+/// [`TAIL_LINES`] lines are kept and the cut said.
+pub const MAX_LOG_BYTES: usize = 2 * 1024 * 1024;
+
+/// A build's log: everything, up to [`MAX_LOG_BYTES`], then its tail (a build printing
+/// for hours cannot fill the hub's memory, nor the store it is kept in).
+#[derive(Debug, Default)]
+pub struct Log {
+    head: String,
+    cut: u64,
+    tail: Tail,
+}
+
+impl Log {
+    pub fn push(&mut self, line: &str) {
+        if self.cut == 0 && self.head.len() + line.len() < MAX_LOG_BYTES {
+            self.head.push_str(line);
+            self.head.push('\n');
+        } else {
+            self.cut += 1;
+            self.tail.push(line.to_string());
+        }
+    }
+
+    pub fn text(&self) -> String {
+        if self.cut == 0 {
+            return self.head.clone();
+        }
+        let kept = self.tail.last.len() as u64;
+        format!(
+            "{}[… {} lines cut: the log keeps its first {} MiB and its last {kept} lines]\n{}\n",
+            self.head,
+            self.cut - kept,
+            MAX_LOG_BYTES >> 20,
+            self.tail.text()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review finding: the build log kept every line of a build that may print for hours.
+    #[test]
+    fn a_log_past_its_bound_keeps_its_head_and_tail_and_says_the_cut() {
+        let mut log = Log::default();
+        let line = "x".repeat(1023);
+        for _ in 0..(MAX_LOG_BYTES / 1024 + 500) {
+            log.push(&line);
+        }
+        log.push("the last line");
+        let text = log.text();
+        assert!(text.len() < MAX_LOG_BYTES + 64 * 1024, "{}", text.len());
+        assert!(text.contains("lines cut: the log keeps its first 2 MiB"));
+        assert!(text.trim_end().ends_with("the last line"));
+        let mut short = Log::default();
+        short.push("one");
+        assert_eq!(short.text(), "one\n");
+    }
+}

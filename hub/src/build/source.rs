@@ -5,7 +5,9 @@
 //! (`HUB/builds/APP/cache`: the cargo registry and target directory), so a one-line change
 //! rebuilds in seconds.
 //!
-//! Only the fetch step has the network, and it runs cargo's own `cargo fetch --locked`
+//! Of the build's steps only the fetch has the network (`[test] functional` has it too,
+//! later: it must reach the staged guest, so it is code run on the hub's network, with
+//! a throwaway cache), and the fetch runs cargo's own `cargo fetch --locked`
 //! from outside the checkout (so the repository's `.cargo/config.toml` is not read).
 //! Build and test commands run with no network and see the cache's cargo registry
 //! read-only (see [`super::sandbox`]), and before the fetch the hub removes any cargo
@@ -94,6 +96,8 @@ pub enum BuildError {
     Outside { path: String },
     #[error(transparent)]
     Lock(#[from] sbom::SbomError),
+    #[error("Cargo.lock is a link or not a regular file: commit cargo's lock file itself")]
+    LockNotFile,
     #[error(
         "the staging device {device} reported no address for its instance, which [test] \
          functional needs: give the release a network card (`network = true`), serve it \
@@ -224,10 +228,9 @@ pub fn lock_app(
 /// Checks the job's commit out into a fresh scratch directory and builds and tests it
 /// there; every line said is kept for the build log.
 pub fn build(job: Job<'_>, say: &mut dyn FnMut(&str)) -> Result<Built, BuildError> {
-    let mut log = String::new();
+    let mut log = super::lines::Log::default();
     let mut say = |line: &str| {
-        log.push_str(line);
-        log.push('\n');
+        log.push(line);
         say(line);
     };
     let scratch = tempfile::Builder::new()
@@ -286,7 +289,7 @@ pub fn build(job: Job<'_>, say: &mut dyn FnMut(&str)) -> Result<Built, BuildErro
     Ok(Built {
         images,
         scratch,
-        log,
+        log: log.text(),
         toolchain,
         sbom,
         app: job.app.into(),
@@ -315,13 +318,34 @@ fn say_images(images: &[Image], src: &Path, say: &mut dyn FnMut(&str)) {
 /// The checkout's Cargo.lock, if it has one (a project without one builds with no fetch
 /// step and no SBOM).
 fn read_lock(src: &Path) -> Result<Option<sbom::Lock>, BuildError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = src.join("Cargo.lock");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(BuildError::Io { path, source }),
+    let io = |source| BuildError::Io {
+        path: path.clone(),
+        source,
     };
-    Ok(Some(sbom::parse_lock(&text)?))
+    // The hub reads it itself, outside the sandbox: never through a link the pusher
+    // committed (to the hub's keys), never from a device or a pipe.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(&path);
+    let file = match file {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            return Err(BuildError::LockNotFile)
+        }
+        Err(source) => return Err(io(source)),
+    };
+    if !file.metadata().map_err(io)?.is_file() {
+        return Err(BuildError::LockNotFile);
+    }
+    let mut bytes = vec![];
+    let limit = sbom::MAX_LOCK_BYTES as u64 + 1;
+    file.take(limit).read_to_end(&mut bytes).map_err(io)?;
+    Ok(Some(sbom::parse_lock(&String::from_utf8_lossy(&bytes))?))
 }
 
 /// `rustc -V` in the build sandbox: what provenance names as the toolchain.

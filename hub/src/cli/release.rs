@@ -15,6 +15,9 @@ pub enum Command {
         app: String,
         /// The version (`unifleet.toml`'s `version`), e.g. 0.1.1.
         version: String,
+        /// The channel, when the version is on several (`staging` for a candidate).
+        #[arg(long)]
+        channel: Option<String>,
         /// Print the build log instead.
         #[arg(long, conflicts_with = "sbom")]
         log: bool,
@@ -35,9 +38,10 @@ pub fn run(dir: &Path, cmd: Command) -> Result<()> {
         Command::Show {
             app,
             version,
+            channel,
             log,
             sbom,
-        } => show(&home, &app, &version, log, sbom),
+        } => show(&home, (&app, &version, channel.as_deref()), log, sbom),
         Command::Approve { held } => {
             let info = hub::publish::approve(&home, &held)?;
             hub::control::notify(&home, &mut |l| eprintln!("{l}"));
@@ -54,9 +58,14 @@ pub fn run(dir: &Path, cmd: Command) -> Result<()> {
     }
 }
 
-fn show(home: &Home, app: &str, version: &str, log: bool, sbom: bool) -> Result<()> {
+fn show(
+    home: &Home,
+    (app, version, channel): (&str, &str, Option<&str>),
+    log: bool,
+    sbom: bool,
+) -> Result<()> {
     let store = home.store()?;
-    let release = find(home, &store, app, version)?;
+    let release = find(home, &store, app, version, channel)?;
     let first = &release[0];
     let provenance = first.provenance.as_ref();
     if log || sbom {

@@ -232,7 +232,12 @@ pub fn publish_checked(
         &args.channel,
         &args.version,
     )?;
-    let (templates, change) = prepare(home, &store, images, args, progress)?;
+    let (templates, mut change) = prepare(home, &store, images, args, progress)?;
+    // With the first commit (the staging candidate's, if any): a push that fails staging
+    // or its functional tests keeps the build log its candidate names.
+    if let Some(source) = &args.from_source {
+        source.keep(&mut change);
+    }
     if args.hold {
         return Ok(hold_for_signatures(
             home,
@@ -248,12 +253,23 @@ pub fn publish_checked(
         .partition(|t| !args.skips_staging(t.platform));
     for t in &skipped {
         progress(&format!(
-            "staging skipped for {} (--no-staging); recorded in the release and the event log",
-            t.platform
+            "staging skipped for {} (--no-staging); recorded in the release and the event log{}",
+            t.platform,
+            if check.is_some() {
+                "; no functional tests for it"
+            } else {
+                ""
+            }
         ));
     }
     let mut parts: Vec<Part> = skipped.into_iter().map(Part::unstaged).collect();
-    let mut change = if to_stage.is_empty() {
+    if check.is_some() && to_stage.is_empty() {
+        return Err(PublishError::Arg(
+            "[test] functional runs against staged instances, and this release skips staging \
+             on every platform: drop no_staging (or the functional tests)",
+        ));
+    }
+    let change = if to_stage.is_empty() {
         change
     } else {
         let (staged, evidence) = stage(home, &store, &to_stage, args, change, progress)?;
@@ -263,9 +279,6 @@ pub fn publish_checked(
         parts.extend(staged);
         evidence
     };
-    if let Some(source) = &args.from_source {
-        source.keep(&mut change);
-    }
     let detail = format!("{} {} ({})", args.app, args.version, staged_detail(&parts));
     let infos = sign_and_store(
         home,
