@@ -409,10 +409,10 @@ fn deploy(
     spec.rollout()?;
     let follow = Duration::from_secs(spec.follow_secs.min(MAX_FOLLOW_SECS));
     // The scratch directory and the build lock live until the release is stored.
-    let built = build_or_read(home, repo, &commit, &mut spec, &read, progress)?;
+    let pushed = build_or_read(home, repo, &commit, &mut spec, &read, progress)?;
     let mut args = spec.into_publish()?;
-    let infos = match &built {
-        Built::Source { built, test, .. } => {
+    let infos = match &pushed {
+        Pushed::Source { built, test, .. } => {
             args.from_source = Some(built.from_source());
             let mut check = |staged: &crate::staging::Staged, say: &mut dyn FnMut(&str)| {
                 crate::build::source::functional(built, test, staged, say).map_err(Into::into)
@@ -420,9 +420,9 @@ fn deploy(
             let check = test.functional.is_some().then_some(&mut check as _);
             crate::publish::publish_checked(home, &built.images, &args, check, progress)?
         }
-        Built::Committed { files, .. } => publish(home, files, &args, progress)?,
+        Pushed::Committed { files, .. } => publish(home, files, &args, progress)?,
     };
-    drop(built);
+    drop(pushed);
     let announced = crate::control::notify(home, progress);
     let release = infos[0].release;
     progress(&format!(
@@ -444,7 +444,7 @@ fn deploy(
 /// Where a push's images came from: built from its source (the checkout, for the
 /// functional tests, and the app's build lock), or committed in it (written out to a
 /// directory of their own). Held until the release is stored.
-enum Built {
+enum Pushed {
     Source {
         built: Box<crate::build::source::Built>,
         test: TestSpec,
@@ -465,10 +465,10 @@ fn build_or_read(
     spec: &mut DeployFile,
     read: &dyn Fn(&str) -> Result<Vec<u8>>,
     progress: &mut dyn FnMut(&str),
-) -> Result<Built> {
+) -> Result<Pushed> {
     let Some(build) = spec.build.take() else {
         let (files, dir) = committed_images(spec, read)?;
-        return Ok(Built::Committed {
+        return Ok(Pushed::Committed {
             files,
             _images: dir,
         });
@@ -490,7 +490,7 @@ fn build_or_read(
         cache: &cache,
     };
     let built = crate::build::source::build(job, progress)?;
-    Ok(Built::Source {
+    Ok(Pushed::Source {
         built: Box::new(built),
         test,
         _lock: lock,

@@ -3,7 +3,8 @@
 //! rebuild), from the store's signed manifests.
 
 use crate::home::{Home, HomeError};
-use crate::publish::{provenance_path, stored_manifest, SignError};
+use crate::publish::provenance_path;
+use crate::rollout::{stored_manifest, RolloutError};
 use crate::store::{ReleaseInfo, Store, StoreError};
 use proto::manifest::{Manifest, Platform, Provenance, Staging};
 use proto::Digest;
@@ -17,7 +18,7 @@ pub enum HistoryError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Manifest(#[from] SignError),
+    Manifest(#[from] RolloutError),
     #[error("no release of {app} has version {version} (list them: hub releases {app})")]
     NoVersion { app: String, version: String },
     #[error(
@@ -86,12 +87,14 @@ impl PlatformRelease {
 /// Every platform's manifest of every release (of `app` only, if given), ordered by app,
 /// channel, release and platform; each manifest verified against the hub's trust.
 pub fn releases(home: &Home, store: &Store, app: Option<&str>) -> Result<Vec<PlatformRelease>> {
+    // The root read once, not once per manifest.
+    let root = home.anchor_root()?;
     let mut out = vec![];
     for info in store.releases()? {
         if app.is_some_and(|a| a != info.track.app) {
             continue;
         }
-        let m = stored_manifest(home, store, &info.track, info.release)?;
+        let m = stored_manifest(store, &root, &info)?;
         out.push(PlatformRelease::new(info, &m));
     }
     Ok(out)

@@ -214,10 +214,65 @@ pub enum HomeError {
         #[source]
         source: Box<proto::VerifyError>,
     },
-    /// Nothing is signed under an expired root (devices would refuse it); the warning
-    /// says when and what to do.
-    #[error("{0}")]
-    RootExpired(String),
+    /// Nothing is signed under an expired root (devices would refuse it).
+    #[error(transparent)]
+    RootExpired(RootExpiry),
+}
+
+/// How far ahead `hub status` and `hub serve` warn of a root's expiry.
+pub const WARN_AHEAD: u64 = 60 * 24 * 3600;
+
+/// A trust root expired, or expiring within [`WARN_AHEAD`], as of `now`: its message
+/// says when and the next step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub struct RootExpiry {
+    pub version: u64,
+    pub expires_at: u64,
+    pub now: u64,
+}
+
+impl RootExpiry {
+    /// `None` while the root has more than [`WARN_AHEAD`] left.
+    pub fn of(root: &proto::root::Root, now: u64) -> Option<RootExpiry> {
+        (root.expires_at.saturating_sub(now) < WARN_AHEAD).then_some(RootExpiry {
+            version: root.version,
+            expires_at: root.expires_at,
+            now,
+        })
+    }
+}
+
+impl std::fmt::Display for RootExpiry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (when, ago) = (
+            human_time(self.expires_at),
+            proto::status::human_ago(self.expires_at, self.now),
+        );
+        let version = self.version;
+        if self.expires_at <= self.now {
+            write!(
+                f,
+                "the trust root (version {version}) expired on {when} ({ago}): devices refuse \
+                 every update, and the hub announces nothing until it has the next root"
+            )?;
+        } else {
+            write!(
+                f,
+                "the trust root (version {version}) expires on {when}, {ago}: devices then \
+                 refuse every update"
+            )?;
+        }
+        f.write_str(
+            ". Make the next one with `fwtool root rotate` (signed by the root keys) and \
+             `hub root publish` it",
+        )
+    }
+}
+
+/// A Unix time as an RFC 3339 date for people.
+pub fn human_time(at: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(at))
+        .to_string()
 }
 
 pub fn write_secret(path: &Path, key: &SecretKey) -> Result<(), WriteError> {
@@ -414,9 +469,8 @@ impl Home {
     pub fn trusted_root(&self) -> Result<TrustedRoot, HomeError> {
         let root = self.anchor_root()?;
         let now = now();
-        if root.root().expires_at <= now {
-            let warning = crate::trust::root_warning(root.root(), now).unwrap_or_default();
-            return Err(HomeError::RootExpired(warning));
+        if let Some(expired) = RootExpiry::of(root.root(), now).filter(|e| e.expires_at <= now) {
+            return Err(HomeError::RootExpired(expired));
         }
         TrustedRoot::bootstrap(&self.root_bytes()?, now).map_err(|source| self.bad_root(source))
     }

@@ -15,9 +15,6 @@ use proto::root::{Root, TrustedRoot};
 use proto::{PublicKey, SecretKey};
 use std::path::{Path, PathBuf};
 
-/// How far ahead `hub status` and `hub serve` warn of a root's expiry.
-pub const WARN_AHEAD: u64 = 60 * 24 * 3600;
-
 pub use crate::store::{root_link, root_path};
 
 /// Why `hub root publish` refused a new root or could not install it.
@@ -171,35 +168,10 @@ pub fn expiry_warnings(root: &Root, freshness: Freshness, now: u64) -> Vec<Strin
 /// The root expired or expiring within [`WARN_AHEAD`], said with its date and the next
 /// step (the CLI, the log, the dashboard's banner and the announcer's refusal say this).
 pub fn root_warning(root: &Root, now: u64) -> Option<String> {
-    let left = root.expires_at.saturating_sub(now);
-    if left >= WARN_AHEAD {
-        return None;
-    }
-    let (when, ago) = (human_time(root.expires_at), human_ago(root.expires_at, now));
-    let what = if left == 0 {
-        format!(
-            "the trust root (version {}) expired on {when} ({ago}): devices refuse every \
-             update, and the hub announces nothing until it has the next root",
-            root.version
-        )
-    } else {
-        format!(
-            "the trust root (version {}) expires on {when}, {ago}: devices then refuse every update",
-            root.version
-        )
-    };
-    Some(format!(
-        "{what}. Make the next one with `fwtool root rotate` (signed by the root keys) and \
-         `hub root publish` it"
-    ))
+    RootExpiry::of(root, now).map(|e| e.to_string())
 }
 
-/// A Unix time as an RFC 3339 date for people.
-pub fn human_time(at: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(at))
-        .to_string()
-}
-
+pub use crate::home::{human_time, RootExpiry, WARN_AHEAD};
 pub use proto::status::{human_ago, human_secs};
 
 /// `hub root publish NEW_ROOT`: `NEW_ROOT` must verify as the next link after the hub's

@@ -197,7 +197,7 @@ pub enum SandboxError {
     #[error("the command was killed by signal {signal}: {cause}")]
     Killed {
         signal: i32,
-        cause: String,
+        cause: KillCause,
         log_tail: String,
     },
     #[error("{doing}")]
@@ -610,7 +610,7 @@ impl Ran {
         match (signal, status.code()) {
             (Some(signal), _) => Err(SandboxError::Killed {
                 signal,
-                cause: kill_cause(signal, limits),
+                cause: KillCause::of(signal, limits),
                 log_tail,
             }),
             (None, Some(1))
@@ -631,22 +631,51 @@ impl Ran {
 }
 
 /// What a pusher should read into a signal.
-fn kill_cause(signal: i32, limits: &Limits) -> String {
-    match signal {
-        SIGXCPU => format!(
-            "SIGXCPU, a process used its {} s of CPU time (the CPU limit per process)",
-            limits.cpu_secs
-        ),
-        SIGKILL => "SIGKILL, killed outright (a process went on after the CPU limit's SIGXCPU, or \
-                    the machine ran out of memory)"
-            .into(),
-        SIGABRT => format!(
-            "SIGABRT, a process aborted; past the memory limit ({} MiB per process) rustc \
-             aborts with \"memory allocation of … bytes failed\"",
-            limits.memory_mib
-        ),
-        SIGSEGV => "SIGSEGV, a process crashed".into(),
-        _ => "a process was killed".into(),
+/// What a signal that killed the command most likely means, given its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillCause {
+    CpuLimit { cpu_secs: u64 },
+    KilledOutright,
+    Aborted { memory_mib: u64 },
+    Crashed,
+    Other,
+}
+
+impl KillCause {
+    fn of(signal: i32, limits: &Limits) -> KillCause {
+        match signal {
+            SIGXCPU => KillCause::CpuLimit {
+                cpu_secs: limits.cpu_secs,
+            },
+            SIGKILL => KillCause::KilledOutright,
+            SIGABRT => KillCause::Aborted {
+                memory_mib: limits.memory_mib,
+            },
+            SIGSEGV => KillCause::Crashed,
+            _ => KillCause::Other,
+        }
+    }
+}
+
+impl std::fmt::Display for KillCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KillCause::CpuLimit { cpu_secs } => write!(
+                f,
+                "SIGXCPU, a process used its {cpu_secs} s of CPU time (the CPU limit per process)"
+            ),
+            KillCause::KilledOutright => f.write_str(
+                "SIGKILL, killed outright (a process went on after the CPU limit's SIGXCPU, or \
+                 the machine ran out of memory)",
+            ),
+            KillCause::Aborted { memory_mib } => write!(
+                f,
+                "SIGABRT, a process aborted; past the memory limit ({memory_mib} MiB per \
+                 process) rustc aborts with \"memory allocation of … bytes failed\""
+            ),
+            KillCause::Crashed => f.write_str("SIGSEGV, a process crashed"),
+            KillCause::Other => f.write_str("a process was killed"),
+        }
     }
 }
 

@@ -38,7 +38,7 @@ pub(super) struct Announcer {
 /// Why nothing was announced: the root has expired (its warning, with the next step).
 #[derive(Debug, thiserror::Error)]
 #[error("not announcing: {0}")]
-pub(super) struct RootExpired(String);
+pub(super) struct RootExpired(crate::home::RootExpiry);
 
 impl Announcer {
     pub fn new(net: NetClient, mqtt: AsyncClient, fleet: &str, metrics: Arc<Metrics>) -> Self {
@@ -80,12 +80,12 @@ impl Announcer {
         m.root_expired
             .store(u64::from(trust.expired(now)), Ordering::Relaxed);
         self.spread_records(trust).await;
-        if trust.expired(now) {
-            let said = crate::trust::root_warning(root, now).unwrap_or_default();
+        let expired = crate::home::RootExpiry::of(root, now).filter(|_| trust.expired(now));
+        if let Some(expired) = expired {
             if !std::mem::replace(&mut self.expiry_said, true) {
-                tracing::error!("not announcing: {said}");
+                tracing::error!("not announcing: {expired}");
             }
-            return Err(RootExpired(said));
+            return Err(RootExpired(expired));
         }
         self.expiry_said = false;
         self.refresh(trust, now);
