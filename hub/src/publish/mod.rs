@@ -248,37 +248,7 @@ pub fn publish_checked(
             progress,
         )?);
     }
-    let (to_stage, skipped): (Vec<&Manifest>, Vec<&Manifest>) = templates
-        .iter()
-        .partition(|t| !args.skips_staging(t.platform));
-    for t in &skipped {
-        progress(&format!(
-            "staging skipped for {} (--no-staging); recorded in the release and the event log{}",
-            t.platform,
-            if check.is_some() {
-                "; no functional tests for it"
-            } else {
-                ""
-            }
-        ));
-    }
-    let mut parts: Vec<Part> = skipped.into_iter().map(Part::unstaged).collect();
-    if check.is_some() && to_stage.is_empty() {
-        return Err(PublishError::Arg(
-            "[test] functional runs against staged instances, and this release skips staging \
-             on every platform: drop no_staging (or the functional tests)",
-        ));
-    }
-    let change = if to_stage.is_empty() {
-        change
-    } else {
-        let (staged, evidence) = stage(home, &store, &to_stage, args, change, progress)?;
-        if let Some(check) = check {
-            check_staged(&staged, check, progress)?;
-        }
-        parts.extend(staged);
-        evidence
-    };
+    let (parts, change) = gate(home, &store, &templates, args, change, check, progress)?;
     let detail = format!("{} {} ({})", args.app, args.version, staged_detail(&parts));
     let infos = sign_and_store(
         home,
@@ -302,6 +272,50 @@ pub fn publish_checked(
         args.version
     ));
     Ok(infos)
+}
+
+/// The staging gate for the templates that stage, then `check` (the functional tests)
+/// on their staged instances; skipped ones pass as they are. The parts to sign, and the
+/// change holding the staging evidence.
+fn gate(
+    home: &Home,
+    store: &Store,
+    templates: &[Manifest],
+    args: &PublishArgs,
+    change: Change,
+    check: Option<staging::Check<'_>>,
+    progress: Progress<'_>,
+) -> Result<(Vec<Part>, Change), PublishError> {
+    let (to_stage, skipped): (Vec<&Manifest>, Vec<&Manifest>) = templates
+        .iter()
+        .partition(|t| !args.skips_staging(t.platform));
+    for t in &skipped {
+        progress(&format!(
+            "staging skipped for {} (--no-staging); recorded in the release and the event log{}",
+            t.platform,
+            if check.is_some() {
+                "; no functional tests for it"
+            } else {
+                ""
+            }
+        ));
+    }
+    let mut parts: Vec<Part> = skipped.into_iter().map(Part::unstaged).collect();
+    if check.is_some() && to_stage.is_empty() {
+        return Err(PublishError::Arg(
+            "[test] functional runs against staged instances, and this release skips staging \
+             on every platform: drop no_staging (or the functional tests)",
+        ));
+    }
+    if to_stage.is_empty() {
+        return Ok((parts, change));
+    }
+    let (staged, evidence) = stage(home, store, &to_stage, args, change, progress)?;
+    if let Some(check) = check {
+        check_staged(&staged, check, progress)?;
+    }
+    parts.extend(staged);
+    Ok((parts, evidence))
 }
 
 /// What `hub publish` refuses before reading any image.
