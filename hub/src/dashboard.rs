@@ -2,9 +2,15 @@
 //! Server-Sent Events) and its JSON API.
 //!
 //! Reading needs nothing; changing state (pause, halt, resume) needs the API token in
-//! `keys/http.token`, as `Authorization: Bearer TOKEN` or the cookie `/login` sets
-//! (`SameSite=Strict`, so another site cannot submit the buttons). Changes go through the
-//! same code as `hub rollout`, then the running hub is told to reload, as the CLI does.
+//! `keys/http.token`, as `Authorization: Bearer TOKEN` or the cookie `/login` sets.
+//! `SameSite=Strict` keeps the cookie from other *sites*, but a site is the host without
+//! its port: a page served on another port of the same host (an app behind the on-demand
+//! proxy on 127.0.0.1:8080) was same-site, and its auto-submitting form halted a rollout.
+//! So a request that carries the cookie and changes state must also come from this
+//! dashboard's own origin (`Origin`, else `Referer`, naming the `Host` it was sent to),
+//! and every answer forbids framing and foreign scripts ([`guard`]). Changes go through
+//! the same code as `hub rollout`, then the running hub is told to reload, as the CLI
+//! does.
 
 use crate::home::{Home, WriteError};
 use crate::inventory::Inventory;
@@ -146,7 +152,69 @@ fn router(state: Shared) -> Router {
             post(rollout_api),
         )
         .route("/assets/:file", get(asset))
+        .layer(axum::middleware::from_fn(guard))
         .with_state(state)
+}
+
+/// What every answer says about where it may be used: scripts, styles and connections
+/// from this origin only, never in a frame, no content-type guessing.
+const SECURITY_HEADERS: [(header::HeaderName, &str); 4] = [
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    ),
+    (header::X_FRAME_OPTIONS, "DENY"),
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (header::REFERRER_POLICY, "same-origin"),
+];
+
+/// Refuses a state-changing request that carries the sign-in cookie but comes from
+/// another origin (see the module doc); adds [`SECURITY_HEADERS`] to every answer.
+async fn guard(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let changes = !matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if changes && !from_own_origin(request.headers()) {
+        tracing::warn!(
+            "dashboard: refused a cross-origin {} {} (Origin {:?})",
+            request.method(),
+            request.uri().path(),
+            request.headers().get(header::ORIGIN)
+        );
+        let refusal = "refused: this request carries the dashboard's sign-in cookie but \
+                       comes from a page of another origin\n";
+        return (StatusCode::FORBIDDEN, refusal).into_response();
+    }
+    let mut response = next.run(request).await;
+    for (name, value) in SECURITY_HEADERS {
+        response
+            .headers_mut()
+            .insert(name, header::HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// Whether a state-changing request may be acted on: it carries no cookie (an API
+/// client's `Authorization`, which no page of another origin can make a browser add, or
+/// nothing: the handler answers 401), or `Origin` (else `Referer`) names the host it was
+/// sent to.
+fn from_own_origin(headers: &HeaderMap) -> bool {
+    let cookie = headers.contains_key(header::COOKIE);
+    if !cookie || headers.contains_key(header::AUTHORIZATION) {
+        return true;
+    }
+    let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(host), Some(from)) = (
+        text(header::HOST),
+        text(header::ORIGIN).or_else(|| text(header::REFERER)),
+    ) else {
+        return false;
+    };
+    let rest = from
+        .strip_prefix("http://")
+        .or_else(|| from.strip_prefix("https://"));
+    rest.is_some_and(|r| r == host || r.strip_prefix(host).is_some_and(|p| p.starts_with('/')))
 }
 
 /// A page or API answer that could not be made: 500 with the reason, logged.
@@ -502,4 +570,51 @@ async fn asset(Path(file): Path<String>) -> Response {
         body,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.insert(name.clone(), value.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn a_cookie_from_another_port_is_refused_and_the_own_origin_passes() {
+        let host = (header::HOST, "127.0.0.1:8081");
+        let cookie = (header::COOKIE, "unifleet_token=t");
+        let from = |o: &str| {
+            from_own_origin(&headers(&[
+                host.clone(),
+                cookie.clone(),
+                (header::ORIGIN, o),
+            ]))
+        };
+        assert!(from("http://127.0.0.1:8081"));
+        assert!(from("https://127.0.0.1:8081"));
+        // Same site, another port: what SameSite=Strict let through.
+        assert!(!from("http://127.0.0.1:8080"));
+        assert!(!from("http://127.0.0.1:80811"));
+        assert!(!from("null"));
+        // No Origin: the Referer decides; neither: refused.
+        let referer = |r: &str| {
+            from_own_origin(&headers(&[
+                host.clone(),
+                cookie.clone(),
+                (header::REFERER, r),
+            ]))
+        };
+        assert!(referer("http://127.0.0.1:8081/rollouts"));
+        assert!(!referer("http://127.0.0.1:8080/x"));
+        assert!(!from_own_origin(&headers(&[host.clone(), cookie.clone()])));
+        // No cookie (the handler answers 401), or an API client's token: not a forgery.
+        assert!(from_own_origin(&headers(&[host.clone()])));
+        let api = [host, cookie, (header::AUTHORIZATION, "Bearer t")];
+        assert!(from_own_origin(&headers(&api)));
+    }
 }

@@ -7,6 +7,10 @@
 //       without a reload, it marked halted and HELD devices in the "held" state; then a
 //       held device's page: its history from the git log, its last signed report
 //
+//   node rollout.mjs crossport URL TOKEN OUT_DIR ATTACKER RELEASE   signed in, open ATTACKER (a
+//       page on another port of the same host that submits a "halt RELEASE" form to the
+//       dashboard as it loads) and print the status the dashboard answered the form with
+//
 // Screenshots go to OUT_DIR. Exits non-zero, saying what it did not see, on failure.
 import { chromium } from 'playwright-core';
 
@@ -95,8 +99,18 @@ async function halt(release, held) {
   console.log(`halted release ${release}; ${held} device(s) held`);
 }
 
+async function crossport(attacker, release) {
+  const page = await signedIn();
+  const answered = page.waitForResponse((r) => r.url().endsWith(`/${release}/halt`), { timeout: 30_000 });
+  await page.goto(attacker);
+  const r = await answered;
+  await page.screenshot({ path: `${out}/cross-port-refused.png`, fullPage: true });
+  console.log(`cross-port form answered ${r.status()}`);
+}
+
 try {
-  if (mode === 'watch') await watch(Number(rest[0]));
+  if (mode === 'crossport') await crossport(rest[0], Number(rest[1]));
+  else if (mode === 'watch') await watch(Number(rest[0]));
   else if (mode === 'halt') await halt(Number(rest[0]), Number(rest[1]));
   else throw new Error(`unknown mode ${mode}`);
 } catch (e) {

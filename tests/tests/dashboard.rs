@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
-use unifleet_tests::fleet::{running_fleet, wait_for, Fleet};
+use unifleet_tests::fleet::{run, running_fleet, wait_for, Fleet};
 use unifleet_tests::{bin, free_port};
 
 const CONVERGE: Duration = Duration::from_secs(90);
@@ -110,6 +110,13 @@ fn the_dashboard_shows_a_rollout_live_and_its_halt_button_stops_the_devices() ->
     let waves = format!("{share}@0,100%@1h");
     fleet.publish(&v2, "hello", "1.0.1", &["--no-staging", "--waves", &waves])?;
     fleet.wait_all(&[canary], "hello", 2, "Active", CONVERGE)?;
+    // Issue 31: a page on another port of the same host (same *site*, so SameSite=Strict
+    // sends the cookie) submits the halt form as it loads: refused, nothing halted.
+    let attacker = attacker_page(&format!("{url}/rollouts/hello/stable/2/halt"))?;
+    let said = browser(&["crossport", &url, token.trim(), out_s, &attacker, "2"])?;
+    assert!(said.contains("cross-port form answered 403"), "{said}");
+    let status = run(fleet.hub_cmd()?.args(["rollout", "status", "hello"]))?;
+    assert!(!status.contains("HALTED"), "{status}");
     browser(&["halt", &url, token.trim(), out_s, "2", "2"])?;
     for &i in all.iter().filter(|&&i| i != canary) {
         assert_eq!(
@@ -124,6 +131,7 @@ fn the_dashboard_shows_a_rollout_live_and_its_halt_button_stops_the_devices() ->
         "rollout-halted",
         "devices-held",
         "device-page",
+        "cross-port-refused",
     ] {
         assert!(out.join(format!("{shot}.png")).is_file(), "no {shot}.png");
     }
@@ -137,6 +145,31 @@ fn the_dashboard_shows_a_rollout_live_and_its_halt_button_stops_the_devices() ->
     let rest: Vec<usize> = all.iter().copied().filter(|&i| i != canary).collect();
     fleet.wait_all(&rest, "hello", 1, "Waiting", Duration::from_secs(20))?;
     Ok(())
+}
+
+/// Serves, on another port of 127.0.0.1, a page whose form posts to `target` as soon as
+/// it loads (as any app behind the on-demand proxy could); its address.
+fn attacker_page(target: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let url = format!("http://{}/", listener.local_addr()?);
+    let body = format!(
+        "<html><body><form method=post action=\"{target}\"></form>\
+         <script>document.forms[0].submit()</script></body></html>"
+    );
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    Ok(url)
 }
 
 /// A bare HTTP POST with no body; the whole answer.
