@@ -142,12 +142,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         tags.len(),
         proto::status::MAX_TAGS
     );
-    std::fs::create_dir_all(dir.join("state"))
-        .with_context(|| format!("creating {}", dir.display()))?;
     let (root_bytes, claimed) = read_root(&root)?;
-    let key = write_new_key(&dir.join("device.key"))?;
-    std::fs::write(dir.join("device.pub"), key.public().to_text())?;
-    std::fs::write(dir.join("root.bin"), &root_bytes)?;
     let cfg = Config {
         name,
         fleet: claimed.fleet,
@@ -178,7 +173,14 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         crash_at: None,
         ondemand: vec![],
     };
+    // Everything is checked before anything is written: a refused enrollment leaves no
+    // key, public key or root behind (it left all three).
     cfg.validate()?;
+    std::fs::create_dir_all(dir.join("state"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let key = write_new_key(&dir.join("device.key"))?;
+    std::fs::write(dir.join("device.pub"), key.public().to_text())?;
+    std::fs::write(dir.join("root.bin"), &root_bytes)?;
     std::fs::write(&cfg_path, toml::to_string_pretty(&cfg)?)?;
     println!(
         "enrolled {} in {}\npublic key: {}register it on the hub with: hub enroll {} --name {}",

@@ -153,7 +153,8 @@ enum RootCommand {
         fleet: String,
         #[command(flatten)]
         roles: RoleFlags,
-        #[arg(long, default_value_t = 365)]
+        /// How long the root lasts (default: 3 years, as the quick start's).
+        #[arg(long, default_value_t = proto::root::DEFAULT_ROOT_DAYS)]
         expires_days: u64,
         /// Sign right away with these secret keys (repeat); others can add theirs with
         /// `fwtool root sign`.
@@ -170,7 +171,8 @@ enum RootCommand {
         from: PathBuf,
         #[command(flatten)]
         roles: RoleFlags,
-        #[arg(long, default_value_t = 365)]
+        /// How long the root lasts (default: 3 years, as the quick start's).
+        #[arg(long, default_value_t = proto::root::DEFAULT_ROOT_DAYS)]
         expires_days: u64,
         #[arg(long)]
         sign_with: Vec<PathBuf>,

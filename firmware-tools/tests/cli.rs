@@ -551,3 +551,45 @@ fn seed_names_the_smallest_wave_share_that_reaches_a_device() {
     }
     assert!(run.fails(&["seed", "missing.pub"]).contains("missing.pub"));
 }
+
+/// Issue 31: `fwtool root rotate` (and `init`) made a 365-day root by default while the
+/// quick start's lasts 3 years, so the first rotation quietly cut a fleet's trust to a
+/// third. Both now default to the quick start's 3 years.
+#[test]
+fn a_rotated_root_lasts_three_years_by_default() {
+    let run = Run::new();
+    for k in ["r1", "rel", "ts", "ro"] {
+        run.ok(&["keygen", "--out", k]);
+    }
+    let keys = [
+        "--root-key",
+        "r1.pub",
+        "--release-key",
+        "rel.pub",
+        "--timestamp-key",
+        "ts.pub",
+        "--rollout-key",
+        "ro.pub",
+    ];
+    let init = [&["root", "init"][..], &keys, &["--out", "root1.bin"]].concat();
+    run.ok(&init);
+    let out = run.ok(&[
+        "root",
+        "rotate",
+        "--from",
+        "root1.bin",
+        "--out",
+        "root2.bin",
+    ]);
+    let year = |text: &str| -> u64 {
+        let at = text.find("expires ").expect("names its expiry") + "expires ".len();
+        text[at..at + 4].parse().expect("a year")
+    };
+    let now_year = 1970
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            / 31_556_952;
+    assert!(year(&out) >= now_year + 2, "{out}");
+}

@@ -56,7 +56,7 @@ type Result<T, E = InitError> = std::result::Result<T, E>;
 
 /// How long a quick-start root lasts. Its root key is on the hub, so `hub root renew`
 /// makes the next one in a command; `hub status` warns from 60 days before.
-pub const QUICK_START_ROOT_DAYS: u64 = 3 * 365;
+pub const QUICK_START_ROOT_DAYS: u64 = proto::root::DEFAULT_ROOT_DAYS;
 
 #[derive(Debug)]
 pub struct InitArgs<'a> {

@@ -19,6 +19,11 @@ use crate::names;
 pub use crate::role::{Role, MAX_ROLE_KEYS};
 use serde::{Deserialize, Serialize};
 
+/// How long a new root lasts unless told otherwise (3 years), in days: `hub init`'s
+/// quick-start root and `fwtool root init`/`rotate` alike, so a rotation does not
+/// quietly shorten a fleet's trust to a third.
+pub const DEFAULT_ROOT_DAYS: u64 = 3 * 365;
+
 /// Root metadata, the payload of a [`Kind::Root`] message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Root {

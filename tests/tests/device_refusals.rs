@@ -138,3 +138,27 @@ fn a_bad_stored_root_is_named_with_the_way_out() -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue 31: a refused `device enroll` (here, a name devices may not have) left
+/// `device.key`, `device.pub` and `root.bin` behind; nothing is written until every
+/// setting is checked.
+#[test]
+fn a_refused_enrollment_leaves_nothing_behind() -> Result<()> {
+    let fleet = Fleet::new("test:///default")?;
+    let dir = fleet.path("refused-device");
+    let out = std::process::Command::new(unifleet_tests::bin("device")?)
+        .arg("enroll")
+        .arg("--dir")
+        .arg(&dir)
+        .args(["--name", "Not A Name!", "--app", "hello"])
+        .arg("--root")
+        .arg(fleet.hub_dir.join("root.bin"))
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Not A Name!"), "{err}");
+    for file in ["device.key", "device.pub", "root.bin", "device.toml"] {
+        assert!(!dir.join(file).exists(), "{file} was left behind");
+    }
+    Ok(())
+}

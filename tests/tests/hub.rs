@@ -867,3 +867,40 @@ fn hub_promote_resigns_the_beta_release_for_stable() -> Result<()> {
     assert!(!out.status.success() && said.contains("nightly"), "{said}");
     Ok(())
 }
+
+/// Issue 31: `hub publish` of a named pipe nobody writes to waited forever (it opened
+/// the file before looking at its type), and `/dev/zero` was called "empty". Both are
+/// refused at once, by what they are.
+#[test]
+fn a_named_pipe_or_a_device_given_to_publish_is_refused_at_once() -> Result<()> {
+    let fleet = Fleet::new("test:///default")?;
+    let fifo = fleet.path("image.fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status()?.success());
+    for (image, what) in [
+        (fifo.as_path(), "is a named pipe"),
+        (std::path::Path::new("/dev/zero"), "is a character device"),
+    ] {
+        let mut child = fleet
+            .hub_cmd()?
+            .args(["publish"])
+            .arg(image)
+            .args(["--app", "hello", "--version", "1.0.0", "--no-staging"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while child.try_wait()?.is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill()?;
+                anyhow::bail!("hub publish {} still waits after 30 s", image.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains(what), "{err}");
+    }
+    assert!(fleet.releases(None)?.is_empty());
+    Ok(())
+}

@@ -21,6 +21,8 @@ pub enum ImageError {
     },
     #[error("{} is a directory; give the path of the image file", .0.display())]
     Directory(PathBuf),
+    #[error("{} is {what}, not an image file; give the path of a file", path.display())]
+    NotAFile { path: PathBuf, what: &'static str },
     #[error(
         "image {} is {size} bytes, above this hub's limit of {limit_mib} MiB; raise \
          `max_image_mib` in {} if it is meant to be this large",
@@ -184,16 +186,37 @@ fn read_error(path: &Path, source: std::io::Error) -> ImageError {
 
 /// The image file and its size, refused if it is a directory or above the hub's limit.
 fn open(home: &Home, path: &Path) -> Result<(std::fs::File, u64)> {
-    let file = std::fs::File::open(path).map_err(|source| ImageError::Open {
-        path: path.into(),
-        source,
-    })?;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    // Non-blocking: opening a named pipe nobody writes to would wait forever; its type
+    // is refused below, before anything is read.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| ImageError::Open {
+            path: path.into(),
+            source,
+        })?;
     let meta = file.metadata().map_err(|source| ImageError::Size {
         path: path.into(),
         source,
     })?;
-    if meta.is_dir() {
+    let kind = meta.file_type();
+    if kind.is_dir() {
         return Err(ImageError::Directory(path.into()));
+    }
+    let what = match () {
+        _ if kind.is_fifo() => Some("a named pipe"),
+        _ if kind.is_char_device() => Some("a character device"),
+        _ if kind.is_block_device() => Some("a block device"),
+        _ if kind.is_socket() => Some("a socket"),
+        _ => None,
+    };
+    if let Some(what) = what {
+        return Err(ImageError::NotAFile {
+            path: path.into(),
+            what,
+        });
     }
     if meta.len() > limit(home) {
         return Err(too_big(home, path, meta.len()));
