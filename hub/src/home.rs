@@ -32,7 +32,8 @@ pub struct HubConfig {
     #[serde(default, skip_serializing)]
     pub release_expiry_days: Option<u64>,
     /// Serve blobs to devices that are not enrolled (images are then as public as the
-    /// hub's address). Revoked devices are refused either way.
+    /// hub's address). Revoked devices are refused either way. `hub init` writes false;
+    /// a hub.toml from before that without the key reads true, as it always did.
     #[serde(default = "default_true")]
     pub serve_unenrolled: bool,
     /// Upload limit for blobs served to devices, bytes per second (0 = unlimited).
@@ -72,7 +73,9 @@ impl HubConfig {
             metrics: None,
             freshness_secs: default_freshness(),
             release_expiry_days: None,
-            serve_unenrolled: true,
+            // New hubs serve enrolled devices only (`serve_unenrolled = true` opens them
+            // up); a hub.toml without the key keeps the old default below.
+            serve_unenrolled: false,
             upload_rate: 0,
             redirect: true,
             max_image_mib: default_max_image_mib(),

@@ -518,6 +518,12 @@ impl Fleet {
     }
 
     /// Changes one line of the hub's `hub.toml` (before it starts), failing if absent.
+    /// Lets the hub serve devices it has not enrolled (a new hub serves enrolled ones
+    /// only), for clients such as `fetch_release` that have no enrolled key.
+    pub fn serve_strangers(&self) -> Result<()> {
+        self.set_hub_setting("serve_unenrolled = false", "serve_unenrolled = true")
+    }
+
     pub fn set_hub_setting(&self, from: &str, to: &str) -> Result<()> {
         let cfg = self.hub_dir.join("hub.toml");
         let text = std::fs::read_to_string(&cfg)?;

@@ -72,6 +72,7 @@ fn external_mosquitto_broker_carries_retained_announcements() -> Result<()> {
 #[test]
 fn a_second_process_fetches_and_verifies_a_release_over_libp2p() -> Result<()> {
     let mut fleet = Fleet::new("test:///default")?;
+    fleet.serve_strangers()?;
     fleet.start_hub(&[])?;
     let img = fleet.testimage("hello", "1.0.0", &["--pad-mib", "2"])?;
     fleet.publish(&img, "hello", "1.0.0", &["--no-staging"])?;

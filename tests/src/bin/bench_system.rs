@@ -157,6 +157,7 @@ fn mqtt_rss(broker: &str, pid: u32, host: &str, port: u16, clients: usize) -> Re
 
 fn bench_agent_and_transfer() -> Result<()> {
     let mut fleet = Fleet::new("test:///default")?;
+    fleet.serve_strangers()?; // fetch_release has no enrolled key
     fleet.start_hub(&[])?;
     let d = fleet.add_device("bench0", "bench", &[])?;
     fleet.start_device(d)?;
