@@ -86,6 +86,8 @@ fn kind(m: &fs::Metadata) -> FileType {
         FileType::Directory
     } else if t.is_symlink() {
         FileType::Symlink
+    } else if std::os::unix::fs::FileTypeExt::is_socket(&t) {
+        FileType::Socket
     } else {
         FileType::RegularFile
     }
@@ -261,6 +263,34 @@ impl Filesystem for LazyFs {
         let made = self.child(parent, name).and_then(|(p, _)| {
             fs::create_dir(&p)
                 .and_then(|()| fs::set_permissions(&p, fs::Permissions::from_mode(mode & !umask)))
+                .map_err(|e| errno(&e))
+        });
+        match made {
+            Ok(()) => self.entry(parent, name, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// Unix sockets only (`hub serve` binds its control socket in its home): the node is
+    /// made in the base directory by binding there; the kernel keeps the socket itself.
+    fn mknod(
+        &mut self,
+        _: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        if mode & libc::S_IFMT != libc::S_IFSOCK {
+            return reply.error(libc::ENOSYS);
+        }
+        let made = self.child(parent, name).and_then(|(p, _)| {
+            std::os::unix::net::UnixListener::bind(&p)
+                .and_then(|_| {
+                    fs::set_permissions(&p, fs::Permissions::from_mode(mode & 0o7777 & !umask))
+                })
                 .map_err(|e| errno(&e))
         });
         match made {

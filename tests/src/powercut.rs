@@ -184,7 +184,7 @@ pub fn campaign(dir: &Path, opts: &Options<'_>) -> Result<Campaign> {
 }
 
 /// `released hello release N on stable` then `  PLATFORM: manifest HEX`.
-fn acknowledged_release(said: &str) -> Option<(u64, String)> {
+pub fn acknowledged_release(said: &str) -> Option<(u64, String)> {
     let release = said
         .lines()
         .find_map(|l| l.strip_prefix("released hello release "))?
