@@ -91,6 +91,15 @@ impl Kind {
         }
     }
 
+    /// Whether this kind's last field is an `Option` appended after messages of it were
+    /// in the field (the manifest's `provenance`, the report's `guest`). A body without
+    /// it — one byte short, from an older build — reads as that field `None` ([`decode`]),
+    /// and one whose field is `None` is written without it ([`encode_appended`]), so older
+    /// builds still read it. Only a value *with* the field is new to them.
+    pub const fn has_appended_option(self) -> bool {
+        matches!(self, Kind::Manifest | Kind::StatusReport)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::Envelope => "signed envelope",
@@ -177,6 +186,13 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<DECODER_ALLOCATION_LIMIT>()
 }
 
+fn malformed(kind: Kind, e: bincode::error::DecodeError) -> CodecError {
+    CodecError::Malformed {
+        kind,
+        body: BodyError(std::sync::Arc::new(e)),
+    }
+}
+
 /// Encodes `value` as a message of `kind`.
 ///
 /// Fails only if the value's own serialization fails or the result would exceed the
@@ -197,6 +213,23 @@ pub fn encode<T: Serialize>(kind: Kind, value: &T) -> Result<Vec<u8>, CodecError
             len: out.len(),
             limit: kind.max_len(),
         });
+    }
+    Ok(out)
+}
+
+/// [`encode`] of a value of a kind with an appended `Option` ([`Kind::has_appended_option`]):
+/// when `absent` (that field is `None`), its `None` byte — the body's last — is left out,
+/// giving the bytes builds from before the field wrote and read.
+pub fn encode_appended<T: Serialize>(
+    kind: Kind,
+    value: &T,
+    absent: bool,
+) -> Result<Vec<u8>, CodecError> {
+    let mut out = encode(kind, value)?;
+    if absent && kind.has_appended_option() {
+        // bincode writes `None` as a single 0 byte, and the field is the struct's last.
+        debug_assert_eq!(out.last(), Some(&0));
+        out.pop();
     }
     Ok(out)
 }
@@ -237,11 +270,18 @@ pub fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, CodecE
         });
     }
     let body = &bytes[HEADER_LEN..];
-    let (value, used): (T, usize) =
-        bincode::serde::decode_from_slice(body, config()).map_err(|e| CodecError::Malformed {
-            kind,
-            body: BodyError(std::sync::Arc::new(e)),
-        })?;
+    let decoded = bincode::serde::decode_from_slice(body, config());
+    let (value, used): (T, usize) = match decoded {
+        // An older build's body: without the appended field, which reads as `None`.
+        Err(bincode::error::DecodeError::UnexpectedEnd { .. }) if kind.has_appended_option() => {
+            let padded = [body, &[0]].concat();
+            let (value, used) = bincode::serde::decode_from_slice(&padded, config())
+                .map_err(|e| malformed(kind, e))?;
+            // The pad is not the sender's: count only what it sent.
+            (value, used.saturating_sub(1))
+        }
+        other => other.map_err(|e| malformed(kind, e))?,
+    };
     if used != body.len() {
         return Err(CodecError::TrailingBytes {
             kind,

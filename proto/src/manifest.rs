@@ -317,8 +317,11 @@ impl Manifest {
     }
 
     /// An unsigned envelope holding this manifest, ready for release keys to sign.
+    /// Without provenance it is written as manifests were before it (which older devices
+    /// read): see [`crate::codec::Kind::has_appended_option`].
     pub fn seal(&self) -> Result<Envelope, CodecError> {
-        Envelope::seal(Kind::Manifest, self)
+        let absent = self.provenance.is_none();
+        Envelope::new(crate::codec::encode_appended(Kind::Manifest, self, absent)?)
     }
 
     /// The banner a test image prints when ready: `READY <app> <version>`.

@@ -253,8 +253,15 @@ pub const MAX_CONSOLE_TAIL: usize = 2048;
 pub const MAX_TAGS: usize = 16;
 
 impl StatusReport {
+    /// Without a guest address it is written as reports were before it (which older hubs
+    /// read): see [`crate::codec::Kind::has_appended_option`].
     pub fn seal(&self) -> Result<Envelope, CodecError> {
-        Envelope::seal(Kind::StatusReport, self)
+        let absent = self.guest.is_none();
+        Envelope::new(crate::codec::encode_appended(
+            Kind::StatusReport,
+            self,
+            absent,
+        )?)
     }
 }
 

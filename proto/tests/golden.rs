@@ -101,8 +101,8 @@ fn envelope_header_golden() {
     assert_eq!(env.signatures[0].key_id, key(20).id());
 }
 
-fn status_bytes() -> Vec<u8> {
-    let r = proto::status::StatusReport {
+fn status_report() -> proto::status::StatusReport {
+    proto::status::StatusReport {
         fleet: "home".into(),
         device: "d1".into(),
         seq: 42,
@@ -138,8 +138,38 @@ fn status_bytes() -> Vec<u8> {
         guest: Some([198, 51, 100, 7].into()),
         tags: vec!["kitchen".into(), "beta".into()],
         platform: proto::manifest::Platform::QemuAarch64,
+    }
+}
+
+fn status_bytes() -> Vec<u8> {
+    signed(status_report().seal().unwrap(), &[&key(20)])
+}
+
+/// The manifest and the report as builds before their appended fields wrote them (the
+/// golden vectors of then, kept): this build reads them, the field `None`, and writes a
+/// value without the field byte for byte as they did — so a hub upgraded first still
+/// reads older devices' reports and they its releases without provenance.
+#[test]
+fn messages_from_before_the_appended_fields_read_and_are_written_as_then() {
+    let old = read("manifest-before-provenance.bin");
+    let v = proto::manifest::verify_manifest(&old, &trusted_v1(), &expect(None), NOW).unwrap();
+    assert_eq!(v.manifest(), &manifest_for(&image(300_000, 1), 3));
+    assert_eq!(v.manifest().provenance, None);
+    assert_eq!(signed(v.manifest().seal().unwrap(), &[&key(10)]), old);
+
+    let old = read("status-before-guest.bin");
+    let device = key(20).public();
+    let (_, r) =
+        proto::status::verify_status(&old, |id| (*id == device.id()).then_some(device)).unwrap();
+    let then = proto::status::StatusReport {
+        guest: None,
+        ..status_report()
     };
-    signed(r.seal().unwrap(), &[&key(20)])
+    assert_eq!(r, then);
+    assert_eq!(signed(r.seal().unwrap(), &[&key(20)]), old);
+    // A truncated one is still refused.
+    let short = &old[..old.len() - 1];
+    assert!(proto::status::verify_status(short, |_| Some(device)).is_err());
 }
 
 #[test]
