@@ -110,6 +110,20 @@ fn write_new_key(path: &std::path::Path) -> Result<proto::SecretKey> {
     Ok(key)
 }
 
+/// `--tag`s a device may carry: names, at most [`proto::status::MAX_TAGS`].
+fn check_tags(tags: &[String]) -> Result<()> {
+    for t in tags {
+        proto::names::check("tag", t).map_err(|e| anyhow::anyhow!("--tag {t:?}: {e}"))?;
+    }
+    anyhow::ensure!(
+        tags.len() <= proto::status::MAX_TAGS,
+        "{} tags given; a device may carry at most {}",
+        tags.len(),
+        proto::status::MAX_TAGS
+    );
+    Ok(())
+}
+
 fn enroll(args: EnrollArgs) -> Result<()> {
     let EnrollArgs {
         dir,
@@ -133,15 +147,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         "{} already exists; pass --force to replace it",
         cfg_path.display()
     );
-    for t in &tags {
-        proto::names::check("tag", t).map_err(|e| anyhow::anyhow!("--tag {t:?}: {e}"))?;
-    }
-    anyhow::ensure!(
-        tags.len() <= proto::status::MAX_TAGS,
-        "{} tags given; a device may carry at most {}",
-        tags.len(),
-        proto::status::MAX_TAGS
-    );
+    check_tags(&tags)?;
     let (root_bytes, claimed) = read_root(&root)?;
     let cfg = Config {
         name,

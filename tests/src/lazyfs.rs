@@ -140,6 +140,24 @@ impl LazyFs {
         })
     }
 
+    /// Makes `name` in `parent` with `create` (given its path in the base directory) and
+    /// answers with its entry.
+    fn make(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        reply: ReplyEntry,
+        create: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) {
+        let made = self
+            .child(parent, name)
+            .and_then(|(p, _)| create(&p).map_err(|e| errno(&e)));
+        match made {
+            Ok(()) => self.entry(parent, name, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn entry(&mut self, parent: u64, name: &OsStr, reply: ReplyEntry) {
         match self
             .child(parent, name)
@@ -260,15 +278,10 @@ impl Filesystem for LazyFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let made = self.child(parent, name).and_then(|(p, _)| {
-            fs::create_dir(&p)
-                .and_then(|()| fs::set_permissions(&p, fs::Permissions::from_mode(mode & !umask)))
-                .map_err(|e| errno(&e))
+        self.make(parent, name, reply, |p| {
+            fs::create_dir(p)?;
+            fs::set_permissions(p, fs::Permissions::from_mode(mode & !umask))
         });
-        match made {
-            Ok(()) => self.entry(parent, name, reply),
-            Err(e) => reply.error(e),
-        }
     }
 
     /// Unix sockets only (`hub serve` binds its control socket in its home): the node is
@@ -286,17 +299,10 @@ impl Filesystem for LazyFs {
         if mode & libc::S_IFMT != libc::S_IFSOCK {
             return reply.error(libc::ENOSYS);
         }
-        let made = self.child(parent, name).and_then(|(p, _)| {
-            std::os::unix::net::UnixListener::bind(&p)
-                .and_then(|_| {
-                    fs::set_permissions(&p, fs::Permissions::from_mode(mode & 0o7777 & !umask))
-                })
-                .map_err(|e| errno(&e))
+        self.make(parent, name, reply, |p| {
+            std::os::unix::net::UnixListener::bind(p)?;
+            fs::set_permissions(p, fs::Permissions::from_mode(mode & 0o7777 & !umask))
         });
-        match made {
-            Ok(()) => self.entry(parent, name, reply),
-            Err(e) => reply.error(e),
-        }
     }
 
     fn unlink(&mut self, _: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
