@@ -9,9 +9,10 @@
 #   scripts/stock-libvirt.sh start DIR    starts virtlogd and libvirtd with their files in DIR
 #   scripts/stock-libvirt.sh stop DIR     destroys its domains and stops both daemons
 #
-# What it found with the packaged device agent (issue 32, point 4) is in the session
-# notes: the state directory (0750) is not traversable by libvirt-qemu, and virtlogd
-# writes the console log as root 0600, which the agent (user unifleet) cannot read.
+# It also gives /dev/kvm Debian's udev permissions (root:kvm 0660, libvirt-qemu in group
+# kvm; put back at stop): without them libvirt probes QEMU's capabilities again before
+# every domain start (~45 s each here). `scripts/packages.sh --check` boots a release with
+# the packaged agent against it.
 set -euo pipefail
 cmd="${1:-}"
 dir="${2:-}"
@@ -40,6 +41,13 @@ auth_unix_ro = "none"
 auth_unix_rw = "none"
 EOF
     getent group libvirt >/dev/null || groupadd -r libvirt
+    getent group kvm >/dev/null || groupadd -r kvm
+    if [ -e /dev/kvm ] && [ ! -f "$dir/kvm.before" ]; then
+      stat -c '%a %G' /dev/kvm > "$dir/kvm.before"
+      id -nG libvirt-qemu | grep -qw kvm || echo added >> "$dir/kvm.before"
+      chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+      usermod -aG kvm libvirt-qemu
+    fi
     # A tmpfs on /run keeps the first daemon's pid files and sockets out of sight.
     unshare --mount --propagation private bash -c '
       set -e
@@ -69,6 +77,12 @@ EOF
     for pid in "$dir/libvirtd.pid" "$dir/virtlogd.pid"; do
       [ -f "$pid" ] && kill "$(cat "$pid")" 2>/dev/null || true
     done
+    if [ -f "$dir/kvm.before" ]; then
+      read -r mode group < "$dir/kvm.before"
+      chgrp "$group" /dev/kvm && chmod "$mode" /dev/kvm
+      grep -qx added "$dir/kvm.before" && gpasswd -d libvirt-qemu kvm >/dev/null
+      rm -f "$dir/kvm.before"
+    fi
     echo "stock-libvirt: stopped"
     ;;
   *)

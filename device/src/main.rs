@@ -34,9 +34,14 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct EnrollArgs {
-    /// Directory for device.key, device.pub, device.toml, root.bin and state/.
+    /// Directory for device.key, device.pub, device.toml, root.bin and (unless
+    /// --state-dir) state/.
     #[arg(long)]
     dir: PathBuf,
+    /// Where the agent keeps chunks, images and its state: the packaged agent's is
+    /// /var/lib/unifleet (default: DIR/state).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// Device name, unique in the fleet.
     #[arg(long)]
     name: String,
@@ -127,6 +132,7 @@ fn check_tags(tags: &[String]) -> Result<()> {
 fn enroll(args: EnrollArgs) -> Result<()> {
     let EnrollArgs {
         dir,
+        state_dir,
         name,
         root,
         channel,
@@ -158,7 +164,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         platform,
         root: "root.bin".into(),
         key: "device.key".into(),
-        state_dir: "state".into(),
+        state_dir: state_dir.clone().unwrap_or_else(|| "state".into()),
         broker,
         hub,
         peers,
@@ -182,8 +188,8 @@ fn enroll(args: EnrollArgs) -> Result<()> {
     // Everything is checked before anything is written: a refused enrollment leaves no
     // key, public key or root behind (it left all three).
     cfg.validate()?;
-    std::fs::create_dir_all(dir.join("state"))
-        .with_context(|| format!("creating {}", dir.display()))?;
+    let state = dir.join(&cfg.state_dir);
+    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
     let key = write_new_key(&dir.join("device.key"))?;
     std::fs::write(dir.join("device.pub"), key.public().to_text())?;
     std::fs::write(dir.join("root.bin"), &root_bytes)?;

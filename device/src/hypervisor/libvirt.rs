@@ -95,7 +95,7 @@ pub fn render_xml(l: &Launch, driver: Driver, domain_type: &str, serial_port: u1
                  <os>{os_type}<kernel>{kernel}</kernel><cmdline>{cmdline}</cmdline></os>{machine}\
                  {lifecycle}<devices>\
                  <serial type='tcp'><source mode='bind' host='127.0.0.1' service='{serial_port}' tls='no'/>\
-                 <protocol type='raw'/><log file='{log}' append='off'/><target port='0'/></serial>\
+                 <protocol type='raw'/><log file='{log}' append='on'/><target port='0'/></serial>\
                  {nic}<memballoon model='none'/></devices></domain>"
             )
         }
@@ -112,7 +112,7 @@ pub fn render_xml(l: &Launch, driver: Driver, domain_type: &str, serial_port: u1
             format!(
                 "<domain type='xen'><name>{name}</name><memory unit='MiB'>{mem}</memory><vcpu>{vcpus}</vcpu>\
                  <os>{os_type}<kernel>{kernel}</kernel><cmdline>{cmdline}</cmdline></os>{lifecycle}\
-                 <devices><console type='pty'><log file='{log}' append='off'/><target type='xen' port='0'/></console>{nic}</devices></domain>"
+                 <devices><console type='pty'><log file='{log}' append='on'/><target type='xen' port='0'/></console>{nic}</devices></domain>"
             )
         }
     }
@@ -246,7 +246,10 @@ impl Libvirt {
             let _ = old.destroy();
             let _ = old.undefine();
         }
-        let _ = std::fs::remove_file(&l.console_log);
+        fresh_console_log(&l.console_log).map_err(|source| ActivateError::ConsoleLog {
+            path: l.console_log.clone(),
+            source,
+        })?;
         let driver = Driver::of(&self.uri);
         let mut last = None;
         for _ in 0..3 {
@@ -259,15 +262,67 @@ impl Libvirt {
             let xml = render_xml(l, driver, domain_type, port);
             match conn.create_domain_xml(&xml, 0) {
                 Ok(_) => return Ok(Started { console_port: port }),
-                // A port taken between choosing and binding: choose again.
-                Err(e) => last = Some(e),
+                // A port taken between choosing and binding: choose again. Anything else
+                // (an unreadable kernel, a bad XML) would only fail the same way again.
+                Err(e) if port_taken(&e) => last = Some(e),
+                Err(e) => {
+                    last = Some(e);
+                    break;
+                }
             }
         }
+        let source = last.expect("an attempt was made");
         Err(ActivateError::Start {
             name: l.name.clone(),
-            source: last.expect("three attempts made"),
+            hint: start_hint(&source, &l.image),
+            source,
         })
     }
+}
+
+/// An empty console log owned by the agent, made before the domain starts: with
+/// `append='on'`, virtlogd writes into this file as it is, where with `append='off'` it
+/// makes a new one owned by root, mode 0600, that an agent not running as root (the
+/// packaged `unifleet` user) cannot read — and the banner probe reads it. The last
+/// boot's log goes first: it may be one such root-owned file.
+fn fresh_console_log(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+}
+
+/// Whether a failed start was QEMU finding its console port taken.
+fn port_taken(e: &virt::error::Error) -> bool {
+    e.message().contains("Address already in use")
+}
+
+/// The next step for a start that failed because QEMU could not read the kernel: on a
+/// stock libvirt QEMU runs as its own user (`libvirt-qemu` on Debian), which must be able
+/// to traverse the agent's state directory.
+fn start_hint(e: &virt::error::Error, image: &std::path::Path) -> String {
+    let msg = e.message();
+    if !(msg.contains("could not open kernel file") && msg.contains("Permission denied")) {
+        return String::new();
+    }
+    let dir = image
+        .parent()
+        .and_then(|slots| slots.parent())
+        .unwrap_or(image);
+    format!(
+        " (QEMU runs as its own user under this libvirt and cannot read {}: let it traverse \
+         the state directory, e.g. `setfacl -m u:libvirt-qemu:x {}`, as the unifleet-device \
+         package does for /var/lib/unifleet)",
+        image.display(),
+        dir.display()
+    )
 }
 
 /// The MAC of the guest at a static `ip`: the same address always comes with the same MAC,
@@ -432,6 +487,24 @@ fn free_port() -> u16 {
 mod tests {
     use super::*;
     use proto::manifest::{BootSpec, HealthProbe};
+
+    /// Under a stock libvirt, virtlogd made a new console log owned by root, mode 0600,
+    /// at each start (`append='off'`), and the agent running as `unifleet` could not read
+    /// its banner: the agent makes the log, empty and its own, and virtlogd appends to it.
+    #[test]
+    fn the_console_log_is_the_agents_own_and_empty_at_each_start() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("a.console.log");
+        std::fs::write(&log, "READY hello 1.0.0 (the last boot's)\n").unwrap();
+        fresh_console_log(&log).unwrap();
+        let meta = std::fs::metadata(&log).unwrap();
+        assert_eq!(meta.len(), 0);
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        let xml = render_xml(&launch(Platform::QemuX86_64), Driver::Qemu, "qemu", 4000);
+        assert!(xml.contains("append='on'"), "{xml}");
+        assert!(!xml.contains("append='off'"), "{xml}");
+    }
 
     /// The watchdog restarts what is stopped; a libvirt it cannot reach must not look
     /// like a stopped domain (through a libvirtd restart every healthy release would be

@@ -111,11 +111,18 @@ pub enum ActivateError {
         uri: String,
         source: virt::error::Error,
     },
-    /// The last of the attempts' errors (each with a new console port).
-    #[error("starting domain {name}: {source}")]
+    /// The last of the attempts' errors (each with a new console port); `hint` names the
+    /// next step where the error is a known one, or is empty.
+    #[error("starting domain {name}{hint}: {source}")]
     Start {
         name: String,
         source: virt::error::Error,
+        hint: String,
+    },
+    #[error("making the console log {path}: {source}")]
+    ConsoleLog {
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("health probe of {name} failed: {reason}")]
     Probe {
@@ -179,10 +186,13 @@ impl ActivateError {
     /// not healthy) — never tried again — rather than the hypervisor or the address pool
     /// (tried again later).
     pub fn blames_the_release(&self) -> bool {
-        matches!(
-            self,
-            ActivateError::Start { .. } | ActivateError::Probe { .. }
-        )
+        match self {
+            // A start with a hint failed for a reason of the host's (QEMU's user cannot
+            // read the kernel): every release would fail it the same way.
+            ActivateError::Start { hint, .. } => hint.is_empty(),
+            ActivateError::Probe { .. } => true,
+            _ => false,
+        }
     }
 
     /// The console's last lines, when the probe failed (for the report).
