@@ -467,6 +467,8 @@ pub struct Sources {
     /// Enrolled keys by device name (their seeds place devices in waves).
     keys: BTreeMap<String, PublicKey>,
     holds: Option<Holds>,
+    /// The revocation list: the tags the operator assigned each device.
+    members: proto::revocation::Revocations,
 }
 
 impl Sources {
@@ -487,12 +489,16 @@ impl Sources {
             .into_values()
             .collect();
         let holds = holds(&store, &root)?.map(|(l, _)| l);
+        let members = crate::trust::revocations(&store, &root)?
+            .map(|(l, _)| l)
+            .unwrap_or_default();
         Ok(Sources {
             inventory,
             store,
             root,
             keys,
             holds,
+            members,
         })
     }
 }
@@ -584,7 +590,10 @@ fn count_waves(
     detail: &mut [WaveCounts],
 ) -> u32 {
     let Sources {
-        inventory, keys, ..
+        inventory,
+        keys,
+        members,
+        ..
     } = src;
     let mut not_targeted = 0;
     for e in inventory.values() {
@@ -599,7 +608,7 @@ fn count_waves(
         };
         let me = proto::rollout::Me {
             name: &e.device,
-            tags: &e.tags,
+            tags: members.tags_of(key),
             seed: proto::rollout::seed(key),
         };
         if !rollout.targets(&me) {

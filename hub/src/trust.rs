@@ -390,6 +390,9 @@ pub fn revoke(home: &Home, name: &str, reason: &str) -> Result<Revocations, Revo
         key: device,
         at: now(),
     });
+    if let Some(members) = &mut list.members {
+        members.retain(|m| m.key != device);
+    }
     let signed = sign(list.seal(), &key).map_err(RevokeError::Sign)?;
     let mut change = Change::default();
     change.put("revocations.bin", signed);

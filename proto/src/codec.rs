@@ -92,12 +92,15 @@ impl Kind {
     }
 
     /// Whether this kind's last field is an `Option` appended after messages of it were
-    /// in the field (the manifest's `provenance`, the report's `guest`). A body without
+    /// in the field (the manifest's `provenance`, the report's `guest`, the revocation list's `members`). A body without
     /// it — one byte short, from an older build — reads as that field `None` ([`decode`]),
     /// and one whose field is `None` is written without it ([`encode_appended`]), so older
     /// builds still read it. Only a value *with* the field is new to them.
     pub const fn has_appended_option(self) -> bool {
-        matches!(self, Kind::Manifest | Kind::StatusReport)
+        matches!(
+            self,
+            Kind::Manifest | Kind::StatusReport | Kind::Revocations
+        )
     }
 
     pub fn name(self) -> &'static str {

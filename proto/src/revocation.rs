@@ -1,4 +1,8 @@
-//! The revocation list: device keys the fleet no longer trades with.
+//! The revocation list: device keys the fleet no longer trades with — and, since tags
+//! are the operator's to give, the fleet's **members** with the tags assigned to each
+//! (`hub enroll --tag`). A device targets releases by the tags this list gives its key,
+//! never by the ones it declares itself, and peers and the hub serve a tag-targeted
+//! release's blobs only to the devices it targets.
 //!
 //! Signed by the hub's timestamp key and spread like announcements (MQTT retained,
 //! gossip, asked of each peer), so it holds with the hub down: a device refuses to serve
@@ -16,6 +20,16 @@ use serde::{Deserialize, Serialize};
 
 /// Most devices one list may name (it must fit [`Kind::Revocations`]'s size limit).
 pub const MAX_REVOKED: usize = 1000;
+/// Most members one list may name.
+pub const MAX_MEMBERS: usize = 1000;
+
+/// An enrolled device and the tags the operator assigned it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub key: PublicKey,
+    pub tags: Vec<String>,
+}
 
 /// One revoked device: its enrolled name (for people) and key (what is checked).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,15 +48,32 @@ pub struct Revocations {
     pub version: u64,
     pub issued_at: u64,
     pub devices: Vec<Revoked>,
+    /// Every enrolled device with its assigned tags; `None` from hubs before tags were
+    /// assigned (appended: such a list is written, and read, as those hubs wrote it).
+    pub members: Option<Vec<Member>>,
 }
 
 impl Revocations {
     pub fn seal(&self) -> Result<Envelope, CodecError> {
-        Envelope::seal(Kind::Revocations, self)
+        let absent = self.members.is_none();
+        Envelope::new(crate::codec::encode_appended(
+            Kind::Revocations,
+            self,
+            absent,
+        )?)
     }
 
     pub fn is_revoked(&self, key: &PublicKey) -> bool {
         self.devices.iter().any(|d| d.key == *key)
+    }
+
+    /// The tags the operator assigned `key` (none: not a member, or no members listed).
+    pub fn tags_of(&self, key: &PublicKey) -> &[String] {
+        self.members
+            .iter()
+            .flatten()
+            .find(|m| m.key == *key)
+            .map_or(&[], |m| &m.tags)
     }
 
     fn validate(&self) -> Result<(), VerifyError> {
@@ -62,6 +93,25 @@ impl Revocations {
         }
         for d in &self.devices {
             names::check("device", &d.name).map_err(|e| invalid(e.into()))?;
+        }
+        let members = self.members.as_deref().unwrap_or_default();
+        if members.len() > MAX_MEMBERS {
+            return Err(invalid(Invalid::TooManyRevoked {
+                count: members.len(),
+                max: MAX_MEMBERS,
+            }));
+        }
+        for m in members {
+            names::check("device", &m.name).map_err(|e| invalid(e.into()))?;
+            if m.tags.len() > crate::status::MAX_TAGS {
+                return Err(invalid(Invalid::TooManyTags {
+                    count: m.tags.len(),
+                    max: crate::status::MAX_TAGS,
+                }));
+            }
+            for t in &m.tags {
+                names::check("tag", t).map_err(|e| invalid(e.into()))?;
+            }
         }
         Ok(())
     }

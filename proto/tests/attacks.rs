@@ -469,6 +469,7 @@ fn revocation_list(version: u64) -> proto::revocation::Revocations {
             key: key(30).public(),
             at: NOW,
         }],
+        members: None,
     }
 }
 

@@ -270,7 +270,34 @@ fn revocations() -> proto::revocation::Revocations {
             key: key(30).public(),
             at: NOW - 60,
         }],
+        members: None,
     }
+}
+
+/// A list with members (the tags the operator assigned) is a new encoding; one without
+/// is written byte for byte as before `members` was appended (`revocations.bin`).
+#[test]
+fn a_revocation_list_with_members_is_pinned_and_gives_each_key_its_tags() {
+    let list = proto::revocation::Revocations {
+        members: Some(vec![proto::revocation::Member {
+            name: "kitchen-1".into(),
+            key: key(31).public(),
+            tags: vec!["beta".into(), "kitchen".into()],
+        }]),
+        ..revocations()
+    };
+    let bytes = signed(list.seal().unwrap(), &[&key(20)]);
+    check("revocations-with-members.bin", &bytes);
+    let read_back = proto::revocation::verify_revocations(
+        &read("revocations-with-members.bin"),
+        &trusted_v1(),
+        1,
+    )
+    .unwrap();
+    assert_eq!(read_back, list);
+    assert_eq!(read_back.tags_of(&key(31).public()), ["beta", "kitchen"]);
+    assert!(read_back.tags_of(&key(30).public()).is_empty());
+    assert!(revocations().tags_of(&key(31).public()).is_empty());
 }
 
 #[test]

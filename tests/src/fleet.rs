@@ -415,7 +415,31 @@ impl Fleet {
             extra,
             ..NewDevice::named(name, app)
         })?;
-        self.enroll_at_hub(i)
+        // The operator assigns the tags the device declares.
+        let tags: Vec<&str> = extra
+            .windows(2)
+            .filter(|w| w[0] == "--tag")
+            .map(|w| w[1])
+            .collect();
+        self.enroll_at_hub_with(i, &tags)
+    }
+
+    /// A device that declares `extra`'s tags (`--tag` to `device enroll`) but is
+    /// assigned only `assigned` by the hub.
+    pub fn add_device_assigned(
+        &mut self,
+        name: &str,
+        app: &str,
+        extra: &[&str],
+        assigned: &[&str],
+    ) -> Result<usize> {
+        let libvirt = self.libvirt.clone();
+        let i = self.set_up_device(NewDevice {
+            libvirt: &libvirt,
+            extra,
+            ..NewDevice::named(name, app)
+        })?;
+        self.enroll_at_hub_with(i, assigned)
     }
 
     /// [`Fleet::add_device`] in network namespace `ns` (a home's LAN): listening on every
@@ -431,12 +455,20 @@ impl Fleet {
     }
 
     fn enroll_at_hub(&mut self, i: usize) -> Result<usize> {
+        self.enroll_at_hub_with(i, &[])
+    }
+
+    /// `hub enroll` of device `i`, assigning it `tags`.
+    fn enroll_at_hub_with(&mut self, i: usize, tags: &[&str]) -> Result<usize> {
         let name = self.devices[i].name.clone();
-        run(self
-            .hub_cmd()?
-            .arg("enroll")
+        let mut cmd = self.hub_cmd()?;
+        cmd.arg("enroll")
             .arg(self.devices[i].dir.join("device.pub"))
-            .args(["--name", &name]))?;
+            .args(["--name", &name]);
+        for t in tags {
+            cmd.args(["--tag", t]);
+        }
+        run(&mut cmd)?;
         Ok(i)
     }
 

@@ -106,7 +106,10 @@ fn a_release_targets_only_the_tags_and_devices_it_names() -> Result<()> {
     let beta = fleet.add_device("tg-beta", "hello", &["--tag", "beta", "--tag", "kitchen"])?;
     let named = fleet.add_device("tg-named", "hello", &[])?;
     let other = fleet.add_device("tg-other", "hello", &["--tag", "garage"])?;
-    for i in [beta, named, other] {
+    // Tags are the operator's: one declared in device.toml and not assigned by `hub
+    // enroll --tag` admits nothing (it did: the device targeted itself).
+    let liar = fleet.add_device_assigned("tg-liar", "hello", &["--tag", "beta"], &["garage"])?;
+    for i in [beta, named, other, liar] {
         fleet.start_device(i)?;
     }
     let v1 = fleet.testimage("hello", "1.0.0", &[])?;
@@ -133,13 +136,33 @@ fn a_release_targets_only_the_tags_and_devices_it_names() -> Result<()> {
                 .then_some(())
         },
     )?;
-    assert!(fleet.devices[other].state_json()["apps"]["hello"]["current"].is_null());
-    // The hub's inventory knows each device's tags from its signed reports.
+    wait_for(
+        "tg-liar to say the release is not for it",
+        Duration::from_secs(15),
+        || {
+            fleet.devices[liar]
+                .log_text()
+                .contains("this device is tg-liar with tags [garage] assigned")
+                .then_some(())
+        },
+    )?;
+    for i in [other, liar] {
+        assert!(fleet.devices[i].state_json()["apps"]["hello"]["current"].is_null());
+    }
+    // The hub's inventory knows each device's declared tags from its signed reports;
+    // `hub devices` shows the assigned ones and a declared one nobody assigned.
     let inv = wait_for("tags in the inventory", Duration::from_secs(15), || {
         let inv = fleet.inventory().ok()?;
-        (inv["tg-beta/hello"]["tags"] == serde_json::json!(["beta", "kitchen"])).then_some(inv)
+        (inv["tg-liar/hello"]["tags"] == serde_json::json!(["beta"])).then_some(inv)
     })?;
-    assert_eq!(rollout_status(&fleet)?["not_targeted"], 1, "{inv}");
+    let devices = run(fleet.hub_cmd()?.arg("devices"))?;
+    assert!(
+        devices.contains("tg-beta [beta, kitchen] hello")
+            && devices
+                .contains("tg-liar [garage] (declares beta: not assigned, `hub enroll --tag`)"),
+        "{devices}"
+    );
+    assert_eq!(rollout_status(&fleet)?["not_targeted"], 2, "{inv}");
     Ok(())
 }
 

@@ -67,12 +67,21 @@ pub(super) enum NotYet {
         reason: String,
         until: std::time::Instant,
     },
+    /// Tags are the hub's to assign: until a list naming the fleet's members arrives,
+    /// this device does not know its own.
+    #[error("it targets {targets}, and no list of the tags the hub assigned has arrived yet")]
+    NoMembers {
+        targets: String,
+        until: std::time::Instant,
+    },
 }
 
 impl NotYet {
     fn until(&self) -> std::time::Instant {
         match self {
-            NotYet::Wave { until, .. } | NotYet::Held { until, .. } => *until,
+            NotYet::Wave { until, .. }
+            | NotYet::Held { until, .. }
+            | NotYet::NoMembers { until, .. } => *until,
         }
     }
 }
@@ -152,6 +161,8 @@ pub(super) struct Updater {
     pub(super) cfg: Config,
     /// This device's place in every rollout (from its key).
     pub(super) seed: u16,
+    /// This device's key: the revocation list gives it the tags the operator assigned.
+    pub(super) key: proto::PublicKey,
     pub(super) platform: Platform,
     pub(super) trust: Arc<Trust>,
     pub(super) store: Arc<Store>,
@@ -238,16 +249,21 @@ impl Updater {
             Err(InstallError::NotYet(n)) => {
                 tracing::info!(app = %ann.app, release = ann.release, "not installing yet: {n}");
                 let state = match n {
-                    NotYet::Wave { at, .. } => DeviceState::Waiting {
+                    NotYet::Wave { at, .. } => Some(DeviceState::Waiting {
                         release: ann.release,
                         until: at,
-                    },
-                    NotYet::Held { kind, .. } => DeviceState::Held {
+                    }),
+                    NotYet::Held { kind, .. } => Some(DeviceState::Held {
                         release: ann.release,
                         kind,
-                    },
+                    }),
+                    // Nothing to say of the release before it is known whether it is
+                    // meant for this device.
+                    NotYet::NoMembers { .. } => None,
                 };
-                self.report_running(&ann.app, state).await;
+                if let Some(state) = state {
+                    self.report_running(&ann.app, state).await;
+                }
                 return Outcome::Deferred(n.until());
             }
             Err(InstallError::ShuttingDown) => {
@@ -312,16 +328,27 @@ impl Updater {
     fn admit(&self, m: &proto::manifest::Manifest) -> Result<bool, NotYet> {
         use proto::rollout::Admission;
         let now = self.trust.clock.now();
+        // The tags the operator assigned, never those device.toml declares.
+        let revoked = self.trust.revoked();
+        let list = revoked.list.as_ref();
         let me = proto::rollout::Me {
             name: &self.cfg.name,
-            tags: &self.cfg.tags,
+            tags: list.map_or(&[], |l| l.tags_of(&self.key)),
             seed: self.seed,
         };
         let in_secs =
             |at: u64| std::time::Instant::now() + Duration::from_secs(at.saturating_sub(now));
         match m.rollout.admission(&me, m.created_at, now) {
+            Admission::NotTargeted
+                if !m.rollout.tags.is_empty() && list.is_none_or(|l| l.members.is_none()) =>
+            {
+                return Err(NotYet::NoMembers {
+                    targets: m.rollout.target_names().join(", "),
+                    until: std::time::Instant::now() + Duration::from_secs(60),
+                });
+            }
             Admission::NotTargeted => {
-                tracing::info!(app = %m.app, release = m.release, "not installing: the release targets {} and this device is {} with tags [{}]", m.rollout.target_names().join(", "), self.cfg.name, self.cfg.tags.join(", "));
+                tracing::info!(app = %m.app, release = m.release, "not installing: the release targets {} and this device is {} with tags [{}] assigned", m.rollout.target_names().join(", "), self.cfg.name, me.tags.join(", "));
                 return Ok(false);
             }
             Admission::NoWave => {

@@ -211,7 +211,8 @@ pub async fn run_with_metrics(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let key = load_key(&cfg.key)?;
-    let seed = proto::rollout::seed(&key.public());
+    let public = key.public();
+    let seed = proto::rollout::seed(&public);
     // Every task of the agent is spawned through this tree; shutdown cancels and waits.
     let tasks = net::tasks::Tasks::new();
     let store = Arc::new(Store::open(&cfg.state_dir)?);
@@ -265,6 +266,7 @@ pub async fn run_with_metrics(
     tasks.spawn(router.run(events, mqtt_rx, asked_rx));
     let updater = Updater {
         seed,
+        key: public,
         fetcher: Fetcher::new(
             net.clone(),
             store.clone(),

@@ -375,15 +375,22 @@ impl Router {
         let verdict = self.record_verdict("revocation list", offered, from);
         if verdict == Verdict::New {
             let r = self.trust.revoked();
-            tracing::warn!(
-                version = r.version(),
-                "revocation list: not trading with {}",
-                r.list
-                    .iter()
-                    .flat_map(|l| l.devices.iter().map(|d| d.name.as_str()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            let revoked: Vec<&str> = r
+                .list
+                .iter()
+                .flat_map(|l| l.devices.iter().map(|d| d.name.as_str()))
+                .collect();
+            match revoked.as_slice() {
+                [] => tracing::info!(version = r.version(), "revocation list: nobody revoked"),
+                names => tracing::warn!(
+                    version = r.version(),
+                    "revocation list: not trading with {}",
+                    names.join(", ")
+                ),
+            }
+            // It also says which tags this device was assigned: a release waiting on
+            // that is looked at again.
+            self.updates.nudge();
         }
         verdict
     }

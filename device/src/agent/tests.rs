@@ -89,6 +89,7 @@ impl Harness {
         let (hypervisor, table) = Fake::hypervisor();
         let upd = Updater {
             seed: 0,
+            key: proto::SecretKey::from_seed([7; 32]).public(),
             platform: Platform::QemuX86_64,
             cfg,
             trust,

@@ -15,9 +15,10 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
     let Args { json } = args;
     let home = Home::open(dir)?;
     let inv = hub::serve::load_inventory(&home);
-    let revoked = hub::trust::revocations(&home.store()?, &home.anchor_root()?)?
-        .map(|(l, _)| l.devices)
+    let list = hub::trust::revocations(&home.store()?, &home.anchor_root()?)?
+        .map(|(l, _)| l)
         .unwrap_or_default();
+    let revoked = &list.devices;
     if json {
         println!("{}", serde_json::to_string_pretty(&inv)?);
     } else {
@@ -32,11 +33,7 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
             let network = e
                 .network
                 .map_or(String::new(), |n| format!(" {}", n.summary()));
-            let tags = if e.tags.is_empty() {
-                String::new()
-            } else {
-                format!(" [{}]", e.tags.join(", "))
-            };
+            let tags = tags_text(&list, &e.device, &e.tags);
             println!(
                 "{}{tags} {} release {} {} {} (from peers {}, hub {}; seen {}){network}{ondemand}",
                 e.device,
@@ -49,7 +46,7 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
                 proto::status::human_ago(e.last_seen, now)
             );
         }
-        for r in &revoked {
+        for r in revoked {
             println!(
                 "{} REVOKED since {} (key {})",
                 r.name,
@@ -59,4 +56,31 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A device's tags as `hub devices` shows them: those the operator assigned, and any it
+/// declares without being assigned (which target nothing).
+fn tags_text(list: &proto::revocation::Revocations, device: &str, declared: &[String]) -> String {
+    let assigned = list
+        .members
+        .iter()
+        .flatten()
+        .find(|m| m.name == device)
+        .map_or(&[][..], |m| &m.tags);
+    let unassigned: Vec<&str> = declared
+        .iter()
+        .filter(|t| !assigned.contains(t))
+        .map(String::as_str)
+        .collect();
+    let mut text = String::new();
+    if !assigned.is_empty() {
+        text += &format!(" [{}]", assigned.join(", "));
+    }
+    if !unassigned.is_empty() {
+        text += &format!(
+            " (declares {}: not assigned, `hub enroll --tag`)",
+            unassigned.join(", ")
+        );
+    }
+    text
 }

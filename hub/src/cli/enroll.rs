@@ -13,6 +13,15 @@ pub struct Args {
     /// reports are refused from then on. Recorded in the event log.
     #[arg(long)]
     replace: bool,
+    /// A tag the operator assigns this device (repeat: `--tag kitchen --tag beta`);
+    /// releases published with `--target-tag` reach the devices assigned it, whatever
+    /// they declare themselves. Enrolling an enrolled device again with `--tag` replaces
+    /// its tags; without, it keeps them.
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// Take away every tag assigned to NAME before.
+    #[arg(long, conflicts_with = "tags")]
+    no_tags: bool,
 }
 
 pub fn run(dir: &Path, args: Args) -> Result<()> {
@@ -20,13 +29,23 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
         pubkey,
         name,
         replace,
+        tags,
+        no_tags,
     } = args;
     let home = Home::open(dir)?;
     let text = std::fs::read_to_string(&pubkey)
         .with_context(|| format!("reading {}", pubkey.display()))?;
     let key = proto::PublicKey::from_text(&text)
         .with_context(|| format!("reading {}", pubkey.display()))?;
-    hub::enroll::enroll(&home, &[(name.clone(), key)], replace)?;
-    println!("enrolled {name} (key {})", key.id().short());
+    let assigned = (no_tags || !tags.is_empty()).then_some(tags.as_slice());
+    hub::enroll::enroll(&home, &[(name.clone(), key)], assigned, replace)?;
+    match tags.as_slice() {
+        [] => println!("enrolled {name} (key {})", key.id().short()),
+        t => println!(
+            "enrolled {name} (key {}) with tags {}",
+            key.id().short(),
+            t.join(", ")
+        ),
+    }
     Ok(())
 }

@@ -104,7 +104,31 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
     for i in &infos {
         println!("  {}: manifest {}", i.track.platform, i.manifest);
     }
+    warn_unassigned(&home, &args.rollout.tags);
     Ok(())
+}
+
+/// Says which of a release's target tags no device was assigned (`hub enroll --tag`):
+/// devices go by assigned tags only, so those reach nobody.
+fn warn_unassigned(home: &Home, tags: &[String]) {
+    if tags.is_empty() {
+        return;
+    }
+    let list = home
+        .store()
+        .ok()
+        .zip(home.anchor_root().ok())
+        .and_then(|(store, root)| hub::trust::revocations(&store, &root).ok().flatten());
+    let members = list.and_then(|(l, _)| l.members).unwrap_or_default();
+    for t in tags {
+        if !members.iter().any(|m| m.tags.contains(t)) {
+            eprintln!(
+                "warning: no device is assigned tag {t:?}, so it admits none (devices go by \
+                 the tags the hub assigns, not by device.toml): `hub enroll DEVICE.pub --name \
+                 NAME --tag {t}`"
+            );
+        }
+    }
 }
 
 impl Args {

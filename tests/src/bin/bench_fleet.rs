@@ -386,7 +386,7 @@ fn enroll_devices(dir: &Path, hub: &Hub, p: &Params) -> Result<()> {
         let text = std::fs::read_to_string(ddir.join("device.pub"))?;
         keys.push((name, proto::PublicKey::from_text(&text)?));
     }
-    Ok(hub::enroll::enroll(&home, &keys, false)?)
+    Ok(hub::enroll::enroll(&home, &keys, None, false)?)
 }
 
 /// A worker process running some of the devices; spoken to over its stdin and stdout.
