@@ -11,7 +11,7 @@ use net::ratelimit::RateLimiter;
 use net::{Multiaddr, NetClient, PeerId, ReplyId, Seen, Want};
 use proto::blob::BlobResponse;
 use proto::Digest;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,18 +20,29 @@ use std::time::Instant;
 /// releases being rolled out); at most 256 holders of ~100 bytes each, ~100 MB at worst.
 const TRACKER_BLOBS: usize = 4_096;
 
-/// Whom the hub trades blobs with (decided by `serve`'s trust: revoked, enrolled).
+/// Whom the hub trades blobs with (decided by `serve`'s trust: revoked, enrolled), and
+/// which blobs only the devices a release targets may fetch.
 #[derive(Debug, Default)]
 pub struct Trade {
     /// Revoked devices: refused everything.
     pub refused: HashSet<PeerId>,
     /// `Some`: only these (enrolled) devices are served; `None`: anyone not refused.
     pub only: Option<HashSet<PeerId>>,
+    pub targeted: crate::targeted::Targeted,
+    /// Enrolled devices by peer id: their names and keys.
+    pub enrolled: HashMap<PeerId, (String, proto::PublicKey)>,
+    /// The revocation list: the tags the operator assigned each device.
+    pub members: proto::revocation::Revocations,
 }
 
 impl Trade {
     fn allows(&self, peer: &PeerId) -> bool {
         !self.refused.contains(peer) && self.only.as_ref().is_none_or(|o| o.contains(peer))
+    }
+
+    fn allows_blob(&self, peer: &PeerId, digest: &Digest) -> bool {
+        let who = self.enrolled.get(peer).map(|(n, k)| (n.as_str(), k));
+        self.targeted.allows(digest, who, &self.members)
     }
 }
 
@@ -105,6 +116,14 @@ impl Blobs {
         let now = Instant::now();
         if !self.trade.allows(&peer) {
             tracing::info!(%peer, "refusing a blob request: revoked or not enrolled");
+            self.net.respond(reply, BlobResponse::Refused).await;
+            return;
+        }
+        if !self.trade.allows_blob(&peer, &digest) {
+            tracing::info!(%peer, %digest, "refusing a blob of a release that does not target the asker");
+            self.metrics
+                .untargeted_refused
+                .fetch_add(1, Ordering::Relaxed);
             self.net.respond(reply, BlobResponse::Refused).await;
             return;
         }

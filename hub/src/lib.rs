@@ -34,6 +34,7 @@ pub mod staging;
 pub mod store;
 pub mod store_owner;
 pub mod suspects;
+pub mod targeted;
 pub mod template;
 pub mod tracker;
 pub mod trust;

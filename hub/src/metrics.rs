@@ -31,6 +31,8 @@ pub struct Metrics {
     pub holders_suspected: AtomicU64,
     /// Blob requests answered busy (upload saturated).
     pub busy: AtomicU64,
+    /// Blob requests refused: a release's blob asked for by a device it does not target.
+    pub untargeted_refused: AtomicU64,
     /// Devices' reports of a chunk stored.
     pub stored_reports: AtomicU64,
     /// When a release newer than any announced before was first announced (Unix ms).
@@ -80,7 +82,7 @@ type Row = (
     &'static str,
     fn(&Metrics) -> &AtomicU64,
 );
-const COUNTERS: [Row; 20] = [
+const COUNTERS: [Row; 21] = [
     (
         "unifleet_hub_announcements_total",
         "counter",
@@ -134,6 +136,12 @@ const COUNTERS: [Row; 20] = [
         "counter",
         "Holders made suspect by those reports (too soon, beyond an asker's share, or suspect already: none)",
         |m| &m.holders_suspected,
+    ),
+    (
+        "unifleet_hub_untargeted_refused_total",
+        "counter",
+        "Blob requests refused because the release does not target the asking device (by name or assigned tag)",
+        |m| &m.untargeted_refused,
     ),
     (
         "unifleet_hub_busy_total",

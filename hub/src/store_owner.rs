@@ -84,6 +84,8 @@ pub struct Releases {
     pub count: u64,
     /// The halt policies of the newest releases.
     pub policies: Vec<(ReleaseKey, HaltPolicy)>,
+    /// The blobs only the devices a newest release targets may fetch.
+    pub targeted: crate::targeted::Targeted,
 }
 
 /// The signed lists the hub spreads besides announcements, verified against its root.
@@ -291,6 +293,7 @@ fn read_releases(
         return Ok(None);
     }
     let (newest, count) = store.newest_releases()?;
+    let targeted = crate::targeted::Targeted::read(store, root, &newest)?;
     let mut announcements = vec![];
     let mut policies = vec![];
     for (track, release) in newest {
@@ -309,6 +312,7 @@ fn read_releases(
         announcements,
         count,
         policies,
+        targeted,
     }))
 }
 

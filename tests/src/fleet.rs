@@ -759,6 +759,16 @@ impl Fleet {
             .arg(out))
     }
 
+    /// [`Fleet::fetch_release`] from the hub, asking as device `i` (its key).
+    pub fn fetch_release_as(&self, i: usize, digest: &str, out: &Path) -> Result<String> {
+        run(Command::new(bin("fetch_release")?)
+            .env("UNIFLEET_FETCH_KEY", self.devices[i].dir.join("device.key"))
+            .arg(&self.hub_addr)
+            .arg(self.hub_dir.join("root.bin"))
+            .args([digest, "stable"])
+            .arg(out))
+    }
+
     /// The hub's inventory (`hub devices --json`).
     pub fn inventory(&self) -> Result<Value> {
         Ok(serde_json::from_str(&run(self

@@ -113,7 +113,7 @@ fn a_release_targets_only_the_tags_and_devices_it_names() -> Result<()> {
         fleet.start_device(i)?;
     }
     let v1 = fleet.testimage("hello", "1.0.0", &[])?;
-    fleet.publish(
+    let published = fleet.publish(
         &v1,
         "hello",
         "1.0.0",
@@ -126,6 +126,20 @@ fn a_release_targets_only_the_tags_and_devices_it_names() -> Result<()> {
         ],
     )?;
     fleet.wait_all(&[beta, named], "hello", 1, "Active", CONVERGE)?;
+    // Nor does the hub serve the release to a device that asks for it anyway.
+    let manifest = published
+        .split("manifest ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .context("publish names the manifest")?;
+    let out = fleet.dir.path().join("fetched.img");
+    fleet.fetch_release_as(beta, manifest, &out)?;
+    let refused = fleet.fetch_release_as(liar, manifest, &out).unwrap_err();
+    let refused = format!("{refused:#}");
+    assert!(
+        refused.contains("refuses to trade with this device"),
+        "{refused}"
+    );
     wait_for(
         "tg-other to say the release is not for it",
         Duration::from_secs(15),

@@ -121,6 +121,8 @@ pub(super) struct Hub {
     inflight: Inflight,
     /// The inventory as last written, for the dashboard (which then reads no file).
     published: tokio::sync::watch::Sender<Arc<Inventory>>,
+    /// The blobs only the devices a newest release targets may fetch.
+    targeted: crate::targeted::Targeted,
 }
 
 /// What the hub starts with (see [`Hub::new`]).
@@ -153,9 +155,9 @@ impl Hub {
             announcer: p.announcer,
             monitor: Monitor::default(),
             inflight: Inflight::default(),
+            targeted: Default::default(),
         };
-        hub.blobs
-            .set_trade(hub.trust.trade(&hub.home, &hub.devices));
+        hub.set_trade();
         hub.count_states();
         hub
     }
@@ -255,6 +257,10 @@ impl Hub {
             Ok(Some(releases)) => {
                 self.watch(releases.policies.clone());
                 self.announcer.update(&releases);
+                if self.targeted != releases.targeted {
+                    self.targeted = releases.targeted.clone();
+                    self.set_trade();
+                }
             }
             Ok(None) => {}
             Err(e) => tracing::error!("reading releases: {}", proto::Chain(&e)),
@@ -386,8 +392,8 @@ impl Hub {
     }
 
     fn set_trade(&mut self) {
-        self.blobs
-            .set_trade(self.trust.trade(&self.home, &self.devices));
+        let trade = self.trust.trade(&self.home, &self.devices, &self.targeted);
+        self.blobs.set_trade(trade);
     }
 
     /// Hands what was accepted since the last batch to be written (see

@@ -100,10 +100,26 @@ impl Trust {
     }
 
     /// Whom the hub's blob service trades with: never a revoked key, and only enrolled
-    /// devices unless `serve_unenrolled` (hub.toml).
-    pub fn trade(&self, home: &Home, devices: &Devices) -> crate::blobs::Trade {
+    /// devices unless `serve_unenrolled` (hub.toml); `targeted` blobs only to the devices
+    /// their release targets.
+    pub fn trade(
+        &self,
+        home: &Home,
+        devices: &Devices,
+        targeted: &crate::targeted::Targeted,
+    ) -> crate::blobs::Trade {
         let peer_of = |k: &PublicKey| net::peer_id_of(k);
         crate::blobs::Trade {
+            targeted: targeted.clone(),
+            enrolled: devices
+                .values()
+                .filter_map(|(name, k)| Some((peer_of(k)?, (name.clone(), *k))))
+                .collect(),
+            members: self
+                .revocations
+                .as_ref()
+                .map(|(l, _)| l.clone())
+                .unwrap_or_default(),
             refused: self
                 .revocations
                 .iter()

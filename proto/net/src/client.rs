@@ -22,7 +22,7 @@ pub enum FetchError {
     NotFound(PeerId),
     #[error("peer {0} is busy")]
     Busy(PeerId),
-    #[error("peer {0} refuses to trade with this device (its key is revoked, or not enrolled at a hub serving enrolled devices only)")]
+    #[error("peer {0} refuses to trade with this device (its key is revoked, it is not enrolled at a hub serving enrolled devices only, or the release asked for does not target it)")]
     Refused(PeerId),
     #[error("peer {0} says to ask {n} other peers", n = .1.len())]
     Elsewhere(PeerId, Vec<(PeerId, Multiaddr)>),

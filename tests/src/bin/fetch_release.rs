@@ -2,7 +2,9 @@
 //! its chunks from a peer by digest, verifies everything against the trust root, and
 //! writes the image.
 //!
-//! Usage: `fetch_release PEER_ADDR ROOT_FILE MANIFEST_DIGEST CHANNEL OUT_FILE`
+//! Usage: `fetch_release PEER_ADDR ROOT_FILE MANIFEST_DIGEST CHANNEL OUT_FILE`; with
+//! `UNIFLEET_FETCH_KEY=device.key` in its environment it asks as that device (its
+//! libp2p identity), else as a stranger.
 #![allow(clippy::print_stdout)]
 
 use anyhow::{bail, Context, Result};
@@ -26,6 +28,10 @@ async fn main() -> Result<()> {
     let mut seed = [0u8; 32];
     seed[0] = 0xF7;
     seed[1..9].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
+    if let Some(key) = std::env::var_os("UNIFLEET_FETCH_KEY") {
+        let text = std::fs::read_to_string(&key).context("reading UNIFLEET_FETCH_KEY")?;
+        seed = proto::SecretKey::from_text(&text)?.seed();
+    }
     let mut cfg = net::NetConfig::new(net::keypair_from_seed(seed), root.fleet());
     cfg.bootstrap = vec![addr];
     let (client, mut events) = net::start(cfg, &net::tasks::Tasks::new())?;
