@@ -12,13 +12,17 @@
 //! A kill -9 at any instant leaves `state.json` old or new, never torn; a slot is named in
 //! `state.json` only after it is complete and fsynced; chunks are re-verified when read.
 
+use proto::codec::Kind;
+use proto::envelope::Envelope;
 use proto::manifest::{ImageVerifier, Manifest};
+use proto::targeted::Targeted;
 use proto::Digest;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// One installed release of an app.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,6 +165,8 @@ impl State {
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
+    /// What [`Store::targeted`] last made, and of which manifests (their file names).
+    targeted: std::sync::Mutex<(Vec<std::ffi::OsString>, Arc<Targeted>)>,
 }
 
 /// Writes `bytes` to `path` via a temporary file, fsync, rename, fsync of the directory.
@@ -187,6 +193,7 @@ impl Store {
         }
         Ok(Store {
             dir: dir.to_path_buf(),
+            targeted: Default::default(),
         })
     }
 
@@ -314,6 +321,33 @@ impl Store {
 
     pub fn put_manifest(&self, d: &Digest, bytes: &[u8]) -> Result<()> {
         write_atomic(&self.manifest_path(d), bytes)
+    }
+
+    /// The chunks this device may serve only to the devices their releases target, from
+    /// the manifests it holds (verified when they were fetched; read again only when the
+    /// set of them changed).
+    pub fn targeted(&self) -> Arc<Targeted> {
+        let dir = self.dir.join("manifests");
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        names.sort();
+        let mut cached = self.targeted.lock().unwrap_or_else(|p| p.into_inner());
+        if cached.0 != names {
+            let manifests: Vec<Manifest> = names
+                .iter()
+                .filter_map(|n| fs::read(dir.join(n)).ok())
+                .filter_map(|bytes| {
+                    let env = Envelope::decode(&bytes, Kind::Manifest).ok()?;
+                    proto::codec::decode(Kind::Manifest, &env.payload).ok()
+                })
+                .collect();
+            *cached = (names, Arc::new(Targeted::of(&manifests)));
+        }
+        cached.1.clone()
     }
 
     /// Assembles the image from stored chunks into its slot, verifying every chunk and the

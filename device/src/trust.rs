@@ -13,8 +13,10 @@ use proto::envelope::Envelope;
 use proto::revocation::{verify_revocations, Revocations};
 use proto::rollout::{verify_holds, Holds};
 use proto::root::TrustedRoot;
+use proto::targeted::Targeted;
+use proto::Digest;
 use proto::VerifyError;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -87,12 +89,14 @@ impl Clock {
     }
 }
 
-/// The revocation list a device holds, with the peer ids of the devices it names.
+/// The revocation list a device holds, with the peer ids of the devices it names
+/// revoked, and the tags it assigns each member, by peer id.
 #[derive(Debug, Default)]
 pub struct Revoked {
     pub list: Option<Revocations>,
     pub bytes: Option<Vec<u8>>,
     peers: HashSet<PeerId>,
+    tags: HashMap<PeerId, Vec<String>>,
 }
 
 impl Revoked {
@@ -102,15 +106,29 @@ impl Revoked {
             .iter()
             .filter_map(|d| net::peer_id_of(&d.key))
             .collect();
+        let tags = list
+            .members
+            .iter()
+            .flatten()
+            .filter_map(|m| Some((net::peer_id_of(&m.key)?, m.tags.clone())))
+            .collect();
         Revoked {
             list: Some(list),
             bytes: Some(bytes),
             peers,
+            tags,
         }
     }
 
     pub fn version(&self) -> u64 {
         self.list.as_ref().map_or(0, |l| l.version)
+    }
+
+    /// Whether `peer` may fetch `digest` from this device: a chunk only of releases that
+    /// target other devices (`targeted`) goes to none but them, by the tags assigned.
+    pub fn may_fetch(&self, peer: &PeerId, digest: &Digest, targeted: &Targeted) -> bool {
+        let tags = self.tags.get(peer).map_or(&[][..], Vec::as_slice);
+        targeted.allows(digest, None, tags)
     }
 }
 

@@ -28,7 +28,7 @@ pub struct Trade {
     pub refused: HashSet<PeerId>,
     /// `Some`: only these (enrolled) devices are served; `None`: anyone not refused.
     pub only: Option<HashSet<PeerId>>,
-    pub targeted: crate::targeted::Targeted,
+    pub targeted: proto::targeted::Targeted,
     /// Enrolled devices by peer id: their names and keys.
     pub enrolled: HashMap<PeerId, (String, proto::PublicKey)>,
     /// The revocation list: the tags the operator assigned each device.
@@ -41,8 +41,14 @@ impl Trade {
     }
 
     fn allows_blob(&self, peer: &PeerId, digest: &Digest) -> bool {
-        let who = self.enrolled.get(peer).map(|(n, k)| (n.as_str(), k));
-        self.targeted.allows(digest, who, &self.members)
+        match self.enrolled.get(peer) {
+            Some((name, key)) => {
+                let tags = self.members.tags_of(key);
+                self.targeted.allows(digest, Some(name), tags)
+            }
+            // A stranger (a hub that serves them) has no name and no tags.
+            None => self.targeted.allows(digest, Some(""), &[]),
+        }
     }
 }
 

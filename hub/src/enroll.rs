@@ -31,6 +31,12 @@ pub enum EnrollError {
     #[error("signing the revocation list with the fleet's members")]
     Sign(#[source] proto::codec::CodecError),
     #[error(
+        "the revocation list would be {bytes} bytes with {members} devices' tags, more than \
+         the broker carries ({max} bytes): assign tags to fewer devices, or fewer tags",
+        max = proto::revocation::MAX_SPREAD_BYTES
+    )]
+    ListTooLarge { bytes: usize, members: usize },
+    #[error(
         "key {key} is already enrolled as {other:?}; one key is one device (revoke {other} \
          first with `hub revoke {other}` if the board was renamed)"
     )]
@@ -48,19 +54,61 @@ pub enum EnrollError {
 
 /// Enrolls each `(name, key)`, with `tags` assigned to each where given (`None`: a
 /// device enrolled before keeps its tags, a new one has none); everything is checked
-/// before anything is written.
+/// before anything is written. Says whether the revocation list changed (a running hub
+/// was asked to spread it).
 pub fn enroll(
     home: &Home,
     devices: &[(String, PublicKey)],
     tags: Option<&[String]>,
     replace: bool,
-) -> Result<(), EnrollError> {
-    check_tags(tags.unwrap_or_default())?;
+) -> Result<bool, EnrollError> {
+    let tags = tags.map(dedup);
+    check_tags(tags.as_deref().unwrap_or_default())?;
+    let root = home.anchor_root()?;
+    let timestamp = home.timestamp_key()?;
     let store = home.store()?;
-    let mut by_name: HashMap<String, PublicKey> = crate::inventory::load_devices(&store)?
-        .into_values()
-        .collect();
-    let mut change = Change::default();
+    let message = match devices {
+        [(name, _)] => format!("enroll {name}"),
+        _ => format!("enroll {} devices", devices.len()),
+    };
+    // One transaction: a `hub revoke` committing meanwhile is read, never overwritten.
+    let (changed, listed) = store.transaction(|store| -> Result<_, EnrollError> {
+        let before: HashMap<String, PublicKey> = crate::inventory::load_devices(store)?
+            .into_values()
+            .collect();
+        let mut change = Change::default();
+        let by_name = keys(&before, devices, replace, &mut change)?;
+        let named: Vec<&str> = devices.iter().map(|(n, _)| n.as_str()).collect();
+        let assign = Assign {
+            before: &before,
+            after: &by_name,
+            named: &named,
+            tags: tags.as_deref(),
+        };
+        let listed = members(store, &root, &timestamp, &assign, &mut change)?;
+        let changed = !change.is_empty();
+        let commit = crate::store::Commit {
+            message: message.clone(),
+            change,
+            tag: None,
+        };
+        Ok((commit, (changed, listed)))
+    })?;
+    if changed {
+        crate::control::reload_devices(home);
+    }
+    Ok(listed)
+}
+
+/// The enrolled keys by name once `devices` are enrolled; their key files and events go
+/// into `change`.
+fn keys(
+    before: &HashMap<String, PublicKey>,
+    devices: &[(String, PublicKey)],
+    replace: bool,
+    change: &mut Change,
+) -> Result<HashMap<String, PublicKey>, EnrollError> {
+    let mut by_name = before.clone();
     for (name, key) in devices {
         proto::names::check("device", name).map_err(|e| EnrollError::Name(name.clone(), e))?;
         if let Some((other, _)) = by_name.iter().find(|(n, k)| *k == key && *n != name) {
@@ -88,22 +136,18 @@ pub fn enroll(
         change.put(format!("devices/{name}.pub"), key.to_text().into_bytes());
         change.event(event(name, kind, detail));
     }
-    let named: Vec<&str> = devices.iter().map(|(n, _)| n.as_str()).collect();
-    let listed = members(home, &store, &by_name, &named, tags, &mut change)?;
-    if change.is_empty() {
-        return Ok(());
+    Ok(by_name)
+}
+
+/// `tags` in order, each once.
+fn dedup(tags: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = vec![];
+    for t in tags {
+        if !out.contains(t) {
+            out.push(t.clone());
+        }
     }
-    let message = match devices {
-        [(name, _)] => format!("enroll {name}"),
-        _ => format!("enroll {} devices", devices.len()),
-    };
-    store.commit(&message, &change, None)?;
-    crate::control::reload_devices(home);
-    if listed {
-        // A running hub spreads the new list (devices learn their tags from it).
-        crate::control::reload_trust(home, &mut |_| {});
-    }
-    Ok(())
+    out
 }
 
 fn check_tags(tags: &[String]) -> Result<(), EnrollError> {
@@ -131,70 +175,97 @@ fn event(name: &str, kind: &str, detail: String) -> Event {
     }
 }
 
-/// Adds to `change` a revocation list one version up naming every enrolled device
-/// (`by_name`) with its tags — `tags` for the `named` ones where given, else those the
-/// last list gave it — when that differs from the members the stored list names; says
+/// What one enrollment assigns: the keys by name `before` and `after` it, the devices it
+/// `named`, and the tags given them (`None`: each keeps its own).
+struct Assign<'a> {
+    before: &'a HashMap<String, PublicKey>,
+    after: &'a HashMap<String, PublicKey>,
+    named: &'a [&'a str],
+    tags: Option<&'a [String]>,
+}
+
+impl Assign<'_> {
+    /// Every enrolled device's tags after this enrollment, by name: those given to the
+    /// named ones, else those the `old` list gave the name's key before (a replaced key
+    /// keeps its board's tags).
+    fn tags(&self, old: &proto::revocation::Revocations) -> Vec<(&str, PublicKey, Vec<String>)> {
+        let mut out: Vec<_> = self
+            .after
+            .iter()
+            .map(|(name, key)| {
+                let tags = match self.tags {
+                    Some(t) if self.named.contains(&name.as_str()) => t.to_vec(),
+                    _ => self
+                        .before
+                        .get(name)
+                        .map(|k| old.tags_of(k).to_vec())
+                        .unwrap_or_default(),
+                };
+                (name.as_str(), *key, tags)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+/// Adds to `change` a revocation list one version up naming the enrolled devices with
+/// tags and their tags, when that differs from the members the stored list names; says
 /// whether it did.
 fn members(
-    home: &Home,
     store: &crate::store::Store,
-    by_name: &HashMap<String, PublicKey>,
-    named: &[&str],
-    tags: Option<&[String]>,
+    root: &proto::root::TrustedRoot,
+    timestamp: &proto::SecretKey,
+    assign: &Assign<'_>,
     change: &mut Change,
 ) -> Result<bool, EnrollError> {
-    let root = home.anchor_root()?;
-    let mut list = crate::trust::revocations(store, &root)?
+    let mut list = crate::trust::revocations(store, root)?
         .map(|(l, _)| l)
         .unwrap_or_else(|| proto::revocation::Revocations {
             fleet: root.fleet().into(),
             ..Default::default()
         });
-    let old = list.members.clone().unwrap_or_default();
-    let old_tags = |name: &str| {
-        old.iter()
-            .find(|m| m.name == name)
-            .map(|m| m.tags.clone())
-            .unwrap_or_default()
-    };
-    let mut members: Vec<proto::revocation::Member> = by_name
+    let assigned = assign.tags(&list);
+    let members: Vec<proto::revocation::Member> = assigned
         .iter()
-        .filter(|(_, key)| !list.is_revoked(key))
-        .map(|(name, key)| proto::revocation::Member {
-            name: name.clone(),
+        .filter(|(_, key, tags)| !tags.is_empty() && !list.is_revoked(key))
+        .map(|(_, key, tags)| proto::revocation::Member {
             key: *key,
-            tags: match tags {
-                Some(t) if named.contains(&name.as_str()) => t.to_vec(),
-                _ => old_tags(name),
-            },
+            tags: tags.clone(),
         })
         .collect();
-    members.sort_by(|a, b| a.name.cmp(&b.name));
     // A fleet that never assigned a tag keeps lists without members, which devices from
     // before tags can still read (a list with members is new to them).
-    let unused = list.members.is_none() && members.iter().all(|m| m.tags.is_empty());
+    let unused = list.members.is_none() && members.is_empty();
     if unused || list.members.as_ref() == Some(&members) {
         return Ok(false);
     }
-    for m in members.iter().filter(|m| m.tags != old_tags(&m.name)) {
-        let detail = format!(
-            "tags [{}] (were [{}])",
-            m.tags.join(", "),
-            old_tags(&m.name).join(", ")
-        );
-        change.event(event(&m.name, "tag", detail));
+    for (name, _, tags) in &assigned {
+        let was = assign
+            .before
+            .get(*name)
+            .map_or(&[][..], |k| list.tags_of(k));
+        if tags.as_slice() != was {
+            let detail = format!("tags [{}] (were [{}])", tags.join(", "), was.join(", "));
+            change.event(event(name, "tag", detail));
+        }
     }
     list.version += 1;
     list.issued_at = now();
     list.members = Some(members);
-    let key = home.timestamp_key()?;
     let signed = list
         .seal()
         .and_then(|mut env| {
-            env.sign(&key)?;
+            env.sign(timestamp)?;
             env.encode()
         })
         .map_err(EnrollError::Sign)?;
+    if signed.len() > proto::revocation::MAX_SPREAD_BYTES {
+        return Err(EnrollError::ListTooLarge {
+            bytes: signed.len(),
+            members: list.members.as_ref().map_or(0, Vec::len),
+        });
+    }
     change.put("revocations.bin", signed);
     Ok(true)
 }
@@ -207,12 +278,12 @@ mod tests {
         proto::SecretKey::from_seed([seed; 32]).public()
     }
 
-    fn members(home: &Home) -> Option<Vec<(String, Vec<String>)>> {
+    fn members(home: &Home) -> Option<Vec<(PublicKey, Vec<String>)>> {
         let store = home.store().unwrap();
         let root = home.anchor_root().unwrap();
         let (list, _) = crate::trust::revocations(&store, &root).unwrap()?;
         let members = list.members?;
-        Some(members.into_iter().map(|m| (m.name, m.tags)).collect())
+        Some(members.into_iter().map(|m| (m.key, m.tags)).collect())
     }
 
     /// Tags are assigned at enrollment and signed into the revocation list with every
@@ -235,24 +306,24 @@ mod tests {
         )
         .unwrap();
         let home = Home::open(dir.path()).unwrap();
-        enroll(&home, &[("a".into(), key(1))], None, false).unwrap();
+        assert!(!enroll(&home, &[("a".into(), key(1))], None, false).unwrap());
         assert_eq!(members(&home), None, "no tag assigned: no members listed");
 
-        let beta = ["beta".to_string()];
-        enroll(&home, &[("b".into(), key(2))], Some(&beta), false).unwrap();
         let tags = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(
-            members(&home).unwrap(),
-            [("a".into(), vec![]), ("b".into(), tags(&["beta"]))]
-        );
-        // Enrolled again without tags: kept; with others: replaced; emptied: none.
-        enroll(&home, &[("b".into(), key(2))], None, false).unwrap();
-        assert_eq!(members(&home).unwrap()[1].1, tags(&["beta"]));
-        let kitchen = ["kitchen".to_string()];
+        let beta = tags(&["beta", "beta"]);
+        assert!(enroll(&home, &[("b".into(), key(2))], Some(&beta), false).unwrap());
+        assert_eq!(members(&home).unwrap(), [(key(2), tags(&["beta"]))]);
+        // Enrolled again without tags: kept; with others: replaced; emptied: none; a new
+        // key for the board keeps its tags.
+        assert!(!enroll(&home, &[("b".into(), key(2))], None, false).unwrap());
+        assert_eq!(members(&home).unwrap(), [(key(2), tags(&["beta"]))]);
+        let kitchen = tags(&["kitchen"]);
         enroll(&home, &[("b".into(), key(2))], Some(&kitchen), false).unwrap();
-        assert_eq!(members(&home).unwrap()[1].1, tags(&["kitchen"]));
-        enroll(&home, &[("b".into(), key(2))], Some(&[]), false).unwrap();
-        assert_eq!(members(&home).unwrap()[1].1, tags(&[]));
+        assert_eq!(members(&home).unwrap(), [(key(2), kitchen.clone())]);
+        enroll(&home, &[("b".into(), key(4))], None, true).unwrap();
+        assert_eq!(members(&home).unwrap(), [(key(4), kitchen)]);
+        enroll(&home, &[("b".into(), key(4))], Some(&[]), false).unwrap();
+        assert_eq!(members(&home).unwrap(), []);
 
         let bad = ["Not A Tag".to_string()];
         assert!(matches!(

@@ -85,7 +85,7 @@ pub struct Releases {
     /// The halt policies of the newest releases.
     pub policies: Vec<(ReleaseKey, HaltPolicy)>,
     /// The blobs only the devices a newest release targets may fetch.
-    pub targeted: crate::targeted::Targeted,
+    pub targeted: proto::targeted::Targeted,
 }
 
 /// The signed lists the hub spreads besides announcements, verified against its root.
@@ -293,7 +293,7 @@ fn read_releases(
         return Ok(None);
     }
     let (newest, count) = store.newest_releases()?;
-    let targeted = crate::targeted::Targeted::read(store, root, &newest)?;
+    let targeted = crate::targeted::read(store, root, &newest)?;
     let mut announcements = vec![];
     let mut policies = vec![];
     for (track, release) in newest {

@@ -365,58 +365,67 @@ pub fn revoke(home: &Home, name: &str, reason: &str) -> Result<Revocations, Revo
     let root = home.anchor_root()?;
     let key = home.timestamp_key()?;
     let store = home.store()?;
-    let enrolled = store
-        .read(&format!("devices/{name}.pub"))?
-        .ok_or_else(|| RevokeError::NotEnrolled(name.into()))?;
-    let device = PublicKey::from_text(&String::from_utf8_lossy(&enrolled)).map_err(|source| {
-        RevokeError::EnrolledKey {
-            name: name.into(),
-            source,
+    // One transaction: an enrollment committing its own list meanwhile is read, never
+    // overwritten.
+    store.transaction(|store| -> Result<_, RevokeError> {
+        let enrolled = store
+            .read(&format!("devices/{name}.pub"))?
+            .ok_or_else(|| RevokeError::NotEnrolled(name.into()))?;
+        let device =
+            PublicKey::from_text(&String::from_utf8_lossy(&enrolled)).map_err(|source| {
+                RevokeError::EnrolledKey {
+                    name: name.into(),
+                    source,
+                }
+            })?;
+        let mut list = revocations(store, &root)?
+            .map(|(l, _)| l)
+            .unwrap_or_else(|| Revocations {
+                fleet: root.fleet().into(),
+                ..Revocations::default()
+            });
+        if list.is_revoked(&device) {
+            return Err(RevokeError::Already(name.into()));
         }
-    })?;
-    let mut list = revocations(&store, &root)?
-        .map(|(l, _)| l)
-        .unwrap_or_else(|| Revocations {
-            fleet: root.fleet().into(),
-            ..Revocations::default()
+        list.version += 1;
+        list.issued_at = now();
+        list.devices.push(Revoked {
+            name: name.into(),
+            key: device,
+            at: now(),
         });
-    if list.is_revoked(&device) {
-        return Err(RevokeError::Already(name.into()));
-    }
-    list.version += 1;
-    list.issued_at = now();
-    list.devices.push(Revoked {
-        name: name.into(),
-        key: device,
-        at: now(),
-    });
-    if let Some(members) = &mut list.members {
-        members.retain(|m| m.key != device);
-    }
-    let signed = sign(list.seal(), &key).map_err(RevokeError::Sign)?;
-    let mut change = Change::default();
-    change.put("revocations.bin", signed);
-    change.put(format!("revoked/{name}.pub"), enrolled);
-    change.event(Event {
-        at: now(),
-        kind: "revoke".into(),
-        app: None,
-        channel: None,
-        release: None,
-        device: Some(name.into()),
-        detail: format!(
-            "key {} revoked{}; revocation list version {}",
-            device.id().short(),
-            if reason.is_empty() {
-                String::new()
-            } else {
-                format!(": {reason}")
-            },
-            list.version
-        ),
-    });
-    store.commit(&format!("revoke {name}"), &change, None)?;
-    Ok(list)
+        if let Some(members) = &mut list.members {
+            members.retain(|m| m.key != device);
+        }
+        let signed = sign(list.seal(), &key).map_err(RevokeError::Sign)?;
+        let mut change = Change::default();
+        change.put("revocations.bin", signed);
+        change.put(format!("revoked/{name}.pub"), enrolled);
+        let said = if reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {reason}")
+        };
+        change.event(Event {
+            at: now(),
+            kind: "revoke".into(),
+            app: None,
+            channel: None,
+            release: None,
+            device: Some(name.into()),
+            detail: format!(
+                "key {} revoked{said}; revocation list version {}",
+                device.id().short(),
+                list.version
+            ),
+        });
+        let commit = crate::store::Commit {
+            message: format!("revoke {name}"),
+            change,
+            tag: None,
+        };
+        Ok((commit, list))
+    })
 }
 
 /// `hub status`'s line on the keys the hub holds: who signs releases, who re-signs

@@ -146,6 +146,10 @@ pub enum Invalid {
     },
     #[error("{count} devices listed (at most {max})")]
     TooManyRevoked { count: usize, max: usize },
+    #[error("{count} members listed (at most {max})")]
+    TooManyMembers { count: usize, max: usize },
+    #[error("a key listed as a member twice")]
+    DuplicateMember,
     #[error("console tail too long")]
     ConsoleTailTooLong,
     #[error("rollout waves: {0}")]

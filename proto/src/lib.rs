@@ -35,6 +35,7 @@ pub mod role;
 pub mod rollout;
 pub mod root;
 pub mod status;
+pub mod targeted;
 
 pub use digest::Digest;
 pub use error::{Chain, Declared, Invalid, VerifyError};

@@ -1,15 +1,11 @@
 //! The revocation list: device keys the fleet no longer trades with — and, since tags
-//! are the operator's to give, the fleet's **members** with the tags assigned to each
-//! (`hub enroll --tag`). A device targets releases by the tags this list gives its key,
-//! never by the ones it declares itself, and peers and the hub serve a tag-targeted
-//! release's blobs only to the devices it targets.
+//! are the operator's to give, the **members** the operator assigned tags to, with their
+//! tags (`hub enroll --tag`). A device targets releases by the tags this list gives its
+//! key, never by the ones it declares itself, and the hub and peers serve a targeted
+//! release's chunks only to the devices it targets (`crate::targeted`). Only devices with
+//! tags are listed, by key alone, so the list stays small enough for the broker (16 KiB:
+//! a few hundred tagged devices; `hub enroll` refuses a tag past that).
 //!
-//! Signed by the hub's timestamp key and spread like announcements (MQTT retained,
-//! gossip, asked of each peer), so it holds with the hub down: a device refuses to serve
-//! or fetch from a revoked peer, and the hub refuses its reports. It never expires (a
-//! revocation must outlive a hub outage); a list replaces another only with a higher
-//! version, so an old list cannot be replayed to un-revoke a device.
-
 use crate::codec::{CodecError, Kind};
 use crate::envelope::Envelope;
 use crate::error::{Invalid, VerifyError};
@@ -22,11 +18,13 @@ use serde::{Deserialize, Serialize};
 pub const MAX_REVOKED: usize = 1000;
 /// Most members one list may name.
 pub const MAX_MEMBERS: usize = 1000;
+/// The largest signed list the broker and gossip carry (their packet bound): `hub
+/// enroll` refuses to assign a tag that would make the list larger.
+pub const MAX_SPREAD_BYTES: usize = 16 * 1024;
 
-/// An enrolled device and the tags the operator assigned it.
+/// An enrolled device the operator assigned tags to, and its tags.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
-    pub name: String,
     pub key: PublicKey,
     pub tags: Vec<String>,
 }
@@ -48,8 +46,9 @@ pub struct Revocations {
     pub version: u64,
     pub issued_at: u64,
     pub devices: Vec<Revoked>,
-    /// Every enrolled device with its assigned tags; `None` from hubs before tags were
-    /// assigned (appended: such a list is written, and read, as those hubs wrote it).
+    /// The enrolled devices with tags, and their tags; `None` until the operator first
+    /// assigns one, and from hubs before tags were (appended: such a list is written, and
+    /// read, as those hubs wrote it).
     pub members: Option<Vec<Member>>,
 }
 
@@ -96,13 +95,16 @@ impl Revocations {
         }
         let members = self.members.as_deref().unwrap_or_default();
         if members.len() > MAX_MEMBERS {
-            return Err(invalid(Invalid::TooManyRevoked {
+            return Err(invalid(Invalid::TooManyMembers {
                 count: members.len(),
                 max: MAX_MEMBERS,
             }));
         }
+        let mut keys = std::collections::HashSet::new();
         for m in members {
-            names::check("device", &m.name).map_err(|e| invalid(e.into()))?;
+            if !keys.insert(m.key) {
+                return Err(invalid(Invalid::DuplicateMember));
+            }
             if m.tags.len() > crate::status::MAX_TAGS {
                 return Err(invalid(Invalid::TooManyTags {
                     count: m.tags.len(),

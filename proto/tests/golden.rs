@@ -280,7 +280,6 @@ fn revocations() -> proto::revocation::Revocations {
 fn a_revocation_list_with_members_is_pinned_and_gives_each_key_its_tags() {
     let list = proto::revocation::Revocations {
         members: Some(vec![proto::revocation::Member {
-            name: "kitchen-1".into(),
             key: key(31).public(),
             tags: vec!["beta".into(), "kitchen".into()],
         }]),

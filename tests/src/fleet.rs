@@ -759,11 +759,18 @@ impl Fleet {
             .arg(out))
     }
 
-    /// [`Fleet::fetch_release`] from the hub, asking as device `i` (its key).
-    pub fn fetch_release_as(&self, i: usize, digest: &str, out: &Path) -> Result<String> {
+    /// [`Fleet::fetch_release`] from `peer` (the hub's address, or a device's), asking
+    /// as device `i` (its key).
+    pub fn fetch_release_as(
+        &self,
+        peer: &str,
+        i: usize,
+        digest: &str,
+        out: &Path,
+    ) -> Result<String> {
         run(Command::new(bin("fetch_release")?)
             .env("UNIFLEET_FETCH_KEY", self.devices[i].dir.join("device.key"))
-            .arg(&self.hub_addr)
+            .arg(peer)
             .arg(self.hub_dir.join("root.bin"))
             .args([digest, "stable"])
             .arg(out))

@@ -113,7 +113,7 @@ fn a_release_targets_only_the_tags_and_devices_it_names() -> Result<()> {
         fleet.start_device(i)?;
     }
     let v1 = fleet.testimage("hello", "1.0.0", &[])?;
-    let published = fleet.publish(
+    fleet.publish(
         &v1,
         "hello",
         "1.0.0",
@@ -126,27 +126,13 @@ fn a_release_targets_only_the_tags_and_devices_it_names() -> Result<()> {
         ],
     )?;
     fleet.wait_all(&[beta, named], "hello", 1, "Active", CONVERGE)?;
-    // Nor does the hub serve the release to a device that asks for it anyway.
-    let manifest = published
-        .split("manifest ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .context("publish names the manifest")?;
-    let out = fleet.dir.path().join("fetched.img");
-    fleet.fetch_release_as(beta, manifest, &out)?;
-    let refused = fleet.fetch_release_as(liar, manifest, &out).unwrap_err();
-    let refused = format!("{refused:#}");
-    assert!(
-        refused.contains("refuses to trade with this device"),
-        "{refused}"
-    );
     wait_for(
         "tg-other to say the release is not for it",
         Duration::from_secs(15),
         || {
             fleet.devices[other]
                 .log_text()
-                .contains("not installing: the release targets tag:beta, device:tg-named")
+                .contains("the release targets tag:beta, device:tg-named and this device is tg-other with tags [garage] assigned")
                 .then_some(())
         },
     )?;
@@ -177,6 +163,54 @@ fn a_release_targets_only_the_tags_and_devices_it_names() -> Result<()> {
         "{devices}"
     );
     assert_eq!(rollout_status(&fleet)?["not_targeted"], 2, "{inv}");
+    // Assigned the tag after the release, the device takes it without a restart.
+    run(fleet
+        .hub_cmd()?
+        .arg("enroll")
+        .arg(fleet.devices[liar].dir.join("device.pub"))
+        .args(["--name", "tg-liar", "--tag", "beta"]))?;
+    fleet.wait_all(&[liar], "hello", 1, "Active", CONVERGE)?;
+    Ok(())
+}
+
+/// A device that asks for a targeted release's chunks anyway, not assigned its tag, is
+/// refused by the hub and by a device that holds them (both served it).
+#[test]
+fn a_device_not_assigned_the_tag_is_refused_the_chunks_by_the_hub_and_by_peers() -> Result<()> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.start_hub(&[])?;
+    let beta = fleet.add_device("tc-beta", "hello", &["--tag", "beta"])?;
+    let liar = fleet.add_device_assigned("tc-liar", "hello", &["--tag", "beta"], &[])?;
+    for i in [beta, liar] {
+        fleet.start_device(i)?;
+    }
+    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
+    let published = fleet.publish(
+        &v1,
+        "hello",
+        "1.0.0",
+        &["--no-staging", "--target-tag", "beta"],
+    )?;
+    fleet.wait_all(&[beta], "hello", 1, "Active", CONVERGE)?;
+    let manifest = published
+        .split("manifest ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .context("publish names the manifest")?;
+    let out = fleet.dir.path().join("fetched.img");
+    fleet.fetch_release_as(&fleet.hub_addr, beta, manifest, &out)?;
+    let holder = fleet.device_peer_addr(beta)?;
+    for from in [&fleet.hub_addr, &holder] {
+        let refused = match fleet.fetch_release_as(from, liar, manifest, &out) {
+            Ok(said) => anyhow::bail!("{from} served tc-liar: {said}"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            refused.contains("refuses to trade with this device"),
+            "{from}: {refused}"
+        );
+    }
+    assert!(fleet.devices[liar].state_json()["apps"]["hello"]["current"].is_null());
     Ok(())
 }
 

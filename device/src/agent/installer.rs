@@ -55,6 +55,9 @@ pub(super) struct DiskFull {
 /// How often a held release is looked at again without news (a new hold list looks at
 /// it at once).
 const HELD_RECHECK: Duration = Duration::from_secs(60);
+/// How long a release for tags this device was not assigned waits before it is looked at
+/// again, if no new revocation list (which assigns tags, and nudges) comes first.
+const UNASSIGNED_RECHECK: Duration = Duration::from_secs(600);
 
 /// A release this device may not start yet.
 #[derive(Debug, thiserror::Error)]
@@ -67,11 +70,16 @@ pub(super) enum NotYet {
         reason: String,
         until: std::time::Instant,
     },
-    /// Tags are the hub's to assign: until a list naming the fleet's members arrives,
-    /// this device does not know its own.
-    #[error("it targets {targets}, and no list of the tags the hub assigned has arrived yet")]
-    NoMembers {
+    /// A release for tags this device was not assigned: looked at again when a new
+    /// revocation list (which assigns tags) arrives, or in a while.
+    #[error(
+        "the release targets {targets} and this device is {me} with tags [{tags}] assigned \
+         (looked at again when the hub assigns tags)"
+    )]
+    NotAssigned {
         targets: String,
+        me: String,
+        tags: String,
         until: std::time::Instant,
     },
 }
@@ -81,7 +89,7 @@ impl NotYet {
         match self {
             NotYet::Wave { until, .. }
             | NotYet::Held { until, .. }
-            | NotYet::NoMembers { until, .. } => *until,
+            | NotYet::NotAssigned { until, .. } => *until,
         }
     }
 }
@@ -257,9 +265,9 @@ impl Updater {
                         release: ann.release,
                         kind,
                     }),
-                    // Nothing to say of the release before it is known whether it is
-                    // meant for this device.
-                    NotYet::NoMembers { .. } => None,
+                    // Not this device's release (yet): the hub sees the device, as for
+                    // one never meant for it.
+                    NotYet::NotAssigned { .. } => self.running_or_idle(&ann.app).ok(),
                 };
                 if let Some(state) = state {
                     self.report_running(&ann.app, state).await;
@@ -321,6 +329,16 @@ impl Updater {
         }
     }
 
+    /// What the device is for `app` while it is not installing: running a release, or
+    /// never installed one.
+    fn running_or_idle(&self, app: &str) -> Result<DeviceState> {
+        let state = self.store.load_state()?;
+        Ok(match state.apps.get(app).is_some_and(|a| a.current.is_some()) {
+            true => DeviceState::Active,
+            false => DeviceState::Idle,
+        })
+    }
+
     /// Whether this device may start release `m` now: `Ok(true)` yes, `Ok(false)` never
     /// (another group's release, or no wave reaches this device's seed), `Err(NotYet)`
     /// later (its wave, or a hold on the release). Decided from the signed manifest and
@@ -330,25 +348,25 @@ impl Updater {
         let now = self.trust.clock.now();
         // The tags the operator assigned, never those device.toml declares.
         let revoked = self.trust.revoked();
-        let list = revoked.list.as_ref();
         let me = proto::rollout::Me {
             name: &self.cfg.name,
-            tags: list.map_or(&[], |l| l.tags_of(&self.key)),
+            tags: revoked.list.as_ref().map_or(&[], |l| l.tags_of(&self.key)),
             seed: self.seed,
         };
         let in_secs =
             |at: u64| std::time::Instant::now() + Duration::from_secs(at.saturating_sub(now));
         match m.rollout.admission(&me, m.created_at, now) {
-            Admission::NotTargeted
-                if !m.rollout.tags.is_empty() && list.is_none_or(|l| l.members.is_none()) =>
-            {
-                return Err(NotYet::NoMembers {
+            // Tags are assigned by the hub, and may be after the release: asked again.
+            Admission::NotTargeted if !m.rollout.tags.is_empty() => {
+                return Err(NotYet::NotAssigned {
                     targets: m.rollout.target_names().join(", "),
-                    until: std::time::Instant::now() + Duration::from_secs(60),
+                    me: self.cfg.name.clone(),
+                    tags: me.tags.join(", "),
+                    until: std::time::Instant::now() + UNASSIGNED_RECHECK,
                 });
             }
             Admission::NotTargeted => {
-                tracing::info!(app = %m.app, release = m.release, "not installing: the release targets {} and this device is {} with tags [{}] assigned", m.rollout.target_names().join(", "), self.cfg.name, me.tags.join(", "));
+                tracing::info!(app = %m.app, release = m.release, "not installing: the release targets {} and this device is {}", m.rollout.target_names().join(", "), self.cfg.name);
                 return Ok(false);
             }
             Admission::NoWave => {
@@ -488,13 +506,7 @@ impl Updater {
         if !self.admit(m)? {
             // Said once per release, so the hub sees the device (and that it is not
             // part of this rollout) even before it ever installed anything.
-            let state = self.store.load_state()?;
-            let running = state.apps.get(&m.app).is_some_and(|a| a.current.is_some());
-            let state = if running {
-                DeviceState::Active
-            } else {
-                DeviceState::Idle
-            };
+            let state = self.running_or_idle(&m.app)?;
             self.report_running(&m.app, state).await;
             return Ok(());
         }

@@ -559,14 +559,24 @@ impl Router {
             }
         };
         let tasks = self.tasks.clone();
+        let revoked = self.trust.revoked();
         self.tasks.spawn(async move {
             let t = std::time::Instant::now();
-            let blob = tasks.spawn_blocking(move || store.get_blob(&digest))
+            // A chunk only of releases that target other devices is theirs alone.
+            let blob = tasks
+                .spawn_blocking(move || {
+                    let mine = revoked.may_fetch(&peer, &digest, &store.targeted());
+                    mine.then(|| store.get_blob(&digest))
+                })
                 .await
-                .ok()
-                .flatten();
+                .unwrap_or(Some(None));
             let response = match blob {
-                Some(bytes) => {
+                None => {
+                    tracing::info!(%peer, blob = %digest.short(), "refusing a chunk of a release that does not target the asker");
+                    BlobResponse::Refused
+                }
+                Some(None) => BlobResponse::NotFound,
+                Some(Some(bytes)) => {
                     upload.acquire(bytes.len() as u64).await;
                     metrics
                         .blobs_served
@@ -577,7 +587,6 @@ impl Router {
                     tracing::debug!(%peer, blob = %digest.short(), len = bytes.len(), ms = t.elapsed().as_millis() as u64, "serving blob");
                     BlobResponse::Found(bytes)
                 }
-                None => BlobResponse::NotFound,
             };
             net.respond(reply, response).await;
             drop(permit);

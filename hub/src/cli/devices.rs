@@ -19,6 +19,8 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
         .map(|(l, _)| l)
         .unwrap_or_default();
     let revoked = &list.devices;
+    let keys = hub::inventory::load_devices(&home.store()?)?;
+    let key_of = |name: &str| keys.values().find(|(n, _)| n == name).map(|(_, k)| *k);
     if json {
         println!("{}", serde_json::to_string_pretty(&inv)?);
     } else {
@@ -33,7 +35,8 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
             let network = e
                 .network
                 .map_or(String::new(), |n| format!(" {}", n.summary()));
-            let tags = tags_text(&list, &e.device, &e.tags);
+            let assigned = key_of(&e.device).map_or(&[][..], |k| list.tags_of(&k));
+            let tags = tags_text(assigned, &e.tags);
             println!(
                 "{}{tags} {} release {} {} {} (from peers {}, hub {}; seen {}){network}{ondemand}",
                 e.device,
@@ -60,13 +63,7 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
 
 /// A device's tags as `hub devices` shows them: those the operator assigned, and any it
 /// declares without being assigned (which target nothing).
-fn tags_text(list: &proto::revocation::Revocations, device: &str, declared: &[String]) -> String {
-    let assigned = list
-        .members
-        .iter()
-        .flatten()
-        .find(|m| m.name == device)
-        .map_or(&[][..], |m| &m.tags);
+fn tags_text(assigned: &[String], declared: &[String]) -> String {
     let unassigned: Vec<&str> = declared
         .iter()
         .filter(|t| !assigned.contains(t))

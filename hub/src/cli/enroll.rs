@@ -38,7 +38,7 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
     let key = proto::PublicKey::from_text(&text)
         .with_context(|| format!("reading {}", pubkey.display()))?;
     let assigned = (no_tags || !tags.is_empty()).then_some(tags.as_slice());
-    hub::enroll::enroll(&home, &[(name.clone(), key)], assigned, replace)?;
+    let listed = hub::enroll::enroll(&home, &[(name.clone(), key)], assigned, replace)?;
     match tags.as_slice() {
         [] => println!("enrolled {name} (key {})", key.id().short()),
         t => println!(
@@ -46,6 +46,10 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
             key.id().short(),
             t.join(", ")
         ),
+    }
+    if listed {
+        // Devices learn their tags from the signed list a running hub spreads.
+        hub::control::reload_trust(&home, &mut |l| eprintln!("{l}"));
     }
     Ok(())
 }

@@ -122,7 +122,7 @@ pub(super) struct Hub {
     /// The inventory as last written, for the dashboard (which then reads no file).
     published: tokio::sync::watch::Sender<Arc<Inventory>>,
     /// The blobs only the devices a newest release targets may fetch.
-    targeted: crate::targeted::Targeted,
+    targeted: proto::targeted::Targeted,
 }
 
 /// What the hub starts with (see [`Hub::new`]).

@@ -106,7 +106,7 @@ impl Trust {
         &self,
         home: &Home,
         devices: &Devices,
-        targeted: &crate::targeted::Targeted,
+        targeted: &proto::targeted::Targeted,
     ) -> crate::blobs::Trade {
         let peer_of = |k: &PublicKey| net::peer_id_of(k);
         crate::blobs::Trade {
