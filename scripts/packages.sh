@@ -62,9 +62,10 @@ boot_on_stock_libvirt() {
 s=[socket.socket() for _ in range(2)]
 [x.bind(("127.0.0.1",0)) for x in s]
 print(*[x.getsockname()[1] for x in s])')
-  unifleet-hub --dir "$w/hub" init --mqtt-listen "127.0.0.1:$mqtt" --p2p-listen "/ip4/127.0.0.1/tcp/$p2p" >/dev/null 2>&1
+  unifleet-hub --dir "$w/hub" init --mqtt-listen "127.0.0.1:$mqtt" --p2p-listen "/ip4/127.0.0.1/tcp/$p2p" >/dev/null
   unifleet-hub --dir "$w/hub" serve >"$w/hub.out" 2>"$w/hub.log" &
   for _ in $(seq 100); do [ -s "$w/hub/hub.addr" ] && break; sleep 0.1; done
+  [ -s "$w/hub/hub.addr" ] || { echo "packages: the packaged hub did not start:" >&2; tail -20 "$w/hub.log" >&2; exit 1; }
   hub=$(cat "$w/hub/hub.addr")
   unifleet-device enroll --dir /etc/unifleet --state-dir /var/lib/unifleet --name stock-1 \
     --root "$w/hub/root.bin" --app hello --hub "$hub" --broker "mqtt://127.0.0.1:$mqtt" \
@@ -77,7 +78,7 @@ print(*[x.getsockname()[1] for x in s])')
   unifleet-hub --dir "$w/hub" publish "$w/hello.elf" --app hello --version 1.0.0 \
     --memory-mib 64 --no-staging >/dev/null
   for _ in $(seq 60); do
-    if unifleet-hub --dir "$w/hub" devices 2>/dev/null | grep -q "^stock-1 hello release 1 active"; then
+    if unifleet-hub --dir "$w/hub" devices 2>/dev/null | grep "^stock-1 hello release 1 active" >/dev/null; then
       echo "packages: the packaged agent (user unifleet) booted hello 1.0.0 under a stock libvirt (QEMU as libvirt-qemu)"
       return 0
     fi
@@ -86,6 +87,7 @@ print(*[x.getsockname()[1] for x in s])')
   echo "packages: the packaged agent did not boot its release under a stock libvirt within 60 s:" >&2
   unifleet-hub --dir "$w/hub" devices >&2 || true
   tail -20 "$w/device.log" >&2
+  tail -20 "$w/hub.log" >&2
   exit 1
 }
 
@@ -94,14 +96,23 @@ cleanup() {
   if [ -n "$STOCK" ]; then
     # shellcheck disable=SC2046
     kill $(jobs -p) 2>/dev/null || true
+    wait 2>/dev/null || true
     scripts/stock-libvirt.sh stop "$STOCK/libvirt" >/dev/null || true
-    rm -rf "$STOCK" /etc/unifleet/device.* /etc/unifleet/root.bin
+    rm -rf "$STOCK" /etc/unifleet/device.* /etc/unifleet/root.bin || true
     find /var/lib/unifleet -mindepth 1 -delete 2>/dev/null || true
   fi
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get purge -y -qq unifleet-hub unifleet-device >/dev/null || true
 }
 
 if [ "$CHECK" = 1 ]; then
+  if [ -e /etc/unifleet/device.toml ]; then
+    echo "packages: --check enrolls a test device in /etc/unifleet and removes it; this machine has one enrolled already (/etc/unifleet/device.toml): not touching it" >&2
+    exit 1
+  fi
+  # As Debian's libvirt-daemon-system would (this machine's libvirt may come without
+  # it): the group whose members reach libvirtd's socket, there before the package is
+  # configured so that its postinst puts `unifleet` in it.
+  getent group libvirt >/dev/null || $SUDO groupadd -r libvirt
   debs=(target/debian/unifleet-hub_*_amd64.deb target/debian/unifleet-device_*_amd64.deb)
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     "${debs[@]/#/./}" >/dev/null

@@ -44,7 +44,9 @@ EOF
     getent group kvm >/dev/null || groupadd -r kvm
     if [ -e /dev/kvm ] && [ ! -f "$dir/kvm.before" ]; then
       stat -c '%a %G' /dev/kvm > "$dir/kvm.before"
-      id -nG libvirt-qemu | grep -qw kvm || echo added >> "$dir/kvm.before"
+      id -nG libvirt-qemu | grep -w kvm >/dev/null || echo added >> "$dir/kvm.before"
+      # Put back by `stop`, or here if starting fails.
+      trap '"$0" stop "$dir" >/dev/null 2>&1' ERR
       chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
       usermod -aG kvm libvirt-qemu
     fi
@@ -80,7 +82,9 @@ EOF
     if [ -f "$dir/kvm.before" ]; then
       read -r mode group < "$dir/kvm.before"
       chgrp "$group" /dev/kvm && chmod "$mode" /dev/kvm
-      grep -qx added "$dir/kvm.before" && gpasswd -d libvirt-qemu kvm >/dev/null
+      if grep -x added "$dir/kvm.before" >/dev/null; then
+        gpasswd -d libvirt-qemu kvm >/dev/null || true
+      fi
       rm -f "$dir/kvm.before"
     fi
     echo "stock-libvirt: stopped"
