@@ -39,7 +39,7 @@ struct EnrollArgs {
     #[arg(long)]
     dir: PathBuf,
     /// Where the agent keeps chunks, images and its state: the packaged agent's is
-    /// /var/lib/unifleet (default: DIR/state).
+    /// /var/lib/unifleet (default: DIR/state; a relative path is taken from DIR).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// Device name, unique in the fleet.
@@ -53,8 +53,9 @@ struct EnrollArgs {
     /// App to run (repeat).
     #[arg(long = "app")]
     apps: Vec<String>,
-    /// A group this device belongs to (repeat: `--tag kitchen --tag beta`); a release
-    /// may target tags (`hub publish --target-tag`). Kept in device.toml as `tags`.
+    /// A group this device says it belongs to (repeat: `--tag kitchen --tag beta`), kept
+    /// in device.toml as `tags` and shown to the operator in its reports. Releases target
+    /// the tags the hub assigns (`hub enroll --tag`), not these.
     #[arg(long = "tag", value_name = "TAG")]
     tags: Vec<String>,
     /// The hub's libp2p address, `/ip4/…/tcp/…/p2p/<peer id>` (printed by `hub serve`).
@@ -113,6 +114,21 @@ fn write_new_key(path: &std::path::Path) -> Result<proto::SecretKey> {
     f.write_all(key.to_text().as_bytes())?;
     f.sync_all()?;
     Ok(key)
+}
+
+/// The tags the hub assigned this device, from the revocation list the agent keeps (it
+/// verified it before keeping it).
+fn assigned_tags(state_dir: &std::path::Path, key: &proto::PublicKey) -> Vec<String> {
+    use proto::codec::Kind;
+    std::fs::read(state_dir.join("revocations.bin"))
+        .ok()
+        .and_then(|bytes| proto::envelope::Envelope::decode(&bytes, Kind::Revocations).ok())
+        .and_then(|env| {
+            proto::codec::decode::<proto::revocation::Revocations>(Kind::Revocations, &env.payload)
+                .ok()
+        })
+        .map(|list| list.tags_of(key).to_vec())
+        .unwrap_or_default()
 }
 
 /// `--tag`s a device may carry: names, at most [`proto::status::MAX_TAGS`].
@@ -224,10 +240,11 @@ fn status(config: PathBuf, json: bool) -> Result<()> {
     }
     let key = device::agent::load_key(&cfg.key)?;
     let seed = proto::rollout::seed(&key.public());
-    let tags = if cfg.tags.is_empty() {
-        String::new()
-    } else {
-        format!(", tags {}", cfg.tags.join(", "))
+    let assigned = assigned_tags(&cfg.state_dir, &key.public());
+    let tags = match (assigned.is_empty(), cfg.tags.is_empty()) {
+        (true, true) => String::new(),
+        (false, _) => format!(", tags {} (assigned)", assigned.join(", ")),
+        (true, false) => format!(", no tags assigned (declares {})", cfg.tags.join(", ")),
     };
     println!(
         "device {} (fleet {}, channel {}{tags}; in rollout waves of {} or more)",

@@ -503,6 +503,13 @@ impl Sources {
     }
 }
 
+impl Sources {
+    /// The tags the operator assigned the enrolled device `name`.
+    pub fn assigned(&self, name: &str) -> &[String] {
+        self.keys.get(name).map_or(&[], |k| self.members.tags_of(k))
+    }
+}
+
 /// [`status_in`] from the home as it is now.
 pub fn status(
     home: &Home,

@@ -21,6 +21,8 @@ pub enum ViewError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Rollout(#[from] RolloutError),
+    #[error(transparent)]
+    List(#[from] crate::store::ListError),
 }
 
 type Result<T, E = ViewError> = std::result::Result<T, E>;
@@ -79,6 +81,19 @@ pub struct Snapshot {
     pub warnings: Vec<String>,
 }
 
+/// The inventory's entries with the tags the operator assigned (the ones releases
+/// target) in place of those each device declares: what the dashboard shows and filters by.
+fn with_assigned_tags(src: &crate::rollout::Sources) -> Vec<DeviceEntry> {
+    src.inventory
+        .values()
+        .cloned()
+        .map(|mut e| {
+            e.tags = src.assigned(&e.device).to_vec();
+            e
+        })
+        .collect()
+}
+
 impl Snapshot {
     /// Reads the home as it is now.
     pub fn read(home: &Home) -> Result<Snapshot> {
@@ -89,7 +104,7 @@ impl Snapshot {
     /// and rollout.
     pub fn of(src: &crate::rollout::Sources, fleet: &str) -> Result<Snapshot> {
         let (store, root) = (&src.store, &src.root);
-        let devices: Vec<DeviceEntry> = src.inventory.values().cloned().collect();
+        let devices = with_assigned_tags(src);
         let mut infos = store.releases()?;
         infos.sort_by_key(|i| std::cmp::Reverse(i.release));
         let mut rows: BTreeMap<(String, String, u64), ReleaseRow> = BTreeMap::new();
@@ -181,11 +196,23 @@ impl DevicePage {
     /// `None`: no device of that name is enrolled or reported.
     pub fn read(home: &Home, name: &str) -> Result<Option<DevicePage>> {
         let store = home.store()?;
+        let enrolled = load_devices(&store)?;
+        let members = crate::trust::revocations(&store, &home.anchor_root()?)?
+            .map(|(l, _)| l)
+            .unwrap_or_default();
+        let assigned = enrolled
+            .values()
+            .find(|(n, _)| n == name)
+            .map_or(&[][..], |(_, k)| members.tags_of(k));
+        // Shown as on the fleet page: the tags the operator assigned.
         let entries: Vec<DeviceEntry> = load_inventory(home)
             .into_values()
             .filter(|e| e.device == name)
+            .map(|mut e| {
+                e.tags = assigned.to_vec();
+                e
+            })
             .collect();
-        let enrolled = load_devices(&store)?;
         if entries.is_empty() && !enrolled.values().any(|(n, _)| n == name) {
             return Ok(None);
         }

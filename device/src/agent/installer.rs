@@ -333,10 +333,12 @@ impl Updater {
     /// never installed one.
     fn running_or_idle(&self, app: &str) -> Result<DeviceState> {
         let state = self.store.load_state()?;
-        Ok(match state.apps.get(app).is_some_and(|a| a.current.is_some()) {
-            true => DeviceState::Active,
-            false => DeviceState::Idle,
-        })
+        Ok(
+            match state.apps.get(app).is_some_and(|a| a.current.is_some()) {
+                true => DeviceState::Active,
+                false => DeviceState::Idle,
+            },
+        )
     }
 
     /// Whether this device may start release `m` now: `Ok(true)` yes, `Ok(false)` never

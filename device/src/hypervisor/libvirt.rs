@@ -3,7 +3,7 @@
 //! `uf-<device>-<app>-r<release>`, so a restarted agent can find and replace them.
 
 use super::addresses::{ip_in_cmdline, GuestAddresses, Pool};
-use super::{ActivateError, Backend, Driver, Launch, Nic, Started};
+use super::{ActivateError, Backend, Driver, HostFault, Launch, Nic, Started};
 use proto::manifest::Platform;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -274,7 +274,7 @@ impl Libvirt {
         let source = last.expect("an attempt was made");
         Err(ActivateError::Start {
             name: l.name.clone(),
-            hint: start_hint(&source, &l.image),
+            fault: host_fault(&source, &l.image),
             source,
         })
     }
@@ -304,25 +304,23 @@ fn port_taken(e: &virt::error::Error) -> bool {
     e.message().contains("Address already in use")
 }
 
-/// The next step for a start that failed because QEMU could not read the kernel: on a
-/// stock libvirt QEMU runs as its own user (`libvirt-qemu` on Debian), which must be able
-/// to traverse the agent's state directory.
-fn start_hint(e: &virt::error::Error, image: &std::path::Path) -> String {
+/// Whether a failed start was the host's doing: QEMU (x86) could not open the kernel,
+/// for want of permission. (QEMU for aarch64 says only "could not load kernel", as it does
+/// for a kernel it cannot parse: that stays the release's.)
+fn host_fault(e: &virt::error::Error, image: &std::path::Path) -> Option<Box<HostFault>> {
     let msg = e.message();
     if !(msg.contains("could not open kernel file") && msg.contains("Permission denied")) {
-        return String::new();
+        return None;
     }
-    let dir = image
+    // The image is in STATE/slots/.
+    let state_dir = image
         .parent()
         .and_then(|slots| slots.parent())
         .unwrap_or(image);
-    format!(
-        " (QEMU runs as its own user under this libvirt and cannot read {}: let it traverse \
-         the state directory, e.g. `setfacl -m u:libvirt-qemu:x {}`, as the unifleet-device \
-         package does for /var/lib/unifleet)",
-        image.display(),
-        dir.display()
-    )
+    Some(Box::new(HostFault::KernelUnreadable {
+        image: image.into(),
+        state_dir: state_dir.into(),
+    }))
 }
 
 /// The MAC of the guest at a static `ip`: the same address always comes with the same MAC,

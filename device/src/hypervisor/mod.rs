@@ -111,13 +111,13 @@ pub enum ActivateError {
         uri: String,
         source: virt::error::Error,
     },
-    /// The last of the attempts' errors (each with a new console port); `hint` names the
-    /// next step where the error is a known one, or is empty.
-    #[error("starting domain {name}{hint}: {source}")]
+    /// The last of the attempts' errors (each with a new console port); `fault`, where
+    /// the host is known to be the cause, with the next step.
+    #[error("starting domain {name}{}: {source}", fault.as_ref().map(|f| format!(" ({f})")).unwrap_or_default())]
     Start {
         name: String,
         source: virt::error::Error,
-        hint: String,
+        fault: Option<Box<HostFault>>,
     },
     #[error("making the console log {path}: {source}")]
     ConsoleLog {
@@ -187,9 +187,8 @@ impl ActivateError {
     /// (tried again later).
     pub fn blames_the_release(&self) -> bool {
         match self {
-            // A start with a hint failed for a reason of the host's (QEMU's user cannot
-            // read the kernel): every release would fail it the same way.
-            ActivateError::Start { hint, .. } => hint.is_empty(),
+            // The host's fault: every release would fail the same way.
+            ActivateError::Start { fault, .. } => fault.is_none(),
             ActivateError::Probe { .. } => true,
             _ => false,
         }
@@ -217,6 +216,21 @@ pub enum ProbeFailure {
     /// `last` says what the probe saw on its last try ("GET /health answered 500").
     #[error("not healthy within {after:?}: {last}")]
     Timeout { after: Duration, last: String },
+}
+
+/// A start that failed because of the host, not the release.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostFault {
+    /// QEMU runs as its own user under this libvirt (`libvirt-qemu` on Debian) and cannot
+    /// open the kernel: it must be able to traverse the agent's state directory.
+    #[error(
+        "QEMU runs as its own user under this libvirt and cannot read {}: let it traverse \
+         the state directory, e.g. `setfacl -m u:libvirt-qemu:x {}`, as the unifleet-device \
+         package does for /var/lib/unifleet",
+        image.display(),
+        state_dir.display()
+    )]
+    KernelUnreadable { image: PathBuf, state_dir: PathBuf },
 }
 
 /// A domain just created: its console's loopback port (QEMU), or 0.
