@@ -345,7 +345,13 @@ impl Store {
                     proto::codec::decode(Kind::Manifest, &env.payload).ok()
                 })
                 .collect();
-            *cached = (names, Arc::new(Targeted::of(&manifests)));
+            let targeted = Arc::new(Targeted::at_peer(&manifests));
+            if manifests.len() < names.len() {
+                // One went (garbage collected) or is being written: read them again next
+                // time rather than keep a set that lacks it.
+                return targeted;
+            }
+            *cached = (names, targeted);
         }
         cached.1.clone()
     }

@@ -10,6 +10,7 @@ use crate::tracker::{Answer, Decision, Tracker};
 use net::ratelimit::RateLimiter;
 use net::{Multiaddr, NetClient, PeerId, ReplyId, Seen, Want};
 use proto::blob::BlobResponse;
+use proto::targeted::Targeted;
 use proto::Digest;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -21,18 +22,20 @@ use std::time::Instant;
 const TRACKER_BLOBS: usize = 4_096;
 
 /// Whom the hub trades blobs with (decided by `serve`'s trust: revoked, enrolled), and
-/// which blobs only the devices a release targets may fetch.
+/// which chunks only the devices a release targets may fetch.
 #[derive(Debug, Default)]
 pub struct Trade {
     /// Revoked devices: refused everything.
     pub refused: HashSet<PeerId>,
     /// `Some`: only these (enrolled) devices are served; `None`: anyone not refused.
     pub only: Option<HashSet<PeerId>>,
-    pub targeted: proto::targeted::Targeted,
-    /// Enrolled devices by peer id: their names and keys.
-    pub enrolled: HashMap<PeerId, (String, proto::PublicKey)>,
-    /// The revocation list: the tags the operator assigned each device.
-    pub members: proto::revocation::Revocations,
+    /// The chunks only a release's targeted devices may fetch; `None` until the releases
+    /// were first read (chunks are answered busy until then, never served unchecked).
+    pub targeted: Option<Arc<Targeted>>,
+    /// Enrolled devices' names, by peer id.
+    pub names: HashMap<PeerId, String>,
+    /// The tags the operator assigned, by peer id.
+    pub tags: HashMap<PeerId, Vec<String>>,
 }
 
 impl Trade {
@@ -40,15 +43,13 @@ impl Trade {
         !self.refused.contains(peer) && self.only.as_ref().is_none_or(|o| o.contains(peer))
     }
 
-    fn allows_blob(&self, peer: &PeerId, digest: &Digest) -> bool {
-        match self.enrolled.get(peer) {
-            Some((name, key)) => {
-                let tags = self.members.tags_of(key);
-                self.targeted.allows(digest, Some(name), tags)
-            }
-            // A stranger (a hub that serves them) has no name and no tags.
-            None => self.targeted.allows(digest, Some(""), &[]),
-        }
+    /// Whether `peer` may fetch `digest` (`None`: not known yet). A device not enrolled
+    /// (at a hub that serves such devices) has no name and no tags.
+    fn allows_blob(&self, peer: &PeerId, digest: &Digest) -> Option<bool> {
+        let targeted = self.targeted.as_ref()?;
+        let name = self.names.get(peer).map_or("", String::as_str);
+        let tags = self.tags.get(peer).map_or(&[][..], Vec::as_slice);
+        Some(targeted.allows(digest, Some(name), tags))
     }
 }
 
@@ -110,6 +111,36 @@ impl Blobs {
         self.tracker.topology_mut().set_relay(relay);
     }
 
+    /// The answer to a request the hub does not serve, if this is one: from a revoked
+    /// (or, serving enrolled devices only, unknown) device, for a chunk of a release that
+    /// does not target the asker, or (busy) for a chunk before the releases were read.
+    fn gate(&self, peer: &PeerId, digest: &Digest, want: Want) -> Option<BlobResponse> {
+        if !self.trade.allows(peer) {
+            tracing::info!(%peer, "refusing a blob request: revoked or not enrolled");
+            return Some(BlobResponse::Refused);
+        }
+        // Records (root, lists, announcements) and reports are no release's chunks.
+        let chunk = matches!(
+            want,
+            Want::Blob
+                | Want::BlobOrPeers
+                | Want::BlobOrPeersAndStored(_)
+                | Want::BlobOrPeersMissed
+        );
+        match self.trade.allows_blob(peer, digest) {
+            _ if !chunk => None,
+            Some(true) => None,
+            Some(false) => {
+                tracing::info!(%peer, %digest, "refusing a chunk of a release that does not target the asker");
+                self.metrics
+                    .untargeted_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                Some(BlobResponse::Refused)
+            }
+            None => Some(BlobResponse::Busy),
+        }
+    }
+
     /// A blob request from `peer`, seen as `seen`.
     pub async fn wanted(
         &mut self,
@@ -120,17 +151,8 @@ impl Blobs {
         reply: ReplyId,
     ) {
         let now = Instant::now();
-        if !self.trade.allows(&peer) {
-            tracing::info!(%peer, "refusing a blob request: revoked or not enrolled");
-            self.net.respond(reply, BlobResponse::Refused).await;
-            return;
-        }
-        if !self.trade.allows_blob(&peer, &digest) {
-            tracing::info!(%peer, %digest, "refusing a blob of a release that does not target the asker");
-            self.metrics
-                .untargeted_refused
-                .fetch_add(1, Ordering::Relaxed);
-            self.net.respond(reply, BlobResponse::Refused).await;
+        if let Some(answer) = self.gate(&peer, &digest, want) {
+            self.net.respond(reply, answer).await;
             return;
         }
         self.tracker.topology_mut().update(peer, Place::new(seen));
@@ -155,9 +177,17 @@ impl Blobs {
                 }
             }
         }
+        // A targeted release's chunks come from the hub itself: the holders it would name
+        // may not serve the asker (a staging device holding the candidate, a device with
+        // an older list of tags), and nothing would tell it they refused.
+        let restricted = self
+            .trade
+            .targeted
+            .as_ref()
+            .is_some_and(|t| t.restricts(&digest));
         match want {
             Want::Stored => self.net.respond(reply, BlobResponse::Noted).await,
-            want if want.peers_ok() && self.peer_exchange => {
+            want if want.peers_ok() && self.peer_exchange && !restricted => {
                 let asker = known.then_some(peer);
                 match self.tracker.decide(digest, asker, now) {
                     Decision::Serve => self.send(peer, digest, reply).await,
@@ -323,6 +353,11 @@ mod tests {
         let tasks = net::tasks::Tasks::new();
         let metrics = Arc::new(Metrics::default());
         let mut blobs = Blobs::new(hub.clone(), owners.reader.clone(), metrics, 0, false, tasks);
+        // As once `hub serve` read its releases (none targeted).
+        blobs.set_trade(Trade {
+            targeted: Some(Default::default()),
+            ..Trade::default()
+        });
         let addr = loop {
             match events.recv().await.expect("the hub's node runs") {
                 net::NetEvent::Listening(a) => break a,

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// The channel every release passes through before its target channel.
-pub const STAGING_CHANNEL: &str = "staging";
+pub use proto::manifest::STAGING_CHANNEL;
 
 /// Why the staging gate did not pass a release.
 #[derive(Debug, thiserror::Error)]

@@ -84,7 +84,7 @@ pub struct Releases {
     pub count: u64,
     /// The halt policies of the newest releases.
     pub policies: Vec<(ReleaseKey, HaltPolicy)>,
-    /// The blobs only the devices a newest release targets may fetch.
+    /// The chunks only the devices a release targets may fetch.
     pub targeted: proto::targeted::Targeted,
 }
 
@@ -293,7 +293,7 @@ fn read_releases(
         return Ok(None);
     }
     let (newest, count) = store.newest_releases()?;
-    let targeted = crate::targeted::read(store, root, &newest)?;
+    let targeted = crate::targeted::read(store, root)?;
     let mut announcements = vec![];
     let mut policies = vec![];
     for (track, release) in newest {

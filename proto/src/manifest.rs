@@ -211,6 +211,10 @@ pub struct Manifest {
 /// Longest text a provenance field may hold (a build command, a toolchain's version).
 pub const MAX_PROVENANCE_TEXT: usize = 1024;
 
+/// The channel the hub stages each release on before signing it for its own: staging
+/// devices boot the candidate there first.
+pub const STAGING_CHANNEL: &str = "staging";
+
 /// How a release built from source was made (issue 29): signed into its manifest so a
 /// device, an auditor or `hub rebuild` can tell what it runs and repeat the build.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

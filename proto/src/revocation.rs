@@ -3,9 +3,16 @@
 //! tags (`hub enroll --tag`). A device targets releases by the tags this list gives its
 //! key, never by the ones it declares itself, and the hub and peers serve a targeted
 //! release's chunks only to the devices it targets (`crate::targeted`). Only devices with
-//! tags are listed, by key alone, so the list stays small enough for the broker (16 KiB:
-//! a few hundred tagged devices; `hub enroll` refuses a tag past that).
+//! tags are listed, by key alone, so the list stays small enough for the broker
+//! ([`MAX_SPREAD_BYTES`]: a few hundred tagged devices; `hub enroll` refuses a tag past
+//! that).
 //!
+//! Signed by the hub's timestamp key and spread like announcements (MQTT retained,
+//! gossip, asked of each peer), so it holds with the hub down: a device refuses to serve
+//! or fetch from a revoked peer, and the hub refuses its reports. It never expires (a
+//! revocation must outlive a hub outage); a list replaces another only with a higher
+//! version, so an old list cannot be replayed to un-revoke a device.
+
 use crate::codec::{CodecError, Kind};
 use crate::envelope::Envelope;
 use crate::error::{Invalid, VerifyError};
@@ -18,9 +25,9 @@ use serde::{Deserialize, Serialize};
 pub const MAX_REVOKED: usize = 1000;
 /// Most members one list may name.
 pub const MAX_MEMBERS: usize = 1000;
-/// The largest signed list the broker and gossip carry (their packet bound): `hub
-/// enroll` refuses to assign a tag that would make the list larger.
-pub const MAX_SPREAD_BYTES: usize = 16 * 1024;
+/// The largest signed list `hub enroll` writes when it assigns a tag: the broker and
+/// gossip carry 16 KiB packets, less the topic, headers and framing around the list.
+pub const MAX_SPREAD_BYTES: usize = 15 * 1024;
 
 /// An enrolled device the operator assigned tags to, and its tags.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,7 +11,11 @@ use crate::manifest::Manifest;
 use crate::rollout::{Me, Rollout};
 use std::collections::{HashMap, HashSet};
 
-/// The targeted releases' rollouts and, for each of their blobs, which rollouts have it.
+/// In [`Targeted`]'s lists, a staging candidate held by a device: nobody may fetch it.
+const NOBODY: usize = usize::MAX;
+
+/// The targeted releases' rollouts and, for each of their chunks, which rollouts have it
+/// ([`NOBODY`]: a candidate).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Targeted {
     rollouts: Vec<Rollout>,
@@ -19,24 +23,52 @@ pub struct Targeted {
 }
 
 impl Targeted {
-    /// From the releases' manifests.
-    pub fn of<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> Targeted {
+    /// The hub's, from the releases' manifests. A staging candidate (signed for
+    /// [`crate::manifest::STAGING_CHANNEL`] with no targets, whatever its release's)
+    /// opens nothing and restricts nothing: it would open every chunk of a targeted
+    /// release, and the hub serves staging devices their candidates.
+    pub fn at_hub<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> Targeted {
+        Targeted::of(manifests, false)
+    }
+
+    /// A device's, from the manifests it holds: as the hub's, but a staging candidate's
+    /// chunks go to no peer (a device cannot tell which release it stands for; staging
+    /// devices fetch their candidates from the hub).
+    pub fn at_peer<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> Targeted {
+        Targeted::of(manifests, true)
+    }
+
+    fn of<'a>(
+        manifests: impl IntoIterator<Item = &'a Manifest>,
+        candidates_closed: bool,
+    ) -> Targeted {
         let mut open = HashSet::new();
         let mut targeted = Targeted::default();
         for m in manifests {
             let digests = m.chunks.iter().map(|c| c.digest);
-            if m.rollout.tags.is_empty() && m.rollout.devices.is_empty() {
+            let at = if m.channel == crate::manifest::STAGING_CHANNEL {
+                if !candidates_closed {
+                    continue;
+                }
+                NOBODY
+            } else if m.rollout.tags.is_empty() && m.rollout.devices.is_empty() {
                 open.extend(digests);
                 continue;
-            }
-            let at = targeted.rollouts.len();
-            targeted.rollouts.push(m.rollout.clone());
+            } else {
+                targeted.rollouts.push(m.rollout.clone());
+                targeted.rollouts.len() - 1
+            };
             for d in digests {
                 targeted.blobs.entry(d).or_default().push(at);
             }
         }
         targeted.blobs.retain(|d, _| !open.contains(d));
         targeted
+    }
+
+    /// Whether `digest` is a chunk only some devices may fetch.
+    pub fn restricts(&self, digest: &Digest) -> bool {
+        self.blobs.contains_key(digest)
     }
 
     /// Whether a device assigned `tags` may fetch `digest`: anyone may unless it is only
@@ -53,7 +85,7 @@ impl Targeted {
             tags,
             seed: 0,
         };
-        at.iter().any(|&i| {
+        at.iter().filter(|&&i| i != NOBODY).any(|&i| {
             let r = &self.rollouts[i];
             r.targets(&me) || (name.is_none() && !r.devices.is_empty())
         })

@@ -759,20 +759,20 @@ impl Fleet {
             .arg(out))
     }
 
-    /// [`Fleet::fetch_release`] from `peer` (the hub's address, or a device's), asking
-    /// as device `i` (its key).
+    /// [`Fleet::fetch_release`] of a release on `channel` from `peer` (the hub's address,
+    /// or a device's), asking as device `i` (its key).
     pub fn fetch_release_as(
         &self,
         peer: &str,
         i: usize,
-        digest: &str,
+        (digest, channel): (&str, &str),
         out: &Path,
     ) -> Result<String> {
         run(Command::new(bin("fetch_release")?)
             .env("UNIFLEET_FETCH_KEY", self.devices[i].dir.join("device.key"))
             .arg(peer)
             .arg(self.hub_dir.join("root.bin"))
-            .args([digest, "stable"])
+            .args([digest, channel])
             .arg(out))
     }
 

@@ -174,35 +174,55 @@ fn a_release_targets_only_the_tags_and_devices_it_names() -> Result<()> {
 }
 
 /// A device that asks for a targeted release's chunks anyway, not assigned its tag, is
-/// refused by the hub and by a device that holds them (both served it).
+/// refused by the hub and by devices that hold them (both served it): the newest release
+/// and the one it superseded, staged (the staging candidate, open to its staging device,
+/// opened every chunk) on a staging device that holds the candidates.
 #[test]
 fn a_device_not_assigned_the_tag_is_refused_the_chunks_by_the_hub_and_by_peers() -> Result<()> {
     let mut fleet = Fleet::new("test:///default")?;
     fleet.start_hub(&[])?;
+    let libvirt = fleet.libvirt.clone();
+    let stage = fleet.add_device_on("tc-stage", "hello", "staging", &libvirt, &[])?;
     let beta = fleet.add_device("tc-beta", "hello", &["--tag", "beta"])?;
     let liar = fleet.add_device_assigned("tc-liar", "hello", &["--tag", "beta"], &[])?;
-    for i in [beta, liar] {
+    for i in [stage, beta, liar] {
         fleet.start_device(i)?;
     }
-    let v1 = fleet.testimage("hello", "1.0.0", &[])?;
-    let published = fleet.publish(
-        &v1,
-        "hello",
-        "1.0.0",
-        &["--no-staging", "--target-tag", "beta"],
-    )?;
-    fleet.wait_all(&[beta], "hello", 1, "Active", CONVERGE)?;
-    let manifest = published
-        .split("manifest ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .context("publish names the manifest")?;
+    let mut manifests = vec![];
+    for (n, version) in [(1, "1.0.0"), (2, "1.0.1")] {
+        let image = fleet.testimage("hello", version, &[])?;
+        let published = fleet.publish(&image, "hello", version, &["--target-tag", "beta"])?;
+        fleet.wait_all(&[beta], "hello", n, "Active", CONVERGE)?;
+        let manifest = published
+            .split("manifest ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .context("publish names the manifest")?;
+        manifests.push(manifest.to_string());
+    }
     let out = fleet.dir.path().join("fetched.img");
-    fleet.fetch_release_as(&fleet.hub_addr, beta, manifest, &out)?;
-    let holder = fleet.device_peer_addr(beta)?;
-    for from in [&fleet.hub_addr, &holder] {
-        let refused = match fleet.fetch_release_as(from, liar, manifest, &out) {
-            Ok(said) => anyhow::bail!("{from} served tc-liar: {said}"),
+    fleet.fetch_release_as(&fleet.hub_addr, beta, (&manifests[0], "stable"), &out)?;
+    let candidate = fleet
+        .releases(Some("staging"))?
+        .iter()
+        .find(|r| r["release"] == 2)
+        .and_then(|r| r["manifest"].as_str().map(str::to_string))
+        .context("the staging candidate of release 2")?;
+    let (hub, beta_addr, stage_addr) = (
+        fleet.hub_addr.clone(),
+        fleet.device_peer_addr(beta)?,
+        fleet.device_peer_addr(stage)?,
+    );
+    let asks = [
+        (&hub, &manifests[0], "stable"),
+        (&hub, &manifests[1], "stable"),
+        (&beta_addr, &manifests[0], "stable"),
+        (&beta_addr, &manifests[1], "stable"),
+        (&stage_addr, &candidate, "staging"),
+    ];
+    for (from, manifest, channel) in asks {
+        let refused = match fleet.fetch_release_as(from, liar, (manifest, channel), &out) {
+            Ok(said) => anyhow::bail!("{from} served tc-liar {manifest}: {said}"),
             Err(e) => format!("{e:#}"),
         };
         assert!(

@@ -56,8 +56,8 @@ pub(super) struct DiskFull {
 /// it at once).
 const HELD_RECHECK: Duration = Duration::from_secs(60);
 /// How long a release for tags this device was not assigned waits before it is looked at
-/// again, if no new revocation list (which assigns tags, and nudges) comes first.
-const UNASSIGNED_RECHECK: Duration = Duration::from_secs(600);
+/// again if no new revocation list (which assigns tags, and nudges at once) comes first.
+const UNASSIGNED_RECHECK: Duration = Duration::from_secs(3600);
 
 /// A release this device may not start yet.
 #[derive(Debug, thiserror::Error)]
@@ -267,7 +267,13 @@ impl Updater {
                     }),
                     // Not this device's release (yet): the hub sees the device, as for
                     // one never meant for it.
-                    NotYet::NotAssigned { .. } => self.running_or_idle(&ann.app).ok(),
+                    NotYet::NotAssigned { .. } => match self.running_or_idle(&ann.app) {
+                        Ok(state) => Some(state),
+                        Err(e) => {
+                            tracing::warn!(app = %ann.app, "reading the device's state: {}", proto::Chain(&e));
+                            None
+                        }
+                    },
                 };
                 if let Some(state) = state {
                     self.report_running(&ann.app, state).await;

@@ -513,12 +513,15 @@ impl Router {
             .spawn(async move { net.respond(reply, response).await });
     }
 
-    fn serve_blob(&self, peer: PeerId, digest: proto::Digest, want: Want, reply: net::ReplyId) {
-        let store = self.store.clone();
-        let net = self.net.clone();
-        let upload = self.upload.clone();
-        let metrics = self.metrics.clone();
-        let answer = match want {
+    /// What a request that asks for no stored chunk or manifest is answered (a revoked
+    /// asker, a record, a report), or `None`.
+    fn record_answer(
+        &self,
+        peer: PeerId,
+        digest: proto::Digest,
+        want: Want,
+    ) -> Option<BlobResponse> {
+        match want {
             _ if self.trust.is_revoked(&peer) => {
                 tracing::info!(%peer, "refusing a revoked peer");
                 Some(BlobResponse::Refused)
@@ -544,8 +547,15 @@ impl Router {
                     .map_or(BlobResponse::NotFound, BlobResponse::Found),
             ),
             _ => None,
-        };
-        if let Some(answer) = answer {
+        }
+    }
+
+    fn serve_blob(&self, peer: PeerId, digest: proto::Digest, want: Want, reply: net::ReplyId) {
+        let store = self.store.clone();
+        let net = self.net.clone();
+        let upload = self.upload.clone();
+        let metrics = self.metrics.clone();
+        if let Some(answer) = self.record_answer(peer, digest, want) {
             self.tasks
                 .spawn(async move { net.respond(reply, answer).await });
             return;

@@ -121,8 +121,9 @@ pub(super) struct Hub {
     inflight: Inflight,
     /// The inventory as last written, for the dashboard (which then reads no file).
     published: tokio::sync::watch::Sender<Arc<Inventory>>,
-    /// The blobs only the devices a newest release targets may fetch.
-    targeted: proto::targeted::Targeted,
+    /// The chunks only the devices a release targets may fetch (`None`: the releases
+    /// were not read yet).
+    targeted: Option<Arc<proto::targeted::Targeted>>,
 }
 
 /// What the hub starts with (see [`Hub::new`]).
@@ -155,7 +156,7 @@ impl Hub {
             announcer: p.announcer,
             monitor: Monitor::default(),
             inflight: Inflight::default(),
-            targeted: Default::default(),
+            targeted: None,
         };
         hub.set_trade();
         hub.count_states();
@@ -257,8 +258,8 @@ impl Hub {
             Ok(Some(releases)) => {
                 self.watch(releases.policies.clone());
                 self.announcer.update(&releases);
-                if self.targeted != releases.targeted {
-                    self.targeted = releases.targeted.clone();
+                if self.targeted.as_deref() != Some(&releases.targeted) {
+                    self.targeted = Some(Arc::new(releases.targeted.clone()));
                     self.set_trade();
                 }
             }
@@ -392,7 +393,8 @@ impl Hub {
     }
 
     fn set_trade(&mut self) {
-        let trade = self.trust.trade(&self.home, &self.devices, &self.targeted);
+        let targeted = self.targeted.clone();
+        let trade = self.trust.trade(&self.home, &self.devices, targeted);
         self.blobs.set_trade(trade);
     }
 

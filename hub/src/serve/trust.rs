@@ -7,7 +7,9 @@ use crate::trust::{expiry_warnings, Freshness};
 use proto::keys::PublicKey;
 use proto::revocation::Revocations;
 use proto::root::TrustedRoot;
+use proto::targeted::Targeted;
 use proto::SecretKey;
+use std::sync::Arc;
 
 /// Why the hub's trust could not be (re)loaded.
 #[derive(Debug, thiserror::Error)]
@@ -100,30 +102,30 @@ impl Trust {
     }
 
     /// Whom the hub's blob service trades with: never a revoked key, and only enrolled
-    /// devices unless `serve_unenrolled` (hub.toml); `targeted` blobs only to the devices
+    /// devices unless `serve_unenrolled` (hub.toml); `targeted` chunks only to the devices
     /// their release targets.
     pub fn trade(
         &self,
         home: &Home,
         devices: &Devices,
-        targeted: &proto::targeted::Targeted,
+        targeted: Option<Arc<Targeted>>,
     ) -> crate::blobs::Trade {
         let peer_of = |k: &PublicKey| net::peer_id_of(k);
+        let list = self.revocations.as_ref().map(|(l, _)| l);
         crate::blobs::Trade {
-            targeted: targeted.clone(),
-            enrolled: devices
+            targeted,
+            names: devices
                 .values()
-                .filter_map(|(name, k)| Some((peer_of(k)?, (name.clone(), *k))))
+                .filter_map(|(name, k)| Some((peer_of(k)?, name.clone())))
                 .collect(),
-            members: self
-                .revocations
-                .as_ref()
-                .map(|(l, _)| l.clone())
-                .unwrap_or_default(),
-            refused: self
-                .revocations
-                .iter()
-                .flat_map(|(l, _)| l.devices.iter().filter_map(|d| peer_of(&d.key)))
+            tags: list
+                .into_iter()
+                .flat_map(|l| l.members.iter().flatten())
+                .filter_map(|m| Some((peer_of(&m.key)?, m.tags.clone())))
+                .collect(),
+            refused: list
+                .into_iter()
+                .flat_map(|l| l.devices.iter().filter_map(|d| peer_of(&d.key)))
                 .collect(),
             only: (!home.config.serve_unenrolled).then(|| {
                 devices
