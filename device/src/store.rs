@@ -345,7 +345,7 @@ impl Store {
                     proto::codec::decode(Kind::Manifest, &env.payload).ok()
                 })
                 .collect();
-            let targeted = Arc::new(Targeted::at_peer(&manifests));
+            let targeted = Arc::new(Targeted::of(&manifests));
             if manifests.len() < names.len() {
                 // One went (garbage collected) or is being written: read them again next
                 // time rather than keep a set that lacks it.

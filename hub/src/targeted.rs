@@ -24,5 +24,5 @@ pub fn read(store: &Store, root: &TrustedRoot) -> Result<Targeted, RolloutError>
             ),
         }
     }
-    Ok(Targeted::at_hub(&manifests))
+    Ok(Targeted::of(&manifests))
 }

@@ -11,11 +11,7 @@ use crate::manifest::Manifest;
 use crate::rollout::{Me, Rollout};
 use std::collections::{HashMap, HashSet};
 
-/// In [`Targeted`]'s lists, a staging candidate held by a device: nobody may fetch it.
-const NOBODY: usize = usize::MAX;
-
-/// The targeted releases' rollouts and, for each of their chunks, which rollouts have it
-/// ([`NOBODY`]: a candidate).
+/// The targeted releases' rollouts and, for each of their chunks, which rollouts have it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Targeted {
     rollouts: Vec<Rollout>,
@@ -23,41 +19,25 @@ pub struct Targeted {
 }
 
 impl Targeted {
-    /// The hub's, from the releases' manifests. A staging candidate (signed for
-    /// [`crate::manifest::STAGING_CHANNEL`] with no targets, whatever its release's)
-    /// opens nothing and restricts nothing: it would open every chunk of a targeted
-    /// release, and the hub serves staging devices their candidates.
-    pub fn at_hub<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> Targeted {
-        Targeted::of(manifests, false)
-    }
-
-    /// A device's, from the manifests it holds: as the hub's, but a staging candidate's
-    /// chunks go to no peer (a device cannot tell which release it stands for; staging
-    /// devices fetch their candidates from the hub).
-    pub fn at_peer<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> Targeted {
-        Targeted::of(manifests, true)
-    }
-
-    fn of<'a>(
-        manifests: impl IntoIterator<Item = &'a Manifest>,
-        candidates_closed: bool,
-    ) -> Targeted {
+    /// From the releases' manifests (the hub's, or those a device holds). A staging
+    /// candidate (signed for [`crate::manifest::STAGING_CHANNEL`] with no targets,
+    /// whatever its release's) opens nothing and restricts nothing: it would open every
+    /// chunk of a targeted release, and its staging device, or the devices it serves
+    /// afterwards, must be able to fetch it.
+    pub fn of<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> Targeted {
         let mut open = HashSet::new();
         let mut targeted = Targeted::default();
         for m in manifests {
+            if m.channel == crate::manifest::STAGING_CHANNEL {
+                continue;
+            }
             let digests = m.chunks.iter().map(|c| c.digest);
-            let at = if m.channel == crate::manifest::STAGING_CHANNEL {
-                if !candidates_closed {
-                    continue;
-                }
-                NOBODY
-            } else if m.rollout.tags.is_empty() && m.rollout.devices.is_empty() {
+            if m.rollout.tags.is_empty() && m.rollout.devices.is_empty() {
                 open.extend(digests);
                 continue;
-            } else {
-                targeted.rollouts.push(m.rollout.clone());
-                targeted.rollouts.len() - 1
-            };
+            }
+            let at = targeted.rollouts.len();
+            targeted.rollouts.push(m.rollout.clone());
             for d in digests {
                 targeted.blobs.entry(d).or_default().push(at);
             }
@@ -85,7 +65,7 @@ impl Targeted {
             tags,
             seed: 0,
         };
-        at.iter().filter(|&&i| i != NOBODY).any(|&i| {
+        at.iter().any(|&i| {
             let r = &self.rollouts[i];
             r.targets(&me) || (name.is_none() && !r.devices.is_empty())
         })
