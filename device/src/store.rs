@@ -165,8 +165,9 @@ impl State {
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
-    /// What [`Store::targeted`] last made, and of which manifests (their file names).
-    targeted: std::sync::Mutex<(Vec<std::ffi::OsString>, Arc<Targeted>)>,
+    /// What [`Store::targeted`] last made; `None` once a manifest was written or removed
+    /// through this store (the agent's one owner of its files), so it is made again.
+    targeted: std::sync::Mutex<Option<Arc<Targeted>>>,
 }
 
 /// Writes `bytes` to `path` via a temporary file, fsync, rename, fsync of the directory.
@@ -301,6 +302,7 @@ impl Store {
                 }
             }
         }
+        self.manifests_changed();
         (files, bytes)
     }
 
@@ -314,46 +316,52 @@ impl Store {
                 }
                 tracing::warn!(path = %path.display(), "stored blob is damaged; removing it");
                 let _ = fs::remove_file(&path);
+                self.manifests_changed();
             }
         }
         None
     }
 
     pub fn put_manifest(&self, d: &Digest, bytes: &[u8]) -> Result<()> {
-        write_atomic(&self.manifest_path(d), bytes)
+        let written = write_atomic(&self.manifest_path(d), bytes);
+        self.manifests_changed();
+        written
+    }
+
+    fn manifests_changed(&self) {
+        *self.targeted.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// The chunks this device may serve only to the devices their releases target, from
-    /// the manifests it holds (verified when they were fetched; read again only when the
-    /// set of them changed).
+    /// the manifests it holds (verified when they were fetched; read again only after
+    /// one was written or removed, not per chunk served).
     pub fn targeted(&self) -> Arc<Targeted> {
+        let mut cached = self.targeted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(targeted) = cached.as_ref() {
+            return targeted.clone();
+        }
         let dir = self.dir.join("manifests");
-        let mut names: Vec<_> = fs::read_dir(&dir)
+        let names: Vec<_> = fs::read_dir(&dir)
             .into_iter()
             .flatten()
             .flatten()
             .map(|e| e.file_name())
             .collect();
-        names.sort();
-        let mut cached = self.targeted.lock().unwrap_or_else(|p| p.into_inner());
-        if cached.0 != names {
-            let manifests: Vec<Manifest> = names
-                .iter()
-                .filter_map(|n| fs::read(dir.join(n)).ok())
-                .filter_map(|bytes| {
-                    let env = Envelope::decode(&bytes, Kind::Manifest).ok()?;
-                    proto::codec::decode(Kind::Manifest, &env.payload).ok()
-                })
-                .collect();
-            let targeted = Arc::new(Targeted::of(&manifests));
-            if manifests.len() < names.len() {
-                // One went (garbage collected) or is being written: read them again next
-                // time rather than keep a set that lacks it.
-                return targeted;
-            }
-            *cached = (names, targeted);
+        let manifests: Vec<Manifest> = names
+            .iter()
+            .filter_map(|n| fs::read(dir.join(n)).ok())
+            .filter_map(|bytes| {
+                let env = Envelope::decode(&bytes, Kind::Manifest).ok()?;
+                proto::codec::decode(Kind::Manifest, &env.payload).ok()
+            })
+            .collect();
+        let targeted = Arc::new(Targeted::of(&manifests));
+        // One unreadable (being written, or going): read them all again next time rather
+        // than keep a set that lacks it.
+        if manifests.len() == names.len() {
+            *cached = Some(targeted.clone());
         }
-        cached.1.clone()
+        targeted
     }
 
     /// Assembles the image from stored chunks into its slot, verifying every chunk and the

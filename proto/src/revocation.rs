@@ -112,15 +112,7 @@ impl Revocations {
             if !keys.insert(m.key) {
                 return Err(invalid(Invalid::DuplicateMember));
             }
-            if m.tags.len() > crate::status::MAX_TAGS {
-                return Err(invalid(Invalid::TooManyTags {
-                    count: m.tags.len(),
-                    max: crate::status::MAX_TAGS,
-                }));
-            }
-            for t in &m.tags {
-                names::check("tag", t).map_err(|e| invalid(e.into()))?;
-            }
+            crate::status::check_tags(&m.tags).map_err(invalid)?;
         }
         Ok(())
     }

@@ -252,6 +252,21 @@ pub const MAX_CONSOLE_TAIL: usize = 2048;
 /// Most tags one device may carry.
 pub const MAX_TAGS: usize = 16;
 
+/// A device's tags, as a report declares them or the revocation list assigns them: at
+/// most [`MAX_TAGS`], each a name.
+pub fn check_tags(tags: &[String]) -> Result<(), Invalid> {
+    if tags.len() > MAX_TAGS {
+        return Err(Invalid::TooManyTags {
+            count: tags.len(),
+            max: MAX_TAGS,
+        });
+    }
+    for t in tags {
+        names::check("tag", t)?;
+    }
+    Ok(())
+}
+
 impl StatusReport {
     /// Without a guest address it is written as reports were before it (which older hubs
     /// read): see [`crate::codec::Kind::has_appended_option`].
@@ -298,15 +313,7 @@ pub fn verify_status(
     if report.console_tail.len() > MAX_CONSOLE_TAIL {
         return Err(invalid(Invalid::ConsoleTailTooLong));
     }
-    if report.tags.len() > MAX_TAGS {
-        return Err(invalid(Invalid::TooManyTags {
-            count: report.tags.len(),
-            max: MAX_TAGS,
-        }));
-    }
-    for t in &report.tags {
-        names::check("tag", t).map_err(|e| invalid(e.into()))?;
-    }
+    check_tags(&report.tags).map_err(invalid)?;
     Ok((key, report))
 }
 

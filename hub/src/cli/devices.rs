@@ -19,8 +19,10 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
         .map(|(l, _)| l)
         .unwrap_or_default();
     let revoked = &list.devices;
-    let keys = hub::inventory::load_devices(&home.store()?)?;
-    let key_of = |name: &str| keys.values().find(|(n, _)| n == name).map(|(_, k)| *k);
+    let keys: std::collections::HashMap<String, proto::PublicKey> =
+        hub::inventory::load_devices(&home.store()?)?
+            .into_values()
+            .collect();
     if json {
         println!("{}", serde_json::to_string_pretty(&inv)?);
     } else {
@@ -35,7 +37,7 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
             let network = e
                 .network
                 .map_or(String::new(), |n| format!(" {}", n.summary()));
-            let assigned = key_of(&e.device).map_or(&[][..], |k| list.tags_of(&k));
+            let assigned = keys.get(&e.device).map_or(&[][..], |k| list.tags_of(k));
             let tags = tags_text(assigned, &e.tags);
             println!(
                 "{}{tags} {} release {} {} {} (from peers {}, hub {}; seen {}){network}{ondemand}",
