@@ -2,7 +2,7 @@
 # Installs and starts what unifleet's demo and tests need on a Debian/Ubuntu machine:
 # a C toolchain and binutils, libvirt (library, daemon, QEMU driver, client), QEMU for
 # x86, iptables and dnsmasq (libvirt's guest networks: firewall rules and DHCP), bubblewrap (the
-# sandbox pushed code builds in), mosquitto, Chromium and Node.js with playwright-core (the dashboard's browser
+# sandbox pushed code builds in), mosquitto and its clients (the broker tests' outsiders), Chromium and Node.js with playwright-core (the dashboard's browser
 # test), python3-matplotlib, python3-libtorrent and opentracker (the fleet benchmark's
 # chart and BitTorrent baseline), and cargo-nextest if missing. Idempotent: re-running only starts what
 # is not running. Needs root (or sudo).
@@ -12,7 +12,7 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 PACKAGES=(build-essential pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu
-          libvirt-clients qemu-system-x86 mosquitto python3 iproute2 procps
+          libvirt-clients qemu-system-x86 mosquitto mosquitto-clients python3 iproute2 procps
           qemu-system-arm qemu-user-static binutils-aarch64-linux-gnu libxml2-utils adduser nftables iptables dnsmasq-base
           chromium python3-matplotlib python3-libtorrent opentracker bubblewrap faketime)
 

@@ -40,6 +40,11 @@ pub enum ConfigError {
     GuestAddresses(#[from] crate::hypervisor::addresses::BadGuestAddresses),
     #[error("domain_type = {0:?}: use auto, kvm or qemu (TCG)")]
     DomainType(String),
+    #[error(
+        "broker = \"mqtts://…\" needs broker_ca: the hub's broker-ca.pem, pinned at enrollment \
+         (`device enroll --broker-ca HUB_DIR/broker-ca.pem`)"
+    )]
+    NoBrokerCa,
     #[error("parallel_fetches must be at least 1")]
     ParallelFetches,
     #[error(
@@ -71,9 +76,15 @@ pub struct Config {
     /// The device's secret key (mode 0600).
     pub key: PathBuf,
     pub state_dir: PathBuf,
-    /// MQTT broker, `mqtt://host:port`; absent: peers only.
+    /// MQTT broker, `mqtt://host:port` (plaintext, a broker on loopback) or
+    /// `mqtts://host:port` (TLS: needs `broker_ca`); absent: peers only.
     #[serde(default)]
     pub broker: Option<String>,
+    /// The fleet's broker CA certificate (`broker-ca.pem` from the hub's directory,
+    /// copied by `device enroll --broker-ca`): the only CA an `mqtts://` broker is
+    /// checked against. The device's client certificate is asked of the hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_ca: Option<PathBuf>,
     /// The hub's libp2p address, `/ip4/…/tcp/…/p2p/<peer id>`: the fallback source of
     /// every blob.
     #[serde(default)]
@@ -203,7 +214,11 @@ impl Config {
     /// Parses and validates a config's text; relative paths are taken from `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(Box::new(e)))?;
-        for p in [&mut cfg.root, &mut cfg.key, &mut cfg.state_dir] {
+        let ca = cfg.broker_ca.iter_mut();
+        for p in [&mut cfg.root, &mut cfg.key, &mut cfg.state_dir]
+            .into_iter()
+            .chain(ca)
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -224,6 +239,14 @@ impl Config {
         self.guest_addresses()?;
         if !["auto", "kvm", "qemu", "xen"].contains(&self.domain_type.as_str()) {
             return Err(ConfigError::DomainType(self.domain_type.clone()));
+        }
+        if self
+            .broker
+            .as_deref()
+            .is_some_and(|b| b.starts_with("mqtts://"))
+            && self.broker_ca.is_none()
+        {
+            return Err(ConfigError::NoBrokerCa);
         }
         if self.parallel_fetches == 0 {
             return Err(ConfigError::ParallelFetches);

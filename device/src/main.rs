@@ -64,9 +64,15 @@ struct EnrollArgs {
     /// Other peers to dial at start (repeat).
     #[arg(long = "peer")]
     peers: Vec<String>,
-    /// MQTT broker, `mqtt://host:port`.
+    /// MQTT broker: `mqtts://host:port` (TLS, the hub's broker beyond loopback; needs
+    /// --broker-ca) or `mqtt://127.0.0.1:port` (plaintext, a broker on this machine).
     #[arg(long)]
     broker: Option<String>,
+    /// The fleet's broker CA, `broker-ca.pem` from the hub's directory (copied into DIR):
+    /// the one CA an `mqtts://` broker is checked against. The device's own client
+    /// certificate is asked of the hub when it first connects.
+    #[arg(long, value_name = "PEM")]
+    broker_ca: Option<PathBuf>,
     #[arg(long, default_value = "test:///default")]
     libvirt: String,
     #[arg(long, default_value = "qemu-x86_64")]
@@ -95,6 +101,18 @@ fn read_root(root: &std::path::Path) -> Result<(Vec<u8>, proto::root::Root)> {
     proto::root::TrustedRoot::bootstrap(&root_bytes, device::agent::now())
         .with_context(|| format!("trust root {}", root.display()))?;
     Ok((root_bytes, claimed))
+}
+
+/// The fleet's broker CA certificate, checked to be one.
+fn read_broker_ca(path: &std::path::Path) -> Result<Vec<u8>> {
+    let pem =
+        std::fs::read(path).with_context(|| format!("reading broker CA {}", path.display()))?;
+    anyhow::ensure!(
+        !net::broker_tls::certs(&pem).is_empty(),
+        "{} holds no PEM certificate: give the hub's broker-ca.pem",
+        path.display()
+    );
+    Ok(pem)
 }
 
 /// A new device key from the OS's randomness, written readable by its owner only.
@@ -157,6 +175,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         hub,
         peers,
         broker,
+        broker_ca,
         libvirt,
         platform,
         listen,
@@ -171,6 +190,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
     );
     check_tags(&tags)?;
     let (root_bytes, claimed) = read_root(&root)?;
+    let ca_pem = broker_ca.as_deref().map(read_broker_ca).transpose()?;
     let cfg = Config {
         name,
         fleet: claimed.fleet,
@@ -182,6 +202,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         key: "device.key".into(),
         state_dir: state_dir.clone().unwrap_or_else(|| "state".into()),
         broker,
+        broker_ca: ca_pem.as_ref().map(|_| "broker-ca.pem".into()),
         hub,
         peers,
         listen,
@@ -209,6 +230,9 @@ fn enroll(args: EnrollArgs) -> Result<()> {
     let key = write_new_key(&dir.join("device.key"))?;
     std::fs::write(dir.join("device.pub"), key.public().to_text())?;
     std::fs::write(dir.join("root.bin"), &root_bytes)?;
+    if let Some(pem) = &ca_pem {
+        std::fs::write(dir.join("broker-ca.pem"), pem)?;
+    }
     std::fs::write(&cfg_path, toml::to_string_pretty(&cfg)?)?;
     println!(
         "enrolled {} in {}\npublic key: {}register it on the hub with: hub enroll {} --name {}",

@@ -2,7 +2,7 @@
 //! retained announcements (again after every reconnect), forwards them, and reconnects
 //! with backoff while the broker is down.
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,19 +71,105 @@ impl Takeovers {
     }
 }
 
+/// What a device needs for TLS to the broker: the fleet's broker CA it pinned at
+/// enrollment, its key, and where it keeps the client certificate the hub issued it
+/// (asked of the hub over libp2p when missing or refused).
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub ca_pem: Vec<u8>,
+    pub seed: [u8; 32],
+    pub cert_file: std::path::PathBuf,
+    pub net: net::NetClient,
+    pub hubs: Vec<net::PeerId>,
+}
+
+/// How often a refused device asks the hub for a new certificate, at most.
+const CERT_ASK_EVERY: Duration = Duration::from_secs(60);
+
+impl Tls {
+    /// Puts TLS with our certificate on the event loop: the stored one, or (`fresh`, or
+    /// none stored) a new one from the hub. False when there is none to be had yet.
+    async fn arm(&self, eventloop: &mut rumqttc::EventLoop, fresh: bool) -> bool {
+        let stored = (!fresh)
+            .then(|| std::fs::read(&self.cert_file).ok())
+            .flatten();
+        let pem = match stored {
+            Some(pem) => pem,
+            None => match self.ask_hub().await {
+                Some(pem) => pem,
+                None => return false,
+            },
+        };
+        match net::broker_tls::client_config(&self.ca_pem, &pem, &self.seed) {
+            Ok(config) => {
+                eventloop
+                    .mqtt_options
+                    .set_transport(rumqttc::Transport::tls_with_config(
+                        rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
+                    ));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(file = %self.cert_file.display(), "the MQTT client certificate is unusable ({e}); asking the hub for another");
+                let _ = std::fs::remove_file(&self.cert_file);
+                false
+            }
+        }
+    }
+
+    /// This device's MQTT client certificate, from the first hub that gives one (kept).
+    async fn ask_hub(&self) -> Option<Vec<u8>> {
+        for hub in &self.hubs {
+            let got = self
+                .net
+                .fetch_with(*hub, None, proto::Digest([0; 32]), net::Want::BrokerCert)
+                .await;
+            match got {
+                Ok(pem) if !net::broker_tls::certs(&pem).is_empty() => {
+                    if let Err(e) = crate::store::write_atomic(&self.cert_file, &pem) {
+                        tracing::warn!("keeping the MQTT client certificate: {e}");
+                    }
+                    tracing::info!("the hub issued this device its MQTT client certificate");
+                    return Some(pem);
+                }
+                Ok(_) => {
+                    tracing::warn!(%hub, "the hub sent an MQTT client certificate that is not PEM")
+                }
+                Err(e) => {
+                    tracing::info!(%hub, "asking the hub for an MQTT client certificate: {e}")
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Whether the broker refused who we are (a TLS alert or CONNACK): a new certificate may
+/// help.
+fn refused_us(e: &rumqttc::ConnectionError) -> bool {
+    use rumqttc::ConnectionError as E;
+    match e {
+        E::ConnectionRefused(_) | E::Tls(_) => true,
+        E::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+        _ => false,
+    }
+}
+
 /// Connects (lazily; the event loop retries forever) and returns a client for publishing.
 /// Every message arriving on `subscribe` goes to `out` (dropped if `out` is full). The
-/// client id is `unifleet-device-<name>`.
+/// client id is `unifleet-device-<name>`. `tls` is required for an `mqtts://` URL.
 pub fn start(
     name: &str,
     url: &str,
+    tls: Option<Tls>,
     subscribe: Vec<String>,
     out: mpsc::Sender<(String, Vec<u8>)>,
     tasks: &net::tasks::Tasks,
 ) -> Result<Mqtt, net::BrokerUrlError> {
-    let (host, port) = net::parse_mqtt_url(url)?;
+    let url = net::broker_tls::BrokerUrl::parse(url)?;
+    let tls = tls.filter(|_| url.tls);
     let client_id = format!("unifleet-device-{name}");
-    let mut opts = MqttOptions::new(&client_id, host, port);
+    let mut opts = net::broker_tls::mqtt_options(&client_id, &url, None);
     let name = name.to_string();
     opts.set_keep_alive(Duration::from_secs(10));
     opts.set_max_packet_size(MAX_PACKET, MAX_PACKET);
@@ -94,6 +180,12 @@ pub fn start(
     tasks.spawn(async move {
         let mut backoff = Duration::from_millis(200);
         let mut takeovers = Takeovers::default();
+        let mut asked_at: Option<std::time::Instant> = None;
+        if let Some(tls) = &tls {
+            while !tls.arm(&mut eventloop, false).await {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -114,6 +206,14 @@ pub fn start(
                 Ok(other) => tracing::trace!(?other, "MQTT event"),
                 Err(e) => {
                     up.store(false, Ordering::Relaxed);
+                    if let Some(tls) = tls.as_ref().filter(|_| refused_us(&e)) {
+                        let due = asked_at.is_none_or(|t| t.elapsed() >= CERT_ASK_EVERY);
+                        if due {
+                            tracing::warn!("the MQTT broker refused this device ({e}); asking the hub for a new client certificate");
+                            asked_at = Some(std::time::Instant::now());
+                            tls.arm(&mut eventloop, true).await;
+                        }
+                    }
                     if takeovers.lost(std::time::Instant::now()) {
                         tracing::error!(
                             "the MQTT broker keeps closing this device's connection right after it \

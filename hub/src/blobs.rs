@@ -32,8 +32,8 @@ pub struct Trade {
     /// The chunks only a release's targeted devices may fetch; `None` until the releases
     /// were first read (chunks are answered busy until then, never served unchecked).
     pub targeted: Option<Arc<Targeted>>,
-    /// Enrolled devices' names, by peer id.
-    pub names: HashMap<PeerId, String>,
+    /// Enrolled devices' names and keys, by peer id.
+    pub names: HashMap<PeerId, (String, proto::PublicKey)>,
     /// The tags the operator assigned, by peer id.
     pub tags: HashMap<PeerId, Vec<String>>,
 }
@@ -47,7 +47,7 @@ impl Trade {
     /// (at a hub that serves such devices) has no name and no tags.
     fn allows_blob(&self, peer: &PeerId, digest: &Digest) -> Option<bool> {
         let targeted = self.targeted.as_ref()?;
-        let name = self.names.get(peer).map_or("", String::as_str);
+        let name = self.names.get(peer).map_or("", |(n, _)| n.as_str());
         let tags = self.tags.get(peer).map_or(&[][..], Vec::as_slice);
         Some(targeted.allows(digest, Some(name), tags))
     }
@@ -66,6 +66,8 @@ pub struct Blobs {
     peer_exchange: bool,
     /// Where the blob-sending tasks are spawned (cancelled at shutdown).
     tasks: net::tasks::Tasks,
+    /// Issues enrolled devices their MQTT client certificates ([`Want::BrokerCert`]).
+    broker_ca: Option<Arc<crate::broker::pki::BrokerCa>>,
 }
 
 impl std::fmt::Debug for Blobs {
@@ -95,6 +97,26 @@ impl Blobs {
             upload: Arc::new(RateLimiter::new(upload_rate)),
             peer_exchange,
             tasks,
+            broker_ca: None,
+        }
+    }
+
+    pub fn set_broker_ca(&mut self, ca: Arc<crate::broker::pki::BrokerCa>) {
+        self.broker_ca = Some(ca);
+    }
+
+    /// An enrolled device's MQTT client certificate, for its own key and name; refused
+    /// to anyone else.
+    fn broker_cert(&self, peer: &PeerId) -> BlobResponse {
+        let (Some(ca), Some((name, key))) = (&self.broker_ca, self.trade.names.get(peer)) else {
+            return BlobResponse::Refused;
+        };
+        match ca.issue_client(name, &key.0, crate::home::now()) {
+            Ok(pem) => BlobResponse::Found(pem.into_bytes()),
+            Err(e) => {
+                tracing::error!(device = %name, "issuing an MQTT client certificate: {}", proto::Chain(&e));
+                BlobResponse::NotFound
+            }
         }
     }
 
@@ -209,6 +231,7 @@ impl Blobs {
             // seconds; asking it is for devices asking a peer.
             Want::Announcement => self.net.respond(reply, BlobResponse::NotFound).await,
             Want::Root | Want::Revocations | Want::Holds => self.send_record(digest, want, reply),
+            Want::BrokerCert => self.net.respond(reply, self.broker_cert(&peer)).await,
         }
     }
 

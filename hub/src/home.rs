@@ -14,7 +14,14 @@ pub struct HubConfig {
     /// Embedded MQTT broker listen address (used unless `broker` is set).
     #[serde(default = "default_mqtt")]
     pub mqtt_listen: String,
-    /// External broker `mqtt://host:port` instead of the embedded one.
+    /// TLS on the embedded broker, client certificates from the fleet's broker CA
+    /// required (`broker-ca.pem`). Absent: on whenever `mqtt_listen` is beyond loopback
+    /// (plaintext is only ever served on loopback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_tls: Option<bool>,
+    /// External broker `mqtt://host:port`, or `mqtts://host:port` with TLS (the hub
+    /// shows a client certificate of its CA: `hub broker-config --mosquitto`), instead of
+    /// the embedded one.
     #[serde(default)]
     pub broker: Option<String>,
     #[serde(default = "default_p2p")]
@@ -68,6 +75,7 @@ impl HubConfig {
         HubConfig {
             fleet: fleet.into(),
             mqtt_listen: mqtt_listen.into(),
+            mqtt_tls: None,
             broker: None,
             p2p_listen: p2p_listen.into(),
             metrics: None,

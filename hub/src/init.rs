@@ -50,6 +50,8 @@ pub enum InitError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Deploy(#[from] crate::deploy::CreateError),
+    #[error(transparent)]
+    Pki(#[from] crate::broker::pki::PkiError),
 }
 
 type Result<T, E = InitError> = std::result::Result<T, E>;
@@ -113,8 +115,13 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
     });
     store.commit("hub init", &change, None)?;
     crate::deploy::create(dir)?;
-    let config = toml::to_string_pretty(&config).map_err(InitError::Config)?;
-    write(&dir.join("hub.toml"), config.as_bytes())?;
+    let text = toml::to_string_pretty(&config).map_err(InitError::Config)?;
+    write(&dir.join("hub.toml"), text.as_bytes())?;
+    // The broker CA's key and broker-ca.pem, for devices to pin.
+    crate::broker::pki::BrokerCa::open(&crate::home::Home {
+        dir: dir.to_path_buf(),
+        config,
+    })?;
     // Power-cut safe from the start: what libgit2 wrote without syncing (the
     // repositories' HEAD and config) and the files above reach the disk.
     crate::home::sync_tree(dir)?;

@@ -74,6 +74,9 @@ enum Command {
     /// Build a new hub home in --dir from a mirror and a copy of the old hub's keys (the
     /// old hub's disk died or its machine is replaced).
     Restore(cli::restore::Args),
+    /// The fleet's broker for mosquitto (TLS, client certificates of the hub's broker CA,
+    /// the fleet's access rules), or a device's client certificate for your own client.
+    BrokerConfig(cli::broker_config::Args),
     /// Internal: the deploy repository's pre-receive hook.
     #[command(hide = true)]
     DeployHook,
@@ -104,6 +107,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Root(cmd) => cli::root::run(dir, cmd),
         Command::Revoke(args) => cli::revoke::run(dir, args),
         Command::Status => cli::status::run(dir),
+        Command::BrokerConfig(args) => cli::broker_config::run(dir, args),
         Command::Promote(args) => cli::promote::run(dir, args),
         Command::Rollback(args) => cli::rollback::run(dir, args),
         Command::Enroll(args) => cli::enroll::run(dir, args),

@@ -48,6 +48,8 @@ pub struct Metrics {
     /// failed pushes.
     pub mirror_lag_secs: AtomicU64,
     pub mirror_failures: AtomicU64,
+    /// The embedded broker's counters (`None`: an external broker).
+    pub broker: Option<Arc<crate::broker::BrokerMetrics>>,
 }
 
 /// Why the metrics page could not start.
@@ -225,6 +227,9 @@ fn render(m: &Metrics, net: &net::NetState) -> String {
         "Releases in the store",
         m.releases.load(Ordering::Relaxed),
     );
+    if let Some(b) = &m.broker {
+        push_broker(&mut out, b);
+    }
     let by_state = m
         .devices_by_state
         .lock()
@@ -237,6 +242,21 @@ fn render(m: &Metrics, net: &net::NetState) -> String {
         out.push_str(&format!("unifleet_hub_devices{{state=\"{state}\"}} {n}\n"));
     }
     out
+}
+
+/// The embedded broker's counters and gauges.
+fn push_broker(out: &mut String, b: &crate::broker::BrokerMetrics) {
+    let rows: [(&str, &str, &str, &AtomicU64); 6] = [
+        ("unifleet_hub_mqtt_refused_total", "counter", "MQTT clients refused at the TLS handshake or CONNECT (no or a wrong certificate, not enrolled, a wrong secret)", &b.refused),
+        ("unifleet_hub_mqtt_cut_off_total", "counter", "MQTT clients cut off for flooding or publishing where they may not", &b.cut_off),
+        ("unifleet_hub_mqtt_slow_total", "counter", "MQTT clients dropped because they read their messages too slowly", &b.slow),
+        ("unifleet_hub_mqtt_retained_full_total", "counter", "Retained MQTT messages not kept: the retained store was full", &b.retained_full),
+        ("unifleet_hub_mqtt_sessions", "gauge", "MQTT clients connected to the embedded broker", &b.sessions),
+        ("unifleet_hub_mqtt_retained_bytes", "gauge", "Bytes of retained MQTT messages the embedded broker keeps", &b.retained_bytes),
+    ];
+    for (name, kind, help, value) in rows {
+        push(out, name, kind, help, value.load(Ordering::Relaxed));
+    }
 }
 
 #[cfg(test)]

@@ -68,6 +68,11 @@ pub enum Want {
     /// only a few times a minute from one asker (`hub::tracker`). An older hub cannot
     /// decode it: the ask fails, the device asks again and the report is lost.
     BlobOrPeersMissed,
+    /// The asker's MQTT client certificate (PEM; the digest is ignored): the hub's broker
+    /// CA certifies an enrolled device's own key under its enrolled name, answered
+    /// [`BlobResponse::Found`], or [`BlobResponse::Refused`] to anyone not enrolled.
+    /// Devices answer [`BlobResponse::NotFound`]. An older hub cannot decode it.
+    BrokerCert,
 }
 
 impl Want {

@@ -335,12 +335,18 @@ impl Fleet {
             .args(["init", "--mqtt-listen", &format!("{ip}:{mqtt_port}")])
             .args(["--p2p-listen", &format!("/ip4/{ip}/tcp/{p2p_port}")])
             .args(init))?;
+        // Beyond loopback the embedded broker takes TLS only.
+        let scheme = if ip.starts_with("127.") {
+            "mqtt"
+        } else {
+            "mqtts"
+        };
         Ok(Fleet {
             dir,
             hub_dir,
             hub: None,
             hub_addr: String::new(),
-            mqtt: format!("mqtt://{ip}:{mqtt_port}"),
+            mqtt: format!("{scheme}://{ip}:{mqtt_port}"),
             devices: vec![],
             libvirt: libvirt.into(),
             hub_ns,
@@ -524,6 +530,10 @@ impl Fleet {
         .arg("--root")
         .arg(self.hub_dir.join("root.bin"))
         .args(["--broker", &self.mqtt]);
+        if self.mqtt.starts_with("mqtts://") {
+            cmd.arg("--broker-ca")
+                .arg(self.hub_dir.join("broker-ca.pem"));
+        }
         if !self.hub_addr.is_empty() {
             cmd.args(["--hub", &self.hub_addr]);
         } else {
@@ -547,6 +557,20 @@ impl Fleet {
         let i = self.devices.len() - 1;
         self.devices[i].set_config("domain_type", toml_value::V::Str("qemu".into()))?;
         Ok(i)
+    }
+
+    /// TLS on the embedded broker on loopback too (before the hub starts and devices are
+    /// added): devices pin the hub's `broker-ca.pem` and ask the hub for their client
+    /// certificates, as they do beyond loopback.
+    pub fn use_tls(&mut self) -> Result<()> {
+        let fleet_line = std::fs::read_to_string(self.hub_dir.join("hub.toml"))?
+            .lines()
+            .find(|l| l.starts_with("fleet = "))
+            .context("hub.toml has no fleet")?
+            .to_string();
+        self.set_hub_setting(&fleet_line, &format!("{fleet_line}\nmqtt_tls = true"))?;
+        self.mqtt = self.mqtt.replacen("mqtt://", "mqtts://", 1);
+        Ok(())
     }
 
     /// Changes one line of the hub's `hub.toml` (before it starts), failing if absent.

@@ -184,11 +184,11 @@ pub fn metric_in(page: &str, name: &str) -> Result<u64> {
 /// or fails after `timeout`.
 pub fn mqtt_first_message(url: &str, topic: &str, timeout: Duration) -> Result<Vec<u8>> {
     use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
-    let (host, port) = net::parse_mqtt_url(url).map_err(anyhow::Error::msg)?;
+    let parsed = net::broker_tls::BrokerUrl::parse(url).map_err(anyhow::Error::msg)?;
     let mut opts = MqttOptions::new(
         format!("unifleet-test-sub-{}", std::process::id()),
-        host,
-        port,
+        parsed.host,
+        parsed.port,
     );
     opts.set_max_packet_size(64 * 1024, 64 * 1024);
     let (client, mut conn) = Client::new(opts, 10);

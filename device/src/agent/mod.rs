@@ -124,6 +124,12 @@ pub enum StartError {
     Net(#[from] net::StartError),
     #[error(transparent)]
     Mqtt(#[from] net::BrokerUrlError),
+    #[error("reading the broker CA {} (broker_ca in device.toml)", path.display())]
+    ReadBrokerCa {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("metrics cannot listen on {addr}")]
     Metrics {
         addr: String,
@@ -231,7 +237,8 @@ pub async fn run_with_metrics(
     tracing::info!(peer_id = %net.peer_id(), device = %cfg.name, "device agent starting");
 
     let (mqtt_tx, mqtt_rx) = mpsc::channel(64);
-    let mqtt_client = start_mqtt(&cfg, platform, mqtt_tx, &tasks)?;
+    let tls = mqtt_tls(&cfg, &key, &net, &hub_peers, &store)?;
+    let mqtt_client = start_mqtt(&cfg, platform, tls, mqtt_tx, &tasks)?;
     let broker = mqtt_client.clone();
     let reporter = Arc::new(Reporter::new(
         &cfg,
@@ -350,10 +357,35 @@ fn net_config(
     Ok((net_cfg, hub_peers))
 }
 
+/// What TLS to the broker needs, when the device has a CA to pin (`broker_ca`).
+fn mqtt_tls(
+    cfg: &Config,
+    key: &SecretKey,
+    net: &net::NetClient,
+    hubs: &[net::PeerId],
+    store: &Store,
+) -> Result<Option<mqtt::Tls>> {
+    let Some(path) = &cfg.broker_ca else {
+        return Ok(None);
+    };
+    let ca_pem = std::fs::read(path).map_err(|source| StartError::ReadBrokerCa {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Some(mqtt::Tls {
+        ca_pem,
+        seed: key.seed(),
+        cert_file: store.dir().join("mqtt-client.pem"),
+        net: net.clone(),
+        hubs: hubs.to_vec(),
+    }))
+}
+
 /// The broker connection, subscribed to our apps' releases and the trust records.
 fn start_mqtt(
     cfg: &Config,
     platform: proto::manifest::Platform,
+    tls: Option<mqtt::Tls>,
     tx: mpsc::Sender<(String, Vec<u8>)>,
     tasks: &net::tasks::Tasks,
 ) -> Result<Option<mqtt::Mqtt>> {
@@ -366,7 +398,7 @@ fn start_mqtt(
         .map(|a| net::mqtt_topics::release(&cfg.fleet, &Track::new(a, &cfg.channel, platform)))
         .chain(net::mqtt_topics::trust(&cfg.fleet))
         .collect();
-    Ok(Some(mqtt::start(&cfg.name, url, topics, tx, tasks)?))
+    Ok(Some(mqtt::start(&cfg.name, url, tls, topics, tx, tasks)?))
 }
 
 /// Testing aid (`crash_at` in the config): die abruptly, as a kill -9 would. Only with

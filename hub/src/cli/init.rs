@@ -22,8 +22,9 @@ pub struct Args {
     /// hold lists). Without it `hub rollout pause|halt` and automatic halts are off.
     #[arg(long, requires = "root")]
     rollout_key: Option<PathBuf>,
-    /// Where the embedded MQTT broker listens (0.0.0.0:1883 for devices on other
-    /// machines).
+    /// Where the embedded MQTT broker listens. Beyond loopback (0.0.0.0:8883 for devices
+    /// on other machines) it takes TLS only, with client certificates of the hub's broker
+    /// CA: devices are enrolled with `--broker mqtts://HUB:8883 --broker-ca broker-ca.pem`.
     #[arg(long, default_value = "127.0.0.1:1883")]
     mqtt_listen: String,
     /// Where the hub's libp2p node (blobs, gossip, relay) listens
@@ -58,9 +59,10 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
         eprintln!("warning: {w}");
     }
     println!(
-        "hub home created in {}; give devices {}",
+        "hub home created in {}; give devices {} and (for TLS to the broker) {}",
         dir.display(),
-        dir.join("root.bin").display()
+        dir.join("root.bin").display(),
+        hub::broker::pki::ca_path(dir).display()
     );
     Ok(())
 }

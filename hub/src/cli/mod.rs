@@ -1,5 +1,6 @@
 //! One module per subcommand of `hub`: its arguments (clap) and what it runs.
 
+pub mod broker_config;
 pub mod deploy_hook;
 pub mod devices;
 pub mod enroll;

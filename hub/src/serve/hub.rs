@@ -124,6 +124,8 @@ pub(super) struct Hub {
     /// The chunks only the devices a release targets may fetch (`None`: the releases
     /// were not read yet).
     targeted: Option<Arc<proto::targeted::Targeted>>,
+    /// The devices the embedded broker admits (enrolled, not revoked).
+    enrolled: tokio::sync::watch::Sender<crate::broker::Enrolled>,
 }
 
 /// What the hub starts with (see [`Hub::new`]).
@@ -138,6 +140,7 @@ pub(super) struct Parts {
     pub metrics: Arc<Metrics>,
     pub blobs: Blobs,
     pub announcer: Announcer,
+    pub enrolled: tokio::sync::watch::Sender<crate::broker::Enrolled>,
 }
 
 impl Hub {
@@ -157,6 +160,7 @@ impl Hub {
             monitor: Monitor::default(),
             inflight: Inflight::default(),
             targeted: None,
+            enrolled: p.enrolled,
         };
         hub.set_trade();
         hub.count_states();
@@ -396,6 +400,12 @@ impl Hub {
         let targeted = self.targeted.clone();
         let trade = self.trust.trade(&self.home, &self.devices, targeted);
         self.blobs.set_trade(trade);
+        let enrolled = self.trust.enrolled(&self.devices);
+        self.enrolled.send_if_modified(|now| {
+            let changed = **now != *enrolled;
+            *now = enrolled;
+            changed
+        });
     }
 
     /// Hands what was accepted since the last batch to be written (see
@@ -656,6 +666,7 @@ mod tests {
             trust,
             metrics,
             blobs,
+            enrolled: tokio::sync::watch::channel(Default::default()).0,
         };
         (Hub::new(parts), events)
     }

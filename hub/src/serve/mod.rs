@@ -123,14 +123,19 @@ pub async fn run(
     let trust = trust::Trust::load(&home, &store.reader).await?;
     // Every task below is spawned through this tree; shutdown cancels and waits for it.
     let tasks = net::tasks::Tasks::new();
-    let (mqtt, mqtt_rx) = mqtt::start(&home, &tasks)?;
-    let node = start_net(&home)?;
     let devices = store.reader.devices().await?;
-    let metrics = Arc::new(Metrics::default());
+    let ca = Arc::new(crate::broker::pki::BrokerCa::open(&home).map_err(mqtt::MqttError::Pki)?);
+    let (enrolled, enrolled_rx) = tokio::sync::watch::channel(trust.enrolled(&devices));
+    let mqtt = mqtt::start(&home, &ca, enrolled_rx, &tasks)?;
+    let node = start_net(&home)?;
+    let metrics = Arc::new(Metrics {
+        broker: mqtt.broker,
+        ..Metrics::default()
+    });
     let inventory = load_inventory(&home);
     let (published, live) = tokio::sync::watch::channel(Arc::new(inventory.clone()));
     start_pages(&home, &metrics, &node, (listeners.http, live), &tasks).await?;
-    let blobs = crate::blobs::Blobs::new(
+    let mut blobs = crate::blobs::Blobs::new(
         node.net.clone(),
         store.reader.clone(),
         metrics.clone(),
@@ -138,12 +143,18 @@ pub async fn run(
         home.config.redirect,
         tasks.clone(),
     );
+    blobs.set_broker_ca(ca);
     tasks.spawn(crate::mirror::run(
         home.clone(),
         metrics.clone(),
         tasks.clone(),
     ));
-    let announcer = Announcer::new(node.net.clone(), mqtt, &home.config.fleet, metrics.clone());
+    let announcer = Announcer::new(
+        node.net.clone(),
+        mqtt.client,
+        &home.config.fleet,
+        metrics.clone(),
+    );
     let mut hub = Hub::new(Parts {
         home: home.clone(),
         net: node.net.clone(),
@@ -155,10 +166,11 @@ pub async fn run(
         metrics,
         blobs,
         announcer,
+        enrolled,
     });
     let control = commands::listen(listeners.control, &tasks);
     let inputs = Inputs {
-        mqtt: mqtt_rx,
+        mqtt: mqtt.received,
         events: node.events,
         control,
     };

@@ -101,6 +101,17 @@ impl Trust {
         )
     }
 
+    /// The enrolled devices, not revoked: the names and keys the embedded broker admits.
+    pub fn enrolled(&self, devices: &Devices) -> crate::broker::Enrolled {
+        Arc::new(
+            devices
+                .values()
+                .filter(|(_, k)| !self.is_revoked(k))
+                .map(|(name, k)| (name.clone(), k.0))
+                .collect(),
+        )
+    }
+
     /// Whom the hub's blob service trades with: never a revoked key, and only enrolled
     /// devices unless `serve_unenrolled` (hub.toml); `targeted` chunks only to the devices
     /// their release targets.
@@ -116,7 +127,7 @@ impl Trust {
             targeted,
             names: devices
                 .values()
-                .filter_map(|(name, k)| Some((peer_of(k)?, name.clone())))
+                .filter_map(|(name, k)| Some((peer_of(k)?, (name.clone(), *k))))
                 .collect(),
             tags: list
                 .into_iter()

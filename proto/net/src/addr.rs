@@ -66,27 +66,13 @@ pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     })
 }
 
-/// A broker URL that is not `mqtt://host[:port]`.
+/// A broker URL that is not `mqtt://host[:port]` or `mqtts://host[:port]`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BrokerUrlError {
-    #[error("broker URL {0:?} must start with mqtt://")]
+    #[error("broker URL {0:?} must start with mqtt:// (plaintext, loopback) or mqtts:// (TLS)")]
     Scheme(String),
     #[error("bad port in broker URL {0:?}")]
     Port(String),
-}
-
-/// Splits a broker URL `mqtt://host:port` (port defaults to 1883).
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), BrokerUrlError> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .ok_or_else(|| BrokerUrlError::Scheme(url.into()))?;
-    match rest.rsplit_once(':') {
-        Some((h, p)) => Ok((
-            h.to_string(),
-            p.parse().map_err(|_| BrokerUrlError::Port(url.into()))?,
-        )),
-        None => Ok((rest.to_string(), 1883)),
-    }
 }
 
 #[cfg(test)]
@@ -176,22 +162,5 @@ mod tests {
             addr: "not an address".into(),
         };
         assert_eq!(parse_peer_ref(&bad_addr), None);
-    }
-
-    #[test]
-    fn broker_urls() {
-        assert_eq!(
-            parse_mqtt_url("mqtt://broker:1884"),
-            Ok(("broker".into(), 1884))
-        );
-        assert_eq!(parse_mqtt_url("mqtt://broker"), Ok(("broker".into(), 1883)));
-        assert_eq!(
-            parse_mqtt_url("tcp://broker"),
-            Err(BrokerUrlError::Scheme("tcp://broker".into()))
-        );
-        assert_eq!(
-            parse_mqtt_url("mqtt://broker:x"),
-            Err(BrokerUrlError::Port("mqtt://broker:x".into()))
-        );
     }
 }

@@ -33,6 +33,7 @@
 #![cfg_attr(test, allow(clippy::disallowed_methods))]
 
 mod addr;
+pub mod broker_tls;
 mod client;
 mod codec;
 mod config;
@@ -50,10 +51,7 @@ mod state;
 mod swarm;
 pub mod tasks;
 
-pub use addr::{
-    ip_of, is_private, is_relayed, parse_mqtt_url, parse_peer_ref, peer_of, peer_ref,
-    BrokerUrlError,
-};
+pub use addr::{ip_of, is_private, is_relayed, parse_peer_ref, peer_of, peer_ref, BrokerUrlError};
 pub use client::{FetchError, NetClient, PublishError, COMMAND_CAPACITY};
 pub use codec::PROTOCOL as BLOB_PROTOCOL;
 pub use config::{keypair_from_seed, peer_id_of, NetConfig, IDLE_TIMEOUT};

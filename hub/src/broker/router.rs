@@ -1,0 +1,405 @@
+//! The embedded broker's routing state: who is connected as whom, what each subscribed
+//! to, the retained messages, and the fleet's access rules. Pure: the broker's one router
+//! task owns it and turns its answers into packets.
+//!
+//! Sessions are keyed by who a client proved to be, not by the client id it sent: a
+//! device's certificate names it, so a second connection of the same device replaces
+//! the first (a reconnect), while no client can take over another's session (the hub's
+//! least of all) by sending its client id.
+
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// Who a client is, as the broker established it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Identity {
+    /// The hub itself: the hub's client certificate, or (on the loopback listener) the
+    /// secret the broker gave the hub in-process.
+    Hub,
+    /// An enrolled device, by the name its client certificate carries for its key.
+    Device(String),
+    /// An unauthenticated client on the loopback listener: the hub's machine is trusted
+    /// as before (plaintext is only ever on loopback), keyed by its client id.
+    Local(String),
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Identity::Hub => write!(f, "the hub"),
+            Identity::Device(n) => write!(f, "device {n}"),
+            Identity::Local(id) => write!(f, "local client {id:?}"),
+        }
+    }
+}
+
+/// One message for a client: (topic, payload, retained).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub retain: bool,
+}
+
+/// A connection's number, so a replaced session's late goodbye does not end its successor.
+pub type ConnId = u64;
+
+/// The fleet's access rules: what each identity may publish and subscribe to.
+#[derive(Clone, Debug)]
+pub struct Acl {
+    fleet_prefix: String,
+    release_prefix: String,
+    trust: [String; 3],
+}
+
+impl Acl {
+    pub fn new(fleet: &str) -> Acl {
+        Acl {
+            fleet_prefix: format!("unifleet/{fleet}/"),
+            release_prefix: format!("unifleet/{fleet}/release/"),
+            trust: net::mqtt_topics::trust(fleet),
+        }
+    }
+
+    /// The hub and local clients publish anywhere in the fleet; a device only its own
+    /// status topic.
+    pub fn may_publish(&self, who: &Identity, topic: &str) -> bool {
+        match who {
+            Identity::Hub | Identity::Local(_) => topic.starts_with(&self.fleet_prefix),
+            Identity::Device(name) => {
+                topic.strip_prefix(&self.fleet_prefix) == Some(&format!("status/{name}"))
+            }
+        }
+    }
+
+    /// A device subscribes to release announcements and the trust records only: never
+    /// to other devices' reports.
+    pub fn may_subscribe(&self, who: &Identity, filter: &str) -> bool {
+        match who {
+            Identity::Hub | Identity::Local(_) => filter.starts_with(&self.fleet_prefix),
+            Identity::Device(_) => {
+                self.trust.iter().any(|t| t == filter)
+                    || filter
+                        .strip_prefix(&self.release_prefix)
+                        .is_some_and(|rest| !rest.is_empty())
+            }
+        }
+    }
+}
+
+/// Whether `topic` matches the MQTT filter `filter` (`+` one level, `#` the rest).
+pub fn matches(filter: &str, topic: &str) -> bool {
+    let mut topic_levels = topic.split('/');
+    for f in filter.split('/') {
+        match (f, topic_levels.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (f, Some(t)) if f == t => {}
+            _ => return false,
+        }
+    }
+    topic_levels.next().is_none()
+}
+
+/// A filter the broker can hold: levels, with `#` only last and wildcards whole levels.
+pub fn valid_filter(filter: &str) -> bool {
+    let levels: Vec<&str> = filter.split('/').collect();
+    !filter.is_empty()
+        && levels.iter().enumerate().all(|(i, l)| {
+            (*l == "#" && i == levels.len() - 1)
+                || *l == "+"
+                || !(l.contains('#') || l.contains('+'))
+        })
+}
+
+/// Why a message or subscription was not taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The identity may not publish there (or subscribe to that).
+    NotAllowed,
+    /// The retained store is full: the message is not kept.
+    RetainedFull,
+}
+
+/// Bounds on what the router keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct RouterLimits {
+    /// Total payload bytes of retained messages.
+    pub retained_bytes: usize,
+}
+
+/// The routing state.
+#[derive(Debug)]
+pub struct Router<C> {
+    acl: Acl,
+    limits: RouterLimits,
+    /// Connected sessions: identity → (connection, the session's outbox).
+    sessions: HashMap<Identity, (ConnId, C)>,
+    /// Filter → identities subscribed to it.
+    filters: HashMap<String, HashSet<Identity>>,
+    retained: BTreeMap<String, Bytes>,
+    retained_bytes: usize,
+}
+
+impl<C: Clone> Router<C> {
+    pub fn new(acl: Acl, limits: RouterLimits) -> Router<C> {
+        Router {
+            acl,
+            limits,
+            sessions: HashMap::new(),
+            filters: HashMap::new(),
+            retained: BTreeMap::new(),
+            retained_bytes: 0,
+        }
+    }
+
+    /// A session starts; the one it replaces (the same identity connected again) is
+    /// returned so its connection can be closed. Sessions start clean.
+    pub fn connect(&mut self, who: Identity, conn: ConnId, outbox: C) -> Option<C> {
+        let old = self.sessions.insert(who.clone(), (conn, outbox));
+        self.unsubscribe_all(&who);
+        old.map(|(_, c)| c)
+    }
+
+    /// Connection `conn` ended: its session goes unless a newer connection replaced it.
+    pub fn disconnect(&mut self, who: &Identity, conn: ConnId) {
+        if self.sessions.get(who).is_some_and(|(c, _)| *c == conn) {
+            self.sessions.remove(who);
+            self.unsubscribe_all(who);
+        }
+    }
+
+    /// The outbox of `who`'s session, if connected.
+    pub fn outbox(&self, who: &Identity) -> Option<C> {
+        self.sessions.get(who).map(|(_, c)| c.clone())
+    }
+
+    /// Whether `who` is connected on `conn`.
+    #[cfg(test)]
+    pub fn is_current(&self, who: &Identity, conn: ConnId) -> bool {
+        self.sessions.get(who).is_some_and(|(c, _)| *c == conn)
+    }
+
+    /// Subscribes `who` to `filter`: the retained messages it matches are returned to be
+    /// sent at once.
+    pub fn subscribe(&mut self, who: &Identity, filter: &str) -> Result<Vec<Message>, Refusal> {
+        if !valid_filter(filter) || !self.acl.may_subscribe(who, filter) {
+            return Err(Refusal::NotAllowed);
+        }
+        self.filters
+            .entry(filter.to_string())
+            .or_default()
+            .insert(who.clone());
+        Ok(self
+            .retained
+            .iter()
+            .filter(|(topic, _)| matches(filter, topic))
+            .map(|(topic, payload)| Message {
+                topic: topic.clone(),
+                payload: payload.clone(),
+                retain: true,
+            })
+            .collect())
+    }
+
+    pub fn unsubscribe(&mut self, who: &Identity, filter: &str) {
+        if let Some(set) = self.filters.get_mut(filter) {
+            set.remove(who);
+            if set.is_empty() {
+                self.filters.remove(filter);
+            }
+        }
+    }
+
+    fn unsubscribe_all(&mut self, who: &Identity) {
+        self.filters.retain(|_, set| {
+            set.remove(who);
+            !set.is_empty()
+        });
+    }
+
+    /// A message from `who`: the outboxes to deliver it to (each subscriber once).
+    /// Retained with an empty payload, it clears the retained message.
+    pub fn publish(&mut self, who: &Identity, msg: &Message) -> Result<Vec<C>, Refusal> {
+        if !self.acl.may_publish(who, &msg.topic) {
+            return Err(Refusal::NotAllowed);
+        }
+        if msg.retain {
+            self.retain(&msg.topic, &msg.payload)?;
+        }
+        let mut to: HashSet<&Identity> = HashSet::new();
+        for (filter, set) in &self.filters {
+            if matches(filter, &msg.topic) {
+                to.extend(set.iter());
+            }
+        }
+        Ok(to
+            .into_iter()
+            .filter_map(|id| self.sessions.get(id).map(|(_, c)| c.clone()))
+            .collect())
+    }
+
+    fn retain(&mut self, topic: &str, payload: &Bytes) -> Result<(), Refusal> {
+        let old = self.retained.get(topic).map_or(0, Bytes::len);
+        let after = self.retained_bytes - old + payload.len();
+        if !payload.is_empty() && after > self.limits.retained_bytes {
+            return Err(Refusal::RetainedFull);
+        }
+        if payload.is_empty() {
+            self.retained.remove(topic);
+        } else {
+            self.retained.insert(topic.to_string(), payload.clone());
+        }
+        self.retained_bytes = after;
+        Ok(())
+    }
+
+    /// Sessions of devices no longer enrolled (revoked, or their key replaced): to close.
+    pub fn not_enrolled(&self, enrolled: &dyn Fn(&str) -> bool) -> Vec<(Identity, C)> {
+        self.sessions
+            .iter()
+            .filter(|(who, _)| matches!(who, Identity::Device(n) if !enrolled(n)))
+            .map(|(who, (_, c))| (who.clone(), c.clone()))
+            .collect()
+    }
+
+    /// Connected sessions and retained bytes (for the metrics page).
+    pub fn counts(&self) -> (usize, usize) {
+        (self.sessions.len(), self.retained_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(topic: &str, payload: &str, retain: bool) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: Bytes::from(payload.to_string()),
+            retain,
+        }
+    }
+
+    fn router() -> Router<u32> {
+        Router::new(
+            Acl::new("f"),
+            RouterLimits {
+                retained_bytes: 100,
+            },
+        )
+    }
+
+    fn dev(n: &str) -> Identity {
+        Identity::Device(n.into())
+    }
+
+    #[test]
+    fn filters_match_levels_and_wildcards() {
+        assert!(matches("unifleet/f/status/+", "unifleet/f/status/a"));
+        assert!(!matches("unifleet/f/status/+", "unifleet/f/status/a/b"));
+        assert!(matches("unifleet/f/#", "unifleet/f/status/a/b"));
+        assert!(matches("unifleet/f/root", "unifleet/f/root"));
+        assert!(!matches("unifleet/f/root", "unifleet/f/roots"));
+        assert!(!matches("unifleet/f/root/x", "unifleet/f/root"));
+        assert!(valid_filter("a/+/#"));
+        assert!(!valid_filter("a/#/b"));
+        assert!(!valid_filter("a/b#"));
+        assert!(!valid_filter(""));
+    }
+
+    #[test]
+    fn a_device_publishes_only_its_own_status_and_reads_only_releases_and_trust() {
+        let acl = Acl::new("f");
+        let a = dev("a");
+        assert!(acl.may_publish(&a, "unifleet/f/status/a"));
+        assert!(!acl.may_publish(&a, "unifleet/f/status/b"));
+        assert!(!acl.may_publish(&a, "unifleet/f/status/a/x"));
+        assert!(!acl.may_publish(&a, "unifleet/f/release/stable/hello/x86_64"));
+        assert!(!acl.may_publish(&a, "unifleet/f/root"));
+        assert!(acl.may_subscribe(&a, "unifleet/f/release/stable/hello/x86_64"));
+        assert!(acl.may_subscribe(&a, "unifleet/f/release/#"));
+        assert!(acl.may_subscribe(&a, "unifleet/f/revocations"));
+        assert!(!acl.may_subscribe(&a, "unifleet/f/status/+"));
+        assert!(!acl.may_subscribe(&a, "unifleet/f/#"));
+        assert!(!acl.may_subscribe(&a, "#"));
+        assert!(!acl.may_subscribe(&a, "unifleet/g/release/#"));
+        assert!(acl.may_publish(&Identity::Hub, "unifleet/f/root"));
+        assert!(!acl.may_publish(&Identity::Hub, "elsewhere"));
+    }
+
+    #[test]
+    fn retained_messages_reach_later_subscribers_and_stay_within_their_budget() {
+        let mut r = router();
+        r.connect(Identity::Hub, 1, 1);
+        assert!(r
+            .publish(
+                &Identity::Hub,
+                &msg("unifleet/f/root", &"x".repeat(60), true)
+            )
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            r.publish(
+                &Identity::Hub,
+                &msg("unifleet/f/holds", &"y".repeat(60), true)
+            ),
+            Err(Refusal::RetainedFull)
+        );
+        // Replacing a retained message counts only the difference.
+        r.publish(
+            &Identity::Hub,
+            &msg("unifleet/f/root", &"z".repeat(90), true),
+        )
+        .unwrap();
+        assert_eq!(r.counts(), (1, 90));
+        r.connect(dev("a"), 2, 2);
+        let got = r.subscribe(&dev("a"), "unifleet/f/root").unwrap();
+        assert_eq!(got.len(), 1);
+        assert!(got[0].retain);
+        r.publish(&Identity::Hub, &msg("unifleet/f/root", "", true))
+            .unwrap();
+        assert_eq!(r.counts(), (2, 0));
+    }
+
+    #[test]
+    fn a_message_reaches_each_matching_subscriber_once() {
+        let mut r = router();
+        r.connect(Identity::Hub, 1, 10);
+        r.subscribe(&Identity::Hub, "unifleet/f/status/+").unwrap();
+        r.subscribe(&Identity::Hub, "unifleet/f/#").unwrap();
+        r.connect(dev("a"), 2, 20);
+        let to = r
+            .publish(&dev("a"), &msg("unifleet/f/status/a", "hi", false))
+            .unwrap();
+        assert_eq!(to, vec![10]);
+        assert_eq!(
+            r.publish(&dev("a"), &msg("unifleet/f/status/b", "lie", false)),
+            Err(Refusal::NotAllowed)
+        );
+    }
+
+    #[test]
+    fn a_reconnect_replaces_the_session_and_the_old_goodbye_does_not_end_it() {
+        let mut r = router();
+        assert_eq!(r.connect(dev("a"), 1, 10), None);
+        assert_eq!(r.connect(dev("a"), 2, 20), Some(10));
+        r.disconnect(&dev("a"), 1);
+        assert!(r.is_current(&dev("a"), 2));
+        // Another identity sending a's client id would be Local("…"), a session of its own.
+        r.connect(Identity::Local("unifleet-device-a".into()), 3, 30);
+        assert!(r.is_current(&dev("a"), 2));
+        r.disconnect(&dev("a"), 2);
+        assert!(!r.is_current(&dev("a"), 2));
+    }
+
+    #[test]
+    fn devices_no_longer_enrolled_are_named_for_closing() {
+        let mut r = router();
+        r.connect(dev("a"), 1, 10);
+        r.connect(dev("b"), 2, 20);
+        r.connect(Identity::Hub, 3, 30);
+        let gone = r.not_enrolled(&|n| n == "a");
+        assert_eq!(gone, vec![(dev("b"), 20)]);
+    }
+}
