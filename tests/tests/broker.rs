@@ -245,6 +245,34 @@ fn takes_no_one_elses_session(fleet: &Fleet, o: &Outsider, creds: &[String]) -> 
     Ok(())
 }
 
+/// Device b revoked (`refresh` tells the broker): its own, otherwise valid certificate
+/// reads nothing any more.
+fn a_revoked_device_is_refused(
+    fleet: &Fleet,
+    o: &Outsider,
+    refresh: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let creds = o.as_device(fleet, 1, &[])?;
+    run(fleet.hub_cmd()?.args(["revoke", "b", "--reason", "stolen"]))?;
+    refresh()?;
+    let mut args = strs(&creds);
+    args.extend(["-t", "unifleet/home/release/#", "-C", "1", "-W", "3"]);
+    wait_for("the broker to refuse revoked b", CONVERGE, || {
+        let out = o.client("mosquitto_sub", true, &args).ok()?;
+        (!out.status.success() && out.stdout.is_empty()).then_some(())
+    })?;
+    // The broker is up, and a is still welcome.
+    let a = o.as_device(fleet, 0, &[])?;
+    let mut args = strs(&a);
+    args.extend(["-t", "unifleet/home/release/#", "-C", "1", "-W", "10"]);
+    let release = o.client("mosquitto_sub", true, &args)?;
+    assert!(
+        release.status.success() && !release.stdout.is_empty(),
+        "a after b's revocation: {release:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn the_embedded_broker_with_tls_refuses_outsiders_and_devices_converge_over_it() -> Result<()> {
     let metrics = format!("127.0.0.1:{}", free_port()?);
@@ -253,16 +281,45 @@ fn the_embedded_broker_with_tls_refuses_outsiders_and_devices_converge_over_it()
     outsiders_are_refused(&fleet, &o, &metrics)?;
     assert!(metric(&metrics, "unifleet_hub_mqtt_refused_total")? >= 4);
     assert!(metric(&metrics, "unifleet_hub_mqtt_cut_off_total")? >= 1);
+    a_revoked_device_is_refused(&fleet, &o, || Ok(()))?;
+    wait_for("revoked b's session closed", CONVERGE, || {
+        let log = fleet.hub.as_ref()?.log_text();
+        log.contains("closing the MQTT session of device b: no longer enrolled")
+            .then_some(())
+    })?;
     Ok(())
 }
 
 /// mosquitto, as `hub broker-config --mosquitto` writes it, stopped when dropped.
 struct Mosquitto(std::process::Child);
 
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
+impl Mosquitto {
+    fn start(fleet: &Fleet, conf: &Path) -> Result<Mosquitto> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(fleet.path("mosquitto.log"))?;
+        Ok(Mosquitto(
+            Command::new("mosquitto")
+                .arg("-c")
+                .arg(conf.join("mosquitto.conf"))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()?,
+        ))
+    }
+}
+
+impl Mosquitto {
+    fn stop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -273,29 +330,28 @@ fn mosquitto_as_hub_broker_config_writes_it_refuses_outsiders_and_devices_conver
     let mut fleet = Fleet::new("test:///default")?;
     let port = free_port()?;
     let conf = fleet.path("mosquitto");
-    run(fleet
-        .hub_cmd()?
-        .args([
-            "broker-config",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--mosquitto",
-        ])
-        .arg(&conf))?;
-    let _broker = Mosquitto(
-        Command::new("mosquitto")
-            .arg("-c")
-            .arg(conf.join("mosquitto.conf"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(fleet.path("mosquitto.log"))?)
-            .spawn()?,
-    );
-    fleet.mqtt = format!("mqtts://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let configure = |fleet: &Fleet| {
+        let mut cmd = fleet.hub_cmd()?;
+        cmd.args(["broker-config", "--listen", &listen, "--mosquitto"]);
+        run(cmd.arg(&conf))
+    };
+    configure(&fleet)?;
+    let mut broker = Mosquitto::start(&fleet, &conf)?;
+    fleet.mqtt = format!("mqtts://{listen}");
     let url = fleet.mqtt.clone();
     fleet.start_hub(&["--broker", &url, "--metrics", &metrics])?;
     converge(&mut fleet)?;
     let o = Outsider::of(&fleet, &conf.join("ca.pem"))?;
-    outsiders_are_refused(&fleet, &o, &metrics)
+    outsiders_are_refused(&fleet, &o, &metrics)?;
+    // mosquitto learns of revocations from the list `hub broker-config` writes.
+    a_revoked_device_is_refused(&fleet, &o, || {
+        let said = configure(&fleet)?;
+        assert!(said.contains("1 revoked device(s)"), "{said}");
+        broker.stop();
+        broker = Mosquitto::start(&fleet, &conf)?;
+        Ok(())
+    })
 }
 
 /// The hub's resident memory, bytes.

@@ -130,11 +130,36 @@ impl BrokerCa {
     }
 
     /// A client certificate (PEM) for `key`, named `cn` (a device's name, or [`HUB_CN`]).
+    /// Its serial number is the key's ([`serial_of`]), so a revocation list can name every
+    /// certificate ever issued for a key.
     pub fn issue_client(&self, cn: &str, key: &[u8; 32], now: u64) -> Result<String, PkiError> {
-        let cert =
-            self.leaf(cn, now, &[])
-                .signed_by(&Ed25519Public(*key), &self.cert, &self.key)?;
+        let mut params = self.leaf(cn, now, &[]);
+        params.serial_number = Some(serial_of(key));
+        let cert = params.signed_by(&Ed25519Public(*key), &self.cert, &self.key)?;
         Ok(cert.pem())
+    }
+
+    /// A certificate revocation list (PEM) of every certificate issued for `revoked`
+    /// keys, for mosquitto (the embedded broker checks the enrolled devices instead). It
+    /// lasts until 2100: an expired list would make OpenSSL refuse every client.
+    pub fn crl(&self, revoked: &[[u8; 32]], now: u64) -> Result<String, PkiError> {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: at(now.saturating_sub(3600)),
+            next_update: at(4_102_444_800),
+            crl_number: rcgen::SerialNumber::from(now.to_be_bytes().to_vec()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|k| rcgen::RevokedCertParams {
+                    serial_number: serial_of(k),
+                    revocation_time: at(now.saturating_sub(3600)),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.cert, &self.key)?.pem()?)
     }
 
     /// A broker certificate and its new key (both PEM), for [`BROKER_NAME`] and `extra`
@@ -188,6 +213,17 @@ impl BrokerCa {
             &seed,
         )?)
     }
+}
+
+/// The serial number of every client certificate issued for `key`: 16 bytes of its
+/// BLAKE3 digest, positive.
+fn serial_of(key: &[u8; 32]) -> rcgen::SerialNumber {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"unifleet broker client certificate\0");
+    hasher.update(key);
+    let mut serial = hasher.finalize().as_bytes()[..16].to_vec();
+    serial[0] = (serial[0] & 0x7f) | 0x01;
+    rcgen::SerialNumber::from(serial)
 }
 
 fn name(cn: &str) -> DistinguishedName {

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Write a mosquitto configuration into DIR: mosquitto.conf, acl, ca.pem, server.pem
-    /// and server.key (0600). Run it as `mosquitto -c DIR/mosquitto.conf`, and give the hub
-    /// `broker = "mqtts://HOST:PORT"` in hub.toml.
+    /// Write a mosquitto configuration into DIR: mosquitto.conf, acl, ca.pem, crl.pem
+    /// (the revoked devices' certificates), server.pem and server.key (0600). Run it as
+    /// `mosquitto -c DIR/mosquitto.conf`, and give the hub `broker = "mqtts://HOST:PORT"`
+    /// in hub.toml. Again after `hub revoke`, and restart mosquitto.
     #[arg(long, value_name = "DIR", required_unless_present = "client_cert")]
     mosquitto: Option<PathBuf>,
     /// Where mosquitto listens (with --mosquitto).
@@ -54,17 +55,22 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
     write(&out.join("server.key"), &key, 0o600)?;
     give_to_mosquitto(&out.join("server.key"))?;
     write(&out.join("acl"), &acl(&home.config.fleet), 0o644)?;
+    let revoked: Vec<[u8; 32]> = hub::trust::revocations(&home.store()?, &home.anchor_root()?)?
+        .map(|(l, _)| l.devices.iter().map(|d| d.key.0).collect())
+        .unwrap_or_default();
+    write(&out.join("crl.pem"), &ca.crl(&revoked, now())?, 0o644)?;
     let out = out
         .canonicalize()
         .with_context(|| format!("resolving {}", out.display()))?;
     write(&out.join("mosquitto.conf"), &conf(&out, host, port), 0o644)?;
     println!(
         "wrote {dir}/mosquitto.conf (TLS on {host}:{port}, client certificates of this hub's \
-         CA, the fleet's access rules)\nrun:  mosquitto -c {dir}/mosquitto.conf\nthen: broker = \
+         CA, the fleet's access rules, {n} revoked device(s))\nrun:  mosquitto -c {dir}/mosquitto.conf\nthen: broker = \
          \"mqtts://HOST:{port}\" in {hub}/hub.toml, and devices enrolled with --broker \
          mqtts://HOST:{port} --broker-ca {hub}/broker-ca.pem",
         dir = out.display(),
-        hub = home.dir.display()
+        hub = home.dir.display(),
+        n = revoked.len()
     );
     Ok(())
 }
@@ -124,6 +130,7 @@ fn conf(dir: &Path, host: &str, port: u16) -> String {
          require_certificate true\n\
          use_identity_as_username true\n\
          use_username_as_clientid true\n\
+         crlfile {d}/crl.pem\n\
          acl_file {d}/acl\n\
          max_packet_size 17000\n\
          max_queued_messages 100\n\
