@@ -56,9 +56,9 @@ else
   URI="test:///default"; echo "libvirtd unavailable: devices use libvirt's test driver ($URI); nothing really boots"
 fi
 
-step "hub: init (quick-start trust root) and serve with its embedded MQTT broker"
+step "hub: init (quick-start trust root) and serve with its embedded MQTT broker (TLS, as beyond loopback)"
 MQTT=$(free_port); P2P=$(free_port)
-"$BIN/hub" --dir hub init --mqtt-listen "127.0.0.1:$MQTT" --p2p-listen "/ip4/127.0.0.1/tcp/$P2P"
+"$BIN/hub" --dir hub init --mqtt-listen "127.0.0.1:$MQTT" --mqtt-tls --p2p-listen "/ip4/127.0.0.1/tcp/$P2P"
 HTTP=$(free_port)
 "$BIN/hub" --dir hub serve --http "127.0.0.1:$HTTP" > hub.out 2> hub.log &
 PIDS+=($!)
@@ -70,7 +70,7 @@ step "devices: a staging device per platform, three x86 field devices and an arm
 enroll() { # name channel [platform]
   "$BIN/device" enroll --dir "$1" --name "demo-$1" --root hub/root.bin --channel "$2" --app hello \
     --platform "${3:-qemu-x86_64}" \
-    --hub "$HUB" --broker "mqtt://127.0.0.1:$MQTT" --libvirt "$URI" --listen /ip4/127.0.0.1/tcp/0 --no-mdns | tail -1
+    --hub "$HUB" --broker "mqtts://127.0.0.1:$MQTT" --broker-ca hub/broker-ca.pem --libvirt "$URI" --listen /ip4/127.0.0.1/tcp/0 --no-mdns | tail -1
   "$BIN/hub" --dir hub enroll "$1/device.pub" --name "demo-$1"
   RUST_LOG=info,libp2p=warn,libp2p_gossipsub=error "$BIN/device" run --config "$1/device.toml" 2> "$1.log" &
   PIDS+=($!)
@@ -83,7 +83,7 @@ ONDEMAND=""
 if [ "$URI" = "qemu:///system" ]; then
   ONDEMAND=$(free_port)
   "$BIN/device" enroll --dir od --name demo-od --root hub/root.bin --channel stable --app hello \
-    --hub "$HUB" --broker "mqtt://127.0.0.1:$MQTT" --libvirt "$URI" --listen /ip4/127.0.0.1/tcp/0 --no-mdns | tail -1
+    --hub "$HUB" --broker "mqtts://127.0.0.1:$MQTT" --broker-ca hub/broker-ca.pem --libvirt "$URI" --listen /ip4/127.0.0.1/tcp/0 --no-mdns | tail -1
   cat >> od/device.toml <<TOML
 
 [[ondemand]]
@@ -237,7 +237,7 @@ XML
   for d in web-stage web; do
     channel=stable; [ "$d" = web-stage ] && channel=staging
     "$BIN/device" enroll --dir "$d" --name "demo-$d" --root hub/root.bin --channel "$channel" --app web \
-      --hub "$HUB" --broker "mqtt://127.0.0.1:$MQTT" --libvirt "$URI" --listen /ip4/127.0.0.1/tcp/0 --no-mdns | tail -1
+      --hub "$HUB" --broker "mqtts://127.0.0.1:$MQTT" --broker-ca hub/broker-ca.pem --libvirt "$URI" --listen /ip4/127.0.0.1/tcp/0 --no-mdns | tail -1
     # The guest's NIC on that network, with addresses the device hands out itself.
     sed -i 's/^nic = .*/nic = "network=uf-demo-net"/' "$d/device.toml"
     sed -i '1i guest_addresses = "198.51.100.2-198.51.100.9/26 via 198.51.100.1"' "$d/device.toml"

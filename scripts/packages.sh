@@ -62,13 +62,13 @@ boot_on_stock_libvirt() {
 s=[socket.socket() for _ in range(2)]
 [x.bind(("127.0.0.1",0)) for x in s]
 print(*[x.getsockname()[1] for x in s])')
-  unifleet-hub --dir "$w/hub" init --mqtt-listen "127.0.0.1:$mqtt" --p2p-listen "/ip4/127.0.0.1/tcp/$p2p" >/dev/null
+  unifleet-hub --dir "$w/hub" init --mqtt-listen "127.0.0.1:$mqtt" --mqtt-tls --p2p-listen "/ip4/127.0.0.1/tcp/$p2p" >/dev/null
   unifleet-hub --dir "$w/hub" serve >"$w/hub.out" 2>"$w/hub.log" &
   for _ in $(seq 100); do [ -s "$w/hub/hub.addr" ] && break; sleep 0.1; done
   [ -s "$w/hub/hub.addr" ] || { echo "packages: the packaged hub did not start:" >&2; tail -20 "$w/hub.log" >&2; exit 1; }
   hub=$(cat "$w/hub/hub.addr")
   unifleet-device enroll --dir /etc/unifleet --state-dir /var/lib/unifleet --name stock-1 \
-    --root "$w/hub/root.bin" --app hello --hub "$hub" --broker "mqtt://127.0.0.1:$mqtt" \
+    --root "$w/hub/root.bin" --app hello --hub "$hub" --broker "mqtts://127.0.0.1:$mqtt" --broker-ca "$w/hub/broker-ca.pem" \
     --libvirt "$uri" --listen /ip4/127.0.0.1/tcp/0 --no-mdns >/dev/null
   chown unifleet:unifleet /etc/unifleet/device.key /etc/unifleet/device.toml
   unifleet-hub --dir "$w/hub" enroll /etc/unifleet/device.pub --name stock-1 >/dev/null
@@ -78,8 +78,10 @@ print(*[x.getsockname()[1] for x in s])')
   unifleet-hub --dir "$w/hub" publish "$w/hello.elf" --app hello --version 1.0.0 \
     --memory-mib 64 --no-staging >/dev/null
   for _ in $(seq 60); do
-    if unifleet-hub --dir "$w/hub" devices 2>/dev/null | grep "^stock-1 hello release 1 active" >/dev/null; then
-      echo "packages: the packaged agent (user unifleet) booted hello 1.0.0 under a stock libvirt (QEMU as libvirt-qemu)"
+    # Reported through the broker, over TLS with the certificate the hub issued it.
+    if unifleet-hub --dir "$w/hub" devices 2>/dev/null | grep "^stock-1 hello release 1 active" >/dev/null &&
+      grep "connected to MQTT broker" "$w/device.log" >/dev/null; then
+      echo "packages: the packaged agent (user unifleet) booted hello 1.0.0 under a stock libvirt (QEMU as libvirt-qemu) and reported over TLS"
       return 0
     fi
     sleep 1
@@ -98,7 +100,7 @@ cleanup() {
     kill $(jobs -p) 2>/dev/null || true
     wait 2>/dev/null || true
     scripts/stock-libvirt.sh stop "$STOCK/libvirt" >/dev/null || true
-    rm -rf "$STOCK" /etc/unifleet/device.* /etc/unifleet/root.bin || true
+    rm -rf "$STOCK" /etc/unifleet/device.* /etc/unifleet/root.bin /etc/unifleet/broker-ca.pem || true
     find /var/lib/unifleet -mindepth 1 -delete 2>/dev/null || true
   fi
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get purge -y -qq unifleet-hub unifleet-device >/dev/null || true

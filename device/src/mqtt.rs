@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Largest MQTT packet accepted (announcements are < 1 KiB, status reports < 8 KiB).
-const MAX_PACKET: usize = 16 * 1024;
+use net::broker_tls::MAX_PACKET;
 
 /// A client for publishing, and whether the broker connection is up right now.
 #[derive(Debug, Clone)]
@@ -85,20 +84,31 @@ pub struct Tls {
 
 /// How often a refused device asks the hub for a new certificate, at most.
 const CERT_ASK_EVERY: Duration = Duration::from_secs(60);
+/// A kept certificate older than this is renewed (it is valid for a year): asked of the
+/// hub at the next start or reconnection, the old one used while the hub does not answer.
+const CERT_RENEW_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl Tls {
-    /// Puts TLS with our certificate on the event loop: the stored one, or (`fresh`, or
-    /// none stored) a new one from the hub. False when there is none to be had yet.
+    /// Whether the kept certificate is due for renewal (or there is none).
+    fn stale(&self) -> bool {
+        std::fs::metadata(&self.cert_file)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age > CERT_RENEW_AFTER)
+    }
+
+    /// Puts TLS with our certificate on the event loop: a new one from the hub when
+    /// `fresh` or the kept one is stale, else (or when the hub does not answer) the kept
+    /// one. False when there is none to be had yet.
     async fn arm(&self, eventloop: &mut rumqttc::EventLoop, fresh: bool) -> bool {
-        let stored = (!fresh)
-            .then(|| std::fs::read(&self.cert_file).ok())
-            .flatten();
-        let pem = match stored {
-            Some(pem) => pem,
-            None => match self.ask_hub().await {
-                Some(pem) => pem,
-                None => return false,
-            },
+        let asked = if fresh || self.stale() {
+            self.ask_hub().await
+        } else {
+            None
+        };
+        let Some(pem) = asked.or_else(|| std::fs::read(&self.cert_file).ok()) else {
+            return false;
         };
         match net::broker_tls::client_config(&self.ca_pem, &pem, &self.seed) {
             Ok(config) => {
@@ -119,6 +129,12 @@ impl Tls {
 
     /// This device's MQTT client certificate, from the first hub that gives one (kept).
     async fn ask_hub(&self) -> Option<Vec<u8>> {
+        if self.hubs.is_empty() {
+            tracing::warn!(
+                "the broker takes TLS, and this device has no hub to ask for its MQTT client \
+                 certificate: set hub in device.toml (device enroll --hub)"
+            );
+        }
         for hub in &self.hubs {
             let got = self
                 .net
@@ -144,13 +160,18 @@ impl Tls {
     }
 }
 
-/// Whether the broker refused who we are (a TLS alert or CONNACK): a new certificate may
-/// help.
+/// Whether the broker may have refused who we are: a CONNACK refusal, a TLS error, or a
+/// connection cut during the handshake (TLS 1.3 reports a refused client certificate
+/// after the client thinks it is done, often as a reset). A new certificate may help.
 fn refused_us(e: &rumqttc::ConnectionError) -> bool {
     use rumqttc::ConnectionError as E;
+    use std::io::ErrorKind as K;
     match e {
         E::ConnectionRefused(_) | E::Tls(_) => true,
-        E::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+        E::Io(io) => matches!(
+            io.kind(),
+            K::InvalidData | K::ConnectionReset | K::ConnectionAborted | K::UnexpectedEof
+        ),
         _ => false,
     }
 }
@@ -185,6 +206,7 @@ pub fn start(
             while !tls.arm(&mut eventloop, false).await {
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
+            asked_at = Some(std::time::Instant::now());
         }
         loop {
             match eventloop.poll().await {
@@ -206,7 +228,7 @@ pub fn start(
                 Ok(other) => tracing::trace!(?other, "MQTT event"),
                 Err(e) => {
                     up.store(false, Ordering::Relaxed);
-                    if let Some(tls) = tls.as_ref().filter(|_| refused_us(&e)) {
+                    if let Some(tls) = tls.as_ref().filter(|t| refused_us(&e) || t.stale()) {
                         let due = asked_at.is_none_or(|t| t.elapsed() >= CERT_ASK_EVERY);
                         if due {
                             tracing::warn!("the MQTT broker refused this device ({e}); asking the hub for a new client certificate");
@@ -222,7 +244,12 @@ pub fn start(
                              device.toml; until then both miss announcements and reports"
                         );
                     }
-                    tracing::debug!("MQTT: {e}; retrying in {backoff:?}");
+                    // Once a streak: a broker down for an hour is one line, not thousands.
+                    if backoff == Duration::from_millis(200) {
+                        tracing::info!("MQTT broker unreachable ({e}); retrying with backoff");
+                    } else {
+                        tracing::debug!("MQTT: {e}; retrying in {backoff:?}");
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }

@@ -301,6 +301,7 @@ mod tests {
                 timestamp_key: None,
                 rollout_key: None,
                 mqtt_listen: "127.0.0.1:0",
+                mqtt_tls: false,
                 p2p_listen: "/ip4/127.0.0.1/tcp/0",
             },
         )

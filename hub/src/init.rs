@@ -73,6 +73,8 @@ pub struct InitArgs<'a> {
     /// halt releases).
     pub rollout_key: Option<&'a Path>,
     pub mqtt_listen: &'a str,
+    /// TLS on the embedded broker on loopback too.
+    pub mqtt_tls: bool,
     pub p2p_listen: &'a str,
 }
 
@@ -99,7 +101,8 @@ pub fn init(dir: &Path, args: &InitArgs<'_>) -> Result<Option<String>> {
     };
     write_secret(&dir.join("keys/p2p.key"), &new_key()?)?;
     write(&dir.join("root.bin"), &root_bytes)?;
-    let config = HubConfig::new(&fleet, args.mqtt_listen, args.p2p_listen);
+    let mut config = HubConfig::new(&fleet, args.mqtt_listen, args.p2p_listen);
+    config.mqtt_tls = args.mqtt_tls.then_some(true);
     let store = Store::init(&dir.join("store.git"))?;
     let mut change = Change::default();
     change.put("root.bin", root_bytes.clone());

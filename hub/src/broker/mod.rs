@@ -67,14 +67,13 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             connect_timeout: Duration::from_secs(10),
-            // Announcements are < 1 KiB, status reports < 8 KiB, the trust records < 16 KiB.
-            max_packet: 16 * 1024 + 512,
+            max_packet: net::broker_tls::MAX_PACKET,
             outbox: 64,
             hub_outbox: 4096,
             // A device reports every few seconds at most and subscribes a handful of times.
             rate_per_sec: 10.0,
             burst: 100.0,
-            retained_bytes: 64 << 20,
+            retained_bytes: 16 << 20,
             max_connections: 20_000,
             cooldown: Duration::from_secs(60),
         }
@@ -102,8 +101,8 @@ pub struct BrokerMetrics {
 pub enum Proven {
     /// The loopback listener: nothing (the CONNECT's login and client id say who).
     Loopback,
-    /// A client certificate of the fleet's CA naming this identity.
-    Tls(Identity),
+    /// A client certificate of the fleet's CA naming this identity, for this key.
+    Tls(Identity, [u8; 32]),
     /// A client certificate of the fleet's CA that names no enrolled device (or carries
     /// another key): refused at CONNECT, so the client learns why.
     Refused(pki::AcceptError),
@@ -116,13 +115,22 @@ struct Outbox {
     close: CancellationToken,
 }
 
-/// What sessions ask the router task.
+/// A subscription granted, with the retained messages to send at once, or refused.
+type Granted = Result<Vec<Message>, Refusal>;
+
+/// What sessions ask the router task. Each names its connection: what a replaced
+/// connection still sends is dropped, never taken as its successor's.
 enum Command {
-    Connect(Identity, ConnId, Outbox),
+    Connect(Identity, Option<[u8; 32]>, ConnId, Outbox),
     Disconnect(Identity, ConnId),
-    Subscribe(Identity, Vec<String>, oneshot::Sender<Vec<bool>>),
-    Unsubscribe(Identity, Vec<String>),
-    Publish(Identity, Message, oneshot::Sender<Result<(), Refusal>>),
+    Subscribe(Identity, ConnId, Vec<String>, oneshot::Sender<Vec<Granted>>),
+    Unsubscribe(Identity, ConnId, Vec<String>),
+    Publish(
+        Identity,
+        ConnId,
+        Message,
+        oneshot::Sender<Result<(), Refusal>>,
+    ),
 }
 
 /// What every session shares.
@@ -245,20 +253,19 @@ async fn route(
     mut enrolled: watch::Receiver<Enrolled>,
     metrics: Arc<BrokerMetrics>,
 ) {
+    let mut watching = true;
     loop {
         tokio::select! {
             command = commands.recv() => {
                 let Some(command) = command else { return };
-                obey(&mut router, command, &metrics);
+                obey(&mut router, command, &enrolled.borrow(), &metrics);
             }
-            changed = enrolled.changed() => {
-                if changed.is_err() {
-                    // The hub dropped its sender: the set no longer changes.
-                    std::future::pending::<()>().await;
-                }
+            changed = enrolled.changed(), if watching => {
+                // Err: the hub dropped its sender; the set no longer changes.
+                watching = changed.is_ok();
                 let now = enrolled.borrow_and_update().clone();
-                for (who, outbox) in router.not_enrolled(&|n| now.contains_key(n)) {
-                    tracing::info!("closing the MQTT session of {who}: no longer enrolled");
+                for (who, outbox) in router.not_enrolled(&|n, k| now.get(n) == Some(k)) {
+                    tracing::info!("closing the MQTT session of {who}: no longer enrolled with its key");
                     outbox.close.cancel();
                 }
             }
@@ -271,39 +278,52 @@ async fn route(
     }
 }
 
-fn obey(router: &mut Router<Outbox>, command: Command, metrics: &BrokerMetrics) {
+fn obey(
+    router: &mut Router<Outbox>,
+    command: Command,
+    enrolled: &Enrolled,
+    metrics: &BrokerMetrics,
+) {
     match command {
-        Command::Connect(who, conn, outbox) => {
-            if let Some(old) = router.connect(who, conn, outbox) {
+        Command::Connect(who, key, conn, outbox) => {
+            // Revoked between its handshake and its CONNECT: refused all the same.
+            if let (Identity::Device(name), Some(key)) = (&who, &key) {
+                if enrolled.get(name) != Some(key) {
+                    outbox.close.cancel();
+                    return;
+                }
+            }
+            if let Some(old) = router.connect(who, key, conn, outbox) {
                 old.close.cancel();
             }
         }
         Command::Disconnect(who, conn) => router.disconnect(&who, conn),
-        Command::Subscribe(who, filters, reply) => {
-            let mut granted = Vec::with_capacity(filters.len());
-            let outbox = router.outbox(&who);
-            for f in &filters {
-                match router.subscribe(&who, f) {
-                    Ok(retained) => {
-                        granted.push(true);
-                        if let Some(o) = &outbox {
-                            deliver(o, retained, metrics);
-                        }
-                    }
-                    Err(_) => granted.push(false),
-                }
-            }
+        Command::Subscribe(who, conn, filters, reply) => {
+            let granted = if router.is_current(&who, conn) {
+                filters.iter().map(|f| router.subscribe(&who, f)).collect()
+            } else {
+                vec![Err(Refusal::NotAllowed); filters.len()]
+            };
             let _ = reply.send(granted);
         }
-        Command::Unsubscribe(who, filters) => {
-            for f in &filters {
-                router.unsubscribe(&who, f);
+        Command::Unsubscribe(who, conn, filters) => {
+            if router.is_current(&who, conn) {
+                for f in &filters {
+                    router.unsubscribe(&who, f);
+                }
             }
         }
-        Command::Publish(who, msg, reply) => {
-            let result = router.publish(&who, &msg).map(|outboxes| {
-                for o in &outboxes {
-                    deliver(o, vec![msg.clone()], metrics);
+        Command::Publish(who, conn, msg, reply) => {
+            if !router.is_current(&who, conn) {
+                let _ = reply.send(Ok(()));
+                return;
+            }
+            let result = router.publish(&who, &msg).map(|published| {
+                if !published.kept {
+                    metrics.retained_full.fetch_add(1, Ordering::Relaxed);
+                }
+                for o in &published.to {
+                    deliver(o, msg.clone(), metrics);
                 }
             });
             let _ = reply.send(result);
@@ -311,17 +331,12 @@ fn obey(router: &mut Router<Outbox>, command: Command, metrics: &BrokerMetrics) 
     }
 }
 
-/// Queues messages for a session; a session whose queue is full is closed (it reconnects
-/// and gets the retained messages again).
-fn deliver(outbox: &Outbox, messages: Vec<Message>, metrics: &BrokerMetrics) {
-    for m in messages {
-        if outbox.tx.try_send(m).is_err() {
-            if !outbox.close.is_cancelled() {
-                metrics.slow.fetch_add(1, Ordering::Relaxed);
-                outbox.close.cancel();
-            }
-            return;
-        }
+/// Queues a message for a session; a session whose queue is full is closed (it
+/// reconnects and gets the retained messages again).
+fn deliver(outbox: &Outbox, message: Message, metrics: &BrokerMetrics) {
+    if outbox.tx.try_send(message).is_err() && !outbox.close.is_cancelled() {
+        metrics.slow.fetch_add(1, Ordering::Relaxed);
+        outbox.close.cancel();
     }
 }
 

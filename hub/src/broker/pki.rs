@@ -295,12 +295,12 @@ pub async fn accept(
         .ok_or(AcceptError::Certificate)?;
     let (cn, key) = subject(der).ok_or(AcceptError::Certificate)?;
     let proven = if cn == HUB_CN {
-        super::Proven::Tls(super::Identity::Hub)
+        super::Proven::Tls(super::Identity::Hub, key)
     } else {
         match enrolled.borrow().get(&cn) {
             None => super::Proven::Refused(AcceptError::NotEnrolled(cn)),
             Some(k) if *k != key => super::Proven::Refused(AcceptError::WrongKey(cn)),
-            Some(_) => super::Proven::Tls(super::Identity::Device(cn)),
+            Some(_) => super::Proven::Tls(super::Identity::Device(cn), key),
         }
     };
     Ok((tls, proven))

@@ -61,6 +61,11 @@ impl Acl {
         }
     }
 
+    /// A device's status topic.
+    pub fn status_topic(&self, name: &str) -> String {
+        format!("{}status/{name}", self.fleet_prefix)
+    }
+
     /// The hub and local clients publish anywhere in the fleet; a device only its own
     /// status topic.
     pub fn may_publish(&self, who: &Identity, topic: &str) -> bool {
@@ -117,15 +122,37 @@ pub fn valid_filter(filter: &str) -> bool {
 pub enum Refusal {
     /// The identity may not publish there (or subscribe to that).
     NotAllowed,
-    /// The retained store is full: the message is not kept.
-    RetainedFull,
+    /// The session holds [`MAX_FILTERS`] subscriptions already.
+    TooMany,
 }
+
+/// Subscriptions one session may hold (a device needs one per app, and three).
+pub const MAX_FILTERS: usize = 64;
 
 /// Bounds on what the router keeps.
 #[derive(Clone, Copy, Debug)]
 pub struct RouterLimits {
-    /// Total payload bytes of retained messages.
+    /// Total payload bytes of retained messages of local clients (the hub's are its own
+    /// topics, a device has one status topic, each bounded by the packet size).
     pub retained_bytes: usize,
+}
+
+/// A connected session.
+#[derive(Debug)]
+struct Session<C> {
+    conn: ConnId,
+    outbox: C,
+    /// A device's key, as its certificate carried it.
+    key: Option<[u8; 32]>,
+    filters: HashSet<String>,
+}
+
+/// What a publish did: the outboxes to deliver it to (each subscriber once), and
+/// whether a retained message was kept.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Published<C> {
+    pub to: Vec<C>,
+    pub kept: bool,
 }
 
 /// The routing state.
@@ -133,11 +160,13 @@ pub struct RouterLimits {
 pub struct Router<C> {
     acl: Acl,
     limits: RouterLimits,
-    /// Connected sessions: identity → (connection, the session's outbox).
-    sessions: HashMap<Identity, (ConnId, C)>,
+    sessions: HashMap<Identity, Session<C>>,
     /// Filter → identities subscribed to it.
     filters: HashMap<String, HashSet<Identity>>,
-    retained: BTreeMap<String, Bytes>,
+    /// Topic → (payload, whether it counts against the local clients' budget).
+    retained: BTreeMap<String, (Bytes, bool)>,
+    /// Bytes of local clients' retained messages, and of all.
+    budgeted_bytes: usize,
     retained_bytes: usize,
 }
 
@@ -149,43 +178,68 @@ impl<C: Clone> Router<C> {
             sessions: HashMap::new(),
             filters: HashMap::new(),
             retained: BTreeMap::new(),
+            budgeted_bytes: 0,
             retained_bytes: 0,
         }
     }
 
     /// A session starts; the one it replaces (the same identity connected again) is
     /// returned so its connection can be closed. Sessions start clean.
-    pub fn connect(&mut self, who: Identity, conn: ConnId, outbox: C) -> Option<C> {
-        let old = self.sessions.insert(who.clone(), (conn, outbox));
-        self.unsubscribe_all(&who);
-        old.map(|(_, c)| c)
+    pub fn connect(
+        &mut self,
+        who: Identity,
+        key: Option<[u8; 32]>,
+        conn: ConnId,
+        outbox: C,
+    ) -> Option<C> {
+        let old = self.remove(&who);
+        let session = Session {
+            conn,
+            outbox,
+            key,
+            filters: HashSet::new(),
+        };
+        self.sessions.insert(who, session);
+        old
     }
 
     /// Connection `conn` ended: its session goes unless a newer connection replaced it.
     pub fn disconnect(&mut self, who: &Identity, conn: ConnId) {
-        if self.sessions.get(who).is_some_and(|(c, _)| *c == conn) {
-            self.sessions.remove(who);
-            self.unsubscribe_all(who);
+        if self.is_current(who, conn) {
+            self.remove(who);
         }
     }
 
-    /// The outbox of `who`'s session, if connected.
-    pub fn outbox(&self, who: &Identity) -> Option<C> {
-        self.sessions.get(who).map(|(_, c)| c.clone())
+    fn remove(&mut self, who: &Identity) -> Option<C> {
+        let session = self.sessions.remove(who)?;
+        for f in &session.filters {
+            if let Some(set) = self.filters.get_mut(f) {
+                set.remove(who);
+                if set.is_empty() {
+                    self.filters.remove(f);
+                }
+            }
+        }
+        Some(session.outbox)
     }
 
-    /// Whether `who` is connected on `conn`.
-    #[cfg(test)]
+    /// Whether `who` is connected on `conn` (what a replaced connection still sends is
+    /// not its successor's).
     pub fn is_current(&self, who: &Identity, conn: ConnId) -> bool {
-        self.sessions.get(who).is_some_and(|(c, _)| *c == conn)
+        self.sessions.get(who).is_some_and(|s| s.conn == conn)
     }
 
-    /// Subscribes `who` to `filter`: the retained messages it matches are returned to be
-    /// sent at once.
+    /// Subscribes `who` to `filter`: the retained messages it matches are returned, for
+    /// the session to send at once.
     pub fn subscribe(&mut self, who: &Identity, filter: &str) -> Result<Vec<Message>, Refusal> {
         if !valid_filter(filter) || !self.acl.may_subscribe(who, filter) {
             return Err(Refusal::NotAllowed);
         }
+        let session = self.sessions.get_mut(who).ok_or(Refusal::NotAllowed)?;
+        if !session.filters.contains(filter) && session.filters.len() >= MAX_FILTERS {
+            return Err(Refusal::TooMany);
+        }
+        session.filters.insert(filter.to_string());
         self.filters
             .entry(filter.to_string())
             .or_default()
@@ -194,7 +248,7 @@ impl<C: Clone> Router<C> {
             .retained
             .iter()
             .filter(|(topic, _)| matches(filter, topic))
-            .map(|(topic, payload)| Message {
+            .map(|(topic, (payload, _))| Message {
                 topic: topic.clone(),
                 payload: payload.clone(),
                 retain: true,
@@ -203,6 +257,9 @@ impl<C: Clone> Router<C> {
     }
 
     pub fn unsubscribe(&mut self, who: &Identity, filter: &str) {
+        if let Some(session) = self.sessions.get_mut(who) {
+            session.filters.remove(filter);
+        }
         if let Some(set) = self.filters.get_mut(filter) {
             set.remove(who);
             if set.is_empty() {
@@ -211,56 +268,72 @@ impl<C: Clone> Router<C> {
         }
     }
 
-    fn unsubscribe_all(&mut self, who: &Identity) {
-        self.filters.retain(|_, set| {
-            set.remove(who);
-            !set.is_empty()
-        });
-    }
-
-    /// A message from `who`: the outboxes to deliver it to (each subscriber once).
-    /// Retained with an empty payload, it clears the retained message.
-    pub fn publish(&mut self, who: &Identity, msg: &Message) -> Result<Vec<C>, Refusal> {
+    /// A message from `who`. Retained with an empty payload, it clears the retained
+    /// message; a local client's that does not fit the budget is delivered, not kept.
+    pub fn publish(&mut self, who: &Identity, msg: &Message) -> Result<Published<C>, Refusal> {
         if !self.acl.may_publish(who, &msg.topic) {
             return Err(Refusal::NotAllowed);
         }
-        if msg.retain {
-            self.retain(&msg.topic, &msg.payload)?;
-        }
+        let kept =
+            !msg.retain || self.retain(&msg.topic, &msg.payload, matches!(who, Identity::Local(_)));
         let mut to: HashSet<&Identity> = HashSet::new();
         for (filter, set) in &self.filters {
             if matches(filter, &msg.topic) {
                 to.extend(set.iter());
             }
         }
-        Ok(to
+        let to = to
             .into_iter()
-            .filter_map(|id| self.sessions.get(id).map(|(_, c)| c.clone()))
-            .collect())
+            .filter_map(|id| self.sessions.get(id).map(|s| s.outbox.clone()))
+            .collect();
+        Ok(Published { to, kept })
     }
 
-    fn retain(&mut self, topic: &str, payload: &Bytes) -> Result<(), Refusal> {
-        let old = self.retained.get(topic).map_or(0, Bytes::len);
-        let after = self.retained_bytes - old + payload.len();
-        if !payload.is_empty() && after > self.limits.retained_bytes {
-            return Err(Refusal::RetainedFull);
+    /// Keeps (or, empty, clears) the retained message of `topic`; false when a budgeted
+    /// one does not fit.
+    fn retain(&mut self, topic: &str, payload: &Bytes, budgeted: bool) -> bool {
+        let (old, old_budgeted) = self
+            .retained
+            .get(topic)
+            .map_or((0, false), |(p, b)| (p.len(), *b));
+        let budget_after = self.budgeted_bytes - if old_budgeted { old } else { 0 }
+            + if budgeted { payload.len() } else { 0 };
+        if budgeted && !payload.is_empty() && budget_after > self.limits.retained_bytes {
+            return false;
         }
+        self.retained_bytes = self.retained_bytes - old + payload.len();
+        self.budgeted_bytes = budget_after;
         if payload.is_empty() {
             self.retained.remove(topic);
         } else {
-            self.retained.insert(topic.to_string(), payload.clone());
+            self.retained
+                .insert(topic.to_string(), (payload.clone(), budgeted));
         }
-        self.retained_bytes = after;
-        Ok(())
+        true
     }
 
-    /// Sessions of devices no longer enrolled (revoked, or their key replaced): to close.
-    pub fn not_enrolled(&self, enrolled: &dyn Fn(&str) -> bool) -> Vec<(Identity, C)> {
-        self.sessions
+    /// Devices no longer enrolled with the key they connected with (revoked, or their
+    /// key replaced): their sessions, to close, after their retained status is dropped.
+    pub fn not_enrolled(
+        &mut self,
+        enrolled: &dyn Fn(&str, &[u8; 32]) -> bool,
+    ) -> Vec<(Identity, C)> {
+        let gone: Vec<(Identity, C)> = self
+            .sessions
             .iter()
-            .filter(|(who, _)| matches!(who, Identity::Device(n) if !enrolled(n)))
-            .map(|(who, (_, c))| (who.clone(), c.clone()))
-            .collect()
+            .filter(|(who, s)| match (who, &s.key) {
+                (Identity::Device(n), Some(k)) => !enrolled(n, k),
+                _ => false,
+            })
+            .map(|(who, s)| (who.clone(), s.outbox.clone()))
+            .collect();
+        for (who, _) in &gone {
+            if let Identity::Device(n) = who {
+                let topic = self.acl.status_topic(n);
+                self.retain(&topic, &Bytes::new(), false);
+            }
+        }
+        gone
     }
 
     /// Connected sessions and retained bytes (for the metrics page).
@@ -329,50 +402,58 @@ mod tests {
     }
 
     #[test]
-    fn retained_messages_reach_later_subscribers_and_stay_within_their_budget() {
+    fn retained_messages_reach_later_subscribers_and_local_ones_stay_within_their_budget() {
         let mut r = router();
-        r.connect(Identity::Hub, 1, 1);
-        assert!(r
-            .publish(
-                &Identity::Hub,
-                &msg("unifleet/f/root", &"x".repeat(60), true)
-            )
-            .unwrap()
-            .is_empty());
+        let local = Identity::Local("tool".into());
+        r.connect(local.clone(), None, 1, 1);
+        let kept = |p: Result<Published<u32>, Refusal>| p.unwrap().kept;
+        assert!(kept(r.publish(
+            &local,
+            &msg("unifleet/f/root", &"x".repeat(60), true)
+        )));
+        // Over the budget: delivered, not kept.
+        r.connect(dev("a"), Some([1; 32]), 2, 2);
+        r.subscribe(&dev("a"), "unifleet/f/holds").unwrap();
+        let p = r
+            .publish(&local, &msg("unifleet/f/holds", &"y".repeat(60), true))
+            .unwrap();
         assert_eq!(
-            r.publish(
-                &Identity::Hub,
-                &msg("unifleet/f/holds", &"y".repeat(60), true)
-            ),
-            Err(Refusal::RetainedFull)
+            p,
+            Published {
+                to: vec![2],
+                kept: false
+            }
         );
         // Replacing a retained message counts only the difference.
-        r.publish(
+        assert!(kept(r.publish(
+            &local,
+            &msg("unifleet/f/root", &"z".repeat(90), true)
+        )));
+        assert_eq!(r.counts(), (2, 90));
+        // The hub's messages are not the local clients' budget.
+        assert!(kept(r.publish(
             &Identity::Hub,
-            &msg("unifleet/f/root", &"z".repeat(90), true),
-        )
-        .unwrap();
-        assert_eq!(r.counts(), (1, 90));
-        r.connect(dev("a"), 2, 2);
+            &msg("unifleet/f/holds", &"h".repeat(500), true)
+        )));
         let got = r.subscribe(&dev("a"), "unifleet/f/root").unwrap();
         assert_eq!(got.len(), 1);
         assert!(got[0].retain);
-        r.publish(&Identity::Hub, &msg("unifleet/f/root", "", true))
+        r.publish(&local, &msg("unifleet/f/root", "", true))
             .unwrap();
-        assert_eq!(r.counts(), (2, 0));
+        assert_eq!(r.counts(), (2, 500));
     }
 
     #[test]
     fn a_message_reaches_each_matching_subscriber_once() {
         let mut r = router();
-        r.connect(Identity::Hub, 1, 10);
+        r.connect(Identity::Hub, None, 1, 10);
         r.subscribe(&Identity::Hub, "unifleet/f/status/+").unwrap();
         r.subscribe(&Identity::Hub, "unifleet/f/#").unwrap();
-        r.connect(dev("a"), 2, 20);
-        let to = r
+        r.connect(dev("a"), Some([1; 32]), 2, 20);
+        let p = r
             .publish(&dev("a"), &msg("unifleet/f/status/a", "hi", false))
             .unwrap();
-        assert_eq!(to, vec![10]);
+        assert_eq!(p.to, vec![10]);
         assert_eq!(
             r.publish(&dev("a"), &msg("unifleet/f/status/b", "lie", false)),
             Err(Refusal::NotAllowed)
@@ -380,26 +461,55 @@ mod tests {
     }
 
     #[test]
+    fn a_session_holds_a_bounded_number_of_subscriptions() {
+        let mut r = router();
+        r.connect(dev("a"), Some([1; 32]), 1, 10);
+        for i in 0..MAX_FILTERS {
+            r.subscribe(&dev("a"), &format!("unifleet/f/release/x{i}"))
+                .unwrap();
+        }
+        assert_eq!(
+            r.subscribe(&dev("a"), "unifleet/f/release/more"),
+            Err(Refusal::TooMany)
+        );
+        // The same filter again is no new one.
+        r.subscribe(&dev("a"), "unifleet/f/release/x0").unwrap();
+        r.unsubscribe(&dev("a"), "unifleet/f/release/x0");
+        r.subscribe(&dev("a"), "unifleet/f/release/more").unwrap();
+    }
+
+    #[test]
     fn a_reconnect_replaces_the_session_and_the_old_goodbye_does_not_end_it() {
         let mut r = router();
-        assert_eq!(r.connect(dev("a"), 1, 10), None);
-        assert_eq!(r.connect(dev("a"), 2, 20), Some(10));
+        assert_eq!(r.connect(dev("a"), Some([1; 32]), 1, 10), None);
+        r.subscribe(&dev("a"), "unifleet/f/root").unwrap();
+        assert_eq!(r.connect(dev("a"), Some([1; 32]), 2, 20), Some(10));
         r.disconnect(&dev("a"), 1);
         assert!(r.is_current(&dev("a"), 2));
+        // The replaced session's subscriptions went with it.
+        r.connect(Identity::Hub, None, 3, 30);
+        let p = r
+            .publish(&Identity::Hub, &msg("unifleet/f/root", "r", false))
+            .unwrap();
+        assert!(p.to.is_empty());
         // Another identity sending a's client id would be Local("…"), a session of its own.
-        r.connect(Identity::Local("unifleet-device-a".into()), 3, 30);
+        r.connect(Identity::Local("unifleet-device-a".into()), None, 4, 40);
         assert!(r.is_current(&dev("a"), 2));
         r.disconnect(&dev("a"), 2);
         assert!(!r.is_current(&dev("a"), 2));
     }
 
     #[test]
-    fn devices_no_longer_enrolled_are_named_for_closing() {
+    fn devices_no_longer_enrolled_with_their_key_are_closed_and_their_status_dropped() {
         let mut r = router();
-        r.connect(dev("a"), 1, 10);
-        r.connect(dev("b"), 2, 20);
-        r.connect(Identity::Hub, 3, 30);
-        let gone = r.not_enrolled(&|n| n == "a");
+        r.connect(dev("a"), Some([1; 32]), 1, 10);
+        r.connect(dev("b"), Some([2; 32]), 2, 20);
+        r.connect(Identity::Hub, None, 3, 30);
+        r.publish(&dev("b"), &msg("unifleet/f/status/b", "report", true))
+            .unwrap();
+        // a is enrolled with its key; b's key was replaced.
+        let gone = r.not_enrolled(&|n, k| n == "a" && *k == [1; 32] || n == "b" && *k == [9; 32]);
         assert_eq!(gone, vec![(dev("b"), 20)]);
+        assert_eq!(r.counts().1, 0);
     }
 }

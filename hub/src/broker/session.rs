@@ -3,7 +3,7 @@
 //! messages to it, until it leaves, goes silent past its keep-alive, breaks a rule or
 //! floods.
 
-use super::router::{ConnId, Identity, Message, Refusal};
+use super::router::{ConnId, Identity, Message};
 use super::{Command, Ctx, Outbox, Proven};
 use bytes::BytesMut;
 use rumqttc::{
@@ -35,6 +35,8 @@ pub enum SessionEnd {
     Flood(Identity),
     #[error("silent past its keep-alive")]
     Silent,
+    #[error("not reading what it is sent")]
+    Stuck,
     #[error("replaced, slow or no longer enrolled")]
     Closed,
     #[error("left")]
@@ -75,15 +77,20 @@ impl Bucket {
     }
 }
 
+/// How long one packet may take to reach a client that stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A connection's framing: packets read from and written to the stream.
 struct Wire<S> {
     stream: S,
     rx: BytesMut,
     tx: BytesMut,
+    /// The largest packet read (its remaining length, as rumqttc checks it).
     max: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
+    /// Cancel-safe: what was read stays in `rx`.
     async fn read(&mut self) -> Result<Packet, SessionEnd> {
         loop {
             match Packet::read(&mut self.rx, self.max) {
@@ -98,12 +105,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
     }
 
     async fn write(&mut self, p: Packet) -> Result<(), SessionEnd> {
-        p.write(&mut self.tx, self.max)
+        // rumqttc checks a whole packet when writing, its remaining length when reading:
+        // the fixed header's at most 5 bytes on top.
+        p.write(&mut self.tx, self.max + 5)
             .map_err(SessionEnd::Malformed)?;
-        self.stream.write_all(&self.tx).await?;
+        let sent = async {
+            self.stream.write_all(&self.tx).await?;
+            self.stream.flush().await
+        };
+        tokio::time::timeout(WRITE_TIMEOUT, sent)
+            .await
+            .map_err(|_| SessionEnd::Stuck)??;
         self.tx.clear();
-        self.stream.flush().await?;
         Ok(())
+    }
+}
+
+/// A connected client: who it is, its connection, and the packet ids of what it is sent.
+struct Client<'a> {
+    who: Identity,
+    conn: ConnId,
+    ctx: &'a Ctx,
+    pkid: u16,
+}
+
+impl Client<'_> {
+    fn publish(&mut self, msg: Message) -> Packet {
+        self.pkid = self.pkid % u16::MAX + 1;
+        let mut p = Publish::new(msg.topic, QoS::AtLeastOnce, msg.payload);
+        p.retain = msg.retain;
+        p.pkid = self.pkid;
+        Packet::Publish(p)
+    }
+
+    async fn ask(&self, command: Command) -> Result<(), SessionEnd> {
+        self.ctx
+            .router
+            .send(command)
+            .await
+            .map_err(|_| SessionEnd::Stopping)
     }
 }
 
@@ -129,15 +169,8 @@ where
         Ok(Ok(_)) => return Err(SessionEnd::NotConnect),
         Ok(Err(e)) => return Err(e),
     };
-    let who = match identify(&ctx, proven, &connect) {
-        Ok(who) if ctx.cooling(&who) => {
-            ctx.metrics.refused.fetch_add(1, Ordering::Relaxed);
-            let code = ConnectReturnCode::ServiceUnavailable;
-            wire.write(Packet::ConnAck(ConnAck::new(code, false)))
-                .await?;
-            return Err(SessionEnd::Refused(format!("{who} flooded a moment ago")));
-        }
-        Ok(who) => who,
+    let (who, key) = match admit(&ctx, proven, &connect) {
+        Ok(admitted) => admitted,
         Err((code, why)) => {
             ctx.metrics.refused.fetch_add(1, Ordering::Relaxed);
             wire.write(Packet::ConnAck(ConnAck::new(code, false)))
@@ -156,28 +189,25 @@ where
         tx,
         close: close.clone(),
     };
-    if ctx
-        .router
-        .send(Command::Connect(who.clone(), conn, outbox))
-        .await
-        .is_err()
-    {
-        return Err(SessionEnd::Stopping);
-    }
-    let keep_alive = Duration::from_secs(u64::from(connect.keep_alive.max(1)) * 3 / 2);
-    let result = async {
-        wire.write(Packet::ConnAck(ConnAck::new(
-            ConnectReturnCode::Success,
-            false,
-        )))
+    let mut client = Client {
+        who,
+        conn,
+        ctx: &ctx,
+        pkid: 0,
+    };
+    client
+        .ask(Command::Connect(client.who.clone(), key, conn, outbox))
         .await?;
-        relay(&mut wire, &who, &ctx, rx, &close, keep_alive).await
-    }
-    .await;
-    let _ = ctx
-        .router
-        .send(Command::Disconnect(who.clone(), conn))
-        .await;
+    // Keep-alive 0: the client asked for none.
+    let keep_alive = (connect.keep_alive > 0)
+        .then(|| Duration::from_secs(u64::from(connect.keep_alive)) * 3 / 2);
+    let success = ConnAck::new(ConnectReturnCode::Success, false);
+    let result = match wire.write(Packet::ConnAck(success)).await {
+        Ok(()) => relay(&mut wire, &mut client, rx, &close, keep_alive).await,
+        Err(e) => Err(e),
+    };
+    let who = client.who.clone();
+    let _ = client.ask(Command::Disconnect(who.clone(), conn)).await;
     if let Err(SessionEnd::Flood(_) | SessionEnd::NotAllowed { .. }) = &result {
         ctx.metrics.cut_off.fetch_add(1, Ordering::Relaxed);
     }
@@ -187,22 +217,50 @@ where
     result
 }
 
+/// Who a client is (with a device's key), or why it is refused at CONNECT.
+type Admitted = Result<(Identity, Option<[u8; 32]>), (ConnectReturnCode, String)>;
+
+/// Who a CONNECT comes from, and whether it is let in: not if its client id names
+/// another (the hub's, another device's), nor while it is refused for flooding.
+fn admit(ctx: &Ctx, proven: Proven, connect: &rumqttc::Connect) -> Admitted {
+    let (who, key) = identify(ctx, proven, connect)?;
+    let id = connect.client_id.as_str();
+    let another = match &who {
+        Identity::Hub => false,
+        Identity::Device(name) => {
+            id.starts_with(HUB_ID_PREFIX)
+                || id.strip_prefix(DEVICE_ID_PREFIX).is_some_and(|n| n != name)
+        }
+        Identity::Local(_) => id.starts_with(HUB_ID_PREFIX),
+    };
+    if another {
+        let why = format!("{who} sent client id {id:?}, which is another's");
+        return Err((ConnectReturnCode::BadClientId, why));
+    }
+    if ctx.cooling(&who) {
+        let why = format!("{who} flooded a moment ago");
+        return Err((ConnectReturnCode::ServiceUnavailable, why));
+    }
+    Ok((who, key))
+}
+
+/// The client ids of the hub's and the devices' clients (`unifleet-hub-<fleet>`,
+/// `unifleet-device-<name>`).
+const HUB_ID_PREFIX: &str = "unifleet-hub-";
+const DEVICE_ID_PREFIX: &str = "unifleet-device-";
+
 /// Who a CONNECT comes from: the TLS identity, or on loopback the hub (by the secret it
 /// was given in-process) or a local client named by its client id.
-fn identify(
-    ctx: &Ctx,
-    proven: Proven,
-    connect: &rumqttc::Connect,
-) -> Result<Identity, (ConnectReturnCode, String)> {
+fn identify(ctx: &Ctx, proven: Proven, connect: &rumqttc::Connect) -> Admitted {
     match proven {
-        Proven::Tls(who) => return Ok(who),
+        Proven::Tls(who, key) => return Ok((who, Some(key))),
         Proven::Refused(e) => return Err((ConnectReturnCode::NotAuthorized, e.to_string())),
         Proven::Loopback => {}
     }
     match &connect.login {
         Some(l) if l.username == super::HUB_USER => {
             if constant_time_eq(l.password.as_bytes(), ctx.hub_secret.as_bytes()) {
-                Ok(Identity::Hub)
+                Ok((Identity::Hub, None))
             } else {
                 Err((
                     ConnectReturnCode::BadUserNamePassword,
@@ -214,7 +272,7 @@ fn identify(
             ConnectReturnCode::BadClientId,
             "an empty client id on the loopback listener".into(),
         )),
-        _ => Ok(Identity::Local(connect.client_id.clone())),
+        _ => Ok((Identity::Local(connect.client_id.clone()), None)),
     }
 }
 
@@ -225,51 +283,66 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// The connected loop: packets from the client, messages for it, until one side ends.
 async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     wire: &mut Wire<S>,
-    who: &Identity,
-    ctx: &Ctx,
+    client: &mut Client<'_>,
     mut rx: mpsc::Receiver<Message>,
     close: &CancellationToken,
-    keep_alive: Duration,
+    keep_alive: Option<Duration>,
 ) -> Result<(), SessionEnd> {
-    let mut bucket = (*who != Identity::Hub).then(|| {
-        Bucket::new(
-            ctx.limits.rate_per_sec,
-            ctx.limits.burst,
-            tokio::time::Instant::now(),
-        )
-    });
-    let mut pkid: u16 = 0;
+    let limits = &client.ctx.limits;
+    let now = tokio::time::Instant::now;
+    let mut bucket = (client.who != Identity::Hub)
+        .then(|| Bucket::new(limits.rate_per_sec, limits.burst, now()));
+    let mut heard = now();
     loop {
+        let silent_at = keep_alive.map(|k| heard + k);
         tokio::select! {
-            _ = close.cancelled() => return Err(if ctx.stop.is_cancelled() { SessionEnd::Stopping } else { SessionEnd::Closed }),
+            _ = close.cancelled() => {
+                let stopping = client.ctx.stop.is_cancelled();
+                return Err(if stopping { SessionEnd::Stopping } else { SessionEnd::Closed });
+            }
             msg = rx.recv() => {
                 let Some(msg) = msg else { return Err(SessionEnd::Closed) };
-                pkid = pkid % u16::MAX + 1;
-                let mut p = Publish::new(msg.topic, QoS::AtLeastOnce, msg.payload);
-                p.retain = msg.retain;
-                p.pkid = pkid;
-                wire.write(Packet::Publish(p)).await?;
+                let p = client.publish(msg);
+                wire.write(p).await?;
             }
-            packet = tokio::time::timeout(keep_alive, wire.read()) => {
-                let packet = packet.map_err(|_| SessionEnd::Silent)??;
+            packet = wire.read() => {
+                let packet = packet?;
+                heard = now();
+                let cost = match &packet {
+                    Packet::Publish(_) => 1,
+                    Packet::Subscribe(s) => s.filters.len().max(1),
+                    _ => 0,
+                };
                 if let Some(bucket) = &mut bucket {
-                    if matches!(packet, Packet::Publish(_) | Packet::Subscribe(_))
-                        && !bucket.take(tokio::time::Instant::now())
-                    {
-                        return Err(SessionEnd::Flood(who.clone()));
+                    if (0..cost).any(|_| !bucket.take(heard)) {
+                        return Err(SessionEnd::Flood(client.who.clone()));
                     }
                 }
-                if let Some(answer) = handle(packet, who, ctx).await? {
+                for answer in handle(packet, client).await? {
                     wire.write(answer).await?;
                 }
             }
+            _ = sleep_until(silent_at) => return Err(SessionEnd::Silent),
         }
     }
 }
 
-/// One packet from the client: what to answer, if anything.
-async fn handle(packet: Packet, who: &Identity, ctx: &Ctx) -> Result<Option<Packet>, SessionEnd> {
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One packet from the client: what to answer (for a subscription, the retained
+/// messages it matches after the SUBACK).
+async fn handle(packet: Packet, client: &mut Client<'_>) -> Result<Vec<Packet>, SessionEnd> {
+    let (who, conn) = (client.who.clone(), client.conn);
     match packet {
+        Packet::Publish(p) if p.qos == QoS::ExactlyOnce => Err(SessionEnd::Refused(
+            "QoS 2, which this broker does not take".into(),
+        )),
         Packet::Publish(p) => {
             let (reply, answer) = oneshot::channel();
             let msg = Message {
@@ -277,57 +350,62 @@ async fn handle(packet: Packet, who: &Identity, ctx: &Ctx) -> Result<Option<Pack
                 payload: p.payload,
                 retain: p.retain,
             };
-            ask(ctx, Command::Publish(who.clone(), msg, reply)).await?;
-            match answer.await.map_err(|_| SessionEnd::Stopping)? {
-                Err(Refusal::NotAllowed) => {
-                    return Err(SessionEnd::NotAllowed {
-                        who: who.clone(),
-                        topic: p.topic,
-                    })
-                }
-                Err(Refusal::RetainedFull) => {
-                    ctx.metrics.retained_full.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(()) => {}
+            client
+                .ask(Command::Publish(who.clone(), conn, msg, reply))
+                .await?;
+            if answer.await.map_err(|_| SessionEnd::Stopping)?.is_err() {
+                return Err(SessionEnd::NotAllowed {
+                    who,
+                    topic: p.topic,
+                });
             }
-            Ok((p.qos != QoS::AtMostOnce).then(|| Packet::PubAck(PubAck::new(p.pkid))))
+            Ok(match p.qos {
+                QoS::AtMostOnce => vec![],
+                _ => vec![Packet::PubAck(PubAck::new(p.pkid))],
+            })
         }
         Packet::Subscribe(s) => {
             let (reply, answer) = oneshot::channel();
+            let qos: Vec<QoS> = s.filters.iter().map(|f| f.qos).collect();
             let filters = s.filters.into_iter().map(|f| f.path).collect();
-            ask(ctx, Command::Subscribe(who.clone(), filters, reply)).await?;
+            client
+                .ask(Command::Subscribe(who, conn, filters, reply))
+                .await?;
             let granted = answer.await.map_err(|_| SessionEnd::Stopping)?;
-            let codes = granted
-                .into_iter()
-                .map(|ok| {
-                    if ok {
-                        SubscribeReasonCode::Success(QoS::AtLeastOnce)
-                    } else {
-                        SubscribeReasonCode::Failure
+            let mut retained = vec![];
+            let mut codes = vec![];
+            for (g, asked) in granted.into_iter().zip(qos) {
+                match g {
+                    Ok(messages) => {
+                        let qos = if asked == QoS::AtMostOnce {
+                            asked
+                        } else {
+                            QoS::AtLeastOnce
+                        };
+                        codes.push(SubscribeReasonCode::Success(qos));
+                        retained.extend(messages);
                     }
-                })
-                .collect();
-            Ok(Some(Packet::SubAck(SubAck::new(s.pkid, codes))))
+                    Err(_) => codes.push(SubscribeReasonCode::Failure),
+                }
+            }
+            let mut out = vec![Packet::SubAck(SubAck::new(s.pkid, codes))];
+            out.extend(retained.into_iter().map(|m| client.publish(m)));
+            Ok(out)
         }
         Packet::Unsubscribe(u) => {
-            ask(ctx, Command::Unsubscribe(who.clone(), u.topics)).await?;
-            Ok(Some(Packet::UnsubAck(UnsubAck::new(u.pkid))))
+            client
+                .ask(Command::Unsubscribe(who, conn, u.topics))
+                .await?;
+            Ok(vec![Packet::UnsubAck(UnsubAck::new(u.pkid))])
         }
-        Packet::PingReq => Ok(Some(Packet::PingResp)),
-        Packet::PubAck(_) => Ok(None),
+        Packet::PingReq => Ok(vec![Packet::PingResp]),
+        Packet::PubAck(_) => Ok(vec![]),
         Packet::Disconnect => Err(SessionEnd::Left),
-        // QoS 2, a second CONNECT, or packets only a server sends.
+        // A second CONNECT, or packets only a server sends.
         _ => Err(SessionEnd::Refused(
             "a packet this broker does not take".into(),
         )),
     }
-}
-
-async fn ask(ctx: &Ctx, command: Command) -> Result<(), SessionEnd> {
-    ctx.router
-        .send(command)
-        .await
-        .map_err(|_| SessionEnd::Stopping)
 }
 
 #[cfg(test)]

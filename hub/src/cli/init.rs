@@ -27,6 +27,10 @@ pub struct Args {
     /// CA: devices are enrolled with `--broker mqtts://HUB:8883 --broker-ca broker-ca.pem`.
     #[arg(long, default_value = "127.0.0.1:1883")]
     mqtt_listen: String,
+    /// TLS on the embedded broker even on loopback (`mqtt_tls = true`; beyond loopback it
+    /// is always on).
+    #[arg(long)]
+    mqtt_tls: bool,
     /// Where the hub's libp2p node (blobs, gossip, relay) listens
     /// (/ip4/0.0.0.0/tcp/4001 for devices on other machines).
     #[arg(long, default_value = "/ip4/127.0.0.1/tcp/4001")]
@@ -41,6 +45,7 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
         timestamp_key,
         rollout_key,
         mqtt_listen,
+        mqtt_tls,
         p2p_listen,
     } = args;
     let warning = hub::init::init(
@@ -52,6 +57,7 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
             timestamp_key: timestamp_key.as_deref(),
             rollout_key: rollout_key.as_deref(),
             mqtt_listen: &mqtt_listen,
+            mqtt_tls,
             p2p_listen: &p2p_listen,
         },
     )?;

@@ -634,6 +634,7 @@ mod tests {
             timestamp_key: None,
             rollout_key: None,
             mqtt_listen: "127.0.0.1:1883",
+            mqtt_tls: false,
             p2p_listen: "/ip4/127.0.0.1/tcp/0",
         };
         init(dir, &args).unwrap();

@@ -59,6 +59,15 @@ pub(super) fn start(
                 .and_then(|mut a| a.next())
                 .ok_or_else(|| MqttError::Listen(listen.clone()))?;
             let tls = home.config.mqtt_tls.unwrap_or(!at.ip().is_loopback());
+            if tls && home.config.mqtt_tls.is_none() {
+                // A hub.toml from before TLS: its devices' plaintext mqtt:// now fails.
+                tracing::warn!(
+                    "the MQTT broker on {listen} takes TLS only (beyond loopback): devices \
+                     need --broker mqtts://… --broker-ca {}; set mqtt_tls = true in \
+                     hub.toml to say so",
+                    crate::broker::pki::ca_path(&home.dir).display()
+                );
+            }
             let names: Vec<String> = (!at.ip().is_unspecified())
                 .then(|| at.ip().to_string())
                 .into_iter()
@@ -92,7 +101,8 @@ pub(super) fn start(
         }
     };
     opts.set_keep_alive(Duration::from_secs(10));
-    opts.set_max_packet_size(16 * 1024 + 512, 16 * 1024 + 512);
+    let max = net::broker_tls::MAX_PACKET;
+    opts.set_max_packet_size(max, max);
     let (client, eventloop) = AsyncClient::new(opts, 1024);
     let (tx, received) = mpsc::channel::<Received>(256);
     let status_filter = net::mqtt_topics::all_status(&home.config.fleet);

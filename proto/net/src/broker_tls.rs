@@ -14,6 +14,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use std::sync::Arc;
 
+/// The largest MQTT packet (its remaining length) the fleet's clients and the embedded
+/// broker take: announcements are < 1 KiB, status reports < 8 KiB, the trust records
+/// < 16 KiB (`proto::revocation::MAX_SPREAD_BYTES`), each with its topic.
+pub const MAX_PACKET: usize = 16 * 1024 + 512;
+
 /// The name every broker certificate the hub issues carries, and the one clients check.
 pub const BROKER_NAME: &str = "unifleet-broker";
 

@@ -7,7 +7,9 @@
 //!
 //! Measures: `hub publish` of a 16 MiB image (no staging) against `fwtool pack` of the
 //! same image; broker RSS per MQTT-connected device with 1,000 and 5,000 simulated
-//! devices, the hub's embedded rumqttd and mosquitto beside it; device
+//! devices, the hub's embedded broker in plaintext (loopback) and with TLS (each device
+//! with its certificate) and mosquitto beside it; the hub's RSS while an enrolled device
+//! floods the broker with 8 KiB messages (`flood`); device
 //! agent RSS idle and peak during a 16 MiB transfer; chunk transfer throughput from a
 //! device (over libp2p, verified) against a plain TCP copy of the same bytes.
 #![allow(clippy::print_stdout)]
@@ -63,21 +65,20 @@ fn bench_publish() -> Result<()> {
     Ok(())
 }
 
-/// Connects `clients` MQTT clients to `host:port`, each subscribed to a release topic as
-/// a device is; returns once every one has its CONNACK (the runtime keeps them open).
+/// Connects `clients` MQTT clients, `options(i)` each, each subscribed to a release
+/// topic as a device is; returns once every one has its CONNACK (the runtime keeps them
+/// open).
 fn connect_clients(
     rt: &tokio::runtime::Runtime,
-    host: &str,
-    port: u16,
     clients: usize,
+    options: impl Fn(usize) -> rumqttc::MqttOptions,
 ) -> Result<()> {
     let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for i in 0..clients {
-        let host = host.to_string();
         let connected = connected.clone();
+        let mut opts = options(i);
+        opts.set_keep_alive(Duration::from_secs(60));
         rt.spawn(async move {
-            let mut opts = rumqttc::MqttOptions::new(format!("bench-device-{i}"), host, port);
-            opts.set_keep_alive(Duration::from_secs(60));
             let (client, mut el) = rumqttc::AsyncClient::new(opts, 10);
             let _ = client
                 .subscribe(
@@ -98,7 +99,7 @@ fn connect_clients(
     }
     wait_for(
         "all simulated devices connected",
-        Duration::from_secs(120),
+        Duration::from_secs(180),
         || (connected.load(std::sync::atomic::Ordering::Relaxed) >= clients).then_some(()),
     )?;
     // Let the broker settle its per-connection state (subscriptions acknowledged).
@@ -106,19 +107,27 @@ fn connect_clients(
     Ok(())
 }
 
-/// A broker's resident memory per connected device: the hub with its embedded rumqttd,
-/// and mosquitto (the external broker `--broker` points devices at) beside it.
+/// A broker's resident memory per connected device: the hub with its embedded broker,
+/// plaintext and with TLS, and mosquitto (plaintext, as Debian ships it) beside it.
 fn bench_mqtt_rss(clients: usize) -> Result<()> {
-    // The hub with its embedded broker.
+    // The hub with its embedded broker on loopback: plaintext, local clients.
     let mut fleet = Fleet::new("test:///default")?;
     fleet.start_hub(&[])?;
     let pid = fleet.hub.as_ref().context("hub started")?.child.id();
-    let url = fleet.mqtt.clone();
-    let (host, port) = url
-        .trim_start_matches("mqtt://")
-        .rsplit_once(':')
-        .context("the hub's MQTT address")?;
-    mqtt_rss("hub (embedded rumqttd)", pid, host, port.parse()?, clients)?;
+    let url = net::broker_tls::BrokerUrl::parse(&fleet.mqtt)?;
+    mqtt_rss("hub (embedded broker, plaintext)", pid, clients, |i| {
+        net::broker_tls::mqtt_options(&format!("bench-device-{i}"), &url, None)
+    })?;
+    drop(fleet);
+
+    // With TLS: `clients` enrolled devices, each with its own certificate.
+    let (fleet, devices) = tls_fleet_of(clients, &[])?;
+    let pid = fleet.hub.as_ref().context("hub started")?.child.id();
+    let url = net::broker_tls::BrokerUrl::parse(&fleet.mqtt)?;
+    mqtt_rss("hub (embedded broker, TLS)", pid, clients, |i| {
+        let tls = devices[i].tls().expect("a client configuration");
+        net::broker_tls::mqtt_options(&format!("bench-device-{i}"), &url, Some(tls))
+    })?;
     drop(fleet);
 
     // mosquitto, as Debian ships it, on a port of its own.
@@ -132,26 +141,148 @@ fn bench_mqtt_rss(clients: usize) -> Result<()> {
     wait_for("mosquitto to listen", Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).ok()
     })?;
-    let measured = mqtt_rss("mosquitto 2", mosquitto.id(), "127.0.0.1", port, clients);
+    let measured = mqtt_rss("mosquitto 2 (plaintext)", mosquitto.id(), clients, |i| {
+        rumqttc::MqttOptions::new(format!("bench-device-{i}"), "127.0.0.1", port)
+    });
     let _ = mosquitto.kill();
     let _ = mosquitto.wait();
     measured
 }
 
-fn mqtt_rss(broker: &str, pid: u32, host: &str, port: u16, clients: usize) -> Result<()> {
+/// A simulated device with TLS: its seed, and its certificate from the hub's CA.
+struct TlsDevice {
+    ca: String,
+    cert: String,
+    seed: [u8; 32],
+}
+
+impl TlsDevice {
+    fn tls(&self) -> Result<rustls::ClientConfig> {
+        Ok(net::broker_tls::client_config(
+            self.ca.as_bytes(),
+            self.cert.as_bytes(),
+            &self.seed,
+        )?)
+    }
+}
+
+/// A started hub with TLS on its embedded broker and `n` enrolled devices `bench-<i>`
+/// (each with its certificate), `serve` its extra arguments.
+fn tls_fleet_of(n: usize, serve: &[&str]) -> Result<(Fleet, Vec<TlsDevice>)> {
+    let mut fleet = Fleet::new("test:///default")?;
+    fleet.use_tls()?;
+    let home = hub::home::Home::open(&fleet.hub_dir)?;
+    let seeds: Vec<[u8; 32]> = (0..n)
+        .map(|i| *blake3::hash(&(i as u64).to_le_bytes()).as_bytes())
+        .collect();
+    let keys: Vec<(String, proto::PublicKey)> = seeds
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            (
+                format!("bench-{i}"),
+                proto::SecretKey::from_seed(*s).public(),
+            )
+        })
+        .collect();
+    hub::enroll::enroll(&home, &keys, None, false)?;
+    let ca = hub::broker::pki::BrokerCa::open(&home)?;
+    let now = hub::home::now();
+    let devices = keys
+        .iter()
+        .zip(seeds)
+        .map(|((name, key), seed)| {
+            Ok(TlsDevice {
+                ca: ca.pem(),
+                cert: ca.issue_client(name, &key.0, now)?,
+                seed,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    fleet.start_hub(serve)?;
+    Ok((fleet, devices))
+}
+
+fn mqtt_rss(
+    broker: &str,
+    pid: u32,
+    clients: usize,
+    options: impl Fn(usize) -> rumqttc::MqttOptions,
+) -> Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     let (idle, idle_anon) = (rss_kib(pid), anon_kib(pid));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    connect_clients(&rt, host, port, clients)?;
+    connect_clients(&rt, clients, options)?;
     let (loaded, loaded_anon) = (rss_kib(pid), anon_kib(pid));
     let per = loaded.saturating_sub(idle) as f64 / clients as f64;
     println!(
         "| {broker} RSS with {clients} MQTT-connected devices | {loaded} KiB ({per:.1} KiB per device; anonymous {loaded_anon} KiB) | idle: {idle} KiB (anonymous {idle_anon} KiB) | | ≤ 16 KiB per device |"
     );
     rt.shutdown_background();
+    Ok(())
+}
+
+/// An enrolled device floods the broker with 8 KiB messages on its own status topic as
+/// fast as its connection takes them, reconnecting whenever it is cut off, for 20 s: how
+/// many it sent, how many reached the hub, and the hub's RSS before, at its peak and
+/// after.
+fn bench_flood() -> Result<()> {
+    let metrics = format!("127.0.0.1:{}", unifleet_tests::free_port()?);
+    let (fleet, devices) = tls_fleet_of(1, &["--metrics", &metrics])?;
+    let pid = fleet.hub.as_ref().context("hub started")?.child.id();
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = rss_kib(pid);
+    let dropped = || unifleet_tests::metric(&metrics, "unifleet_hub_status_dropped_total");
+    let before = dropped()?;
+    let url = net::broker_tls::BrokerUrl::parse(&fleet.mqtt)?;
+    let opts = net::broker_tls::mqtt_options("flood", &url, Some(devices[0].tls()?));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = sent.clone();
+    rt.spawn(async move {
+        let (client, mut el) = rumqttc::AsyncClient::new(opts, 1000);
+        tokio::spawn(async move {
+            loop {
+                if el.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        let payload = vec![b'x'; 8 * 1024];
+        loop {
+            let topic = "unifleet/home/status/bench-0";
+            if client
+                .publish(topic, rumqttc::QoS::AtMostOnce, false, payload.clone())
+                .await
+                .is_ok()
+            {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    let mut peak = idle;
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        peak = peak.max(rss_kib(pid));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rt.shutdown_background();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = rss_kib(pid);
+    let reached = dropped()? - before;
+    let cut = unifleet_tests::metric(&metrics, "unifleet_hub_mqtt_cut_off_total")?;
+    let refused = unifleet_tests::metric(&metrics, "unifleet_hub_mqtt_refused_total")?;
+    println!(
+        "| hub RSS while an enrolled device floods the broker for 20 s (8 KiB messages; {} handed to its client, {reached} reached the hub; cut off {cut}×, refused {refused}× while cooling) | peak {peak} KiB, after {after} KiB | idle: {idle} KiB | {:.2}× | ≤ idle + 32 MiB |",
+        sent.load(std::sync::atomic::Ordering::Relaxed),
+        peak as f64 / idle as f64
+    );
     Ok(())
 }
 
@@ -341,6 +472,9 @@ fn main() -> Result<()> {
         for clients in [1000, 5000] {
             bench_mqtt_rss(clients).context("MQTT RSS benchmark")?;
         }
+    }
+    if all || which.iter().any(|w| w == "flood") {
+        bench_flood().context("flood benchmark")?;
     }
     if all || which.iter().any(|w| w == "agent") {
         bench_agent_and_transfer().context("agent benchmark")?;
