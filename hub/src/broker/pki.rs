@@ -25,9 +25,13 @@ pub const HUB_CN: &str = "Unifleet-Hub";
 pub const CA_FILE: &str = "broker-ca.pem";
 const CA_KEY: &str = "keys/broker-ca.key";
 
-/// How long a certificate the CA issues is valid. A device asks for a new one when the
-/// broker refuses it, and each time it starts.
+/// How long a device's certificate is valid. A device asks for a new one when the one it
+/// keeps is a month old, and when the broker refuses it.
 pub const VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How long the broker's certificate and the hub's own are valid: the embedded broker's
+/// and the hub's keys live in memory for one run (a hub may run for years), mosquitto's
+/// is renewed by running `hub broker-config` again.
+pub const SERVER_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Why the broker CA could not be opened or could not issue.
 #[derive(Debug, thiserror::Error)]
@@ -108,11 +112,17 @@ impl BrokerCa {
         self.cert.pem()
     }
 
-    fn leaf(&self, cn: &str, now: u64, server_names: &[String]) -> CertificateParams {
+    fn leaf(
+        &self,
+        cn: &str,
+        now: u64,
+        valid: Duration,
+        server_names: &[String],
+    ) -> CertificateParams {
         let mut params = CertificateParams::default();
         params.distinguished_name = name(cn);
         params.not_before = at(now.saturating_sub(3600));
-        params.not_after = at(now + VALIDITY.as_secs());
+        params.not_after = at(now + valid.as_secs());
         params.subject_alt_names = server_names
             .iter()
             .map(|n| match n.parse::<std::net::IpAddr>() {
@@ -133,7 +143,13 @@ impl BrokerCa {
     /// Its serial number is the key's ([`serial_of`]), so a revocation list can name every
     /// certificate ever issued for a key.
     pub fn issue_client(&self, cn: &str, key: &[u8; 32], now: u64) -> Result<String, PkiError> {
-        let mut params = self.leaf(cn, now, &[]);
+        // The hub's own: a key that lives in its memory for one run.
+        let valid = if cn == HUB_CN {
+            SERVER_VALIDITY
+        } else {
+            VALIDITY
+        };
+        let mut params = self.leaf(cn, now, valid, &[]);
         params.serial_number = Some(serial_of(key));
         let cert = params.signed_by(&Ed25519Public(*key), &self.cert, &self.key)?;
         Ok(cert.pem())
@@ -171,7 +187,7 @@ impl BrokerCa {
         let mut names = vec![BROKER_NAME.to_string()];
         names.extend(extra.iter().cloned());
         let cert = self
-            .leaf(BROKER_NAME, now, &names)
+            .leaf(BROKER_NAME, now, SERVER_VALIDITY, &names)
             .signed_by(&key, &self.cert, &self.key)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
