@@ -127,14 +127,33 @@ impl Tls {
         }
     }
 
+    /// Arms TLS before the first connection, waiting (with backoff, one line said) until
+    /// there is a certificate.
+    async fn arm_at_start(&self, eventloop: &mut rumqttc::EventLoop) {
+        let mut wait = Duration::from_secs(5);
+        let mut said = false;
+        while !self.arm(eventloop, false).await {
+            if !said {
+                said = true;
+                if self.hubs.is_empty() {
+                    tracing::warn!(
+                        "the broker takes TLS, and this device has no hub to ask for its MQTT \
+                         client certificate: set hub in device.toml (device enroll --hub)"
+                    );
+                } else {
+                    tracing::warn!(
+                        "no MQTT client certificate yet: the hub did not give one (down, or \
+                         this device not enrolled: `hub enroll`); asking again with backoff"
+                    );
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(60));
+        }
+    }
+
     /// This device's MQTT client certificate, from the first hub that gives one (kept).
     async fn ask_hub(&self) -> Option<Vec<u8>> {
-        if self.hubs.is_empty() {
-            tracing::warn!(
-                "the broker takes TLS, and this device has no hub to ask for its MQTT client \
-                 certificate: set hub in device.toml (device enroll --hub)"
-            );
-        }
         for hub in &self.hubs {
             let got = self
                 .net
@@ -152,7 +171,7 @@ impl Tls {
                     tracing::warn!(%hub, "the hub sent an MQTT client certificate that is not PEM")
                 }
                 Err(e) => {
-                    tracing::info!(%hub, "asking the hub for an MQTT client certificate: {e}")
+                    tracing::debug!(%hub, "asking the hub for an MQTT client certificate: {e}")
                 }
             }
         }
@@ -203,9 +222,7 @@ pub fn start(
         let mut takeovers = Takeovers::default();
         let mut asked_at: Option<std::time::Instant> = None;
         if let Some(tls) = &tls {
-            while !tls.arm(&mut eventloop, false).await {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
+            tls.arm_at_start(&mut eventloop).await;
             asked_at = Some(std::time::Instant::now());
         }
         loop {

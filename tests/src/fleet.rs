@@ -9,6 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod device;
+mod domains;
+pub use device::{toml_value, Device};
+pub use domains::{destroy_domains, domain_running, running_domains};
+
 /// A running child process, killed (SIGKILL) when dropped.
 #[derive(Debug)]
 pub struct Proc {
@@ -104,149 +109,6 @@ pub fn wait_for<T>(
             bail!("timed out after {timeout:?} waiting for {what}");
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-#[derive(Debug)]
-pub struct Device {
-    pub name: String,
-    pub dir: PathBuf,
-    pub proc: Option<Proc>,
-    /// The fixed libp2p listen address (so other devices can be pointed at it).
-    pub addr: String,
-    /// The network namespace it runs in (a home of [`crate::homes::Homes`]), if any.
-    pub ns: Option<String>,
-}
-
-impl Device {
-    pub fn config(&self) -> PathBuf {
-        self.dir.join("device.toml")
-    }
-
-    /// Bytes of the chunks the device has stored so far.
-    pub fn chunk_bytes(&self) -> u64 {
-        std::fs::read_dir(self.dir.join("state/chunks"))
-            .map(|rd| {
-                rd.flatten()
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
-    }
-
-    /// The last status report for `app` written by the agent (`status.json`).
-    pub fn report(&self, app: &str) -> Option<Value> {
-        let bytes = std::fs::read(self.dir.join("state/status.json")).ok()?;
-        let v: Value = serde_json::from_slice(&bytes).ok()?;
-        v.get(app).cloned()
-    }
-
-    /// Blob bytes (from peers, from the hub) the device's last report of `app` counts.
-    pub fn fetched(&self, app: &str) -> (u64, u64) {
-        let r = self.report(app).unwrap_or_default();
-        let n = |field: &str| r[field].as_u64().unwrap_or(0);
-        (n("bytes_from_peers"), n("bytes_from_hub"))
-    }
-
-    /// From a last report of `app` that says an update failed: the release it still runs
-    /// (`None`: nothing yet) and the reason.
-    pub fn failure(&self, app: &str) -> Option<(Option<u64>, String)> {
-        let r = self.report(app)?;
-        let reason = r["state"]["Failed"]["reason"].as_str()?.to_string();
-        Some((r["release"].as_u64(), reason))
-    }
-
-    /// (release, state label) from the last report.
-    pub fn release_state(&self, app: &str) -> Option<(u64, String)> {
-        let r = self.report(app)?;
-        let release = r.get("release")?.as_u64()?;
-        let state = match r.get("state")? {
-            Value::String(s) => s.clone(),
-            Value::Object(m) => m.keys().next()?.clone(),
-            _ => return None,
-        };
-        Some((release, state))
-    }
-
-    pub fn state_json(&self) -> Value {
-        std::fs::read(self.dir.join("state/state.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(Value::Null)
-    }
-
-    pub fn log_text(&self) -> String {
-        self.proc.as_ref().map(|p| p.log_text()).unwrap_or_default()
-    }
-
-    /// Serves `app` on demand on a fresh loopback port (appends an `[[ondemand]]` table
-    /// with `settings`, one `key = value` per line); returns the port.
-    pub fn serve_on_demand(&self, app: &str, settings: &str) -> Result<u16> {
-        let port = free_port()?;
-        let mut text = std::fs::read_to_string(self.config())?;
-        text.push_str(&format!(
-            "\n[[ondemand]]\napp = \"{app}\"\nlisten = \"127.0.0.1:{port}\"\n{settings}\n"
-        ));
-        std::fs::write(self.config(), text)?;
-        Ok(port)
-    }
-
-    /// The metrics address from device.toml (set with [`Device::set_config`]).
-    pub fn metrics_addr(&self) -> Option<String> {
-        std::fs::read_to_string(self.config())
-            .ok()?
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("metrics = ")
-                    .map(|v| v.trim_matches('"').to_string())
-            })
-    }
-
-    /// Edits device.toml (e.g. to set `crash_at`).
-    pub fn set_config(&self, key: &str, value: toml_value::V) -> Result<()> {
-        let path = self.config();
-        let text = std::fs::read_to_string(&path)?;
-        let mut lines: Vec<String> = text
-            .lines()
-            .filter(|l| !l.starts_with(&format!("{key} =")))
-            .map(String::from)
-            .collect();
-        if let Some(v) = value.render() {
-            // Top-level keys must come before any table; device.toml has none.
-            lines.insert(0, format!("{key} = {v}"));
-        }
-        std::fs::write(&path, lines.join("\n") + "\n")?;
-        Ok(())
-    }
-}
-
-/// Tiny helper for TOML values in [`Device::set_config`].
-pub mod toml_value {
-    #[derive(Debug)]
-    pub enum V {
-        Str(String),
-        Int(u64),
-        Bool(bool),
-        StrList(Vec<String>),
-        Remove,
-    }
-    impl V {
-        pub fn render(&self) -> Option<String> {
-            match self {
-                V::Str(s) => Some(format!("{s:?}")),
-                V::Int(n) => Some(n.to_string()),
-                V::Bool(b) => Some(b.to_string()),
-                V::StrList(l) => Some(format!(
-                    "[{}]",
-                    l.iter()
-                        .map(|s| format!("{s:?}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )),
-                V::Remove => None,
-            }
-        }
     }
 }
 
@@ -843,54 +705,6 @@ pub fn on_demand_fleet(uri: &str, name: &str, settings: &str) -> Result<(Fleet, 
     fleet.publish(&img, "hello", "1.0.0", &["--no-staging"])?;
     fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(60))?;
     Ok((fleet, d, port))
-}
-
-/// A libvirt connection without libvirt's default error printing (a domain that vanished
-/// between listing and lookup is normal here).
-fn connect(uri: &str) -> Result<virt::connect::Connect, virt::error::Error> {
-    virt::error::clear_error_callback();
-    virt::connect::Connect::open(Some(uri))
-}
-
-/// Destroys running domains whose names start with any of `prefixes`.
-pub fn destroy_domains(uri: &str, prefixes: &[String]) {
-    let Ok(conn) = connect(uri) else {
-        return;
-    };
-    if let Ok(domains) = conn.list_all_domains(0) {
-        for d in domains {
-            if d.name()
-                .is_ok_and(|n| prefixes.iter().any(|p| n.starts_with(p.as_str())))
-            {
-                let _ = d.destroy();
-                let _ = d.undefine();
-            }
-        }
-    }
-}
-
-/// Whether a domain of this name is running on `uri`.
-pub fn domain_running(uri: &str, name: &str) -> bool {
-    connect(uri)
-        .and_then(|c| c.lookup_domain_by_name(name))
-        .and_then(|d| d.is_active())
-        .unwrap_or(false)
-}
-
-/// Names of running domains on `uri` that start with `prefix`.
-pub fn running_domains(uri: &str, prefix: &str) -> Vec<String> {
-    let Ok(conn) = connect(uri) else {
-        return vec![];
-    };
-    conn.list_all_domains(0)
-        .map(|ds| {
-            ds.into_iter()
-                .filter(|d| d.is_active().unwrap_or(false))
-                .filter_map(|d| d.name().ok())
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// What `device enroll` is given for a new test device.
