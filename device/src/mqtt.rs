@@ -186,11 +186,15 @@ fn refused_us(e: &rumqttc::ConnectionError) -> bool {
     use rumqttc::ConnectionError as E;
     use std::io::ErrorKind as K;
     match e {
+        // Cooling down after a flood: a certificate is not the matter.
+        E::ConnectionRefused(rumqttc::ConnectReturnCode::ServiceUnavailable) => false,
         E::ConnectionRefused(_) | E::Tls(_) => true,
         E::Io(io) => matches!(
             io.kind(),
             K::InvalidData | K::ConnectionReset | K::ConnectionAborted | K::UnexpectedEof
         ),
+        // A TLS alert read while waiting for the CONNACK comes through rumqttc's state.
+        E::MqttState(_) => true,
         _ => false,
     }
 }
@@ -223,7 +227,6 @@ pub fn start(
         let mut asked_at: Option<std::time::Instant> = None;
         if let Some(tls) = &tls {
             tls.arm_at_start(&mut eventloop).await;
-            asked_at = Some(std::time::Instant::now());
         }
         loop {
             match eventloop.poll().await {
@@ -248,7 +251,7 @@ pub fn start(
                     if let Some(tls) = tls.as_ref().filter(|t| refused_us(&e) || t.stale()) {
                         let due = asked_at.is_none_or(|t| t.elapsed() >= CERT_ASK_EVERY);
                         if due {
-                            tracing::warn!("the MQTT broker refused this device ({e}); asking the hub for a new client certificate");
+                            tracing::warn!("the MQTT connection failed ({e}); asking the hub for a new client certificate, in case the broker refused this one");
                             asked_at = Some(std::time::Instant::now());
                             tls.arm(&mut eventloop, true).await;
                         }

@@ -121,7 +121,13 @@ type Granted = Result<Vec<Message>, Refusal>;
 /// What sessions ask the router task. Each names its connection: what a replaced
 /// connection still sends is dropped, never taken as its successor's.
 enum Command {
-    Connect(Identity, Option<[u8; 32]>, ConnId, Outbox),
+    Connect(
+        Identity,
+        Option<[u8; 32]>,
+        ConnId,
+        Outbox,
+        oneshot::Sender<bool>,
+    ),
     Disconnect(Identity, ConnId),
     Subscribe(Identity, ConnId, Vec<String>, oneshot::Sender<Vec<Granted>>),
     Unsubscribe(Identity, ConnId, Vec<String>),
@@ -268,6 +274,7 @@ async fn route(
                     tracing::info!("closing the MQTT session of {who}: no longer enrolled with its key");
                     outbox.close.cancel();
                 }
+                router.drop_statuses(&|n| now.contains_key(n));
             }
         }
         let (sessions, retained) = router.counts();
@@ -285,17 +292,18 @@ fn obey(
     metrics: &BrokerMetrics,
 ) {
     match command {
-        Command::Connect(who, key, conn, outbox) => {
+        Command::Connect(who, key, conn, outbox, reply) => {
             // Revoked between its handshake and its CONNECT: refused all the same.
             if let (Identity::Device(name), Some(key)) = (&who, &key) {
                 if enrolled.get(name) != Some(key) {
-                    outbox.close.cancel();
+                    let _ = reply.send(false);
                     return;
                 }
             }
             if let Some(old) = router.connect(who, key, conn, outbox) {
                 old.close.cancel();
             }
+            let _ = reply.send(true);
         }
         Command::Disconnect(who, conn) => router.disconnect(&who, conn),
         Command::Subscribe(who, conn, filters, reply) => {

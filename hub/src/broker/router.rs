@@ -299,6 +299,9 @@ impl<C: Clone> Router<C> {
         let budget_after = self.budgeted_bytes - if old_budgeted { old } else { 0 }
             + if budgeted { payload.len() } else { 0 };
         if budgeted && !payload.is_empty() && budget_after > self.limits.retained_bytes {
+            // Not kept, and what it replaces is gone: a later subscriber gets nothing
+            // rather than a value its publisher has since replaced.
+            self.retain(topic, &Bytes::new(), false);
             return false;
         }
         self.retained_bytes = self.retained_bytes - old + payload.len();
@@ -313,7 +316,8 @@ impl<C: Clone> Router<C> {
     }
 
     /// Devices no longer enrolled with the key they connected with (revoked, or their
-    /// key replaced): their sessions, to close, after their retained status is dropped.
+    /// key replaced): their sessions end here (what they still send is dropped), and are
+    /// returned to be closed.
     pub fn not_enrolled(
         &mut self,
         enrolled: &dyn Fn(&str, &[u8; 32]) -> bool,
@@ -328,12 +332,24 @@ impl<C: Clone> Router<C> {
             .map(|(who, s)| (who.clone(), s.outbox.clone()))
             .collect();
         for (who, _) in &gone {
-            if let Identity::Device(n) = who {
-                let topic = self.acl.status_topic(n);
-                self.retain(&topic, &Bytes::new(), false);
-            }
+            self.remove(who);
         }
         gone
+    }
+
+    /// Drops the retained status of every device `enrolled` does not name (revoked while
+    /// offline, or never enrolled).
+    pub fn drop_statuses(&mut self, enrolled: &dyn Fn(&str) -> bool) {
+        let prefix = self.acl.status_topic("");
+        let stale: Vec<String> = self
+            .retained
+            .keys()
+            .filter(|t| t.strip_prefix(&prefix).is_some_and(|n| !enrolled(n)))
+            .cloned()
+            .collect();
+        for topic in stale {
+            self.retain(&topic, &Bytes::new(), false);
+        }
     }
 
     /// Connected sessions and retained bytes (for the metrics page).
@@ -510,6 +526,9 @@ mod tests {
         // a is enrolled with its key; b's key was replaced.
         let gone = r.not_enrolled(&|n, k| n == "a" && *k == [1; 32] || n == "b" && *k == [9; 32]);
         assert_eq!(gone, vec![(dev("b"), 20)]);
+        assert!(!r.is_current(&dev("b"), 2));
+        assert_eq!(r.counts(), (2, 6));
+        r.drop_statuses(&|n| n == "a");
         assert_eq!(r.counts().1, 0);
     }
 }

@@ -161,7 +161,9 @@ where
         stream,
         rx: BytesMut::with_capacity(1024),
         tx: BytesMut::new(),
-        max: ctx.limits.max_packet,
+        // A QoS 0 publish is delivered at QoS 1, two bytes (its packet id) larger: what
+        // is read must still fit the fleet's clients' limit when delivered.
+        max: ctx.limits.max_packet - 2,
     };
     let connect = match tokio::time::timeout(ctx.limits.connect_timeout, wire.read()).await {
         Err(_) => return Err(SessionEnd::NoConnect(ctx.limits.connect_timeout)),
@@ -195,9 +197,24 @@ where
         ctx: &ctx,
         pkid: 0,
     };
+    let (reply, admitted) = oneshot::channel();
     client
-        .ask(Command::Connect(client.who.clone(), key, conn, outbox))
+        .ask(Command::Connect(
+            client.who.clone(),
+            key,
+            conn,
+            outbox,
+            reply,
+        ))
         .await?;
+    if !admitted.await.map_err(|_| SessionEnd::Stopping)? {
+        ctx.metrics.refused.fetch_add(1, Ordering::Relaxed);
+        let code = ConnectReturnCode::NotAuthorized;
+        wire.write(Packet::ConnAck(ConnAck::new(code, false)))
+            .await?;
+        let who = &client.who;
+        return Err(SessionEnd::Refused(format!("{who} is no longer enrolled")));
+    }
     // Keep-alive 0: the client asked for none.
     let keep_alive = (connect.keep_alive > 0)
         .then(|| Duration::from_secs(u64::from(connect.keep_alive)) * 3 / 2);
@@ -295,15 +312,13 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     let mut heard = now();
     loop {
         let silent_at = keep_alive.map(|k| heard + k);
+        // Biased: what the client sent is read before its silence is judged (a PINGREQ
+        // waiting behind a long batch of retained messages is not silence).
         tokio::select! {
+            biased;
             _ = close.cancelled() => {
                 let stopping = client.ctx.stop.is_cancelled();
                 return Err(if stopping { SessionEnd::Stopping } else { SessionEnd::Closed });
-            }
-            msg = rx.recv() => {
-                let Some(msg) = msg else { return Err(SessionEnd::Closed) };
-                let p = client.publish(msg);
-                wire.write(p).await?;
             }
             packet = wire.read() => {
                 let packet = packet?;
@@ -311,6 +326,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                 let cost = match &packet {
                     Packet::Publish(_) => 1,
                     Packet::Subscribe(s) => s.filters.len().max(1),
+                    Packet::Unsubscribe(u) => u.topics.len().max(1),
                     _ => 0,
                 };
                 if let Some(bucket) = &mut bucket {
@@ -321,6 +337,13 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                 for answer in handle(packet, client).await? {
                     wire.write(answer).await?;
                 }
+                // The client could not be heard while it was being written to.
+                heard = now();
+            }
+            msg = rx.recv() => {
+                let Some(msg) = msg else { return Err(SessionEnd::Closed) };
+                let p = client.publish(msg);
+                wire.write(p).await?;
             }
             _ = sleep_until(silent_at) => return Err(SessionEnd::Silent),
         }
