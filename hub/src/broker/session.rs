@@ -28,7 +28,11 @@ pub enum SessionEnd {
     #[error("first packet was not CONNECT")]
     NotConnect,
     #[error("refused: {0}")]
-    Refused(String),
+    Refused(#[from] ConnectRefusal),
+    #[error("QoS 2, which this broker does not take")]
+    Qos2,
+    #[error("a packet this broker does not take")]
+    Unexpected,
     #[error("{who} published on {topic:?}, which it may not")]
     NotAllowed { who: Identity, topic: String },
     #[error("{0} sent more than its rate allows: cut off")]
@@ -43,6 +47,38 @@ pub enum SessionEnd {
     Left,
     #[error("the broker is stopping")]
     Stopping,
+}
+
+/// Why a client is refused at CONNECT; each answered with its return code.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectRefusal {
+    #[error(transparent)]
+    Certificate(super::pki::AcceptError),
+    #[error("the hub's user with a wrong secret")]
+    WrongSecret,
+    #[error("an empty client id on the loopback listener")]
+    EmptyClientId,
+    #[error("{who} sent client id {id:?}, which is another's")]
+    AnothersId { who: Identity, id: String },
+    #[error("{0} flooded a moment ago")]
+    Cooling(Identity),
+    #[error("{0} is no longer enrolled")]
+    NotEnrolled(Identity),
+}
+
+impl ConnectRefusal {
+    fn code(&self) -> ConnectReturnCode {
+        match self {
+            ConnectRefusal::Certificate(_) | ConnectRefusal::NotEnrolled(_) => {
+                ConnectReturnCode::NotAuthorized
+            }
+            ConnectRefusal::WrongSecret => ConnectReturnCode::BadUserNamePassword,
+            ConnectRefusal::EmptyClientId | ConnectRefusal::AnothersId { .. } => {
+                ConnectReturnCode::BadClientId
+            }
+            ConnectRefusal::Cooling(_) => ConnectReturnCode::ServiceUnavailable,
+        }
+    }
 }
 
 /// A token bucket of messages: `burst` at once, refilled at `per_sec`.
@@ -173,12 +209,7 @@ where
     };
     let (who, key) = match admit(&ctx, proven, &connect) {
         Ok(admitted) => admitted,
-        Err((code, why)) => {
-            ctx.metrics.refused.fetch_add(1, Ordering::Relaxed);
-            wire.write(Packet::ConnAck(ConnAck::new(code, false)))
-                .await?;
-            return Err(SessionEnd::Refused(why));
-        }
+        Err(refusal) => return refuse(&mut wire, &ctx, refusal).await,
     };
     let outbox_len = if who == Identity::Hub {
         ctx.limits.hub_outbox
@@ -208,12 +239,8 @@ where
         ))
         .await?;
     if !admitted.await.map_err(|_| SessionEnd::Stopping)? {
-        ctx.metrics.refused.fetch_add(1, Ordering::Relaxed);
-        let code = ConnectReturnCode::NotAuthorized;
-        wire.write(Packet::ConnAck(ConnAck::new(code, false)))
-            .await?;
-        let who = &client.who;
-        return Err(SessionEnd::Refused(format!("{who} is no longer enrolled")));
+        let refusal = ConnectRefusal::NotEnrolled(client.who.clone());
+        return refuse(&mut wire, &ctx, refusal).await;
     }
     // Keep-alive 0: the client asked for none.
     let keep_alive = (connect.keep_alive > 0)
@@ -234,8 +261,20 @@ where
     result
 }
 
+/// Answers a CONNECT with the refusal's return code, counted, and ends the connection.
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    wire: &mut Wire<S>,
+    ctx: &Ctx,
+    refusal: ConnectRefusal,
+) -> Result<(), SessionEnd> {
+    ctx.metrics.refused.fetch_add(1, Ordering::Relaxed);
+    wire.write(Packet::ConnAck(ConnAck::new(refusal.code(), false)))
+        .await?;
+    Err(SessionEnd::Refused(refusal))
+}
+
 /// Who a client is (with a device's key), or why it is refused at CONNECT.
-type Admitted = Result<(Identity, Option<[u8; 32]>), (ConnectReturnCode, String)>;
+type Admitted = Result<(Identity, Option<[u8; 32]>), ConnectRefusal>;
 
 /// Who a CONNECT comes from, and whether it is let in: not if its client id names
 /// another (the hub's, another device's), nor while it is refused for flooding.
@@ -251,12 +290,11 @@ fn admit(ctx: &Ctx, proven: Proven, connect: &rumqttc::Connect) -> Admitted {
         Identity::Local(_) => id.starts_with(HUB_ID_PREFIX),
     };
     if another {
-        let why = format!("{who} sent client id {id:?}, which is another's");
-        return Err((ConnectReturnCode::BadClientId, why));
+        let id = id.to_string();
+        return Err(ConnectRefusal::AnothersId { who, id });
     }
     if ctx.cooling(&who) {
-        let why = format!("{who} flooded a moment ago");
-        return Err((ConnectReturnCode::ServiceUnavailable, why));
+        return Err(ConnectRefusal::Cooling(who));
     }
     Ok((who, key))
 }
@@ -271,7 +309,7 @@ const DEVICE_ID_PREFIX: &str = "unifleet-device-";
 fn identify(ctx: &Ctx, proven: Proven, connect: &rumqttc::Connect) -> Admitted {
     match proven {
         Proven::Tls(who, key) => return Ok((who, Some(key))),
-        Proven::Refused(e) => return Err((ConnectReturnCode::NotAuthorized, e.to_string())),
+        Proven::Refused(e) => return Err(ConnectRefusal::Certificate(e)),
         Proven::Loopback => {}
     }
     match &connect.login {
@@ -279,16 +317,10 @@ fn identify(ctx: &Ctx, proven: Proven, connect: &rumqttc::Connect) -> Admitted {
             if constant_time_eq(l.password.as_bytes(), ctx.hub_secret.as_bytes()) {
                 Ok((Identity::Hub, None))
             } else {
-                Err((
-                    ConnectReturnCode::BadUserNamePassword,
-                    "the hub's user with a wrong secret".into(),
-                ))
+                Err(ConnectRefusal::WrongSecret)
             }
         }
-        _ if connect.client_id.is_empty() => Err((
-            ConnectReturnCode::BadClientId,
-            "an empty client id on the loopback listener".into(),
-        )),
+        _ if connect.client_id.is_empty() => Err(ConnectRefusal::EmptyClientId),
         _ => Ok((Identity::Local(connect.client_id.clone()), None)),
     }
 }
@@ -363,9 +395,7 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 async fn handle(packet: Packet, client: &mut Client<'_>) -> Result<Vec<Packet>, SessionEnd> {
     let (who, conn) = (client.who.clone(), client.conn);
     match packet {
-        Packet::Publish(p) if p.qos == QoS::ExactlyOnce => Err(SessionEnd::Refused(
-            "QoS 2, which this broker does not take".into(),
-        )),
+        Packet::Publish(p) if p.qos == QoS::ExactlyOnce => Err(SessionEnd::Qos2),
         Packet::Publish(p) => {
             let (reply, answer) = oneshot::channel();
             let msg = Message {
@@ -425,9 +455,7 @@ async fn handle(packet: Packet, client: &mut Client<'_>) -> Result<Vec<Packet>, 
         Packet::PubAck(_) => Ok(vec![]),
         Packet::Disconnect => Err(SessionEnd::Left),
         // A second CONNECT, or packets only a server sends.
-        _ => Err(SessionEnd::Refused(
-            "a packet this broker does not take".into(),
-        )),
+        _ => Err(SessionEnd::Unexpected),
     }
 }
 
