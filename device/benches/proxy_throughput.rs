@@ -42,10 +42,10 @@ async fn proxy(upstream: u16) -> std::io::Result<u16> {
     let port = l.local_addr()?.port();
     tokio::spawn(async move {
         while let Ok((c, _)) = l.accept().await {
-            tokio::spawn(device::ondemand::forward(
-                c,
-                ([127, 0, 0, 1], upstream).into(),
-            ));
+            tokio::spawn(async move {
+                let up = TcpStream::connect(("127.0.0.1", upstream)).await?;
+                device::ondemand::forward(&c, &up).await
+            });
         }
     });
     Ok(port)

@@ -50,8 +50,10 @@ pub struct ScaleConfig {
     pub panic_window: Duration,
     pub panic_factor: f64,
     pub idle: Duration,
-    /// After the remote host failed, how long to wait before trying it again.
+    /// After the remote host failed, how long to wait before trying it again; doubled
+    /// after each failure in a row, up to `remote_retry_max`.
     pub remote_retry: Duration,
+    pub remote_retry_max: Duration,
     /// How long a draining instance keeps its connections before they are cut.
     pub drain: Duration,
 }
@@ -67,7 +69,8 @@ impl Default for ScaleConfig {
             panic_window: Duration::from_secs(3),
             panic_factor: 2.0,
             idle: Duration::from_secs(30),
-            remote_retry: Duration::from_secs(30),
+            remote_retry: Duration::from_secs(5),
+            remote_retry_max: Duration::from_secs(300),
             drain: Duration::from_secs(30),
         }
     }
@@ -171,6 +174,8 @@ pub struct Autoscaler {
     last_busy: Option<Instant>,
     panic_until: Option<Instant>,
     remote_down_until: Option<Instant>,
+    /// Remote failures since the last remote instance became ready.
+    remote_failures: u32,
     /// Held connections at the last load sample.
     waiting: u32,
 }
@@ -185,6 +190,7 @@ impl Autoscaler {
             last_busy: None,
             panic_until: None,
             remote_down_until: None,
+            remote_failures: 0,
             waiting: 0,
         }
     }
@@ -206,6 +212,14 @@ impl Autoscaler {
     /// Connections open to all instances.
     pub fn connections(&self) -> u32 {
         self.instances.iter().map(|i| i.conns).sum()
+    }
+
+    /// Connections open to `id`.
+    pub fn connections_of(&self, id: InstanceId) -> u32 {
+        self.instances
+            .iter()
+            .find(|i| i.id == id)
+            .map_or(0, |i| i.conns)
     }
 
     /// The instance for the next connection: ready, not draining, below the target
@@ -245,6 +259,9 @@ impl Autoscaler {
             Event::Ready { id, .. } => {
                 if let Some(i) = self.instances.iter_mut().find(|i| i.id == id) {
                     i.phase = Phase::Ready;
+                    if i.at == Location::Remote {
+                        self.remote_failures = 0;
+                    }
                 }
                 vec![]
             }
@@ -263,10 +280,12 @@ impl Autoscaler {
             Event::Drain { now } => self.drain(now),
             Event::RemoteUnavailable { now, id, reason } => {
                 self.instances.retain(|i| i.id != id);
-                self.remote_down_until = Some(now + self.cfg.remote_retry);
+                let wait = self.remote_backoff();
+                self.remote_failures = self.remote_failures.saturating_add(1);
+                self.remote_down_until = Some(now + wait);
                 let mut out = vec![Action::Report(format!(
-                    "hosted Xen host unavailable ({reason}); serving locally only for {:?}",
-                    self.cfg.remote_retry
+                    "hosted host unavailable ({reason}); serving locally only for {}",
+                    proto::status::human_secs(wait.as_secs())
                 ))];
                 out.extend(self.scale(now));
                 out
@@ -335,6 +354,16 @@ impl Autoscaler {
             return 0.0;
         }
         in_window.iter().map(|c| f64::from(*c)).sum::<f64>() / in_window.len() as f64
+    }
+
+    /// How long the remote host is left alone after this failure: doubled per failure
+    /// in a row.
+    fn remote_backoff(&self) -> Duration {
+        let doubled = self
+            .cfg
+            .remote_retry
+            .saturating_mul(1 << self.remote_failures.min(16));
+        doubled.min(self.cfg.remote_retry_max)
     }
 
     fn remote_usable(&self, now: Instant) -> bool {
@@ -712,10 +741,44 @@ mod tests {
             "{out:?}"
         );
         // No new remote instance while the host is down; local ones keep serving.
-        let out = drive(&mut a, &mut t, Duration::from_secs(5), 4);
+        let out = drive(&mut a, &mut t, Duration::from_secs(4), 4);
         assert_eq!(starts(&out, Location::Remote), 0);
         assert_eq!(a.counts().0, 2);
         assert!(a.pick().is_some(), "a local instance takes connections");
+    }
+
+    /// The hosted host is tried again after 5 s, 10 s, 20 s … (failures in a row), at
+    /// most every 5 minutes; a remote instance that becomes ready starts the count again.
+    #[test]
+    fn the_hosted_host_is_retried_with_backoff() {
+        let mut a = Autoscaler::new(ScaleConfig::default());
+        let waits: Vec<Duration> = (0..10)
+            .map(|k| {
+                let wait = a.remote_backoff();
+                a.handle(Event::RemoteUnavailable {
+                    now: Instant::now(),
+                    id: InstanceId(k),
+                    reason: "link down".into(),
+                });
+                wait
+            })
+            .collect();
+        let secs: Vec<u64> = waits.iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300, 300, 300]);
+        let mut t = Instant::now() + Duration::from_secs(301);
+        let out = drive(&mut a, &mut t, Duration::from_secs(3), 4);
+        let id = out
+            .iter()
+            .find_map(|x| match x {
+                Action::Start {
+                    id,
+                    at: Location::Remote,
+                } => Some(*id),
+                _ => None,
+            })
+            .expect("the hosted host is tried again once the wait is over");
+        a.handle(Event::Ready { now: t, id });
+        assert_eq!(a.remote_backoff(), Duration::from_secs(5));
     }
 
     #[test]

@@ -45,6 +45,14 @@ pub enum ConfigError {
          (`device enroll --broker-ca HUB_DIR/broker-ca.pem`)"
     )]
     NoBrokerCa,
+    #[error(transparent)]
+    Hosted(#[from] crate::hosted::HostedConfigError),
+    #[error(
+        "[[ondemand]] {app}: remote_uri is replaced by the device's [hosted] table (uri, pki, \
+         pool, nic, guest_addresses): the image is uploaded there and traffic routed to its \
+         guests (README, \"Bursting to a hosted host\")"
+    )]
+    RemoteUriMoved { app: String },
     #[error("parallel_fetches must be at least 1")]
     ParallelFetches,
     #[error(
@@ -157,6 +165,10 @@ pub struct Config {
     /// Apps served on demand through a front proxy (scale from zero, autoscale, burst).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ondemand: Vec<OnDemandConfig>,
+    /// The hosted host on-demand instances burst to beyond `max_local` (up to each app's
+    /// `max_remote`); absent: no bursting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosted: Option<crate::hosted::HostedConfig>,
 }
 
 fn default_platform() -> String {
@@ -223,6 +235,9 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        if let Some(h) = &mut cfg.hosted {
+            h.resolve(base);
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -250,6 +265,14 @@ impl Config {
         }
         if self.parallel_fetches == 0 {
             return Err(ConfigError::ParallelFetches);
+        }
+        if let Some(od) = self.ondemand.iter().find(|o| o.remote_uri.is_some()) {
+            return Err(ConfigError::RemoteUriMoved {
+                app: od.app.clone(),
+            });
+        }
+        if let Some(h) = &self.hosted {
+            h.validate()?;
         }
         if self.crash_at.is_some() && !cfg!(feature = "test-hooks") {
             return Err(ConfigError::TestHook);
@@ -301,8 +324,9 @@ pub struct OnDemandConfig {
     pub panic_window_secs: u64,
     #[serde(default = "thirty")]
     pub idle_secs: u64,
-    /// The hosted Xen (or any libvirt) URI for overflow, e.g. `xen+ssh://host/system`.
-    #[serde(default)]
+    /// Refused: the hosted host is the device's `[hosted]` table now (kept so an old
+    /// config is told so, not told "unknown field").
+    #[serde(default, skip_serializing)]
     pub remote_uri: Option<String>,
     /// How long a connection is held waiting for an instance before it is closed.
     #[serde(default = "thirty")]
@@ -336,25 +360,34 @@ fn thirty() -> u64 {
 }
 
 impl OnDemandConfig {
-    /// The autoscaler's settings for instances of `m`.
-    pub fn scale(&self, m: &Manifest) -> ScaleConfig {
+    /// The autoscaler's settings for instances of `m`; `hosted`: whether they may burst
+    /// to a hosted host ([`bursts`]).
+    pub fn scale(&self, m: &Manifest, hosted: bool) -> ScaleConfig {
         let target = self
             .target
             .unwrap_or(if m.boot.network { 32.0 } else { 1.0 });
         ScaleConfig {
             min: self.min,
             max_local: self.max_local,
-            max_remote: if self.remote_uri.is_some() {
-                self.max_remote
-            } else {
-                0
-            },
+            max_remote: if hosted { self.max_remote } else { 0 },
             target,
             stable_window: Duration::from_secs(self.stable_window_secs),
             panic_window: Duration::from_secs(self.panic_window_secs),
             idle: Duration::from_secs(self.idle_secs),
             drain: Duration::from_secs(self.drain_secs),
             ..ScaleConfig::default()
+        }
+    }
+
+    /// Why instances of `m` cannot run on a hosted host, if they cannot: they are
+    /// reached on their network interface there (routed to the device), and probed on it.
+    pub fn cannot_burst(m: &Manifest) -> Option<&'static str> {
+        match (&m.boot.probe, m.boot.network) {
+            (_, false) => Some("the release has no network interface (publish it with --network)"),
+            (HealthProbe::ConsoleBanner { .. }, true) => {
+                Some("its health probe reads the console, which a hosted host does not keep (use http: or tcp:)")
+            }
+            _ => None,
         }
     }
 

@@ -13,6 +13,7 @@ pub mod agent;
 pub mod autoscale;
 pub mod config;
 pub mod fetch;
+pub mod hosted;
 pub mod hypervisor;
 pub mod metrics;
 pub mod mqtt;

@@ -221,6 +221,7 @@ fn enroll(args: EnrollArgs) -> Result<()> {
         store_budget_mib: 0,
         crash_at: None,
         ondemand: vec![],
+        hosted: None,
     };
     // Everything is checked before anything is written: a refused enrollment leaves no
     // key, public key or root behind (it left all three).
@@ -287,17 +288,18 @@ fn status(config: PathBuf, json: bool) -> Result<()> {
             };
             format!("release {} ({}){accel}", c.release, c.version)
         });
-        let last = match reports.get(app) {
+        let report = reports
+            .get(app)
+            .map(|r| serde_json::from_value::<proto::status::StatusReport>(r.clone()));
+        let last = match &report {
             None => "none yet".into(),
-            Some(r) => match serde_json::from_value::<proto::status::StatusReport>(r.clone()) {
-                Ok(r) => format!(
-                    "{} ({})",
-                    r.state.describe(now),
-                    proto::status::human_ago(r.at, now)
-                ),
-                // Written by an older agent: shown as it is.
-                Err(_) => r["state"].to_string(),
-            },
+            Some(Ok(r)) => format!(
+                "{} ({})",
+                r.state.describe(now),
+                proto::status::human_ago(r.at, now)
+            ),
+            // Written by an older agent: shown as it is.
+            Some(Err(_)) => reports[app]["state"].to_string(),
         };
         let failed = if st.failed.is_empty() {
             String::new()
@@ -305,6 +307,14 @@ fn status(config: PathBuf, json: bool) -> Result<()> {
             format!("; failed here before: releases {:?}", st.failed)
         };
         println!("  {app}: running {cur}; last report: {last}{failed}");
+        if let Some(Ok(r)) = &report {
+            if let Some(c) = r.ondemand {
+                println!("    on demand: {}", c.summary());
+            }
+            if let Some(h) = &r.hosted {
+                println!("    hosted: {}", h.summary());
+            }
+        }
     }
     // Every app's report carries the same network counts; the newest one's.
     let network = reports

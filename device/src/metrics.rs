@@ -26,6 +26,9 @@ pub struct DeviceMetrics {
     pub ondemand_refused: AtomicU64,
     /// Connections closed because their instance drained past `drain_secs`.
     pub ondemand_cut: AtomicU64,
+    /// Connections closed because their instance could not be reached (a hosted host
+    /// whose link went down), after one try of another instance.
+    pub ondemand_lost: AtomicU64,
     /// Every blob byte received, accepted or not (minus the accepted ones: duplicates
     /// and refused bytes).
     pub blob_bytes_received: AtomicU64,
@@ -215,7 +218,7 @@ impl DeviceMetrics {
             out,
             "unifleet_device_ondemand_remote_instances",
             "gauge",
-            "On-demand instances on the hosted URI",
+            "On-demand instances on the hosted host",
             c(&self.ondemand_remote),
         );
         push(
@@ -252,6 +255,13 @@ impl DeviceMetrics {
             "counter",
             "Connections closed because their instance drained past drain_secs",
             c(&self.ondemand_cut),
+        );
+        push(
+            out,
+            "unifleet_device_ondemand_lost_total",
+            "counter",
+            "Connections closed because their instance could not be reached",
+            c(&self.ondemand_lost),
         );
     }
 }

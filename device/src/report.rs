@@ -10,7 +10,9 @@ use crate::config::Config;
 use crate::store::{write_atomic, Installed};
 use net::{NetClient, Path, Topic};
 use proto::announcement::Announcement;
-use proto::status::{DeviceState, NetworkCounts, OnDemandCounts, StatusReport, MAX_CONSOLE_TAIL};
+use proto::status::{
+    DeviceState, HostedUse, NetworkCounts, OnDemandCounts, StatusReport, MAX_CONSOLE_TAIL,
+};
 use proto::SecretKey;
 use rumqttc::QoS;
 use std::collections::BTreeMap;
@@ -46,8 +48,8 @@ pub struct Reporter {
     /// (an fsync must not hold the agent's tasks), so an older snapshot that arrives late
     /// is skipped rather than written over a newer one.
     written: Arc<std::sync::Mutex<u64>>,
-    /// On-demand pools' counts, by app; part of every report of that app.
-    ondemand: std::sync::Mutex<BTreeMap<String, OnDemandCounts>>,
+    /// On-demand pools' counts and hosted use, by app; part of every report of that app.
+    ondemand: std::sync::Mutex<BTreeMap<String, (OnDemandCounts, Option<HostedUse>)>>,
 }
 
 /// The newest report of each app, numbered. A resend is made from the report in here at
@@ -240,7 +242,7 @@ impl Reporter {
         r.at = crate::time::now();
         r.bytes_from_peers = self.from_peers.load(Ordering::Relaxed);
         r.bytes_from_hub = self.from_hub.load(Ordering::Relaxed);
-        r.ondemand = self.ondemand_of(&r.app);
+        (r.ondemand, r.hosted) = self.ondemand_of(&r.app);
         r.network = Some(self.network());
     }
 
@@ -266,6 +268,7 @@ impl Reporter {
             }
             tail = tail[cut..].to_string();
         }
+        let (ondemand, hosted) = self.ondemand_of(app);
         StatusReport {
             fleet: self.fleet.clone(),
             device: self.device.clone(),
@@ -283,9 +286,10 @@ impl Reporter {
             bytes_from_peers: self.from_peers.load(Ordering::Relaxed),
             bytes_from_hub: self.from_hub.load(Ordering::Relaxed),
             console_tail: tail,
-            ondemand: self.ondemand_of(app),
+            ondemand,
             network: Some(self.network()),
             guest: None,
+            hosted,
         }
     }
 
@@ -335,17 +339,25 @@ impl Reporter {
         self.send(r).await;
     }
 
-    fn ondemand_of(&self, app: &str) -> Option<OnDemandCounts> {
+    fn ondemand_of(&self, app: &str) -> (Option<OnDemandCounts>, Option<HostedUse>) {
         let counts = self.ondemand.lock().unwrap_or_else(|p| p.into_inner());
-        counts.get(app).copied()
+        match counts.get(app) {
+            Some((c, h)) => (Some(*c), h.clone()),
+            None => (None, None),
+        }
     }
 
     /// The on-demand pool of `app` scaled or booted: the latest report goes out again with
     /// the new counts (a fresh sequence number, state unchanged).
-    pub async fn ondemand_changed(&self, app: &str, counts: OnDemandCounts) {
+    pub async fn ondemand_changed(
+        &self,
+        app: &str,
+        counts: OnDemandCounts,
+        hosted: Option<HostedUse>,
+    ) {
         {
             let mut all = self.ondemand.lock().unwrap_or_else(|p| p.into_inner());
-            all.insert(app.to_string(), counts);
+            all.insert(app.to_string(), (counts, hosted));
         }
         self.send_again(app).await;
     }
@@ -393,6 +405,7 @@ mod tests {
             ondemand: None,
             network: None,
             guest: None,
+            hosted: None,
         }
     }
 

@@ -26,6 +26,10 @@ pub struct DeviceEntry {
     /// For an app served on demand: instances by location, boots, scale decisions.
     #[serde(default)]
     pub ondemand: Option<proto::status::OnDemandCounts>,
+    /// For an app served on demand with a hosted host: instance time and connections
+    /// there (what a hosted provider bills), and why it is not used when it is not.
+    #[serde(default)]
+    pub hosted: Option<proto::status::HostedUse>,
     /// Reachability (public, relayed, unreachable) and bytes by path (LAN, direct, relayed, hub).
     #[serde(default)]
     pub network: Option<proto::status::NetworkCounts>,

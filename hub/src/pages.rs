@@ -8,7 +8,7 @@ use crate::trust::human_ago;
 use crate::view::{DevicePage, Filter, ReleaseRow, Snapshot};
 use maud::{html, Markup, DOCTYPE};
 use proto::rollout::share_text;
-use proto::status::human_bytes;
+use proto::status::{human_bytes, human_secs};
 
 /// The page frame: title, navigation, the vendored scripts, and a banner for each
 /// warning the operator must act on (a trust root expired or expiring).
@@ -69,6 +69,7 @@ pub fn devices_table(s: &Snapshot, filter: &Filter) -> Markup {
             thead { tr {
                 th { "Device" } th { "Tags" } th { "App" } th { "Running" } th { "Target" }
                 th { "State" } th { "Last seen" } th { "From peers" } th { "From hub" } th { "Reachable" }
+                th { "Hosted" }
             } }
             tbody {
                 @for e in shown {
@@ -83,9 +84,24 @@ pub fn devices_table(s: &Snapshot, filter: &Filter) -> Markup {
                         td { (human_bytes(e.bytes_from_peers)) }
                         td { (human_bytes(e.bytes_from_hub)) }
                         td { (e.network.map_or("unknown", |n| n.reachability.label())) }
+                        (hosted_cell(e))
                     }
                 }
             }
+        }
+    }
+}
+
+/// What an on-demand app uses of the hosted host: instances now, instance time and
+/// connections since the agent started, or why the host is not used.
+fn hosted_cell(e: &DeviceEntry) -> Markup {
+    let (Some(c), Some(h)) = (&e.ondemand, &e.hosted) else {
+        return html! { td { "-" } };
+    };
+    html! {
+        td class="hosted" title=(h.summary()) {
+            (c.remote) " running, " (human_secs(h.instance_ms / 1000)) ", " (h.connections) " conns"
+            @if let Some(why) = &h.down { br; small class="hosted-down" { "unavailable: " (why) } }
         }
     }
 }
@@ -238,6 +254,8 @@ pub fn device(fleet: &str, d: &DevicePage) -> Markup {
                     @if !e.tags.is_empty() { "; tags " (e.tags.join(", ")) }
                     @if let Some(n) = e.network { "; " (n.summary()) }
                 }
+                @if let Some(c) = &e.ondemand { p class="ondemand" { "On demand: " (c.summary()) } }
+                @if let Some(h) = &e.hosted { p class="hosted" { "Hosted: " (h.summary()) } }
             }
             @for r in &d.reports {
                 h2 { "Last signed report of " (r.app) " (#" (r.seq) ", " (human_ago(r.at, d.now)) ")" }
@@ -309,6 +327,7 @@ mod tests {
             bytes_from_peers: 2_100_000,
             bytes_from_hub: 0,
             ondemand: None,
+            hosted: None,
             network: None,
             tags: tags.iter().map(|t| t.to_string()).collect(),
             failed_release: None,

@@ -380,6 +380,7 @@ mod tests {
             ondemand: None,
             network: None,
             guest: None,
+            hosted: None,
         }
     }
 

@@ -91,16 +91,19 @@ impl Kind {
         }
     }
 
-    /// Whether this kind's last field is an `Option` appended after messages of it were
-    /// in the field (the manifest's `provenance`, the report's `guest`, the revocation list's `members`). A body without
-    /// it — one byte short, from an older build — reads as that field `None` ([`decode`]),
-    /// and one whose field is `None` is written without it ([`encode_appended`]), so older
-    /// builds still read it. Only a value *with* the field is new to them.
-    pub const fn has_appended_option(self) -> bool {
-        matches!(
-            self,
-            Kind::Manifest | Kind::StatusReport | Kind::Revocations
-        )
+    /// How many `Option`s this kind's struct ends with that were appended after messages
+    /// of it were in the field: the manifest's `provenance`; the report's `guest`, then
+    /// `hosted`; the revocation list's `members`. A body short of the last `k` of them —
+    /// from an older build — reads as those fields `None` ([`decode`]), and the trailing
+    /// ones that are `None` are written without their byte ([`encode_appended`]), so
+    /// older builds still read the message. Only a value *with* a newer field is new to
+    /// them.
+    pub const fn appended_options(self) -> usize {
+        match self {
+            Kind::Manifest | Kind::Revocations => 1,
+            Kind::StatusReport => 2,
+            _ => 0,
+        }
     }
 
     pub fn name(self) -> &'static str {
@@ -220,17 +223,17 @@ pub fn encode<T: Serialize>(kind: Kind, value: &T) -> Result<Vec<u8>, CodecError
     Ok(out)
 }
 
-/// [`encode`] of a value of a kind with an appended `Option` ([`Kind::has_appended_option`]):
-/// when `absent` (that field is `None`), its `None` byte — the body's last — is left out,
-/// giving the bytes builds from before the field wrote and read.
+/// [`encode`] of a value of a kind with appended `Option`s ([`Kind::appended_options`]):
+/// the `absent` last ones (`None`, every one after them too) are left out, giving the
+/// bytes builds from before those fields wrote and read.
 pub fn encode_appended<T: Serialize>(
     kind: Kind,
     value: &T,
-    absent: bool,
+    absent: usize,
 ) -> Result<Vec<u8>, CodecError> {
     let mut out = encode(kind, value)?;
-    if absent && kind.has_appended_option() {
-        // bincode writes `None` as a single 0 byte, and the field is the struct's last.
+    for _ in 0..absent.min(kind.appended_options()) {
+        // bincode writes `None` as a single 0 byte, and the fields are the struct's last.
         debug_assert_eq!(out.last(), Some(&0));
         out.pop();
     }
@@ -273,18 +276,21 @@ pub fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, CodecE
         });
     }
     let body = &bytes[HEADER_LEN..];
-    let decoded = bincode::serde::decode_from_slice(body, config());
-    let (value, used): (T, usize) = match decoded {
-        // An older build's body: without the appended field, which reads as `None`.
-        Err(bincode::error::DecodeError::UnexpectedEnd { .. }) if kind.has_appended_option() => {
-            let padded = [body, &[0]].concat();
-            let (value, used) = bincode::serde::decode_from_slice(&padded, config())
-                .map_err(|e| malformed(kind, e))?;
-            // The pad is not the sender's: count only what it sent.
-            (value, used.saturating_sub(1))
-        }
-        other => other.map_err(|e| malformed(kind, e))?,
-    };
+    let mut decoded = bincode::serde::decode_from_slice(body, config());
+    let mut pad = 0;
+    // An older build's body: without the last appended fields, which read as `None`.
+    while matches!(
+        decoded,
+        Err(bincode::error::DecodeError::UnexpectedEnd { .. })
+    ) && pad < kind.appended_options()
+    {
+        pad += 1;
+        let padded = [body, &vec![0; pad]].concat();
+        decoded = bincode::serde::decode_from_slice(&padded, config());
+    }
+    let (value, used): (T, usize) = decoded.map_err(|e| malformed(kind, e))?;
+    // The pad is not the sender's: count only what it sent.
+    let used = used.saturating_sub(pad);
     if used != body.len() {
         return Err(CodecError::TrailingBytes {
             kind,

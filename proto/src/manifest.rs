@@ -324,7 +324,7 @@ impl Manifest {
     /// Without provenance it is written as manifests were before it (which older devices
     /// read): see [`crate::codec::Kind::has_appended_option`].
     pub fn seal(&self) -> Result<Envelope, CodecError> {
-        let absent = self.provenance.is_none();
+        let absent = usize::from(self.provenance.is_none());
         Envelope::new(crate::codec::encode_appended(Kind::Manifest, self, absent)?)
     }
 

@@ -61,7 +61,7 @@ pub struct Revocations {
 
 impl Revocations {
     pub fn seal(&self) -> Result<Envelope, CodecError> {
-        let absent = self.members.is_none();
+        let absent = usize::from(self.members.is_none());
         Envelope::new(crate::codec::encode_appended(
             Kind::Revocations,
             self,

@@ -103,6 +103,8 @@ pub struct StatusReport {
     /// has one and is not served on demand: where a staging hub runs the app's
     /// functional tests (`UNIFLEET_URL`).
     pub guest: Option<std::net::IpAddr>,
+    /// For an app served on demand with a hosted host: what its instances there served.
+    pub hosted: Option<HostedUse>,
 }
 
 /// How others can reach a device, as far as it can tell.
@@ -247,6 +249,43 @@ pub struct OnDemandCounts {
     pub decisions: u64,
 }
 
+impl OnDemandCounts {
+    /// One line for people: `1 local, 1 hosted, 4 boots`.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} local, {} hosted, {} boots",
+            self.local, self.remote, self.boots
+        )
+    }
+}
+
+/// What an app's instances on the hosted host served, since the agent started: what a
+/// hosted provider bills.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostedUse {
+    /// Instance time there, in milliseconds (as of the report).
+    pub instance_ms: u64,
+    /// Connections its instances there served.
+    pub connections: u64,
+    /// Why the hosted host is not used now (unreachable, refused, …), if it is not.
+    pub down: Option<String>,
+}
+
+impl HostedUse {
+    /// One line for people: `3m 20s of instance time, 57 connections; unavailable: …`.
+    pub fn summary(&self) -> String {
+        let mut text = format!(
+            "{} of instance time, {} connections",
+            human_secs(self.instance_ms / 1000),
+            self.connections
+        );
+        if let Some(why) = &self.down {
+            text += &format!("; hosted host unavailable: {why}");
+        }
+        text
+    }
+}
+
 /// Most bytes of console kept in a report.
 pub const MAX_CONSOLE_TAIL: usize = 2048;
 /// Most tags one device may carry.
@@ -268,10 +307,15 @@ pub fn check_tags(tags: &[String]) -> Result<(), Invalid> {
 }
 
 impl StatusReport {
-    /// Without a guest address it is written as reports were before it (which older hubs
-    /// read): see [`crate::codec::Kind::has_appended_option`].
+    /// Without hosted use (and without a guest address) it is written as reports were
+    /// before those fields (which older hubs read): see
+    /// [`crate::codec::Kind::appended_options`].
     pub fn seal(&self) -> Result<Envelope, CodecError> {
-        let absent = self.guest.is_none();
+        let absent = match (&self.guest, &self.hosted) {
+            (_, Some(_)) => 0,
+            (Some(_), None) => 1,
+            (None, None) => 2,
+        };
         Envelope::new(crate::codec::encode_appended(
             Kind::StatusReport,
             self,

@@ -136,6 +136,11 @@ fn status_report() -> proto::status::StatusReport {
             hole_punch_failures: 2,
         }),
         guest: Some([198, 51, 100, 7].into()),
+        hosted: Some(proto::status::HostedUse {
+            instance_ms: 200_500,
+            connections: 57,
+            down: Some("no route to host".into()),
+        }),
         tags: vec!["kitchen".into(), "beta".into()],
         platform: proto::manifest::Platform::QemuAarch64,
     }
@@ -163,6 +168,7 @@ fn messages_from_before_the_appended_fields_read_and_are_written_as_then() {
         proto::status::verify_status(&old, |id| (*id == device.id()).then_some(device)).unwrap();
     let then = proto::status::StatusReport {
         guest: None,
+        hosted: None,
         ..status_report()
     };
     assert_eq!(r, then);
@@ -170,6 +176,18 @@ fn messages_from_before_the_appended_fields_read_and_are_written_as_then() {
     // A truncated one is still refused.
     let short = &old[..old.len() - 1];
     assert!(proto::status::verify_status(short, |_| Some(device)).is_err());
+
+    // A report with a guest address, from before hosted use: read, and written again
+    // byte for byte.
+    let old = read("status-before-hosted.bin");
+    let (_, r) =
+        proto::status::verify_status(&old, |id| (*id == device.id()).then_some(device)).unwrap();
+    let then = proto::status::StatusReport {
+        hosted: None,
+        ..status_report()
+    };
+    assert_eq!(r, then);
+    assert_eq!(signed(r.seal().unwrap(), &[&key(20)]), old);
 }
 
 #[test]

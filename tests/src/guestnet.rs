@@ -3,14 +3,31 @@
 //! /26 slice of TEST-NET-2 or -3 (198.51.100.0/24, 203.0.113.0/24). libvirt refuses two
 //! networks on one subnet,
 //! so tests that run at the same time take different slots; a slot's leftover from a
-//! killed run is destroyed first. Destroyed on drop, whatever the test did.
+//! killed run is destroyed first. Destroyed on drop, whatever the test did. A slot is
+//! also locked (a file lock in /tmp) while it is held: two tests given the same slot take
+//! turns instead of destroying each other's network.
 
 use anyhow::{bail, Context, Result};
 use std::process::Command;
 
 /// How many tests may hold a guest network at once: slots 0-7 are taken by
-/// `tests/tests/unikernel.rs`, 6 and 7 by `bench_unikernel` (which is run on its own).
+/// `tests/tests/unikernel.rs`, 6 and 7 by `bench_unikernel` (which is run on its own), 7
+/// by the hosted host ([`crate::hosted`]).
 pub const SLOTS: u8 = 8;
+
+/// Holds slot `slot` until the returned lock is dropped (waits while another holds it).
+pub fn reserve(slot: u8) -> Result<std::fs::File> {
+    assert!(slot < SLOTS, "guest network slot {slot} of {SLOTS}");
+    let path = format!("/tmp/unifleet-guestnet-slot-{slot}.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {path}"))?;
+    file.lock().with_context(|| format!("locking {path}"))?;
+    Ok(file)
+}
 
 #[derive(Debug)]
 pub struct GuestNet {
@@ -21,6 +38,7 @@ pub struct GuestNet {
     /// The first three octets and the slice's first address's last octet.
     net: &'static str,
     base: u32,
+    _slot: std::fs::File,
 }
 
 fn virsh(uri: &str, args: &[&str]) -> Result<String> {
@@ -63,7 +81,7 @@ impl GuestNet {
 
     /// `dhcp`: `None` none, `Some(None)` libvirt's default lease, `Some(Some(m))` m minutes.
     fn make(uri: &str, slot: u8, dhcp: Option<Option<u32>>) -> Result<GuestNet> {
-        assert!(slot < SLOTS, "guest network slot {slot} of {SLOTS}");
+        let held = reserve(slot)?;
         let prefix = format!("uf-test{slot}-");
         for old in virsh(uri, &["net-list", "--name"])?.lines() {
             if old.trim().starts_with(&prefix) {
@@ -101,6 +119,7 @@ impl GuestNet {
             host,
             net,
             base,
+            _slot: held,
         })
     }
 

@@ -110,6 +110,8 @@ pub fn wait_for_file_line(
 pub mod fleet;
 pub mod guestnet;
 pub mod homes;
+pub mod hosted;
+pub mod http;
 pub mod lazyfs;
 pub mod powercut;
 pub mod silent;

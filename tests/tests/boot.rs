@@ -209,6 +209,11 @@ fn aarch64_testimage_boots_through_libvirt_with_the_agents_xml() -> Result<()> {
         .context("connecting to qemu:///system (run scripts/setup.sh to start libvirtd)")?;
     let launch = Launch {
         name: format!("uf-boot-a64-{}", std::process::id()),
+        of: device::hypervisor::ReleaseOf {
+            app: "hello".into(),
+            release: 1,
+            image: proto::Digest::of(b"not uploaded"),
+        },
         platform: Platform::QemuAarch64,
         image,
         boot: BootSpec {
@@ -230,7 +235,7 @@ fn aarch64_testimage_boots_through_libvirt_with_the_agents_xml() -> Result<()> {
         attempt += 1;
         let port = free_port()?;
         let start = Instant::now();
-        match conn.create_domain_xml(&render_xml(&launch, Driver::Qemu, "qemu", port), 0) {
+        match conn.create_domain_xml(&render_xml(&launch, Driver::Qemu, "qemu", Some(port)), 0) {
             Ok(d) => break (Domain(d), port, start),
             Err(e) if attempt < 3 => eprintln!("retrying domain start: {e}"),
             Err(e) => return Err(e).context("creating the aarch64 libvirt domain"),

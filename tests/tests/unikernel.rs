@@ -4,65 +4,15 @@
 //! served on demand through the device's proxy to the guest — never the console.
 
 use anyhow::{bail, Context, Result};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read};
 use std::net::TcpStream;
 use std::time::Duration;
 use unifleet_tests::fleet::{run, running_domains, toml_value::V, wait_for, Device, Fleet};
 use unifleet_tests::guestnet::{hello_http_aarch64, hello_http_x86_64, GuestNet};
+use unifleet_tests::http::{answer, answer_of, get, http_release};
 use unifleet_tests::template::{template_fleet, TemplateFleet};
 
 const URI: &str = "qemu:///system";
-
-/// `hub publish` arguments for the template with an HTTP probe on its NIC (30 s to pass).
-fn http_release<'a>(cmdline: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["--network", "--probe", "http:/health"];
-    if !extra.contains(&"--probe-timeout-secs") {
-        args.extend(["--probe-timeout-secs", "30"]);
-    }
-    args.extend(["--memory-mib", "16", "--cmdline", cmdline]);
-    args.extend_from_slice(extra);
-    args
-}
-
-/// One answer on a keep-alive connection: the status line and the body.
-fn get(reader: &mut BufReader<TcpStream>, path: &str) -> Result<(String, String)> {
-    reader
-        .get_mut()
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: hello\r\n\r\n").as_bytes())?;
-    let mut status = String::new();
-    reader.read_line(&mut status)?;
-    let mut length = 0;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            bail!("connection closed in the headers");
-        }
-        if line == "\r\n" {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse()?;
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body)?;
-    Ok((status.trim_end().to_string(), String::from_utf8(body)?))
-}
-
-/// `GET /` on a keep-alive connection: it must be the app's answer; returns the instance.
-fn answer(r: &mut BufReader<TcpStream>) -> Result<String> {
-    answer_of(r, "1.0.0")
-}
-
-/// [`answer`] from `version`.
-fn answer_of(r: &mut BufReader<TcpStream>, version: &str) -> Result<String> {
-    let (status, body) = get(r, "/")?;
-    if status != "HTTP/1.1 200 OK" || !body.contains(&format!("app: hello\nversion: {version}\n")) {
-        bail!("unexpected answer {status:?}: {body:?}");
-    }
-    let instance = body.lines().find_map(|l| l.strip_prefix("instance: "));
-    Ok(instance.context("an instance line")?.to_string())
-}
 
 /// A guest network (`slot`), a hub, and one device `NAME-PID` with its NIC there
 /// (`enroll`: more `device enroll` arguments), configured by `setup` before it starts.

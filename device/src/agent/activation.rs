@@ -2,7 +2,7 @@
 //! one restored; and, at start, what the state says should run brought back up.
 
 use super::installer::{InstallError, Updater};
-use crate::hypervisor::{ActivateError, Driver, Hypervisor, Launch};
+use crate::hypervisor::{ActivateError, Driver, Launch};
 use crate::store::{AppState, Installed};
 use proto::status::DeviceState;
 use std::sync::atomic::Ordering;
@@ -63,6 +63,7 @@ impl Updater {
         Launch {
             console_log: self.store.dir().join(format!("{name}.console.log")),
             name,
+            of: crate::hypervisor::ReleaseOf::of(m),
             platform: m.platform,
             image: inst.slot.clone(),
             boot: m.boot.clone(),
@@ -121,17 +122,14 @@ impl Updater {
             pool.roll_over(image).await;
             return;
         }
-        let remote = od
-            .remote_uri
-            .as_deref()
-            .map(|uri| Hypervisor::libvirt(uri, &self.cfg.domain_type, None));
         let app = od.app.clone();
         let ctx = crate::ondemand::PoolContext {
             device: self.cfg.name.clone(),
             state_dir: self.cfg.state_dir.clone(),
             nic: self.cfg.nic().ok(),
             local: self.hypervisor.clone(),
-            remote,
+            remote: self.hosted.clone(),
+            remote_nic: self.cfg.hosted.as_ref().and_then(|h| h.nic().ok()),
             metrics: self.metrics.clone(),
             reporter: self.reporter.clone(),
             tasks: self.tasks.clone(),

@@ -176,6 +176,8 @@ pub(super) struct Updater {
     pub(super) store: Arc<Store>,
     pub(super) fetcher: Fetcher,
     pub(super) hypervisor: Hypervisor,
+    /// The hosted host on-demand pools burst to (`[hosted]`), if configured.
+    pub(super) hosted: Option<Hypervisor>,
     pub(super) reporter: Arc<Reporter>,
     pub(super) metrics: Arc<DeviceMetrics>,
     /// Running on-demand pools, by app.

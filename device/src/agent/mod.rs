@@ -110,6 +110,8 @@ pub enum StartError {
     Platform(#[from] proto::manifest::UnknownPlatform),
     #[error(transparent)]
     GuestAddresses(#[from] BadGuestAddresses),
+    #[error(transparent)]
+    Hosted(#[from] crate::hosted::HostedConfigError),
     #[error("parsing listen address")]
     Listen(#[source] <net::Multiaddr as std::str::FromStr>::Err),
     #[error("parsing peer address {addr}")]
@@ -284,6 +286,11 @@ pub async fn run_with_metrics(
             tasks.clone(),
         ),
         hypervisor: Hypervisor::libvirt(&cfg.libvirt_uri, &cfg.domain_type, cfg.guest_addresses()?),
+        hosted: cfg
+            .hosted
+            .as_ref()
+            .map(|h| h.hypervisor(&cfg.fleet, &cfg.name))
+            .transpose()?,
         cfg,
         platform,
         trust,

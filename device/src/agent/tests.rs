@@ -96,6 +96,7 @@ impl Harness {
             store,
             fetcher,
             hypervisor,
+            hosted: None,
             reporter,
             metrics,
             ondemand: Default::default(),

@@ -106,6 +106,10 @@ impl Backend for Fake {
         Ok(domain_type != "kvm" || self.table().offers_kvm)
     }
 
+    fn retire(&mut self, _app: &str, _keep: Option<&Launch>) -> Result<u32, ActivateError> {
+        Ok(0)
+    }
+
     fn address(&mut self, name: &str) -> Result<Option<IpAddr>, ActivateError> {
         let t = self.table();
         Ok(t.running.get(name).and(t.address))
@@ -117,6 +121,11 @@ pub fn launch(name: &str) -> Launch {
     use proto::manifest::{BootSpec, HealthProbe, Platform};
     Launch {
         name: name.into(),
+        of: super::ReleaseOf {
+            app: "a".into(),
+            release: 1,
+            image: proto::Digest::of(b"image"),
+        },
         platform: Platform::QemuX86_64,
         image: "/nonexistent/image".into(),
         boot: BootSpec {

@@ -3,8 +3,10 @@
 //! `uf-<device>-<app>-r<release>`, so a restarted agent can find and replace them.
 
 use super::addresses::{ip_in_cmdline, GuestAddresses, Pool};
+use super::hosted::Hosted;
 use super::{ActivateError, Backend, Driver, HostFault, Launch, Nic, Started};
 use proto::manifest::Platform;
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 
 impl Nic {
@@ -42,9 +44,13 @@ pub struct Libvirt {
     pool: Option<Pool>,
     /// Whether the addresses of domains already running were marked taken.
     adopted: bool,
+    /// Set when this is a hosted host ([`super::hosted`]): images are uploaded there.
+    hosted: Option<Hosted>,
+    /// Image volumes on the hosted host checked intact since the connection opened.
+    verified: HashSet<String>,
 }
 
-fn xml_escape(s: &str) -> String {
+pub(super) fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -52,13 +58,26 @@ fn xml_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The domain XML for `l` on `driver`. `serial_port` is the loopback TCP port of the
-/// console for QEMU (where the proxy and probes can reach it).
-pub fn render_xml(l: &Launch, driver: Driver, domain_type: &str, serial_port: u16) -> String {
+/// The domain XML for `l` on `driver`. `console` is the loopback TCP port of the console
+/// for QEMU (where the proxy and probes can reach it), copied to `l.console_log`; `None`
+/// on a hosted host, where neither the device's loopback nor its paths mean anything: the
+/// console is a pty there, not kept.
+pub fn render_xml(l: &Launch, driver: Driver, domain_type: &str, console: Option<u16>) -> String {
     let name = xml_escape(&l.name);
     let kernel = xml_escape(&l.image.display().to_string());
     let cmdline = xml_escape(&l.boot.cmdline);
     let log = xml_escape(&l.console_log.display().to_string());
+    let serial = match console {
+        Some(port) => format!(
+            "<serial type='tcp'><source mode='bind' host='127.0.0.1' service='{port}' tls='no'/>\
+             <protocol type='raw'/><log file='{log}' append='on'/><target port='0'/></serial>"
+        ),
+        None => "<serial type='pty'><target port='0'/></serial>".into(),
+    };
+    let xen_console = match console {
+        Some(_) => format!("<console type='pty'><log file='{log}' append='on'/><target type='xen' port='0'/></console>"),
+        None => "<console type='pty'><target type='xen' port='0'/></console>".into(),
+    };
     let mem = l.boot.memory_mib;
     let vcpus = l.boot.vcpus;
     let lifecycle = "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>";
@@ -93,10 +112,7 @@ pub fn render_xml(l: &Launch, driver: Driver, domain_type: &str, serial_port: u1
             format!(
                 "<domain type='{domain_type}'><name>{name}</name><memory unit='MiB'>{mem}</memory><vcpu>{vcpus}</vcpu>\
                  <os>{os_type}<kernel>{kernel}</kernel><cmdline>{cmdline}</cmdline></os>{machine}\
-                 {lifecycle}<devices>\
-                 <serial type='tcp'><source mode='bind' host='127.0.0.1' service='{serial_port}' tls='no'/>\
-                 <protocol type='raw'/><log file='{log}' append='on'/><target port='0'/></serial>\
-                 {nic}<memballoon model='none'/></devices></domain>"
+                 {lifecycle}<devices>{serial}{nic}<memballoon model='none'/></devices></domain>"
             )
         }
         Driver::Xen => {
@@ -112,7 +128,7 @@ pub fn render_xml(l: &Launch, driver: Driver, domain_type: &str, serial_port: u1
             format!(
                 "<domain type='xen'><name>{name}</name><memory unit='MiB'>{mem}</memory><vcpu>{vcpus}</vcpu>\
                  <os>{os_type}<kernel>{kernel}</kernel><cmdline>{cmdline}</cmdline></os>{lifecycle}\
-                 <devices><console type='pty'><log file='{log}' append='on'/><target type='xen' port='0'/></console>{nic}</devices></domain>"
+                 <devices>{xen_console}{nic}</devices></domain>"
             )
         }
     }
@@ -134,7 +150,18 @@ impl Libvirt {
             addresses: Default::default(),
             pool: None,
             adopted: false,
+            hosted: None,
+            verified: HashSet::new(),
         }
+    }
+
+    /// A hosted host: images are uploaded into its storage pool, domains carry metadata
+    /// naming this device, and their consoles are not kept. Its connection sends
+    /// keepalives ([`start_event_loop`]).
+    pub fn hosted(mut self, hosted: Hosted) -> Libvirt {
+        start_event_loop();
+        self.hosted = Some(hosted);
+        self
     }
 
     /// Guests with a network interface get static addresses from `range`.
@@ -176,7 +203,10 @@ impl Libvirt {
             let active = virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
             let domains = conn
                 .list_all_domains(active)
-                .map_err(|e| ActivateError::List { uri, source: e })?;
+                .map_err(|e| ActivateError::List {
+                    uri: uri.clone(),
+                    source: e,
+                })?;
             Ok(domains
                 .iter()
                 .filter_map(|d| Some((d.name().ok()?, d.xml_desc(0).ok()?)))
@@ -196,7 +226,7 @@ impl Libvirt {
     fn on_domain(
         &mut self,
         name: &str,
-        op: impl FnOnce(&virt::domain::Domain) -> Result<(), virt::error::Error>,
+        op: impl Fn(&virt::domain::Domain) -> Result<(), virt::error::Error>,
         fail: fn(String, virt::error::Error) -> ActivateError,
     ) -> Result<(), ActivateError> {
         self.with_conn(|conn, _| {
@@ -215,26 +245,75 @@ impl Libvirt {
     }
 
     /// Runs `f` with the connection, opening it if needed; a failed call drops the
-    /// connection so the next one reconnects (libvirtd may have restarted).
+    /// connection so the next one reconnects. A connection that had died since its last
+    /// use (libvirtd restarted: the client only learns it on the next call) is replaced
+    /// and `f` tried once more on the new one — every operation here can be repeated.
     fn with_conn<T>(
         &mut self,
-        f: impl FnOnce(&virt::connect::Connect, &Self) -> Result<T, ActivateError>,
+        mut f: impl FnMut(&virt::connect::Connect, &Self) -> Result<T, ActivateError>,
     ) -> Result<T, ActivateError> {
-        if self.conn.is_none() {
-            let conn = virt::connect::Connect::open(Some(&self.uri)).map_err(|e| {
-                ActivateError::Connect {
-                    uri: self.uri.clone(),
-                    source: e,
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let reused = self.conn.is_some();
+            if self.conn.is_none() {
+                let conn = virt::connect::Connect::open(Some(&self.uri)).map_err(|e| {
+                    ActivateError::Connect {
+                        uri: self.uri.clone(),
+                        source: e,
+                    }
+                })?;
+                if self.hosted.is_some() {
+                    if let Err(e) = conn.set_keep_alive(KEEPALIVE_SECS, KEEPALIVE_COUNT) {
+                        tracing::warn!(uri = %self.uri, "no keepalive on the hosted host's connection: {e}");
+                    }
                 }
-            })?;
-            self.conn = Some(conn);
+                self.conn = Some(conn);
+            }
+            let conn = self.conn.as_ref().expect("just opened");
+            let res = f(conn, self);
+            if res.is_err() && !conn.is_alive().unwrap_or(false) {
+                self.conn = None;
+                if reused && tries == 1 {
+                    continue;
+                }
+            }
+            return res;
         }
-        let conn = self.conn.as_ref().expect("just opened");
-        let res = f(conn, self);
-        if res.is_err() && !conn.is_alive().unwrap_or(false) {
-            self.conn = None;
+    }
+
+    /// `l`'s image, uploaded to the hosted host if it is not there intact: its path there.
+    fn stage(&mut self, l: &Launch) -> Result<String, ActivateError> {
+        let h = self.hosted.clone().expect("a hosted host");
+        if self.conn.is_none() {
+            // A new connection: the host (or its storage) may have changed meanwhile.
+            self.verified.clear();
         }
-        res
+        let (uri, mut verified) = (self.uri.clone(), std::mem::take(&mut self.verified));
+        let staged = self.with_conn(|conn, _| {
+            h.stage(conn, &mut verified, l)
+                .map_err(|source| ActivateError::Stage {
+                    name: l.name.clone(),
+                    uri: uri.clone(),
+                    source: Box::new(source),
+                })
+        });
+        // Kept unless the connection was replaced (then nothing is known checked).
+        if self.conn.is_some() {
+            self.verified.extend(verified);
+        }
+        staged
+    }
+
+    /// Whether the domain `d` is this agent's to manage: on a hosted host, only those
+    /// whose metadata names this device (others run there too).
+    fn ours(&self, d: &virt::domain::Domain) -> bool {
+        let Some(h) = &self.hosted else {
+            return true;
+        };
+        let element = virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
+        d.metadata(element, Some(super::hosted::METADATA_NS), 0)
+            .is_ok_and(|m| h.owns(&m))
     }
 
     fn start_on(
@@ -246,22 +325,30 @@ impl Libvirt {
             let _ = old.destroy();
             let _ = old.undefine();
         }
-        fresh_console_log(&l.console_log).map_err(|source| ActivateError::ConsoleLog {
-            path: l.console_log.clone(),
-            source,
-        })?;
+        if self.hosted.is_none() {
+            fresh_console_log(&l.console_log).map_err(|source| ActivateError::ConsoleLog {
+                path: l.console_log.clone(),
+                source,
+            })?;
+        }
         let driver = Driver::of(&self.uri);
         let mut last = None;
         for _ in 0..3 {
-            let port = if driver == Driver::Qemu {
-                free_port()
-            } else {
-                0
+            let port = match (driver, &self.hosted) {
+                (_, Some(_)) => None,
+                (Driver::Qemu, None) => Some(free_port()),
+                _ => Some(0),
             };
             let domain_type = l.domain_type.as_deref().unwrap_or(&self.domain_type);
-            let xml = render_xml(l, driver, domain_type, port);
+            let mut xml = render_xml(l, driver, domain_type, port);
+            if let Some(h) = &self.hosted {
+                xml = xml.replacen("</name>", &format!("</name>{}", h.metadata(l)), 1);
+            }
             match conn.create_domain_xml(&xml, 0) {
-                Ok(_) => return Ok(Started { console_port: port }),
+                Ok(_) => {
+                    let console_port = port.unwrap_or(0);
+                    return Ok(Started { console_port });
+                }
                 // A port taken between choosing and binding: choose again. Anything else
                 // (an unreadable kernel, a bad XML) would only fail the same way again.
                 Err(e) if port_taken(&e) => last = Some(e),
@@ -355,7 +442,16 @@ impl Backend for Libvirt {
 
     fn start(&mut self, l: &Launch) -> Result<Started, ActivateError> {
         self.addresses.remove(&l.name);
-        let l = self.with_static_address(l)?;
+        let mut l = self.with_static_address(l)?;
+        if self.hosted.is_some() {
+            match self.stage(&l) {
+                Ok(path) => l.image = path.into(),
+                Err(e) => {
+                    self.release_address(&l.name);
+                    return Err(e);
+                }
+            }
+        }
         let started = self.with_conn(|conn, me| me.start_on(conn, &l));
         if started.is_err() {
             self.release_address(&l.name);
@@ -424,7 +520,10 @@ impl Backend for Libvirt {
         self.with_conn(|conn, _| {
             let caps = conn
                 .capabilities()
-                .map_err(|e| ActivateError::Capabilities { uri, source: e })?;
+                .map_err(|e| ActivateError::Capabilities {
+                    uri: uri.clone(),
+                    source: e,
+                })?;
             Ok(caps.contains(&format!("<domain type='{domain_type}'")))
         })
     }
@@ -433,16 +532,35 @@ impl Backend for Libvirt {
     /// needs a static address, a later step).
     fn named(&mut self, prefix: &str) -> Result<Vec<String>, ActivateError> {
         let uri = self.uri.clone();
-        self.with_conn(|conn, _| {
+        self.with_conn(|conn, me| {
             let active = virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
             let domains = conn
                 .list_all_domains(active)
-                .map_err(|e| ActivateError::List { uri, source: e })?;
+                .map_err(|e| ActivateError::List {
+                    uri: uri.clone(),
+                    source: e,
+                })?;
             Ok(domains
                 .iter()
+                .filter(|d| me.ours(d))
                 .filter_map(|d| d.name().ok())
                 .filter(|n| n.starts_with(prefix))
                 .collect())
+        })
+    }
+
+    fn retire(&mut self, app: &str, keep: Option<&Launch>) -> Result<u32, ActivateError> {
+        let Some(h) = self.hosted.clone() else {
+            return Ok(0);
+        };
+        let uri = self.uri.clone();
+        self.with_conn(|conn, _| {
+            h.retire(conn, app, keep)
+                .map_err(|source| ActivateError::Stage {
+                    name: app.into(),
+                    uri: uri.clone(),
+                    source: Box::new(source),
+                })
         })
     }
 
@@ -474,6 +592,36 @@ impl Backend for Libvirt {
     }
 }
 
+/// A hosted host that has not answered keepalives for `KEEPALIVE_SECS` ×
+/// `KEEPALIVE_COUNT` is taken for gone: the call waiting on it fails and the next one
+/// reconnects.
+const KEEPALIVE_SECS: i32 = 5;
+const KEEPALIVE_COUNT: u32 = 3;
+
+/// libvirt's own event loop, on a thread of its own, started once before the first
+/// hosted connection opens: keepalives need one, and without them a call on a connection
+/// whose host vanished (a dead link) blocks until TCP gives up, a quarter of an hour.
+fn start_event_loop() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        if let Err(e) = virt::event::event_register_default_impl() {
+            tracing::warn!("libvirt's event loop: {e}");
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("libvirt-events".into())
+            .spawn(|| loop {
+                if let Err(e) = virt::event::event_run_default_impl() {
+                    tracing::warn!("libvirt's event loop: {e}");
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start libvirt's event loop thread: {e}");
+        }
+    });
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -499,7 +647,12 @@ mod tests {
         let meta = std::fs::metadata(&log).unwrap();
         assert_eq!(meta.len(), 0);
         assert_eq!(meta.mode() & 0o777, 0o600);
-        let xml = render_xml(&launch(Platform::QemuX86_64), Driver::Qemu, "qemu", 4000);
+        let xml = render_xml(
+            &launch(Platform::QemuX86_64),
+            Driver::Qemu,
+            "qemu",
+            Some(4000),
+        );
         assert!(xml.contains("append='on'"), "{xml}");
         assert!(!xml.contains("append='off'"), "{xml}");
     }
@@ -521,6 +674,11 @@ mod tests {
     fn launch(platform: Platform) -> Launch {
         Launch {
             name: "uf-d1-hello-r3".into(),
+            of: super::super::ReleaseOf {
+                app: "hello".into(),
+                release: 3,
+                image: proto::Digest::of(b"image"),
+            },
             platform,
             image: "/var/lib/unifleet/slots/hello-3.img".into(),
             boot: BootSpec {
@@ -541,23 +699,33 @@ mod tests {
 
     #[test]
     fn xml_per_platform() {
-        let arm = render_xml(&launch(Platform::XenArm32), Driver::Xen, "qemu", 0);
+        let arm = render_xml(&launch(Platform::XenArm32), Driver::Xen, "qemu", Some(0));
         assert!(arm.contains("<type machine='xenpv'>linux</type>"), "{arm}");
         assert!(arm.contains("<kernel>/var/lib/unifleet/slots/hello-3.img</kernel>"));
         assert!(
             arm.contains("console=hvc0 &lt;x&gt;"),
             "cmdline escaped: {arm}"
         );
-        let pvh = render_xml(&launch(Platform::XenX86_64Pvh), Driver::Xen, "qemu", 0);
+        let pvh = render_xml(
+            &launch(Platform::XenX86_64Pvh),
+            Driver::Xen,
+            "qemu",
+            Some(0),
+        );
         assert!(pvh.contains("machine='xenpvh'>xenpvh</type>"), "{pvh}");
-        let q = render_xml(&launch(Platform::QemuX86_64), Driver::Qemu, "kvm", 4555);
+        let q = render_xml(
+            &launch(Platform::QemuX86_64),
+            Driver::Qemu,
+            "kvm",
+            Some(4555),
+        );
         assert!(q.starts_with("<domain type='kvm'>"));
         assert!(q.contains("<type arch='x86_64' machine='pc'>hvm</type><kernel>"));
         assert!(
             q.contains("service='4555'") && q.contains("host='127.0.0.1'"),
             "{q}"
         );
-        let t = render_xml(&launch(Platform::QemuX86_64), Driver::Test, "qemu", 0);
+        let t = render_xml(&launch(Platform::QemuX86_64), Driver::Test, "qemu", Some(0));
         assert!(t.starts_with("<domain type='test'>"));
     }
 
@@ -589,7 +757,7 @@ mod tests {
                         l.boot.cmdline = "ip=198.51.100.5/24 gw=198.51.100.1".into();
                         "198.51.100.5".parse().unwrap()
                     });
-                    let xml = render_xml(&l, driver, domain_type, 4555);
+                    let xml = render_xml(&l, driver, domain_type, Some(4555));
                     if let Some(n) = nic {
                         assert!(xml.contains(&n.xml(driver, ip)), "{xml}");
                     }
@@ -625,9 +793,9 @@ mod tests {
         let mut l = launch(Platform::QemuX86_64);
         l.nic = Some(Nic::Network("default".into()));
         l.boot.cmdline = "app=a ip=198.51.100.2/26 gw=198.51.100.1".into();
-        let first = render_xml(&l, Driver::Qemu, "qemu", 1);
+        let first = render_xml(&l, Driver::Qemu, "qemu", Some(1));
         l.name = "uf-d1-hello-od7".into();
-        let next = render_xml(&l, Driver::Qemu, "qemu", 2);
+        let next = render_xml(&l, Driver::Qemu, "qemu", Some(2));
         let mac = "<mac address='52:54:00:33:64:02'/>";
         assert!(first.contains(mac) && next.contains(mac), "{first}\n{next}");
     }

@@ -16,6 +16,7 @@
 pub mod addresses;
 #[cfg(test)]
 pub mod fake;
+pub mod hosted;
 pub mod libvirt;
 
 pub use libvirt::{render_xml, Libvirt};
@@ -31,6 +32,8 @@ use tokio::sync::{mpsc, oneshot};
 #[derive(Debug, Clone)]
 pub struct Launch {
     pub name: String,
+    /// Which release it is an instance of.
+    pub of: ReleaseOf,
     pub platform: Platform,
     pub image: PathBuf,
     pub boot: BootSpec,
@@ -41,6 +44,26 @@ pub struct Launch {
     /// Overrides the hypervisor's domain type (`kvm`, `qemu`): the accelerator measured
     /// for this release ([`crate::accel`]).
     pub domain_type: Option<String>,
+}
+
+/// The release an instance is of: a hosted host names the image's volume and the domain's
+/// metadata after it, and checks the uploaded image against its signed digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseOf {
+    pub app: String,
+    pub release: u64,
+    /// The image's BLAKE3 digest, from the signed manifest.
+    pub image: proto::Digest,
+}
+
+impl ReleaseOf {
+    pub fn of(m: &proto::manifest::Manifest) -> ReleaseOf {
+        ReleaseOf {
+            app: m.app.clone(),
+            release: m.release,
+            image: m.image_digest,
+        }
+    }
 }
 
 /// Where a domain's network interface is attached (device.toml `nic`).
@@ -168,6 +191,13 @@ pub enum ActivateError {
         uri: String,
         source: virt::error::Error,
     },
+    /// The image could not be made ready on the hosted host (uploaded and checked).
+    #[error("staging the image of {name} on {uri}: {source}")]
+    Stage {
+        name: String,
+        uri: String,
+        source: Box<hosted::StageError>,
+    },
     #[error("asking libvirt for the address of {name}: {source}")]
     Address {
         name: String,
@@ -278,8 +308,12 @@ pub trait Backend: Send + 'static {
     fn resume(&mut self, name: &str) -> Result<(), ActivateError>;
     /// Whether the host runs domains of `domain_type` (`kvm`: is there KVM?).
     fn offers(&mut self, domain_type: &str) -> Result<bool, ActivateError>;
-    /// The names of running (or paused) domains that start with `prefix`.
+    /// The names of running (or paused) domains that start with `prefix` (on a hosted
+    /// host, only those whose metadata names this device).
     fn named(&mut self, prefix: &str) -> Result<Vec<String>, ActivateError>;
+    /// On a hosted host, deletes the images of `app` uploaded there, except `keep`'s;
+    /// returns how many. Elsewhere nothing is uploaded: `Ok(0)`.
+    fn retire(&mut self, app: &str, keep: Option<&Launch>) -> Result<u32, ActivateError>;
 }
 
 type Reply<T> = oneshot::Sender<Result<T, ActivateError>>;
@@ -293,6 +327,7 @@ enum Command {
     Resume(String, Reply<()>),
     Offers(String, Reply<bool>),
     Named(String, Reply<Vec<String>>),
+    Retire(String, Option<Box<Launch>>, Reply<u32>),
 }
 
 /// libvirt's domain types for QEMU: hardware virtualisation, and QEMU's own TCG.
@@ -332,6 +367,22 @@ impl Hypervisor {
         Hypervisor::spawn(uri, backend)
     }
 
+    /// A hosted host's libvirt at `uri` (its TLS files already in the URI's `pkipath`):
+    /// images uploaded into its storage pool, guests on its network with addresses from
+    /// `addresses`. Named (and logged) by `shown`, the URI without its parameters.
+    pub fn hosted(
+        uri: &str,
+        shown: &str,
+        domain_type: &str,
+        addresses: Option<addresses::GuestAddresses>,
+        hosted: hosted::Hosted,
+    ) -> Hypervisor {
+        let backend = Libvirt::new(uri, domain_type)
+            .with_addresses(addresses)
+            .hosted(hosted);
+        Hypervisor::spawn(shown, backend)
+    }
+
     /// Moves `backend` onto a thread of its own.
     pub fn spawn(uri: &str, mut backend: impl Backend) -> Hypervisor {
         let (tx, mut rx) = mpsc::channel::<Command>(QUEUE);
@@ -351,6 +402,9 @@ impl Hypervisor {
                         Command::Resume(n, r) => reply(r, "resume", || backend.resume(&n)),
                         Command::Offers(t, r) => reply(r, "offers", || backend.offers(&t)),
                         Command::Named(p, r) => reply(r, "list", || backend.named(&p)),
+                        Command::Retire(a, k, r) => {
+                            reply(r, "retire", || backend.retire(&a, k.as_deref()))
+                        }
                     }
                 }
             });
@@ -432,6 +486,13 @@ impl Hypervisor {
     /// Running or paused domains whose names start with `prefix`.
     pub async fn named(&self, prefix: &str) -> Result<Vec<String>, ActivateError> {
         self.call(|r| Command::Named(prefix.into(), r)).await
+    }
+
+    /// Deletes images of `app` uploaded to a hosted host, except `keep`'s (see
+    /// [`Backend::retire`]).
+    pub async fn retire(&self, app: &str, keep: Option<&Launch>) -> Result<u32, ActivateError> {
+        let keep = keep.map(|l| Box::new(l.clone()));
+        self.call(|r| Command::Retire(app.into(), keep, r)).await
     }
 }
 

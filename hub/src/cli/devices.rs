@@ -28,19 +28,20 @@ pub fn run(dir: &Path, args: Args) -> Result<()> {
     } else {
         let now = hub::home::now();
         for e in inv.values() {
-            let ondemand = e.ondemand.map_or(String::new(), |c| {
-                format!(
-                    " on demand: {} local, {} remote, {} boots",
-                    c.local, c.remote, c.boots
-                )
-            });
+            let ondemand = e
+                .ondemand
+                .map_or(String::new(), |c| format!(" on demand: {}", c.summary()));
+            let hosted = e
+                .hosted
+                .as_ref()
+                .map_or(String::new(), |h| format!("; hosted: {}", h.summary()));
             let network = e
                 .network
                 .map_or(String::new(), |n| format!(" {}", n.summary()));
             let assigned = keys.get(&e.device).map_or(&[][..], |k| list.tags_of(k));
             let tags = tags_text(assigned, &e.tags);
             println!(
-                "{}{tags} {} release {} {} {} (from peers {}, hub {}; seen {}){network}{ondemand}",
+                "{}{tags} {} release {} {} {} (from peers {}, hub {}; seen {}){network}{ondemand}{hosted}",
                 e.device,
                 e.app,
                 e.release.map_or("-".into(), |r| r.to_string()),

@@ -103,6 +103,7 @@ pub fn record(
         bytes_from_peers: r.bytes_from_peers,
         bytes_from_hub: r.bytes_from_hub,
         ondemand: r.ondemand,
+        hosted: r.hosted.clone(),
         network: r.network,
         tags: r.tags.clone(),
         platform: Some(r.platform),
@@ -170,6 +171,7 @@ mod tests {
             ondemand: None,
             network: None,
             guest: None,
+            hosted: None,
         }
     }
 

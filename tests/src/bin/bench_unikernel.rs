@@ -522,6 +522,11 @@ fn floor(
     let dir = tempfile::tempdir()?;
     let launch = Launch {
         name: name.into(),
+        of: device::hypervisor::ReleaseOf {
+            app: "bench".into(),
+            release: 1,
+            image: proto::Digest::of(b"not uploaded"),
+        },
         platform: conf.platform,
         image: conf.image.clone(),
         boot: BootSpec {
@@ -542,7 +547,7 @@ fn floor(
         nic: Some(Nic::Network(net.name.clone())),
         domain_type: None,
     };
-    let mut xml = render_xml(&launch, Driver::Qemu, conf.domain_type, free_port()?);
+    let mut xml = render_xml(&launch, Driver::Qemu, conf.domain_type, Some(free_port()?));
     if let Some(mac) = mac {
         let iface = "<interface type='network'>";
         anyhow::ensure!(xml.contains(iface), "no network interface in {xml}");

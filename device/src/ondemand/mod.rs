@@ -10,11 +10,16 @@
 //! console's loopback TCP port (QEMU), where the test image answers one connection at a
 //! time (target 1).
 
+mod hosted;
+mod proxy;
+
+pub use proxy::forward;
+
 use crate::autoscale::{Action, Autoscaler, Event, InstanceId, Location};
 pub use crate::config::OnDemandConfig;
 use crate::hypervisor::{ActivateError, Booted, Hypervisor, Launch};
 use proto::manifest::Manifest;
-use proto::status::OnDemandCounts;
+use proto::status::{HostedUse, OnDemandCounts};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -61,6 +66,10 @@ struct Held {
 enum Msg {
     Acquire(Reply),
     Release(InstanceId),
+    /// A connection handed to this instance could not reach it (said why).
+    Unreachable(InstanceId, String),
+    /// The domains of this pool the hosted host runs, or why it could not say.
+    Swept(Result<Vec<String>, ActivateError>),
     /// The boot finished: how to reach the instance, or why not; and how long it took.
     Started(Box<Boot>),
     RollOver(Box<Image>),
@@ -94,6 +103,8 @@ impl std::fmt::Debug for Msg {
         f.write_str(match self {
             Msg::Acquire(_) => "Acquire",
             Msg::Release(_) => "Release",
+            Msg::Unreachable(..) => "Unreachable",
+            Msg::Swept(_) => "Swept",
             Msg::Started(..) => "Started",
             Msg::RollOver(_) => "RollOver",
             Msg::Warmed { .. } => "Warmed",
@@ -119,8 +130,10 @@ pub struct PoolContext {
     /// Where an instance's network interface goes, for releases that ask for one.
     pub nic: Option<crate::hypervisor::Nic>,
     pub local: Hypervisor,
-    /// The hosted overflow host, if configured.
+    /// The hosted overflow host, if configured (`[hosted]`).
     pub remote: Option<Hypervisor>,
+    /// Where instances' network interfaces go on the hosted host.
+    pub remote_nic: Option<crate::hypervisor::Nic>,
     pub metrics: Arc<crate::metrics::DeviceMetrics>,
     /// Counts go into the app's status reports.
     pub reporter: Arc<crate::report::Reporter>,
@@ -154,70 +167,10 @@ pub async fn start(
     tracing::info!(app = %cfg.app, listen = %cfg.listen, "on-demand proxy listening");
     let (tx, rx) = mpsc::channel::<Msg>(256);
     let pool_tx = tx.clone();
-    let tasks = ctx.tasks.clone();
+    let (tasks, metrics) = (ctx.tasks.clone(), ctx.metrics.clone());
     tasks.spawn(Pool::new(ctx, cfg.clone(), image, pool_tx).run(rx));
-    tasks.spawn(accept(listener, tx.clone(), tasks.clone()));
+    tasks.spawn(proxy::accept(listener, tx.clone(), metrics, tasks.clone()));
     Ok(PoolHandle { tx })
-}
-
-/// The front proxy: each connection waits for an instance from the pool, then bytes flow
-/// both ways (half-close included) until either side closes.
-async fn accept(
-    listener: tokio::net::TcpListener,
-    tx: mpsc::Sender<Msg>,
-    tasks: net::tasks::Tasks,
-) {
-    let conns = tasks.clone();
-    net::tasks::accept_loop(
-        "on-demand proxy",
-        &tasks,
-        || listener.accept(),
-        |(client, peer)| {
-            let tx = tx.clone();
-            conns.spawn(async move {
-                let (reply, got) = oneshot::channel();
-                if tx.send(Msg::Acquire(reply)).await.is_err() {
-                    return;
-                }
-                let Assigned { id, endpoint, cut } = match got.await {
-                    Ok(Ok(assigned)) => assigned,
-                    Ok(Err(refused)) => {
-                        tracing::warn!(%peer, "on-demand connection closed: {refused}");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                tokio::select! {
-                    r = forward(client, endpoint) => if let Err(e) = r {
-                        tracing::debug!(%peer, "proxied connection ended: {e}");
-                    },
-                    // Dropping the splice closes both legs.
-                    _ = cut.cancelled() => tracing::debug!(%peer, "proxied connection cut: its instance drained past drain_secs"),
-                }
-                let _ = tx.send(Msg::Release(id)).await;
-            });
-        },
-    )
-    .await
-}
-
-/// Connects to the instance's `endpoint` and copies bytes both ways (zero-copy,
-/// [`crate::splice`]) until both directions are closed; a half-close is passed on. Returns
-/// the bytes copied (client to instance, instance to client).
-pub async fn forward(
-    client: tokio::net::TcpStream,
-    endpoint: SocketAddr,
-) -> std::io::Result<(u64, u64)> {
-    // A guest that stopped answering (its address gone) must not hold the client for ever.
-    let upstream = tokio::time::timeout(CONNECT, tokio::net::TcpStream::connect(endpoint))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the instance")
-        })??;
-    // Small request/answer exchanges: no Nagle delay on either leg.
-    client.set_nodelay(true)?;
-    upstream.set_nodelay(true)?;
-    crate::splice::bidirectional(&client, &upstream).await
 }
 
 /// A finished boot (or resume) of instance `id`, named `name`, at `at`.
@@ -254,7 +207,8 @@ struct Pool {
     insts: HashMap<InstanceId, Inst>,
     waiting: VecDeque<Held>,
     counts: OnDemandCounts,
-    reported: OnDemandCounts,
+    /// What the last report said: counts and hosted use.
+    reported: (OnDemandCounts, Option<HostedUse>),
     /// For boot results: the pool's own inbox.
     tx: mpsc::Sender<Msg>,
     /// Booted, healthy, paused instances of the current release, oldest first.
@@ -265,6 +219,8 @@ struct Pool {
     warmed: u64,
     /// After a warm boot failed: no new one before then.
     warm_retry_at: Option<Instant>,
+    /// Use of the hosted host.
+    hosted: hosted::Use,
 }
 
 /// A paused instance waiting for a connection.
@@ -280,37 +236,42 @@ struct Warm {
 /// may have hung. One that fails is replaced by a cold boot.
 const WARM_RECHECK: Duration = Duration::from_secs(60);
 
-/// The longest a proxied connection waits to connect to its instance.
-const CONNECT: Duration = Duration::from_secs(5);
-
 /// After a warm boot failed, how long before the next try.
 const WARM_RETRY: Duration = Duration::from_secs(30);
 
 impl Pool {
     fn new(ctx: PoolContext, cfg: OnDemandConfig, image: Image, tx: mpsc::Sender<Msg>) -> Pool {
+        let bursts = hosted::bursts(&ctx, &cfg, &image);
         Pool {
-            scaler: Autoscaler::new(cfg.scale(&image.manifest)),
+            scaler: Autoscaler::new(cfg.scale(&image.manifest, bursts)),
             cfg,
             image,
             ctx,
             insts: HashMap::new(),
             waiting: VecDeque::new(),
             counts: OnDemandCounts::default(),
-            reported: OnDemandCounts::default(),
+            reported: Default::default(),
             tx,
             warm: VecDeque::new(),
             warming: 0,
             warmed: 0,
             warm_retry_at: None,
+            hosted: Default::default(),
         }
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         self.reap().await;
+        self.reap_remote();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut sweep = tokio::time::interval(hosted::SWEEP_EVERY);
         loop {
             let msg = tokio::select! {
                 _ = tick.tick() => None,
+                _ = sweep.tick() => {
+                    self.sweep();
+                    None
+                }
                 msg = rx.recv() => match msg { Some(m) => Some(m), None => break },
             };
             let now = Instant::now();
@@ -330,7 +291,7 @@ impl Pool {
     /// Instances a previous run of the agent left (paused warm ones, busy ones at a
     /// kill -9): this pool knows none of them, so they go.
     async fn reap(&self) {
-        let prefix = format!("uf-{}-{}-", self.ctx.device, self.cfg.app);
+        let prefix = self.prefix();
         let left = match self.ctx.local.named(&prefix).await {
             Ok(names) => names,
             Err(e) => {
@@ -364,9 +325,12 @@ impl Pool {
                 vec![]
             }
             Msg::Release(id) => self.scaler.handle(Event::Disconnected { now, id }),
+            Msg::Unreachable(id, reason) => self.unreachable(id, reason, now),
+            Msg::Swept(found) => self.swept(found, now),
             Msg::RollOver(new) => {
                 tracing::info!(app = %self.cfg.app, release = new.manifest.release, "on-demand pool rolls over");
                 self.image = *new;
+                self.retire_remote();
                 // Warm instances of the old release go; new ones are made.
                 for w in std::mem::take(&mut self.warm) {
                     self.stop_domain(Location::Local, w.name);
@@ -391,26 +355,38 @@ impl Pool {
             res,
             took,
         } = boot;
-        if !self.insts.contains_key(&id) {
-            // Stopped while it booted (a drain, a roll-over): whatever came up goes too.
-            self.stop_domain(at, name);
-            return vec![];
-        }
+        // Not known: stopped while it booted (a drain, a roll-over).
+        let known = self.insts.contains_key(&id);
         let booted = match res {
-            Ok(booted) => booted,
+            Ok(booted) if known => booted,
+            Ok(_) => {
+                // Whatever came up goes too.
+                self.stop_domain(at, name);
+                return vec![];
+            }
             Err(e) => {
                 self.insts.remove(&id);
                 tracing::warn!(app = %self.cfg.app, ?at, "on-demand instance failed to start: {e}");
-                // A domain that failed its probe still runs: not left behind.
-                self.stop_domain(at, name);
-                return self.scaler.handle(match at {
-                    Location::Remote => Event::RemoteUnavailable {
-                        now,
-                        id,
-                        reason: e.to_string(),
-                    },
-                    _ => Event::Failed { now, id },
-                });
+                // A domain that failed its probe still runs: not left behind. (A host
+                // not reached has none.)
+                if !matches!(
+                    e,
+                    ActivateError::Connect { .. } | ActivateError::Stage { .. }
+                ) {
+                    self.stop_domain(at, name);
+                }
+                return match (at, known) {
+                    // Said and backed off from even when the instance is no longer
+                    // wanted: the host failed all the same.
+                    (Location::Remote, _) => {
+                        self.hosted.set_down(&e.to_string());
+                        let reason = e.to_string();
+                        self.scaler
+                            .handle(Event::RemoteUnavailable { now, id, reason })
+                    }
+                    (Location::Local, true) => self.scaler.handle(Event::Failed { now, id }),
+                    (Location::Local, false) => vec![],
+                };
             }
         };
         let port = self.cfg.guest_port(&self.image.manifest);
@@ -423,6 +399,9 @@ impl Pool {
         self.ctx.metrics.ondemand_boot_ms.fetch_add(ms, Relaxed);
         self.counts.boots += 1;
         self.counts.boot_ms_total += ms;
+        if i.at == Location::Remote {
+            self.hosted.ready(id, now);
+        }
         tracing::info!(app = %self.cfg.app, instance = %i.name, at = ?i.at, endpoint = %booted.endpoint(port), boot_ms = ms, "on-demand instance ready");
         self.scaler.handle(Event::Ready { now, id })
     }
@@ -444,10 +423,13 @@ impl Pool {
             let Some(endpoint) = inst.endpoint else {
                 break;
             };
-            let cut = inst.cut.clone();
+            let (cut, at) = (inst.cut.clone(), inst.at);
             let w = self.waiting.pop_front().expect("not empty");
             if w.reply.send(Ok(Assigned { id, endpoint, cut })).is_ok() {
                 self.scaler.handle(Event::Connected { id });
+                if at == Location::Remote {
+                    self.hosted.connections += 1;
+                }
             }
         }
         let waiting = self.waiting.len() as u32;
@@ -493,10 +475,14 @@ impl Pool {
         Launch {
             console_log: self.ctx.state_dir.join(format!("{name}.console.log")),
             name,
+            of: crate::hypervisor::ReleaseOf::of(&self.image.manifest),
             platform: self.image.manifest.platform,
             image: self.image.slot.clone(),
             boot: boot.clone(),
-            nic: boot.network.then(|| self.ctx.nic.clone()).flatten(),
+            nic: match at {
+                Location::Local => boot.network.then(|| self.ctx.nic.clone()).flatten(),
+                Location::Remote => boot.network.then(|| self.ctx.remote_nic.clone()).flatten(),
+            },
             domain_type: match at {
                 Location::Local => self.image.domain_type.clone(),
                 Location::Remote => None,
@@ -611,6 +597,7 @@ impl Pool {
         let Some(i) = self.insts.remove(&id) else {
             return;
         };
+        self.hosted.ended(id, Instant::now());
         tracing::info!(app = %self.cfg.app, instance = %i.name, at = ?i.at, "stopping on-demand instance");
         self.stop_domain(i.at, i.name);
     }
@@ -638,12 +625,24 @@ impl Pool {
             .ondemand_remote
             .store(u64::from(r), Relaxed);
         (self.counts.local, self.counts.remote) = (l, r);
-        if self.counts != self.reported {
+        let hosted = self.hosted_use();
+        // Instance time grows by the tick: it rides along with the next report, it does
+        // not make one.
+        let same = |a: &Option<HostedUse>, b: &Option<HostedUse>| {
+            let without_time = |h: &Option<HostedUse>| {
+                h.clone().map(|h| HostedUse {
+                    instance_ms: 0,
+                    ..h
+                })
+            };
+            without_time(a) == without_time(b)
+        };
+        if self.counts != self.reported.0 || !same(&hosted, &self.reported.1) {
             self.ctx
                 .reporter
-                .ondemand_changed(&self.cfg.app, self.counts)
+                .ondemand_changed(&self.cfg.app, self.counts, hosted.clone())
                 .await;
-            self.reported = self.counts;
+            self.reported = (self.counts, hosted);
         }
     }
 }

@@ -1,0 +1,296 @@
+//! A hosted host: another machine's libvirtd, reached over its network transport
+//! (`qemu+tls://HOST/system`), where the device bursts on-demand instances when its own
+//! are full. Nothing on the device's disk means anything there, so the image travels
+//! through libvirt: it is uploaded into a storage pool of that host (`virStorageVolUpload`),
+//! read back and checked against the release's signed digest before any boot, reused by
+//! later boots of the release, and deleted when the release is retired. Domains started
+//! there carry metadata naming the fleet, device, app and release, so a restarted agent
+//! (or one whose hosted host restarted) finds its own again — and no one else's.
+//!
+//! Runs on the hosted hypervisor's owner thread, inside [`super::libvirt::Libvirt`].
+
+use super::Launch;
+use proto::Digest;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use virt::connect::Connect;
+use virt::storage_vol::StorageVol;
+use virt::stream::Stream;
+
+/// The XML namespace of the metadata unifleet writes into hosted domains.
+pub const METADATA_NS: &str = "https://unifleet.dev/xmlns/instance/1";
+
+/// Whose domains and volumes these are, and where images go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hosted {
+    /// The storage pool on the hosted host (`[hosted] pool`).
+    pub pool: String,
+    pub fleet: String,
+    pub device: String,
+}
+
+/// Why an image could not be made ready on the hosted host. Never the release's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("reading the image {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "no storage pool {pool:?} on the hosted host: {source} (it needs a started pool of \
+         that name, e.g. `virsh pool-define-as {pool} dir --target /var/lib/unifleet-hosted \
+         && virsh pool-build {pool} && virsh pool-start {pool}`, or set [hosted] pool)"
+    )]
+    Pool {
+        pool: String,
+        source: virt::error::Error,
+    },
+    #[error("{op} {volume} in pool {pool}: {source}")]
+    Volume {
+        op: VolOp,
+        volume: String,
+        pool: String,
+        source: virt::error::Error,
+    },
+    #[error(
+        "{volume} in pool {pool} holds {found}, not the release's image {expected}: the \
+         hosted host did not store it intact"
+    )]
+    Mismatch {
+        volume: String,
+        pool: String,
+        expected: Digest,
+        found: Digest,
+    },
+}
+
+/// What was being done to a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolOp {
+    Create,
+    Upload,
+    Download,
+    Delete,
+}
+
+impl std::fmt::Display for VolOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VolOp::Create => "creating volume",
+            VolOp::Upload => "uploading",
+            VolOp::Download => "reading back",
+            VolOp::Delete => "deleting",
+        })
+    }
+}
+
+/// Bytes per stream message (libvirt's own limit is 256 KiB).
+const PIECE: usize = 128 * 1024;
+
+/// An image volume's name: `uf-DEVICE-APP-rRELEASE-DIGEST.img` (16 hex digits of it).
+fn volume_name(h: &Hosted, l: &Launch) -> String {
+    format!(
+        "{}r{}-{}.img",
+        app_prefix(h, &l.of.app),
+        l.of.release,
+        &l.of.image.to_hex()[..16]
+    )
+}
+
+/// The start of the names of every volume of `app` this device made.
+fn app_prefix(h: &Hosted, app: &str) -> String {
+    format!("uf-{}-{app}-", h.device)
+}
+
+fn xml_escape(s: &str) -> String {
+    super::libvirt::xml_escape(s)
+}
+
+impl Hosted {
+    /// The `<metadata>` element of a domain started for `l`.
+    pub fn metadata(&self, l: &Launch) -> String {
+        format!(
+            "<metadata><uf:instance xmlns:uf='{METADATA_NS}' fleet='{}' device='{}' app='{}' \
+             release='{}'/></metadata>",
+            xml_escape(&self.fleet),
+            xml_escape(&self.device),
+            xml_escape(&l.of.app),
+            l.of.release
+        )
+    }
+
+    /// Whether `metadata` (the element read back from a domain) says this device started it.
+    pub fn owns(&self, metadata: &str) -> bool {
+        let attr = |k: &str, v: &str| {
+            metadata.contains(&format!("{k}=\"{}\"", xml_escape(v)))
+                || metadata.contains(&format!("{k}='{}'", xml_escape(v)))
+        };
+        attr("fleet", &self.fleet) && attr("device", &self.device)
+    }
+
+    /// Makes `l`'s image ready in the pool and returns its path on the hosted host: an
+    /// intact volume already there is reused (checked once per connection), anything else
+    /// is uploaded again and checked.
+    pub fn stage(
+        &self,
+        conn: &Connect,
+        verified: &mut HashSet<String>,
+        l: &Launch,
+    ) -> Result<String, StageError> {
+        let volume = volume_name(self, l);
+        let pool = conn
+            .lookup_storage_pool_by_name(&self.pool)
+            .map_err(|source| self.pool_error(source))?;
+        // Another agent, or an operator, may have changed the directory behind libvirt.
+        let _ = pool.refresh(0);
+        let err = |op, source| StageError::Volume {
+            op,
+            volume: volume.clone(),
+            pool: self.pool.clone(),
+            source,
+        };
+        if let Ok(vol) = pool.lookup_storage_vol_by_name(&volume) {
+            if verified.contains(&volume) {
+                return vol.path().map_err(|e| err(VolOp::Download, e));
+            }
+            match self.check(conn, &vol, &volume, l) {
+                Ok(()) => {
+                    verified.insert(volume.clone());
+                    return vol.path().map_err(|e| err(VolOp::Download, e));
+                }
+                Err(e) => {
+                    tracing::warn!("{e}: uploading it again");
+                    vol.delete(0).map_err(|e| err(VolOp::Delete, e))?;
+                }
+            }
+        }
+        let image = std::fs::read(&l.image).map_err(|source| StageError::Read {
+            path: l.image.clone(),
+            source,
+        })?;
+        let xml = format!(
+            "<volume><name>{}</name><capacity unit='bytes'>{}</capacity>\
+             <target><format type='raw'/><permissions><mode>0644</mode></permissions></target></volume>",
+            xml_escape(&volume),
+            image.len()
+        );
+        let vol = StorageVol::create_xml(&pool, &xml, 0).map_err(|e| err(VolOp::Create, e))?;
+        let sent = upload(conn, &vol, &image).map_err(|e| err(VolOp::Upload, e));
+        if let Err(e) = sent.and_then(|()| self.check(conn, &vol, &volume, l)) {
+            // A half-written volume must not be taken for the image later.
+            let _ = vol.delete(0);
+            return Err(e);
+        }
+        tracing::info!(volume = %volume, pool = %self.pool, bytes = image.len(), "image uploaded to the hosted host and checked");
+        verified.insert(volume.clone());
+        vol.path().map_err(|e| err(VolOp::Download, e))
+    }
+
+    /// Reads the volume back and compares its digest with the release's.
+    fn check(
+        &self,
+        conn: &Connect,
+        vol: &StorageVol,
+        volume: &str,
+        l: &Launch,
+    ) -> Result<(), StageError> {
+        let found = download(conn, vol).map_err(|source| StageError::Volume {
+            op: VolOp::Download,
+            volume: volume.into(),
+            pool: self.pool.clone(),
+            source,
+        })?;
+        match found == l.of.image {
+            true => Ok(()),
+            false => Err(StageError::Mismatch {
+                volume: volume.into(),
+                pool: self.pool.clone(),
+                expected: l.of.image,
+                found,
+            }),
+        }
+    }
+
+    /// Deletes the volumes of `app` this device uploaded, except `keep`'s: the release it
+    /// serves now. Returns how many went.
+    pub fn retire(
+        &self,
+        conn: &Connect,
+        app: &str,
+        keep: Option<&Launch>,
+    ) -> Result<u32, StageError> {
+        let pool = conn
+            .lookup_storage_pool_by_name(&self.pool)
+            .map_err(|source| self.pool_error(source))?;
+        let _ = pool.refresh(0);
+        let keep = keep.map(|l| volume_name(self, l));
+        let prefix = app_prefix(self, app);
+        let names = pool
+            .list_volumes()
+            .map_err(|source| self.pool_error(source))?;
+        let mut gone = 0;
+        for name in names {
+            if !name.starts_with(&prefix) || Some(&name) == keep.as_ref() {
+                continue;
+            }
+            let delete = |source| StageError::Volume {
+                op: VolOp::Delete,
+                volume: name.clone(),
+                pool: self.pool.clone(),
+                source,
+            };
+            pool.lookup_storage_vol_by_name(&name)
+                .and_then(|v| v.delete(0))
+                .map_err(delete)?;
+            tracing::info!(volume = %name, pool = %self.pool, "retired image deleted from the hosted host");
+            gone += 1;
+        }
+        Ok(gone)
+    }
+
+    fn pool_error(&self, source: virt::error::Error) -> StageError {
+        StageError::Pool {
+            pool: self.pool.clone(),
+            source,
+        }
+    }
+}
+
+/// Sends `image` into `vol` over a libvirt stream.
+fn upload(conn: &Connect, vol: &StorageVol, image: &[u8]) -> Result<(), virt::error::Error> {
+    let stream = Stream::new(conn, 0)?;
+    vol.upload(&stream, 0, image.len() as u64, 0)?;
+    let mut rest = image;
+    while !rest.is_empty() {
+        let n = match stream.send(&rest[..rest.len().min(PIECE)]) {
+            Ok(n) => n.max(0) as usize,
+            Err(e) => {
+                let _ = stream.abort();
+                return Err(e);
+            }
+        };
+        rest = &rest[n..];
+    }
+    stream.finish()
+}
+
+/// The BLAKE3 digest of what `vol` holds, read over a libvirt stream.
+fn download(conn: &Connect, vol: &StorageVol) -> Result<Digest, virt::error::Error> {
+    let stream = Stream::new(conn, 0)?;
+    vol.download(&stream, 0, 0, 0)?;
+    let mut hasher = proto::digest::Hasher::new();
+    let mut buf = vec![0u8; PIECE];
+    loop {
+        match stream.recv(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&buf[..n.max(0) as usize]),
+            Err(e) => {
+                let _ = stream.abort();
+                return Err(e);
+            }
+        }
+    }
+    stream.finish()?;
+    Ok(hasher.finalize())
+}
