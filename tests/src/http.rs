@@ -21,6 +21,12 @@ pub fn get(reader: &mut BufReader<TcpStream>, path: &str) -> Result<(String, Str
     reader
         .get_mut()
         .write_all(format!("GET {path} HTTP/1.1\r\nHost: hello\r\n\r\n").as_bytes())?;
+    read_answer(reader)
+}
+
+/// The next answer on a keep-alive connection (its request already sent): the status
+/// line and the body.
+pub fn read_answer(reader: &mut BufReader<TcpStream>) -> Result<(String, String)> {
     let mut status = String::new();
     reader.read_line(&mut status)?;
     let mut length = 0;
@@ -49,6 +55,11 @@ pub fn answer(r: &mut BufReader<TcpStream>) -> Result<String> {
 /// [`answer`] from `version`.
 pub fn answer_of(r: &mut BufReader<TcpStream>, version: &str) -> Result<String> {
     let (status, body) = get(r, "/")?;
+    instance_of(&status, &body, version)
+}
+
+/// The instance named by an answer to `GET /`, which must be the app's from `version`.
+pub fn instance_of(status: &str, body: &str, version: &str) -> Result<String> {
     if status != "HTTP/1.1 200 OK" || !body.contains(&format!("app: hello\nversion: {version}\n")) {
         bail!("unexpected answer {status:?}: {body:?}");
     }
