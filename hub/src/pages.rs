@@ -374,6 +374,37 @@ mod tests {
         assert!(held.contains("d2") && !held.contains(">d1<"));
     }
 
+    /// Issue 30: what an app's instances on the hosted host served, and why the host is
+    /// not used, are in the devices table (escaped: the reason is the device's text).
+    #[test]
+    fn the_devices_table_shows_hosted_use_and_why_it_is_down() {
+        let mut d = entry("d1", "active", &[]);
+        d.ondemand = Some(proto::status::OnDemandCounts {
+            remote: 1,
+            ..Default::default()
+        });
+        d.hosted = Some(proto::status::HostedUse {
+            instance_ms: 200_500,
+            connections: 57,
+            down: Some("no route to <host>".into()),
+        });
+        let s = Snapshot {
+            now: 1000,
+            fleet: "home".into(),
+            devices: vec![d, entry("d2", "active", &[])],
+            releases: vec![],
+            rollouts: vec![],
+            warnings: vec![],
+        };
+        let html = devices_table(&s, &Filter::default()).into_string();
+        assert!(html.contains("1 running, 3m 20s, 57 conns"), "{html}");
+        assert!(
+            html.contains("unavailable: no route to &lt;host&gt;"),
+            "{html}"
+        );
+        assert!(html.contains("<td>-</td>"), "a device without: {html}");
+    }
+
     /// Issue 32: an expired root is a banner on every fleet page, not only a log line.
     #[test]
     fn a_warning_is_a_banner_on_every_page() {

@@ -8,132 +8,9 @@ use anyhow::{bail, Context, Result};
 use std::io::BufReader;
 use std::net::TcpStream;
 use std::time::Duration;
-use unifleet_tests::fleet::{run, running_domains, toml_value::V, wait_for, Fleet};
-use unifleet_tests::guestnet::{hello_http_x86_64, GuestNet};
-use unifleet_tests::hosted::HostedHost;
-use unifleet_tests::http::{answer_of, http_release};
-
-const URI: &str = "qemu:///system";
-
-/// The local guest network's slot (taken before the hosted host's, 7: one order, no
-/// deadlock with tests that take two slots).
-const LOCAL_SLOT: u8 = 2;
-
-/// The MAC's tail of a guest at the hosted network's first address, 203.0.113.226: the
-/// template answers with its MAC as its instance name, made from its address.
-const HOSTED_MAC: &str = "52:54:00:00:71:e2";
-
-struct Burst {
-    _net: GuestNet,
-    host: HostedHost,
-    fleet: Fleet,
-    d: usize,
-    port: u16,
-    /// Names of this device's on-demand domains start with it.
-    prefix: String,
-}
-
-/// A hub, a hosted host, and one device serving the template on demand: one instance
-/// locally (`max_local = 1`), one on the hosted host, `target` connections each.
-/// `hosted` is the device's `[hosted]` table; `idle_secs` how long an idle instance stays.
-fn burst_fleet(
-    tag: &str,
-    target: u32,
-    idle_secs: u64,
-    hosted: impl FnOnce(&HostedHost) -> String,
-) -> Result<Burst> {
-    let net = GuestNet::create(URI, LOCAL_SLOT)?;
-    let host = HostedHost::up()?;
-    let mut fleet = Fleet::new(URI)?;
-    fleet.start_hub(&[])?;
-    let name = format!("{tag}-{}", std::process::id());
-    let d = fleet.add_device(&name, "hello", &[])?;
-    let dev = &fleet.devices[d];
-    dev.set_config("nic", V::Str(net.nic()))?;
-    dev.set_config("guest_addresses", V::Str(net.static_addresses()))?;
-    let metrics = format!("127.0.0.1:{}", unifleet_tests::free_port()?);
-    dev.set_config("metrics", V::Str(metrics))?;
-    let port = dev.serve_on_demand(
-        "hello",
-        &format!(
-            "min = 0\nmax_local = 1\nmax_remote = 1\ntarget = {target}\nidle_secs = {idle_secs}\n\
-             stable_window_secs = 2\npanic_window_secs = 1\ndrain_secs = 2"
-        ),
-    )?;
-    let table = hosted(&host);
-    let mut text = std::fs::read_to_string(dev.config())?;
-    text.push_str(&format!("\n{table}"));
-    std::fs::write(dev.config(), text)?;
-    fleet.start_device(d)?;
-    let args = http_release("app=hello version=1.0.0", &["--no-staging"]);
-    fleet.publish(&hello_http_x86_64()?, "hello", "1.0.0", &args)?;
-    fleet.wait_all(&[d], "hello", 1, "Active", Duration::from_secs(90))?;
-    Ok(Burst {
-        _net: net,
-        host,
-        fleet,
-        d,
-        port,
-        prefix: format!("uf-{name}-hello-od"),
-    })
-}
-
-/// A keep-alive connection through the proxy, answered once (by `version`): the reader
-/// and the instance that answered.
-fn client(port: u16, version: &str) -> Result<(BufReader<TcpStream>, String)> {
-    let s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(90)))?;
-    let mut r = BufReader::new(s);
-    let instance = answer_of(&mut r, version)?;
-    Ok((r, instance))
-}
-
-/// Two clients at once, each holding its connection: (local's answer, hosted one's).
-fn two_clients(port: u16) -> Result<[(BufReader<TcpStream>, String); 2]> {
-    let first = client(port, "1.0.0")?;
-    let second = client(port, "1.0.0")?;
-    Ok([first, second])
-}
-
-impl Burst {
-    fn log(&self) -> String {
-        self.fleet.devices[self.d].log_text()
-    }
-
-    fn metric(&self, name: &str) -> Result<u64> {
-        let addr = self.fleet.devices[self.d]
-            .metrics_addr()
-            .context("metrics")?;
-        unifleet_tests::metric(&addr, name)
-    }
-
-    /// The device's last report's hosted use.
-    fn hosted_use(&self) -> serde_json::Value {
-        let r = self.fleet.devices[self.d]
-            .report("hello")
-            .unwrap_or_default();
-        r["hosted"].clone()
-    }
-
-    fn no_hosted_domains(&self, within: Duration) -> Result<()> {
-        wait_for(
-            "no domain of this device on the hosted host",
-            within,
-            || {
-                self.host
-                    .domains(&self.prefix)
-                    .ok()?
-                    .is_empty()
-                    .then_some(())
-            },
-        )
-    }
-}
-
-/// `n` log lines containing `what`.
-fn lines(log: &str, what: &str) -> usize {
-    log.lines().filter(|l| l.contains(what)).count()
-}
+use unifleet_tests::fleet::{run, running_domains, wait_for};
+use unifleet_tests::hosted::{burst_fleet, client, lines, two_clients, Burst, HOSTED_MAC, URI};
+use unifleet_tests::http::answer_of;
 
 #[test]
 fn a_burst_goes_to_a_hosted_host_over_tls_with_its_image_uploaded_and_traffic_routed() -> Result<()>
@@ -239,11 +116,7 @@ fn burst_and_back(b: &mut Burst) -> Result<()> {
         .contains("stopping an instance an earlier run left on the hosted host"));
 
     // A new release retires the old image on the hosted host.
-    let args = http_release("app=hello version=1.0.1", &["--no-staging"]);
-    b.fleet
-        .publish(&hello_http_x86_64()?, "hello", "1.0.1", &args)?;
-    b.fleet
-        .wait_all(&[b.d], "hello", 2, "Active", Duration::from_secs(90))?;
+    b.publish("1.0.1", 2)?;
     wait_for(
         "the release 1 image deleted from the hosted host",
         Duration::from_secs(30),

@@ -294,3 +294,55 @@ fn download(conn: &Connect, vol: &StorageVol) -> Result<Digest, virt::error::Err
     stream.finish()?;
     Ok(hasher.finalize())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hosted(device: &str) -> Hosted {
+        Hosted {
+            pool: "unifleet".into(),
+            fleet: "home".into(),
+            device: device.into(),
+        }
+    }
+
+    /// A hosted host runs other devices' (and other tenants') domains: only those whose
+    /// metadata names this fleet and device are this agent's to stop.
+    #[test]
+    fn only_domains_whose_metadata_names_this_device_are_its_own() {
+        let l = super::super::fake::launch("uf-d1-a-od1");
+        let meta = hosted("d1").metadata(&l);
+        assert!(meta.contains(METADATA_NS), "{meta}");
+        // libvirt gives the element back with double quotes.
+        let back = meta
+            .trim_start_matches("<metadata>")
+            .trim_end_matches("</metadata>")
+            .replace('\'', "\"");
+        assert!(hosted("d1").owns(&back));
+        assert!(
+            !hosted("d10").owns(&back),
+            "a device whose name starts alike"
+        );
+        assert!(!hosted("d2").owns(&back));
+        let other_fleet = Hosted {
+            fleet: "work".into(),
+            ..hosted("d1")
+        };
+        assert!(!other_fleet.owns(&back));
+    }
+
+    /// Volumes are per device, app and release, so one device's roll-over retires only
+    /// its own images of that app.
+    #[test]
+    fn volume_names_carry_device_app_release_and_digest() {
+        let l = super::super::fake::launch("uf-d1-a-od1");
+        let name = volume_name(&hosted("d1"), &l);
+        assert!(name.starts_with(&app_prefix(&hosted("d1"), "a")), "{name}");
+        assert_eq!(
+            name,
+            format!("uf-d1-a-r1-{}.img", &l.of.image.to_hex()[..16])
+        );
+        assert!(!name.starts_with(&app_prefix(&hosted("d1"), "ab")));
+    }
+}
