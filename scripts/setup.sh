@@ -14,7 +14,8 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 PACKAGES=(build-essential pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu
           libvirt-clients qemu-system-x86 mosquitto mosquitto-clients python3 iproute2 procps
           qemu-system-arm qemu-user-static binutils-aarch64-linux-gnu libxml2-utils adduser nftables iptables dnsmasq-base
-          chromium python3-matplotlib python3-libtorrent opentracker bubblewrap faketime)
+          chromium python3-matplotlib python3-libtorrent opentracker bubblewrap faketime
+          openssl util-linux)
 
 missing=()
 arch=$(dpkg --print-architecture)
