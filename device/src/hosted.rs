@@ -57,6 +57,12 @@ pub enum HostedConfigError {
     )]
     Uri(String),
     #[error(
+        "[hosted] uri = {0:?}: that transport is plaintext or this machine's (tcp, unix, \
+         ext); reach the hosted host over TLS, e.g. \"qemu+tls://hosted.example/system\" \
+         (or +ssh)"
+    )]
+    Transport(String),
+    #[error(
         "[hosted] pki: {}: {source} (the directory holds cacert.pem, clientcert.pem and \
          clientkey.pem: README, \"Bursting to a hosted host\")",
         path.display()
@@ -95,6 +101,11 @@ impl HostedConfig {
             .map(|(_, rest)| rest.split('/').next().unwrap_or(""));
         if host.is_none_or(str::is_empty) || self.uri.contains('?') {
             return Err(HostedConfigError::Uri(self.uri.clone()));
+        }
+        let scheme = self.uri.split("://").next().unwrap_or_default();
+        let transport = scheme.split_once('+').map(|(_, t)| t);
+        if matches!(transport, Some("tcp" | "unix" | "ext")) {
+            return Err(HostedConfigError::Transport(self.uri.clone()));
         }
         self.nic()?;
         self.guest_addresses()?;
@@ -214,6 +225,26 @@ mod tests {
                 matches!(c.validate(), Err(HostedConfigError::Uri(_))),
                 "{bad}"
             );
+        }
+        // Plaintext, or not another machine.
+        for bad in [
+            "qemu+tcp://h/system",
+            "qemu+unix://h/system",
+            "xen+ext://h/",
+        ] {
+            c.uri = bad.into();
+            assert!(
+                matches!(c.validate(), Err(HostedConfigError::Transport(_))),
+                "{bad}"
+            );
+        }
+        for good in [
+            "qemu://h/system",
+            "xen+ssh://h/system",
+            "qemu+tls://h:16514/system",
+        ] {
+            c.uri = good.into();
+            c.validate().unwrap();
         }
     }
 }

@@ -347,6 +347,13 @@ impl Reporter {
         }
     }
 
+    /// The on-demand pool of `app`'s counts and hosted use as they are now, for the next
+    /// report of it; none is sent for them.
+    pub fn ondemand_keep(&self, app: &str, counts: OnDemandCounts, hosted: Option<HostedUse>) {
+        let mut all = self.ondemand.lock().unwrap_or_else(|p| p.into_inner());
+        all.insert(app.to_string(), (counts, hosted));
+    }
+
     /// The on-demand pool of `app` scaled or booted: the latest report goes out again with
     /// the new counts (a fresh sequence number, state unchanged).
     pub async fn ondemand_changed(
@@ -355,10 +362,7 @@ impl Reporter {
         counts: OnDemandCounts,
         hosted: Option<HostedUse>,
     ) {
-        {
-            let mut all = self.ondemand.lock().unwrap_or_else(|p| p.into_inner());
-            all.insert(app.to_string(), (counts, hosted));
-        }
+        self.ondemand_keep(app, counts, hosted);
         self.send_again(app).await;
     }
 

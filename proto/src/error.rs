@@ -152,6 +152,8 @@ pub enum Invalid {
     DuplicateMember,
     #[error("console tail too long")]
     ConsoleTailTooLong,
+    #[error("the hosted host's reason is longer than {max} bytes")]
+    HostedReasonTooLong { max: usize },
     #[error("rollout waves: {0}")]
     Waves(BadWaves),
     #[error("{count} tags and devices targeted (at most {max})")]

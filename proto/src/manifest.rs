@@ -322,7 +322,7 @@ impl Manifest {
 
     /// An unsigned envelope holding this manifest, ready for release keys to sign.
     /// Without provenance it is written as manifests were before it (which older devices
-    /// read): see [`crate::codec::Kind::has_appended_option`].
+    /// read): see [`crate::codec::Kind::appended_options`].
     pub fn seal(&self) -> Result<Envelope, CodecError> {
         let absent = usize::from(self.provenance.is_none());
         Envelope::new(crate::codec::encode_appended(Kind::Manifest, self, absent)?)

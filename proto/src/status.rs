@@ -288,6 +288,8 @@ impl HostedUse {
 
 /// Most bytes of console kept in a report.
 pub const MAX_CONSOLE_TAIL: usize = 2048;
+/// Most bytes of [`HostedUse::down`] in a report.
+pub const MAX_HOSTED_REASON: usize = 512;
 /// Most tags one device may carry.
 pub const MAX_TAGS: usize = 16;
 
@@ -356,6 +358,12 @@ pub fn verify_status(
     names::check("channel", &report.channel).map_err(|e| invalid(e.into()))?;
     if report.console_tail.len() > MAX_CONSOLE_TAIL {
         return Err(invalid(Invalid::ConsoleTailTooLong));
+    }
+    let reason = report.hosted.as_ref().and_then(|h| h.down.as_ref());
+    if reason.is_some_and(|r| r.len() > MAX_HOSTED_REASON) {
+        return Err(invalid(Invalid::HostedReasonTooLong {
+            max: MAX_HOSTED_REASON,
+        }));
     }
     check_tags(&report.tags).map_err(invalid)?;
     Ok((key, report))

@@ -137,6 +137,9 @@ pub struct Burst {
     pub port: u16,
     /// Names of this device's on-demand domains start with it.
     pub prefix: String,
+    /// Names of its domains and images on the hosted host start with it
+    /// (`device::hypervisor::hosted::prefix`).
+    pub hosted_prefix: String,
 }
 
 /// A hub, a hosted host, and one device serving the template on demand: one instance
@@ -170,7 +173,13 @@ pub fn burst_fleet(
     let table = hosted(&host);
     let mut text = std::fs::read_to_string(dev.config())?;
     text.push_str(&format!("\n{table}"));
-    std::fs::write(dev.config(), text)?;
+    std::fs::write(dev.config(), &text)?;
+    let fleet_name = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fleet = "))
+        .context("device.toml has no fleet")?
+        .trim_matches('"')
+        .to_string();
     fleet.start_device(d)?;
     let mut b = Burst {
         net,
@@ -179,6 +188,7 @@ pub fn burst_fleet(
         d,
         port,
         prefix: format!("uf-{name}-hello-od"),
+        hosted_prefix: device::hypervisor::hosted::prefix(&fleet_name, &name, "hello"),
     };
     b.publish("1.0.0", 1)?;
     Ok(b)
@@ -247,7 +257,7 @@ impl Burst {
             within,
             || {
                 self.host
-                    .domains(&self.prefix)
+                    .domains(&self.hosted_prefix)
                     .ok()?
                     .is_empty()
                     .then_some(())

@@ -29,7 +29,7 @@ fn burst_and_back(b: &mut Burst) -> Result<()> {
         theirs, HOSTED_MAC,
         "the second client reaches the hosted guest"
     );
-    let on_host = b.host.domains(&b.prefix)?;
+    let on_host = b.host.domains(&b.hosted_prefix)?;
     assert_eq!(on_host.len(), 1, "{on_host:?}");
     assert!(
         running_domains(URI, &on_host[0]).is_empty(),
@@ -113,7 +113,7 @@ fn burst_and_back(b: &mut Burst) -> Result<()> {
     b.no_hosted_domains(Duration::from_secs(60))?;
     assert!(b
         .log()
-        .contains("stopping an instance an earlier run left on the hosted host"));
+        .contains("stopping a domain of this device the hosted host still runs"));
 
     // A new release retires the old image on the hosted host.
     b.publish("1.0.1", 2)?;

@@ -125,6 +125,7 @@ impl Updater {
         let app = od.app.clone();
         let ctx = crate::ondemand::PoolContext {
             device: self.cfg.name.clone(),
+            fleet: self.cfg.fleet.clone(),
             state_dir: self.cfg.state_dir.clone(),
             nic: self.cfg.nic().ok(),
             local: self.hypervisor.clone(),

@@ -218,6 +218,10 @@ pub async fn run_with_metrics(
     metrics: Arc<DeviceMetrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    if cfg.hosted.is_some() {
+        // Before any libvirt connection opens: the hosted host's keepalives need it.
+        crate::hypervisor::hosted::start_event_loop();
+    }
     let key = load_key(&cfg.key)?;
     let public = key.public();
     let seed = proto::rollout::seed(&public);

@@ -132,6 +132,13 @@ impl Pool {
     pub fn in_use(&self) -> usize {
         self.used.len()
     }
+
+    /// Of the names starting with `prefix`, only those `running` keep their addresses: a
+    /// domain gone without a stop that reached it (its host restarted) gives its back.
+    pub fn keep_only(&mut self, prefix: &str, running: &[String]) {
+        self.used
+            .retain(|_, n| !n.starts_with(prefix) || running.contains(n));
+    }
 }
 
 /// The address in an `ip=A.B.C.D/N` word of a command line, if any.
@@ -194,6 +201,20 @@ mod tests {
         p.give_back("uf-d-a-od1");
         assert_eq!(p.take("uf-d-a-od3"), Some(a));
         assert_eq!(p.in_use(), 3);
+    }
+
+    #[test]
+    fn addresses_of_domains_gone_unstopped_are_given_back() {
+        let range: GuestAddresses = "203.0.113.226-203.0.113.227/27 via 203.0.113.225"
+            .parse()
+            .unwrap();
+        let mut pool = Pool::new(range);
+        pool.take("uf-a-od1").unwrap();
+        pool.take("uf-a-od2").unwrap();
+        assert!(pool.take("uf-b-od1").is_none(), "full");
+        pool.keep_only("uf-a-", &["uf-a-od2".into()]);
+        assert_eq!(pool.in_use(), 1);
+        assert!(pool.take("uf-b-od1").is_some());
     }
 
     #[test]

@@ -68,6 +68,7 @@ pub enum StageError {
 /// What was being done to a volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VolOp {
+    Path,
     Create,
     Upload,
     Download,
@@ -77,6 +78,7 @@ pub enum VolOp {
 impl std::fmt::Display for VolOp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            VolOp::Path => "finding the path of",
             VolOp::Create => "creating volume",
             VolOp::Upload => "uploading",
             VolOp::Download => "reading back",
@@ -85,10 +87,72 @@ impl std::fmt::Display for VolOp {
     }
 }
 
+/// A hosted host that has not answered keepalives for `KEEPALIVE_SECS` ×
+/// `KEEPALIVE_COUNT` is taken for gone: the call waiting on it fails and the next one
+/// reconnects.
+const KEEPALIVE_SECS: i32 = 5;
+const KEEPALIVE_COUNT: u32 = 3;
+
+/// Keepalives on a new connection to the hosted host (libvirt's event loop runs them:
+/// [`start_event_loop`]).
+pub(super) fn keep_alive(conn: &Connect, shown: &str) {
+    if let Err(e) = conn.set_keep_alive(KEEPALIVE_SECS, KEEPALIVE_COUNT) {
+        tracing::warn!(uri = %shown, "no keepalive on the hosted host's connection: {e}");
+    }
+}
+
+/// libvirt's own event loop, on a thread of its own, started once — before any libvirt
+/// connection opens (libvirt wants it registered first): keepalives need it, and without
+/// them a call on a connection whose host vanished (a dead link) blocks until TCP gives
+/// up, a quarter of an hour. Registered by the thread that runs it, so a loop that could
+/// not start is never registered (a registered loop nobody runs drops connections).
+pub fn start_event_loop() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("libvirt-events".into())
+            .spawn(move || {
+                let registered = virt::event::event_register_default_impl();
+                let ok = registered.is_ok();
+                let _ = tx.send(registered);
+                if !ok {
+                    return;
+                }
+                loop {
+                    if let Err(e) = virt::event::event_run_default_impl() {
+                        tracing::warn!("libvirt's event loop: {e}");
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                    }
+                }
+            });
+        let registered = match spawned {
+            Ok(_) => rx.recv().map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match registered {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("libvirt's event loop not registered: {e}"),
+            Err(e) => tracing::warn!("cannot start libvirt's event loop: {e}"),
+        }
+    });
+}
+
 /// Bytes per stream message (libvirt's own limit is 256 KiB).
 const PIECE: usize = 128 * 1024;
 
-/// An image volume's name: `uf-DEVICE-APP-rRELEASE-DIGEST.img` (16 hex digits of it).
+/// The start of the names of the domains and image volumes of `app` of `device` in
+/// `fleet` on a hosted host: `uf-` and 16 hex digits of a digest of the three. Devices of
+/// several fleets share such a host and names may contain `-`, so `uf-DEVICE-APP-` would
+/// not tell `d1`'s app `x-y` from `d1-x`'s app `y` (nor app `web` from `web-api`); this
+/// is unique to the three and of one length.
+pub fn prefix(fleet: &str, device: &str, app: &str) -> String {
+    let d = Digest::of(format!("{fleet}\0{device}\0{app}").as_bytes());
+    format!("uf-{}-", &d.to_hex()[..16])
+}
+
+/// An image volume's name: the app's [`prefix`], `rRELEASE-` and 16 hex digits of the
+/// image's digest, `.img`.
 fn volume_name(h: &Hosted, l: &Launch) -> String {
     format!(
         "{}r{}-{}.img",
@@ -98,9 +162,8 @@ fn volume_name(h: &Hosted, l: &Launch) -> String {
     )
 }
 
-/// The start of the names of every volume of `app` this device made.
 fn app_prefix(h: &Hosted, app: &str) -> String {
-    format!("uf-{}-{app}-", h.device)
+    prefix(&h.fleet, &h.device, app)
 }
 
 fn xml_escape(s: &str) -> String {
@@ -152,12 +215,12 @@ impl Hosted {
         };
         if let Ok(vol) = pool.lookup_storage_vol_by_name(&volume) {
             if verified.contains(&volume) {
-                return vol.path().map_err(|e| err(VolOp::Download, e));
+                return vol.path().map_err(|e| err(VolOp::Path, e));
             }
             match self.check(conn, &vol, &volume, l) {
                 Ok(()) => {
                     verified.insert(volume.clone());
-                    return vol.path().map_err(|e| err(VolOp::Download, e));
+                    return vol.path().map_err(|e| err(VolOp::Path, e));
                 }
                 Err(e) => {
                     tracing::warn!("{e}: uploading it again");
@@ -184,7 +247,7 @@ impl Hosted {
         }
         tracing::info!(volume = %volume, pool = %self.pool, bytes = image.len(), "image uploaded to the hosted host and checked");
         verified.insert(volume.clone());
-        vol.path().map_err(|e| err(VolOp::Download, e))
+        vol.path().map_err(|e| err(VolOp::Path, e))
     }
 
     /// Reads the volume back and compares its digest with the release's.
@@ -332,17 +395,22 @@ mod tests {
         assert!(!other_fleet.owns(&back));
     }
 
-    /// Volumes are per device, app and release, so one device's roll-over retires only
-    /// its own images of that app.
+    /// Volumes are per fleet, device, app and release, so one device's roll-over retires
+    /// only its own images of that app.
     #[test]
     fn volume_names_carry_device_app_release_and_digest() {
         let l = super::super::fake::launch("uf-d1-a-od1");
         let name = volume_name(&hosted("d1"), &l);
         assert!(name.starts_with(&app_prefix(&hosted("d1"), "a")), "{name}");
-        assert_eq!(
-            name,
-            format!("uf-d1-a-r1-{}.img", &l.of.image.to_hex()[..16])
+        assert!(
+            name.ends_with(&format!("-r1-{}.img", &l.of.image.to_hex()[..16])),
+            "{name}"
         );
-        assert!(!name.starts_with(&app_prefix(&hosted("d1"), "ab")));
+        // Names may contain `-`: device d1's app x-y is not device d1-x's app y, and app
+        // a's names do not start another app's.
+        assert_ne!(prefix("home", "d1", "x-y"), prefix("home", "d1-x", "y"));
+        assert_ne!(prefix("home", "d1", "a"), prefix("work", "d1", "a"));
+        assert!(!name.starts_with(&app_prefix(&hosted("d1"), "a-b")));
+        assert_eq!(prefix("home", "d1", "a").len(), "uf-".len() + 16 + 1);
     }
 }

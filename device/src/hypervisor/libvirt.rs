@@ -6,6 +6,7 @@ use super::addresses::{ip_in_cmdline, GuestAddresses, Pool};
 use super::hosted::Hosted;
 use super::{ActivateError, Backend, Driver, HostFault, Launch, Nic, Started};
 use proto::manifest::Platform;
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -35,6 +36,8 @@ impl Nic {
 #[derive(Debug)]
 pub struct Libvirt {
     uri: String,
+    /// `uri` without its parameters (a TLS directory): what errors and logs name.
+    shown: String,
     domain_type: String,
     conn: Option<virt::connect::Connect>,
     /// Guest addresses found, by domain name: a lease does not change while the domain
@@ -46,8 +49,9 @@ pub struct Libvirt {
     adopted: bool,
     /// Set when this is a hosted host ([`super::hosted`]): images are uploaded there.
     hosted: Option<Hosted>,
-    /// Image volumes on the hosted host checked intact since the connection opened.
-    verified: HashSet<String>,
+    /// Image volumes on the hosted host checked intact since the connection opened
+    /// (written from inside `with_conn`'s closure, which sees `&self`).
+    verified: RefCell<HashSet<String>>,
 }
 
 pub(super) fn xml_escape(s: &str) -> String {
@@ -141,6 +145,7 @@ impl Libvirt {
         virt::error::clear_error_callback();
         Libvirt {
             uri: uri.into(),
+            shown: uri.split('?').next().unwrap_or(uri).into(),
             // "auto" before a release's trial (see `crate::accel`): TCG always works.
             domain_type: match domain_type {
                 "auto" => super::TCG.into(),
@@ -151,15 +156,14 @@ impl Libvirt {
             pool: None,
             adopted: false,
             hosted: None,
-            verified: HashSet::new(),
+            verified: RefCell::default(),
         }
     }
 
     /// A hosted host: images are uploaded into its storage pool, domains carry metadata
     /// naming this device, and their consoles are not kept. Its connection sends
-    /// keepalives ([`start_event_loop`]).
+    /// keepalives ([`super::hosted::start_event_loop`], called before any connection).
     pub fn hosted(mut self, hosted: Hosted) -> Libvirt {
-        start_event_loop();
         self.hosted = Some(hosted);
         self
     }
@@ -198,7 +202,7 @@ impl Libvirt {
         if self.adopted {
             return Ok(());
         }
-        let uri = self.uri.clone();
+        let uri = self.shown.clone();
         let running = self.with_conn(|conn, _| {
             let active = virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
             let domains = conn
@@ -259,15 +263,17 @@ impl Libvirt {
             if self.conn.is_none() {
                 let conn = virt::connect::Connect::open(Some(&self.uri)).map_err(|e| {
                     ActivateError::Connect {
-                        uri: self.uri.clone(),
+                        uri: self.shown.clone(),
                         source: e,
                     }
                 })?;
                 if self.hosted.is_some() {
-                    if let Err(e) = conn.set_keep_alive(KEEPALIVE_SECS, KEEPALIVE_COUNT) {
-                        tracing::warn!(uri = %self.uri, "no keepalive on the hosted host's connection: {e}");
-                    }
+                    super::hosted::keep_alive(&conn, &self.shown);
                 }
+                // A new connection: the host (or its storage, or its domains) may have
+                // changed meanwhile.
+                self.verified.borrow_mut().clear();
+                self.adopted = false;
                 self.conn = Some(conn);
             }
             let conn = self.conn.as_ref().expect("just opened");
@@ -285,35 +291,35 @@ impl Libvirt {
     /// `l`'s image, uploaded to the hosted host if it is not there intact: its path there.
     fn stage(&mut self, l: &Launch) -> Result<String, ActivateError> {
         let h = self.hosted.clone().expect("a hosted host");
-        if self.conn.is_none() {
-            // A new connection: the host (or its storage) may have changed meanwhile.
-            self.verified.clear();
-        }
-        let (uri, mut verified) = (self.uri.clone(), std::mem::take(&mut self.verified));
-        let staged = self.with_conn(|conn, _| {
-            h.stage(conn, &mut verified, l)
+        let uri = self.shown.clone();
+        self.with_conn(|conn, me| {
+            h.stage(conn, &mut me.verified.borrow_mut(), l)
                 .map_err(|source| ActivateError::Stage {
                     name: l.name.clone(),
                     uri: uri.clone(),
                     source: Box::new(source),
                 })
-        });
-        // Kept unless the connection was replaced (then nothing is known checked).
-        if self.conn.is_some() {
-            self.verified.extend(verified);
-        }
-        staged
+        })
     }
 
     /// Whether the domain `d` is this agent's to manage: on a hosted host, only those
-    /// whose metadata names this device (others run there too).
-    fn ours(&self, d: &virt::domain::Domain) -> bool {
+    /// whose metadata names this device (others run there too). A failure to ask is an
+    /// error, not "someone else's": a sweep must not give up a live instance on a guess.
+    fn ours(&self, d: &virt::domain::Domain) -> Result<bool, virt::error::Error> {
         let Some(h) = &self.hosted else {
-            return true;
+            return Ok(true);
         };
         let element = virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
-        d.metadata(element, Some(super::hosted::METADATA_NS), 0)
-            .is_ok_and(|m| h.owns(&m))
+        match d.metadata(element, Some(super::hosted::METADATA_NS), 0) {
+            Ok(m) => Ok(h.owns(&m)),
+            Err(e)
+                if e.code().is(virt::error::ErrorNumber::NoDomainMetadata)
+                    || e.code().is(virt::error::ErrorNumber::NoDomain) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn start_on(
@@ -516,7 +522,7 @@ impl Backend for Libvirt {
     }
 
     fn offers(&mut self, domain_type: &str) -> Result<bool, ActivateError> {
-        let uri = self.uri.clone();
+        let uri = self.shown.clone();
         self.with_conn(|conn, _| {
             let caps = conn
                 .capabilities()
@@ -530,9 +536,11 @@ impl Backend for Libvirt {
 
     /// From the libvirt network's DHCP leases (a host bridge has none: there the guest
     /// needs a static address, a later step).
+    /// Also gives back the addresses of domains with `prefix` that no longer run (gone
+    /// without a stop that reached them: their host restarted).
     fn named(&mut self, prefix: &str) -> Result<Vec<String>, ActivateError> {
-        let uri = self.uri.clone();
-        self.with_conn(|conn, me| {
+        let uri = self.shown.clone();
+        let names = self.with_conn(|conn, me| {
             let active = virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
             let domains = conn
                 .list_all_domains(active)
@@ -540,20 +548,33 @@ impl Backend for Libvirt {
                     uri: uri.clone(),
                     source: e,
                 })?;
-            Ok(domains
-                .iter()
-                .filter(|d| me.ours(d))
-                .filter_map(|d| d.name().ok())
-                .filter(|n| n.starts_with(prefix))
-                .collect())
-        })
+            let mut names = vec![];
+            for d in &domains {
+                // One gone since the list was made is not among them.
+                let Some(name) = d.name().ok().filter(|n| n.starts_with(prefix)) else {
+                    continue;
+                };
+                let ours = me.ours(d).map_err(|e| ActivateError::List {
+                    uri: uri.clone(),
+                    source: e,
+                })?;
+                if ours {
+                    names.push(name);
+                }
+            }
+            Ok(names)
+        })?;
+        if let Some(pool) = &mut self.pool {
+            pool.keep_only(prefix, &names);
+        }
+        Ok(names)
     }
 
     fn retire(&mut self, app: &str, keep: Option<&Launch>) -> Result<u32, ActivateError> {
         let Some(h) = self.hosted.clone() else {
             return Ok(0);
         };
-        let uri = self.uri.clone();
+        let uri = self.shown.clone();
         self.with_conn(|conn, _| {
             h.retire(conn, app, keep)
                 .map_err(|source| ActivateError::Stage {
@@ -590,36 +611,6 @@ impl Backend for Libvirt {
         }
         Ok(found)
     }
-}
-
-/// A hosted host that has not answered keepalives for `KEEPALIVE_SECS` ×
-/// `KEEPALIVE_COUNT` is taken for gone: the call waiting on it fails and the next one
-/// reconnects.
-const KEEPALIVE_SECS: i32 = 5;
-const KEEPALIVE_COUNT: u32 = 3;
-
-/// libvirt's own event loop, on a thread of its own, started once before the first
-/// hosted connection opens: keepalives need one, and without them a call on a connection
-/// whose host vanished (a dead link) blocks until TCP gives up, a quarter of an hour.
-fn start_event_loop() {
-    static STARTED: std::sync::Once = std::sync::Once::new();
-    STARTED.call_once(|| {
-        if let Err(e) = virt::event::event_register_default_impl() {
-            tracing::warn!("libvirt's event loop: {e}");
-            return;
-        }
-        let spawned = std::thread::Builder::new()
-            .name("libvirt-events".into())
-            .spawn(|| loop {
-                if let Err(e) = virt::event::event_run_default_impl() {
-                    tracing::warn!("libvirt's event loop: {e}");
-                    std::thread::sleep(std::time::Duration::from_secs(1));
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!("cannot start libvirt's event loop thread: {e}");
-        }
-    });
 }
 
 fn free_port() -> u16 {

@@ -198,6 +198,12 @@ pub enum ActivateError {
         uri: String,
         source: Box<hosted::StageError>,
     },
+    #[error("deleting retired images of {app} on {uri}: {source}")]
+    Retire {
+        app: String,
+        uri: String,
+        source: Box<hosted::StageError>,
+    },
     #[error("asking libvirt for the address of {name}: {source}")]
     Address {
         name: String,

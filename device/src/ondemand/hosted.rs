@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 /// How often the hosted host is asked which of this pool's domains it runs.
 pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(20);
 
-/// The longest reason kept for a report.
-const MAX_REASON: usize = 300;
+/// The longest reason kept for a report (with room for the ellipsis).
+const MAX_REASON: usize = proto::status::MAX_HOSTED_REASON - 3;
 
 /// Instance time and connections on the hosted host since the agent started.
 #[derive(Debug, Default)]
@@ -84,42 +84,27 @@ pub(super) fn bursts(ctx: &PoolContext, cfg: &OnDemandConfig, image: &Image) -> 
 }
 
 impl Pool {
-    /// What the hosted host served so far, for the report: `None` without one.
+    /// What the hosted host served so far, for the report: `None` when this app does not
+    /// burst (older hubs do not read the field: only reports that need it carry it).
     pub(super) fn hosted_use(&self) -> Option<HostedUse> {
-        self.ctx.remote.as_ref()?;
-        Some(HostedUse {
+        self.bursts.then(|| HostedUse {
             instance_ms: self.hosted.millis(Instant::now()),
             connections: self.hosted.connections,
             down: self.hosted.down.clone(),
         })
     }
 
-    /// The start of the names of this pool's domains.
-    pub(super) fn prefix(&self) -> String {
-        format!("uf-{}-{}-", self.ctx.device, self.cfg.app)
+    /// The start of the names of this pool's domains and images on the hosted host
+    /// ([`crate::hypervisor::hosted::prefix`]: unique to fleet, device and app).
+    pub(super) fn hosted_prefix(&self) -> String {
+        crate::hypervisor::hosted::prefix(&self.ctx.fleet, &self.ctx.device, &self.cfg.app)
     }
 
-    /// At start: domains an earlier run left on the hosted host go, and images of
-    /// releases other than the current one. In the background: the host may be down.
+    /// At start: images of releases other than the current one are deleted from the
+    /// hosted host, in the background (it may be down). Domains an earlier run left
+    /// there go at the first sweep, which runs at once.
     pub(super) fn reap_remote(&self) {
-        let Some(hv) = self.ctx.remote.clone() else {
-            return;
-        };
-        let (prefix, app, keep) = (self.prefix(), self.cfg.app.clone(), self.current());
-        self.ctx.tasks.spawn(async move {
-            match hv.named(&prefix).await {
-                Ok(left) => {
-                    for name in left {
-                        tracing::info!(%app, instance = %name, "stopping an instance an earlier run left on the hosted host");
-                        if let Err(e) = hv.stop(&name).await {
-                            tracing::warn!(%app, instance = %name, "{e}");
-                        }
-                    }
-                }
-                Err(e) => tracing::info!(%app, "hosted host not reached at start: {e}"),
-            }
-            retire(&hv, &app, &keep).await;
-        });
+        self.retire_remote();
     }
 
     /// After a roll-over: images of the releases before are deleted from the hosted host
@@ -136,7 +121,7 @@ impl Pool {
 
     /// A launch of the current release: what the hosted host keeps.
     fn current(&self) -> crate::hypervisor::Launch {
-        self.launch(format!("{}keep", self.prefix()), Location::Remote)
+        self.launch(format!("{}keep", self.hosted_prefix()), Location::Remote)
     }
 
     /// Asks the hosted host which of this pool's domains run (answered by [`Msg::Swept`]).
@@ -148,7 +133,7 @@ impl Pool {
             return;
         }
         self.hosted.sweeping = true;
-        let (prefix, tx) = (self.prefix(), self.tx.clone());
+        let (prefix, tx) = (self.hosted_prefix(), self.tx.clone());
         self.ctx.tasks.spawn(async move {
             let _ = tx.send(Msg::Swept(hv.named(&prefix).await)).await;
         });

@@ -123,8 +123,9 @@ impl PoolHandle {
 /// What a pool works with, besides its configuration and image.
 #[derive(Debug)]
 pub struct PoolContext {
-    /// The device's name (instance domains are named after it).
+    /// The device's name (instance domains are named after it), and its fleet's.
     pub device: String,
+    pub fleet: String,
     /// Where instance console logs go.
     pub state_dir: PathBuf,
     /// Where an instance's network interface goes, for releases that ask for one.
@@ -221,6 +222,8 @@ struct Pool {
     warm_retry_at: Option<Instant>,
     /// Use of the hosted host.
     hosted: hosted::Use,
+    /// Whether instances of the current release may run on the hosted host.
+    bursts: bool,
 }
 
 /// A paused instance waiting for a connection.
@@ -257,6 +260,7 @@ impl Pool {
             warmed: 0,
             warm_retry_at: None,
             hosted: Default::default(),
+            bursts,
         }
     }
 
@@ -290,8 +294,13 @@ impl Pool {
 
     /// Instances a previous run of the agent left (paused warm ones, busy ones at a
     /// kill -9): this pool knows none of them, so they go.
+    /// The start of the names of this pool's domains on this device.
+    fn local_prefix(&self) -> String {
+        format!("uf-{}-{}-", self.ctx.device, self.cfg.app)
+    }
+
     async fn reap(&self) {
-        let prefix = self.prefix();
+        let prefix = self.local_prefix();
         let left = match self.ctx.local.named(&prefix).await {
             Ok(names) => names,
             Err(e) => {
@@ -299,9 +308,12 @@ impl Pool {
                 return;
             }
         };
+        // Exactly `odN` or `wN`: app `web`'s prefix also starts `web-worker`'s names.
         let ours = |n: &str| {
             let rest = &n[prefix.len()..];
-            rest.starts_with("od") || rest.starts_with('w')
+            let number = |r: &str| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit());
+            rest.strip_prefix("od").is_some_and(number)
+                || rest.strip_prefix('w').is_some_and(number)
         };
         // Awaited, before any instance of this run starts: names start again from 1.
         for name in left.into_iter().filter(|n| ours(n)) {
@@ -375,17 +387,22 @@ impl Pool {
                 ) {
                     self.stop_domain(at, name);
                 }
-                return match (at, known) {
-                    // Said and backed off from even when the instance is no longer
-                    // wanted: the host failed all the same.
-                    (Location::Remote, _) => {
+                // The host's own failure is said and backed off from even when the
+                // instance is no longer wanted; a probe that saw the pool's own stop
+                // (a drain during the boot) is not the host's.
+                let host_failed = matches!(
+                    e,
+                    ActivateError::Connect { .. } | ActivateError::Stage { .. }
+                );
+                return match at {
+                    Location::Remote if known || host_failed => {
                         self.hosted.set_down(&e.to_string());
                         let reason = e.to_string();
                         self.scaler
                             .handle(Event::RemoteUnavailable { now, id, reason })
                     }
-                    (Location::Local, true) => self.scaler.handle(Event::Failed { now, id }),
-                    (Location::Local, false) => vec![],
+                    Location::Local if known => self.scaler.handle(Event::Failed { now, id }),
+                    _ => vec![],
                 };
             }
         };
@@ -501,7 +518,10 @@ impl Pool {
         };
         let name = match &warm {
             Some(w) => w.name.clone(),
-            None => format!("uf-{}-{}-od{}", self.ctx.device, self.cfg.app, id.0),
+            None => match at {
+                Location::Local => format!("{}od{}", self.local_prefix(), id.0),
+                Location::Remote => format!("{}od{}", self.hosted_prefix(), id.0),
+            },
         };
         let launch = self.launch(name.clone(), at);
         let cut = CancellationToken::new();
@@ -544,7 +564,7 @@ impl Pool {
         while self.warm.len() as u32 + self.warming < self.cfg.warm {
             self.warmed += 1;
             self.warming += 1;
-            let name = format!("uf-{}-{}-w{}", self.ctx.device, self.cfg.app, self.warmed);
+            let name = format!("{}w{}", self.local_prefix(), self.warmed);
             tracing::info!(app = %self.cfg.app, instance = %name, "booting a warm on-demand instance");
             let launch = self.launch(name.clone(), Location::Local);
             let release = self.image.manifest.release;
@@ -626,23 +646,17 @@ impl Pool {
             .store(u64::from(r), Relaxed);
         (self.counts.local, self.counts.remote) = (l, r);
         let hosted = self.hosted_use();
-        // Instance time grows by the tick: it rides along with the next report, it does
-        // not make one.
-        let same = |a: &Option<HostedUse>, b: &Option<HostedUse>| {
-            let without_time = |h: &Option<HostedUse>| {
-                h.clone().map(|h| HostedUse {
-                    instance_ms: 0,
-                    ..h
-                })
-            };
-            without_time(a) == without_time(b)
-        };
-        if self.counts != self.reported.0 || !same(&hosted, &self.reported.1) {
-            self.ctx
-                .reporter
+        // Instance time grows by the tick: it does not make a report, it is kept for the
+        // next one (a resend, a heartbeat, another change).
+        let key = |h: &Option<HostedUse>| h.as_ref().map(|h| (h.connections, h.down.clone()));
+        let reporter = &self.ctx.reporter;
+        if self.counts != self.reported.0 || key(&hosted) != key(&self.reported.1) {
+            reporter
                 .ondemand_changed(&self.cfg.app, self.counts, hosted.clone())
                 .await;
             self.reported = (self.counts, hosted);
+        } else {
+            reporter.ondemand_keep(&self.cfg.app, self.counts, hosted);
         }
     }
 }
