@@ -275,9 +275,10 @@ impl HostedUse {
     /// One line for people: `3m 20s of instance time, 57 connections; unavailable: …`.
     pub fn summary(&self) -> String {
         let mut text = format!(
-            "{} of instance time, {} connections",
+            "{} of instance time, {} connection{}",
             human_secs(self.instance_ms / 1000),
-            self.connections
+            self.connections,
+            if self.connections == 1 { "" } else { "s" }
         );
         if let Some(why) = &self.down {
             text += &format!("; hosted host unavailable: {why}");

@@ -739,24 +739,8 @@ fn load(addr: SocketAddr, secs: u64, pid: u32) -> Result<(f64, f64)> {
 /// One `GET /` on a keep-alive connection; the answer must be a 200, read whole.
 fn answer(r: &mut BufReader<TcpStream>) -> Result<()> {
     r.get_mut().write_all(GET)?;
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    anyhow::ensure!(line.starts_with("HTTP/1.1 200"), "answered {line:?}");
-    let mut length = 0;
-    loop {
-        line.clear();
-        if r.read_line(&mut line)? == 0 {
-            bail!("connection closed in the headers");
-        }
-        if line == "\r\n" {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse()?;
-        }
-    }
-    let mut body = vec![0; length];
-    r.read_exact(&mut body)?;
+    let (status, _) = unifleet_tests::http::read_answer(r)?;
+    anyhow::ensure!(status.starts_with("HTTP/1.1 200"), "answered {status:?}");
     Ok(())
 }
 
