@@ -195,6 +195,12 @@ impl Autoscaler {
         }
     }
 
+    /// New settings (a new release: its target, whether it may burst); instances keep
+    /// running under them.
+    pub fn reconfigure(&mut self, cfg: ScaleConfig) {
+        self.cfg = cfg;
+    }
+
     /// (local, remote) instances, starting, ready or draining: what runs.
     pub fn counts(&self) -> (u32, u32) {
         let n = |l| self.instances.iter().filter(|i| i.at == l).count() as u32;

@@ -103,8 +103,8 @@ impl HostedConfig {
             return Err(HostedConfigError::Uri(self.uri.clone()));
         }
         let scheme = self.uri.split("://").next().unwrap_or_default();
-        let transport = scheme.split_once('+').map(|(_, t)| t);
-        if matches!(transport, Some("tcp" | "unix" | "ext")) {
+        let transport = scheme.split_once('+').map(|(_, t)| t.to_ascii_lowercase());
+        if matches!(transport.as_deref(), Some("tcp" | "unix" | "ext")) {
             return Err(HostedConfigError::Transport(self.uri.clone()));
         }
         self.nic()?;

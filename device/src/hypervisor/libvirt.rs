@@ -577,8 +577,8 @@ impl Backend for Libvirt {
         let uri = self.shown.clone();
         self.with_conn(|conn, _| {
             h.retire(conn, app, keep)
-                .map_err(|source| ActivateError::Stage {
-                    name: app.into(),
+                .map_err(|source| ActivateError::Retire {
+                    app: app.into(),
                     uri: uri.clone(),
                     source: Box::new(source),
                 })

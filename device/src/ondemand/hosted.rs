@@ -173,7 +173,7 @@ impl Pool {
             .map(|(id, _)| *id)
             .collect();
         gone.into_iter()
-            .flat_map(|id| self.lose(id, "the hosted host no longer runs it".into(), now))
+            .flat_map(|id| self.lose(id, "the hosted host no longer runs it".into(), now, 0))
             .collect()
     }
 
@@ -186,22 +186,27 @@ impl Pool {
         now: Instant,
     ) -> Vec<Action> {
         match self.insts.get(&id).map(|i| i.at) {
-            Some(Location::Remote) => {
-                self.lose(id, format!("its instance cannot be reached: {reason}"), now)
-            }
+            // The connection that says so asks again: not one of the lost.
+            Some(Location::Remote) => self.lose(
+                id,
+                format!("its instance cannot be reached: {reason}"),
+                now,
+                1,
+            ),
             Some(Location::Local) => self.scaler.handle(Event::Disconnected { now, id }),
             None => vec![],
         }
     }
 
     /// Gives up instance `id` on the hosted host: its connections are closed and
-    /// counted, the scaler leaves the host alone for a while, the domain is stopped (or,
-    /// while the host cannot be reached, by a later sweep).
-    fn lose(&mut self, id: InstanceId, reason: String, now: Instant) -> Vec<Action> {
+    /// counted (but the `asking` ones that found it unreachable and ask again), the
+    /// scaler leaves the host alone for a while, the domain is stopped (or, while the
+    /// host cannot be reached, by a later sweep).
+    fn lose(&mut self, id: InstanceId, reason: String, now: Instant, asking: u32) -> Vec<Action> {
         let Some(i) = self.insts.remove(&id) else {
             return vec![];
         };
-        let open = self.scaler.connections_of(id);
+        let open = self.scaler.connections_of(id).saturating_sub(asking);
         tracing::warn!(app = %self.cfg.app, instance = %i.name, connections = open, "hosted instance lost: {reason}");
         i.cut.cancel();
         self.ctx

@@ -224,6 +224,8 @@ struct Pool {
     hosted: hosted::Use,
     /// Whether instances of the current release may run on the hosted host.
     bursts: bool,
+    /// This run's tag in its hosted instances' names ([`run_tag`]).
+    run: String,
 }
 
 /// A paused instance waiting for a connection.
@@ -241,6 +243,14 @@ const WARM_RECHECK: Duration = Duration::from_secs(60);
 
 /// After a warm boot failed, how long before the next try.
 const WARM_RETRY: Duration = Duration::from_secs(30);
+
+/// A tag for this run's hosted instances: the low 32 bits of the clock's nanoseconds
+/// (two runs a kill -9 apart differ).
+fn run_tag() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u32)
+}
 
 impl Pool {
     fn new(ctx: PoolContext, cfg: OnDemandConfig, image: Image, tx: mpsc::Sender<Msg>) -> Pool {
@@ -261,6 +271,7 @@ impl Pool {
             warm_retry_at: None,
             hosted: Default::default(),
             bursts,
+            run: format!("{:08x}", run_tag()),
         }
     }
 
@@ -292,13 +303,13 @@ impl Pool {
         }
     }
 
-    /// Instances a previous run of the agent left (paused warm ones, busy ones at a
-    /// kill -9): this pool knows none of them, so they go.
     /// The start of the names of this pool's domains on this device.
     fn local_prefix(&self) -> String {
         format!("uf-{}-{}-", self.ctx.device, self.cfg.app)
     }
 
+    /// Instances a previous run of the agent left (paused warm ones, busy ones at a
+    /// kill -9): this pool knows none of them, so they go.
     async fn reap(&self) {
         let prefix = self.local_prefix();
         let left = match self.ctx.local.named(&prefix).await {
@@ -342,6 +353,9 @@ impl Pool {
             Msg::RollOver(new) => {
                 tracing::info!(app = %self.cfg.app, release = new.manifest.release, "on-demand pool rolls over");
                 self.image = *new;
+                self.bursts = hosted::bursts(&self.ctx, &self.cfg, &self.image);
+                let scale = self.cfg.scale(&self.image.manifest, self.bursts);
+                self.scaler.reconfigure(scale);
                 self.retire_remote();
                 // Warm instances of the old release go; new ones are made.
                 for w in std::mem::take(&mut self.warm) {
@@ -520,7 +534,9 @@ impl Pool {
             Some(w) => w.name.clone(),
             None => match at {
                 Location::Local => format!("{}od{}", self.local_prefix(), id.0),
-                Location::Remote => format!("{}od{}", self.hosted_prefix(), id.0),
+                // With this run's tag: a sweep's list made before this run started
+                // anything names only earlier runs' domains, never one of this run's.
+                Location::Remote => format!("{}{}-od{}", self.hosted_prefix(), self.run, id.0),
             },
         };
         let launch = self.launch(name.clone(), at);
