@@ -341,6 +341,9 @@ EOF
   wait_for "$tls_uri" 30 || die "libvirtd does not answer on TLS (see $dir/log/libvirtd.log)"
   up_ok=1
   say "up in $((SECONDS - t0)) s; down with: $0 down $dir"
+  # Its guests under KVM where this machine has it (a hosted host's own default), else TCG.
+  local domain_type=kvm
+  [ -w /dev/kvm ] || domain_type=qemu
   cat <<EOF
 [hosted]
 uri = "qemu+tls://$HOST_ADDR/system"
@@ -348,6 +351,7 @@ pki = "$dir/client"
 pool = "$NAME"
 nic = "network=$NAME"
 guest_addresses = "$GUEST_RANGE"
+domain_type = "$domain_type"
 EOF
 }
 

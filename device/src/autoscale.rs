@@ -518,6 +518,19 @@ mod tests {
             .count()
     }
 
+    fn remote_starts(actions: &[Action]) -> Vec<InstanceId> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start {
+                    id,
+                    at: Location::Remote,
+                } => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn stops(actions: &[Action]) -> usize {
         actions
             .iter()
@@ -726,16 +739,7 @@ mod tests {
         let mut a = Autoscaler::new(ScaleConfig::default());
         let mut t = Instant::now();
         let out = drive(&mut a, &mut t, Duration::from_secs(3), 4);
-        let remote: Vec<InstanceId> = out
-            .iter()
-            .filter_map(|a| match a {
-                Action::Start {
-                    id,
-                    at: Location::Remote,
-                } => Some(*id),
-                _ => None,
-            })
-            .collect();
+        let remote = remote_starts(&out);
         assert_eq!(remote.len(), 2);
         let out = a.handle(Event::RemoteUnavailable {
             now: t,
@@ -773,15 +777,8 @@ mod tests {
         assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300, 300, 300]);
         let mut t = Instant::now() + Duration::from_secs(301);
         let out = drive(&mut a, &mut t, Duration::from_secs(3), 4);
-        let id = out
-            .iter()
-            .find_map(|x| match x {
-                Action::Start {
-                    id,
-                    at: Location::Remote,
-                } => Some(*id),
-                _ => None,
-            })
+        let id = *remote_starts(&out)
+            .first()
             .expect("the hosted host is tried again once the wait is over");
         a.handle(Event::Ready { now: t, id });
         assert_eq!(a.remote_backoff(), Duration::from_secs(5));

@@ -9,6 +9,7 @@
 //!
 //! Runs on the hosted hypervisor's owner thread, inside [`super::libvirt::Libvirt`].
 
+use super::libvirt::xml_escape;
 use super::Launch;
 use proto::Digest;
 use std::collections::HashSet;
@@ -126,14 +127,14 @@ pub fn start_event_loop() {
                     }
                 }
             });
-        let registered = match spawned {
-            Ok(_) => rx.recv().map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match registered {
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start libvirt's event loop: {e}");
+            return;
+        }
+        match rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!("libvirt's event loop not registered: {e}"),
-            Err(e) => tracing::warn!("cannot start libvirt's event loop: {e}"),
+            Err(_) => tracing::warn!("libvirt's event loop thread ended before registering"),
         }
     });
 }
@@ -164,10 +165,6 @@ fn volume_name(h: &Hosted, l: &Launch) -> String {
 
 fn app_prefix(h: &Hosted, app: &str) -> String {
     prefix(&h.fleet, &h.device, app)
-}
-
-fn xml_escape(s: &str) -> String {
-    super::libvirt::xml_escape(s)
 }
 
 impl Hosted {
@@ -205,15 +202,19 @@ impl Hosted {
         let pool = conn
             .lookup_storage_pool_by_name(&self.pool)
             .map_err(|source| self.pool_error(source))?;
-        // Another agent, or an operator, may have changed the directory behind libvirt.
-        let _ = pool.refresh(0);
         let err = |op, source| StageError::Volume {
             op,
             volume: volume.clone(),
             pool: self.pool.clone(),
             source,
         };
-        if let Ok(vol) = pool.lookup_storage_vol_by_name(&volume) {
+        // libvirt's list of the pool's volumes is refreshed only when the volume is not
+        // on it: another agent or an operator may have changed the directory behind it.
+        let found = pool.lookup_storage_vol_by_name(&volume).or_else(|_| {
+            let _ = pool.refresh(0);
+            pool.lookup_storage_vol_by_name(&volume)
+        });
+        if let Ok(vol) = found {
             if verified.contains(&volume) {
                 return vol.path().map_err(|e| err(VolOp::Path, e));
             }

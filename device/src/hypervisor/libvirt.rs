@@ -36,8 +36,6 @@ impl Nic {
 #[derive(Debug)]
 pub struct Libvirt {
     uri: String,
-    /// `uri` without its parameters (a TLS directory): what errors and logs name.
-    shown: String,
     domain_type: String,
     conn: Option<virt::connect::Connect>,
     /// Guest addresses found, by domain name: a lease does not change while the domain
@@ -145,7 +143,6 @@ impl Libvirt {
         virt::error::clear_error_callback();
         Libvirt {
             uri: uri.into(),
-            shown: uri.split('?').next().unwrap_or(uri).into(),
             // "auto" before a release's trial (see `crate::accel`): TCG always works.
             domain_type: match domain_type {
                 "auto" => super::TCG.into(),
@@ -172,6 +169,11 @@ impl Libvirt {
     pub fn with_addresses(mut self, range: Option<GuestAddresses>) -> Libvirt {
         self.pool = range.map(Pool::new);
         self
+    }
+
+    /// `uri` without its parameters (a TLS directory): what errors and logs name.
+    fn shown(&self) -> &str {
+        self.uri.split('?').next().unwrap_or_default()
     }
 
     /// `l` with a static address on its command line, when the pool gives guests theirs
@@ -202,7 +204,7 @@ impl Libvirt {
         if self.adopted {
             return Ok(());
         }
-        let uri = self.shown.clone();
+        let uri = self.shown().to_string();
         let running = self.with_conn(|conn, _| {
             let active = virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
             let domains = conn
@@ -263,12 +265,12 @@ impl Libvirt {
             if self.conn.is_none() {
                 let conn = virt::connect::Connect::open(Some(&self.uri)).map_err(|e| {
                     ActivateError::Connect {
-                        uri: self.shown.clone(),
+                        uri: self.shown().into(),
                         source: e,
                     }
                 })?;
                 if self.hosted.is_some() {
-                    super::hosted::keep_alive(&conn, &self.shown);
+                    super::hosted::keep_alive(&conn, self.shown());
                 }
                 // A new connection: the host (or its storage, or its domains) may have
                 // changed meanwhile.
@@ -291,7 +293,7 @@ impl Libvirt {
     /// `l`'s image, uploaded to the hosted host if it is not there intact: its path there.
     fn stage(&mut self, l: &Launch) -> Result<String, ActivateError> {
         let h = self.hosted.clone().expect("a hosted host");
-        let uri = self.shown.clone();
+        let uri = self.shown().to_string();
         self.with_conn(|conn, me| {
             h.stage(conn, &mut me.verified.borrow_mut(), l)
                 .map_err(|source| ActivateError::Stage {
@@ -522,7 +524,7 @@ impl Backend for Libvirt {
     }
 
     fn offers(&mut self, domain_type: &str) -> Result<bool, ActivateError> {
-        let uri = self.shown.clone();
+        let uri = self.shown().to_string();
         self.with_conn(|conn, _| {
             let caps = conn
                 .capabilities()
@@ -539,7 +541,7 @@ impl Backend for Libvirt {
     /// Also gives back the addresses of domains with `prefix` that no longer run (gone
     /// without a stop that reached them: their host restarted).
     fn named(&mut self, prefix: &str) -> Result<Vec<String>, ActivateError> {
-        let uri = self.shown.clone();
+        let uri = self.shown().to_string();
         let names = self.with_conn(|conn, me| {
             let active = virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
             let domains = conn
@@ -574,7 +576,7 @@ impl Backend for Libvirt {
         let Some(h) = self.hosted.clone() else {
             return Ok(0);
         };
-        let uri = self.shown.clone();
+        let uri = self.shown().to_string();
         self.with_conn(|conn, _| {
             h.retire(conn, app, keep)
                 .map_err(|source| ActivateError::Retire {

@@ -230,6 +230,16 @@ impl ActivateError {
         }
     }
 
+    /// Whether the host was not reached at all (not connected to, or the image not made
+    /// ready there): nothing was created on it, and the failure is the host's whatever
+    /// became of the instance asked for.
+    pub fn host_unreached(&self) -> bool {
+        matches!(
+            self,
+            ActivateError::Connect { .. } | ActivateError::Stage { .. }
+        )
+    }
+
     /// The console's last lines, when the probe failed (for the report).
     pub fn console_tail(&self) -> &str {
         match self {

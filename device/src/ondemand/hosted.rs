@@ -18,6 +18,15 @@ pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(20);
 /// The longest reason kept for a report (with room for the ellipsis).
 const MAX_REASON: usize = proto::status::MAX_HOSTED_REASON - 3;
 
+/// Why an instance on the hosted host was given up.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Loss {
+    #[error("its instance cannot be reached: {0}")]
+    Unreachable(std::io::Error),
+    #[error("the hosted host no longer runs it")]
+    Gone,
+}
+
 /// Instance time and connections on the hosted host since the agent started.
 #[derive(Debug, Default)]
 pub(super) struct Use {
@@ -54,7 +63,7 @@ impl Use {
         (self.ended + running).as_millis() as u64
     }
 
-    pub fn set_down(&mut self, reason: &str) {
+    pub fn set_down(&mut self, reason: &dyn std::fmt::Display) {
         let mut reason = reason.to_string();
         if reason.len() > MAX_REASON {
             let cut = (0..=MAX_REASON)
@@ -100,15 +109,10 @@ impl Pool {
         crate::hypervisor::hosted::prefix(&self.ctx.fleet, &self.ctx.device, &self.cfg.app)
     }
 
-    /// At start: images of releases other than the current one are deleted from the
-    /// hosted host, in the background (it may be down). Domains an earlier run left
-    /// there go at the first sweep, which runs at once.
-    pub(super) fn reap_remote(&self) {
-        self.retire_remote();
-    }
-
-    /// After a roll-over: images of the releases before are deleted from the hosted host
-    /// (instances of them that still drain have their kernels loaded already).
+    /// At start and after a roll-over: images of other releases than the current one are
+    /// deleted from the hosted host, in the background (it may be down; instances of
+    /// them that still drain have their kernels loaded already). Domains an earlier run
+    /// left there go at the first sweep, which runs at once.
     pub(super) fn retire_remote(&self) {
         let Some(hv) = self.ctx.remote.clone() else {
             return;
@@ -173,7 +177,7 @@ impl Pool {
             .map(|(id, _)| *id)
             .collect();
         gone.into_iter()
-            .flat_map(|id| self.lose(id, "the hosted host no longer runs it".into(), now, 0))
+            .flat_map(|id| self.lose(id, Loss::Gone, now, 0))
             .collect()
     }
 
@@ -182,17 +186,12 @@ impl Pool {
     pub(super) fn unreachable(
         &mut self,
         id: InstanceId,
-        reason: String,
+        error: std::io::Error,
         now: Instant,
     ) -> Vec<Action> {
         match self.insts.get(&id).map(|i| i.at) {
             // The connection that says so asks again: not one of the lost.
-            Some(Location::Remote) => self.lose(
-                id,
-                format!("its instance cannot be reached: {reason}"),
-                now,
-                1,
-            ),
+            Some(Location::Remote) => self.lose(id, Loss::Unreachable(error), now, 1),
             Some(Location::Local) => self.scaler.handle(Event::Disconnected { now, id }),
             None => vec![],
         }
@@ -202,7 +201,7 @@ impl Pool {
     /// counted (but the `asking` ones that found it unreachable and ask again), the
     /// scaler leaves the host alone for a while, the domain is stopped (or, while the
     /// host cannot be reached, by a later sweep).
-    fn lose(&mut self, id: InstanceId, reason: String, now: Instant, asking: u32) -> Vec<Action> {
+    fn lose(&mut self, id: InstanceId, reason: Loss, now: Instant, asking: u32) -> Vec<Action> {
         let Some(i) = self.insts.remove(&id) else {
             return vec![];
         };
@@ -216,6 +215,7 @@ impl Pool {
         self.hosted.ended(id, now);
         self.hosted.set_down(&reason);
         self.stop_domain(Location::Remote, i.name);
+        let reason = reason.to_string();
         self.scaler
             .handle(Event::RemoteUnavailable { now, id, reason })
     }

@@ -66,8 +66,8 @@ struct Held {
 enum Msg {
     Acquire(Reply),
     Release(InstanceId),
-    /// A connection handed to this instance could not reach it (said why).
-    Unreachable(InstanceId, String),
+    /// A connection handed to this instance could not reach it.
+    Unreachable(InstanceId, std::io::Error),
     /// The domains of this pool the hosted host runs, or why it could not say.
     Swept(Result<Vec<String>, ActivateError>),
     /// The boot finished: how to reach the instance, or why not; and how long it took.
@@ -277,7 +277,7 @@ impl Pool {
 
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         self.reap().await;
-        self.reap_remote();
+        self.retire_remote();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut sweep = tokio::time::interval(hosted::SWEEP_EVERY);
         loop {
@@ -395,22 +395,15 @@ impl Pool {
                 tracing::warn!(app = %self.cfg.app, ?at, "on-demand instance failed to start: {e}");
                 // A domain that failed its probe still runs: not left behind. (A host
                 // not reached has none.)
-                if !matches!(
-                    e,
-                    ActivateError::Connect { .. } | ActivateError::Stage { .. }
-                ) {
+                if !e.host_unreached() {
                     self.stop_domain(at, name);
                 }
                 // The host's own failure is said and backed off from even when the
                 // instance is no longer wanted; a probe that saw the pool's own stop
                 // (a drain during the boot) is not the host's.
-                let host_failed = matches!(
-                    e,
-                    ActivateError::Connect { .. } | ActivateError::Stage { .. }
-                );
                 return match at {
-                    Location::Remote if known || host_failed => {
-                        self.hosted.set_down(&e.to_string());
+                    Location::Remote if known || e.host_unreached() => {
+                        self.hosted.set_down(&e);
                         let reason = e.to_string();
                         self.scaler
                             .handle(Event::RemoteUnavailable { now, id, reason })
@@ -671,7 +664,7 @@ impl Pool {
                 .ondemand_changed(&self.cfg.app, self.counts, hosted.clone())
                 .await;
             self.reported = (self.counts, hosted);
-        } else {
+        } else if hosted.is_some() {
             reporter.ondemand_keep(&self.cfg.app, self.counts, hosted);
         }
     }

@@ -60,7 +60,7 @@ async fn serve(
             Ok(upstream) => upstream,
             Err(e) => {
                 tracing::warn!(%peer, %endpoint, attempt, "on-demand instance unreachable: {e}");
-                let _ = tx.send(Msg::Unreachable(id, e.to_string())).await;
+                let _ = tx.send(Msg::Unreachable(id, e)).await;
                 if attempt == TRIES {
                     metrics.ondemand_lost.fetch_add(1, Relaxed);
                 }

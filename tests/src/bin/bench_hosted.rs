@@ -122,7 +122,13 @@ fn main() -> Result<()> {
     let load_before = loadavg();
     let dt = args.hosted_domain_type.clone();
     let mut b = burst_fleet("bh", 1, 1, |h| match &dt {
-        Some(dt) => format!("{}\ndomain_type = \"{dt}\"\n", h.table.trim_end()),
+        Some(dt) => h
+            .table
+            .lines()
+            .filter(|l| !l.starts_with("domain_type"))
+            .chain([format!("domain_type = \"{dt}\"").as_str()])
+            .collect::<Vec<_>>()
+            .join("\n"),
         None => h.table.clone(),
     })?;
     let res = bench(&mut b, &args);
